@@ -1,0 +1,29 @@
+# Two commands set up a fresh machine (see README.md):
+#   make reproduce   -> builds .venv, runs `libnet reproduce mnist` on the embedded default data
+#   make test        -> builds .venv, runs tests/ and integration_tests/
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: venv reproduce test bench clean
+
+$(STAMP): pyproject.toml requirements/constraints.txt
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (Python 3.11 is required)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements/constraints.txt -e ".[all,test]"
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+reproduce: $(STAMP)
+	$(BIN)/libnet reproduce mnist
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests integration_tests -q
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .hypothesis

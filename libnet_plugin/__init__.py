@@ -1,0 +1,1 @@
+"""libnet-plugin: library networks (Lee, 2019) for any classifier, behind a pluggy core."""

@@ -1,0 +1,97 @@
+"""Plugin manager factory.
+
+>>> import libnet_plugin as lnp
+>>> pm = lnp.get_plugin_manager(autoload=False)
+>>> pm.hook.libnet_library(name="exact", settings={"threshold": 0.7, "device": "cpu", "layer": "fc1"})
+ExactLibrary(layer='fc1', threshold=0.7, size=0)
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterable, Mapping
+
+import pluggy
+
+from . import hookspecs
+from .errors import LibnetError
+
+ENTRY_POINT_GROUP = "libnet_plugin"
+#: Set this environment variable to ``1`` (or ``true``/``yes``) to skip loading entry-point plugins.
+NO_AUTOLOAD_ENV = "LIBNET_PLUGIN_NO_AUTOLOAD"
+
+_default_pm: pluggy.PluginManager | None = None
+
+
+def _autoload_disabled() -> bool:
+    return os.environ.get(NO_AUTOLOAD_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def get_plugin_manager(autoload: bool | None = None, plugins: Iterable[Any] = ()) -> pluggy.PluginManager:
+    """Create a new plugin manager with the hookspecs and the built-in plugins registered.
+
+    Args:
+        autoload: load third-party plugins from the ``libnet_plugin`` entry-point group. ``None``
+            (default) loads them unless the environment variable ``LIBNET_PLUGIN_NO_AUTOLOAD`` is set.
+        plugins: extra plugin objects to register (after the built-ins, so they are asked first).
+
+    Returns:
+        A fresh ``pluggy.PluginManager``; nothing global is modified.
+    """
+    from . import builtins
+
+    pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+    pm.add_hookspecs(hookspecs)
+    pm.register(builtins, name="libnet-builtins")
+    if autoload is None:
+        autoload = not _autoload_disabled()
+    if autoload:
+        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+    for plugin in plugins:
+        pm.register(plugin)
+    return pm
+
+
+def default_plugin_manager() -> pluggy.PluginManager:
+    """The process-wide plugin manager used when an object is not given one (created lazily)."""
+    global _default_pm
+    if _default_pm is None:
+        _default_pm = get_plugin_manager()
+    return _default_pm
+
+
+def _call(pm: pluggy.PluginManager | None, hook: str, what: str, **kwargs: Any) -> Any:
+    pm = pm or default_plugin_manager()
+    result = getattr(pm.hook, hook)(**kwargs)
+    if result is None:
+        raise LibnetError(f"no registered plugin provides {what}; plugins: {sorted(n for n, _ in pm.list_name_plugin())}")
+    return result
+
+
+def make_probe(model: Any, layers: list[str], device: Any, pm: pluggy.PluginManager | None = None) -> Any:
+    """Ask the ``libnet_layer_probe`` hook for a probe of ``model`` (first answer wins)."""
+    pm = pm or default_plugin_manager()
+    result = pm.hook.libnet_layer_probe(model=model, layers=list(layers), device=device)
+    if result is None:
+        raise TypeError(
+            f"no layer probe understands a model of type {type(model).__module__}.{type(model).__qualname__}; "
+            "pass a torch.nn.Module, or install the ONNX adapter (pip install 'libnet-plugin[onnx]') "
+            "for ONNX files, ModelProto or InferenceSession objects"
+        )
+    return result
+
+
+def make_library(name: str, settings: Mapping[str, Any], pm: pluggy.PluginManager | None = None) -> Any:
+    """Ask the ``libnet_library`` hook for a library called ``name``."""
+    return _call(pm, "libnet_library", f"a library named {name!r}", name=name, settings=dict(settings))
+
+
+def make_readout(name: str, settings: Mapping[str, Any], pm: pluggy.PluginManager | None = None) -> Any:
+    """Ask the ``libnet_readout`` hook for a readout called ``name``."""
+    return _call(pm, "libnet_readout", f"a readout named {name!r}", name=name, settings=dict(settings))
+
+
+def make_detector(name: str, settings: Mapping[str, Any], pm: pluggy.PluginManager | None = None) -> Any:
+    """Ask the ``libnet_consistency_detector`` hook for a detector called ``name``."""
+    return _call(pm, "libnet_consistency_detector", f"a consistency detector named {name!r}",
+                 name=name, settings=dict(settings))
