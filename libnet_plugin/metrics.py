@@ -1,0 +1,92 @@
+"""Metrics of METHOD.md sections 5 and 6: stable softmax, CPL, confusion index, AUROC helpers."""
+
+from __future__ import annotations
+
+from itertools import combinations
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["stable_softmax", "cpl", "ConfusionAccumulator", "auroc", "tpr_at_fpr"]
+
+
+def stable_softmax(p: Tensor, dim: int = -1) -> Tensor:
+    """Softmax computed after subtracting the max (never overflows for large evidence)."""
+    return torch.softmax(p - p.amax(dim=dim, keepdim=True), dim=dim)
+
+
+def cpl(scores: Mapping[str, Tensor] | Sequence[Tensor]) -> Tensor:
+    """Eq. 5: mean over unordered layer pairs of the cosine between the layers' softmax(P).
+
+    Args:
+        scores: per-layer evidence ``P`` ``[B, C]`` (at least two layers).
+
+    Returns:
+        ``Tensor[B]`` in [0, 1] (softmax vectors are non-negative); low = inconsistent.
+
+    Example:
+        >>> p = torch.tensor([[10., 0.]])
+        >>> cpl([p, p]).item(), round(cpl([p, -p]).item(), 4)
+        (1.0, 0.0001)
+    """
+    ps = list(scores.values()) if isinstance(scores, Mapping) else list(scores)
+    if len(ps) < 2:
+        raise ValueError(f"CPL needs at least two layers, got {len(ps)}")
+    s = [stable_softmax(p.double()) for p in ps]
+    total = torch.zeros(s[0].shape[0], dtype=torch.float64, device=s[0].device)
+    pairs = list(combinations(range(len(s)), 2))
+    for i, j in pairs:
+        total += torch.nn.functional.cosine_similarity(s[i], s[j], dim=1, eps=1e-30)
+    return (total / len(pairs)).to(ps[0].dtype)
+
+
+class ConfusionAccumulator:
+    """Accumulates Eq. 4 over batches: ``CA(d1, d2) = sum_k s_d1^k s_d2^k`` over selected trials.
+
+    Selected trials are those whose predicted class (argmax P) equals the true class d1.
+    ``CI = CA / diag(CA)`` row-wise; the diagonal is shown as 0; a class with no selected trial gives
+    a row of NaN.
+    """
+
+    def __init__(self, n_classes: int, device: torch.device | str = "cpu"):
+        self.ca = torch.zeros(n_classes, n_classes, dtype=torch.float64, device=device)
+
+    def update(self, p: Tensor, labels: Tensor) -> None:
+        s = stable_softmax(p.double())
+        labels = labels.to(s.device, torch.long)
+        sel = p.argmax(dim=1) == labels
+        s, labels = s[sel], labels[sel]
+        rows = s.gather(1, labels[:, None]) * s  # s_d1 * s_d2, [B, C]
+        self.ca.index_add_(0, labels, rows)
+
+    def result(self) -> Tensor:
+        diag = self.ca.diagonal().clone()
+        ci = self.ca / diag[:, None]
+        ci[diag == 0] = float("nan")
+        ci.fill_diagonal_(0.0)
+        ci[diag == 0] = float("nan")
+        return ci.float()
+
+
+def auroc(clean_scores: Tensor | np.ndarray, attacked_scores: Tensor | np.ndarray) -> float:
+    """AUROC (scikit-learn) of separating attacked (positive) from clean; scores: higher = suspicious."""
+    from sklearn.metrics import roc_auc_score
+
+    c = np.asarray(torch.as_tensor(clean_scores).double().cpu())
+    a = np.asarray(torch.as_tensor(attacked_scores).double().cpu())
+    if len(c) == 0 or len(a) == 0:
+        return float("nan")
+    y = np.r_[np.zeros(len(c)), np.ones(len(a))]
+    return float(roc_auc_score(y, np.r_[c, a]))
+
+
+def tpr_at_fpr(clean_scores: Tensor | np.ndarray, attacked_scores: Tensor | np.ndarray, fpr: float = 0.05) -> float:
+    """True-positive rate on attacked inputs at the threshold that flags ``fpr`` of the clean ones."""
+    c = np.asarray(torch.as_tensor(clean_scores).double().cpu())
+    a = np.asarray(torch.as_tensor(attacked_scores).double().cpu())
+    if len(c) == 0 or len(a) == 0:
+        return float("nan")
+    thr = np.quantile(c, 1.0 - fpr, method="higher")
+    return float(np.mean(a > thr))

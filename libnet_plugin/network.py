@@ -1,0 +1,447 @@
+"""LibraryNetwork: per-layer libraries plus Hebbian readouts on top of any classifier."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any, Iterable, Mapping, Sequence
+
+import pluggy
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from . import __version__
+from ._batches import is_one_shot, iter_batches
+from .errors import NotFittedError, ShapeMismatchError
+from .library import validate_threshold
+from .metrics import ConfusionAccumulator, cpl
+from .plugins import make_library, make_probe, make_readout
+from .probe import ProbeResult
+from .serialization import load_checked, save_atomic
+
+__all__ = ["LibraryNetwork"]
+
+ThresholdSpec = float | Mapping[str, float]
+
+
+def _resolve_device(device: Any, model: Any) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    if isinstance(model, torch.nn.Module):
+        for t in model.parameters():
+            return t.device
+    return torch.device("cpu")
+
+
+class LibraryNetwork:
+    """Library networks (Lee, 2019) for chosen layers of a trained classifier.
+
+    For every probed layer a library stores the normalised activation patterns (HAPs) that were novel
+    when the training set passed through (cosine to everything stored ``< threshold``); a Hebbian
+    readout links the nodes to the model's own answers, so each layer makes its own prediction.
+
+    Args:
+        model: a ``torch.nn.Module`` (built in); an ONNX path, ``onnx.ModelProto`` or
+            ``onnxruntime.InferenceSession`` with the ONNX adapter installed.
+        layers: names of the layers to probe, in order (``model.named_modules()`` names for torch).
+        thresholds: theta in (0, 1], one for all layers or ``{layer: theta}`` for each.
+        top_k: nodes used per prediction (Eq. 3) when a call does not say otherwise.
+        device: where libraries live and compute (default: the model's device, else CPU).
+        library: library kind served by the ``libnet_library`` hook (``"exact"``).
+        library_options: extra settings passed to every library (e.g. ``{"n_units": 1024}``).
+        readout: readout kind served by the ``libnet_readout`` hook (``"hebbian"``).
+        batch_size: batch size used when data is given as a Tensor or a Dataset.
+        cache_bytes: memory budget for keeping the first pass's HAPs for the Hebbian pass. When the
+            HAPs of all layers fit, the model runs once over the training data; otherwise the cache is
+            dropped as soon as it exceeds the budget and the data is streamed a second time.
+        plugin_manager: a ``pluggy.PluginManager`` from :func:`libnet_plugin.get_plugin_manager`
+            (default: the process-wide one).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        >>> x = torch.randn(64, 4)
+        >>> net = LibraryNetwork(model, layers=["0", "2"], thresholds=0.9).fit(x)
+        >>> sorted(net.library_sizes_)
+        ['0', '2']
+        >>> net.predict_scores(x[:5])["2"].shape
+        torch.Size([5, 3])
+        >>> net.consistency(x[:5]).shape
+        torch.Size([5])
+    """
+
+    def __init__(self, model: Any, layers: Sequence[str] | str, thresholds: ThresholdSpec = 0.7, top_k: int = 3,
+                 device: Any = None, *, library: str = "exact", library_options: Mapping[str, Any] | None = None,
+                 readout: str = "hebbian", readout_options: Mapping[str, Any] | None = None,
+                 batch_size: int = 256, cache_bytes: int = 256 * 2**20,
+                 plugin_manager: pluggy.PluginManager | None = None):
+        if isinstance(layers, str):
+            layers = [layers]
+        layers = list(layers)
+        if not layers:
+            raise ValueError("layers must name at least one layer")
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"layers must be distinct, got {layers}")
+        if int(top_k) < 1:
+            raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.model = model
+        self.layers = layers
+        self.thresholds = self._resolve_thresholds(thresholds, layers)
+        self.top_k = int(top_k)
+        self.device = _resolve_device(device, model)
+        self.library = library
+        self.library_options = dict(library_options or {})
+        self.readout = readout
+        self.readout_options = dict(readout_options or {})
+        self.batch_size = int(batch_size)
+        self.cache_bytes = int(cache_bytes)
+        self.plugin_manager = plugin_manager
+        self.probe = make_probe(model, layers, self.device, plugin_manager)
+
+    # ------------------------------------------------------------------ settings and state
+    @staticmethod
+    def _resolve_thresholds(thresholds: ThresholdSpec, layers: list[str]) -> dict[str, float]:
+        if isinstance(thresholds, Mapping):
+            missing = [l for l in layers if l not in thresholds]
+            extra = [k for k in thresholds if k not in layers]
+            if missing or extra:
+                raise ValueError(f"thresholds must give one value per probed layer {layers}; "
+                                 f"missing {missing}, unknown {extra}")
+            return {l: validate_threshold(thresholds[l], l) for l in layers}
+        if isinstance(thresholds, str):
+            raise ValueError(f"thresholds must be a number or a {{layer: number}} dict, got {thresholds!r}")
+        value = validate_threshold(thresholds)
+        return {l: value for l in layers}
+
+    def __repr__(self) -> str:
+        sizes = getattr(self, "library_sizes_", None)
+        return (f"LibraryNetwork(layers={self.layers}, thresholds={self.thresholds}, top_k={self.top_k}, "
+                f"device={str(self.device)!r}, library={self.library!r}, sizes={sizes})")
+
+    @property
+    def is_fitted(self) -> bool:
+        return hasattr(self, "libraries_")
+
+    def _check_fitted(self) -> None:
+        if not self.is_fitted:
+            raise NotFittedError("this LibraryNetwork is not fitted yet; call fit(train) before using it")
+
+    @property
+    def library_sizes_(self) -> dict[str, int]:
+        """``{layer: number of library nodes}``."""
+        self._check_fitted()
+        return {l: self.libraries_[l].size for l in self.layers}
+
+    def _new_library(self, layer: str, **extra: Any) -> Any:
+        settings = {**self.library_options, **extra, "threshold": self.thresholds[layer], "device": self.device,
+                    "layer": layer}
+        return make_library(self.library, settings, self.plugin_manager)
+
+    def _new_readout(self, n_classes: int, **extra: Any) -> Any:
+        settings = {**self.readout_options, **extra, "n_classes": n_classes, "device": self.device}
+        return make_readout(self.readout, settings, self.plugin_manager)
+
+    # ------------------------------------------------------------------ probing
+    def _run(self, x: Tensor) -> ProbeResult:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"inputs must be a torch.Tensor, got {type(x).__name__}")
+        shape = getattr(self, "input_shape_", None)
+        if shape is not None and tuple(x.shape[1:]) != tuple(shape):
+            raise ShapeMismatchError(f"input batch has shape {tuple(x.shape)} (per input {tuple(x.shape[1:])}); "
+                                     f"the network was fitted on inputs of shape [B, {', '.join(map(str, shape))}]")
+        return self.probe.run(x)
+
+    def _progress(self, it: Iterable[Any], desc: str, progress: bool | None) -> Iterable[Any]:
+        return tqdm(it, desc=desc, unit="batch", disable=(None if progress is None else not progress), leave=False)
+
+    # ------------------------------------------------------------------ fitting
+    def fit(self, train: Any, *, progress: bool | None = None) -> "LibraryNetwork":
+        """Build the libraries (first pass) and the Hebbian readouts (cached HAPs or a second pass).
+
+        Args:
+            train: the training inputs, in the order that defines the libraries: a Tensor ``[N, ...]``,
+                an ``(X, y)`` pair, a Dataset, a DataLoader, or any iterable of batches (labels are
+                ignored: the readout uses the model's own answers). A one-shot iterator works only
+                while the HAPs fit ``cache_bytes``.
+            progress: show tqdm progress bars (default: only on a terminal).
+
+        Returns:
+            ``self``, with ``libraries_``, ``readouts_``, ``library_sizes_``, ``n_classes_``,
+            ``n_train_``, ``hap_dims_`` and ``input_shape_`` set.
+        """
+        for attr in ("libraries_", "readouts_", "input_shape_"):
+            self.__dict__.pop(attr, None)
+        if isinstance(train, torch.utils.data.DataLoader) and isinstance(train.sampler, torch.utils.data.RandomSampler):
+            warnings.warn("the training DataLoader shuffles: libraries depend on the visiting order, and the "
+                          "exemplar indices refer to the order of the first pass", stacklevel=2)
+        libraries: dict[str, Any] = {}
+        cache: list[dict[str, Tensor]] | None = []
+        cached_bytes = 0
+        n = 0
+        n_classes = None
+        input_shape = None
+        for x, _ in self._progress(iter_batches(train, self.batch_size), "libraries (pass 1)", progress):
+            if x.shape[0] == 0:
+                continue
+            if input_shape is None:
+                input_shape = tuple(x.shape[1:])
+            elif tuple(x.shape[1:]) != input_shape:
+                raise ShapeMismatchError(f"training batch has per-input shape {tuple(x.shape[1:])}, earlier "
+                                         f"batches had {input_shape}")
+            res = self.probe.run(x)
+            if n_classes is None:
+                n_classes = int(res.outputs.shape[1])
+            idx = torch.arange(n, n + x.shape[0])
+            for layer in self.layers:
+                if layer not in libraries:
+                    libraries[layer] = self._new_library(layer)
+                libraries[layer].partial_fit(res.haps[layer], idx)
+            n += x.shape[0]
+            if cache is not None:
+                cache.append({"answers": res.answers, **res.haps})
+                cached_bytes += sum(h.numel() * h.element_size() for h in res.haps.values())
+                if cached_bytes > self.cache_bytes:
+                    cache = None
+        if n == 0:
+            raise ValueError("fit received no training inputs (empty data)")
+        if cache is None and is_one_shot(train):
+            raise ValueError(
+                f"the training data is a one-shot iterator and its activations exceed cache_bytes="
+                f"{self.cache_bytes}; pass a re-iterable (Tensor, Dataset, DataLoader, list of batches) or raise "
+                "cache_bytes so that the Hebbian pass can see the data a second time")
+        readouts = {l: self._new_readout(n_classes) for l in self.layers}
+        for l in self.layers:
+            readouts[l].reset(libraries[l].size)
+        if cache is not None:
+            batches = ((c["answers"], {l: c[l] for l in self.layers}) for c in cache)
+        else:
+            def second_pass():
+                for x, _ in iter_batches(train, self.batch_size):
+                    if x.shape[0]:
+                        r = self.probe.run(x)
+                        yield r.answers, r.haps
+            batches = second_pass()
+        seen = 0
+        for answers, haps in self._progress(batches, "readouts (pass 2)", progress):
+            for l in self.layers:
+                readouts[l].accumulate(libraries[l].similarity(haps[l]), answers)
+            seen += answers.shape[0]
+        if seen != n:
+            raise ValueError(f"the training data gave {n} inputs in the first pass and {seen} in the second; "
+                             "pass data that yields the same inputs every time it is iterated")
+        self.libraries_ = libraries
+        self.readouts_ = readouts
+        self.n_classes_ = n_classes
+        self.n_train_ = n
+        self.input_shape_ = input_shape
+        self.hap_dims_ = {l: int(libraries[l].dim) for l in self.layers}
+        return self
+
+    # ------------------------------------------------------------------ prediction
+    def scores_from_haps(self, haps: Mapping[str, Tensor], top_k: int | None = None) -> dict[str, Tensor]:
+        """Eq. 3 evidence per layer from HAPs already computed (e.g. by a guard reusing a forward)."""
+        self._check_fitted()
+        k = self.top_k if top_k is None else int(top_k)
+        return {l: self.readouts_[l].scores(self.libraries_[l].similarity(haps[l]), k) for l in self.layers}
+
+    def _collect(self, x: Any, fn) -> Any:
+        """Apply ``fn(probe_result)`` -> dict/Tensor to a Tensor or every batch of an iterable; concatenate."""
+        self._check_fitted()
+        if isinstance(x, Tensor):
+            return fn(self._run(x))
+        parts = [fn(self._run(xb)) for xb, _ in iter_batches(x, self.batch_size) if xb.shape[0]]
+        if not parts:
+            raise ValueError("received no inputs (empty data)")
+        if isinstance(parts[0], dict):
+            return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        return torch.cat(parts)
+
+    def predict_scores(self, x: Any, top_k: int | None = None) -> dict[str, Tensor]:
+        """Per-layer class evidence P (Eq. 3).
+
+        Args:
+            x: inputs ``[B, ...]`` (or any data ``fit`` accepts; batches are concatenated).
+            top_k: nodes per prediction (default: the network's ``top_k``).
+
+        Returns:
+            ``{layer: Tensor[B, C]}`` on the network's device.
+        """
+        return self._collect(x, lambda r: self.scores_from_haps(r.haps, top_k))
+
+    def predict(self, x: Any, top_k: int | None = None) -> dict[str, Tensor]:
+        """Per-layer predicted class: ``{layer: LongTensor[B]}`` (argmax of :meth:`predict_scores`)."""
+        return {l: p.argmax(dim=1) for l, p in self.predict_scores(x, top_k).items()}
+
+    def consistency(self, x: Any, top_k: int = 20) -> Tensor:
+        """CPL (Eq. 5): mean cosine between the layers' softmax(P) over all layer pairs.
+
+        Returns:
+            ``Tensor[B]`` in [0, 1]; low values mean the layers disagree (suspicious input).
+        """
+        if len(self.layers) < 2:
+            raise ValueError(f"consistency needs at least two probed layers, this network has {self.layers}")
+        return self._collect(x, lambda r: cpl(self.scores_from_haps(r.haps, top_k)))
+
+    def evaluate(self, test: Any, top_k: int | None = None, *, progress: bool | None = None) -> dict[str, dict[str, float]]:
+        """Agreement of each layer's prediction with the model, and accuracy against labels.
+
+        Args:
+            test: data as in :meth:`fit`; labels, when present, give accuracies.
+            top_k: nodes per prediction (default: the network's ``top_k``).
+
+        Returns:
+            ``{layer: {"top1_agreement", "top3_agreement", "accuracy", "model_accuracy", "n"}}`` where
+            top-1 agreement is the fraction of inputs whose argmax P equals the model's answer, top-3
+            whether the model's answer is among the 3 largest entries of P, and the accuracies are
+            ``nan`` when no labels were given.
+        """
+        self._check_fitted()
+        counts = {l: [0, 0, 0] for l in self.layers}
+        n = n_lab = model_correct = 0
+        for x, y in self._progress(iter_batches(test, self.batch_size), "evaluate", progress):
+            if x.shape[0] == 0:
+                continue
+            r = self._run(x)
+            ans = r.answers
+            scores = self.scores_from_haps(r.haps, top_k)
+            for l, p in scores.items():
+                top3 = p.topk(min(3, p.shape[1]), dim=1).indices
+                counts[l][0] += int((top3[:, 0] == ans).sum())
+                counts[l][1] += int((top3 == ans[:, None]).any(dim=1).sum())
+                if y is not None:
+                    counts[l][2] += int((top3[:, 0] == y.to(p.device)).sum())
+            n += x.shape[0]
+            if y is not None:
+                n_lab += x.shape[0]
+                model_correct += int((ans == y.to(ans.device)).sum())
+        if n == 0:
+            raise ValueError("evaluate received no inputs (empty data)")
+        nan = float("nan")
+        return {l: {"top1_agreement": c[0] / n, "top3_agreement": c[1] / n,
+                    "accuracy": c[2] / n_lab if n_lab else nan,
+                    "model_accuracy": model_correct / n_lab if n_lab else nan, "n": n}
+                for l, c in counts.items()}
+
+    def confusion_index(self, test: Any, top_k: int | None = None, *, progress: bool | None = None) -> dict[str, Tensor]:
+        """Confusion index (Eq. 4) per layer: ``{layer: Tensor[C, C]}``.
+
+        Row d1, column d2 is ``CA(d1, d2) / CA(d1, d1)`` over test inputs of true class d1 that the
+        layer predicts correctly; the diagonal is shown as 0, a class with no such input gives NaN.
+        ``test`` must carry labels.
+        """
+        self._check_fitted()
+        acc = {l: ConfusionAccumulator(self.n_classes_, self.device) for l in self.layers}
+        n = 0
+        for x, y in self._progress(iter_batches(test, self.batch_size), "confusion index", progress):
+            if y is None:
+                raise ValueError("confusion_index needs labels: pass (X, y), a labelled Dataset or DataLoader")
+            if x.shape[0] == 0:
+                continue
+            for l, p in self.scores_from_haps(self._run(x).haps, top_k).items():
+                acc[l].update(p, y)
+            n += x.shape[0]
+        if n == 0:
+            raise ValueError("confusion_index received no inputs (empty data)")
+        return {l: a.result() for l, a in acc.items()}
+
+    def exemplars(self, x: Tensor, k: int = 5, *, return_similarities: bool = False) -> Any:
+        """Training inputs behind the ``k`` library nodes most similar to each input, per layer.
+
+        Args:
+            x: inputs ``[B, ...]``.
+            k: nodes per input (clipped to the library size).
+            return_similarities: also return the cosines.
+
+        Returns:
+            ``{layer: LongTensor[B, k]}`` indices into the training data (in the order ``fit`` saw it),
+            most similar first; with ``return_similarities`` a pair ``(indices, cosines)`` of such dicts.
+        """
+        if int(k) < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        self._check_fitted()
+        r = self._run(x)
+        idx, sims = {}, {}
+        for l in self.layers:
+            h = self.libraries_[l].similarity(r.haps[l])
+            vals, top = h.topk(min(int(k), h.shape[1]), dim=1)
+            idx[l] = self.libraries_[l].node_indices.to(top.device)[top]
+            sims[l] = vals
+        return (idx, sims) if return_similarities else idx
+
+    # ------------------------------------------------------------------ persistence
+    def _config(self) -> dict[str, Any]:
+        return {
+            "layers": self.layers, "thresholds": self.thresholds, "top_k": self.top_k,
+            "library": self.library, "library_options": self.library_options,
+            "readout": self.readout, "readout_options": self.readout_options,
+            "batch_size": self.batch_size, "n_classes": self.n_classes_, "n_train": self.n_train_,
+            "input_shape": list(self.input_shape_) if self.input_shape_ is not None else None,
+            "hap_dims": self.hap_dims_,
+            "library_configs": {l: self.libraries_[l].config() for l in self.layers},
+            "readout_configs": {l: self.readouts_[l].config() for l in self.layers},
+            "versions": {"libnet_plugin": __version__, "torch": torch.__version__},
+        }
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        """All tensors of the fitted network, keyed ``library/<layer>/<name>`` and ``readout/<layer>/<name>``."""
+        self._check_fitted()
+        out = {}
+        for l in self.layers:
+            out.update({f"library/{l}/{k}": v for k, v in self.libraries_[l].state_dict().items()})
+            out.update({f"readout/{l}/{k}": v for k, v in self.readouts_[l].state_dict().items()})
+        return out
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Save the fitted network to one safetensors file (settings as JSON metadata), atomically.
+
+        The model itself is not saved; pass it again to :meth:`load`.
+        """
+        save_atomic(path, self.state_tensors(), kind="LibraryNetwork", config=self._config())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: Any, *, map_location: Any = None, device: Any = None,
+             plugin_manager: pluggy.PluginManager | None = None) -> "LibraryNetwork":
+        """Load a network saved by :meth:`save` onto ``model`` (a torch model, or an ONNX model with the
+        ONNX adapter; layers are matched by name).
+
+        Args:
+            path: the saved file.
+            model: the model the libraries were built from (or an equivalent export of it).
+            map_location / device: where to put the libraries (e.g. ``"cpu"`` for a file saved on GPU).
+        """
+        tensors, cfg = load_checked(path, kind="LibraryNetwork")
+        return cls._from_state(tensors, cfg, model, device=device if device is not None else map_location,
+                               plugin_manager=plugin_manager)
+
+    @classmethod
+    def _from_state(cls, tensors: dict[str, Tensor], cfg: dict[str, Any], model: Any, device: Any = None,
+                    plugin_manager: pluggy.PluginManager | None = None) -> "LibraryNetwork":
+        from .errors import SaveFormatError
+
+        try:
+            net = cls(model, cfg["layers"], thresholds=cfg["thresholds"], top_k=cfg["top_k"], device=device,
+                      library=cfg["library"], library_options=cfg["library_options"], readout=cfg["readout"],
+                      readout_options=cfg["readout_options"], batch_size=cfg["batch_size"],
+                      plugin_manager=plugin_manager)
+            libraries, readouts = {}, {}
+            for l in net.layers:
+                lc = {k: v for k, v in cfg["library_configs"][l].items() if k not in ("name", "threshold")}
+                lib = net._new_library(l, **lc)
+                lib.load_state_dict({k.split("/", 2)[2]: v for k, v in tensors.items() if k.startswith(f"library/{l}/")})
+                rc = {k: v for k, v in cfg["readout_configs"][l].items() if k not in ("name", "n_classes")}
+                ro = net._new_readout(cfg["n_classes"], **rc)
+                ro.load_state_dict({k.split("/", 2)[2]: v for k, v in tensors.items() if k.startswith(f"readout/{l}/")})
+                libraries[l], readouts[l] = lib, ro
+        except KeyError as exc:
+            raise SaveFormatError(f"saved network is missing the entry {exc}") from exc
+        net.libraries_, net.readouts_ = libraries, readouts
+        net.n_classes_, net.n_train_ = cfg["n_classes"], cfg["n_train"]
+        net.input_shape_ = tuple(cfg["input_shape"]) if cfg["input_shape"] is not None else None
+        net.hap_dims_ = {l: int(v) for l, v in cfg["hap_dims"].items()}
+        return net

@@ -1,0 +1,132 @@
+"""Hebbian readout (METHOD.md sections 3 and 4): from library outputs to per-layer class evidence."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from .errors import NotFittedError, ShapeMismatchError
+
+__all__ = ["Readout", "HebbianReadout", "hebbian_gain", "topk_evidence"]
+
+
+def hebbian_gain(h: Tensor, width: float = 0.01) -> Tensor:
+    """``g(x) = exp(-(1 - x) / width)`` (Eq. 2); falls by e for every ``width`` of cosine below 1."""
+    return torch.exp(-(1.0 - h) / width)
+
+
+def topk_evidence(h: Tensor, weight: Tensor, top_k: int) -> Tensor:
+    """Eq. 3: ``P = sum over the top_k nodes n by h of weight[n, :] * h_n``.
+
+    Args:
+        h: library outputs (cosines) ``[B, M]``.
+        weight: readout weights ``[M, C]``.
+        top_k: nodes used per input (clipped to M).
+
+    Returns:
+        ``Tensor[B, C]``.
+    """
+    if top_k < 1:
+        raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+    k = min(int(top_k), h.shape[1])
+    vals, idx = h.topk(k, dim=1)
+    return torch.einsum("bk,bkc->bc", vals, weight[idx])
+
+
+@runtime_checkable
+class Readout(Protocol):
+    """What a ``libnet_readout`` hook returns."""
+
+    n_classes: int
+
+    def reset(self, n_nodes: int) -> None: ...
+
+    def accumulate(self, h: Tensor, answers: Tensor) -> None: ...
+
+    def scores(self, h: Tensor, top_k: int) -> Tensor: ...
+
+    def state_dict(self) -> dict[str, Tensor]: ...
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None: ...
+
+    def config(self) -> dict[str, Any]: ...
+
+
+class HebbianReadout:
+    """The Hebbian readout of Eq. 2 with the top-k prediction of Eq. 3 (name ``"hebbian"``).
+
+    ``W[n, m] = sum_k g(h_n^k) * O_m^k`` with ``O^k = +1`` at the model's answer for input k, ``-1``
+    elsewhere; no normalisation.
+
+    Args:
+        n_classes: number of classes C.
+        width: the width of g (0.01 in the paper).
+        device: where the weights live.
+
+    Example:
+        >>> r = HebbianReadout(2)
+        >>> r.reset(1)
+        >>> r.accumulate(torch.tensor([[1.0], [0.99]]), torch.tensor([0, 1]))
+        >>> r.weight  # g(1) - g(.99) for class 0, the opposite for class 1
+        tensor([[ 0.6321, -0.6321]])
+    """
+
+    name = "hebbian"
+
+    def __init__(self, n_classes: int, *, width: float = 0.01, device: Any = None, **_: Any):
+        if int(n_classes) < 2:
+            raise ValueError(f"n_classes must be at least 2, got {n_classes!r}")
+        if not (width > 0 and math.isfinite(width)):
+            raise ValueError(f"width must be a positive number, got {width!r}")
+        self.n_classes = int(n_classes)
+        self.width = float(width)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self._weight: Tensor | None = None
+
+    def __repr__(self) -> str:
+        m = None if self._weight is None else self._weight.shape[0]
+        return f"HebbianReadout(n_classes={self.n_classes}, width={self.width}, nodes={m})"
+
+    @property
+    def weight(self) -> Tensor:
+        """``W^F``, ``Tensor[M, C]``."""
+        if self._weight is None:
+            raise NotFittedError("the readout has no weights yet; call fit first")
+        return self._weight
+
+    def reset(self, n_nodes: int) -> None:
+        """Start a new accumulation for a library of ``n_nodes`` nodes."""
+        self._weight = torch.zeros(int(n_nodes), self.n_classes, dtype=torch.float32, device=self.device)
+
+    def accumulate(self, h: Tensor, answers: Tensor) -> None:
+        """Add one batch to W: ``h`` ``[B, M]`` library outputs, ``answers`` ``LongTensor[B]``."""
+        w = self.weight
+        if h.shape[1] != w.shape[0]:
+            raise ShapeMismatchError(f"library output has {h.shape[1]} nodes, readout expects {w.shape[0]}")
+        answers = answers.to(self.device, torch.long)
+        if answers.numel() and (int(answers.min()) < 0 or int(answers.max()) >= self.n_classes):
+            raise ValueError(f"model answers must lie in [0, {self.n_classes}), got range "
+                             f"[{int(answers.min())}, {int(answers.max())}]")
+        g = hebbian_gain(h.to(self.device, torch.float32), self.width)
+        onehot = torch.nn.functional.one_hot(answers, self.n_classes).to(g.dtype)
+        # O = 2 * onehot - 1  =>  g^T O = 2 g^T onehot - sum_k g
+        w += 2.0 * (g.T @ onehot) - g.sum(dim=0, keepdim=True).T
+
+    def scores(self, h: Tensor, top_k: int) -> Tensor:
+        """Eq. 3 evidence ``P`` ``[B, C]`` from library outputs ``h`` ``[B, M]``."""
+        return topk_evidence(h.to(self.device), self.weight, top_k)
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, "n_classes": self.n_classes, "width": self.width}
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"weight": self.weight.contiguous()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        w = state["weight"]
+        if w.dim() != 2 or w.shape[1] != self.n_classes:
+            raise ShapeMismatchError(f"saved readout weight has shape {tuple(w.shape)}, expected [M, {self.n_classes}]")
+        self._weight = w.to(self.device, torch.float32).clone()
