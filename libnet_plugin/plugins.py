@@ -46,10 +46,34 @@ def get_plugin_manager(autoload: bool | None = None, plugins: Iterable[Any] = ()
     if autoload is None:
         autoload = not _autoload_disabled()
     if autoload:
-        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        load_entry_point_plugins(pm)
     for plugin in plugins:
         pm.register(plugin)
     return pm
+
+
+def load_entry_point_plugins(pm: pluggy.PluginManager, group: str = ENTRY_POINT_GROUP) -> list[str]:
+    """Register every plugin of the entry-point ``group``; return the names registered.
+
+    A plugin whose optional dependencies are missing (``ImportError``) is skipped with a warning naming
+    it, so one broken extra never breaks the core.
+    """
+    import warnings
+    from importlib.metadata import entry_points
+
+    loaded = []
+    for ep in entry_points(group=group):
+        if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
+            continue
+        try:
+            plugin = ep.load()
+        except ImportError as exc:
+            warnings.warn(f"libnet plugin {ep.name!r} ({ep.value}) could not be imported and is skipped: {exc}",
+                          RuntimeWarning, stacklevel=3)
+            continue
+        pm.register(plugin, name=ep.name)
+        loaded.append(ep.name)
+    return loaded
 
 
 def default_plugin_manager() -> pluggy.PluginManager:

@@ -1,0 +1,1 @@
+"""Captum-style attribution adapter for libnet-plugin (install with ``pip install 'libnet-plugin[captum]'``)."""

@@ -1,0 +1,1 @@
+"""libnet plugin entry point of the Captum adapter (import-light: captum is imported lazily)."""

@@ -1,0 +1,1 @@
+"""Experiments of the paper (MNIST, CIFAR-10) and the detector evaluation, run from the ``libnet`` CLI."""
