@@ -45,7 +45,9 @@ class LibraryNetwork:
         model: a ``torch.nn.Module`` (built in); an ONNX path, ``onnx.ModelProto`` or
             ``onnxruntime.InferenceSession`` with the ONNX adapter installed.
         layers: names of the layers to probe, in order (``model.named_modules()`` names for torch).
-        thresholds: theta in (0, 1], one for all layers or ``{layer: theta}`` for each.
+        thresholds: theta in (0, 1], one for all layers or ``{layer: theta}`` for each; or ``"auto"`` to
+            choose each layer's theta from the training data at ``fit`` (see
+            :func:`libnet_plugin.thresholds.choose_thresholds`; options in ``auto_thresholds``).
         top_k: nodes used per prediction (Eq. 3) when a call does not say otherwise.
         device: where libraries live and compute (default: the model's device, else CPU).
         library: library kind served by the ``libnet_library`` hook (``"exact"``).
@@ -78,6 +80,7 @@ class LibraryNetwork:
                  device: Any = None, *, library: str = "exact", library_options: Mapping[str, Any] | None = None,
                  readout: str = "hebbian", readout_options: Mapping[str, Any] | None = None,
                  batch_size: int = 256, cache_bytes: int = 256 * 2**20,
+                 auto_thresholds: Mapping[str, Any] | None = None,
                  plugin_manager: pluggy.PluginManager | None = None):
         if isinstance(layers, str):
             layers = [layers]
@@ -92,7 +95,8 @@ class LibraryNetwork:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.model = model
         self.layers = layers
-        self.thresholds = self._resolve_thresholds(thresholds, layers)
+        self.auto_thresholds = dict(auto_thresholds or {}) if isinstance(thresholds, str) and thresholds == "auto" else None
+        self.thresholds = ({} if self.auto_thresholds is not None else self._resolve_thresholds(thresholds, layers))
         self.top_k = int(top_k)
         self.device = _resolve_device(device, model)
         self.library = library
@@ -180,6 +184,10 @@ class LibraryNetwork:
         if isinstance(train, torch.utils.data.DataLoader) and isinstance(train.sampler, torch.utils.data.RandomSampler):
             warnings.warn("the training DataLoader shuffles: libraries depend on the visiting order, and the "
                           "exemplar indices refer to the order of the first pass", stacklevel=2)
+        if self.auto_thresholds is not None:
+            from .thresholds import choose_thresholds
+
+            self.thresholds = choose_thresholds(self, train, **self.auto_thresholds)
         libraries: dict[str, Any] = {}
         cache: list[dict[str, Tensor]] | None = []
         cached_bytes = 0
