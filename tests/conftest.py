@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny seeded models and data (no training, no downloads)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+
+class TwoLayer(nn.Module):
+    """Two identity linear layers: the HAPs of both layers equal the input, so everything is hand-computable."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(2, 2, bias=False)
+        self.b = nn.Linear(2, 2, bias=False)
+        with torch.no_grad():
+            self.a.weight.copy_(torch.eye(2))
+            self.b.weight.copy_(torch.eye(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x))
+
+
+class SmallMLP(nn.Module):
+    def __init__(self, d_in: int = 10, n_classes: int = 4) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, 32)
+        self.fc2 = nn.Linear(32, 16)
+        self.out = nn.Linear(16, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+@pytest.fixture
+def two_layer() -> TwoLayer:
+    return TwoLayer().eval()
+
+
+@pytest.fixture
+def mlp() -> SmallMLP:
+    torch.manual_seed(0)
+    return SmallMLP().eval()
+
+
+@pytest.fixture
+def mlp_data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 10, generator=g)
+    y = torch.randint(0, 4, (300,), generator=g)
+    return x, y
+
+
+def forward_hook_count(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
