@@ -397,12 +397,13 @@ class LibraryNetwork:
         }
 
     def state_tensors(self) -> dict[str, Tensor]:
-        """All tensors of the fitted network, keyed ``library/<layer>/<name>`` and ``readout/<layer>/<name>``."""
+        """All tensors of the fitted network, keyed ``library/<i>/<name>`` and ``readout/<i>/<name>`` where
+        ``i`` is the layer's position in ``layers`` (layer names may contain any character)."""
         self._check_fitted()
         out = {}
-        for l in self.layers:
-            out.update({f"library/{l}/{k}": v for k, v in self.libraries_[l].state_dict().items()})
-            out.update({f"readout/{l}/{k}": v for k, v in self.readouts_[l].state_dict().items()})
+        for i, l in enumerate(self.layers):
+            out.update({f"library/{i}/{k}": v for k, v in self.libraries_[l].state_dict().items()})
+            out.update({f"readout/{i}/{k}": v for k, v in self.readouts_[l].state_dict().items()})
         return out
 
     def save(self, path: str | os.PathLike) -> None:
@@ -433,21 +434,25 @@ class LibraryNetwork:
         from .errors import SaveFormatError
 
         try:
-            net = cls(model, cfg["layers"], thresholds=cfg["thresholds"], top_k=cfg["top_k"], device=device,
-                      library=cfg["library"], library_options=cfg["library_options"], readout=cfg["readout"],
-                      readout_options=cfg["readout_options"], batch_size=cfg["batch_size"],
-                      plugin_manager=plugin_manager)
-            libraries, readouts = {}, {}
-            for l in net.layers:
-                lc = {k: v for k, v in cfg["library_configs"][l].items() if k not in ("name", "threshold")}
-                lib = net._new_library(l, **lc)
-                lib.load_state_dict({k.split("/", 2)[2]: v for k, v in tensors.items() if k.startswith(f"library/{l}/")})
-                rc = {k: v for k, v in cfg["readout_configs"][l].items() if k not in ("name", "n_classes")}
-                ro = net._new_readout(cfg["n_classes"], **rc)
-                ro.load_state_dict({k.split("/", 2)[2]: v for k, v in tensors.items() if k.startswith(f"readout/{l}/")})
-                libraries[l], readouts[l] = lib, ro
+            settings = dict(thresholds=cfg["thresholds"], top_k=cfg["top_k"], library=cfg["library"],
+                            library_options=cfg["library_options"], readout=cfg["readout"],
+                            readout_options=cfg["readout_options"], batch_size=cfg["batch_size"])
+            layers, lib_cfgs, ro_cfgs = cfg["layers"], cfg["library_configs"], cfg["readout_configs"]
         except KeyError as exc:
-            raise SaveFormatError(f"saved network is missing the entry {exc}") from exc
+            raise SaveFormatError(f"saved network settings lack the entry {exc}") from exc
+        net = cls(model, layers, device=device, plugin_manager=plugin_manager, **settings)
+        libraries, readouts = {}, {}
+        for i, l in enumerate(net.layers):
+            lc = {k: v for k, v in lib_cfgs[l].items() if k not in ("name", "threshold")}
+            rc = {k: v for k, v in ro_cfgs[l].items() if k not in ("name", "n_classes")}
+            lib, ro = net._new_library(l, **lc), net._new_readout(cfg["n_classes"], **rc)
+            for obj, prefix in ((lib, f"library/{i}/"), (ro, f"readout/{i}/")):
+                part = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+                try:
+                    obj.load_state_dict(part)
+                except KeyError as exc:
+                    raise SaveFormatError(f"saved network lacks the tensor {prefix}{exc.args[0]} of layer {l!r}") from exc
+            libraries[l], readouts[l] = lib, ro
         net.libraries_, net.readouts_ = libraries, readouts
         net.n_classes_, net.n_train_ = cfg["n_classes"], cfg["n_train"]
         net.input_shape_ = tuple(cfg["input_shape"]) if cfg["input_shape"] is not None else None
