@@ -1,0 +1,43 @@
+"""The README's code runs as written, and its set-up commands are the ones CI runs."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def python_blocks(heading: str) -> list[str]:
+    """The ```python blocks of the README section that starts at ``heading`` (up to the next heading of
+    the same or a higher level)."""
+    level = len(heading) - len(heading.lstrip("#"))
+    start = README.index(heading)
+    rest = README[start + len(heading):]
+    m = re.search(rf"^#{{1,{level}}} ", rest, flags=re.M)
+    section = rest[: m.start()] if m else rest
+    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
+
+
+def test_usage_example_runs(tmp_path, monkeypatch):
+    blocks = python_blocks("## Using it")
+    assert blocks, "the README's usage section has no python example"
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(blocks[0], "README.md", "exec"), namespace)
+    net, net2 = namespace["net"], namespace["net2"]
+    assert set(net.library_sizes_) == {"0", "2", "4"}
+    assert namespace["cpl"].shape == (200,)
+    assert net2.library_sizes_ == net.library_sizes_
+    assert (tmp_path / "net.lnp").is_file()
+
+
+def test_setup_commands_match_ci():
+    setup = README[README.index("## Set-up"): README.index("## Using it")]
+    commands = re.findall(r"```\n(.*?)\n```", setup, flags=re.S)
+    assert commands == ["make reproduce", "make test"]
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert re.search(r"^make test$", ci, flags=re.M)
+    makefile = (ROOT / "Makefile").read_text()
+    assert "libnet reproduce mnist" in makefile and "pytest tests integration_tests" in makefile
