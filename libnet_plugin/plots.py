@@ -1,0 +1,312 @@
+"""Figures of the paper's experiments, drawn with matplotlib's Agg canvas (headless, no pyplot state).
+
+Every function takes plain results (dicts, tensors or arrays, as produced by
+:mod:`libnet_plugin.experiments.common`), draws one figure, writes it as a PNG atomically (an interrupted
+run never leaves half a file) and returns the path. Nothing here depends on the data set, so the MNIST and
+CIFAR-10 reproductions share them.
+
+* :func:`plot_library_sizes`: library size vs theta per layer, log y-axis (the paper's Fig. 2A / 4A).
+* :func:`plot_agreement`: top-1 and top-3 agreement with the model, and accuracy against the labels,
+  vs theta per layer (Fig. 2B, 2C).
+* :func:`plot_confusion_grid`: confusion-index heatmaps, one row per theta and one column per layer
+  (Fig. 3).
+* :func:`plot_cpl_histograms`: CPL of clean vs attacked inputs (Fig. 5A).
+* :func:`plot_auroc_vs_epsilon`: a detection metric vs epsilon, one line per threshold set (Fig. 5B).
+* :func:`plot_exemplars`: for some test inputs, the training inputs behind the top library nodes of
+  each layer.
+
+Example:
+    >>> import tempfile, os
+    >>> d = tempfile.mkdtemp()
+    >>> p = plot_library_sizes({"fc1": {0.5: 3, 0.6: 10}}, os.path.join(d, "sizes.png"))
+    >>> p.name
+    'sizes.png'
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from .serialization import atomic_write_bytes
+
+__all__ = [
+    "plot_library_sizes",
+    "plot_agreement",
+    "plot_confusion_grid",
+    "plot_cpl_histograms",
+    "plot_auroc_vs_epsilon",
+    "plot_exemplars",
+]
+
+_DPI = 110
+
+
+def _np(x: Any) -> np.ndarray:
+    """A numpy copy of a tensor, array or nested list."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=float)
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=_DPI, layout="constrained")
+    FigureCanvasAgg(fig)  # headless raster canvas, independent of pyplot's global backend
+    return fig
+
+
+def _save(fig: Figure, path: str | os.PathLike) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def _check_nonempty(obj: Mapping[str, Any], what: str) -> None:
+    if not obj:
+        raise ValueError(f"{what} is empty: nothing to plot")
+
+
+def plot_library_sizes(sizes: Mapping[str, Mapping[float, int]], path: str | os.PathLike, *,
+                       title: str | None = None) -> Path:
+    """Library size vs threshold, one line per layer, log y-axis (Fig. 2A).
+
+    Args:
+        sizes: ``{layer: {theta: size}}`` (e.g. :meth:`LibrarySweep.sizes`).
+        path: PNG file to write.
+        title: figure title.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Example:
+        >>> plot_library_sizes({"conv1": {0.4: 65, 0.8: 2033}}, "sizes.png")  # doctest: +SKIP
+    """
+    _check_nonempty(sizes, "sizes")
+    fig = _new_figure(5.2, 3.8)
+    ax = fig.add_subplot()
+    for layer, by_theta in sizes.items():
+        thetas = sorted(by_theta)
+        ax.plot(thetas, [max(by_theta[t], 1) for t in thetas], marker="o", label=layer)
+    ax.set_yscale("log")
+    ax.set_xlabel("threshold θ")
+    ax.set_ylabel("library size (nodes)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(title="layer")
+    ax.set_title(title or "Library size vs threshold")
+    return _save(fig, path)
+
+
+_AGREEMENT_PANELS = (("top1_agreement", "top-1 agreement with the model"),
+                     ("top3_agreement", "model's answer in the top 3"),
+                     ("accuracy", "top-1 accuracy vs true labels"))
+
+
+def plot_agreement(table: Mapping[str, Sequence[Mapping[str, Any]]], path: str | os.PathLike, *,
+                   top_k: int = 3, title: str | None = None) -> Path:
+    """Top-1 agreement (Fig. 2B), top-3 agreement (Fig. 2C) and accuracy vs threshold, per layer.
+
+    Args:
+        table: ``{layer: [{"theta", "top1_agreement", "top3_agreement", "accuracy"}, ...]}`` as returned
+            by :func:`libnet_plugin.experiments.common.agreement_table`.
+        path: PNG file to write.
+        top_k: library nodes per prediction (shown in the title).
+        title: figure title.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
+    _check_nonempty(table, "table")
+    fig = _new_figure(13, 3.8)
+    axes = fig.subplots(1, 3, sharey=True)
+    for ax, (key, label) in zip(axes, _AGREEMENT_PANELS):
+        for layer, rows in table.items():
+            rows = sorted(rows, key=lambda r: r["theta"])
+            vals = [np.nan if r.get(key) is None else float(r[key]) for r in rows]
+            ax.plot([r["theta"] for r in rows], vals, marker="o", label=layer)
+        ax.set_title(label)
+        ax.set_xlabel("threshold θ")
+        ax.set_ylim(0, 1.02)
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel("fraction of test inputs")
+    axes[0].legend(title="layer")
+    fig.suptitle(title or f"Per-layer predictions (top_k = {top_k} library nodes)")
+    return _save(fig, path)
+
+
+def plot_confusion_grid(ci: Mapping[float, Mapping[str, Any]], path: str | os.PathLike, *,
+                        class_names: Sequence[str] | None = None, title: str | None = None) -> Path:
+    """Confusion-index heatmaps: one row per threshold, one column per layer (Fig. 3).
+
+    Args:
+        ci: ``{theta: {layer: [C, C] matrix}}``; row = true class d1, column = d2; NaN cells (classes
+            never predicted correctly) are left blank.
+        path: PNG file to write.
+        class_names: tick labels (default ``0 .. C-1``).
+        title: figure title.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
+    _check_nonempty(ci, "ci")
+    thetas = list(ci)
+    layers = list(next(iter(ci.values())))
+    if not layers:
+        raise ValueError("ci has no layers: nothing to plot")
+    fig = _new_figure(3.6 * len(layers), 3.2 * len(thetas))
+    axes = np.atleast_2d(fig.subplots(len(thetas), len(layers), squeeze=False))
+    for i, theta in enumerate(thetas):
+        for j, layer in enumerate(layers):
+            ax = axes[i, j]
+            m = _np(ci[theta][layer])
+            if m.ndim != 2 or m.shape[0] != m.shape[1]:
+                raise ValueError(f"confusion index of layer {layer!r} at theta {theta} must be square, got {m.shape}")
+            names = list(class_names) if class_names is not None else [str(c) for c in range(m.shape[0])]
+            if len(names) != m.shape[0]:
+                raise ValueError(f"{len(names)} class names for a {m.shape[0]}-class confusion index")
+            finite = m[np.isfinite(m)]
+            vmax = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+            im = ax.imshow(np.ma.masked_invalid(m), cmap="viridis", vmin=0.0, vmax=vmax)
+            ax.set_xticks(range(len(names)), names, fontsize=7)
+            ax.set_yticks(range(len(names)), names, fontsize=7)
+            ax.set_title(f"{layer}, θ = {theta:g}", fontsize=10)
+            if i == len(thetas) - 1:
+                ax.set_xlabel("answer d2")
+            if j == 0:
+                ax.set_ylabel("true class d1")
+            fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.suptitle(title or "Confusion index CI(d1, d2) (diagonal shown as 0)")
+    return _save(fig, path)
+
+
+def plot_cpl_histograms(panels: Sequence[tuple[str, Any, Any]], path: str | os.PathLike, *,
+                        bins: int = 30, title: str | None = None) -> Path:
+    """Histograms of CPL for clean vs attacked inputs, one panel per ``(title, clean, attacked)`` (Fig. 5A).
+
+    Args:
+        panels: ``[(panel title, clean CPL values, attacked CPL values), ...]``.
+        path: PNG file to write.
+        bins: histogram bins over [0, 1].
+        title: figure title.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
+    if not panels:
+        raise ValueError("panels is empty: nothing to plot")
+    fig = _new_figure(5.0 * len(panels), 3.6)
+    axes = np.atleast_1d(fig.subplots(1, len(panels), squeeze=False)[0])
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    for ax, (name, clean, attacked) in zip(axes, panels):
+        c, a = _np(clean).ravel(), _np(attacked).ravel()
+        ax.hist(c, bins=edges, alpha=0.6, label=f"clean (n={c.size})", color="tab:blue")
+        ax.hist(a, bins=edges, alpha=0.6, label=f"attacked (n={a.size})", color="tab:red")
+        ax.set_xlabel("CPL (consistency of the layers' predictions)")
+        ax.set_ylabel("inputs")
+        ax.set_title(name, fontsize=10)
+        ax.legend()
+    fig.suptitle(title or "CPL, clean vs attacked")
+    return _save(fig, path)
+
+
+def plot_auroc_vs_epsilon(results: Mapping[str, Sequence[Mapping[str, Any]]], path: str | os.PathLike, *,
+                          metric: str = "auroc", title: str | None = None, epsilon_label: str = "ε") -> Path:
+    """A detection metric vs epsilon, one line per threshold set (Fig. 5B).
+
+    Args:
+        results: ``{set name: [{"epsilon", metric: value}, ...]}`` (the ``"results"`` of
+            :func:`libnet_plugin.experiments.common.evaluate_protocol`).
+        path: PNG file to write.
+        metric: which value to plot (``"auroc"`` or ``"tpr_at_fpr"``).
+        title: figure title.
+        epsilon_label: x-axis label (say the unit: normalised or pixel).
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
+    _check_nonempty(results, "results")
+    fig = _new_figure(5.6, 3.9)
+    ax = fig.add_subplot()
+    for name, rows in results.items():
+        rows = sorted(rows, key=lambda r: r["epsilon"])
+        vals = [np.nan if r.get(metric) is None else float(r[metric]) for r in rows]
+        ax.plot([r["epsilon"] for r in rows], vals, marker="o", label=name)
+    if metric == "auroc":
+        ax.axhline(0.5, color="grey", linestyle="--", linewidth=1, label="chance")
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel(epsilon_label)
+    ax.set_ylabel(metric.replace("_", " ").upper() if metric == "auroc" else metric.replace("_", " "))
+    ax.grid(True, alpha=0.3)
+    ax.legend(title="threshold set", fontsize=8)
+    ax.set_title(title or f"{metric} vs ε")
+    return _save(fig, path)
+
+
+def _as_image(img: Any) -> tuple[np.ndarray, str | None]:
+    """A ``[C, H, W]`` / ``[H, W]`` image as something ``imshow`` draws, with the colour map to use."""
+    a = _np(img)
+    if a.ndim == 3 and a.shape[0] in (1, 3):
+        a = a[0] if a.shape[0] == 1 else np.transpose(a, (1, 2, 0))
+    if a.ndim not in (2, 3):
+        raise ValueError(f"images must be [C, H, W] or [H, W] with 1 or 3 channels, got shape {a.shape}")
+    return np.clip(a, 0.0, 1.0), ("gray" if a.ndim == 2 else None)
+
+
+def plot_exemplars(queries: Any, exemplars: Mapping[str, Any], path: str | os.PathLike, *,
+                   similarities: Mapping[str, Any] | None = None, query_titles: Sequence[str] | None = None,
+                   title: str | None = None) -> Path:
+    """A grid: each row a test input, then for each layer the training inputs behind its top nodes.
+
+    Args:
+        queries: test images ``[B, C, H, W]`` in [0, 1].
+        exemplars: ``{layer: images [B, k, C, H, W]}``, most similar node first.
+        path: PNG file to write.
+        similarities: optional ``{layer: cosines [B, k]}`` printed above each exemplar.
+        query_titles: one caption per test input (e.g. ``"label 7, model 7"``).
+        title: figure title.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
+    _check_nonempty(exemplars, "exemplars")
+    q = _np(queries)
+    b = q.shape[0]
+    layers = list(exemplars)
+    ks = {l: _np(exemplars[l]).shape[1] for l in layers}
+    for l in layers:
+        if _np(exemplars[l]).shape[0] != b:
+            raise ValueError(f"exemplars of layer {l!r} cover {_np(exemplars[l]).shape[0]} inputs, queries {b}")
+    n_cols = 1 + sum(ks.values())
+    fig = _new_figure(1.05 * n_cols + 0.4, 1.25 * b + 0.6)
+    axes = np.atleast_2d(fig.subplots(b, n_cols, squeeze=False))
+    for i in range(b):
+        img, cmap = _as_image(q[i])
+        axes[i, 0].imshow(img, cmap=cmap, vmin=0, vmax=1)
+        axes[i, 0].set_title(query_titles[i] if query_titles else "test input", fontsize=7)
+        col = 1
+        for l in layers:
+            ex = _np(exemplars[l])
+            for j in range(ks[l]):
+                img, cmap = _as_image(ex[i, j])
+                ax = axes[i, col]
+                ax.imshow(img, cmap=cmap, vmin=0, vmax=1)
+                cap = l if j == 0 else ""
+                if similarities is not None:
+                    s = float(_np(similarities[l])[i, j])
+                    cap = f"{cap} {s:.2f}" if cap else f"{s:.2f}"
+                ax.set_title(cap, fontsize=7)
+                col += 1
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for side in ax.spines.values():
+            side.set_visible(False)
+    fig.suptitle(title or "Training exemplars behind the most similar library nodes (cosine above each)",
+                 fontsize=9)
+    return _save(fig, path)
+
