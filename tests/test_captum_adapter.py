@@ -218,10 +218,10 @@ def test_batch_invariance(fitted, train_x):
     shuffled = fitted.attribute(q[perm])
     for i in (0, 13, 29):
         alone = fitted.attribute(q[i:i + 1])
-        for layer, (f, s, a) in enumerate(zip(full, shuffled, alone)):
-            torch.testing.assert_close(a[0], f[i], rtol=1e-5, atol=1e-5, msg=f"layer {LAYERS[layer]}")
-        for f, s in zip(full, shuffled):
-            torch.testing.assert_close(s[torch.nonzero(perm == i).item()], f[i], rtol=1e-5, atol=1e-5)
+        where = int(torch.nonzero(perm == i))
+        for f, s, a in zip(full, shuffled, alone):
+            torch.testing.assert_close(a[0], f[i], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(s[where], f[i], rtol=1e-5, atol=1e-5)
     ex = LibraryExemplars(fitted.forward_func, LAYERS, library_network=fitted.library_network)
     batch, alone = ex.influence(q), ex.influence(q[13:14])
     for layer in LAYERS:
@@ -324,8 +324,10 @@ def test_layers_not_in_the_model(mlp, mlp_data):
             return self.used(t)
 
     skip = Skip()
-    with pytest.raises(LayerNotFoundError, match=r"never fired"):
+    with pytest.raises(LayerNotFoundError, match=r"never fired"):   # one of two layers ran
         LibraryAttribution(lambda t: skip(t), [skip.used, skip.unused]).fit(x[:20])
+    with pytest.raises(LayerNotFoundError, match=r"\['layer0'\] never fired"):   # no layer ran
+        LibraryAttribution(lambda t: skip(t), [skip.unused]).fit(x[:20])
     assert forward_hook_count(skip) == 0
 
 
@@ -336,7 +338,7 @@ def test_network_fitted_on_other_layers_or_model(mlp, mlp_data):
         LibraryAttribution(mlp, ["fc1", "out"], library_network=net)
     torch.manual_seed(1)
     twin = type(mlp)().eval()                                   # same layer names, another model
-    with pytest.raises(LayerNotFoundError, match="not a submodule of the model SmallMLP"):
+    with pytest.raises(LayerNotFoundError, match="not a submodule of the library network's model SmallMLP"):
         LibraryAttribution(twin, [twin.fc1], library_network=net)
     with pytest.raises(LayerNotFoundError, match="'fc1'.*not a submodule of the model SmallMLP that forward_func runs"):
         LibraryAttribution(twin, "fc1", library_network=net)
@@ -377,7 +379,7 @@ def test_wrong_inputs_and_states(fitted, mlp, train_x):
 # ---------------------------------------------------------------------------------------------- the plugin
 def test_plugin_claims_only_its_marker(mlp, mlp_data):
     x, _ = mlp_data
-    pm = lnp.get_plugin_manager()
+    pm = lnp.get_plugin_manager(autoload=True)   # found through the libnet_plugin entry-point group
     assert pm.get_plugin("captum") is libnet_captum.plugin
     dev = torch.device("cpu")
     assert isinstance(make_probe(mlp, ["fc1"], dev, pm), lnp.TorchLayerProbe)
@@ -408,6 +410,17 @@ def test_plugin_manager_without_the_adapter(mlp, mlp_data, monkeypatch):
         LibraryAttribution(lambda t: mlp(t), [mlp.fc1]).fit(x[:50], plugin_manager=bare)
 
 
+def test_docstring_examples_of_the_probe_run():
+    import doctest
+
+    import libnet_captum._probe
+    from libnet_plugin.plugins import default_plugin_manager
+
+    if not default_plugin_manager().is_registered(libnet_captum.plugin):
+        pytest.skip("entry-point autoloading is turned off: the example relies on it")
+    assert doctest.testmod(libnet_captum._probe).failed == 0
+
+
 def test_plugin_import_is_light():
     code = "import sys, libnet_captum.plugin; print('captum' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -431,7 +444,7 @@ def test_readme_captum_example_runs_as_written():
     assert len(blocks[0].strip().splitlines()) <= 5
     namespace: dict = {"__name__": "__readme__"}
     for block in blocks:
-        exec(compile(block, f"README.md[captum]", "exec"), namespace)
+        exec(compile(block, "README.md[captum]", "exec"), namespace)
     attr = namespace["attr"]
     assert isinstance(attr, LibraryAttribution) and attr.library_network.is_fitted
 

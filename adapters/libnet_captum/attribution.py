@@ -57,12 +57,12 @@ def _root_module(forward_func: Any) -> nn.Module | None:
     return None
 
 
-def _naming(model: Any) -> tuple[dict[str, nn.Module], str] | None:
+def _naming(model: Any, owner: str) -> tuple[dict[str, nn.Module], str] | None:
     """``({name: module}, description)`` for objects whose layers are torch modules with names."""
     if isinstance(model, nn.Module):
-        return {n: m for n, m in model.named_modules() if n}, f"the model {type(model).__name__}"
+        return {n: m for n, m in model.named_modules() if n}, f"{owner} {type(model).__name__}"
     if isinstance(model, CaptumForward):
-        return dict(model.layers), "the CaptumForward of the library network"
+        return dict(model.layers), f"{owner} CaptumForward"
     return None
 
 
@@ -96,9 +96,9 @@ class _LibraryLayers:
         root = _root_module(forward_func)
         # Names come from the library network's model when it has named torch layers (its libraries are
         # keyed by those names), otherwise from the model behind forward_func.
-        naming = _naming(library_network.model) if library_network is not None else None
+        naming = _naming(library_network.model, "the library network's model") if library_network is not None else None
         if naming is None and root is not None:
-            naming = _naming(root)
+            naming = _naming(root, "the model")
         names: list[str] = []
         modules: list[nn.Module] = []
         for i, spec in enumerate(specs):
