@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from ._batches import is_one_shot, iter_batches
-from .errors import NotFittedError, ShapeMismatchError
+from .errors import LayerNotFoundError, NotFittedError, ShapeMismatchError
 from .library import validate_threshold
 from .metrics import ConfusionAccumulator, cpl
 from .plugins import make_library, make_probe, make_readout
@@ -252,11 +252,41 @@ class LibraryNetwork:
         return self
 
     # ------------------------------------------------------------------ prediction
-    def scores_from_haps(self, haps: Mapping[str, Tensor], top_k: int | None = None) -> dict[str, Tensor]:
-        """Eq. 3 evidence per layer from HAPs already computed (e.g. by a guard reusing a forward)."""
+    def scores_from_haps(self, haps: Mapping[str, Tensor], top_k: int | None = None,
+                         layers: Sequence[str] | None = None) -> dict[str, Tensor]:
+        """Eq. 3 evidence per layer from HAPs already computed (e.g. by a guard reusing a forward).
+
+        Args:
+            haps: ``{layer: Tensor[B, D]}`` as a probe returns them.
+            top_k: nodes per prediction (default: the network's ``top_k``).
+            layers: the layers to score (default: all probed layers); ``haps`` needs only these.
+        """
         self._check_fitted()
         k = self.top_k if top_k is None else int(top_k)
-        return {l: self.readouts_[l].scores(self.libraries_[l].similarity(haps[l]), k) for l in self.layers}
+        return {l: self.readouts_[l].scores(self.libraries_[l].similarity(haps[l]), k)
+                for l in self._layer_subset(layers)}
+
+    def exemplars_from_haps(self, haps: Mapping[str, Tensor], k: int = 5,
+                            layers: Sequence[str] | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Training indices ``{layer: LongTensor[B, k]}`` and cosines ``{layer: Tensor[B, k]}`` of the
+        ``k`` nodes nearest to each HAP (most similar first; ``k`` clipped to the library size)."""
+        if int(k) < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        self._check_fitted()
+        idx, sims = {}, {}
+        for l in self._layer_subset(layers):
+            h = self.libraries_[l].similarity(haps[l])
+            sims[l], top = h.topk(min(int(k), h.shape[1]), dim=1)
+            idx[l] = self.libraries_[l].node_indices.to(top.device)[top]
+        return idx, sims
+
+    def _layer_subset(self, layers: Sequence[str] | None) -> list[str]:
+        if layers is None:
+            return self.layers
+        unknown = [l for l in layers if l not in self.layers]
+        if unknown:
+            raise LayerNotFoundError(f"layers {unknown} are not probed by this network; probed layers: {self.layers}")
+        return list(layers)
 
     def _collect(self, x: Any, fn) -> Any:
         """Apply ``fn(probe_result)`` -> dict/Tensor to a Tensor or every batch of an iterable; concatenate."""
@@ -370,16 +400,8 @@ class LibraryNetwork:
             ``{layer: LongTensor[B, k]}`` indices into the training data (in the order ``fit`` saw it),
             most similar first; with ``return_similarities`` a pair ``(indices, cosines)`` of such dicts.
         """
-        if int(k) < 1:
-            raise ValueError(f"k must be a positive integer, got {k!r}")
         self._check_fitted()
-        r = self._run(x)
-        idx, sims = {}, {}
-        for l in self.layers:
-            h = self.libraries_[l].similarity(r.haps[l])
-            vals, top = h.topk(min(int(k), h.shape[1]), dim=1)
-            idx[l] = self.libraries_[l].node_indices.to(top.device)[top]
-            sims[l] = vals
+        idx, sims = self.exemplars_from_haps(self._run(x).haps, k)
         return (idx, sims) if return_similarities else idx
 
     # ------------------------------------------------------------------ persistence

@@ -240,3 +240,15 @@ def test_cuda_network_matches_cpu(mlp, mlp_data):
     for l in ("fc1", "fc2"):
         assert torch.equal(cpu.libraries_[l].node_indices, gpu.libraries_[l].node_indices)
         assert torch.allclose(cpu.predict_scores(x[:8])[l], gpu.predict_scores(x[:8])[l].cpu(), rtol=1e-4, atol=1e-4)
+
+
+def test_scores_and_exemplars_for_a_subset_of_layers(mlp, mlp_data):
+    x, _ = mlp_data
+    net = lnp.LibraryNetwork(mlp, ["fc1", "fc2", "out"], thresholds=0.9).fit(x)
+    haps = net.probe.run(x[:6]).haps
+    sub = net.scores_from_haps({"out": haps["out"]}, layers=["out"])
+    assert list(sub) == ["out"] and torch.equal(sub["out"], net.predict_scores(x[:6])["out"])
+    idx, sims = net.exemplars_from_haps(haps, k=2, layers=["fc2"])
+    assert torch.equal(idx["fc2"], net.exemplars(x[:6], k=2)["fc2"]) and sims["fc2"].shape == (6, 2)
+    with pytest.raises(LayerNotFoundError, match="'conv9'.*probed layers"):
+        net.scores_from_haps(haps, layers=["conv9"])

@@ -345,8 +345,8 @@ class LibraryAttribution(_LibraryLayers, Attribution):
         k = None if top_k is None else _positive_int(top_k, "top_k")
         net, haps = self._activations(inputs, additional_forward_args)
         k = net.top_k if k is None else k
-        # P of Eq. 3, as LibraryNetwork.scores_from_haps computes it, for the chosen layers only.
-        scores = [net.readouts_[n].scores(net.libraries_[n].similarity(haps[n]), k) for n in self.layer_names]
+        by_layer = net.scores_from_haps(haps, k, layers=self.layer_names)
+        scores = [by_layer[n] for n in self.layer_names]
         if target is not None:
             index = self._target_index(target, scores[0].shape[0], int(net.n_classes_), scores[0].device)
             scores = [p.gather(1, index[:, None]).squeeze(1) for p in scores]
@@ -465,10 +465,5 @@ class LibraryExemplars(_LibraryLayers, DataInfluence):
         """
         k = _positive_int(top_k, "top_k")
         net, haps = self._activations(inputs, additional_forward_args)
-        out: dict[str, tuple[Tensor, Tensor]] = {}
-        for name in self.layer_names:
-            library = net.libraries_[name]
-            h = library.similarity(haps[name])
-            sims, nodes = h.topk(min(k, h.shape[1]), dim=1)
-            out[name] = (library.node_indices.to(nodes.device)[nodes], sims)
-        return out
+        indices, sims = net.exemplars_from_haps(haps, k, layers=self.layer_names)
+        return {name: (indices[name], sims[name]) for name in self.layer_names}
