@@ -1,0 +1,546 @@
+"""Reading an ONNX classifier: loading and checking, shape inference, the tensors that can be probed, and
+the PyTorch module names the exporters record.
+
+Two kinds of layer names resolve to an ONNX tensor:
+
+* an **ONNX tensor name** (the output of any node that is floating point and depends on the graph input),
+  for example ``/conv1/Conv_output_0`` (legacy exporter) or ``conv2d`` (dynamo exporter);
+* a **PyTorch module name** such as ``conv1`` or ``layer2.3``, read from the exporter's records: the
+  dynamo exporter stores each node's module scope in the node metadata key
+  ``pkg.torch.onnx.name_scopes``; the legacy exporter encodes it in the node name
+  (``/layer2/layer2.3/conv1/Conv``). A module's tensor is its forward output: the tensor produced inside
+  the module's scope and used outside it (by a node of another scope, or as a graph output), i.e. the
+  output of the last node of the scope.
+
+Caveat: exporter optimisations change which tensors exist. The dynamo exporter's optimiser (and the
+legacy exporter's constant folding) fuse a BatchNorm into the preceding convolution, so the convolution's
+own output no longer exists, and ``Relu(Relu(x))`` becomes one node. Export with
+:func:`libnet_onnx.export_onnx` (``optimize=False``, the default) to keep every module output;
+onnxruntime still optimises the graph when it loads it. Where a graph shows signs of such fusion, the
+adapter warns (a module output may differ) or says so in the error (a module is missing).
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, shape_inference
+
+from libnet_plugin.errors import LayerNotFoundError
+from libnet_plugin.probe import unknown_layer_message
+
+from .errors import OnnxModelError
+
+__all__ = ["OnnxGraph", "LayerInfo", "TensorSpec", "load_model", "list_layers", "NAME_SCOPES_KEY"]
+
+#: Node metadata key in which the dynamo exporter records the module scope of each node.
+NAME_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
+#: Older / alternative record of the same scope: ``": Net/layer1: Sequential/layer1.0: Block/add: aten.add"``.
+NAMESPACE_KEY = "namespace"
+#: Set by the onnxscript optimiser on nodes it rewrote (e.g. ``"FuseBatchNormIntoConv"``).
+REWRITE_RULE_KEY = "pkg.onnxscript.rewriter.rule_name"
+
+#: Optimiser rules whose fused node absorbs only nodes *after* it (its inputs are untouched), so they do
+#: not change the tensor a preceding module outputs.
+_DOWNSTREAM_FUSIONS = frozenset({"FuseBatchNormIntoConv", "FuseBatchNormIntoConvTranspose", "FuseBatchNormIntoGemm"})
+_FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16})
+_MAX_PROTO_BYTES = 2**31 - 1
+
+Dim = int | str | None
+LayerKind = Literal["module", "tensor"]
+
+
+def dtype_name(elem_type: int) -> str:
+    """The numpy-style name of an ONNX element type (``1`` -> ``"float32"``)."""
+    try:
+        return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).name
+    except (KeyError, TypeError, ValueError):
+        return TensorProto.DataType.Name(elem_type).lower()
+
+
+def format_shape(shape: tuple[Dim, ...] | None) -> str:
+    """``("batch", 1, 28, 28)`` -> ``"[batch, 1, 28, 28]"``; unknown dimensions show as ``?``."""
+    if shape is None:
+        return "[?]"
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Type and shape of a graph tensor as recorded in (or inferred for) the graph.
+
+    Attributes:
+        name: the ONNX tensor name.
+        elem_type: the ONNX element type (``onnx.TensorProto.FLOAT`` ...).
+        shape: one entry per dimension: an int, a symbolic name (``"batch"``), or ``None`` if unknown;
+            ``None`` for the whole shape when even the rank is unknown.
+    """
+
+    name: str
+    elem_type: int
+    shape: tuple[Dim, ...] | None
+
+    @property
+    def dtype(self) -> str:
+        """The numpy-style dtype name, e.g. ``"float32"``."""
+        return dtype_name(self.elem_type)
+
+    def describe(self) -> str:
+        """E.g. ``'input' of type float32 and shape [batch, 1, 28, 28]``."""
+        return f"{self.name!r} of type {self.dtype} and shape {format_shape(self.shape)}"
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One probe-able layer of an ONNX model, as listed by :func:`list_layers`.
+
+    Attributes:
+        name: the name to pass in ``layers=[...]``.
+        kind: ``"module"`` (a PyTorch module name from the exporter's records) or ``"tensor"``.
+        tensor: the ONNX tensor the name resolves to.
+        op_type: the operator producing that tensor (``"Conv"``, ``"Relu"``...).
+        dtype: numpy-style element type of the tensor.
+        shape: its shape (ints, symbolic names such as ``"batch"``, ``None`` for unknown dimensions).
+    """
+
+    name: str
+    kind: LayerKind
+    tensor: str
+    op_type: str
+    dtype: str
+    shape: tuple[Dim, ...] | None
+
+    @property
+    def size(self) -> int | None:
+        """The length of the flattened HAP (product of the non-batch dimensions), ``None`` if not all known."""
+        if self.shape is None or not all(isinstance(d, int) for d in self.shape[1:]):
+            return None
+        return int(np.prod(self.shape[1:], dtype=np.int64))
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def _session_type() -> type | None:
+    ort = sys.modules.get("onnxruntime")
+    return getattr(ort, "InferenceSession", None) if ort is not None else None
+
+
+def is_inference_session(obj: Any) -> bool:
+    """True for an ``onnxruntime.InferenceSession`` (without importing onnxruntime)."""
+    cls = _session_type()
+    return cls is not None and isinstance(obj, cls)
+
+
+def describe_source(source: Any) -> str:
+    """A short human name for where a model came from (for messages)."""
+    if isinstance(source, (str, os.PathLike)):
+        return repr(os.fspath(source))
+    if is_inference_session(source):
+        path = getattr(source, "_model_path", None)
+        return f"InferenceSession({path!r})" if path else "InferenceSession(<bytes>)"
+    if isinstance(source, onnx.ModelProto):
+        return f"ModelProto(graph={source.graph.name!r})"
+    return type(source).__name__
+
+
+def _parse_file(path: Path) -> onnx.ModelProto:
+    if not path.exists():
+        raise FileNotFoundError(f"ONNX model file not found: {os.fspath(path)!r}")
+    if path.is_dir():
+        raise OnnxModelError(f"{os.fspath(path)!r} is a directory, expected an ONNX model file")
+    try:
+        return onnx.load(os.fspath(path))
+    except Exception as exc:  # DecodeError, missing external data, ...
+        raise OnnxModelError(f"{os.fspath(path)!r} is not a readable ONNX model: {type(exc).__name__}: {exc}") from exc
+
+
+def load_model(source: Any) -> onnx.ModelProto:
+    """Read ``source`` into an ``onnx.ModelProto`` without modifying it, and run the ONNX checker.
+
+    Args:
+        source: a path to an ``.onnx`` file (external weight files next to it are read too), an
+            ``onnx.ModelProto``, serialized model ``bytes``, or an ``onnxruntime.InferenceSession``
+            (its model is re-read from the path or bytes it was created from).
+
+    Returns:
+        The model (for a ``ModelProto`` argument, the same object: callers must not modify it).
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        OnnxModelError: the file does not parse as ONNX, the model fails ``onnx.checker.check_model``,
+            or it is over the 2 GB protobuf limit.
+        TypeError: ``source`` is none of the above.
+
+    Example:
+        >>> import onnx
+        >>> from onnx import helper, TensorProto
+        >>> x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])
+        >>> y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2])
+        >>> m = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y]))
+        >>> load_model(m.SerializeToString()).graph.node[0].op_type
+        'Relu'
+    """
+    what = describe_source(source)
+    if isinstance(source, onnx.ModelProto):
+        model = source
+    elif isinstance(source, (str, os.PathLike)):
+        model = _parse_file(Path(source))
+    elif isinstance(source, (bytes, bytearray)):
+        try:
+            model = onnx.load_from_string(bytes(source))
+        except Exception as exc:
+            raise OnnxModelError(f"the bytes given are not a serialized ONNX model: {type(exc).__name__}: {exc}") from exc
+        what = "the serialized model"
+    elif is_inference_session(source):
+        path, data = getattr(source, "_model_path", None), getattr(source, "_model_bytes", None)
+        if path:
+            model = _parse_file(Path(path))
+        elif data:
+            model = onnx.load_from_string(data)
+        else:
+            raise OnnxModelError(f"{what} does not keep the model it was created from; pass the model path or an "
+                                 "onnx.ModelProto instead")
+    else:
+        raise TypeError(f"expected an ONNX file path, onnx.ModelProto, bytes or onnxruntime.InferenceSession, "
+                        f"got {type(source).__module__}.{type(source).__qualname__}")
+    if model.ByteSize() > _MAX_PROTO_BYTES:
+        raise OnnxModelError(f"{what} is larger than 2 GB; models over the protobuf limit are not supported")
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        raise OnnxModelError(f"{what} fails the ONNX checker: {exc}") from exc
+    if not model.graph.output:
+        raise OnnxModelError(f"{what} has no graph outputs")
+    return model
+
+
+# ---------------------------------------------------------------------------------------------- scopes
+def _dynamo_chain(node: onnx.NodeProto) -> tuple[str, ...] | None:
+    """Qualified module names enclosing ``node`` (outermost first) from the dynamo exporter's metadata."""
+    meta = {p.key: p.value for p in node.metadata_props}
+    if NAME_SCOPES_KEY in meta:
+        try:
+            scopes = ast.literal_eval(meta[NAME_SCOPES_KEY])
+        except (ValueError, SyntaxError):
+            return None
+        if not isinstance(scopes, (list, tuple)) or len(scopes) < 2 or scopes[0] != "":
+            return None  # e.g. ['_empty_nn_module_stack_from_metadata_hook', 'sym_size_int']: no scope
+        return tuple(str(s) for s in scopes[1:-1])
+    if NAMESPACE_KEY in meta and "/" in meta[NAMESPACE_KEY]:
+        names = [part.split(":", 1)[0].strip() for part in meta[NAMESPACE_KEY].split("/")]
+        if names and names[0] == "":
+            return tuple(names[1:-1])
+    return None
+
+
+def _legacy_chain(node: onnx.NodeProto) -> tuple[str, ...] | None:
+    """Qualified module names from a legacy-exporter node name such as ``/layer1/layer1.0/conv1/Conv``.
+
+    The legacy exporter names each scope by the module's qualified name cut back to its last non-numeric
+    atom (``layer1.0.conv1`` -> ``conv1``, ``layer1.0`` -> ``layer1.0``), so the full names are rebuilt
+    from the parent's.
+    """
+    if not node.name.startswith("/"):
+        return None
+    chain: list[str] = []
+    for comp in node.name.split("/")[1:-1]:
+        if not comp:
+            return None
+        if not chain:
+            chain.append(comp)
+        else:
+            chain.append(f"{chain[-1]}.{comp.rsplit('.', 1)[-1] if '.' in comp else comp}")
+    return tuple(chain)
+
+
+def _node_chain(node: onnx.NodeProto) -> tuple[str, ...] | None:
+    chain = _dynamo_chain(node)
+    return chain if chain is not None else _legacy_chain(node)
+
+
+def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
+    """Names a control-flow node's subgraphs read (a superset of its outer-scope inputs)."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        graphs = list(attr.graphs) + ([attr.g] if attr.HasField("g") else [])
+        for g in graphs:
+            for n in g.node:
+                names.update(i for i in n.input if i)
+                names |= _subgraph_inputs(n)
+    return names
+
+
+def _spec_of(vi: onnx.ValueInfoProto) -> TensorSpec | None:
+    if not vi.type.HasField("tensor_type"):
+        return None
+    tt = vi.type.tensor_type
+    shape: tuple[Dim, ...] | None = None
+    if tt.HasField("shape"):
+        shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim)
+    return TensorSpec(vi.name, tt.elem_type, shape)
+
+
+# ---------------------------------------------------------------------------------------------- graph
+class OnnxGraph:
+    """An ONNX classifier read for probing: types and shapes inferred, tensors and module scopes indexed.
+
+    The graph must have exactly one input that is not an initializer (the batch of inputs).
+
+    Args:
+        model: anything :func:`load_model` accepts.
+
+    Attributes:
+        model: the model after ``onnx.shape_inference.infer_shapes`` (a copy; the caller's is unchanged).
+        source: a short description of where the model came from, for messages.
+        input: the :class:`TensorSpec` of the graph input.
+        outputs: the graph's output names, in order (the first one is taken as the classifier's output).
+
+    Example:
+        >>> from onnx import helper, TensorProto
+        >>> x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])
+        >>> y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])
+        >>> nodes = [helper.make_node("Relu", ["x"], ["h"], name="/act/Relu"),
+        ...          helper.make_node("Neg", ["h"], ["y"], name="/head/Neg")]
+        >>> g = OnnxGraph(helper.make_model(helper.make_graph(nodes, "g", [x], [y])))
+        >>> g.module_names, g.tensor_names
+        (['act', 'head'], ['h', 'y'])
+        >>> g.resolve("act"), g.resolve("y")
+        ('h', 'y')
+    """
+
+    def __init__(self, model: Any):
+        proto = load_model(model)
+        self.source = describe_source(model)
+        try:
+            self.model = shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
+        except Exception as exc:  # onnx.shape_inference.InferenceError and friends
+            raise OnnxModelError(f"shape inference failed on {self.source}: {exc}") from exc
+        g = self.model.graph
+        initializers = {t.name for t in g.initializer} | {t.values.name for t in g.sparse_initializer}
+        inputs = [vi for vi in g.input if vi.name not in initializers]
+        if len(inputs) != 1:
+            raise OnnxModelError(f"{self.source} has {len(inputs)} graph inputs {[vi.name for vi in inputs]}; the ONNX "
+                                 "adapter probes classifiers with exactly one input (the batch)")
+        spec = _spec_of(inputs[0])
+        if spec is None:
+            raise OnnxModelError(f"the graph input {inputs[0].name!r} of {self.source} is not a tensor")
+        self.input: TensorSpec = spec
+        self.outputs: list[str] = [o.name for o in g.output]
+        self._value_infos: dict[str, onnx.ValueInfoProto] = {}
+        for vi in (*g.input, *g.value_info, *g.output):
+            self._value_infos.setdefault(vi.name, vi)
+        self.nodes: list[onnx.NodeProto] = list(g.node)
+        self.producer: dict[str, int] = {}
+        self.consumers: dict[str, list[int]] = {}
+        dependent = {self.input.name}
+        for i, node in enumerate(self.nodes):
+            reads = {t for t in node.input if t} | _subgraph_inputs(node)
+            for t in reads:
+                self.consumers.setdefault(t, []).append(i)
+            for t in node.output:
+                if t:
+                    self.producer[t] = i
+            if reads & dependent:
+                dependent.update(t for t in node.output if t)
+        self._dependent = dependent
+        self.chains: list[tuple[str, ...] | None] = [_node_chain(n) for n in self.nodes]
+        self._module_nodes: dict[str, list[int]] = {}
+        for i, chain in enumerate(self.chains):
+            for name in chain or ():
+                self._module_nodes.setdefault(name, []).append(i)
+        self._module_cache: dict[str, tuple[list[str], str | None]] = {}
+
+    # ------------------------------------------------------------------ tensors
+    def spec(self, tensor: str) -> TensorSpec | None:
+        """The inferred :class:`TensorSpec` of ``tensor``, or ``None`` if its type is unknown."""
+        vi = self._value_infos.get(tensor)
+        return _spec_of(vi) if vi is not None else None
+
+    def value_info(self, tensor: str) -> onnx.ValueInfoProto:
+        """A typed ``ValueInfoProto`` for ``tensor``, fit to be added as a graph output."""
+        vi = self._value_infos.get(tensor)
+        if vi is None or not vi.type.HasField("tensor_type") or not vi.type.tensor_type.elem_type:
+            raise OnnxModelError(f"the type of tensor {tensor!r} in {self.source} could not be inferred, so it cannot "
+                                 "be added as an output")
+        out = onnx.ValueInfoProto()
+        out.CopyFrom(vi)
+        return out
+
+    def _why_not_probeable(self, tensor: str) -> str | None:
+        if tensor == self.input.name:
+            return "it is the graph input, not the output of a layer"
+        if tensor not in self.producer:
+            return "it is not produced by any node"
+        if tensor not in self._dependent:
+            return f"it does not depend on the graph input {self.input.name!r} (a constant)"
+        spec = self.spec(tensor)
+        if spec is None:
+            return "its type could not be inferred"
+        if spec.elem_type not in _FLOAT_TYPES:
+            return f"it holds {spec.dtype} values, not activations"
+        return None
+
+    def is_probeable(self, tensor: str) -> bool:
+        """True when ``tensor`` is a node output of floating type that depends on the graph input."""
+        return self._why_not_probeable(tensor) is None
+
+    @property
+    def tensor_names(self) -> list[str]:
+        """All probe-able tensor names, in graph order."""
+        return [t for node in self.nodes for t in node.output if t and self.is_probeable(t)]
+
+    # ------------------------------------------------------------------ modules
+    def _module_candidates(self, name: str) -> tuple[list[str], str | None]:
+        """(escaping tensors in graph order, a caveat) for module ``name``."""
+        if name in self._module_cache:
+            return self._module_cache[name]
+        inside = set(self._module_nodes.get(name, ()))
+        graph_outputs = set(self.outputs)
+        candidates = []
+        for i in sorted(inside):
+            for t in self.nodes[i].output:
+                if not t or not self.is_probeable(t):
+                    continue
+                used_outside = any(c not in inside and self.chains[c] is not None for c in self.consumers.get(t, ()))
+                if t in graph_outputs or used_outside:
+                    candidates.append(t)
+        if not candidates:  # a dead end (its output is used nowhere): the last node's output
+            last = [t for i in sorted(inside) for t in self.nodes[i].output if t and self.is_probeable(t)]
+            candidates = last[-1:]
+        caveat = self._fusion_caveat(name, candidates[-1], inside) if len(candidates) == 1 else None
+        self._module_cache[name] = (candidates, caveat)
+        return candidates, caveat
+
+    def _fusion_caveat(self, name: str, tensor: str, inside: set[int]) -> str | None:
+        for c in self.consumers.get(tensor, ()):
+            rule = self._rewrite_rule(c)
+            upstream = [r for r in (r.strip() for r in rule.split(",")) if "Fuse" in r and r not in _DOWNSTREAM_FUSIONS]
+            if c not in inside and upstream:
+                return (f"module {name!r} resolves to tensor {tensor!r}, whose consumer {self.nodes[c].name!r} was "
+                        f"rewritten by the exporter's optimiser ({rule}); the module's own output may have been fused "
+                        "away, so its HAPs can differ from the PyTorch module's. Re-export with "
+                        "libnet_onnx.export_onnx(..., optimize=False) for exact module outputs")
+        node = self.nodes[self.producer[tensor]]
+        initializers = {t.name for t in self.model.graph.initializer}
+        if (node.op_type in ("Conv", "ConvTranspose") and len(node.input) > 1 and node.input[1] in initializers
+                and node.input[1].startswith("onnx::")):
+            return (f"module {name!r} resolves to the output of {node.name!r}, whose weights were rewritten by the "
+                    "legacy exporter's constant folding (a BatchNorm after a convolution is folded into it), so its "
+                    "HAPs can differ from the PyTorch module's. Re-export with "
+                    "libnet_onnx.export_onnx(..., dynamo=False, optimize=False) for exact module outputs")
+        return None
+
+    def _rewrite_rule(self, i: int) -> str:
+        return next((p.value for p in self.nodes[i].metadata_props if p.key == REWRITE_RULE_KEY), "")
+
+    def _has_fusion(self) -> bool:
+        return any("Fuse" in self._rewrite_rule(i) for i in range(len(self.nodes)))
+
+    @property
+    def module_names(self) -> list[str]:
+        """PyTorch module names recorded by the exporter that resolve to exactly one probe-able tensor,
+        in order of their first node."""
+        return [m for m in self._module_nodes if len(self._module_candidates(m)[0]) == 1]
+
+    def module_output(self, name: str) -> str:
+        """The tensor holding the forward output of PyTorch module ``name``.
+
+        Raises:
+            LayerNotFoundError: no node of the graph is in that module's scope.
+            ValueError: the scope has several outputs used elsewhere (a module called more than once, or
+                one returning several tensors): name one of the listed tensors instead.
+        """
+        if name not in self._module_nodes:
+            raise LayerNotFoundError(self._unknown_message(name))
+        candidates, _ = self._module_candidates(name)
+        if len(candidates) == 1:
+            return candidates[0]
+        if not candidates:
+            raise LayerNotFoundError(f"module {name!r} of {self.source} has no floating-point output that depends on "
+                                     "the graph input; probe one of its tensors by ONNX name instead")
+        raise ValueError(f"module {name!r} of {self.source} produces {len(candidates)} tensors used outside it "
+                         f"{candidates} (a module called more than once in forward, or one returning several "
+                         "tensors); pass one of these ONNX tensor names instead")
+
+    def module_caveat(self, name: str) -> str | None:
+        """A warning text when the exporter's optimisations may have changed module ``name``'s output."""
+        if name not in self._module_nodes:
+            return None
+        return self._module_candidates(name)[1]
+
+    # ------------------------------------------------------------------ names
+    def _unknown_message(self, name: str) -> str:
+        msg = unknown_layer_message(name, self.module_names + self.tensor_names, kind=f"ONNX model {self.source}")
+        if name in self.producer or name in self._value_infos:
+            valid = msg[msg.index("Valid layer names"):] if "Valid layer names" in msg else msg
+            msg = f"tensor {name!r} of {self.source} cannot be probed: {self._why_not_probeable(name)}. {valid}"
+        elif self._has_fusion():
+            msg += (". The exporter's optimiser fused some nodes of this graph (e.g. BatchNorm into Conv), which "
+                    "removes the outputs of the fused modules; re-export with "
+                    "libnet_onnx.export_onnx(..., optimize=False) to keep them")
+        return msg
+
+    def resolve(self, name: str) -> str:
+        """The ONNX tensor a layer name stands for: a PyTorch module name first, else an ONNX tensor name.
+
+        Raises:
+            TypeError: ``name`` is not a string.
+            LayerNotFoundError: neither a module scope nor a probe-able tensor; the message lists close
+                matches and the valid names.
+        """
+        if not isinstance(name, str):
+            raise TypeError(f"layer names must be strings, got {type(name).__name__}: {name!r}")
+        if name in self._module_nodes:
+            return self.module_output(name)
+        if self.is_probeable(name):
+            return name
+        raise LayerNotFoundError(self._unknown_message(name))
+
+    def layers(self, kind: LayerKind | Literal["all"] = "all") -> list[LayerInfo]:
+        """The probe-able layers: module names (in graph order) and/or tensor names (in graph order)."""
+        if kind not in ("all", "module", "tensor"):
+            raise ValueError(f"kind must be 'all', 'module' or 'tensor', got {kind!r}")
+        names: list[tuple[str, LayerKind, str]] = []
+        if kind in ("all", "module"):
+            names += [(m, "module", self.module_output(m)) for m in self.module_names]
+        if kind in ("all", "tensor"):
+            names += [(t, "tensor", t) for t in self.tensor_names]
+        out = []
+        for name, k, tensor in names:
+            spec = self.spec(tensor)
+            assert spec is not None  # probe-able tensors have an inferred type
+            out.append(LayerInfo(name, k, tensor, self.nodes[self.producer[tensor]].op_type, spec.dtype, spec.shape))
+        return out
+
+
+def list_layers(model: Any, kind: LayerKind | Literal["all"] = "all") -> list[LayerInfo]:
+    """The names that can be probed in an ONNX model, with the tensor, operator, dtype and shape of each.
+
+    Args:
+        model: an ONNX file path, ``onnx.ModelProto``, serialized bytes, ``onnxruntime.InferenceSession``, or a
+            :class:`libnet_onnx.OnnxModel`.
+        kind: ``"module"`` for the PyTorch module names recorded by the exporter, ``"tensor"`` for ONNX tensor
+            names, ``"all"`` (default) for both, modules first.
+
+    Returns:
+        A list of :class:`LayerInfo`.
+
+    Example:
+        >>> from onnx import helper, TensorProto
+        >>> x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])
+        >>> y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])
+        >>> m = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"], name="/act/Relu")],
+        ...                                         "g", [x], [y]))
+        >>> [(l.name, l.kind, l.shape) for l in list_layers(m)]
+        [('act', 'module', ('batch', 3)), ('y', 'tensor', ('batch', 3))]
+    """
+    graph = getattr(model, "graph", None)
+    if not isinstance(graph, OnnxGraph):
+        graph = OnnxGraph(model)
+    return graph.layers(kind)

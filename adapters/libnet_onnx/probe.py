@@ -1,0 +1,312 @@
+"""The ONNX Runtime layer probe: one session run returns the model's output and every probed tensor."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnx import helper
+from torch import Tensor
+
+from libnet_plugin.errors import ShapeMismatchError
+from libnet_plugin.probe import ProbeResult, check_finite
+
+from .errors import InputTypeError, OnnxModelError
+from .graph import LayerInfo, OnnxGraph, TensorSpec, is_inference_session
+from .providers import ProviderSpec, default_providers, resolve_providers
+
+__all__ = ["OnnxModel", "OnnxLayerProbe"]
+
+#: SessionOptions settings carried over from a caller's InferenceSession to the probing session.
+_COPIED_SESSION_OPTIONS = ("graph_optimization_level", "intra_op_num_threads", "inter_op_num_threads",
+                           "execution_mode", "enable_cpu_mem_arena", "enable_mem_pattern", "log_severity_level",
+                           "use_deterministic_compute")
+
+
+def _copy_session_options(src: ort.SessionOptions) -> ort.SessionOptions:
+    """A fresh SessionOptions with the threading / optimisation settings of ``src`` (not its file paths)."""
+    dst = ort.SessionOptions()
+    for attr in _COPIED_SESSION_OPTIONS:
+        try:
+            setattr(dst, attr, getattr(src, attr))
+        except (AttributeError, TypeError):
+            pass
+    return dst
+
+
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype | None:
+    """The numpy dtype of a torch dtype, ``None`` where numpy has none (bfloat16)."""
+    try:
+        return torch.empty(0, dtype=dtype).numpy().dtype
+    except (TypeError, RuntimeError):
+        return None
+
+
+class OnnxModel:
+    """An ONNX classifier together with the onnxruntime settings to run it with.
+
+    ``LibraryNetwork`` accepts a path, ``onnx.ModelProto`` or ``onnxruntime.InferenceSession`` directly; wrap
+    it in ``OnnxModel`` to choose execution providers, session options or the output to read. The model
+    is read and checked when the object is made; the caller's file, ModelProto and session are never
+    modified (probing runs a separate session on a copy of the graph).
+
+    Args:
+        model: a path to an ``.onnx`` file, an ``onnx.ModelProto``, serialized ``bytes``, or an
+            ``onnxruntime.InferenceSession`` (its model, providers and threading settings are reused).
+        providers: execution providers, in order of preference: short names (``"cpu"``, ``"cuda"``,
+            ``"tensorrt"``), full names, or ``(name, options)`` pairs. Default: the session's providers for
+            an ``InferenceSession``; otherwise CUDA then CPU when the library network's device is
+            ``cuda``, else CPU.
+        session_options: ``onnxruntime.SessionOptions`` for the probing session.
+        output: name of the graph output holding the class scores ``[B, C]`` (default: the first output).
+        fallback: drop providers that are not available with a ``RuntimeWarning`` naming them (default);
+            if False, raise :class:`~libnet_onnx.errors.ExecutionProviderError` instead.
+
+    Attributes:
+        graph: the :class:`~libnet_onnx.graph.OnnxGraph` (types inferred, layer names indexed).
+        input: the :class:`~libnet_onnx.graph.TensorSpec` of the graph input.
+        output: the name of the output read as the model's answer.
+
+    Example:
+        >>> import torch
+        >>> from onnx import helper, TensorProto
+        >>> x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])
+        >>> y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2])
+        >>> proto = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y]))
+        >>> model = OnnxModel(proto, providers=["cpu"])
+        >>> model(torch.tensor([[-1.0, 2.0]]))
+        tensor([[0., 2.]])
+    """
+
+    def __init__(self, model: Any, *, providers: Sequence[ProviderSpec] | ProviderSpec | None = None,
+                 session_options: ort.SessionOptions | None = None, output: str | None = None,
+                 fallback: bool = True):
+        if isinstance(model, OnnxModel):
+            raise TypeError("model is already an OnnxModel; pass its source to make one with other settings")
+        self.graph = OnnxGraph(model)
+        self.source = self.graph.source
+        if output is None:
+            output = self.graph.outputs[0]
+        elif output not in self.graph.outputs:
+            raise ValueError(f"output {output!r} is not an output of {self.source}; its outputs are {self.graph.outputs}")
+        self.output = output
+        if providers is None and is_inference_session(model):
+            provider_options = model.get_provider_options()
+            providers = [(name, dict(provider_options.get(name, {}))) for name in model.get_providers()]
+        if session_options is None and is_inference_session(model):
+            session_options = _copy_session_options(model.get_session_options())
+        self.providers = providers
+        self.session_options = session_options
+        self.fallback = bool(fallback)
+        self._plain_probe: OnnxLayerProbe | None = None
+
+    def __repr__(self) -> str:
+        return (f"OnnxModel({self.source}, input={self.input.describe()}, output={self.output!r}, "
+                f"providers={self.providers!r})")
+
+    @property
+    def input(self) -> TensorSpec:
+        return self.graph.input
+
+    def layers(self, kind: str = "all") -> list[LayerInfo]:
+        """The probe-able names of this model (see :func:`libnet_onnx.list_layers`)."""
+        return self.graph.layers(kind)  # type: ignore[arg-type]
+
+    def session(self, extra_outputs: Sequence[str] = (), device: Any = None) -> ort.InferenceSession:
+        """A new ``InferenceSession`` on a copy of the graph whose outputs also include ``extra_outputs``.
+
+        Args:
+            extra_outputs: tensor names to make readable (typed from shape inference).
+            device: the torch device of the library network; picks the default providers (see class doc).
+        """
+        proto = onnx.ModelProto()
+        proto.CopyFrom(self.graph.model)
+        present = {o.name for o in proto.graph.output}
+        for t in extra_outputs:
+            if t not in present:
+                proto.graph.output.append(self.graph.value_info(t))
+                present.add(t)
+        requested = self.providers if self.providers is not None else default_providers(device)
+        names, options = resolve_providers(requested, fallback=self.fallback)
+        try:
+            return ort.InferenceSession(proto.SerializeToString(), sess_options=self.session_options,
+                                        providers=names, provider_options=options)
+        except Exception as exc:  # onnxruntime raises its own pybind exception types
+            raise OnnxModelError(f"onnxruntime could not load {self.source}: {exc}") from exc
+
+    def probe(self, layers: Sequence[str] | str, device: Any = None) -> "OnnxLayerProbe":
+        """An :class:`OnnxLayerProbe` of ``layers`` (module or tensor names)."""
+        return OnnxLayerProbe(self, layers, device=device)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """The model's output ``[B, C]`` for the batch ``x`` (one session run; on CPU)."""
+        if self._plain_probe is None:
+            self._plain_probe = OnnxLayerProbe(self, [])
+        return self._plain_probe.run(x).outputs
+
+
+class OnnxLayerProbe:
+    """Probe intermediate tensors of an ONNX classifier with onnxruntime.
+
+    The chosen tensors are added to a copy of the graph's outputs (typed by shape inference) and one
+    session returns the model's output and every probed tensor in one run per batch. HAPs are the
+    probed tensors flattened per input, as float32 on ``device``. The caller's model and session are not
+    touched.
+
+    Layer names are PyTorch module names recorded by the exporter (``"conv1"``, ``"layer2.3"``; the
+    module's forward output) or ONNX tensor names; a name that is both is read as the module. See
+    :func:`libnet_onnx.list_layers`.
+
+    A graph exported with a fixed batch size ``N`` is run in chunks of ``N`` (the last chunk padded),
+    with a one-time warning; export with a dynamic batch dimension (:func:`libnet_onnx.export_onnx`) to
+    run a whole batch in one call.
+
+    Args:
+        model: an :class:`OnnxModel`, or anything it accepts (path, ``ModelProto``, bytes, ``InferenceSession``).
+        layers: names to probe, in order; kept as given (``probe.layers``), so saved library networks map
+            by name.
+        device: where the returned tensors live (default CPU). With ``cuda`` and no explicit providers,
+            the CUDA execution provider is tried first.
+        providers, session_options, output, fallback: as in :class:`OnnxModel`, when ``model`` is not one.
+
+    Raises:
+        LayerNotFoundError: a name is neither a module scope nor a probe-able tensor (close matches listed).
+        OnnxModelError, ExecutionProviderError: see :class:`OnnxModel`.
+
+    Example:
+        >>> import torch
+        >>> from onnx import helper, TensorProto
+        >>> x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])
+        >>> y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2])
+        >>> nodes = [helper.make_node("Relu", ["x"], ["h"], name="/act/Relu"),
+        ...          helper.make_node("Neg", ["h"], ["y"], name="/head/Neg")]
+        >>> proto = helper.make_model(helper.make_graph(nodes, "g", [x], [y]))
+        >>> res = OnnxLayerProbe(proto, ["act"]).run(torch.tensor([[-1.0, 2.0]]))
+        >>> res.haps["act"], res.outputs
+        (tensor([[0., 2.]]), tensor([[-0., -2.]]))
+    """
+
+    def __init__(self, model: Any, layers: Sequence[str] | str, device: Any = None, *,
+                 providers: Sequence[ProviderSpec] | ProviderSpec | None = None,
+                 session_options: ort.SessionOptions | None = None, output: str | None = None,
+                 fallback: bool = True):
+        if isinstance(model, OnnxModel):
+            if providers is not None or session_options is not None or output is not None or not fallback:
+                raise TypeError("model is an OnnxModel: set providers, session_options, output and fallback on it")
+        else:
+            model = OnnxModel(model, providers=providers, session_options=session_options, output=output,
+                              fallback=fallback)
+        if isinstance(layers, str):
+            layers = [layers]
+        self.model = model
+        self.layers = list(layers)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        graph = model.graph
+        self.tensors: dict[str, str] = {name: graph.resolve(name) for name in self.layers}
+        for name in self.layers:
+            caveat = graph.module_caveat(name)
+            if caveat:
+                warnings.warn(caveat, RuntimeWarning, stacklevel=2)
+        self._fetch = [model.output] + list(dict.fromkeys(t for t in self.tensors.values() if t != model.output))
+        self._fetch_index = {t: i for i, t in enumerate(self._fetch)}
+        self.session = model.session(self._fetch[1:], device=self.device)
+        self.providers = self.session.get_providers()
+        spec = graph.input
+        self._np_dtype = np.dtype(helper.tensor_dtype_to_np_dtype(spec.elem_type))
+        first = spec.shape[0] if spec.shape else None
+        self.fixed_batch: int | None = first if isinstance(first, int) and first > 0 else None
+        self._warned_fixed_batch = False
+
+    def __repr__(self) -> str:
+        return f"OnnxLayerProbe({self.model.source}, layers={self.layers}, providers={self.providers})"
+
+    # ------------------------------------------------------------------ input
+    def _to_numpy(self, x: Tensor) -> np.ndarray:
+        spec = self.model.input
+        expected = self._np_dtype
+        if _numpy_dtype(x.dtype) != expected:
+            raise InputTypeError(f"the input batch has dtype {x.dtype}; the ONNX graph expects input {spec.describe()}")
+        if spec.shape is not None:
+            bad_rank = x.dim() != len(spec.shape)
+            bad_dims = not bad_rank and any(isinstance(d, int) and d > 0 and i > 0 and x.shape[i] != d
+                                            for i, d in enumerate(spec.shape))
+            if bad_rank or bad_dims:
+                raise ShapeMismatchError(f"the input batch has shape {list(x.shape)}; the ONNX graph expects input "
+                                         f"{spec.describe()}")
+        return x.detach().cpu().contiguous().numpy()
+
+    # ------------------------------------------------------------------ run
+    def _session_run(self, feed: np.ndarray) -> list[np.ndarray]:
+        return self.session.run(self._fetch, {self.model.input.name: feed})
+
+    def _run_fixed_batch(self, arr: np.ndarray, n_fixed: int) -> list[np.ndarray]:
+        b = arr.shape[0]
+        if not self._warned_fixed_batch:
+            warnings.warn(f"the ONNX graph {self.model.source} has a fixed batch size of {n_fixed}; running {b} inputs in "
+                          f"{math.ceil(b / n_fixed)} session calls. Export with a dynamic batch dimension "
+                          "(libnet_onnx.export_onnx) to run a whole batch in one call", RuntimeWarning, stacklevel=3)
+            self._warned_fixed_batch = True
+        parts: list[list[np.ndarray]] = []
+        for start in range(0, b, n_fixed):
+            chunk = arr[start:start + n_fixed]
+            n = chunk.shape[0]
+            if n < n_fixed:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], n_fixed - n, axis=0)])
+            results = self._session_run(chunk)
+            for t, r in zip(self._fetch, results):
+                self._check_batch(t, r, n_fixed)
+            parts.append([r[:n] for r in results])
+        return [np.concatenate([p[i] for p in parts]) for i in range(len(self._fetch))]
+
+    def _check_batch(self, tensor: str, arr: np.ndarray, b: int) -> None:
+        if arr.ndim == 0 or arr.shape[0] != b:
+            layers = [l for l, t in self.tensors.items() if t == tensor] or ["the model output"]
+            raise ShapeMismatchError(
+                f"tensor {tensor!r} ({', '.join(map(repr, layers))}) of {self.model.source} has shape {list(arr.shape)} "
+                f"for a batch of {b} inputs; its first dimension must be the batch to give one HAP per input")
+
+    def run(self, x: Tensor) -> ProbeResult:
+        """Run the model once on the batch ``x``; return its outputs and the flattened HAPs of every layer.
+
+        Args:
+            x: a batch ``[B, ...]`` matching the graph input's dtype and non-batch dimensions.
+
+        Returns:
+            :class:`~libnet_plugin.probe.ProbeResult` with ``outputs`` ``[B, C]`` and ``haps``
+            ``{layer: float32 Tensor[B, D]}``, on the probe's device, in layer order.
+
+        Raises:
+            TypeError: ``x`` is not a Tensor. InputTypeError: its dtype is not the graph input's.
+            ShapeMismatchError: its shape does not fit the graph input (the message gives the expected
+            input), or a probed tensor has no batch dimension.
+            NonFiniteError: the input, or a probed layer, holds NaN or infinity.
+        """
+        if not isinstance(x, Tensor):
+            raise TypeError(f"inputs must be a torch.Tensor, got {type(x).__name__}")
+        check_finite(x, "the input batch")
+        arr = self._to_numpy(x)
+        b = arr.shape[0]
+        if self.fixed_batch is not None and b != self.fixed_batch:
+            results = self._run_fixed_batch(arr, self.fixed_batch)
+        else:
+            results = self._session_run(arr)
+        outputs = results[0]
+        if outputs.ndim < 2:
+            raise ValueError(f"the model must return a Tensor of shape [B, C] (one score per class), got output "
+                             f"{self.model.output!r} of shape {list(outputs.shape)}")
+        self._check_batch(self.model.output, outputs, b)
+        haps: dict[str, Tensor] = {}
+        for name in self.layers:
+            tensor = self.tensors[name]
+            arr_l = results[self._fetch_index[tensor]]
+            self._check_batch(tensor, arr_l, b)
+            hap = torch.from_numpy(arr_l).reshape(b, -1).to(self.device, torch.float32)
+            check_finite(hap, f"the activations of layer {name!r}")
+            haps[name] = hap
+        out = torch.from_numpy(outputs).reshape(b, -1).to(self.device)
+        return ProbeResult(outputs=out, haps=haps)

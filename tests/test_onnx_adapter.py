@@ -1,0 +1,472 @@
+"""The ONNX Runtime adapter on tiny graphs: hand-built ONNX models (values computed by hand), legacy
+exports of small torch models, name resolution, batching, providers, the CLI, and bad input."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+import libnet_plugin as lnp  # noqa: E402
+import libnet_onnx  # noqa: E402
+from libnet_onnx import (  # noqa: E402
+    ExecutionProviderError, InputTypeError, OnnxLayerProbe, OnnxModel, OnnxModelError, export_onnx, list_layers,
+)
+from libnet_onnx import plugin as onnx_plugin  # noqa: E402
+from libnet_onnx.graph import NAME_SCOPES_KEY, REWRITE_RULE_KEY, OnnxGraph, _legacy_chain  # noqa: E402
+from libnet_onnx.providers import default_providers, resolve_providers  # noqa: E402
+from libnet_plugin.errors import LayerNotFoundError, NonFiniteError, ShapeMismatchError  # noqa: E402
+from libnet_plugin.probe import TorchLayerProbe  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# x @ W1 -> relu -> @ W2. For x = [1, 2]: h1 = [5, -1], h2 = [5, 0], y = [5, 0, 5];
+# for x = [-1, 1]: h1 = [1, 1], h2 = [1, 1], y = [1, 1, 2].
+W1 = np.array([[1.0, -1.0], [2.0, 0.0]], dtype=np.float32)
+W2 = np.array([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]], dtype=np.float32)
+X = torch.tensor([[1.0, 2.0], [-1.0, 1.0]])
+H1 = torch.tensor([[5.0, -1.0], [1.0, 1.0]])
+H2 = torch.tensor([[5.0, 0.0], [1.0, 1.0]])
+Y = torch.tensor([[5.0, 0.0, 5.0], [1.0, 1.0, 2.0]])
+
+
+def _scoped(node: onnx.NodeProto, scopes: list[str], rule: str | None = None) -> onnx.NodeProto:
+    entry = node.metadata_props.add()
+    entry.key, entry.value = NAME_SCOPES_KEY, repr(scopes)
+    if rule:
+        entry = node.metadata_props.add()
+        entry.key, entry.value = REWRITE_RULE_KEY, rule
+    return node
+
+
+def tiny_proto(style: str = "legacy", batch: int | str = "batch", extra_nodes=()) -> onnx.ModelProto:
+    """The hand-set graph above, with module scopes recorded the legacy way (node names), the dynamo way
+    (node metadata), or not at all."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 3])
+    inits = [numpy_helper.from_array(W1, "fc1.weight"), numpy_helper.from_array(W2, "fc2.weight")]
+    if style == "legacy":
+        nodes = [helper.make_node("MatMul", ["x", "fc1.weight"], ["h1"], name="/fc1/MatMul"),
+                 helper.make_node("Relu", ["h1"], ["h2"], name="/act/Relu"),
+                 helper.make_node("MatMul", ["h2", "fc2.weight"], ["y"], name="/fc2/MatMul")]
+    elif style == "dynamo":
+        nodes = [_scoped(helper.make_node("MatMul", ["x", "fc1.weight"], ["h1"], name="node_mm"), ["", "fc1", "mm"]),
+                 _scoped(helper.make_node("Relu", ["h1"], ["h2"], name="node_relu"), ["", "act", "relu"]),
+                 _scoped(helper.make_node("MatMul", ["h2", "fc2.weight"], ["y"], name="node_mm1"), ["", "fc2", "mm1"])]
+    else:
+        nodes = [helper.make_node("MatMul", ["x", "fc1.weight"], ["h1"]),
+                 helper.make_node("Relu", ["h1"], ["h2"]),
+                 helper.make_node("MatMul", ["h2", "fc2.weight"], ["y"])]
+    graph = helper.make_graph(nodes + list(extra_nodes), "tiny", [x], [y], initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+class MLP(nn.Module):
+    """A small torch classifier with named and nested modules (exported with the legacy exporter: fast)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(6, 16)
+        self.block = nn.Sequential(nn.Linear(16, 12), nn.Tanh())
+        self.fc2 = nn.Linear(12, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.block(torch.relu(self.fc1(x))))
+
+
+@pytest.fixture(scope="module")
+def mlp_onnx(tmp_path_factory) -> tuple[MLP, pathlib.Path]:
+    torch.manual_seed(0)
+    model = MLP().eval()
+    path = export_onnx(model, torch.randn(3, 6), tmp_path_factory.mktemp("onnx") / "mlp.onnx", dynamo=False)
+    return model, path
+
+
+@pytest.fixture
+def tiny_path(tmp_path) -> pathlib.Path:
+    path = tmp_path / "tiny.onnx"
+    onnx.save(tiny_proto(), path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ the hook
+def test_entry_point_plugin_is_registered_and_claims_onnx_objects(tiny_path):
+    pm = lnp.get_plugin_manager(autoload=True)
+    assert pm.get_plugin("onnx") is onnx_plugin
+    proto = tiny_proto()
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    for model in (str(tiny_path), tiny_path, proto, session, OnnxModel(proto)):
+        assert onnx_plugin.claims(model)
+        probe = pm.hook.libnet_layer_probe(model=model, layers=["act"], device=torch.device("cpu"))
+        assert isinstance(probe, OnnxLayerProbe)
+        assert torch.equal(probe.run(X).haps["act"], H2)
+    assert not onnx_plugin.claims(nn.Linear(2, 2))
+    assert onnx_plugin.libnet_layer_probe(model=nn.Linear(2, 2), layers=["x"], device="cpu") is None
+    torch_probe = pm.hook.libnet_layer_probe(model=nn.Sequential(nn.Linear(2, 2)), layers=["0"], device="cpu")
+    assert isinstance(torch_probe, TorchLayerProbe)  # torch modules stay with the built-in probe
+
+
+def test_plugin_and_cli_modules_do_not_import_onnx():
+    code = ("import sys, libnet_onnx, libnet_onnx.plugin, libnet_onnx.cli; "
+            "print(sorted(m for m in ('onnx', 'onnxruntime', 'onnxscript') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------------------------------------ values
+@pytest.mark.parametrize("style", ["legacy", "dynamo"])
+def test_hand_computed_haps_by_module_and_tensor_name(style):
+    probe = OnnxLayerProbe(tiny_proto(style), ["fc1", "act", "h1", "y"])
+    res = probe.run(X)
+    assert probe.layers == ["fc1", "act", "h1", "y"]  # the user's names are kept
+    assert probe.tensors == {"fc1": "h1", "act": "h2", "h1": "h1", "y": "y"}
+    assert torch.equal(res.haps["fc1"], H1) and torch.equal(res.haps["h1"], H1)
+    assert torch.equal(res.haps["act"], H2)
+    assert torch.equal(res.outputs, Y) and torch.equal(res.haps["y"], Y)
+    assert res.answers.tolist() == [0, 2]
+    assert all(h.dtype == torch.float32 for h in res.haps.values())
+
+
+def test_graph_without_scopes_offers_tensor_names_only():
+    g = OnnxGraph(tiny_proto("plain"))
+    assert g.module_names == [] and g.tensor_names == ["h1", "h2", "y"]
+    with pytest.raises(LayerNotFoundError, match=r"'fc1' does not exist.*Valid layer names: \['h1', 'h2', 'y'\]"):
+        g.resolve("fc1")
+
+
+def test_legacy_scope_names_are_rebuilt_into_qualified_module_names():
+    def chain(name):
+        return _legacy_chain(helper.make_node("Relu", ["a"], ["b"], name=name))
+
+    assert chain("/layer1/layer1.0/conv1/Conv") == ("layer1", "layer1.0", "layer1.0.conv1")
+    assert chain("/features/features.0/features.0.1/Relu") == ("features", "features.0", "features.0.1")
+    assert chain("/0/0.1/Gemm") == ("0", "0.1")
+    assert chain("/Relu") == ()
+    assert chain("Identity_0") is None
+
+
+def test_module_output_is_the_tensor_used_outside_the_scope():
+    # module "blk" computes a = relu(x), b = neg(a); only b leaves the module
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2])
+    nodes = [helper.make_node("Relu", ["x"], ["a"], name="/blk/Relu"),
+             helper.make_node("Neg", ["a"], ["b"], name="/blk/inner/Neg"),
+             helper.make_node("Abs", ["b"], ["y"], name="/head/Abs")]
+    g = OnnxGraph(helper.make_model(helper.make_graph(nodes, "g", [x], [y])))
+    assert g.module_names == ["blk", "blk.inner", "head"]
+    assert g.resolve("blk") == "b" and g.resolve("blk.inner") == "b" and g.resolve("head") == "y"
+
+
+def test_module_called_twice_is_ambiguous_and_lists_its_tensors():
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2])
+    nodes = [_scoped(helper.make_node("Relu", ["x"], ["r1"]), ["", "act", "relu"]),
+             _scoped(helper.make_node("Neg", ["r1"], ["n"]), ["", "mid", "neg"]),
+             _scoped(helper.make_node("Relu", ["n"], ["y"]), ["", "act", "relu_1"])]
+    g = OnnxGraph(helper.make_model(helper.make_graph(nodes, "g", [x], [y])))
+    assert "act" not in g.module_names
+    with pytest.raises(ValueError, match=r"module 'act'.*2 tensors used outside it \['r1', 'y'\]"):
+        OnnxLayerProbe(helper.make_model(helper.make_graph(nodes, "g", [x], [y])), ["act"])
+
+
+def test_fused_graphs_warn_or_explain():
+    # the consumer of fc1's output absorbed a preceding node (Relu(Relu)): fc1's tensor may differ
+    proto = tiny_proto("dynamo")
+    proto.graph.node[1].metadata_props.add(key=REWRITE_RULE_KEY, value="FuseSuccessiveRelu")
+    with pytest.warns(RuntimeWarning, match=r"module 'fc1'.*FuseSuccessiveRelu.*optimize=False"):
+        OnnxLayerProbe(proto, ["fc1"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        OnnxLayerProbe(proto, ["act"])  # nothing downstream of act was fused
+    with pytest.raises(LayerNotFoundError, match=r"'conv1' does not exist.*fused.*optimize=False"):
+        OnnxLayerProbe(proto, ["conv1"])
+
+
+def test_list_layers_gives_names_kinds_and_shapes(mlp_onnx):
+    _, path = mlp_onnx
+    mods = list_layers(path, kind="module")
+    assert [l.name for l in mods] == ["fc1", "block", "block.0", "block.1", "fc2"]
+    by_name = {l.name: l for l in mods}
+    assert by_name["fc1"].shape == ("batch", 16) and by_name["fc1"].size == 16 and by_name["fc1"].op_type == "Gemm"
+    assert by_name["block"].tensor == by_name["block.1"].tensor and by_name["block.1"].op_type == "Tanh"
+    assert by_name["fc2"].tensor == "output" and by_name["fc2"].dtype == "float32"
+    tensors = list_layers(path, kind="tensor")
+    assert {l.kind for l in tensors} == {"tensor"} and "output" in [l.name for l in tensors]
+    assert list_layers(path) == mods + tensors
+    with pytest.raises(ValueError, match="kind must be"):
+        list_layers(path, kind="modules")
+
+
+# ------------------------------------------------------------------------------------------ parity
+def test_legacy_export_matches_the_torch_probe_and_builds_the_same_libraries(mlp_onnx, tmp_path):
+    model, path = mlp_onnx
+    layers = ["fc1", "block.0", "block", "fc2"]
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(200, 6, generator=g)
+    res_t, res_o = TorchLayerProbe(model, layers).run(x), OnnxLayerProbe(path, layers).run(x)
+    assert torch.allclose(res_o.outputs, res_t.outputs, atol=1e-5)
+    for layer in layers:
+        assert res_o.haps[layer].shape == res_t.haps[layer].shape
+        assert torch.allclose(res_o.haps[layer], res_t.haps[layer], atol=1e-5), layer
+    net_t = lnp.LibraryNetwork(model, layers, thresholds=0.95, batch_size=64).fit(x)
+    net_o = lnp.LibraryNetwork(str(path), layers, thresholds=0.95, batch_size=64).fit(x)
+    for layer in layers:
+        assert torch.equal(net_o.libraries_[layer].node_indices, net_t.libraries_[layer].node_indices)
+    # a network built on the torch model loads onto the ONNX model and scores the same
+    net_t.save(tmp_path / "net.lnp")
+    loaded = lnp.LibraryNetwork.load(tmp_path / "net.lnp", path)
+    assert loaded.probe.layers == layers
+    q = torch.randn(40, 6, generator=g)
+    for layer, p in net_t.predict_scores(q).items():
+        assert torch.allclose(loaded.predict_scores(q)[layer], p, atol=1e-5)
+    assert torch.allclose(loaded.consistency(q), net_t.consistency(q), atol=1e-6)
+
+
+def test_caller_model_and_session_are_untouched(tiny_path):
+    proto = tiny_proto()
+    before = proto.SerializeToString()
+    session = ort.InferenceSession(before, providers=["CPUExecutionProvider"])
+    for model in (proto, session):
+        net = lnp.LibraryNetwork(model, ["fc1", "act"], thresholds=0.9).fit(X)
+        assert net.library_sizes_ == {"fc1": 2, "act": 2}
+    assert proto.SerializeToString() == before
+    assert [o.name for o in session.get_outputs()] == ["y"]
+    assert session.run(None, {"x": X.numpy()})[0].tolist() == Y.tolist()
+    file_bytes = tiny_path.read_bytes()
+    lnp.LibraryNetwork(tiny_path, ["act"]).fit(X)
+    assert tiny_path.read_bytes() == file_bytes
+
+
+def test_session_settings_are_reused():
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    session = ort.InferenceSession(tiny_proto().SerializeToString(), sess_options=opts,
+                                   providers=["CPUExecutionProvider"])
+    model = OnnxModel(session)
+    assert model.providers == [("CPUExecutionProvider", {})]
+    assert model.session_options.intra_op_num_threads == 1
+
+
+def test_onnx_model_call_and_output_choice():
+    model = OnnxModel(tiny_proto())
+    assert torch.equal(model(X), Y)
+    assert model.input.describe() == "'x' of type float32 and shape [batch, 2]"
+    with pytest.raises(ValueError, match=r"output 'h2' is not an output .* its outputs are \['y'\]"):
+        OnnxModel(tiny_proto(), output="h2")
+
+
+def test_float64_graph_gives_float32_haps():
+    x = helper.make_tensor_value_info("x", TensorProto.DOUBLE, ["batch", 2])
+    y = helper.make_tensor_value_info("y", TensorProto.DOUBLE, ["batch", 2])
+    proto = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["h"], name="/a/Relu"),
+                                                 helper.make_node("Neg", ["h"], ["y"], name="/b/Neg")], "g", [x], [y]))
+    res = OnnxLayerProbe(proto, ["a"]).run(X.double())
+    assert res.haps["a"].dtype == torch.float32 and torch.equal(res.haps["a"], X.clamp(min=0))
+    assert res.outputs.dtype == torch.float64
+
+
+# ------------------------------------------------------------------------------------------ batching
+def test_one_session_call_per_batch(mlp_onnx):
+    _, path = mlp_onnx
+    net = lnp.LibraryNetwork(path, ["fc1", "fc2"], thresholds=0.9, batch_size=50)
+    calls = []
+    real_run = net.probe.session.run
+
+    def counting_run(names, feed):
+        calls.append(next(iter(feed.values())).shape[0])
+        return real_run(names, feed)
+
+    net.probe.session.run = counting_run
+    net.fit(torch.randn(120, 6))
+    assert calls == [50, 50, 20]  # one call per batch, each returning the output and both layers
+
+
+def test_fixed_batch_graph_runs_in_padded_chunks():
+    res_dyn = OnnxLayerProbe(tiny_proto(batch="batch"), ["act"]).run(torch.cat([X, X, X[:1]]))
+    probe = OnnxLayerProbe(tiny_proto(batch=2), ["act"])
+    assert probe.fixed_batch == 2
+    with pytest.warns(RuntimeWarning, match="fixed batch size of 2; running 5 inputs in 3 session calls"):
+        res = probe.run(torch.cat([X, X, X[:1]]))
+    assert torch.equal(res.haps["act"], res_dyn.haps["act"]) and torch.equal(res.outputs, res_dyn.outputs)
+
+
+# ------------------------------------------------------------------------------------------ providers
+def test_providers_default_to_cpu_and_follow_a_cuda_device():
+    assert resolve_providers(None) == (["CPUExecutionProvider"], [{}])
+    assert default_providers(torch.device("cpu")) == ["cpu"]
+    assert default_providers(torch.device("cuda:1")) == [("cuda", {"device_id": 1}), "cpu"]
+    assert OnnxLayerProbe(tiny_proto(), ["act"]).providers == ["CPUExecutionProvider"]
+
+
+def test_unavailable_provider_falls_back_with_a_warning_or_raises(monkeypatch):
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.warns(RuntimeWarning, match=r"'CUDAExecutionProvider' is not available.*falling back to "
+                                            r"\['CPUExecutionProvider'\]"):
+        probe = OnnxLayerProbe(tiny_proto(), ["act"], providers=["cuda"])
+    assert probe.providers == ["CPUExecutionProvider"] and torch.equal(probe.run(X).haps["act"], H2)
+    with pytest.warns(RuntimeWarning) as record:
+        assert resolve_providers(["tensorrt", "cuda"]) == (["CPUExecutionProvider"], [{}])
+    assert ["TensorrtExecutionProvider" in str(w.message) for w in record] == [True, False]
+    assert "CUDAExecutionProvider" in str(record[1].message)
+    with pytest.raises(ExecutionProviderError, match="'CUDAExecutionProvider' is not available"):
+        OnnxModel(tiny_proto(), providers=[("cuda", {"device_id": 0})], fallback=False).probe(["act"])
+
+
+def test_unknown_provider_is_an_error():
+    with pytest.raises(ExecutionProviderError, match=r"unknown onnxruntime execution provider 'cudda'.*'cuda'"):
+        OnnxLayerProbe(tiny_proto(), ["act"], providers=["cudda"])
+
+
+# ------------------------------------------------------------------------------------------ bad input
+def test_a_file_that_is_not_onnx(tmp_path):
+    text = tmp_path / "notes.onnx"
+    text.write_text("this is not a model\n")
+    with pytest.raises(OnnxModelError, match=r"notes.onnx' is not a readable ONNX model"):
+        lnp.LibraryNetwork(text, ["act"])
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    with pytest.raises(OnnxModelError, match="fails the ONNX checker"):
+        lnp.LibraryNetwork(str(empty), ["act"])
+    with pytest.raises(FileNotFoundError, match="missing.onnx"):
+        lnp.LibraryNetwork(str(tmp_path / "missing.onnx"), ["act"])
+
+
+def test_a_model_that_fails_the_checker():
+    proto = tiny_proto()
+    proto.graph.node[1].input[0] = "undefined_tensor"
+    with pytest.raises(OnnxModelError, match="fails the ONNX checker.*undefined_tensor"):
+        OnnxLayerProbe(proto, ["act"])
+
+
+def test_graphs_the_adapter_cannot_probe():
+    a = helper.make_tensor_value_info("a", TensorProto.FLOAT, ["batch", 2])
+    b = helper.make_tensor_value_info("b", TensorProto.FLOAT, ["batch", 2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2])
+    two_inputs = helper.make_model(helper.make_graph([helper.make_node("Add", ["a", "b"], ["y"])], "g", [a, b], [y]))
+    with pytest.raises(OnnxModelError, match=r"2 graph inputs \['a', 'b'\]"):
+        OnnxLayerProbe(two_inputs, ["y"])
+    flat = helper.make_tensor_value_info("s", TensorProto.FLOAT, ["batch"])
+    sums = helper.make_model(helper.make_graph(
+        [helper.make_node("ReduceMax", ["a"], ["s"], axes=[1], keepdims=0, name="/sum/ReduceMax")], "g", [a], [flat]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(ValueError, match=r"shape \[B, C\].*'s' of shape \[2\]"):
+        OnnxLayerProbe(sums, ["sum"]).run(X)
+
+
+def test_unknown_layer_lists_close_matches(mlp_onnx):
+    _, path = mlp_onnx
+    with pytest.raises(LayerNotFoundError, match=r"'fc3' does not exist in the ONNX model .*Did you mean 'fc2', 'fc1'"):
+        lnp.LibraryNetwork(path, ["fc1", "fc3"])
+    with pytest.raises(LayerNotFoundError, match=r"'block.2' does not exist.*Did you mean .*'block.1'"):
+        OnnxLayerProbe(path, ["block.2"])
+
+
+def test_a_tensor_that_is_not_an_activation_is_refused():
+    shape = helper.make_node("Shape", ["h2"], ["shape_of_h2"], name="/shape/Shape")
+    proto = tiny_proto(extra_nodes=[shape])
+    with pytest.raises(LayerNotFoundError, match=r"tensor 'shape_of_h2' .* cannot be probed: it holds int64 values"):
+        OnnxLayerProbe(proto, ["shape_of_h2"])
+    with pytest.raises(LayerNotFoundError, match=r"tensor 'x' .* cannot be probed: it is the graph input.*Valid layer names: \['fc1'"):
+        OnnxLayerProbe(proto, ["x"])
+    with pytest.raises(TypeError, match="layer names must be strings"):
+        OnnxLayerProbe(proto, [3])
+
+
+def test_input_of_the_wrong_shape_or_dtype_names_the_expected_input(mlp_onnx):
+    _, path = mlp_onnx
+    probe = OnnxLayerProbe(path, ["fc1"])
+    with pytest.raises(ShapeMismatchError, match=r"shape \[4, 5\]; the ONNX graph expects input 'input' of type "
+                                                 r"float32 and shape \[batch, 6\]"):
+        probe.run(torch.randn(4, 5))
+    with pytest.raises(ShapeMismatchError, match=r"shape \[4, 1, 6\]"):
+        probe.run(torch.randn(4, 1, 6))
+    with pytest.raises(InputTypeError, match=r"dtype torch.float64; the ONNX graph expects input 'input' of type float32"):
+        probe.run(torch.randn(4, 6, dtype=torch.float64))
+    with pytest.raises(InputTypeError, match="torch.bfloat16"):
+        probe.run(torch.randn(4, 6).bfloat16())
+    with pytest.raises(TypeError, match="must be a torch.Tensor"):
+        probe.run(np.zeros((4, 6), np.float32))
+    with pytest.raises(NonFiniteError, match="the input batch contains non-finite values"):
+        probe.run(torch.full((2, 6), float("nan")))
+
+
+def test_non_finite_activations_are_reported():
+    log = helper.make_node("Log", ["h2"], ["logh"], name="/log/Log")
+    proto = tiny_proto(extra_nodes=[log])
+    with pytest.raises(NonFiniteError, match="activations of layer 'log'"):
+        OnnxLayerProbe(proto, ["log"]).run(X)  # log(0) = -inf
+
+
+def test_probe_options_belong_on_the_onnx_model():
+    with pytest.raises(TypeError, match="set providers"):
+        OnnxLayerProbe(OnnxModel(tiny_proto()), ["act"], providers=["cpu"])
+    with pytest.raises(TypeError, match="expected an ONNX file path"):
+        OnnxModel(12)
+
+
+# ------------------------------------------------------------------------------------------ export
+def test_export_onnx_restores_training_mode_and_makes_the_batch_dynamic(tmp_path):
+    model = MLP().train()
+    path = export_onnx(model, torch.randn(1, 6), tmp_path / "sub" / "m.onnx", dynamo=False)
+    assert model.training and path.is_file()
+    assert OnnxModel(path).input.shape == ("batch", 6)
+    assert OnnxLayerProbe(path, ["fc2"]).run(torch.randn(7, 6)).outputs.shape == (7, 4)
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        export_onnx(lambda x: x, torch.randn(2, 6), tmp_path / "f.onnx")
+    with pytest.raises(ValueError, match="non-empty batch"):
+        export_onnx(model, torch.randn(0, 6), tmp_path / "f.onnx")
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def test_cli_layers_prints_names_and_shapes(mlp_onnx, capsys):
+    from libnet_plugin.cli import main
+
+    _, path = mlp_onnx
+    assert main(["layers", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "input 'input' of type float32 and shape [batch, 6]" in out
+    assert re.search(r"^\s+fc1\s+Gemm\s+float32\s+\[batch, 16\]\s+/fc1/Gemm_output_0$", out, flags=re.M)
+    assert re.search(r"^\s+block\.1\s+Tanh\s+float32\s+\[batch, 12\]", out, flags=re.M)
+    assert main(["layers", str(path), "--kind", "module", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in rows] == ["fc1", "block", "block.0", "block.1", "fc2"]
+    assert rows[0] == {"name": "fc1", "kind": "module", "tensor": "/fc1/Gemm_output_0", "op_type": "Gemm",
+                       "dtype": "float32", "shape": ["batch", 16]}
+
+
+def test_cli_layers_reports_a_bad_file(tmp_path, capsys):
+    from libnet_plugin.cli import main
+
+    bad = tmp_path / "bad.onnx"
+    bad.write_text("nope")
+    assert main(["layers", str(bad)]) == 2
+    assert "is not a readable ONNX model" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ README
+def test_readme_onnx_example_runs(tmp_path, monkeypatch):
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("<!-- section:onnx -->"): readme.index("<!-- /section:onnx -->")]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert blocks, "the README's onnx section has no python example"
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(blocks[0], "README.md", "exec"), namespace)
+    net, net_torch, net_onnx = namespace["net"], namespace["net_torch"], namespace["net_onnx"]
+    assert isinstance(net.probe, OnnxLayerProbe) and isinstance(net_onnx.probe, OnnxLayerProbe)
+    assert net.library_sizes_ == net_torch.library_sizes_ == net_onnx.library_sizes_
+    test = namespace["test"]
+    assert torch.allclose(net.consistency(test), net_torch.consistency(test), atol=1e-5)
+    assert torch.allclose(net_onnx.consistency(test), net_torch.consistency(test), atol=1e-5)
