@@ -1,0 +1,142 @@
+"""``libnet reproduce cifar10 --quick`` end to end on the CPU, on a synthetic stand-in for CIFAR-10.
+
+The stand-in is random images written in the CIFAR-10 python-batch format (8 images per training batch,
+16 test images) and a randomly initialised ResNet44 saved in the public checkpoint layout
+(``{"state_dict": {"module.conv1.weight": ...}}``). Its batch-norm statistics are measured on the
+stand-in images, so that its activations and answers vary between inputs, as a trained net's do. The
+numbers mean nothing; the tests check that the whole path runs, that the report has the paper's
+structure, and that the streamed sweep gives exactly what the core's LibraryNetwork gives.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from libnet_plugin import LibraryNetwork, cli
+from libnet_plugin.data import CIFAR_MEAN, CIFAR_STD, load_cifar10, write_fake_cifar10
+from libnet_plugin.experiments import cifar10
+from libnet_plugin.experiments.common import load_attack_sets, to_model_space
+from libnet_plugin.models import ResNet44, load_state_dict_checked
+
+pytestmark = pytest.mark.slow
+
+SMALL_ATTACKS = ["--n-paper", "8", "--n-standard", "8", "--attack-steps", "3"]
+
+
+@pytest.fixture(scope="module")
+def stand_in(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cifar10")
+    data = write_fake_cifar10(root / "data", n_train_per_batch=8, n_test=16, seed=0)
+    x_train, _, _, _ = load_cifar10(data)
+    torch.manual_seed(0)
+    net = ResNet44(normalize=True)
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the calibration pass
+    net.train()
+    with torch.no_grad():
+        net(x_train)
+    weights = root / "resnet44.th"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in net.state_dict().items()}, "epoch": 0}, weights)
+    return root, data, weights
+
+
+def _model(weights):
+    return load_state_dict_checked(ResNet44(), weights).eval()
+
+
+def test_quick_run_end_to_end(stand_in, tmp_path):
+    root, data, weights = stand_in
+    out = tmp_path / "out"
+    rc = cli.main(["reproduce", "cifar10", "--data-dir", str(root / "data"), "--weights", str(weights), "--quick",
+                   "--device", "cpu", "--out", str(out), "--no-progress", *SMALL_ATTACKS])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    x_train, _, x_test, y_test = load_cifar10(data)
+    assert report["run"]["n_train"] == 40 and report["run"]["n_test"] == 16  # --quick caps are above the data
+    assert report["run"]["quick"] is True and report["run"]["device"] == "cpu"
+
+    # Fig. 4A: eight levels per probed block, sizes within the data, more nodes at the top level
+    sizes = report["libraries"]["sizes"]
+    assert list(sizes) == list(cifar10.LAYERS)
+    for layer, by_theta in sizes.items():
+        assert [float(t) for t in by_theta] == list(cifar10.THRESHOLD_LEVELS[layer])
+        assert all(1 <= n <= 40 for n in by_theta.values())
+        assert by_theta[max(by_theta, key=float)] >= by_theta[min(by_theta, key=float)]
+    assert len(set(sizes["conv1"].values()) | set(sizes["linear"].values())) > 1  # not all degenerate
+
+    # the streamed sweep equals a LibraryNetwork fitted by the core at one CPL set (sizes, agreement)
+    model = _model(weights)
+    xn_train = to_model_space(x_train, "pixels", "normalized", CIFAR_MEAN, CIFAR_STD)
+    xn_test = to_model_space(x_test, "pixels", "normalized", CIFAR_MEAN, CIFAR_STD)
+    s1 = cifar10.CPL_SETS["S1"]
+    net = LibraryNetwork(model, list(cifar10.LAYERS), thresholds=s1, top_k=8, device="cpu").fit(xn_train,
+                                                                                                 progress=False)
+    for layer, theta in s1.items():
+        assert net.library_sizes_[layer] == sizes[layer][f"{theta:g}"]
+    direct = net.evaluate((xn_test, y_test), progress=False)
+    for layer, theta in s1.items():
+        row = next(r for r in report["libraries"]["agreement"][layer] if r["theta"] == theta)
+        assert row["top1_agreement"] == pytest.approx(direct[layer]["top1_agreement"])
+        assert row["top3_agreement"] == pytest.approx(direct[layer]["top3_agreement"])
+        assert row["level"] == cifar10.THRESHOLD_LEVELS[layer].index(theta)
+    answers = model(xn_test).argmax(1)
+    assert report["model"]["test_accuracy"] == pytest.approx(float((answers == y_test).float().mean()))
+    assert report["libraries"]["agreement"]["layer1"][0]["seed_size"] == 2  # the seed's number beside ours
+
+    # Fig. 5C: both protocols, seven sets, one row per epsilon
+    det = report["detection"]
+    assert set(det) == {"paper", "standard"}
+    assert [r["epsilon"] for r in det["paper"]["epsilons"]] == [0.02, 0.1]
+    assert all(r["n_selected"] == 8 for r in det["paper"]["epsilons"])  # the paper protocol keeps every image
+    assert all(0 <= r["n_selected"] <= 8 for r in det["standard"]["epsilons"])
+    for res in det.values():
+        assert list(res["results"]) == list(cifar10.CPL_SETS) and res["top_k"] == 20
+        for rows in res["results"].values():
+            assert len(rows) == len(res["epsilons"])
+            for r in rows:
+                assert r["auroc"] is None or 0.0 <= r["auroc"] <= 1.0
+    assert report["seed"]["cpl_auroc_paper_protocol"]["auroc_range"] == [0.74, 0.81]
+
+    # the attacked inputs are kept, in their protocol's space and budget
+    sets, meta = load_attack_sets(out / "attacks.safetensors")
+    assert [(s.protocol, s.epsilon) for s in sets] == [("paper", 0.02), ("paper", 0.1), ("standard", 0.031373)]
+    for s in sets:
+        assert s.x_adv.shape == (8, 3, 32, 32)
+        if s.protocol == "paper":  # normalised tensors clipped to [0, 1], as the seed did
+            assert s.space == "normalized" and s.x_adv.min() >= 0 and s.x_adv.max() <= 1
+        else:
+            assert s.space == "pixels"
+            assert (s.x_adv - x_test[:8]).abs().max() <= s.epsilon + 1e-5
+    assert meta["dataset"] == "cifar10"
+
+    md = (out / "report.md").read_text()
+    for text in ("Quick run", "Figs. 4A-C", "### layer1 (CL1)", "Paper protocol", "Standard protocol", "93.10%",
+                 "0.74-0.81", "| S7 |"):
+        assert text in md
+    for name in report["figures"]:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "fig4a_library_sizes.png" in report["figures"] and "fig5c_auroc_standard.png" in report["figures"]
+    assert report["memory"]["library_bytes"] > 0 and report["timings"]["total"] > 0
+
+
+def test_train_epochs_trains_once_then_reuses_the_cache(stand_in, tmp_path):
+    root, _, _ = stand_in
+    out = tmp_path / "out"
+    argv = ["reproduce", "cifar10", "--data-dir", str(root / "data"), "--train-epochs", "1", "--device", "cpu",
+            "--out", str(out), "--quick", "--protocols", "paper", "--paper-epsilons", "0.1", "--n-paper", "4",
+            "--attack-steps", "2", "--no-plots", "--no-detectors", "--no-progress"]
+    assert cli.main(argv) == 0
+    first = json.loads((out / "report.json").read_text())["run"]
+    assert first["training"]["cached"] == 0 and first["training"]["epochs"] == 1
+    cached = list((out / "cache").glob("resnet44_e1_s0_*.pt"))
+    assert [str(p) for p in cached] == [first["weights"]]
+    assert cli.main(argv) == 0
+    second = json.loads((out / "report.json").read_text())["run"]
+    assert second["training"]["cached"] == 1 and second["weights"] == first["weights"]
+    assert second["training"]["test_accuracy"] == first["training"]["test_accuracy"]

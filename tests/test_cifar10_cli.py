@@ -1,0 +1,302 @@
+"""``libnet reproduce cifar10``: bad input is refused before any long work, with useful messages; the
+paper's settings are encoded as Table 1 states them; the ResNet-44 training recipe (augmentation,
+schedule, weight cache) behaves as documented."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import pytest
+import torch
+
+from libnet_plugin import cli
+from libnet_plugin.data import CIFAR10_FILES, write_fake_cifar10
+from libnet_plugin.experiments import cifar10
+from libnet_plugin.experiments.common import ExperimentError
+from libnet_plugin.models import CifarResNet, ResNet44, StateDictMismatchError
+from libnet_plugin.training import (
+    TrainConfig,
+    _lr_at,
+    load_or_train_resnet44,
+    random_crop_flip,
+    save_weights,
+    weights_cache_path,
+)
+
+
+@pytest.fixture(scope="module")
+def fake_data(tmp_path_factory):
+    return write_fake_cifar10(tmp_path_factory.mktemp("cifar"), n_train_per_batch=2, n_test=2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "resnet44.pt"
+    torch.save(ResNet44().state_dict(), path)
+    return path
+
+
+def _run(argv, capsys):
+    rc = cli.main(["reproduce", "cifar10", *map(str, argv)])
+    return rc, capsys.readouterr().err
+
+
+def _no_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+
+
+# ------------------------------------------------------------------------------------------- data
+
+
+def test_missing_batches_names_the_expected_files(tmp_path, weights, capsys):
+    rc, err = _run(["--data-dir", tmp_path, "--weights", weights, "--out", tmp_path / "out", "--device", "cpu"],
+                   capsys)
+    assert rc == 2
+    assert "error:" in err and "Traceback" not in err
+    for name in CIFAR10_FILES:
+        assert name in err
+    assert str(tmp_path) in err
+    assert not (tmp_path / "out").exists()  # nothing was started
+
+
+def test_one_missing_batch_is_named(tmp_path, weights, capsys):
+    root = write_fake_cifar10(tmp_path, n_train_per_batch=2, n_test=2)
+    (root / "data_batch_3").unlink()
+    rc, err = _run(["--data-dir", tmp_path, "--weights", weights, "--out", tmp_path / "out"], capsys)
+    assert rc == 2
+    assert "missing: data_batch_3." in err
+
+
+# ---------------------------------------------------------------------------------------- weights
+
+
+def test_weights_of_another_depth_show_the_first_missing_key_and_shape(fake_data, tmp_path, capsys):
+    torch.manual_seed(0)
+    path = tmp_path / "resnet20.th"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in CifarResNet((3, 3, 3)).state_dict().items()}}, path)
+    rc, err = _run(["--data-dir", fake_data, "--weights", path, "--out", tmp_path / "out"], capsys)
+    assert rc == 2
+    assert "does not fit ResNet44" in err
+    assert "'layer1.3.conv1.weight'" in err and "[16, 16, 3, 3]" in err
+    assert "ResNet20" in err
+
+
+def test_weights_with_a_wrong_shape_show_both_shapes(fake_data, tmp_path, capsys):
+    path = tmp_path / "resnet44_c100.pt"
+    torch.save(ResNet44(num_classes=100).state_dict(), path)
+    rc, err = _run(["--data-dir", fake_data, "--weights", path, "--out", tmp_path / "out"], capsys)
+    assert rc == 2
+    assert "'linear.weight'" in err and "[100, 64]" in err and "[10, 64]" in err
+
+
+def test_missing_weights_file_and_unreadable_weights(fake_data, tmp_path, capsys):
+    rc, err = _run(["--data-dir", fake_data, "--weights", tmp_path / "nope.th", "--out", tmp_path / "o"], capsys)
+    assert rc == 2 and "no such file" in err and "nope.th" in err
+    junk = tmp_path / "junk.th"
+    junk.write_bytes(b"not a torch file")
+    rc, err = _run(["--data-dir", fake_data, "--weights", junk, "--out", tmp_path / "o"], capsys)
+    assert rc == 2 and "junk.th" in err and "Traceback" not in err
+
+
+def test_check_weights_accepts_dataparallel_checkpoints(weights, tmp_path):
+    ref = torch.load(weights, weights_only=True)
+    path = tmp_path / "dp.th"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in ref.items()}, "epoch": 200, "best_prec1": 93.1}, path)
+    state = cifar10.check_weights(path)
+    assert set(state) == set(ResNet44().state_dict())
+    assert torch.equal(state["linear.weight"], ref["linear.weight"])
+
+
+def test_weights_or_training_is_required(fake_data, tmp_path, capsys):
+    rc, err = _run(["--data-dir", fake_data, "--out", tmp_path / "o"], capsys)
+    assert rc == 2 and "--weights FILE" in err and "--train-epochs N" in err
+
+
+def test_weights_and_training_are_exclusive(fake_data, weights, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["reproduce", "cifar10", "--data-dir", str(fake_data), "--weights", str(weights),
+                  "--train-epochs", "3"])
+    assert info.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------- device
+
+
+def test_cuda_without_a_gpu_is_a_clear_error(fake_data, weights, tmp_path, capsys, monkeypatch):
+    _no_cuda(monkeypatch)
+    rc, err = _run(["--data-dir", fake_data, "--weights", weights, "--device", "cuda", "--out", tmp_path / "o"],
+                   capsys)
+    assert rc == 2
+    assert "--device cuda was requested but no CUDA GPU is available" in err
+    assert "--device auto" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_auto_falls_back_to_cpu_with_a_warning(monkeypatch):
+    _no_cuda(monkeypatch)
+    device, warning = cifar10.resolve_device("auto")
+    assert device == torch.device("cpu")
+    assert warning is not None and "no CUDA GPU" in warning and "CPU" in warning
+    assert cifar10.resolve_device("CPU") == (torch.device("cpu"), None)
+
+
+def test_bad_device_names_and_indices(monkeypatch):
+    with pytest.raises(ExperimentError, match="'gpu0' is not a device"):
+        cifar10.resolve_device("gpu0")
+    with pytest.raises(ExperimentError, match="not supported"):
+        cifar10.resolve_device("meta")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ExperimentError, match=r"only 1 CUDA device\(s\), numbered 0..0"):
+        cifar10.resolve_device("cuda:3")
+    assert cifar10.resolve_device("cuda:0") == (torch.device("cuda:0"), None)
+
+
+# ---------------------------------------------------------------------------------------- settings
+
+
+def test_table1_levels_and_sets():
+    assert list(cifar10.THRESHOLD_LEVELS) == ["conv1", "layer1", "layer2", "layer3", "linear"]
+    assert cifar10.THRESHOLD_LEVELS["conv1"] == (0.18, 0.2, 0.22, 0.24, 0.26, 0.3, 0.32, 0.34)
+    assert cifar10.THRESHOLD_LEVELS["layer1"] == (0.64, 0.66, 0.68, 0.7, 0.72, 0.74, 0.76, 0.78)
+    assert cifar10.THRESHOLD_LEVELS["layer2"][0] == 0.48 and cifar10.THRESHOLD_LEVELS["layer2"][-1] == 0.62
+    assert cifar10.THRESHOLD_LEVELS["layer3"][0] == 0.5 and cifar10.THRESHOLD_LEVELS["layer3"][-1] == 0.64
+    assert cifar10.THRESHOLD_LEVELS["linear"][0] == 0.8 and cifar10.THRESHOLD_LEVELS["linear"][-1] == 0.94
+    assert all(len(v) == 8 for v in cifar10.THRESHOLD_LEVELS.values())
+    assert len(cifar10.CPL_SETS) == 7
+    assert list(cifar10.CPL_SETS["S2"].values()) == [0.26, 0.72, 0.56, 0.58, 0.88]
+    # every CPL theta is one of the swept levels, so the sets reuse the sweep's libraries
+    for thr in cifar10.CPL_SETS.values():
+        for layer, theta in thr.items():
+            assert theta in cifar10.THRESHOLD_LEVELS[layer]
+    assert (cifar10.TOP_K_AGREEMENT, cifar10.TOP_K_CPL) == (8, 20)
+    assert len(cifar10.PAPER_EPSILONS) == 19 and cifar10.PAPER_EPSILONS[0] == 0.01 and cifar10.PAPER_EPSILONS[-1] == 1.0
+    assert [round(e * 255) for e in cifar10.STANDARD_EPSILONS] == [2, 4, 8, 16]
+    cifar10.Cifar10Settings().validate()
+
+
+def _args(*argv):
+    parser = argparse.ArgumentParser()
+    cifar10.add_arguments(parser)
+    return parser.parse_args(["--data-dir", "d", "--weights", "w", *argv])
+
+
+def test_quick_and_explicit_options():
+    s = cifar10.settings_from_args(_args("--quick"))
+    assert s.quick and s.n_train == 1000 and s.n_test == 200 and s.nb_iter == 10
+    s = cifar10.settings_from_args(_args("--quick", "--n-train", "50", "--standard-epsilons", "4/255", "0.5",
+                                         "--protocols", "standard"))
+    assert s.n_train == 50 and s.n_test == 200
+    assert s.standard_epsilons == (round(4 / 255, 6), 0.5) and s.protocols == ("standard",)
+    s = cifar10.settings_from_args(_args())
+    assert not s.quick and s.n_train is None and s.nb_iter == 40 and s.paper_epsilons == cifar10.PAPER_EPSILONS
+
+
+@pytest.mark.parametrize("argv", [["--standard-epsilons", "0"], ["--paper-epsilons", "x/2"], ["--n-train", "0"]])
+def test_bad_numbers_are_argparse_errors(argv, capsys):
+    with pytest.raises(SystemExit):
+        _args(*argv)
+    assert "error:" in capsys.readouterr().err
+
+
+def test_settings_validation_names_the_setting():
+    with pytest.raises(ExperimentError, match="standard_epsilons are pixel budgets"):
+        cifar10.Cifar10Settings(standard_epsilons=(2.0,)).validate()
+    bad = {k: dict(v) for k, v in cifar10.CPL_SETS.items()}
+    bad["S1"]["layer2"] = 0.57
+    with pytest.raises(ExperimentError, match=r"CPL set 'S1': theta 0.57 of layer 'layer2'"):
+        cifar10.Cifar10Settings(cpl_sets=bad).validate()
+    with pytest.raises(ExperimentError, match="protocols"):
+        cifar10.Cifar10Settings(protocols=("fgsm",)).validate()
+
+
+# ---------------------------------------------------------------------------------------- training
+
+
+def test_random_crop_flip_matches_a_per_image_reference():
+    x = torch.rand(7, 3, 8, 8)
+    out = random_crop_flip(x, padding=2, generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    off = torch.randint(0, 5, (2, 7), generator=g)
+    flips = torch.rand(7, generator=g) < 0.5
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    for b in range(7):
+        ref = padded[b, :, off[0, b]:off[0, b] + 8, off[1, b]:off[1, b] + 8]
+        assert torch.equal(out[b], ref.flip(2) if flips[b] else ref)
+    assert 0 < int(flips.sum()) < 7  # both branches were exercised
+
+
+def test_random_crop_flip_edge_cases():
+    x = torch.rand(4, 3, 5, 5)
+    same = random_crop_flip(x, padding=0, flip=False)
+    assert torch.equal(same, x) and same.data_ptr() != x.data_ptr()
+    flipped = random_crop_flip(x, padding=0, flip=True, generator=torch.Generator().manual_seed(0))
+    assert all(torch.equal(f, o) or torch.equal(f, o.flip(2)) for f, o in zip(flipped, x))
+    with pytest.raises(ValueError, match=r"\[B, C, H, W\]"):
+        random_crop_flip(torch.rand(3, 5, 5))
+    with pytest.raises(ValueError, match="padding"):
+        random_crop_flip(x, padding=-1)
+
+
+def test_learning_rate_schedules():
+    step = TrainConfig(epochs=4, schedule="step")
+    total, per = 400, 100
+    assert [_lr_at(step, s, total, per) for s in (0, 199, 200, 299, 300, 399)] == pytest.approx(
+        [0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+    cos = TrainConfig(epochs=4, schedule="cosine")
+    assert _lr_at(cos, 0, total, per) == pytest.approx(0.1)
+    assert _lr_at(cos, 200, total, per) == pytest.approx(0.05)
+    warm = TrainConfig(epochs=4, warmup_epochs=1)
+    assert _lr_at(warm, 0, total, per) == pytest.approx(0.01) and _lr_at(warm, 100, total, per) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("kwargs, match", [({"epochs": 0}, "epochs"), ({"lr": 0.0}, "lr"),
+                                           ({"schedule": "linear"}, "schedule"),
+                                           ({"epochs": 2, "warmup_epochs": 2}, "warmup_epochs")])
+def test_train_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kwargs).validate()
+
+
+def test_training_is_cached_by_data_and_recipe(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(4, 3, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g)
+    cfg = TrainConfig(epochs=1, batch_size=4, seed=0)
+    net, path, info = load_or_train_resnet44(x, y, cfg, tmp_path, x_test=x[:2], y_test=y[:2], progress=False)
+    assert info["cached"] == 0 and path.is_file() and path.parent == tmp_path
+    assert 0.0 <= info["test_accuracy"] <= 1.0 and info["n_train"] == 4
+    assert net.normalize and not net.training
+    fresh = ResNet44(normalize=True).state_dict()
+    assert not torch.equal(net.state_dict()["conv1.weight"], fresh["conv1.weight"])  # SGD moved the weights
+    again, path2, info2 = load_or_train_resnet44(x, y, cfg, tmp_path, progress=False)
+    assert path2 == path and info2["cached"] == 1 and info2["test_accuracy"] == info["test_accuracy"]
+    for k, v in net.state_dict().items():
+        assert torch.equal(again.state_dict()[k], v), k
+    # another recipe or other data is another cache entry; the file is a readable checkpoint
+    assert weights_cache_path(tmp_path, x, y, TrainConfig(epochs=2, batch_size=4)) != path
+    assert weights_cache_path(tmp_path, x.flip(0), y.flip(0), cfg) != path
+    assert set(cifar10.check_weights(path)) == set(ResNet44().state_dict())
+
+
+def test_train_rejects_bad_input():
+    from libnet_plugin.training import train_resnet44
+
+    with pytest.raises(ValueError, match=r"\[N, 3, 32, 32\]"):
+        train_resnet44(torch.rand(4, 1, 28, 28), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="pixels in \\[0, 1\\]"):
+        train_resnet44(torch.rand(4, 3, 32, 32) * 2, torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="labels in 0..9"):
+        train_resnet44(torch.rand(4, 3, 32, 32), torch.full((4,), 10))
+
+
+def test_save_weights_is_atomic_and_loadable(tmp_path):
+    net = ResNet44()
+    path = save_weights(net, tmp_path / "sub" / "w.th", epochs=3)
+    raw = torch.load(path, weights_only=True)
+    assert raw["epochs"] == 3 and set(raw["state_dict"]) == set(net.state_dict())
+    assert [p.name for p in path.parent.iterdir()] == ["w.th"]  # no temp file left behind
+    assert not math.isnan(float(raw["state_dict"]["linear.weight"].sum()))
