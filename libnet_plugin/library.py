@@ -8,6 +8,7 @@ every batch size, at about the cost of one matrix product per batch.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -102,10 +103,22 @@ class Library(Protocol):
 class ExactLibrary:
     """The exact batched leader library (the default, name ``"exact"``).
 
-    Each batch is compared with the current library in one matrix product; rows whose best cosine is
-    already ``>= threshold`` are final (the library only grows). The remaining rows follow the
-    one-by-one rule against the library plus the rows of the same batch accepted before them, using
-    their Gram matrix. Nodes live in a pre-allocated buffer that doubles when full.
+    Each chunk of a batch is compared with the current library; rows whose best cosine is already
+    ``>= threshold`` are final (the library only grows). The remaining rows follow the one-by-one rule
+    against the library plus the rows of the same chunk accepted before them, using their Gram matrix.
+    The node list equals :func:`leader_reference` for every batch and chunk size.
+
+    Once the library has settled, most rows are not novel, and one stored node above the threshold is
+    enough to decide them. A *screen* finds such a node cheaply: it ranks the nodes by a count sketch
+    of the vectors (``screen_dim`` signed bucket sums, so every unit contributes), checks the
+    ``screen_candidates`` best-ranked nodes with exact dot products, and sends only the rows it could
+    not decide to the dense comparison with all nodes. The screen only ever decides a row when the
+    exact cosine clears the threshold by a rounding margin, so it gives the same nodes as the dense
+    path; it switches itself off while it does not pay (small libraries, short vectors, mostly novel
+    rows).
+
+    Memory: the library, its sketches (``screen_dim`` numbers per node) and O(``chunk_size`` x
+    (D + M)) working memory, whatever the size of the batch passed to :meth:`partial_fit`.
 
     Args:
         threshold: theta in (0, 1]; a higher theta gives a bigger library.
@@ -113,6 +126,13 @@ class ExactLibrary:
         layer: the layer name (for error messages).
         dtype: storage/compute dtype (float32 by default).
         initial_capacity: rows pre-allocated before the first doubling.
+        dim: the expected number of features per raw HAP (checked on every batch; set by the first
+            batch when ``None``).
+        chunk_size: rows decided together; bounds the working memory of :meth:`partial_fit`.
+        screen_dim: buckets of the count sketch used by the screen; ``0`` turns the screen off. The
+            screen is used only for vectors of at least ``4 * screen_dim`` entries.
+        screen_candidates: best-ranked nodes checked exactly per row before falling back to all nodes.
+        screen_min_nodes: library size from which the screen is tried.
 
     Example:
         >>> lib = ExactLibrary(0.9)
@@ -124,19 +144,36 @@ class ExactLibrary:
 
     name = "exact"
 
+    #: the screen's bucket assignment and signs come from this seed (they affect speed, never results)
+    SCREEN_SEED = 0x5EED
+
     def __init__(self, threshold: float, *, device: Any = None, layer: str = "", dtype: torch.dtype = torch.float32,
-                 initial_capacity: int = 256, dim: int | None = None, **_: Any):
+                 initial_capacity: int = 256, dim: int | None = None, chunk_size: int = 1024,
+                 screen_dim: int = 256, screen_candidates: int = 4, screen_min_nodes: int = 64, **_: Any):
         self.layer = layer
         self.threshold = validate_threshold(threshold, layer)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.dtype = dtype
-        self.initial_capacity = int(initial_capacity)
+        self.initial_capacity = _positive_int(initial_capacity, "initial_capacity", layer)
         self.dim: int | None = None if dim is None else int(dim)
+        self.chunk_size = _positive_int(chunk_size, "chunk_size", layer)
+        self.screen_dim = _positive_int(screen_dim, "screen_dim", layer, allow_zero=True)
+        self.screen_candidates = _positive_int(screen_candidates, "screen_candidates", layer)
+        self.screen_min_nodes = _positive_int(screen_min_nodes, "screen_min_nodes", layer)
         self._nodes: Tensor | None = None
         self._indices: Tensor = torch.empty(0, dtype=torch.long)
         self._size = 0
         #: number of rows visited by :meth:`partial_fit` so far
         self.n_seen = 0
+        # screen state: bucket/sign of the count sketch, the nodes' sketches, and its on/off schedule
+        self._sketch_map: tuple[Tensor, Tensor] | None = None
+        self._sketch_nodes: Tensor | None = None
+        self._last_miss = 1.0
+        self._skip = 0
+        self._backoff = 1
+        #: counters of how rows were decided: ``{"dense": rows compared with every node, "screened":
+        #: rows decided by the screen, "first": rows of an empty library}``
+        self.stats = {"dense": 0, "screened": 0, "first": 0}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(layer={self.layer!r}, threshold={self.threshold}, size={self._size})"
@@ -188,11 +225,103 @@ class ExactLibrary:
                 buf[: self._size] = self._nodes[: self._size]
                 idx[: self._size] = self._indices[: self._size]
             self._nodes, self._indices = buf, idx
+            if self._sketch_nodes is not None:
+                sk = torch.empty(cap, self.screen_dim, dtype=self.dtype, device=self.device)
+                sk[: self._size] = self._sketch_nodes[: self._size]
+                self._sketch_nodes = sk
         self._nodes[self._size: need] = rows
         self._indices[self._size: need] = indices.to("cpu", torch.long)
+        if self._sketch_nodes is not None:
+            self._sketch_nodes[self._size: need] = self._sketch(rows)
         self._size = need
 
+    # -- the screen ----------------------------------------------------------------------------
+    def _screen_enabled(self, width: int) -> bool:
+        return self.screen_dim > 0 and width >= 4 * self.screen_dim
+
+    def _sketch(self, x: Tensor) -> Tensor:
+        """Count sketch ``[B, screen_dim]`` of rows ``x`` (signed sums over random buckets of units)."""
+        if self._sketch_map is None:
+            width = x.shape[1]
+            gen = torch.Generator().manual_seed(self.SCREEN_SEED)
+            perm = torch.randperm(width, generator=gen)
+            bucket = torch.empty(width, dtype=torch.long)
+            bucket[perm] = torch.arange(width) * self.screen_dim // width  # balanced buckets
+            sign = torch.randint(0, 2, (width,), generator=gen).to(self.dtype) * 2 - 1
+            self._sketch_map = (bucket.to(self.device), sign.to(self.device))
+        bucket, sign = self._sketch_map
+        return x.new_zeros(x.shape[0], self.screen_dim).index_add_(1, bucket, x * sign)
+
+    def _use_screen(self, width: int) -> bool:
+        if not self._screen_enabled(width) or self._size < self.screen_min_nodes:
+            return False
+        if self._skip > 0:
+            self._skip -= 1
+            return False
+        return self._last_miss < 0.5
+
+    def _screen(self, x: Tensor) -> Tensor:
+        """Rows of ``x`` the screen could not decide (it decides rows with a node above the threshold)."""
+        if self._sketch_nodes is None:  # first use, or after load_state_dict
+            self._sketch_nodes = torch.empty(self._nodes.shape[0], self.screen_dim, dtype=self.dtype,
+                                             device=self.device)
+            for s in range(0, self._size, self.chunk_size):
+                e = min(s + self.chunk_size, self._size)
+                self._sketch_nodes[s:e] = self._sketch(self._nodes[s:e])
+        nodes = self.nodes
+        est = self._sketch(x) @ self._sketch_nodes[: self._size].T
+        top = est.topk(min(self.screen_candidates, self._size), dim=1).indices
+        # decide a row only when its exact cosine clears theta by more than any rounding difference
+        # between this dot product and the dense product, so that the result equals the dense path's
+        bar = self.threshold + 16 * torch.finfo(self.dtype).eps * math.sqrt(x.shape[1])
+        undecided = torch.arange(x.shape[0], device=x.device)
+        for j in range(top.shape[1]):
+            cos = torch.linalg.vecdot(x[undecided], nodes[top[undecided, j]])
+            undecided = undecided[cos < bar]
+            if undecided.numel() == 0:
+                break
+        return undecided
+
     # -- fitting -------------------------------------------------------------------------------
+    def _novel_rows(self, x: Tensor) -> Tensor:
+        """Apply the leader rule to the normalised rows ``x`` in order; return the accepted row numbers."""
+        b = x.shape[0]
+        theta = self.threshold
+        if self._size == 0:
+            cand = torch.arange(b, device=x.device)
+            self.stats["first"] += b
+        elif self._use_screen(x.shape[1]):
+            undecided = self._screen(x)
+            miss = undecided.numel() / b
+            self.stats["screened"] += b - undecided.numel()
+            self.stats["dense"] += undecided.numel()
+            if miss >= 0.5:  # the screen did not pay: back off exponentially before trying again
+                self._skip, self._backoff = self._backoff, min(2 * self._backoff, 64)
+            else:
+                self._backoff = 1
+            self._last_miss = miss
+            best = (x[undecided] @ self.nodes.T).amax(dim=1)
+            cand = undecided[best < theta]
+        else:
+            best = (x @ self.nodes.T).amax(dim=1)
+            cand = torch.nonzero(best < theta).flatten()
+            self._last_miss = cand.numel() / b  # novel rows always miss the screen
+            self.stats["dense"] += b
+        if cand.numel() <= 1:
+            return cand
+        # One-by-one rule among the undecided rows only: row i is rejected iff an accepted row j < i of
+        # this chunk has cosine >= theta with it. The Gram matrix is small (undecided rows only).
+        xc = x[cand]
+        gram = (xc @ xc.T).cpu().numpy()
+        blocked = np.zeros(len(cand), dtype=bool)
+        accept = np.zeros(len(cand), dtype=bool)
+        for i in range(len(cand)):
+            if blocked[i]:
+                continue
+            accept[i] = True
+            blocked |= gram[i] >= theta
+        return cand[torch.from_numpy(np.flatnonzero(accept)).to(cand.device)]
+
     def partial_fit(self, haps: Tensor, indices: Tensor | None = None) -> Tensor:
         """Visit the rows of ``haps`` in order and store the novel ones.
 
@@ -210,33 +339,13 @@ class ExactLibrary:
         elif indices.shape != (b,):
             raise ShapeMismatchError(f"layer {self.layer!r}: indices must have shape [{b}], got {tuple(indices.shape)}")
         self.n_seen += b
-        x = self.transform(haps)
         stored = torch.zeros(b, dtype=torch.bool, device=self.device)
-        if b == 0:
-            return stored
-        if self._size:
-            best = (x @ self.nodes.T).amax(dim=1)
-            cand = torch.nonzero(best < self.threshold).flatten()
-        else:
-            cand = torch.arange(b, device=self.device)
-        if cand.numel() == 0:
-            return stored
-        xc = x[cand]
-        # One-by-one rule among the undecided rows only: row i is rejected iff an accepted row j < i of
-        # this batch has cosine >= theta with it. The Gram matrix is small (undecided rows only).
-        gram = (xc @ xc.T).cpu().numpy()
-        blocked = np.zeros(len(cand), dtype=bool)
-        accept = np.zeros(len(cand), dtype=bool)
-        theta = self.threshold
-        for i in range(len(cand)):
-            if blocked[i]:
-                continue
-            accept[i] = True
-            blocked |= gram[i] >= theta
-        acc = torch.from_numpy(np.flatnonzero(accept)).to(self.device)
-        rows = cand[acc]
-        self._append(x[rows], indices.to(self.device)[rows])
-        stored[rows] = True
+        for start in range(0, b, self.chunk_size):
+            x = self.transform(haps[start: start + self.chunk_size])
+            rows = self._novel_rows(x)
+            if rows.numel():
+                self._append(x[rows], indices[start: start + self.chunk_size].to(rows.device)[rows])
+                stored[start + rows] = True
         return stored
 
     def similarity(self, haps: Tensor) -> Tensor:
@@ -259,3 +368,13 @@ class ExactLibrary:
         self._nodes = nodes.clone()
         self._indices = state["node_indices"].to("cpu", torch.long).clone()
         self._size = nodes.shape[0]
+        self._sketch_nodes = None
+
+
+def _positive_int(value: Any, name: str, layer: str, allow_zero: bool = False) -> int:
+    """``value`` as an int after checking it is a positive (or, if allowed, zero) integer."""
+    where = f" for layer {layer!r}" if layer else ""
+    low = 0 if allow_zero else 1
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{name}{where} must be an integer >= {low}, got {value!r}")
+    return int(value)
