@@ -60,6 +60,8 @@ def test_quick_run_end_to_end(stand_in, tmp_path):
     x_train, _, x_test, y_test = load_cifar10(data)
     assert report["run"]["n_train"] == 40 and report["run"]["n_test"] == 16  # --quick caps are above the data
     assert report["run"]["quick"] is True and report["run"]["device"] == "cpu"
+    assert report["status"] == "complete"
+    assert report["detectors"]["available"] or "no detector table" in report["detectors"]["note"]
 
     # Fig. 4A: eight levels per probed block, sizes within the data, more nodes at the top level
     sizes = report["libraries"]["sizes"]
@@ -122,7 +124,12 @@ def test_quick_run_end_to_end(stand_in, tmp_path):
     for name in report["figures"]:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "fig4a_library_sizes.png" in report["figures"] and "fig5c_auroc_standard.png" in report["figures"]
-    assert report["memory"]["library_bytes"] > 0 and report["timings"]["total"] > 0
+    mem = report["memory"]
+    assert mem["library_bytes"] == sum(mem["library_bytes_by_layer"].values()) > 0
+    # 16,384 floats per conv1 / layer1 node, 10 per logit node, all stored as float32
+    assert mem["library_bytes_by_layer"]["linear"] == 40 * sum(sizes["linear"].values())
+    assert mem["library_bytes_by_layer"]["conv1"] == 4 * 16384 * sum(sizes["conv1"].values())
+    assert report["timings"]["total"] > 0
 
 
 def test_train_epochs_trains_once_then_reuses_the_cache(stand_in, tmp_path):
@@ -140,3 +147,25 @@ def test_train_epochs_trains_once_then_reuses_the_cache(stand_in, tmp_path):
     second = json.loads((out / "report.json").read_text())["run"]
     assert second["training"]["cached"] == 1 and second["weights"] == first["weights"]
     assert second["training"]["test_accuracy"] == first["training"]["test_accuracy"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
+def test_quick_run_on_cuda(stand_in, tmp_path):
+    root, data, weights = stand_in
+    out = tmp_path / "out"
+    rc = cli.main(["reproduce", "cifar10", "--data-dir", str(root / "data"), "--weights", str(weights), "--quick",
+                   "--device", "cuda", "--out", str(out), "--no-progress", "--no-plots", *SMALL_ATTACKS])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["run"]["device"].startswith("cuda")
+    assert 0 < report["memory"]["library_bytes"] <= report["memory"]["cuda_peak_allocated_bytes"]
+    # the same libraries as the core on the CPU, up to borderline cosines moved by GPU rounding (TF32 convs)
+    x_train, _, _, _ = load_cifar10(data)
+    xn_train = to_model_space(x_train, "pixels", "normalized", CIFAR_MEAN, CIFAR_STD)
+    s1 = cifar10.CPL_SETS["S1"]
+    net = LibraryNetwork(_model(weights), list(cifar10.LAYERS), thresholds=s1, device="cpu").fit(xn_train,
+                                                                                               progress=False)
+    for layer, theta in s1.items():
+        assert abs(net.library_sizes_[layer] - report["libraries"]["sizes"][layer][f"{theta:g}"]) <= 1
+    assert set(report["detection"]) == {"paper", "standard"}

@@ -300,3 +300,16 @@ def test_save_weights_is_atomic_and_loadable(tmp_path):
     assert raw["epochs"] == 3 and set(raw["state_dict"]) == set(net.state_dict())
     assert [p.name for p in path.parent.iterdir()] == ["w.th"]  # no temp file left behind
     assert not math.isnan(float(raw["state_dict"]["linear.weight"].sum()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
+def test_augmentation_and_training_on_cuda(tmp_path):
+    x = torch.rand(6, 3, 32, 32)
+    cpu = random_crop_flip(x, 4, generator=torch.Generator().manual_seed(0))
+    gpu = random_crop_flip(x.cuda(), 4, generator=torch.Generator().manual_seed(0))
+    assert gpu.device.type == "cuda" and torch.equal(cpu, gpu.cpu())  # same draws on every device
+    net, path, info = load_or_train_resnet44(x, torch.arange(6) % 10, TrainConfig(epochs=1, batch_size=3), tmp_path,
+                                             device="cuda", progress=False)
+    assert next(net.parameters()).device.type == "cuda" and path.is_file() and info["cached"] == 0
+    assert set(cifar10.check_weights(path)) == set(ResNet44().state_dict())  # saved on the CPU, loads anywhere

@@ -396,15 +396,12 @@ def _peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
-def _library_bytes(sweep: LibrarySweep) -> int:
-    """Bytes held by the nodes of every library of the sweep."""
-    total = 0
-    for libs in sweep.libraries.values():
-        for lib in libs.values():
-            if lib.size:
-                nodes = lib.nodes
-                total += nodes.numel() * nodes.element_size()
-    return total
+def _library_bytes(sweep: LibrarySweep) -> dict[str, int]:
+    """``{layer: bytes held by the nodes of all its libraries}`` (stored nodes, not spare capacity)."""
+    out = {}
+    for layer, libs in sweep.libraries.items():
+        out[layer] = sum(lib.nodes.numel() * lib.nodes.element_size() for lib in libs.values() if lib.size)
+    return out
 
 
 def _requests(settings: Cifar10Settings) -> tuple[list[tuple[str, float, int]], list[tuple[str, float, int]]]:
@@ -470,9 +467,22 @@ def reproduce_cifar10(
                                    batch_size=settings.batch_size, progress=progress, desc="test evidence")
     table = agreement_table(sweep, test_ev, top_k=settings.top_k_agreement)
     for layer, rows in table.items():
+        levels = [theta_key(t) for t in settings.thresholds[layer]]
         for row in rows:
-            row["level"] = settings.thresholds[layer].index(row["theta"]) if row["theta"] in settings.thresholds[layer] else None
+            row["level"] = levels.index(row["theta"])
             row.update(_seed_columns(layer, row["theta"]))
+    report: dict[str, Any] = {
+        "experiment": "cifar10",
+        "status": "libraries done; attacks running",
+        "run": {**dict(extra or {}), "device": str(device), "n_train": sweep.n_train, "n_test": len(test_ev),
+                "quick": settings.quick},
+        "settings": {**asdict(settings), "layers": list(LAYERS), "paper_names": PAPER_NAMES},
+        "model": {"test_accuracy": float((test_ev.answers == test_ev.labels).float().mean()),
+                  "seed_test_accuracy": SEED_RESULTS["model_accuracy"]},
+        "libraries": {"sizes": sweep.sizes(), "agreement": table, "top_k": settings.top_k_agreement},
+        "seed": SEED_RESULTS,
+    }
+    write_json_atomic(out / "report.json", report)  # a partial report survives a failure in the attacks
 
     detection: dict[str, Any] = {}
     attack_sets = []
@@ -515,34 +525,35 @@ def reproduce_cifar10(
         with timer.stage("figures"):
             figures = _draw_figures(out, sweep.sizes(), table, detection, settings)
 
-    memory = {"library_bytes": _library_bytes(sweep), "peak_rss_bytes": _peak_rss_bytes(),
+    memory = {"library_bytes": sum(_library_bytes(sweep).values()), "library_bytes_by_layer": _library_bytes(sweep),
+              "peak_rss_bytes": _peak_rss_bytes(),
               "cuda_peak_allocated_bytes": (int(torch.cuda.max_memory_allocated(device))
                                             if device.type == "cuda" else None)}
-    model_accuracy = float((test_ev.answers == test_ev.labels).float().mean())
-    report = {
-        "experiment": "cifar10",
-        "run": {**dict(extra or {}), "device": str(device), "n_train": sweep.n_train, "n_test": len(test_ev),
-                "quick": settings.quick},
-        "settings": {**asdict(settings), "layers": list(LAYERS), "paper_names": PAPER_NAMES},
-        "model": {"test_accuracy": model_accuracy, "seed_test_accuracy": SEED_RESULTS["model_accuracy"]},
-        "libraries": {"sizes": sweep.sizes(), "agreement": table, "top_k": settings.top_k_agreement},
+    report.update({
+        "status": "complete",
         "detection": {name: {k: v for k, v in res.items() if k != "cpl"} for name, res in detection.items()},
         "detectors": detectors,
-        "seed": SEED_RESULTS,
         "figures": figures,
         "memory": memory,
         "timings": timer.as_dict(),
         "environment": environment_info(),
-    }
+    })
     write_json_atomic(out / "report.json", report)
     write_text_atomic(out / "report.md", render_markdown(report))
     return report
 
 
 def _run_detectors(sweep: LibrarySweep, model: torch.nn.Module, probe: Any, xn_train: Tensor, test_ev: Evidence,
-                   detection: Mapping[str, Any], settings: Cifar10Settings, device: torch.device) -> Any:
-    """The detector comparison of the detector issue, if its module is installed."""
-    return None
+                   detection: Mapping[str, Any], settings: Cifar10Settings, device: torch.device) -> dict[str, Any]:
+    """The detector comparison (:mod:`libnet_plugin.experiments.detectors`), or a note when it is absent."""
+    try:
+        from .detectors import evaluate_detectors
+    except ImportError as exc:
+        return {"available": False,
+                "note": "the detector comparison (libnet_plugin.experiments.detectors.evaluate_detectors) is not "
+                        f"part of this installation ({exc}); no detector table"}
+    return {"available": True, "table": evaluate_detectors(sweep=sweep, probe=probe, model=model, clean=test_ev,
+                                                           attacked=detection, settings=settings)}
 
 
 def _pick(values: Sequence[float], n: int) -> list[float]:
@@ -587,6 +598,16 @@ def _draw_figures(out: Path, sizes: Mapping[str, Any], table: Mapping[str, Any],
 
 def _pct(v: Any) -> Any:
     return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else 100.0 * v
+
+
+def _render_detector_table(table: Any) -> str:
+    """A detector table as markdown: a list of row dicts (or ``{"rows": [...]}``); anything else verbatim."""
+    if isinstance(table, Mapping) and "rows" in table:
+        table = table["rows"]
+    if isinstance(table, list) and table and isinstance(table[0], Mapping):
+        headers = list(table[0])
+        return markdown_table(headers, [[row.get(h) for h in headers] for row in table])
+    return f"```\n{table}\n```"
 
 
 def render_markdown(report: Mapping[str, Any]) -> str:
@@ -656,8 +677,10 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                                     [[set_name] + [r["tpr_at_fpr"] for r in rows]
                                      for set_name, rows in res["results"].items()]))
         lines.append("")
-    if report.get("detectors"):
-        lines += ["## Detectors", "", str(report["detectors"].get("markdown", "")), ""]
+    det = report.get("detectors")
+    if det:
+        lines += ["## Other detectors", ""]
+        lines += [_render_detector_table(det["table"]) if det.get("available") else det["note"], ""]
     mem = report["memory"]
     lines += ["## Cost", "",
               markdown_table(["stage", "seconds"], [[k, v] for k, v in report["timings"].items()], floatfmt=".1f"),
