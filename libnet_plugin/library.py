@@ -17,7 +17,8 @@ from torch import Tensor
 
 from .errors import NotFittedError, ShapeMismatchError
 
-__all__ = ["Library", "ExactLibrary", "leader_reference", "normalize_rows", "validate_threshold", "EPS"]
+__all__ = ["Library", "ExactLibrary", "leader_reference", "normalize_rows", "validate_threshold", "EPS",
+           "count_sketch_map", "count_sketch"]
 
 #: Added to the norm before dividing (METHOD.md section 1): a zero vector stays zero.
 EPS = 1e-12
@@ -38,6 +39,49 @@ def validate_threshold(theta: Any, layer: str | None = None) -> float:
     if not (0.0 < value <= 1.0):
         raise ValueError(f"threshold{where} must lie in (0, 1], got {value!r}")
     return value
+
+
+def count_sketch_map(width: int, buckets: int, seed: int, *, dtype: torch.dtype = torch.float32,
+                     device: Any = None) -> tuple[Tensor, Tensor]:
+    """A fixed signed hashing of ``width`` units into ``buckets`` sums (a sparse random projection).
+
+    Every unit goes to exactly one bucket (balanced: bucket sizes differ by at most one) with a random
+    sign, so ``<sketch(x), sketch(y)>`` estimates ``<x, y>`` without bias (feature hashing, the count
+    sketch) at the cost of one pass over ``x``.
+
+    Args:
+        width: number of units D.
+        buckets: number of sums (the sketch's dimension).
+        seed: seed of the assignment (a ``torch.Generator`` on the CPU, so it is the same on every
+            device).
+        dtype / device: of the returned signs / both tensors.
+
+    Returns:
+        ``(bucket, sign)``: ``LongTensor[D]`` bucket of each unit and ``Tensor[D]`` of +-1.
+
+    Example:
+        >>> bucket, sign = count_sketch_map(600, 3, seed=0)
+        >>> torch.bincount(bucket).tolist(), sorted(set(sign.tolist()))
+        ([200, 200, 200], [-1.0, 1.0])
+    """
+    gen = torch.Generator().manual_seed(int(seed))
+    perm = torch.randperm(width, generator=gen)
+    bucket = torch.empty(width, dtype=torch.long)
+    bucket[perm] = torch.arange(width) * buckets // width
+    sign = torch.randint(0, 2, (width,), generator=gen).to(dtype) * 2 - 1
+    return bucket.to(device), sign.to(device)
+
+
+def count_sketch(x: Tensor, sketch_map: tuple[Tensor, Tensor], buckets: int) -> Tensor:
+    """Apply a :func:`count_sketch_map` to the rows of ``x`` ``[B, D]``; returns ``[B, buckets]``.
+
+    Example:
+        >>> m = count_sketch_map(4, 2, seed=0)
+        >>> count_sketch(torch.eye(4), m, 2).abs().sum(dim=1).tolist()  # each unit lands in one bucket
+        [1.0, 1.0, 1.0, 1.0]
+    """
+    bucket, sign = sketch_map
+    return x.new_zeros(x.shape[0], buckets).index_add_(1, bucket, x * sign)
 
 
 def leader_reference(haps: Tensor, threshold: float) -> list[int]:
@@ -242,15 +286,9 @@ class ExactLibrary:
     def _sketch(self, x: Tensor) -> Tensor:
         """Count sketch ``[B, screen_dim]`` of rows ``x`` (signed sums over random buckets of units)."""
         if self._sketch_map is None:
-            width = x.shape[1]
-            gen = torch.Generator().manual_seed(self.SCREEN_SEED)
-            perm = torch.randperm(width, generator=gen)
-            bucket = torch.empty(width, dtype=torch.long)
-            bucket[perm] = torch.arange(width) * self.screen_dim // width  # balanced buckets
-            sign = torch.randint(0, 2, (width,), generator=gen).to(self.dtype) * 2 - 1
-            self._sketch_map = (bucket.to(self.device), sign.to(self.device))
-        bucket, sign = self._sketch_map
-        return x.new_zeros(x.shape[0], self.screen_dim).index_add_(1, bucket, x * sign)
+            self._sketch_map = count_sketch_map(x.shape[1], self.screen_dim, self.SCREEN_SEED, dtype=self.dtype,
+                                                device=self.device)
+        return count_sketch(x, self._sketch_map, self.screen_dim)
 
     def _use_screen(self, width: int) -> bool:
         if not self._screen_enabled(width) or self._size < self.screen_min_nodes:

@@ -38,11 +38,12 @@ def get_plugin_manager(autoload: bool | None = None, plugins: Iterable[Any] = ()
     Returns:
         A fresh ``pluggy.PluginManager``; nothing global is modified.
     """
-    from . import builtins
+    from . import builtins, sparse
 
     pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
     pm.add_hookspecs(hookspecs)
     pm.register(builtins, name="libnet-builtins")
+    pm.register(sparse, name="libnet-sparse")
     if autoload is None:
         autoload = not _autoload_disabled()
     if autoload:

@@ -1,0 +1,233 @@
+"""Libraries that see less of each layer: sparse sampling and random projection.
+
+The seed paper's first future direction is *sparse sampling*: let a library see only a fixed random
+subset of a layer's units, so that large layers cost less to store and to compare with. Two libraries
+provide it, both exact leader libraries (:class:`~libnet_plugin.library.ExactLibrary`) on transformed
+vectors, both served by the ``libnet_library`` hook and saved with the library network:
+
+- ``"sparse"`` (:class:`SparseLibrary`): a fixed random subset of ``n_units`` units of the layer.
+- ``"projected"`` (:class:`ProjectedLibrary`): a fixed random projection to ``n_components`` dimensions;
+  cosines are approximately preserved (Johnson-Lindenstrauss). ``method="gaussian"`` is a dense Gaussian
+  matrix; ``method="hashing"`` a signed hashing of the units (one pass over the layer, no matrix product).
+
+Layers with no more units than asked for are used whole (for example the MNIST net's ``fc1`` and ``fc2``
+with ``n_units=1024``). Everything random comes from ``seed`` through a CPU ``torch.Generator``, so a seed
+gives the same library on every machine and device.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> import libnet_plugin as lnp
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 3))
+    >>> net = lnp.LibraryNetwork(model, ["0", "2"], thresholds=0.8, library="sparse",
+    ...                          library_options={"n_units": 16, "seed": 1}).fit(torch.randn(200, 8))
+    >>> net.libraries_["0"].nodes.shape[1], net.libraries_["2"].nodes.shape[1]  # 64 -> 16 units; 3 kept
+    (16, 3)
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from .errors import SaveFormatError, ShapeMismatchError
+from .hookspecs import hookimpl
+from .library import ExactLibrary, _positive_int, count_sketch, count_sketch_map, normalize_rows
+
+__all__ = ["SparseLibrary", "ProjectedLibrary", "PROJECTION_METHODS", "libnet_library"]
+
+#: the projections a :class:`ProjectedLibrary` offers
+PROJECTION_METHODS = ("gaussian", "hashing")
+
+
+def _reject(settings: Mapping[str, Any], key: str, name: str, own: str) -> None:
+    """A clear error for the other library's size option (ExactLibrary would silently ignore it)."""
+    if key in settings:
+        raise TypeError(f"the {name!r} library takes {own!r}, not {key!r} (got {key}={settings[key]!r})")
+
+
+class SparseLibrary(ExactLibrary):
+    """An exact leader library over a fixed random subset of each layer's units (name ``"sparse"``).
+
+    Nodes and cosines are those of the sub-vectors ``f[units]``, each L2-normalised. The units are
+    drawn once (``torch.randperm`` from ``seed``), kept sorted, and saved with the library.
+
+    Args:
+        threshold: theta in (0, 1].
+        n_units: units seen per layer; a layer with at most ``n_units`` units is used whole.
+        seed: seed of the draw.
+        **settings: the :class:`~libnet_plugin.library.ExactLibrary` settings (``device``, ``layer``,
+            ``dim``, ``dtype``, ``chunk_size``, screen options...).
+
+    Example:
+        >>> lib = SparseLibrary(0.9, n_units=2, seed=0)
+        >>> lib.partial_fit(torch.eye(5)[:3] + 1.0).tolist()
+        [True, False, False]
+        >>> lib.units.numel(), lib.nodes.shape
+        (2, torch.Size([1, 2]))
+    """
+
+    name = "sparse"
+
+    def __init__(self, threshold: float, *, n_units: int = 1024, seed: int = 0, **settings: Any):
+        _reject(settings, "n_components", self.name, "n_units")
+        super().__init__(threshold, **settings)
+        self.n_units = _positive_int(n_units, "n_units", self.layer)
+        self.seed = int(seed)
+        self.units: Tensor | None = None
+        if self.dim is not None:
+            self.units = self._draw_units(self.dim)
+
+    def __repr__(self) -> str:
+        return (f"SparseLibrary(layer={self.layer!r}, threshold={self.threshold}, n_units={self.n_units}, "
+                f"seed={self.seed}, size={self.size})")
+
+    def _draw_units(self, dim: int) -> Tensor:
+        if self.n_units >= dim:
+            return torch.arange(dim)
+        gen = torch.Generator().manual_seed(self.seed)
+        return torch.randperm(dim, generator=gen)[: self.n_units].sort().values
+
+    def transform(self, haps: Tensor) -> Tensor:
+        """The normalised sub-vectors ``haps[:, units]`` ``[B, min(n_units, D)]``."""
+        if self.units is None:
+            self.units = self._draw_units(int(haps.shape[1]))
+        return normalize_rows(haps.index_select(1, self.units.to(haps.device)).to(self.device, self.dtype))
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "n_units": self.n_units, "seed": self.seed}
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The nodes, their training indices, and the sampled ``units``."""
+        if self.units is None:
+            raise ShapeMismatchError(f"the sparse library of layer {self.layer!r} has not seen any data yet")
+        return {**super().state_dict(), "units": self.units.clone()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore nodes and units saved by :meth:`state_dict`."""
+        if "units" not in state:
+            raise SaveFormatError(f"the saved sparse library of layer {self.layer!r} has no 'units' entry")
+        units = state["units"].to("cpu", torch.long)
+        size_ok = units.numel() == min(self.n_units, self.dim) if self.dim is not None else units.numel() <= self.n_units
+        if (units.dim() != 1 or not size_ok or units.numel() == 0 or int(units.min()) < 0
+                or (self.dim is not None and int(units.max()) >= self.dim)):
+            raise SaveFormatError(f"the saved units of the sparse library of layer {self.layer!r} do not fit "
+                                  f"n_units={self.n_units} and {self.dim} features (shape {tuple(units.shape)})")
+        super().load_state_dict(state)
+        self.units = units.clone()
+
+
+class ProjectedLibrary(ExactLibrary):
+    """An exact leader library over a fixed random projection of each layer (name ``"projected"``).
+
+    Nodes and cosines are those of ``normalize(f @ R)`` with ``R`` a ``[D, n_components]`` random map
+    drawn from ``seed``: a dense Gaussian (``method="gaussian"``, costs ``D * n_components`` multiply-adds
+    per input) or a signed hashing of the units into ``n_components`` sums (``method="hashing"``, one
+    pass over the input). Cosines are preserved up to about ``1 / sqrt(n_components)``. ``R`` is not
+    stored: it is drawn again from ``seed`` on load, and a digest saved in the settings makes sure it
+    is the same map.
+
+    Args:
+        threshold: theta in (0, 1].
+        n_components: dimension after projection; a layer with at most that many units is used whole.
+        seed: seed of the map.
+        method: ``"gaussian"`` or ``"hashing"``.
+        projection_digest: the digest of the expected map (set by ``load``; checked when drawn).
+        **settings: the :class:`~libnet_plugin.library.ExactLibrary` settings.
+
+    Example:
+        >>> lib = ProjectedLibrary(0.9, n_components=8, seed=0)
+        >>> _ = lib.partial_fit(torch.randn(20, 100))
+        >>> lib.nodes.shape[1]
+        8
+    """
+
+    name = "projected"
+
+    def __init__(self, threshold: float, *, n_components: int = 1024, seed: int = 0, method: str = "gaussian",
+                 projection_digest: str | None = None, **settings: Any):
+        _reject(settings, "n_units", self.name, "n_components")
+        super().__init__(threshold, **settings)
+        if method not in PROJECTION_METHODS:
+            raise ValueError(f"method of the projected library for layer {self.layer!r} must be one of "
+                             f"{PROJECTION_METHODS}, got {method!r}")
+        self.n_components = _positive_int(n_components, "n_components", self.layer)
+        self.seed = int(seed)
+        self.method = method
+        self.projection_digest = projection_digest
+        self._projection: Tensor | tuple[Tensor, Tensor] | None = None
+        self._identity = False
+        if self.dim is not None:
+            self._draw(self.dim)
+
+    def __repr__(self) -> str:
+        return (f"ProjectedLibrary(layer={self.layer!r}, threshold={self.threshold}, n_components="
+                f"{self.n_components}, method={self.method!r}, seed={self.seed}, size={self.size})")
+
+    def _draw(self, dim: int) -> None:
+        self._identity = self.n_components >= dim
+        if self._identity:
+            self._projection = None
+            digest = "identity"
+        elif self.method == "gaussian":
+            gen = torch.Generator().manual_seed(self.seed)
+            r = torch.randn(dim, self.n_components, generator=gen) / self.n_components ** 0.5
+            digest = hashlib.sha256(r.numpy().tobytes()).hexdigest()[:16]
+            self._projection = r.to(self.device, self.dtype)
+        else:
+            bucket, sign = count_sketch_map(dim, self.n_components, self.seed)
+            h = hashlib.sha256(bucket.numpy().tobytes())
+            h.update(sign.numpy().tobytes())
+            digest = h.hexdigest()[:16]
+            self._projection = (bucket.to(self.device), sign.to(self.device, self.dtype))
+        if self.projection_digest is not None and digest != self.projection_digest:
+            raise SaveFormatError(
+                f"the {self.method} projection of layer {self.layer!r} drawn from seed {self.seed} differs from "
+                f"the one the library was built with (digest {digest}, saved {self.projection_digest}); was it "
+                "saved with another torch version?")
+        self.projection_digest = digest
+
+    @property
+    def projection(self) -> Tensor | None:
+        """The ``[D, n_components]`` map (``None`` before the first batch or when the layer is used whole).
+
+        For ``method="hashing"`` the dense equivalent is built on request (one +-1 per row).
+        """
+        if self._projection is None:
+            return None
+        if isinstance(self._projection, Tensor):
+            return self._projection
+        bucket, sign = self._projection
+        dense = torch.zeros(bucket.numel(), self.n_components, dtype=self.dtype, device=self.device)
+        dense[torch.arange(bucket.numel(), device=self.device), bucket] = sign
+        return dense
+
+    def transform(self, haps: Tensor) -> Tensor:
+        """The normalised projections ``normalize(haps @ R)`` ``[B, min(n_components, D)]``."""
+        if self._projection is None and not self._identity:
+            self._draw(int(haps.shape[1]))
+        x = haps.to(self.device, self.dtype)
+        if self._identity:
+            return normalize_rows(x)
+        if isinstance(self._projection, Tensor):
+            return normalize_rows(x @ self._projection)
+        return normalize_rows(count_sketch(x, self._projection, self.n_components))
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "n_components": self.n_components, "seed": self.seed, "method": self.method,
+                "projection_digest": self.projection_digest}
+
+
+@hookimpl
+def libnet_library(name: str, settings: Mapping[str, Any]) -> Any | None:
+    """Serve ``"sparse"`` (:class:`SparseLibrary`) and ``"projected"`` (:class:`ProjectedLibrary`)."""
+    if name == SparseLibrary.name:
+        return SparseLibrary(**settings)
+    if name == ProjectedLibrary.name:
+        return ProjectedLibrary(**settings)
+    return None
