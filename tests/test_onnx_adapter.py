@@ -20,7 +20,6 @@ ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 import libnet_plugin as lnp  # noqa: E402
-import libnet_onnx  # noqa: E402
 from libnet_onnx import (  # noqa: E402
     ExecutionProviderError, InputTypeError, OnnxLayerProbe, OnnxModel, OnnxModelError, export_onnx, list_layers,
 )
@@ -305,6 +304,9 @@ def test_fixed_batch_graph_runs_in_padded_chunks():
 # ------------------------------------------------------------------------------------------ providers
 def test_providers_default_to_cpu_and_follow_a_cuda_device():
     assert resolve_providers(None) == (["CPUExecutionProvider"], [{}])
+    assert resolve_providers(("CPU", "cpu")) == (["CPUExecutionProvider"], [{}])
+    assert resolve_providers(("cpu", {"arena_extend_strategy": "kSameAsRequested"})) == (
+        ["CPUExecutionProvider"], [{"arena_extend_strategy": "kSameAsRequested"}])
     assert default_providers(torch.device("cpu")) == ["cpu"]
     assert default_providers(torch.device("cuda:1")) == [("cuda", {"device_id": 1}), "cpu"]
     assert OnnxLayerProbe(tiny_proto(), ["act"]).providers == ["CPUExecutionProvider"]
@@ -453,6 +455,25 @@ def test_cli_layers_reports_a_bad_file(tmp_path, capsys):
     bad.write_text("nope")
     assert main(["layers", str(bad)]) == 2
     assert "is not a readable ONNX model" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ docs
+@pytest.mark.parametrize("module", ["graph", "probe", "providers", "plugin", "export"])
+def test_docstring_examples(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(f"libnet_onnx.{module}"))
+    assert result.attempted > 0 and result.failed == 0
+
+
+def test_lazy_package_exports():
+    import libnet_onnx
+
+    assert libnet_onnx.OnnxLayerProbe is OnnxLayerProbe and libnet_onnx.list_layers is list_layers
+    assert set(libnet_onnx.__all__) <= set(dir(libnet_onnx))
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        libnet_onnx.nope
 
 
 # ------------------------------------------------------------------------------------------ README

@@ -10,7 +10,9 @@ Two kinds of layer names resolve to an ONNX tensor:
   ``pkg.torch.onnx.name_scopes``; the legacy exporter encodes it in the node name
   (``/layer2/layer2.3/conv1/Conv``). A module's tensor is its forward output: the tensor produced inside
   the module's scope and used outside it (by a node of another scope, or as a graph output), i.e. the
-  output of the last node of the scope.
+  output of the last node of the scope. A module called twice in ``forward`` is recorded as one scope by
+  the dynamo exporter (naming it is then an error that lists both tensors) and as ``act`` and ``act_1``
+  by the legacy exporter (the first and the second call).
 
 Caveat: exporter optimisations change which tensors exist. The dynamo exporter's optimiser (and the
 legacy exporter's constant folding) fuse a BatchNorm into the preceding convolution, so the convolution's

@@ -28,6 +28,11 @@ CPU = "CPUExecutionProvider"
 ProviderSpec = str | tuple[str, Mapping[str, Any]]
 
 
+def _is_pair(spec: Any) -> bool:
+    """True for one ``(name, options)`` pair (as opposed to a tuple of names)."""
+    return isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], str) and isinstance(spec[1], Mapping)
+
+
 def _full_name(name: str) -> str:
     if not isinstance(name, str):
         raise TypeError(f"an execution provider is a name or a (name, options) pair, got {name!r}")
@@ -70,14 +75,14 @@ def resolve_providers(requested: Sequence[ProviderSpec] | ProviderSpec | None, *
     """
     if requested is None:
         requested = []
-    elif isinstance(requested, (str, tuple)):
+    elif isinstance(requested, str) or _is_pair(requested):
         requested = [requested]
     available = ort.get_available_providers()
     names: list[str] = []
     options: list[dict[str, Any]] = []
     dropped: list[str] = []
     for spec in requested:
-        name, opts = (spec if isinstance(spec, tuple) else (spec, {}))
+        name, opts = (spec if _is_pair(spec) else (spec, {}))
         full = _full_name(name)
         if full in names or full in dropped:
             continue
