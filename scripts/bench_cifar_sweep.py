@@ -153,8 +153,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['sweep_over_forward']:.1f} x the model's forward passes; {r['train_images_per_s']:.0f} images/s")
         print(f"  scoring (all levels + CPL sets): {r['score_s']:.2f} s = {r['score_over_forward']:.1f} x forward")
         print("  library sizes per level: " + "; ".join(f"{l} {r['sizes'][l]}" for l in LAYERS))
+        peak = r["cuda_peak_mib"]
         print(f"  library nodes: {sum(r['library_mib'].values()):.0f} MiB"
-              + (f"; peak CUDA memory allocated {r['cuda_peak_mib']:.0f} MiB" if r["cuda_peak_mib"] is not None else ""))
+              + (f"; peak CUDA memory allocated {peak:.0f} MiB" if peak is not None else ""))
     by_type = {r["device"].split(":")[0].split(" ")[0]: r for r in results}
     if "cuda" in by_type and "cpu" in by_type:
         g, c = by_type["cuda"], by_type["cpu"]

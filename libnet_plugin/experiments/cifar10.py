@@ -413,7 +413,8 @@ def _requests(settings: Cifar10Settings) -> tuple[list[tuple[str, float, int]], 
 
 def _seed_columns(layer: str, theta: float) -> dict[str, Any]:
     seed = SEED_RESULTS["library"].get(layer, {}).get(theta_key(theta))
-    return {"seed_size": seed["size"] if seed else None, "seed_top1_agreement": seed["top1_agreement"] if seed else None}
+    return {"seed_size": seed["size"] if seed else None,
+            "seed_top1_agreement": seed["top1_agreement"] if seed else None}
 
 
 def reproduce_cifar10(
@@ -531,7 +532,8 @@ def reproduce_cifar10(
                                             if device.type == "cuda" else None)}
     report.update({
         "status": "complete",
-        "detection": {name: {k: v for k, v in res.items() if k != "cpl"} for name, res in detection.items()},
+        "detection": {name: {k: v for k, v in res.items() if not k.startswith("cpl")}  # raw CPL: figures only
+                      for name, res in detection.items()},
         "detectors": detectors,
         "figures": figures,
         "memory": memory,
@@ -576,17 +578,18 @@ def _draw_figures(out: Path, sizes: Mapping[str, Any], table: Mapping[str, Any],
                                         "(Figs. 4B, 4C)")]
     for name, res in detection.items():
         unit = "normalised units" if name == "paper" else "pixels"
-        for metric in ("auroc", "tpr_at_fpr"):
+        for metric, what in (("auroc", "AUROC, Fig. 5C"), ("tpr_at_fpr", f"TPR at {settings.fpr * 100:g}% FPR")):
             files.append(plots.plot_auroc_vs_epsilon(
-                res["results"], out / f"fig5c_{metric}_{name}.png", metric=metric,
-                epsilon_label=f"ε ({unit})",
-                title=f"CPL detection, {name} protocol ({'Fig. 5C' if metric == 'auroc' else 'TPR at 5% FPR'})"))
+                res["results"], out / f"fig5c_{metric}_{name}.png", metric=metric, epsilon_label=f"ε ({unit})",
+                title=f"CPL detection, {name} protocol ({what})"))
         first = next(iter(settings.cpl_sets))
         raw = res["cpl"][first]
+        clean_sel = res.get("cpl_clean_selected", {}).get(first, {})  # the clean inputs scored at each epsilon
         eps = _pick([e for e in raw if e != "clean"], 4)
         if eps:
             files.append(plots.plot_cpl_histograms(
-                [(f"{first}, ε = {e:g}", raw["clean"], raw[e]) for e in eps], out / f"cpl_hist_{name}.png",
+                [(f"{first}, ε = {e:g}", clean_sel.get(e, raw["clean"]), raw[e]) for e in eps],
+                out / f"cpl_hist_{name}.png",
                 title=f"CPL of clean vs attacked inputs, set {first}, {name} protocol"))
     return [p.name for p in files]
 
@@ -671,7 +674,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                                     floatfmt=".1f"))
         lines.append("")
         lines.append(markdown_table(["AUROC"] + [fmt(e) for e in eps],
-                                    [[set_name] + [r["auroc"] for r in rows] for set_name, rows in res["results"].items()]))
+                                    [[set_name] + [r["auroc"] for r in rows]
+                                     for set_name, rows in res["results"].items()]))
         lines.append("")
         lines.append(markdown_table([f"TPR at {res['fpr'] * 100:g}% FPR"] + [fmt(e) for e in eps],
                                     [[set_name] + [r["tpr_at_fpr"] for r in rows]
