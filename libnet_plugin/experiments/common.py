@@ -241,11 +241,13 @@ class LibrarySweep:
 
     def library(self, layer: str, theta: float) -> Any:
         """The library of ``layer`` at ``theta`` (``KeyError`` naming the fitted ones otherwise)."""
-        return self.libraries[layer][self._check(layer, theta)]
+        key = self._check(layer, theta)
+        return self.libraries[layer][key]
 
     def readout(self, layer: str, theta: float) -> Any:
         """The readout of ``layer`` at ``theta``."""
-        return self.readouts[layer][self._check(layer, theta)]
+        key = self._check(layer, theta)
+        return self.readouts[layer][key]
 
     def sizes(self) -> dict[str, dict[float, int]]:
         """``{layer: {theta: number of library nodes}}``."""
@@ -527,17 +529,24 @@ def agreement(p: Tensor, answers: Tensor, labels: Tensor | None = None) -> dict[
             "accuracy": acc, "n": n}
 
 
-def agreement_table(sweep: LibrarySweep, evidence: Evidence, top_k: int = 3) -> dict[str, list[dict[str, Any]]]:
+def agreement_table(sweep: LibrarySweep, evidence: Evidence, top_k: int = 3,
+                    thresholds: Mapping[str, Sequence[float]] | None = None) -> dict[str, list[dict[str, Any]]]:
     """Library size and agreement per layer and threshold (the paper's Fig. 2A-C, or 4A-C).
+
+    Args:
+        sweep: the fitted libraries.
+        evidence: evidence of the test inputs with ``top_k`` for every threshold tabulated.
+        top_k: nodes per prediction.
+        thresholds: ``{layer: [theta, ...]}`` to tabulate (default: every threshold of the sweep).
 
     Returns:
         ``{layer: [{"theta", "size", "top1_agreement", "top3_agreement", "accuracy", "n"}, ...]}``,
         thresholds ascending.
     """
     table: dict[str, list[dict[str, Any]]] = {}
-    for l in sweep.layers:
+    for l in sweep.layers if thresholds is None else list(thresholds):
         rows = []
-        for t in sweep.thresholds[l]:
+        for t in sweep.thresholds[l] if thresholds is None else sorted(theta_key(x) for x in thresholds[l]):
             rows.append({"theta": t, "size": sweep.libraries[l][t].size,
                          **agreement(evidence.get(l, t, top_k), evidence.answers, evidence.labels)})
         table[l] = rows
@@ -767,8 +776,8 @@ def save_attack_sets(path: str | os.PathLike, sets: Sequence[AttackSet], metadat
         key = f"{s.protocol}/{s.epsilon:g}"
         if f"{key}/x_adv" in tensors:
             raise ValueError(f"two attack sets for protocol {s.protocol!r} at epsilon {s.epsilon}")
-        tensors[f"{key}/x_adv"] = s.x_adv.float()
-        tensors[f"{key}/indices"] = s.indices.long()
+        tensors[f"{key}/x_adv"] = s.x_adv.float().clone()  # own storage: safetensors refuses shared memory
+        tensors[f"{key}/indices"] = s.indices.long().clone()
         entries.append({"protocol": s.protocol, "epsilon": s.epsilon, "space": s.space, "key": key})
     return save_atomic(path, tensors, kind=_ATTACKS_KIND, config={"sets": entries, "metadata": dict(metadata)})
 
@@ -814,13 +823,17 @@ def evaluate_protocol(protocol: str, clean: Evidence, attacked: Mapping[float, E
     Returns:
         ``{"protocol", "top_k", "fpr", "epsilons": [{"epsilon", "n_inputs", "n_selected",
         "answers_changed", "model_accuracy_attacked"}], "results": {set: [{"epsilon", **detection}]},
-        "cpl": {set: {"clean": [...], eps: [...]}}}`` (the raw CPL values feed the histograms).
+        "cpl": {set: {"clean": Tensor, eps: Tensor}}, "cpl_clean_selected": {set: {eps: Tensor}}}``: the raw
+        CPL values feed the histograms (``"cpl"``: every clean input, and the scored attacked inputs per
+        epsilon; ``"cpl_clean_selected"``: the clean inputs scored against them at each epsilon).
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     if clean.labels is None:
         raise ValueError("evaluate_protocol needs the clean evidence with labels")
-    eps_rows, results, raw = [], {name: [] for name in threshold_sets}, {name: {} for name in threshold_sets}
+    eps_rows, results = [], {name: [] for name in threshold_sets}
+    raw: dict[str, dict[Any, Tensor]] = {name: {} for name in threshold_sets}
+    raw_clean: dict[str, dict[float, Tensor]] = {name: {} for name in threshold_sets}
     for name, thr in threshold_sets.items():
         raw[name]["clean"] = cpl_from_evidence(clean, thr, top_k)
     for eps, adv in sorted(attacked.items()):
@@ -838,8 +851,10 @@ def evaluate_protocol(protocol: str, clean: Evidence, attacked: Mapping[float, E
             c_all = raw[name]["clean"]
             a_all = cpl_from_evidence(adv, thr, top_k)
             raw[name][eps] = a_all[keep]
+            raw_clean[name][eps] = c_all[keep]
             results[name].append({"epsilon": eps, **detection_metrics(c_all[keep], a_all[keep], fpr)})
-    return {"protocol": protocol, "top_k": top_k, "fpr": fpr, "epsilons": eps_rows, "results": results, "cpl": raw}
+    return {"protocol": protocol, "top_k": top_k, "fpr": fpr, "epsilons": eps_rows, "results": results, "cpl": raw,
+            "cpl_clean_selected": raw_clean}
 
 
 # ---------------------------------------------------------------------------------------------------
