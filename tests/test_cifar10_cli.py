@@ -313,3 +313,19 @@ def test_augmentation_and_training_on_cuda(tmp_path):
                                              device="cuda", progress=False)
     assert next(net.parameters()).device.type == "cuda" and path.is_file() and info["cached"] == 0
     assert set(cifar10.check_weights(path)) == set(ResNet44().state_dict())  # saved on the CPU, loads anywhere
+
+
+def test_detector_comparison_with_an_incompatible_signature_is_a_note(monkeypatch):
+    import sys
+    import types
+
+    module = types.ModuleType("libnet_plugin.experiments.detectors")
+    module.evaluate_detectors = lambda net, data: [{"detector": "never called"}]
+    monkeypatch.setitem(sys.modules, "libnet_plugin.experiments.detectors", module)
+    out = cifar10._run_detectors(None, None, None, None, None, {}, None, None)
+    assert out["available"] is False and "missing a required argument: 'net'" in out["note"]
+    module.evaluate_detectors = lambda **kw: [{"detector": "cpl", "auroc": 0.5, "seen": sorted(kw)}]
+    out = cifar10._run_detectors(None, None, None, None, None, {}, None, None)
+    assert out["available"] is True and out["table"][0]["seen"] == ["attacked", "clean", "model", "probe",
+                                                                    "settings", "sweep"]
+    assert cifar10._render_detector_table({"rows": out["table"][:1]}).splitlines()[2].startswith("| cpl | 0.500 |")

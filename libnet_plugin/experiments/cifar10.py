@@ -554,8 +554,16 @@ def _run_detectors(sweep: LibrarySweep, model: torch.nn.Module, probe: Any, xn_t
         return {"available": False,
                 "note": "the detector comparison (libnet_plugin.experiments.detectors.evaluate_detectors) is not "
                         f"part of this installation ({exc}); no detector table"}
-    return {"available": True, "table": evaluate_detectors(sweep=sweep, probe=probe, model=model, clean=test_ev,
-                                                           attacked=detection, settings=settings)}
+    import inspect
+
+    kwargs = dict(sweep=sweep, probe=probe, model=model, clean=test_ev, attacked=detection, settings=settings)
+    try:
+        inspect.signature(evaluate_detectors).bind(**kwargs)
+    except TypeError as exc:  # checked before calling, so that errors inside the comparison still surface
+        return {"available": False,
+                "note": f"evaluate_detectors{inspect.signature(evaluate_detectors)} does not take the arguments "
+                        f"this experiment passes ({', '.join(kwargs)}): {exc}; no detector table"}
+    return {"available": True, "table": evaluate_detectors(**kwargs)}
 
 
 def _pick(values: Sequence[float], n: int) -> list[float]:
