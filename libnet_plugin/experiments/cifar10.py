@@ -510,8 +510,6 @@ def reproduce_cifar10(
         result["attack"] = proto.describe()
         detection[name] = result
     if attack_sets:
-        # each set gets its own index tensor: safetensors refuses tensors that share memory
-        attack_sets = [replace(a, indices=a.indices.clone()) for a in attack_sets]
         save_attack_sets(out / "attacks.safetensors", attack_sets,
                          {"dataset": "cifar10", "n_test": len(test_ev), "attack_seed": settings.attack_seed,
                           "nb_iter": settings.nb_iter})
