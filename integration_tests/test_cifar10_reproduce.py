@@ -169,3 +169,21 @@ def test_quick_run_on_cuda(stand_in, tmp_path):
     for layer, theta in s1.items():
         assert abs(net.library_sizes_[layer] - report["libraries"]["sizes"][layer][f"{theta:g}"]) <= 1
     assert set(report["detection"]) == {"paper", "standard"}
+
+
+def test_a_failure_after_the_libraries_leaves_a_partial_report(stand_in, tmp_path, monkeypatch, capsys):
+    from libnet_plugin.experiments.common import ExperimentError
+
+    def broken(*args, **kwargs):
+        raise ExperimentError("attack stage failed")
+
+    monkeypatch.setattr(cifar10, "generate_attack_sets", broken)
+    root, _, weights = stand_in
+    out = tmp_path / "out"
+    rc = cli.main(["reproduce", "cifar10", "--data-dir", str(root / "data"), "--weights", str(weights), "--quick",
+                   "--device", "cpu", "--out", str(out), "--no-progress", "--no-plots"])
+    assert rc == 1 and "error: attack stage failed" in capsys.readouterr().err
+    partial = json.loads((out / "report.json").read_text())
+    assert partial["status"].startswith("libraries done")
+    assert list(partial["libraries"]["sizes"]) == list(cifar10.LAYERS) and "detection" not in partial
+    assert not (out / "report.md").exists()
