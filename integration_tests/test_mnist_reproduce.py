@@ -76,7 +76,8 @@ def test_report_sanity(quick_run):
         for rows in sec["results"].values():
             for row in rows:
                 assert row["auroc"] is None or 0.0 <= row["auroc"] <= 1.0
-                assert row["n_attacked"] == next(e["n_selected"] for e in sec["epsilons"] if e["epsilon"] == row["epsilon"])
+                n_selected = {e["epsilon"]: e["n_selected"] for e in sec["epsilons"]}
+                assert row["n_attacked"] == n_selected[row["epsilon"]]
     paper = r["attacks"]["paper"]
     assert all(e["n_selected"] == e["n_inputs"] for e in paper["epsilons"])  # every attacked image is used
     assert all(e["mean_linf_pixels"] > 0.3 for e in paper["epsilons"])  # normalised-space clipping, far beyond eps
@@ -120,8 +121,8 @@ def test_trained_weights_are_cached_and_reused(quick_run):
 def test_attack_file_round_trip_and_onnx_run(quick_run, tmp_path):
     out, cache, r = quick_run
     sets, meta = load_attack_sets(out / "attacks.safetensors")
-    assert {(s.protocol, s.epsilon) for s in sets} == {("paper", e) for e in r["attacks"]["paper"]["settings"]["epsilons"]} | \
-        {("standard", e) for e in r["attacks"]["standard"]["settings"]["epsilons"]}
+    expected = {(p, e) for p in ("paper", "standard") for e in r["attacks"][p]["settings"]["epsilons"]}
+    assert {(s.protocol, s.epsilon) for s in sets} == expected and meta["seed"] == 0
     pytest.importorskip("onnxruntime")
     export = pytest.importorskip("libnet_onnx.export")
     weights = r["model"]["path"]  # the cache entry the quick run trained

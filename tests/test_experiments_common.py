@@ -144,7 +144,8 @@ def _evidence(answers, labels, scores):
     n = len(answers)
     outputs = torch.nn.functional.one_hot(torch.tensor(answers), 3).float()
     return C.Evidence(outputs=outputs, labels=torch.tensor(labels),
-                      scores={(l, 0.5, 20): torch.tensor(v, dtype=torch.float32).reshape(n, 3) for l, v in scores.items()})
+                      scores={(l, 0.5, 20): torch.tensor(v, dtype=torch.float32).reshape(n, 3)
+                              for l, v in scores.items()})
 
 
 def test_evaluate_protocol_selects_per_protocol():

@@ -704,21 +704,22 @@ def generate_attack_sets(protocol: ProtocolSettings, model: torch.nn.Module, x_p
         model: the torch net taking *normalised* inputs (the seed's convention); the standard protocol
             puts a :class:`~libnet_plugin.models.Normalize` in front of it so that it is attacked in
             pixel space.
-        x_pixels: test images in [0, 1], ``[N, C, H, W]``.
+        x_pixels: test images in [0, 1], ``[N, C, H, W]`` (moved to the model's device).
         y: their labels.
         mean / std: the normalisation of ``model``'s inputs.
         progress: tqdm bar over epsilons (``None``: only on a terminal).
 
     Returns:
-        One :class:`AttackSet` per epsilon, in order.
+        One :class:`AttackSet` per epsilon, in order, with the attacked tensors on the CPU.
     """
     from .. import attacks
     from ..models import Normalize
 
     n = min(int(protocol.n_images), int(x_pixels.shape[0]))
-    x, yy = x_pixels[:n], y[:n].long()
+    device = next((p.device for p in model.parameters()), x_pixels.device)
+    x, yy = x_pixels[:n].to(device), y[:n].long().to(device)
     indices = torch.arange(n)
-    pixel_model = torch.nn.Sequential(Normalize(mean, std), model).to(x.device)
+    pixel_model = torch.nn.Sequential(Normalize(mean, std).to(device), model)
     out = []
     for eps in _progress(protocol.epsilons, f"PGD ({protocol.name} protocol)", progress, unit="eps"):
         if protocol.name == "paper":
@@ -751,6 +752,8 @@ def check_pgd_backends(model: torch.nn.Module, x_pixels: Tensor, y: Tensor, *, e
         ensure_advertorch()
     except ImportError as exc:
         return {"advertorch_available": False, "note": f"advertorch cannot be imported: {exc}"}
+    device = next((p.device for p in model.parameters()), x_pixels.device)
+    x_pixels, y = x_pixels.to(device), y.to(device)
     kw = dict(eps=eps, seed=seed, mean=mean, std=std, nb_iter=nb_iter)
     a = attacks.attack_paper_protocol(model, x_pixels, y, backend="advertorch", **kw)
     b = attacks.attack_paper_protocol(model, x_pixels, y, backend="torch", **kw)

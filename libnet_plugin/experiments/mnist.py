@@ -453,7 +453,8 @@ def prepare_mnist(settings: MnistSettings | None = None, *, out_dir: str | os.Pa
                 f"n_train {data_info['n_train']} and {x_te.shape[0]} test images. Rerun with the same data settings")
     return PreparedRun(settings=settings, out=out, timer=timer, data=data, data_info=data_info, net=net, probe=probe,
                        model_space=onnx_input if onnx is not None else "normalized", preloaded=preloaded,
-                       options={"weights": weights, "onnx": onnx, "onnx_input": onnx_input, "attacks_file": attacks_file,
+                       options={"weights": weights, "onnx": onnx, "onnx_input": onnx_input,
+                                "attacks_file": attacks_file,
                                 "cache": cache, "device": dev, "progress": progress, "log": log,
                                 "argv": list(argv or [])})
 
@@ -488,158 +489,34 @@ def reproduce_mnist(settings: MnistSettings | None = None, **kwargs: Any) -> dic
 
 def run_prepared(run: PreparedRun) -> dict[str, Any]:
     """Run the stages after :func:`prepare_mnist` and write the report (see :func:`reproduce_mnist`)."""
-    settings, out, timer, data_info = run.settings, run.out, run.timer, run.data_info
+    settings, out, timer, data_info, opt = run.settings, run.out, run.timer, run.data_info, run.options
     x_tr, y_tr, x_te, y_te = run.data
-    net, probe, model_space, preloaded = run.net, run.probe, run.model_space, run.preloaded
-    opt = run.options
-    progress, dev, log = opt["progress"], opt["device"], opt["log"]
     notes: list[str] = []
-    x_tr_m = to_model_space(x_tr, "pixels", model_space, MNIST_MEAN, MNIST_STD)
-    x_te_m = to_model_space(x_te, "pixels", model_space, MNIST_MEAN, MNIST_STD)
-
-    # ---- model -----------------------------------------------------------------------------------
     with timer.stage("model"):
-        if opt["onnx"] is not None:
-            model_info: dict[str, Any] = {"source": "onnx", "path": str(opt["onnx"]), "input": opt["onnx_input"]}
-        elif net is not None:
-            model_info = {"source": "weights", "path": str(opt["weights"])}
-        else:
-            net, model_info = _cached_or_trained(x_tr, y_tr, settings, opt["cache"], progress, log)
-        if net is not None:
-            net = net.to(dev).eval()
-            probe = make_probe(net, list(LAYERS), dev)
-    if probe is None:  # pragma: no cover - every path above sets it
-        raise RuntimeError("no model to probe")
-
-    # ---- libraries ---------------------------------------------------------------------------------
+        net, probe, model_info = _model_stage(run)
     fitted = settings.fitted_thresholds()
     with timer.stage("library sweep"):
-        sweep = fit_library_sweep(probe, x_tr_m, fitted, batch_size=settings.batch_size, device=dev,
-                                  progress=progress)
-
-    # ---- clean evaluation ----------------------------------------------------------------------------
-    cpl_requests = sorted({(l, theta_key(t), settings.cpl_top_k) for thr in settings.cpl_sets.values()
-                           for l, t in thr.items()})
+        sweep = fit_library_sweep(probe, to_model_space(x_tr, "pixels", run.model_space, MNIST_MEAN, MNIST_STD),
+                                  fitted, batch_size=settings.batch_size, device=opt["device"],
+                                  progress=opt["progress"])
     with timer.stage("clean evaluation"):
-        requests = [(l, t, settings.top_k) for l in LAYERS for t in fitted[l]] + cpl_requests
-        clean = compute_evidence(sweep, probe, x_te_m, requests, labels=y_te, batch_size=settings.batch_size,
-                                 progress=progress, desc="clean test evidence")
-        test_acc = float((clean.answers == y_te).float().mean())
-        table = agreement_table(sweep, clean, top_k=settings.top_k)
-        ci = {t: confusion_indices(clean, settings.confusion_layers, t, top_k=settings.top_k)
-              for t in settings.confusion_thetas}
-        clean_cpl = {name: cpl_from_evidence(clean, thr, settings.cpl_top_k) for name, thr in settings.cpl_sets.items()}
-        first_set = next(iter(settings.cpl_sets))
-        q_idx = _exemplar_queries(y_te, settings.n_exemplar_queries)
-        q_haps = probe.run(x_te_m[q_idx]).haps
-        q_answers = clean.answers[q_idx]
-        ex_idx, ex_sim = {}, {}
-        for l in LAYERS:
-            ex_idx[l], ex_sim[l] = sweep.exemplars(q_haps, l, settings.cpl_sets[first_set][l], settings.n_exemplar_nodes)
-
-    # ---- attacks ---------------------------------------------------------------------------------------
-    protocols: dict[str, Any] = {}
-    attack_sets: list[AttackSet] = []
-    pgd_check: dict[str, Any] | None = None
-    cpl_raw: dict[str, Any] = {}
-    cpl_clean_selected: dict[str, Any] = {}
-    for proto in (settings.paper, settings.standard):
-        stage = f"attacks ({proto.name} protocol)"
-        if preloaded is not None:
-            sets = [s for s in preloaded if s.protocol == proto.name]
-            source = f"read from {str(opt['attacks_file'])!r}"
-        elif net is not None:
-            with timer.stage(stage):
-                sets = generate_attack_sets(proto, net, x_te, y_te, mean=MNIST_MEAN, std=MNIST_STD,
-                                            progress=progress)
-            source = f"generated ({proto.backend} backend)"
-        else:
-            sets = []
-            source = None
-        if not sets:
-            why = ("the ONNX model has no gradients for PGD; pass --attacks-file with the attacks.safetensors of "
-                   "a torch run on the same data" if opt["onnx"] is not None and preloaded is None
-                   else f"{str(opt['attacks_file'])!r} holds no {proto.name}-protocol attacks")
-            protocols[proto.name] = {"skipped": True, "note": f"{proto.name} protocol skipped: {why}"}
-            notes.append(protocols[proto.name]["note"])
-            continue
-        attack_sets.extend(sets)
-        with timer.stage(f"attack evaluation ({proto.name} protocol)"):
-            idx = sets[0].indices
-            clean_p = clean.subset(idx)
-            attacked = {s.epsilon: compute_evidence(
-                sweep, probe, to_model_space(s.x_adv, s.space, model_space, MNIST_MEAN, MNIST_STD), cpl_requests,
-                labels=y_te[s.indices], batch_size=settings.batch_size, progress=progress,
-                desc=f"{proto.name} eps={s.epsilon:g}") for s in sets}
-            res = evaluate_protocol(proto.name, clean_p, attacked, settings.cpl_sets, top_k=settings.cpl_top_k)
-            pert = {s.epsilon: _perturbation_stats(x_te, s) for s in sets}
-            for row in res["epsilons"]:
-                row.update(pert[row["epsilon"]])
-            cpl_raw[proto.name] = res.pop("cpl")
-            cpl_clean_selected[proto.name] = res.pop("cpl_clean_selected")
-            protocols[proto.name] = {"skipped": False, "source": source, "settings": proto.describe(), **res}
-    if net is not None and preloaded is None:
-        with timer.stage("PGD cross-check"):
-            n = settings.pgd_check_images
-            pgd_check = check_pgd_backends(net, x_te[:n], y_te[:n], eps=settings.paper.epsilons[len(settings.paper.epsilons) // 2],
-                                           mean=MNIST_MEAN, std=MNIST_STD, nb_iter=settings.paper.nb_iter,
-                                           seed=settings.paper.seed)
-    if attack_sets and preloaded is None:
-        n_first = max(int(s.indices.max()) + 1 for s in attack_sets)
-        save_attack_sets(out / "attacks.safetensors", attack_sets, {
-            "seed": settings.seed, "data_source": data_info["source"], "n_train": data_info["n_train"],
-            "n_first": n_first, "test_fingerprint_first_n": _fingerprint(x_te[:n_first], y_te[:n_first]),
-            "protocols": {p.name: p.describe() for p in (settings.paper, settings.standard)}})
-
-    # ---- detectors ---------------------------------------------------------------------------------
+        clean, results = _clean_stage(run, sweep, probe)
+    attacks = _attack_stages(run, sweep, probe, net, clean)
+    notes += [sec["note"] for sec in attacks["protocols"].values() if sec.get("skipped")]
     with timer.stage("detectors"):
         detectors = _detector_section(sweep, probe, net if net is not None else opt["onnx"], clean,
-                                      {p: protocols[p] for p in protocols}, settings)
+                                      attacks["protocols"], settings)
         if not detectors["available"]:
             notes.append(detectors["note"])
-
-    # ---- figures ----------------------------------------------------------------------------------------
-    figures: dict[str, str] = {}
     with timer.stage("figures"):
-        figures["library_sizes"] = plots.plot_library_sizes(
-            {l: {t: sweep.libraries[l][theta_key(t)].size for t in (settings.thresholds.get(l) or fitted[l])}
-             for l in LAYERS},
-            out / "fig2a_library_sizes.png",
-            title=f"Library size vs θ ({data_info['n_train']} training images)").name
-        figures["agreement"] = plots.plot_agreement(
-            {l: [r for r in rows if r["theta"] in {theta_key(t) for t in (settings.thresholds.get(l) or fitted[l])}]
-             for l, rows in table.items()}, out / "fig2bc_agreement.png", top_k=settings.top_k).name
-        figures["confusion_index"] = plots.plot_confusion_grid(ci, out / "fig3_confusion_index.png",
-                                                               class_names=CLASS_NAMES).name
-        panels = []
-        for name in ("paper", "standard"):
-            if name in cpl_raw:
-                raw = cpl_raw[name][first_set]
-                eps_list = [e for e in raw if e != "clean"]
-                eps = HISTOGRAM_EPSILONS[name] if HISTOGRAM_EPSILONS[name] in eps_list else max(eps_list)
-                clean_vals = cpl_clean_selected[name][first_set][eps]
-                panels.append((f"{name} protocol, {first_set}, ε = {eps:g}", clean_vals, raw[eps]))
-        if panels:
-            figures["cpl_histograms"] = plots.plot_cpl_histograms(panels, out / "fig5a_cpl_histograms.png").name
-        for name, unit in (("paper", "ε (normalised units, clipping to [0, 1] in normalised space)"),
-                           ("standard", "ε (pixel units, [0, 1] images)")):
-            if not protocols.get(name, {}).get("skipped", True):
-                figures[f"auroc_{name}"] = plots.plot_auroc_vs_epsilon(
-                    protocols[name]["results"], out / f"fig5b_auroc_{name}.png", epsilon_label=unit,
-                    title=f"CPL AUROC vs ε, {name} protocol").name
-        figures["exemplars"] = plots.plot_exemplars(
-            x_te[q_idx], {l: x_tr[ex_idx[l].cpu()] for l in LAYERS}, out / "exemplars.png",
-            similarities=ex_sim, query_titles=[f"label {int(y_te[i])}, model {int(a)}" for i, a in zip(q_idx, q_answers)],
-            title=f"Training exemplars behind the top library nodes (thresholds {first_set}; cosine above)").name
+        figures = _draw_figures(run, sweep, fitted, results, attacks)
 
-    # ---- report -----------------------------------------------------------------------------------------
     seed_rows = [{"layer": l, "theta": t, "seed_size": size, "seed_n_train": SEED_N_TRAIN,
-                  "our_size": sweep.libraries[l][theta_key(t)].size, "our_n_train": data_info["n_train"],
-                  "ratio": sweep.libraries[l][theta_key(t)].size / size} for l, (t, size) in SEED_LIBRARY_SIZES.items()]
-    headline = []
-    for l, (t, _) in SEED_LIBRARY_SIZES.items():
-        row = next(r for r in table[l] if r["theta"] == theta_key(t))
-        headline.append({"layer": l, **row})
+                  "our_size": sweep.library(l, t).size, "our_n_train": data_info["n_train"],
+                  "ratio": sweep.library(l, t).size / size} for l, (t, size) in SEED_LIBRARY_SIZES.items()]
+    headline = [{"layer": l, **next(r for r in results["table"][l] if r["theta"] == theta_key(t))}
+                for l, (t, _) in SEED_LIBRARY_SIZES.items()]
+    ex = results["exemplars"]
     report: dict[str, Any] = {
         "experiment": "mnist",
         "command": " ".join(["libnet", "reproduce", "mnist", *opt["argv"]]),
@@ -650,32 +527,168 @@ def run_prepared(run: PreparedRun) -> dict[str, Any]:
         "environment": environment_info(),
         "data": data_info,
         "model": {**model_info, "architecture": "MnistNet (conv1 1->20 5x5, conv2 20->50 5x5, fc1 800->500, "
-                  "fc2 500->10)", "test_accuracy": test_acc, "n_test": int(y_te.shape[0])},
-        "library_sweep": {"top_k": settings.top_k, "layers": table, "at_seed_thresholds": headline},
+                  "fc2 500->10)", "test_accuracy": results["test_accuracy"], "n_test": int(y_te.shape[0])},
+        "library_sweep": {"top_k": settings.top_k, "layers": results["table"], "at_seed_thresholds": headline},
         "confusion_index": {"top_k": settings.top_k, "layers": settings.confusion_layers,
-                            "thetas": {f"{t:g}": {l: m for l, m in by_layer.items()} for t, by_layer in ci.items()},
+                            "thetas": {f"{t:g}": by_layer for t, by_layer in results["ci"].items()},
                             "largest": {f"{t:g}": {l: _largest_pairs(m) for l, m in by_layer.items()}
-                                        for t, by_layer in ci.items()}},
+                                        for t, by_layer in results["ci"].items()}},
         "cpl": {"top_k": settings.cpl_top_k, "threshold_sets": settings.cpl_sets,
-                "library_sizes": {n: {l: sweep.libraries[l][theta_key(t)].size for l, t in thr.items()}
+                "library_sizes": {n: {l: sweep.library(l, t).size for l, t in thr.items()}
                                   for n, thr in settings.cpl_sets.items()},
-                "clean_mean": {n: float(v.mean()) for n, v in clean_cpl.items()}},
-        "attacks": {**protocols, "pgd_cross_check": pgd_check},
+                "clean_mean": {n: float(v.mean()) for n, v in results["clean_cpl"].items()}},
+        "attacks": {**attacks["protocols"], "pgd_cross_check": attacks["pgd_check"]},
         "detectors": detectors,
-        "exemplars": {"threshold_set": first_set, "thresholds": settings.cpl_sets[first_set], "queries": [
+        "exemplars": {"threshold_set": ex["set"], "thresholds": settings.cpl_sets[ex["set"]], "queries": [
             {"test_index": i, "label": int(y_te[i]), "model_answer": int(a),
-             "layers": {l: {"train_indices": ex_idx[l][j], "cosines": ex_sim[l][j]} for l in LAYERS}}
-            for j, (i, a) in enumerate(zip(q_idx, q_answers))]},
+             "layers": {l: {"train_indices": ex["indices"][l][j], "cosines": ex["cosines"][l][j]} for l in LAYERS}}
+            for j, (i, a) in enumerate(zip(ex["queries"], ex["answers"]))]},
         "seed_paper": {"library_sizes": seed_rows},
         "figures": figures,
-        "files": {"attacks": "attacks.safetensors" if attack_sets and preloaded is None else None},
+        "files": {"attacks": attacks["file"]},
         "notes": notes,
     }
     report["timings"] = timer.as_dict()
     report = to_jsonable(report)
     write_text_atomic(out / "report.md", render_markdown(report))
-    write_json_atomic(out / "report.json", report)
+    write_json_atomic(out / "report.json", report)  # last: its presence means the run completed
     return report
+
+
+def _model_stage(run: PreparedRun) -> tuple[MnistNet | None, Any, dict[str, Any]]:
+    """The torch net (trained, cached or given) and the probe of the model being explained."""
+    opt = run.options
+    if opt["onnx"] is not None:
+        return None, run.probe, {"source": "onnx", "path": str(opt["onnx"]), "input": opt["onnx_input"]}
+    if run.net is not None:
+        net, info = run.net, {"source": "weights", "path": str(opt["weights"])}
+    else:
+        net, info = _cached_or_trained(run.data[0], run.data[1], run.settings, opt["cache"], opt["progress"],
+                                       opt["log"])
+    net = net.to(opt["device"]).eval()
+    return net, make_probe(net, list(LAYERS), opt["device"]), info
+
+
+def _clean_stage(run: PreparedRun, sweep: LibrarySweep, probe: Any) -> tuple[Evidence, dict[str, Any]]:
+    """Evidence on the clean test images; agreement table, confusion indices, clean CPL and exemplars."""
+    settings, opt = run.settings, run.options
+    x_tr, _, x_te, y_te = run.data
+    x_te_m = to_model_space(x_te, "pixels", run.model_space, MNIST_MEAN, MNIST_STD)
+    requests = [(l, t, settings.top_k) for l in LAYERS for t in sweep.thresholds[l]] + _cpl_requests(settings)
+    clean = compute_evidence(sweep, probe, x_te_m, requests, labels=y_te, batch_size=settings.batch_size,
+                             progress=opt["progress"], desc="clean test evidence")
+    first_set = next(iter(settings.cpl_sets))
+    queries = _exemplar_queries(y_te, settings.n_exemplar_queries)
+    haps = probe.run(x_te_m[queries]).haps
+    indices, cosines = {}, {}
+    for l in LAYERS:
+        indices[l], cosines[l] = sweep.exemplars(haps, l, settings.cpl_sets[first_set][l], settings.n_exemplar_nodes)
+    return clean, {
+        "test_accuracy": float((clean.answers == y_te).float().mean()),
+        "table": agreement_table(sweep, clean, top_k=settings.top_k),
+        "ci": {t: confusion_indices(clean, settings.confusion_layers, t, top_k=settings.top_k)
+               for t in settings.confusion_thetas},
+        "clean_cpl": {n: cpl_from_evidence(clean, thr, settings.cpl_top_k) for n, thr in settings.cpl_sets.items()},
+        "exemplars": {"set": first_set, "queries": queries, "answers": clean.answers[queries],
+                      "indices": {l: i.cpu() for l, i in indices.items()}, "cosines": cosines},
+    }
+
+
+def _cpl_requests(settings: MnistSettings) -> list[tuple[str, float, int]]:
+    return sorted({(l, theta_key(t), settings.cpl_top_k) for thr in settings.cpl_sets.values() for l, t in thr.items()})
+
+
+def _attack_stages(run: PreparedRun, sweep: LibrarySweep, probe: Any, net: MnistNet | None,
+                   clean: Evidence) -> dict[str, Any]:
+    """Both protocols: attack (or read the attacks), score CPL per set and epsilon, cross-check PGD, save."""
+    settings, opt, timer = run.settings, run.options, run.timer
+    _, _, x_te, y_te = run.data
+    out: dict[str, Any] = {"protocols": {}, "cpl": {}, "cpl_clean": {}, "pgd_check": None, "file": None}
+    generated: list[AttackSet] = []
+    for proto in (settings.paper, settings.standard):
+        if run.preloaded is not None:
+            sets = [s for s in run.preloaded if s.protocol == proto.name]
+            source = f"read from {str(opt['attacks_file'])!r}"
+            why = f"{str(opt['attacks_file'])!r} holds no {proto.name}-protocol attacks"
+        elif net is not None:
+            with timer.stage(f"attacks ({proto.name} protocol)"):
+                sets = generate_attack_sets(proto, net, x_te, y_te, mean=MNIST_MEAN, std=MNIST_STD,
+                                            progress=opt["progress"])
+            generated += sets
+            source = f"generated ({proto.backend} backend)"
+        else:
+            sets, source = [], None
+            why = ("the ONNX model has no gradients for PGD; pass --attacks-file with the attacks.safetensors of a "
+                   "torch run on the same data")
+        if not sets:
+            out["protocols"][proto.name] = {"skipped": True, "note": f"{proto.name} protocol skipped: {why}"}
+            continue
+        with timer.stage(f"attack evaluation ({proto.name} protocol)"):
+            attacked = {s.epsilon: compute_evidence(
+                sweep, probe, to_model_space(s.x_adv, s.space, run.model_space, MNIST_MEAN, MNIST_STD),
+                _cpl_requests(settings), labels=y_te[s.indices], batch_size=settings.batch_size,
+                progress=opt["progress"], desc=f"{proto.name} eps={s.epsilon:g}") for s in sets}
+            res = evaluate_protocol(proto.name, clean.subset(sets[0].indices), attacked, settings.cpl_sets,
+                                    top_k=settings.cpl_top_k)
+            pert = {s.epsilon: _perturbation_stats(x_te, s) for s in sets}
+            for row in res["epsilons"]:
+                row.update(pert[row["epsilon"]])
+            out["cpl"][proto.name] = res.pop("cpl")
+            out["cpl_clean"][proto.name] = res.pop("cpl_clean_selected")
+            out["protocols"][proto.name] = {"skipped": False, "source": source, "settings": proto.describe(), **res}
+    if generated:
+        with timer.stage("PGD cross-check"):
+            n, eps = settings.pgd_check_images, settings.paper.epsilons[len(settings.paper.epsilons) // 2]
+            out["pgd_check"] = check_pgd_backends(net, x_te[:n], y_te[:n], eps=eps, mean=MNIST_MEAN, std=MNIST_STD,
+                                                  nb_iter=settings.paper.nb_iter, seed=settings.paper.seed)
+        n_first = max(int(s.indices.max()) + 1 for s in generated)
+        save_attack_sets(run.out / "attacks.safetensors", generated, {
+            "seed": settings.seed, "data_source": run.data_info["source"], "n_train": run.data_info["n_train"],
+            "n_first": n_first, "test_fingerprint_first_n": _fingerprint(x_te[:n_first], y_te[:n_first]),
+            "protocols": {p.name: p.describe() for p in (settings.paper, settings.standard)}})
+        out["file"] = "attacks.safetensors"
+    return out
+
+
+def _draw_figures(run: PreparedRun, sweep: LibrarySweep, fitted: Mapping[str, Sequence[float]],
+                  results: Mapping[str, Any], attacks: Mapping[str, Any]) -> dict[str, str]:
+    """Write every figure into the output folder; return ``{figure: file name}``."""
+    settings, out, data_info = run.settings, run.out, run.data_info
+    x_tr, _, x_te, y_te = run.data
+    shown = {l: {theta_key(t) for t in (settings.thresholds.get(l) or fitted[l])} for l in LAYERS}
+    figures = {
+        "library_sizes": plots.plot_library_sizes(
+            {l: {t: sweep.library(l, t).size for t in sorted(shown[l])} for l in LAYERS},
+            out / "fig2a_library_sizes.png", title=f"Library size vs θ ({data_info['n_train']} training images)"),
+        "agreement": plots.plot_agreement(
+            {l: [r for r in rows if r["theta"] in shown[l]] for l, rows in results["table"].items()},
+            out / "fig2bc_agreement.png", top_k=settings.top_k),
+        "confusion_index": plots.plot_confusion_grid(results["ci"], out / "fig3_confusion_index.png",
+                                                     class_names=CLASS_NAMES),
+    }
+    first_set = results["exemplars"]["set"]
+    panels = []
+    for name, raw in attacks["cpl"].items():
+        eps_list = [e for e in raw[first_set] if e != "clean"]
+        eps = HISTOGRAM_EPSILONS[name] if HISTOGRAM_EPSILONS[name] in eps_list else max(eps_list)
+        panels.append((f"{name} protocol, {first_set}, ε = {eps:g}", attacks["cpl_clean"][name][first_set][eps],
+                       raw[first_set][eps]))
+    if panels:
+        figures["cpl_histograms"] = plots.plot_cpl_histograms(panels, out / "fig5a_cpl_histograms.png")
+    for name, unit in (("paper", "ε (normalised units, clipping to [0, 1] in normalised space)"),
+                       ("standard", "ε (pixel units, [0, 1] images)")):
+        sec = attacks["protocols"].get(name, {})
+        if not sec.get("skipped", True):
+            figures[f"auroc_{name}"] = plots.plot_auroc_vs_epsilon(
+                sec["results"], out / f"fig5b_auroc_{name}.png", epsilon_label=unit,
+                title=f"CPL AUROC vs ε, {name} protocol")
+    ex = results["exemplars"]
+    figures["exemplars"] = plots.plot_exemplars(
+        x_te[ex["queries"]], {l: x_tr[ex["indices"][l]] for l in LAYERS}, out / "exemplars.png",
+        similarities=ex["cosines"],
+        query_titles=[f"label {int(y_te[i])}, model {int(a)}" for i, a in zip(ex["queries"], ex["answers"])],
+        title=f"Training exemplars behind the top library nodes (thresholds {first_set}; cosine above)")
+    return {k: p.name for k, p in figures.items()}
 
 
 def _largest_pairs(ci: Tensor, n: int = 3) -> list[dict[str, Any]]:
@@ -736,7 +749,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     add("## 2. Side by side with the seed paper\n")
     add("The only MNIST numbers the seed published are its library sizes (seed code, 60,000 training images, "
         "METHOD.md section 10); its MNIST agreement and AUROC figures carry no tabulated values.\n")
-    add(markdown_table(["layer", "θ", f"seed ({SEED_N_TRAIN} images)", f"ours ({data['n_train']} images)", "ours / seed"],
+    add(markdown_table(["layer", "θ", f"seed ({SEED_N_TRAIN} images)", f"ours ({data['n_train']} images)",
+                        "ours / seed"],
                        [[x["layer"], x["theta"], x["seed_size"], x["our_size"], x["ratio"]]
                         for x in r["seed_paper"]["library_sizes"]]))
     add("")
