@@ -128,7 +128,10 @@ def test_attack_file_round_trip_and_onnx_run(quick_run, tmp_path):
     weights = r["model"]["path"]  # the cache entry the quick run trained
     net = mnist._read_weights(weights).eval()
     onnx_path = export.export_onnx(net, torch.zeros(2, 1, 28, 28), tmp_path / "mnist.onnx")
-    settings = mnist.MnistSettings.quick_run(thresholds={l: [] for l in mnist.LAYERS})
+    # only the thresholds the report needs (seed sizes, S1, one confusion theta): a cheaper sweep
+    small = dict(thresholds={l: [] for l in mnist.LAYERS}, cpl_sets={"S1": mnist.CPL_SETS["S1"]},
+                 confusion_thetas=[0.7])
+    settings = mnist.MnistSettings.quick_run(**small)
     onnx_out = tmp_path / "onnx"
     report = mnist.reproduce_mnist(settings, out_dir=onnx_out, onnx=onnx_path, attacks_file=out / "attacks.safetensors",
                                    cache_dir=cache, progress=False, log=lambda m: None)
@@ -146,10 +149,27 @@ def test_attack_file_round_trip_and_onnx_run(quick_run, tmp_path):
             for got, want in zip(rows, r["attacks"][name]["results"][set_name]):
                 assert got["auroc"] == pytest.approx(want["auroc"], abs=0.02)
     assert report["attacks"]["pgd_cross_check"] is None
-    no_attacks = mnist.reproduce_mnist(settings, out_dir=tmp_path / "onnx2", onnx=onnx_path, cache_dir=cache,
-                                       progress=False, log=lambda m: None)
+    no_attacks = mnist.reproduce_mnist(mnist.MnistSettings.quick_run(n_test=40, **small), out_dir=tmp_path / "onnx2",
+                                       onnx=onnx_path, cache_dir=cache, progress=False, log=lambda m: None)
     assert no_attacks["attacks"]["paper"]["skipped"] and "--attacks-file" in no_attacks["attacks"]["paper"]["note"]
     assert "paper protocol skipped" in (tmp_path / "onnx2" / "report.md").read_text()
+
+
+def test_interrupted_run_leaves_no_report(quick_run, tmp_path, monkeypatch):
+    _, cache, _ = quick_run
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "report.json").write_text('{"stale": true}')
+    prepared = mnist.prepare_mnist(mnist.MnistSettings.quick_run(), out_dir=out, cache_dir=cache, progress=False,
+                                   log=lambda m: None)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mnist, "fit_library_sweep", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        mnist.run_prepared(prepared)
+    assert sorted(p.name for p in out.iterdir()) == []  # no stale, partial or temporary report
 
 
 def _run_cli(args, capsys):

@@ -488,9 +488,16 @@ def reproduce_mnist(settings: MnistSettings | None = None, **kwargs: Any) -> dic
 
 
 def run_prepared(run: PreparedRun) -> dict[str, Any]:
-    """Run the stages after :func:`prepare_mnist` and write the report (see :func:`reproduce_mnist`)."""
+    """Run the stages after :func:`prepare_mnist` and write the report (see :func:`reproduce_mnist`).
+
+    A report left in the output folder by an earlier run is removed first, and the new ``report.json`` is
+    written last and atomically: after an interrupted or failed run there is no ``report.json`` at all, so
+    one that exists always describes the figures and files beside it.
+    """
     settings, out, timer, data_info, opt = run.settings, run.out, run.timer, run.data_info, run.options
     x_tr, y_tr, x_te, y_te = run.data
+    for stale in ("report.json", "report.md"):
+        (out / stale).unlink(missing_ok=True)
     notes: list[str] = []
     with timer.stage("model"):
         net, probe, model_info = _model_stage(run)
