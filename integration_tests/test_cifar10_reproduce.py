@@ -180,6 +180,8 @@ def test_a_failure_after_the_libraries_leaves_a_partial_report(stand_in, tmp_pat
     monkeypatch.setattr(cifar10, "generate_attack_sets", broken)
     root, _, weights = stand_in
     out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.md").write_text("an older run's report")
     rc = cli.main(["reproduce", "cifar10", "--data-dir", str(root / "data"), "--weights", str(weights), "--quick",
                    "--device", "cpu", "--out", str(out), "--no-progress", "--no-plots"])
     assert rc == 1 and "error: attack stage failed" in capsys.readouterr().err

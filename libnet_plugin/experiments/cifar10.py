@@ -450,6 +450,8 @@ def reproduce_cifar10(
     """
     settings.validate()
     out = ensure_writable_dir(out_dir)
+    for stale in ("report.json", "report.md"):  # a failed run must not leave an older run's report beside its own
+        (out / stale).unlink(missing_ok=True)
     timer = StageTimer(log)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
