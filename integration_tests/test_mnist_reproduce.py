@@ -7,14 +7,15 @@ import json
 import re
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
 
 from libnet_plugin.cli import main
-from libnet_plugin.data import MNIST_IDX_FILES, load_mnist_default
+from libnet_plugin.data import MNIST_IDX_FILES, MNIST_MEAN, MNIST_STD, load_mnist_default
 from libnet_plugin.experiments import mnist
-from libnet_plugin.experiments.common import load_attack_sets
+from libnet_plugin.experiments.common import fit_library_sweep, load_attack_sets, to_model_space
 
 pytestmark = pytest.mark.slow
 
@@ -170,6 +171,35 @@ def test_interrupted_run_leaves_no_report(quick_run, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         mnist.run_prepared(prepared)
     assert sorted(p.name for p in out.iterdir()) == []  # no stale, partial or temporary report
+
+
+def test_detector_table_is_passed_what_evaluate_detectors_declares(quick_run, tmp_path, monkeypatch):
+    _, cache, _ = quick_run
+    settings = mnist.MnistSettings.quick_run(thresholds={l: [] for l in mnist.LAYERS},
+                                             cpl_sets={"S1": mnist.CPL_SETS["S1"]}, confusion_thetas=[0.7])
+    run = mnist.prepare_mnist(settings, out_dir=tmp_path, cache_dir=cache, progress=False, log=lambda m: None)
+    net, probe, _ = mnist._model_stage(run)
+    x_train = to_model_space(run.data[0], "pixels", "normalized", MNIST_MEAN, MNIST_STD)
+    sweep = fit_library_sweep(probe, x_train, settings.fitted_thresholds(), progress=False)
+    clean, _ = mnist._clean_stage(run, sweep, probe)
+    seen = {}
+
+    def evaluate_detectors(net, x_test, attacks, extra=1):
+        seen.update(net=net, x_test=x_test, attacks=attacks)
+        return [{"detector": "fake", "auroc": 0.5}]
+
+    fake = types.ModuleType("libnet_plugin.experiments.detectors")
+    fake.evaluate_detectors = evaluate_detectors
+    monkeypatch.setitem(sys.modules, "libnet_plugin.experiments.detectors", fake)
+    got = mnist._detector_section(run, sweep, probe, net, clean, {"sets": [], "protocols": {}})
+    assert got == {"available": True, "table": [{"detector": "fake", "auroc": 0.5}]}
+    assert seen["net"].library_sizes_ == {l: sweep.library(l, t).size for l, t in mnist.CPL_SETS["S1"].items()}
+    assert seen["x_test"].shape == (200, 1, 28, 28) and seen["attacks"] == {}
+    assert "| fake | 0.500 |" in mnist._render_detectors(got["table"])
+
+    fake.evaluate_detectors = lambda net, unknown_thing: None
+    got = mnist._detector_section(run, sweep, probe, net, clean, {"sets": [], "protocols": {}})
+    assert not got["available"] and "unknown_thing" in got["note"]
 
 
 def _run_cli(args, capsys):

@@ -350,16 +350,50 @@ def _perturbation_stats(x_clean: Tensor, s: AttackSet) -> dict[str, float]:
             "mean_l2_pixels": float(d.norm(dim=1).mean())}
 
 
-def _detector_section(sweep: LibrarySweep, probe: Any, model: Any, clean: Evidence, attacked: Mapping[str, Any],
-                      settings: MnistSettings) -> dict[str, Any]:
+def _detector_section(run: "PreparedRun", sweep: LibrarySweep, probe: Any, net: MnistNet | None, clean: Evidence,
+                      attacks: Mapping[str, Any]) -> dict[str, Any]:
+    """The detector comparison of :mod:`libnet_plugin.experiments.detectors`, or a note when it is absent.
+
+    ``evaluate_detectors`` receives, by parameter name, whichever of these it declares: ``net`` / ``network``
+    (a fitted :class:`~libnet_plugin.LibraryNetwork` with the first CPL set), ``sweep``, ``probe``, ``model``,
+    ``x_train`` / ``y_train`` / ``x_test`` / ``y_test`` (in the model's input space), ``clean`` (the clean
+    :class:`~libnet_plugin.experiments.common.Evidence`), ``attacks`` (``{protocol: {epsilon: attacked
+    inputs in the model's space}}``), ``attack_indices`` (``{protocol: test positions}``), ``protocols`` (the
+    report's attack sections), ``threshold_sets``, ``settings``, ``device`` and ``progress``.
+    """
     try:
         from .detectors import evaluate_detectors
     except ImportError as exc:
         return {"available": False,
                 "note": f"the detector comparison (libnet_plugin.experiments.detectors.evaluate_detectors) is not "
                         f"part of this installation ({exc}); no detector table"}
-    return {"available": True, "table": evaluate_detectors(sweep=sweep, probe=probe, model=model, clean=clean,
-                                                           attacked=attacked, settings=settings)}
+    import inspect
+
+    settings, opt = run.settings, run.options
+    x_tr, y_tr, x_te, y_te = run.data
+    model = net if net is not None else opt["onnx"]
+    space = run.model_space
+    first = next(iter(settings.cpl_sets))
+    library_net = sweep.to_network(model, settings.cpl_sets[first], top_k=settings.top_k, device=opt["device"])
+    sets = attacks["sets"]
+    available = {
+        "net": library_net, "network": library_net, "sweep": sweep, "probe": probe, "model": model,
+        "x_train": to_model_space(x_tr, "pixels", space, MNIST_MEAN, MNIST_STD), "y_train": y_tr,
+        "x_test": to_model_space(x_te, "pixels", space, MNIST_MEAN, MNIST_STD), "y_test": y_te, "clean": clean,
+        "attacks": {p: {s.epsilon: to_model_space(s.x_adv, s.space, space, MNIST_MEAN, MNIST_STD)
+                        for s in sets if s.protocol == p} for p in {s.protocol for s in sets}},
+        "attack_indices": {s.protocol: s.indices for s in sets}, "protocols": attacks["protocols"],
+        "threshold_sets": settings.cpl_sets, "settings": settings, "device": opt["device"],
+        "progress": opt["progress"]}
+    signature = inspect.signature(evaluate_detectors)
+    kwargs = {name: available[name] for name in signature.parameters if name in available}
+    try:
+        signature.bind(**kwargs)
+    except TypeError as exc:  # checked before calling, so that errors inside the comparison still surface
+        return {"available": False,
+                "note": f"evaluate_detectors{signature} asks for arguments this experiment does not provide "
+                        f"({exc}); no detector table"}
+    return {"available": True, "table": evaluate_detectors(**kwargs)}
 
 
 @dataclass
@@ -511,8 +545,7 @@ def run_prepared(run: PreparedRun) -> dict[str, Any]:
     attacks = _attack_stages(run, sweep, probe, net, clean)
     notes += [sec["note"] for sec in attacks["protocols"].values() if sec.get("skipped")]
     with timer.stage("detectors"):
-        detectors = _detector_section(sweep, probe, net if net is not None else opt["onnx"], clean,
-                                      attacks["protocols"], settings)
+        detectors = _detector_section(run, sweep, probe, net, clean, attacks)
         if not detectors["available"]:
             notes.append(detectors["note"])
     with timer.stage("figures"):
@@ -610,7 +643,7 @@ def _attack_stages(run: PreparedRun, sweep: LibrarySweep, probe: Any, net: Mnist
     """Both protocols: attack (or read the attacks), score CPL per set and epsilon, cross-check PGD, save."""
     settings, opt, timer = run.settings, run.options, run.timer
     _, _, x_te, y_te = run.data
-    out: dict[str, Any] = {"protocols": {}, "cpl": {}, "cpl_clean": {}, "pgd_check": None, "file": None}
+    out: dict[str, Any] = {"protocols": {}, "sets": [], "cpl": {}, "cpl_clean": {}, "pgd_check": None, "file": None}
     generated: list[AttackSet] = []
     for proto in (settings.paper, settings.standard):
         if run.preloaded is not None:
@@ -630,6 +663,7 @@ def _attack_stages(run: PreparedRun, sweep: LibrarySweep, probe: Any, net: Mnist
         if not sets:
             out["protocols"][proto.name] = {"skipped": True, "note": f"{proto.name} protocol skipped: {why}"}
             continue
+        out["sets"] += sets
         with timer.stage(f"attack evaluation ({proto.name} protocol)"):
             attacked = {s.epsilon: compute_evidence(
                 sweep, probe, to_model_space(s.x_adv, s.space, run.model_space, MNIST_MEAN, MNIST_STD),
