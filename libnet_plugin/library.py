@@ -312,12 +312,11 @@ class ExactLibrary:
         # decide a row only when its exact cosine clears theta by more than any rounding difference
         # between this dot product and the dense product, so that the result equals the dense path's
         bar = self.threshold + 16 * torch.finfo(self.dtype).eps * math.sqrt(x.shape[1])
-        undecided = torch.arange(x.shape[0], device=x.device)
-        for j in range(top.shape[1]):
-            cos = torch.linalg.vecdot(x[undecided], nodes[top[undecided, j]])
-            undecided = undecided[cos < bar]
-            if undecided.numel() == 0:
-                break
+        # two rounds (few kernels): every row's best-ranked node, then the other candidates of the rows left
+        undecided = torch.nonzero(torch.linalg.vecdot(x, nodes[top[:, 0]]) < bar).flatten()
+        if undecided.numel() and top.shape[1] > 1:
+            cos = torch.bmm(nodes[top[undecided, 1:]], x[undecided].unsqueeze(2)).squeeze(2)
+            undecided = undecided[(cos < bar).all(dim=1)]
         return undecided
 
     # -- fitting -------------------------------------------------------------------------------

@@ -31,11 +31,11 @@ def fit(x: torch.Tensor, theta: float, batch_size: int, **options) -> ExactLibra
 SCREEN = dict(screen_dim=8, screen_min_nodes=1)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), theta=st.floats(0.3, 0.97), batch_size=st.integers(1, 90),
        chunk_size=st.integers(1, 70), candidates=st.integers(1, 5), dtype=st.sampled_from([torch.float32, torch.float64]))
 def test_screened_library_equals_reference(seed, theta, batch_size, chunk_size, candidates, dtype):
-    x = clustered(seed, 240, 48, dtype=dtype)
+    x = clustered(seed, 120, 40, dtype=dtype)
     lib = fit(x, theta, batch_size, chunk_size=chunk_size, screen_candidates=candidates, dtype=dtype, **SCREEN)
     assert lib.node_indices.tolist() == leader_reference(x, theta)
     dense = fit(x, theta, batch_size, chunk_size=chunk_size, screen_dim=0, dtype=dtype)
@@ -87,7 +87,7 @@ def test_fitting_continues_exactly_after_load_state_dict():
 
 def test_buffer_growth_keeps_node_sketches_in_step():
     # initial_capacity 1 doubles the buffer many times while the screen is active
-    x = clustered(5, 800, 64, k=20, noise=0.3)
+    x = clustered(5, 300, 64, k=20, noise=0.3)
     lib = fit(x, 0.85, 5, initial_capacity=1, **SCREEN)
     assert lib.node_indices.tolist() == leader_reference(x, 0.85)
     assert lib.stats["screened"] > 0 and lib._nodes.shape[0] >= 16

@@ -1,0 +1,294 @@
+"""Run every benchmark and write ``report.json``, ``report.md`` and ``report.png``.
+
+Usage::
+
+    python -m benchmarks.run [--device cpu|cuda] [--quick] [--out benchmarks/results]
+
+Sections (DESIGN.md section 6, issue "Performance"):
+
+1. construction: exact batched vs the one-by-one loop vs one plain matrix product, on the synthetic set
+   (20,000 x 3,200) and on the MNIST net's conv1 patterns (4,000 x 11,520), results checked equal;
+2. the same search step through faiss-cpu's exact inner-product index (CPU only);
+3. inference: library-network / detector scoring time over the model's forward time (batch 256, S1);
+4. peak memory of fitting against the size of the library;
+5. sparse sampling: sparse and projected libraries at a few sizes on the MNIST default.
+
+Ratios are measured in one run; absolute times are reported with the machine that produced them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from libnet_plugin.experiments.common import ensure_writable_dir, markdown_table, write_json_atomic, write_text_atomic
+from libnet_plugin.plugins import make_probe
+
+from . import bench_construction, bench_memory, bench_sparse
+from ._util import machine_info, resolve_device
+from .mnist_setup import MnistBench, prepare_mnist
+from .synthetic import SyntheticSpec, synthetic_set
+
+__all__ = ["run", "main", "render_markdown", "plot_report"]
+
+#: conv1's threshold for the construction benchmark (the seed's sweep; about 1,000 nodes on 4,000 images)
+CONV1_THETA = 0.7
+
+
+def _construction(mb: MnistBench, device: torch.device, quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    spec = SyntheticSpec(n=5_000) if quick else SyntheticSpec()
+    x = synthetic_set(spec)
+    out = {"synthetic": {**bench_construction.run_case("synthetic", x, spec.theta, device, log=log),
+                         "spec": spec.describe()}}
+    del x
+    n = 1000 if quick else mb.x_train.shape[0]
+    probe = make_probe(mb.model, ["conv1"], device)
+    haps = torch.cat([probe.run(mb.x_train[i:i + 500]).haps["conv1"] for i in range(0, n, 500)])
+    out["mnist_conv1"] = bench_construction.run_case("mnist_conv1", haps, CONV1_THETA, device, log=log)
+    return out
+
+
+def _memory(mb: MnistBench, device: torch.device, quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    spec = SyntheticSpec(n=5_000) if quick else SyntheticSpec()
+    out = {"method": "peak resident set size of a fresh process (Linux VmHWM, the counter behind "
+                     "resource.getrusage's ru_maxrss, read per process), growth from after set-up to after "
+                     "fitting; glibc mmap threshold fixed at 64 KiB so that freed buffers leave the RSS",
+           "synthetic": bench_memory.measure("synthetic", {"spec": spec.describe(), "batch_size": 256,
+                                                           "device": str(device)})}
+    weights = mb.info["weights"].get("path")
+    if weights:
+        for label, cache in (("mnist_streamed", 0), ("mnist_default_cache", None)):
+            out[label] = bench_memory.measure("mnist", {"weights": weights, "cache_bytes": cache,
+                                                        "device": str(device), "cache_dir": ".cache"})
+    for k, v in out.items():
+        if isinstance(v, dict):
+            log(f"[memory] {k}: {v}")
+    return out
+
+
+def _detector(device: torch.device, log: Callable[[str], None]) -> dict[str, Any]:
+    try:
+        mod = importlib.import_module("benchmarks.bench_detector_overhead")
+    except ModuleNotFoundError as exc:
+        if exc.name != "benchmarks.bench_detector_overhead":
+            raise
+        return {"note": "benchmarks/bench_detector_overhead.py is not there; the library-network scoring "
+                        "overhead is measured in the sparse-sampling section"}
+    try:
+        return mod.main(device=str(device))
+    except Exception as exc:  # a failing peer benchmark must not lose the rest of the report
+        log(f"[detector] failed: {exc!r}")
+        return {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=5)}
+
+
+def run(device: str = "cpu", *, quick: bool = False, out_dir: str | Path = "benchmarks/results",
+        cache_dir: str | Path = ".cache", log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run all sections; write the report files into ``out_dir``; return the report dict."""
+    dev = resolve_device(device)
+    out = ensure_writable_dir(out_dir)
+    t0 = time.perf_counter()
+    report: dict[str, Any] = {"machine": machine_info(dev), "quick": quick, "sections": {}}
+    stage: dict[str, float] = {}
+
+    def timed(name: str, fn: Callable[[], Any]) -> Any:
+        s = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            stage[name] = round(time.perf_counter() - s, 1)
+            log(f"[{name}] {stage[name]} s")
+
+    mb = timed("mnist_setup", lambda: prepare_mnist(dev, quick=quick, cache_dir=cache_dir, log=log))
+    report["mnist"] = mb.info
+    report["sections"]["construction"] = timed("construction", lambda: _construction(mb, dev, quick, log))
+    report["sections"]["memory"] = timed("memory", lambda: _memory(mb, dev, quick, log))
+    report["sections"]["sparse_sampling"] = timed("sparse_sampling", lambda: bench_sparse.run(mb, dev, quick=quick,
+                                                                                              log=log))
+    report["sections"]["detector_overhead"] = timed("detector_overhead", lambda: _detector(dev, log))
+    report["seconds"] = {**stage, "total": round(time.perf_counter() - t0, 1)}
+    write_json_atomic(out / "report.json", report)
+    try:
+        plot_report(report, out / "report.png")
+        report["figure"] = "report.png"
+    except Exception as exc:  # the numbers matter more than the picture
+        log(f"[figure] not written: {exc!r}")
+    write_text_atomic(out / "report.md", render_markdown(report))
+    log(f"wrote {out / 'report.md'}, {out / 'report.json'} and {out / 'report.png'} in {report['seconds']['total']} s")
+    return report
+
+
+# ------------------------------------------------------------------------------------------------ report
+def _machine_line(m: dict[str, Any]) -> str:
+    return (f"{m['device_name']}; {m['cpu_count']} CPU cores visible, {m['torch_threads']} torch threads; "
+            f"{m['platform']}; Python {m['versions']['python']}, torch {m['versions']['torch']}")
+
+
+def construction_table(sec: dict[str, Any]) -> str:
+    rows = []
+    for case in sec.values():
+        s, r = case["seconds"], case["ratios"]
+        rows.append([case["name"], f"{case['n']} x {case['dim']}", case["theta"], case["nodes"],
+                     s.get("loop"), s["dense"], s["screened"], s.get("faiss"), s["matmul"],
+                     r.get("loop_over_screened"), r.get("loop_over_dense"), r["screened_over_matmul"],
+                     r["dense_over_matmul"], r["dense_mac_rate_fraction_of_matmul"],
+                     r.get("loop_mac_rate_fraction_of_matmul"), r.get("faiss_over_screened"),
+                     all(case["same_nodes_as_loop"].values())])
+    return markdown_table(["set", "N x D", "theta", "nodes", "loop s", "batched s", "screened s", "faiss s",
+                           "matmul s", "loop / screened", "loop / batched", "screened / matmul",
+                           "batched / matmul", "batched MAC rate / matmul", "loop MAC rate / matmul",
+                           "faiss / screened", "same nodes"], rows, floatfmt=".2f")
+
+
+def sparse_table(sec: dict[str, Any]) -> str:
+    rows = []
+    for r in sec["rows"]:
+        sizes = "/".join(str(v) for v in r["sizes"].values())
+        agree = "/".join(f"{100 * v:.1f}" for v in r["top1_agreement"].values())
+        lost = max(r["agreement_lost_points"].values())
+        au = "/".join(f"{v:.3f}" if v is not None else "n/a" for v in r["cpl_auroc"].values())
+        rows.append([r["label"], sizes, r["library_mb"], agree, lost, au, r["fit_seconds"], r["inference_ratio"]])
+    return markdown_table(["library", "nodes conv1/conv2/fc1/fc2", "library MB", "top-1 agreement % per layer",
+                           "max points lost", "CPL AUROC eps .1/.2/.3", "fit s", "inference / forward"],
+                          rows, floatfmt=".2f")
+
+
+def memory_table(sec: dict[str, Any]) -> str:
+    rows = []
+    for k, v in sec.items():
+        if not isinstance(v, dict):
+            continue
+        if "error" in v:
+            rows.append([k, None, None, None, None, v["error"]])
+            continue
+        rows.append([k, v["growth_mb"], v["library_mb"], v.get("library_buffers_mb"), v["all_patterns_mb"],
+                     v["peak_mb"]])
+    return markdown_table(["fit", "growth MB", "library MB", "library buffers MB", "all N patterns MB",
+                           "peak RSS MB"], rows, floatfmt=".1f")
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    sec = report["sections"]
+    lines = ["# libnet-plugin benchmarks", "",
+             f"Machine: {_machine_line(m)}. Load average at start: {m.get('load_average_at_start')}.",
+             f"Run: {'quick' if report['quick'] else 'full'}, {report['seconds']['total']} s in all "
+             f"({', '.join(f'{k} {v} s' for k, v in report['seconds'].items() if k != 'total')}).", "",
+             "## 1-2. Library construction (exact batched vs one-by-one loop vs matrix product vs faiss)", "",
+             "`batched`: ExactLibrary with the screen off; `screened`: ExactLibrary's default (count-sketch "
+             "screen); `matmul`: one plain product of all N inputs with the final library (N x M x D); "
+             "`faiss`: the same leader rule with faiss `IndexFlatIP` as the search step. Batch 256. Times are "
+             "the best of 3 turns; every method's node list is checked against the loop's.", "",
+             construction_table(sec["construction"]), ""]
+    syn = sec["construction"].get("synthetic")
+    if syn:
+        ok = syn["ratios"]["screened_over_matmul"] <= 2.0
+        lines += [f"Target (synthetic set in at most 2x one plain matrix product): screened "
+                  f"{syn['ratios']['screened_over_matmul']:.2f}x, batched {syn['ratios']['dense_over_matmul']:.2f}x "
+                  f"-> {'met' if ok else 'NOT met'}.", ""]
+    sp = sec["sparse_sampling"]
+    lines += ["## 3 and 5. Inference overhead and sparse sampling (MNIST default, set S1)", "",
+              f"Library network fitted on {report['mnist']['n_train']} training images at S1 "
+              f"({', '.join(f'{k} {v}' for k, v in sp['thresholds'].items())}); agreement: top-1 with the model's "
+              f"answer (top_k 3) on {sp['n_test']} test images; CPL AUROC: top_k 20, standard protocol "
+              f"(PGD-{report['mnist']['attacks']['nb_iter']} in pixel space on the first "
+              f"{report['mnist']['attacks']['n_images']} test images, kept: {report['mnist']['attacks']['kept']}); "
+              f"inference: `net.consistency(x)` (forward with probes + scoring + CPL) over the model's forward, "
+              f"batch {sp['batch_size']}, {sp['timing']}.", "", sparse_table(sp), ""]
+    good = [r["label"] for r in sp["rows"]
+            if r["inference_ratio"] <= 1.3 and max(r["agreement_lost_points"].values()) <= 1.0]
+    lines += [f"Configurations within 1.3x the forward time at no more than one point of agreement lost per "
+              f"layer: {', '.join(good) if good else 'none in this run'}.", ""]
+    lines += ["## 4. Peak memory of fitting", "", sec["memory"]["method"] + ".", "", memory_table(sec["memory"]), ""]
+    det = sec["detector_overhead"]
+    lines += ["## Detector overhead (benchmarks/bench_detector_overhead.py)", "",
+              "```", _short_json(det), "```", ""]
+    if report.get("figure"):
+        lines += [f"![benchmarks]({report['figure']})", ""]
+    return "\n".join(lines)
+
+
+def _short_json(obj: Any) -> str:
+    import json
+
+    from libnet_plugin.experiments.common import to_jsonable
+
+    return json.dumps(to_jsonable(obj), indent=1)[:4000]
+
+
+def plot_report(report: dict[str, Any], path: str | Path) -> Path:
+    """A 2 x 2 figure: construction times, and sparse sampling (agreement, AUROC, inference ratio) vs size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 8.5), layout="constrained")
+    axs = fig.subplots(2, 2)
+    ax = axs[0, 0]
+    cases = list(report["sections"]["construction"].values())
+    methods = ["loop", "dense", "screened", "faiss", "matmul"]
+    names = {"dense": "batched", "matmul": "one matmul"}
+    width = 0.8 / len(methods)
+    for j, meth in enumerate(methods):
+        vals = [c["seconds"].get(meth) or 0.0 for c in cases]
+        ax.bar([i + j * width for i in range(len(cases))], vals, width, label=names.get(meth, meth))
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))],
+                  [f"{c['name']}\n{c['n']}x{c['dim']}, {c['nodes']} nodes" for c in cases])
+    ax.set_yscale("log")
+    ax.set_ylabel("seconds (best of 3)")
+    ax.set_title("Exact library construction")
+    ax.legend(fontsize=8)
+    rows = report["sections"]["sparse_sampling"]["rows"]
+    exact = next(r for r in rows if r["library"] == "exact")
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["library"] != "exact":
+            groups.setdefault(r["label"].rsplit(" ", 1)[0], []).append(r)
+
+    def size(r: dict) -> int:
+        return int(r["label"].rsplit(" ", 1)[1])
+
+    panels = [(axs[0, 1], lambda r: 100 * r["top1_agreement"]["conv1"], "conv1 top-1 agreement (%)"),
+              (axs[1, 0], lambda r: r["cpl_auroc"][max(r["cpl_auroc"])] or float("nan"),
+               f"CPL AUROC, standard protocol, eps {max(exact['cpl_auroc'])}"),
+              (axs[1, 1], lambda r: r["inference_ratio"], "inference time / forward time (batch 256)")]
+    for ax, fn, title in panels:
+        for g, rs in groups.items():
+            rs = sorted(rs, key=size)
+            ax.plot([size(r) for r in rs], [fn(r) for r in rs], "o-", label=g)
+        ax.axhline(fn(exact), color="k", ls="--", lw=1, label="exact")
+        if "inference" in title:
+            ax.axhline(1.3, color="r", ls=":", lw=1, label="target 1.3x")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("units seen per layer (sparse) / components (projected)")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"libnet-plugin benchmarks on {report['machine']['device_name']}", fontsize=10)
+    fig.savefig(path, dpi=110)
+    return Path(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    parser.add_argument("--quick", action="store_true", help="smaller sets and fewer configurations (about a minute)")
+    parser.add_argument("--out", default="benchmarks/results", help="output folder (default: %(default)s)")
+    parser.add_argument("--cache-dir", default=".cache", help="trained weights and attacks (default: %(default)s)")
+    args = parser.parse_args(argv)
+    report = run(args.device, quick=args.quick, out_dir=args.out, cache_dir=args.cache_dir)
+    print()
+    print(construction_table(report["sections"]["construction"]))
+    print()
+    print(sparse_table(report["sections"]["sparse_sampling"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
