@@ -365,7 +365,7 @@ def _detector_section(run: "PreparedRun", sweep: LibrarySweep, probe: Any, net: 
         from .detectors import evaluate_detectors
     except ImportError as exc:
         return {"available": False,
-                "note": f"the detector comparison (libnet_plugin.experiments.detectors.evaluate_detectors) is not "
+                "note": f"The detector comparison (libnet_plugin.experiments.detectors.evaluate_detectors) is not "
                         f"part of this installation ({exc}); no detector table"}
     import inspect
 
