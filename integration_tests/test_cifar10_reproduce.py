@@ -189,3 +189,32 @@ def test_a_failure_after_the_libraries_leaves_a_partial_report(stand_in, tmp_pat
     assert partial["status"].startswith("libraries done")
     assert list(partial["libraries"]["sizes"]) == list(cifar10.LAYERS) and "detection" not in partial
     assert not (out / "report.md").exists()
+
+
+def test_the_detector_comparison_gets_a_fitted_network_and_the_attacks(stand_in, tmp_path, monkeypatch):
+    import sys
+    import types
+
+    seen = {}
+
+    def evaluate_detectors(net, attacks, y_test):
+        seen.update(sizes=net.library_sizes_, attacks=attacks, n_test=len(y_test))
+        return [{"detector": "stand-in", "auroc": 0.25}]
+
+    module = types.ModuleType("libnet_plugin.experiments.detectors")
+    module.evaluate_detectors = evaluate_detectors
+    module.add_arguments, module.run = (lambda parser: None), (lambda args: 0)  # it is also a CLI command module
+    monkeypatch.setitem(sys.modules, "libnet_plugin.experiments.detectors", module)
+    root, _, weights = stand_in
+    out = tmp_path / "out"
+    rc = cli.main(["reproduce", "cifar10", "--data-dir", str(root / "data"), "--weights", str(weights), "--quick",
+                   "--device", "cpu", "--out", str(out), "--no-progress", "--no-plots", "--protocols", "standard",
+                   "--n-standard", "4", "--attack-steps", "1"])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    s1 = cifar10.CPL_SETS["S1"]
+    assert seen["sizes"] == {l: report["libraries"]["sizes"][l][f"{t:g}"] for l, t in s1.items()}
+    assert list(seen["attacks"]) == ["standard"] and seen["attacks"]["standard"][round(8 / 255, 6)].shape[0] == 4
+    assert seen["n_test"] == 16
+    assert report["detectors"] == {"available": True, "table": [{"detector": "stand-in", "auroc": 0.25}]}
+    assert "| stand-in | 0.250 |" in (out / "report.md").read_text()

@@ -6,10 +6,12 @@
 # 1. prints the GPU and the torch build;
 # 2. runs every test marked @pytest.mark.gpu (they skip themselves without CUDA);
 # 3. runs a short CIFAR-shaped benchmark of library construction and scoring (the Table 1 sweep of the
-#    CIFAR-10 experiment: 40 libraries of a ResNet44) on CUDA and on the CPU, and prints the numbers.
+#    CIFAR-10 experiment: 40 libraries of a ResNet44) on CUDA and on the CPU, and prints the numbers;
+# 4. runs the project's benchmark suite on CUDA (python -m benchmarks.run --device cuda --quick) when it is
+#    there, writing its report to a temporary folder.
 #
-# Each step has its own time limit; the whole script stays under 8 minutes. Exit status: 0 when all
-# steps passed, 1 when a step failed or ran out of time, 2 when there is no usable GPU.
+# Each step has its own time limit (180 + 170 + 100 s); the whole script stays under 8 minutes. Exit
+# status: 0 when all steps passed, 1 when a step failed or ran out of time, 2 when there is no usable GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -36,7 +38,7 @@ fi
 status=0
 echo
 echo "== GPU tests (pytest -m gpu)"
-timeout 200 "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider tests integration_tests
+timeout 180 "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider tests integration_tests
 rc=$?
 if [ $rc -eq 5 ]; then
     echo "no test is marked gpu"
@@ -47,12 +49,26 @@ fi
 
 echo
 echo "== CIFAR-shaped benchmark: Table 1 sweep + scoring, CUDA vs CPU"
-timeout 240 "$PY" scripts/bench_cifar_sweep.py --devices cuda cpu --n-train 2000 --n-test 500 \
+timeout 170 "$PY" scripts/bench_cifar_sweep.py --devices cuda cpu --n-train 2000 --n-test 500 \
     --scale-n-train 20000
 rc=$?
 if [ $rc -ne 0 ]; then
     echo "benchmark FAILED (exit status $rc; 124 = time limit)"
     status=1
+fi
+
+if [ -f benchmarks/run.py ]; then
+    echo
+    echo "== benchmark suite (python -m benchmarks.run --device cuda --quick)"
+    bench_out="$(mktemp -d "${TMPDIR:-/tmp}/libnet-bench.XXXXXX")"
+    timeout 100 "$PY" -m benchmarks.run --device cuda --quick --out "$bench_out"
+    rc=$?
+    if [ $rc -ne 0 ]; then
+        echo "benchmark suite FAILED (exit status $rc; 124 = time limit)"
+        status=1
+    elif [ -f "$bench_out/report.md" ]; then
+        cat "$bench_out/report.md"
+    fi
 fi
 
 echo

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from libnet_plugin import cli
-from libnet_plugin.data import CIFAR10_FILES, write_fake_cifar10
+from libnet_plugin.data import CIFAR10_FILES, CIFAR_MEAN, CIFAR_STD, write_fake_cifar10
 from libnet_plugin.experiments import cifar10
 from libnet_plugin.experiments.common import ExperimentError
 from libnet_plugin.models import CifarResNet, ResNet44, StateDictMismatchError
@@ -315,17 +315,38 @@ def test_augmentation_and_training_on_cuda(tmp_path):
     assert set(cifar10.check_weights(path)) == set(ResNet44().state_dict())  # saved on the CPU, loads anywhere
 
 
-def test_detector_comparison_with_an_incompatible_signature_is_a_note(monkeypatch):
+def test_detector_comparison_gets_the_arguments_it_declares(monkeypatch):
     import sys
     import types
 
+    from libnet_plugin.experiments.common import AttackSet
+
     module = types.ModuleType("libnet_plugin.experiments.detectors")
-    module.evaluate_detectors = lambda net, data: [{"detector": "never called"}]
     monkeypatch.setitem(sys.modules, "libnet_plugin.experiments.detectors", module)
-    out = cifar10._run_detectors(None, None, None, None, None, {}, None, None)
-    assert out["available"] is False and "missing a required argument: 'net'" in out["note"]
-    module.evaluate_detectors = lambda **kw: [{"detector": "cpl", "auroc": 0.5, "seen": sorted(kw)}]
-    out = cifar10._run_detectors(None, None, None, None, None, {}, None, None)
-    assert out["available"] is True and out["table"][0]["seen"] == ["attacked", "clean", "model", "probe",
-                                                                    "settings", "sweep"]
-    assert cifar10._render_detector_table({"rows": out["table"][:1]}).splitlines()[2].startswith("| cpl | 0.500 |")
+    x = torch.rand(3, 3, 32, 32)
+    sets = [AttackSet("standard", 0.1, x, "pixels", torch.arange(3)),
+            AttackSet("paper", 0.2, x, "normalized", torch.arange(3))]
+    data = (torch.zeros(2), torch.zeros(2), torch.ones(2), torch.ones(2))
+
+    def call():
+        return cifar10._run_detectors("SWEEP", "MODEL", "PROBE", cifar10.Cifar10Settings(), torch.device("cpu"), False,
+                                      clean="CLEAN", data=data, attack_sets=sets, protocols={"paper": {}})
+
+    module.evaluate_detectors = lambda net_in_some_other_form, clean: [{"detector": "never called"}]
+    out = call()
+    assert out["available"] is False and "net_in_some_other_form" in out["note"]
+    seen = {}
+
+    def evaluate_detectors(sweep, clean, attacks, x_test, threshold_sets, progress=None):
+        seen.update(sweep=sweep, clean=clean, attacks=attacks, x_test=x_test, sets=threshold_sets)
+        return {"rows": [{"detector": "cpl", "auroc": 0.5}]}
+
+    module.evaluate_detectors = evaluate_detectors
+    out = call()
+    assert out["available"] is True and seen["sweep"] == "SWEEP" and seen["clean"] == "CLEAN"
+    assert seen["x_test"] is data[2] and seen["sets"] == cifar10.CPL_SETS
+    mean = torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR_STD).view(1, 3, 1, 1)
+    assert torch.allclose(seen["attacks"]["standard"][0.1], (x - mean) / std)  # pixels -> the model's space
+    assert seen["attacks"]["paper"][0.2] is x  # already normalised
+    assert cifar10._render_detector_table(out["table"]).splitlines()[2] == "| cpl | 0.500 |"

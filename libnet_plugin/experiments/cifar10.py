@@ -53,6 +53,7 @@ from ..errors import LibnetError
 from ..models import ResNet44, StateDictMismatchError, load_state_dict_checked
 from .common import (
     PROTOCOLS,
+    AttackSet,
     Evidence,
     ExperimentError,
     LibrarySweep,
@@ -426,6 +427,7 @@ def reproduce_cifar10(
     *,
     device: torch.device,
     out_dir: str | os.PathLike,
+    y_train: Tensor | None = None,
     progress: bool | None = None,
     log: Callable[[str], None] | None = None,
     extra: Mapping[str, Any] | None = None,
@@ -441,6 +443,7 @@ def reproduce_cifar10(
         settings: the run's settings (validated here).
         device: where the model runs and the libraries live.
         out_dir: folder for ``report.json``, ``report.md``, ``attacks.safetensors`` and figures.
+        y_train: labels of ``x_train``, offered to the detector comparison (the libraries never use them).
         progress: tqdm bars (``None``: only on a terminal).
         log: where to print one line per stage (``None``: silent).
         extra: entries added to the report's ``"run"`` section (data and weights provenance).
@@ -519,7 +522,9 @@ def reproduce_cifar10(
     detectors = None
     if settings.detectors:
         with timer.stage("detectors"):
-            detectors = _run_detectors(sweep, model, probe, xn_train, test_ev, detection, settings, device)
+            detectors = _run_detectors(sweep, model, probe, settings, device, progress, clean=test_ev,
+                                       data=(xn_train, y_train, xn_test, y_test), attack_sets=attack_sets,
+                                       protocols=detection)
 
     figures: list[str] = []
     if settings.plots:
@@ -545,9 +550,20 @@ def reproduce_cifar10(
     return report
 
 
-def _run_detectors(sweep: LibrarySweep, model: torch.nn.Module, probe: Any, xn_train: Tensor, test_ev: Evidence,
-                   detection: Mapping[str, Any], settings: Cifar10Settings, device: torch.device) -> dict[str, Any]:
-    """The detector comparison (:mod:`libnet_plugin.experiments.detectors`), or a note when it is absent."""
+def _run_detectors(sweep: LibrarySweep, model: torch.nn.Module, probe: Any, settings: Cifar10Settings,
+                   device: torch.device, progress: bool | None, *, clean: Evidence,
+                   data: tuple[Tensor, Tensor | None, Tensor, Tensor], attack_sets: Sequence[AttackSet],
+                   protocols: Mapping[str, Any]) -> dict[str, Any]:
+    """The detector comparison of :mod:`libnet_plugin.experiments.detectors`, or a note when it is absent.
+
+    ``evaluate_detectors`` receives, by parameter name, whichever of these it declares (the same names as
+    ``libnet reproduce mnist`` offers): ``net`` / ``network`` (a fitted
+    :class:`~libnet_plugin.LibraryNetwork` with the first CPL set), ``sweep``, ``probe``, ``model``,
+    ``x_train`` / ``y_train`` / ``x_test`` / ``y_test`` (normalised inputs, the model's space), ``clean``
+    (the test :class:`~libnet_plugin.experiments.common.Evidence`), ``attacks`` (``{protocol: {epsilon:
+    attacked inputs, normalised}}``), ``attack_indices`` (``{protocol: test positions}``), ``protocols``
+    (the CPL results per protocol), ``threshold_sets``, ``settings``, ``device`` and ``progress``.
+    """
     try:
         from .detectors import evaluate_detectors
     except ImportError as exc:
@@ -556,13 +572,37 @@ def _run_detectors(sweep: LibrarySweep, model: torch.nn.Module, probe: Any, xn_t
                         f"part of this installation ({exc}); no detector table"}
     import inspect
 
-    kwargs = dict(sweep=sweep, probe=probe, model=model, clean=test_ev, attacked=detection, settings=settings)
+    import functools
+
+    signature = inspect.signature(evaluate_detectors)
+    available: dict[str, Any] = {
+        "sweep": sweep, "probe": probe, "model": model, "clean": clean, "protocols": protocols,
+        "threshold_sets": settings.cpl_sets, "settings": settings, "device": device, "progress": progress,
+        "x_train": data[0], "y_train": data[1], "x_test": data[2], "y_test": data[3],
+        "attack_indices": {a.protocol: a.indices for a in attack_sets},
+    }
+
+    @functools.cache
+    def network() -> Any:  # shares the sweep's libraries of the first CPL set, no copy
+        first = next(iter(settings.cpl_sets))
+        return sweep.to_network(model, settings.cpl_sets[first], top_k=settings.top_k_cpl, device=device)
+
+    def attacks() -> dict[str, dict[float, Tensor]]:
+        out: dict[str, dict[float, Tensor]] = {}
+        for a in attack_sets:
+            out.setdefault(a.protocol, {})[a.epsilon] = to_model_space(a.x_adv, a.space, "normalized", CIFAR_MEAN,
+                                                                       CIFAR_STD)
+        return out
+
+    built_on_demand = {"net": network, "network": network, "attacks": attacks}
+    kwargs = {name: available[name] if name in available else built_on_demand[name]()
+              for name in signature.parameters if name in available or name in built_on_demand}
     try:
-        inspect.signature(evaluate_detectors).bind(**kwargs)
+        signature.bind(**kwargs)
     except TypeError as exc:  # checked before calling, so that errors inside the comparison still surface
         return {"available": False,
-                "note": f"evaluate_detectors{inspect.signature(evaluate_detectors)} does not take the arguments "
-                        f"this experiment passes ({', '.join(kwargs)}): {exc}; no detector table"}
+                "note": f"evaluate_detectors{signature} asks for arguments this experiment does not provide "
+                        f"({exc}); no detector table"}
     return {"available": True, "table": evaluate_detectors(**kwargs)}
 
 
@@ -845,7 +885,8 @@ def run(args: argparse.Namespace) -> int:
         n_train = settings.n_train or x_train.shape[0]
         n_test = settings.n_test or x_test.shape[0]
         report = reproduce_cifar10(model, x_train[:n_train], x_test[:n_test], y_test[:n_test], settings,
-                                   device=device, out_dir=out, progress=args.progress, log=timer_log, extra=extra)
+                                   device=device, out_dir=out, y_train=y_train[:n_train], progress=args.progress,
+                                   log=timer_log, extra=extra)
     except LibnetError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
