@@ -81,7 +81,9 @@ def count_sketch(x: Tensor, sketch_map: tuple[Tensor, Tensor], buckets: int) -> 
         [1.0, 1.0, 1.0, 1.0]
     """
     bucket, sign = sketch_map
-    return x.new_zeros(x.shape[0], buckets).index_add_(1, bucket, x * sign)
+    # positive and negative units summed into separate columns, then subtracted: no signed copy of x
+    z = x.new_zeros(x.shape[0], 2 * buckets).index_add_(1, bucket + buckets * (sign < 0), x)
+    return z[:, :buckets] - z[:, buckets:]
 
 
 def leader_reference(haps: Tensor, threshold: float) -> list[int]:

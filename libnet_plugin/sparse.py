@@ -80,6 +80,7 @@ class SparseLibrary(ExactLibrary):
         self.n_units = _positive_int(n_units, "n_units", self.layer)
         self.seed = int(seed)
         self.units: Tensor | None = None
+        self._units_on: dict[torch.device, Tensor] = {}  # copies of ``units`` on the devices HAPs come from
         if self.dim is not None:
             self.units = self._draw_units(self.dim)
 
@@ -97,7 +98,10 @@ class SparseLibrary(ExactLibrary):
         """The normalised sub-vectors ``haps[:, units]`` ``[B, min(n_units, D)]``."""
         if self.units is None:
             self.units = self._draw_units(int(haps.shape[1]))
-        return normalize_rows(haps.index_select(1, self.units.to(haps.device)).to(self.device, self.dtype))
+        units = self._units_on.get(haps.device)
+        if units is None:
+            units = self._units_on[haps.device] = self.units.to(haps.device)
+        return normalize_rows(haps.index_select(1, units).to(self.device, self.dtype))
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "n_units": self.n_units, "seed": self.seed}
@@ -120,6 +124,7 @@ class SparseLibrary(ExactLibrary):
                                   f"n_units={self.n_units} and {self.dim} features (shape {tuple(units.shape)})")
         super().load_state_dict(state)
         self.units = units.clone()
+        self._units_on = {}
 
 
 class ProjectedLibrary(ExactLibrary):
