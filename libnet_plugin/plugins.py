@@ -38,12 +38,13 @@ def get_plugin_manager(autoload: bool | None = None, plugins: Iterable[Any] = ()
     Returns:
         A fresh ``pluggy.PluginManager``; nothing global is modified.
     """
-    from . import builtins, sparse
+    from . import builtins, detectors, sparse
 
     pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
     pm.add_hookspecs(hookspecs)
     pm.register(builtins, name="libnet-builtins")
     pm.register(sparse, name="libnet-sparse")
+    pm.register(detectors, name="libnet-detectors")
     if autoload is None:
         autoload = not _autoload_disabled()
     if autoload:

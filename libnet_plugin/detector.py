@@ -1,0 +1,514 @@
+"""A drop-in adversarial / out-of-domain detector for inference code, calibrated on clean data only.
+
+:class:`ConsistencyDetector` wraps a fitted :class:`~libnet_plugin.LibraryNetwork` and one consistency
+score served by the ``libnet_consistency_detector`` hook (the paper's CPL by default; the library-based
+``"library-margin"`` and the baselines ``"msp"``, ``"mahalanobis"``, ``"knn"`` of
+:mod:`libnet_plugin.detectors`; any third-party plugin). :meth:`ConsistencyDetector.calibrate` sets the
+decision threshold from clean inputs only, and :meth:`ConsistencyDetector.guard` turns the model into a
+module that returns its output and the flags from ONE forward pass (the detector reuses the activations
+the model computes anyway).
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> import libnet_plugin as lnp
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3)).eval()
+    >>> train, clean = torch.randn(400, 8), torch.randn(200, 8)
+    >>> det = lnp.ConsistencyDetector(model, layers=["0", "2"], thresholds=0.9, train=train,
+    ...                               method="library-margin").calibrate(clean, fpr=0.05)
+    >>> det.score(clean[:4]).shape, det.predict(clean[:4]).dtype
+    (torch.Size([4]), torch.bool)
+    >>> guarded = det.guard()
+    >>> out = guarded(clean[:4])
+    >>> out.output.shape, out.flagged.shape
+    (torch.Size([4, 3]), torch.Size([4]))
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
+
+import pluggy
+import torch
+from torch import Tensor, nn
+
+from ._batches import iter_batches
+from .errors import LibnetError, NotFittedError, SaveFormatError, ShapeMismatchError
+from .network import LibraryNetwork
+from .plugins import make_detector
+from .probe import ProbeResult, check_finite
+from .serialization import load_checked, save_atomic
+
+__all__ = ["ConsistencyDetector", "DetectorGuard", "GuardOutput", "ModelChangedError", "model_fingerprint"]
+
+_KIND = "ConsistencyDetector"
+
+
+class ModelChangedError(LibnetError, ValueError):
+    """The model's weights or layers differ from those the detector was fitted on."""
+
+
+class GuardOutput(NamedTuple):
+    """What :class:`DetectorGuard` returns for a batch.
+
+    Attributes:
+        output: the model's output ``[B, C]`` (rows of rejected non-finite inputs are NaN).
+        flagged: ``BoolTensor[B]``, True where the detector flags the input.
+        score: ``Tensor[B]``, the detector's score (higher = more suspicious; ``inf`` for non-finite input).
+    """
+
+    output: Tensor
+    flagged: Tensor
+    score: Tensor
+
+
+# --------------------------------------------------------------------------------------------------
+# model fingerprints
+# --------------------------------------------------------------------------------------------------
+
+
+def model_fingerprint(model: Any) -> list[list[Any]] | None:
+    """A cheap fingerprint of a torch model's parameters and buffers: ``[[name, shape, sum, sum of squares]]``.
+
+    Computed in float64; ``None`` for models that are not ``torch.nn.Module`` (ONNX sessions carry their
+    weights inside the file).
+
+    Example:
+        >>> model_fingerprint(nn.Linear(2, 1, bias=False).requires_grad_(False).apply(
+        ...     lambda m: m.weight.fill_(1.0) if isinstance(m, nn.Linear) else None))
+        [['weight', [1, 2], 2.0, 2.0]]
+    """
+    if not isinstance(model, nn.Module):
+        return None
+    out = []
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            d = t.detach().double()
+            out.append([name, list(t.shape), float(d.sum()), float((d * d).sum())])
+    return out
+
+
+def _fingerprint_diff(saved: Sequence[Sequence[Any]], now: Sequence[Sequence[Any]]) -> str | None:
+    """Describe the first difference between two fingerprints, or ``None`` when they match."""
+    a = {r[0]: r for r in saved}
+    b = {r[0]: r for r in now}
+    if a.keys() != b.keys():
+        missing, extra = sorted(a.keys() - b.keys()), sorted(b.keys() - a.keys())
+        return f"tensors missing now: {missing[:5]}, new tensors: {extra[:5]}"
+    for name, ra in a.items():
+        rb = b[name]
+        if list(ra[1]) != list(rb[1]):
+            return f"{name!r} had shape {list(ra[1])}, now {list(rb[1])}"
+        for i, what in ((2, "sum"), (3, "sum of squares")):
+            x, y = float(ra[i]), float(rb[i])
+            if not math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-6):
+                return f"the {what} of {name!r} changed from {x:.9g} to {y:.9g}"
+    return None
+
+
+def _tensor_versions(model: nn.Module) -> tuple[tuple[int, int], ...]:
+    return tuple((id(t), t._version) for t in list(model.parameters()) + list(model.buffers()))
+
+
+# --------------------------------------------------------------------------------------------------
+# the detector
+# --------------------------------------------------------------------------------------------------
+
+
+class ConsistencyDetector:
+    """Flag inputs on which the layers of a trained classifier disagree (adversarial or out of domain).
+
+    Build it from a fitted :class:`~libnet_plugin.LibraryNetwork`, or in one call from a model, its
+    layers, thresholds and training data. :meth:`calibrate` then sets the decision threshold from clean
+    data only. Scores are higher for more suspicious inputs (like pytorch-ood's detectors).
+
+    Args:
+        net: a fitted (or not yet fitted) ``LibraryNetwork``, or a model (``nn.Module``; ONNX with the
+            adapter) from which one is built with ``layers``, ``thresholds`` and ``network_options``.
+        layers: the layers to probe when ``net`` is a model (required then; not allowed otherwise).
+        thresholds: theta per layer when ``net`` is a model: a number, ``{layer: theta}``, or ``"auto"``
+            (the default; see :func:`libnet_plugin.thresholds.choose_thresholds`, options via
+            ``network_options={"auto_thresholds": {...}}``).
+        method: the score, by name, served by the ``libnet_consistency_detector`` hook: ``"cpl"`` (the
+            paper's Eq. 5, the default), ``"library-margin"``, ``"msp"``, ``"mahalanobis"``, ``"knn"``,
+            or a third-party name.
+        settings: keyword settings of the score (e.g. ``{"top_k": 20}`` for CPL).
+        train: training data (anything :meth:`LibraryNetwork.fit` accepts). Fits the network when it is
+            not fitted yet, and the score when it needs the training data (``"mahalanobis"``, ``"knn"``).
+        top_k, device: passed to the ``LibraryNetwork`` built from a model.
+        network_options: other ``LibraryNetwork`` keyword arguments when ``net`` is a model.
+        on_nonfinite: what :meth:`score`, :meth:`predict` and the guard do with inputs holding NaN or
+            infinity: ``"flag"`` (default: score ``inf``, flagged, the model is not run on them) or
+            ``"raise"`` (:class:`~libnet_plugin.errors.NonFiniteError`). :meth:`calibrate` and :meth:`fit`
+            always raise: clean data must be finite.
+        plugin_manager: a ``pluggy.PluginManager`` (default: the network's, else the process-wide one).
+        progress: show progress bars while fitting (default: only on a terminal).
+
+    Attributes:
+        net: the library network.
+        scorer: the score object returned by the hook.
+        threshold_: the calibrated threshold (inputs with ``score > threshold_`` are flagged).
+        fpr_: the false-positive rate asked for at calibration.
+        n_calibration_: number of clean inputs used to calibrate.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3)).eval()
+        >>> net = LibraryNetwork(model, ["0", "2"], thresholds=0.9).fit(torch.randn(400, 8))
+        >>> det = ConsistencyDetector(net).calibrate(torch.randn(100, 8), fpr=0.1)
+        >>> det.predict(torch.randn(5, 8)).shape
+        torch.Size([5])
+    """
+
+    def __init__(self, net: Any, layers: Sequence[str] | None = None, thresholds: Any = "auto", *,
+                 method: str = "cpl", settings: Mapping[str, Any] | None = None, train: Any = None,
+                 top_k: int = 3, device: Any = None, network_options: Mapping[str, Any] | None = None,
+                 on_nonfinite: str = "flag", plugin_manager: pluggy.PluginManager | None = None,
+                 progress: bool | None = None):
+        if on_nonfinite not in ("flag", "raise"):
+            raise ValueError(f"on_nonfinite must be 'flag' or 'raise', got {on_nonfinite!r}")
+        if not isinstance(method, str) or not method:
+            raise TypeError(f"method must be a detector name (str), got {method!r}")
+        if isinstance(net, LibraryNetwork):
+            if layers is not None or network_options:
+                raise ValueError("layers and network_options are only used when building from a model; "
+                                 "this detector was given a LibraryNetwork, which already has its layers")
+        else:
+            if layers is None:
+                raise ValueError("building a ConsistencyDetector from a model needs layers=[...] (and train= "
+                                 "to fit the libraries); or pass a fitted LibraryNetwork")
+            if train is None:
+                raise ValueError("building a ConsistencyDetector from a model needs the training data: train=...")
+            net = LibraryNetwork(net, layers, thresholds=thresholds, top_k=top_k, device=device,
+                                 plugin_manager=plugin_manager, **dict(network_options or {}))
+        self.net: LibraryNetwork = net
+        self.method = method
+        self.settings = dict(settings or {})
+        self.on_nonfinite = on_nonfinite
+        self.plugin_manager = plugin_manager if plugin_manager is not None else net.plugin_manager
+        self.progress = progress
+        self.scorer = make_detector(method, self.settings, self.plugin_manager)
+        self._scorer_fitted = False
+        self._fingerprint: list[list[Any]] | None = None
+        self._versions: tuple | None = None
+        if train is not None:
+            self.fit(train)
+        elif net.is_fitted:
+            self._record_model()
+
+    def __repr__(self) -> str:
+        thr = getattr(self, "threshold_", None)
+        return (f"ConsistencyDetector(method={self.method!r}, settings={self.settings}, layers={self.net.layers}, "
+                f"threshold={thr}, fpr={getattr(self, 'fpr_', None)})")
+
+    # ------------------------------------------------------------------ state helpers
+    @property
+    def is_calibrated(self) -> bool:
+        return hasattr(self, "threshold_")
+
+    @property
+    def requires_training_data(self) -> bool:
+        """Whether the score is fitted on the training data (``"mahalanobis"``, ``"knn"``)."""
+        return bool(getattr(self.scorer, "requires_training_data", False))
+
+    def _record_model(self) -> None:
+        self._fingerprint = model_fingerprint(self.net.model)
+        self._versions = _tensor_versions(self.net.model) if self._fingerprint is not None else None
+
+    def _check_model(self) -> None:
+        """Raise :class:`ModelChangedError` if the model's weights changed since the detector was fitted."""
+        if self._fingerprint is None or not isinstance(self.net.model, nn.Module):
+            return
+        versions = _tensor_versions(self.net.model)
+        if versions == self._versions:
+            return  # fast path: no tensor was replaced or modified in place
+        diff = _fingerprint_diff(self._fingerprint, model_fingerprint(self.net.model))
+        if diff is not None:
+            raise ModelChangedError(f"the model changed since the detector was fitted ({diff}); the libraries no "
+                                    "longer describe it: refit the LibraryNetwork and the detector")
+        self._versions = versions
+
+    def _warn_training_mode(self) -> None:
+        if isinstance(self.net.model, nn.Module) and self.net.model.training:
+            warnings.warn("the model is in training mode (dropout / batch-norm statistics change its activations); "
+                          "call model.eval() before fitting, calibrating or scoring", stacklevel=3)
+
+    def _ensure_scorer(self) -> None:
+        self.net._check_fitted()
+        if self._scorer_fitted:
+            return
+        if self.requires_training_data:
+            raise NotFittedError(f"the {self.method!r} detector is fitted on the training data: call "
+                                 "det.fit(train) (or pass train= when building the detector) before calibrate")
+        self.scorer.fit(self.net, None)
+        self._scorer_fitted = True
+
+    def _check_calibrated(self) -> None:
+        if not self.is_calibrated:
+            raise NotFittedError("this ConsistencyDetector is not calibrated: call det.calibrate(clean_data, fpr=0.05) "
+                                 "with clean inputs before predict() or guard()")
+
+    # ------------------------------------------------------------------ fitting and calibration
+    def fit(self, train: Any) -> "ConsistencyDetector":
+        """Fit the library network (if it is not fitted yet) and the score on the training data.
+
+        Args:
+            train: training inputs as :meth:`LibraryNetwork.fit` accepts them (labels are used only by
+                ``"knn"``'s votes).
+
+        Returns:
+            ``self``; any earlier calibration is dropped.
+        """
+        self._warn_training_mode()
+        if not self.net.is_fitted:
+            self.net.fit(train, progress=self.progress)
+        self.scorer.fit(self.net, train)
+        self._scorer_fitted = True
+        self._record_model()
+        for attr in ("threshold_", "fpr_", "n_calibration_", "calibration_scores_"):
+            self.__dict__.pop(attr, None)
+        return self
+
+    def calibrate(self, clean: Any, fpr: float = 0.05) -> "ConsistencyDetector":
+        """Set the decision threshold so that about ``fpr`` of clean inputs are flagged.
+
+        The threshold is the ``ceil((n + 1)(1 - fpr))``-th smallest score of the ``n`` clean inputs (the
+        conformal quantile): a new clean input exchangeable with them is flagged with probability at most
+        ``fpr``, and at least ``fpr - 1 / (n + 1)``. Scores fused over layers first take their clean
+        reference from these inputs (leave-one-out), so calibration data should not be training data.
+
+        Args:
+            clean: clean inputs (a Tensor, ``(X, y)``, Dataset, DataLoader or batches), held out from the
+                training data; at least ``ceil(1 / fpr)`` of them.
+            fpr: the false-positive rate to aim at, in (0, 1).
+
+        Returns:
+            ``self``, with ``threshold_``, ``fpr_``, ``n_calibration_`` and ``calibration_scores_`` set.
+
+        Raises:
+            ValueError: ``fpr`` outside (0, 1), too few clean inputs, or non-finite clean inputs.
+        """
+        if isinstance(fpr, bool) or not isinstance(fpr, (int, float)) or not (0.0 < float(fpr) < 1.0):
+            raise ValueError(f"fpr must be a number in the open interval (0, 1), got {fpr!r}")
+        fpr = float(fpr)
+        self._ensure_scorer()
+        self._check_model()
+        self._warn_training_mode()
+        fused = hasattr(self.scorer, "set_reference")
+        parts = []
+        for x, _ in iter_batches(clean, self.net.batch_size):
+            if x.shape[0] == 0:
+                continue
+            check_finite(x, "a clean calibration batch")
+            r = self.net._run(x)
+            parts.append(self.scorer.features(self.net, r) if fused else self.scorer.score(self.net, r))
+        n = sum(p.shape[0] for p in parts)
+        rank = math.ceil((n + 1) * (1.0 - fpr))
+        if n == 0 or rank > n:
+            need = math.ceil(1.0 / fpr) - 1 if n else 1
+            raise ValueError(f"calibrate needs at least {max(need, 2)} clean inputs for fpr={fpr:g} (the threshold is "
+                             f"the ceil((n + 1)(1 - fpr))-th smallest clean score), got {n}")
+        data = torch.cat(parts)
+        scores = self.scorer.set_reference(data) if fused else data
+        scores = scores.detach().double()
+        self.calibration_scores_ = scores.sort().values.float()
+        self.threshold_ = float(scores.sort().values[rank - 1])
+        self.fpr_ = fpr
+        self.n_calibration_ = n
+        return self
+
+    # ------------------------------------------------------------------ scoring
+    def _score_result(self, r: ProbeResult) -> Tensor:
+        return self.scorer.score(self.net, r).float()
+
+    def _score_batch(self, x: Tensor, want_outputs: bool = False) -> tuple[Tensor, Tensor | None]:
+        """Scores ``[B]`` (and the model's outputs ``[B, C]``) of one batch, handling non-finite rows."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"inputs must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() == 0:
+            raise ValueError("inputs must have a leading batch dimension, got a 0-d tensor")
+        self._check_shape(x)
+        finite = torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1) if x.is_floating_point() else None
+        if finite is None or bool(finite.all()):
+            r = self.net._run(x)
+            return self._score_result(r), (r.outputs if want_outputs else None)
+        if self.on_nonfinite == "raise":
+            check_finite(x, "the input batch")
+        # on_nonfinite="flag": score inf, output NaN, and the model never sees those rows
+        scores = torch.full((x.shape[0],), float("inf"), device=self.net.device)
+        outputs = (torch.full((x.shape[0], self.net.n_classes_), float("nan"), device=self.net.device)
+                   if want_outputs else None)
+        keep = finite.nonzero().flatten()
+        if keep.numel():
+            r = self.net._run(x[keep])
+            scores[keep.to(scores.device)] = self._score_result(r).to(scores.device)
+            if outputs is not None:
+                outputs[keep.to(outputs.device)] = r.outputs.to(outputs.device, outputs.dtype)
+        return scores, outputs
+
+    def _check_shape(self, x: Tensor) -> None:
+        shape = getattr(self.net, "input_shape_", None)
+        if shape is not None and tuple(x.shape[1:]) != tuple(shape):
+            raise ShapeMismatchError(f"input batch has shape {tuple(x.shape)} (per input {tuple(x.shape[1:])}); "
+                                     f"the detector was fitted on inputs of shape [B, {', '.join(map(str, shape))}]")
+
+    def score(self, x: Any) -> Tensor:
+        """Suspicion score per input, higher = more suspicious.
+
+        Args:
+            x: inputs ``[B, ...]`` (a Tensor), or any data :meth:`LibraryNetwork.fit` accepts (batches are
+                concatenated).
+
+        Returns:
+            ``Tensor[B]`` (float32) on the network's device; ``inf`` for non-finite inputs when
+            ``on_nonfinite="flag"``.
+        """
+        self._ensure_scorer()
+        if getattr(self.scorer, "set_reference", None) is not None and not self.is_calibrated:
+            raise NotFittedError(f"the {self.method!r} score fuses per-layer p-values against clean reference data: "
+                                 "call det.calibrate(clean_data, fpr=0.05) first")
+        self._check_model()
+        if isinstance(x, Tensor):
+            return self._score_batch(x)[0]
+        parts = [self._score_batch(xb)[0] for xb, _ in iter_batches(x, self.net.batch_size) if xb.shape[0]]
+        if not parts:
+            raise ValueError("score received no inputs (empty data)")
+        return torch.cat(parts)
+
+    __call__ = score
+
+    def predict(self, x: Any) -> Tensor:
+        """``BoolTensor[B]``: True where ``score(x) > threshold_`` (needs :meth:`calibrate`)."""
+        self._check_calibrated()
+        return self.score(x) > self.threshold_
+
+    def score_and_output(self, x: Tensor) -> GuardOutput:
+        """The model's output, flags and scores of one batch from a single forward pass (see :meth:`guard`)."""
+        self._check_calibrated()
+        self._ensure_scorer()
+        self._check_model()
+        scores, outputs = self._score_batch(x, want_outputs=True)
+        return GuardOutput(output=outputs, flagged=scores > self.threshold_, score=scores)
+
+    def guard(self) -> "DetectorGuard":
+        """Wrap the model: a module returning ``GuardOutput(output, flagged, score)`` in one forward pass."""
+        self._check_calibrated()
+        return DetectorGuard(self)
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes kept: ``{"library": ..., "detector": ...}`` (library network tensors; the score's own)."""
+        lib = sum(t.numel() * t.element_size() for t in self.net.state_tensors().values())
+        extra = getattr(self.scorer, "memory_bytes", None)
+        return {"library": int(lib), "detector": int(extra()) if callable(extra) else 0}
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | os.PathLike) -> None:
+        """Save network, score and calibration to one safetensors file, atomically (the model is not saved).
+
+        Scores that keep no tensors and offer no ``config()`` (a third-party plugin) are rebuilt from
+        ``method`` and ``settings`` at load.
+        """
+        self.net._check_fitted()
+        tensors = {f"network/{k}": v for k, v in self.net.state_tensors().items()}
+        state = getattr(self.scorer, "state_dict", None)
+        if callable(state):
+            tensors.update({f"detector/{k}": v for k, v in state().items()})
+        if self.is_calibrated:
+            tensors["calibration/scores"] = self.calibration_scores_
+        cfg_fn = getattr(self.scorer, "config", None)
+        config = {
+            "network": self.net._config(), "method": self.method, "settings": self.settings,
+            "scorer": cfg_fn() if callable(cfg_fn) else {}, "scorer_fitted": self._scorer_fitted,
+            "on_nonfinite": self.on_nonfinite, "fingerprint": self._fingerprint,
+            "calibration": ({"threshold": self.threshold_, "fpr": self.fpr_, "n": self.n_calibration_}
+                            if self.is_calibrated else None),
+        }
+        save_atomic(path, tensors, kind=_KIND, config=config)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: Any, *, map_location: Any = None, device: Any = None,
+             plugin_manager: pluggy.PluginManager | None = None, check_model: bool = True) -> "ConsistencyDetector":
+        """Load a detector saved by :meth:`save` onto ``model``.
+
+        Args:
+            path: the saved file.
+            model: the model the detector was fitted on (layers are matched by name).
+            map_location / device: where to put the libraries (e.g. ``"cpu"``).
+            plugin_manager: where to find the score plugin (default: the process-wide manager).
+            check_model: compare the model's weights with the fingerprint saved at fitting and raise
+                :class:`ModelChangedError` when they differ.
+        """
+        tensors, cfg = load_checked(path, kind=_KIND)
+        try:
+            net_cfg, method, settings = cfg["network"], cfg["method"], cfg["settings"]
+        except KeyError as exc:
+            raise SaveFormatError(f"{str(path)!r}: saved detector settings lack the entry {exc}") from exc
+        net_tensors = {k[len("network/"):]: v for k, v in tensors.items() if k.startswith("network/")}
+        net = LibraryNetwork._from_state(net_tensors, net_cfg, model, device=device if device is not None else map_location,
+                                         plugin_manager=plugin_manager)
+        det = cls(net, method=method, settings=settings, on_nonfinite=cfg.get("on_nonfinite", "flag"),
+                  plugin_manager=plugin_manager)
+        fingerprint = cfg.get("fingerprint")
+        if check_model and fingerprint is not None:
+            now = model_fingerprint(model)
+            diff = _fingerprint_diff(fingerprint, now) if now is not None else None
+            if diff is not None:
+                raise ModelChangedError(f"{str(path)!r} was fitted on a model whose weights differ from the model given "
+                                        f"({diff}); pass the same model, or refit")
+        if fingerprint is not None:
+            det._fingerprint = fingerprint
+            det._versions = _tensor_versions(model) if isinstance(model, nn.Module) else None
+        if cfg.get("scorer_fitted"):
+            loader = getattr(det.scorer, "load_state_dict", None)
+            state = {k[len("detector/"):]: v for k, v in tensors.items() if k.startswith("detector/")}
+            if callable(loader):
+                loader(state, net, cfg.get("scorer") or {})
+            else:
+                det.scorer.fit(net, None)
+            det._scorer_fitted = True
+        cal = cfg.get("calibration")
+        if cal is not None:
+            if "calibration/scores" not in tensors:
+                raise SaveFormatError(f"{str(path)!r} lacks the tensor 'calibration/scores'")
+            det.threshold_, det.fpr_, det.n_calibration_ = float(cal["threshold"]), float(cal["fpr"]), int(cal["n"])
+            det.calibration_scores_ = tensors["calibration/scores"].float()
+        return det
+
+
+class DetectorGuard(nn.Module):
+    """The model wrapped with its detector: ``forward(x)`` gives the output and the flags in one pass.
+
+    The library network's probe runs the model once with forward hooks on the probed layers; the
+    detector scores the activations captured during that pass, so guarding costs the library look-ups,
+    not a second forward pass. Gradients are not kept (inference only).
+
+    Args:
+        detector: a calibrated :class:`ConsistencyDetector`.
+
+    Example:
+        >>> guarded = det.guard()  # doctest: +SKIP
+        >>> out = guarded(x)  # doctest: +SKIP
+        >>> logits, suspicious = out.output, out.flagged  # doctest: +SKIP
+    """
+
+    def __init__(self, detector: ConsistencyDetector):
+        super().__init__()
+        detector._check_calibrated()
+        self.detector = detector
+        if isinstance(detector.net.model, nn.Module):
+            self.model = detector.net.model  # registered so .eval()/.to() reach it
+
+    def forward(self, x: Tensor) -> GuardOutput:
+        return self.detector.score_and_output(x)
+
+    def extra_repr(self) -> str:
+        d = self.detector
+        return f"method={d.method!r}, threshold={d.threshold_:.6g}, fpr={d.fpr_:g}"

@@ -1,0 +1,227 @@
+"""Choosing each layer's theta from the data (``thresholds="auto"``), for a model nobody has tuned.
+
+The seed hand-picked theta per layer. :func:`choose_thresholds` instead aims at a library size: a
+fraction of the training set per layer (``target=0.1``: about 10% of the training inputs become nodes),
+or a number of nodes. It streams once over the training data to draw a uniform random sample of the
+inputs (reservoir sampling, kept in visiting order) and to count them, runs the model on the sample
+only, and for each layer bisects theta on the leader rule over the sample. When the sample is smaller
+than the training set, the library size on the whole set is extrapolated from the growth of the
+library along the sample (a power law ``M(n) ~ n^b`` fitted on the second half of the sample): the
+library grows slower than the data, so a plain fraction of the sample would overshoot.
+
+:class:`~libnet_plugin.LibraryNetwork` calls it at ``fit`` when built with ``thresholds="auto"``;
+options go in ``auto_thresholds={...}``. What was chosen is logged (logger
+``libnet_plugin.thresholds``) and kept in ``net.auto_thresholds_report_``.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> import libnet_plugin as lnp
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4)).eval()
+    >>> x = torch.randn(1000, 16)
+    >>> net = lnp.LibraryNetwork(model, ["0", "2"], thresholds="auto",
+    ...                          auto_thresholds={"target": 0.1}).fit(x)
+    >>> sorted(net.thresholds) == ["0", "2"]
+    True
+    >>> all(60 <= n <= 140 for n in net.library_sizes_.values())  # about 10% of 1,000
+    True
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import numbers
+from typing import TYPE_CHECKING, Any, Mapping
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ._batches import is_one_shot, iter_batches
+from .plugins import make_library
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .network import LibraryNetwork
+
+__all__ = ["choose_thresholds", "reservoir_sample", "predicted_library_size"]
+
+log = logging.getLogger(__name__)
+
+#: Bisection bounds for theta (the library's valid range is (0, 1]).
+THETA_MIN, THETA_MAX = 1e-3, 1.0
+
+
+def reservoir_sample(data: Any, n: int, seed: int = 0, batch_size: int = 256) -> tuple[Tensor, Tensor, int]:
+    """A uniform random sample of ``n`` inputs from a stream, in visiting order (reservoir sampling).
+
+    Args:
+        data: anything :func:`libnet_plugin._batches.iter_batches` accepts (labels are ignored).
+        n: sample size (the whole data when it has fewer inputs).
+        seed: seed of the sampling.
+        batch_size: batch size when ``data`` is a Tensor or Dataset.
+
+    Returns:
+        ``(inputs [m, ...], indices LongTensor[m], n_total)`` with ``m = min(n, n_total)``; ``indices``
+        are positions in the stream, increasing.
+
+    Example:
+        >>> x, idx, total = reservoir_sample(torch.arange(100.).reshape(100, 1), 10, batch_size=7)
+        >>> x.shape, total, bool((idx[1:] > idx[:-1]).all()), bool((x[:, 0] == idx).all())
+        (torch.Size([10, 1]), 100, True, True)
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"sample_size must be a positive integer, got {n!r}")
+    rng = np.random.default_rng(seed)
+    buf: Tensor | None = None
+    idx = np.full(n, -1, dtype=np.int64)
+    seen = 0
+    for x, _ in iter_batches(data, batch_size):
+        b = x.shape[0]
+        if b == 0:
+            continue
+        if buf is None:
+            buf = torch.empty((n, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        elif tuple(x.shape[1:]) != tuple(buf.shape[1:]):
+            raise ValueError(f"training batches have per-input shapes {tuple(buf.shape[1:])} and {tuple(x.shape[1:])}")
+        pos = np.arange(seen, seen + b)
+        # Algorithm R: input t (0-based) replaces slot j ~ U{0..t} when j < n (always placed while t < n).
+        slots = np.where(pos < n, pos, (rng.random(b) * (pos + 1)).astype(np.int64))
+        for i in np.flatnonzero(slots < n):  # in order, so a later input overwrites an earlier one
+            buf[slots[i]] = x[i]
+            idx[slots[i]] = pos[i]
+        seen += b
+    if buf is None or seen == 0:
+        raise ValueError("choose_thresholds received no training inputs (empty data)")
+    m = min(n, seen)
+    order = np.argsort(idx[:m], kind="stable")
+    return buf[:m][torch.from_numpy(order).to(buf.device)], torch.from_numpy(idx[:m][order]), seen
+
+
+def predicted_library_size(stored: Tensor, n_total: int) -> float:
+    """Extrapolate a library's size from its growth along a sample of ``n`` to ``n_total`` inputs.
+
+    Args:
+        stored: ``BoolTensor[n]``: which sample inputs became nodes, in visiting order.
+        n_total: size of the whole training set.
+
+    Returns:
+        The predicted number of nodes on ``n_total`` inputs: ``M(n) * (n_total / n) ** b`` with ``b`` the
+        log-log slope of the cumulative size ``M(i)`` over the second half of the sample (clipped to
+        [0, 1]); exactly ``M(n)`` when ``n_total == n``.
+
+    Example:
+        >>> stored = torch.zeros(400, dtype=torch.bool); stored[torch.arange(0, 400, 4)] = True
+        >>> round(predicted_library_size(stored, 800), -1)  # linear growth: about 100 -> 200
+        200.0
+    """
+    n = int(stored.shape[0])
+    m = torch.cumsum(stored.to(torch.float64), dim=0)
+    size = float(m[-1]) if n else 0.0
+    if n_total <= n or n < 8 or size == 0:
+        return size
+    i = torch.arange(n // 2, n, dtype=torch.float64)
+    y = torch.log(m[n // 2:].clamp(min=1.0))
+    x = torch.log(i + 1.0)
+    xc = x - x.mean()
+    b = float((xc * (y - y.mean())).sum() / (xc * xc).sum().clamp(min=1e-12))
+    b = min(max(b, 0.0), 1.0)
+    return min(size * (n_total / n) ** b, float(n_total))
+
+
+def _target_size(target: Any, n_total: int, layer: str) -> int:
+    """Nodes wanted for ``layer``: a float is a fraction in (0, 1), an integer a number of nodes."""
+    if isinstance(target, numbers.Integral) and not isinstance(target, bool):
+        if int(target) < 1:
+            raise ValueError(f"target for layer {layer!r}: a number of nodes must be >= 1, got {target!r}")
+        return min(int(target), n_total)
+    if isinstance(target, numbers.Real) and not isinstance(target, bool) and 0.0 < float(target) < 1.0:
+        return max(1, round(float(target) * n_total))
+    raise ValueError(f"target for layer {layer!r} must be a fraction of the training set in (0, 1) (a float) or a "
+                     f"number of nodes >= 1 (an int), got {target!r}")
+
+
+def choose_thresholds(net: "LibraryNetwork", train: Any, *, target: float | int | Mapping[str, float | int] = 0.1,
+                      sample_size: int = 1000, seed: int = 0, tol: float = 0.02, max_iter: int = 25,
+                      **_unused: Any) -> dict[str, float]:
+    """Choose theta per layer so that each library reaches a target size.
+
+    Args:
+        net: the (not yet fitted) library network: its probe, layers, library kind and options are used.
+        train: the training data, as ``fit`` takes it; it must be re-iterable (it is streamed once here,
+            then again by ``fit``).
+        target: per layer (one value, or ``{layer: value}``): a fraction in (0, 1) of the training inputs
+            to keep as nodes, or a whole number of nodes.
+        sample_size: inputs sampled (uniformly, by reservoir sampling) to choose theta from; only these
+            pass through the model here. Their activations are kept in memory (``sample_size`` x the
+            summed layer widths, float32).
+        seed: seed of the sampling.
+        tol: stop when the predicted size is within this relative distance of the target.
+        max_iter: bisection steps per layer at most.
+
+    Returns:
+        ``{layer: theta}`` with theta in (0, 1]. The details (target, predicted size, sample size, size on
+        the sample) are logged and stored in ``net.auto_thresholds_report_``.
+
+    Raises:
+        ValueError: a bad target, empty data, or a one-shot iterator as training data.
+
+    Example:
+        >>> choose_thresholds(net, x_train, target={"conv1": 0.2, "fc1": 300})  # doctest: +SKIP
+        {'conv1': 0.7312, 'fc1': 0.8845}
+    """
+    if is_one_shot(train):
+        raise ValueError("thresholds='auto' streams over the training data before fit does: pass a re-iterable "
+                         "(Tensor, (X, y), Dataset, DataLoader or a list of batches), not a one-shot iterator")
+    targets = dict(target) if isinstance(target, Mapping) else {l: target for l in net.layers}
+    missing = [l for l in net.layers if l not in targets]
+    unknown = [l for l in targets if l not in net.layers]
+    if missing or unknown:
+        raise ValueError(f"target must give one value per probed layer {net.layers}; missing {missing}, unknown {unknown}")
+    if not (isinstance(tol, (int, float)) and 0.0 < tol < 1.0):
+        raise ValueError(f"tol must be a number in (0, 1), got {tol!r}")
+    x_sample, _, n_total = reservoir_sample(train, sample_size, seed=seed, batch_size=net.batch_size)
+    haps: dict[str, list[Tensor]] = {l: [] for l in net.layers}
+    for i in range(0, x_sample.shape[0], net.batch_size):
+        r = net.probe.run(x_sample[i:i + net.batch_size])
+        for l in net.layers:
+            haps[l].append(r.haps[l])
+    chosen: dict[str, float] = {}
+    report: dict[str, dict[str, Any]] = {}
+    for l in net.layers:
+        h = torch.cat(haps[l])
+        haps[l] = []  # free the list's references as we go
+        want = _target_size(targets[l], n_total, l)
+
+        def size_at(theta: float) -> tuple[float, int]:
+            lib = make_library(net.library, {**net.library_options, "threshold": theta, "device": net.device,
+                                             "layer": l}, net.plugin_manager)
+            stored = torch.cat([lib.partial_fit(h[i:i + net.batch_size], torch.arange(i, min(i + net.batch_size, h.shape[0]))).cpu()
+                                for i in range(0, h.shape[0], net.batch_size)])
+            return predicted_library_size(stored, n_total), int(stored.sum())
+
+        lo, hi = THETA_MIN, THETA_MAX
+        best = (math.inf, THETA_MAX, 0.0, 0)
+        for _ in range(int(max_iter)):
+            mid = 0.5 * (lo + hi)
+            pred, on_sample = size_at(mid)
+            err = abs(pred - want) / want
+            if err < best[0]:
+                best = (err, mid, pred, on_sample)
+            if err <= tol:
+                break
+            if pred < want:
+                lo = mid
+            else:
+                hi = mid
+        _, theta, pred, on_sample = best
+        theta = min(THETA_MAX, max(THETA_MIN, round(theta, 4)))
+        chosen[l] = theta
+        report[l] = {"theta": theta, "target_size": want, "predicted_size": round(pred, 1),
+                     "sample_size": int(h.shape[0]), "size_on_sample": on_sample, "n_train": n_total}
+        log.info("layer %r: theta %.4f (target %d nodes of %d inputs, predicted %.0f; %d on a sample of %d)",
+                 l, theta, want, n_total, pred, on_sample, h.shape[0])
+    net.auto_thresholds_report_ = report
+    return chosen
