@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import pluggy
 import torch
@@ -20,7 +21,7 @@ from .plugins import make_library, make_probe, make_readout
 from .probe import ProbeResult
 from .serialization import load_checked, save_atomic
 
-__all__ = ["LibraryNetwork"]
+__all__ = ["LibraryNetwork", "stream_fit", "StreamFit"]
 
 ThresholdSpec = float | Mapping[str, float]
 
@@ -32,6 +33,110 @@ def _resolve_device(device: Any, model: Any) -> torch.device:
         for t in model.parameters():
             return t.device
     return torch.device("cpu")
+
+
+@dataclass
+class StreamFit:
+    """What :func:`stream_fit` returns.
+
+    Attributes:
+        readouts: ``{layer: [readout per library, same order]}``, accumulated over all training inputs.
+        n_train / n_classes / input_shape: what the training data held.
+        answers: the model's answers on the training inputs, ``LongTensor[N]`` (CPU), in visiting order.
+    """
+
+    readouts: dict[str, list[Any]]
+    n_train: int
+    n_classes: int
+    input_shape: tuple[int, ...]
+    answers: Tensor
+
+
+def stream_fit(probe: Any, train: Any, libraries: Mapping[str, Sequence[Any]], new_readout: Callable[[int], Any], *,
+               batch_size: int = 256, cache_bytes: int = 256 * 2**20, progress: bool | None = None,
+               desc: str = "libraries") -> StreamFit:
+    """The two streaming passes behind :meth:`LibraryNetwork.fit`, for any number of libraries per layer.
+
+    Pass 1 runs the model over ``train`` once and feeds every batch of HAPs, in order, to all libraries
+    of that layer (``partial_fit``). Pass 2, once the libraries are complete (METHOD.md section 3),
+    accumulates one readout per library from the HAPs kept in pass 1 while they fit ``cache_bytes``,
+    and otherwise from a second forward pass (the cache is dropped as soon as it exceeds the budget).
+
+    Args:
+        probe: a layer probe (``probe.run(x) -> ProbeResult``).
+        train: Tensor, ``(X, y)``, Dataset, DataLoader or iterable of batches, in visiting order.
+        libraries: ``{layer: [library, ...]}`` (e.g. one per threshold of a sweep), empty, filled here.
+        new_readout: ``new_readout(n_classes)`` returns a fresh readout.
+        batch_size / cache_bytes / progress: as for :class:`LibraryNetwork`.
+        desc: the progress bars' label.
+
+    Returns:
+        A :class:`StreamFit`.
+    """
+    layers = list(libraries)
+    cache: list[dict[str, Tensor]] | None = []
+    cached_bytes = 0
+    answers: list[Tensor] = []
+    n = 0
+    n_classes = None
+    input_shape = None
+    bar = lambda it, label: tqdm(it, desc=f"{desc} ({label})", unit="batch", leave=False,  # noqa: E731
+                                 disable=None if progress is None else not progress)
+    for x, _ in bar(iter_batches(train, batch_size), "pass 1"):
+        if x.shape[0] == 0:
+            continue
+        if input_shape is None:
+            input_shape = tuple(x.shape[1:])
+        elif tuple(x.shape[1:]) != input_shape:
+            raise ShapeMismatchError(f"training batch has per-input shape {tuple(x.shape[1:])}, earlier "
+                                     f"batches had {input_shape}")
+        res = probe.run(x)
+        n_classes = int(res.outputs.shape[1])
+        idx = torch.arange(n, n + x.shape[0])
+        for layer in layers:
+            for lib in libraries[layer]:
+                lib.partial_fit(res.haps[layer], idx)
+        answers.append(res.answers.cpu())
+        n += x.shape[0]
+        if cache is not None:
+            cache.append({l: res.haps[l] for l in layers})
+            cached_bytes += sum(res.haps[l].numel() * res.haps[l].element_size() for l in layers)
+            if cached_bytes > cache_bytes:
+                cache = None
+    if n == 0 or n_classes is None or input_shape is None:
+        raise ValueError("fit received no training inputs (empty data)")
+    if cache is None and is_one_shot(train):
+        raise ValueError(
+            f"the training data is a one-shot iterator and its activations exceed cache_bytes={cache_bytes}; "
+            "pass a re-iterable (Tensor, Dataset, DataLoader, list of batches) or raise cache_bytes so that "
+            "the Hebbian pass can see the data a second time")
+    train_answers = torch.cat(answers)
+    readouts = {l: [new_readout(n_classes) for _ in libraries[l]] for l in layers}
+    for l in layers:
+        for lib, ro in zip(libraries[l], readouts[l]):
+            ro.reset(lib.size)
+
+    def hap_batches():
+        if cache is not None:
+            yield from cache
+            return
+        for xb, _ in iter_batches(train, batch_size):
+            if xb.shape[0]:
+                yield probe.run(xb).haps
+
+    seen = 0
+    for haps in bar(hap_batches(), "pass 2"):
+        b = haps[layers[0]].shape[0]
+        ans = train_answers[seen:seen + b]
+        for l in layers:
+            for lib, ro in zip(libraries[l], readouts[l]):
+                ro.accumulate(lib.similarity(haps[l]), ans)
+        seen += b
+    if seen != n:
+        raise ValueError(f"the training data gave {n} inputs in the first pass and {seen} in the second; "
+                         "pass data that yields the same inputs every time it is iterated")
+    return StreamFit(readouts=readouts, n_train=n, n_classes=n_classes, input_shape=input_shape,
+                     answers=train_answers)
 
 
 class LibraryNetwork:
@@ -188,67 +293,29 @@ class LibraryNetwork:
             from .thresholds import choose_thresholds
 
             self.thresholds = choose_thresholds(self, train, **self.auto_thresholds)
-        libraries: dict[str, Any] = {}
-        cache: list[dict[str, Tensor]] | None = []
-        cached_bytes = 0
-        n = 0
-        n_classes = None
-        input_shape = None
-        for x, _ in self._progress(iter_batches(train, self.batch_size), "libraries (pass 1)", progress):
-            if x.shape[0] == 0:
-                continue
-            if input_shape is None:
-                input_shape = tuple(x.shape[1:])
-            elif tuple(x.shape[1:]) != input_shape:
-                raise ShapeMismatchError(f"training batch has per-input shape {tuple(x.shape[1:])}, earlier "
-                                         f"batches had {input_shape}")
-            res = self.probe.run(x)
-            if n_classes is None:
-                n_classes = int(res.outputs.shape[1])
-            idx = torch.arange(n, n + x.shape[0])
-            for layer in self.layers:
-                if layer not in libraries:
-                    libraries[layer] = self._new_library(layer)
-                libraries[layer].partial_fit(res.haps[layer], idx)
-            n += x.shape[0]
-            if cache is not None:
-                cache.append({"answers": res.answers, **res.haps})
-                cached_bytes += sum(h.numel() * h.element_size() for h in res.haps.values())
-                if cached_bytes > self.cache_bytes:
-                    cache = None
-        if n == 0:
-            raise ValueError("fit received no training inputs (empty data)")
-        if cache is None and is_one_shot(train):
-            raise ValueError(
-                f"the training data is a one-shot iterator and its activations exceed cache_bytes="
-                f"{self.cache_bytes}; pass a re-iterable (Tensor, Dataset, DataLoader, list of batches) or raise "
-                "cache_bytes so that the Hebbian pass can see the data a second time")
-        readouts = {l: self._new_readout(n_classes) for l in self.layers}
-        for l in self.layers:
-            readouts[l].reset(libraries[l].size)
-        if cache is not None:
-            batches = ((c["answers"], {l: c[l] for l in self.layers}) for c in cache)
-        else:
-            def second_pass():
-                for x, _ in iter_batches(train, self.batch_size):
-                    if x.shape[0]:
-                        r = self.probe.run(x)
-                        yield r.answers, r.haps
-            batches = second_pass()
-        seen = 0
-        for answers, haps in self._progress(batches, "readouts (pass 2)", progress):
-            for l in self.layers:
-                readouts[l].accumulate(libraries[l].similarity(haps[l]), answers)
-            seen += answers.shape[0]
-        if seen != n:
-            raise ValueError(f"the training data gave {n} inputs in the first pass and {seen} in the second; "
-                             "pass data that yields the same inputs every time it is iterated")
-        self.libraries_ = libraries
-        self.readouts_ = readouts
-        self.n_classes_ = n_classes
-        self.n_train_ = n
-        self.input_shape_ = input_shape
-        self.hap_dims_ = {l: int(libraries[l].dim) for l in self.layers}
+        libraries = {l: self._new_library(l) for l in self.layers}
+        fitted = stream_fit(self.probe, train, {l: [lib] for l, lib in libraries.items()}, self._new_readout,
+                            batch_size=self.batch_size, cache_bytes=self.cache_bytes, progress=progress)
+        return self.adopt_fitted(libraries, {l: r[0] for l, r in fitted.readouts.items()},
+                                 n_classes=fitted.n_classes, n_train=fitted.n_train, input_shape=fitted.input_shape)
+
+    def adopt_fitted(self, libraries: Mapping[str, Any], readouts: Mapping[str, Any], *, n_classes: int,
+                     n_train: int, input_shape: Sequence[int] | None) -> "LibraryNetwork":
+        """Take libraries and readouts fitted elsewhere (e.g. one threshold of a sweep); return self.
+
+        Args:
+            libraries / readouts: one per probed layer, as the library and readout hooks return them.
+            n_classes / n_train / input_shape: what the fit saw (classes, inputs, per-input shape).
+        """
+        missing = [l for l in self.layers if l not in libraries or l not in readouts]
+        if missing:
+            raise ValueError(f"adopt_fitted needs a library and a readout for every probed layer; missing {missing}")
+        self.libraries_ = {l: libraries[l] for l in self.layers}
+        self.readouts_ = {l: readouts[l] for l in self.layers}
+        self.n_classes_ = int(n_classes)
+        self.n_train_ = int(n_train)
+        self.input_shape_ = tuple(input_shape) if input_shape is not None else None
+        self.hap_dims_ = {l: int(self.libraries_[l].dim) for l in self.layers}
         return self
 
     # ------------------------------------------------------------------ prediction
@@ -475,8 +542,5 @@ class LibraryNetwork:
                 except KeyError as exc:
                     raise SaveFormatError(f"saved network lacks the tensor {prefix}{exc.args[0]} of layer {l!r}") from exc
             libraries[l], readouts[l] = lib, ro
-        net.libraries_, net.readouts_ = libraries, readouts
-        net.n_classes_, net.n_train_ = cfg["n_classes"], cfg["n_train"]
-        net.input_shape_ = tuple(cfg["input_shape"]) if cfg["input_shape"] is not None else None
-        net.hap_dims_ = {l: int(v) for l, v in cfg["hap_dims"].items()}
-        return net
+        return net.adopt_fitted(libraries, readouts, n_classes=cfg["n_classes"], n_train=cfg["n_train"],
+                                input_shape=cfg["input_shape"])

@@ -64,6 +64,7 @@ from .._batches import iter_batches
 from ..errors import LibnetError, SaveFormatError, ShapeMismatchError
 from ..library import validate_threshold
 from ..metrics import ConfusionAccumulator, auroc, cpl, tpr_at_fpr
+from ..network import stream_fit
 from ..plugins import make_library, make_readout
 from ..serialization import atomic_write_bytes, load_checked, save_atomic
 
@@ -303,13 +304,9 @@ class LibrarySweep:
             raise ValueError(f"thresholds must give one value per layer {self.layers}; missing {missing}")
         thr = {l: self._check(l, thresholds[l]) for l in self.layers}
         net = LibraryNetwork(model, self.layers, thresholds=thr, top_k=top_k, device=device)
-        net.libraries_ = {l: self.libraries[l][thr[l]] for l in self.layers}
-        net.readouts_ = {l: self.readouts[l][thr[l]] for l in self.layers}
-        net.n_classes_ = self.n_classes
-        net.n_train_ = self.n_train
-        net.input_shape_ = tuple(self.input_shape)
-        net.hap_dims_ = dict(self.hap_dims)
-        return net
+        return net.adopt_fitted({l: self.libraries[l][thr[l]] for l in self.layers},
+                                {l: self.readouts[l][thr[l]] for l in self.layers},
+                                n_classes=self.n_classes, n_train=self.n_train, input_shape=self.input_shape)
 
 
 def fit_library_sweep(probe: Any, train: Any, thresholds: Mapping[str, Sequence[float]], *,
@@ -354,67 +351,15 @@ def fit_library_sweep(probe: Any, train: Any, thresholds: Mapping[str, Sequence[
     if empty:
         raise ValueError(f"every probed layer needs at least one threshold; none given for {empty}")
     device = torch.device(device) if device is not None else getattr(probe, "device", torch.device("cpu"))
-    lib_opts = dict(library_options or {})
+    lib_opts, ro_opts = dict(library_options or {}), dict(readout_options or {})
     libs: dict[str, dict[float, Any]] = {
         l: {t: make_library(library, {**lib_opts, "threshold": t, "device": device, "layer": l}, plugin_manager)
             for t in ts} for l, ts in thr.items()}
-    cache: list[dict[str, Tensor]] | None = []
-    cached = 0
-    answers: list[Tensor] = []
-    n = 0
-    input_shape: tuple[int, ...] | None = None
-    n_classes: int | None = None
-    for x, _ in _progress(iter_batches(train, batch_size), "library sweep (pass 1)", progress):
-        if x.shape[0] == 0:
-            continue
-        if input_shape is None:
-            input_shape = tuple(x.shape[1:])
-        elif tuple(x.shape[1:]) != input_shape:
-            raise ShapeMismatchError(f"training batch has per-input shape {tuple(x.shape[1:])}, earlier batches "
-                                     f"had {input_shape}")
-        res = probe.run(x)
-        n_classes = int(res.outputs.shape[1])
-        idx = torch.arange(n, n + x.shape[0])
-        for l in layers:
-            for lib in libs[l].values():
-                lib.partial_fit(res.haps[l], idx)
-        answers.append(res.answers.cpu())
-        n += x.shape[0]
-        if cache is not None:
-            cache.append({l: res.haps[l] for l in layers})
-            cached += sum(h.numel() * h.element_size() for h in res.haps.values())
-            if cached > cache_bytes:
-                cache = None
-    if n == 0 or input_shape is None or n_classes is None:
-        raise ValueError("fit_library_sweep received no training inputs (empty data)")
-    train_answers = torch.cat(answers)
-    ro_opts = dict(readout_options or {})
-    readouts = {l: {t: make_readout(readout, {**ro_opts, "n_classes": n_classes, "device": device}, plugin_manager)
-                    for t in ts} for l, ts in thr.items()}
-    for l in layers:
-        for t in thr[l]:
-            readouts[l][t].reset(libs[l][t].size)
-
-    def hap_batches() -> Iterator[dict[str, Tensor]]:
-        if cache is not None:
-            yield from cache
-            return
-        for xb, _ in iter_batches(train, batch_size):
-            if xb.shape[0]:
-                yield probe.run(xb).haps
-
-    start = 0
-    n_batches = len(cache) if cache is not None else None
-    for haps in _progress(hap_batches(), "library sweep (pass 2)", progress, total=n_batches):
-        b = next(iter(haps.values())).shape[0]
-        ans = train_answers[start:start + b]
-        for l in layers:
-            for t in thr[l]:
-                readouts[l][t].accumulate(libs[l][t].similarity(haps[l]), ans)
-        start += b
-    if start != n:
-        raise ValueError(f"the training data gave {n} inputs in the first pass and {start} in the second; pass "
-                         "data that yields the same inputs every time it is iterated")
+    fitted = stream_fit(probe, train, {l: list(libs[l].values()) for l in layers},
+                        lambda c: make_readout(readout, {**ro_opts, "n_classes": c, "device": device}, plugin_manager),
+                        batch_size=batch_size, cache_bytes=cache_bytes, progress=progress, desc="library sweep")
+    readouts = {l: dict(zip(libs[l], fitted.readouts[l])) for l in layers}
+    n, n_classes, input_shape, train_answers = fitted.n_train, fitted.n_classes, fitted.input_shape, fitted.answers
     hap_dims = {l: int(next(iter(libs[l].values())).dim) for l in layers}
     return LibrarySweep(layers=layers, thresholds=thr, libraries=libs, readouts=readouts, n_train=n,
                         n_classes=n_classes, input_shape=input_shape, hap_dims=hap_dims, train_answers=train_answers)
