@@ -325,7 +325,7 @@ class LibraryMarginScore(FusedLayerScore):
             ones compute the Gram matrix of each input's nearest nodes on the fly.
 
     Example:
-        >>> s = LibraryMarginScore(k=3, span=50)
+        >>> s = LibraryMarginScore(k=3, span=100)
         >>> s.features_
         ('margin', 'residual')
     """
@@ -333,7 +333,7 @@ class LibraryMarginScore(FusedLayerScore):
     name = "library-margin"
     FEATURES = ("margin", "residual", "similarity")
 
-    def __init__(self, layers: Sequence[str] | None = None, k: int = 3, span: int = 50,
+    def __init__(self, layers: Sequence[str] | None = None, k: int = 3, span: int = 100,
                  features: Sequence[str] = ("margin", "residual"), ridge: float = 1e-3,
                  max_gram_nodes: int = 8192, **_: Any):
         super().__init__(layers)
