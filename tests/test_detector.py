@@ -498,3 +498,24 @@ def test_evaluate_detectors_command_quick(tmp_path, capsys):
     assert res["run"]["command"].startswith("libnet evaluate-detectors --quick --detectors")
     assert (out / "roc.png").is_file() and "| detector |" in (out / "detectors.md").read_text()
     assert "best library-based detector" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", METHODS)
+def test_cuda_detector_matches_cpu(mlp, mlp_data, method):
+    x, y = mlp_data
+    cal = torch.randn(100, 10, generator=torch.Generator().manual_seed(9))
+    cpu_net = lnp.LibraryNetwork(mlp, ["fc1", "fc2", "out"], thresholds=0.9).fit(x)
+    expected = _detector(cpu_net, method, (x, y)).calibrate(cal, fpr=0.1).score(x[:40])
+    mlp.cuda()  # the same weights, now on the GPU
+    gpu_net = lnp.LibraryNetwork(mlp, ["fc1", "fc2", "out"], thresholds=0.9, device="cuda").fit(x)
+    assert gpu_net.library_sizes_ == cpu_net.library_sizes_
+    gpu = _detector(gpu_net, method, (x, y)).calibrate(cal, fpr=0.1)
+    s = gpu.score(x[:40])  # CPU inputs are moved to the model
+    assert s.device.type == "cuda"
+    diff = (s.cpu() - expected).abs()
+    # float differences may swap near-ties: a rank in a p-value or a k-NN vote, so allow rare small jumps
+    assert float(diff.median()) < 1e-3 and float(diff.max()) < 1.0, diff
+    out = gpu.guard()(x[:8].cuda())
+    assert out.output.device.type == "cuda" and out.flagged.shape == (8,)
