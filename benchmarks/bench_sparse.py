@@ -38,9 +38,12 @@ CONFIGS: list[tuple[str, str, dict[str, Any]]] = [
       for n in (256, 1024, 4096)],
     *[(f"projected-gaussian {n}", "projected", {"n_components": n, "seed": 0, "method": "gaussian"})
       for n in (256, 1024)],
+    # the wide layers only ({layer: size}); fc1 (500 units) and fc2 are used whole
+    ("projected-hashing conv-only 256", "projected",
+     {"n_components": {"conv1": 256, "conv2": 256}, "seed": 0, "method": "hashing"}),
 ]
 QUICK_CONFIGS = [c for c in CONFIGS if c[0] in ("exact", "sparse 256", "sparse 1024", "projected-hashing 1024",
-                                                "projected-gaussian 256")]
+                                                "projected-gaussian 256", "projected-hashing conv-only 256")]
 
 
 def _library_bytes(net: lnp.LibraryNetwork) -> int:

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m benchmarks.run [--device cpu|cuda] [--quick] [--out benchmarks/results]
+    python -m benchmarks.run [--device cpu|cuda] [--quick] [--threads N] [--out benchmarks/results]
 
 Sections (DESIGN.md section 6, issue "Performance"):
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import time
 import traceback
@@ -45,13 +46,14 @@ CONV1_THETA = 0.7
 def _construction(mb: MnistBench, device: torch.device, quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
     spec = SyntheticSpec(n=5_000) if quick else SyntheticSpec()
     x = synthetic_set(spec)
-    out = {"synthetic": {**bench_construction.run_case("synthetic", x, spec.theta, device, log=log),
+    repeat = 3 if quick else 5
+    out = {"synthetic": {**bench_construction.run_case("synthetic", x, spec.theta, device, repeat=repeat, log=log),
                          "spec": spec.describe()}}
     del x
     n = 1000 if quick else mb.x_train.shape[0]
     probe = make_probe(mb.model, ["conv1"], device)
     haps = torch.cat([probe.run(mb.x_train[i:i + 500]).haps["conv1"] for i in range(0, n, 500)])
-    out["mnist_conv1"] = bench_construction.run_case("mnist_conv1", haps, CONV1_THETA, device, log=log)
+    out["mnist_conv1"] = bench_construction.run_case("mnist_conv1", haps, CONV1_THETA, device, repeat=repeat, log=log)
     return out
 
 
@@ -73,7 +75,8 @@ def _memory(mb: MnistBench, device: torch.device, quick: bool, log: Callable[[st
     return out
 
 
-def _detector(device: torch.device, log: Callable[[str], None]) -> dict[str, Any]:
+def _detector(device: torch.device, quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    """The detector benchmark of ``benchmarks/bench_detector_overhead.py`` (``main(device, quick=)``), if there."""
     try:
         mod = importlib.import_module("benchmarks.bench_detector_overhead")
     except ModuleNotFoundError as exc:
@@ -82,10 +85,17 @@ def _detector(device: torch.device, log: Callable[[str], None]) -> dict[str, Any
         return {"note": "benchmarks/bench_detector_overhead.py is not there; the library-network scoring "
                         "overhead is measured in the sparse-sampling section"}
     try:
-        return mod.main(device=str(device))
+        result = mod.main(device=str(device), quick=quick, log=log)
     except Exception as exc:  # a failing peer benchmark must not lose the rest of the report
         log(f"[detector] failed: {exc!r}")
         return {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=5)}
+    render = getattr(mod, "render", None)
+    if callable(render):
+        try:
+            result = {**result, "markdown": render(result)}
+        except Exception as exc:  # the numbers are kept even when the table cannot be drawn
+            log(f"[detector] table not rendered: {exc!r}")
+    return result
 
 
 def run(device: str = "cpu", *, quick: bool = False, out_dir: str | Path = "benchmarks/results",
@@ -111,8 +121,9 @@ def run(device: str = "cpu", *, quick: bool = False, out_dir: str | Path = "benc
     report["sections"]["memory"] = timed("memory", lambda: _memory(mb, dev, quick, log))
     report["sections"]["sparse_sampling"] = timed("sparse_sampling", lambda: bench_sparse.run(mb, dev, quick=quick,
                                                                                               log=log))
-    report["sections"]["detector_overhead"] = timed("detector_overhead", lambda: _detector(dev, log))
+    report["sections"]["detector_overhead"] = timed("detector_overhead", lambda: _detector(dev, quick, log))
     report["seconds"] = {**stage, "total": round(time.perf_counter() - t0, 1)}
+    report["machine"]["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     write_json_atomic(out / "report.json", report)
     try:
         plot_report(report, out / "report.png")
@@ -178,14 +189,17 @@ def render_markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
     sec = report["sections"]
     lines = ["# libnet-plugin benchmarks", "",
-             f"Machine: {_machine_line(m)}. Load average at start: {m.get('load_average_at_start')}.",
+             f"Machine: {_machine_line(m)}. Load average (1/5/15 min) at start "
+             f"{_load(m.get('load_average_at_start'))}, at end {_load(m.get('load_average_at_end'))}: on a shared "
+             "machine other processes slow some turns; every time is the best of several turns.",
              f"Run: {'quick' if report['quick'] else 'full'}, {report['seconds']['total']} s in all "
              f"({', '.join(f'{k} {v} s' for k, v in report['seconds'].items() if k != 'total')}).", "",
              "## 1-2. Library construction (exact batched vs one-by-one loop vs matrix product vs faiss)", "",
              "`batched`: ExactLibrary with the screen off; `screened`: ExactLibrary's default (count-sketch "
              "screen); `matmul`: one plain product of all N inputs with the final library (N x M x D); "
              "`faiss`: the same leader rule with faiss `IndexFlatIP` as the search step. Batch 256. Times are "
-             "the best of 3 turns; every method's node list is checked against the loop's.", "",
+             "the best of 3 (quick) or 5 turns, the loop runs once; every method's node list is checked against "
+             "the loop's.", "",
              construction_table(sec["construction"]), ""]
     syn = sec["construction"].get("synthetic")
     if syn:
@@ -213,11 +227,18 @@ def render_markdown(report: dict[str, Any]) -> str:
               f"takes {probe:.2f}x the forward (median over the rows).", ""]
     lines += ["## 4. Peak memory of fitting", "", sec["memory"]["method"] + ".", "", memory_table(sec["memory"]), ""]
     det = sec["detector_overhead"]
-    lines += ["## Detector overhead (benchmarks/bench_detector_overhead.py)", "",
-              "```", _short_json(det), "```", ""]
+    lines += ["## Detector overhead (benchmarks/bench_detector_overhead.py)", ""]
+    if "markdown" in det:
+        lines += [det["markdown"], ""]
+    else:
+        lines += ["```", _short_json({k: v for k, v in det.items() if k != "machine"}), "```", ""]
     if report.get("figure"):
         lines += [f"![benchmarks]({report['figure']})", ""]
     return "\n".join(lines)
+
+
+def _load(values: Any) -> str:
+    return "/".join(f"{v:.1f}" for v in values) if values else "n/a"
 
 
 def _short_json(obj: Any) -> str:
@@ -248,7 +269,7 @@ def plot_report(report: dict[str, Any], path: str | Path) -> Path:
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))],
                   [f"{c['name']}\n{c['n']}x{c['dim']}, {c['nodes']} nodes" for c in cases])
     ax.set_yscale("log")
-    ax.set_ylabel("seconds (best of 3)")
+    ax.set_ylabel("seconds (best of the turns)")
     ax.set_title("Exact library construction")
     ax.legend(fontsize=8)
     rows = report["sections"]["sparse_sampling"]["rows"]
@@ -290,7 +311,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller sets and fewer configurations (about a minute)")
     parser.add_argument("--out", default="benchmarks/results", help="output folder (default: %(default)s)")
     parser.add_argument("--cache-dir", default=".cache", help="trained weights and attacks (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice, one per core)")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     report = run(args.device, quick=args.quick, out_dir=args.out, cache_dir=args.cache_dir)
     print()
     print(construction_table(report["sections"]["construction"]))

@@ -11,7 +11,8 @@ vectors, both served by the ``libnet_library`` hook and saved with the library n
   matrix; ``method="hashing"`` a signed hashing of the units (one pass over the layer, no matrix product).
 
 Layers with no more units than asked for are used whole (for example the MNIST net's ``fc1`` and ``fc2``
-with ``n_units=1024``). Everything random comes from ``seed`` through a CPU ``torch.Generator``, so a seed
+with ``n_units=1024``); a ``{layer: size}`` mapping samples only the layers it names (for example
+``{"conv1": 1024}``). Everything random comes from ``seed`` through a CPU ``torch.Generator``, so a seed
 gives the same library on every machine and device.
 
 Example:
@@ -45,6 +46,14 @@ __all__ = ["SparseLibrary", "ProjectedLibrary", "PROJECTION_METHODS", "libnet_li
 PROJECTION_METHODS = ("gaussian", "hashing")
 
 
+def _layer_size(value: Any, name: str, layer: str) -> int | None:
+    """The size option for this layer: an int for every layer, or ``{layer: int}`` (layers not named, and
+    ``None``, are used whole)."""
+    if isinstance(value, Mapping):
+        value = value.get(layer)
+    return None if value is None else _positive_int(value, name, layer)
+
+
 def _reject(settings: Mapping[str, Any], key: str, name: str, own: str) -> None:
     """A clear error for the other library's size option (ExactLibrary would silently ignore it)."""
     if key in settings:
@@ -59,7 +68,8 @@ class SparseLibrary(ExactLibrary):
 
     Args:
         threshold: theta in (0, 1].
-        n_units: units seen per layer; a layer with at most ``n_units`` units is used whole.
+        n_units: units seen per layer, or ``{layer: units}`` (layers not named are used whole); a layer
+            with at most ``n_units`` units, and ``None``, use the whole layer.
         seed: seed of the draw.
         **settings: the :class:`~libnet_plugin.library.ExactLibrary` settings (``device``, ``layer``,
             ``dim``, ``dtype``, ``chunk_size``, screen options...).
@@ -74,10 +84,11 @@ class SparseLibrary(ExactLibrary):
 
     name = "sparse"
 
-    def __init__(self, threshold: float, *, n_units: int = 1024, seed: int = 0, **settings: Any):
+    def __init__(self, threshold: float, *, n_units: int | Mapping[str, int] | None = 1024, seed: int = 0,
+                 **settings: Any):
         _reject(settings, "n_components", self.name, "n_units")
         super().__init__(threshold, **settings)
-        self.n_units = _positive_int(n_units, "n_units", self.layer)
+        self.n_units = _layer_size(n_units, "n_units", self.layer)
         self.seed = int(seed)
         self.units: Tensor | None = None
         self._units_on: dict[torch.device, Tensor] = {}  # copies of ``units`` on the devices HAPs come from
@@ -89,7 +100,7 @@ class SparseLibrary(ExactLibrary):
                 f"seed={self.seed}, size={self.size})")
 
     def _draw_units(self, dim: int) -> Tensor:
-        if self.n_units >= dim:
+        if self.n_units is None or self.n_units >= dim:
             return torch.arange(dim)
         gen = torch.Generator().manual_seed(self.seed)
         return torch.randperm(dim, generator=gen)[: self.n_units].sort().values
@@ -117,7 +128,11 @@ class SparseLibrary(ExactLibrary):
         if "units" not in state:
             raise SaveFormatError(f"the saved sparse library of layer {self.layer!r} has no 'units' entry")
         units = state["units"].to("cpu", torch.long)
-        size_ok = units.numel() == min(self.n_units, self.dim) if self.dim is not None else units.numel() <= self.n_units
+        want = self.n_units if self.n_units is not None else self.dim
+        if self.dim is not None:
+            size_ok = units.numel() == (self.dim if want is None else min(want, self.dim))
+        else:
+            size_ok = want is None or units.numel() <= want
         if (units.dim() != 1 or not size_ok or units.numel() == 0 or int(units.min()) < 0
                 or (self.dim is not None and int(units.max()) >= self.dim)):
             raise SaveFormatError(f"the saved units of the sparse library of layer {self.layer!r} do not fit "
@@ -139,7 +154,8 @@ class ProjectedLibrary(ExactLibrary):
 
     Args:
         threshold: theta in (0, 1].
-        n_components: dimension after projection; a layer with at most that many units is used whole.
+        n_components: dimension after projection, or ``{layer: dimension}`` (layers not named are used
+            whole); a layer with at most that many units, and ``None``, use the whole layer.
         seed: seed of the map.
         method: ``"gaussian"`` or ``"hashing"``.
         projection_digest: the digest of the expected map (set by ``load``; checked when drawn).
@@ -154,14 +170,14 @@ class ProjectedLibrary(ExactLibrary):
 
     name = "projected"
 
-    def __init__(self, threshold: float, *, n_components: int = 1024, seed: int = 0, method: str = "gaussian",
-                 projection_digest: str | None = None, **settings: Any):
+    def __init__(self, threshold: float, *, n_components: int | Mapping[str, int] | None = 1024, seed: int = 0,
+                 method: str = "gaussian", projection_digest: str | None = None, **settings: Any):
         _reject(settings, "n_units", self.name, "n_components")
         super().__init__(threshold, **settings)
         if method not in PROJECTION_METHODS:
             raise ValueError(f"method of the projected library for layer {self.layer!r} must be one of "
                              f"{PROJECTION_METHODS}, got {method!r}")
-        self.n_components = _positive_int(n_components, "n_components", self.layer)
+        self.n_components = _layer_size(n_components, "n_components", self.layer)
         self.seed = int(seed)
         self.method = method
         self.projection_digest = projection_digest
@@ -175,7 +191,7 @@ class ProjectedLibrary(ExactLibrary):
                 f"{self.n_components}, method={self.method!r}, seed={self.seed}, size={self.size})")
 
     def _draw(self, dim: int) -> None:
-        self._identity = self.n_components >= dim
+        self._identity = self.n_components is None or self.n_components >= dim
         if self._identity:
             self._projection = None
             digest = "identity"

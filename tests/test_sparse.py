@@ -140,3 +140,36 @@ def test_wrong_size_option_names_the_right_one():
         ProjectedLibrary(0.8, method="pca")
     with pytest.raises(ValueError, match="n_units for layer 'fc1' must be an integer >= 1"):
         SparseLibrary(0.8, n_units=0, layer="fc1")
+
+
+def test_readme_performance_example_runs(tmp_path, monkeypatch):
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("<!-- section:performance -->"): readme.index("<!-- /section:performance -->")]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert blocks, "the README's performance section has no python example"
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(blocks[0], "README.md", "exec"), namespace)
+    sparse, same = namespace["sparse"], namespace["same"]
+    assert sparse.libraries_["0"].nodes.shape[1] == 64
+    assert same.library_sizes_ == sparse.library_sizes_
+    assert torch.equal(same.libraries_["0"].units, sparse.libraries_["0"].units)
+    assert namespace["projected"].libraries_["0"].nodes.shape[1] == 64
+
+
+@pytest.mark.parametrize("library, key", [("sparse", "n_units"), ("projected", "n_components")])
+def test_a_size_per_layer_samples_only_the_layers_named(tmp_path, mlp, mlp_data, library, key):
+    x, _ = mlp_data
+    net = lnp.LibraryNetwork(mlp, ["fc1", "fc2"], thresholds=0.85, library=library,
+                             library_options={key: {"fc1": 8}, "seed": 2}).fit(x)
+    assert net.libraries_["fc1"].nodes.shape[1] == 8
+    assert net.libraries_["fc2"].nodes.shape[1] == 16  # not named: used whole
+    assert net.libraries_["fc2"].config()[key] is None
+    net.save(tmp_path / "net.lnp")
+    back = lnp.LibraryNetwork.load(tmp_path / "net.lnp", mlp)
+    for layer in net.layers:
+        assert torch.equal(back.libraries_[layer].nodes, net.libraries_[layer].nodes)
+        assert back.libraries_[layer].config() == net.libraries_[layer].config()
