@@ -11,7 +11,7 @@ import torch
 
 from libnet_plugin.experiments.common import environment_info
 
-__all__ = ["machine_info", "sync", "best_time", "interleaved_best", "cpu_model", "resolve_device"]
+__all__ = ["machine_info", "sync", "interleaved_best", "cpu_model", "resolve_device"]
 
 
 def cpu_model() -> str:
@@ -48,24 +48,6 @@ def sync(device: torch.device) -> None:
     """Wait for queued CUDA work (timings on a GPU are meaningless without it)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def best_time(fn: Callable[[], Any], device: torch.device, repeat: int = 3, warmup: int = 0) -> tuple[float, Any]:
-    """The best wall time of ``repeat`` calls of ``fn`` (after ``warmup`` untimed calls) and its last result.
-
-    The minimum is the usual estimator on a shared machine: other processes only ever add time.
-    """
-    out = None
-    for _ in range(warmup):
-        out = fn()
-    sync(device)
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = fn()
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best, out
 
 
 def interleaved_best(fns: dict[str, Callable[[], Any]], device: torch.device, repeat: int = 3,

@@ -27,7 +27,7 @@ import torch
 
 from libnet_plugin.library import ExactLibrary, leader_reference, normalize_rows
 
-from ._util import best_time, interleaved_best, sync
+from ._util import interleaved_best, sync
 
 __all__ = ["build_exact", "leader_faiss", "comparison_macs", "run_case"]
 
