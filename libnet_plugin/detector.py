@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from typing import Any, Iterable, Mapping, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import pluggy
 import torch
@@ -287,7 +287,7 @@ class ConsistencyDetector:
 
         Args:
             clean: clean inputs (a Tensor, ``(X, y)``, Dataset, DataLoader or batches), held out from the
-                training data; at least ``ceil(1 / fpr)`` of them.
+                training data; at least ``ceil(1 / fpr) - 1`` of them (19 for ``fpr=0.05``).
             fpr: the false-positive rate to aim at, in (0, 1).
 
         Returns:

@@ -416,7 +416,7 @@ def test_readme_detector_example_runs(monkeypatch, tmp_path):
     blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
     assert blocks, "the README's detector section has no python example"
     code = blocks[0]
-    assert len([l for l in code.splitlines() if l.strip() and not l.lstrip().startswith("#")]) <= 12
+    assert len([l for l in code.splitlines() if l.strip() and not l.lstrip().startswith("#")]) <= 10
     monkeypatch.chdir(tmp_path)
     ns: dict = {}
     exec(compile(code, "README.md", "exec"), ns)
@@ -444,6 +444,9 @@ def test_evaluate_detectors_format_and_files(tmp_path, fitted, mlp_data):
     knn = res["detectors"]["knn"]
     assert 0.0 <= knn["auroc"]["shifted"] <= 1.0 and 0.0 <= knn["heldout_fpr"] <= 1.0
     assert knn["memory_bytes"]["kept"] == knn["memory_bytes"]["detector"] > 0
+    check = res["detectors"]["msp"]["fpr_check"]
+    assert check["n_calibration"] == check["n_heldout"] == 100 and check["n_splits"] == 50
+    assert check["min"] <= check["mean"] <= check["max"] and abs(check["mean"] - 0.05) < 0.03
     assert res["detectors"]["cpl"]["library_based"] and res["best_library_based"] == "cpl"
     assert res["detectors"]["cpl"]["memory_bytes"]["kept"] == res["detectors"]["cpl"]["memory_bytes"]["library"]
     assert res["rows"][0]["detector"] == "cpl" and "shifted: AUROC / TPR" in res["rows"][0]
@@ -467,6 +470,17 @@ def test_evaluate_detectors_bad_input(mlp, fitted, mlp_data):
         evaluate_detectors(fitted, x, x[:100], {"a": x[:10]}, {"a": x[:10]})
     with pytest.raises(ValueError, match="fpr must be"):
         evaluate_detectors(fitted, x, x[:100], {"a": x[:10]}, fpr=1.0)
+
+
+@pytest.mark.parametrize("method", ["msp", "library-margin"])
+def test_calibration_check_averages_to_the_requested_rate(fitted, method):
+    from libnet_plugin.experiments.detectors import calibration_check
+
+    clean = torch.randn(1000, 10, generator=torch.Generator().manual_seed(11))
+    det = lnp.ConsistencyDetector(fitted, method=method).calibrate(clean[:500], fpr=0.05)
+    check = calibration_check(det, clean, 0.05, n_splits=50)
+    assert check["n_calibration"] == 500 and check["n_heldout"] == 500
+    assert abs(check["mean"] - 0.05) < 0.01 and check["sd"] < 0.02, check  # conformal: slightly below 0.05
 
 
 def test_threshold_specs_of_the_command():

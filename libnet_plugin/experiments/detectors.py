@@ -42,7 +42,7 @@ from ..network import LibraryNetwork
 from ..serialization import atomic_write_bytes
 from .common import ExperimentError, StageTimer, ensure_writable_dir, environment_info, markdown_table, write_json_atomic, write_text_atomic
 
-__all__ = ["evaluate_detectors", "plot_roc_curves", "add_arguments", "run", "DEFAULT_THRESHOLDS"]
+__all__ = ["evaluate_detectors", "calibration_check", "plot_roc_curves", "add_arguments", "run", "DEFAULT_THRESHOLDS"]
 
 #: The default ``--thresholds``: each layer's theta chosen so that its library holds about a quarter of
 #: the training inputs (:func:`libnet_plugin.thresholds.choose_thresholds`).
@@ -97,11 +97,53 @@ def _time_scores(fn: Callable[[Tensor], Any], x: Tensor, batch_size: int) -> tup
     return elapsed / x.shape[0] * 1e6, outs
 
 
+def calibration_check(det: ConsistencyDetector, x_clean: Tensor, fpr: float, n_splits: int = 50, seed: int = 0,
+                      batch_size: int = 256) -> dict[str, Any]:
+    """Held-out false-positive rate of ``det``'s calibration over random halves of clean data.
+
+    The clean inputs are scored once (per-layer features for fused scores); each split calibrates on one
+    random half exactly as :meth:`ConsistencyDetector.calibrate` does (the conformal quantile; for fused
+    scores the clean reference of the p-values too) and counts the flagged inputs of the other half.
+
+    Returns:
+        ``{"requested", "mean", "sd", "min", "max", "n_calibration", "n_heldout", "n_splits"}``.
+    """
+    from ..detectors import ConformalFusion
+
+    fused = hasattr(det.scorer, "set_reference")
+    parts = []
+    for i in range(0, x_clean.shape[0], batch_size):
+        r = det.net._run(x_clean[i:i + batch_size])
+        parts.append(det.scorer.features(det.net, r) if fused else det.scorer.score(det.net, r))
+    data = torch.cat(parts).detach().double().cpu()
+    n = data.shape[0]
+    n_cal = n // 2
+    rank = math.ceil((n_cal + 1) * (1.0 - fpr))
+    if rank > n_cal:
+        raise ValueError(f"calibration_check needs at least {2 * (math.ceil(1 / fpr) - 1)} clean inputs, got {n}")
+    g = torch.Generator().manual_seed(seed)
+    rates = []
+    for _ in range(int(n_splits)):
+        perm = torch.randperm(n, generator=g)
+        cal, held = data[perm[:n_cal]], data[perm[n_cal:]]
+        if fused:
+            fusion = ConformalFusion()
+            cal_scores, held_scores = fusion.fit(cal), fusion(held)
+        else:
+            cal_scores, held_scores = cal, held
+        threshold = cal_scores.sort().values[rank - 1]
+        rates.append(float((held_scores > threshold).double().mean()))
+    r = np.asarray(rates)
+    return {"requested": fpr, "mean": float(r.mean()), "sd": float(r.std(ddof=1)) if len(r) > 1 else 0.0,
+            "min": float(r.min()), "max": float(r.max()), "n_calibration": n_cal, "n_heldout": n - n_cal,
+            "n_splits": int(n_splits)}
+
+
 def evaluate_detectors(net_or_model: Any, train: Any, clean_test: Any, attacked_sets: Mapping[str, Tensor],
                        ood_sets: Mapping[str, Tensor] | None = None, detectors: Any = None,
                        out_dir: str | os.PathLike | None = None, *, calibration: Any = None,
                        layers: Sequence[str] | None = None, thresholds: Any = None, fpr: float = 0.05,
-                       batch_size: int = 256, plugin_manager: Any = None,
+                       batch_size: int = 256, fpr_splits: int = 50, plugin_manager: Any = None,
                        log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Calibrate every detector on the same clean data and score it on the same attacked / OOD sets.
 
@@ -121,6 +163,8 @@ def evaluate_detectors(net_or_model: Any, train: Any, clean_test: Any, attacked_
         layers / thresholds: used only when ``net_or_model`` is a model.
         fpr: the false-positive rate each detector is calibrated to.
         batch_size: scoring batch size (timings are per 1,000 inputs at this batch size).
+        fpr_splits: random halves of the calibration + clean evaluation inputs over which the held-out
+            false-positive rate of the calibration is measured (:func:`calibration_check`).
         plugin_manager: where detectors are looked up (default: the network's).
         log: a function receiving progress lines (default: silent).
 
@@ -137,6 +181,8 @@ def evaluate_detectors(net_or_model: Any, train: Any, clean_test: Any, attacked_
                   "auroc": {set: float}, "tpr_at_fpr": {set: float},   # TPR at fpr of the clean eval set
                   "tpr_calibrated": {set: float},  # flagged at the calibrated threshold
                   "heldout_fpr": float,            # clean evaluation inputs flagged (n = settings.n_clean)
+                  "fpr_check": {"requested", "mean", "sd", "min", "max", "n_calibration", "n_heldout",
+                                "n_splits"},       # held-out FPR over random halves of all clean inputs
                   "threshold": float, "fit_s": float, "ms_per_1000": float,
                   "time_ratio": float,             # ms_per_1000 / forward_ms_per_1000
                   "memory_bytes": {"library": int, "detector": int, "kept": int}}},
@@ -220,6 +266,8 @@ def evaluate_detectors(net_or_model: Any, train: Any, clean_test: Any, attacked_
             "threshold": det.threshold_, "fit_s": fit_s, "ms_per_1000": ms,
             "time_ratio": ms / forward_ms if forward_ms and math.isfinite(forward_ms) else float("nan"),
         }
+        entry["fpr_check"] = calibration_check(det, torch.cat([x_cal, x_clean]), fpr, n_splits=fpr_splits,
+                                               batch_size=batch_size)
         mem = det.memory_bytes()
         mem["kept"] = mem["detector"] + (mem["library"] if entry["library_based"] else 0)
         entry["memory_bytes"] = mem
@@ -241,6 +289,7 @@ def evaluate_detectors(net_or_model: Any, train: Any, clean_test: Any, attacked_
         for name in sets:
             row[f"{name}: AUROC / TPR"] = f"{e['auroc'][name]:.3f} / {e['tpr_at_fpr'][name]:.2f}"
         row["held-out FPR"] = e["heldout_fpr"]
+        row[f"FPR over {e['fpr_check']['n_splits']} splits"] = f"{e['fpr_check']['mean']:.3f} ± {e['fpr_check']['sd']:.3f}"
         row["ms / 1000"] = round(e["ms_per_1000"], 1)
         row["x forward"] = round(e["time_ratio"], 2) if math.isfinite(e["time_ratio"]) else None
         row["memory MB"] = round(e["memory_bytes"]["kept"] / 2**20, 2)
