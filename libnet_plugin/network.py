@@ -53,7 +53,7 @@ class StreamFit:
 
 
 def stream_fit(probe: Any, train: Any, libraries: Mapping[str, Sequence[Any]], new_readout: Callable[[int], Any], *,
-               batch_size: int = 256, cache_bytes: int = 256 * 2**20, progress: bool | None = None,
+               batch_size: int = 256, cache_bytes: int = 0, progress: bool | None = None,
                desc: str = "libraries") -> StreamFit:
     """The two streaming passes behind :meth:`LibraryNetwork.fit`, for any number of libraries per layer.
 
@@ -161,7 +161,8 @@ class LibraryNetwork:
         batch_size: batch size used when data is given as a Tensor or a Dataset.
         cache_bytes: memory budget for keeping the first pass's HAPs for the Hebbian pass. When the
             HAPs of all layers fit, the model runs once over the training data; otherwise the cache is
-            dropped as soon as it exceeds the budget and the data is streamed a second time.
+            dropped as soon as it exceeds the budget and the data is streamed a second time. The default
+            0 always streams twice, so fitting holds the libraries plus one batch of HAPs.
         plugin_manager: a ``pluggy.PluginManager`` from :func:`libnet_plugin.get_plugin_manager`
             (default: the process-wide one).
 
@@ -184,7 +185,7 @@ class LibraryNetwork:
     def __init__(self, model: Any, layers: Sequence[str] | str, thresholds: ThresholdSpec = 0.7, top_k: int = 3,
                  device: Any = None, *, library: str = "exact", library_options: Mapping[str, Any] | None = None,
                  readout: str = "hebbian", readout_options: Mapping[str, Any] | None = None,
-                 batch_size: int = 256, cache_bytes: int = 256 * 2**20,
+                 batch_size: int = 256, cache_bytes: int = 0,
                  auto_thresholds: Mapping[str, Any] | None = None,
                  plugin_manager: pluggy.PluginManager | None = None):
         if isinstance(layers, str):
