@@ -10,7 +10,7 @@ the forward pass. Ratios are measured in one run; absolute times belong to the m
 
 Usage::
 
-    python -m benchmarks.bench_detector_overhead [--device cpu] [--quick] [--out FILE.json]
+    python -m benchmarks.bench_detector_overhead [--device cpu] [--quick] [--repeat N] [--out FILE.json]
 
 ``benchmarks/run.py`` calls :func:`main`.
 """
@@ -138,9 +138,10 @@ def _cli(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--repeat", type=int, default=5, help="timed runs per function, best kept (default: 5)")
     parser.add_argument("--out", metavar="FILE.json", help="also write the result as JSON")
     args = parser.parse_args(argv)
-    res = main(device=args.device, quick=args.quick)
+    res = main(device=args.device, quick=args.quick, repeat=args.repeat)
     print(render(res))
     print(f"\nbatch {res['batch_size']} on {res['machine']['device_name']}, torch threads "
           f"{res['machine']['torch_threads']}, load average at start {res['machine']['load_average_at_start']}")
