@@ -19,7 +19,8 @@ from libnet_plugin.attacks import attack_standard_protocol
 from libnet_plugin.data import load_mnist_default
 from libnet_plugin.errors import LibnetError
 from libnet_plugin.experiments.common import AttackSet, load_attack_sets, save_attack_sets
-from libnet_plugin.experiments.mnist import CPL_SETS, LAYERS, STANDARD_EPSILONS, MnistSettings, _cached_or_trained
+from libnet_plugin.experiments.mnist import (CPL_SETS, LAYERS, STANDARD_EPSILONS, MnistSettings,
+                                             cached_or_trained_mnist_net)
 from libnet_plugin.models import MnistNet
 
 __all__ = ["MnistBench", "prepare_mnist", "S1", "LAYERS"]
@@ -75,7 +76,7 @@ def prepare_mnist(device: torch.device, *, quick: bool = False, cache_dir: str |
     cache.mkdir(parents=True, exist_ok=True)
     settings = MnistSettings.default_run(seed=0, epochs=2 if quick else 5)
     x_tr, y_tr, x_te, y_te = load_mnist_default(seed=settings.seed, n_train=4000, cache_dir=cache)
-    net, weights_info = _cached_or_trained(x_tr, y_tr, settings, cache, False, log)
+    net, weights_info = cached_or_trained_mnist_net(x_tr, y_tr, settings, cache, False, log)
     model = MnistNet(normalize=True)
     model.load_state_dict(net.state_dict())
     model = model.to(device).eval()

@@ -7,15 +7,14 @@ import json
 import re
 import subprocess
 import sys
-import types
 
 import pytest
 import torch
 
 from libnet_plugin.cli import main
-from libnet_plugin.data import MNIST_IDX_FILES, MNIST_MEAN, MNIST_STD, load_mnist_default
+from libnet_plugin.data import MNIST_IDX_FILES, load_mnist_default
 from libnet_plugin.experiments import mnist
-from libnet_plugin.experiments.common import fit_library_sweep, load_attack_sets, to_model_space
+from libnet_plugin.experiments.common import load_attack_sets
 
 pytestmark = pytest.mark.slow
 
@@ -110,11 +109,11 @@ def test_trained_weights_are_cached_and_reused(quick_run):
     assert len(files) == 1
     settings = mnist.MnistSettings.quick_run()
     x_tr, y_tr, x_te, _ = load_mnist_default(seed=0, n_train=settings.n_train)
-    net, info = mnist._cached_or_trained(x_tr, y_tr, settings, cache, progress=False, log=print)
+    net, info = mnist.cached_or_trained_mnist_net(x_tr, y_tr, settings, cache, progress=False, log=print)
     assert info == {"source": "cache", "path": str(files[0])}
     # other training settings are another cache entry, trained afresh
-    other, info2 = mnist._cached_or_trained(x_tr, y_tr, mnist.MnistSettings.quick_run(epochs=1), cache,
-                                            progress=False, log=print)
+    other, info2 = mnist.cached_or_trained_mnist_net(x_tr, y_tr, mnist.MnistSettings.quick_run(epochs=1), cache,
+                                                     progress=False, log=print)
     assert info2["source"] == "trained" and len(list(cache.glob("mnistnet-*.safetensors"))) == 2
     assert not torch.equal(net(x_te[:4]), other(x_te[:4]))
 
@@ -154,6 +153,8 @@ def test_attack_file_round_trip_and_onnx_run(quick_run, tmp_path):
                                        onnx=onnx_path, cache_dir=cache, progress=False, log=lambda m: None)
     assert no_attacks["attacks"]["paper"]["skipped"] and "--attacks-file" in no_attacks["attacks"]["paper"]["note"]
     assert "paper protocol skipped" in (tmp_path / "onnx2" / "report.md").read_text()
+    assert not no_attacks["detectors"]["available"] and "standard-protocol" in no_attacks["detectors"]["note"]
+    assert not (tmp_path / "onnx2" / "detectors.json").exists()
 
 
 def test_interrupted_run_leaves_no_report(quick_run, tmp_path, monkeypatch):
@@ -173,33 +174,26 @@ def test_interrupted_run_leaves_no_report(quick_run, tmp_path, monkeypatch):
     assert sorted(p.name for p in out.iterdir()) == []  # no stale, partial or temporary report
 
 
-def test_detector_table_is_passed_what_evaluate_detectors_declares(quick_run, tmp_path, monkeypatch):
-    _, cache, _ = quick_run
-    settings = mnist.MnistSettings.quick_run(thresholds={l: [] for l in mnist.LAYERS},
-                                             cpl_sets={"S1": mnist.CPL_SETS["S1"]}, confusion_thetas=[0.7])
-    run = mnist.prepare_mnist(settings, out_dir=tmp_path, cache_dir=cache, progress=False, log=lambda m: None)
-    net, probe, _ = mnist._model_stage(run)
-    x_train = to_model_space(run.data[0], "pixels", "normalized", MNIST_MEAN, MNIST_STD)
-    sweep = fit_library_sweep(probe, x_train, settings.fitted_thresholds(), progress=False)
-    clean, _ = mnist._clean_stage(run, sweep, probe)
-    seen = {}
-
-    def evaluate_detectors(net, x_test, attacks, extra=1):
-        seen.update(net=net, x_test=x_test, attacks=attacks)
-        return [{"detector": "fake", "auroc": 0.5}]
-
-    fake = types.ModuleType("libnet_plugin.experiments.detectors")
-    fake.evaluate_detectors = evaluate_detectors
-    monkeypatch.setitem(sys.modules, "libnet_plugin.experiments.detectors", fake)
-    got = mnist._detector_section(run, sweep, probe, net, clean, {"sets": [], "protocols": {}})
-    assert got == {"available": True, "table": [{"detector": "fake", "auroc": 0.5}]}
-    assert seen["net"].library_sizes_ == {l: sweep.library(l, t).size for l, t in mnist.CPL_SETS["S1"].items()}
-    assert seen["x_test"].shape == (200, 1, 28, 28) and seen["attacks"] == {}
-    assert "| fake | 0.500 |" in mnist._render_detectors(got["table"])
-
-    fake.evaluate_detectors = lambda net, unknown_thing: None
-    got = mnist._detector_section(run, sweep, probe, net, clean, {"sets": [], "protocols": {}})
-    assert not got["available"] and "unknown_thing" in got["note"]
+def test_report_has_the_real_detector_table(quick_run):
+    out, _, r = quick_run
+    det = r["detectors"]
+    assert det["available"] is True and det["protocol"] == "standard"
+    eps = r["attacks"]["standard"]["settings"]["epsilons"]
+    selected = {row["epsilon"]: row["n_selected"] for row in r["attacks"]["standard"]["epsilons"]}
+    # only successful attacks on correctly classified inputs: the same selection as the CPL section
+    assert {k: v["successful"] for k, v in det["attacks"].items()} == {f"PGD eps={e:g}": selected[e] for e in eps}
+    table = det["table"]
+    kept = [f"PGD eps={e:g}" for e in eps if selected[e] > 0]
+    assert {k for k, v in table["sets"].items() if v["kind"] == "attack"} == set(kept)
+    assert table["sets"]["sklearn digits 8x8 upscaled"] == {"kind": "ood", "n": 1797}
+    assert table["settings"]["library_sizes"] == r["cpl"]["library_sizes"]["S1"]
+    assert {"cpl", "msp", "mahalanobis", "knn"} <= {d["method"] for d in table["detectors"].values()}
+    for d in table["detectors"].values():
+        assert set(d["auroc"]) == set(table["sets"]) and all(0.0 <= a <= 1.0 for a in d["auroc"].values())
+    md = (out / "report.md").read_text()
+    assert table["table_markdown"] in md and "| cpl (paper, top_k 20) |" in md and "](roc.png)" in md
+    assert json.loads((out / "detectors.json").read_text())["rows"] == table["rows"]
+    assert (out / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / "detectors.md").is_file()
 
 
 def _run_cli(args, capsys):

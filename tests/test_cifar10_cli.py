@@ -315,38 +315,27 @@ def test_augmentation_and_training_on_cuda(tmp_path):
     assert set(cifar10.check_weights(path)) == set(ResNet44().state_dict())  # saved on the CPU, loads anywhere
 
 
-def test_detector_comparison_gets_the_arguments_it_declares(monkeypatch):
-    import sys
-    import types
-
+def test_detector_comparison_gets_the_network_the_attacks_and_seeded_noise(monkeypatch, tmp_path):
     from libnet_plugin.experiments.common import AttackSet
 
-    module = types.ModuleType("libnet_plugin.experiments.detectors")
-    monkeypatch.setitem(sys.modules, "libnet_plugin.experiments.detectors", module)
-    x = torch.rand(3, 3, 32, 32)
-    sets = [AttackSet("standard", 0.1, x, "pixels", torch.arange(3)),
-            AttackSet("paper", 0.2, x, "normalized", torch.arange(3))]
-    data = (torch.zeros(2), torch.zeros(2), torch.ones(2), torch.ones(2))
+    class Sweep:  # records the threshold set the library network is built at
+        def to_network(self, model, thresholds, top_k, device):
+            return ("NET", model, dict(thresholds), top_k)
 
-    def call():
-        return cifar10._run_detectors("SWEEP", "MODEL", "PROBE", cifar10.Cifar10Settings(), torch.device("cpu"), False,
-                                      clean="CLEAN", data=data, attack_sets=sets, protocols={"paper": {}})
-
-    module.evaluate_detectors = lambda net_in_some_other_form, clean: [{"detector": "never called"}]
-    out = call()
-    assert out["available"] is False and "net_in_some_other_form" in out["note"]
-    seen = {}
-
-    def evaluate_detectors(sweep, clean, attacks, x_test, threshold_sets, progress=None):
-        seen.update(sweep=sweep, clean=clean, attacks=attacks, x_test=x_test, sets=threshold_sets)
-        return {"rows": [{"detector": "cpl", "auroc": 0.5}]}
-
-    module.evaluate_detectors = evaluate_detectors
-    out = call()
-    assert out["available"] is True and seen["sweep"] == "SWEEP" and seen["clean"] == "CLEAN"
-    assert seen["x_test"] is data[2] and seen["sets"] == cifar10.CPL_SETS
-    mean = torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR_STD).view(1, 3, 1, 1)
-    assert torch.allclose(seen["attacks"]["standard"][0.1], (x - mean) / std)  # pixels -> the model's space
-    assert seen["attacks"]["paper"][0.2] is x  # already normalised
-    assert cifar10._render_detector_table(out["table"]).splitlines()[2] == "| cpl | 0.500 |"
+    calls = []
+    monkeypatch.setattr(cifar10, "detector_comparison", lambda *a, **kw: calls.append((a, kw)) or {"available": True})
+    sets = [AttackSet("standard", 0.1, torch.rand(3, 3, 32, 32), "pixels", torch.arange(3))]
+    data = (torch.rand(5, 3, 32, 32), torch.arange(5), torch.rand(4, 3, 32, 32), torch.arange(4))
+    settings = cifar10.Cifar10Settings()
+    for _ in range(2):
+        cifar10._run_detectors(Sweep(), "MODEL", settings, torch.device("cpu"), data=data, attack_sets=sets,
+                               out_dir=tmp_path, log=None)
+    (args, kw), (_, kw2) = calls
+    first = next(iter(cifar10.CPL_SETS))
+    assert args[0] == ("NET", "MODEL", cifar10.CPL_SETS[first], settings.top_k_cpl)
+    assert args[1] == (data[0], data[1]) and args[2][0] is data[2] and args[3] is sets
+    assert (kw["space"], kw["protocol"], kw["out_dir"]) == ("normalized", "standard", tmp_path)
+    assert (kw["mean"], kw["std"]) == (CIFAR_MEAN, CIFAR_STD)
+    noise = kw["ood_sets"]["uniform noise"]
+    assert noise.shape == (4, 3, 32, 32) and 0 <= float(noise.min()) and float(noise.max()) <= 1
+    assert torch.equal(noise, kw2["ood_sets"]["uniform noise"])  # seeded: the same images every run

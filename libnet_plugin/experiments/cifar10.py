@@ -54,13 +54,13 @@ from ..models import ResNet44, StateDictMismatchError, load_state_dict_checked
 from .common import (
     PROTOCOLS,
     AttackSet,
-    Evidence,
     ExperimentError,
     LibrarySweep,
     ProtocolSettings,
     StageTimer,
     agreement_table,
     compute_evidence,
+    detector_comparison,
     ensure_writable_dir,
     environment_info,
     evaluate_protocol,
@@ -522,9 +522,8 @@ def reproduce_cifar10(
     detectors = None
     if settings.detectors:
         with timer.stage("detectors"):
-            detectors = _run_detectors(sweep, model, probe, settings, device, progress, clean=test_ev,
-                                       data=(xn_train, y_train, xn_test, y_test), attack_sets=attack_sets,
-                                       protocols=detection)
+            detectors = _run_detectors(sweep, model, settings, device, data=(x_train, y_train, x_test, y_test),
+                                       attack_sets=attack_sets, out_dir=out, log=log)
 
     figures: list[str] = []
     if settings.plots:
@@ -550,60 +549,25 @@ def reproduce_cifar10(
     return report
 
 
-def _run_detectors(sweep: LibrarySweep, model: torch.nn.Module, probe: Any, settings: Cifar10Settings,
-                   device: torch.device, progress: bool | None, *, clean: Evidence,
+def _run_detectors(sweep: LibrarySweep, model: torch.nn.Module, settings: Cifar10Settings, device: torch.device, *,
                    data: tuple[Tensor, Tensor | None, Tensor, Tensor], attack_sets: Sequence[AttackSet],
-                   protocols: Mapping[str, Any]) -> dict[str, Any]:
-    """The detector comparison of :mod:`libnet_plugin.experiments.detectors`, or a note when it is absent.
+                   out_dir: Path, log: Callable[[str], None] | None) -> dict[str, Any]:
+    """The detector comparison (:func:`~libnet_plugin.experiments.common.detector_comparison`) of this run.
 
-    ``evaluate_detectors`` receives, by parameter name, whichever of these it declares (the same names as
-    ``libnet reproduce mnist`` offers): ``net`` / ``network`` (a fitted
-    :class:`~libnet_plugin.LibraryNetwork` with the first CPL set), ``sweep``, ``probe``, ``model``,
-    ``x_train`` / ``y_train`` / ``x_test`` / ``y_test`` (normalised inputs, the model's space), ``clean``
-    (the test :class:`~libnet_plugin.experiments.common.Evidence`), ``attacks`` (``{protocol: {epsilon:
-    attacked inputs, normalised}}``), ``attack_indices`` (``{protocol: test positions}``), ``protocols``
-    (the CPL results per protocol), ``threshold_sets``, ``settings``, ``device`` and ``progress``.
+    The library network is the sweep's at the first CPL set; the detectors are scored on the successful
+    standard-protocol attacks and, as out-of-domain inputs, on uniform-noise images from a generator seeded
+    with ``settings.attack_seed`` (as many as there are test images). ``data`` is ``(x_train, y_train,
+    x_test, y_test)`` in pixels; ``detectors.json``, ``detectors.md`` and ``roc.png`` go into ``out_dir``.
     """
-    try:
-        from .detectors import evaluate_detectors
-    except ImportError as exc:
-        return {"available": False,
-                "note": "the detector comparison (libnet_plugin.experiments.detectors.evaluate_detectors) is not "
-                        f"part of this installation ({exc}); no detector table"}
-    import inspect
-
-    import functools
-
-    signature = inspect.signature(evaluate_detectors)
-    available: dict[str, Any] = {
-        "sweep": sweep, "probe": probe, "model": model, "clean": clean, "protocols": protocols,
-        "threshold_sets": settings.cpl_sets, "settings": settings, "device": device, "progress": progress,
-        "x_train": data[0], "y_train": data[1], "x_test": data[2], "y_test": data[3],
-        "attack_indices": {a.protocol: a.indices for a in attack_sets},
-    }
-
-    @functools.cache
-    def network() -> Any:  # shares the sweep's libraries of the first CPL set, no copy
-        first = next(iter(settings.cpl_sets))
-        return sweep.to_network(model, settings.cpl_sets[first], top_k=settings.top_k_cpl, device=device)
-
-    def attacks() -> dict[str, dict[float, Tensor]]:
-        out: dict[str, dict[float, Tensor]] = {}
-        for a in attack_sets:
-            out.setdefault(a.protocol, {})[a.epsilon] = to_model_space(a.x_adv, a.space, "normalized", CIFAR_MEAN,
-                                                                       CIFAR_STD)
-        return out
-
-    built_on_demand = {"net": network, "network": network, "attacks": attacks}
-    kwargs = {name: available[name] if name in available else built_on_demand[name]()
-              for name in signature.parameters if name in available or name in built_on_demand}
-    try:
-        signature.bind(**kwargs)
-    except TypeError as exc:  # checked before calling, so that errors inside the comparison still surface
-        return {"available": False,
-                "note": f"evaluate_detectors{signature} asks for arguments this experiment does not provide "
-                        f"({exc}); no detector table"}
-    return {"available": True, "table": evaluate_detectors(**kwargs)}
+    x_train, y_train, x_test, y_test = data
+    first = next(iter(settings.cpl_sets))
+    net = sweep.to_network(model, settings.cpl_sets[first], top_k=settings.top_k_cpl, device=device)
+    g = torch.Generator().manual_seed(settings.attack_seed)
+    noise = torch.rand((x_test.shape[0], *x_test.shape[1:]), generator=g)
+    return detector_comparison(net, (x_train, y_train), (x_test.cpu(), y_test.cpu()), attack_sets,
+                               space="normalized", mean=CIFAR_MEAN, std=CIFAR_STD, protocol="standard",
+                               ood_sets={"uniform noise": noise}, out_dir=out_dir, batch_size=settings.batch_size,
+                               log=log)
 
 
 def _pick(values: Sequence[float], n: int) -> list[float]:
@@ -649,16 +613,6 @@ def _draw_figures(out: Path, sizes: Mapping[str, Any], table: Mapping[str, Any],
 
 def _pct(v: Any) -> Any:
     return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else 100.0 * v
-
-
-def _render_detector_table(table: Any) -> str:
-    """A detector table as markdown: a list of row dicts (or ``{"rows": [...]}``); anything else verbatim."""
-    if isinstance(table, Mapping) and "rows" in table:
-        table = table["rows"]
-    if isinstance(table, list) and table and isinstance(table[0], Mapping):
-        headers = list(table[0])
-        return markdown_table(headers, [[row.get(h) for h in headers] for row in table])
-    return f"```\n{table}\n```"
 
 
 def render_markdown(report: Mapping[str, Any]) -> str:
@@ -732,7 +686,13 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     det = report.get("detectors")
     if det:
         lines += ["## Other detectors", ""]
-        lines += [_render_detector_table(det["table"]) if det.get("available") else det["note"], ""]
+        if det.get("available"):
+            lines += [f"Every detector of `libnet evaluate-detectors`, calibrated on the first half of the test "
+                      f"images and scored on the second half against the successful {det['protocol']}-protocol "
+                      "attacks and uniform noise (cells: AUROC / TPR at the calibrated threshold; files "
+                      "`detectors.json`, `detectors.md`, `roc.png`).", "", det["table"]["table_markdown"], ""]
+        else:
+            lines += [det["note"], ""]
     mem = report["memory"]
     lines += ["## Cost", "",
               markdown_table(["stage", "seconds"], [[k, v] for k, v in report["timings"].items()], floatfmt=".1f"),

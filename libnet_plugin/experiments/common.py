@@ -89,6 +89,7 @@ __all__ = [
     "save_attack_sets",
     "load_attack_sets",
     "evaluate_protocol",
+    "detector_comparison",
     "to_model_space",
     "ensure_writable_dir",
     "to_jsonable",
@@ -664,7 +665,9 @@ def generate_attack_sets(protocol: ProtocolSettings, model: torch.nn.Module, x_p
     device = next((p.device for p in model.parameters()), x_pixels.device)
     x, yy = x_pixels[:n].to(device), y[:n].long().to(device)
     indices = torch.arange(n)
-    pixel_model = torch.nn.Sequential(Normalize(mean, std).to(device), model)
+    # a new Sequential is in training mode: give it the model's mode, or restoring it after the attack
+    # (attacks run in eval mode and restore the mode they found) would leave the model in training mode
+    pixel_model = torch.nn.Sequential(Normalize(mean, std).to(device), model).train(model.training)
     out = []
     for eps in _progress(protocol.epsilons, f"PGD ({protocol.name} protocol)", progress, unit="eps"):
         if protocol.name == "paper":
@@ -803,6 +806,113 @@ def evaluate_protocol(protocol: str, clean: Evidence, attacked: Mapping[float, E
             results[name].append({"epsilon": eps, **detection_metrics(c_all[keep], a_all[keep], fpr)})
     return {"protocol": protocol, "top_k": top_k, "fpr": fpr, "epsilons": eps_rows, "results": results, "cpl": raw,
             "cpl_clean_selected": raw_clean}
+
+
+def _model_answers(net: Any, x: Tensor, batch_size: int) -> Tensor:
+    """The answers (argmax of the outputs) of the model behind ``net.probe`` on ``x``, on the CPU."""
+    return torch.cat([net.probe.run(xb).outputs.argmax(dim=1).cpu() for xb, _ in iter_batches(x, batch_size)])
+
+
+def detector_comparison(net: Any, train: tuple[Tensor, Tensor | None], clean_test: tuple[Tensor, Tensor],
+                        attack_sets: Sequence[AttackSet], *, space: str, mean: Any, std: Any,
+                        protocol: str = "standard", ood_sets: Mapping[str, Tensor] | None = None,
+                        out_dir: str | os.PathLike | None = None, detectors: Any = None, fpr: float = 0.05,
+                        fpr_splits: int = 50, batch_size: int = 256,
+                        log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """The detector comparison of :mod:`libnet_plugin.experiments.detectors` on an experiment's data.
+
+    Shared by ``libnet reproduce mnist`` and ``libnet reproduce cifar10``. Every input is given in pixel
+    space (``[0, 1]``) or, for attack sets, in the space the :class:`AttackSet` records, and is moved to
+    the model's input space ``space`` here. :class:`AttackSet` holds *every* attacked input, so the
+    selection of the standard protocol is made here from ``net``'s model: an attacked input is kept only
+    when the model classifies its clean version correctly and the attacked one wrongly (a successful
+    attack on a correctly classified input), the same rule as :func:`evaluate_protocol`.
+
+    Args:
+        net: a fitted :class:`~libnet_plugin.LibraryNetwork` (e.g. :meth:`LibrarySweep.to_network` at one
+            threshold set); its model gives the answers used for the selection.
+        train: ``(x_train, y_train)`` in pixels; ``y_train`` may be ``None`` (then detectors that need
+            labels fit on the inputs alone, as :func:`evaluate_detectors` allows).
+        clean_test: ``(x_test, y_test)`` in pixels. Its first half calibrates the detectors and its second
+            half is the clean evaluation set (``evaluate_detectors``' default split).
+        attack_sets: attack sets of an experiment; those of ``protocol`` are used, one attacked set
+            ``"PGD eps=<epsilon>"`` per epsilon, their ``indices`` pointing into ``clean_test``.
+        space: the model's input space, ``"pixels"`` or ``"normalized"``.
+        mean / std: the normalisation relating the two spaces.
+        protocol: which protocol's attack sets to use (``"standard"``: PGD in pixel space).
+        ood_sets: ``{name: inputs in pixels}`` of out-of-domain inputs.
+        out_dir: folder receiving ``detectors.json``, ``detectors.md`` and ``roc.png``.
+        detectors / fpr / fpr_splits / batch_size: passed to ``evaluate_detectors``.
+        log: a function receiving progress lines (default: silent).
+
+    Returns:
+        ``{"available": True, "protocol": protocol, "attacks": {set name: {"epsilon", "attacked",
+        "successful"}}, "table": <what evaluate_detectors returns>}`` (its ``"table_markdown"`` renders
+        the table), or ``{"available": False, "note": why}`` when the detectors module cannot be
+        imported, there are no attack sets of ``protocol``, too few test images to calibrate at ``fpr``,
+        or no attack succeeded.
+
+    Raises:
+        ValueError: an unknown protocol or space, or ``clean_test`` without labels.
+        ShapeMismatchError: an attack set's indices point outside ``clean_test``.
+
+    Example:
+        >>> res = detector_comparison(net, (x_tr, y_tr), (x_te, y_te), sets, space="normalized",
+        ...                           mean=MNIST_MEAN, std=MNIST_STD, out_dir="runs/q")  # doctest: +SKIP
+        >>> print(res["table"]["table_markdown"])  # doctest: +SKIP
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    x_test, y_test = clean_test
+    if y_test is None:
+        raise ValueError("detector_comparison needs the test labels to select the successful attacks")
+    try:
+        from .detectors import evaluate_detectors
+    except ImportError as exc:
+        return {"available": False,
+                "note": f"The detector comparison (libnet_plugin.experiments.detectors.evaluate_detectors) is not "
+                        f"part of this installation ({exc}); no detector table"}
+    sets = [s for s in attack_sets if s.protocol == protocol]
+    if not sets:
+        return {"available": False,
+                "note": f"No {protocol}-protocol attacks in this run, so no detector table"}
+    need = math.ceil(1.0 / fpr) - 1  # calibrating at fpr takes at least this many clean inputs
+    if x_test.shape[0] // 2 < need:
+        return {"available": False,
+                "note": f"The detector comparison calibrates on half of the test images and needs at least {need} "
+                        f"for FPR {fpr:g}; this run has {x_test.shape[0]} test images, so no detector table"}
+    say = log or (lambda _msg: None)
+    x_test_m = to_model_space(x_test, "pixels", space, mean, std)
+    y_test = y_test.long().cpu()
+    attacked: dict[str, Tensor] = {}
+    info: dict[str, dict[str, Any]] = {}
+    clean_answers: dict[tuple[int, ...], Tensor] = {}
+    for s in sets:
+        idx = s.indices.long().cpu()
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= x_test.shape[0]):
+            raise ShapeMismatchError(f"{s.protocol} attacks at epsilon {s.epsilon:g} point to test positions up to "
+                                     f"{int(idx.max())}, but the test set has {x_test.shape[0]} inputs")
+        key = tuple(idx.tolist())
+        if key not in clean_answers:  # the sets of one protocol usually attack the same inputs
+            clean_answers[key] = _model_answers(net, x_test_m[idx], batch_size)
+        x_adv = to_model_space(s.x_adv, s.space, space, mean, std)
+        keep = (clean_answers[key] == y_test[idx]) & (_model_answers(net, x_adv, batch_size) != y_test[idx])
+        name = f"PGD eps={s.epsilon:g}"
+        info[name] = {"epsilon": s.epsilon, "attacked": int(idx.numel()), "successful": int(keep.sum())}
+        say(f"{name}: {int(keep.sum())} successful attacks on correctly classified inputs of {idx.numel()}")
+        if bool(keep.any()):
+            attacked[name] = x_adv[keep.to(x_adv.device)]
+    if not attacked:
+        return {"available": False, "attacks": info,
+                "note": f"No {protocol}-protocol attack succeeded on a correctly classified input, so no "
+                        "detector table"}
+    x_train, y_train = train
+    x_train_m = to_model_space(x_train, "pixels", space, mean, std)
+    ood = {name: to_model_space(x, "pixels", space, mean, std) for name, x in (ood_sets or {}).items()}
+    table = evaluate_detectors(net, x_train_m if y_train is None else (x_train_m, y_train), x_test_m, attacked, ood,
+                               detectors=detectors, out_dir=out_dir, fpr=fpr, fpr_splits=fpr_splits,
+                               batch_size=batch_size, log=log)
+    return {"available": True, "protocol": protocol, "attacks": info, "table": table}
 
 
 # ---------------------------------------------------------------------------------------------------

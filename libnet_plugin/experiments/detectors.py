@@ -420,11 +420,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _mnist_model(x_tr: Tensor, y_tr: Tensor, seed: int, epochs: int, cache_dir: str | None,
                  progress: bool | None, log: Callable[[str], None]) -> tuple[Any, dict[str, Any]]:
     """The paper's net trained with ``seed``, from (or into) the cache shared with ``reproduce mnist``."""
-    from .mnist import MnistSettings, _cached_or_trained
+    from .mnist import MnistSettings, cached_or_trained_mnist_net
 
     settings = MnistSettings.default_run(seed=seed, epochs=epochs, n_train=int(x_tr.shape[0]))
     cache = Path(cache_dir).expanduser() if cache_dir else None
-    return _cached_or_trained(x_tr, y_tr, settings, cache, progress, log)
+    return cached_or_trained_mnist_net(x_tr, y_tr, settings, cache, progress, log)
 
 
 def _cached_attacks(model: torch.nn.Module, x: Tensor, y: Tensor, epsilons: Sequence[float], nb_iter: int, seed: int,

@@ -72,6 +72,7 @@ from .common import (
     compute_evidence,
     confusion_indices,
     cpl_from_evidence,
+    detector_comparison,
     ensure_writable_dir,
     environment_info,
     evaluate_protocol,
@@ -98,6 +99,7 @@ __all__ = [
     "PAPER_EPSILONS",
     "STANDARD_EPSILONS",
     "MnistSettings",
+    "cached_or_trained_mnist_net",
     "PreparedRun",
     "prepare_mnist",
     "run_prepared",
@@ -299,8 +301,29 @@ def _read_weights(path: str | os.PathLike) -> MnistNet:
     return net.eval()
 
 
-def _cached_or_trained(x_tr: Tensor, y_tr: Tensor, settings: MnistSettings, cache_dir: Path | None,
-                       progress: bool | None, log: Callable[[str], None]) -> tuple[MnistNet, dict[str, Any]]:
+def cached_or_trained_mnist_net(x_tr: Tensor, y_tr: Tensor, settings: MnistSettings, cache_dir: Path | None,
+                                progress: bool | None, log: Callable[[str], None]) -> tuple[MnistNet, dict[str, Any]]:
+    """The paper's MNIST net trained on ``(x_tr, y_tr)``, read from ``cache_dir`` or trained and cached there.
+
+    The cache entry is keyed by a fingerprint of the training data, the epochs and the seed, so other data or
+    settings never reuse it; an unreadable entry is reported through ``log`` and trained again. Shared by
+    ``libnet reproduce mnist``, ``libnet evaluate-detectors`` and the benchmarks.
+
+    Args:
+        x_tr / y_tr: training images (pixels, ``[N, 1, 28, 28]``) and labels.
+        settings: the run's settings (``epochs`` and ``seed`` are used).
+        cache_dir: folder of the cached weights (``None``: always train, cache nothing).
+        progress: a tqdm bar while training (``None``: only on a terminal).
+        log: receives a line when the cache cannot be read or written.
+
+    Returns:
+        ``(net, info)``: the :class:`~libnet_plugin.models.MnistNet` in eval mode (normalised input), and
+        ``{"source": "cache" | "trained", "path": cache file or None}``.
+
+    Example:
+        >>> net, info = cached_or_trained_mnist_net(x_tr, y_tr, MnistSettings.quick_run(), Path(".cache"),
+        ...                                         False, print)  # doctest: +SKIP
+    """
     key = f"mnistnet-{_fingerprint(x_tr, y_tr)}-adam-e{settings.epochs}-s{settings.seed}.safetensors"
     path = cache_dir / key if cache_dir is not None else None
     if path is not None and path.is_file():
@@ -350,50 +373,26 @@ def _perturbation_stats(x_clean: Tensor, s: AttackSet) -> dict[str, float]:
             "mean_l2_pixels": float(d.norm(dim=1).mean())}
 
 
-def _detector_section(run: "PreparedRun", sweep: LibrarySweep, probe: Any, net: MnistNet | None, clean: Evidence,
+def _detector_section(run: "PreparedRun", sweep: LibrarySweep, net: MnistNet | None,
                       attacks: Mapping[str, Any]) -> dict[str, Any]:
-    """The detector comparison of :mod:`libnet_plugin.experiments.detectors`, or a note when it is absent.
+    """The detector comparison (:func:`~libnet_plugin.experiments.common.detector_comparison`) of this run.
 
-    ``evaluate_detectors`` receives, by parameter name, whichever of these it declares: ``net`` / ``network``
-    (a fitted :class:`~libnet_plugin.LibraryNetwork` with the first CPL set), ``sweep``, ``probe``, ``model``,
-    ``x_train`` / ``y_train`` / ``x_test`` / ``y_test`` (in the model's input space), ``clean`` (the clean
-    :class:`~libnet_plugin.experiments.common.Evidence`), ``attacks`` (``{protocol: {epsilon: attacked
-    inputs in the model's space}}``), ``attack_indices`` (``{protocol: test positions}``), ``protocols`` (the
-    report's attack sections), ``threshold_sets``, ``settings``, ``device`` and ``progress``.
+    The library network is the sweep's at the first CPL set; the detectors are scored on the successful
+    standard-protocol attacks and, as out-of-domain inputs, on scikit-learn's 8x8 digits upscaled to 28x28.
+    Its ``detectors.json``, ``detectors.md`` and ``roc.png`` are written into the run's folder. Without
+    standard-protocol attacks (an ONNX run without ``--attacks-file``) it returns a note instead.
     """
-    try:
-        from .detectors import evaluate_detectors
-    except ImportError as exc:
-        return {"available": False,
-                "note": f"The detector comparison (libnet_plugin.experiments.detectors.evaluate_detectors) is not "
-                        f"part of this installation ({exc}); no detector table"}
-    import inspect
+    from ..data import load_digits_upscaled
 
     settings, opt = run.settings, run.options
     x_tr, y_tr, x_te, y_te = run.data
-    model = net if net is not None else opt["onnx"]
-    space = run.model_space
     first = next(iter(settings.cpl_sets))
+    model = net if net is not None else opt["onnx"]
     library_net = sweep.to_network(model, settings.cpl_sets[first], top_k=settings.top_k, device=opt["device"])
-    sets = attacks["sets"]
-    available = {
-        "net": library_net, "network": library_net, "sweep": sweep, "probe": probe, "model": model,
-        "x_train": to_model_space(x_tr, "pixels", space, MNIST_MEAN, MNIST_STD), "y_train": y_tr,
-        "x_test": to_model_space(x_te, "pixels", space, MNIST_MEAN, MNIST_STD), "y_test": y_te, "clean": clean,
-        "attacks": {p: {s.epsilon: to_model_space(s.x_adv, s.space, space, MNIST_MEAN, MNIST_STD)
-                        for s in sets if s.protocol == p} for p in {s.protocol for s in sets}},
-        "attack_indices": {s.protocol: s.indices for s in sets}, "protocols": attacks["protocols"],
-        "threshold_sets": settings.cpl_sets, "settings": settings, "device": opt["device"],
-        "progress": opt["progress"]}
-    signature = inspect.signature(evaluate_detectors)
-    kwargs = {name: available[name] for name in signature.parameters if name in available}
-    try:
-        signature.bind(**kwargs)
-    except TypeError as exc:  # checked before calling, so that errors inside the comparison still surface
-        return {"available": False,
-                "note": f"evaluate_detectors{signature} asks for arguments this experiment does not provide "
-                        f"({exc}); no detector table"}
-    return {"available": True, "table": evaluate_detectors(**kwargs)}
+    return detector_comparison(library_net, (x_tr, y_tr), (x_te, y_te), attacks["sets"], space=run.model_space,
+                               mean=MNIST_MEAN, std=MNIST_STD, protocol="standard",
+                               ood_sets={"sklearn digits 8x8 upscaled": load_digits_upscaled()}, out_dir=run.out,
+                               batch_size=settings.batch_size, log=opt["log"])
 
 
 @dataclass
@@ -545,7 +544,7 @@ def run_prepared(run: PreparedRun) -> dict[str, Any]:
     attacks = _attack_stages(run, sweep, probe, net, clean)
     notes += [sec["note"] for sec in attacks["protocols"].values() if sec.get("skipped")]
     with timer.stage("detectors"):
-        detectors = _detector_section(run, sweep, probe, net, clean, attacks)
+        detectors = _detector_section(run, sweep, net, attacks)
         if not detectors["available"]:
             notes.append(detectors["note"])
     with timer.stage("figures"):
@@ -603,8 +602,8 @@ def _model_stage(run: PreparedRun) -> tuple[MnistNet | None, Any, dict[str, Any]
     if run.net is not None:
         net, info = run.net, {"source": "weights", "path": str(opt["weights"])}
     else:
-        net, info = _cached_or_trained(run.data[0], run.data[1], run.settings, opt["cache"], opt["progress"],
-                                       opt["log"])
+        net, info = cached_or_trained_mnist_net(run.data[0], run.data[1], run.settings, opt["cache"],
+                                                opt["progress"], opt["log"])
     net = net.to(opt["device"]).eval()
     return net, make_probe(net, list(LAYERS), opt["device"]), info
 
@@ -879,7 +878,13 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     add("## 5. Other detectors\n")
     det = r["detectors"]
     if det.get("available"):
-        add(_render_detectors(det["table"]))
+        add(f"Every detector of `libnet evaluate-detectors`, calibrated on the first half of the clean test images "
+            f"and scored on the second half against the successful {det['protocol']}-protocol attacks and the "
+            f"out-of-domain sets (cells: AUROC / TPR at the calibrated threshold; files `detectors.json`, "
+            f"`detectors.md`, `roc.png`).\n")
+        add(det["table"]["table_markdown"] + "\n")
+        if "roc_png" in det["table"].get("files", {}):
+            add("![ROC curves of the detectors](roc.png)\n")
     else:
         add(f"{det['note']}.\n")
 
@@ -895,16 +900,6 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         f"GPU: {env['cuda'] or 'none'}. Versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
         + ".\n")
     return "\n".join(lines)
-
-
-def _render_detectors(table: Any) -> str:
-    """Render whatever table ``evaluate_detectors`` returned: a list of row dicts, or a dict of them."""
-    if isinstance(table, Mapping) and "rows" in table:
-        table = table["rows"]
-    if isinstance(table, list) and table and isinstance(table[0], Mapping):
-        headers = list(table[0])
-        return markdown_table(headers, [[row.get(h) for h in headers] for row in table]) + "\n"
-    return f"```\n{table}\n```\n"
 
 
 # ---------------------------------------------------------------------------------------------------
