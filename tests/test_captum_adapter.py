@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,19 +25,9 @@ import libnet_captum  # noqa: E402
 from libnet_captum import CaptumForward, CaptumLayerProbe, LibraryAttribution, LibraryExemplars  # noqa: E402
 
 from conftest import SmallMLP, forward_hook_count  # noqa: E402
+from readme_blocks import readme_code_blocks, run_readme_block  # noqa: E402
 
-README = Path(__file__).resolve().parents[1] / "README.md"
 LAYERS = ["fc1", "fc2", "out"]
-
-
-# ---------------------------------------------------------------------------------------------- helpers
-def readme_code_blocks(section: str, lang: str = "python", path: Path = README) -> list[str]:
-    """The fenced ``lang`` code blocks of the README section between ``<!-- section:NAME -->`` markers."""
-    text = path.read_text(encoding="utf-8")
-    found = re.search(rf"<!-- section:{re.escape(section)} -->(.*?)<!-- /section:{re.escape(section)} -->", text, re.S)
-    if found is None:
-        raise LookupError(f"README has no section {section!r}")
-    return re.findall(rf"^```{re.escape(lang)}[ \t]*\n(.*?)^```[ \t]*$", found.group(1), re.S | re.M)
 
 
 class TinyCNN(nn.Module):
@@ -439,11 +427,9 @@ def test_readme_extraction_helper(tmp_path):
 
 
 def test_readme_captum_example_runs_as_written():
-    blocks = readme_code_blocks("captum")
-    assert blocks, "the README's captum section has no python code block"
-    assert len(blocks[0].strip().splitlines()) <= 5
-    namespace: dict = {"__name__": "__readme__"}
-    for block in blocks:
+    code, namespace = run_readme_block("captum")
+    assert len(code.strip().splitlines()) <= 5
+    for block in readme_code_blocks("captum")[1:]:
         exec(compile(block, "README.md[captum]", "exec"), namespace)
     attr = namespace["attr"]
     assert isinstance(attr, LibraryAttribution) and attr.library_network.is_fitted

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import pathlib
-import re
 
 import numpy as np
 import pytest
@@ -20,7 +19,6 @@ from libnet_plugin.detectors import (
 from libnet_plugin.errors import LibnetError, NonFiniteError, NotFittedError, SaveFormatError, ShapeMismatchError
 from libnet_plugin.plugins import make_detector
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 METHODS = ["cpl", "library-margin", "msp", "mahalanobis", "knn"]
 
 
@@ -411,15 +409,11 @@ def test_streaming_fit_of_training_data_detectors(fitted, mlp_data):
 
 
 def test_readme_detector_example_runs(monkeypatch, tmp_path):
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index("<!-- section:detector -->"): text.index("<!-- /section:detector -->")]
-    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
-    assert blocks, "the README's detector section has no python example"
-    code = blocks[0]
-    assert len([l for l in code.splitlines() if l.strip() and not l.lstrip().startswith("#")]) <= 10
+    from readme_blocks import run_readme_block
+
     monkeypatch.chdir(tmp_path)
-    ns: dict = {}
-    exec(compile(code, "README.md", "exec"), ns)
+    code, ns = run_readme_block("detector")
+    assert len([l for l in code.splitlines() if l.strip() and not l.lstrip().startswith("#")]) <= 10
     assert ns["out"].flagged.dtype == torch.bool and ns["out"].output.shape[0] == ns["out"].flagged.shape[0]
     assert ns["det"].is_calibrated
 

@@ -29,7 +29,6 @@ from libnet_onnx.providers import default_providers, resolve_providers  # noqa: 
 from libnet_plugin.errors import LayerNotFoundError, NonFiniteError, ShapeMismatchError  # noqa: E402
 from libnet_plugin.probe import TorchLayerProbe  # noqa: E402
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # x @ W1 -> relu -> @ W2. For x = [1, 2]: h1 = [5, -1], h2 = [5, 0], y = [5, 0, 5];
 # for x = [-1, 1]: h1 = [1, 1], h2 = [1, 1], y = [1, 1, 2].
@@ -479,13 +478,10 @@ def test_lazy_package_exports():
 
 # ------------------------------------------------------------------------------------------ README
 def test_readme_onnx_example_runs(tmp_path, monkeypatch):
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("<!-- section:onnx -->"): readme.index("<!-- /section:onnx -->")]
-    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
-    assert blocks, "the README's onnx section has no python example"
+    from readme_blocks import run_readme_block
+
     monkeypatch.chdir(tmp_path)
-    namespace: dict = {}
-    exec(compile(blocks[0], "README.md", "exec"), namespace)
+    _, namespace = run_readme_block("onnx")
     net, net_torch, net_onnx = namespace["net"], namespace["net_torch"], namespace["net_onnx"]
     assert isinstance(net.probe, OnnxLayerProbe) and isinstance(net_onnx.probe, OnnxLayerProbe)
     assert net.library_sizes_ == net_torch.library_sizes_ == net_onnx.library_sizes_

@@ -143,16 +143,10 @@ def test_wrong_size_option_names_the_right_one():
 
 
 def test_readme_performance_example_runs(tmp_path, monkeypatch):
-    import pathlib
-    import re
+    from readme_blocks import run_readme_block
 
-    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme[readme.index("<!-- section:performance -->"): readme.index("<!-- /section:performance -->")]
-    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
-    assert blocks, "the README's performance section has no python example"
     monkeypatch.chdir(tmp_path)
-    namespace: dict = {}
-    exec(compile(blocks[0], "README.md", "exec"), namespace)
+    _, namespace = run_readme_block("performance")
     sparse, same = namespace["sparse"], namespace["same"]
     assert sparse.libraries_["0"].nodes.shape[1] == 64
     assert same.library_sizes_ == sparse.library_sizes_
