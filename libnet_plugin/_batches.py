@@ -56,5 +56,8 @@ def iter_batches(data: Any, batch_size: int = 256) -> Iterator[tuple[Tensor, Ten
 
 
 def is_one_shot(data: Any) -> bool:
-    """True when ``data`` is an iterator that cannot be iterated a second time."""
-    return not isinstance(data, (Tensor, tuple)) and iter(data) is data if isinstance(data, Iterable) else False
+    """True when ``data`` is an iterator (a generator, ``iter(...)``) that cannot be iterated twice.
+
+    Checked by type, without calling ``iter`` (which would start a DataLoader's worker processes).
+    """
+    return isinstance(data, Iterator)
