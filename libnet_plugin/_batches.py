@@ -7,7 +7,7 @@ from typing import Any, Iterable, Iterator
 import torch
 from torch import Tensor
 
-__all__ = ["iter_batches", "is_one_shot"]
+__all__ = ["iter_batches", "is_one_shot", "progress_bar"]
 
 _X_KEYS = ("x", "input", "inputs", "image", "images", "pixel_values")
 _Y_KEYS = ("y", "label", "labels", "target", "targets")
@@ -61,3 +61,11 @@ def is_one_shot(data: Any) -> bool:
     Checked by type, without calling ``iter`` (which would start a DataLoader's worker processes).
     """
     return isinstance(data, Iterator)
+
+
+def progress_bar(it: Iterable[Any], desc: str, progress: bool | None, total: int | None = None,
+                 unit: str = "batch") -> Iterable[Any]:
+    """A tqdm bar over ``it`` that vanishes when done; ``progress=None`` shows it only on a terminal."""
+    from tqdm.auto import tqdm
+
+    return tqdm(it, desc=desc, total=total, unit=unit, leave=False, disable=None if progress is None else not progress)

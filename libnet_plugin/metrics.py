@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["stable_softmax", "cpl", "ConfusionAccumulator", "auroc", "tpr_at_fpr"]
+__all__ = ["stable_softmax", "cpl", "agreement_counts", "ConfusionAccumulator", "auroc", "tpr_at_fpr"]
 
 
 def stable_softmax(p: Tensor, dim: int = -1) -> Tensor:
@@ -40,6 +40,25 @@ def cpl(scores: Mapping[str, Tensor] | Sequence[Tensor]) -> Tensor:
     for i, j in pairs:
         total += torch.nn.functional.cosine_similarity(s[i], s[j], dim=1, eps=1e-30)
     return (total / len(pairs)).to(ps[0].dtype)
+
+
+def agreement_counts(p: Tensor, answers: Tensor, labels: Tensor | None = None) -> tuple[int, int, int | None]:
+    """Counts behind METHOD.md section 4's figures, for evidence ``p`` ``[B, C]``.
+
+    Returns:
+        ``(top1, top3, correct)``: inputs whose argmax P is the model's answer, inputs whose model answer
+        is among the 3 largest entries of P, and inputs whose argmax P is the true label (``None``
+        without labels).
+
+    Example:
+        >>> agreement_counts(torch.tensor([[3., 2., 1., 0.], [0., 1., 2., 3.]]), torch.tensor([0, 1]),
+        ...                  torch.tensor([0, 0]))
+        (1, 2, 1)
+    """
+    top = p.topk(min(3, p.shape[1]), dim=1).indices
+    answers = answers.to(top.device)
+    correct = None if labels is None else int((top[:, 0] == labels.to(top.device)).sum())
+    return int((top[:, 0] == answers).sum()), int((top == answers[:, None]).any(dim=1).sum()), correct
 
 
 class ConfusionAccumulator:

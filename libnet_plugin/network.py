@@ -5,18 +5,17 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import pluggy
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from . import __version__
-from ._batches import is_one_shot, iter_batches
+from ._batches import is_one_shot, iter_batches, progress_bar
 from .errors import LayerNotFoundError, NotFittedError, ShapeMismatchError
 from .library import validate_threshold
-from .metrics import ConfusionAccumulator, cpl
+from .metrics import ConfusionAccumulator, agreement_counts, cpl
 from .plugins import make_library, make_probe, make_readout
 from .probe import ProbeResult
 from .serialization import load_checked, save_atomic
@@ -33,6 +32,12 @@ def _resolve_device(device: Any, model: Any) -> torch.device:
         for t in model.parameters():
             return t.device
     return torch.device("cpu")
+
+
+_ONE_SHOT_MESSAGE = (
+    "the training data is a one-shot iterator and its activations do not fit cache_bytes={cache_bytes}, so the "
+    "Hebbian pass cannot see it a second time; pass a re-iterable (Tensor, Dataset, DataLoader, list of "
+    "batches) or raise cache_bytes")
 
 
 @dataclass
@@ -74,15 +79,17 @@ def stream_fit(probe: Any, train: Any, libraries: Mapping[str, Sequence[Any]], n
         A :class:`StreamFit`.
     """
     layers = list(libraries)
-    cache: list[dict[str, Tensor]] | None = []
+    # keep pass 1's HAPs for pass 2 only within the budget (none at all with the default budget 0)
+    cache: list[dict[str, Tensor]] | None = [] if cache_bytes > 0 else None
+    one_shot = is_one_shot(train)
+    if cache is None and one_shot:
+        raise ValueError(_ONE_SHOT_MESSAGE.format(cache_bytes=cache_bytes))
     cached_bytes = 0
     answers: list[Tensor] = []
     n = 0
     n_classes = None
     input_shape = None
-    bar = lambda it, label: tqdm(it, desc=f"{desc} ({label})", unit="batch", leave=False,  # noqa: E731
-                                 disable=None if progress is None else not progress)
-    for x, _ in bar(iter_batches(train, batch_size), "pass 1"):
+    for x, _ in progress_bar(iter_batches(train, batch_size), f"{desc} (pass 1)", progress):
         if x.shape[0] == 0:
             continue
         if input_shape is None:
@@ -102,14 +109,11 @@ def stream_fit(probe: Any, train: Any, libraries: Mapping[str, Sequence[Any]], n
             cache.append({l: res.haps[l] for l in layers})
             cached_bytes += sum(res.haps[l].numel() * res.haps[l].element_size() for l in layers)
             if cached_bytes > cache_bytes:
+                if one_shot:  # stop now rather than after a whole wasted pass
+                    raise ValueError(_ONE_SHOT_MESSAGE.format(cache_bytes=cache_bytes))
                 cache = None
     if n == 0 or n_classes is None or input_shape is None:
         raise ValueError("fit received no training inputs (empty data)")
-    if cache is None and is_one_shot(train):
-        raise ValueError(
-            f"the training data is a one-shot iterator and its activations exceed cache_bytes={cache_bytes}; "
-            "pass a re-iterable (Tensor, Dataset, DataLoader, list of batches) or raise cache_bytes so that "
-            "the Hebbian pass can see the data a second time")
     train_answers = torch.cat(answers)
     readouts = {l: [new_readout(n_classes) for _ in libraries[l]] for l in layers}
     for l in layers:
@@ -125,7 +129,7 @@ def stream_fit(probe: Any, train: Any, libraries: Mapping[str, Sequence[Any]], n
                 yield probe.run(xb).haps
 
     seen = 0
-    for haps in bar(hap_batches(), "pass 2"):
+    for haps in progress_bar(hap_batches(), f"{desc} (pass 2)", progress):
         b = haps[layers[0]].shape[0]
         ans = train_answers[seen:seen + b]
         for l in layers:
@@ -267,9 +271,6 @@ class LibraryNetwork:
                                      f"the network was fitted on inputs of shape [B, {', '.join(map(str, shape))}]")
         return self.probe.run(x)
 
-    def _progress(self, it: Iterable[Any], desc: str, progress: bool | None) -> Iterable[Any]:
-        return tqdm(it, desc=desc, unit="batch", disable=(None if progress is None else not progress), leave=False)
-
     # ------------------------------------------------------------------ fitting
     def fit(self, train: Any, *, progress: bool | None = None) -> "LibraryNetwork":
         """Build the libraries (first pass) and the Hebbian readouts (cached HAPs or a second pass).
@@ -316,8 +317,13 @@ class LibraryNetwork:
         self.n_classes_ = int(n_classes)
         self.n_train_ = int(n_train)
         self.input_shape_ = tuple(input_shape) if input_shape is not None else None
-        self.hap_dims_ = {l: int(self.libraries_[l].dim) for l in self.layers}
         return self
+
+    @property
+    def hap_dims_(self) -> dict[str, int]:
+        """``{layer: features per input}`` of the HAPs the libraries were fitted on."""
+        self._check_fitted()
+        return {l: int(self.libraries_[l].dim) for l in self.layers}
 
     # ------------------------------------------------------------------ prediction
     def scores_from_haps(self, haps: Mapping[str, Tensor], top_k: int | None = None,
@@ -410,18 +416,16 @@ class LibraryNetwork:
         self._check_fitted()
         counts = {l: [0, 0, 0] for l in self.layers}
         n = n_lab = model_correct = 0
-        for x, y in self._progress(iter_batches(test, self.batch_size), "evaluate", progress):
+        for x, y in progress_bar(iter_batches(test, self.batch_size), "evaluate", progress):
             if x.shape[0] == 0:
                 continue
             r = self._run(x)
             ans = r.answers
-            scores = self.scores_from_haps(r.haps, top_k)
-            for l, p in scores.items():
-                top3 = p.topk(min(3, p.shape[1]), dim=1).indices
-                counts[l][0] += int((top3[:, 0] == ans).sum())
-                counts[l][1] += int((top3 == ans[:, None]).any(dim=1).sum())
-                if y is not None:
-                    counts[l][2] += int((top3[:, 0] == y.to(p.device)).sum())
+            for l, p in self.scores_from_haps(r.haps, top_k).items():
+                top1, top3, correct = agreement_counts(p, ans, y)
+                counts[l][0] += top1
+                counts[l][1] += top3
+                counts[l][2] += correct or 0
             n += x.shape[0]
             if y is not None:
                 n_lab += x.shape[0]
@@ -444,7 +448,7 @@ class LibraryNetwork:
         self._check_fitted()
         acc = {l: ConfusionAccumulator(self.n_classes_, self.device) for l in self.layers}
         n = 0
-        for x, y in self._progress(iter_batches(test, self.batch_size), "confusion index", progress):
+        for x, y in progress_bar(iter_batches(test, self.batch_size), "confusion index", progress):
             if y is None:
                 raise ValueError("confusion_index needs labels: pass (X, y), a labelled Dataset or DataLoader")
             if x.shape[0] == 0:
