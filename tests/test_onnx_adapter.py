@@ -173,10 +173,10 @@ def test_module_called_twice_is_ambiguous_and_lists_its_tensors():
     nodes = [_scoped(helper.make_node("Relu", ["x"], ["r1"]), ["", "act", "relu"]),
              _scoped(helper.make_node("Neg", ["r1"], ["n"]), ["", "mid", "neg"]),
              _scoped(helper.make_node("Relu", ["n"], ["y"]), ["", "act", "relu_1"])]
-    g = OnnxGraph(helper.make_model(helper.make_graph(nodes, "g", [x], [y])))
-    assert "act" not in g.module_names
+    proto = helper.make_model(helper.make_graph(nodes, "g", [x], [y]))
+    assert "act" not in OnnxGraph(proto).module_names
     with pytest.raises(ValueError, match=r"module 'act'.*2 tensors used outside it \['r1', 'y'\]"):
-        OnnxLayerProbe(helper.make_model(helper.make_graph(nodes, "g", [x], [y])), ["act"])
+        OnnxLayerProbe(proto, ["act"])
 
 
 def test_fused_graphs_warn_or_explain():

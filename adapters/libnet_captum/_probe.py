@@ -31,7 +31,7 @@ def module_device(modules: Sequence[nn.Module], fallback: torch.device | None = 
 def layer_activations(forward_func: Callable[..., Any], modules: Sequence[nn.Module], inputs: Tensor | tuple[Tensor, ...],
                       additional_forward_args: Any = None, device_ids: list[int] | None = None,
                       names: Sequence[str] | None = None) -> tuple[Any, list[Tensor]]:
-    """Run ``forward_func`` once through Captum's ``LayerActivation``; return its output and each layer's output.
+    """Run ``forward_func`` once through Captum's ``LayerActivation``; return its output and each layer's HAP.
 
     Args:
         forward_func (Callable): the model or any function of it, called as
@@ -43,9 +43,14 @@ def layer_activations(forward_func: Callable[..., Any], modules: Sequence[nn.Mod
         names (list[str], optional): the layer names, for error messages. Default: None
 
     Returns:
-        ``(output, activations)``: whatever ``forward_func`` returned, and one Tensor per module with the
-        module's output (the first element when a module returns a tuple), detached, in input order.
-        Captum registers its hooks for this one forward pass and removes them in ``finally``.
+        ``(output, haps)``: whatever ``forward_func`` returned, and one ``Tensor[B, D]`` per module: the
+        module's output (the first element when a module returns a tuple), detached and flattened per
+        input, in input order, on the module's device and in its dtype. Captum registers its hooks for
+        this one forward pass and removes them in ``finally``.
+
+    Raises:
+        LayerNotFoundError: a module did not run during the forward pass.
+        NonFiniteError: a layer's output holds NaN or infinity (the message names the layer).
     """
     from captum.attr import LayerActivation
 
@@ -56,6 +61,7 @@ def layer_activations(forward_func: Callable[..., Any], modules: Sequence[nn.Mod
         captured.append(out)
         return out
 
+    shown = list(names) if names is not None else [type(m).__name__ for m in modules]
     if device_ids is None:
         device_ids = getattr(forward_func, "device_ids", None)
     try:
@@ -66,16 +72,17 @@ def layer_activations(forward_func: Callable[..., Any], modules: Sequence[nn.Mod
         # the model itself (nothing captured yet) or for another reason is passed on unchanged.
         if not captured or (isinstance(exc, AssertionError) and "did not obtain any outputs" not in str(exc)):
             raise
-        shown = list(names) if names is not None else [type(m).__name__ for m in modules]
         raise LayerNotFoundError(
             f"at least one of the layers {shown} never fired during the forward pass (it is not a submodule "
             "the forward function calls); probe modules that run once per input") from exc
-    out = []
-    for a in acts:
+    haps = []
+    for name, a in zip(shown, acts):
         if isinstance(a, (tuple, list)):
             a = a[0]
-        out.append(a)
-    return captured[-1], out
+        hap = a.reshape(a.shape[0], -1)
+        check_finite(hap, f"the activations of layer {name!r}")
+        haps.append(hap)
+    return captured[-1], haps
 
 
 class CaptumForward:
@@ -162,10 +169,6 @@ class CaptumLayerProbe:
         if not isinstance(outputs, Tensor) or outputs.dim() < 2:
             raise ValueError("the forward function must return a Tensor of shape [B, C] (one score per class), got "
                              f"{getattr(outputs, 'shape', type(outputs).__name__)}")
-        haps = {}
-        for name, a in zip(self.layers, acts):
-            hap = a.reshape(a.shape[0], -1).to(self.device, torch.float32)
-            check_finite(hap, f"the activations of layer {name!r}")
-            haps[name] = hap
+        haps = {name: hap.to(self.device, torch.float32) for name, hap in zip(self.layers, acts)}
         outputs = outputs.detach().reshape(outputs.shape[0], -1).to(self.device)
         return ProbeResult(outputs=outputs, haps=haps)

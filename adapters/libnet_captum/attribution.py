@@ -232,14 +232,9 @@ class _LibraryLayers:
             raise ShapeMismatchError(
                 f"inputs have shape {tuple(tensors[0].shape)} (per input {tuple(tensors[0].shape[1:])}); the library "
                 f"network was fitted on inputs of shape [B, {', '.join(map(str, shape))}]")
-        _, acts = layer_activations(self.forward_func, self.layer_modules, inputs, additional_forward_args,
+        _, haps = layer_activations(self.forward_func, self.layer_modules, inputs, additional_forward_args,
                                     self.device_ids, self.layer_names)
-        haps = {}
-        for name, a in zip(self.layer_names, acts):
-            hap = a.reshape(a.shape[0], -1)
-            check_finite(hap, f"the activations of layer {name!r}")
-            haps[name] = hap
-        return net, haps
+        return net, dict(zip(self.layer_names, haps))
 
 
 class LibraryAttribution(_LibraryLayers, Attribution):
