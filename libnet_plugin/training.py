@@ -174,7 +174,7 @@ def train_resnet44(
     config: TrainConfig | None = None,
     *,
     device: torch.device | str | None = None,
-    progress: bool = True,
+    progress: bool | None = True,
 ) -> ResNet44:
     """Train a :class:`~libnet_plugin.models.ResNet44` on CIFAR-10 pixels with the standard recipe.
 
@@ -188,7 +188,7 @@ def train_resnet44(
         y_train: labels ``[N]`` in ``0..9``.
         config: hyper-parameters (default :class:`TrainConfig`, i.e. 200 epochs).
         device: where to train (default: ``x_train``'s device).
-        progress: show a tqdm bar with the running loss.
+        progress: show a tqdm bar with the running loss (``None``: only on a terminal).
 
     Returns:
         The trained net, ``normalize=True`` (it takes pixels), in eval mode, on ``device``.
@@ -222,7 +222,8 @@ def train_resnet44(
     total = cfg.epochs * steps_per_epoch
     step = 0
     net.train()
-    with tqdm(total=total, disable=not progress, desc="train ResNet44", unit="step") as bar:
+    with tqdm(total=total, disable=None if progress is None else not progress,
+              desc="train ResNet44", unit="step") as bar:
         for epoch in range(cfg.epochs):
             order = torch.randperm(n, generator=gen).to(dev)
             for start in range(0, n, cfg.batch_size):
@@ -330,7 +331,7 @@ def load_or_train_resnet44(
     x_test: torch.Tensor | None = None,
     y_test: torch.Tensor | None = None,
     device: torch.device | str | None = None,
-    progress: bool = True,
+    progress: bool | None = True,
 ) -> tuple[ResNet44, Path, dict[str, float | int | str]]:
     """Load cached weights for this data and recipe, or train them and write the cache.
 
@@ -340,7 +341,7 @@ def load_or_train_resnet44(
         cache_dir: folder of cached weights (see :func:`weights_cache_path`).
         x_test, y_test: optional test data; its accuracy is stored with fresh weights.
         device: where to train and where the returned net lives.
-        progress: show a progress bar while training.
+        progress: show a progress bar while training (``None``: only on a terminal).
 
     Returns:
         ``(net, path, info)``: the net (``normalize=True``, eval mode, on ``device``), the weights file

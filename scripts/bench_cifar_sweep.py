@@ -34,7 +34,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from libnet_plugin.experiments.cifar10 import CPL_SETS, LAYERS, THRESHOLD_LEVELS  # noqa: E402
-from libnet_plugin.experiments.common import compute_evidence, fit_library_sweep  # noqa: E402
+from libnet_plugin.experiments.common import compute_evidence, cpl_requests, fit_library_sweep  # noqa: E402
 from libnet_plugin.models import ResNet44  # noqa: E402
 from libnet_plugin.plugins import make_probe  # noqa: E402
 
@@ -95,7 +95,7 @@ def bench_device(device: torch.device, model_cpu: nn.Module, x_train: torch.Tens
     _sync(device)
     t_sweep = time.perf_counter() - t0
     requests = [(l, t, 8) for l in LAYERS for t in THRESHOLD_LEVELS[l]]
-    requests += sorted({(l, t, 20) for s in CPL_SETS.values() for l, t in s.items()})
+    requests += cpl_requests(CPL_SETS, 20)
     t0 = time.perf_counter()
     compute_evidence(sweep, probe, x_test, requests, batch_size=batch_size, progress=False)
     _sync(device)

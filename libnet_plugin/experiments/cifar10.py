@@ -58,8 +58,11 @@ from .common import (
     LibrarySweep,
     ProtocolSettings,
     StageTimer,
+    resolve_device,
     agreement_table,
+    attacked_evidence,
     compute_evidence,
+    cpl_requests,
     detector_comparison,
     ensure_writable_dir,
     environment_info,
@@ -251,51 +254,6 @@ class Cifar10Settings:
 # --------------------------------------------------------------------------------------------------
 
 
-def resolve_device(spec: str) -> tuple[torch.device, str | None]:
-    """Turn ``--device`` into a ``torch.device``, refusing a GPU that is not there.
-
-    Args:
-        spec: ``"auto"`` (CUDA when available, else the CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
-
-    Returns:
-        ``(device, warning)``: ``warning`` is a message to show when ``"auto"`` fell back to the CPU,
-        else ``None``.
-
-    Raises:
-        ExperimentError: (a ``ValueError``) for an unknown device, ``cuda`` without a usable GPU, or a
-            GPU index that does not exist.
-
-    Example:
-        >>> resolve_device("cpu")
-        (device(type='cpu'), None)
-    """
-    text = str(spec).strip().lower()
-    if text == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda"), None
-        return torch.device("cpu"), ("--device auto found no CUDA GPU (torch "
-                                     f"{torch.__version__}); running on the CPU, which is slow for the full "
-                                     "experiment (use --quick, or a GPU machine)")
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise ExperimentError(f"--device {spec!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cpu":
-        return device, None
-    if device.type != "cuda":
-        raise ExperimentError(f"--device {spec!r} is not supported here; use auto, cpu, cuda or cuda:N")
-    if not torch.cuda.is_available():
-        build = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
-        raise ExperimentError(f"--device {spec} was requested but no CUDA GPU is available (torch "
-                              f"{torch.__version__}, {build}); use --device cpu, or --device auto to fall back "
-                              "to the CPU with a warning")
-    count = torch.cuda.device_count()
-    if device.index is not None and device.index >= count:
-        raise ExperimentError(f"--device {spec}: there {'is' if count == 1 else 'are'} only {count} CUDA "
-                              f"device(s), numbered 0..{count - 1}")
-    return device, None
-
-
 def check_data_dir(data_dir: str | os.PathLike) -> Path:
     """The folder holding the six CIFAR-10 python batches, checked without reading them.
 
@@ -405,13 +363,6 @@ def _library_bytes(sweep: LibrarySweep) -> dict[str, int]:
     return out
 
 
-def _requests(settings: Cifar10Settings) -> tuple[list[tuple[str, float, int]], list[tuple[str, float, int]]]:
-    """Evidence requests: every (layer, level) at top_k 8, and every (layer, theta) of a CPL set at 20."""
-    agree = [(l, t, settings.top_k_agreement) for l in LAYERS for t in settings.thresholds[l]]
-    cpl_keys = sorted({(l, theta_key(t), settings.top_k_cpl) for s in settings.cpl_sets.values() for l, t in s.items()})
-    return agree, cpl_keys
-
-
 def _seed_columns(layer: str, theta: float) -> dict[str, Any]:
     seed = SEED_RESULTS["library"].get(layer, {}).get(theta_key(theta))
     return {"seed_size": seed["size"] if seed else None,
@@ -467,7 +418,8 @@ def reproduce_cifar10(
     with timer.stage("library sweep"):
         sweep = fit_library_sweep(probe, xn_train, settings.thresholds, batch_size=settings.batch_size,
                                   device=device, progress=progress)
-    agree_req, cpl_req = _requests(settings)
+    agree_req = [(l, t, settings.top_k_agreement) for l in LAYERS for t in settings.thresholds[l]]
+    cpl_req = cpl_requests(settings.cpl_sets, settings.top_k_cpl)
     with timer.stage("test evidence"):
         test_ev = compute_evidence(sweep, probe, xn_test, agree_req + cpl_req, labels=y_test,
                                    batch_size=settings.batch_size, progress=progress, desc="test evidence")
@@ -499,15 +451,11 @@ def reproduce_cifar10(
         proto = ProtocolSettings(name, list(eps), n_images=n, nb_iter=settings.nb_iter, seed=settings.attack_seed,
                                  backend=settings.attack_backend)
         with timer.stage(f"attacks ({name})"):
-            sets = generate_attack_sets(proto, model, x_test[:n].to(device), y_test[:n].to(device), mean=mean,
-                                        std=std, progress=progress)
+            sets = generate_attack_sets(proto, model, x_test, y_test, mean=mean, std=std, progress=progress)
         attack_sets.extend(sets)
         with timer.stage(f"attacked evidence ({name})"):
-            attacked = {s.epsilon: compute_evidence(sweep, probe, to_model_space(s.x_adv, s.space, "normalized",
-                                                                                 mean, std),
-                                                    cpl_req, labels=y_test[:n], batch_size=settings.batch_size,
-                                                    progress=progress, desc=f"evidence eps={s.epsilon:g}")
-                        for s in sets}
+            attacked = attacked_evidence(sweep, probe, sets, cpl_req, y_test, model_space="normalized", mean=mean,
+                                         std=std, batch_size=settings.batch_size, progress=progress)
         clean = test_ev.subset(torch.arange(n))
         result = evaluate_protocol(name, clean, attacked, settings.cpl_sets, top_k=settings.top_k_cpl,
                                    fpr=settings.fpr)
@@ -818,7 +766,6 @@ def run(args: argparse.Namespace) -> int:
     if warning:
         print(f"{prog}: warning: {warning}", file=sys.stderr)
     try:
-        timer_log = _log
         _log(f"reading CIFAR-10 from {str(data_dir)!r}")
         x_train, y_train, x_test, y_test = load_cifar10(data_dir)
         extra: dict[str, Any] = {"data_dir": str(data_dir), "n_train_available": int(x_train.shape[0]),
@@ -846,7 +793,7 @@ def run(args: argparse.Namespace) -> int:
         n_test = settings.n_test or x_test.shape[0]
         report = reproduce_cifar10(model, x_train[:n_train], x_test[:n_test], y_test[:n_test], settings,
                                    device=device, out_dir=out, y_train=y_train[:n_train], progress=args.progress,
-                                   log=timer_log, extra=extra)
+                                   log=_log, extra=extra)
     except LibnetError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1

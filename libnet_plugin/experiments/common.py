@@ -81,6 +81,7 @@ __all__ = [
     "agreement_table",
     "confusion_indices",
     "cpl_from_evidence",
+    "cpl_requests",
     "detection_metrics",
     "ProtocolSettings",
     "AttackSet",
@@ -88,9 +89,11 @@ __all__ = [
     "check_pgd_backends",
     "save_attack_sets",
     "load_attack_sets",
+    "attacked_evidence",
     "evaluate_protocol",
     "detector_comparison",
     "to_model_space",
+    "resolve_device",
     "ensure_writable_dir",
     "to_jsonable",
     "write_json_atomic",
@@ -522,6 +525,16 @@ def cpl_from_evidence(evidence: Evidence, thresholds: Mapping[str, float], top_k
     return cpl({l: evidence.get(l, t, top_k) for l, t in thresholds.items()})
 
 
+def cpl_requests(cpl_sets: Mapping[str, Mapping[str, float]], top_k: int) -> list[EvidenceKey]:
+    """The evidence requests CPL needs: every ``(layer, theta)`` of any threshold set, at ``top_k``.
+
+    Example:
+        >>> cpl_requests({"S1": {"a": 0.5, "b": 0.6}, "S2": {"a": 0.5, "b": 0.7}}, 20)
+        [('a', 0.5, 20), ('b', 0.6, 20), ('b', 0.7, 20)]
+    """
+    return sorted({(l, theta_key(t), int(top_k)) for thr in cpl_sets.values() for l, t in thr.items()})
+
+
 def detection_metrics(clean_cpl: Tensor, attacked_cpl: Tensor, fpr: float = 0.05) -> dict[str, Any]:
     """AUROC and TPR at ``fpr`` of flagging attacked inputs by low CPL (score ``1 - CPL``).
 
@@ -755,6 +768,30 @@ def load_attack_sets(path: str | os.PathLike) -> tuple[list[AttackSet], dict[str
     return sets, metadata
 
 
+def attacked_evidence(sweep: LibrarySweep, probe: Any, sets: Sequence[AttackSet], requests: Iterable[EvidenceKey],
+                      labels: Tensor, *, model_space: str, mean: Any, std: Any, batch_size: int = 256,
+                      progress: bool | None = None) -> dict[float, Evidence]:
+    """Evidence of every attack set of one protocol, each moved to the probed model's input space.
+
+    Args:
+        sweep / probe: as for :func:`compute_evidence`.
+        sets: attack sets of one protocol (one per epsilon).
+        requests: ``(layer, theta, top_k)`` triples, e.g. :func:`cpl_requests`.
+        labels: labels of the whole test set; each set takes those at its ``indices``.
+        model_space / mean / std: the probed model's input space and the normalisation (see
+            :func:`to_model_space`).
+        batch_size / progress: as for :func:`compute_evidence`.
+
+    Returns:
+        ``{epsilon: Evidence}``, ready for :func:`evaluate_protocol`.
+    """
+    requests = list(requests)
+    return {s.epsilon: compute_evidence(sweep, probe, to_model_space(s.x_adv, s.space, model_space, mean, std),
+                                        requests, labels=labels[s.indices.to(labels.device)],
+                                        batch_size=batch_size, progress=progress,
+                                        desc=f"{s.protocol} eps={s.epsilon:g}") for s in sets}
+
+
 def evaluate_protocol(protocol: str, clean: Evidence, attacked: Mapping[float, Evidence],
                       threshold_sets: Mapping[str, Mapping[str, float]], *, top_k: int = 20,
                       fpr: float = 0.05) -> dict[str, Any]:
@@ -913,6 +950,51 @@ def detector_comparison(net: Any, train: tuple[Tensor, Tensor | None], clean_tes
                                detectors=detectors, out_dir=out_dir, fpr=fpr, fpr_splits=fpr_splits,
                                batch_size=batch_size, log=log)
     return {"available": True, "protocol": protocol, "attacks": info, "table": table}
+
+
+def resolve_device(spec: str) -> tuple[torch.device, str | None]:
+    """Turn ``--device`` into a ``torch.device``, refusing a GPU that is not there.
+
+    Args:
+        spec: ``"auto"`` (CUDA when available, else the CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+
+    Returns:
+        ``(device, warning)``: ``warning`` is a message to show when ``"auto"`` fell back to the CPU,
+        else ``None``.
+
+    Raises:
+        ExperimentError: (a ``ValueError``) for an unknown device, ``cuda`` without a usable GPU, or a
+            GPU index that does not exist.
+
+    Example:
+        >>> resolve_device("cpu")
+        (device(type='cpu'), None)
+    """
+    text = str(spec).strip().lower()
+    if text == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda"), None
+        return torch.device("cpu"), ("--device auto found no CUDA GPU (torch "
+                                     f"{torch.__version__}); running on the CPU, which is slow for the full "
+                                     "experiment (use --quick, or a GPU machine)")
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise ExperimentError(f"--device {spec!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return device, None
+    if device.type != "cuda":
+        raise ExperimentError(f"--device {spec!r} is not supported here; use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        build = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise ExperimentError(f"--device {spec} was requested but no CUDA GPU is available (torch "
+                              f"{torch.__version__}, {build}); use --device cpu, or --device auto to fall back "
+                              "to the CPU with a warning")
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise ExperimentError(f"--device {spec}: there {'is' if count == 1 else 'are'} only {count} CUDA "
+                              f"device(s), numbered 0..{count - 1}")
+    return device, None
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -68,10 +68,12 @@ from .common import (
     ProtocolSettings,
     StageTimer,
     agreement_table,
+    attacked_evidence,
     check_pgd_backends,
     compute_evidence,
     confusion_indices,
     cpl_from_evidence,
+    cpl_requests,
     detector_comparison,
     ensure_writable_dir,
     environment_info,
@@ -80,6 +82,7 @@ from .common import (
     generate_attack_sets,
     load_attack_sets,
     markdown_table,
+    resolve_device,
     save_attack_sets,
     theta_grid,
     theta_key,
@@ -452,12 +455,9 @@ def prepare_mnist(settings: MnistSettings | None = None, *, out_dir: str | os.Pa
         raise ExperimentError("--onnx and --weights exclude each other: the ONNX file is the model")
     if onnx_input not in ("normalized", "pixels"):
         raise ExperimentError(f"onnx_input must be 'normalized' or 'pixels', got {onnx_input!r}")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise ExperimentError(f"unknown device {device!r}: {exc}") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ExperimentError("--device cuda was asked for but no CUDA device is available")
+    dev, warning = resolve_device(device)
+    if warning:
+        log(warning)
     net: MnistNet | None = _read_weights(weights) if weights is not None else None
     probe = None
     if onnx is not None:
@@ -613,7 +613,8 @@ def _clean_stage(run: PreparedRun, sweep: LibrarySweep, probe: Any) -> tuple[Evi
     settings, opt = run.settings, run.options
     x_tr, _, x_te, y_te = run.data
     x_te_m = to_model_space(x_te, "pixels", run.model_space, MNIST_MEAN, MNIST_STD)
-    requests = [(l, t, settings.top_k) for l in LAYERS for t in sweep.thresholds[l]] + _cpl_requests(settings)
+    requests = [(l, t, settings.top_k) for l in LAYERS for t in sweep.thresholds[l]]
+    requests += cpl_requests(settings.cpl_sets, settings.cpl_top_k)
     clean = compute_evidence(sweep, probe, x_te_m, requests, labels=y_te, batch_size=settings.batch_size,
                              progress=opt["progress"], desc="clean test evidence")
     first_set = next(iter(settings.cpl_sets))
@@ -631,10 +632,6 @@ def _clean_stage(run: PreparedRun, sweep: LibrarySweep, probe: Any) -> tuple[Evi
         "exemplars": {"set": first_set, "queries": queries, "answers": clean.answers[queries],
                       "indices": {l: i.cpu() for l, i in indices.items()}, "cosines": cosines},
     }
-
-
-def _cpl_requests(settings: MnistSettings) -> list[tuple[str, float, int]]:
-    return sorted({(l, theta_key(t), settings.cpl_top_k) for thr in settings.cpl_sets.values() for l, t in thr.items()})
 
 
 def _attack_stages(run: PreparedRun, sweep: LibrarySweep, probe: Any, net: MnistNet | None,
@@ -664,10 +661,9 @@ def _attack_stages(run: PreparedRun, sweep: LibrarySweep, probe: Any, net: Mnist
             continue
         out["sets"] += sets
         with timer.stage(f"attack evaluation ({proto.name} protocol)"):
-            attacked = {s.epsilon: compute_evidence(
-                sweep, probe, to_model_space(s.x_adv, s.space, run.model_space, MNIST_MEAN, MNIST_STD),
-                _cpl_requests(settings), labels=y_te[s.indices], batch_size=settings.batch_size,
-                progress=opt["progress"], desc=f"{proto.name} eps={s.epsilon:g}") for s in sets}
+            attacked = attacked_evidence(sweep, probe, sets, cpl_requests(settings.cpl_sets, settings.cpl_top_k), y_te,
+                                         model_space=run.model_space, mean=MNIST_MEAN, std=MNIST_STD,
+                                         batch_size=settings.batch_size, progress=opt["progress"])
             res = evaluate_protocol(proto.name, clean.subset(sets[0].indices), attacked, settings.cpl_sets,
                                     top_k=settings.cpl_top_k)
             pert = {s.epsilon: _perturbation_stats(x_te, s) for s in sets}
