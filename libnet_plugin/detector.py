@@ -111,6 +111,12 @@ def _fingerprint_diff(saved: Sequence[Sequence[Any]], now: Sequence[Sequence[Any
     return None
 
 
+def _check_fpr(fpr: Any) -> float:
+    if isinstance(fpr, bool) or not isinstance(fpr, (int, float)) or not (0.0 < float(fpr) < 1.0):
+        raise ValueError(f"fpr must be a number in the open interval (0, 1), got {fpr!r}")
+    return float(fpr)
+
+
 def _tensor_versions(model: nn.Module) -> tuple[tuple[int, int], ...]:
     return tuple((id(t), t._version) for t in list(model.parameters()) + list(model.buffers()))
 
@@ -296,31 +302,41 @@ class ConsistencyDetector:
         Raises:
             ValueError: ``fpr`` outside (0, 1), too few clean inputs, or non-finite clean inputs.
         """
-        if isinstance(fpr, bool) or not isinstance(fpr, (int, float)) or not (0.0 < float(fpr) < 1.0):
-            raise ValueError(f"fpr must be a number in the open interval (0, 1), got {fpr!r}")
-        fpr = float(fpr)
+        fpr = _check_fpr(fpr)
+        self._warn_training_mode()
+        return self._calibrate_on(self._calibration_data(clean), fpr)
+
+    @property
+    def _fuses(self) -> bool:
+        """Whether the score fuses per-layer features against a clean reference (``set_reference``)."""
+        return callable(getattr(self.scorer, "set_reference", None))
+
+    def _calibration_data(self, clean: Any) -> Tensor:
+        """What calibration needs per clean input: the features ``[N, F]`` of a fused score, else its scores ``[N]``."""
         self._ensure_scorer()
         self._check_model()
-        self._warn_training_mode()
-        fused = hasattr(self.scorer, "set_reference")
         parts = []
         for x, _ in iter_batches(clean, self.net.batch_size):
             if x.shape[0] == 0:
                 continue
             check_finite(x, "a clean calibration batch")
             r = self.net._run(x)
-            parts.append(self.scorer.features(self.net, r) if fused else self.scorer.score(self.net, r))
-        n = sum(p.shape[0] for p in parts)
+            parts.append(self.scorer.features(self.net, r) if self._fuses else self.scorer.score(self.net, r))
+        return torch.cat(parts) if parts else torch.empty(0)
+
+    def _calibrate_on(self, data: Tensor, fpr: float) -> "ConsistencyDetector":
+        """Set the threshold (and a fused score's clean reference) from :meth:`_calibration_data`'s output."""
+        fpr = _check_fpr(fpr)
+        n = int(data.shape[0])
         rank = math.ceil((n + 1) * (1.0 - fpr))
         if n == 0 or rank > n:
             need = math.ceil(1.0 / fpr) - 1 if n else 1
             raise ValueError(f"calibrate needs at least {max(need, 2)} clean inputs for fpr={fpr:g} (the threshold is "
                              f"the ceil((n + 1)(1 - fpr))-th smallest clean score), got {n}")
-        data = torch.cat(parts)
-        scores = self.scorer.set_reference(data) if fused else data
-        scores = scores.detach().double()
-        self.calibration_scores_ = scores.sort().values.float()
-        self.threshold_ = float(scores.sort().values[rank - 1])
+        scores = self.scorer.set_reference(data) if self._fuses else data
+        ordered = scores.detach().double().sort().values
+        self.calibration_scores_ = ordered.float()
+        self.threshold_ = float(ordered[rank - 1])
         self.fpr_ = fpr
         self.n_calibration_ = n
         return self
@@ -372,7 +388,7 @@ class ConsistencyDetector:
             ``on_nonfinite="flag"``.
         """
         self._ensure_scorer()
-        if getattr(self.scorer, "set_reference", None) is not None and not self.is_calibrated:
+        if self._fuses and not self.is_calibrated:
             raise NotFittedError(f"the {self.method!r} score fuses per-layer p-values against clean reference data: "
                                  "call det.calibrate(clean_data, fpr=0.05) first")
         self._check_model()

@@ -401,8 +401,6 @@ class LibraryMarginScore(FusedLayerScore):
 
     def features(self, net: "LibraryNetwork", result: ProbeResult) -> Tensor:
         self._check_ready()
-        if not self._classes:
-            self._prepare(net)
         answers = result.answers.to(net.device)
         cols = []
         for l in self.layers_:
@@ -541,7 +539,7 @@ class MahalanobisScore(FusedLayerScore):
             self._proj[layer] = (torch.randn(dim, self.max_dim, generator=g) / math.sqrt(self.max_dim)).to(device)
         return self._proj[layer]
 
-    def _feature(self, net: "LibraryNetwork", layer: str, hap: Tensor) -> Tensor:
+    def _feature(self, layer: str, hap: Tensor) -> Tensor:
         c = self.channels_[layer]
         if c:
             return hap.reshape(hap.shape[0], c, -1).mean(dim=2)
@@ -565,7 +563,7 @@ class MahalanobisScore(FusedLayerScore):
             for l in self.layers_:
                 if l not in self.channels_:
                     self.channels_[l] = self._channels(net, l, r.haps[l].shape[1])
-                f = self._feature(net, l, r.haps[l]).double()
+                f = self._feature(l, r.haps[l]).double()
                 if l not in sums:
                     self.dims_[l] = f.shape[1]
                     sums[l] = torch.zeros(n_classes, f.shape[1], dtype=torch.float64, device=net.device)
@@ -596,7 +594,7 @@ class MahalanobisScore(FusedLayerScore):
             raise NotFittedError("the 'mahalanobis' detector has no class means; call fit(net, train) first")
         cols = []
         for l in self.layers_:
-            f = self._feature(net, l, result.haps[l]).double()
+            f = self._feature(l, result.haps[l]).double()
             if f.shape[1] != self.dims_[l]:
                 raise ShapeMismatchError(f"layer {l!r}: features of size {f.shape[1]}, fitted on {self.dims_[l]}")
             prec, mu = self.precision_[l], self.means_[l]

@@ -144,8 +144,8 @@ def _target_size(target: Any, n_total: int, layer: str) -> int:
 
 
 def choose_thresholds(net: "LibraryNetwork", train: Any, *, target: float | int | Mapping[str, float | int] = 0.1,
-                      sample_size: int = 1000, seed: int = 0, tol: float = 0.02, max_iter: int = 25,
-                      **_unused: Any) -> dict[str, float]:
+                      sample_size: int = 1000, seed: int = 0, tol: float = 0.02,
+                      max_iter: int = 25) -> dict[str, float]:
     """Choose theta per layer so that each library reaches a target size.
 
     Args:

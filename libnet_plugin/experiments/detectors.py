@@ -97,8 +97,8 @@ def _time_scores(fn: Callable[[Tensor], Any], x: Tensor, batch_size: int) -> tup
     return elapsed / x.shape[0] * 1e6, outs
 
 
-def calibration_check(det: ConsistencyDetector, x_clean: Tensor, fpr: float, n_splits: int = 50, seed: int = 0,
-                      batch_size: int = 256) -> dict[str, Any]:
+def calibration_check(det: ConsistencyDetector, x_clean: Any, fpr: float, n_splits: int = 50,
+                      seed: int = 0) -> dict[str, Any]:
     """Held-out false-positive rate of ``det``'s calibration over random halves of clean data.
 
     The clean inputs are scored once (per-layer features for fused scores); each split calibrates on one
@@ -108,14 +108,14 @@ def calibration_check(det: ConsistencyDetector, x_clean: Tensor, fpr: float, n_s
     Returns:
         ``{"requested", "mean", "sd", "min", "max", "n_calibration", "n_heldout", "n_splits"}``.
     """
+    return _split_fpr(det._calibration_data(x_clean), det._fuses, fpr, n_splits, seed)
+
+
+def _split_fpr(data: Tensor, fused: bool, fpr: float, n_splits: int, seed: int) -> dict[str, Any]:
+    """:func:`calibration_check` on what :meth:`ConsistencyDetector._calibration_data` returned for clean inputs."""
     from ..detectors import ConformalFusion
 
-    fused = hasattr(det.scorer, "set_reference")
-    parts = []
-    for i in range(0, x_clean.shape[0], batch_size):
-        r = det.net._run(x_clean[i:i + batch_size])
-        parts.append(det.scorer.features(det.net, r) if fused else det.scorer.score(det.net, r))
-    data = torch.cat(parts).detach().double().cpu()
+    data = data.detach().double().cpu()
     n = data.shape[0]
     n_cal = n // 2
     rank = math.ceil((n_cal + 1) * (1.0 - fpr))
@@ -254,10 +254,13 @@ def evaluate_detectors(net_or_model: Any, train: Any, clean_test: Any, attacked_
         det = ConsistencyDetector(net, method=method, settings=settings, plugin_manager=pm)
         if det.requires_training_data:
             det.fit(train)
-        det.calibrate(x_cal, fpr=fpr)
+        cal_data = det._calibration_data(x_cal)  # kept for the FPR check below: no second pass over x_cal
+        det._calibrate_on(cal_data, fpr)
         fit_s = time.perf_counter() - t0
         ms, parts = _time_scores(det.score, x_clean, batch_size)
         clean_scores = torch.cat(parts).cpu()
+        # the FPR check needs the clean inputs as calibration sees them: plain scores are the ones just timed
+        clean_data = det._calibration_data(x_clean) if det._fuses else clean_scores
         entry: dict[str, Any] = {
             "method": method, "settings": settings,
             "library_based": method in LIBRARY_BASED or bool(getattr(det.scorer, "uses_library", False)),
@@ -266,8 +269,8 @@ def evaluate_detectors(net_or_model: Any, train: Any, clean_test: Any, attacked_
             "threshold": det.threshold_, "fit_s": fit_s, "ms_per_1000": ms,
             "time_ratio": ms / forward_ms if forward_ms and math.isfinite(forward_ms) else float("nan"),
         }
-        entry["fpr_check"] = calibration_check(det, torch.cat([x_cal, x_clean]), fpr, n_splits=fpr_splits,
-                                               batch_size=batch_size)
+        entry["fpr_check"] = _split_fpr(torch.cat([cal_data.cpu(), clean_data.cpu()]), det._fuses, fpr,
+                                        n_splits=fpr_splits, seed=0)
         mem = det.memory_bytes()
         mem["kept"] = mem["detector"] + (mem["library"] if entry["library_based"] else 0)
         entry["memory_bytes"] = mem
