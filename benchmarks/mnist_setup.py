@@ -15,13 +15,13 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from libnet_plugin.attacks import attack_standard_protocol
-from libnet_plugin.data import load_mnist_default
+from libnet_plugin.data import MNIST_MEAN, MNIST_STD, load_mnist_default
 from libnet_plugin.errors import LibnetError
-from libnet_plugin.experiments.common import AttackSet, load_attack_sets, save_attack_sets
+from libnet_plugin.experiments.common import (AttackSet, ProtocolSettings, generate_attack_sets, load_attack_sets,
+                                              save_attack_sets)
 from libnet_plugin.experiments.mnist import (CPL_SETS, LAYERS, STANDARD_EPSILONS, MnistSettings,
                                              cached_or_trained_mnist_net)
-from libnet_plugin.models import MnistNet
+from libnet_plugin.models import MnistNet, predict_labels
 
 __all__ = ["MnistBench", "prepare_mnist", "S1", "LAYERS"]
 
@@ -57,11 +57,6 @@ def _digest(*tensors: Tensor, extra: str = "") -> str:
     return h.hexdigest()[:16]
 
 
-@torch.no_grad()
-def _answers(model: torch.nn.Module, x: Tensor) -> Tensor:
-    return torch.cat([model(x[i:i + 500]).argmax(1) for i in range(0, x.shape[0], 500)])
-
-
 def prepare_mnist(device: torch.device, *, quick: bool = False, cache_dir: str | Path = ".cache",
                   log: Callable[[str], None] = print) -> MnistBench:
     """Load the data, the cached (or freshly trained) net and the cached (or fresh) attacks.
@@ -93,18 +88,17 @@ def prepare_mnist(device: torch.device, *, quick: bool = False, cache_dir: str |
             log(f"the cached attacks {str(path)!r} are unreadable ({exc}); attacking again")
     if sets is None:
         log(f"[mnist] standard-protocol PGD-{nb_iter} on {n_attack} test images at epsilon {STANDARD_EPSILONS} ...")
-        sets = []
-        for eps in STANDARD_EPSILONS:
-            x_adv, _ = attack_standard_protocol(model, x_att.to(device), y_att.to(device), eps=eps, nb_iter=nb_iter,
-                                                seed=1, backend="torch")
-            sets.append(AttackSet("standard", eps, x_adv.cpu(), "pixels", torch.arange(n_attack)))
+        protocol = ProtocolSettings("standard", list(STANDARD_EPSILONS), n_attack, nb_iter=nb_iter, seed=1,
+                                    backend="torch")
+        sets = generate_attack_sets(protocol, net.to(device), x_att, y_att, mean=MNIST_MEAN, std=MNIST_STD,
+                                    progress=False)
         save_attack_sets(path, sets, {"n_images": n_attack, "nb_iter": nb_iter, "seed": 1})
         attack_source = "computed"
-    clean_ok = _answers(model, x_att.to(device)).cpu() == y_att
+    clean_ok = predict_labels(model, x_att.to(device), batch_size=500).cpu() == y_att
     attacks = {}
     for s in sets:
         x_adv = s.x_adv.to(device)
-        attacks[s.epsilon] = (x_adv, clean_ok & (_answers(model, x_adv).cpu() != y_att))
+        attacks[s.epsilon] = (x_adv, clean_ok & (predict_labels(model, x_adv, batch_size=500).cpu() != y_att))
     info = {"weights": weights_info, "epochs": settings.epochs, "n_train": int(x_tr.shape[0]),
             "n_test": int(x_te.shape[0]), "attacks": {"protocol": "standard", "n_images": n_attack, "nb_iter": nb_iter,
                                                       "epsilons": list(STANDARD_EPSILONS), "source": attack_source,

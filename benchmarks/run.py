@@ -22,14 +22,14 @@ import argparse
 import importlib
 import os
 import sys
-import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from libnet_plugin.experiments.common import ensure_writable_dir, markdown_table, write_json_atomic, write_text_atomic
+from libnet_plugin.experiments.common import (StageTimer, ensure_writable_dir, markdown_table, write_json_atomic,
+                                              write_text_atomic)
 from libnet_plugin.plugins import make_probe
 
 from . import bench_construction, bench_memory, bench_sparse
@@ -103,26 +103,21 @@ def run(device: str = "cpu", *, quick: bool = False, out_dir: str | Path = "benc
     """Run all sections; write the report files into ``out_dir``; return the report dict."""
     dev = resolve_device(device)
     out = ensure_writable_dir(out_dir)
-    t0 = time.perf_counter()
+    timer = StageTimer(log=log)
     report: dict[str, Any] = {"machine": machine_info(dev), "quick": quick, "sections": {}}
-    stage: dict[str, float] = {}
-
-    def timed(name: str, fn: Callable[[], Any]) -> Any:
-        s = time.perf_counter()
-        try:
-            return fn()
-        finally:
-            stage[name] = round(time.perf_counter() - s, 1)
-            log(f"[{name}] {stage[name]} s")
-
-    mb = timed("mnist_setup", lambda: prepare_mnist(dev, quick=quick, cache_dir=cache_dir, log=log))
+    with timer.stage("mnist_setup"):
+        mb = prepare_mnist(dev, quick=quick, cache_dir=cache_dir, log=log)
     report["mnist"] = mb.info
-    report["sections"]["construction"] = timed("construction", lambda: _construction(mb, dev, quick, log))
-    report["sections"]["memory"] = timed("memory", lambda: _memory(mb, dev, quick, log))
-    report["sections"]["sparse_sampling"] = timed("sparse_sampling", lambda: bench_sparse.run(mb, dev, quick=quick,
-                                                                                              log=log))
-    report["sections"]["detector_overhead"] = timed("detector_overhead", lambda: _detector(dev, quick, log))
-    report["seconds"] = {**stage, "total": round(time.perf_counter() - t0, 1)}
+    sections = report["sections"]
+    with timer.stage("construction"):
+        sections["construction"] = _construction(mb, dev, quick, log)
+    with timer.stage("memory"):
+        sections["memory"] = _memory(mb, dev, quick, log)
+    with timer.stage("sparse_sampling"):
+        sections["sparse_sampling"] = bench_sparse.run(mb, dev, quick=quick, log=log)
+    with timer.stage("detector_overhead"):
+        sections["detector_overhead"] = _detector(dev, quick, log)
+    report["seconds"] = timer.as_dict()
     report["machine"]["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     write_json_atomic(out / "report.json", report)
     try:

