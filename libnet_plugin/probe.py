@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
 from .errors import LayerNotFoundError, NonFiniteError
 
-__all__ = ["ProbeResult", "LayerProbe", "TorchLayerProbe", "check_finite", "unknown_layer_message"]
+__all__ = ["ProbeResult", "LayerProbe", "TorchLayerProbe", "check_finite", "unknown_layer_message", "model_device",
+           "class_scores", "flatten_activations"]
 
 
 @dataclass
@@ -35,6 +36,46 @@ class ProbeResult:
     def answers(self) -> Tensor:
         """The model's answers (argmax of the outputs), ``LongTensor[B]``."""
         return self.outputs.argmax(dim=1)
+
+    @classmethod
+    def from_activations(cls, outputs: Any, activations: Mapping[str, Tensor], device: torch.device | str | None,
+                         *, detach: bool = True, what: str = "the model",
+                         output_name: str | None = None) -> "ProbeResult":
+        """The result of one probe run from the model's raw outputs and the layers' raw outputs.
+
+        Every probe (torch hooks, ONNX Runtime, Captum) ends the same way: the outputs must be class
+        scores ``[B, C]`` (see :func:`class_scores`), each activation is flattened per input, moved to
+        ``device`` as float32 and checked for NaN/inf (see :func:`flatten_activations`).
+        """
+        outputs = class_scores(outputs, what, output_name)
+        if detach:
+            outputs = outputs.detach()
+        return cls(outputs=outputs if device is None else outputs.to(device),
+                   haps=flatten_activations(activations, device))
+
+
+def class_scores(outputs: Any, what: str = "the model", output_name: str | None = None) -> Tensor:
+    """``outputs`` (or its first item, for a tuple/list) as ``Tensor[B, C]``; a clear error otherwise
+    (naming ``what`` returned it and, where the model's outputs have names, ``output_name``)."""
+    if isinstance(outputs, (tuple, list)) and outputs:
+        outputs = outputs[0]
+    if not isinstance(outputs, Tensor) or outputs.dim() < 2:
+        got = list(outputs.shape) if isinstance(outputs, Tensor) else type(outputs).__name__
+        named = f"output {output_name!r} of shape {got}" if output_name is not None else str(got)
+        raise ValueError(f"{what} must return a Tensor of shape [B, C] (one score per class), got {named}")
+    return outputs.reshape(outputs.shape[0], -1)
+
+
+def flatten_activations(activations: Mapping[str, Tensor], device: torch.device | str | None = None
+                        ) -> dict[str, Tensor]:
+    """``{layer: Tensor[B, D]}``: each activation flattened per input, as float32 on ``device`` (left where
+    it is for ``None``), checked for NaN and infinity (the error names the layer)."""
+    haps = {}
+    for name, act in activations.items():
+        hap = act.reshape(act.shape[0], -1).to(device if device is not None else act.device, torch.float32)
+        check_finite(hap, f"the activations of layer {name!r}")
+        haps[name] = hap
+    return haps
 
 
 @runtime_checkable
@@ -60,21 +101,30 @@ def check_finite(t: Tensor, what: str) -> None:
         )
 
 
-def unknown_layer_message(name: str, valid: Sequence[str], kind: str = "model") -> str:
-    """A message naming an unknown layer, close matches, and the valid names."""
-    close = difflib.get_close_matches(name, list(valid), n=3, cutoff=0.5)
-    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+def unknown_layer_message(name: str, valid: Sequence[str], kind: str = "model", reason: str | None = None) -> str:
+    """A message naming an unknown layer, close matches, and the valid names.
+
+    ``reason`` replaces the opening "layer ... does not exist in the ..." (with its close matches) when the
+    caller knows better why the name cannot be used.
+    """
+    if reason is None:
+        close = difflib.get_close_matches(name, list(valid), n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        reason = f"layer {name!r} does not exist in the {kind}.{hint}"
     shown = list(valid)[:40]
     more = f" (and {len(valid) - 40} more)" if len(valid) > 40 else ""
-    return f"layer {name!r} does not exist in the {kind}.{hint} Valid layer names: {shown}{more}"
+    return f"{reason} Valid layer names: {shown}{more}"
 
 
-def _model_device(model: nn.Module, fallback: torch.device) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return fallback
+def model_device(modules: nn.Module | Sequence[nn.Module], fallback: torch.device | None = None) -> torch.device:
+    """The device of the first parameter or buffer of a module (or of a list of modules); ``fallback``
+    (CPU by default) when they hold none."""
+    for m in [modules] if isinstance(modules, nn.Module) else modules:
+        for t in m.parameters():
+            return t.device
+        for t in m.buffers():
+            return t.device
+    return fallback if fallback is not None else torch.device("cpu")
 
 
 class TorchLayerProbe:
@@ -103,7 +153,7 @@ class TorchLayerProbe:
             layers = [layers]
         self.model = model
         self.layers = list(layers)
-        self.device = torch.device(device) if device is not None else _model_device(model, torch.device("cpu"))
+        self.device = torch.device(device) if device is not None else model_device(model)
         modules = dict(model.named_modules())
         valid = [n for n in modules if n]
         self.modules: dict[str, nn.Module] = {}
@@ -127,7 +177,7 @@ class TorchLayerProbe:
         if not isinstance(x, Tensor):
             raise TypeError(f"inputs must be a torch.Tensor, got {type(x).__name__}")
         check_finite(x, "the input batch")
-        x = x.to(_model_device(self.model, self.device))
+        x = x.to(model_device(self.model, self.device))
         captured: dict[str, list[Tensor]] = {name: [] for name in self.layers}
         handles = []
 
@@ -148,14 +198,6 @@ class TorchLayerProbe:
         finally:
             for h in handles:
                 h.remove()
-        if isinstance(outputs, (tuple, list)):
-            outputs = outputs[0]
-        if not isinstance(outputs, Tensor) or outputs.dim() < 2:
-            raise ValueError(
-                f"the model must return a Tensor of shape [B, C] (one score per class), got "
-                f"{getattr(outputs, 'shape', type(outputs).__name__)}"
-            )
-        haps: dict[str, Tensor] = {}
         for name in self.layers:
             outs = captured[name]
             if not outs:
@@ -168,8 +210,5 @@ class TorchLayerProbe:
                     f"layer {name!r} fired {len(outs)} times in one forward pass (a module reused in "
                     "forward); probe a module that runs once per input"
                 )
-            hap = outs[0].reshape(outs[0].shape[0], -1).to(self.device, torch.float32)
-            check_finite(hap, f"the activations of layer {name!r}")
-            haps[name] = hap
-        outputs = outputs.reshape(outputs.shape[0], -1)
-        return ProbeResult(outputs=outputs if grad else outputs.detach().to(self.device), haps=haps)
+        return ProbeResult.from_activations(outputs, {name: captured[name][0] for name in self.layers}, self.device,
+                                            detach=not grad)

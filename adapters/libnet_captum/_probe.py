@@ -13,19 +13,9 @@ import torch
 from torch import Tensor, nn
 
 from libnet_plugin.errors import LayerNotFoundError
-from libnet_plugin.probe import ProbeResult, check_finite, unknown_layer_message
+from libnet_plugin.probe import ProbeResult, check_finite, flatten_activations, model_device, unknown_layer_message
 
-__all__ = ["CaptumForward", "CaptumLayerProbe", "layer_activations", "module_device"]
-
-
-def module_device(modules: Sequence[nn.Module], fallback: torch.device | None = None) -> torch.device:
-    """The device of the first parameter or buffer of ``modules`` (``fallback`` or CPU if they have none)."""
-    for m in modules:
-        for t in m.parameters():
-            return t.device
-        for t in m.buffers():
-            return t.device
-    return fallback if fallback is not None else torch.device("cpu")
+__all__ = ["CaptumForward", "CaptumLayerProbe", "layer_activations"]
 
 
 def layer_activations(forward_func: Callable[..., Any], modules: Sequence[nn.Module], inputs: Tensor | tuple[Tensor, ...],
@@ -75,14 +65,8 @@ def layer_activations(forward_func: Callable[..., Any], modules: Sequence[nn.Mod
         raise LayerNotFoundError(
             f"at least one of the layers {shown} never fired during the forward pass (it is not a submodule "
             "the forward function calls); probe modules that run once per input") from exc
-    haps = []
-    for name, a in zip(shown, acts):
-        if isinstance(a, (tuple, list)):
-            a = a[0]
-        hap = a.reshape(a.shape[0], -1)
-        check_finite(hap, f"the activations of layer {name!r}")
-        haps.append(hap)
-    return captured[-1], haps
+    haps = flatten_activations({name: a[0] if isinstance(a, (tuple, list)) else a for name, a in zip(shown, acts)})
+    return captured[-1], list(haps.values())
 
 
 class CaptumForward:
@@ -151,7 +135,7 @@ class CaptumLayerProbe:
             if name not in model.layers:
                 raise LayerNotFoundError(unknown_layer_message(name, list(model.layers), kind="CaptumForward"))
         self.modules = [model.layers[n] for n in self.layers]
-        self.device = torch.device(device) if device is not None else module_device(self.modules)
+        self.device = torch.device(device) if device is not None else model_device(self.modules)
 
     def __repr__(self) -> str:
         return f"CaptumLayerProbe(model={self.model!r}, layers={self.layers})"
@@ -161,14 +145,8 @@ class CaptumLayerProbe:
         if not isinstance(x, Tensor):
             raise TypeError(f"inputs must be a torch.Tensor, got {type(x).__name__}")
         check_finite(x, "the input batch")
-        x = x.to(module_device(self.modules, x.device))
+        x = x.to(model_device(self.modules, x.device))
         outputs, acts = layer_activations(self.model.forward_func, self.modules, x,
                                           self.model.additional_forward_args, self.model.device_ids, self.layers)
-        if isinstance(outputs, (tuple, list)):
-            outputs = outputs[0]
-        if not isinstance(outputs, Tensor) or outputs.dim() < 2:
-            raise ValueError("the forward function must return a Tensor of shape [B, C] (one score per class), got "
-                             f"{getattr(outputs, 'shape', type(outputs).__name__)}")
-        haps = {name: hap.to(self.device, torch.float32) for name, hap in zip(self.layers, acts)}
-        outputs = outputs.detach().reshape(outputs.shape[0], -1).to(self.device)
-        return ProbeResult(outputs=outputs, haps=haps)
+        return ProbeResult.from_activations(outputs, dict(zip(self.layers, acts)), self.device,
+                                            what="the forward function")

@@ -25,10 +25,10 @@ from torch import Tensor, nn
 from libnet_plugin.errors import LayerNotFoundError, LibnetError, NotFittedError, ShapeMismatchError
 from libnet_plugin.network import LibraryNetwork
 from libnet_plugin.plugins import default_plugin_manager, get_plugin_manager
-from libnet_plugin.probe import check_finite, unknown_layer_message
+from libnet_plugin.probe import check_finite, model_device, unknown_layer_message
 
 from . import plugin as _adapter_plugin
-from ._probe import CaptumForward, layer_activations, module_device
+from ._probe import CaptumForward, layer_activations
 
 __all__ = ["LibraryAttribution", "LibraryExemplars"]
 
@@ -191,7 +191,7 @@ class _LibraryLayers:
             model = CaptumForward(self.forward_func, dict(zip(self.layer_names, self.layer_modules)),
                                   device_ids=self.device_ids, additional_forward_args=additional_forward_args)
             options["plugin_manager"] = self._manager_with_adapter(options.get("plugin_manager"))
-            options.setdefault("device", module_device(self.layer_modules))
+            options.setdefault("device", model_device(self.layer_modules))
         net = LibraryNetwork(model, self.layer_names, thresholds=0.7 if thresholds is None else thresholds,
                              top_k=3 if top_k is None else top_k, **options)
         self.library_network = net.fit(train, progress=progress)

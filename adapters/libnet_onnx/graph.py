@@ -478,11 +478,12 @@ class OnnxGraph:
 
     # ------------------------------------------------------------------ names
     def _unknown_message(self, name: str) -> str:
-        msg = unknown_layer_message(name, self.module_names + self.tensor_names, kind=f"ONNX model {self.source}")
+        valid = self.module_names + self.tensor_names
         if name in self.producer or name in self._value_infos:
-            valid = msg[msg.index("Valid layer names"):] if "Valid layer names" in msg else msg
-            msg = f"tensor {name!r} of {self.source} cannot be probed: {self._why_not_probeable(name)}. {valid}"
-        elif self._has_fusion():
+            reason = f"tensor {name!r} of {self.source} cannot be probed: {self._why_not_probeable(name)}."
+            return unknown_layer_message(name, valid, reason=reason)
+        msg = unknown_layer_message(name, valid, kind=f"ONNX model {self.source}")
+        if self._has_fusion():
             msg += (". The exporter's optimiser fused some nodes of this graph (e.g. BatchNorm into Conv), which "
                     "removes the outputs of the fused modules; re-export with "
                     "libnet_onnx.export_onnx(..., optimize=False) to keep them")

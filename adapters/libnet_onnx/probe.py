@@ -296,17 +296,12 @@ class OnnxLayerProbe:
         else:
             results = self._session_run(arr)
         outputs = results[0]
-        if outputs.ndim < 2:
-            raise ValueError(f"the model must return a Tensor of shape [B, C] (one score per class), got output "
-                             f"{self.model.output!r} of shape {list(outputs.shape)}")
         self._check_batch(self.model.output, outputs, b)
-        haps: dict[str, Tensor] = {}
+        acts: dict[str, Tensor] = {}
         for name in self.layers:
             tensor = self.tensors[name]
             arr_l = results[self._fetch_index[tensor]]
             self._check_batch(tensor, arr_l, b)
-            hap = torch.from_numpy(arr_l).reshape(b, -1).to(self.device, torch.float32)
-            check_finite(hap, f"the activations of layer {name!r}")
-            haps[name] = hap
-        out = torch.from_numpy(outputs).reshape(b, -1).to(self.device)
-        return ProbeResult(outputs=out, haps=haps)
+            acts[name] = torch.from_numpy(arr_l)
+        return ProbeResult.from_activations(torch.from_numpy(outputs), acts, self.device,
+                                            output_name=self.model.output)
