@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from libnet_plugin.library import ExactLibrary, leader_reference, normalize_rows
+from libnet_plugin.library import ExactLibrary, leader_reference, leader_within, normalize_rows
 
 from ._util import interleaved_best, sync
 
@@ -64,14 +64,7 @@ def leader_faiss(x: np.ndarray, theta: float, batch_size: int) -> list[int]:
             cand = np.arange(xb.shape[0])
         if cand.size == 0:
             continue
-        gram = xb[cand] @ xb[cand].T
-        blocked = np.zeros(cand.size, dtype=bool)
-        accept = np.zeros(cand.size, dtype=bool)
-        for i in range(cand.size):
-            if not blocked[i]:
-                accept[i] = True
-                blocked |= gram[i] >= theta
-        rows = cand[accept]
+        rows = cand[leader_within(xb[cand] @ xb[cand].T, theta)]
         index.add(np.ascontiguousarray(xb[rows]))
         kept.extend((start + rows).tolist())
     return kept

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .errors import NotFittedError, ShapeMismatchError
 
-__all__ = ["Library", "ExactLibrary", "leader_reference", "normalize_rows", "validate_threshold", "EPS",
+__all__ = ["leader_within", "Library", "ExactLibrary", "leader_reference", "normalize_rows", "validate_threshold", "EPS",
            "count_sketch_map", "count_sketch"]
 
 #: Added to the norm before dividing (METHOD.md section 1): a zero vector stays zero.
@@ -84,6 +84,32 @@ def count_sketch(x: Tensor, sketch_map: tuple[Tensor, Tensor], buckets: int) -> 
     # positive and negative units summed into separate columns, then subtracted: no signed copy of x
     z = x.new_zeros(x.shape[0], 2 * buckets).index_add_(1, bucket + buckets * (sign < 0), x)
     return z[:, :buckets] - z[:, buckets:]
+
+
+def leader_within(gram: np.ndarray, threshold: float) -> np.ndarray:
+    """The one-by-one leader rule among rows that no stored node decided, given their Gram matrix.
+
+    Row i is accepted unless an accepted row j < i has cosine ``>= threshold`` with it. The batched
+    libraries call this for the undecided rows of a batch only, so the matrix is small.
+
+    Args:
+        gram: ``[U, U]`` cosines among the undecided rows, in visiting order.
+        threshold: theta.
+
+    Returns:
+        The positions (``int64``, ascending) of the accepted rows.
+
+    Example:
+        >>> leader_within(np.array([[1., .95, 0.], [.95, 1., 0.], [0., 0., 1.]]), 0.9).tolist()
+        [0, 2]
+    """
+    blocked = np.zeros(gram.shape[0], dtype=bool)
+    accept = np.zeros(gram.shape[0], dtype=bool)
+    for i in range(gram.shape[0]):
+        if not blocked[i]:
+            accept[i] = True
+            blocked |= gram[i] >= threshold
+    return np.flatnonzero(accept)
 
 
 def leader_reference(haps: Tensor, threshold: float) -> list[int]:
@@ -348,18 +374,9 @@ class ExactLibrary:
             self.stats["dense"] += b
         if cand.numel() <= 1:
             return cand
-        # One-by-one rule among the undecided rows only: row i is rejected iff an accepted row j < i of
-        # this chunk has cosine >= theta with it. The Gram matrix is small (undecided rows only).
         xc = x[cand]
-        gram = (xc @ xc.T).cpu().numpy()
-        blocked = np.zeros(len(cand), dtype=bool)
-        accept = np.zeros(len(cand), dtype=bool)
-        for i in range(len(cand)):
-            if blocked[i]:
-                continue
-            accept[i] = True
-            blocked |= gram[i] >= theta
-        return cand[torch.from_numpy(np.flatnonzero(accept)).to(cand.device)]
+        accept = leader_within((xc @ xc.T).cpu().numpy(), theta)
+        return cand[torch.from_numpy(accept).to(cand.device)]
 
     def partial_fit(self, haps: Tensor, indices: Tensor | None = None) -> Tensor:
         """Visit the rows of ``haps`` in order and store the novel ones.
