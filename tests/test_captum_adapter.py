@@ -416,16 +416,6 @@ def test_plugin_import_is_light():
 
 
 # ---------------------------------------------------------------------------------------------- README
-def test_readme_extraction_helper(tmp_path):
-    readme = tmp_path / "README.md"
-    readme.write_text("<!-- section:a -->\n```python\nx = 1\n```\ntext\n```bash\nls\n```\n```python\ny = 2\n```\n"
-                      "<!-- /section:a -->\n```python\nz = 3\n```\n")
-    assert readme_code_blocks("a", path=readme) == ["x = 1\n", "y = 2\n"]
-    assert readme_code_blocks("a", "bash", path=readme) == ["ls\n"]
-    with pytest.raises(LookupError):
-        readme_code_blocks("b", path=readme)
-
-
 def test_readme_captum_example_runs_as_written():
     code, namespace = run_readme_block("captum")
     assert len(code.strip().splitlines()) <= 5

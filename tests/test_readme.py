@@ -5,6 +5,9 @@ from __future__ import annotations
 import pathlib
 import re
 
+import pytest
+from readme_blocks import readme_code_blocks
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
@@ -41,3 +44,13 @@ def test_setup_commands_match_ci():
     assert re.search(r"^make test$", ci, flags=re.M)
     makefile = (ROOT / "Makefile").read_text()
     assert "libnet reproduce mnist" in makefile and "pytest tests integration_tests" in makefile
+
+
+def test_readme_extraction_helper(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- section:a -->\n```python\nx = 1\n```\ntext\n```bash\nls\n```\n```python\ny = 2\n```\n"
+                      "<!-- /section:a -->\n```python\nz = 3\n```\n")
+    assert readme_code_blocks("a", path=readme) == ["x = 1\n", "y = 2\n"]
+    assert readme_code_blocks("a", "bash", path=readme) == ["ls\n"]
+    with pytest.raises(LookupError):
+        readme_code_blocks("b", path=readme)
