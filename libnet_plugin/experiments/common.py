@@ -58,12 +58,11 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from .._batches import iter_batches
+from .._batches import iter_batches, progress_bar
 from ..errors import LibnetError, SaveFormatError, ShapeMismatchError
 from ..library import validate_threshold
-from ..metrics import ConfusionAccumulator, auroc, cpl, tpr_at_fpr
+from ..metrics import ConfusionAccumulator, agreement_counts, auroc, cpl, tpr_at_fpr
 from ..network import stream_fit
 from ..plugins import make_library, make_readout
 from ..serialization import atomic_write_bytes, load_checked, save_atomic
@@ -193,11 +192,6 @@ class StageTimer:
         out = {k: round(v, 2) for k, v in self.seconds.items()}
         out["total"] = round(self.total, 2)
         return out
-
-
-def _progress(it: Iterable[Any], desc: str, progress: bool | None, total: int | None = None, unit: str = "batch"):
-    return tqdm(it, desc=desc, total=total, unit=unit, leave=False,
-                disable=(None if progress is None else not progress))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -434,7 +428,7 @@ def compute_evidence(sweep: LibrarySweep, probe: Any, x: Any, requests: Iterable
     outputs: list[Tensor] = []
     ys: list[Tensor] = []
     parts: dict[EvidenceKey, list[Tensor]] = defaultdict(list)
-    for xb, yb in _progress(iter_batches(x, batch_size), desc, progress):
+    for xb, yb in progress_bar(iter_batches(x, batch_size), desc, progress):
         if xb.shape[0] == 0:
             continue
         res = probe.run(xb)
@@ -470,12 +464,9 @@ def agreement(p: Tensor, answers: Tensor, labels: Tensor | None = None) -> dict[
     n = int(p.shape[0])
     if n == 0:
         raise ValueError("agreement needs at least one input")
-    top = p.topk(min(3, p.shape[1]), dim=1).indices
-    answers = answers.to(top.device)
-    acc = float("nan") if labels is None else float((top[:, 0] == labels.to(top.device)).float().mean())
-    return {"top1_agreement": float((top[:, 0] == answers).float().mean()),
-            "top3_agreement": float((top == answers[:, None]).any(dim=1).float().mean()),
-            "accuracy": acc, "n": n}
+    top1, top3, correct = agreement_counts(p, answers, labels)
+    return {"top1_agreement": top1 / n, "top3_agreement": top3 / n,
+            "accuracy": float("nan") if correct is None else correct / n, "n": n}
 
 
 def agreement_table(sweep: LibrarySweep, evidence: Evidence, top_k: int = 3,
@@ -682,7 +673,7 @@ def generate_attack_sets(protocol: ProtocolSettings, model: torch.nn.Module, x_p
     # (attacks run in eval mode and restore the mode they found) would leave the model in training mode
     pixel_model = torch.nn.Sequential(Normalize(mean, std).to(device), model).train(model.training)
     out = []
-    for eps in _progress(protocol.epsilons, f"PGD ({protocol.name} protocol)", progress, unit="eps"):
+    for eps in progress_bar(protocol.epsilons, f"PGD ({protocol.name} protocol)", progress, unit="eps"):
         if protocol.name == "paper":
             x_adv = attacks.attack_paper_protocol(model, x, yy, eps=eps, seed=protocol.seed, mean=mean, std=std,
                                                   nb_iter=protocol.nb_iter, eps_iter=protocol.step(eps),
