@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from itertools import combinations
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -34,12 +33,10 @@ def cpl(scores: Mapping[str, Tensor] | Sequence[Tensor]) -> Tensor:
     ps = list(scores.values()) if isinstance(scores, Mapping) else list(scores)
     if len(ps) < 2:
         raise ValueError(f"CPL needs at least two layers, got {len(ps)}")
-    s = [stable_softmax(p.double()) for p in ps]
-    total = torch.zeros(s[0].shape[0], dtype=torch.float64, device=s[0].device)
-    pairs = list(combinations(range(len(s)), 2))
-    for i, j in pairs:
-        total += torch.nn.functional.cosine_similarity(s[i], s[j], dim=1, eps=1e-30)
-    return (total / len(pairs)).to(ps[0].dtype)
+    # all layer pairs at once: unit-length softmax vectors [B, L, C], their Gram matrix [B, L, L]
+    s = torch.nn.functional.normalize(stable_softmax(torch.stack(ps, dim=1).double()), dim=2, eps=1e-30)
+    i, j = torch.triu_indices(len(ps), len(ps), offset=1, device=s.device)
+    return (s @ s.transpose(1, 2))[:, i, j].mean(dim=1).to(ps[0].dtype)
 
 
 def agreement_counts(p: Tensor, answers: Tensor, labels: Tensor | None = None) -> tuple[int, int, int | None]:

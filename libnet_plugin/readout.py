@@ -32,8 +32,10 @@ def topk_evidence(h: Tensor, weight: Tensor, top_k: int) -> Tensor:
     if top_k < 1:
         raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
     k = min(int(top_k), h.shape[1])
-    vals, idx = h.topk(k, dim=1)
-    return torch.einsum("bk,bkc->bc", vals, weight[idx])
+    if k == h.shape[1]:  # every node counts: no selection needed
+        return h @ weight
+    vals, idx = h.topk(k, dim=1, sorted=False)  # a sum over the k nodes: their order does not matter
+    return (vals.unsqueeze(1) @ weight[idx]).squeeze(1)
 
 
 @runtime_checkable

@@ -45,6 +45,14 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return path
 
 
+def _json_default(value: Any) -> Any:
+    """JSON for the settings' non-JSON values: a ``torch.dtype`` is saved by name (``"bfloat16"``)."""
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    raise TypeError(f"a saved setting must be JSON-serialisable (numbers, strings, lists, dicts) or a torch.dtype, "
+                    f"got {type(value).__name__}: {value!r}")
+
+
 def save_atomic(path: str | os.PathLike, tensors: dict[str, Tensor], kind: str, config: dict[str, Any]) -> Path:
     """Save ``tensors`` (safetensors) with ``config`` (JSON) and the format version, atomically."""
     from safetensors.torch import save
@@ -53,7 +61,7 @@ def save_atomic(path: str | os.PathLike, tensors: dict[str, Tensor], kind: str, 
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),
         "kind": kind,
-        "config": json.dumps(config, sort_keys=True),
+        "config": json.dumps(config, sort_keys=True, default=_json_default),
     }
     data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
     return atomic_write_bytes(path, data)

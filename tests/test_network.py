@@ -63,6 +63,17 @@ def test_cpl_matches_equation_5(mlp, mlp_data):
     assert bool(((got >= 0) & (got <= 1 + 1e-6)).all())
 
 
+@pytest.mark.parametrize("k", [1, 3, 7, 8, 50])
+def test_topk_evidence_is_the_sum_over_the_k_most_similar_nodes(k):
+    from libnet_plugin.readout import topk_evidence
+
+    g = torch.Generator().manual_seed(3)
+    h, w = torch.rand(6, 8, generator=g), torch.randn(8, 4, generator=g)
+    expected = torch.stack([sum(h[b, n] * w[n] for n in h[b].argsort(descending=True)[:min(k, 8)])
+                            for b in range(6)])
+    assert torch.allclose(topk_evidence(h, w, k), expected, atol=1e-6)
+
+
 def test_stable_softmax_handles_huge_evidence():
     from libnet_plugin.metrics import stable_softmax
 

@@ -93,6 +93,7 @@ def test_libraries_are_served_by_the_hook():
     ("sparse", {"n_units": 12, "seed": 5}),
     ("projected", {"n_components": 12, "seed": 5}),
     ("projected", {"n_components": 12, "seed": 5, "method": "hashing"}),
+    ("sparse", {"n_units": 12, "seed": 5, "score_dtype": torch.bfloat16}),  # a dtype object is saved by name
 ])
 def test_network_save_load_restores_the_library_exactly(tmp_path, mlp, mlp_data, library, options):
     x, _ = mlp_data
@@ -111,6 +112,38 @@ def test_network_save_load_restores_the_library_exactly(tmp_path, mlp, mlp_data,
         assert torch.equal(back.libraries_["fc1"].units, net.libraries_["fc1"].units)
     for layer, p in net.predict_scores(x[:50]).items():
         assert torch.equal(back.predict_scores(x[:50])[layer], p)
+
+
+@pytest.mark.parametrize("library, options", [("exact", {}), ("sparse", {"n_units": 12, "seed": 5})])
+def test_bfloat16_scoring_keeps_the_nodes_and_approximates_the_cosines(mlp, mlp_data, library, options):
+    x, _ = mlp_data
+    full = lnp.LibraryNetwork(mlp, ["fc1", "out"], thresholds=0.9, library=library, library_options=options).fit(x)
+    half = lnp.LibraryNetwork(mlp, ["fc1", "out"], thresholds=0.9, library=library,
+                              library_options={**options, "score_dtype": "bfloat16"}).fit(x)
+    haps = full.probe.run(x[:64]).haps
+    for layer in full.layers:
+        a, b = full.libraries_[layer], half.libraries_[layer]
+        assert b.score_dtype == torch.bfloat16 and b.config()["score_dtype"] == "bfloat16"
+        assert torch.equal(a.nodes, b.nodes)  # the leader rule runs in float32 either way
+        h_full, h_half = a.similarity(haps[layer]), b.similarity(haps[layer])
+        assert h_half.dtype == torch.float32
+        err = (h_half - h_full).abs().max().item()
+        assert 0 < err < 2e-2  # bfloat16 rounding: visible, but within 3 significant digits
+    agree = {l: (p == half.predict(x)[l]).float().mean().item() for l, p in full.predict(x).items()}
+    assert min(agree.values()) > 0.9, agree
+
+
+def test_score_dtype_per_layer(mlp, mlp_data):
+    x, _ = mlp_data
+    net = lnp.LibraryNetwork(mlp, ["fc1", "out"], thresholds=0.9,
+                             library_options={"score_dtype": {"fc1": torch.bfloat16}}).fit(x)
+    assert net.libraries_["fc1"].score_dtype == torch.bfloat16
+    assert net.libraries_["out"].score_dtype == torch.float32 and "score_dtype" not in net.libraries_["out"].config()
+
+
+def test_score_dtype_is_checked():
+    with pytest.raises(ValueError, match="score_dtype for layer 'fc1' must be one of .*'bfloat16'.*got 'int8'"):
+        make_library("exact", {"threshold": 0.7, "layer": "fc1", "score_dtype": "int8"})
 
 
 def test_projection_drawn_differently_is_refused():
