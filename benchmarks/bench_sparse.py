@@ -30,6 +30,9 @@ from .mnist_setup import LAYERS, S1, MnistBench
 
 __all__ = ["CONFIGS", "QUICK_CONFIGS", "run"]
 
+#: score the two conv layers' cosines in bfloat16 (fc1 and fc2 are small: float32 costs nothing there)
+BF16_CONV = {"conv1": "bfloat16", "conv2": "bfloat16"}
+
 #: (label, library, library_options)
 CONFIGS: list[tuple[str, str, dict[str, Any]]] = [
     ("exact", "exact", {}),
@@ -41,9 +44,13 @@ CONFIGS: list[tuple[str, str, dict[str, Any]]] = [
     # the wide layers only ({layer: size}); fc1 (500 units) and fc2 are used whole
     ("projected-hashing conv-only 256", "projected",
      {"n_components": {"conv1": 256, "conv2": 256}, "seed": 0, "method": "hashing"}),
+    # bfloat16 products for the wide layers' cosines (score_dtype); the nodes are the same as in float32
+    ("exact, bf16 conv", "exact", {"score_dtype": BF16_CONV}),
+    ("sparse 1024, bf16 conv", "sparse", {"n_units": 1024, "seed": 0, "score_dtype": BF16_CONV}),
 ]
 QUICK_CONFIGS = [c for c in CONFIGS if c[0] in ("exact", "sparse 256", "sparse 1024", "projected-hashing 1024",
-                                                "projected-gaussian 256", "projected-hashing conv-only 256")]
+                                                "projected-gaussian 256", "projected-hashing conv-only 256",
+                                                "sparse 1024, bf16 conv")]
 
 
 def _library_bytes(net: lnp.LibraryNetwork) -> int:

@@ -268,14 +268,16 @@ def plot_report(report: dict[str, Any], path: str | Path) -> Path:
     ax.set_title("Exact library construction")
     ax.legend(fontsize=8)
     rows = report["sections"]["sparse_sampling"]["rows"]
-    exact = next(r for r in rows if r["library"] == "exact")
-    groups: dict[str, list[dict]] = {}
-    for r in rows:
-        if r["library"] != "exact":
-            groups.setdefault(r["label"].rsplit(" ", 1)[0], []).append(r)
+    exact = rows[0]  # the plain exact library comes first
 
-    def size(r: dict) -> int:
-        return int(r["label"].rsplit(" ", 1)[1])
+    def size(r: dict) -> int | None:
+        n = r["options"].get("n_units", r["options"].get("n_components"))
+        return max(n.values()) if isinstance(n, dict) else n
+
+    groups: dict[str, list[dict]] = {}  # one line per kind of library, over its sizes
+    for r in rows:
+        if size(r) is not None:
+            groups.setdefault(r["label"].replace(f" {size(r)}", ""), []).append(r)
 
     panels = [(axs[0, 1], lambda r: 100 * r["top1_agreement"]["conv1"], "conv1 top-1 agreement (%)"),
               (axs[1, 0], lambda r: r["cpl_auroc"][max(r["cpl_auroc"])] or float("nan"),
