@@ -5,22 +5,27 @@ Every detector here is served through the same hook as the paper's CPL (served b
 name. None of them sees an attacked input: they are fitted on training data (or on the fitted library
 network alone) and calibrated on clean data only.
 
-=====================  ==========================================================================  ========
-name                   score (higher = more suspicious)                                            needs
-=====================  ==========================================================================  ========
-``"library-margin"``   per layer: margin between the library nodes of the model's answer class     net only
-                       and the nodes of the other classes, and the residual of the activation
-                       after reconstruction from its nearest nodes; conformal p-values on clean
-                       data, fused over layers with Fisher's method
-``"msp"``              ``1 - max softmax(output)`` (Hendrycks & Gimpel, 2017)                        nothing
-``"mahalanobis"``      per layer: the smallest Mahalanobis distance to a class mean (classes by     train
-                       the model's answers, one shared covariance; conv layers averaged over
-                       positions as in Lee et al., 2018); conformal p-values fused over layers
-                       (no logistic regression on attacks)
-``"knn"``              deep k-NN (Papernot & McDaniel, 2018): number of the ``k`` nearest            train
-                       training activations, summed over layers, whose label differs from the
-                       model's answer
-=====================  ==========================================================================  ========
+=======================  ==========================================================================  ========
+name                     score (higher = more suspicious)                                            needs
+=======================  ==========================================================================  ========
+``"library-margin"``     per layer: margin between the library nodes of the model's answer class     net only
+                         and the nodes of the other classes, and the residual of the activation
+                         after reconstruction from its nearest nodes; conformal p-values on clean
+                         data, fused over layers with Fisher's method
+``"library-distance"``   per layer: Mahalanobis distance of the normalised activation (channel       net only
+                         means for convolution layers) to the mean of the library nodes of the
+                         model's answer class, within-class covariance of the nodes; conformal
+                         p-values fused over layers with Fisher's method (``"library-margin"`` with
+                         ``features=("distance",)``)
+``"msp"``                ``1 - max softmax(output)`` (Hendrycks & Gimpel, 2017)                        nothing
+``"mahalanobis"``        per layer: the smallest Mahalanobis distance to a class mean (classes by     train
+                         the model's answers, one shared covariance; conv layers averaged over
+                         positions as in Lee et al., 2018); conformal p-values fused over layers
+                         (no logistic regression on attacks)
+``"knn"``                deep k-NN (Papernot & McDaniel, 2018): number of the ``k`` nearest            train
+                         training activations, summed over layers, whose label differs from the
+                         model's answer
+=======================  ==========================================================================  ========
 
 Scores that combine several per-layer features (:class:`FusedLayerScore`) turn each feature into a
 conformal p-value against clean reference data given at calibration
@@ -58,7 +63,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .network import LibraryNetwork
 
 __all__ = [
-    "LIBNET_DETECTORS", "ConformalFusion", "FusedLayerScore", "LibraryMarginScore", "MaxSoftmaxScore",
+    "LIBNET_DETECTORS", "ConformalFusion", "FusedLayerScore", "LibraryMarginScore", "LibraryDistanceScore",
+    "MaxSoftmaxScore",
     "MahalanobisScore", "DeepKNNScore", "libnet_consistency_detector", "registered_detectors",
     "node_classes",
 ]
@@ -70,6 +76,7 @@ LIBNET_DETECTORS: dict[str, tuple[str, dict[str, Any]]] = {
     "cpl (paper, top_k 20)": ("cpl", {"top_k": 20}),
     "cpl (top_k 3)": ("cpl", {"top_k": 3}),
     "library-margin": ("library-margin", {}),
+    "library-distance": ("library-distance", {}),
     "msp": ("msp", {}),
     "mahalanobis": ("mahalanobis", {}),
     "knn": ("knn", {}),
@@ -129,6 +136,47 @@ def node_classes(net: "LibraryNetwork", layer: str, chunk: int = 1024) -> Tensor
         eye[torch.arange(eye.shape[0]), torch.arange(i, i + eye.shape[0])] = 1.0
         parts.append(readout.scores(eye, 1).argmax(dim=1))
     return torch.cat(parts).to(net.device) if parts else torch.empty(0, dtype=torch.long, device=net.device)
+
+
+def _check_pool(pool: Any) -> Any:
+    if not (pool is None or pool == "auto" or isinstance(pool, Mapping)):
+        raise ValueError(f"pool must be 'auto', None or {{layer: n_channels}}, got {pool!r}")
+    return dict(pool) if isinstance(pool, Mapping) else pool
+
+
+def _conv_channels(net: "LibraryNetwork", layer: str, dim: int, pool: Any) -> int:
+    """Channels over which a layer's flattened features of width ``dim`` are averaged (0: none).
+
+    ``pool`` is ``"auto"`` (the probed torch module's ``out_channels``, e.g. a convolution's), ``None``
+    (never) or ``{layer: n_channels}``. A layer is pooled only when ``dim`` is a multiple of the channels
+    larger than them.
+
+    Raises:
+        ShapeMismatchError: ``{layer: n_channels}`` names a number that does not divide ``dim``.
+    """
+    if pool is None:
+        return 0
+    if isinstance(pool, Mapping):
+        c = int(pool.get(layer, 0))
+    else:
+        module = getattr(net.probe, "modules", {}).get(layer)
+        c = int(getattr(module, "out_channels", 0) or 0)
+    if c and dim % c:
+        raise ShapeMismatchError(f"layer {layer!r}: cannot average {dim} features over {c} channels")
+    return c if c and dim > c else 0
+
+
+def _seeded_projection(seed: int, dim: int, max_dim: int, device: Any) -> Tensor:
+    """A fixed Gaussian random projection ``[dim, max_dim]`` (scaled by ``1 / sqrt(max_dim)``)."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(dim, max_dim, generator=g) / math.sqrt(max_dim)).to(device)
+
+
+def _class_distances(f: Tensor, means: Tensor, precision: Tensor, present: Tensor) -> Tensor:
+    """Mahalanobis distances ``[B, C]`` of features ``[B, D]`` to class means ``[C, D]`` (``inf`` for absent classes)."""
+    fp = f @ precision
+    d = (fp * f).sum(dim=1, keepdim=True) - 2.0 * fp @ means.T + ((means @ precision) * means).sum(dim=1)[None, :]
+    return d.masked_fill(~present[None, :], float("inf"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -302,7 +350,7 @@ class LibraryMarginScore(FusedLayerScore):
     """Graded per-layer evidence from the libraries, fused over layers on clean data (``"library-margin"``).
 
     For each chosen layer and input, with ``h`` the cosines to the library nodes (``h = W f_hat``) and
-    ``a`` the model's answer, three features are available (higher = more suspicious):
+    ``a`` the model's answer, four features are available (higher = more suspicious):
 
     - ``"margin"``: ``-(mean of the k largest h among nodes of class a - mean of the k largest h among
       nodes of the other classes)``: does the layer's library side with the model's answer?
@@ -310,35 +358,55 @@ class LibraryMarginScore(FusedLayerScore):
       the Gram matrix of those nodes: the squared distance of the normalised activation from the
       linear span of its nearest nodes (novelty that a single cosine misses).
     - ``"similarity"``: ``-(mean of the k largest h among nodes of class a)``.
+    - ``"distance"``: the Mahalanobis distance ``(g - mu_a)^T S^+ (g - mu_a)`` of the normalised
+      activation ``g`` (averaged over positions per channel for convolution layers, randomly projected
+      to ``max_dim`` dimensions when longer) to the mean ``mu_a`` of the library nodes of class ``a``,
+      with ``S`` the within-class covariance of the nodes (shared by the classes, pseudo-inverse). It is
+      Lee et al.'s (2018) Gaussian model built from the library alone (no training data is kept); ``inf``
+      when the library holds no node of class ``a``.
 
     A node's class is the class its Hebbian readout row favours (:func:`node_classes`). Each feature is
     turned into a conformal p-value on clean reference data and all are fused with Fisher's method.
-    Fitting needs only the fitted library network.
+    Fitting needs only the fitted library network; everything fitted is recomputed from the library when
+    a saved detector is loaded.
 
     Args:
         layers: layers to use (default: every probed layer).
         k: nodes per class side in ``margin`` and ``similarity``.
         span: nearest nodes whose span reconstructs the activation in ``residual``.
-        features: any of ``"margin"``, ``"residual"``, ``"similarity"``.
+        features: any of ``"margin"``, ``"residual"``, ``"similarity"``, ``"distance"``.
         ridge: added to the diagonal of the Gram matrix (nodes may be nearly collinear).
         max_gram_nodes: libraries up to this size keep their full Gram matrix (``M^2`` floats); larger
             ones compute the Gram matrix of each input's nearest nodes on the fly.
+        pool: for ``distance``: ``"auto"`` (average over positions the layers whose torch module has
+            ``out_channels``, when the library stores the whole activation), ``None`` (never) or
+            ``{layer: n_channels}``.
+        max_dim: for ``distance``: longer (unpooled) vectors are reduced by a fixed Gaussian random
+            projection to this many dimensions.
+        seed: seed of those random projections.
 
     Example:
         >>> s = LibraryMarginScore(k=3, span=100)
         >>> s.features_
         ('margin', 'residual')
+        >>> LibraryMarginScore(features=("margin", "distance")).features_
+        ('margin', 'distance')
     """
 
     name = "library-margin"
-    FEATURES = ("margin", "residual", "similarity")
+    #: the score is computed from the libraries (``libnet evaluate-detectors`` counts their memory)
+    uses_library = True
+    FEATURES = ("margin", "residual", "similarity", "distance")
+    DEFAULT_FEATURES: tuple[str, ...] = ("margin", "residual")
 
     def __init__(self, layers: Sequence[str] | None = None, k: int = 3, span: int = 100,
-                 features: Sequence[str] = ("margin", "residual"), ridge: float = 1e-3,
-                 max_gram_nodes: int = 8192, **_: Any):
+                 features: Sequence[str] | None = None, ridge: float = 1e-3, max_gram_nodes: int = 8192,
+                 pool: Any = "auto", max_dim: int = 1024, seed: int = 0, **_: Any):
         super().__init__(layers)
         self.k = _positive_int("k", k)
         self.span = _positive_int("span", span)
+        if features is None:
+            features = self.DEFAULT_FEATURES
         feats = (features,) if isinstance(features, str) else tuple(features)
         bad = [f for f in feats if f not in self.FEATURES]
         if bad or not feats or len(set(feats)) != len(feats):
@@ -348,24 +416,69 @@ class LibraryMarginScore(FusedLayerScore):
             raise ValueError(f"ridge must be a non-negative number, got {ridge!r}")
         self.ridge = float(ridge)
         self.max_gram_nodes = _positive_int("max_gram_nodes", max_gram_nodes)
+        self.pool = _check_pool(pool)
+        self.max_dim = _positive_int("max_dim", max_dim)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        self.seed = seed
         self._classes: dict[str, Tensor] = {}
         self._grams: dict[str, Tensor | None] = {}
+        self._gauss: dict[str, dict[str, Any]] = {}
 
     def __repr__(self) -> str:
-        return (f"LibraryMarginScore(layers={self.layers}, k={self.k}, span={self.span}, "
+        return (f"{type(self).__name__}(layers={self.layers}, k={self.k}, span={self.span}, "
                 f"features={self.features_})")
 
     def _prepare(self, net: "LibraryNetwork") -> None:
-        for l in self.layers_:
+        self._classes, self._grams, self._gauss = {}, {}, {}
+        for i, l in enumerate(self.layers_):
             lib = net.libraries_[l]
-            if "residual" in self.features_ and not isinstance(getattr(lib, "nodes", None), Tensor):
-                raise TypeError(f"the 'residual' feature needs a library exposing its nodes (.nodes); the library "
-                                f"of layer {l!r} is a {type(lib).__name__}; use features=('margin',)")
+            needs_nodes = [f for f in ("residual", "distance") if f in self.features_]
+            if needs_nodes and not isinstance(getattr(lib, "nodes", None), Tensor):
+                raise TypeError(f"the {needs_nodes} feature(s) need a library exposing its nodes (.nodes); the "
+                                f"library of layer {l!r} is a {type(lib).__name__}; use features=('margin',)")
             self._classes[l] = node_classes(net, l)
             if "residual" in self.features_ and lib.size <= self.max_gram_nodes:
                 self._grams[l] = lib.nodes @ lib.nodes.T
             else:
                 self._grams[l] = None
+            if "distance" in self.features_:
+                if not callable(getattr(lib, "transform", None)):
+                    raise TypeError(f"the 'distance' feature needs a library with transform(haps) (the map to its "
+                                    f"node space); the library of layer {l!r} is a {type(lib).__name__}")
+                self._gauss[l] = self._node_gaussian(net, l, i, lib.nodes, self._classes[l])
+
+    def _node_gaussian(self, net: "LibraryNetwork", layer: str, index: int, nodes: Tensor,
+                       classes: Tensor) -> dict[str, Any]:
+        """Class means, shared within-class precision and the feature map of ``distance`` for one layer."""
+        width = nodes.shape[1]
+        raw_width = getattr(net.libraries_[layer], "dim", None)
+        # channel averages only make sense when the library stores the whole activation (not a sketch)
+        channels = _conv_channels(net, layer, width, self.pool) if raw_width in (None, width) else 0
+        proj = None
+        if not channels and width > self.max_dim:
+            proj = _seeded_projection(self.seed + 7919 * (index + 1), width, self.max_dim, nodes.device)
+        g = self._pooled(nodes, channels, proj).double()
+        n_classes = net.n_classes_
+        onehot = torch.nn.functional.one_hot(classes.to(g.device), n_classes).double()
+        counts = onehot.sum(dim=0)
+        means = (onehot.T @ g) / counts.clamp(min=1.0)[:, None]
+        centred = g - means[classes.to(g.device)]
+        cov = centred.T @ centred / g.shape[0]
+        return {"channels": channels, "proj": proj, "means": means, "present": counts > 0,
+                "precision": torch.linalg.pinv(cov, hermitian=True)}
+
+    @staticmethod
+    def _pooled(x: Tensor, channels: int, proj: Tensor | None) -> Tensor:
+        if channels:
+            return x.reshape(x.shape[0], channels, -1).mean(dim=2)
+        return x @ proj if proj is not None else x
+
+    def _distance(self, lib: Any, layer: str, hap: Tensor, answers: Tensor) -> Tensor:
+        st = self._gauss[layer]
+        g = self._pooled(lib.transform(hap), st["channels"], st["proj"]).double()
+        d = _class_distances(g, st["means"], st["precision"], st["present"])
+        return d.gather(1, answers[:, None])[:, 0]
 
     def _fit(self, net: "LibraryNetwork", data: Any) -> None:
         self._prepare(net)
@@ -403,33 +516,71 @@ class LibraryMarginScore(FusedLayerScore):
         self._check_ready()
         answers = result.answers.to(net.device)
         cols = []
+        needs_h = any(f != "distance" for f in self.features_)
         for l in self.layers_:
             lib = net.libraries_[l]
             cls = self._classes[l]
             if cls.shape[0] != lib.size:
                 raise ShapeMismatchError(f"layer {l!r}: the library has {lib.size} nodes, the detector was fitted "
                                          f"with {cls.shape[0]}; refit the detector after refitting the network")
-            h = lib.similarity(result.haps[l])
-            same = cls[None, :] == answers[:, None]
-            kk = min(self.k, h.shape[1])
-            s_same = h.masked_fill(~same, -1.0).topk(kk, dim=1).values.mean(dim=1)
+            if needs_h:
+                h = lib.similarity(result.haps[l])
+                same = cls[None, :] == answers[:, None]
+                kk = min(self.k, h.shape[1])
+                s_same = h.masked_fill(~same, -1.0).topk(kk, dim=1).values.mean(dim=1)
             for f in self.features_:
                 if f == "margin":
                     s_other = h.masked_fill(same, -1.0).topk(kk, dim=1).values.mean(dim=1)
-                    cols.append(s_other - s_same)
+                    cols.append((s_other - s_same).double())
                 elif f == "similarity":
-                    cols.append(-s_same)
+                    cols.append((-s_same).double())
+                elif f == "residual":
+                    cols.append(self._residual(lib, self._grams[l], h).double())
                 else:
-                    cols.append(self._residual(lib, self._grams[l], h))
+                    cols.append(self._distance(lib, l, result.haps[l], answers))
         return torch.stack(cols, dim=1)
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "k": self.k, "span": self.span, "features": list(self.features_),
-                "ridge": self.ridge, "max_gram_nodes": self.max_gram_nodes}
+                "ridge": self.ridge, "max_gram_nodes": self.max_gram_nodes, "pool": self.pool,
+                "max_dim": self.max_dim, "seed": self.seed}
 
     def _load_state(self, state: Mapping[str, Tensor], net: "LibraryNetwork") -> None:
-        self._classes, self._grams = {}, {}
         self._prepare(net)
+
+    def memory_bytes(self) -> int:
+        """Bytes kept beyond the library network: the clean reference, Gram matrices and ``distance`` statistics."""
+        kept = [g for g in self._grams.values() if g is not None]
+        kept += [t for st in self._gauss.values() for t in st.values() if isinstance(t, Tensor)]
+        return super().memory_bytes() + sum(t.numel() * t.element_size() for t in kept)
+
+
+class LibraryDistanceScore(LibraryMarginScore):
+    """Mahalanobis distance to the answer class's library nodes, fused over layers (``"library-distance"``).
+
+    :class:`LibraryMarginScore` with ``features=("distance",)`` by default: per layer, the distance of
+    the normalised activation (channel averages for convolution layers) to the mean of the library nodes
+    of the model's answer class, under the within-class covariance of the nodes; conformal p-values on
+    clean data, fused over layers with Fisher's method. Unlike the ``"mahalanobis"`` baseline it keeps no
+    training data: its class statistics come from the library nodes and the readouts' node classes
+    (a few kilobytes beyond the library). Every other feature of ``"library-margin"`` can be added with
+    ``features=``.
+
+    On the MNIST default of ``libnet evaluate-detectors`` the convolution layers carry the evidence: the
+    run lists ``"library-distance (conv1, conv2)"`` next to the all-layer default.
+
+    Args:
+        See :class:`LibraryMarginScore`; only the default ``features`` differs.
+
+    Example:
+        >>> import libnet_plugin as lnp
+        >>> from libnet_plugin.plugins import make_detector
+        >>> make_detector("library-distance", {"layers": ["conv1", "conv2"]})
+        LibraryDistanceScore(layers=['conv1', 'conv2'], k=3, span=100, features=('distance',))
+    """
+
+    name = "library-distance"
+    DEFAULT_FEATURES = ("distance",)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -503,9 +654,7 @@ class MahalanobisScore(FusedLayerScore):
     def __init__(self, layers: Sequence[str] | None = None, pool: Any = "auto", max_dim: int = 1024,
                  seed: int = 0, shrinkage: float = 0.0, **_: Any):
         super().__init__(layers)
-        if not (pool is None or pool == "auto" or isinstance(pool, Mapping)):
-            raise ValueError(f"pool must be 'auto', None or {{layer: n_channels}}, got {pool!r}")
-        self.pool = dict(pool) if isinstance(pool, Mapping) else pool
+        self.pool = _check_pool(pool)
         self.max_dim = _positive_int("max_dim", max_dim)
         self.seed = int(seed)
         if not (isinstance(shrinkage, (int, float)) and math.isfinite(shrinkage) and shrinkage >= 0):
@@ -521,22 +670,10 @@ class MahalanobisScore(FusedLayerScore):
     def __repr__(self) -> str:
         return f"MahalanobisScore(layers={self.layers}, pool={self.pool!r}, max_dim={self.max_dim})"
 
-    def _channels(self, net: "LibraryNetwork", layer: str, dim: int) -> int:
-        if self.pool is None:
-            return 0
-        if isinstance(self.pool, dict):
-            c = int(self.pool.get(layer, 0))
-        else:
-            module = getattr(net.probe, "modules", {}).get(layer)
-            c = int(getattr(module, "out_channels", 0) or 0)
-        if c and dim % c:
-            raise ShapeMismatchError(f"layer {layer!r}: cannot average {dim} features over {c} channels")
-        return c if c and dim > c else 0
-
     def _projection(self, layer: str, dim: int, device: torch.device) -> Tensor:
         if layer not in self._proj:
-            g = torch.Generator().manual_seed(self.seed + 7919 * (self.layers_.index(layer) + 1))
-            self._proj[layer] = (torch.randn(dim, self.max_dim, generator=g) / math.sqrt(self.max_dim)).to(device)
+            seed = self.seed + 7919 * (self.layers_.index(layer) + 1)
+            self._proj[layer] = _seeded_projection(seed, dim, self.max_dim, device)
         return self._proj[layer]
 
     def _feature(self, layer: str, hap: Tensor) -> Tensor:
@@ -562,7 +699,7 @@ class MahalanobisScore(FusedLayerScore):
             counts += onehot.sum(dim=0)
             for l in self.layers_:
                 if l not in self.channels_:
-                    self.channels_[l] = self._channels(net, l, r.haps[l].shape[1])
+                    self.channels_[l] = _conv_channels(net, l, r.haps[l].shape[1], self.pool)
                 f = self._feature(l, r.haps[l]).double()
                 if l not in sums:
                     self.dims_[l] = f.shape[1]
@@ -597,11 +734,7 @@ class MahalanobisScore(FusedLayerScore):
             f = self._feature(l, result.haps[l]).double()
             if f.shape[1] != self.dims_[l]:
                 raise ShapeMismatchError(f"layer {l!r}: features of size {f.shape[1]}, fitted on {self.dims_[l]}")
-            prec, mu = self.precision_[l], self.means_[l]
-            fp = f @ prec
-            d = (fp * f).sum(dim=1, keepdim=True) - 2.0 * fp @ mu.T + ((mu @ prec) * mu).sum(dim=1)[None, :]
-            d = d.masked_fill(~self.class_present_[l][None, :], float("inf"))
-            cols.append(d.amin(dim=1))
+            cols.append(_class_distances(f, self.means_[l], self.precision_[l], self.class_present_[l]).amin(dim=1))
         return torch.stack(cols, dim=1)
 
     def config(self) -> dict[str, Any]:
@@ -735,6 +868,7 @@ class DeepKNNScore:
 
 _SERVED = {
     "library-margin": LibraryMarginScore,
+    "library-distance": LibraryDistanceScore,
     "msp": MaxSoftmaxScore,
     "mahalanobis": MahalanobisScore,
     "knn": DeepKNNScore,
@@ -743,7 +877,7 @@ _SERVED = {
 
 @hookimpl(trylast=True)
 def libnet_consistency_detector(name: str, settings: Mapping[str, Any]) -> Any | None:
-    """Serve ``"library-margin"``, ``"msp"``, ``"mahalanobis"`` and ``"knn"``."""
+    """Serve ``"library-margin"``, ``"library-distance"``, ``"msp"``, ``"mahalanobis"`` and ``"knn"``."""
     cls = _SERVED.get(name)
     return None if cls is None else cls(**settings)
 
