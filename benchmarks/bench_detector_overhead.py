@@ -37,6 +37,8 @@ DETECTORS: dict[str, tuple[str, dict[str, Any]]] = {
     "cpl (paper, top_k 20)": ("cpl", {"top_k": 20}),
     "library-margin": ("library-margin", {}),
     "library-margin (conv1, conv2)": ("library-margin", {"layers": ["conv1", "conv2"]}),
+    "library-distance": ("library-distance", {}),
+    "library-distance (conv1, conv2)": ("library-distance", {"layers": ["conv1", "conv2"]}),
     "msp": ("msp", {}),
     "mahalanobis": ("mahalanobis", {}),
     "knn": ("knn", {}),

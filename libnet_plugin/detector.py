@@ -2,7 +2,7 @@
 
 :class:`ConsistencyDetector` wraps a fitted :class:`~libnet_plugin.LibraryNetwork` and one consistency
 score served by the ``libnet_consistency_detector`` hook (the paper's CPL by default; the library-based
-``"library-margin"`` and the baselines ``"msp"``, ``"mahalanobis"``, ``"knn"`` of
+``"library-margin"`` and ``"library-distance"``, and the baselines ``"msp"``, ``"mahalanobis"``, ``"knn"`` of
 :mod:`libnet_plugin.detectors`; any third-party plugin). :meth:`ConsistencyDetector.calibrate` sets the
 decision threshold from clean inputs only, and :meth:`ConsistencyDetector.guard` turns the model into a
 module that returns its output and the flags from ONE forward pass (the detector reuses the activations
@@ -141,7 +141,7 @@ class ConsistencyDetector:
             (the default; see :func:`libnet_plugin.thresholds.choose_thresholds`, options via
             ``network_options={"auto_thresholds": {...}}``).
         method: the score, by name, served by the ``libnet_consistency_detector`` hook: ``"cpl"`` (the
-            paper's Eq. 5, the default), ``"library-margin"``, ``"msp"``, ``"mahalanobis"``, ``"knn"``,
+            paper's Eq. 5, the default), ``"library-margin"``, ``"library-distance"``, ``"msp"``, ``"mahalanobis"``, ``"knn"``,
             or a third-party name.
         settings: keyword settings of the score (e.g. ``{"top_k": 20}`` for CPL).
         train: training data (anything :meth:`LibraryNetwork.fit` accepts). Fits the network when it is
