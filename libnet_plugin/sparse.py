@@ -38,7 +38,7 @@ from torch import Tensor
 
 from .errors import SaveFormatError, ShapeMismatchError
 from .hookspecs import hookimpl
-from .library import ExactLibrary, _positive_int, count_sketch, count_sketch_map, normalize_rows
+from .library import ExactLibrary, _positive_int, count_sketch, count_sketch_map
 
 __all__ = ["SparseLibrary", "ProjectedLibrary", "PROJECTION_METHODS", "libnet_library"]
 
@@ -105,14 +105,17 @@ class SparseLibrary(ExactLibrary):
         gen = torch.Generator().manual_seed(self.seed)
         return torch.randperm(dim, generator=gen)[: self.n_units].sort().values
 
-    def transform(self, haps: Tensor) -> Tensor:
-        """The normalised sub-vectors ``haps[:, units]`` ``[B, min(n_units, D)]``."""
+    def embed(self, haps: Tensor) -> Tensor:
+        """The sub-vectors ``haps[:, units]`` ``[B, min(n_units, D)]`` (normalised by :meth:`transform`)."""
         if self.units is None:
             self.units = self._draw_units(int(haps.shape[1]))
+        if self.units.numel() == haps.shape[1]:  # the whole layer (units are sorted: 0..D-1)
+            return haps.to(self.device, self.dtype)
         units = self._units_on.get(haps.device)
         if units is None:
             units = self._units_on[haps.device] = self.units.to(haps.device)
-        return normalize_rows(haps.index_select(1, units).to(self.device, self.dtype))
+        # gather with the index broadcast over the batch: a few times faster than index_select on dim 1
+        return torch.gather(haps, 1, units.expand(haps.shape[0], -1)).to(self.device, self.dtype)
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "n_units": self.n_units, "seed": self.seed}
@@ -228,16 +231,16 @@ class ProjectedLibrary(ExactLibrary):
         dense[torch.arange(bucket.numel(), device=self.device), bucket] = sign
         return dense
 
-    def transform(self, haps: Tensor) -> Tensor:
-        """The normalised projections ``normalize(haps @ R)`` ``[B, min(n_components, D)]``."""
+    def embed(self, haps: Tensor) -> Tensor:
+        """The projections ``haps @ R`` ``[B, min(n_components, D)]`` (normalised by :meth:`transform`)."""
         if self._projection is None and not self._identity:
             self._draw(int(haps.shape[1]))
         x = haps.to(self.device, self.dtype)
         if self._identity:
-            return normalize_rows(x)
+            return x
         if isinstance(self._projection, Tensor):
-            return normalize_rows(x @ self._projection)
-        return normalize_rows(count_sketch(x, self._projection, self.n_components))
+            return x @ self._projection
+        return count_sketch(x, self._projection, self.n_components)
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "n_components": self.n_components, "seed": self.seed, "method": self.method,
