@@ -63,7 +63,7 @@ def _library_bytes(net: lnp.LibraryNetwork) -> int:
     return total
 
 
-def run(mb: MnistBench, device: torch.device, *, quick: bool = False, repeat: int = 15,
+def run(mb: MnistBench, device: torch.device, *, quick: bool = False, repeat: int = 40,
         log: Callable[[str], None] = print) -> dict[str, Any]:
     """Fit and measure every configuration; returns ``{"rows": [...], "settings": {...}}``."""
     x256 = mb.x_test[:256]
