@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._validate import check_int
 from .data import batches
 from .models import Normalize, predict_labels
 
@@ -70,12 +71,6 @@ def _loss_fn(loss: LossSpec) -> Callable[[torch.Tensor, torch.Tensor], torch.Ten
     if loss == "ce_mean":
         return lambda out, y: F.cross_entropy(out, y, reduction="mean")
     raise ValueError(f"loss must be 'ce_sum', 'ce_mean' or a callable, got {loss!r}")
-
-
-def _positive_int(name: str, value: int, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
 
 
 def _finite_float(name: str, value: float, minimum: float | None = 0.0) -> float:
@@ -125,8 +120,8 @@ def _check_pgd_args(x: torch.Tensor, y: torch.Tensor | None, eps: float, nb_iter
     """Validate the arguments both PGD implementations share; return them converted."""
     _check_xy(x, y)
     eps = _finite_float("eps", eps)
-    nb_iter = _positive_int("nb_iter", nb_iter, minimum=0)
-    batch_size = _positive_int("batch_size", batch_size)
+    nb_iter = check_int(nb_iter, "nb_iter", minimum=0)
+    batch_size = check_int(batch_size, "batch_size")
     clip_min, clip_max = _finite_float("clip_min", clip_min, None), _finite_float("clip_max", clip_max, None)
     if not clip_min < clip_max:
         raise ValueError(f"need clip_min < clip_max, got {clip_min} and {clip_max}")
@@ -450,7 +445,7 @@ def attack_standard_protocol(
     _check_xy(x_pixels, y, need_y=True)
     _check_range(x_pixels, 0.0, 1.0, "x_pixels")
     eps = _finite_float("eps", eps)
-    nb_iter = _positive_int("nb_iter", nb_iter)
+    nb_iter = check_int(nb_iter, "nb_iter")
     y = y.to(x_pixels.device).long()
     x_adv = _run_pgd(backend, pixel_model, x_pixels, y, eps=eps, nb_iter=nb_iter,
                      eps_iter=2.5 * eps / nb_iter, clip_min=0.0, clip_max=1.0, seed=seed,

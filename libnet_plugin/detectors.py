@@ -53,6 +53,7 @@ import torch
 from torch import Tensor
 
 from ._batches import iter_batches
+from ._validate import check_int
 from .errors import LayerNotFoundError, NotFittedError, SaveFormatError, ShapeMismatchError
 from .hookspecs import hookimpl
 from .library import normalize_rows
@@ -99,12 +100,6 @@ def _check_layers(net: "LibraryNetwork", layers: Sequence[str] | None, what: str
     if not layers:
         raise ValueError(f"the {what} detector needs at least one layer")
     return layers
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int,)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 def _layer_state(prefix: str, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -403,8 +398,8 @@ class LibraryMarginScore(FusedLayerScore):
                  features: Sequence[str] | None = None, ridge: float = 1e-3, max_gram_nodes: int = 8192,
                  pool: Any = "auto", max_dim: int = 1024, seed: int = 0, **_: Any):
         super().__init__(layers)
-        self.k = _positive_int("k", k)
-        self.span = _positive_int("span", span)
+        self.k = check_int(k, "k")
+        self.span = check_int(span, "span")
         if features is None:
             features = self.DEFAULT_FEATURES
         feats = (features,) if isinstance(features, str) else tuple(features)
@@ -415,9 +410,9 @@ class LibraryMarginScore(FusedLayerScore):
         if not (isinstance(ridge, (int, float)) and math.isfinite(ridge) and ridge >= 0):
             raise ValueError(f"ridge must be a non-negative number, got {ridge!r}")
         self.ridge = float(ridge)
-        self.max_gram_nodes = _positive_int("max_gram_nodes", max_gram_nodes)
+        self.max_gram_nodes = check_int(max_gram_nodes, "max_gram_nodes")
         self.pool = _check_pool(pool)
-        self.max_dim = _positive_int("max_dim", max_dim)
+        self.max_dim = check_int(max_dim, "max_dim")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an integer, got {seed!r}")
         self.seed = seed
@@ -655,7 +650,7 @@ class MahalanobisScore(FusedLayerScore):
                  seed: int = 0, shrinkage: float = 0.0, **_: Any):
         super().__init__(layers)
         self.pool = _check_pool(pool)
-        self.max_dim = _positive_int("max_dim", max_dim)
+        self.max_dim = check_int(max_dim, "max_dim")
         self.seed = int(seed)
         if not (isinstance(shrinkage, (int, float)) and math.isfinite(shrinkage) and shrinkage >= 0):
             raise ValueError(f"shrinkage must be a non-negative number, got {shrinkage!r}")
@@ -787,7 +782,7 @@ class DeepKNNScore:
     requires_training_data = True
 
     def __init__(self, k: int = 10, layers: Sequence[str] | None = None, labels: str = "auto", **_: Any):
-        self.k = _positive_int("k", k)
+        self.k = check_int(k, "k")
         self.layers = None if layers is None else ([layers] if isinstance(layers, str) else list(layers))
         if labels not in ("auto", "true", "model"):
             raise ValueError(f"labels must be 'auto', 'true' or 'model', got {labels!r}")

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._validate import check_int
 from .errors import NotFittedError, ShapeMismatchError
 
 __all__ = ["leader_within", "Library", "ExactLibrary", "leader_reference", "normalize_rows", "validate_threshold", "EPS",
@@ -236,12 +237,12 @@ class ExactLibrary:
             score_dtype = score_dtype.get(layer)
         self.score_dtype = dtype if score_dtype is None else _float_dtype(score_dtype, "score_dtype", layer)
         self._score_nodes: Tensor | None = None  # nodes^T in score_dtype, rebuilt after the library changes
-        self.initial_capacity = _positive_int(initial_capacity, "initial_capacity", layer)
+        self.initial_capacity = check_int(initial_capacity, "initial_capacity", layer=layer)
         self.dim: int | None = None if dim is None else int(dim)
-        self.chunk_size = _positive_int(chunk_size, "chunk_size", layer)
-        self.screen_dim = _positive_int(screen_dim, "screen_dim", layer, allow_zero=True)
-        self.screen_candidates = _positive_int(screen_candidates, "screen_candidates", layer)
-        self.screen_min_nodes = _positive_int(screen_min_nodes, "screen_min_nodes", layer)
+        self.chunk_size = check_int(chunk_size, "chunk_size", layer=layer)
+        self.screen_dim = check_int(screen_dim, "screen_dim", minimum=0, layer=layer)
+        self.screen_candidates = check_int(screen_candidates, "screen_candidates", layer=layer)
+        self.screen_min_nodes = check_int(screen_min_nodes, "screen_min_nodes", layer=layer)
         self._nodes: Tensor | None = None
         self._indices: Tensor = torch.empty(0, dtype=torch.long)
         self._size = 0
@@ -470,10 +471,3 @@ def _float_dtype(value: Any, name: str, layer: str) -> torch.dtype:
     return key
 
 
-def _positive_int(value: Any, name: str, layer: str, allow_zero: bool = False) -> int:
-    """``value`` as an int after checking it is a positive (or, if allowed, zero) integer."""
-    where = f" for layer {layer!r}" if layer else ""
-    low = 0 if allow_zero else 1
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name}{where} must be an integer >= {low}, got {value!r}")
-    return int(value)

@@ -36,9 +36,10 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
+from ._validate import check_int
 from .errors import SaveFormatError, ShapeMismatchError
 from .hookspecs import hookimpl
-from .library import ExactLibrary, _positive_int, count_sketch, count_sketch_map
+from .library import ExactLibrary, count_sketch, count_sketch_map
 
 __all__ = ["SparseLibrary", "ProjectedLibrary", "PROJECTION_METHODS", "libnet_library"]
 
@@ -51,7 +52,7 @@ def _layer_size(value: Any, name: str, layer: str) -> int | None:
     ``None``, are used whole)."""
     if isinstance(value, Mapping):
         value = value.get(layer)
-    return None if value is None else _positive_int(value, name, layer)
+    return None if value is None else check_int(value, name, layer=layer)
 
 
 def _reject(settings: Mapping[str, Any], key: str, name: str, own: str) -> None:

@@ -27,6 +27,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from ._validate import check_int
 from .models import ResNet44, load_state_dict_checked, predict_labels
 from .serialization import atomic_write_bytes
 
@@ -75,9 +76,7 @@ class TrainConfig:
         """Raise ``ValueError`` naming the first bad setting; return ``self``."""
         ints = {"epochs": 1, "batch_size": 1, "warmup_epochs": 0, "crop_padding": 0}
         for name, low in ints.items():
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+            check_int(getattr(self, name), name, minimum=low)
         for name in ("lr", "momentum", "weight_decay"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:

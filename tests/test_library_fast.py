@@ -97,7 +97,8 @@ def test_buffer_growth_keeps_node_sketches_in_step():
 @pytest.mark.parametrize("option, value", [("chunk_size", 0), ("screen_dim", -1), ("screen_candidates", 0),
                                            ("screen_min_nodes", 1.5), ("initial_capacity", True)])
 def test_bad_options_name_the_option_and_layer(option, value):
-    with pytest.raises(ValueError, match=rf"{option} for layer 'fc1' must be an integer"):
+    allowed = "an integer >= 0" if option == "screen_dim" else "a positive integer"
+    with pytest.raises(ValueError, match=rf"{option} for layer 'fc1' must be {allowed}, got {value!r}"):
         ExactLibrary(0.7, layer="fc1", **{option: value})
 
 

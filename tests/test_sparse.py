@@ -171,7 +171,7 @@ def test_wrong_size_option_names_the_right_one():
         ProjectedLibrary(0.8, n_units=10)
     with pytest.raises(ValueError, match="method .* must be one of"):
         ProjectedLibrary(0.8, method="pca")
-    with pytest.raises(ValueError, match="n_units for layer 'fc1' must be an integer >= 1"):
+    with pytest.raises(ValueError, match="n_units for layer 'fc1' must be a positive integer"):
         SparseLibrary(0.8, n_units=0, layer="fc1")
 
 

@@ -1,0 +1,41 @@
+"""Checks of user-given settings shared by the package's modules (clear ``ValueError`` messages)."""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+__all__ = ["check_int"]
+
+
+def check_int(value: Any, name: str, *, minimum: int = 1, layer: str | None = None) -> int:
+    """``value`` as an ``int`` after checking it is an integer (not a bool) of at least ``minimum``.
+
+    Args:
+        value: the setting (a Python or NumPy integer).
+        name: the setting's name, for the message.
+        minimum: the smallest value allowed.
+        layer: the layer the setting is for, named in the message when given.
+
+    Raises:
+        ValueError: naming the setting, the layer, what is allowed and what was given.
+
+    Example:
+        >>> check_int(3, "k")
+        3
+        >>> check_int(0, "screen_dim", minimum=0, layer="conv1")
+        0
+        >>> check_int(2.5, "k")
+        Traceback (most recent call last):
+        ...
+        ValueError: k must be a positive integer, got 2.5
+    """
+    try:
+        number = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        number = None
+    if number is None or number < minimum:
+        where = f" for layer {layer!r}" if layer else ""
+        allowed = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{name}{where} must be {allowed}, got {value!r}")
+    return int(number)
