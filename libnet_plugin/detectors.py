@@ -17,12 +17,12 @@ name                     score (higher = more suspicious)                       
                          model's answer class, within-class covariance of the nodes; conformal
                          p-values fused over layers with Fisher's method (``"library-margin"`` with
                          ``features=("distance",)``)
-``"msp"``                ``1 - max softmax(output)`` (Hendrycks & Gimpel, 2017)                        nothing
-``"mahalanobis"``        per layer: the smallest Mahalanobis distance to a class mean (classes by     train
+``"msp"``                ``1 - max softmax(output)`` (Hendrycks & Gimpel, 2017)                      nothing
+``"mahalanobis"``        per layer: the smallest Mahalanobis distance to a class mean (classes by    train
                          the model's answers, one shared covariance; conv layers averaged over
                          positions as in Lee et al., 2018); conformal p-values fused over layers
                          (no logistic regression on attacks)
-``"knn"``                deep k-NN (Papernot & McDaniel, 2018): number of the ``k`` nearest            train
+``"knn"``                deep k-NN (Papernot & McDaniel, 2018): number of the ``k`` nearest          train
                          training activations, summed over layers, whose label differs from the
                          model's answer
 =======================  ==========================================================================  ========
