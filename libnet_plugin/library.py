@@ -199,10 +199,11 @@ class ExactLibrary:
         layer: the layer name (for error messages).
         dtype: storage/compute dtype (float32 by default).
         score_dtype: dtype of the products behind :meth:`similarity` (the readout's fitting pass and every
-            prediction), or ``{layer: dtype}``; ``None`` (and layers not named) use ``dtype``. ``"bfloat16"`` keeps a bfloat16 copy of the nodes and
-            roughly quarters the cost of scoring on hardware with bfloat16 matrix units (recent x86 CPUs,
-            GPUs); cosines then carry about 3 significant digits. The leader rule that builds the
-            library always runs in ``dtype``, so the nodes are the same either way.
+            prediction), or ``{layer: dtype}``; ``None`` (and layers not named) use ``dtype``.
+            ``"bfloat16"`` keeps a bfloat16 copy of the nodes and roughly quarters the cost of scoring on
+            hardware with bfloat16 matrix units (recent x86 CPUs, GPUs); cosines then carry about 3
+            significant digits. The leader rule that builds the library always runs in ``dtype``, so the
+            nodes are the same either way.
         initial_capacity: rows pre-allocated before the first doubling.
         dim: the expected number of features per raw HAP (checked on every batch; set by the first
             batch when ``None``).
