@@ -5,7 +5,13 @@ from __future__ import annotations
 import operator
 from typing import Any
 
-__all__ = ["check_int"]
+import torch
+
+__all__ = ["check_int", "check_float_dtype", "dtype_name", "FLOAT_DTYPES"]
+
+#: floating dtypes accepted by name (e.g. a library's ``score_dtype``)
+FLOAT_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+                "float16": torch.float16}
 
 
 def check_int(value: Any, name: str, *, minimum: int = 1, layer: str | None = None) -> int:
@@ -39,3 +45,22 @@ def check_int(value: Any, name: str, *, minimum: int = 1, layer: str | None = No
         allowed = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
         raise ValueError(f"{name}{where} must be {allowed}, got {value!r}")
     return int(number)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The name a dtype is saved under: ``torch.bfloat16`` -> ``"bfloat16"``."""
+    return str(dtype).removeprefix("torch.")
+
+
+def check_float_dtype(value: Any, name: str, *, layer: str | None = None) -> torch.dtype:
+    """A floating dtype given as a ``torch.dtype`` or its name (``"bfloat16"``, ``"torch.float16"``...).
+
+    Example:
+        >>> check_float_dtype("bfloat16", "score_dtype")
+        torch.bfloat16
+    """
+    dtype = value if isinstance(value, torch.dtype) else FLOAT_DTYPES.get(str(value).removeprefix("torch."))
+    if dtype not in FLOAT_DTYPES.values():
+        where = f" for layer {layer!r}" if layer else ""
+        raise ValueError(f"{name}{where} must be one of {sorted(FLOAT_DTYPES)}, got {value!r}")
+    return dtype

@@ -161,10 +161,35 @@ def _conv_channels(net: "LibraryNetwork", layer: str, dim: int, pool: Any) -> in
     return c if c and dim > c else 0
 
 
-def _seeded_projection(seed: int, dim: int, max_dim: int, device: Any) -> Tensor:
-    """A fixed Gaussian random projection ``[dim, max_dim]`` (scaled by ``1 / sqrt(max_dim)``)."""
-    g = torch.Generator().manual_seed(seed)
+def _layer_projection(seed: int, index: int, dim: int, max_dim: int, device: Any) -> Tensor:
+    """The fixed Gaussian random projection ``[dim, max_dim]`` (scaled by ``1 / sqrt(max_dim)``) of the
+    ``index``-th chosen layer: each layer draws from its own seed derived from ``seed``."""
+    g = torch.Generator().manual_seed(seed + 7919 * (index + 1))
     return (torch.randn(dim, max_dim, generator=g) / math.sqrt(max_dim)).to(device)
+
+
+def _pooled(x: Tensor, channels: int, proj: Tensor | None) -> Tensor:
+    """Features of rows ``x`` ``[B, D]``: channel means when ``channels``, else ``x @ proj`` (or ``x``)."""
+    if channels:
+        return x.reshape(x.shape[0], channels, -1).mean(dim=2)
+    return x @ proj if proj is not None else x
+
+
+def _shared_gaussian(sums: Tensor, outer: Tensor, counts: Tensor, n: int,
+                     shrinkage: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+    """Class means, the pseudo-inverse of the covariance shared by the classes, and which classes are present.
+
+    Args:
+        sums: per-class sums of the features ``[C, D]`` (float64).
+        outer: the sum of ``f f^T`` over all rows ``[D, D]``.
+        counts: rows per class ``[C]``; ``n`` their total.
+        shrinkage: ``S + shrinkage * mean(diag S) * I`` before the pseudo-inverse.
+    """
+    mu = sums / counts.clamp(min=1.0)[:, None]
+    cov = (outer - (mu * counts[:, None]).T @ mu) / n
+    if shrinkage:
+        cov = cov + shrinkage * cov.diagonal().mean() * torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+    return mu, torch.linalg.pinv(cov, hermitian=True), counts > 0
 
 
 def _class_distances(f: Tensor, means: Tensor, precision: Tensor, present: Tensor) -> Tensor:
@@ -452,26 +477,15 @@ class LibraryMarginScore(FusedLayerScore):
         channels = _conv_channels(net, layer, width, self.pool) if raw_width in (None, width) else 0
         proj = None
         if not channels and width > self.max_dim:
-            proj = _seeded_projection(self.seed + 7919 * (index + 1), width, self.max_dim, nodes.device)
-        g = self._pooled(nodes, channels, proj).double()
-        n_classes = net.n_classes_
-        onehot = torch.nn.functional.one_hot(classes.to(g.device), n_classes).double()
-        counts = onehot.sum(dim=0)
-        means = (onehot.T @ g) / counts.clamp(min=1.0)[:, None]
-        centred = g - means[classes.to(g.device)]
-        cov = centred.T @ centred / g.shape[0]
-        return {"channels": channels, "proj": proj, "means": means, "present": counts > 0,
-                "precision": torch.linalg.pinv(cov, hermitian=True)}
-
-    @staticmethod
-    def _pooled(x: Tensor, channels: int, proj: Tensor | None) -> Tensor:
-        if channels:
-            return x.reshape(x.shape[0], channels, -1).mean(dim=2)
-        return x @ proj if proj is not None else x
+            proj = _layer_projection(self.seed, index, width, self.max_dim, nodes.device)
+        g = _pooled(nodes, channels, proj).double()
+        onehot = torch.nn.functional.one_hot(classes.to(g.device), net.n_classes_).double()
+        means, precision, present = _shared_gaussian(onehot.T @ g, g.T @ g, onehot.sum(dim=0), g.shape[0])
+        return {"channels": channels, "proj": proj, "means": means, "present": present, "precision": precision}
 
     def _distance(self, lib: Any, layer: str, hap: Tensor, answers: Tensor) -> Tensor:
         st = self._gauss[layer]
-        g = self._pooled(lib.transform(hap), st["channels"], st["proj"]).double()
+        g = _pooled(lib.transform(hap), st["channels"], st["proj"]).double()
         d = _class_distances(g, st["means"], st["precision"], st["present"])
         return d.gather(1, answers[:, None])[:, 0]
 
@@ -665,19 +679,15 @@ class MahalanobisScore(FusedLayerScore):
     def __repr__(self) -> str:
         return f"MahalanobisScore(layers={self.layers}, pool={self.pool!r}, max_dim={self.max_dim})"
 
-    def _projection(self, layer: str, dim: int, device: torch.device) -> Tensor:
-        if layer not in self._proj:
-            seed = self.seed + 7919 * (self.layers_.index(layer) + 1)
-            self._proj[layer] = _seeded_projection(seed, dim, self.max_dim, device)
-        return self._proj[layer]
-
     def _feature(self, layer: str, hap: Tensor) -> Tensor:
         c = self.channels_[layer]
-        if c:
-            return hap.reshape(hap.shape[0], c, -1).mean(dim=2)
-        if hap.shape[1] > self.max_dim:
-            return hap @ self._projection(layer, hap.shape[1], hap.device)
-        return hap
+        proj = None
+        if not c and hap.shape[1] > self.max_dim:
+            if layer not in self._proj:
+                self._proj[layer] = _layer_projection(self.seed, self.layers_.index(layer), hap.shape[1],
+                                                      self.max_dim, hap.device)
+            proj = self._proj[layer]
+        return _pooled(hap, c, proj)
 
     def _fit(self, net: "LibraryNetwork", data: Any) -> None:
         n_classes = net.n_classes_
@@ -705,16 +715,9 @@ class MahalanobisScore(FusedLayerScore):
             n += x.shape[0]
         if n < 2:
             raise ValueError(f"the 'mahalanobis' detector needs at least 2 training inputs, got {n}")
-        present = counts > 0
         for l in self.layers_:
-            mu = sums[l] / counts.clamp(min=1.0)[:, None]
-            cov = (outer[l] - (mu * counts[:, None]).T @ mu) / n
-            if self.shrinkage:
-                cov = cov + self.shrinkage * cov.diagonal().mean() * torch.eye(cov.shape[0], dtype=cov.dtype,
-                                                                                device=cov.device)
-            self.means_[l] = mu
-            self.precision_[l] = torch.linalg.pinv(cov, hermitian=True)
-            self.class_present_[l] = present.clone()
+            self.means_[l], self.precision_[l], self.class_present_[l] = _shared_gaussian(
+                sums[l], outer[l], counts, n, self.shrinkage)
 
     def feature_names(self) -> list[str]:
         self._check_ready()

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._validate import check_int
+from ._validate import check_float_dtype, check_int, dtype_name
 from .errors import NotFittedError, ShapeMismatchError
 
 __all__ = ["leader_within", "Library", "ExactLibrary", "leader_reference", "normalize_rows", "validate_threshold", "EPS",
@@ -236,7 +236,7 @@ class ExactLibrary:
         self.dtype = dtype
         if isinstance(score_dtype, Mapping):
             score_dtype = score_dtype.get(layer)
-        self.score_dtype = dtype if score_dtype is None else _float_dtype(score_dtype, "score_dtype", layer)
+        self.score_dtype = dtype if score_dtype is None else check_float_dtype(score_dtype, "score_dtype", layer=layer)
         self._score_nodes: Tensor | None = None  # nodes^T in score_dtype, rebuilt after the library changes
         self.initial_capacity = check_int(initial_capacity, "initial_capacity", layer=layer)
         self.dim: int | None = None if dim is None else int(dim)
@@ -441,7 +441,7 @@ class ExactLibrary:
         """JSON-able settings needed to rebuild an empty library of this kind."""
         out = {"name": self.name, "threshold": self.threshold, "dim": self.dim}
         if self.score_dtype != self.dtype:
-            out["score_dtype"] = str(self.score_dtype).removeprefix("torch.")
+            out["score_dtype"] = dtype_name(self.score_dtype)
         return out
 
     def state_dict(self) -> dict[str, Tensor]:
@@ -456,19 +456,3 @@ class ExactLibrary:
         self._size = nodes.shape[0]
         self._sketch_nodes = None
         self._score_nodes = None
-
-
-#: dtypes :class:`ExactLibrary` accepts for ``score_dtype``, by name
-FLOAT_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
-                "float16": torch.float16}
-
-
-def _float_dtype(value: Any, name: str, layer: str) -> torch.dtype:
-    """A floating dtype given as a ``torch.dtype`` or its name (``"bfloat16"``, ``"torch.float16"``...)."""
-    key = value if isinstance(value, torch.dtype) else FLOAT_DTYPES.get(str(value).removeprefix("torch."))
-    if key not in FLOAT_DTYPES.values():
-        where = f" for layer {layer!r}" if layer else ""
-        raise ValueError(f"{name}{where} must be one of {sorted(FLOAT_DTYPES)}, got {value!r}")
-    return key
-
-

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._validate import dtype_name
 from .errors import SaveFormatError
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "save_atomic", "load_checked", "atomic_write_bytes"]
@@ -48,7 +49,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 def _json_default(value: Any) -> Any:
     """JSON for the settings' non-JSON values: a ``torch.dtype`` is saved by name (``"bfloat16"``)."""
     if isinstance(value, torch.dtype):
-        return str(value).removeprefix("torch.")
+        return dtype_name(value)
     raise TypeError(f"a saved setting must be JSON-serialisable (numbers, strings, lists, dicts) or a torch.dtype, "
                     f"got {type(value).__name__}: {value!r}")
 
