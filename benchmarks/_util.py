@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import torch
 
-from libnet_plugin.experiments.common import environment_info
+from libnet_plugin.experiments.report import environment_info
 
 __all__ = ["machine_info", "sync", "interleaved_best", "cpu_model", "resolve_device"]
 

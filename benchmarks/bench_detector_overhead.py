@@ -25,8 +25,9 @@ from typing import Any
 import torch
 
 from libnet_plugin import ConsistencyDetector, LibraryNetwork
-from libnet_plugin.experiments.common import markdown_table, to_jsonable, write_json_atomic
-from libnet_plugin.experiments.detectors import LIBRARY_BASED, _mnist_model
+from libnet_plugin.experiments.report import markdown_table, to_jsonable, write_json_atomic
+from libnet_plugin.experiments.comparison import LIBRARY_BASED
+from libnet_plugin.experiments.evaluate_detectors import mnist_model
 
 from ._util import interleaved_best, machine_info, resolve_device
 
@@ -70,14 +71,14 @@ def main(device: str = "cpu", *, quick: bool = False, batch_size: int = 256, rep
         same batch and ``probe_ratio`` the share of that taken by the probe alone (the forward pass with the
         layer hooks, which every detector here pays, the plain max-softmax baseline included).
     """
-    from libnet_plugin.data import load_mnist_default
-    from libnet_plugin.models import MnistNet, load_state_dict_checked
+    from libnet_plugin.experiments.data import load_mnist_default
+    from libnet_plugin.experiments.models import MnistNet, load_state_dict_checked
 
     say = log or (lambda m: print(m, file=sys.stderr, flush=True))
     dev = resolve_device(device)
     n_train = 1000 if quick else 4000
     x_tr, y_tr, x_te, _ = load_mnist_default(seed=0, n_train=4000, cache_dir=cache_dir)
-    net_norm, weights = _mnist_model(x_tr, y_tr, seed=0, epochs=5, cache_dir=cache_dir, progress=False, log=say)
+    net_norm, weights = mnist_model(x_tr, y_tr, seed=0, epochs=5, cache_dir=cache_dir, progress=False, log=say)
     model = load_state_dict_checked(MnistNet(normalize=True), net_norm.state_dict()).to(dev).eval()
     x_tr, y_tr = x_tr[:n_train].to(dev), y_tr[:n_train].to(dev)
     cal, batch = x_te[:500].to(dev), x_te[500:500 + batch_size].to(dev)

@@ -103,8 +103,8 @@ def _child_mnist(args: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     import libnet_plugin as lnp
-    from libnet_plugin.data import load_mnist_default
-    from libnet_plugin.models import MnistNet, load_state_dict_checked
+    from libnet_plugin.experiments.data import load_mnist_default
+    from libnet_plugin.experiments.models import MnistNet, load_state_dict_checked
     from libnet_plugin.serialization import load_checked
 
     from benchmarks.mnist_setup import LAYERS, S1

@@ -22,7 +22,7 @@ from typing import Any, Callable
 import torch
 
 import libnet_plugin as lnp
-from libnet_plugin.experiments.common import detection_metrics
+from libnet_plugin.experiments.protocols import detection_metrics
 from libnet_plugin.metrics import cpl
 
 from ._util import interleaved_best, sync

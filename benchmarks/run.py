@@ -28,8 +28,7 @@ from typing import Any, Callable
 
 import torch
 
-from libnet_plugin.experiments.common import (StageTimer, ensure_writable_dir, markdown_table, write_json_atomic,
-                                              write_text_atomic)
+from libnet_plugin.experiments.report import StageTimer, ensure_writable_dir, markdown_table, write_json_atomic, write_text_atomic
 from libnet_plugin.plugins import make_probe
 
 from . import bench_construction, bench_memory, bench_sparse
@@ -239,7 +238,7 @@ def _load(values: Any) -> str:
 def _short_json(obj: Any) -> str:
     import json
 
-    from libnet_plugin.experiments.common import to_jsonable
+    from libnet_plugin.experiments.report import to_jsonable
 
     return json.dumps(to_jsonable(obj), indent=1)[:4000]
 

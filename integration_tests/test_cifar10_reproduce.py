@@ -17,10 +17,10 @@ import torch
 from torch import nn
 
 from libnet_plugin import LibraryNetwork, cli
-from libnet_plugin.data import CIFAR_MEAN, CIFAR_STD, load_cifar10, write_fake_cifar10
+from libnet_plugin.experiments.data import CIFAR_MEAN, CIFAR_STD, load_cifar10, write_fake_cifar10
 from libnet_plugin.experiments import cifar10
-from libnet_plugin.experiments.common import load_attack_sets, to_model_space
-from libnet_plugin.models import ResNet44, load_state_dict_checked
+from libnet_plugin.experiments.protocols import load_attack_sets, to_model_space
+from libnet_plugin.experiments.models import ResNet44, load_state_dict_checked
 
 pytestmark = pytest.mark.slow
 
@@ -172,7 +172,7 @@ def test_quick_run_on_cuda(stand_in, tmp_path):
 
 
 def test_a_failure_after_the_libraries_leaves_a_partial_report(stand_in, tmp_path, monkeypatch, capsys):
-    from libnet_plugin.experiments.common import ExperimentError
+    from libnet_plugin.experiments.report import ExperimentError
 
     def broken(*args, **kwargs):
         raise ExperimentError("attack stage failed")
@@ -192,19 +192,13 @@ def test_a_failure_after_the_libraries_leaves_a_partial_report(stand_in, tmp_pat
 
 
 def test_too_few_test_images_for_the_detector_comparison_give_a_note(stand_in, tmp_path, monkeypatch):
-    import sys
-    import types
-
     seen = {}
 
     def evaluate_detectors(net, train, clean_test, attacked_sets, ood_sets=None, detectors=None, out_dir=None, **kw):
         seen.update(net=net, train=train, clean_test=clean_test, attacked=attacked_sets, ood=ood_sets, out_dir=out_dir)
         return {"rows": [], "table_markdown": "| detector | stand-in |\n|---|---|\n| cpl | 0.250 |"}
 
-    module = types.ModuleType("libnet_plugin.experiments.detectors")
-    module.evaluate_detectors = evaluate_detectors
-    module.add_arguments, module.run = (lambda parser: None), (lambda args: 0)  # it is also a CLI command module
-    monkeypatch.setitem(sys.modules, "libnet_plugin.experiments.detectors", module)
+    monkeypatch.setattr("libnet_plugin.experiments.comparison.evaluate_detectors", evaluate_detectors)
     root, _, weights = stand_in
     out = tmp_path / "out"
     rc = cli.main(["reproduce", "cifar10", "--data-dir", str(root / "data"), "--weights", str(weights), "--quick",

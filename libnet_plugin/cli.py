@@ -19,9 +19,11 @@ from . import __version__
 COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("reproduce", "mnist"), "libnet_plugin.experiments.mnist", "reproduce the paper's MNIST experiments"),
     (("reproduce", "cifar10"), "libnet_plugin.experiments.cifar10", "reproduce the paper's CIFAR-10 ResNet44 experiments"),
-    (("evaluate-detectors",), "libnet_plugin.experiments.detectors", "compare every registered detector on MNIST"),
+    (("evaluate-detectors",), "libnet_plugin.experiments.evaluate_detectors", "compare every registered detector on MNIST"),
 ]
 CLI_ENTRY_POINT_GROUP = "libnet_plugin.cli"
+#: Top-level modules of the ``[experiments]`` extra: a command that needs a missing one is left out.
+EXPERIMENTS_EXTRA = frozenset({"matplotlib", "mlxtend", "sklearn", "advertorch"})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,8 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
-            if exc.name == module_name:
-                continue  # that command is not part of this installation
+            if exc.name == module_name or (exc.name or "").split(".")[0] in EXPERIMENTS_EXTRA:
+                continue  # that command is not part of this installation (pip install 'libnet-plugin[experiments]')
             raise
         if len(path) == 1:
             p = sub.add_parser(path[0], help=help_text, description=help_text)

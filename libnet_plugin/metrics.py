@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["stable_softmax", "cpl", "agreement_counts", "ConfusionAccumulator", "auroc", "tpr_at_fpr"]
+__all__ = ["stable_softmax", "cpl", "agreement_counts", "ConfusionAccumulator"]
 
 
 def stable_softmax(p: Tensor, dim: int = -1) -> Tensor:
@@ -84,25 +84,3 @@ class ConfusionAccumulator:
         ci.fill_diagonal_(0.0)
         ci[diag == 0] = float("nan")
         return ci.float()
-
-
-def auroc(clean_scores: Tensor | np.ndarray, attacked_scores: Tensor | np.ndarray) -> float:
-    """AUROC (scikit-learn) of separating attacked (positive) from clean; scores: higher = suspicious."""
-    from sklearn.metrics import roc_auc_score
-
-    c = np.asarray(torch.as_tensor(clean_scores).double().cpu())
-    a = np.asarray(torch.as_tensor(attacked_scores).double().cpu())
-    if len(c) == 0 or len(a) == 0:
-        return float("nan")
-    y = np.r_[np.zeros(len(c)), np.ones(len(a))]
-    return float(roc_auc_score(y, np.r_[c, a]))
-
-
-def tpr_at_fpr(clean_scores: Tensor | np.ndarray, attacked_scores: Tensor | np.ndarray, fpr: float = 0.05) -> float:
-    """True-positive rate on attacked inputs at the threshold that flags ``fpr`` of the clean ones."""
-    c = np.asarray(torch.as_tensor(clean_scores).double().cpu())
-    a = np.asarray(torch.as_tensor(attacked_scores).double().cpu())
-    if len(c) == 0 or len(a) == 0:
-        return float("nan")
-    thr = np.quantile(c, 1.0 - fpr, method="higher")
-    return float(np.mean(a > thr))

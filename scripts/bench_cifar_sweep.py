@@ -1,9 +1,9 @@
 """A short CIFAR-shaped benchmark of the CIFAR-10 experiment's library work, on CUDA and on the CPU.
 
 For each device it builds the full Table 1 sweep (8 thresholds x 5 blocks of a ResNet44 = 40 libraries
-and readouts, two streamed passes, :func:`libnet_plugin.experiments.common.fit_library_sweep`) on
+and readouts, two streamed passes, :func:`libnet_plugin.experiments.sweep.fit_library_sweep`) on
 ``--n-train`` CIFAR-shaped images, then scores ``--n-test`` images at every threshold (top_k 8) and every
-CPL set (top_k 20) with :func:`~libnet_plugin.experiments.common.compute_evidence`. It prints, per device:
+CPL set (top_k 20) with :func:`~libnet_plugin.experiments.sweep.compute_evidence`. It prints, per device:
 the time of the sweep and of the scoring, each also as a ratio to the model's own forward passes over the
 same images on the same device, library sizes and bytes, and peak memory; then the CUDA / CPU speed-up
 and whether both devices built the same libraries.
@@ -34,8 +34,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from libnet_plugin.experiments.cifar10 import CPL_SETS, LAYERS, THRESHOLD_LEVELS  # noqa: E402
-from libnet_plugin.experiments.common import compute_evidence, cpl_requests, fit_library_sweep  # noqa: E402
-from libnet_plugin.models import ResNet44  # noqa: E402
+from libnet_plugin.experiments.sweep import compute_evidence, cpl_requests, fit_library_sweep  # noqa: E402
+from libnet_plugin.experiments.models import ResNet44  # noqa: E402
 from libnet_plugin.plugins import make_probe  # noqa: E402
 
 

@@ -1,4 +1,4 @@
-"""Tests of the advertorch compatibility shim and of libnet_plugin.attacks, on tiny models."""
+"""Tests of the advertorch compatibility shim and of libnet_plugin.experiments.attacks, on tiny models."""
 
 from __future__ import annotations
 
@@ -10,15 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from libnet_plugin import _advertorch_compat as compat
-from libnet_plugin.attacks import (
+from libnet_plugin.experiments import _advertorch_compat as compat
+from libnet_plugin.experiments.attacks import (
     attack_paper_protocol,
     attack_standard_protocol,
     pgd_advertorch,
     pgd_torch,
 )
-from libnet_plugin.data import MNIST_MEAN, MNIST_STD
-from libnet_plugin.models import MnistNet
+from libnet_plugin.experiments.data import MNIST_MEAN, MNIST_STD
+from libnet_plugin.experiments.models import MnistNet
 
 
 def _tiny_model(seed: int = 0) -> nn.Module:

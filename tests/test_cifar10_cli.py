@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from libnet_plugin import cli
-from libnet_plugin.data import CIFAR10_FILES, CIFAR_MEAN, CIFAR_STD, write_fake_cifar10
+from libnet_plugin.experiments.data import CIFAR10_FILES, CIFAR_MEAN, CIFAR_STD, write_fake_cifar10
 from libnet_plugin.experiments import cifar10
-from libnet_plugin.experiments.common import ExperimentError
-from libnet_plugin.models import CifarResNet, ResNet44, StateDictMismatchError
-from libnet_plugin.training import (
+from libnet_plugin.experiments.report import ExperimentError
+from libnet_plugin.experiments.models import CifarResNet, ResNet44, StateDictMismatchError
+from libnet_plugin.experiments.training import (
     TrainConfig,
     _lr_at,
     load_or_train_resnet44,
@@ -283,7 +283,7 @@ def test_training_is_cached_by_data_and_recipe(tmp_path):
 
 
 def test_train_rejects_bad_input():
-    from libnet_plugin.training import train_resnet44
+    from libnet_plugin.experiments.training import train_resnet44
 
     with pytest.raises(ValueError, match=r"\[N, 3, 32, 32\]"):
         train_resnet44(torch.rand(4, 1, 28, 28), torch.zeros(4, dtype=torch.long))
@@ -316,7 +316,7 @@ def test_augmentation_and_training_on_cuda(tmp_path):
 
 
 def test_detector_comparison_gets_the_network_the_attacks_and_seeded_noise(monkeypatch, tmp_path):
-    from libnet_plugin.experiments.common import AttackSet
+    from libnet_plugin.experiments.protocols import AttackSet
 
     class Sweep:  # records the threshold set the library network is built at
         def to_network(self, model, thresholds, top_k, device):

@@ -1,4 +1,4 @@
-"""Tests of libnet_plugin.data: offline loaders, file formats and their error messages."""
+"""Tests of libnet_plugin.experiments.data: offline loaders, file formats and their error messages."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from libnet_plugin import data
+from libnet_plugin.experiments import data
 from libnet_plugin.errors import LibnetError
 
 

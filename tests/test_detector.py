@@ -499,7 +499,7 @@ def test_readme_detector_example_runs(monkeypatch, tmp_path):
 
 
 def test_evaluate_detectors_format_and_files(tmp_path, fitted, mlp_data):
-    from libnet_plugin.experiments.detectors import evaluate_detectors
+    from libnet_plugin.experiments.comparison import evaluate_detectors
 
     x, y = mlp_data
     g = torch.Generator().manual_seed(7)
@@ -528,7 +528,7 @@ def test_evaluate_detectors_format_and_files(tmp_path, fitted, mlp_data):
 
 
 def test_evaluate_detectors_bad_input(mlp, fitted, mlp_data):
-    from libnet_plugin.experiments.detectors import evaluate_detectors
+    from libnet_plugin.experiments.comparison import evaluate_detectors
 
     x, _ = mlp_data
     with pytest.raises(ValueError, match="needs layers= and thresholds="):
@@ -543,7 +543,7 @@ def test_evaluate_detectors_bad_input(mlp, fitted, mlp_data):
 
 @pytest.mark.parametrize("method", ["msp", "library-margin"])
 def test_calibration_check_averages_to_the_requested_rate(fitted, method):
-    from libnet_plugin.experiments.detectors import calibration_check
+    from libnet_plugin.experiments.comparison import calibration_check
 
     clean = torch.randn(1000, 10, generator=torch.Generator().manual_seed(11))
     det = lnp.ConsistencyDetector(fitted, method=method).calibrate(clean[:500], fpr=0.05)
@@ -553,8 +553,8 @@ def test_calibration_check_averages_to_the_requested_rate(fitted, method):
 
 
 def test_threshold_specs_of_the_command():
-    from libnet_plugin.experiments.common import ExperimentError
-    from libnet_plugin.experiments.detectors import _parse_thresholds
+    from libnet_plugin.experiments.report import ExperimentError
+    from libnet_plugin.experiments.evaluate_detectors import _parse_thresholds
 
     layers = ["conv1", "conv2", "fc1", "fc2"]
     assert _parse_thresholds("S1", layers) == ({"conv1": 0.55, "conv2": 0.70, "fc1": 0.75, "fc2": 0.80}, None)

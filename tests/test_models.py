@@ -1,4 +1,4 @@
-"""Tests of libnet_plugin.models: architectures, names, weight loading, normalisation, training."""
+"""Tests of libnet_plugin.experiments.models: architectures, names, weight loading, normalisation, training."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from libnet_plugin import models
-from libnet_plugin.data import CIFAR_MEAN, CIFAR_STD, MNIST_MEAN, MNIST_STD, load_mnist_default
+from libnet_plugin.experiments import models
+from libnet_plugin.experiments.data import CIFAR_MEAN, CIFAR_STD, MNIST_MEAN, MNIST_STD, load_mnist_default
 from libnet_plugin.errors import LibnetError
-from libnet_plugin.models import (
+from libnet_plugin.experiments.models import (
     MnistNet,
     Normalize,
     ResNet44,

@@ -1,4 +1,4 @@
-"""Tests of libnet_plugin.plots: every figure is a readable PNG, drawn headless, with the right content."""
+"""Tests of libnet_plugin.experiments.plots: every figure is a readable PNG, drawn headless, with the right content."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from libnet_plugin import plots
+from libnet_plugin.experiments import plots
 
 
 @pytest.fixture()

@@ -5,14 +5,14 @@ What it does (METHOD.md sections 7-10):
 1. Checks everything a long run needs before starting it: the device (``--device cuda`` without a GPU
    is an error, ``--device auto`` falls back to the CPU with a warning), the six CIFAR-10 python batches
    in ``--data-dir`` (the message names the expected files), and the ``--weights`` file (it must fit
-   :class:`~libnet_plugin.models.ResNet44`; the message shows the first mismatched key and its shapes).
+   :class:`~libnet_plugin.experiments.models.ResNet44`; the message shows the first mismatched key and its shapes).
 2. Reads CIFAR-10 from the python batches (no torchvision), loads the weights (the public
    ``pytorch_resnet_cifar10`` ``state_dict`` format, ``module.`` prefixes accepted) or, with
    ``--train-epochs N`` and no weights, trains the ResNet-44 with the standard recipe
-   (:mod:`libnet_plugin.training`) and caches the weights.
+   (:mod:`libnet_plugin.experiments.training`) and caches the weights.
 3. Fits, in two streamed passes over the training images, one library and one Hebbian readout per
    threshold level of Table 1 for the five probed blocks ``conv1``, ``layer1``, ``layer2``, ``layer3``,
-   ``linear`` (:func:`~libnet_plugin.experiments.common.fit_library_sweep`); no step ever holds the
+   ``linear`` (:func:`~libnet_plugin.experiments.sweep.fit_library_sweep`); no step ever holds the
    HAPs of the whole training set.
 4. Reports library sizes (Fig. 4A) and top-1 / top-3 agreement with the model at ``top_k`` 8 (Figs. 4B,
    4C), CPL AUROC against epsilon for the seven threshold sets of Table 1 at ``top_k`` 20 under both
@@ -48,34 +48,38 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from ..data import CIFAR10_FILES, CIFAR_MEAN, CIFAR_STD, check_cifar10_dir, load_cifar10
 from ..errors import LibnetError
-from ..models import ResNet44, StateDictMismatchError, load_state_dict_checked
-from .common import (
+from .comparison import detector_comparison
+from .data import CIFAR10_FILES, CIFAR_MEAN, CIFAR_STD, check_cifar10_dir, load_cifar10
+from .models import ResNet44, StateDictMismatchError, load_state_dict_checked
+from .protocols import (
     PROTOCOLS,
     AttackSet,
-    ExperimentError,
-    LibrarySweep,
     ProtocolSettings,
-    StageTimer,
-    resolve_device,
-    agreement_table,
     attacked_evidence,
-    compute_evidence,
-    cpl_requests,
-    detector_comparison,
+    evaluate_protocol,
+    generate_attack_sets,
+    save_attack_sets,
+    to_model_space,
+)
+from .report import (
+    ExperimentError,
+    StageTimer,
     ensure_writable_dir,
     environment_info,
-    evaluate_protocol,
-    fit_library_sweep,
-    generate_attack_sets,
     markdown_table,
-    save_attack_sets,
-    theta_grid,
-    theta_key,
-    to_model_space,
+    resolve_device,
     write_json_atomic,
     write_text_atomic,
+)
+from .sweep import (
+    LibrarySweep,
+    agreement_table,
+    compute_evidence,
+    cpl_requests,
+    fit_library_sweep,
+    theta_grid,
+    theta_key,
 )
 
 __all__ = [
@@ -102,7 +106,7 @@ __all__ = [
 # The paper's settings, as data (METHOD.md sections 7, 8 and 10)
 # --------------------------------------------------------------------------------------------------
 
-#: The probed blocks of the ResNet-44 (module names of :class:`~libnet_plugin.models.ResNet44`): the
+#: The probed blocks of the ResNet-44 (module names of :class:`~libnet_plugin.experiments.models.ResNet44`): the
 #: first convolution before its batch norm, the output of each of the three stages, and the logits.
 LAYERS: tuple[str, ...] = ("conv1", "layer1", "layer2", "layer3", "linear")
 #: The paper's names for them (CN1, composite layers CL1-3, FC).
@@ -213,7 +217,7 @@ class Cifar10Settings:
     quick: bool = False
 
     def validate(self) -> "Cifar10Settings":
-        """Raise :class:`~libnet_plugin.experiments.common.ExperimentError` naming the first bad setting."""
+        """Raise :class:`~libnet_plugin.experiments.report.ExperimentError` naming the first bad setting."""
         for name in ("n_train", "n_test"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
@@ -257,7 +261,7 @@ class Cifar10Settings:
 def check_data_dir(data_dir: str | os.PathLike) -> Path:
     """The folder holding the six CIFAR-10 python batches, checked without reading them.
 
-    Like :func:`libnet_plugin.data.check_cifar10_dir`, but when ``data_dir`` has a
+    Like :func:`libnet_plugin.experiments.data.check_cifar10_dir`, but when ``data_dir`` has a
     ``cifar-10-batches-py`` subfolder and lacks the batches itself, the subfolder is the one checked,
     so that a partly extracted archive is reported file by file.
 
@@ -314,7 +318,7 @@ def check_weights(path: str | os.PathLike) -> dict[str, Tensor]:
         path: the weights file.
 
     Returns:
-        The ``state_dict`` of a :class:`~libnet_plugin.models.ResNet44` holding these weights (CPU).
+        The ``state_dict`` of a :class:`~libnet_plugin.experiments.models.ResNet44` holding these weights (CPU).
 
     Raises:
         FileNotFoundError: no such file.
@@ -386,7 +390,7 @@ def reproduce_cifar10(
     """Run the CIFAR-10 experiments on a loaded model and data; write and return the report.
 
     Args:
-        model: a :class:`~libnet_plugin.models.ResNet44` taking *normalised* input (``normalize=False``,
+        model: a :class:`~libnet_plugin.experiments.models.ResNet44` taking *normalised* input (``normalize=False``,
             the seed's convention), on ``device``, in eval mode.
         x_train: training pixels ``[N, 3, 32, 32]`` in ``[0, 1]``, already cut to ``settings.n_train``;
             their order is the visiting order of the libraries.
@@ -500,7 +504,7 @@ def reproduce_cifar10(
 def _run_detectors(sweep: LibrarySweep, model: torch.nn.Module, settings: Cifar10Settings, device: torch.device, *,
                    data: tuple[Tensor, Tensor | None, Tensor, Tensor], attack_sets: Sequence[AttackSet],
                    out_dir: Path, log: Callable[[str], None] | None) -> dict[str, Any]:
-    """The detector comparison (:func:`~libnet_plugin.experiments.common.detector_comparison`) of this run.
+    """The detector comparison (:func:`~libnet_plugin.experiments.comparison.detector_comparison`) of this run.
 
     The library network is the sweep's at the first CPL set; the detectors are scored on the successful
     standard-protocol attacks and, as out-of-domain inputs, on uniform-noise images from a generator seeded
@@ -529,7 +533,7 @@ def _pick(values: Sequence[float], n: int) -> list[float]:
 def _draw_figures(out: Path, sizes: Mapping[str, Any], table: Mapping[str, Any], detection: Mapping[str, Any],
                   settings: Cifar10Settings) -> list[str]:
     """Figs. 4A, 4B/C, 5C (AUROC and TPR vs epsilon per protocol) and CPL histograms; returns file names."""
-    from .. import plots
+    from . import plots
 
     files = [plots.plot_library_sizes(sizes, out / "fig4a_library_sizes.png",
                                       title="ResNet44 on CIFAR-10: library size vs threshold (Fig. 4A)"),
@@ -775,7 +779,7 @@ def run(args: argparse.Namespace) -> int:
             model.load_state_dict(state)
             extra["weights"] = str(Path(args.weights).expanduser())
         else:
-            from ..training import TrainConfig, load_or_train_resnet44
+            from .training import TrainConfig, load_or_train_resnet44
 
             cfg = TrainConfig(epochs=args.train_epochs, schedule=args.train_schedule, seed=args.train_seed)
             cache = Path(args.cache_dir).expanduser() if args.cache_dir else out / "cache"

@@ -22,7 +22,7 @@ What a run does, in order (each stage timed, with tqdm bars on the long ones):
 
 The paper's settings are data in this module (:data:`LAYERS`, :data:`SWEEP`, :data:`CPL_SETS`,
 :data:`CONFUSION_THETAS`, :data:`SEED_LIBRARY_SIZES`, :data:`PAPER_EPSILONS`, :data:`STANDARD_EPSILONS`);
-the dataset-independent machinery is :mod:`libnet_plugin.experiments.common`, and the pipeline is
+the dataset-independent machinery is :mod:`libnet_plugin.experiments.sweep`, and the pipeline is
 callable from Python as :func:`reproduce_mnist`.
 
 Example:
@@ -54,42 +54,52 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import plots
-from ..data import MNIST_MEAN, MNIST_STD, check_mnist_dir, load_mnist_default, load_mnist_idx
 from ..errors import LibnetError, SaveFormatError
-from ..models import MnistNet, load_state_dict_checked, train_mnist_net
 from ..plugins import make_probe
 from ..serialization import load_checked, save_atomic
-from .common import (
+from . import plots
+from .comparison import detector_comparison
+from .data import (
+    MNIST_MEAN,
+    MNIST_STD,
+    check_mnist_dir,
+    load_mnist_default,
+    load_mnist_idx,
+)
+from .models import MnistNet, load_state_dict_checked, train_mnist_net
+from .protocols import (
     AttackSet,
-    Evidence,
-    ExperimentError,
-    LibrarySweep,
     ProtocolSettings,
-    StageTimer,
-    agreement_table,
     attacked_evidence,
     check_pgd_backends,
+    evaluate_protocol,
+    generate_attack_sets,
+    load_attack_sets,
+    save_attack_sets,
+    to_model_space,
+)
+from .report import (
+    ExperimentError,
+    StageTimer,
+    ensure_writable_dir,
+    environment_info,
+    markdown_table,
+    resolve_device,
+    to_jsonable,
+    write_json_atomic,
+    write_text_atomic,
+)
+from .sweep import (
+    Evidence,
+    LibrarySweep,
+    agreement_table,
     compute_evidence,
     confusion_indices,
     cpl_from_evidence,
     cpl_requests,
-    detector_comparison,
-    ensure_writable_dir,
-    environment_info,
-    evaluate_protocol,
     fit_library_sweep,
-    generate_attack_sets,
-    load_attack_sets,
-    markdown_table,
-    resolve_device,
-    save_attack_sets,
     theta_grid,
     theta_key,
-    to_jsonable,
-    to_model_space,
-    write_json_atomic,
-    write_text_atomic,
 )
 
 __all__ = [
@@ -152,7 +162,7 @@ class MnistSettings:
 
     Attributes:
         seed: seed of the data shuffle (embedded data) and of training.
-        epochs: training epochs (Adam, lr 1e-3, batch 64; see :func:`~libnet_plugin.models.train_mnist_net`).
+        epochs: training epochs (Adam, lr 1e-3, batch 64; see :func:`~libnet_plugin.experiments.models.train_mnist_net`).
         n_train: training images (embedded data: size of the training part, the rest is the test part;
             IDX data: the first ``n_train`` training images; ``None``: all of them).
         n_test: test images evaluated (the first ones; ``None``: all).
@@ -320,7 +330,7 @@ def cached_or_trained_mnist_net(x_tr: Tensor, y_tr: Tensor, settings: MnistSetti
         log: receives a line when the cache cannot be read or written.
 
     Returns:
-        ``(net, info)``: the :class:`~libnet_plugin.models.MnistNet` in eval mode (normalised input), and
+        ``(net, info)``: the :class:`~libnet_plugin.experiments.models.MnistNet` in eval mode (normalised input), and
         ``{"source": "cache" | "trained", "path": cache file or None}``.
 
     Example:
@@ -378,14 +388,14 @@ def _perturbation_stats(x_clean: Tensor, s: AttackSet) -> dict[str, float]:
 
 def _detector_section(run: "PreparedRun", sweep: LibrarySweep, net: MnistNet | None,
                       attacks: Mapping[str, Any]) -> dict[str, Any]:
-    """The detector comparison (:func:`~libnet_plugin.experiments.common.detector_comparison`) of this run.
+    """The detector comparison (:func:`~libnet_plugin.experiments.comparison.detector_comparison`) of this run.
 
     The library network is the sweep's at the first CPL set; the detectors are scored on the successful
     standard-protocol attacks and, as out-of-domain inputs, on scikit-learn's 8x8 digits upscaled to 28x28.
     Its ``detectors.json``, ``detectors.md`` and ``roc.png`` are written into the run's folder. Without
     standard-protocol attacks (an ONNX run without ``--attacks-file``) it returns a note instead.
     """
-    from ..data import load_digits_upscaled
+    from .data import load_digits_upscaled
 
     settings, opt = run.settings, run.options
     x_tr, y_tr, x_te, y_te = run.data

@@ -14,7 +14,7 @@ advertorch 0.2.3 fails to import here for two reasons (DESIGN.md section 5):
    to the two transform objects, so its JPEG filter works, while other code that probes for torchvision
    (``try: import torchvision``) still sees that it is absent.
 
-Nothing here is imported by ``libnet_plugin`` at import time; :mod:`libnet_plugin.attacks` calls
+Nothing here is imported by ``libnet_plugin`` at import time; :mod:`libnet_plugin.experiments.attacks` calls
 :func:`ensure_advertorch` only when an advertorch-backed attack is requested.
 """
 

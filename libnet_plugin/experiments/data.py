@@ -10,7 +10,7 @@ Nothing in this module downloads anything. Four sources are supported:
   MNIST models and a tiny fallback for tests.
 
 All loaders return float32 images in ``[0, 1]`` shaped ``[N, C, H, W]`` and int64 labels; normalisation
-is left to the model (see :class:`libnet_plugin.models.Normalize` and the ``MNIST_*`` / ``CIFAR_*``
+is left to the model (see :class:`libnet_plugin.experiments.models.Normalize` and the ``MNIST_*`` / ``CIFAR_*``
 constants).
 """
 
@@ -29,8 +29,8 @@ from typing import IO
 import numpy as np
 import torch
 
-from .errors import LibnetError
-from .serialization import atomic_write_bytes
+from ..errors import LibnetError
+from ..serialization import atomic_write_bytes
 
 __all__ = [
     "MNIST_MEAN",

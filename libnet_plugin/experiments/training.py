@@ -27,9 +27,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from ._validate import check_int
+from .._validate import check_int
+from ..serialization import atomic_write_bytes
 from .models import ResNet44, load_state_dict_checked, predict_labels
-from .serialization import atomic_write_bytes
 
 __all__ = [
     "TrainConfig",
@@ -175,7 +175,7 @@ def train_resnet44(
     device: torch.device | str | None = None,
     progress: bool | None = True,
 ) -> ResNet44:
-    """Train a :class:`~libnet_plugin.models.ResNet44` on CIFAR-10 pixels with the standard recipe.
+    """Train a :class:`~libnet_plugin.experiments.models.ResNet44` on CIFAR-10 pixels with the standard recipe.
 
     The whole training set is moved to ``device`` once (50,000 images are 600 MB as float32) and
     augmented there batch by batch with :func:`random_crop_flip`, so no DataLoader or torchvision is
@@ -196,7 +196,7 @@ def train_resnet44(
         ValueError: for inputs of the wrong shape or range, labels outside 0..9, or bad settings.
 
     Example:
-        >>> from libnet_plugin.data import load_cifar10
+        >>> from libnet_plugin.experiments.data import load_cifar10
         >>> x_tr, y_tr, x_te, y_te = load_cifar10("~/data")  # doctest: +SKIP
         >>> net = train_resnet44(x_tr, y_tr, TrainConfig(epochs=200), device="cuda")  # doctest: +SKIP
     """
@@ -302,7 +302,7 @@ def save_weights(model: torch.nn.Module, path: str | os.PathLike, **info: float 
     """Save ``{"state_dict": ..., **info}`` with ``torch.save``, atomically (temp file + rename).
 
     The layout is that of the public ``pytorch_resnet_cifar10`` checkpoints (which add ``epoch`` and
-    ``best_prec1``); :func:`~libnet_plugin.models.load_state_dict_checked` reads it, and so does
+    ``best_prec1``); :func:`~libnet_plugin.experiments.models.load_state_dict_checked` reads it, and so does
     ``torch.load(path, weights_only=True)``.
 
     Args:

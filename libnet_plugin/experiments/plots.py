@@ -1,7 +1,7 @@
 """Figures of the paper's experiments, drawn with matplotlib's Agg canvas (headless, no pyplot state).
 
 Every function takes plain results (dicts, tensors or arrays, as produced by
-:mod:`libnet_plugin.experiments.common`), draws one figure, writes it as a PNG atomically (an interrupted
+:mod:`libnet_plugin.experiments.sweep`), draws one figure, writes it as a PNG atomically (an interrupted
 run never leaves half a file) and returns the path. Nothing here depends on the data set, so the MNIST and
 CIFAR-10 reproductions share them.
 
@@ -34,7 +34,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .serialization import atomic_write_bytes
+from ..serialization import atomic_write_bytes
 
 __all__ = [
     "plot_library_sizes",
@@ -113,7 +113,7 @@ def plot_agreement(table: Mapping[str, Sequence[Mapping[str, Any]]], path: str |
 
     Args:
         table: ``{layer: [{"theta", "top1_agreement", "top3_agreement", "accuracy"}, ...]}`` as returned
-            by :func:`libnet_plugin.experiments.common.agreement_table`.
+            by :func:`libnet_plugin.experiments.sweep.agreement_table`.
         path: PNG file to write.
         top_k: library nodes per prediction (shown in the title).
         title: figure title.
@@ -220,7 +220,7 @@ def plot_auroc_vs_epsilon(results: Mapping[str, Sequence[Mapping[str, Any]]], pa
 
     Args:
         results: ``{set name: [{"epsilon", metric: value}, ...]}`` (the ``"results"`` of
-            :func:`libnet_plugin.experiments.common.evaluate_protocol`).
+            :func:`libnet_plugin.experiments.protocols.evaluate_protocol`).
         path: PNG file to write.
         metric: which value to plot (``"auroc"`` or ``"tpr_at_fpr"``).
         title: figure title.

@@ -4,7 +4,7 @@
   ``LinfPGDAttack`` (same random start, same order of projection and clipping), so both give the same
   adversarial examples from the same start. No advertorch needed.
 * :func:`pgd_advertorch`: advertorch's ``LinfPGDAttack`` itself, made importable by
-  :func:`libnet_plugin._advertorch_compat.ensure_advertorch`.
+  :func:`libnet_plugin.experiments._advertorch_compat.ensure_advertorch`.
 * :func:`attack_paper_protocol`: the seed's protocol, reproduced for comparison only: the attack runs on
   *normalised* tensors but clips to ``[0, 1]`` there (which zeroes the MNIST background), epsilon in
   normalised units, step 0.01, 40 iterations, random start, seed 1.
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._validate import check_int
+from .._validate import check_int
 from .data import batches
 from .models import Normalize, predict_labels
 

@@ -1,32 +1,17 @@
-"""``libnet evaluate-detectors``: every registered detector on the same clean, attacked and out-of-domain sets.
+"""The detector comparison: every listed detector calibrated on the same clean data and scored on the same sets.
 
-The MNIST default (the paper's net trained on 4,000 of the 5,000 embedded images with a fixed seed, the
-weights cached in ``--cache-dir`` and shared with ``libnet reproduce mnist``): the 1,000 test images are
-split in two halves; the first half is the clean CALIBRATION set (detector thresholds and the clean
-reference of fused scores), the second half the clean EVALUATION set, whose correctly classified images
-are attacked with the standard protocol of METHOD.md section 9 (L-inf PGD-40 in pixel space, random
-start, step ``2.5 eps / 40``, eps 0.1 / 0.2 / 0.3; only successful attacks are kept). Out-of-domain sets:
-scikit-learn's 8x8 digits upscaled to 28x28, and uniform noise images. Every detector listed by the
-registered plugins (:func:`libnet_plugin.detectors.registered_detectors`), plus the MNIST variants of
-:data:`MNIST_VARIANTS` (the library-based scores on the convolution layers), is calibrated on the same clean
-images at 5% FPR and scored on the same sets; none sees an attacked input before the test.
-
-Output (``--out``, default ``runs/detectors``): ``detectors.json`` (everything
-:func:`evaluate_detectors` returns), ``detectors.md`` (the table) and ``roc.png`` (ROC curves, one panel
-per set).
-
-Example:
-    libnet evaluate-detectors                  # the MNIST default, a few minutes on 2 cores
-    libnet evaluate-detectors --quick          # a small run for tests (about 30 s)
-    libnet evaluate-detectors --thresholds S1  # the seed's hand-picked set S1 instead of "auto"
+:func:`evaluate_detectors` is the engine (AUROC, TPR at the calibrated FPR, the held-out FPR over random
+splits, time and memory per detector, ROC curves); :func:`detector_comparison` runs it on an
+experiment's data (the successful standard-protocol attacks on correctly classified inputs, plus
+out-of-domain sets). The detectors compared are those that the plugins list through the
+``libnet_detector_comparison`` hook (:func:`libnet_plugin.plugins.registered_detectors`).
 """
 
 from __future__ import annotations
 
-import argparse
+import io
 import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -38,29 +23,138 @@ from torch import Tensor
 from .._batches import iter_batches
 from ..detector import ConsistencyDetector
 from ..detectors import registered_detectors
-from ..metrics import auroc, tpr_at_fpr
+from ..errors import ShapeMismatchError
 from ..network import LibraryNetwork
 from ..serialization import atomic_write_bytes
-from .common import ExperimentError, StageTimer, ensure_writable_dir, environment_info, markdown_table, write_json_atomic, write_text_atomic
+from .protocols import PROTOCOLS, AttackSet, auroc, to_model_space, tpr_at_fpr
+from .report import (
+    ensure_writable_dir,
+    markdown_table,
+    write_json_atomic,
+    write_text_atomic,
+)
 
-__all__ = ["evaluate_detectors", "calibration_check", "plot_roc_curves", "add_arguments", "run", "DEFAULT_THRESHOLDS"]
+__all__ = ['detector_comparison', 'MNIST_CONV_VARIANT', 'MNIST_DISTANCE_VARIANT', 'MNIST_VARIANTS', 'LIBRARY_BASED', 'calibration_check', 'evaluate_detectors', 'plot_roc_curves']
 
-#: The default ``--thresholds``: each layer's theta chosen so that its library holds about a quarter of
-#: the training inputs (:func:`libnet_plugin.thresholds.choose_thresholds`).
-DEFAULT_THRESHOLDS = "auto:0.25"
+
+def _model_answers(net: Any, x: Tensor, batch_size: int) -> Tensor:
+    """The answers (argmax of the outputs) of the model behind ``net.probe`` on ``x``, on the CPU."""
+    return torch.cat([net.probe.run(xb).outputs.argmax(dim=1).cpu() for xb, _ in iter_batches(x, batch_size)])
+
+def detector_comparison(net: Any, train: tuple[Tensor, Tensor | None], clean_test: tuple[Tensor, Tensor],
+                        attack_sets: Sequence[AttackSet], *, space: str, mean: Any, std: Any,
+                        protocol: str = "standard", ood_sets: Mapping[str, Tensor] | None = None,
+                        out_dir: str | os.PathLike | None = None, detectors: Any = None, fpr: float = 0.05,
+                        fpr_splits: int = 50, batch_size: int = 256,
+                        log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """The detector comparison of :mod:`libnet_plugin.experiments.detectors` on an experiment's data.
+
+    Shared by ``libnet reproduce mnist`` and ``libnet reproduce cifar10``. Every input is given in pixel
+    space (``[0, 1]``) or, for attack sets, in the space the :class:`AttackSet` records, and is moved to
+    the model's input space ``space`` here. :class:`AttackSet` holds *every* attacked input, so the
+    selection of the standard protocol is made here from ``net``'s model: an attacked input is kept only
+    when the model classifies its clean version correctly and the attacked one wrongly (a successful
+    attack on a correctly classified input), the same rule as :func:`evaluate_protocol`.
+
+    Args:
+        net: a fitted :class:`~libnet_plugin.LibraryNetwork` (e.g. :meth:`LibrarySweep.to_network` at one
+            threshold set); its model gives the answers used for the selection.
+        train: ``(x_train, y_train)`` in pixels; ``y_train`` may be ``None`` (then detectors that need
+            labels fit on the inputs alone, as :func:`evaluate_detectors` allows).
+        clean_test: ``(x_test, y_test)`` in pixels. Its first half calibrates the detectors and its second
+            half is the clean evaluation set (``evaluate_detectors``' default split).
+        attack_sets: attack sets of an experiment; those of ``protocol`` are used, one attacked set
+            ``"PGD eps=<epsilon>"`` per epsilon, their ``indices`` pointing into ``clean_test``.
+        space: the model's input space, ``"pixels"`` or ``"normalized"``.
+        mean / std: the normalisation relating the two spaces.
+        protocol: which protocol's attack sets to use (``"standard"``: PGD in pixel space).
+        ood_sets: ``{name: inputs in pixels}`` of out-of-domain inputs.
+        out_dir: folder receiving ``detectors.json``, ``detectors.md`` and ``roc.png``.
+        detectors / fpr / fpr_splits / batch_size: passed to ``evaluate_detectors``.
+        log: a function receiving progress lines (default: silent).
+
+    Returns:
+        ``{"available": True, "protocol": protocol, "attacks": {set name: {"epsilon", "attacked",
+        "successful"}}, "table": <what evaluate_detectors returns>}`` (its ``"table_markdown"`` renders
+        the table), or ``{"available": False, "note": why}`` when the detectors module cannot be
+        imported, there are no attack sets of ``protocol``, too few test images to calibrate at ``fpr``,
+        or no attack succeeded.
+
+    Raises:
+        ValueError: an unknown protocol or space, or ``clean_test`` without labels.
+        ShapeMismatchError: an attack set's indices point outside ``clean_test``.
+
+    Example:
+        >>> res = detector_comparison(net, (x_tr, y_tr), (x_te, y_te), sets, space="normalized",
+        ...                           mean=MNIST_MEAN, std=MNIST_STD, out_dir="runs/q")  # doctest: +SKIP
+        >>> print(res["table"]["table_markdown"])  # doctest: +SKIP
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    x_test, y_test = clean_test
+    if y_test is None:
+        raise ValueError("detector_comparison needs the test labels to select the successful attacks")
+    sets = [s for s in attack_sets if s.protocol == protocol]
+    if not sets:
+        return {"available": False,
+                "note": f"No {protocol}-protocol attacks in this run, so no detector table"}
+    need = math.ceil(1.0 / fpr) - 1  # calibrating at fpr takes at least this many clean inputs
+    if x_test.shape[0] // 2 < need:
+        return {"available": False,
+                "note": f"The detector comparison calibrates on half of the test images and needs at least {need} "
+                        f"for FPR {fpr:g}; this run has {x_test.shape[0]} test images, so no detector table"}
+    say = log or (lambda _msg: None)
+    x_test_m = to_model_space(x_test, "pixels", space, mean, std)
+    y_test = y_test.long().cpu()
+    attacked: dict[str, Tensor] = {}
+    info: dict[str, dict[str, Any]] = {}
+    clean_answers: dict[tuple[int, ...], Tensor] = {}
+    for s in sets:
+        idx = s.indices.long().cpu()
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= x_test.shape[0]):
+            raise ShapeMismatchError(f"{s.protocol} attacks at epsilon {s.epsilon:g} point to test positions up to "
+                                     f"{int(idx.max())}, but the test set has {x_test.shape[0]} inputs")
+        key = tuple(idx.tolist())
+        if key not in clean_answers:  # the sets of one protocol usually attack the same inputs
+            clean_answers[key] = _model_answers(net, x_test_m[idx], batch_size)
+        x_adv = to_model_space(s.x_adv, s.space, space, mean, std)
+        keep = (clean_answers[key] == y_test[idx]) & (_model_answers(net, x_adv, batch_size) != y_test[idx])
+        name = f"PGD eps={s.epsilon:g}"
+        info[name] = {"epsilon": s.epsilon, "attacked": int(idx.numel()), "successful": int(keep.sum())}
+        say(f"{name}: {int(keep.sum())} successful attacks on correctly classified inputs of {idx.numel()}")
+        if bool(keep.any()):
+            attacked[name] = x_adv[keep.to(x_adv.device)]
+    if not attacked:
+        return {"available": False, "attacks": info,
+                "note": f"No {protocol}-protocol attack succeeded on a correctly classified input, so no "
+                        "detector table"}
+    x_train, y_train = train
+    x_train_m = to_model_space(x_train, "pixels", space, mean, std)
+    ood = {name: to_model_space(x, "pixels", space, mean, std) for name, x in (ood_sets or {}).items()}
+    table = evaluate_detectors(net, x_train_m if y_train is None else (x_train_m, y_train), x_test_m, attacked, ood,
+                               detectors=detectors, out_dir=out_dir, fpr=fpr, fpr_splits=fpr_splits,
+                               batch_size=batch_size, log=log)
+    return {"available": True, "protocol": protocol, "attacks": info, "table": table}
+
+
 #: The library-based score restricted to the MNIST net's convolution layers (added by the MNIST run).
 MNIST_CONV_VARIANT = "library-margin (conv1, conv2)"
+
+
 #: The library Mahalanobis distance on the MNIST net's convolution layers (added by the MNIST run); the
 #: layers were chosen on dev splits (other seeds), not on the reported sets.
 MNIST_DISTANCE_VARIANT = "library-distance (conv1, conv2)"
+
+
 #: Detectors the MNIST run adds to the registered ones: ``{label: (name, settings)}``.
 MNIST_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     MNIST_CONV_VARIANT: ("library-margin", {"layers": ["conv1", "conv2"]}),
     MNIST_DISTANCE_VARIANT: ("library-distance", {"layers": ["conv1", "conv2"]}),
 }
+
+
 #: Detector names whose score is computed from the libraries (the rest are baselines).
 LIBRARY_BASED = frozenset({"cpl", "library-margin", "library-distance"})
-
 
 def _as_tensor(data: Any, batch_size: int) -> tuple[Tensor, Tensor | None]:
     if isinstance(data, Tensor):
@@ -73,7 +167,6 @@ def _as_tensor(data: Any, batch_size: int) -> tuple[Tensor, Tensor | None]:
     if not xs:
         raise ValueError("received an empty data set")
     return torch.cat(xs), (torch.cat(ys) if len(ys) == len(xs) else None)
-
 
 def _resolve_detectors(detectors: Any, pm: Any) -> dict[str, tuple[str, dict[str, Any]]]:
     if detectors is None:
@@ -94,7 +187,6 @@ def _resolve_detectors(detectors: Any, pm: Any) -> dict[str, tuple[str, dict[str
         detectors = [detectors]
     return {str(name): (str(name), {}) for name in detectors}
 
-
 def _time_scores(fn: Callable[[Tensor], Any], x: Tensor, batch_size: int) -> tuple[float, Any]:
     """Milliseconds per 1,000 inputs of ``fn`` over ``x`` in batches (after one warm-up batch), and the outputs."""
     fn(x[: min(batch_size, x.shape[0])])
@@ -104,7 +196,6 @@ def _time_scores(fn: Callable[[Tensor], Any], x: Tensor, batch_size: int) -> tup
         outs.append(fn(x[i:i + batch_size]))
     elapsed = time.perf_counter() - t0
     return elapsed / x.shape[0] * 1e6, outs
-
 
 def calibration_check(det: ConsistencyDetector, x_clean: Any, fpr: float, n_splits: int = 50,
                       seed: int = 0) -> dict[str, Any]:
@@ -118,7 +209,6 @@ def calibration_check(det: ConsistencyDetector, x_clean: Any, fpr: float, n_spli
         ``{"requested", "mean", "sd", "min", "max", "n_calibration", "n_heldout", "n_splits"}``.
     """
     return _split_fpr(det._calibration_data(x_clean), det._fuses, fpr, n_splits, seed)
-
 
 def _split_fpr(data: Tensor, fused: bool, fpr: float, n_splits: int, seed: int) -> dict[str, Any]:
     """:func:`calibration_check` on what :meth:`ConsistencyDetector._calibration_data` returned for clean inputs."""
@@ -146,7 +236,6 @@ def _split_fpr(data: Tensor, fused: bool, fpr: float, n_splits: int, seed: int) 
     return {"requested": fpr, "mean": float(r.mean()), "sd": float(r.std(ddof=1)) if len(r) > 1 else 0.0,
             "min": float(r.min()), "max": float(r.max()), "n_calibration": n_cal, "n_heldout": n - n_cal,
             "n_splits": int(n_splits)}
-
 
 def evaluate_detectors(net_or_model: Any, train: Any, clean_test: Any, attacked_sets: Mapping[str, Tensor],
                        ood_sets: Mapping[str, Tensor] | None = None, detectors: Any = None,
@@ -324,7 +413,6 @@ def evaluate_detectors(net_or_model: Any, train: Any, clean_test: Any, attacked_
         write_json_atomic(d / "detectors.json", out)
     return out
 
-
 def _roc(clean: Tensor, attacked: Tensor) -> tuple[np.ndarray, np.ndarray]:
     from sklearn.metrics import roc_curve
 
@@ -333,7 +421,6 @@ def _roc(clean: Tensor, attacked: Tensor) -> tuple[np.ndarray, np.ndarray]:
     s = np.nan_to_num(np.r_[c, a], posinf=np.finfo(np.float64).max)
     fpr, tpr, _ = roc_curve(y, s)
     return fpr, tpr
-
 
 def plot_roc_curves(curves: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]], path: str | os.PathLike) -> Path:
     """One ROC panel per set, one line per detector; written as a PNG atomically.
@@ -345,7 +432,6 @@ def plot_roc_curves(curves: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarr
     Returns:
         The path written.
     """
-    import io
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -373,214 +459,3 @@ def plot_roc_curves(curves: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarr
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     return atomic_write_bytes(path, buf.getvalue())
-
-
-# ---------------------------------------------------------------------------------------------------
-# the MNIST default run
-# ---------------------------------------------------------------------------------------------------
-
-
-def _parse_thresholds(spec: str, layers: Sequence[str]) -> tuple[Any, dict[str, Any] | None]:
-    """``"S1".."S7"`` | ``"auto"`` | ``"auto:<target>"`` | four comma-separated numbers."""
-    from .mnist import CPL_SETS
-
-    if spec in CPL_SETS:
-        return dict(CPL_SETS[spec]), None
-    if spec == "auto" or spec.startswith("auto:"):
-        target_text = spec.partition(":")[2] or "0.1"
-        try:
-            target: float | int = int(target_text) if target_text.isdigit() else float(target_text)
-        except ValueError:
-            raise ExperimentError(f"--thresholds auto:<target>: the target must be a fraction or a number of nodes, "
-                                  f"got {target_text!r}") from None
-        return "auto", {"target": target}
-    parts = spec.split(",")
-    try:
-        values = [float(p) for p in parts]
-    except ValueError:
-        values = []
-    if len(values) != len(layers):
-        raise ExperimentError(f"--thresholds must be one of {sorted(CPL_SETS)}, 'auto', 'auto:<target>' or "
-                              f"{len(layers)} comma-separated numbers for {list(layers)}, got {spec!r}")
-    return dict(zip(layers, values)), None
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``libnet evaluate-detectors``."""
-    parser.add_argument("--out", default=os.path.join("runs", "detectors"), metavar="DIR",
-                        help="folder receiving detectors.json, detectors.md and roc.png (default: %(default)s)")
-    parser.add_argument("--thresholds", default=DEFAULT_THRESHOLDS, metavar="SPEC",
-                        help="library thresholds: a seed set S1..S7, 'auto', 'auto:<fraction or nodes>', or "
-                             "four numbers for conv1,conv2,fc1,fc2 (default: %(default)s)")
-    parser.add_argument("--detectors", nargs="+", metavar="LABEL",
-                        help="only these detectors (labels of the table, or detector names); default: all registered")
-    parser.add_argument("--epsilons", nargs="+", type=float, metavar="EPS",
-                        help="PGD budgets in pixel units (default 0.1 0.2 0.3)")
-    parser.add_argument("--n-attack", type=int, metavar="N",
-                        help="clean evaluation images attacked (default all 500; 48 with --quick)")
-    parser.add_argument("--fpr", type=float, default=0.05, help="calibrated false-positive rate (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data split, training and attacks")
-    parser.add_argument("--cache-dir", default=".cache", metavar="DIR",
-                        help="cache of the embedded data and the trained weights, shared with `libnet reproduce "
-                             "mnist` (default: %(default)s)")
-    parser.add_argument("--quick", action="store_true",
-                        help="a small run for tests: 600 training images, 1 epoch, 10-step PGD on 48 images")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                        help="progress bars (default: only on a terminal)")
-
-
-def _mnist_model(x_tr: Tensor, y_tr: Tensor, seed: int, epochs: int, cache_dir: str | None,
-                 progress: bool | None, log: Callable[[str], None]) -> tuple[Any, dict[str, Any]]:
-    """The paper's net trained with ``seed``, from (or into) the cache shared with ``reproduce mnist``."""
-    from .mnist import MnistSettings, cached_or_trained_mnist_net
-
-    settings = MnistSettings.default_run(seed=seed, epochs=epochs, n_train=int(x_tr.shape[0]))
-    cache = Path(cache_dir).expanduser() if cache_dir else None
-    return cached_or_trained_mnist_net(x_tr, y_tr, settings, cache, progress, log)
-
-
-def _cached_attacks(model: torch.nn.Module, x: Tensor, y: Tensor, epsilons: Sequence[float], nb_iter: int, seed: int,
-                    cache_dir: str | None, progress: bool, log: Callable[[str], None]) -> dict[float, tuple[Tensor, str]]:
-    """Standard-protocol PGD (pixel space) at each epsilon, read from / written to ``cache_dir`` when given.
-
-    The cache file is keyed by a digest of the model's weights, the attacked images and labels, and the
-    attack settings, so a different model or data never reuses it.
-    """
-    import hashlib
-
-    from ..attacks import attack_standard_protocol
-    from ..errors import LibnetError
-    from .common import AttackSet, load_attack_sets, save_attack_sets
-
-    h = hashlib.sha256(f"standard|{nb_iter}|{seed}".encode())
-    for t in [*model.state_dict().values(), x, y]:
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    path = Path(cache_dir).expanduser() / f"detector-attacks-{h.hexdigest()[:16]}.safetensors" if cache_dir else None
-    cached: dict[float, Tensor] = {}
-    if path is not None and path.is_file():
-        try:
-            cached = {round(s.epsilon, 6): s.x_adv for s in load_attack_sets(path)[0]}
-        except (LibnetError, OSError) as exc:
-            log(f"the cached attacks {str(path)!r} are unreadable ({exc}); attacking again")
-    out: dict[float, tuple[Tensor, str]] = {}
-    for eps in epsilons:
-        key = round(float(eps), 6)
-        if key in cached and cached[key].shape == x.shape:
-            out[eps] = (cached[key], "cache")
-        else:
-            x_adv, _ = attack_standard_protocol(model, x, y, eps=eps, nb_iter=nb_iter, seed=seed, backend="torch",
-                                                progress=progress)
-            cached[key] = x_adv.detach().cpu()
-            out[eps] = (cached[key], "computed")
-    if path is not None and any(src == "computed" for _, src in out.values()):
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_attack_sets(path, [AttackSet("standard", e, xa, "pixels", torch.arange(x.shape[0]))
-                                    for e, xa in sorted(cached.items())],
-                             {"nb_iter": nb_iter, "seed": seed, "n_images": int(x.shape[0])})
-        except OSError as exc:
-            log(f"could not cache the attacks in {str(path)!r}: {exc}")
-    return out
-
-
-def _command(args: argparse.Namespace) -> str:
-    """The command line that reproduces this run (options that differ from their defaults)."""
-    parts = ["libnet", "evaluate-detectors"]
-    if args.quick:
-        parts.append("--quick")
-    if args.thresholds != DEFAULT_THRESHOLDS:
-        parts += ["--thresholds", args.thresholds]
-    if args.detectors:
-        parts += ["--detectors", *(repr(d) if " " in d else d for d in args.detectors)]
-    if args.epsilons:
-        parts += ["--epsilons", *(f"{e:g}" for e in args.epsilons)]
-    for flag, value, default in (("--n-attack", args.n_attack, None), ("--fpr", args.fpr, 0.05),
-                                 ("--seed", args.seed, 0), ("--cache-dir", args.cache_dir, ".cache"),
-                                 ("--out", args.out, os.path.join("runs", "detectors"))):
-        if value != default:
-            parts += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
-    return " ".join(parts)
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run the MNIST default comparison (see the module docstring)."""
-    from ..data import load_digits_upscaled, load_mnist_default
-    from ..models import MnistNet, load_state_dict_checked
-    from .mnist import LAYERS, STANDARD_EPSILONS
-
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
-
-    quick = bool(args.quick)
-    n_train, epochs, nb_iter = (600, 1, 10) if quick else (4000, 5, 40)
-    n_attack = args.n_attack if args.n_attack is not None else (48 if quick else 500)
-    epsilons = list(args.epsilons) if args.epsilons else ([0.1, 0.3] if quick else list(STANDARD_EPSILONS))
-    if n_attack < 1 or any(not (0 < e <= 1) for e in epsilons):
-        raise ExperimentError(f"--n-attack must be >= 1 and --epsilons in (0, 1], got {n_attack}, {epsilons}")
-    thresholds, auto = _parse_thresholds(args.thresholds, LAYERS)
-    out_dir = ensure_writable_dir(args.out)
-    timer = StageTimer(log)
-    torch.manual_seed(args.seed)
-    with timer.stage("data"):
-        x_tr, y_tr, x_te, y_te = load_mnist_default(seed=args.seed, n_train=n_train, cache_dir=args.cache_dir)
-        if quick:
-            x_te, y_te = x_te[:200], y_te[:200]
-        half = x_te.shape[0] // 2
-        x_cal, x_eval, y_eval = x_te[:half], x_te[half:], y_te[half:]
-    with timer.stage("model"):
-        net_norm, model_info = _mnist_model(x_tr, y_tr, args.seed, epochs, args.cache_dir, args.progress, log)
-        model = load_state_dict_checked(MnistNet(normalize=True), net_norm.state_dict()).eval()
-        accuracy = float((model(x_eval).argmax(1) == y_eval).float().mean())
-    attacked: dict[str, Tensor] = {}
-    attack_info: dict[str, Any] = {}
-    with timer.stage("attacks"):
-        xa, ya = x_eval[:n_attack], y_eval[:n_attack]
-        adv = _cached_attacks(model, xa, ya, epsilons, nb_iter, args.seed, args.cache_dir, bool(args.progress), log)
-        for eps in epsilons:
-            x_adv, source = adv[eps]
-            with torch.no_grad():
-                keep = (model(xa).argmax(1) == ya) & (model(x_adv).argmax(1) != ya)
-            name = f"PGD eps={eps:g}"
-            attacked[name] = x_adv[keep]
-            attack_info[name] = {"attacked": int(xa.shape[0]), "successful": int(keep.sum()), "nb_iter": nb_iter,
-                                 "source": source}
-            log(f"{name}: {int(keep.sum())} successful attacks of {xa.shape[0]} ({source})")
-    g = torch.Generator().manual_seed(args.seed)
-    n_ood = 100 if quick else 500
-    ood = {"digits 8x8 upscaled": load_digits_upscaled()[:n_ood],
-           "uniform noise": torch.rand(n_ood, 1, 28, 28, generator=g)}
-    with timer.stage("library network"):
-        net = LibraryNetwork(model, list(LAYERS), thresholds=thresholds, auto_thresholds=auto).fit(
-            x_tr, progress=args.progress)
-    specs = registered_detectors(net.plugin_manager)
-    # the MNIST-specific variants: the convolution layers, where the evidence sits at large epsilon
-    specs.update({label: (name, dict(settings)) for label, (name, settings) in MNIST_VARIANTS.items()})
-    if args.detectors:
-        chosen = {}
-        for want in args.detectors:
-            hits = {l: s for l, s in specs.items() if l == want or s[0] == want}
-            if not hits:
-                raise ExperimentError(f"--detectors: no registered detector has the label or name {want!r}; "
-                                      f"labels: {sorted(specs)}")
-            chosen.update(hits)
-        specs = chosen
-    with timer.stage("detectors"):
-        res = evaluate_detectors(net, (x_tr, y_tr), x_eval, attacked, ood, detectors=specs, calibration=x_cal,
-                                 out_dir=out_dir, fpr=args.fpr, log=log)
-    command = _command(args)
-    res["run"] = {"command": command, "quick": quick, "seed": args.seed, "n_train": n_train, "epochs": epochs,
-                  "model_accuracy_eval_half": accuracy, "model": model_info, "attacks": attack_info,
-                  "thresholds_spec": args.thresholds, "auto_thresholds": getattr(net, "auto_thresholds_report_", None),
-                  "timings_s": timer.as_dict(), "environment": environment_info()}
-    s = res["settings"]
-    note = (f"Command: `{command}`. Calibration: {s['n_calibration']} clean images at FPR {s['fpr']:g}; held-out "
-            f"clean images: {s['n_clean']}; model accuracy on them {accuracy:.3f}. Library sizes: {s['library_sizes']} "
-            f"({s['n_train']} training images). Model forward: {res['forward_ms_per_1000']:.1f} ms per 1,000 inputs "
-            f"(batch {s['batch_size']}). Successful attacks: "
-            + ", ".join(f"{k} {v['successful']}/{v['attacked']}" for k, v in attack_info.items()) + ".")
-    write_text_atomic(out_dir / "detectors.md", res["table_markdown"] + "\n\n" + note + "\n")
-    write_json_atomic(out_dir / "detectors.json", res)
-    print(res["table_markdown"])
-    print("\n" + note)
-    print(f"best library-based detector: {res['best_library_based']}; files in {out_dir}")
-    return 0

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import LibnetError, SaveFormatError
 from .data import CIFAR_MEAN, CIFAR_STD, MNIST_MEAN, MNIST_STD, batches
-from .errors import LibnetError, SaveFormatError
 
 __all__ = [
     "Normalize",
@@ -377,7 +377,7 @@ def train_mnist_net(
         ValueError: for inputs of the wrong shape, outside ``[0, 1]``, or bad hyper-parameters.
 
     Example:
-        >>> from libnet_plugin.data import load_mnist_default
+        >>> from libnet_plugin.experiments.data import load_mnist_default
         >>> x_tr, y_tr, x_te, y_te = load_mnist_default()
         >>> net = train_mnist_net(x_tr, y_tr, epochs=3, progress=False)  # doctest: +SKIP
     """

@@ -1,0 +1,252 @@
+"""``libnet evaluate-detectors``: every registered detector on the same clean, attacked and out-of-domain sets.
+
+The MNIST default (the paper's net trained on 4,000 of the 5,000 embedded images with a fixed seed, the
+weights cached in ``--cache-dir`` and shared with ``libnet reproduce mnist``): the 1,000 test images are
+split in two halves; the first half is the clean CALIBRATION set (detector thresholds and the clean
+reference of fused scores), the second half the clean EVALUATION set, whose correctly classified images
+are attacked with the standard protocol of docs/method.md section 9 (L-inf PGD-40 in pixel space, random
+start, step ``2.5 eps / 40``, eps 0.1 / 0.2 / 0.3; only successful attacks are kept). Out-of-domain sets:
+scikit-learn's 8x8 digits upscaled to 28x28, and uniform noise images. Every detector listed by the
+registered plugins (the ``libnet_detector_comparison`` hook), plus the MNIST variants of
+:data:`~libnet_plugin.experiments.comparison.MNIST_VARIANTS` (the library-based scores on the convolution layers), is calibrated on the same clean
+images at 5% FPR and scored on the same sets; none sees an attacked input before the test.
+
+Output (``--out``, default ``runs/detectors``): ``detectors.json`` (everything
+:func:`~libnet_plugin.experiments.comparison.evaluate_detectors` returns), ``detectors.md`` (the table) and ``roc.png`` (ROC curves, one panel
+per set).
+
+Example:
+    libnet evaluate-detectors                  # the MNIST default, a few minutes on 2 cores
+    libnet evaluate-detectors --quick          # a small run for tests (about 30 s)
+    libnet evaluate-detectors --thresholds S1  # the seed's hand-picked set S1 instead of "auto"
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from ..detectors import registered_detectors
+from ..errors import LibnetError
+from ..network import LibraryNetwork
+from .comparison import MNIST_VARIANTS, evaluate_detectors
+from .protocols import AttackSet, load_attack_sets, save_attack_sets
+from .report import (
+    ExperimentError,
+    StageTimer,
+    ensure_writable_dir,
+    environment_info,
+    write_json_atomic,
+    write_text_atomic,
+)
+
+__all__ = ['DEFAULT_THRESHOLDS', 'add_arguments', 'run']
+
+
+#: The default ``--thresholds``: each layer's theta chosen so that its library holds about a quarter of
+#: the training inputs (:func:`libnet_plugin.thresholds.choose_thresholds`).
+DEFAULT_THRESHOLDS = "auto:0.25"
+
+def _parse_thresholds(spec: str, layers: Sequence[str]) -> tuple[Any, dict[str, Any] | None]:
+    """``"S1".."S7"`` | ``"auto"`` | ``"auto:<target>"`` | four comma-separated numbers."""
+    from .mnist import CPL_SETS
+
+    if spec in CPL_SETS:
+        return dict(CPL_SETS[spec]), None
+    if spec == "auto" or spec.startswith("auto:"):
+        target_text = spec.partition(":")[2] or "0.1"
+        try:
+            target: float | int = int(target_text) if target_text.isdigit() else float(target_text)
+        except ValueError:
+            raise ExperimentError(f"--thresholds auto:<target>: the target must be a fraction or a number of nodes, "
+                                  f"got {target_text!r}") from None
+        return "auto", {"target": target}
+    parts = spec.split(",")
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) != len(layers):
+        raise ExperimentError(f"--thresholds must be one of {sorted(CPL_SETS)}, 'auto', 'auto:<target>' or "
+                              f"{len(layers)} comma-separated numbers for {list(layers)}, got {spec!r}")
+    return dict(zip(layers, values)), None
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``libnet evaluate-detectors``."""
+    parser.add_argument("--out", default=os.path.join("runs", "detectors"), metavar="DIR",
+                        help="folder receiving detectors.json, detectors.md and roc.png (default: %(default)s)")
+    parser.add_argument("--thresholds", default=DEFAULT_THRESHOLDS, metavar="SPEC",
+                        help="library thresholds: a seed set S1..S7, 'auto', 'auto:<fraction or nodes>', or "
+                             "four numbers for conv1,conv2,fc1,fc2 (default: %(default)s)")
+    parser.add_argument("--detectors", nargs="+", metavar="LABEL",
+                        help="only these detectors (labels of the table, or detector names); default: all registered")
+    parser.add_argument("--epsilons", nargs="+", type=float, metavar="EPS",
+                        help="PGD budgets in pixel units (default 0.1 0.2 0.3)")
+    parser.add_argument("--n-attack", type=int, metavar="N",
+                        help="clean evaluation images attacked (default all 500; 48 with --quick)")
+    parser.add_argument("--fpr", type=float, default=0.05, help="calibrated false-positive rate (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data split, training and attacks")
+    parser.add_argument("--cache-dir", default=".cache", metavar="DIR",
+                        help="cache of the embedded data and the trained weights, shared with `libnet reproduce "
+                             "mnist` (default: %(default)s)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a small run for tests: 600 training images, 1 epoch, 10-step PGD on 48 images")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="progress bars (default: only on a terminal)")
+
+def mnist_model(x_tr: Tensor, y_tr: Tensor, seed: int, epochs: int, cache_dir: str | None,
+                 progress: bool | None, log: Callable[[str], None]) -> tuple[Any, dict[str, Any]]:
+    """The paper's net trained with ``seed``, from (or into) the cache shared with ``reproduce mnist``."""
+    from .mnist import MnistSettings, cached_or_trained_mnist_net
+
+    settings = MnistSettings.default_run(seed=seed, epochs=epochs, n_train=int(x_tr.shape[0]))
+    cache = Path(cache_dir).expanduser() if cache_dir else None
+    return cached_or_trained_mnist_net(x_tr, y_tr, settings, cache, progress, log)
+
+def _cached_attacks(model: torch.nn.Module, x: Tensor, y: Tensor, epsilons: Sequence[float], nb_iter: int, seed: int,
+                    cache_dir: str | None, progress: bool, log: Callable[[str], None]) -> dict[float, tuple[Tensor, str]]:
+    """Standard-protocol PGD (pixel space) at each epsilon, read from / written to ``cache_dir`` when given.
+
+    The cache file is keyed by a digest of the model's weights, the attacked images and labels, and the
+    attack settings, so a different model or data never reuses it.
+    """
+
+    from .attacks import attack_standard_protocol
+
+    h = hashlib.sha256(f"standard|{nb_iter}|{seed}".encode())
+    for t in [*model.state_dict().values(), x, y]:
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    path = Path(cache_dir).expanduser() / f"detector-attacks-{h.hexdigest()[:16]}.safetensors" if cache_dir else None
+    cached: dict[float, Tensor] = {}
+    if path is not None and path.is_file():
+        try:
+            cached = {round(s.epsilon, 6): s.x_adv for s in load_attack_sets(path)[0]}
+        except (LibnetError, OSError) as exc:
+            log(f"the cached attacks {str(path)!r} are unreadable ({exc}); attacking again")
+    out: dict[float, tuple[Tensor, str]] = {}
+    for eps in epsilons:
+        key = round(float(eps), 6)
+        if key in cached and cached[key].shape == x.shape:
+            out[eps] = (cached[key], "cache")
+        else:
+            x_adv, _ = attack_standard_protocol(model, x, y, eps=eps, nb_iter=nb_iter, seed=seed, backend="torch",
+                                                progress=progress)
+            cached[key] = x_adv.detach().cpu()
+            out[eps] = (cached[key], "computed")
+    if path is not None and any(src == "computed" for _, src in out.values()):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_attack_sets(path, [AttackSet("standard", e, xa, "pixels", torch.arange(x.shape[0]))
+                                    for e, xa in sorted(cached.items())],
+                             {"nb_iter": nb_iter, "seed": seed, "n_images": int(x.shape[0])})
+        except OSError as exc:
+            log(f"could not cache the attacks in {str(path)!r}: {exc}")
+    return out
+
+def _command(args: argparse.Namespace) -> str:
+    """The command line that reproduces this run (options that differ from their defaults)."""
+    parts = ["libnet", "evaluate-detectors"]
+    if args.quick:
+        parts.append("--quick")
+    if args.thresholds != DEFAULT_THRESHOLDS:
+        parts += ["--thresholds", args.thresholds]
+    if args.detectors:
+        parts += ["--detectors", *(repr(d) if " " in d else d for d in args.detectors)]
+    if args.epsilons:
+        parts += ["--epsilons", *(f"{e:g}" for e in args.epsilons)]
+    for flag, value, default in (("--n-attack", args.n_attack, None), ("--fpr", args.fpr, 0.05),
+                                 ("--seed", args.seed, 0), ("--cache-dir", args.cache_dir, ".cache"),
+                                 ("--out", args.out, os.path.join("runs", "detectors"))):
+        if value != default:
+            parts += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+    return " ".join(parts)
+
+def run(args: argparse.Namespace) -> int:
+    """Run the MNIST default comparison (see the module docstring)."""
+    from .data import load_digits_upscaled, load_mnist_default
+    from .mnist import LAYERS, STANDARD_EPSILONS
+    from .models import MnistNet, load_state_dict_checked
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    quick = bool(args.quick)
+    n_train, epochs, nb_iter = (600, 1, 10) if quick else (4000, 5, 40)
+    n_attack = args.n_attack if args.n_attack is not None else (48 if quick else 500)
+    epsilons = list(args.epsilons) if args.epsilons else ([0.1, 0.3] if quick else list(STANDARD_EPSILONS))
+    if n_attack < 1 or any(not (0 < e <= 1) for e in epsilons):
+        raise ExperimentError(f"--n-attack must be >= 1 and --epsilons in (0, 1], got {n_attack}, {epsilons}")
+    thresholds, auto = _parse_thresholds(args.thresholds, LAYERS)
+    out_dir = ensure_writable_dir(args.out)
+    timer = StageTimer(log)
+    torch.manual_seed(args.seed)
+    with timer.stage("data"):
+        x_tr, y_tr, x_te, y_te = load_mnist_default(seed=args.seed, n_train=n_train, cache_dir=args.cache_dir)
+        if quick:
+            x_te, y_te = x_te[:200], y_te[:200]
+        half = x_te.shape[0] // 2
+        x_cal, x_eval, y_eval = x_te[:half], x_te[half:], y_te[half:]
+    with timer.stage("model"):
+        net_norm, model_info = mnist_model(x_tr, y_tr, args.seed, epochs, args.cache_dir, args.progress, log)
+        model = load_state_dict_checked(MnistNet(normalize=True), net_norm.state_dict()).eval()
+        accuracy = float((model(x_eval).argmax(1) == y_eval).float().mean())
+    attacked: dict[str, Tensor] = {}
+    attack_info: dict[str, Any] = {}
+    with timer.stage("attacks"):
+        xa, ya = x_eval[:n_attack], y_eval[:n_attack]
+        adv = _cached_attacks(model, xa, ya, epsilons, nb_iter, args.seed, args.cache_dir, bool(args.progress), log)
+        for eps in epsilons:
+            x_adv, source = adv[eps]
+            with torch.no_grad():
+                keep = (model(xa).argmax(1) == ya) & (model(x_adv).argmax(1) != ya)
+            name = f"PGD eps={eps:g}"
+            attacked[name] = x_adv[keep]
+            attack_info[name] = {"attacked": int(xa.shape[0]), "successful": int(keep.sum()), "nb_iter": nb_iter,
+                                 "source": source}
+            log(f"{name}: {int(keep.sum())} successful attacks of {xa.shape[0]} ({source})")
+    g = torch.Generator().manual_seed(args.seed)
+    n_ood = 100 if quick else 500
+    ood = {"digits 8x8 upscaled": load_digits_upscaled()[:n_ood],
+           "uniform noise": torch.rand(n_ood, 1, 28, 28, generator=g)}
+    with timer.stage("library network"):
+        net = LibraryNetwork(model, list(LAYERS), thresholds=thresholds, auto_thresholds=auto).fit(
+            x_tr, progress=args.progress)
+    specs = registered_detectors(net.plugin_manager)
+    # the MNIST-specific variants: the convolution layers, where the evidence sits at large epsilon
+    specs.update({label: (name, dict(settings)) for label, (name, settings) in MNIST_VARIANTS.items()})
+    if args.detectors:
+        chosen = {}
+        for want in args.detectors:
+            hits = {l: s for l, s in specs.items() if l == want or s[0] == want}
+            if not hits:
+                raise ExperimentError(f"--detectors: no registered detector has the label or name {want!r}; "
+                                      f"labels: {sorted(specs)}")
+            chosen.update(hits)
+        specs = chosen
+    with timer.stage("detectors"):
+        res = evaluate_detectors(net, (x_tr, y_tr), x_eval, attacked, ood, detectors=specs, calibration=x_cal,
+                                 out_dir=out_dir, fpr=args.fpr, log=log)
+    command = _command(args)
+    res["run"] = {"command": command, "quick": quick, "seed": args.seed, "n_train": n_train, "epochs": epochs,
+                  "model_accuracy_eval_half": accuracy, "model": model_info, "attacks": attack_info,
+                  "thresholds_spec": args.thresholds, "auto_thresholds": getattr(net, "auto_thresholds_report_", None),
+                  "timings_s": timer.as_dict(), "environment": environment_info()}
+    s = res["settings"]
+    note = (f"Command: `{command}`. Calibration: {s['n_calibration']} clean images at FPR {s['fpr']:g}; held-out "
+            f"clean images: {s['n_clean']}; model accuracy on them {accuracy:.3f}. Library sizes: {s['library_sizes']} "
+            f"({s['n_train']} training images). Model forward: {res['forward_ms_per_1000']:.1f} ms per 1,000 inputs "
+            f"(batch {s['batch_size']}). Successful attacks: "
+            + ", ".join(f"{k} {v['successful']}/{v['attacked']}" for k, v in attack_info.items()) + ".")
+    write_text_atomic(out_dir / "detectors.md", res["table_markdown"] + "\n\n" + note + "\n")
+    write_json_atomic(out_dir / "detectors.json", res)
+    print(res["table_markdown"])
+    print("\n" + note)
+    print(f"best library-based detector: {res['best_library_based']}; files in {out_dir}")
+    return 0
