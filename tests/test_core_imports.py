@@ -39,4 +39,4 @@ def test_the_core_imports_none_of_the_experiments_dependencies():
     loaded = {m.split(".")[0] for m in seen["modules"]}
     assert not loaded & set(FORBIDDEN), sorted(loaded & set(FORBIDDEN))
     assert not [m for m in seen["modules"] if m.startswith("libnet_plugin.experiments")]
-    assert {"torch", "numpy", "pluggy", "safetensors", "tqdm"} <= loaded
+    assert {"torch", "numpy", "pluggy"} <= loaded
