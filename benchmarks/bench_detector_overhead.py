@@ -26,7 +26,6 @@ import torch
 
 from libnet_plugin import ConsistencyDetector, LibraryNetwork
 from libnet_plugin.experiments.report import markdown_table, to_jsonable, write_json_atomic
-from libnet_plugin.experiments.comparison import LIBRARY_BASED
 from libnet_plugin.experiments.evaluate_detectors import mnist_model
 
 from ._util import interleaved_best, machine_info, resolve_device
@@ -113,7 +112,7 @@ def main(device: str = "cpu", *, quick: bool = False, batch_size: int = 256, rep
                                       "guard": lambda: guard(batch)}, dev, repeat=reps)
             forward_best = min(forward_best, times["forward"])
             entry["detectors"][label] = {
-                "method": method, "settings": settings, "library_based": method in LIBRARY_BASED,
+                "method": method, "settings": settings, "library_based": det.scorer.uses_library,
                 "score_ms": times["score"] * 1e3, "guard_ms": times["guard"] * 1e3,
                 "forward_ms_same_turns": times["forward"] * 1e3,
                 "ratio": times["score"] / times["forward"], "guard_ratio": times["guard"] / times["forward"],

@@ -14,7 +14,7 @@ from .errors import (  # noqa: E402
 from .hookspecs import hookimpl  # noqa: E402
 from .library import ExactLibrary, leader_reference  # noqa: E402
 from .network import LibraryNetwork  # noqa: E402
-from .detector import ConsistencyDetector  # noqa: E402
+from .consistency_detector import ConsistencyDetector  # noqa: E402
 from .plugins import get_plugin_manager  # noqa: E402
 from .probe import ProbeResult, TorchLayerProbe  # noqa: E402
 from .readout import HebbianReadout  # noqa: E402

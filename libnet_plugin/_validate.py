@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
 import operator
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["check_int", "check_float_dtype", "dtype_name", "FLOAT_DTYPES"]
+__all__ = ["check_int", "check_float_dtype", "dtype_name", "FLOAT_DTYPES", "accepted_settings", "construct"]
+
+T = TypeVar("T")
 
 #: floating dtypes accepted by name (e.g. a library's ``score_dtype``)
 FLOAT_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
@@ -64,3 +68,50 @@ def check_float_dtype(value: Any, name: str, *, layer: str | None = None) -> tor
         where = f" for layer {layer!r}" if layer else ""
         raise ValueError(f"{name}{where} must be one of {sorted(FLOAT_DTYPES)}, got {value!r}")
     return dtype
+
+
+def accepted_settings(cls: type) -> list[str]:
+    """The keyword settings ``cls(...)`` accepts, following ``**settings`` passed on to base classes.
+
+    Example:
+        >>> class A:
+        ...     def __init__(self, a=1): ...
+        >>> class B(A):
+        ...     def __init__(self, b=2, **settings): super().__init__(**settings)
+        >>> accepted_settings(B)
+        ['a', 'b']
+    """
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters.values()
+        names.update(p.name for p in params if p.name != "self"
+                     and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return sorted(names)
+
+
+def construct(cls: type[T], settings: Mapping[str, Any]) -> T:
+    """``cls(**settings)``, after rejecting settings that ``cls`` does not accept.
+
+    Raises:
+        TypeError: naming the class, the unknown settings and the ones it accepts.
+
+    Example:
+        >>> class Score:
+        ...     def __init__(self, k=3): self.k = k
+        >>> construct(Score, {"k": 5}).k
+        5
+        >>> construct(Score, {"K": 5})
+        Traceback (most recent call last):
+        ...
+        TypeError: Score got unknown setting(s) ['K']; it accepts ['k']
+    """
+    accepted = accepted_settings(cls)
+    unknown = sorted(set(settings) - set(accepted))
+    if unknown:
+        raise TypeError(f"{cls.__name__} got unknown setting(s) {unknown}; it accepts {accepted}")
+    return cls(**settings)

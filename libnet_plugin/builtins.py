@@ -1,20 +1,64 @@
-"""The built-in plugin: registered by :func:`libnet_plugin.get_plugin_manager` like any other plugin."""
+"""The built-in plugin: every hookimpl of libnet-plugin's own, in one module.
+
+:func:`libnet_plugin.get_plugin_manager` registers this module like any other plugin (``trylast``, so a
+third-party plugin serving the same name is asked first). The tables below are what it serves.
+
+Example:
+    >>> sorted(LIBRARIES), sorted(READOUTS)
+    (['exact', 'projected', 'sparse'], ['hebbian'])
+    >>> sorted(DETECTORS)
+    ['cpl', 'knn', 'library-distance', 'library-margin', 'mahalanobis', 'msp']
+"""
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from torch import nn
 
-from .consistency import CPLScore
+from ._validate import construct
+from .detectors import (
+    ConsistencyScore, CPLScore, DeepKNNScore, LibraryDistanceScore, LibraryMarginScore, MahalanobisScore,
+    MaxSoftmaxScore,
+)
 from .hookspecs import hookimpl
-from .library import ExactLibrary
-from .probe import TorchLayerProbe
-from .readout import HebbianReadout
+from .library import ExactLibrary, Library
+from .probe import LayerProbe, TorchLayerProbe
+from .readout import HebbianReadout, Readout
+from .sparse import ProjectedLibrary, SparseLibrary
+
+__all__ = ["LIBRARIES", "READOUTS", "DETECTORS", "COMPARISON", "libnet_layer_probe", "libnet_library",
+           "libnet_readout", "libnet_consistency_detector", "libnet_detector_comparison"]
+
+#: libraries served by ``libnet_library``
+LIBRARIES: dict[str, type] = {"exact": ExactLibrary, "sparse": SparseLibrary, "projected": ProjectedLibrary}
+#: readouts served by ``libnet_readout``
+READOUTS: dict[str, type] = {"hebbian": HebbianReadout}
+#: detectors served by ``libnet_consistency_detector``
+DETECTORS: dict[str, type[ConsistencyScore]] = {
+    "cpl": CPLScore,
+    "library-margin": LibraryMarginScore,
+    "library-distance": LibraryDistanceScore,
+    "msp": MaxSoftmaxScore,
+    "mahalanobis": MahalanobisScore,
+    "knn": DeepKNNScore,
+}
+#: what ``libnet evaluate-detectors`` compares by default: ``{label: (name, settings)}``; the paper's CPL
+#: is listed so that the comparison always holds the reproduction next to the other scores
+COMPARISON: dict[str, tuple[str, dict[str, Any]]] = {
+    "cpl (paper, top_k 20)": ("cpl", {"top_k": 20}),
+    "cpl (top_k 3)": ("cpl", {"top_k": 3}),
+    "library-margin": ("library-margin", {}),
+    "library-distance": ("library-distance", {}),
+    "msp": ("msp", {}),
+    "mahalanobis": ("mahalanobis", {}),
+    "knn": ("knn", {}),
+}
 
 
 @hookimpl(trylast=True)
-def libnet_layer_probe(model: Any, layers: Sequence[str], device: Any) -> Any | None:
+def libnet_layer_probe(model: Any, layers: Sequence[str], device: Any) -> LayerProbe | None:
     """Claim ``torch.nn.Module`` models with the forward-hook probe."""
     if isinstance(model, nn.Module):
         return TorchLayerProbe(model, layers, device=device)
@@ -22,24 +66,27 @@ def libnet_layer_probe(model: Any, layers: Sequence[str], device: Any) -> Any | 
 
 
 @hookimpl(trylast=True)
-def libnet_library(name: str, settings: Mapping[str, Any]) -> Any | None:
-    """Serve ``"exact"``: the exact batched leader library."""
-    if name == "exact":
-        return ExactLibrary(**settings)
-    return None
+def libnet_library(name: str, settings: Mapping[str, Any]) -> Library | None:
+    """Serve ``"exact"`` (the exact batched leader library), ``"sparse"`` and ``"projected"``."""
+    cls = LIBRARIES.get(name)
+    return None if cls is None else construct(cls, settings)
 
 
 @hookimpl(trylast=True)
-def libnet_readout(name: str, settings: Mapping[str, Any]) -> Any | None:
+def libnet_readout(name: str, settings: Mapping[str, Any]) -> Readout | None:
     """Serve ``"hebbian"``: Eq. 2 weights with Eq. 3 prediction."""
-    if name == "hebbian":
-        return HebbianReadout(**settings)
-    return None
+    cls = READOUTS.get(name)
+    return None if cls is None else construct(cls, settings)
 
 
 @hookimpl(trylast=True)
-def libnet_consistency_detector(name: str, settings: Mapping[str, Any]) -> Any | None:
-    """Serve ``"cpl"``: one minus the consistency of predictions across layers (Eq. 5)."""
-    if name == "cpl":
-        return CPLScore(**settings)
-    return None
+def libnet_consistency_detector(name: str, settings: Mapping[str, Any]) -> ConsistencyScore | None:
+    """Serve the detectors of :data:`DETECTORS` (the paper's ``"cpl"`` and the other scores)."""
+    cls = DETECTORS.get(name)
+    return None if cls is None else construct(cls, settings)
+
+
+@hookimpl(trylast=True)
+def libnet_detector_comparison() -> Mapping[str, tuple[str, Mapping[str, Any]]]:
+    """List :data:`COMPARISON` for ``libnet evaluate-detectors``."""
+    return {label: (name, dict(settings)) for label, (name, settings) in COMPARISON.items()}

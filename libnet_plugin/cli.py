@@ -13,7 +13,7 @@ import sys
 import warnings
 from typing import Sequence
 
-from . import __version__
+from ._version import __version__
 
 #: (command path, module, help) of the built-in sub-commands.
 COMMANDS: list[tuple[tuple[str, ...], str, str]] = [

@@ -1,4 +1,4 @@
-"""The four hooks of libnet-plugin (pluggy project name ``"libnet"``).
+"""The five hooks of libnet-plugin (pluggy project name ``"libnet"``).
 
 Built-in implementations live in :mod:`libnet_plugin.builtins` and are registered through exactly the
 same path as third-party plugins. Third-party plugins are found through the ``libnet_plugin``
@@ -18,15 +18,23 @@ A plugin is any object or module with functions decorated by :data:`hookimpl`::
     pm = lnp.get_plugin_manager()
     pm.register(MyLibrary())
 
-Every hook is ``firstresult``: plugins are asked in LIFO registration order (third-party plugins are
-registered after the built-ins, so they are asked first) and the first non-``None`` answer wins.
+The four factory hooks are ``firstresult``: plugins are asked in LIFO registration order (third-party
+plugins are registered after the built-ins, so they are asked first) and the first non-``None`` answer
+wins. ``libnet_detector_comparison`` collects every plugin's answer.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import pluggy
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .detectors.api import ConsistencyScore, ScoreLike
+    from .library import Library
+    from .probe import LayerProbe
+    from .readout import Readout
 
 PROJECT_NAME = "libnet"
 
@@ -35,7 +43,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
 
 @hookspec(firstresult=True)
-def libnet_layer_probe(model: Any, layers: Sequence[str], device: Any) -> Any | None:
+def libnet_layer_probe(model: Any, layers: Sequence[str], device: Any) -> LayerProbe | None:
     """Return a layer probe for ``model``, or ``None`` if this plugin does not understand it.
 
     Called by :class:`~libnet_plugin.LibraryNetwork` once, when it is constructed (and on ``load``).
@@ -55,7 +63,7 @@ def libnet_layer_probe(model: Any, layers: Sequence[str], device: Any) -> Any | 
 
 
 @hookspec(firstresult=True)
-def libnet_library(name: str, settings: Mapping[str, Any]) -> Any | None:
+def libnet_library(name: str, settings: Mapping[str, Any]) -> Library | None:
     """Return a new, empty library (novelty memory) implementation called ``name``.
 
     Called by :class:`~libnet_plugin.LibraryNetwork` once per probed layer at ``fit`` (and at ``load``,
@@ -73,7 +81,7 @@ def libnet_library(name: str, settings: Mapping[str, Any]) -> Any | None:
 
 
 @hookspec(firstresult=True)
-def libnet_readout(name: str, settings: Mapping[str, Any]) -> Any | None:
+def libnet_readout(name: str, settings: Mapping[str, Any]) -> Readout | None:
     """Return a new readout that maps library outputs to class evidence.
 
     Called by :class:`~libnet_plugin.LibraryNetwork` once per probed layer at ``fit`` (and at ``load``).
@@ -88,7 +96,7 @@ def libnet_readout(name: str, settings: Mapping[str, Any]) -> Any | None:
 
 
 @hookspec(firstresult=True)
-def libnet_consistency_detector(name: str, settings: Mapping[str, Any]) -> Any | None:
+def libnet_consistency_detector(name: str, settings: Mapping[str, Any]) -> ConsistencyScore | ScoreLike | None:
     """Return a consistency detector (a score of how inconsistent the layers are) called ``name``.
 
     Called by :class:`~libnet_plugin.ConsistencyDetector` (and the detector evaluation) when a
@@ -99,9 +107,24 @@ def libnet_consistency_detector(name: str, settings: Mapping[str, Any]) -> Any |
         settings: keyword settings, e.g. ``top_k``.
 
     Returns:
-        An object implementing :class:`libnet_plugin.consistency.ConsistencyScore`: ``fit(net, data)``
-        (may do nothing) and ``score(net, probe_result)`` returning ``Tensor[B]``, higher = more
-        suspicious; or ``None``.
+        A :class:`libnet_plugin.detectors.ConsistencyScore` (or an object with ``name``,
+        ``fit(net, data)`` and ``score(net, probe_result)`` returning ``Tensor[B]``, higher = more
+        suspicious, which is wrapped in a :class:`~libnet_plugin.detectors.PluginScore`); or ``None``.
+    """
+
+
+@hookspec
+def libnet_detector_comparison() -> Mapping[str, tuple[str, Mapping[str, Any]]] | None:
+    """List detectors for ``libnet evaluate-detectors`` to compare: ``{label: (name, settings)}``.
+
+    Called by :func:`libnet_plugin.plugins.registered_detectors` (used by ``libnet evaluate-detectors``
+    and the reproductions' detector sections) each time the comparison list is built. Every plugin may
+    answer; the answers are merged in registration order, so a plugin registered later (an entry-point
+    plugin, or one passed to :func:`~libnet_plugin.get_plugin_manager`) replaces a label listed earlier.
+
+    Returns:
+        A mapping of a table label to a detector ``name`` served by the ``libnet_consistency_detector``
+        hook and its ``settings``; or ``None`` to list nothing.
     """
 
 
@@ -110,4 +133,5 @@ ALL_HOOKS: tuple[str, ...] = (
     "libnet_library",
     "libnet_readout",
     "libnet_consistency_detector",
+    "libnet_detector_comparison",
 )

@@ -18,7 +18,7 @@ from torch import Tensor
 from ._validate import check_float_dtype, check_int, dtype_name
 from .errors import NotFittedError, ShapeMismatchError
 
-__all__ = ["leader_within", "Library", "ExactLibrary", "leader_reference", "normalize_rows", "validate_threshold", "EPS",
+__all__ = ["leader_within", "Library", "NodeLibrary", "ExactLibrary", "leader_reference", "normalize_rows", "validate_threshold", "EPS",
            "count_sketch_map", "count_sketch"]
 
 #: Added to the norm before dividing (METHOD.md section 1): a zero vector stays zero.
@@ -173,6 +173,24 @@ class Library(Protocol):
     def config(self) -> dict[str, Any]: ...
 
 
+@runtime_checkable
+class NodeLibrary(Library, Protocol):
+    """A :class:`Library` that exposes its nodes: what the node-based detector features need.
+
+    ``nodes`` are the stored rows ``[M, D']`` in the library's own space, ``transform(haps)`` maps raw
+    HAPs ``[B, D]`` into that space (normalised rows), and ``dim`` is the raw width ``D`` (``None``
+    before the first batch). :class:`ExactLibrary` and the sparse and projected libraries are node
+    libraries.
+    """
+
+    dim: int | None
+
+    @property
+    def nodes(self) -> Tensor: ...
+
+    def transform(self, haps: Tensor) -> Tensor: ...
+
+
 class ExactLibrary:
     """The exact batched leader library (the default, name ``"exact"``).
 
@@ -229,7 +247,7 @@ class ExactLibrary:
     def __init__(self, threshold: float, *, device: Any = None, layer: str = "", dtype: torch.dtype = torch.float32,
                  initial_capacity: int = 256, dim: int | None = None, chunk_size: int = 1024,
                  screen_dim: int = 256, screen_candidates: int = 4, screen_min_nodes: int = 64,
-                 score_dtype: torch.dtype | str | None = None, **_: Any):
+                 score_dtype: torch.dtype | str | None = None):
         self.layer = layer
         self.threshold = validate_threshold(threshold, layer)
         self.device = torch.device(device) if device is not None else torch.device("cpu")

@@ -11,7 +11,7 @@ import pluggy
 import torch
 from torch import Tensor
 
-from . import __version__
+from ._version import __version__
 from ._batches import is_one_shot, iter_batches, progress_bar
 from .errors import LayerNotFoundError, NotFittedError, ShapeMismatchError
 from .library import validate_threshold
@@ -242,14 +242,15 @@ class LibraryNetwork:
     def is_fitted(self) -> bool:
         return hasattr(self, "libraries_")
 
-    def _check_fitted(self) -> None:
+    def check_fitted(self) -> None:
+        """Raise :class:`~libnet_plugin.errors.NotFittedError` unless :meth:`fit` (or :meth:`load`) has run."""
         if not self.is_fitted:
             raise NotFittedError("this LibraryNetwork is not fitted yet; call fit(train) before using it")
 
     @property
     def library_sizes_(self) -> dict[str, int]:
         """``{layer: number of library nodes}``."""
-        self._check_fitted()
+        self.check_fitted()
         return {l: self.libraries_[l].size for l in self.layers}
 
     def _new_library(self, layer: str, **extra: Any) -> Any:
@@ -262,7 +263,13 @@ class LibraryNetwork:
         return make_readout(self.readout, settings, self.plugin_manager)
 
     # ------------------------------------------------------------------ probing
-    def _run(self, x: Tensor) -> ProbeResult:
+    def run(self, x: Tensor) -> ProbeResult:
+        """One probe run of the model over a batch ``x`` ``[B, ...]``: its outputs and every layer's HAPs.
+
+        Raises:
+            TypeError: ``x`` is not a tensor.
+            ShapeMismatchError: ``x`` has another per-input shape than the training inputs.
+        """
         if not isinstance(x, Tensor):
             raise TypeError(f"inputs must be a torch.Tensor, got {type(x).__name__}")
         shape = getattr(self, "input_shape_", None)
@@ -322,7 +329,7 @@ class LibraryNetwork:
     @property
     def hap_dims_(self) -> dict[str, int]:
         """``{layer: features per input}`` of the HAPs the libraries were fitted on."""
-        self._check_fitted()
+        self.check_fitted()
         return {l: int(self.libraries_[l].dim) for l in self.layers}
 
     # ------------------------------------------------------------------ prediction
@@ -335,7 +342,7 @@ class LibraryNetwork:
             top_k: nodes per prediction (default: the network's ``top_k``).
             layers: the layers to score (default: all probed layers); ``haps`` needs only these.
         """
-        self._check_fitted()
+        self.check_fitted()
         k = self.top_k if top_k is None else int(top_k)
         return {l: self.readouts_[l].scores(self.libraries_[l].similarity(haps[l]), k)
                 for l in self._layer_subset(layers)}
@@ -346,7 +353,7 @@ class LibraryNetwork:
         ``k`` nodes nearest to each HAP (most similar first; ``k`` clipped to the library size)."""
         if int(k) < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
-        self._check_fitted()
+        self.check_fitted()
         idx, sims = {}, {}
         for l in self._layer_subset(layers):
             h = self.libraries_[l].similarity(haps[l])
@@ -364,10 +371,10 @@ class LibraryNetwork:
 
     def _collect(self, x: Any, fn) -> Any:
         """Apply ``fn(probe_result)`` -> dict/Tensor to a Tensor or every batch of an iterable; concatenate."""
-        self._check_fitted()
+        self.check_fitted()
         if isinstance(x, Tensor):
-            return fn(self._run(x))
-        parts = [fn(self._run(xb)) for xb, _ in iter_batches(x, self.batch_size) if xb.shape[0]]
+            return fn(self.run(x))
+        parts = [fn(self.run(xb)) for xb, _ in iter_batches(x, self.batch_size) if xb.shape[0]]
         if not parts:
             raise ValueError("received no inputs (empty data)")
         if isinstance(parts[0], dict):
@@ -413,13 +420,13 @@ class LibraryNetwork:
             whether the model's answer is among the 3 largest entries of P, and the accuracies are
             ``nan`` when no labels were given.
         """
-        self._check_fitted()
+        self.check_fitted()
         counts = {l: [0, 0, 0] for l in self.layers}
         n = n_lab = model_correct = 0
         for x, y in progress_bar(iter_batches(test, self.batch_size), "evaluate", progress):
             if x.shape[0] == 0:
                 continue
-            r = self._run(x)
+            r = self.run(x)
             ans = r.answers
             for l, p in self.scores_from_haps(r.haps, top_k).items():
                 top1, top3, correct = agreement_counts(p, ans, y)
@@ -445,7 +452,7 @@ class LibraryNetwork:
         layer predicts correctly; the diagonal is shown as 0, a class with no such input gives NaN.
         ``test`` must carry labels.
         """
-        self._check_fitted()
+        self.check_fitted()
         acc = {l: ConfusionAccumulator(self.n_classes_, self.device) for l in self.layers}
         n = 0
         for x, y in progress_bar(iter_batches(test, self.batch_size), "confusion index", progress):
@@ -453,7 +460,7 @@ class LibraryNetwork:
                 raise ValueError("confusion_index needs labels: pass (X, y), a labelled Dataset or DataLoader")
             if x.shape[0] == 0:
                 continue
-            for l, p in self.scores_from_haps(self._run(x).haps, top_k).items():
+            for l, p in self.scores_from_haps(self.run(x).haps, top_k).items():
                 acc[l].update(p, y)
             n += x.shape[0]
         if n == 0:
@@ -472,12 +479,13 @@ class LibraryNetwork:
             ``{layer: LongTensor[B, k]}`` indices into the training data (in the order ``fit`` saw it),
             most similar first; with ``return_similarities`` a pair ``(indices, cosines)`` of such dicts.
         """
-        self._check_fitted()
-        idx, sims = self.exemplars_from_haps(self._run(x).haps, k)
+        self.check_fitted()
+        idx, sims = self.exemplars_from_haps(self.run(x).haps, k)
         return (idx, sims) if return_similarities else idx
 
     # ------------------------------------------------------------------ persistence
-    def _config(self) -> dict[str, Any]:
+    def config(self) -> dict[str, Any]:
+        """The JSON-able settings saved with the network (what :meth:`from_state` reads back)."""
         return {
             "layers": self.layers, "thresholds": self.thresholds, "top_k": self.top_k,
             "library": self.library, "library_options": self.library_options,
@@ -493,7 +501,7 @@ class LibraryNetwork:
     def state_tensors(self) -> dict[str, Tensor]:
         """All tensors of the fitted network, keyed ``library/<i>/<name>`` and ``readout/<i>/<name>`` where
         ``i`` is the layer's position in ``layers`` (layer names may contain any character)."""
-        self._check_fitted()
+        self.check_fitted()
         out = {}
         for i, l in enumerate(self.layers):
             out.update({f"library/{i}/{k}": v for k, v in self.libraries_[l].state_dict().items()})
@@ -505,7 +513,7 @@ class LibraryNetwork:
 
         The model itself is not saved; pass it again to :meth:`load`.
         """
-        save_atomic(path, self.state_tensors(), kind="LibraryNetwork", config=self._config())
+        save_atomic(path, self.state_tensors(), kind="LibraryNetwork", config=self.config())
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: Any, *, map_location: Any = None, device: Any = None,
@@ -519,12 +527,13 @@ class LibraryNetwork:
             map_location / device: where to put the libraries (e.g. ``"cpu"`` for a file saved on GPU).
         """
         tensors, cfg = load_checked(path, kind="LibraryNetwork")
-        return cls._from_state(tensors, cfg, model, device=device if device is not None else map_location,
+        return cls.from_state(tensors, cfg, model, device=device if device is not None else map_location,
                                plugin_manager=plugin_manager)
 
     @classmethod
-    def _from_state(cls, tensors: dict[str, Tensor], cfg: dict[str, Any], model: Any, device: Any = None,
+    def from_state(cls, tensors: dict[str, Tensor], cfg: dict[str, Any], model: Any, device: Any = None,
                     plugin_manager: pluggy.PluginManager | None = None) -> "LibraryNetwork":
+        """Rebuild a fitted network from saved tensors and :meth:`config` settings, onto ``model``."""
         from .errors import SaveFormatError
 
         try:

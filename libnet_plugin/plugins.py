@@ -9,11 +9,13 @@ ExactLibrary(layer='fc1', threshold=0.7, size=0)
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import pluggy
 
 from . import hookspecs
+from .detectors.api import ConsistencyScore, as_consistency_score
 from .errors import LibnetError
 
 ENTRY_POINT_GROUP = "libnet_plugin"
@@ -38,13 +40,11 @@ def get_plugin_manager(autoload: bool | None = None, plugins: Iterable[Any] = ()
     Returns:
         A fresh ``pluggy.PluginManager``; nothing global is modified.
     """
-    from . import builtins, detectors, sparse
+    from . import builtins
 
     pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
     pm.add_hookspecs(hookspecs)
     pm.register(builtins, name="libnet-builtins")
-    pm.register(sparse, name="libnet-sparse")
-    pm.register(detectors, name="libnet-detectors")
     if autoload is None:
         autoload = not _autoload_disabled()
     if autoload:
@@ -117,7 +117,31 @@ def make_readout(name: str, settings: Mapping[str, Any], pm: pluggy.PluginManage
     return _call(pm, "libnet_readout", f"a readout named {name!r}", name=name, settings=dict(settings))
 
 
-def make_detector(name: str, settings: Mapping[str, Any], pm: pluggy.PluginManager | None = None) -> Any:
-    """Ask the ``libnet_consistency_detector`` hook for a detector called ``name``."""
-    return _call(pm, "libnet_consistency_detector", f"a consistency detector named {name!r}",
-                 name=name, settings=dict(settings))
+def make_detector(name: str, settings: Mapping[str, Any], pm: pluggy.PluginManager | None = None) -> ConsistencyScore:
+    """Ask the ``libnet_consistency_detector`` hook for a detector called ``name``.
+
+    Returns:
+        A :class:`~libnet_plugin.detectors.ConsistencyScore` (a plugin's object with only ``name``,
+        ``fit`` and ``score`` comes wrapped in a :class:`~libnet_plugin.detectors.PluginScore`).
+    """
+    found = _call(pm, "libnet_consistency_detector", f"a consistency detector named {name!r}",
+                  name=name, settings=dict(settings))
+    return as_consistency_score(found, name)
+
+
+def registered_detectors(pm: pluggy.PluginManager | None = None) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Every detector the plugins list for comparison (``libnet_detector_comparison``): ``{label: (name, settings)}``.
+
+    The plugins' lists are merged in registration order, so a plugin registered later replaces a label.
+
+    Example:
+        >>> import libnet_plugin as lnp
+        >>> registered_detectors(lnp.get_plugin_manager(autoload=False))["knn"]
+        ('knn', {})
+    """
+    pm = pm or default_plugin_manager()
+    out: dict[str, tuple[str, dict[str, Any]]] = {}
+    for listed in reversed(pm.hook.libnet_detector_comparison()):  # pluggy answers last-registered first
+        for label, (name, settings) in (listed or {}).items():
+            out[str(label)] = (str(name), dict(settings))
+    return out

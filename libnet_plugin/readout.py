@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .errors import NotFittedError, ShapeMismatchError
 
-__all__ = ["Readout", "HebbianReadout", "hebbian_gain", "topk_evidence"]
+__all__ = ["Readout", "WeightedReadout", "HebbianReadout", "hebbian_gain", "topk_evidence"]
 
 
 def hebbian_gain(h: Tensor, width: float = 0.01) -> Tensor:
@@ -57,6 +57,14 @@ class Readout(Protocol):
     def config(self) -> dict[str, Any]: ...
 
 
+@runtime_checkable
+class WeightedReadout(Readout, Protocol):
+    """A :class:`Readout` whose evidence is a weight matrix ``weight`` ``[M, C]`` over the library nodes."""
+
+    @property
+    def weight(self) -> Tensor: ...
+
+
 class HebbianReadout:
     """The Hebbian readout of Eq. 2 with the top-k prediction of Eq. 3 (name ``"hebbian"``).
 
@@ -78,7 +86,7 @@ class HebbianReadout:
 
     name = "hebbian"
 
-    def __init__(self, n_classes: int, *, width: float = 0.01, device: Any = None, **_: Any):
+    def __init__(self, n_classes: int, *, width: float = 0.01, device: Any = None):
         if int(n_classes) < 2:
             raise ValueError(f"n_classes must be at least 2, got {n_classes!r}")
         if not (width > 0 and math.isfinite(width)):

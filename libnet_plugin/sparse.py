@@ -38,10 +38,9 @@ from torch import Tensor
 
 from ._validate import check_int
 from .errors import SaveFormatError, ShapeMismatchError
-from .hookspecs import hookimpl
 from .library import ExactLibrary, count_sketch, count_sketch_map
 
-__all__ = ["SparseLibrary", "ProjectedLibrary", "PROJECTION_METHODS", "libnet_library"]
+__all__ = ["SparseLibrary", "ProjectedLibrary", "PROJECTION_METHODS"]
 
 #: the projections a :class:`ProjectedLibrary` offers
 PROJECTION_METHODS = ("gaussian", "hashing")
@@ -246,13 +245,3 @@ class ProjectedLibrary(ExactLibrary):
     def config(self) -> dict[str, Any]:
         return {**super().config(), "n_components": self.n_components, "seed": self.seed, "method": self.method,
                 "projection_digest": self.projection_digest}
-
-
-@hookimpl
-def libnet_library(name: str, settings: Mapping[str, Any]) -> Any | None:
-    """Serve ``"sparse"`` (:class:`SparseLibrary`) and ``"projected"`` (:class:`ProjectedLibrary`)."""
-    if name == SparseLibrary.name:
-        return SparseLibrary(**settings)
-    if name == ProjectedLibrary.name:
-        return ProjectedLibrary(**settings)
-    return None

@@ -11,13 +11,13 @@ import torch
 from torch import nn
 
 import libnet_plugin as lnp
-from libnet_plugin.detector import DetectorGuard, GuardOutput, ModelChangedError, model_fingerprint
+from libnet_plugin.consistency_detector import DetectorGuard, GuardOutput, ModelChangedError, model_fingerprint
 from libnet_plugin.detectors import (
     ConformalFusion, DeepKNNScore, LibraryDistanceScore, LibraryMarginScore, MahalanobisScore, MaxSoftmaxScore,
-    node_classes, registered_detectors,
+    node_classes,
 )
 from libnet_plugin.errors import LibnetError, NonFiniteError, NotFittedError, SaveFormatError, ShapeMismatchError
-from libnet_plugin.plugins import make_detector
+from libnet_plugin.plugins import make_detector, registered_detectors
 
 METHODS = ["cpl", "library-margin", "library-distance", "msp", "mahalanobis", "knn"]
 
@@ -66,7 +66,9 @@ def test_third_party_detector_plugs_in_the_same_way(mlp, mlp_data):
             return result.outputs.norm(dim=1)
 
     class Plugin:
-        LIBNET_DETECTORS = {"output norm": ("output-norm", {})}
+        @lnp.hookimpl
+        def libnet_detector_comparison(self):
+            return {"output norm": ("output-norm", {})}
 
         @lnp.hookimpl
         def libnet_consistency_detector(self, name, settings):
@@ -260,8 +262,8 @@ def test_mahalanobis_pools_conv_channels_and_projects_wide_layers():
 def test_msp_equal_for_logits_and_log_probabilities(mlp, mlp_data):
     x, _ = mlp_data
     logits = mlp(x[:10]).detach()
-    a = MaxSoftmaxScore().score(None, lnp.ProbeResult(outputs=logits, haps={}))
-    b = MaxSoftmaxScore().score(None, lnp.ProbeResult(outputs=torch.log_softmax(logits, 1), haps={}))
+    a = MaxSoftmaxScore().fit(None).score(None, lnp.ProbeResult(outputs=logits, haps={}))
+    b = MaxSoftmaxScore().fit(None).score(None, lnp.ProbeResult(outputs=torch.log_softmax(logits, 1), haps={}))
     torch.testing.assert_close(a, b)
     torch.testing.assert_close(a, 1 - torch.softmax(logits, 1).amax(1))
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import libnet_plugin as lnp
+from libnet_plugin.plugins import registered_detectors
 from libnet_plugin import hookspecs, plugins
 from libnet_plugin.library import ExactLibrary
 
@@ -24,8 +25,9 @@ def test_every_hook_is_documented_and_typed():
         fn = getattr(hookspecs, name)
         doc = inspect.getdoc(fn) or ""
         assert len(doc) > 80, f"{name} needs a docstring saying who calls it and what it returns"
-        assert "Called by" in doc and "Returns:" in doc and "Args:" in doc, name
         sig = inspect.signature(fn)
+        assert "Called by" in doc and "Returns:" in doc, name
+        assert "Args:" in doc or not sig.parameters, f"{name}'s docstring has no Args: section"
         for param in sig.parameters.values():
             assert param.annotation is not inspect.Parameter.empty, f"{name}({param.name}) has no annotation"
             assert param.name in doc, f"{name}'s docstring does not describe {param.name!r}"
@@ -34,7 +36,7 @@ def test_every_hook_is_documented_and_typed():
 
 
 def test_every_hook_has_a_test():
-    text = "\n".join(p.read_text() for p in TESTS.glob("test_*.py") if p.name != "test_hooks.py")
+    text = "\n".join(p.read_text() for p in TESTS.rglob("test_*.py") if p.name != "test_hooks.py")
     text += (TESTS / "test_hooks.py").read_text().split("# -- hook tests below --", 1)[1]
     for name in hookspecs.ALL_HOOKS:
         assert re.search(rf"\bhook\.{name}\b|def {name}\b", text), f"no test exercises the hook {name}"
@@ -139,3 +141,24 @@ def test_hook_libnet_consistency_detector_serves_cpl(mlp, mlp_data):
     net = lnp.LibraryNetwork(mlp, ["fc1", "fc2", "out"], thresholds=0.9, plugin_manager=pm).fit(x)
     score = det.fit(net).score(net, net.probe.run(x[:10]))
     assert torch.allclose(score, 1 - net.consistency(x[:10], top_k=20))
+
+
+def test_comparison_hook_merges_every_plugin_in_registration_order():
+    class Extra:
+        @lnp.hookimpl
+        def libnet_detector_comparison(self):
+            return {"knn": ("knn", {"k": 3}), "msp (again)": ("msp", {})}
+
+    class Later:
+        @lnp.hookimpl
+        def libnet_detector_comparison(self):
+            return {"knn": ("knn", {"k": 5})}
+
+    pm = lnp.get_plugin_manager(autoload=False, plugins=[Extra(), Later()])
+    answers = pm.hook.libnet_detector_comparison()
+    assert len(answers) == 3  # the built-in plugin's list and the two above
+    listed = registered_detectors(pm)
+    assert listed["knn"] == ("knn", {"k": 5})  # the plugin registered last wins a label
+    assert listed["msp (again)"] == ("msp", {})
+    assert listed["cpl (paper, top_k 20)"] == ("cpl", {"top_k": 20})
+    assert list(listed)[:2] == ["cpl (paper, top_k 20)", "cpl (top_k 3)"]  # the built-ins first

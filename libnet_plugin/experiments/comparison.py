@@ -21,8 +21,9 @@ import torch
 from torch import Tensor
 
 from .._batches import iter_batches
-from ..detector import ConsistencyDetector
-from ..detectors import registered_detectors
+from ..consistency_detector import ConsistencyDetector
+from ..detectors import ConformalFusion
+from ..plugins import registered_detectors
 from ..errors import ShapeMismatchError
 from ..network import LibraryNetwork
 from ..serialization import atomic_write_bytes
@@ -34,7 +35,7 @@ from .report import (
     write_text_atomic,
 )
 
-__all__ = ['detector_comparison', 'MNIST_CONV_VARIANT', 'MNIST_DISTANCE_VARIANT', 'MNIST_VARIANTS', 'LIBRARY_BASED', 'calibration_check', 'evaluate_detectors', 'plot_roc_curves']
+__all__ = ['detector_comparison', 'MNIST_CONV_VARIANT', 'MNIST_DISTANCE_VARIANT', 'MNIST_VARIANTS', 'calibration_check', 'evaluate_detectors', 'plot_roc_curves']
 
 
 def _model_answers(net: Any, x: Tensor, batch_size: int) -> Tensor:
@@ -153,8 +154,6 @@ MNIST_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-#: Detector names whose score is computed from the libraries (the rest are baselines).
-LIBRARY_BASED = frozenset({"cpl", "library-margin", "library-distance"})
 
 def _as_tensor(data: Any, batch_size: int) -> tuple[Tensor, Tensor | None]:
     if isinstance(data, Tensor):
@@ -208,11 +207,10 @@ def calibration_check(det: ConsistencyDetector, x_clean: Any, fpr: float, n_spli
     Returns:
         ``{"requested", "mean", "sd", "min", "max", "n_calibration", "n_heldout", "n_splits"}``.
     """
-    return _split_fpr(det._calibration_data(x_clean), det._fuses, fpr, n_splits, seed)
+    return _split_fpr(det.calibration_data(x_clean), det.scorer.fuses, fpr, n_splits, seed)
 
 def _split_fpr(data: Tensor, fused: bool, fpr: float, n_splits: int, seed: int) -> dict[str, Any]:
-    """:func:`calibration_check` on what :meth:`ConsistencyDetector._calibration_data` returned for clean inputs."""
-    from ..detectors import ConformalFusion
+    """:func:`calibration_check` on what :meth:`ConsistencyDetector.calibration_data` returned for clean inputs."""
 
     data = data.detach().double().cpu()
     n = data.shape[0]
@@ -352,22 +350,22 @@ def evaluate_detectors(net_or_model: Any, train: Any, clean_test: Any, attacked_
         det = ConsistencyDetector(net, method=method, settings=settings, plugin_manager=pm)
         if det.requires_training_data:
             det.fit(train)
-        cal_data = det._calibration_data(x_cal)  # kept for the FPR check below: no second pass over x_cal
-        det._calibrate_on(cal_data, fpr)
+        cal_data = det.calibration_data(x_cal)  # kept for the FPR check below: no second pass over x_cal
+        det.calibrate_on(cal_data, fpr)
         fit_s = time.perf_counter() - t0
         ms, parts = _time_scores(det.score, x_clean, batch_size)
         clean_scores = torch.cat(parts).cpu()
         # the FPR check needs the clean inputs as calibration sees them: plain scores are the ones just timed
-        clean_data = det._calibration_data(x_clean) if det._fuses else clean_scores
+        clean_data = det.calibration_data(x_clean) if det.scorer.fuses else clean_scores
         entry: dict[str, Any] = {
             "method": method, "settings": settings,
-            "library_based": method in LIBRARY_BASED or bool(getattr(det.scorer, "uses_library", False)),
+            "library_based": det.scorer.uses_library,
             "auroc": {}, "tpr_at_fpr": {}, "tpr_calibrated": {},
             "heldout_fpr": float((clean_scores > det.threshold_).float().mean()),
             "threshold": det.threshold_, "fit_s": fit_s, "ms_per_1000": ms,
             "time_ratio": ms / forward_ms if forward_ms and math.isfinite(forward_ms) else float("nan"),
         }
-        entry["fpr_check"] = _split_fpr(torch.cat([cal_data.cpu(), clean_data.cpu()]), det._fuses, fpr,
+        entry["fpr_check"] = _split_fpr(torch.cat([cal_data.cpu(), clean_data.cpu()]), det.scorer.fuses, fpr,
                                         n_splits=fpr_splits, seed=0)
         mem = det.memory_bytes()
         mem["kept"] = mem["detector"] + (mem["library"] if entry["library_based"] else 0)

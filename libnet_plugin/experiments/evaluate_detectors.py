@@ -33,7 +33,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from ..detectors import registered_detectors
+from ..plugins import registered_detectors
 from ..errors import LibnetError
 from ..network import LibraryNetwork
 from .comparison import MNIST_VARIANTS, evaluate_detectors

@@ -204,7 +204,7 @@ def environment_info() -> dict[str, Any]:
     """Versions and machine facts for a report: Python, torch, numpy, scikit-learn, advertorch, CPUs."""
     from importlib import metadata
 
-    from .. import __version__
+    from .._version import __version__
 
     versions = {"python": sys.version.split()[0], "libnet_plugin": __version__, "torch": torch.__version__,
                 "numpy": np.__version__}

@@ -31,7 +31,8 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from typing import Any, Mapping, NamedTuple, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import pluggy
 import torch
@@ -39,6 +40,7 @@ from torch import Tensor, nn
 
 from ._batches import iter_batches
 from .errors import LibnetError, NotFittedError, SaveFormatError, ShapeMismatchError
+from .detectors.api import ConsistencyScore
 from .network import LibraryNetwork
 from .plugins import make_detector
 from .probe import ProbeResult, check_finite
@@ -146,8 +148,10 @@ class ConsistencyDetector:
         settings: keyword settings of the score (e.g. ``{"top_k": 20}`` for CPL).
         train: training data (anything :meth:`LibraryNetwork.fit` accepts). Fits the network when it is
             not fitted yet, and the score when it needs the training data (``"mahalanobis"``, ``"knn"``).
-        top_k, device: passed to the ``LibraryNetwork`` built from a model.
-        network_options: other ``LibraryNetwork`` keyword arguments when ``net`` is a model.
+        device: passed to the ``LibraryNetwork`` built from a model.
+        network_options: other ``LibraryNetwork`` keyword arguments when ``net`` is a model (for example
+            ``{"top_k": 3}``, the library nodes behind each layer's prediction; the score's own
+            ``top_k``, such as CPL's, goes in ``settings``).
         on_nonfinite: what :meth:`score`, :meth:`predict` and the guard do with inputs holding NaN or
             infinity: ``"flag"`` (default: score ``inf``, flagged, the model is not run on them) or
             ``"raise"`` (:class:`~libnet_plugin.errors.NonFiniteError`). :meth:`calibrate` and :meth:`fit`
@@ -176,7 +180,7 @@ class ConsistencyDetector:
 
     def __init__(self, net: Any, layers: Sequence[str] | None = None, thresholds: Any = "auto", *,
                  method: str = "cpl", settings: Mapping[str, Any] | None = None, train: Any = None,
-                 top_k: int = 3, device: Any = None, network_options: Mapping[str, Any] | None = None,
+                 device: Any = None, network_options: Mapping[str, Any] | None = None,
                  on_nonfinite: str = "flag", plugin_manager: pluggy.PluginManager | None = None,
                  progress: bool | None = None):
         if on_nonfinite not in ("flag", "raise"):
@@ -193,7 +197,7 @@ class ConsistencyDetector:
                                  "to fit the libraries); or pass a fitted LibraryNetwork")
             if train is None:
                 raise ValueError("building a ConsistencyDetector from a model needs the training data: train=...")
-            net = LibraryNetwork(net, layers, thresholds=thresholds, top_k=top_k, device=device,
+            net = LibraryNetwork(net, layers, thresholds=thresholds, device=device,
                                  plugin_manager=plugin_manager, **dict(network_options or {}))
         self.net: LibraryNetwork = net
         self.method = method
@@ -201,7 +205,7 @@ class ConsistencyDetector:
         self.on_nonfinite = on_nonfinite
         self.plugin_manager = plugin_manager if plugin_manager is not None else net.plugin_manager
         self.progress = progress
-        self.scorer = make_detector(method, self.settings, self.plugin_manager)
+        self.scorer: ConsistencyScore = make_detector(method, self.settings, self.plugin_manager)
         self._scorer_fitted = False
         self._fingerprint: list[list[Any]] | None = None
         self._versions: tuple | None = None
@@ -223,7 +227,7 @@ class ConsistencyDetector:
     @property
     def requires_training_data(self) -> bool:
         """Whether the score is fitted on the training data (``"mahalanobis"``, ``"knn"``)."""
-        return bool(getattr(self.scorer, "requires_training_data", False))
+        return self.scorer.requires_training_data
 
     def _record_model(self) -> None:
         self._fingerprint = model_fingerprint(self.net.model)
@@ -248,7 +252,7 @@ class ConsistencyDetector:
                           "call model.eval() before fitting, calibrating or scoring", stacklevel=3)
 
     def _ensure_scorer(self) -> None:
-        self.net._check_fitted()
+        self.net.check_fitted()
         if self._scorer_fitted:
             return
         if self.requires_training_data:
@@ -304,15 +308,14 @@ class ConsistencyDetector:
         """
         fpr = _check_fpr(fpr)
         self._warn_training_mode()
-        return self._calibrate_on(self._calibration_data(clean), fpr)
+        return self.calibrate_on(self.calibration_data(clean), fpr)
 
-    @property
-    def _fuses(self) -> bool:
-        """Whether the score fuses per-layer features against a clean reference (``set_reference``)."""
-        return callable(getattr(self.scorer, "set_reference", None))
+    def calibration_data(self, clean: Any) -> Tensor:
+        """What calibration needs per clean input: the features ``[N, F]`` of a fused score, else its scores ``[N]``.
 
-    def _calibration_data(self, clean: Any) -> Tensor:
-        """What calibration needs per clean input: the features ``[N, F]`` of a fused score, else its scores ``[N]``."""
+        :meth:`calibrate` is ``calibrate_on(calibration_data(clean), fpr)``; the two halves let an
+        evaluation reuse one pass over the clean inputs (for several FPRs, or a held-out FPR check).
+        """
         self._ensure_scorer()
         self._check_model()
         parts = []
@@ -320,12 +323,12 @@ class ConsistencyDetector:
             if x.shape[0] == 0:
                 continue
             check_finite(x, "a clean calibration batch")
-            r = self.net._run(x)
-            parts.append(self.scorer.features(self.net, r) if self._fuses else self.scorer.score(self.net, r))
+            r = self.net.run(x)
+            parts.append(self.scorer.features(self.net, r) if self.scorer.fuses else self.scorer.score(self.net, r))
         return torch.cat(parts) if parts else torch.empty(0)
 
-    def _calibrate_on(self, data: Tensor, fpr: float) -> "ConsistencyDetector":
-        """Set the threshold (and a fused score's clean reference) from :meth:`_calibration_data`'s output."""
+    def calibrate_on(self, data: Tensor, fpr: float) -> ConsistencyDetector:
+        """Set the threshold (and a fused score's clean reference) from :meth:`calibration_data`'s output."""
         fpr = _check_fpr(fpr)
         n = int(data.shape[0])
         rank = math.ceil((n + 1) * (1.0 - fpr))
@@ -333,7 +336,7 @@ class ConsistencyDetector:
             need = math.ceil(1.0 / fpr) - 1 if n else 1
             raise ValueError(f"calibrate needs at least {max(need, 2)} clean inputs for fpr={fpr:g} (the threshold is "
                              f"the ceil((n + 1)(1 - fpr))-th smallest clean score), got {n}")
-        scores = self.scorer.set_reference(data) if self._fuses else data
+        scores = self.scorer.set_reference(data) if self.scorer.fuses else data
         ordered = scores.detach().double().sort().values
         self.calibration_scores_ = ordered.float()
         self.threshold_ = float(ordered[rank - 1])
@@ -354,7 +357,7 @@ class ConsistencyDetector:
         self._check_shape(x)
         finite = torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1) if x.is_floating_point() else None
         if finite is None or bool(finite.all()):
-            r = self.net._run(x)
+            r = self.net.run(x)
             return self._score_result(r), (r.outputs if want_outputs else None)
         if self.on_nonfinite == "raise":
             check_finite(x, "the input batch")
@@ -364,14 +367,14 @@ class ConsistencyDetector:
                    if want_outputs else None)
         keep = finite.nonzero().flatten()
         if keep.numel():
-            r = self.net._run(x[keep])
+            r = self.net.run(x[keep])
             scores[keep.to(scores.device)] = self._score_result(r).to(scores.device)
             if outputs is not None:
                 outputs[keep.to(outputs.device)] = r.outputs.to(outputs.device, outputs.dtype)
         return scores, outputs
 
     def _check_shape(self, x: Tensor) -> None:
-        shape = getattr(self.net, "input_shape_", None)
+        shape = self.net.input_shape_
         if shape is not None and tuple(x.shape[1:]) != tuple(shape):
             raise ShapeMismatchError(f"input batch has shape {tuple(x.shape)} (per input {tuple(x.shape[1:])}); "
                                      f"the detector was fitted on inputs of shape [B, {', '.join(map(str, shape))}]")
@@ -388,7 +391,7 @@ class ConsistencyDetector:
             ``on_nonfinite="flag"``.
         """
         self._ensure_scorer()
-        if self._fuses and not self.is_calibrated:
+        if self.scorer.fuses and not self.is_calibrated:
             raise NotFittedError(f"the {self.method!r} score fuses per-layer p-values against clean reference data: "
                                  "call det.calibrate(clean_data, fpr=0.05) first")
         self._check_model()
@@ -422,27 +425,23 @@ class ConsistencyDetector:
     def memory_bytes(self) -> dict[str, int]:
         """Bytes kept: ``{"library": ..., "detector": ...}`` (library network tensors; the score's own)."""
         lib = sum(t.numel() * t.element_size() for t in self.net.state_tensors().values())
-        extra = getattr(self.scorer, "memory_bytes", None)
-        return {"library": int(lib), "detector": int(extra()) if callable(extra) else 0}
+        return {"library": int(lib), "detector": int(self.scorer.memory_bytes())}
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> None:
         """Save network, score and calibration to one safetensors file, atomically (the model is not saved).
 
-        Scores that keep no tensors and offer no ``config()`` (a third-party plugin) are rebuilt from
-        ``method`` and ``settings`` at load.
+        Scores that keep no tensors (the default :meth:`ConsistencyScore.state_dict`) are refitted from
+        the network at load.
         """
-        self.net._check_fitted()
+        self.net.check_fitted()
         tensors = {f"network/{k}": v for k, v in self.net.state_tensors().items()}
-        state = getattr(self.scorer, "state_dict", None)
-        if callable(state):
-            tensors.update({f"detector/{k}": v for k, v in state().items()})
+        tensors.update({f"detector/{k}": v for k, v in self.scorer.state_dict().items()})
         if self.is_calibrated:
             tensors["calibration/scores"] = self.calibration_scores_
-        cfg_fn = getattr(self.scorer, "config", None)
         config = {
-            "network": self.net._config(), "method": self.method, "settings": self.settings,
-            "scorer": cfg_fn() if callable(cfg_fn) else {}, "scorer_fitted": self._scorer_fitted,
+            "network": self.net.config(), "method": self.method, "settings": self.settings,
+            "scorer": self.scorer.config(), "scorer_fitted": self._scorer_fitted,
             "on_nonfinite": self.on_nonfinite, "fingerprint": self._fingerprint,
             "calibration": ({"threshold": self.threshold_, "fpr": self.fpr_, "n": self.n_calibration_}
                             if self.is_calibrated else None),
@@ -468,7 +467,7 @@ class ConsistencyDetector:
         except KeyError as exc:
             raise SaveFormatError(f"{str(path)!r}: saved detector settings lack the entry {exc}") from exc
         net_tensors = {k[len("network/"):]: v for k, v in tensors.items() if k.startswith("network/")}
-        net = LibraryNetwork._from_state(net_tensors, net_cfg, model, device=device if device is not None else map_location,
+        net = LibraryNetwork.from_state(net_tensors, net_cfg, model, device=device if device is not None else map_location,
                                          plugin_manager=plugin_manager)
         det = cls(net, method=method, settings=settings, on_nonfinite=cfg.get("on_nonfinite", "flag"),
                   plugin_manager=plugin_manager)
@@ -483,12 +482,8 @@ class ConsistencyDetector:
             det._fingerprint = fingerprint
             det._versions = _tensor_versions(model) if isinstance(model, nn.Module) else None
         if cfg.get("scorer_fitted"):
-            loader = getattr(det.scorer, "load_state_dict", None)
             state = {k[len("detector/"):]: v for k, v in tensors.items() if k.startswith("detector/")}
-            if callable(loader):
-                loader(state, net, cfg.get("scorer") or {})
-            else:
-                det.scorer.fit(net, None)
+            det.scorer.load_state_dict(state, net, cfg.get("scorer") or {})
             det._scorer_fitted = True
         cal = cfg.get("calibration")
         if cal is not None:

@@ -1,0 +1,62 @@
+"""Detectors: scores of how suspicious an input is, served by the ``libnet_consistency_detector`` hook.
+
+Every detector here is served by the built-in plugin (:mod:`libnet_plugin.builtins`) through the same
+hook as any third-party one, and :class:`~libnet_plugin.ConsistencyDetector` builds any of them by name.
+The contract is :class:`ConsistencyScore` (:mod:`.api`), what a score may use of the network is
+:class:`FittedNetwork`; one module per method. None of them sees an attacked input: they are fitted on training data (or on the fitted library
+network alone) and calibrated on clean data only.
+
+=======================  ==========================================================================  ========
+name                     score (higher = more suspicious)                                            needs
+=======================  ==========================================================================  ========
+``"cpl"``                ``1 - CPL`` (Eq. 5): the consistency of the layers' predictions from their  net only
+                         ``top_k`` library nodes (the paper's score; module :mod:`.cpl`)
+``"library-margin"``     per layer: margin between the library nodes of the model's answer class     net only
+                         and the nodes of the other classes, and the residual of the activation
+                         after reconstruction from its nearest nodes; conformal p-values on clean
+                         data, fused over layers with Fisher's method
+``"library-distance"``   per layer: Mahalanobis distance of the normalised activation (channel       net only
+                         means for convolution layers) to the mean of the library nodes of the
+                         model's answer class, within-class covariance of the nodes; conformal
+                         p-values fused over layers with Fisher's method (``"library-margin"`` with
+                         ``features=("distance",)``)
+``"msp"``                ``1 - max softmax(output)`` (Hendrycks & Gimpel, 2017)                      nothing
+``"mahalanobis"``        per layer: the smallest Mahalanobis distance to a class mean (classes by    train
+                         the model's answers, one shared covariance; conv layers averaged over
+                         positions as in Lee et al., 2018); conformal p-values fused over layers
+                         (no logistic regression on attacks)
+``"knn"``                deep k-NN (Papernot & McDaniel, 2018): number of the ``k`` nearest          train
+                         training activations, summed over layers, whose label differs from the
+                         model's answer
+=======================  ==========================================================================  ========
+
+Scores that combine several per-layer features (:class:`FusedLayerScore`) turn each feature into a
+conformal p-value against clean reference data given at calibration
+(:meth:`FusedLayerScore.set_reference`) and fuse them with Fisher's method, ``-sum log p``.
+
+Third-party detectors plug in the same way: a plugin with a ``libnet_consistency_detector`` hookimpl
+that returns a :class:`ConsistencyScore` (or any object with ``name``, ``fit(net, data)`` and
+``score(net, probe_result)``). A plugin lists the detectors it wants in the comparison of ``libnet
+evaluate-detectors`` through the ``libnet_detector_comparison`` hook (see
+:func:`libnet_plugin.plugins.registered_detectors`).
+
+Example:
+    >>> from libnet_plugin.plugins import make_detector
+    >>> make_detector("knn", {"k": 5})
+    DeepKNNScore(k=5, layers=None, labels='auto')
+"""
+
+from .api import ConsistencyScore, FittedNetwork, FusedLayerScore, PluginScore, ScoreLike, as_consistency_score
+from .conformal import ConformalFusion
+from .cpl import CPLScore
+from .knn import DeepKNNScore
+from .library_margin import LibraryDistanceScore, LibraryMarginScore
+from .mahalanobis import MahalanobisScore
+from .msp import MaxSoftmaxScore
+from ._features import node_classes
+
+__all__ = [
+    "ConsistencyScore", "FittedNetwork", "FusedLayerScore", "PluginScore", "ScoreLike", "as_consistency_score",
+    "ConformalFusion", "CPLScore", "LibraryMarginScore", "LibraryDistanceScore", "MaxSoftmaxScore",
+    "MahalanobisScore", "DeepKNNScore", "node_classes",
+]

@@ -1,0 +1,126 @@
+"""Helpers shared by the detectors: layer checks, saved-state access, node classes, pooling, Gaussian fits."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from ..errors import LayerNotFoundError, SaveFormatError, ShapeMismatchError
+from ..probe import TorchLayerProbe
+from ..readout import WeightedReadout
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .api import FittedNetwork
+
+
+def check_layers(net: FittedNetwork, layers: Sequence[str] | None, what: str) -> list[str]:
+    if layers is None:
+        return list(net.layers)
+    layers = [layers] if isinstance(layers, str) else list(layers)
+    unknown = [l for l in layers if l not in net.layers]
+    if unknown:
+        raise LayerNotFoundError(f"the {what} detector was asked for layers {unknown}, which the library network "
+                                 f"does not probe; probed layers: {net.layers}")
+    if not layers:
+        raise ValueError(f"the {what} detector needs at least one layer")
+    return layers
+
+
+def layer_state(prefix: str, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def require_tensor(state: Mapping[str, Tensor], key: str, what: str) -> Tensor:
+    if key not in state:
+        raise SaveFormatError(f"the saved {what} detector lacks the tensor {key!r}")
+    return state[key]
+
+
+def node_classes(net: FittedNetwork, layer: str, chunk: int = 1024) -> Tensor:
+    """The class the Hebbian readout links to each library node of ``layer``: ``LongTensor[M]``.
+
+    It is the argmax over classes of the node's readout row ``W[n, :]`` (Eq. 2): the class of the model's
+    answers for the training inputs nearest to the node (usually the answer for the node's own input).
+    Readouts without a ``weight`` attribute are asked through their ``scores`` method with one-hot
+    library outputs, so any readout plugin works.
+    """
+    readout = net.readouts_[layer]
+    if isinstance(readout, WeightedReadout):
+        return readout.weight.argmax(dim=1).to(net.device)
+    m = net.libraries_[layer].size
+    parts = []
+    for i in range(0, m, chunk):
+        eye = torch.zeros(min(chunk, m - i), m, device=net.device)
+        eye[torch.arange(eye.shape[0]), torch.arange(i, i + eye.shape[0])] = 1.0
+        parts.append(readout.scores(eye, 1).argmax(dim=1))
+    return torch.cat(parts).to(net.device) if parts else torch.empty(0, dtype=torch.long, device=net.device)
+
+
+def check_pool(pool: Any) -> Any:
+    if not (pool is None or pool == "auto" or isinstance(pool, Mapping)):
+        raise ValueError(f"pool must be 'auto', None or {{layer: n_channels}}, got {pool!r}")
+    return dict(pool) if isinstance(pool, Mapping) else pool
+
+
+def conv_channels(net: FittedNetwork, layer: str, dim: int, pool: Any) -> int:
+    """Channels over which a layer's flattened features of width ``dim`` are averaged (0: none).
+
+    ``pool`` is ``"auto"`` (the probed torch module's ``out_channels``, e.g. a convolution's), ``None``
+    (never) or ``{layer: n_channels}``. A layer is pooled only when ``dim`` is a multiple of the channels
+    larger than them.
+
+    Raises:
+        ShapeMismatchError: ``{layer: n_channels}`` names a number that does not divide ``dim``.
+    """
+    if pool is None:
+        return 0
+    if isinstance(pool, Mapping):
+        c = int(pool.get(layer, 0))
+    else:
+        module = net.probe.modules.get(layer) if isinstance(net.probe, TorchLayerProbe) else None
+        c = int(getattr(module, "out_channels", 0) or 0)  # a torch module's own attribute (Conv*d), if any
+    if c and dim % c:
+        raise ShapeMismatchError(f"layer {layer!r}: cannot average {dim} features over {c} channels")
+    return c if c and dim > c else 0
+
+
+def layer_projection(seed: int, index: int, dim: int, max_dim: int, device: Any) -> Tensor:
+    """The fixed Gaussian random projection ``[dim, max_dim]`` (scaled by ``1 / sqrt(max_dim)``) of the
+    ``index``-th chosen layer: each layer draws from its own seed derived from ``seed``."""
+    g = torch.Generator().manual_seed(seed + 7919 * (index + 1))
+    return (torch.randn(dim, max_dim, generator=g) / math.sqrt(max_dim)).to(device)
+
+
+def pooled(x: Tensor, channels: int, proj: Tensor | None) -> Tensor:
+    """Features of rows ``x`` ``[B, D]``: channel means when ``channels``, else ``x @ proj`` (or ``x``)."""
+    if channels:
+        return x.reshape(x.shape[0], channels, -1).mean(dim=2)
+    return x @ proj if proj is not None else x
+
+
+def shared_gaussian(sums: Tensor, outer: Tensor, counts: Tensor, n: int,
+                     shrinkage: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+    """Class means, the pseudo-inverse of the covariance shared by the classes, and which classes are present.
+
+    Args:
+        sums: per-class sums of the features ``[C, D]`` (float64).
+        outer: the sum of ``f f^T`` over all rows ``[D, D]``.
+        counts: rows per class ``[C]``; ``n`` their total.
+        shrinkage: ``S + shrinkage * mean(diag S) * I`` before the pseudo-inverse.
+    """
+    mu = sums / counts.clamp(min=1.0)[:, None]
+    cov = (outer - (mu * counts[:, None]).T @ mu) / n
+    if shrinkage:
+        cov = cov + shrinkage * cov.diagonal().mean() * torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+    return mu, torch.linalg.pinv(cov, hermitian=True), counts > 0
+
+
+def class_distances(f: Tensor, means: Tensor, precision: Tensor, present: Tensor) -> Tensor:
+    """Mahalanobis distances ``[B, C]`` of features ``[B, D]`` to class means ``[C, D]`` (``inf`` for absent classes)."""
+    fp = f @ precision
+    d = (fp * f).sum(dim=1, keepdim=True) - 2.0 * fp @ means.T + ((means @ precision) * means).sum(dim=1)[None, :]
+    return d.masked_fill(~present[None, :], float("inf"))

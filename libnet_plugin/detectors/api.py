@@ -1,0 +1,274 @@
+"""The detector contract: what a score is (:class:`ConsistencyScore`) and what it may use (:class:`FittedNetwork`).
+
+A ``libnet_consistency_detector`` hook returns a :class:`ConsistencyScore`. The class declares every
+member that :class:`~libnet_plugin.ConsistencyDetector` and ``libnet evaluate-detectors`` use; the
+optional ones carry their defaults here, so a score overrides only what it needs. A plugin object that
+only has ``name``, ``fit`` and ``score`` (the :class:`ScoreLike` protocol) is accepted too: it is wrapped
+in a :class:`PluginScore`, which gives it the declared defaults (no saved state: it is refitted from the
+network when a saved detector is loaded).
+
+Example:
+    >>> import torch
+    >>> class OutputNorm(ConsistencyScore):
+    ...     name = "output-norm"
+    ...     def fit(self, net, data=None):
+    ...         self.fitted_ = True
+    ...         return self
+    ...     def score(self, net, result):
+    ...         self.check_is_fitted()
+    ...         return result.outputs.norm(dim=1)
+    >>> s = OutputNorm()
+    >>> s.requires_training_data, s.fuses, s.config(), s.memory_bytes()
+    (False, False, {'name': 'output-norm'}, 0)
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from ..errors import NotFittedError
+from ..probe import LayerProbe, ProbeResult
+from ._features import check_layers, layer_state
+from .conformal import ConformalFusion
+
+__all__ = ["FittedNetwork", "ConsistencyScore", "ScoreLike", "PluginScore", "FusedLayerScore", "as_consistency_score"]
+
+
+@runtime_checkable
+class FittedNetwork(Protocol):
+    """The part of a fitted :class:`~libnet_plugin.LibraryNetwork` that a score may use.
+
+    Attributes:
+        layers: the probed layer names, in order.
+        device: where the libraries live (scores return tensors there).
+        batch_size: batch size for passes over data.
+        probe: the layer probe (``probe.run(x)`` gives a :class:`~libnet_plugin.probe.ProbeResult`).
+        libraries_ / readouts_: ``{layer: library}`` and ``{layer: readout}`` of the fitted network.
+        n_classes_: number of classes of the model's outputs.
+    """
+
+    layers: list[str]
+    device: torch.device
+    batch_size: int
+    probe: LayerProbe
+    libraries_: dict[str, Any]
+    readouts_: dict[str, Any]
+    n_classes_: int
+
+    def check_fitted(self) -> None:
+        """Raise :class:`~libnet_plugin.errors.NotFittedError` unless the network is fitted."""
+        ...
+
+    def run(self, x: Tensor) -> ProbeResult:
+        """One forward pass of the model over a batch, with the HAPs of every probed layer."""
+        ...
+
+    def scores_from_haps(self, haps: Mapping[str, Tensor], top_k: int | None = None,
+                         layers: Sequence[str] | None = None) -> dict[str, Tensor]:
+        """Per-layer class evidence ``P`` (Eq. 3) ``{layer: [B, C]}`` from the HAPs of one probe run."""
+        ...
+
+
+class ConsistencyScore(abc.ABC):
+    """A detector score: higher = more suspicious. Subclass it and implement :meth:`fit` and :meth:`score`.
+
+    The class attributes and methods other than :meth:`fit` and :meth:`score` are optional: their
+    defaults below are what the detector assumes when a score does not override them.
+
+    Attributes:
+        name: the name the score is served under (``"cpl"``, ``"knn"``...).
+        requires_training_data: ``fit`` needs the training data, not only the fitted network
+            (default ``False``).
+        uses_library: the score is computed from the libraries (``libnet evaluate-detectors`` counts the
+            library memory for it; default ``False``).
+        fuses: the score fuses per-feature values against clean reference data: calibration passes
+            :meth:`features` of the clean inputs to :meth:`set_reference` (default ``False``).
+    """
+
+    name: ClassVar[str] = ""
+    requires_training_data: ClassVar[bool] = False
+    uses_library: ClassVar[bool] = False
+    fuses: ClassVar[bool] = False
+    #: set by :meth:`fit` (scores that track fitting otherwise override :meth:`check_is_fitted`)
+    fitted_: bool = False
+
+    @abc.abstractmethod
+    def fit(self, net: FittedNetwork, data: Iterable[Any] | None = None) -> ConsistencyScore:
+        """Prepare from the fitted network (and the training data when :attr:`requires_training_data`).
+
+        Refitting forgets everything fitted before (statistics and any clean reference). Returns self.
+        """
+
+    @abc.abstractmethod
+    def score(self, net: FittedNetwork, result: ProbeResult) -> Tensor:
+        """``Tensor[B]``, higher = more suspicious, from one probe run; raises NotFittedError before fit."""
+
+    def features(self, net: FittedNetwork, result: ProbeResult) -> Tensor:
+        """Per-feature scores ``[B, F]`` (only for scores that :attr:`fuse <fuses>`)."""
+        raise NotImplementedError(f"the {self.name!r} score does not fuse features")
+
+    def set_reference(self, features: Tensor) -> Tensor:
+        """Store clean reference features ``[N, F]``; return their fused scores (only when :attr:`fuses`)."""
+        raise NotImplementedError(f"the {self.name!r} score does not fuse features")
+
+    def check_is_fitted(self) -> None:
+        """Raise :class:`~libnet_plugin.errors.NotFittedError` unless :meth:`fit` has run."""
+        if not self.fitted_:
+            raise NotFittedError(f"the {self.name!r} detector is not fitted; call fit(net) first")
+
+    def config(self) -> dict[str, Any]:
+        """JSON-able settings and fitted metadata saved with a detector (default: the name)."""
+        return {"name": self.name}
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Fitted tensors saved with a detector (default: none)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Tensor], net: FittedNetwork, config: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` and :meth:`config` saved (default: refit from the network)."""
+        self.fit(net, None)
+
+    def memory_bytes(self) -> int:
+        """Bytes of the tensors this score keeps beyond the library network (default: its state_dict)."""
+        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
+
+
+@runtime_checkable
+class ScoreLike(Protocol):
+    """The least a plugin's score object must have: ``name``, ``fit(net, data)`` and ``score(net, result)``."""
+
+    name: str
+
+    def fit(self, net: Any, data: Any = None) -> Any: ...
+
+    def score(self, net: Any, result: ProbeResult) -> Tensor: ...
+
+
+class PluginScore(ConsistencyScore):
+    """A :class:`ScoreLike` object that does not subclass :class:`ConsistencyScore`, with the declared defaults.
+
+    Args:
+        inner: the plugin's object; :meth:`fit` and :meth:`score` call it.
+    """
+
+    def __init__(self, inner: ScoreLike):
+        self.inner = inner
+        self.fitted_ = False
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return str(self.inner.name)
+
+    def __repr__(self) -> str:
+        return f"PluginScore({self.inner!r})"
+
+    def fit(self, net: FittedNetwork, data: Iterable[Any] | None = None) -> PluginScore:
+        self.inner.fit(net, data)
+        self.fitted_ = True
+        return self
+
+    def score(self, net: FittedNetwork, result: ProbeResult) -> Tensor:
+        self.check_is_fitted()
+        return self.inner.score(net, result)
+
+
+def as_consistency_score(obj: Any, name: str) -> ConsistencyScore:
+    """``obj`` as a :class:`ConsistencyScore`: itself, a :class:`PluginScore` around a :class:`ScoreLike`, or TypeError."""
+    if isinstance(obj, ConsistencyScore):
+        return obj
+    if isinstance(obj, ScoreLike):
+        return PluginScore(obj)
+    raise TypeError(f"the plugin serving the detector {name!r} returned a {type(obj).__name__}, which is not a "
+                    "libnet_plugin.detectors.ConsistencyScore (subclass it, or give the object name, fit(net, data) "
+                    "and score(net, result))")
+
+
+class FusedLayerScore(ConsistencyScore):
+    """Base of detectors that compute several features per layer and fuse their conformal p-values.
+
+    Subclasses implement :meth:`_fit` (optional), :meth:`feature_names` and :meth:`features`. The
+    :class:`~libnet_plugin.ConsistencyDetector` calls :meth:`fit` with the fitted library network (and the
+    training data when :attr:`requires_training_data`), then :meth:`set_reference` with the features of
+    clean calibration inputs, then :meth:`score` for new inputs.
+
+    Args:
+        layers: layers to use (default: every probed layer).
+    """
+
+    name: ClassVar[str] = "fused"
+    fuses: ClassVar[bool] = True
+
+    def __init__(self, layers: Sequence[str] | None = None):
+        self.layers = None if layers is None else ([layers] if isinstance(layers, str) else list(layers))
+        self.fusion = ConformalFusion()
+        self.layers_: list[str] | None = None
+
+    # -- to implement ---------------------------------------------------------------------------
+    def _fit(self, net: FittedNetwork, data: Any) -> None:
+        """Learn what the features need (class means, node classes...)."""
+
+    def feature_names(self) -> list[str]:
+        """Names of the per-layer features, ``"<layer>/<feature>"``, in the order of :meth:`features`."""
+        raise NotImplementedError
+
+    def features(self, net: FittedNetwork, result: ProbeResult) -> Tensor:
+        """Per-feature scores ``[B, F]`` from one probe run (higher = more suspicious)."""
+        raise NotImplementedError
+
+    # -- the detector protocol ------------------------------------------------------------------
+    def fit(self, net: FittedNetwork, data: Iterable[Any] | None = None) -> FusedLayerScore:
+        """Prepare from the fitted network (and the training data when needed); forget any reference."""
+        net.check_fitted()
+        if self.requires_training_data and data is None:
+            raise ValueError(f"the {self.name!r} detector is fitted on the training data: pass train= to "
+                             "ConsistencyDetector or call det.fit(train) before calibrate")
+        self.layers_ = check_layers(net, self.layers, self.name)
+        self.fusion = ConformalFusion()
+        try:
+            self._fit(net, data)
+        except BaseException:
+            self.layers_ = None  # all or nothing: a failed fit leaves the score unfitted
+            raise
+        return self
+
+    def check_is_fitted(self) -> None:
+        if self.layers_ is None:
+            raise NotFittedError(f"the {self.name!r} detector is not fitted; call fit(net) first")
+
+    def set_reference(self, features: Tensor) -> Tensor:
+        """Store the features ``[N, F]`` of clean reference inputs; return their fused scores (leave-one-out)."""
+        self.check_is_fitted()
+        return self.fusion.fit(features)
+
+    def score(self, net: FittedNetwork, result: ProbeResult) -> Tensor:
+        """Fused score ``[B]`` (float32, higher = more suspicious); needs :meth:`set_reference` first."""
+        self.check_is_fitted()
+        return self.fusion(self.features(net, result)).float()
+
+    # -- persistence ----------------------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, "layers": self.layers, "layers_": self.layers_}
+
+    def _state(self) -> dict[str, Tensor]:
+        return {}
+
+    def _load_state(self, state: Mapping[str, Tensor], net: FittedNetwork) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Tensors to save (fitted statistics and the clean reference)."""
+        out = {f"fusion/{k}": v for k, v in self.fusion.state_dict().items()}
+        out.update(self._state())
+        return out
+
+    def load_state_dict(self, state: Mapping[str, Tensor], net: FittedNetwork, config: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` and :meth:`config` saved, onto ``net``'s device."""
+        self.layers_ = check_layers(net, config.get("layers_"), self.name)
+        self.fusion = ConformalFusion()
+        self.fusion.load_state_dict(layer_state("fusion/", state), device=net.device)
+        self._load_state(state, net)

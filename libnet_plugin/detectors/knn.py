@@ -1,0 +1,122 @@
+"""The deep k-nearest-neighbours baseline, ``"knn"`` (Papernot & McDaniel, 2018), without attack examples."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from .._batches import iter_batches
+from .._validate import check_int
+from ..errors import NotFittedError, ShapeMismatchError
+from ..library import NodeLibrary, normalize_rows
+from ..metrics import stable_softmax
+from ..probe import ProbeResult
+from ._features import (
+    check_layers, check_pool, class_distances, conv_channels, layer_projection, node_classes, pooled, require_tensor,
+    shared_gaussian,
+)
+from .api import ConsistencyScore, FittedNetwork, FusedLayerScore
+
+__all__ = ['DeepKNNScore']
+
+
+class DeepKNNScore(ConsistencyScore):
+    """Deep k-nearest neighbours (Papernot & McDaniel, 2018), ``"knn"``, without attack examples.
+
+    Keeps the normalised activations of every training input for the chosen layers (this memory is what
+    the library networks avoid). For a new input, per layer, the ``k`` training activations of largest
+    cosine vote with their labels; the score is the number of votes, summed over layers, that disagree
+    with the model's answer (the DkNN nonconformity; its conformal p-value is a monotone function of it,
+    so the calibrated threshold plays the same role).
+
+    Args:
+        k: neighbours per layer (10 here; the DkNN paper used 75, which scored lower on MNIST).
+        layers: layers to use (default: every probed layer).
+        labels: ``"auto"`` (ground-truth labels when the training data carries them, else the model's
+            answers), ``"true"`` (require labels) or ``"model"`` (the model's answers).
+
+    Example:
+        >>> DeepKNNScore(k=3).k
+        3
+    """
+
+    name: ClassVar[str] = "knn"
+    requires_training_data: ClassVar[bool] = True
+
+    def __init__(self, k: int = 10, layers: Sequence[str] | None = None, labels: str = "auto"):
+        self.k = check_int(k, "k")
+        self.layers = None if layers is None else ([layers] if isinstance(layers, str) else list(layers))
+        if labels not in ("auto", "true", "model"):
+            raise ValueError(f"labels must be 'auto', 'true' or 'model', got {labels!r}")
+        self.labels = labels
+        self.layers_: list[str] | None = None
+        self.train_: dict[str, Tensor] = {}
+        self.train_labels_: Tensor | None = None
+
+    def __repr__(self) -> str:
+        return f"DeepKNNScore(k={self.k}, layers={self.layers}, labels={self.labels!r})"
+
+    def fit(self, net: FittedNetwork, data: Iterable[Any] | None = None) -> "DeepKNNScore":
+        """Store the normalised training activations of the chosen layers and the training labels."""
+        net.check_fitted()
+        if data is None:
+            raise ValueError("the 'knn' detector keeps the training activations: pass train= to ConsistencyDetector "
+                             "or call det.fit(train) before calibrate")
+        layers = check_layers(net, self.layers, self.name)
+        parts: dict[str, list[Tensor]] = {l: [] for l in layers}
+        labels: list[Tensor] = []
+        for x, y in iter_batches(data, net.batch_size):
+            if x.shape[0] == 0:
+                continue
+            r = net.run(x)
+            if self.labels == "model" or (self.labels == "auto" and y is None):
+                labels.append(r.answers.to(net.device))
+            elif y is None:
+                raise ValueError("labels='true' needs training data with labels: pass (X, y) or a labelled loader")
+            else:
+                labels.append(y.to(net.device, torch.long))
+            for l in layers:
+                parts[l].append(normalize_rows(r.haps[l]))
+        if not labels:
+            raise ValueError("the 'knn' detector received no training inputs (empty data)")
+        self.layers_ = layers
+        self.train_ = {l: torch.cat(p) for l, p in parts.items()}
+        self.train_labels_ = torch.cat(labels)
+        return self
+
+    def check_is_fitted(self) -> None:
+        if self.layers_ is None:
+            raise NotFittedError("the 'knn' detector is not fitted; call fit(net, train) first")
+
+    def score(self, net: FittedNetwork, result: ProbeResult) -> Tensor:
+        self.check_is_fitted()
+        answers = result.answers.to(net.device)
+        total = torch.zeros(answers.shape[0], device=net.device)
+        for l in self.layers_:
+            ref = self.train_[l]
+            x = normalize_rows(result.haps[l].to(ref.device))
+            if x.shape[1] != ref.shape[1]:
+                raise ShapeMismatchError(f"layer {l!r}: activations of size {x.shape[1]}, fitted on {ref.shape[1]}")
+            idx = (x @ ref.T).topk(min(self.k, ref.shape[0]), dim=1).indices
+            total += (self.train_labels_[idx] != answers[:, None]).sum(dim=1).to(total.dtype)
+        return total
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, "k": self.k, "layers": self.layers, "labels": self.labels, "layers_": self.layers_}
+
+    def state_dict(self) -> dict[str, Tensor]:
+        if self.layers_ is None:
+            return {}
+        out = {f"layer/{i}/train": self.train_[l] for i, l in enumerate(self.layers_)}
+        out["labels"] = self.train_labels_
+        return out
+
+    def load_state_dict(self, state: Mapping[str, Tensor], net: FittedNetwork, config: Mapping[str, Any]) -> None:
+        self.layers_ = check_layers(net, config.get("layers_"), self.name)
+        self.train_ = {l: require_tensor(state, f"layer/{i}/train", self.name).float().to(net.device)
+                       for i, l in enumerate(self.layers_)}
+        self.train_labels_ = require_tensor(state, "labels", self.name).long().to(net.device)

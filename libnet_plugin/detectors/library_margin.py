@@ -1,0 +1,247 @@
+"""The library-based scores: ``"library-margin"`` and ``"library-distance"`` (docs/method.md section 11)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from .._batches import iter_batches
+from .._validate import check_int
+from ..errors import NotFittedError, ShapeMismatchError
+from ..library import NodeLibrary, normalize_rows
+from ..metrics import stable_softmax
+from ..probe import ProbeResult
+from ._features import (
+    check_layers, check_pool, class_distances, conv_channels, layer_projection, node_classes, pooled, require_tensor,
+    shared_gaussian,
+)
+from .api import ConsistencyScore, FittedNetwork, FusedLayerScore
+
+__all__ = ['LibraryMarginScore', 'LibraryDistanceScore']
+
+
+class LibraryMarginScore(FusedLayerScore):
+    """Graded per-layer evidence from the libraries, fused over layers on clean data (``"library-margin"``).
+
+    For each chosen layer and input, with ``h`` the cosines to the library nodes (``h = W f_hat``) and
+    ``a`` the model's answer, four features are available (higher = more suspicious):
+
+    - ``"margin"``: ``-(mean of the k largest h among nodes of class a - mean of the k largest h among
+      nodes of the other classes)``: does the layer's library side with the model's answer?
+    - ``"residual"``: ``1 - v^T (G + ridge I)^{-1} v`` with ``v`` the ``span`` largest cosines and ``G``
+      the Gram matrix of those nodes: the squared distance of the normalised activation from the
+      linear span of its nearest nodes (novelty that a single cosine misses).
+    - ``"similarity"``: ``-(mean of the k largest h among nodes of class a)``.
+    - ``"distance"``: the Mahalanobis distance ``(g - mu_a)^T S^+ (g - mu_a)`` of the normalised
+      activation ``g`` (averaged over positions per channel for convolution layers, randomly projected
+      to ``max_dim`` dimensions when longer) to the mean ``mu_a`` of the library nodes of class ``a``,
+      with ``S`` the within-class covariance of the nodes (shared by the classes, pseudo-inverse). It is
+      Lee et al.'s (2018) Gaussian model built from the library alone (no training data is kept); ``inf``
+      when the library holds no node of class ``a``.
+
+    A node's class is the class its Hebbian readout row favours (:func:`node_classes`). Each feature is
+    turned into a conformal p-value on clean reference data and all are fused with Fisher's method.
+    Fitting needs only the fitted library network; everything fitted is recomputed from the library when
+    a saved detector is loaded.
+
+    Args:
+        layers: layers to use (default: every probed layer).
+        k: nodes per class side in ``margin`` and ``similarity``.
+        span: nearest nodes whose span reconstructs the activation in ``residual``.
+        features: any of ``"margin"``, ``"residual"``, ``"similarity"``, ``"distance"``.
+        ridge: added to the diagonal of the Gram matrix (nodes may be nearly collinear).
+        max_gram_nodes: libraries up to this size keep their full Gram matrix (``M^2`` floats); larger
+            ones compute the Gram matrix of each input's nearest nodes on the fly.
+        pool: for ``distance``: ``"auto"`` (average over positions the layers whose torch module has
+            ``out_channels``, when the library stores the whole activation), ``None`` (never) or
+            ``{layer: n_channels}``.
+        max_dim: for ``distance``: longer (unpooled) vectors are reduced by a fixed Gaussian random
+            projection to this many dimensions.
+        seed: seed of those random projections.
+
+    Example:
+        >>> s = LibraryMarginScore(k=3, span=100)
+        >>> s.features_
+        ('margin', 'residual')
+        >>> LibraryMarginScore(features=("margin", "distance")).features_
+        ('margin', 'distance')
+    """
+
+    name: ClassVar[str] = "library-margin"
+    uses_library: ClassVar[bool] = True
+    FEATURES: ClassVar[tuple[str, ...]] = ("margin", "residual", "similarity", "distance")
+    DEFAULT_FEATURES: ClassVar[tuple[str, ...]] = ("margin", "residual")
+
+    def __init__(self, layers: Sequence[str] | None = None, k: int = 3, span: int = 100,
+                 features: Sequence[str] | None = None, ridge: float = 1e-3, max_gram_nodes: int = 8192,
+                 pool: Any = "auto", max_dim: int = 1024, seed: int = 0):
+        super().__init__(layers)
+        self.k = check_int(k, "k")
+        self.span = check_int(span, "span")
+        if features is None:
+            features = self.DEFAULT_FEATURES
+        feats = (features,) if isinstance(features, str) else tuple(features)
+        bad = [f for f in feats if f not in self.FEATURES]
+        if bad or not feats or len(set(feats)) != len(feats):
+            raise ValueError(f"features must be distinct names among {self.FEATURES}, got {features!r}")
+        self.features_ = feats
+        if not (isinstance(ridge, (int, float)) and math.isfinite(ridge) and ridge >= 0):
+            raise ValueError(f"ridge must be a non-negative number, got {ridge!r}")
+        self.ridge = float(ridge)
+        self.max_gram_nodes = check_int(max_gram_nodes, "max_gram_nodes")
+        self.pool = check_pool(pool)
+        self.max_dim = check_int(max_dim, "max_dim")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        self.seed = seed
+        self._classes: dict[str, Tensor] = {}
+        self._grams: dict[str, Tensor | None] = {}
+        self._gauss: dict[str, dict[str, Any]] = {}
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(layers={self.layers}, k={self.k}, span={self.span}, "
+                f"features={self.features_})")
+
+    def _prepare(self, net: FittedNetwork) -> None:
+        self._classes, self._grams, self._gauss = {}, {}, {}
+        for i, l in enumerate(self.layers_):
+            lib = net.libraries_[l]
+            needs_nodes = [f for f in ("residual", "distance") if f in self.features_]
+            if needs_nodes and not isinstance(lib, NodeLibrary):
+                raise TypeError(f"the {needs_nodes} feature(s) need a library exposing its nodes (.nodes); the "
+                                f"library of layer {l!r} is a {type(lib).__name__}; use features=('margin',)")
+            self._classes[l] = node_classes(net, l)
+            if "residual" in self.features_ and lib.size <= self.max_gram_nodes:
+                self._grams[l] = lib.nodes @ lib.nodes.T
+            else:
+                self._grams[l] = None
+            if "distance" in self.features_:
+                self._gauss[l] = self._node_gaussian(net, l, i, lib.nodes, self._classes[l])
+
+    def _node_gaussian(self, net: FittedNetwork, layer: str, index: int, nodes: Tensor,
+                       classes: Tensor) -> dict[str, Any]:
+        """Class means, shared within-class precision and the feature map of ``distance`` for one layer."""
+        width = nodes.shape[1]
+        lib = net.libraries_[layer]
+        raw_width = lib.dim if isinstance(lib, NodeLibrary) else None
+        # channel averages only make sense when the library stores the whole activation (not a sketch)
+        channels = conv_channels(net, layer, width, self.pool) if raw_width in (None, width) else 0
+        proj = None
+        if not channels and width > self.max_dim:
+            proj = layer_projection(self.seed, index, width, self.max_dim, nodes.device)
+        g = pooled(nodes, channels, proj).double()
+        onehot = torch.nn.functional.one_hot(classes.to(g.device), net.n_classes_).double()
+        means, precision, present = shared_gaussian(onehot.T @ g, g.T @ g, onehot.sum(dim=0), g.shape[0])
+        return {"channels": channels, "proj": proj, "means": means, "present": present, "precision": precision}
+
+    def _distance(self, lib: Any, layer: str, hap: Tensor, answers: Tensor) -> Tensor:
+        st = self._gauss[layer]
+        g = pooled(lib.transform(hap), st["channels"], st["proj"]).double()
+        d = class_distances(g, st["means"], st["precision"], st["present"])
+        return d.gather(1, answers[:, None])[:, 0]
+
+    def _fit(self, net: FittedNetwork, data: Any) -> None:
+        self._prepare(net)
+
+    def feature_names(self) -> list[str]:
+        self.check_is_fitted()
+        return [f"{l}/{f}" for l in self.layers_ for f in self.features_]
+
+    def _residual(self, lib: Any, gram: Tensor | None, h: Tensor) -> Tensor:
+        n = min(self.span, h.shape[1])
+        v, idx = h.topk(n, dim=1)
+        eye = self.ridge * torch.eye(n, device=h.device, dtype=h.dtype)
+        if gram is not None:
+            g = gram[idx[:, :, None], idx[:, None, :]] + eye
+        else:
+            nodes = lib.nodes
+            g = torch.empty(h.shape[0], n, n, device=h.device, dtype=h.dtype)
+            step = max(1, 2**24 // max(1, n * nodes.shape[1]))
+            for i in range(0, h.shape[0], step):
+                a = nodes[idx[i:i + step]]
+                g[i:i + step] = a @ a.transpose(1, 2)
+            g = g + eye
+        # Cholesky, not torch.linalg.solve: the batched LU solve of torch 2.13's CPU build fails (MKL SLASWP
+        # error, then hangs) for some sizes, e.g. 150 x 150 with 8 or more matrices; batched Cholesky does not.
+        chol, info = torch.linalg.cholesky_ex(g)
+        bad = info != 0
+        if bool(bad.any()):  # nearly collinear nodes with ridge 0: add a small jitter to those rows only
+            jitter = 1e-6 * g[bad].diagonal(dim1=1, dim2=2).mean(dim=1).clamp(min=1e-12)
+            identity = torch.eye(n, device=h.device, dtype=h.dtype)
+            chol[bad] = torch.linalg.cholesky(g[bad] + jitter[:, None, None] * identity)
+        q = (v[:, None, :] @ torch.cholesky_solve(v[:, :, None], chol))[:, 0, 0]
+        return (1.0 - q).clamp(min=0.0)
+
+    def features(self, net: FittedNetwork, result: ProbeResult) -> Tensor:
+        self.check_is_fitted()
+        answers = result.answers.to(net.device)
+        cols = []
+        needs_h = any(f != "distance" for f in self.features_)
+        for l in self.layers_:
+            lib = net.libraries_[l]
+            cls = self._classes[l]
+            if cls.shape[0] != lib.size:
+                raise ShapeMismatchError(f"layer {l!r}: the library has {lib.size} nodes, the detector was fitted "
+                                         f"with {cls.shape[0]}; refit the detector after refitting the network")
+            if needs_h:
+                h = lib.similarity(result.haps[l])
+                same = cls[None, :] == answers[:, None]
+                kk = min(self.k, h.shape[1])
+                s_same = h.masked_fill(~same, -1.0).topk(kk, dim=1).values.mean(dim=1)
+            for f in self.features_:
+                if f == "margin":
+                    s_other = h.masked_fill(same, -1.0).topk(kk, dim=1).values.mean(dim=1)
+                    cols.append((s_other - s_same).double())
+                elif f == "similarity":
+                    cols.append((-s_same).double())
+                elif f == "residual":
+                    cols.append(self._residual(lib, self._grams[l], h).double())
+                else:
+                    cols.append(self._distance(lib, l, result.haps[l], answers))
+        return torch.stack(cols, dim=1)
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "k": self.k, "span": self.span, "features": list(self.features_),
+                "ridge": self.ridge, "max_gram_nodes": self.max_gram_nodes, "pool": self.pool,
+                "max_dim": self.max_dim, "seed": self.seed}
+
+    def _load_state(self, state: Mapping[str, Tensor], net: FittedNetwork) -> None:
+        self._prepare(net)
+
+    def memory_bytes(self) -> int:
+        """Bytes kept beyond the library network: the clean reference, Gram matrices and ``distance`` statistics."""
+        kept = [g for g in self._grams.values() if g is not None]
+        kept += [t for st in self._gauss.values() for t in st.values() if isinstance(t, Tensor)]
+        return super().memory_bytes() + sum(t.numel() * t.element_size() for t in kept)
+
+
+class LibraryDistanceScore(LibraryMarginScore):
+    """Mahalanobis distance to the answer class's library nodes, fused over layers (``"library-distance"``).
+
+    :class:`LibraryMarginScore` with ``features=("distance",)`` by default: per layer, the distance of
+    the normalised activation (channel averages for convolution layers) to the mean of the library nodes
+    of the model's answer class, under the within-class covariance of the nodes; conformal p-values on
+    clean data, fused over layers with Fisher's method. Unlike the ``"mahalanobis"`` baseline it keeps no
+    training data: its class statistics come from the library nodes and the readouts' node classes
+    (a few kilobytes beyond the library). Every other feature of ``"library-margin"`` can be added with
+    ``features=``.
+
+    On the MNIST default of ``libnet evaluate-detectors`` the convolution layers carry the evidence: the
+    run lists ``"library-distance (conv1, conv2)"`` next to the all-layer default.
+
+    Args:
+        See :class:`LibraryMarginScore`; only the default ``features`` differs.
+
+    Example:
+        >>> import libnet_plugin as lnp
+        >>> from libnet_plugin.plugins import make_detector
+        >>> make_detector("library-distance", {"layers": ["conv1", "conv2"]})
+        LibraryDistanceScore(layers=['conv1', 'conv2'], k=3, span=100, features=('distance',))
+    """
+
+    name: ClassVar[str] = "library-distance"
+    DEFAULT_FEATURES: ClassVar[tuple[str, ...]] = ("distance",)

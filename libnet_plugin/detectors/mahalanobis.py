@@ -1,0 +1,154 @@
+"""The multi-layer Mahalanobis baseline, ``"mahalanobis"`` (Lee et al., 2018), without attack examples."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from .._batches import iter_batches
+from .._validate import check_int
+from ..errors import NotFittedError, ShapeMismatchError
+from ..library import NodeLibrary, normalize_rows
+from ..metrics import stable_softmax
+from ..probe import ProbeResult
+from ._features import (
+    check_layers, check_pool, class_distances, conv_channels, layer_projection, node_classes, pooled, require_tensor,
+    shared_gaussian,
+)
+from .api import ConsistencyScore, FittedNetwork, FusedLayerScore
+
+__all__ = ['MahalanobisScore']
+
+
+class MahalanobisScore(FusedLayerScore):
+    """Multi-layer Mahalanobis score (Lee et al., 2018) without attack examples, ``"mahalanobis"``.
+
+    Per layer: a feature vector (the channel means over positions for convolution layers, as in Lee et
+    al.; the flattened activation otherwise, reduced by a fixed seeded Gaussian random projection to
+    ``max_dim`` dimensions when larger), class means from the training inputs grouped by the MODEL's
+    answers, one covariance shared by all classes (pseudo-inverse, as scikit-learn's
+    ``EmpiricalCovariance``), and the score ``min_c (f - mu_c)^T S^+ (f - mu_c)``. Layers are fused with
+    conformal p-values on clean data instead of the original logistic regression on attacks, and the
+    input pre-processing step (which needs gradients) is left out. Fitting streams once over the
+    training data with float64 sums.
+
+    Args:
+        layers: layers to use (default: every probed layer).
+        pool: ``"auto"`` (average convolution outputs over positions, found from the torch module's
+            ``out_channels``), ``None`` (never), or ``{layer: n_channels}``.
+        max_dim: larger feature vectors are randomly projected to this many dimensions.
+        seed: seed of the random projections.
+        shrinkage: ``S + shrinkage * mean(diag S) * I`` before the pseudo-inverse (0: none).
+
+    Example:
+        >>> MahalanobisScore(max_dim=256).max_dim
+        256
+    """
+
+    name: ClassVar[str] = "mahalanobis"
+    requires_training_data: ClassVar[bool] = True
+
+    def __init__(self, layers: Sequence[str] | None = None, pool: Any = "auto", max_dim: int = 1024,
+                 seed: int = 0, shrinkage: float = 0.0):
+        super().__init__(layers)
+        self.pool = check_pool(pool)
+        self.max_dim = check_int(max_dim, "max_dim")
+        self.seed = int(seed)
+        if not (isinstance(shrinkage, (int, float)) and math.isfinite(shrinkage) and shrinkage >= 0):
+            raise ValueError(f"shrinkage must be a non-negative number, got {shrinkage!r}")
+        self.shrinkage = float(shrinkage)
+        self.channels_: dict[str, int] = {}
+        self.dims_: dict[str, int] = {}
+        self.means_: dict[str, Tensor] = {}
+        self.precision_: dict[str, Tensor] = {}
+        self.class_present_: dict[str, Tensor] = {}
+        self._proj: dict[str, Tensor] = {}
+
+    def __repr__(self) -> str:
+        return f"MahalanobisScore(layers={self.layers}, pool={self.pool!r}, max_dim={self.max_dim})"
+
+    def _feature(self, layer: str, hap: Tensor) -> Tensor:
+        c = self.channels_[layer]
+        proj = None
+        if not c and hap.shape[1] > self.max_dim:
+            if layer not in self._proj:
+                self._proj[layer] = layer_projection(self.seed, self.layers_.index(layer), hap.shape[1],
+                                                      self.max_dim, hap.device)
+            proj = self._proj[layer]
+        return pooled(hap, c, proj)
+
+    def _fit(self, net: FittedNetwork, data: Any) -> None:
+        n_classes = net.n_classes_
+        sums: dict[str, Tensor] = {}
+        outer: dict[str, Tensor] = {}
+        counts = torch.zeros(n_classes, dtype=torch.float64, device=net.device)
+        self._proj = {}
+        self.channels_, self.dims_, self.means_, self.precision_, self.class_present_ = {}, {}, {}, {}, {}
+        n = 0
+        for x, _ in iter_batches(data, net.batch_size):
+            if x.shape[0] == 0:
+                continue
+            r = net.run(x)
+            onehot = torch.nn.functional.one_hot(r.answers.to(net.device), n_classes).double()
+            counts += onehot.sum(dim=0)
+            for l in self.layers_:
+                if l not in self.channels_:
+                    self.channels_[l] = conv_channels(net, l, r.haps[l].shape[1], self.pool)
+                f = self._feature(l, r.haps[l]).double()
+                if l not in sums:
+                    self.dims_[l] = f.shape[1]
+                    sums[l] = torch.zeros(n_classes, f.shape[1], dtype=torch.float64, device=net.device)
+                    outer[l] = torch.zeros(f.shape[1], f.shape[1], dtype=torch.float64, device=net.device)
+                sums[l] += onehot.T @ f
+                outer[l] += f.T @ f
+            n += x.shape[0]
+        if n < 2:
+            raise ValueError(f"the 'mahalanobis' detector needs at least 2 training inputs, got {n}")
+        for l in self.layers_:
+            self.means_[l], self.precision_[l], self.class_present_[l] = shared_gaussian(
+                sums[l], outer[l], counts, n, self.shrinkage)
+
+    def feature_names(self) -> list[str]:
+        self.check_is_fitted()
+        return [f"{l}/distance" for l in self.layers_]
+
+    def features(self, net: FittedNetwork, result: ProbeResult) -> Tensor:
+        self.check_is_fitted()
+        if not self.means_:
+            raise NotFittedError("the 'mahalanobis' detector has no class means; call fit(net, train) first")
+        cols = []
+        for l in self.layers_:
+            f = self._feature(l, result.haps[l]).double()
+            if f.shape[1] != self.dims_[l]:
+                raise ShapeMismatchError(f"layer {l!r}: features of size {f.shape[1]}, fitted on {self.dims_[l]}")
+            cols.append(class_distances(f, self.means_[l], self.precision_[l], self.class_present_[l]).amin(dim=1))
+        return torch.stack(cols, dim=1)
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "pool": self.pool, "max_dim": self.max_dim, "seed": self.seed,
+                "shrinkage": self.shrinkage, "channels_": self.channels_, "dims_": self.dims_}
+
+    def _state(self) -> dict[str, Tensor]:
+        out = {}
+        for i, l in enumerate(self.layers_ or []):
+            if l in self.means_:
+                out[f"layer/{i}/means"] = self.means_[l]
+                out[f"layer/{i}/precision"] = self.precision_[l]
+                out[f"layer/{i}/present"] = self.class_present_[l]
+        return out
+
+    def load_state_dict(self, state: Mapping[str, Tensor], net: FittedNetwork, config: Mapping[str, Any]) -> None:
+        self.channels_ = {str(k): int(v) for k, v in (config.get("channels_") or {}).items()}
+        self.dims_ = {str(k): int(v) for k, v in (config.get("dims_") or {}).items()}
+        super().load_state_dict(state, net, config)
+
+    def _load_state(self, state: Mapping[str, Tensor], net: FittedNetwork) -> None:
+        self._proj = {}
+        for i, l in enumerate(self.layers_):
+            self.means_[l] = require_tensor(state, f"layer/{i}/means", self.name).double().to(net.device)
+            self.precision_[l] = require_tensor(state, f"layer/{i}/precision", self.name).double().to(net.device)
+            self.class_present_[l] = require_tensor(state, f"layer/{i}/present", self.name).bool().to(net.device)
