@@ -156,7 +156,8 @@ class LibraryNetwork:
         layers: names of the layers to probe, in order (``model.named_modules()`` names for torch).
         thresholds: theta in (0, 1], one for all layers or ``{layer: theta}`` for each; or ``"auto"`` to
             choose each layer's theta from the training data at ``fit`` (see
-            :func:`libnet_plugin.thresholds.choose_thresholds`; options in ``auto_thresholds``).
+            :func:`libnet_plugin.thresholds.choose_thresholds`; options in ``auto_thresholds``). Kept
+            as given; the theta of each fitted library is in ``thresholds_``.
         top_k: nodes used per prediction (Eq. 3) when a call does not say otherwise.
         device: where libraries live and compute (default: the model's device, else CPU).
         library: library kind served by the ``libnet_library`` hook (``"exact"``).
@@ -206,7 +207,9 @@ class LibraryNetwork:
         self.model = model
         self.layers = layers
         self.auto_thresholds = dict(auto_thresholds or {}) if isinstance(thresholds, str) and thresholds == "auto" else None
-        self.thresholds = ({} if self.auto_thresholds is not None else self._resolve_thresholds(thresholds, layers))
+        # the hyperparameter as given; checked now so that a bad value fails before any pass over data
+        self.thresholds = dict(thresholds) if isinstance(thresholds, Mapping) else thresholds
+        self._given_thresholds = None if self.auto_thresholds is not None else self._resolve_thresholds(thresholds, layers)
         self.top_k = int(top_k)
         self.device = _resolve_device(device, model)
         self.library = library
@@ -234,8 +237,8 @@ class LibraryNetwork:
         return {l: value for l in layers}
 
     def __repr__(self) -> str:
-        sizes = getattr(self, "library_sizes_", None)
-        return (f"LibraryNetwork(layers={self.layers}, thresholds={self.thresholds}, top_k={self.top_k}, "
+        sizes = self.library_sizes_ if self.is_fitted else None
+        return (f"LibraryNetwork(layers={self.layers}, thresholds={self.thresholds!r}, top_k={self.top_k}, "
                 f"device={str(self.device)!r}, library={self.library!r}, sizes={sizes})")
 
     @property
@@ -253,8 +256,15 @@ class LibraryNetwork:
         self.check_fitted()
         return {l: self.libraries_[l].size for l in self.layers}
 
-    def _new_library(self, layer: str, **extra: Any) -> Any:
-        settings = {**self.library_options, **extra, "threshold": self.thresholds[layer], "device": self.device,
+    @property
+    def thresholds_(self) -> dict[str, float]:
+        """``{layer: theta}`` of the fitted libraries (the thetas ``"auto"`` chose, or those given)."""
+        self.check_fitted()
+        return {l: float(self.libraries_[l].threshold) for l in self.layers}
+
+    def new_library(self, layer: str, threshold: float, **extra: Any) -> Any:
+        """An empty library for ``layer`` at theta ``threshold``, of this network's kind and options."""
+        settings = {**self.library_options, **extra, "threshold": threshold, "device": self.device,
                     "layer": layer}
         return make_library(self.library, settings, self.plugin_manager)
 
@@ -301,8 +311,12 @@ class LibraryNetwork:
         if self.auto_thresholds is not None:
             from .thresholds import choose_thresholds
 
-            self.thresholds = choose_thresholds(self, train, **self.auto_thresholds)
-        libraries = {l: self._new_library(l) for l in self.layers}
+            thetas, report = choose_thresholds(self.probe, train, self.new_library, layers=self.layers,
+                                               batch_size=self.batch_size, **self.auto_thresholds)
+            self.auto_thresholds_report_ = report
+        else:
+            thetas = dict(self._given_thresholds)
+        libraries = {l: self.new_library(l, thetas[l]) for l in self.layers}
         fitted = stream_fit(self.probe, train, {l: [lib] for l, lib in libraries.items()}, self._new_readout,
                             batch_size=self.batch_size, cache_bytes=self.cache_bytes, progress=progress)
         return self.adopt_fitted(libraries, {l: r[0] for l, r in fitted.readouts.items()},
@@ -484,10 +498,19 @@ class LibraryNetwork:
         return (idx, sims) if return_similarities else idx
 
     # ------------------------------------------------------------------ persistence
+    def _thresholds_json(self) -> Any:
+        """The ``thresholds`` hyperparameter as JSON (``"auto"``, a number or ``{layer: number}``)."""
+        if isinstance(self.thresholds, str):
+            return self.thresholds
+        if isinstance(self.thresholds, Mapping):
+            return {str(k): float(v) for k, v in self.thresholds.items()}
+        return float(self.thresholds)
+
     def config(self) -> dict[str, Any]:
         """The JSON-able settings saved with the network (what :meth:`from_state` reads back)."""
         return {
-            "layers": self.layers, "thresholds": self.thresholds, "top_k": self.top_k,
+            "layers": self.layers, "thresholds": self.thresholds_, "thresholds_param": self._thresholds_json(),
+            "auto_thresholds": self.auto_thresholds, "top_k": self.top_k,
             "library": self.library, "library_options": self.library_options,
             "readout": self.readout, "readout_options": self.readout_options,
             "batch_size": self.batch_size, "n_classes": self.n_classes_, "n_train": self.n_train_,
@@ -537,7 +560,9 @@ class LibraryNetwork:
         from .errors import SaveFormatError
 
         try:
-            settings = dict(thresholds=cfg["thresholds"], top_k=cfg["top_k"], library=cfg["library"],
+            # files written before thresholds_ existed hold only the fitted thetas: they stand for the hyperparameter
+            settings = dict(thresholds=cfg.get("thresholds_param", cfg["thresholds"]), top_k=cfg["top_k"],
+                            auto_thresholds=cfg.get("auto_thresholds"), library=cfg["library"],
                             library_options=cfg["library_options"], readout=cfg["readout"],
                             readout_options=cfg["readout_options"], batch_size=cfg["batch_size"])
             layers, lib_cfgs, ro_cfgs = cfg["layers"], cfg["library_configs"], cfg["readout_configs"]
@@ -548,7 +573,8 @@ class LibraryNetwork:
         for i, l in enumerate(net.layers):
             lc = {k: v for k, v in lib_cfgs[l].items() if k not in ("name", "threshold")}
             rc = {k: v for k, v in ro_cfgs[l].items() if k not in ("name", "n_classes")}
-            lib, ro = net._new_library(l, **lc), net._new_readout(cfg["n_classes"], **rc)
+            lib = net.new_library(l, float(cfg["thresholds"][l]), **lc)
+            ro = net._new_readout(cfg["n_classes"], **rc)
             for obj, prefix in ((lib, f"library/{i}/"), (ro, f"readout/{i}/")):
                 part = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
                 try:

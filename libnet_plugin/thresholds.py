@@ -23,8 +23,8 @@ Example:
     >>> x = torch.randn(1000, 16)
     >>> net = lnp.LibraryNetwork(model, ["0", "2"], thresholds="auto",
     ...                          auto_thresholds={"target": 0.1}).fit(x)
-    >>> sorted(net.thresholds) == ["0", "2"]
-    True
+    >>> net.thresholds, sorted(net.thresholds_)
+    ('auto', ['0', '2'])
     >>> all(60 <= n <= 140 for n in net.library_sizes_.values())  # about 10% of 1,000
     True
 """
@@ -34,17 +34,16 @@ from __future__ import annotations
 import logging
 import math
 import numbers
-from typing import TYPE_CHECKING, Any, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from ._batches import is_one_shot, iter_batches
-from .plugins import make_library
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .network import LibraryNetwork
+from .library import Library
+from .probe import LayerProbe
 
 __all__ = ["choose_thresholds", "reservoir_sample", "predicted_library_size"]
 
@@ -143,15 +142,20 @@ def _target_size(target: Any, n_total: int, layer: str) -> int:
                      f"number of nodes >= 1 (an int), got {target!r}")
 
 
-def choose_thresholds(net: "LibraryNetwork", train: Any, *, target: float | int | Mapping[str, float | int] = 0.1,
-                      sample_size: int = 1000, seed: int = 0, tol: float = 0.02,
-                      max_iter: int = 25) -> dict[str, float]:
+def choose_thresholds(probe: LayerProbe, train: Any, new_library: Callable[[str, float], Library], *,
+                      layers: Sequence[str], batch_size: int = 256,
+                      target: float | int | Mapping[str, float | int] = 0.1, sample_size: int = 1000, seed: int = 0,
+                      tol: float = 0.02, max_iter: int = 25) -> tuple[dict[str, float], dict[str, dict[str, Any]]]:
     """Choose theta per layer so that each library reaches a target size.
 
     Args:
-        net: the (not yet fitted) library network: its probe, layers, library kind and options are used.
-        train: the training data, as ``fit`` takes it; it must be re-iterable (it is streamed once here,
-            then again by ``fit``).
+        probe: the model's layer probe (``probe.run(x)``).
+        train: the training data, as ``LibraryNetwork.fit`` takes it; it must be re-iterable (it is
+            streamed once here, then again by ``fit``).
+        new_library: ``new_library(layer, theta)`` returns an empty library of the kind that will be
+            fitted (for :class:`~libnet_plugin.LibraryNetwork`, its library kind and options).
+        layers: the probed layers to choose a theta for.
+        batch_size: batch size of the passes over ``train`` and the sample.
         target: per layer (one value, or ``{layer: value}``): a fraction in (0, 1) of the training inputs
             to keep as nodes, or a whole number of nodes.
         sample_size: inputs sampled (uniformly, by reservoir sampling) to choose theta from; only these
@@ -162,44 +166,47 @@ def choose_thresholds(net: "LibraryNetwork", train: Any, *, target: float | int 
         max_iter: bisection steps per layer at most.
 
     Returns:
-        ``{layer: theta}`` with theta in (0, 1]. The details (target, predicted size, sample size, size on
-        the sample) are logged and stored in ``net.auto_thresholds_report_``.
+        ``({layer: theta}, report)`` with theta in (0, 1]; the report holds per layer the target, the
+        predicted size, the sample size and the size on the sample (also logged).
+        ``LibraryNetwork`` keeps it in ``auto_thresholds_report_``.
 
     Raises:
         ValueError: a bad target, empty data, or a one-shot iterator as training data.
 
     Example:
-        >>> choose_thresholds(net, x_train, target={"conv1": 0.2, "fc1": 300})  # doctest: +SKIP
+        >>> thetas, report = choose_thresholds(net.probe, x_train, new_library, layers=["conv1", "fc1"],
+        ...                                    target={"conv1": 0.2, "fc1": 300})  # doctest: +SKIP
+        >>> thetas  # doctest: +SKIP
         {'conv1': 0.7312, 'fc1': 0.8845}
     """
     if is_one_shot(train):
         raise ValueError("thresholds='auto' streams over the training data before fit does: pass a re-iterable "
                          "(Tensor, (X, y), Dataset, DataLoader or a list of batches), not a one-shot iterator")
-    targets = dict(target) if isinstance(target, Mapping) else {l: target for l in net.layers}
-    missing = [l for l in net.layers if l not in targets]
-    unknown = [l for l in targets if l not in net.layers]
+    layers = list(layers)
+    targets = dict(target) if isinstance(target, Mapping) else {l: target for l in layers}
+    missing = [l for l in layers if l not in targets]
+    unknown = [l for l in targets if l not in layers]
     if missing or unknown:
-        raise ValueError(f"target must give one value per probed layer {net.layers}; missing {missing}, unknown {unknown}")
+        raise ValueError(f"target must give one value per probed layer {layers}; missing {missing}, unknown {unknown}")
     if not (isinstance(tol, (int, float)) and 0.0 < tol < 1.0):
         raise ValueError(f"tol must be a number in (0, 1), got {tol!r}")
-    x_sample, _, n_total = reservoir_sample(train, sample_size, seed=seed, batch_size=net.batch_size)
-    haps: dict[str, list[Tensor]] = {l: [] for l in net.layers}
-    for i in range(0, x_sample.shape[0], net.batch_size):
-        r = net.probe.run(x_sample[i:i + net.batch_size])
-        for l in net.layers:
+    x_sample, _, n_total = reservoir_sample(train, sample_size, seed=seed, batch_size=batch_size)
+    haps: dict[str, list[Tensor]] = {l: [] for l in layers}
+    for i in range(0, x_sample.shape[0], batch_size):
+        r = probe.run(x_sample[i:i + batch_size])
+        for l in layers:
             haps[l].append(r.haps[l])
     chosen: dict[str, float] = {}
     report: dict[str, dict[str, Any]] = {}
-    for l in net.layers:
+    for l in layers:
         h = torch.cat(haps[l])
         haps[l] = []  # free the list's references as we go
         want = _target_size(targets[l], n_total, l)
 
         def size_at(theta: float) -> tuple[float, int]:
-            lib = make_library(net.library, {**net.library_options, "threshold": theta, "device": net.device,
-                                             "layer": l}, net.plugin_manager)
-            stored = torch.cat([lib.partial_fit(h[i:i + net.batch_size], torch.arange(i, min(i + net.batch_size, h.shape[0]))).cpu()
-                                for i in range(0, h.shape[0], net.batch_size)])
+            lib = new_library(l, theta)
+            stored = torch.cat([lib.partial_fit(h[i:i + batch_size], torch.arange(i, min(i + batch_size, h.shape[0]))).cpu()
+                                for i in range(0, h.shape[0], batch_size)])
             return predicted_library_size(stored, n_total), int(stored.sum())
 
         lo, hi = THETA_MIN, THETA_MAX
@@ -223,5 +230,4 @@ def choose_thresholds(net: "LibraryNetwork", train: Any, *, target: float | int 
                      "sample_size": int(h.shape[0]), "size_on_sample": on_sample, "n_train": n_total}
         log.info("layer %r: theta %.4f (target %d nodes of %d inputs, predicted %.0f; %d on a sample of %d)",
                  l, theta, want, n_total, pred, on_sample, h.shape[0])
-    net.auto_thresholds_report_ = report
-    return chosen
+    return chosen, report

@@ -83,7 +83,7 @@ def test_attribution_equals_core_predict_scores_exactly(fitted, train_x, monkeyp
     assert_scores_equal(fitted.attribute(q, top_k=None), net.predict_scores(q), LAYERS)
     # fit built a plain LibraryNetwork of the model, probed by the core's built-in probe
     assert isinstance(net.probe, lnp.TorchLayerProbe) and net.model is fitted.forward_func
-    assert net.thresholds == {layer: 0.9 for layer in LAYERS} and net.n_train_ == 300
+    assert net.thresholds_ == {layer: 0.9 for layer in LAYERS} and net.n_train_ == 300
 
 
 def test_given_core_network_and_layer_subset(mlp, mlp_data):

@@ -328,7 +328,7 @@ def test_one_call_from_model_with_auto_thresholds(mlp, mlp_data):
     x, y = mlp_data
     det = lnp.ConsistencyDetector(mlp, layers=["fc1", "out"], train=(x, y), method="knn",
                                   network_options={"auto_thresholds": {"target": 0.2}})
-    assert det.net.is_fitted and set(det.net.thresholds) == {"fc1", "out"}
+    assert det.net.is_fitted and set(det.net.thresholds_) == {"fc1", "out"} and det.net.thresholds == "auto"
     assert set(det.net.auto_thresholds_report_) == {"fc1", "out"}
     det.calibrate(torch.randn(200, 10, generator=torch.Generator().manual_seed(5)))
     assert det.predict(x[:3]).dtype == torch.bool

@@ -84,10 +84,10 @@ def test_whole_set_sample_hits_the_target(model):
     net = lnp.LibraryNetwork(model, ["0", "2", "4"], thresholds="auto",
                              auto_thresholds={"target": 0.1, "sample_size": 800}).fit(x)
     for layer, size in net.library_sizes_.items():
-        assert abs(size - 80) <= 80 * 0.05, (layer, size, net.thresholds)
+        assert abs(size - 80) <= 80 * 0.05, (layer, size, net.thresholds_)
     report = net.auto_thresholds_report_
     assert report["0"]["target_size"] == 80 and report["0"]["n_train"] == 800
-    assert report["0"]["theta"] == net.thresholds["0"]
+    assert report["0"]["theta"] == net.thresholds_["0"]
 
 
 def test_sampled_target_extrapolates_within_a_factor(model):
@@ -102,9 +102,11 @@ def test_sampled_target_extrapolates_within_a_factor(model):
 def test_bigger_target_means_higher_theta(model):
     x = _clustered(600, seed=2)
     net = lnp.LibraryNetwork(model, ["0", "2"], thresholds=0.5)
-    small = choose_thresholds(net, x, target=0.05, sample_size=600)
-    large = choose_thresholds(net, x, target=0.3, sample_size=600)
-    per_layer = choose_thresholds(net, x, target={"0": 0.05, "2": 0.3}, sample_size=600)
+    small, _ = choose_thresholds(net.probe, x, net.new_library, layers=net.layers, target=0.05, sample_size=600)
+    large, _ = choose_thresholds(net.probe, x, net.new_library, layers=net.layers, target=0.3, sample_size=600)
+    per_layer, report = choose_thresholds(net.probe, x, net.new_library, layers=net.layers,
+                                          target={"0": 0.05, "2": 0.3}, sample_size=600)
+    assert report["2"]["theta"] == per_layer["2"] and report["0"]["sample_size"] == 600
     assert all(large[l] > small[l] for l in ("0", "2"))
     assert per_layer == {"0": small["0"], "2": large["2"]}
     assert all(0.0 < t <= 1.0 for t in large.values())
@@ -118,7 +120,7 @@ def test_bigger_target_means_higher_theta(model):
 def test_bad_targets(model, target, message):
     net = lnp.LibraryNetwork(model, ["0", "2"], thresholds=0.5)
     with pytest.raises(ValueError, match=message):
-        choose_thresholds(net, _clustered(50), target=target, sample_size=50)
+        choose_thresholds(net.probe, _clustered(50), net.new_library, layers=net.layers, target=target, sample_size=50)
 
 
 def test_one_shot_iterator_is_refused(model):
@@ -134,3 +136,24 @@ def test_auto_thresholds_on_a_conv_net():
     x = torch.rand(300, 1, 8, 8)
     net = lnp.LibraryNetwork(model, ["0", "3"], thresholds="auto", auto_thresholds={"target": 30}).fit(x)
     assert all(abs(s - 30) <= 3 for s in net.library_sizes_.values()), net.library_sizes_
+
+
+@pytest.mark.parametrize("given", ["auto", 0.8, {"0": 0.7, "2": 0.9}])
+def test_fit_never_rewrites_the_thresholds_hyperparameter(tmp_path, model, given):
+    x = _clustered(300, seed=3)
+    options = {"auto_thresholds": {"target": 0.2, "sample_size": 300}} if given == "auto" else {}
+    net = lnp.LibraryNetwork(model, ["0", "2"], thresholds=given, **options)
+    kept = dict(given) if isinstance(given, dict) else given
+    net.fit(x)
+    assert net.thresholds == kept
+    assert sorted(net.thresholds_) == ["0", "2"] and all(0.0 < t <= 1.0 for t in net.thresholds_.values())
+    if given != "auto":
+        expected = given if isinstance(given, dict) else {"0": given, "2": given}
+        assert net.thresholds_ == expected
+    net.fit(x)  # a refit starts from the hyperparameter again, not from the first fit's thetas
+    assert net.thresholds == kept
+    net.save(tmp_path / "net.lnp")
+    back = lnp.LibraryNetwork.load(tmp_path / "net.lnp", model)
+    assert back.thresholds == kept and back.thresholds_ == net.thresholds_
+    with pytest.raises(lnp.NotFittedError):
+        lnp.LibraryNetwork(model, ["0", "2"], thresholds=given).thresholds_

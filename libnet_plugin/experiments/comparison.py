@@ -397,7 +397,7 @@ def evaluate_detectors(net_or_model: Any, train: Any, clean_test: Any, attacked_
     table = markdown_table(headers, [[r[h] for h in headers] for r in rows])
     out: dict[str, Any] = {
         "settings": {"fpr": fpr, "n_train": net.n_train_, "n_calibration": int(x_cal.shape[0]),
-                     "n_clean": int(x_clean.shape[0]), "layers": list(net.layers), "thresholds": dict(net.thresholds),
+                     "n_clean": int(x_clean.shape[0]), "layers": list(net.layers), "thresholds": net.thresholds_,
                      "library_sizes": net.library_sizes_, "batch_size": batch_size},
         "sets": {name: {"kind": kinds[name], "n": int(x.shape[0])} for name, x in sets.items()},
         "forward_ms_per_1000": forward_ms, "detectors": results, "rows": rows, "table_markdown": table,
