@@ -1,6 +1,6 @@
 # Two commands set up a fresh machine (see README.md):
 #   make reproduce   -> builds .venv, runs `libnet reproduce mnist` on the embedded default data
-#   make test        -> builds .venv, runs tests/ and integration_tests/
+#   make test        -> builds .venv, runs ruff, then tests/, integration_tests/ and the docstring examples
 PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -20,7 +20,8 @@ reproduce: $(STAMP)
 	$(BIN)/libnet reproduce mnist
 
 test: $(STAMP)
-	$(BIN)/python -m pytest tests integration_tests -q
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest tests integration_tests libnet_plugin adapters -q
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run

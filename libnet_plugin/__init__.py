@@ -2,7 +2,7 @@
 
 >>> import libnet_plugin as lnp
 >>> sorted(lnp.hookspecs.ALL_HOOKS)[:2]
-['libnet_consistency_detector', 'libnet_layer_probe']
+['libnet_consistency_detector', 'libnet_detector_comparison']
 """
 
 __version__ = "0.1.0"

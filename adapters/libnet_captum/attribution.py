@@ -174,8 +174,8 @@ class _LibraryLayers:
 
         Examples::
 
-            >>> attr = LibraryAttribution(model, [model.fc1, model.fc2]).fit(x_train, thresholds=0.8)
-            >>> attr.library_network.library_sizes_
+            >>> attr = LibraryAttribution(model, [model.fc1, model.fc2]).fit(x_train, thresholds=0.8)  # doctest: +SKIP
+            >>> attr.library_network.library_sizes_  # doctest: +SKIP
         """
         if self.library_network is not None:
             if thresholds is not None or top_k is not None or options or additional_forward_args is not None:
@@ -329,13 +329,13 @@ class LibraryAttribution(_LibraryLayers, Attribution):
 
             >>> # ImageClassifier takes a single input tensor of images Nx3x32x32,
             >>> # and returns an Nx10 tensor of class scores. x_train holds training images.
-            >>> net = ImageClassifier()
-            >>> attr = LibraryAttribution(net, [net.conv1, net.fc1]).fit(x_train, thresholds=0.7)
-            >>> input = torch.randn(2, 3, 32, 32)
+            >>> net = ImageClassifier()  # doctest: +SKIP
+            >>> attr = LibraryAttribution(net, [net.conv1, net.fc1]).fit(x_train, thresholds=0.7)  # doctest: +SKIP
+            >>> input = torch.randn(2, 3, 32, 32)  # doctest: +SKIP
             >>> # evidence of conv1 and fc1 for each of the 10 classes: two Tensors of shape 2x10
-            >>> conv1_evidence, fc1_evidence = attr.attribute(input)
+            >>> conv1_evidence, fc1_evidence = attr.attribute(input)  # doctest: +SKIP
             >>> # evidence for class 3 only: two Tensors of shape 2
-            >>> conv1_3, fc1_3 = attr.attribute(input, target=3)
+            >>> conv1_3, fc1_3 = attr.attribute(input, target=3)  # doctest: +SKIP
         """
         k = None if top_k is None else _positive_int(top_k, "top_k")
         net, haps = self._activations(inputs, additional_forward_args)
@@ -415,9 +415,9 @@ class LibraryExemplars(_LibraryLayers, DataInfluence):
 
     Examples::
 
-        >>> exemplars = LibraryExemplars(model, ["0", "2"], library_network=attr.library_network)
-        >>> idx, sim = exemplars.influence(x_test[:4], top_k=3)["2"]   # each of shape 4x3
-        >>> x_train[idx[0]]   # the training inputs layer "2" relates the first test input to
+        >>> exemplars = LibraryExemplars(model, ["0", "2"], library_network=attr.library_network)  # doctest: +SKIP
+        >>> idx, sim = exemplars.influence(x_test[:4], top_k=3)["2"]   # each of shape 4x3  # doctest: +SKIP
+        >>> x_train[idx[0]]   # the training inputs layer "2" relates the first test input to  # doctest: +SKIP
     """
 
     def __init__(self, forward_func: Callable[..., Any], layers: LayerSpec | Sequence[LayerSpec],
@@ -455,8 +455,8 @@ class LibraryExemplars(_LibraryLayers, DataInfluence):
 
         Examples::
 
-            >>> influences = LibraryExemplars(net, [net.conv1, net.fc1]).fit(x_train).influence(x_test[:2])
-            >>> fc1_indices, fc1_similarities = influences["fc1"]   # each of shape 2x3
+            >>> influences = LibraryExemplars(net, [net.conv1, net.fc1]).fit(x_train).influence(x_test[:2])  # doctest: +SKIP
+            >>> fc1_indices, fc1_similarities = influences["fc1"]   # each of shape 2x3  # doctest: +SKIP
         """
         k = _positive_int(top_k, "top_k")
         net, haps = self._activations(inputs, additional_forward_args)

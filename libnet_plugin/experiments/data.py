@@ -291,7 +291,7 @@ def load_mnist_idx(
 
     Example:
         >>> x_tr, y_tr, x_te, y_te = load_mnist_idx("~/data/mnist")  # doctest: +SKIP
-        >>> x_tr.shape
+        >>> x_tr.shape  # doctest: +SKIP
         torch.Size([60000, 1, 28, 28])
     """
     paths = check_mnist_dir(data_dir)
@@ -468,7 +468,7 @@ def load_cifar10(
 
     Example:
         >>> x_tr, y_tr, x_te, y_te = load_cifar10("~/data")  # doctest: +SKIP
-        >>> x_tr.shape
+        >>> x_tr.shape  # doctest: +SKIP
         torch.Size([50000, 3, 32, 32])
     """
     directory = check_cifar10_dir(data_dir)
@@ -510,7 +510,8 @@ def write_fake_cifar10(
         The ``cifar-10-batches-py`` directory written.
 
     Example:
-        >>> root = write_fake_cifar10(tmp_path, n_train_per_batch=4, n_test=4)  # doctest: +SKIP
+        >>> import tempfile
+        >>> root = write_fake_cifar10(tempfile.mkdtemp(), n_train_per_batch=4, n_test=4)
         >>> load_cifar10(root)[0].shape
         torch.Size([20, 3, 32, 32])
     """
