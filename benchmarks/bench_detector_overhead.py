@@ -25,8 +25,8 @@ from typing import Any
 import torch
 
 from libnet_plugin import ConsistencyDetector, LibraryNetwork
-from libnet_plugin.experiments.report import markdown_table, to_jsonable, write_json_atomic
 from libnet_plugin.experiments.evaluate_detectors import mnist_model
+from libnet_plugin.experiments.report import markdown_table, to_jsonable, write_json_atomic
 
 from ._util import interleaved_best, machine_info, resolve_device
 
@@ -94,10 +94,10 @@ def main(device: str = "cpu", *, quick: bool = False, batch_size: int = 256, rep
     for cname, (thresholds, auto) in configs.items():
         net = LibraryNetwork(model, LAYERS, thresholds=thresholds, auto_thresholds=auto, device=dev).fit(x_tr)
         say(f"[detector overhead] {cname}: library sizes {net.library_sizes_}")
-        entry: dict[str, Any] = {"library_sizes": net.library_sizes_, "thresholds": dict(net.thresholds),
+        entry: dict[str, Any] = {"library_sizes": net.library_sizes_, "thresholds": net.thresholds_,
                                  "library_bytes": sum(t.numel() * t.element_size() for t in net.state_tensors().values()),
                                  "detectors": {}}
-        probe_times = interleaved_best({"forward": forward, "probe": lambda: net.probe.run(batch)}, dev, repeat=reps)
+        probe_times = interleaved_best({"forward": forward, "probe": lambda net=net: net.probe.run(batch)}, dev, repeat=reps)
         entry["probe_ratio"] = probe_times["probe"] / probe_times["forward"]
         say(f"[detector overhead] {cname} probe alone (one forward pass with the layer hooks): "
             f"{entry['probe_ratio']:.2f}x forward")
@@ -108,8 +108,8 @@ def main(device: str = "cpu", *, quick: bool = False, batch_size: int = 256, rep
                 det.fit((x_tr, y_tr))
             det.calibrate(cal)
             guard = det.guard()
-            times = interleaved_best({"forward": forward, "score": lambda: det.score(batch),
-                                      "guard": lambda: guard(batch)}, dev, repeat=reps)
+            times = interleaved_best({"forward": forward, "score": lambda det=det: det.score(batch),
+                                      "guard": lambda guard=guard: guard(batch)}, dev, repeat=reps)
             forward_best = min(forward_best, times["forward"])
             entry["detectors"][label] = {
                 "method": method, "settings": settings, "library_based": det.scorer.uses_library,

@@ -22,8 +22,9 @@ import os
 import resource
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 __all__ = ["measure", "main"]
 
@@ -103,11 +104,10 @@ def _child_mnist(args: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     import libnet_plugin as lnp
+    from benchmarks.mnist_setup import LAYERS, S1
     from libnet_plugin.experiments.data import load_mnist_default
     from libnet_plugin.experiments.models import MnistNet, load_state_dict_checked
     from libnet_plugin.serialization import load_checked
-
-    from benchmarks.mnist_setup import LAYERS, S1
 
     device = torch.device(args["device"])
     tensors, _ = load_checked(args["weights"], kind="MnistNet")

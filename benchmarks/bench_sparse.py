@@ -17,7 +17,8 @@ configuration is fitted at the seed's threshold set S1 on the 4,000 training ima
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -94,9 +95,9 @@ def run(mb: MnistBench, device: torch.device, *, quick: bool = False, repeat: in
             adv_cpl = net.consistency(x_adv, top_k=20)
             aurocs[eps] = detection_metrics(clean_cpl[keep], adv_cpl[keep])["auroc"]
         haps = net.probe.run(x256).haps
-        times = interleaved_best({"forward": forward, "probe": lambda: net.probe.run(x256),
-                                  "scoring": lambda: cpl(net.scores_from_haps(haps, top_k=20)),
-                                  "consistency": lambda: net.consistency(x256, top_k=20)},
+        times = interleaved_best({"forward": forward, "probe": lambda net=net: net.probe.run(x256),
+                                  "scoring": lambda net=net, haps=haps: cpl(net.scores_from_haps(haps, top_k=20)),
+                                  "consistency": lambda net=net: net.consistency(x256, top_k=20)},
                                  device, repeat=repeat, warmup=2)
         row = {"label": label, "library": library, "options": options, "sizes": net.library_sizes_,
                "library_mb": _library_bytes(net) / 2**20, "top1_agreement": agreement,

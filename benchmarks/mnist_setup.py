@@ -8,19 +8,30 @@ pixel space (METHOD.md section 9, standard protocol) on the first test images, c
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import Tensor
 
-from libnet_plugin.experiments.data import MNIST_MEAN, MNIST_STD, load_mnist_default
 from libnet_plugin.errors import LibnetError
-from libnet_plugin.experiments.protocols import AttackSet, ProtocolSettings, generate_attack_sets, load_attack_sets, save_attack_sets
-from libnet_plugin.experiments.mnist import (CPL_SETS, LAYERS, STANDARD_EPSILONS, MnistSettings,
-                                             cached_or_trained_mnist_net)
+from libnet_plugin.experiments.data import MNIST_MEAN, MNIST_STD, load_mnist_default
+from libnet_plugin.experiments.mnist import (
+    CPL_SETS,
+    LAYERS,
+    STANDARD_EPSILONS,
+    MnistSettings,
+    cached_or_trained_mnist_net,
+)
 from libnet_plugin.experiments.models import MnistNet, predict_labels
+from libnet_plugin.experiments.protocols import (
+    AttackSet,
+    ProtocolSettings,
+    generate_attack_sets,
+    load_attack_sets,
+    save_attack_sets,
+)
 
 __all__ = ["MnistBench", "prepare_mnist", "S1", "LAYERS"]
 

@@ -23,12 +23,19 @@ import importlib
 import os
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from libnet_plugin.experiments.report import StageTimer, ensure_writable_dir, markdown_table, write_json_atomic, write_text_atomic
+from libnet_plugin.experiments.report import (
+    StageTimer,
+    ensure_writable_dir,
+    markdown_table,
+    write_json_atomic,
+    write_text_atomic,
+)
 from libnet_plugin.plugins import make_probe
 
 from . import bench_construction, bench_memory, bench_sparse

@@ -9,8 +9,8 @@ holds the whole set (working memory: a few blocks) and always yields the same ro
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Iterator
 
 import torch
 

@@ -17,10 +17,10 @@ import torch
 from torch import nn
 
 from libnet_plugin import LibraryNetwork, cli
-from libnet_plugin.experiments.data import CIFAR_MEAN, CIFAR_STD, load_cifar10, write_fake_cifar10
 from libnet_plugin.experiments import cifar10
-from libnet_plugin.experiments.protocols import load_attack_sets, to_model_space
+from libnet_plugin.experiments.data import CIFAR_MEAN, CIFAR_STD, load_cifar10, write_fake_cifar10
 from libnet_plugin.experiments.models import ResNet44, load_state_dict_checked
+from libnet_plugin.experiments.protocols import load_attack_sets, to_model_space
 
 pytestmark = pytest.mark.slow
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from libnet_plugin.cli import main
-from libnet_plugin.experiments.data import MNIST_IDX_FILES, load_mnist_default
 from libnet_plugin.experiments import mnist
+from libnet_plugin.experiments.data import MNIST_IDX_FILES, load_mnist_default
 from libnet_plugin.experiments.protocols import load_attack_sets
 
 pytestmark = pytest.mark.slow

@@ -17,8 +17,8 @@ import libnet_plugin as lnp  # noqa: E402
 from libnet_onnx import OnnxLayerProbe, export_onnx, list_layers  # noqa: E402
 from libnet_onnx.graph import NAME_SCOPES_KEY  # noqa: E402
 from libnet_plugin.experiments.data import MNIST_MEAN, MNIST_STD, load_mnist_default  # noqa: E402
-from libnet_plugin.experiments.protocols import auroc  # noqa: E402
 from libnet_plugin.experiments.models import MnistNet  # noqa: E402
+from libnet_plugin.experiments.protocols import auroc  # noqa: E402
 from libnet_plugin.probe import TorchLayerProbe  # noqa: E402
 
 LAYERS = ["conv1", "conv2", "fc1", "fc2"]

@@ -7,17 +7,22 @@
 
 __version__ = "0.1.0"
 
-from . import hookspecs  # noqa: E402
-from .errors import (  # noqa: E402
-    LayerNotFoundError, LibnetError, NonFiniteError, NotFittedError, SaveFormatError, ShapeMismatchError,
+from . import hookspecs
+from .consistency_detector import ConsistencyDetector
+from .errors import (
+    LayerNotFoundError,
+    LibnetError,
+    NonFiniteError,
+    NotFittedError,
+    SaveFormatError,
+    ShapeMismatchError,
 )
-from .hookspecs import hookimpl  # noqa: E402
-from .library import ExactLibrary, leader_reference  # noqa: E402
-from .network import LibraryNetwork  # noqa: E402
-from .consistency_detector import ConsistencyDetector  # noqa: E402
-from .plugins import get_plugin_manager  # noqa: E402
-from .probe import ProbeResult, TorchLayerProbe  # noqa: E402
-from .readout import HebbianReadout  # noqa: E402
+from .hookspecs import hookimpl
+from .library import ExactLibrary, leader_reference
+from .network import LibraryNetwork
+from .plugins import get_plugin_manager
+from .probe import ProbeResult, TorchLayerProbe
+from .readout import HebbianReadout
 
 __all__ = [
     "__version__", "LibraryNetwork", "ConsistencyDetector", "ExactLibrary", "HebbianReadout", "TorchLayerProbe", "ProbeResult",

@@ -19,7 +19,12 @@ from torch import nn
 
 from ._validate import construct
 from .detectors import (
-    ConsistencyScore, CPLScore, DeepKNNScore, LibraryDistanceScore, LibraryMarginScore, MahalanobisScore,
+    ConsistencyScore,
+    CPLScore,
+    DeepKNNScore,
+    LibraryDistanceScore,
+    LibraryMarginScore,
+    MahalanobisScore,
     MaxSoftmaxScore,
 )
 from .hookspecs import hookimpl

@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 from ._version import __version__
 

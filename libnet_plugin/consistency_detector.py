@@ -39,8 +39,8 @@ import torch
 from torch import Tensor, nn
 
 from ._batches import iter_batches
-from .errors import LibnetError, NotFittedError, SaveFormatError, ShapeMismatchError
 from .detectors.api import ConsistencyScore
+from .errors import LibnetError, NotFittedError, SaveFormatError, ShapeMismatchError
 from .network import LibraryNetwork
 from .plugins import make_detector
 from .probe import ProbeResult, check_finite
@@ -267,7 +267,7 @@ class ConsistencyDetector:
                                  "with clean inputs before predict() or guard()")
 
     # ------------------------------------------------------------------ fitting and calibration
-    def fit(self, train: Any) -> "ConsistencyDetector":
+    def fit(self, train: Any) -> ConsistencyDetector:
         """Fit the library network (if it is not fitted yet) and the score on the training data.
 
         Args:
@@ -287,7 +287,7 @@ class ConsistencyDetector:
             self.__dict__.pop(attr, None)
         return self
 
-    def calibrate(self, clean: Any, fpr: float = 0.05) -> "ConsistencyDetector":
+    def calibrate(self, clean: Any, fpr: float = 0.05) -> ConsistencyDetector:
         """Set the decision threshold so that about ``fpr`` of clean inputs are flagged.
 
         The threshold is the ``ceil((n + 1)(1 - fpr))``-th smallest score of the ``n`` clean inputs (the
@@ -417,7 +417,7 @@ class ConsistencyDetector:
         scores, outputs = self._score_batch(x, want_outputs=True)
         return GuardOutput(output=outputs, flagged=scores > self.threshold_, score=scores)
 
-    def guard(self) -> "DetectorGuard":
+    def guard(self) -> DetectorGuard:
         """Wrap the model: a module returning ``GuardOutput(output, flagged, score)`` in one forward pass."""
         self._check_calibrated()
         return DetectorGuard(self)
@@ -450,7 +450,7 @@ class ConsistencyDetector:
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: Any, *, map_location: Any = None, device: Any = None,
-             plugin_manager: pluggy.PluginManager | None = None, check_model: bool = True) -> "ConsistencyDetector":
+             plugin_manager: pluggy.PluginManager | None = None, check_model: bool = True) -> ConsistencyDetector:
         """Load a detector saved by :meth:`save` onto ``model``.
 
         Args:

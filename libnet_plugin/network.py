@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import pluggy
 import torch
 from torch import Tensor
 
-from ._version import __version__
 from ._batches import is_one_shot, iter_batches, progress_bar
+from ._version import __version__
 from .errors import LayerNotFoundError, NotFittedError, ShapeMismatchError
 from .library import validate_threshold
 from .metrics import ConfusionAccumulator, agreement_counts, cpl
@@ -289,7 +290,7 @@ class LibraryNetwork:
         return self.probe.run(x)
 
     # ------------------------------------------------------------------ fitting
-    def fit(self, train: Any, *, progress: bool | None = None) -> "LibraryNetwork":
+    def fit(self, train: Any, *, progress: bool | None = None) -> LibraryNetwork:
         """Build the libraries (first pass) and the Hebbian readouts (cached HAPs or a second pass).
 
         Args:
@@ -323,7 +324,7 @@ class LibraryNetwork:
                                  n_classes=fitted.n_classes, n_train=fitted.n_train, input_shape=fitted.input_shape)
 
     def adopt_fitted(self, libraries: Mapping[str, Any], readouts: Mapping[str, Any], *, n_classes: int,
-                     n_train: int, input_shape: Sequence[int] | None) -> "LibraryNetwork":
+                     n_train: int, input_shape: Sequence[int] | None) -> LibraryNetwork:
         """Take libraries and readouts fitted elsewhere (e.g. one threshold of a sweep); return self.
 
         Args:
@@ -540,7 +541,7 @@ class LibraryNetwork:
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: Any, *, map_location: Any = None, device: Any = None,
-             plugin_manager: pluggy.PluginManager | None = None) -> "LibraryNetwork":
+             plugin_manager: pluggy.PluginManager | None = None) -> LibraryNetwork:
         """Load a network saved by :meth:`save` onto ``model`` (a torch model, or an ONNX model with the
         ONNX adapter; layers are matched by name).
 
@@ -555,7 +556,7 @@ class LibraryNetwork:
 
     @classmethod
     def from_state(cls, tensors: dict[str, Tensor], cfg: dict[str, Any], model: Any, device: Any = None,
-                    plugin_manager: pluggy.PluginManager | None = None) -> "LibraryNetwork":
+                    plugin_manager: pluggy.PluginManager | None = None) -> LibraryNetwork:
         """Rebuild a fitted network from saved tensors and :meth:`config` settings, onto ``model``."""
         from .errors import SaveFormatError
 

@@ -7,8 +7,9 @@ formats (ONNX) are served by adapter plugins through the ``libnet_layer_probe`` 
 from __future__ import annotations
 
 import difflib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -40,7 +41,7 @@ class ProbeResult:
     @classmethod
     def from_activations(cls, outputs: Any, activations: Mapping[str, Tensor], device: torch.device | str | None,
                          *, detach: bool = True, what: str = "the model",
-                         output_name: str | None = None) -> "ProbeResult":
+                         output_name: str | None = None) -> ProbeResult:
         """The result of one probe run from the model's raw outputs and the layers' raw outputs.
 
         Every probe (torch hooks, ONNX Runtime, Captum) ends the same way: the outputs must be class

@@ -203,7 +203,7 @@ def choose_thresholds(probe: LayerProbe, train: Any, new_library: Callable[[str,
         haps[l] = []  # free the list's references as we go
         want = _target_size(targets[l], n_total, l)
 
-        def size_at(theta: float) -> tuple[float, int]:
+        def size_at(theta: float, l: str = l, h: Tensor = h) -> tuple[float, int]:
             lib = new_library(l, theta)
             stored = torch.cat([lib.partial_fit(h[i:i + batch_size], torch.arange(i, min(i + batch_size, h.shape[0]))).cpu()
                                 for i in range(0, h.shape[0], batch_size)])

@@ -33,10 +33,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from libnet_plugin.experiments.cifar10 import CPL_SETS, LAYERS, THRESHOLD_LEVELS  # noqa: E402
-from libnet_plugin.experiments.sweep import compute_evidence, cpl_requests, fit_library_sweep  # noqa: E402
-from libnet_plugin.experiments.models import ResNet44  # noqa: E402
-from libnet_plugin.plugins import make_probe  # noqa: E402
+from libnet_plugin.experiments.cifar10 import CPL_SETS, LAYERS, THRESHOLD_LEVELS
+from libnet_plugin.experiments.models import ResNet44
+from libnet_plugin.experiments.sweep import compute_evidence, cpl_requests, fit_library_sweep
+from libnet_plugin.plugins import make_probe
 
 
 def cifar_shaped(n: int, seed: int) -> torch.Tensor:

@@ -11,21 +11,23 @@ from torch import nn
 
 pytest.importorskip("captum")
 
-from captum.attr import Attribution, LayerAttribution  # noqa: E402
-from captum.influence import DataInfluence  # noqa: E402
-from captum.metrics import sensitivity_max  # noqa: E402
+from captum.attr import Attribution, LayerAttribution
+from captum.influence import DataInfluence
+from captum.metrics import sensitivity_max
+from conftest import SmallMLP, forward_hook_count
+from readme_blocks import readme_code_blocks, run_readme_block
 
-import libnet_plugin as lnp  # noqa: E402
-from libnet_plugin.errors import (  # noqa: E402
-    LayerNotFoundError, LibnetError, NonFiniteError, NotFittedError, ShapeMismatchError,
+import libnet_captum
+import libnet_plugin as lnp
+from libnet_captum import CaptumForward, CaptumLayerProbe, LibraryAttribution, LibraryExemplars
+from libnet_plugin.errors import (
+    LayerNotFoundError,
+    LibnetError,
+    NonFiniteError,
+    NotFittedError,
+    ShapeMismatchError,
 )
-from libnet_plugin.plugins import make_probe  # noqa: E402
-
-import libnet_captum  # noqa: E402
-from libnet_captum import CaptumForward, CaptumLayerProbe, LibraryAttribution, LibraryExemplars  # noqa: E402
-
-from conftest import SmallMLP, forward_hook_count  # noqa: E402
-from readme_blocks import readme_code_blocks, run_readme_block  # noqa: E402
+from libnet_plugin.plugins import make_probe
 
 LAYERS = ["fc1", "fc2", "out"]
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from libnet_plugin import cli
-from libnet_plugin.experiments.data import CIFAR10_FILES, CIFAR_MEAN, CIFAR_STD, write_fake_cifar10
 from libnet_plugin.experiments import cifar10
+from libnet_plugin.experiments.data import CIFAR10_FILES, CIFAR_MEAN, CIFAR_STD, write_fake_cifar10
+from libnet_plugin.experiments.models import CifarResNet, ResNet44
 from libnet_plugin.experiments.report import ExperimentError
-from libnet_plugin.experiments.models import CifarResNet, ResNet44, StateDictMismatchError
 from libnet_plugin.experiments.training import (
     TrainConfig,
     _lr_at,

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from libnet_plugin.experiments import data
 from libnet_plugin.errors import LibnetError
+from libnet_plugin.experiments import data
 
 
 def _idx_bytes(magic: int, arr: np.ndarray) -> bytes:

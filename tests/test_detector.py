@@ -13,7 +13,12 @@ from torch import nn
 import libnet_plugin as lnp
 from libnet_plugin.consistency_detector import DetectorGuard, GuardOutput, ModelChangedError, model_fingerprint
 from libnet_plugin.detectors import (
-    ConformalFusion, DeepKNNScore, LibraryDistanceScore, LibraryMarginScore, MahalanobisScore, MaxSoftmaxScore,
+    ConformalFusion,
+    DeepKNNScore,
+    LibraryDistanceScore,
+    LibraryMarginScore,
+    MahalanobisScore,
+    MaxSoftmaxScore,
     node_classes,
 )
 from libnet_plugin.errors import LibnetError, NonFiniteError, NotFittedError, SaveFormatError, ShapeMismatchError
@@ -555,8 +560,8 @@ def test_calibration_check_averages_to_the_requested_rate(fitted, method):
 
 
 def test_threshold_specs_of_the_command():
-    from libnet_plugin.experiments.report import ExperimentError
     from libnet_plugin.experiments.evaluate_detectors import _parse_thresholds
+    from libnet_plugin.experiments.report import ExperimentError
 
     layers = ["conv1", "conv2", "fc1", "fc2"]
     assert _parse_thresholds("S1", layers) == ({"conv1": 0.55, "conv2": 0.70, "fc1": 0.75, "fc2": 0.80}, None)

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import libnet_plugin as lnp
-from libnet_plugin.plugins import registered_detectors
 from libnet_plugin import hookspecs, plugins
 from libnet_plugin.library import ExactLibrary
+from libnet_plugin.plugins import registered_detectors
 
 TESTS = pathlib.Path(__file__).parent
 

@@ -6,7 +6,8 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from libnet_plugin.errors import NotFittedError, ShapeMismatchError
 from libnet_plugin.library import ExactLibrary, leader_reference, normalize_rows

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from libnet_plugin.library import ExactLibrary, leader_reference
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+from libnet_plugin.errors import LibnetError
 from libnet_plugin.experiments import models
 from libnet_plugin.experiments.data import CIFAR_MEAN, CIFAR_STD, MNIST_MEAN, MNIST_STD, load_mnist_default
-from libnet_plugin.errors import LibnetError
 from libnet_plugin.experiments.models import (
     MnistNet,
     Normalize,

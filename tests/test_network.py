@@ -7,12 +7,11 @@ from itertools import combinations
 
 import pytest
 import torch
+from conftest import forward_hook_count
 from torch import nn
 
 import libnet_plugin as lnp
 from libnet_plugin.errors import LayerNotFoundError, NonFiniteError, NotFittedError, ShapeMismatchError
-
-from conftest import forward_hook_count
 
 X = torch.tensor([[1.0, 0.0], [0.99, 0.141], [0.0, 1.0], [0.2, 1.0]])
 

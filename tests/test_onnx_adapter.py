@@ -21,14 +21,19 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 import libnet_plugin as lnp  # noqa: E402
 from libnet_onnx import (  # noqa: E402
-    ExecutionProviderError, InputTypeError, OnnxLayerProbe, OnnxModel, OnnxModelError, export_onnx, list_layers,
+    ExecutionProviderError,
+    InputTypeError,
+    OnnxLayerProbe,
+    OnnxModel,
+    OnnxModelError,
+    export_onnx,
+    list_layers,
 )
 from libnet_onnx import plugin as onnx_plugin  # noqa: E402
 from libnet_onnx.graph import NAME_SCOPES_KEY, REWRITE_RULE_KEY, OnnxGraph, _legacy_chain  # noqa: E402
 from libnet_onnx.providers import default_providers, resolve_providers  # noqa: E402
 from libnet_plugin.errors import LayerNotFoundError, NonFiniteError, ShapeMismatchError  # noqa: E402
 from libnet_plugin.probe import TorchLayerProbe  # noqa: E402
-
 
 # x @ W1 -> relu -> @ W2. For x = [1, 2]: h1 = [5, -1], h2 = [5, 0], y = [5, 0, 5];
 # for x = [-1, 1]: h1 = [1, 1], h2 = [1, 1], y = [1, 1, 2].

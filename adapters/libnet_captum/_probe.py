@@ -7,7 +7,8 @@ hook claims only such marker objects, so plain ``torch.nn.Module`` models keep t
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn

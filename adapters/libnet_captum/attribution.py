@@ -13,7 +13,8 @@ and are removed in ``finally``, also when the model raises.
 from __future__ import annotations
 
 import operator
-from typing import Any, Callable, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import pluggy
 import torch
@@ -32,9 +33,9 @@ from ._probe import CaptumForward, layer_activations
 
 __all__ = ["LibraryAttribution", "LibraryExemplars"]
 
-LayerSpec = Union[str, nn.Module]
-TensorOrTuple = Union[Tensor, tuple[Tensor, ...]]
-TargetType = Union[None, int, Tensor, Sequence[int]]
+LayerSpec = str | nn.Module
+TensorOrTuple = Tensor | tuple[Tensor, ...]
+TargetType = None | int | Tensor | Sequence[int]
 
 
 def _positive_int(value: Any, what: str) -> int:
@@ -287,7 +288,7 @@ class LibraryAttribution(_LibraryLayers, Attribution):
 
     @log_usage(part_of_slo=True)
     def attribute(self, inputs: TensorOrTuple, target: TargetType = None, additional_forward_args: Any = None,
-                  top_k: int | None = 3) -> Union[Tensor, tuple[Tensor, ...]]:
+                  top_k: int | None = 3) -> Tensor | tuple[Tensor, ...]:
         r"""
         Args:
 

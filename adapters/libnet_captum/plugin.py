@@ -7,7 +7,8 @@ core's built-in forward-hook probe.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from libnet_plugin.hookspecs import hookimpl
 

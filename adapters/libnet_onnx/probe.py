@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import onnx
@@ -139,7 +140,7 @@ class OnnxModel:
         except Exception as exc:  # onnxruntime raises its own pybind exception types
             raise OnnxModelError(f"onnxruntime could not load {self.source}: {exc}") from exc
 
-    def probe(self, layers: Sequence[str] | str, device: Any = None) -> "OnnxLayerProbe":
+    def probe(self, layers: Sequence[str] | str, device: Any = None) -> OnnxLayerProbe:
         """An :class:`OnnxLayerProbe` of ``layers`` (module or tensor names)."""
         return OnnxLayerProbe(self, layers, device=device)
 

@@ -46,6 +46,7 @@ Example:
     DeepKNNScore(k=5, layers=None, labels='auto')
 """
 
+from ._features import node_classes
 from .api import ConsistencyScore, FittedNetwork, FusedLayerScore, PluginScore, ScoreLike, as_consistency_score
 from .conformal import ConformalFusion
 from .cpl import CPLScore
@@ -53,7 +54,6 @@ from .knn import DeepKNNScore
 from .library_margin import LibraryDistanceScore, LibraryMarginScore
 from .mahalanobis import MahalanobisScore
 from .msp import MaxSoftmaxScore
-from ._features import node_classes
 
 __all__ = [
     "ConsistencyScore", "FittedNetwork", "FusedLayerScore", "PluginScore", "ScoreLike", "as_consistency_score",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -12,14 +11,13 @@ from torch import Tensor
 from .._batches import iter_batches
 from .._validate import check_int
 from ..errors import NotFittedError, ShapeMismatchError
-from ..library import NodeLibrary, normalize_rows
-from ..metrics import stable_softmax
+from ..library import normalize_rows
 from ..probe import ProbeResult
 from ._features import (
-    check_layers, check_pool, class_distances, conv_channels, layer_projection, node_classes, pooled, require_tensor,
-    shared_gaussian,
+    check_layers,
+    require_tensor,
 )
-from .api import ConsistencyScore, FittedNetwork, FusedLayerScore
+from .api import ConsistencyScore, FittedNetwork
 
 __all__ = ['DeepKNNScore']
 
@@ -60,7 +58,7 @@ class DeepKNNScore(ConsistencyScore):
     def __repr__(self) -> str:
         return f"DeepKNNScore(k={self.k}, layers={self.layers}, labels={self.labels!r})"
 
-    def fit(self, net: FittedNetwork, data: Iterable[Any] | None = None) -> "DeepKNNScore":
+    def fit(self, net: FittedNetwork, data: Iterable[Any] | None = None) -> DeepKNNScore:
         """Store the normalised training activations of the chosen layers and the training labels."""
         net.check_fitted()
         if data is None:

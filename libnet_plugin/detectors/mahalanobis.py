@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -12,14 +12,17 @@ from torch import Tensor
 from .._batches import iter_batches
 from .._validate import check_int
 from ..errors import NotFittedError, ShapeMismatchError
-from ..library import NodeLibrary, normalize_rows
-from ..metrics import stable_softmax
 from ..probe import ProbeResult
 from ._features import (
-    check_layers, check_pool, class_distances, conv_channels, layer_projection, node_classes, pooled, require_tensor,
+    check_pool,
+    class_distances,
+    conv_channels,
+    layer_projection,
+    pooled,
+    require_tensor,
     shared_gaussian,
 )
-from .api import ConsistencyScore, FittedNetwork, FusedLayerScore
+from .api import FittedNetwork, FusedLayerScore
 
 __all__ = ['MahalanobisScore']
 

@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
-import torch
 from torch import Tensor
 
-from .._batches import iter_batches
-from .._validate import check_int
-from ..errors import NotFittedError, ShapeMismatchError
-from ..library import NodeLibrary, normalize_rows
 from ..metrics import stable_softmax
 from ..probe import ProbeResult
-from ._features import (
-    check_layers, check_pool, class_distances, conv_channels, layer_projection, node_classes, pooled, require_tensor,
-    shared_gaussian,
-)
-from .api import ConsistencyScore, FittedNetwork, FusedLayerScore
+from .api import ConsistencyScore, FittedNetwork
 
 __all__ = ['MaxSoftmaxScore']
 
@@ -31,7 +21,7 @@ class MaxSoftmaxScore(ConsistencyScore):
     fitting and no library.
 
     Example:
-        >>> from libnet_plugin.probe import ProbeResult
+        >>> import torch
         >>> r = ProbeResult(outputs=torch.tensor([[0., 0.], [10., 0.]]), haps={})
         >>> [round(v, 4) for v in MaxSoftmaxScore().fit(None).score(None, r).tolist()]
         [0.5, 0.0]

@@ -40,10 +40,11 @@ import math
 import os
 import resource
 import sys
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -216,7 +217,7 @@ class Cifar10Settings:
     plots: bool = True
     quick: bool = False
 
-    def validate(self) -> "Cifar10Settings":
+    def validate(self) -> Cifar10Settings:
         """Raise :class:`~libnet_plugin.experiments.report.ExperimentError` naming the first bad setting."""
         for name in ("n_train", "n_test"):
             v = getattr(self, name)

@@ -13,8 +13,9 @@ import io
 import math
 import os
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,9 +24,9 @@ from torch import Tensor
 from .._batches import iter_batches
 from ..consistency_detector import ConsistencyDetector
 from ..detectors import ConformalFusion
-from ..plugins import registered_detectors
 from ..errors import ShapeMismatchError
 from ..network import LibraryNetwork
+from ..plugins import registered_detectors
 from ..serialization import atomic_write_bytes
 from .protocols import PROTOCOLS, AttackSet, auroc, to_model_space, tpr_at_fpr
 from .report import (

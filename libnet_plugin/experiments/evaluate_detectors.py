@@ -27,15 +27,16 @@ import argparse
 import hashlib
 import os
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..plugins import registered_detectors
 from ..errors import LibnetError
 from ..network import LibraryNetwork
+from ..plugins import registered_detectors
 from .comparison import MNIST_VARIANTS, evaluate_detectors
 from .protocols import AttackSet, load_attack_sets, save_attack_sets
 from .report import (

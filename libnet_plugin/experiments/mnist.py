@@ -46,9 +46,10 @@ import argparse
 import hashlib
 import os
 import sys
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -198,12 +199,12 @@ class MnistSettings:
     quick: bool = False
 
     @classmethod
-    def default_run(cls, seed: int = 0, **overrides: Any) -> "MnistSettings":
+    def default_run(cls, seed: int = 0, **overrides: Any) -> MnistSettings:
         """The default run: the seed's sweeps, sets and protocols on the embedded data."""
         return cls(seed=seed, **overrides)
 
     @classmethod
-    def quick_run(cls, seed: int = 0, **overrides: Any) -> "MnistSettings":
+    def quick_run(cls, seed: int = 0, **overrides: Any) -> MnistSettings:
         """A reduced run exercising every stage: 600 training and 200 test images, 2 epochs, three CPL
         sets, 10-step PGD on a few dozen images at two epsilons per protocol."""
         base = dict(epochs=2, n_train=600, n_test=200, quick=True, pgd_check_images=8,
@@ -386,7 +387,7 @@ def _perturbation_stats(x_clean: Tensor, s: AttackSet) -> dict[str, float]:
             "mean_l2_pixels": float(d.norm(dim=1).mean())}
 
 
-def _detector_section(run: "PreparedRun", sweep: LibrarySweep, net: MnistNet | None,
+def _detector_section(run: PreparedRun, sweep: LibrarySweep, net: MnistNet | None,
                       attacks: Mapping[str, Any]) -> dict[str, Any]:
     """The detector comparison (:func:`~libnet_plugin.experiments.comparison.detector_comparison`) of this run.
 

@@ -32,8 +32,9 @@ Example:
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -277,7 +278,7 @@ class Evidence:
                            f"{sorted(self.scores)[:12]}")
         return self.scores[key]
 
-    def subset(self, mask: Tensor) -> "Evidence":
+    def subset(self, mask: Tensor) -> Evidence:
         """The evidence of the inputs selected by a boolean mask or an index tensor."""
         mask = mask.to(self.outputs.device)
         return Evidence(outputs=self.outputs[mask], labels=None if self.labels is None else self.labels[mask],

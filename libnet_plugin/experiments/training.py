@@ -72,7 +72,7 @@ class TrainConfig:
     flip: bool = True
     seed: int = 0
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         """Raise ``ValueError`` naming the first bad setting; return ``self``."""
         ints = {"epochs": 1, "batch_size": 1, "warmup_epochs": 0, "crop_padding": 0}
         for name, low in ints.items():
