@@ -1,1 +1,1 @@
-"""Speed and memory benchmarks of libnet-plugin (DESIGN.md section 6); run ``python -m benchmarks.run``."""
+"""Speed and memory benchmarks of libnet-plugin (docs/design.md section 6); run ``python -m benchmarks.run``."""

@@ -2,7 +2,7 @@
 
 The net is the one ``libnet reproduce mnist`` uses (the same training settings and the same cache file
 in ``.cache/``), so the numbers here describe the model of the MNIST report. The attacks are L-inf PGD in
-pixel space (METHOD.md section 9, standard protocol) on the first test images, cached beside it.
+pixel space (docs/method.md section 9, standard protocol) on the first test images, cached beside it.
 """
 
 from __future__ import annotations

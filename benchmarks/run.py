@@ -4,7 +4,7 @@ Usage::
 
     python -m benchmarks.run [--device cpu|cuda] [--quick] [--threads N] [--out benchmarks/results]
 
-Sections (DESIGN.md section 6, issue "Performance"):
+Sections (docs/design.md section 6, issue "Performance"):
 
 1. construction: exact batched vs the one-by-one loop vs one plain matrix product, on the synthetic set
    (20,000 x 3,200) and on the MNIST net's conv1 patterns (4,000 x 11,520), results checked equal;

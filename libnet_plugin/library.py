@@ -1,4 +1,4 @@
-"""Libraries: novelty memories of normalised hidden activation patterns (METHOD.md section 2).
+"""Libraries: novelty memories of normalised hidden activation patterns (docs/method.md section 2).
 
 The exact library is the classical leader clustering rule: visit the inputs in order; store the first;
 store each later one when its largest cosine to everything stored so far is strictly below ``theta``.
@@ -22,7 +22,7 @@ from .errors import NotFittedError, ShapeMismatchError
 __all__ = ["leader_within", "Library", "NodeLibrary", "ExactLibrary", "leader_reference", "normalize_rows", "validate_threshold", "EPS",
            "count_sketch_map", "count_sketch"]
 
-#: Added to the norm before dividing (METHOD.md section 1): a zero vector stays zero.
+#: Added to the norm before dividing (docs/method.md section 1): a zero vector stays zero.
 EPS = 1e-12
 
 

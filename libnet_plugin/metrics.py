@@ -1,4 +1,4 @@
-"""Metrics of METHOD.md sections 5 and 6: stable softmax, CPL, confusion index, AUROC helpers."""
+"""Metrics of docs/method.md sections 4-6: stable softmax, CPL, agreement counts, confusion index."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def cpl(scores: Mapping[str, Tensor] | Sequence[Tensor]) -> Tensor:
 
 
 def agreement_counts(p: Tensor, answers: Tensor, labels: Tensor | None = None) -> tuple[int, int, int | None]:
-    """Counts behind METHOD.md section 4's figures, for evidence ``p`` ``[B, C]``.
+    """Counts behind docs/method.md section 4's figures, for evidence ``p`` ``[B, C]``.
 
     Returns:
         ``(top1, top3, correct)``: inputs whose argmax P is the model's answer, inputs whose model answer

@@ -64,7 +64,7 @@ def stream_fit(probe: Any, train: Any, libraries: Mapping[str, Sequence[Any]], n
     """The two streaming passes behind :meth:`LibraryNetwork.fit`, for any number of libraries per layer.
 
     Pass 1 runs the model over ``train`` once and feeds every batch of HAPs, in order, to all libraries
-    of that layer (``partial_fit``). Pass 2, once the libraries are complete (METHOD.md section 3),
+    of that layer (``partial_fit``). Pass 2, once the libraries are complete (docs/method.md section 3),
     accumulates one readout per library from the HAPs kept in pass 1 while they fit ``cache_bytes``,
     and otherwise from a second forward pass (the cache is dropped as soon as it exceeds the budget).
 

@@ -1,4 +1,4 @@
-"""Hebbian readout (METHOD.md sections 3 and 4): from library outputs to per-layer class evidence."""
+"""Hebbian readout (docs/method.md sections 3 and 4): from library outputs to per-layer class evidence."""
 
 from __future__ import annotations
 

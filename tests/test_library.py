@@ -1,4 +1,4 @@
-"""The exact batched library equals the one-by-one leader loop (METHOD.md section 2)."""
+"""The exact batched library equals the one-by-one leader loop (docs/method.md section 2)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Make advertorch 0.2.3 importable on current PyTorch, without torchvision if need be.
 
-advertorch 0.2.3 fails to import here for two reasons (DESIGN.md section 5):
+advertorch 0.2.3 fails to import here for two reasons (docs/design.md section 5):
 
 1. ``advertorch.attacks.fast_adaptive_boundary`` does ``from torch.autograd.gradcheck import
    zero_gradients``, a helper PyTorch removed. :func:`ensure_advertorch` puts an equivalent function back

