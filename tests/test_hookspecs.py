@@ -36,8 +36,8 @@ def test_every_hook_is_documented_and_typed():
 
 
 def test_every_hook_has_a_test():
-    text = "\n".join(p.read_text() for p in TESTS.rglob("test_*.py") if p.name != "test_hooks.py")
-    text += (TESTS / "test_hooks.py").read_text().split("# -- hook tests below --", 1)[1]
+    text = "\n".join(p.read_text() for p in TESTS.rglob("test_*.py") if p.name != "test_hookspecs.py")
+    text += (TESTS / "test_hookspecs.py").read_text().split("# -- hook tests below --", 1)[1]
     for name in hookspecs.ALL_HOOKS:
         assert re.search(rf"\bhook\.{name}\b|def {name}\b", text), f"no test exercises the hook {name}"
 

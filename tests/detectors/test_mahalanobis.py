@@ -1,0 +1,49 @@
+"""The Mahalanobis baseline ("mahalanobis") against numpy, and its pooling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import libnet_plugin as lnp
+from libnet_plugin.detectors import (
+    MahalanobisScore,
+)
+
+
+@pytest.fixture
+def fitted(mlp, mlp_data):
+    x, _ = mlp_data
+    return lnp.LibraryNetwork(mlp, ["fc1", "fc2", "out"], thresholds=0.9).fit(x)
+
+
+def test_mahalanobis_matches_numpy(fitted, mlp_data):
+    x, _ = mlp_data
+    s = MahalanobisScore(layers=["fc2", "out"]).fit(fitted, x)  # full-rank features (fc1 is linear in 10 inputs)
+    r_train = fitted.probe.run(x)
+    r = fitted.probe.run(x[:7])
+    ans = r_train.answers.numpy()
+    feats = s.features(fitted, r).numpy()
+    for j, layer in enumerate(["fc2", "out"]):
+        f = r_train.haps[layer].double().numpy()
+        classes = np.unique(ans)
+        mu = np.stack([f[ans == c].mean(0) for c in classes])
+        centred = f - mu[np.searchsorted(classes, ans)]
+        prec = np.linalg.pinv(centred.T @ centred / len(f), hermitian=True)
+        q = r.haps[layer].double().numpy()
+        d = np.stack([np.einsum("bi,ij,bj->b", q - m, prec, q - m) for m in mu], 1).min(1)
+        np.testing.assert_allclose(feats[:, j], d, rtol=1e-5, atol=1e-6)
+
+
+def test_mahalanobis_pools_conv_channels_and_projects_wide_layers():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 5)).eval()
+    x = torch.rand(120, 1, 6, 6)
+    net = lnp.LibraryNetwork(model, ["0", "3"], thresholds=0.9).fit(x)
+    s = MahalanobisScore(max_dim=4).fit(net, x)
+    assert s.channels_ == {"0": 3, "3": 0}
+    assert s.dims_ == {"0": 3, "3": 4}  # conv: 3 channel means; linear: 5 features projected to 4
+    s2 = MahalanobisScore(pool=None, max_dim=4).fit(net, x)
+    assert s2.dims_ == {"0": 4, "3": 4}

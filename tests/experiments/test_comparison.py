@@ -1,0 +1,70 @@
+"""The detector comparison (experiments.comparison): format, files, bad input, the calibration check."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+import torch
+
+import libnet_plugin as lnp
+
+
+@pytest.fixture
+def fitted(mlp, mlp_data):
+    x, _ = mlp_data
+    return lnp.LibraryNetwork(mlp, ["fc1", "fc2", "out"], thresholds=0.9).fit(x)
+
+
+def test_evaluate_detectors_format_and_files(tmp_path, fitted, mlp_data):
+    from libnet_plugin.experiments.comparison import evaluate_detectors
+
+    x, y = mlp_data
+    g = torch.Generator().manual_seed(7)
+    clean = torch.randn(200, 10, generator=g)
+    attacked = {"shifted": clean[:60] + 3.0}
+    ood = {"wide": 6 * torch.randn(50, 10, generator=g)}
+    res = evaluate_detectors(fitted, (x, y), clean, attacked, ood, detectors=["cpl", "msp", "knn"], out_dir=tmp_path)
+    assert set(res["detectors"]) == {"cpl", "msp", "knn"}
+    assert res["settings"]["n_calibration"] == 100 and res["settings"]["n_clean"] == 100
+    assert res["sets"] == {"shifted": {"kind": "attack", "n": 60}, "wide": {"kind": "ood", "n": 50}}
+    knn = res["detectors"]["knn"]
+    assert 0.0 <= knn["auroc"]["shifted"] <= 1.0 and 0.0 <= knn["heldout_fpr"] <= 1.0
+    assert knn["memory_bytes"]["kept"] == knn["memory_bytes"]["detector"] > 0
+    check = res["detectors"]["msp"]["fpr_check"]
+    assert check["n_calibration"] == check["n_heldout"] == 100 and check["n_splits"] == 50
+    assert check["min"] <= check["mean"] <= check["max"] and abs(check["mean"] - 0.05) < 0.03
+    assert res["detectors"]["cpl"]["library_based"] and res["best_library_based"] == "cpl"
+    assert res["detectors"]["cpl"]["memory_bytes"]["kept"] == res["detectors"]["cpl"]["memory_bytes"]["library"]
+    assert res["rows"][0]["detector"] == "cpl" and "shifted: AUROC / TPR" in res["rows"][0]
+    assert res["table_markdown"].startswith("| detector |")
+    for key in ("json", "markdown", "roc_png"):
+        assert pathlib.Path(res["files"][key]).is_file()
+    labelled = evaluate_detectors(fitted, x, clean, attacked, detectors={"paper": ("cpl", {"top_k": 20})},
+                                  calibration=torch.randn(100, 10, generator=g))
+    assert list(labelled["detectors"]) == ["paper"] and labelled["settings"]["n_clean"] == 200
+
+
+def test_evaluate_detectors_bad_input(mlp, fitted, mlp_data):
+    from libnet_plugin.experiments.comparison import evaluate_detectors
+
+    x, _ = mlp_data
+    with pytest.raises(ValueError, match="needs layers= and thresholds="):
+        evaluate_detectors(mlp, x, x[:100], {"a": x[:10]})
+    with pytest.raises(ValueError, match="no attacked or out-of-domain set"):
+        evaluate_detectors(fitted, x, x[:100], {}, {})
+    with pytest.raises(ValueError, match="used twice"):
+        evaluate_detectors(fitted, x, x[:100], {"a": x[:10]}, {"a": x[:10]})
+    with pytest.raises(ValueError, match="fpr must be"):
+        evaluate_detectors(fitted, x, x[:100], {"a": x[:10]}, fpr=1.0)
+
+
+@pytest.mark.parametrize("method", ["msp", "library-margin"])
+def test_calibration_check_averages_to_the_requested_rate(fitted, method):
+    from libnet_plugin.experiments.comparison import calibration_check
+
+    clean = torch.randn(1000, 10, generator=torch.Generator().manual_seed(11))
+    det = lnp.ConsistencyDetector(fitted, method=method).calibrate(clean[:500], fpr=0.05)
+    check = calibration_check(det, clean, 0.05, n_splits=50)
+    assert check["n_calibration"] == 500 and check["n_heldout"] == 500
+    assert abs(check["mean"] - 0.05) < 0.01 and check["sd"] < 0.02, check  # conformal: slightly below 0.05
