@@ -23,7 +23,7 @@ from .serialization import load_checked, save_atomic
 
 __all__ = ["LibraryNetwork", "stream_fit", "StreamFit"]
 
-ThresholdSpec = float | Mapping[str, float]
+ThresholdSpec = float | Mapping[str, float] | str
 
 
 def _resolve_device(device: Any, model: Any) -> torch.device:

@@ -237,8 +237,13 @@ class FusedLayerScore(ConsistencyScore):
         return self
 
     def check_is_fitted(self) -> None:
+        self.fitted_layers()
+
+    def fitted_layers(self) -> list[str]:
+        """The layers the score was fitted on; raises NotFittedError before :meth:`fit`."""
         if self.layers_ is None:
             raise NotFittedError(f"the {self.name!r} detector is not fitted; call fit(net) first")
+        return self.layers_
 
     def set_reference(self, features: Tensor) -> Tensor:
         """Store the features ``[N, F]`` of clean reference inputs; return their fused scores (leave-one-out)."""

@@ -111,7 +111,7 @@ class LibraryMarginScore(FusedLayerScore):
 
     def _prepare(self, net: FittedNetwork) -> None:
         self._classes, self._grams, self._gauss = {}, {}, {}
-        for i, l in enumerate(self.layers_):
+        for i, l in enumerate(self.fitted_layers()):
             lib = net.libraries_[l]
             needs_nodes = [f for f in ("residual", "distance") if f in self.features_]
             if needs_nodes and not isinstance(lib, NodeLibrary):
@@ -152,7 +152,7 @@ class LibraryMarginScore(FusedLayerScore):
 
     def feature_names(self) -> list[str]:
         self.check_is_fitted()
-        return [f"{l}/{f}" for l in self.layers_ for f in self.features_]
+        return [f"{l}/{f}" for l in self.fitted_layers() for f in self.features_]
 
     def _residual(self, lib: Any, gram: Tensor | None, h: Tensor) -> Tensor:
         n = min(self.span, h.shape[1])
@@ -184,7 +184,7 @@ class LibraryMarginScore(FusedLayerScore):
         answers = result.answers.to(net.device)
         cols = []
         needs_h = any(f != "distance" for f in self.features_)
-        for l in self.layers_:
+        for l in self.fitted_layers():
             lib = net.libraries_[l]
             cls = self._classes[l]
             if cls.shape[0] != lib.size:

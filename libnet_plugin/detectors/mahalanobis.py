@@ -79,7 +79,7 @@ class MahalanobisScore(FusedLayerScore):
         proj = None
         if not c and hap.shape[1] > self.max_dim:
             if layer not in self._proj:
-                self._proj[layer] = layer_projection(self.seed, self.layers_.index(layer), hap.shape[1],
+                self._proj[layer] = layer_projection(self.seed, self.fitted_layers().index(layer), hap.shape[1],
                                                       self.max_dim, hap.device)
             proj = self._proj[layer]
         return pooled(hap, c, proj)
@@ -98,7 +98,7 @@ class MahalanobisScore(FusedLayerScore):
             r = net.run(x)
             onehot = torch.nn.functional.one_hot(r.answers.to(net.device), n_classes).double()
             counts += onehot.sum(dim=0)
-            for l in self.layers_:
+            for l in self.fitted_layers():
                 if l not in self.channels_:
                     self.channels_[l] = conv_channels(net, l, r.haps[l].shape[1], self.pool)
                 f = self._feature(l, r.haps[l]).double()
@@ -111,20 +111,20 @@ class MahalanobisScore(FusedLayerScore):
             n += x.shape[0]
         if n < 2:
             raise ValueError(f"the 'mahalanobis' detector needs at least 2 training inputs, got {n}")
-        for l in self.layers_:
+        for l in self.fitted_layers():
             self.means_[l], self.precision_[l], self.class_present_[l] = shared_gaussian(
                 sums[l], outer[l], counts, n, self.shrinkage)
 
     def feature_names(self) -> list[str]:
         self.check_is_fitted()
-        return [f"{l}/distance" for l in self.layers_]
+        return [f"{l}/distance" for l in self.fitted_layers()]
 
     def features(self, net: FittedNetwork, result: ProbeResult) -> Tensor:
         self.check_is_fitted()
         if not self.means_:
             raise NotFittedError("the 'mahalanobis' detector has no class means; call fit(net, train) first")
         cols = []
-        for l in self.layers_:
+        for l in self.fitted_layers():
             f = self._feature(l, result.haps[l]).double()
             if f.shape[1] != self.dims_[l]:
                 raise ShapeMismatchError(f"layer {l!r}: features of size {f.shape[1]}, fitted on {self.dims_[l]}")
@@ -151,7 +151,7 @@ class MahalanobisScore(FusedLayerScore):
 
     def _load_state(self, state: Mapping[str, Tensor], net: FittedNetwork) -> None:
         self._proj = {}
-        for i, l in enumerate(self.layers_):
+        for i, l in enumerate(self.fitted_layers()):
             self.means_[l] = require_tensor(state, f"layer/{i}/means", self.name).double().to(net.device)
             self.precision_[l] = require_tensor(state, f"layer/{i}/precision", self.name).double().to(net.device)
             self.class_present_[l] = require_tensor(state, f"layer/{i}/present", self.name).bool().to(net.device)
