@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -242,14 +241,14 @@ class ConsistencyDetector:
             return  # fast path: no tensor was replaced or modified in place
         diff = _fingerprint_diff(self._fingerprint, model_fingerprint(self.net.model))
         if diff is not None:
-            raise ModelChangedError(f"the model changed since the detector was fitted ({diff}); the libraries no "
-                                    "longer describe it: refit the LibraryNetwork and the detector")
+            if self.net.model.training:
+                cause = ("the model is in training mode, so each of its forward passes outside the detector "
+                         "updates its batch-norm statistics and a refit would not last: call model.eval() "
+                         "when you are done training, then refit the LibraryNetwork and the detector")
+            else:
+                cause = "the libraries no longer describe it: refit the LibraryNetwork and the detector"
+            raise ModelChangedError(f"the model changed since the detector was fitted ({diff}); {cause}")
         self._versions = versions
-
-    def _warn_training_mode(self) -> None:
-        if isinstance(self.net.model, nn.Module) and self.net.model.training:
-            warnings.warn("the model is in training mode (dropout / batch-norm statistics change its activations); "
-                          "call model.eval() before fitting, calibrating or scoring", stacklevel=3)
 
     def _ensure_scorer(self) -> None:
         self.net.check_fitted()
@@ -277,7 +276,6 @@ class ConsistencyDetector:
         Returns:
             ``self``; any earlier calibration is dropped.
         """
-        self._warn_training_mode()
         if not self.net.is_fitted:
             self.net.fit(train, progress=self.progress)
         self.scorer.fit(self.net, train)
@@ -307,7 +305,6 @@ class ConsistencyDetector:
             ValueError: ``fpr`` outside (0, 1), too few clean inputs, or non-finite clean inputs.
         """
         fpr = _check_fpr(fpr)
-        self._warn_training_mode()
         return self.calibrate_on(self.calibration_data(clean), fpr)
 
     def calibration_data(self, clean: Any) -> Tensor:

@@ -6,8 +6,9 @@ formats (ONNX) are served by adapter plugins through the ``libnet_layer_probe`` 
 
 from __future__ import annotations
 
+import contextlib
 import difflib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -16,7 +17,7 @@ from torch import Tensor, nn
 
 from .errors import LayerNotFoundError, NonFiniteError
 
-__all__ = ["ProbeResult", "LayerProbe", "TorchLayerProbe", "check_finite", "unknown_layer_message", "model_device",
+__all__ = ["ProbeResult", "LayerProbe", "TorchLayerProbe", "eval_mode", "check_finite", "unknown_layer_message", "model_device",
            "class_scores", "flatten_activations"]
 
 
@@ -128,11 +129,41 @@ def model_device(modules: nn.Module | Sequence[nn.Module], fallback: torch.devic
     return fallback if fallback is not None else torch.device("cpu")
 
 
+@contextlib.contextmanager
+def eval_mode(modules: nn.Module | Iterable[nn.Module | None]) -> Iterator[None]:
+    """Put ``modules`` (and all their submodules) in eval mode for the ``with`` block, then restore each one's mode.
+
+    This is the project's train-mode policy: a probe never runs a model in training mode (dropout would
+    make two calls differ, batch-norm would update its running statistics), and never leaves a mode
+    changed.
+
+    Example:
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(2, 2), nn.Dropout()).train()
+        >>> with eval_mode(model):
+        ...     model.training, model[1].training
+        (False, False)
+        >>> model.training, model[1].training
+        (True, True)
+    """
+    roots = [modules] if isinstance(modules, nn.Module) else [m for m in modules if m is not None]
+    modes = [(m, m.training) for root in roots for m in root.modules()]
+    try:
+        if any(training for _, training in modes):
+            for root in roots:
+                root.eval()
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 class TorchLayerProbe:
     """Probe the named submodules of a ``torch.nn.Module`` with forward hooks.
 
-    The HAP of a layer is the module's forward output flattened per sample. Hooks are registered for
-    the duration of one forward pass and removed in ``finally``, also when the model raises.
+    The HAP of a layer is the module's forward output, as the module returned it, flattened per sample
+    (see :meth:`run` for in-place writes and train mode). Hooks are registered for the duration of one
+    forward pass and removed in ``finally``, also when the model raises.
 
     Args:
         model: the classifier; its outputs must be ``[B, C]`` (logits or log-probabilities).
@@ -164,12 +195,21 @@ class TorchLayerProbe:
             if name not in modules or name == "":
                 raise LayerNotFoundError(unknown_layer_message(name, valid, kind=type(model).__name__))
             self.modules[name] = modules[name]
+        #: layers whose output the model overwrites in place later in its forward pass: copied in the hook
+        self.copied_layers: set[str] = set()
 
     def __repr__(self) -> str:
         return f"TorchLayerProbe(model={type(self.model).__name__}, layers={self.layers})"
 
     def run(self, x: Tensor, *, grad: bool = False) -> ProbeResult:
         """Run the model on ``x`` and return its outputs and the flattened HAPs of every probed layer.
+
+        The model runs in eval mode (dropout off, batch-norm running statistics used and left unchanged);
+        the caller's train/eval mode of every submodule is restored afterwards. The HAP of a layer is
+        the module's output as the module returned it: when a later operation of the forward pass writes
+        into that tensor in place (``ReLU(inplace=True)``, ``out += identity``), the probe notices it
+        through the tensor's version counter, runs the batch again with a copy taken for that layer,
+        and takes copies for it from then on (so models without in-place writes pay nothing).
 
         Args:
             x: a batch of inputs ``[B, ...]``; moved to the model's device.
@@ -179,22 +219,35 @@ class TorchLayerProbe:
             raise TypeError(f"inputs must be a torch.Tensor, got {type(x).__name__}")
         check_finite(x, "the input batch")
         x = x.to(model_device(self.model, self.device))
-        captured: dict[str, list[Tensor]] = {name: [] for name in self.layers}
+        outputs, captured, overwritten = self._forward(x, grad)
+        if overwritten:
+            self.copied_layers.update(overwritten)
+            outputs, captured, overwritten = self._forward(x, grad)
+            if overwritten:  # pragma: no cover - a copy taken in the hook cannot be written by the model
+                raise RuntimeError(f"the activations of layers {overwritten} changed after they were copied")
+        return ProbeResult.from_activations(outputs, captured, self.device, detach=not grad)
+
+    def _forward(self, x: Tensor, grad: bool) -> tuple[Any, dict[str, Tensor], list[str]]:
+        """One forward pass with the hooks: outputs, the HAP per layer, the layers overwritten in place."""
+        captured: dict[str, list[tuple[Tensor, int]]] = {name: [] for name in self.layers}
         handles = []
 
         def make_hook(name: str):
+            copy = name in self.copied_layers
+
             def hook(_module: nn.Module, _inp: Any, out: Any) -> None:
                 if isinstance(out, (tuple, list)):
                     out = out[0]
                 if not isinstance(out, Tensor):
                     raise TypeError(f"layer {name!r} returned {type(out).__name__}, expected a Tensor")
-                captured[name].append(out if grad else out.detach())
+                kept = out if grad else out.detach()
+                captured[name].append((kept.clone() if copy else kept, out._version))
             return hook
 
         try:
             for name, module in self.modules.items():
                 handles.append(module.register_forward_hook(make_hook(name)))
-            with torch.set_grad_enabled(grad):
+            with eval_mode(self.model), torch.set_grad_enabled(grad):
                 outputs = self.model(x)
         finally:
             for h in handles:
@@ -211,5 +264,6 @@ class TorchLayerProbe:
                     f"layer {name!r} fired {len(outs)} times in one forward pass (a module reused in "
                     "forward); probe a module that runs once per input"
                 )
-        return ProbeResult.from_activations(outputs, {name: captured[name][0] for name in self.layers}, self.device,
-                                            detach=not grad)
+        overwritten = [name for name in self.layers
+                       if name not in self.copied_layers and captured[name][0][0]._version != captured[name][0][1]]
+        return outputs, {name: captured[name][0][0] for name in self.layers}, overwritten

@@ -14,7 +14,14 @@ import torch
 from torch import Tensor, nn
 
 from libnet_plugin.errors import LayerNotFoundError
-from libnet_plugin.probe import ProbeResult, check_finite, flatten_activations, model_device, unknown_layer_message
+from libnet_plugin.probe import (
+    ProbeResult,
+    check_finite,
+    eval_mode,
+    flatten_activations,
+    model_device,
+    unknown_layer_message,
+)
 
 __all__ = ["CaptumForward", "CaptumLayerProbe", "layer_activations"]
 
@@ -34,7 +41,9 @@ def layer_activations(forward_func: Callable[..., Any], modules: Sequence[nn.Mod
         names (list[str], optional): the layer names, for error messages. Default: None
 
     Returns:
-        ``(output, haps)``: whatever ``forward_func`` returned, and one ``Tensor[B, D]`` per module: the
+        ``(output, haps)``: whatever ``forward_func`` returned (run in eval mode: the model behind
+        ``forward_func`` when it is a module or a bound method of one, and the probed modules, with every
+        mode restored afterwards), and one ``Tensor[B, D]`` per module: the
         module's output (the first element when a module returns a tuple), detached and flattened per
         input, in input order, on the module's device and in its dtype. Captum registers its hooks for
         this one forward pass and removes them in ``finally``.
@@ -55,9 +64,11 @@ def layer_activations(forward_func: Callable[..., Any], modules: Sequence[nn.Mod
     shown = list(names) if names is not None else [type(m).__name__ for m in modules]
     if device_ids is None:
         device_ids = getattr(forward_func, "device_ids", None)
+    owner = forward_func if isinstance(forward_func, nn.Module) else getattr(forward_func, "__self__", None)
     try:
-        acts = LayerActivation(forward, list(modules), device_ids).attribute(
-            inputs, additional_forward_args=additional_forward_args)
+        with eval_mode([owner if isinstance(owner, nn.Module) else None, *modules]):
+            acts = LayerActivation(forward, list(modules), device_ids).attribute(
+                inputs, additional_forward_args=additional_forward_args)
     except (AssertionError, KeyError) as exc:
         # Captum raises these after the forward pass when a hooked module did not run; anything raised by
         # the model itself (nothing captured yet) or for another reason is passed on unchanged.
