@@ -320,8 +320,14 @@ class LibraryNetwork:
         libraries = {l: self.new_library(l, thetas[l]) for l in self.layers}
         fitted = stream_fit(self.probe, train, {l: [lib] for l, lib in libraries.items()}, self._new_readout,
                             batch_size=self.batch_size, cache_bytes=self.cache_bytes, progress=progress)
-        return self.adopt_fitted(libraries, {l: r[0] for l, r in fitted.readouts.items()},
-                                 n_classes=fitted.n_classes, n_train=fitted.n_train, input_shape=fitted.input_shape)
+        self.adopt_fitted(libraries, {l: r[0] for l, r in fitted.readouts.items()},
+                          n_classes=fitted.n_classes, n_train=fitted.n_train, input_shape=fitted.input_shape)
+        for l, size in self.library_sizes_.items():
+            if size > 0.5 * self.n_train_:
+                warnings.warn(f"the library of layer {l!r} keeps {size} of its {self.n_train_} training inputs (more "
+                              f"than half) at theta {self.thresholds_[l]:g}: it stores the data rather than a summary "
+                              "of it; lower that layer's theta (or use thresholds='auto')", stacklevel=2)
+        return self
 
     def adopt_fitted(self, libraries: Mapping[str, Any], readouts: Mapping[str, Any], *, n_classes: int,
                      n_train: int, input_shape: Sequence[int] | None) -> LibraryNetwork:

@@ -223,8 +223,14 @@ def choose_thresholds(probe: LayerProbe, train: Any, new_library: Callable[[str,
                 lo = mid
             else:
                 hi = mid
-        _, theta, pred, on_sample = best
-        theta = min(THETA_MAX, max(THETA_MIN, round(theta, 4)))
+        err, raw, pred, on_sample = best
+        theta = min(THETA_MAX, max(THETA_MIN, round(raw, 4)))
+        if theta != raw:  # a rounded theta is kept only when it does not move the size past the target
+            pred_rounded, on_sample_rounded = size_at(theta)
+            if abs(pred_rounded - want) / want <= max(err, tol):
+                pred, on_sample = pred_rounded, on_sample_rounded
+            else:
+                theta = raw
         chosen[l] = theta
         report[l] = {"theta": theta, "target_size": want, "predicted_size": round(pred, 1),
                      "sample_size": int(h.shape[0]), "size_on_sample": on_sample, "n_train": n_total}

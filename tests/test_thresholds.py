@@ -157,3 +157,21 @@ def test_fit_never_rewrites_the_thresholds_hyperparameter(tmp_path, model, given
     assert back.thresholds == kept and back.thresholds_ == net.thresholds_
     with pytest.raises(lnp.NotFittedError):
         lnp.LibraryNetwork(model, ["0", "2"], thresholds=given).thresholds_
+
+
+def test_a_theta_next_to_one_is_not_rounded_into_keeping_everything():
+    """Near-duplicate activations need a theta within 1e-4 of 1: rounding it to 4 decimals would store all of them."""
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(1, 16, generator=g)
+    x = base + 1e-3 * torch.randn(400, 16, generator=g)  # cosines to each other above 0.9999
+    model = nn.Sequential(nn.Identity(), nn.Linear(16, 3))
+    net = lnp.LibraryNetwork(model, ["0"], thresholds="auto",
+                             auto_thresholds={"target": 40, "sample_size": 400}).fit(x)
+    assert net.library_sizes_["0"] <= 80, net.library_sizes_
+    assert net.thresholds_["0"] < 1.0
+
+
+def test_a_library_holding_most_of_the_training_set_warns(model):
+    x = torch.randn(100, 12, generator=torch.Generator().manual_seed(6))
+    with pytest.warns(UserWarning, match=r"keeps \d+ of its 100 training inputs \(more than half\)"):
+        lnp.LibraryNetwork(model, ["0", "2"], thresholds=0.999).fit(x)
