@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from ._batches import iter_batches
 from .detectors.api import ConsistencyScore
-from .errors import LibnetError, NotFittedError, SaveFormatError, ShapeMismatchError
+from .errors import LibnetError, NonFiniteError, NotFittedError, SaveFormatError, ShapeMismatchError
 from .network import LibraryNetwork
 from .plugins import make_detector
 from .probe import ProbeResult, check_finite
@@ -152,9 +152,11 @@ class ConsistencyDetector:
             ``{"top_k": 3}``, the library nodes behind each layer's prediction; the score's own
             ``top_k``, such as CPL's, goes in ``settings``).
         on_nonfinite: what :meth:`score`, :meth:`predict` and the guard do with inputs holding NaN or
-            infinity: ``"flag"`` (default: score ``inf``, flagged, the model is not run on them) or
-            ``"raise"`` (:class:`~libnet_plugin.errors.NonFiniteError`). :meth:`calibrate` and :meth:`fit`
-            always raise: clean data must be finite.
+            infinity, and with finite inputs whose activations or outputs overflow (a half-precision
+            model): ``"flag"`` (default: score ``inf``, flagged, per row; the model is not run on
+            non-finite inputs) or ``"raise"`` (:class:`~libnet_plugin.errors.NonFiniteError`).
+            :meth:`calibrate` and :meth:`fit` always raise: clean data must be finite. Whatever this
+            setting, a score that comes out NaN or infinite is reported as ``inf`` and flagged.
         plugin_manager: a ``pluggy.PluginManager`` (default: the network's, else the process-wide one).
         progress: show progress bars while fitting (default: only on a terminal).
 
@@ -343,7 +345,25 @@ class ConsistencyDetector:
 
     # ------------------------------------------------------------------ scoring
     def _score_result(self, r: ProbeResult) -> Tensor:
-        return self.scorer.score(self.net, r).float()
+        """The score of one probe run; a NaN or infinite score becomes ``inf`` (always flagged: fail closed)."""
+        scores = self.scorer.score(self.net, r).float()
+        return torch.where(torch.isfinite(scores), scores, torch.full_like(scores, float("inf")))
+
+    def _run_and_score(self, x: Tensor, want_outputs: bool) -> tuple[Tensor, Tensor | None]:
+        """Scores (and outputs) of finite inputs; under ``on_nonfinite="flag"`` a row whose activations or
+        outputs overflow (e.g. a half-precision model) scores ``inf`` with NaN outputs, the others as usual."""
+        try:
+            r = self.net.run(x)
+        except NonFiniteError:
+            if self.on_nonfinite == "raise":
+                raise
+            if x.shape[0] == 1:
+                nan = torch.full((1, self.net.n_classes_), float("nan"), device=self.net.device)
+                return torch.full((1,), float("inf"), device=self.net.device), (nan if want_outputs else None)
+            rows = [self._run_and_score(x[i:i + 1], want_outputs) for i in range(x.shape[0])]
+            scores = torch.cat([r[0].to(self.net.device) for r in rows])
+            return scores, (torch.cat([r[1].to(self.net.device) for r in rows]) if want_outputs else None)
+        return self._score_result(r), (r.outputs if want_outputs else None)
 
     def _score_batch(self, x: Tensor, want_outputs: bool = False) -> tuple[Tensor, Tensor | None]:
         """Scores ``[B]`` (and the model's outputs ``[B, C]``) of one batch, handling non-finite rows."""
@@ -352,10 +372,10 @@ class ConsistencyDetector:
         if x.dim() == 0:
             raise ValueError("inputs must have a leading batch dimension, got a 0-d tensor")
         self._check_shape(x)
-        finite = torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1) if x.is_floating_point() else None
+        finite = (torch.isfinite(x).reshape(x.shape[0], -1 if x.shape[0] else 0).all(dim=1)
+                  if x.is_floating_point() else None)
         if finite is None or bool(finite.all()):
-            r = self.net.run(x)
-            return self._score_result(r), (r.outputs if want_outputs else None)
+            return self._run_and_score(x, want_outputs)
         if self.on_nonfinite == "raise":
             check_finite(x, "the input batch")
         # on_nonfinite="flag": score inf, output NaN, and the model never sees those rows
@@ -364,10 +384,10 @@ class ConsistencyDetector:
                    if want_outputs else None)
         keep = finite.nonzero().flatten()
         if keep.numel():
-            r = self.net.run(x[keep])
-            scores[keep.to(scores.device)] = self._score_result(r).to(scores.device)
-            if outputs is not None:
-                outputs[keep.to(outputs.device)] = r.outputs.to(outputs.device, outputs.dtype)
+            kept, kept_outputs = self._run_and_score(x[keep], want_outputs)
+            scores[keep.to(scores.device)] = kept.to(scores.device)
+            if outputs is not None and kept_outputs is not None:
+                outputs[keep.to(outputs.device)] = kept_outputs.to(outputs.device, outputs.dtype)
         return scores, outputs
 
     def _check_shape(self, x: Tensor) -> None:

@@ -8,6 +8,7 @@ catch them in one place, and also from the builtin type a Python user would expe
 from __future__ import annotations
 
 __all__ = [
+    "LibraryTooLargeWarning",
     "LibnetError",
     "NotFittedError",
     "LayerNotFoundError",
@@ -45,3 +46,7 @@ class NonFiniteError(LibnetError, ValueError):
 
 class SaveFormatError(LibnetError, ValueError):
     """A saved file is missing, corrupted, truncated, or from an incompatible version."""
+
+
+class LibraryTooLargeWarning(UserWarning):
+    """A library keeps more than half of its layer's training inputs: its theta is too close to 1 for that layer."""

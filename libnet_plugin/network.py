@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ._batches import is_one_shot, iter_batches, progress_bar
 from ._version import __version__
-from .errors import LayerNotFoundError, NotFittedError, ShapeMismatchError
+from .errors import LayerNotFoundError, LibraryTooLargeWarning, NotFittedError, ShapeMismatchError
 from .library import validate_threshold
 from .metrics import ConfusionAccumulator, agreement_counts, cpl
 from .plugins import make_library, make_probe, make_readout
@@ -326,7 +326,8 @@ class LibraryNetwork:
             if size > 0.5 * self.n_train_:
                 warnings.warn(f"the library of layer {l!r} keeps {size} of its {self.n_train_} training inputs (more "
                               f"than half) at theta {self.thresholds_[l]:g}: it stores the data rather than a summary "
-                              "of it; lower that layer's theta (or use thresholds='auto')", stacklevel=2)
+                              "of it; lower that layer's theta (or use thresholds='auto')", LibraryTooLargeWarning,
+                              stacklevel=2)
         return self
 
     def adopt_fitted(self, libraries: Mapping[str, Any], readouts: Mapping[str, Any], *, n_classes: int,

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .errors import LayerNotFoundError, NonFiniteError
 
-__all__ = ["ProbeResult", "LayerProbe", "TorchLayerProbe", "eval_mode", "check_finite", "unknown_layer_message", "model_device",
+__all__ = ["ProbeResult", "LayerProbe", "TorchLayerProbe", "eval_mode", "model_float_dtype", "check_finite", "unknown_layer_message", "model_device",
            "class_scores", "flatten_activations"]
 
 
@@ -57,15 +57,26 @@ class ProbeResult:
 
 
 def class_scores(outputs: Any, what: str = "the model", output_name: str | None = None) -> Tensor:
-    """``outputs`` (or its first item, for a tuple/list) as ``Tensor[B, C]``; a clear error otherwise
-    (naming ``what`` returned it and, where the model's outputs have names, ``output_name``)."""
+    """``outputs`` as ``Tensor[B, C]``; a clear error otherwise (naming ``what`` returned it and, where the
+    model's outputs have names, ``output_name``).
+
+    ``outputs`` may be the tensor, a tuple/list (its first item), or a mapping such as a HuggingFace
+    ``ModelOutput`` (its ``"logits"``, else its first value).
+
+    Example:
+        >>> import torch
+        >>> class_scores({"loss": torch.tensor(0.5), "logits": torch.zeros(2, 3)}).shape
+        torch.Size([2, 3])
+    """
+    if isinstance(outputs, Mapping) and outputs:
+        outputs = outputs["logits"] if "logits" in outputs else next(iter(outputs.values()))
     if isinstance(outputs, (tuple, list)) and outputs:
         outputs = outputs[0]
     if not isinstance(outputs, Tensor) or outputs.dim() < 2:
         got = list(outputs.shape) if isinstance(outputs, Tensor) else type(outputs).__name__
         named = f"output {output_name!r} of shape {got}" if output_name is not None else str(got)
         raise ValueError(f"{what} must return a Tensor of shape [B, C] (one score per class), got {named}")
-    return outputs.reshape(outputs.shape[0], -1)
+    return outputs.flatten(1)
 
 
 def flatten_activations(activations: Mapping[str, Tensor], device: torch.device | str | None = None
@@ -74,7 +85,8 @@ def flatten_activations(activations: Mapping[str, Tensor], device: torch.device 
     it is for ``None``), checked for NaN and infinity (the error names the layer)."""
     haps = {}
     for name, act in activations.items():
-        hap = act.reshape(act.shape[0], -1).to(device if device is not None else act.device, torch.float32)
+        flat = act.flatten(1) if act.dim() > 1 else act.reshape(act.shape[0], 1)  # works for empty batches too
+        hap = flat.to(device if device is not None else act.device, torch.float32)
         check_finite(hap, f"the activations of layer {name!r}")
         haps[name] = hap
     return haps
@@ -127,6 +139,23 @@ def model_device(modules: nn.Module | Sequence[nn.Module], fallback: torch.devic
         for t in m.buffers():
             return t.device
     return fallback if fallback is not None else torch.device("cpu")
+
+
+def model_float_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of the first floating parameter (or buffer) of ``model``; ``None`` when it has none.
+
+    Example:
+        >>> from torch import nn
+        >>> model_float_dtype(nn.Linear(2, 2).half())
+        torch.float16
+    """
+    for t in model.parameters():
+        if t.is_floating_point():
+            return t.dtype
+    for t in model.buffers():
+        if t.is_floating_point():
+            return t.dtype
+    return None
 
 
 @contextlib.contextmanager
@@ -219,6 +248,10 @@ class TorchLayerProbe:
             raise TypeError(f"inputs must be a torch.Tensor, got {type(x).__name__}")
         check_finite(x, "the input batch")
         x = x.to(model_device(self.model, self.device))
+        if x.is_floating_point():  # a float16 / bfloat16 / float64 model gets its own dtype (integer ids stay)
+            dtype = model_float_dtype(self.model)
+            if dtype is not None and x.dtype != dtype:
+                x = x.to(dtype)
         outputs, captured, overwritten = self._forward(x, grad)
         if overwritten:
             self.copied_layers.update(overwritten)
@@ -236,7 +269,9 @@ class TorchLayerProbe:
             copy = name in self.copied_layers
 
             def hook(_module: nn.Module, _inp: Any, out: Any) -> None:
-                if isinstance(out, (tuple, list)):
+                if isinstance(out, Mapping) and out:  # e.g. a HuggingFace BaseModelOutput: its hidden states
+                    out = next(iter(out.values()))
+                if isinstance(out, (tuple, list)) and out:
                     out = out[0]
                 if not isinstance(out, Tensor):
                     raise TypeError(f"layer {name!r} returned {type(out).__name__}, expected a Tensor")

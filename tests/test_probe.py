@@ -144,3 +144,80 @@ def test_captum_attribute_equals_predict_scores_on_in_place_layers(resnet):
     got = attr.attribute(x[:6])
     want = attr.library_network.predict_scores(x[:6])
     assert torch.equal(got[0], want["block.bn1"]) and torch.equal(got[1], want["block.bn2"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_a_model_in_another_float_dtype_gets_float32_inputs_cast(dtype):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    x = torch.randn(120, 6)
+    ref = lnp.LibraryNetwork(model, ["0", "2"], thresholds=0.9).fit(x)
+    low = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    low.load_state_dict(model.state_dict())
+    low = low.to(dtype)
+    net = lnp.LibraryNetwork(low, ["0", "2"], thresholds=0.9).fit(x)  # float32 inputs
+    scores = net.predict_scores(x[:10])
+    assert all(s.dtype == torch.float32 for s in scores.values())
+    agree = (net.predict(x)["2"] == ref.predict(x)["2"]).float().mean()
+    assert agree > 0.9, float(agree)
+
+
+def test_an_overflowing_row_of_a_half_precision_model_is_flagged_alone():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    with torch.no_grad():
+        model[0].weight.abs_().mul_(4.0)  # positive weights: a large input row overflows float16 (max 65504)
+    model = model.half()
+    x = torch.randn(200, 4)
+    det = lnp.ConsistencyDetector(model, layers=["0", "2"], thresholds=0.9, train=x,
+                                  method="msp").calibrate(torch.randn(60, 4), fpr=0.1)
+    batch = torch.randn(5, 4)
+    batch[2] = 6e4  # finite in float32 and float16, but the first layer's outputs overflow float16
+    scores = det.score(batch)
+    assert torch.isinf(scores[2]) and bool(det.predict(batch)[2])
+    assert torch.isfinite(scores[[0, 1, 3, 4]]).all()
+    assert torch.equal(scores[[0, 1, 3, 4]], det.score(batch[[0, 1, 3, 4]]))
+    out = det.guard()(batch)
+    assert torch.isnan(out.output[2]).all() and torch.isfinite(out.output[[0, 1, 3, 4]]).all()
+    strict = lnp.ConsistencyDetector(det.net, method="msp", on_nonfinite="raise").calibrate(torch.randn(60, 4))
+    with pytest.raises(lnp.NonFiniteError):
+        strict.score(batch)
+
+
+def test_empty_batches_give_empty_results(resnet):
+    x = torch.randn(40, 1, 8, 8, generator=torch.Generator().manual_seed(6))
+    net = lnp.LibraryNetwork(resnet, ["block", "head"], thresholds=0.9).fit(x)
+    empty = x[:0]
+    assert {l: tuple(s.shape) for l, s in net.predict_scores(empty).items()} == {"block": (0, 3), "head": (0, 3)}
+    assert net.consistency(empty).shape == (0,)
+    det = lnp.ConsistencyDetector(net).calibrate(x[:30])
+    assert det.score(empty).shape == (0,) and det.predict(empty).shape == (0,)
+
+
+def test_module_outputs_that_are_mappings_and_model_outputs_with_logits():
+    class Encoder(nn.Module):  # returns a dict like a HuggingFace BaseModelOutput: the hidden states first
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(5, 7)
+
+        def forward(self, x):
+            h = self.lin(x)
+            return {"last_hidden_state": h, "pooler_output": h.mean(dim=1, keepdim=True)}
+
+    class Classifier(nn.Module):  # returns {"loss": ..., "logits": ...} like a SequenceClassifierOutput
+        def __init__(self):
+            super().__init__()
+            self.encoder, self.head = Encoder(), nn.Linear(7, 3)
+
+        def forward(self, x):
+            logits = self.head(self.encoder(x)["last_hidden_state"])
+            return {"loss": logits.sum() * 0, "logits": logits}
+
+    torch.manual_seed(0)
+    model = Classifier().eval()
+    x = torch.randn(50, 5)
+    r = TorchLayerProbe(model, ["encoder", "head"]).run(x)
+    assert torch.equal(r.outputs, model(x)["logits"])
+    assert torch.equal(r.haps["encoder"], model.encoder(x)["last_hidden_state"])
+    net = lnp.LibraryNetwork(model, ["encoder", "head"], thresholds=0.9).fit(x)
+    assert net.n_classes_ == 3

@@ -173,5 +173,5 @@ def test_a_theta_next_to_one_is_not_rounded_into_keeping_everything():
 
 def test_a_library_holding_most_of_the_training_set_warns(model):
     x = torch.randn(100, 12, generator=torch.Generator().manual_seed(6))
-    with pytest.warns(UserWarning, match=r"keeps \d+ of its 100 training inputs \(more than half\)"):
+    with pytest.warns(lnp.errors.LibraryTooLargeWarning, match=r"keeps \d+ of its 100 training inputs \(more than half\)"):
         lnp.LibraryNetwork(model, ["0", "2"], thresholds=0.999).fit(x)
