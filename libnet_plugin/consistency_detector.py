@@ -37,7 +37,7 @@ import pluggy
 import torch
 from torch import Tensor, nn
 
-from ._batches import iter_batches
+from ._batches import MultiInput, as_inputs, iter_batches, n_rows
 from .detectors.api import ConsistencyScore
 from .errors import LibnetError, NonFiniteError, NotFittedError, SaveFormatError, ShapeMismatchError
 from .network import LibraryNetwork
@@ -116,6 +116,15 @@ def _check_fpr(fpr: Any) -> float:
     if isinstance(fpr, bool) or not isinstance(fpr, (int, float)) or not (0.0 < float(fpr) < 1.0):
         raise ValueError(f"fpr must be a number in the open interval (0, 1), got {fpr!r}")
     return float(fpr)
+
+
+def _finite_rows(x: Tensor | MultiInput) -> Tensor | None:
+    """``BoolTensor[B]``: rows whose floating inputs are all finite; ``None`` when no input is floating."""
+    floats = [t for t in (x.tensors() if isinstance(x, MultiInput) else [x]) if t.is_floating_point()]
+    if not floats:
+        return None
+    rows = [torch.isfinite(t).reshape(t.shape[0], -1 if t.shape[0] else 0).all(dim=1) for t in floats]
+    return torch.stack(rows).all(dim=0)
 
 
 def _tensor_versions(model: nn.Module) -> tuple[tuple[int, int], ...]:
@@ -319,9 +328,10 @@ class ConsistencyDetector:
         self._check_model()
         parts = []
         for x, _ in iter_batches(clean, self.net.batch_size):
-            if x.shape[0] == 0:
+            if n_rows(x) == 0:
                 continue
-            check_finite(x, "a clean calibration batch")
+            for t in (x.tensors() if isinstance(x, MultiInput) else [x]):
+                check_finite(t, "a clean calibration batch")
             r = self.net.run(x)
             parts.append(self.scorer.features(self.net, r) if self.scorer.fuses else self.scorer.score(self.net, r))
         return torch.cat(parts) if parts else torch.empty(0)
@@ -357,30 +367,30 @@ class ConsistencyDetector:
         except NonFiniteError:
             if self.on_nonfinite == "raise":
                 raise
-            if x.shape[0] == 1:
+            if n_rows(x) == 1:
                 nan = torch.full((1, self.net.n_classes_), float("nan"), device=self.net.device)
                 return torch.full((1,), float("inf"), device=self.net.device), (nan if want_outputs else None)
-            rows = [self._run_and_score(x[i:i + 1], want_outputs) for i in range(x.shape[0])]
+            rows = [self._run_and_score(x[i:i + 1], want_outputs) for i in range(n_rows(x))]
             scores = torch.cat([r[0].to(self.net.device) for r in rows])
             return scores, (torch.cat([r[1].to(self.net.device) for r in rows]) if want_outputs else None)
         return self._score_result(r), (r.outputs if want_outputs else None)
 
     def _score_batch(self, x: Tensor, want_outputs: bool = False) -> tuple[Tensor, Tensor | None]:
         """Scores ``[B]`` (and the model's outputs ``[B, C]``) of one batch, handling non-finite rows."""
-        if not isinstance(x, Tensor):
-            raise TypeError(f"inputs must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() == 0:
+        if not isinstance(x, (Tensor, MultiInput)):
+            raise TypeError(f"inputs must be a torch.Tensor (or a MultiInput of several), got {type(x).__name__}")
+        if isinstance(x, Tensor) and x.dim() == 0:
             raise ValueError("inputs must have a leading batch dimension, got a 0-d tensor")
         self._check_shape(x)
-        finite = (torch.isfinite(x).reshape(x.shape[0], -1 if x.shape[0] else 0).all(dim=1)
-                  if x.is_floating_point() else None)
+        finite = _finite_rows(x)
         if finite is None or bool(finite.all()):
             return self._run_and_score(x, want_outputs)
         if self.on_nonfinite == "raise":
-            check_finite(x, "the input batch")
+            for t in (x.tensors() if isinstance(x, MultiInput) else [x]):
+                check_finite(t, "the input batch")
         # on_nonfinite="flag": score inf, output NaN, and the model never sees those rows
-        scores = torch.full((x.shape[0],), float("inf"), device=self.net.device)
-        outputs = (torch.full((x.shape[0], self.net.n_classes_), float("nan"), device=self.net.device)
+        scores = torch.full((n_rows(x),), float("inf"), device=self.net.device)
+        outputs = (torch.full((n_rows(x), self.net.n_classes_), float("nan"), device=self.net.device)
                    if want_outputs else None)
         keep = finite.nonzero().flatten()
         if keep.numel():
@@ -390,9 +400,9 @@ class ConsistencyDetector:
                 outputs[keep.to(outputs.device)] = kept_outputs.to(outputs.device, outputs.dtype)
         return scores, outputs
 
-    def _check_shape(self, x: Tensor) -> None:
+    def _check_shape(self, x: Tensor | MultiInput) -> None:
         shape = self.net.input_shape_
-        if shape is not None and tuple(x.shape[1:]) != tuple(shape):
+        if shape is not None and isinstance(x, Tensor) and tuple(x.shape[1:]) != tuple(shape):
             raise ShapeMismatchError(f"input batch has shape {tuple(x.shape)} (per input {tuple(x.shape[1:])}); "
                                      f"the detector was fitted on inputs of shape [B, {', '.join(map(str, shape))}]")
 
@@ -412,9 +422,9 @@ class ConsistencyDetector:
             raise NotFittedError(f"the {self.method!r} score fuses per-layer p-values against clean reference data: "
                                  "call det.calibrate(clean_data, fpr=0.05) first")
         self._check_model()
-        if isinstance(x, Tensor):
+        if isinstance(x, (Tensor, MultiInput)):
             return self._score_batch(x)[0]
-        parts = [self._score_batch(xb)[0] for xb, _ in iter_batches(x, self.net.batch_size) if xb.shape[0]]
+        parts = [self._score_batch(xb)[0] for xb, _ in iter_batches(x, self.net.batch_size) if n_rows(xb)]
         if not parts:
             raise ValueError("score received no inputs (empty data)")
         return torch.cat(parts)
@@ -426,8 +436,9 @@ class ConsistencyDetector:
         self._check_calibrated()
         return self.score(x) > self.threshold_
 
-    def score_and_output(self, x: Tensor) -> GuardOutput:
+    def score_and_output(self, x: Tensor | MultiInput) -> GuardOutput:
         """The model's output, flags and scores of one batch from a single forward pass (see :meth:`guard`)."""
+        x = as_inputs(x)
         self._check_calibrated()
         self._ensure_scorer()
         self._check_model()
@@ -534,8 +545,15 @@ class DetectorGuard(nn.Module):
         if isinstance(detector.net.model, nn.Module):
             self.model = detector.net.model  # registered so .eval()/.to() reach it
 
-    def forward(self, x: Tensor) -> GuardOutput:
-        return self.detector.score_and_output(x)
+    def forward(self, *args: Any, **kwargs: Any) -> GuardOutput:
+        """``guarded(x)``, ``guarded(ids, mask)`` or ``guarded(input_ids=..., attention_mask=...)``, as the model."""
+        if kwargs and args:
+            raise TypeError("call the guarded model with positional inputs or with keyword inputs, not both")
+        if kwargs:
+            return self.detector.score_and_output(MultiInput(kwargs))
+        if len(args) == 1:
+            return self.detector.score_and_output(as_inputs(args[0]))
+        return self.detector.score_and_output(MultiInput(args))
 
     def extra_repr(self) -> str:
         d = self.detector

@@ -12,7 +12,7 @@ import pluggy
 import torch
 from torch import Tensor
 
-from ._batches import is_one_shot, iter_batches, progress_bar
+from ._batches import MultiInput, is_one_shot, iter_batches, n_rows, per_input_shape, progress_bar
 from ._version import __version__
 from .errors import LayerNotFoundError, LibraryTooLargeWarning, NotFittedError, ShapeMismatchError
 from .library import validate_threshold
@@ -91,21 +91,21 @@ def stream_fit(probe: Any, train: Any, libraries: Mapping[str, Sequence[Any]], n
     n_classes = None
     input_shape = None
     for x, _ in progress_bar(iter_batches(train, batch_size), f"{desc} (pass 1)", progress):
-        if x.shape[0] == 0:
+        if n_rows(x) == 0:
             continue
-        if input_shape is None:
-            input_shape = tuple(x.shape[1:])
-        elif tuple(x.shape[1:]) != input_shape:
-            raise ShapeMismatchError(f"training batch has per-input shape {tuple(x.shape[1:])}, earlier "
-                                     f"batches had {input_shape}")
+        shape = per_input_shape(x)
+        if n == 0:
+            input_shape = shape
+        elif shape != input_shape:
+            raise ShapeMismatchError(f"training batch has per-input shape {shape}, earlier batches had {input_shape}")
         res = probe.run(x)
         n_classes = int(res.outputs.shape[1])
-        idx = torch.arange(n, n + x.shape[0])
+        idx = torch.arange(n, n + n_rows(x))
         for layer in layers:
             for lib in libraries[layer]:
                 lib.partial_fit(res.haps[layer], idx)
         answers.append(res.answers.cpu())
-        n += x.shape[0]
+        n += n_rows(x)
         if cache is not None:
             cache.append({l: res.haps[l] for l in layers})
             cached_bytes += sum(res.haps[l].numel() * res.haps[l].element_size() for l in layers)
@@ -113,7 +113,7 @@ def stream_fit(probe: Any, train: Any, libraries: Mapping[str, Sequence[Any]], n
                 if one_shot:  # stop now rather than after a whole wasted pass
                     raise ValueError(_ONE_SHOT_MESSAGE.format(cache_bytes=cache_bytes))
                 cache = None
-    if n == 0 or n_classes is None or input_shape is None:
+    if n == 0 or n_classes is None:
         raise ValueError("fit received no training inputs (empty data)")
     train_answers = torch.cat(answers)
     readouts = {l: [new_readout(n_classes) for _ in libraries[l]] for l in layers}
@@ -126,7 +126,7 @@ def stream_fit(probe: Any, train: Any, libraries: Mapping[str, Sequence[Any]], n
             yield from cache
             return
         for xb, _ in iter_batches(train, batch_size):
-            if xb.shape[0]:
+            if n_rows(xb):
                 yield probe.run(xb).haps
 
     seen = 0
@@ -274,17 +274,17 @@ class LibraryNetwork:
         return make_readout(self.readout, settings, self.plugin_manager)
 
     # ------------------------------------------------------------------ probing
-    def run(self, x: Tensor) -> ProbeResult:
+    def run(self, x: Tensor | MultiInput) -> ProbeResult:
         """One probe run of the model over a batch ``x`` ``[B, ...]``: its outputs and every layer's HAPs.
 
         Raises:
             TypeError: ``x`` is not a tensor.
             ShapeMismatchError: ``x`` has another per-input shape than the training inputs.
         """
-        if not isinstance(x, Tensor):
-            raise TypeError(f"inputs must be a torch.Tensor, got {type(x).__name__}")
-        shape = getattr(self, "input_shape_", None)
-        if shape is not None and tuple(x.shape[1:]) != tuple(shape):
+        if not isinstance(x, (Tensor, MultiInput)):
+            raise TypeError(f"inputs must be a torch.Tensor (or a MultiInput of several), got {type(x).__name__}")
+        shape = self.input_shape_ if self.is_fitted else None
+        if shape is not None and isinstance(x, Tensor) and tuple(x.shape[1:]) != tuple(shape):
             raise ShapeMismatchError(f"input batch has shape {tuple(x.shape)} (per input {tuple(x.shape[1:])}); "
                                      f"the network was fitted on inputs of shape [B, {', '.join(map(str, shape))}]")
         return self.probe.run(x)
@@ -394,9 +394,9 @@ class LibraryNetwork:
     def _collect(self, x: Any, fn) -> Any:
         """Apply ``fn(probe_result)`` -> dict/Tensor to a Tensor or every batch of an iterable; concatenate."""
         self.check_fitted()
-        if isinstance(x, Tensor):
+        if isinstance(x, (Tensor, MultiInput)):
             return fn(self.run(x))
-        parts = [fn(self.run(xb)) for xb, _ in iter_batches(x, self.batch_size) if xb.shape[0]]
+        parts = [fn(self.run(xb)) for xb, _ in iter_batches(x, self.batch_size) if n_rows(xb)]
         if not parts:
             raise ValueError("received no inputs (empty data)")
         if isinstance(parts[0], dict):
@@ -446,7 +446,7 @@ class LibraryNetwork:
         counts = {l: [0, 0, 0] for l in self.layers}
         n = n_lab = model_correct = 0
         for x, y in progress_bar(iter_batches(test, self.batch_size), "evaluate", progress):
-            if x.shape[0] == 0:
+            if n_rows(x) == 0:
                 continue
             r = self.run(x)
             ans = r.answers
@@ -455,9 +455,9 @@ class LibraryNetwork:
                 counts[l][0] += top1
                 counts[l][1] += top3
                 counts[l][2] += correct or 0
-            n += x.shape[0]
+            n += n_rows(x)
             if y is not None:
-                n_lab += x.shape[0]
+                n_lab += n_rows(x)
                 model_correct += int((ans == y.to(ans.device)).sum())
         if n == 0:
             raise ValueError("evaluate received no inputs (empty data)")
@@ -480,11 +480,11 @@ class LibraryNetwork:
         for x, y in progress_bar(iter_batches(test, self.batch_size), "confusion index", progress):
             if y is None:
                 raise ValueError("confusion_index needs labels: pass (X, y), a labelled Dataset or DataLoader")
-            if x.shape[0] == 0:
+            if n_rows(x) == 0:
                 continue
             for l, p in self.scores_from_haps(self.run(x).haps, top_k).items():
                 acc[l].update(p, y)
-            n += x.shape[0]
+            n += n_rows(x)
         if n == 0:
             raise ValueError("confusion_index received no inputs (empty data)")
         return {l: a.result() for l, a in acc.items()}

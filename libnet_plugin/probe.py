@@ -15,6 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from ._batches import MultiInput
 from .errors import LayerNotFoundError, NonFiniteError
 
 __all__ = ["ProbeResult", "LayerProbe", "TorchLayerProbe", "eval_mode", "model_float_dtype", "check_finite", "unknown_layer_message", "model_device",
@@ -195,8 +196,12 @@ class TorchLayerProbe:
     forward pass and removed in ``finally``, also when the model raises.
 
     Args:
-        model: the classifier; its outputs must be ``[B, C]`` (logits or log-probabilities).
-        layers: names as given by ``model.named_modules()`` (e.g. ``"conv1"``, ``"layer2.3"``).
+        model: the classifier; its outputs must be ``[B, C]`` (logits or log-probabilities), or a tuple
+            or mapping holding them (a HuggingFace ``ModelOutput``: its ``logits``).
+        layers: names as given by ``model.named_modules()`` (e.g. ``"conv1"``, ``"layer2.3"``). A module
+            that runs several times in one forward pass (ALBERT's shared layer) is probed at one call:
+            ``"name#1"`` for the first, ``"name#2"`` for the second, and so on. A module returning a tuple
+            or a mapping (``BaseModelOutput``) is recorded by its first tensor (the hidden states).
         device: where the returned HAPs live. Inputs are moved to the model's own device.
 
     Example:
@@ -218,20 +223,33 @@ class TorchLayerProbe:
         modules = dict(model.named_modules())
         valid = [n for n in modules if n]
         self.modules: dict[str, nn.Module] = {}
+        #: layer name -> (module name, which call of it: 1, 2, ... for ``"name#k"``; None: the only call)
+        self.calls: dict[str, tuple[str, int | None]] = {}
         for name in self.layers:
             if not isinstance(name, str):
                 raise TypeError(f"layer names must be strings, got {type(name).__name__}: {name!r}")
-            if name not in modules or name == "":
-                raise LayerNotFoundError(unknown_layer_message(name, valid, kind=type(model).__name__))
-            self.modules[name] = modules[name]
+            base, call = name, None
+            if "#" in name:
+                base, _, k = name.rpartition("#")
+                if not k.isdigit() or int(k) < 1:
+                    raise ValueError(f"layer {name!r}: after '#' comes which call of the module to record "
+                                     f"(1 for the first), got {k!r}")
+                call = int(k)
+            if base not in modules or base == "":
+                raise LayerNotFoundError(unknown_layer_message(base, valid, kind=type(model).__name__))
+            self.modules[name] = modules[base]
+            self.calls[name] = (base, call)
         #: layers whose output the model overwrites in place later in its forward pass: copied in the hook
         self.copied_layers: set[str] = set()
 
     def __repr__(self) -> str:
         return f"TorchLayerProbe(model={type(self.model).__name__}, layers={self.layers})"
 
-    def run(self, x: Tensor, *, grad: bool = False) -> ProbeResult:
+    def run(self, x: Tensor | MultiInput, *, grad: bool = False) -> ProbeResult:
         """Run the model on ``x`` and return its outputs and the flattened HAPs of every probed layer.
+
+        ``x`` is a batch tensor (``model(x)``) or a :class:`~libnet_plugin._batches.MultiInput` of several
+        (``model(*tensors)`` or ``model(**tensors)``, e.g. ``input_ids`` and ``attention_mask``).
 
         The model runs in eval mode (dropout off, batch-norm running statistics used and left unchanged);
         the caller's train/eval mode of every submodule is restored afterwards. The HAP of a layer is
@@ -241,17 +259,22 @@ class TorchLayerProbe:
         and takes copies for it from then on (so models without in-place writes pay nothing).
 
         Args:
-            x: a batch of inputs ``[B, ...]``; moved to the model's device.
+            x: a batch of inputs ``[B, ...]``; moved to the model's device, floating tensors cast to the
+                model's floating dtype.
             grad: keep the autograd graph (for attacks); default runs under ``torch.no_grad()``.
         """
-        if not isinstance(x, Tensor):
-            raise TypeError(f"inputs must be a torch.Tensor, got {type(x).__name__}")
-        check_finite(x, "the input batch")
-        x = x.to(model_device(self.model, self.device))
-        if x.is_floating_point():  # a float16 / bfloat16 / float64 model gets its own dtype (integer ids stay)
-            dtype = model_float_dtype(self.model)
-            if dtype is not None and x.dtype != dtype:
-                x = x.to(dtype)
+        if not isinstance(x, (Tensor, MultiInput)):
+            raise TypeError(f"inputs must be a torch.Tensor (or a MultiInput of several), got {type(x).__name__}")
+        device = model_device(self.model, self.device)
+        dtype = model_float_dtype(self.model)
+
+        def prepare(t: Tensor) -> Tensor:  # floating inputs take the model's dtype; integer ids stay as they are
+            if t.is_floating_point():
+                check_finite(t, "the input batch")
+                return t.to(device, dtype if dtype is not None else t.dtype)
+            return t.to(device)
+
+        x = x.map(prepare) if isinstance(x, MultiInput) else prepare(x)
         outputs, captured, overwritten = self._forward(x, grad)
         if overwritten:
             self.copied_layers.update(overwritten)
@@ -260,13 +283,15 @@ class TorchLayerProbe:
                 raise RuntimeError(f"the activations of layers {overwritten} changed after they were copied")
         return ProbeResult.from_activations(outputs, captured, self.device, detach=not grad)
 
-    def _forward(self, x: Tensor, grad: bool) -> tuple[Any, dict[str, Tensor], list[str]]:
+    def _forward(self, x: Tensor | MultiInput, grad: bool) -> tuple[Any, dict[str, Tensor], list[str]]:
         """One forward pass with the hooks: outputs, the HAP per layer, the layers overwritten in place."""
-        captured: dict[str, list[tuple[Tensor, int]]] = {name: [] for name in self.layers}
+        by_module = {base for base, _ in self.calls.values()}
+        captured: dict[str, list[tuple[Tensor, int]]] = {base: [] for base in by_module}
+        copied = {self.calls[name][0] for name in self.copied_layers}
         handles = []
 
-        def make_hook(name: str):
-            copy = name in self.copied_layers
+        def make_hook(base: str):
+            copy = base in copied
 
             def hook(_module: nn.Module, _inp: Any, out: Any) -> None:
                 if isinstance(out, Mapping) and out:  # e.g. a HuggingFace BaseModelOutput: its hidden states
@@ -274,31 +299,38 @@ class TorchLayerProbe:
                 if isinstance(out, (tuple, list)) and out:
                     out = out[0]
                 if not isinstance(out, Tensor):
-                    raise TypeError(f"layer {name!r} returned {type(out).__name__}, expected a Tensor")
+                    raise TypeError(f"layer {base!r} returned {type(out).__name__}, expected a Tensor")
                 kept = out if grad else out.detach()
-                captured[name].append((kept.clone() if copy else kept, out._version))
+                captured[base].append((kept.clone() if copy else kept, out._version))
             return hook
 
+        modules = dict(self.model.named_modules())
         try:
-            for name, module in self.modules.items():
-                handles.append(module.register_forward_hook(make_hook(name)))
+            for base in sorted(by_module):
+                handles.append(modules[base].register_forward_hook(make_hook(base)))
             with eval_mode(self.model), torch.set_grad_enabled(grad):
-                outputs = self.model(x)
+                outputs = x.call(self.model) if isinstance(x, MultiInput) else self.model(x)
         finally:
             for h in handles:
                 h.remove()
+        picked: dict[str, tuple[Tensor, int]] = {}
         for name in self.layers:
-            outs = captured[name]
+            base, call = self.calls[name]
+            outs = captured[base]
             if not outs:
                 raise LayerNotFoundError(
-                    f"layer {name!r} never fired during the forward pass (it exists in the model but "
+                    f"layer {base!r} never fired during the forward pass (it exists in the model but "
                     f"forward() did not call it); probed layers: {self.layers}"
                 )
-            if len(outs) > 1:
+            if call is None and len(outs) > 1:
                 raise ValueError(
-                    f"layer {name!r} fired {len(outs)} times in one forward pass (a module reused in "
-                    "forward); probe a module that runs once per input"
+                    f"layer {name!r} fired {len(outs)} times in one forward pass (a module reused in forward, "
+                    f"as ALBERT's shared layers are); name one call: '{name}#1' ... '{name}#{len(outs)}'"
                 )
+            if call is not None and call > len(outs):
+                raise LayerNotFoundError(f"layer {name!r}: the module {base!r} ran {len(outs)} time(s) in the "
+                                         f"forward pass, so there is no call {call}")
+            picked[name] = outs[(call or 1) - 1]
         overwritten = [name for name in self.layers
-                       if name not in self.copied_layers and captured[name][0][0]._version != captured[name][0][1]]
-        return outputs, {name: captured[name][0][0] for name in self.layers}, overwritten
+                       if name not in self.copied_layers and picked[name][0]._version != picked[name][1]]
+        return outputs, {name: picked[name][0] for name in self.layers}, overwritten

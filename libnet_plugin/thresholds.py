@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._batches import is_one_shot, iter_batches
+from ._batches import MultiInput, is_one_shot, iter_batches, n_rows
 from .library import Library
 from .probe import LayerProbe
 
@@ -75,27 +75,42 @@ def reservoir_sample(data: Any, n: int, seed: int = 0, batch_size: int = 256) ->
         raise ValueError(f"sample_size must be a positive integer, got {n!r}")
     rng = np.random.default_rng(seed)
     buf: Tensor | None = None
+    rows: list[MultiInput | None] = [None] * n  # several inputs per example: kept row by row
     idx = np.full(n, -1, dtype=np.int64)
     seen = 0
     for x, _ in iter_batches(data, batch_size):
-        b = x.shape[0]
+        b = n_rows(x)
         if b == 0:
             continue
-        if buf is None:
-            buf = torch.empty((n, *x.shape[1:]), dtype=x.dtype, device=x.device)
-        elif tuple(x.shape[1:]) != tuple(buf.shape[1:]):
-            raise ValueError(f"training batches have per-input shapes {tuple(buf.shape[1:])} and {tuple(x.shape[1:])}")
+        if isinstance(x, Tensor):
+            if buf is None:
+                buf = torch.empty((n, *x.shape[1:]), dtype=x.dtype, device=x.device)
+            elif tuple(x.shape[1:]) != tuple(buf.shape[1:]):
+                raise ValueError(f"training batches have per-input shapes {tuple(buf.shape[1:])} and "
+                                 f"{tuple(x.shape[1:])}")
         pos = np.arange(seen, seen + b)
         # Algorithm R: input t (0-based) replaces slot j ~ U{0..t} when j < n (always placed while t < n).
         slots = np.where(pos < n, pos, (rng.random(b) * (pos + 1)).astype(np.int64))
         for i in np.flatnonzero(slots < n):  # in order, so a later input overwrites an earlier one
-            buf[slots[i]] = x[i]
+            if isinstance(x, MultiInput):
+                rows[slots[i]] = x[int(i):int(i) + 1]
+            else:
+                buf[slots[i]] = x[i]  # type: ignore[index]
             idx[slots[i]] = pos[i]
         seen += b
-    if buf is None or seen == 0:
+    if seen == 0:
         raise ValueError("choose_thresholds received no training inputs (empty data)")
     m = min(n, seen)
     order = np.argsort(idx[:m], kind="stable")
+    if buf is None:  # MultiInput rows, in stream order; rows of the same shapes are batched together
+        kept = [rows[j] for j in order]
+        groups: list[list[MultiInput]] = []
+        for r in kept:
+            if groups and groups[-1][0].signature() == r.signature():  # type: ignore[union-attr]
+                groups[-1].append(r)  # type: ignore[arg-type]
+            else:
+                groups.append([r])  # type: ignore[list-item]
+        return [MultiInput.cat(g) for g in groups], torch.from_numpy(idx[:m][order]), seen
     return buf[:m][torch.from_numpy(order).to(buf.device)], torch.from_numpy(idx[:m][order]), seen
 
 
@@ -192,8 +207,9 @@ def choose_thresholds(probe: LayerProbe, train: Any, new_library: Callable[[str,
         raise ValueError(f"tol must be a number in (0, 1), got {tol!r}")
     x_sample, _, n_total = reservoir_sample(train, sample_size, seed=seed, batch_size=batch_size)
     haps: dict[str, list[Tensor]] = {l: [] for l in layers}
-    for i in range(0, x_sample.shape[0], batch_size):
-        r = probe.run(x_sample[i:i + batch_size])
+    chunks = x_sample if isinstance(x_sample, list) else [x_sample]
+    for chunk, i in ((c, i) for c in chunks for i in range(0, n_rows(c), batch_size)):
+        r = probe.run(chunk[i:i + batch_size])
         for l in layers:
             haps[l].append(r.haps[l])
     chosen: dict[str, float] = {}

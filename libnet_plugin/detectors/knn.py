@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .._batches import iter_batches
+from .._batches import iter_batches, n_rows
 from .._validate import check_int
 from ..errors import NotFittedError, ShapeMismatchError
 from ..library import normalize_rows
@@ -68,7 +68,7 @@ class DeepKNNScore(ConsistencyScore):
         parts: dict[str, list[Tensor]] = {l: [] for l in layers}
         labels: list[Tensor] = []
         for x, y in iter_batches(data, net.batch_size):
-            if x.shape[0] == 0:
+            if n_rows(x) == 0:
                 continue
             r = net.run(x)
             if self.labels == "model" or (self.labels == "auto" and y is None):

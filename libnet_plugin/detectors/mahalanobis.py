@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .._batches import iter_batches
+from .._batches import iter_batches, n_rows
 from .._validate import check_int
 from ..errors import NotFittedError, ShapeMismatchError
 from ..probe import ProbeResult
@@ -93,7 +93,7 @@ class MahalanobisScore(FusedLayerScore):
         self.channels_, self.dims_, self.means_, self.precision_, self.class_present_ = {}, {}, {}, {}, {}
         n = 0
         for x, _ in iter_batches(data, net.batch_size):
-            if x.shape[0] == 0:
+            if n_rows(x) == 0:
                 continue
             r = net.run(x)
             onehot = torch.nn.functional.one_hot(r.answers.to(net.device), n_classes).double()
@@ -108,7 +108,7 @@ class MahalanobisScore(FusedLayerScore):
                     outer[l] = torch.zeros(f.shape[1], f.shape[1], dtype=torch.float64, device=net.device)
                 sums[l] += onehot.T @ f
                 outer[l] += f.T @ f
-            n += x.shape[0]
+            n += n_rows(x)
         if n < 2:
             raise ValueError(f"the 'mahalanobis' detector needs at least 2 training inputs, got {n}")
         for l in self.fitted_layers():
