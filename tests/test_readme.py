@@ -6,7 +6,7 @@ import pathlib
 import re
 
 import pytest
-from readme_blocks import readme_code_blocks
+from readme_blocks import readme_code_blocks, run_readme_block
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -54,3 +54,14 @@ def test_readme_extraction_helper(tmp_path):
     assert readme_code_blocks("a", "bash", path=readme) == ["ls\n"]
     with pytest.raises(LookupError):
         readme_code_blocks("b", path=readme)
+
+
+def test_your_model_examples_run(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    _, ns = run_readme_block("your-model", 0)
+    assert ns["net"].n_train_ == 300 and ns["flags"].shape == (8,)
+    assert float(ns["net"].libraries_["1.bn"].nodes.min()) < 0  # recorded before the in-place ReLU
+    pytest.importorskip("transformers")
+    _, ns = run_readme_block("your-model", 1)
+    assert ns["out"].output.shape == (4, 3) and ns["out"].flagged.shape == (4,)
+    assert ns["net"].n_train_ == 200
