@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -142,6 +143,10 @@ def model_device(modules: nn.Module | Sequence[nn.Module], fallback: torch.devic
     return fallback if fallback is not None else torch.device("cpu")
 
 
+#: held while a probe run switches a model from training to eval mode and back
+_MODE_LOCK = threading.RLock()
+
+
 def model_float_dtype(model: nn.Module) -> torch.dtype | None:
     """The dtype of the first floating parameter (or buffer) of ``model``; ``None`` when it has none.
 
@@ -165,7 +170,8 @@ def eval_mode(modules: nn.Module | Iterable[nn.Module | None]) -> Iterator[None]
 
     This is the project's train-mode policy: a probe never runs a model in training mode (dropout would
     make two calls differ, batch-norm would update its running statistics), and never leaves a mode
-    changed.
+    changed. A model already in eval mode is left alone; callers that have to switch modes take turns
+    (a lock), so call ``model.eval()`` once before probing from several threads.
 
     Example:
         >>> from torch import nn
@@ -178,14 +184,18 @@ def eval_mode(modules: nn.Module | Iterable[nn.Module | None]) -> Iterator[None]
     """
     roots = [modules] if isinstance(modules, nn.Module) else [m for m in modules if m is not None]
     modes = [(m, m.training) for root in roots for m in root.modules()]
-    try:
-        if any(training for _, training in modes):
+    if not any(training for _, training in modes):
+        yield  # already in eval mode (the usual case, and the one to use from several threads): nothing to do
+        return
+    with _MODE_LOCK:  # callers that switch modes take turns, so none sees another's restored training mode
+        modes = [(m, m.training) for root in roots for m in root.modules()]
+        try:
             for root in roots:
                 root.eval()
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
+            yield
+        finally:
+            for m, training in modes:
+                m.training = training
 
 
 class TorchLayerProbe:
@@ -290,10 +300,14 @@ class TorchLayerProbe:
         copied = {self.calls[name][0] for name in self.copied_layers}
         handles = []
 
+        caller = threading.get_ident()
+
         def make_hook(base: str):
             copy = base in copied
 
             def hook(_module: nn.Module, _inp: Any, out: Any) -> None:
+                if threading.get_ident() != caller:  # another thread's forward pass of the same model
+                    return
                 if isinstance(out, Mapping) and out:  # e.g. a HuggingFace BaseModelOutput: its hidden states
                     out = next(iter(out.values()))
                 if isinstance(out, (tuple, list)) and out:
