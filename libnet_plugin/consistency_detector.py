@@ -289,8 +289,9 @@ class ConsistencyDetector:
         """
         if not self.net.is_fitted:
             self.net.fit(train, progress=self.progress)
-        self.scorer.fit(self.net, train)
-        self._scorer_fitted = True
+        scorer = make_detector(self.method, self.settings, self.plugin_manager).fit(self.net, train)
+        # all or nothing: the detector changes only once the new score is fitted
+        self.scorer, self._scorer_fitted = scorer, True
         self._record_model()
         for attr in ("threshold_", "fpr_", "n_calibration_", "calibration_scores_"):
             self.__dict__.pop(attr, None)
@@ -517,8 +518,26 @@ class ConsistencyDetector:
         if cal is not None:
             if "calibration/scores" not in tensors:
                 raise SaveFormatError(f"{str(path)!r} lacks the tensor 'calibration/scores'")
-            det.threshold_, det.fpr_, det.n_calibration_ = float(cal["threshold"]), float(cal["fpr"]), int(cal["n"])
-            det.calibration_scores_ = tensors["calibration/scores"].float()
+            try:
+                threshold, fpr, n = float(cal["threshold"]), float(cal["fpr"]), int(cal["n"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise SaveFormatError(f"{str(path)!r}: the saved calibration is unreadable ({exc!r})") from exc
+            scores = tensors["calibration/scores"].float()
+            problem = None
+            if not math.isfinite(threshold):
+                problem = f"the threshold is {threshold} (a detector with it would flag nothing, or everything)"
+            elif not 0.0 < fpr < 1.0:
+                problem = f"the calibrated FPR is {fpr}, outside (0, 1)"
+            elif scores.dim() != 1 or scores.shape[0] != n or n < 1:
+                problem = f"{n} calibration inputs are recorded but the scores have shape {list(scores.shape)}"
+            elif not bool(torch.isfinite(scores).all()) or bool((scores[1:] < scores[:-1]).any()):
+                problem = "the calibration scores are not finite and sorted"
+            elif float(torch.tensor(threshold, dtype=torch.float32)) != float(scores[math.ceil((n + 1) * (1 - fpr)) - 1]):
+                problem = f"the threshold {threshold!r} is not the conformal quantile of the saved calibration scores"
+            if problem is not None:
+                raise SaveFormatError(f"{str(path)!r} was modified or corrupted: {problem}")
+            det.threshold_, det.fpr_, det.n_calibration_ = threshold, fpr, n
+            det.calibration_scores_ = scores
         return det
 
 

@@ -302,10 +302,9 @@ class LibraryNetwork:
 
         Returns:
             ``self``, with ``libraries_``, ``readouts_``, ``library_sizes_``, ``n_classes_``,
-            ``n_train_``, ``hap_dims_`` and ``input_shape_`` set.
+            ``n_train_``, ``hap_dims_`` and ``input_shape_`` set. All or nothing: when fitting raises,
+            an earlier fit is kept as it was.
         """
-        for attr in ("libraries_", "readouts_", "input_shape_"):
-            self.__dict__.pop(attr, None)
         if isinstance(train, torch.utils.data.DataLoader) and isinstance(train.sampler, torch.utils.data.RandomSampler):
             warnings.warn("the training DataLoader shuffles: libraries depend on the visiting order, and the "
                           "exemplar indices refer to the order of the first pass", stacklevel=2)
@@ -314,14 +313,16 @@ class LibraryNetwork:
 
             thetas, report = choose_thresholds(self.probe, train, self.new_library, layers=self.layers,
                                                batch_size=self.batch_size, **self.auto_thresholds)
-            self.auto_thresholds_report_ = report
         else:
-            thetas = dict(self._given_thresholds)
+            thetas, report = dict(self._given_thresholds), None
         libraries = {l: self.new_library(l, thetas[l]) for l in self.layers}
         fitted = stream_fit(self.probe, train, {l: [lib] for l, lib in libraries.items()}, self._new_readout,
                             batch_size=self.batch_size, cache_bytes=self.cache_bytes, progress=progress)
+        # all or nothing: the network's fitted state changes only here, once everything above succeeded
         self.adopt_fitted(libraries, {l: r[0] for l, r in fitted.readouts.items()},
                           n_classes=fitted.n_classes, n_train=fitted.n_train, input_shape=fitted.input_shape)
+        if report is not None:
+            self.auto_thresholds_report_ = report
         for l, size in self.library_sizes_.items():
             if size > 0.5 * self.n_train_:
                 warnings.warn(f"the library of layer {l!r} keeps {size} of its {self.n_train_} training inputs (more "
