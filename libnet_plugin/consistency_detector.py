@@ -501,6 +501,10 @@ class ConsistencyDetector:
         det = cls(net, method=method, settings=settings, on_nonfinite=cfg.get("on_nonfinite", "flag"),
                   plugin_manager=plugin_manager)
         fingerprint = cfg.get("fingerprint")
+        if check_model and fingerprint is None and isinstance(model, nn.Module):
+            raise SaveFormatError(f"{str(path)!r} has no fingerprint of the torch model it was fitted on, so it cannot "
+                                  "be checked against the model given; refit, or pass check_model=False if you know "
+                                  "it is the same model")
         if check_model and fingerprint is not None:
             now = model_fingerprint(model)
             diff = _fingerprint_diff(fingerprint, now) if now is not None else None

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -54,22 +56,73 @@ def _json_default(value: Any) -> Any:
                     f"got {type(value).__name__}: {value!r}")
 
 
+def _tensor_digest(t: Tensor) -> str:
+    """SHA-256 of a tensor's dtype, shape and bytes."""
+    h = hashlib.sha256(f"{dtype_name(t.dtype) if t.is_floating_point() else t.dtype}|{list(t.shape)}|".encode())
+    flat = t.detach().contiguous().cpu().reshape(-1)
+    h.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    return h.hexdigest()
+
+
+def _digests(kind: str, config_json: str, tensors: dict[str, Tensor]) -> dict[str, Any]:
+    """The digests a file carries: of its kind and settings, and of each tensor."""
+    return {"algorithm": "sha256", "settings": hashlib.sha256(f"{kind}|{config_json}".encode()).hexdigest(),
+            "tensors": {k: _tensor_digest(v) for k, v in sorted(tensors.items())}}
+
+
 def save_atomic(path: str | os.PathLike, tensors: dict[str, Tensor], kind: str, config: dict[str, Any]) -> Path:
-    """Save ``tensors`` (safetensors) with ``config`` (JSON) and the format version, atomically."""
+    """Save ``tensors`` (safetensors) with ``config`` (JSON) and the format version, atomically.
+
+    The file also carries SHA-256 digests of its settings and of every tensor (dtype, shape, bytes), which
+    :func:`load_checked` verifies: a file modified or corrupted after it was written is refused.
+    """
     from safetensors.torch import save
 
+    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    config_json = json.dumps(config, sort_keys=True, default=_json_default)
     metadata = {
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),
         "kind": kind,
-        "config": json.dumps(config, sort_keys=True, default=_json_default),
+        "config": config_json,
+        "digests": json.dumps(_digests(kind, config_json, cpu), sort_keys=True),
     }
-    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    data = save(cpu, metadata=metadata)
     return atomic_write_bytes(path, data)
 
 
+def _check_digests(path: Path, kind: str, metadata: dict[str, str], tensors: dict[str, Tensor]) -> None:
+    if "digests" not in metadata:
+        warnings.warn(f"{str(path)!r} carries no digests (it was written by libnet-plugin 0.1.0 before digests "
+                      "existed), so changes to it cannot be detected; load and save it again to add them",
+                      UserWarning, stacklevel=3)
+        return
+    where = f"{str(path)!r} was modified or corrupted after it was saved"
+    try:
+        saved = json.loads(metadata["digests"])
+        want = _digests(kind, metadata["config"], tensors)
+        if saved.get("algorithm") != "sha256":
+            raise SaveFormatError(f"{where}: unknown digest algorithm {saved.get('algorithm')!r}")
+    except (json.JSONDecodeError, AttributeError, TypeError) as exc:
+        raise SaveFormatError(f"{where}: its digests are unreadable ({exc})") from exc
+    if saved.get("settings") != want["settings"]:
+        raise SaveFormatError(f"{where}: its settings (or kind) differ from those it was saved with")
+    got = saved.get("tensors")
+    if not isinstance(got, dict) or set(got) != set(want["tensors"]):
+        names = sorted(set(got or {}) ^ set(want["tensors"]))
+        raise SaveFormatError(f"{where}: tensors were added or removed ({names[:5]})")
+    changed = [k for k, d in want["tensors"].items() if got[k] != d]
+    if changed:
+        raise SaveFormatError(f"{where}: the data, dtype or shape of the tensor(s) {changed[:5]} changed")
+
+
 def load_checked(path: str | os.PathLike, kind: str, map_location: Any = None) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Load a file written by :func:`save_atomic`; check format, version and kind. Never unpickles."""
+    """Load a file written by :func:`save_atomic`; check format, version, kind and digests. Never unpickles.
+
+    Raises:
+        SaveFormatError: the file is not a libnet-plugin file, of another format version or kind, or was
+            modified or corrupted after it was saved (a digest differs; the message says what).
+    """
     from safetensors import safe_open
 
     path = Path(path)
@@ -90,6 +143,9 @@ def load_checked(path: str | os.PathLike, kind: str, map_location: Any = None) -
                               f"this version reads format version {FORMAT_VERSION}")
     if metadata.get("kind") != kind:
         raise SaveFormatError(f"{str(path)!r} holds a {metadata.get('kind')!r}, expected a {kind!r}")
+    if "config" not in metadata:
+        raise SaveFormatError(f"{str(path)!r} has no settings")
+    _check_digests(path, kind, metadata, tensors)
     try:
         config = json.loads(metadata["config"])
     except (KeyError, json.JSONDecodeError) as exc:

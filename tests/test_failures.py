@@ -81,3 +81,64 @@ def test_non_finite_scores_are_always_flagged(fitted, mlp_data):
     huge[1] = 3e38  # finite, but its activations overflow float32
     scores = det.score(huge)
     assert math.isinf(float(scores[1])) and bool(det.predict(huge)[1])
+
+
+def test_files_carry_digests_that_name_what_changed(tmp_path, fitted, mlp):
+    fitted.save(tmp_path / "net.lnp")
+    with safe_open(str(tmp_path / "net.lnp"), "pt") as f:
+        name = next(k for k in f.keys() if k.endswith("nodes"))
+        nodes = f.get_tensor(name)
+    nodes.view(torch.int32)[0, 0] ^= 1  # one flipped bit of one node
+    _rewrite(tmp_path / "net.lnp", tensors={name: nodes})
+    with pytest.raises(SaveFormatError, match=rf"modified or corrupted.*{name}"):
+        lnp.LibraryNetwork.load(tmp_path / "net.lnp", mlp)
+
+
+def test_a_detector_file_without_a_fingerprint_does_not_load_onto_a_torch_model(tmp_path, fitted, mlp):
+    import json
+
+    det = lnp.ConsistencyDetector(fitted).calibrate(torch.randn(60, 10), fpr=0.1)
+    det.save(tmp_path / "det.lnp")
+    with safe_open(str(tmp_path / "det.lnp"), "pt") as f:
+        meta = dict(f.metadata())
+    cfg = json.loads(meta["config"])
+    cfg["fingerprint"] = None
+    meta["config"] = json.dumps(cfg, sort_keys=True)
+    _rewrite(tmp_path / "det.lnp", metadata=meta)
+    with pytest.raises(SaveFormatError):
+        lnp.ConsistencyDetector.load(tmp_path / "det.lnp", mlp)
+
+
+def test_random_byte_flips_give_a_clear_error_or_identical_scores(tmp_path, fitted, mlp, mlp_data):
+    """Property: a corrupted file never loads into different answers (seeded, 150 flips per file kind)."""
+    x, _ = mlp_data
+    det = lnp.ConsistencyDetector(fitted, method="library-distance").calibrate(torch.randn(60, 10), fpr=0.1)
+    det.save(tmp_path / "det.lnp")
+    fitted.save(tmp_path / "net.lnp")
+    probe = x[:16]
+    cases = {"det.lnp": (lambda p: lnp.ConsistencyDetector.load(p, mlp).score(probe), det.score(probe)),
+             "net.lnp": (lambda p: lnp.LibraryNetwork.load(p, mlp).predict_scores(probe)["out"],
+                         fitted.predict_scores(probe)["out"])}
+    rng = torch.Generator().manual_seed(0)
+    outcomes = {"error": 0, "identical": 0}
+    for name, (load_and_score, want) in cases.items():
+        raw = (tmp_path / name).read_bytes()
+        header = int.from_bytes(raw[:8], "little") + 8
+        for i in range(150):
+            data = bytearray(raw)
+            # half the flips in the header (lengths, names, dtypes, offsets, JSON settings), half in the data
+            hi = header if i % 2 == 0 else len(raw)
+            lo = 0 if i % 2 == 0 else header
+            pos = int(torch.randint(lo, hi, (1,), generator=rng))
+            data[pos] ^= 1 << int(torch.randint(0, 8, (1,), generator=rng))
+            bad = tmp_path / f"bad-{name}"
+            bad.write_bytes(bytes(data))
+            try:
+                got = load_and_score(bad)
+            except (lnp.LibnetError, FileNotFoundError) as exc:
+                assert str(exc), "an error must say what is wrong"
+                outcomes["error"] += 1
+                continue
+            assert torch.equal(got, want), f"{name}: a flip at byte {pos} silently changed the scores"
+            outcomes["identical"] += 1
+    assert outcomes["error"] > 200  # nearly every flip is caught; the rest (e.g. in JSON whitespace) are harmless
