@@ -24,7 +24,7 @@ import pickle
 import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -422,11 +422,30 @@ def check_cifar10_dir(data_dir: str | os.PathLike[str]) -> Path:
     return directory
 
 
+#: the only globals a CIFAR-10 batch pickle may name: numpy's array reconstruction (both module paths)
+#: and the codec Python 3 uses for bytes in protocol-2 pickles; everything else is refused
+_CIFAR_PICKLE_GLOBALS = frozenset({
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"), ("_codecs", "encode"),
+})
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Admits only builtin containers, bytes, strings, numbers and numpy arrays: a crafted file cannot run code."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _CIFAR_PICKLE_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a CIFAR-10 batch holds only dicts, lists, "
+                                     "bytes, numbers and numpy arrays (the file may have been crafted to run code)")
+
+
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Read one pickled CIFAR-10 batch. Only open files you trust: pickle can run code."""
+    """Read one pickled CIFAR-10 batch with a restricted unpickler (no code can run: see :class:`_CifarUnpickler`)."""
     try:
         with open(path, "rb") as fh:
-            batch = pickle.load(fh, encoding="bytes")
+            batch = _CifarUnpickler(fh, encoding="bytes").load()
     except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError) as exc:
         raise DataFormatError(f"cannot unpickle CIFAR-10 batch {str(path)!r}: {exc}") from exc
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
@@ -452,8 +471,8 @@ def load_cifar10(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Read CIFAR-10 from the python batches (``data_batch_1`` .. ``data_batch_5``, ``test_batch``).
 
-    ``data_dir`` may be the ``cifar-10-batches-py`` folder or its parent. The batches are pickles; only
-    read files you trust.
+    ``data_dir`` may be the ``cifar-10-batches-py`` folder or its parent. The batches are pickles, read with
+    an unpickler that admits only containers, bytes, numbers and numpy arrays (a crafted file is refused).
 
     Args:
         data_dir: directory to read from.

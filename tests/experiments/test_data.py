@@ -192,3 +192,25 @@ def test_batches():
         data.batches(x, batch_size=0)
     with pytest.raises(ValueError, match="items"):
         data.batches(x, y[:3])
+
+
+def test_a_crafted_cifar_batch_cannot_run_code(tmp_path):
+    import os
+    import pickle
+
+    from libnet_plugin.experiments.data import DataFormatError, load_cifar10, write_fake_cifar10
+
+    root = write_fake_cifar10(tmp_path / "c", n_train_per_batch=4, n_test=4)
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    with open(root / "data_batch_2", "wb") as fh:
+        pickle.dump({b"data": Evil(), b"labels": [0]}, fh, protocol=2)
+    with pytest.raises(DataFormatError, match="refusing to load"):
+        load_cifar10(root)
+    assert not marker.exists()
+    x_tr = load_cifar10(write_fake_cifar10(tmp_path / "ok", n_train_per_batch=4, n_test=4))[0]
+    assert x_tr.shape == (20, 3, 32, 32)  # genuine batches still load
