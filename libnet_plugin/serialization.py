@@ -6,6 +6,8 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -23,17 +25,46 @@ FORMAT_NAME = "libnet-plugin"
 FORMAT_VERSION = 1
 
 
+_UMASK_LOCK = threading.Lock()
+#: a temp file of an interrupted save older than this many seconds is removed by the next save of that file
+STALE_TEMP_SECONDS = 600
+
+
+def _umask() -> int:
+    with _UMASK_LOCK:  # os.umask can only be read by setting it
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def _clean_stale_temps(parent: Path, name: str) -> None:
+    now = time.time()
+    for stale in parent.glob(f".{name}.*.tmp"):
+        try:
+            if now - stale.stat().st_mtime > STALE_TEMP_SECONDS:
+                stale.unlink()
+        except OSError:
+            pass  # another process's file, or already gone
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temp file in the same folder and ``os.replace``.
 
-    A failure at any point leaves an earlier file at ``path`` intact. The parent folder must exist.
+    A failure at any point leaves an earlier file at ``path`` intact. The parent folder must exist. The
+    file gets the permissions any other writer would give it (``0o666`` less the umask). Saving onto a
+    symbolic link writes through to the link's target (the link stays). The temp file is hidden
+    (``.<name>.<random>.tmp``); one left by an interrupted save is removed by a later save of that file.
     """
     path = Path(path)
+    if path.is_symlink():
+        path = path.resolve()
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise FileNotFoundError(f"cannot save to {str(path)!r}: the folder {str(parent)!r} does not exist")
+    _clean_stale_temps(parent, path.name)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -129,3 +129,36 @@ def test_gpu_saved_loads_on_cpu(mlp, mlp_data, tmp_path):
     cpu = lnp.LibraryNetwork.load(tmp_path / "g.lnp", mlp.cpu(), map_location="cpu")
     assert cpu.libraries_["fc1"].nodes.device.type == "cpu"
     assert torch.allclose(cpu.predict_scores(x[:5])["out"], gpu.predict_scores(x[:5])["out"].cpu(), atol=1e-4)
+
+
+def test_saved_files_honour_the_umask_and_write_through_symlinks(tmp_path):
+    import os
+    import stat
+    import time
+
+    from libnet_plugin.serialization import STALE_TEMP_SECONDS, atomic_write_bytes
+
+    old = os.umask(0o022)
+    try:
+        target = tmp_path / "report.json"
+        target.write_bytes(b"old")
+        target.chmod(0o644)
+        atomic_write_bytes(target, b"new")
+        assert stat.S_IMODE(target.stat().st_mode) == 0o644 and target.read_bytes() == b"new"
+        os.umask(0o077)
+        atomic_write_bytes(tmp_path / "private.bin", b"x")
+        assert stat.S_IMODE((tmp_path / "private.bin").stat().st_mode) == 0o600
+    finally:
+        os.umask(old)
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    atomic_write_bytes(link, b"through")
+    assert link.is_symlink() and target.read_bytes() == b"through"
+    stale = tmp_path / ".report.json.abc123.tmp"
+    stale.write_bytes(b"half a file")
+    past = time.time() - STALE_TEMP_SECONDS - 5
+    os.utime(stale, (past, past))
+    fresh = tmp_path / ".report.json.def456.tmp"  # perhaps another process's save in progress: kept
+    fresh.write_bytes(b"in progress")
+    atomic_write_bytes(target, b"again")
+    assert not stale.exists() and fresh.exists()
