@@ -163,6 +163,10 @@ def _split_data(data: Any) -> tuple[Tensor | MultiInput, Tensor | None] | None:
                 return x, (data[1] if len(data) == 2 else None)
         if len(data) == 2 and isinstance(data[0], Tensor) and _is_labels(data[1], data[0].shape[0]):
             return data[0], data[1]
+        if (len(data) == 2 and all(isinstance(t, Tensor) for t in data) and data[1].dim() == 1
+                and data[1].is_floating_point() and data[0].dim() > 1 and data[1].shape[0] == data[0].shape[0]):
+            raise ValueError(f"(X, y) with y of dtype {data[1].dtype}: labels must be integer class indices "
+                             "(y.long()); for a model with two inputs pass ((x1, x2),) or ((x1, x2), y)")
         if _is_tensors(data) and len({t.shape[0] for t in data}) == 1 and data[0].dim() >= 1:
             return MultiInput(data), None  # (ids, mask): several inputs of the same examples
     return None

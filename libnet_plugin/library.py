@@ -34,6 +34,8 @@ def normalize_rows(f: Tensor) -> Tensor:
 def validate_threshold(theta: Any, layer: str | None = None) -> float:
     """Return ``theta`` as a float after checking it lies in (0, 1]."""
     where = f" for layer {layer!r}" if layer else ""
+    if isinstance(theta, bool):
+        raise TypeError(f"threshold{where} must be a number in (0, 1], got {theta!r}")
     try:
         value = float(theta)
     except (TypeError, ValueError):

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ._batches import MultiInput, is_one_shot, iter_batches, n_rows, per_input_shape, progress_bar
+from ._validate import check_int
 from ._version import __version__
 from .errors import LayerNotFoundError, LibraryTooLargeWarning, NotFittedError, ShapeMismatchError
 from .library import validate_threshold
@@ -56,6 +57,15 @@ class StreamFit:
     n_classes: int
     input_shape: tuple[int, ...]
     answers: Tensor
+
+
+def _check_labels(y: Tensor, n_classes: int) -> None:
+    """Labels must be integer class indices ``[B]`` in ``[0, n_classes)``."""
+    if y.is_floating_point() or y.dim() != 1:
+        raise ValueError(f"labels must be integer class indices of shape [B], got {y.dtype} of shape {list(y.shape)}")
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= n_classes):
+        raise ValueError(f"labels must lie in [0, {n_classes}) (the model has {n_classes} classes), got values "
+                         f"from {int(y.min())} to {int(y.max())}")
 
 
 def stream_fit(probe: Any, train: Any, libraries: Mapping[str, Sequence[Any]], new_readout: Callable[[int], Any], *,
@@ -201,10 +211,9 @@ class LibraryNetwork:
             raise ValueError("layers must name at least one layer")
         if len(set(layers)) != len(layers):
             raise ValueError(f"layers must be distinct, got {layers}")
-        if int(top_k) < 1:
-            raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
-        if int(batch_size) < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        top_k = check_int(top_k, "top_k")
+        batch_size = check_int(batch_size, "batch_size")
+        cache_bytes = check_int(cache_bytes, "cache_bytes", minimum=0)
         self.model = model
         self.layers = layers
         self.auto_thresholds = dict(auto_thresholds or {}) if isinstance(thresholds, str) and thresholds == "auto" else None
@@ -323,6 +332,10 @@ class LibraryNetwork:
                           n_classes=fitted.n_classes, n_train=fitted.n_train, input_shape=fitted.input_shape)
         if report is not None:
             self.auto_thresholds_report_ = report
+        if fitted.answers.numel() and bool((fitted.answers == fitted.answers[0]).all()):
+            warnings.warn(f"the model answers class {int(fitted.answers[0])} for every training input: every library "
+                          "node is linked to that class, so the layers' predictions and the detectors cannot tell "
+                          "inputs apart (an untrained or collapsed model?)", stacklevel=2)
         for l, size in self.library_sizes_.items():
             if size > 0.5 * self.n_train_:
                 warnings.warn(f"the library of layer {l!r} keeps {size} of its {self.n_train_} training inputs (more "
@@ -449,6 +462,8 @@ class LibraryNetwork:
         for x, y in progress_bar(iter_batches(test, self.batch_size), "evaluate", progress):
             if n_rows(x) == 0:
                 continue
+            if y is not None:
+                _check_labels(y, self.n_classes_)
             r = self.run(x)
             ans = r.answers
             for l, p in self.scores_from_haps(r.haps, top_k).items():

@@ -279,6 +279,9 @@ class TorchLayerProbe:
         dtype = model_float_dtype(self.model)
 
         def prepare(t: Tensor) -> Tensor:  # floating inputs take the model's dtype; integer ids stay as they are
+            if t.is_meta:
+                raise ValueError(f"the input batch of shape {list(t.shape)} is on the 'meta' device and holds no "
+                                 "values; pass real data")
             if t.is_floating_point():
                 check_finite(t, "the input batch")
                 return t.to(device, dtype if dtype is not None else t.dtype)

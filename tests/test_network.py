@@ -264,3 +264,35 @@ def test_scores_and_exemplars_for_a_subset_of_layers(mlp, mlp_data):
     assert torch.equal(idx["fc2"], net.exemplars(x[:6], k=2)["fc2"]) and sims["fc2"].shape == (6, 2)
     with pytest.raises(LayerNotFoundError, match="'conv9'.*probed layers"):
         net.scores_from_haps(haps, layers=["conv9"])
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"top_k": 2.7}, ValueError, "top_k must be a positive integer"),
+    ({"thresholds": True}, TypeError, "threshold must be a number"),
+    ({"batch_size": 0}, ValueError, "batch_size must be a positive integer"),
+    ({"library_options": {"topk": 3}}, TypeError, r"ExactLibrary got unknown setting\(s\) \['topk'\]"),
+])
+def test_bad_settings_get_a_clear_error(mlp, mlp_data, kwargs, error, message):
+    x, _ = mlp_data
+    with pytest.raises(error, match=message):
+        lnp.LibraryNetwork(mlp, ["fc1", "out"], **{"thresholds": 0.9, **kwargs}).fit(x)
+
+
+def test_bad_labels_and_meta_tensors_get_a_clear_error(mlp, mlp_data):
+    x, y = mlp_data
+    net = lnp.LibraryNetwork(mlp, ["fc1", "out"], thresholds=0.9).fit(x)
+    with pytest.raises(ValueError, match="labels must be integer class indices"):
+        net.evaluate((x, y.float()))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, "):
+        net.evaluate((x, y + 100))
+    with pytest.raises(ValueError, match="'meta' device"):
+        net.predict_scores(torch.empty(4, 10, device="meta"))
+
+
+def test_a_model_with_one_answer_for_everything_warns(mlp_data):
+    x, _ = mlp_data
+    model = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 3))
+    with torch.no_grad():
+        model[2].bias.copy_(torch.tensor([100.0, 0.0, 0.0]))
+    with pytest.warns(UserWarning, match="answers class 0 for every training input"):
+        lnp.LibraryNetwork(model, ["0", "2"], thresholds=0.9).fit(x)
