@@ -169,14 +169,36 @@ def _command(args: argparse.Namespace) -> str:
             parts += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
     return " ".join(parts)
 
-def run(args: argparse.Namespace) -> int:
-    """Run the MNIST default comparison (see the module docstring)."""
-    from .data import load_digits_upscaled, load_mnist_default
-    from .mnist import LAYERS, STANDARD_EPSILONS
-    from .models import MnistNet, load_state_dict_checked
+def _chosen_detectors(wanted: Sequence[str] | None) -> dict[str, tuple[str, dict[str, Any]]]:
+    """The registered detectors plus the MNIST variants, restricted to ``--detectors`` (checked before any work)."""
+    specs = registered_detectors(None)
+    # the MNIST-specific variants: the convolution layers, where the evidence sits at large epsilon
+    specs.update({label: (name, dict(settings)) for label, (name, settings) in MNIST_VARIANTS.items()})
+    if not wanted:
+        return specs
+    chosen = {}
+    for want in wanted:
+        hits = {l: s for l, s in specs.items() if l == want or s[0] == want}
+        if not hits:
+            raise ExperimentError(f"--detectors: no registered detector has the label or name {want!r}; "
+                                  f"labels: {sorted(specs)}")
+        chosen.update(hits)
+    return chosen
 
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
+
+def run(args: argparse.Namespace) -> int:
+    """Run the MNIST default comparison (see the module docstring); bad arguments exit 2 before any work."""
+    try:
+        plan = _plan(args)
+    except (LibnetError, OSError, ValueError) as exc:
+        print(f"libnet evaluate-detectors: error: {exc}", file=sys.stderr)
+        return 2
+    return _run(args, *plan)
+
+
+def _plan(args: argparse.Namespace) -> tuple[Any, ...]:
+    """Every argument checked, before any data is read or any model trained."""
+    from .mnist import LAYERS, STANDARD_EPSILONS
 
     quick = bool(args.quick)
     n_train, epochs, nb_iter = (600, 1, 10) if quick else (4000, 5, 40)
@@ -184,8 +206,24 @@ def run(args: argparse.Namespace) -> int:
     epsilons = list(args.epsilons) if args.epsilons else ([0.1, 0.3] if quick else list(STANDARD_EPSILONS))
     if n_attack < 1 or any(not (0 < e <= 1) for e in epsilons):
         raise ExperimentError(f"--n-attack must be >= 1 and --epsilons in (0, 1], got {n_attack}, {epsilons}")
+    if not 0.0 < args.fpr < 1.0:
+        raise ExperimentError(f"--fpr must lie in the open interval (0, 1), got {args.fpr}")
     thresholds, auto = _parse_thresholds(args.thresholds, LAYERS)
+    specs = _chosen_detectors(args.detectors)
     out_dir = ensure_writable_dir(args.out)
+    return quick, n_train, epochs, nb_iter, n_attack, epsilons, thresholds, auto, specs, out_dir
+
+
+def _run(args: argparse.Namespace, quick: bool, n_train: int, epochs: int, nb_iter: int, n_attack: int,
+         epsilons: list[float], thresholds: Any, auto: Any, specs: dict[str, tuple[str, dict[str, Any]]],
+         out_dir: Path) -> int:
+    from .data import load_digits_upscaled, load_mnist_default
+    from .mnist import LAYERS
+    from .models import MnistNet, load_state_dict_checked
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
     timer = StageTimer(log)
     torch.manual_seed(args.seed)
     with timer.stage("data"):
@@ -219,18 +257,6 @@ def run(args: argparse.Namespace) -> int:
     with timer.stage("library network"):
         net = LibraryNetwork(model, list(LAYERS), thresholds=thresholds, auto_thresholds=auto).fit(
             x_tr, progress=args.progress)
-    specs = registered_detectors(net.plugin_manager)
-    # the MNIST-specific variants: the convolution layers, where the evidence sits at large epsilon
-    specs.update({label: (name, dict(settings)) for label, (name, settings) in MNIST_VARIANTS.items()})
-    if args.detectors:
-        chosen = {}
-        for want in args.detectors:
-            hits = {l: s for l, s in specs.items() if l == want or s[0] == want}
-            if not hits:
-                raise ExperimentError(f"--detectors: no registered detector has the label or name {want!r}; "
-                                      f"labels: {sorted(specs)}")
-            chosen.update(hits)
-        specs = chosen
     with timer.stage("detectors"):
         res = evaluate_detectors(net, (x_tr, y_tr), x_eval, attacked, ood, detectors=specs, calibration=x_cal,
                                  out_dir=out_dir, fpr=args.fpr, log=log)

@@ -36,3 +36,19 @@ def test_evaluate_detectors_command_quick(tmp_path, capsys):
     assert res["run"]["command"].startswith("libnet evaluate-detectors --quick --detectors")
     assert (out / "roc.png").is_file() and "| detector |" in (out / "detectors.md").read_text()
     assert "best library-based detector" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--fpr", "1.5"], "--fpr must lie in the open interval"),
+    (["--detectors", "nope"], "no registered detector has the label or name 'nope'"),
+    (["--thresholds", "bogus"], "--thresholds must be one of"),
+    (["--epsilons", "2"], "--epsilons in \\(0, 1\\]"),
+])
+def test_bad_arguments_exit_2_before_any_work(tmp_path, capsys, argv, message):
+    import re
+
+    from libnet_plugin import cli
+
+    rc = cli.main(["evaluate-detectors", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "c"), *argv])
+    assert rc == 2 and re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "c").exists()  # no data was read, no model trained
