@@ -11,7 +11,8 @@ Sections (docs/design.md section 6, issue "Performance"):
 2. the same search step through faiss-cpu's exact inner-product index (CPU only);
 3. inference: library-network / detector scoring time over the model's forward time (batch 256, S1);
 4. peak memory of fitting against the size of the library;
-5. sparse sampling: sparse and projected libraries at a few sizes on the MNIST default.
+5. sparse sampling: sparse and projected libraries at a few sizes on the MNIST default;
+6. the detector guard's throughput from 1 and from 4 threads, against the model alone.
 
 Ratios are measured in one run; absolute times are reported with the machine that produced them.
 """
@@ -38,7 +39,7 @@ from libnet_plugin.experiments.report import (
 )
 from libnet_plugin.plugins import make_probe
 
-from . import bench_construction, bench_memory, bench_sparse
+from . import bench_construction, bench_guard_threads, bench_memory, bench_sparse
 from ._util import machine_info, resolve_device
 from .mnist_setup import MnistBench, prepare_mnist
 from .synthetic import SyntheticSpec, synthetic_set
@@ -123,6 +124,8 @@ def run(device: str = "cpu", *, quick: bool = False, out_dir: str | Path = "benc
         sections["sparse_sampling"] = bench_sparse.run(mb, dev, quick=quick, log=log)
     with timer.stage("detector_overhead"):
         sections["detector_overhead"] = _detector(dev, quick, log)
+    with timer.stage("guard_threads"):
+        sections["guard_threads"] = bench_guard_threads.main(str(dev), quick=quick, log=log)
     report["seconds"] = timer.as_dict()
     report["machine"]["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     write_json_atomic(out / "report.json", report)
@@ -233,6 +236,14 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += [det["markdown"], ""]
     else:
         lines += ["```", _short_json({k: v for k, v in det.items() if k != "machine"}), "```", ""]
+    guard = sec.get("guard_threads")
+    if guard:
+        lines += ["## 6. The guard from several threads (benchmarks/bench_guard_threads.py)", "",
+                  f"Batches of {guard['batch']}, {guard['calls_per_thread']} calls per thread, torch using "
+                  f"{guard['torch_threads']} threads per call; inputs per second.", "",
+                  markdown_table(["threads", "model", "guard", "guard / model"],
+                                 [[r["threads"], r["model_inputs_per_s"], r["guard_inputs_per_s"],
+                                   r["guard_over_model"]] for r in guard["rows"]], floatfmt=".2f"), ""]
     if report.get("figure"):
         lines += [f"![benchmarks]({report['figure']})", ""]
     return "\n".join(lines)
