@@ -6,6 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+import libnet_plugin as lnp
+
 
 class TwoLayer(nn.Module):
     """Two identity linear layers: the HAPs of both layers equal the input, so everything is hand-computable."""
@@ -54,3 +56,10 @@ def mlp_data() -> tuple[torch.Tensor, torch.Tensor]:
 
 def forward_hook_count(model: nn.Module) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+@pytest.fixture
+def fitted(mlp, mlp_data):
+    """A LibraryNetwork fitted on the MLP's three layers at theta 0.9 (test modules may define their own)."""
+    x, _ = mlp_data
+    return lnp.LibraryNetwork(mlp, ["fc1", "fc2", "out"], thresholds=0.9).fit(x)

@@ -23,12 +23,6 @@ def _detector(net, method, train, **kw):
     return det
 
 
-@pytest.fixture
-def fitted(mlp, mlp_data):
-    x, _ = mlp_data
-    return lnp.LibraryNetwork(mlp, ["fc1", "fc2", "out"], thresholds=0.9).fit(x)
-
-
 @pytest.mark.parametrize("method", ["cpl", "library-margin", "msp"])
 def test_calibrated_fpr_on_held_out_clean_data(method, mlp):
     g = torch.Generator().manual_seed(3)

@@ -13,12 +13,6 @@ import libnet_plugin as lnp
 from libnet_plugin.errors import SaveFormatError
 
 
-@pytest.fixture
-def fitted(mlp, mlp_data):
-    x, _ = mlp_data
-    return lnp.LibraryNetwork(mlp, ["fc1", "fc2", "out"], thresholds=0.9).fit(x)
-
-
 def test_a_failed_refit_keeps_the_fitted_network(fitted, mlp_data):
     x, _ = mlp_data
     sizes, scores = fitted.library_sizes_, fitted.predict_scores(x[:20])

@@ -18,12 +18,6 @@ from libnet_plugin.detectors import (
 from libnet_plugin.errors import ShapeMismatchError
 
 
-@pytest.fixture
-def fitted(mlp, mlp_data):
-    x, _ = mlp_data
-    return lnp.LibraryNetwork(mlp, ["fc1", "fc2", "out"], thresholds=0.9).fit(x)
-
-
 def test_library_margin_hand_computed(two_node_net):
     net = two_node_net
     assert net.library_sizes_ == {"a": 2, "b": 2}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 from torch import nn
 
@@ -11,12 +10,6 @@ import libnet_plugin as lnp
 from libnet_plugin.detectors import (
     MahalanobisScore,
 )
-
-
-@pytest.fixture
-def fitted(mlp, mlp_data):
-    x, _ = mlp_data
-    return lnp.LibraryNetwork(mlp, ["fc1", "fc2", "out"], thresholds=0.9).fit(x)
 
 
 def test_mahalanobis_matches_numpy(fitted, mlp_data):

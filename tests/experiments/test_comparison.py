@@ -10,12 +10,6 @@ import torch
 import libnet_plugin as lnp
 
 
-@pytest.fixture
-def fitted(mlp, mlp_data):
-    x, _ = mlp_data
-    return lnp.LibraryNetwork(mlp, ["fc1", "fc2", "out"], thresholds=0.9).fit(x)
-
-
 def test_evaluate_detectors_format_and_files(tmp_path, fitted, mlp_data):
     from libnet_plugin.experiments.comparison import evaluate_detectors
 
