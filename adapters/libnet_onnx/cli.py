@@ -42,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
                                      for l in layers]
         print(json.dumps(out, indent=1))
         return 0
-    print(f"ONNX model {graph.source}: input {graph.input.describe()}; outputs {graph.outputs}")
+    inputs = "; ".join(spec.describe() for spec in graph.inputs)
+    print(f"ONNX model {graph.source}: input{'s' if len(graph.inputs) > 1 else ''} {inputs}; outputs {graph.outputs}")
     for kind, title in (("module", "PyTorch module names (from the exporter's records)"), ("tensor", "ONNX tensors")):
         if args.kind not in ("all", kind):
             continue

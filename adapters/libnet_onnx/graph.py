@@ -292,7 +292,8 @@ def _spec_of(vi: onnx.ValueInfoProto) -> TensorSpec | None:
 class OnnxGraph:
     """An ONNX classifier read for probing: types and shapes inferred, tensors and module scopes indexed.
 
-    The graph must have exactly one input that is not an initializer (the batch of inputs).
+    The graph has one or more inputs that are not initializers (a batch each, e.g. ``input_ids`` and
+    ``attention_mask``); the first one is :attr:`input`.
 
     Args:
         model: anything :func:`load_model` accepts.
@@ -300,7 +301,8 @@ class OnnxGraph:
     Attributes:
         model: the model after ``onnx.shape_inference.infer_shapes`` (a copy; the caller's is unchanged).
         source: a short description of where the model came from, for messages.
-        input: the :class:`TensorSpec` of the graph input.
+        inputs: the :class:`TensorSpec` of every graph input, in order.
+        input: the first of them (the only one for most classifiers).
         outputs: the graph's output names, in order (the first one is taken as the classifier's output).
 
     Example:
@@ -326,13 +328,15 @@ class OnnxGraph:
         g = self.model.graph
         initializers = {t.name for t in g.initializer} | {t.values.name for t in g.sparse_initializer}
         inputs = [vi for vi in g.input if vi.name not in initializers]
-        if len(inputs) != 1:
-            raise OnnxModelError(f"{self.source} has {len(inputs)} graph inputs {[vi.name for vi in inputs]}; the ONNX "
-                                 "adapter probes classifiers with exactly one input (the batch)")
-        spec = _spec_of(inputs[0])
-        if spec is None:
-            raise OnnxModelError(f"the graph input {inputs[0].name!r} of {self.source} is not a tensor")
-        self.input: TensorSpec = spec
+        if not inputs:
+            raise OnnxModelError(f"{self.source} has no graph input (only initializers): nothing to feed it")
+        self.inputs: list[TensorSpec] = []
+        for vi in inputs:
+            spec = _spec_of(vi)
+            if spec is None:
+                raise OnnxModelError(f"the graph input {vi.name!r} of {self.source} is not a tensor")
+            self.inputs.append(spec)
+        self.input: TensorSpec = self.inputs[0]
         self.outputs: list[str] = [o.name for o in g.output]
         self._value_infos: dict[str, onnx.ValueInfoProto] = {}
         for vi in (*g.input, *g.value_info, *g.output):
@@ -340,7 +344,7 @@ class OnnxGraph:
         self.nodes: list[onnx.NodeProto] = list(g.node)
         self.producer: dict[str, int] = {}
         self.consumers: dict[str, list[int]] = {}
-        dependent = {self.input.name}
+        dependent = {spec.name for spec in self.inputs}
         for i, node in enumerate(self.nodes):
             reads = {t for t in node.input if t} | _subgraph_inputs(node)
             for t in reads:
@@ -375,12 +379,12 @@ class OnnxGraph:
         return out
 
     def _why_not_probeable(self, tensor: str) -> str | None:
-        if tensor == self.input.name:
-            return "it is the graph input, not the output of a layer"
+        if tensor in {spec.name for spec in self.inputs}:
+            return "it is a graph input, not the output of a layer"
         if tensor not in self.producer:
             return "it is not produced by any node"
         if tensor not in self._dependent:
-            return f"it does not depend on the graph input {self.input.name!r} (a constant)"
+            return f"it does not depend on the graph inputs {[spec.name for spec in self.inputs]} (a constant)"
         spec = self.spec(tensor)
         if spec is None:
             return "its type could not be inferred"

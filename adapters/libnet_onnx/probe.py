@@ -14,6 +14,7 @@ import torch
 from onnx import helper
 from torch import Tensor
 
+from libnet_plugin._batches import MultiInput, n_rows
 from libnet_plugin.errors import ShapeMismatchError
 from libnet_plugin.probe import ProbeResult, check_finite
 
@@ -144,7 +145,7 @@ class OnnxModel:
         """An :class:`OnnxLayerProbe` of ``layers`` (module or tensor names)."""
         return OnnxLayerProbe(self, layers, device=device)
 
-    def __call__(self, x: Tensor) -> Tensor:
+    def __call__(self, x: Tensor | MultiInput) -> Tensor:
         """The model's output ``[B, C]`` for the batch ``x`` (one session run; on CPU)."""
         if self._plain_probe is None:
             self._plain_probe = OnnxLayerProbe(self, [])
@@ -217,9 +218,8 @@ class OnnxLayerProbe:
         self._fetch_index = {t: i for i, t in enumerate(self._fetch)}
         self.session = model.session(self._fetch[1:], device=self.device)
         self.providers = self.session.get_providers()
-        spec = graph.input
-        self._np_dtype = np.dtype(helper.tensor_dtype_to_np_dtype(spec.elem_type))
-        first = spec.shape[0] if spec.shape else None
+        self._np_dtypes = {spec.name: np.dtype(helper.tensor_dtype_to_np_dtype(spec.elem_type)) for spec in graph.inputs}
+        first = graph.input.shape[0] if graph.input.shape else None
         self.fixed_batch: int | None = first if isinstance(first, int) and first > 0 else None
         self._warned_fixed_batch = False
 
@@ -227,9 +227,8 @@ class OnnxLayerProbe:
         return f"OnnxLayerProbe({self.model.source}, layers={self.layers}, providers={self.providers})"
 
     # ------------------------------------------------------------------ input
-    def _to_numpy(self, x: Tensor) -> np.ndarray:
-        spec = self.model.input
-        expected = self._np_dtype
+    def _array(self, spec: Any, x: Tensor) -> np.ndarray:
+        expected = self._np_dtypes[spec.name]
         if _numpy_dtype(x.dtype) != expected:
             raise InputTypeError(f"the input batch has dtype {x.dtype}; the ONNX graph expects input {spec.describe()}")
         if spec.shape is not None:
@@ -241,12 +240,31 @@ class OnnxLayerProbe:
                                          f"{spec.describe()}")
         return x.detach().cpu().contiguous().numpy()
 
-    # ------------------------------------------------------------------ run
-    def _session_run(self, feed: np.ndarray) -> list[np.ndarray]:
-        return self.session.run(self._fetch, {self.model.input.name: feed})
+    def _feed(self, x: Tensor | MultiInput) -> dict[str, np.ndarray]:
+        """The session's feed: one array per graph input, from a Tensor (one input) or a MultiInput (by name or order)."""
+        specs = self.model.graph.inputs
+        names = [spec.name for spec in specs]
+        if isinstance(x, Tensor):
+            if len(specs) != 1:
+                raise InputTypeError(f"{self.model.source} has {len(specs)} graph inputs {names}; pass a dict of "
+                                     "tensors by input name (or a tuple in that order), not one tensor")
+            return {specs[0].name: self._array(specs[0], x)}
+        if isinstance(x.parts, dict):
+            missing, extra = [n for n in names if n not in x.parts], [k for k in x.parts if k not in names]
+            if missing or extra:
+                raise InputTypeError(f"the batch gives the inputs {sorted(x.parts)}; {self.model.source} takes "
+                                     f"{names} (missing {missing}, not in the graph {extra})")
+            return {spec.name: self._array(spec, x.parts[spec.name]) for spec in specs}
+        if len(x.parts) != len(specs):
+            raise InputTypeError(f"the batch holds {len(x.parts)} inputs; {self.model.source} takes {len(specs)}: {names}")
+        return {spec.name: self._array(spec, t) for spec, t in zip(specs, x.parts)}
 
-    def _run_fixed_batch(self, arr: np.ndarray, n_fixed: int) -> list[np.ndarray]:
-        b = arr.shape[0]
+    # ------------------------------------------------------------------ run
+    def _session_run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(self._fetch, feed)
+
+    def _run_fixed_batch(self, feed: dict[str, np.ndarray], n_fixed: int) -> list[np.ndarray]:
+        b = next(iter(feed.values())).shape[0]
         if not self._warned_fixed_batch:
             warnings.warn(f"the ONNX graph {self.model.source} has a fixed batch size of {n_fixed}; running {b} inputs in "
                           f"{math.ceil(b / n_fixed)} session calls. Export with a dynamic batch dimension "
@@ -254,10 +272,10 @@ class OnnxLayerProbe:
             self._warned_fixed_batch = True
         parts: list[list[np.ndarray]] = []
         for start in range(0, b, n_fixed):
-            chunk = arr[start:start + n_fixed]
-            n = chunk.shape[0]
+            chunk = {k: a[start:start + n_fixed] for k, a in feed.items()}
+            n = min(n_fixed, b - start)
             if n < n_fixed:
-                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], n_fixed - n, axis=0)])
+                chunk = {k: np.concatenate([a, np.repeat(a[-1:], n_fixed - n, axis=0)]) for k, a in chunk.items()}
             results = self._session_run(chunk)
             for t, r in zip(self._fetch, results):
                 self._check_batch(t, r, n_fixed)
@@ -271,11 +289,14 @@ class OnnxLayerProbe:
                 f"tensor {tensor!r} ({', '.join(map(repr, layers))}) of {self.model.source} has shape {list(arr.shape)} "
                 f"for a batch of {b} inputs; its first dimension must be the batch to give one HAP per input")
 
-    def run(self, x: Tensor) -> ProbeResult:
+    def run(self, x: Tensor | MultiInput) -> ProbeResult:
         """Run the model once on the batch ``x``; return its outputs and the flattened HAPs of every layer.
 
         Args:
-            x: a batch ``[B, ...]`` matching the graph input's dtype and non-batch dimensions.
+            x: a batch ``[B, ...]`` matching the graph input's dtype and non-batch dimensions; for a graph
+                with several inputs (``input_ids`` and ``attention_mask``), a
+                :class:`~libnet_plugin._batches.MultiInput` of them by name (from a dict batch) or in the
+                graph's order (from a tuple).
 
         Returns:
             :class:`~libnet_plugin.probe.ProbeResult` with ``outputs`` ``[B, C]`` and ``haps``
@@ -287,15 +308,17 @@ class OnnxLayerProbe:
             input), or a probed tensor has no batch dimension.
             NonFiniteError: the input, or a probed layer, holds NaN or infinity.
         """
-        if not isinstance(x, Tensor):
-            raise TypeError(f"inputs must be a torch.Tensor, got {type(x).__name__}")
-        check_finite(x, "the input batch")
-        arr = self._to_numpy(x)
-        b = arr.shape[0]
+        if not isinstance(x, (Tensor, MultiInput)):
+            raise TypeError(f"inputs must be a torch.Tensor (or a MultiInput of several), got {type(x).__name__}")
+        for t in (x.tensors() if isinstance(x, MultiInput) else [x]):
+            if t.is_floating_point():
+                check_finite(t, "the input batch")
+        feed = self._feed(x)
+        b = n_rows(x)
         if self.fixed_batch is not None and b != self.fixed_batch:
-            results = self._run_fixed_batch(arr, self.fixed_batch)
+            results = self._run_fixed_batch(feed, self.fixed_batch)
         else:
-            results = self._session_run(arr)
+            results = self._session_run(feed)
         outputs = results[0]
         self._check_batch(self.model.output, outputs, b)
         acts: dict[str, Tensor] = {}

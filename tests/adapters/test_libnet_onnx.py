@@ -32,6 +32,7 @@ from libnet_onnx import (  # noqa: E402
 from libnet_onnx import plugin as onnx_plugin  # noqa: E402
 from libnet_onnx.graph import NAME_SCOPES_KEY, REWRITE_RULE_KEY, OnnxGraph, _legacy_chain  # noqa: E402
 from libnet_onnx.providers import default_providers, resolve_providers  # noqa: E402
+from libnet_plugin._batches import MultiInput  # noqa: E402
 from libnet_plugin.errors import LayerNotFoundError, NonFiniteError, ShapeMismatchError  # noqa: E402
 from libnet_plugin.probe import TorchLayerProbe  # noqa: E402
 
@@ -359,11 +360,11 @@ def test_a_model_that_fails_the_checker():
 
 def test_graphs_the_adapter_cannot_probe():
     a = helper.make_tensor_value_info("a", TensorProto.FLOAT, ["batch", 2])
-    b = helper.make_tensor_value_info("b", TensorProto.FLOAT, ["batch", 2])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2])
-    two_inputs = helper.make_model(helper.make_graph([helper.make_node("Add", ["a", "b"], ["y"])], "g", [a, b], [y]))
-    with pytest.raises(OnnxModelError, match=r"2 graph inputs \['a', 'b'\]"):
-        OnnxLayerProbe(two_inputs, ["y"])
+    no_inputs = helper.make_model(helper.make_graph([helper.make_node("Constant", [], ["y"], value=helper.make_tensor(
+        "c", TensorProto.FLOAT, [1, 2], [1.0, 2.0]))], "g", [], [y]))
+    with pytest.raises(OnnxModelError, match="has no graph input"):
+        OnnxLayerProbe(no_inputs, [])
     flat = helper.make_tensor_value_info("s", TensorProto.FLOAT, ["batch"])
     sums = helper.make_model(helper.make_graph(
         [helper.make_node("ReduceMax", ["a"], ["s"], axes=[1], keepdims=0, name="/sum/ReduceMax")], "g", [a], [flat]),
@@ -385,7 +386,7 @@ def test_a_tensor_that_is_not_an_activation_is_refused():
     proto = tiny_proto(extra_nodes=[shape])
     with pytest.raises(LayerNotFoundError, match=r"tensor 'shape_of_h2' .* cannot be probed: it holds int64 values"):
         OnnxLayerProbe(proto, ["shape_of_h2"])
-    with pytest.raises(LayerNotFoundError, match=r"tensor 'x' .* cannot be probed: it is the graph input.*Valid layer names: \['fc1'"):
+    with pytest.raises(LayerNotFoundError, match=r"tensor 'x' .* cannot be probed: it is a graph input.*Valid layer names: \['fc1'"):
         OnnxLayerProbe(proto, ["x"])
     with pytest.raises(TypeError, match="layer names must be strings"):
         OnnxLayerProbe(proto, [3])
@@ -493,3 +494,33 @@ def test_readme_onnx_example_runs(tmp_path, monkeypatch):
     test = namespace["test"]
     assert torch.allclose(net.consistency(test), net_torch.consistency(test), atol=1e-5)
     assert torch.allclose(net_onnx.consistency(test), net_torch.consistency(test), atol=1e-5)
+
+
+def test_a_graph_with_several_inputs_is_fed_by_name_or_order(tmp_path, capsys):
+    import onnx
+
+    from libnet_onnx.errors import InputTypeError
+    from libnet_plugin.cli import main
+
+    a = helper.make_tensor_value_info("input_ids", TensorProto.FLOAT, ["batch", 3])
+    b = helper.make_tensor_value_info("attention_mask", TensorProto.FLOAT, ["batch", 3])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])
+    nodes = [helper.make_node("Mul", ["input_ids", "attention_mask"], ["h"], name="/mask/Mul"),
+             helper.make_node("Relu", ["h"], ["logits"], name="/head/Relu")]
+    proto = helper.make_model(helper.make_graph(nodes, "g", [a, b], [y]), opset_imports=[helper.make_opsetid("", 17)])
+    g = torch.Generator().manual_seed(0)
+    ids, mask = torch.randn(60, 3, generator=g), (torch.rand(60, 3, generator=g) > 0.3).float()
+    probe = OnnxLayerProbe(proto, ["mask", "head"])
+    by_name = probe.run(MultiInput({"attention_mask": mask, "input_ids": ids}))
+    in_order = probe.run(MultiInput((ids, mask)))
+    assert torch.equal(by_name.haps["mask"], ids * mask) and torch.equal(in_order.outputs, torch.relu(ids * mask))
+    with pytest.raises(InputTypeError, match=r"2 graph inputs \['input_ids', 'attention_mask'\]"):
+        probe.run(ids)
+    with pytest.raises(InputTypeError, match=r"missing \['attention_mask'\]"):
+        probe.run(MultiInput({"input_ids": ids}))
+    net = lnp.LibraryNetwork(proto, ["mask", "head"], thresholds=0.9).fit({"input_ids": ids, "attention_mask": mask})
+    assert net.n_train_ == 60 and net.consistency({"input_ids": ids[:5], "attention_mask": mask[:5]}).shape == (5,)
+    path = tmp_path / "two.onnx"
+    onnx.save(proto, str(path))
+    assert main(["layers", str(path)]) == 0
+    assert "inputs 'input_ids'" in capsys.readouterr().out
