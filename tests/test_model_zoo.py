@@ -250,3 +250,18 @@ def test_onnx_export_matches_the_torch_probe_on_in_place_layers(tmp_path):
     b = lnp.LibraryNetwork(str(path), layers, thresholds=0.9).fit(case.train)
     assert a.library_sizes_ == b.library_sizes_
     assert float((a.consistency(case.test) - b.consistency(case.test)).abs().max()) <= 1e-5
+
+
+def test_empty_batches_on_the_onnx_and_captum_paths(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("captum")
+    from libnet_captum import LibraryAttribution
+    from libnet_onnx import export_onnx
+
+    case = resnet_case()
+    empty = case.test[:0]
+    path = export_onnx(case.model, case.test[:2], tmp_path / "resnet.onnx", dynamo=False)
+    onnx_net = lnp.LibraryNetwork(str(path), ["bn1", "fc"], thresholds=0.9).fit(case.train)
+    assert {l: tuple(s.shape) for l, s in onnx_net.predict_scores(empty).items()} == {"bn1": (0, 4), "fc": (0, 4)}
+    attr = LibraryAttribution(case.model, ["bn1", "fc"]).fit(case.train, thresholds=0.9)
+    assert [tuple(t.shape) for t in attr.attribute(empty)] == [(0, 4), (0, 4)]
