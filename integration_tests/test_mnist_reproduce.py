@@ -4,6 +4,7 @@ cache, its attack file (re-used by an ONNX run), and its errors on bad input."""
 from __future__ import annotations
 
 import json
+import pathlib
 import re
 import subprocess
 import sys
@@ -157,7 +158,7 @@ def test_attack_file_round_trip_and_onnx_run(quick_run, tmp_path):
     assert not (tmp_path / "onnx2" / "detectors.json").exists()
 
 
-def test_interrupted_run_leaves_no_report(quick_run, tmp_path, monkeypatch):
+def test_an_interrupted_run_keeps_the_earlier_report_and_leaves_nothing_beside_it(quick_run, tmp_path, monkeypatch):
     _, cache, _ = quick_run
     out = tmp_path / "o"
     out.mkdir()
@@ -171,7 +172,9 @@ def test_interrupted_run_leaves_no_report(quick_run, tmp_path, monkeypatch):
     monkeypatch.setattr(mnist, "fit_library_sweep", interrupted)
     with pytest.raises(KeyboardInterrupt):
         mnist.run_prepared(prepared)
-    assert sorted(p.name for p in out.iterdir()) == []  # no stale, partial or temporary report
+    assert sorted(p.name for p in out.iterdir()) == ["report.json"]  # the earlier run's folder, untouched
+    assert (out / "report.json").read_text() == '{"stale": true}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]  # no partial or staging folder left
 
 
 def test_report_has_the_real_detector_table(quick_run):
@@ -246,3 +249,11 @@ def test_console_script_help():
     assert res.returncode == 0
     for option in ("--data-dir", "--weights", "--quick", "--out", "--seed", "--onnx", "--attacks-file", "--cache-dir"):
         assert option in res.stdout
+
+
+def test_the_report_names_the_folder_it_was_swapped_into(quick_run):
+    out, _, report = quick_run
+    text = json.dumps(report)
+    assert ".partial-" not in text  # the run was written in a staging folder, then moved into place
+    assert pathlib.Path(report["detectors"]["table"]["files"]["json"]).parent == out
+    assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(".")) == []

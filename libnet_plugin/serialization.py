@@ -18,7 +18,7 @@ from torch import Tensor
 from ._validate import dtype_name
 from .errors import SaveFormatError
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "save_atomic", "load_checked", "atomic_write_bytes"]
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "save_atomic", "load_checked", "atomic_write_bytes", "current_umask"]
 
 FORMAT_NAME = "libnet-plugin"
 #: Bumped whenever a saved file's layout changes; a file of another version is refused with a clear error.
@@ -30,7 +30,8 @@ _UMASK_LOCK = threading.Lock()
 STALE_TEMP_SECONDS = 600
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's umask (read by setting it, under a lock)."""
     with _UMASK_LOCK:  # os.umask can only be read by setting it
         mask = os.umask(0o022)
         os.umask(mask)
@@ -64,7 +65,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     _clean_stale_temps(parent, path.name)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -85,7 +85,9 @@ from .report import (
     ensure_writable_dir,
     environment_info,
     markdown_table,
+    relocate,
     resolve_device,
+    staged_output,
     to_jsonable,
     write_json_atomic,
     write_text_atomic,
@@ -534,14 +536,23 @@ def reproduce_mnist(settings: MnistSettings | None = None, **kwargs: Any) -> dic
 def run_prepared(run: PreparedRun) -> dict[str, Any]:
     """Run the stages after :func:`prepare_mnist` and write the report (see :func:`reproduce_mnist`).
 
-    A report left in the output folder by an earlier run is removed first, and the new ``report.json`` is
-    written last and atomically: after an interrupted or failed run there is no ``report.json`` at all, so
-    one that exists always describes the figures and files beside it.
+    The run is written into a fresh hidden folder beside the output folder and swapped in only when it
+    is complete (:func:`~libnet_plugin.experiments.report.staged_output`): a failed or interrupted run
+    leaves an earlier report, its figures and attacks untouched, and no empty folder.
     """
+    final = run.out
+    with staged_output(final) as stage:
+        run.out = stage
+        try:
+            report = _run_stages(run, final)
+        finally:
+            run.out = final
+    return report
+
+
+def _run_stages(run: PreparedRun, final: Path) -> dict[str, Any]:
     settings, out, timer, data_info, opt = run.settings, run.out, run.timer, run.data_info, run.options
     x_tr, y_tr, x_te, y_te = run.data
-    for stale in ("report.json", "report.md"):
-        (out / stale).unlink(missing_ok=True)
     notes: list[str] = []
     with timer.stage("model"):
         net, probe, model_info = _model_stage(run)
@@ -599,7 +610,7 @@ def run_prepared(run: PreparedRun) -> dict[str, Any]:
         "notes": notes,
     }
     report["timings"] = timer.as_dict()
-    report = to_jsonable(report)
+    report = relocate(to_jsonable(report), out, final)  # paths name the folder the run is swapped into
     write_text_atomic(out / "report.md", render_markdown(report))
     write_json_atomic(out / "report.json", report)  # last: its presence means the run completed
     return report

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -31,7 +32,7 @@ import torch
 from torch import Tensor
 
 from ..errors import LibnetError
-from ..serialization import atomic_write_bytes
+from ..serialization import atomic_write_bytes, current_umask
 
 __all__ = ['StageTimer', 'resolve_device', 'ensure_writable_dir', 'to_jsonable', 'write_json_atomic', 'write_text_atomic', 'markdown_table', 'environment_info', 'ExperimentError']
 
@@ -141,6 +142,67 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
     except OSError as exc:
         raise PermissionError(f"output folder {str(p)!r} is not writable: {exc.strerror or exc}") from exc
     return p
+
+#: a staging folder of an interrupted run older than this many seconds is removed by the next run
+STALE_STAGE_SECONDS = 6 * 3600
+
+
+@contextmanager
+def staged_output(final: str | os.PathLike) -> Iterator[Path]:
+    """Write a run into a fresh hidden folder beside ``final``; put it in place only when the block completes.
+
+    A failed or interrupted run leaves ``final`` exactly as it was (an earlier complete report stays), and
+    no empty folder: the staging folder ``.<name>.partial-*`` is removed on failure, and one left by a
+    killed run is removed by a later run. On success the new folder replaces ``final`` in two renames.
+
+    Example:
+        >>> import tempfile
+        >>> root = Path(tempfile.mkdtemp())
+        >>> with staged_output(root / "run") as stage:
+        ...     _ = (stage / "report.json").write_text("{}")
+        >>> sorted(p.name for p in root.iterdir()), (root / "run" / "report.json").exists()
+        (['run'], True)
+    """
+    final = Path(final).expanduser()
+    if final.exists() and not final.is_dir():
+        raise NotADirectoryError(f"output folder {str(final)!r} exists and is not a folder")
+    parent = final.parent
+    ensure_writable_dir(parent)
+    now = time.time()
+    for stale in parent.glob(f".{final.name}.partial-*"):
+        try:
+            if now - stale.stat().st_mtime > STALE_STAGE_SECONDS:
+                shutil.rmtree(stale)
+        except OSError:
+            pass
+    stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=parent))
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    os.chmod(stage, 0o777 & ~current_umask())  # mkdtemp makes it 0700; a run folder gets the usual permissions
+    if final.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=parent))
+        os.rmdir(old)
+        os.replace(final, old)
+        os.replace(stage, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(stage, final)
+
+
+def relocate(obj: Any, old: str | os.PathLike, new: str | os.PathLike) -> Any:
+    """``obj`` (JSON types) with every string that names a path under ``old`` moved under ``new``."""
+    a, b = str(old), str(new)
+    if isinstance(obj, str):
+        return b + obj[len(a):] if obj == a or obj.startswith(a + os.sep) else obj
+    if isinstance(obj, dict):
+        return {k: relocate(v, old, new) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [relocate(v, old, new) for v in obj]
+    return obj
+
 
 def to_jsonable(obj: Any) -> Any:
     """Turn tensors, numpy values, paths and tuples into JSON types; NaN and infinity become ``None``.
