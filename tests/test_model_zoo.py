@@ -265,3 +265,42 @@ def test_empty_batches_on_the_onnx_and_captum_paths(tmp_path):
     assert {l: tuple(s.shape) for l, s in onnx_net.predict_scores(empty).items()} == {"bn1": (0, 4), "fc": (0, 4)}
     attr = LibraryAttribution(case.model, ["bn1", "fc"]).fit(case.train, thresholds=0.9)
     assert [tuple(t.shape) for t in attr.attribute(empty)] == [(0, 4), (0, 4)]
+
+
+def _sklearn_mlp():
+    np = pytest.importorskip("numpy")
+    pytest.importorskip("skl2onnx")
+    from sklearn.neural_network import MLPClassifier
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(240, 6)).astype(np.float32)
+    y = (x[:, 0] + x[:, 1] > 0).astype(int) + (x[:, 2] > 0.8).astype(int)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ConvergenceWarning: a short training is enough here
+        clf = MLPClassifier(hidden_layer_sizes=(16,), max_iter=200, random_state=0).fit(x, y)
+    return clf, torch.from_numpy(x)
+
+
+def test_an_sklearn_mlp_through_skl2onnx():
+    from skl2onnx import to_onnx
+
+    from libnet_onnx import OnnxModel
+    from libnet_onnx.errors import OnnxModelError
+
+    clf, x = _sklearn_mlp()
+    plain = to_onnx(clf, x[:1].numpy(), options={"zipmap": False})  # outputs: label (int64 [B]), probabilities
+    model = OnnxModel(plain)
+    assert model.output == "probabilities"  # the first floating [B, C] output, not the int64 labels
+    net = lnp.LibraryNetwork(model, ["next_activations", "out_activations_result"], thresholds=0.9).fit(x[:160])
+    expected = torch.from_numpy(clf.predict_proba(x[160:].numpy())).float()
+    torch.testing.assert_close(net.run(x[160:]).outputs, expected, rtol=1e-5, atol=1e-5)
+    assert net.consistency(x[160:]).shape == (80,)
+    det = lnp.ConsistencyDetector(net, method="library-distance").calibrate(x[160:])
+    assert det.predict(x[:8]).shape == (8,)
+    zipmap = to_onnx(clf, x[:1].numpy())  # the default export: probabilities as a ZipMap (one dict per input)
+    with pytest.raises(OnnxModelError, match=r"'output_probability' is a sequence_type \(a ZipMap.*zipmap': False"):
+        OnnxModel(zipmap)
+    pre = OnnxModel(zipmap, output="out_activations_result")  # or name the tensor before the ZipMap
+    torch.testing.assert_close(pre(x[160:]), expected, rtol=1e-5, atol=1e-5)

@@ -65,7 +65,10 @@ class OnnxModel:
             an ``InferenceSession``; otherwise CUDA then CPU when the library network's device is
             ``cuda``, else CPU.
         session_options: ``onnxruntime.SessionOptions`` for the probing session.
-        output: name of the graph output holding the class scores ``[B, C]`` (default: the first output).
+        output: name of the tensor holding the class scores ``[B, C]``: a graph output or any probe-able
+            tensor (default: the first graph output that is a floating tensor of rank 2 or more, so a
+            classifier whose first output is its int64 labels is read by its probabilities; a clear
+            error when there is none, e.g. a ZipMap).
         fallback: drop providers that are not available with a ``RuntimeWarning`` naming them (default);
             if False, raise :class:`~libnet_onnx.errors.ExecutionProviderError` instead.
 
@@ -93,9 +96,10 @@ class OnnxModel:
         self.graph = OnnxGraph(model)
         self.source = self.graph.source
         if output is None:
-            output = self.graph.outputs[0]
-        elif output not in self.graph.outputs:
-            raise ValueError(f"output {output!r} is not an output of {self.source}; its outputs are {self.graph.outputs}")
+            output = self._class_scores_output()
+        elif output not in self.graph.outputs and not self.graph.is_probeable(output):
+            raise ValueError(f"output {output!r} is neither an output of {self.source} (its outputs are "
+                             f"{self.graph.outputs}) nor one of its probe-able tensors")
         self.output = output
         if providers is None and is_inference_session(model):
             provider_options = model.get_provider_options()
@@ -106,6 +110,31 @@ class OnnxModel:
         self.session_options = session_options
         self.fallback = bool(fallback)
         self._plain_probe: OnnxLayerProbe | None = None
+
+    def _class_scores_output(self) -> str:
+        """The first graph output that is a floating tensor of rank 2 or more (class scores ``[B, C]``).
+
+        A classifier exported by skl2onnx, for example, has ``label`` (int64 ``[B]``) first and then
+        ``probabilities``; with a ZipMap its scores are a sequence of maps, which no tensor can hold.
+        """
+        reasons = []
+        for name in self.graph.outputs:
+            vi = self.graph.model.graph.output[self.graph.outputs.index(name)]
+            if not vi.type.HasField("tensor_type"):
+                kind = vi.type.WhichOneof("value")
+                reasons.append(f"{name!r} is a {kind} (" + ("a ZipMap: one dict per input" if kind == "sequence_type"
+                                                            else "not a tensor") + ")")
+                continue
+            spec = self.graph.spec(name)
+            if spec is None or spec.elem_type not in (1, 10, 11, 16) or (spec.shape is not None and len(spec.shape) < 2):
+                reasons.append(f"{name!r} is {spec.describe() if spec is not None else 'of unknown type'}")
+                continue
+            return name
+        raise OnnxModelError(
+            f"none of the outputs of {self.source} holds class scores as a floating tensor [B, C]: "
+            f"{'; '.join(reasons)}. Pass output= naming the [B, C] tensor (any probe-able tensor, e.g. the "
+            f"probabilities before a ZipMap; see `libnet layers`), or export without the ZipMap (skl2onnx: "
+            "options={'zipmap': False})")
 
     def __repr__(self) -> str:
         return (f"OnnxModel({self.source}, input={self.input.describe()}, output={self.output!r}, "
@@ -216,7 +245,7 @@ class OnnxLayerProbe:
                 warnings.warn(caveat, RuntimeWarning, stacklevel=2)
         self._fetch = [model.output] + list(dict.fromkeys(t for t in self.tensors.values() if t != model.output))
         self._fetch_index = {t: i for i, t in enumerate(self._fetch)}
-        self.session = model.session(self._fetch[1:], device=self.device)
+        self.session = model.session(self._fetch, device=self.device)
         self.providers = self.session.get_providers()
         self._np_dtypes = {spec.name: np.dtype(helper.tensor_dtype_to_np_dtype(spec.elem_type)) for spec in graph.inputs}
         first = graph.input.shape[0] if graph.input.shape else None
