@@ -127,7 +127,7 @@ class OnnxModel:
                 continue
             spec = self.graph.spec(name)
             if spec is None or spec.elem_type not in (1, 10, 11, 16) or (spec.shape is not None and len(spec.shape) < 2):
-                reasons.append(f"{name!r} is {spec.describe() if spec is not None else 'of unknown type'}")
+                reasons.append(spec.describe() if spec is not None else f"{name!r} of unknown type")
                 continue
             return name
         raise OnnxModelError(
