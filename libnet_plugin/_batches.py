@@ -91,8 +91,8 @@ class MultiInput:
         """Concatenate batches of the same :meth:`signature` along the examples."""
         first = batches[0].parts
         if isinstance(first, dict):
-            return MultiInput({k: torch.cat([b.parts[k] for b in batches]) for k in first})  # type: ignore[index]
-        return MultiInput(tuple(torch.cat([b.parts[i] for b in batches]) for i in range(len(first))))  # type: ignore[index]
+            return MultiInput({k: torch.cat([b.tensors()[j] for b in batches]) for j, k in enumerate(first)})
+        return MultiInput(tuple(torch.cat([b.tensors()[i] for b in batches]) for i in range(len(first))))
 
     def call(self, model: Any) -> Any:
         """``model(*parts)`` or ``model(**parts)``."""

@@ -360,7 +360,7 @@ class ConsistencyDetector:
         scores = self.scorer.score(self.net, r).float()
         return torch.where(torch.isfinite(scores), scores, torch.full_like(scores, float("inf")))
 
-    def _run_and_score(self, x: Tensor, want_outputs: bool) -> tuple[Tensor, Tensor | None]:
+    def _run_and_score(self, x: Tensor | MultiInput, want_outputs: bool) -> tuple[Tensor, Tensor | None]:
         """Scores (and outputs) of finite inputs; under ``on_nonfinite="flag"`` a row whose activations or
         outputs overflow (e.g. a half-precision model) scores ``inf`` with NaN outputs, the others as usual."""
         try:
@@ -376,7 +376,7 @@ class ConsistencyDetector:
             return scores, (torch.cat([r[1].to(self.net.device) for r in rows]) if want_outputs else None)
         return self._score_result(r), (r.outputs if want_outputs else None)
 
-    def _score_batch(self, x: Tensor, want_outputs: bool = False) -> tuple[Tensor, Tensor | None]:
+    def _score_batch(self, x: Tensor | MultiInput, want_outputs: bool = False) -> tuple[Tensor, Tensor | None]:
         """Scores ``[B]`` (and the model's outputs ``[B, C]``) of one batch, handling non-finite rows."""
         if not isinstance(x, (Tensor, MultiInput)):
             raise TypeError(f"inputs must be a torch.Tensor (or a MultiInput of several), got {type(x).__name__}")

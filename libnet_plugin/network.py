@@ -55,7 +55,7 @@ class StreamFit:
     readouts: dict[str, list[Any]]
     n_train: int
     n_classes: int
-    input_shape: tuple[int, ...]
+    input_shape: tuple[int, ...] | None
     answers: Tensor
 
 

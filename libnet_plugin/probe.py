@@ -100,7 +100,7 @@ class LayerProbe(Protocol):
 
     layers: list[str]
 
-    def run(self, x: Tensor) -> ProbeResult:
+    def run(self, x: Tensor | MultiInput) -> ProbeResult:
         """Run the model once on the batch ``x`` and return outputs and HAPs of every probed layer."""
         ...
 

@@ -53,7 +53,8 @@ log = logging.getLogger(__name__)
 THETA_MIN, THETA_MAX = 1e-3, 1.0
 
 
-def reservoir_sample(data: Any, n: int, seed: int = 0, batch_size: int = 256) -> tuple[Tensor, Tensor, int]:
+def reservoir_sample(data: Any, n: int, seed: int = 0,
+                     batch_size: int = 256) -> tuple[Tensor | list[MultiInput], Tensor, int]:
     """A uniform random sample of ``n`` inputs from a stream, in visiting order (reservoir sampling).
 
     Args:
@@ -64,7 +65,9 @@ def reservoir_sample(data: Any, n: int, seed: int = 0, batch_size: int = 256) ->
 
     Returns:
         ``(inputs [m, ...], indices LongTensor[m], n_total)`` with ``m = min(n, n_total)``; ``indices``
-        are positions in the stream, increasing.
+        are positions in the stream, increasing. For batches of several inputs per example
+        (:class:`~libnet_plugin._batches.MultiInput`), ``inputs`` is a list of them, consecutive rows of
+        the same shapes concatenated.
 
     Example:
         >>> x, idx, total = reservoir_sample(torch.arange(100.).reshape(100, 1), 10, batch_size=7)
@@ -103,13 +106,13 @@ def reservoir_sample(data: Any, n: int, seed: int = 0, batch_size: int = 256) ->
     m = min(n, seen)
     order = np.argsort(idx[:m], kind="stable")
     if buf is None:  # MultiInput rows, in stream order; rows of the same shapes are batched together
-        kept = [rows[j] for j in order]
+        kept = [r for r in (rows[j] for j in order) if r is not None]
         groups: list[list[MultiInput]] = []
         for r in kept:
-            if groups and groups[-1][0].signature() == r.signature():  # type: ignore[union-attr]
-                groups[-1].append(r)  # type: ignore[arg-type]
+            if groups and groups[-1][0].signature() == r.signature():
+                groups[-1].append(r)
             else:
-                groups.append([r])  # type: ignore[list-item]
+                groups.append([r])
         return [MultiInput.cat(g) for g in groups], torch.from_numpy(idx[:m][order]), seen
     return buf[:m][torch.from_numpy(order).to(buf.device)], torch.from_numpy(idx[:m][order]), seen
 

@@ -31,6 +31,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from .._batches import MultiInput
 from ..errors import NotFittedError
 from ..probe import LayerProbe, ProbeResult
 from ._features import check_layers, layer_state
@@ -64,7 +65,7 @@ class FittedNetwork(Protocol):
         """Raise :class:`~libnet_plugin.errors.NotFittedError` unless the network is fitted."""
         ...
 
-    def run(self, x: Tensor) -> ProbeResult:
+    def run(self, x: Tensor | MultiInput) -> ProbeResult:
         """One forward pass of the model over a batch, with the HAPs of every probed layer."""
         ...
 

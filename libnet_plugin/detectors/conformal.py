@@ -54,6 +54,8 @@ class ConformalFusion:
 
     def _count_ge(self, scores: Tensor) -> Tensor:
         srt = self._sorted
+        if srt is None:
+            raise NotFittedError("no clean reference scores yet; calibrate the detector on clean data first")
         n = srt.shape[0]
         cols = [n - torch.searchsorted(srt[:, j].contiguous(), scores[:, j].contiguous(), right=False)
                 for j in range(srt.shape[1])]

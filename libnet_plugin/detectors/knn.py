@@ -94,13 +94,15 @@ class DeepKNNScore(ConsistencyScore):
         self.check_is_fitted()
         answers = result.answers.to(net.device)
         total = torch.zeros(answers.shape[0], device=net.device)
+        labels = self.train_labels_
+        assert self.layers_ is not None and labels is not None  # check_is_fitted above
         for l in self.layers_:
             ref = self.train_[l]
             x = normalize_rows(result.haps[l].to(ref.device))
             if x.shape[1] != ref.shape[1]:
                 raise ShapeMismatchError(f"layer {l!r}: activations of size {x.shape[1]}, fitted on {ref.shape[1]}")
             idx = (x @ ref.T).topk(min(self.k, ref.shape[0]), dim=1).indices
-            total += (self.train_labels_[idx] != answers[:, None]).sum(dim=1).to(total.dtype)
+            total += (labels[idx] != answers[:, None]).sum(dim=1).to(total.dtype)
         return total
 
     def config(self) -> dict[str, Any]:
@@ -110,7 +112,8 @@ class DeepKNNScore(ConsistencyScore):
         if self.layers_ is None:
             return {}
         out = {f"layer/{i}/train": self.train_[l] for i, l in enumerate(self.layers_)}
-        out["labels"] = self.train_labels_
+        if self.train_labels_ is not None:
+            out["labels"] = self.train_labels_
         return out
 
     def load_state_dict(self, state: Mapping[str, Tensor], net: FittedNetwork, config: Mapping[str, Any]) -> None:
