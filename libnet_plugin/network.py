@@ -19,7 +19,7 @@ from .errors import LayerNotFoundError, LibraryTooLargeWarning, NotFittedError, 
 from .library import validate_threshold
 from .metrics import ConfusionAccumulator, agreement_counts, cpl
 from .plugins import make_library, make_probe, make_readout
-from .probe import ProbeResult
+from .probe import ConfigurableProbe, ProbeResult
 from .serialization import load_checked, save_atomic
 
 __all__ = ["LibraryNetwork", "stream_fit", "StreamFit"]
@@ -543,6 +543,7 @@ class LibraryNetwork:
             "library_configs": {l: self.libraries_[l].config() for l in self.layers},
             "readout_configs": {l: self.readouts_[l].config() for l in self.layers},
             "versions": {"libnet_plugin": __version__, "torch": torch.__version__},
+            "probe": self.probe.config() if isinstance(self.probe, ConfigurableProbe) else None,
         }
 
     def state_tensors(self) -> dict[str, Tensor]:
@@ -593,6 +594,8 @@ class LibraryNetwork:
         except KeyError as exc:
             raise SaveFormatError(f"saved network settings lack the entry {exc}") from exc
         net = cls(model, layers, device=device, plugin_manager=plugin_manager, **settings)
+        if cfg.get("probe") and isinstance(net.probe, ConfigurableProbe):
+            net.probe.restore(cfg["probe"])
         libraries, readouts = {}, {}
         for i, l in enumerate(net.layers):
             lc = {k: v for k, v in lib_cfgs[l].items() if k not in ("name", "threshold")}

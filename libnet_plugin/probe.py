@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ._batches import MultiInput
 from .errors import LayerNotFoundError, NonFiniteError
 
-__all__ = ["ProbeResult", "LayerProbe", "TorchLayerProbe", "eval_mode", "model_float_dtype", "check_finite", "unknown_layer_message", "model_device",
+__all__ = ["ProbeResult", "LayerProbe", "ConfigurableProbe", "TorchLayerProbe", "eval_mode", "model_float_dtype", "check_finite", "unknown_layer_message", "model_device",
            "class_scores", "flatten_activations"]
 
 
@@ -103,6 +103,18 @@ class LayerProbe(Protocol):
     def run(self, x: Tensor | MultiInput) -> ProbeResult:
         """Run the model once on the batch ``x`` and return outputs and HAPs of every probed layer."""
         ...
+
+
+@runtime_checkable
+class ConfigurableProbe(LayerProbe, Protocol):
+    """A :class:`LayerProbe` with settings that a saved library network keeps (the ONNX probe's output choice).
+
+    ``config()`` is saved with the network; ``restore(config)`` is called on the new probe at load.
+    """
+
+    def config(self) -> dict[str, Any]: ...
+
+    def restore(self, config: Mapping[str, Any]) -> None: ...
 
 
 def check_finite(t: Tensor, what: str) -> None:

@@ -301,6 +301,25 @@ def test_an_sklearn_mlp_through_skl2onnx():
     assert det.predict(x[:8]).shape == (8,)
     zipmap = to_onnx(clf, x[:1].numpy())  # the default export: probabilities as a ZipMap (one dict per input)
     with pytest.raises(OnnxModelError, match=r"'output_probability' is a sequence_type \(a ZipMap.*zipmap': False"):
-        OnnxModel(zipmap)
+        OnnxModel(zipmap)(x[:4])
     pre = OnnxModel(zipmap, output="out_activations_result")  # or name the tensor before the ZipMap
     torch.testing.assert_close(pre(x[160:]), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_onnx_output_choice_is_saved_with_the_network(tmp_path):
+    import onnx
+    from skl2onnx import to_onnx
+
+    from libnet_onnx import OnnxModel
+
+    clf, x = _sklearn_mlp()
+    path = tmp_path / "zipmap.onnx"
+    onnx.save(to_onnx(clf, x[:1].numpy()), str(path))  # a ZipMap: the scores must be named by hand once
+    net = lnp.LibraryNetwork(OnnxModel(str(path), output="out_activations_result"), ["next_activations"],
+                             thresholds=0.9).fit(x[:160])
+    net.save(tmp_path / "net.lnp")
+    back = lnp.LibraryNetwork.load(tmp_path / "net.lnp", str(path))  # the plain path: the choice comes back
+    assert back.probe.model.output == "out_activations_result"
+    assert torch.equal(back.predict_scores(x[160:])["next_activations"], net.predict_scores(x[160:])["next_activations"])
+    with pytest.raises(ValueError, match="saved reading its class scores from 'out_activations_result'"):
+        lnp.LibraryNetwork.load(tmp_path / "net.lnp", OnnxModel(str(path), output="add_result1"))

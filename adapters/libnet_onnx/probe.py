@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -95,12 +96,19 @@ class OnnxModel:
             raise TypeError("model is already an OnnxModel; pass its source to make one with other settings")
         self.graph = OnnxGraph(model)
         self.source = self.graph.source
+        #: True when the caller named the output (it is then not replaced by a saved choice at load)
+        self.output_given = output is not None
+        #: why no output could be chosen (raised when the model is first run; a saved choice may come first)
+        self.no_output: str | None = None
         if output is None:
-            output = self._class_scores_output()
+            try:
+                output = self._class_scores_output()
+            except OnnxModelError as exc:
+                self.no_output = str(exc)
         elif output not in self.graph.outputs and not self.graph.is_probeable(output):
             raise ValueError(f"output {output!r} is neither an output of {self.source} (its outputs are "
                              f"{self.graph.outputs}) nor one of its probe-able tensors")
-        self.output = output
+        self.output: str | None = output
         if providers is None and is_inference_session(model):
             provider_options = model.get_provider_options()
             providers = [(name, dict(provider_options.get(name, {}))) for name in model.get_providers()]
@@ -110,6 +118,14 @@ class OnnxModel:
         self.session_options = session_options
         self.fallback = bool(fallback)
         self._plain_probe: OnnxLayerProbe | None = None
+
+    def with_output(self, output: str) -> OnnxModel:
+        """A copy of this model (same graph, providers and options) reading its class scores from ``output``."""
+        if output not in self.graph.outputs and not self.graph.is_probeable(output):
+            raise ValueError(f"output {output!r} is neither an output of {self.source} nor one of its probe-able tensors")
+        other = copy.copy(self)
+        other.output, other.output_given, other.no_output, other._plain_probe = output, True, None, None
+        return other
 
     def _class_scores_output(self) -> str:
         """The first graph output that is a floating tensor of rank 2 or more (class scores ``[B, C]``).
@@ -243,14 +259,42 @@ class OnnxLayerProbe:
             caveat = graph.module_caveat(name)
             if caveat:
                 warnings.warn(caveat, RuntimeWarning, stacklevel=2)
-        self._fetch = [model.output] + list(dict.fromkeys(t for t in self.tensors.values() if t != model.output))
-        self._fetch_index = {t: i for i, t in enumerate(self._fetch)}
-        self.session = model.session(self._fetch, device=self.device)
-        self.providers = self.session.get_providers()
+        self.session: ort.InferenceSession | None = None
+        self.providers: list[str] | None = None
+        if model.output is not None:
+            self._open_session()
         self._np_dtypes = {spec.name: np.dtype(helper.tensor_dtype_to_np_dtype(spec.elem_type)) for spec in graph.inputs}
         first = graph.input.shape[0] if graph.input.shape else None
         self.fixed_batch: int | None = first if isinstance(first, int) and first > 0 else None
         self._warned_fixed_batch = False
+
+    def _open_session(self) -> None:
+        model = self.model
+        if model.output is None:
+            raise OnnxModelError(model.no_output or f"no output of {model.source} holds the class scores")
+        self._fetch = [model.output] + list(dict.fromkeys(t for t in self.tensors.values() if t != model.output))
+        self._fetch_index = {t: i for i, t in enumerate(self._fetch)}
+        self.session = model.session(self._fetch, device=self.device)
+        self.providers = self.session.get_providers()
+
+    def config(self) -> dict[str, Any]:
+        """What a saved library network keeps of this probe: the tensor read as the class scores."""
+        return {"output": self.model.output}
+
+    def restore(self, config: Mapping[str, Any]) -> None:
+        """Read the class scores from the saved ``output`` again (a network saved with ``output=`` loaded from a path).
+
+        Raises:
+            ValueError: the model was given with another explicit ``output=`` than the saved one.
+        """
+        saved = config.get("output")
+        if saved is None or (saved == self.model.output and self.session is not None):
+            return
+        if self.model.output_given:
+            raise ValueError(f"the network was saved reading its class scores from {saved!r}, but the model was given "
+                             f"with output={self.model.output!r}")
+        self.model = self.model.with_output(saved)
+        self._open_session()
 
     def __repr__(self) -> str:
         return f"OnnxLayerProbe({self.model.source}, layers={self.layers}, providers={self.providers})"
@@ -290,6 +334,9 @@ class OnnxLayerProbe:
 
     # ------------------------------------------------------------------ run
     def _session_run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if self.session is None:
+            self._open_session()  # raises the reason no output holds the class scores
+        assert self.session is not None
         return self.session.run(self._fetch, feed)
 
     def _run_fixed_batch(self, feed: dict[str, np.ndarray], n_fixed: int) -> list[np.ndarray]:
