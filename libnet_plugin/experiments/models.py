@@ -13,7 +13,6 @@ and ``state_dict`` keys are the same either way and weights move freely between 
 from __future__ import annotations
 
 import os
-import pickle
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
@@ -249,16 +248,22 @@ def _read_state_dict(path_or_dict) -> Mapping[str, torch.Tensor]:
     if isinstance(path_or_dict, Mapping):
         obj = path_or_dict
     elif isinstance(path_or_dict, (str, os.PathLike)):
+        if not os.path.isfile(path_or_dict):
+            raise FileNotFoundError(f"no weights file at {os.fspath(path_or_dict)!r}")
         try:
             obj = torch.load(path_or_dict, map_location="cpu", weights_only=True)
-        except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as exc:
+        except Exception as exc:  # a junk file makes torch.load raise almost anything (IndexError, KeyError...)
             raise SaveFormatError(
-                f"cannot read a state_dict from {os.fspath(path_or_dict)!r}: {exc}"
+                f"cannot read a state_dict from {os.fspath(path_or_dict)!r} (not a torch.save file of weights, "
+                f"or corrupted): {type(exc).__name__}: {exc}"
             ) from exc
     else:
         raise TypeError(
             f"expected a file path or a state_dict mapping, got {type(path_or_dict).__name__}"
         )
+    if not isinstance(obj, Mapping):
+        raise SaveFormatError(f"not a state_dict: the file holds a {type(obj).__name__}, not a mapping of names to "
+                              "tensors")
     # training checkpoints often wrap the weights: {"state_dict": {...}, "epoch": ...}
     if "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]

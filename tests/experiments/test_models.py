@@ -194,3 +194,38 @@ def test_predict_labels_restores_mode():
     assert labels.shape == (5,) and labels.dtype == torch.long
     assert net.training
     assert models.predict_labels(net, torch.rand(0, 1, 28, 28)).shape == (0,)
+
+
+def test_junk_weight_files_always_get_the_clear_error(tmp_path):
+    """200 seeded junk files (random bytes, bit flips and truncations of a real file, fake zips): each is refused
+    with SaveFormatError / StateDictMismatchError (both ValueError), never another exception."""
+    import io
+    import random
+
+    from libnet_plugin.errors import LibnetError
+    from libnet_plugin.experiments.models import MnistNet, load_state_dict_checked
+
+    rng = random.Random(0)
+    buf = io.BytesIO()
+    torch.save(MnistNet().state_dict(), buf)
+    good = buf.getvalue()
+    for i in range(200):
+        kind = i % 4
+        if kind == 0:
+            data = bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 2000)))
+        elif kind == 1:
+            flipped = bytearray(good)
+            for _ in range(5):
+                flipped[rng.randrange(len(flipped))] = rng.getrandbits(8)
+            data = bytes(flipped)
+        elif kind == 2:
+            data = good[:rng.randint(0, len(good))]
+        else:
+            data = b"PK\x03\x04" + bytes(rng.getrandbits(8) for _ in range(300))
+        path = tmp_path / f"w{i}.pt"
+        path.write_bytes(data)
+        try:
+            load_state_dict_checked(MnistNet(), path)
+        except (LibnetError, ValueError) as exc:
+            assert str(exc)
+        # a flipped byte may still load (e.g. inside a tensor's data): that is a valid, if different, weight file
