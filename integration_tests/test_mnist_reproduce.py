@@ -41,7 +41,8 @@ def test_quick_run_writes_every_file(quick_run):
     md = (out / "report.md").read_text()
     for name in report["figures"].values():
         assert f"]({name})" in md  # every figure embedded
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
+    hidden = [p.name for p in out.iterdir() if p.name.startswith(".")]
+    assert hidden == [".libnet-run"]  # the run folder's marker; no temp files left
 
 
 def test_report_structure_and_settings(quick_run):

@@ -42,8 +42,11 @@ from .protocols import AttackSet, load_attack_sets, save_attack_sets
 from .report import (
     ExperimentError,
     StageTimer,
-    ensure_writable_dir,
+    check_run_folder,
     environment_info,
+    relocate,
+    staged_output,
+    to_jsonable,
     write_json_atomic,
     write_text_atomic,
 )
@@ -210,7 +213,7 @@ def _plan(args: argparse.Namespace) -> tuple[Any, ...]:
         raise ExperimentError(f"--fpr must lie in the open interval (0, 1), got {args.fpr}")
     thresholds, auto = _parse_thresholds(args.thresholds, LAYERS)
     specs = _chosen_detectors(args.detectors)
-    out_dir = ensure_writable_dir(args.out)
+    out_dir = check_run_folder(args.out)  # the run is staged beside it and swapped in when complete
     return quick, n_train, epochs, nb_iter, n_attack, epsilons, thresholds, auto, specs, out_dir
 
 
@@ -257,9 +260,22 @@ def _run(args: argparse.Namespace, quick: bool, n_train: int, epochs: int, nb_it
     with timer.stage("library network"):
         net = LibraryNetwork(model, list(LAYERS), thresholds=thresholds, auto_thresholds=auto).fit(
             x_tr, progress=args.progress)
-    with timer.stage("detectors"):
-        res = evaluate_detectors(net, (x_tr, y_tr), x_eval, attacked, ood, detectors=specs, calibration=x_cal,
-                                 out_dir=out_dir, fpr=args.fpr, log=log)
+    with staged_output(out_dir) as stage:
+        with timer.stage("detectors"):
+            res = evaluate_detectors(net, (x_tr, y_tr), x_eval, attacked, ood, detectors=specs, calibration=x_cal,
+                                     out_dir=stage, fpr=args.fpr, log=log)
+        note = _write_report(args, res, stage, out_dir, quick, n_train, epochs, accuracy, model_info, attack_info,
+                             net, timer)
+    print(res["table_markdown"])
+    print("\n" + note)
+    print(f"best library-based detector: {res['best_library_based']}; files in {out_dir}")
+    return 0
+
+
+def _write_report(args: argparse.Namespace, res: dict[str, Any], stage: Path, out_dir: Path, quick: bool,
+                  n_train: int, epochs: int, accuracy: float, model_info: Any, attack_info: dict[str, Any],
+                  net: LibraryNetwork, timer: StageTimer) -> str:
+    """Write detectors.md and detectors.json into the staging folder; return the run's one-paragraph note."""
     command = _command(args)
     res["run"] = {"command": command, "quick": quick, "seed": args.seed, "n_train": n_train, "epochs": epochs,
                   "model_accuracy_eval_half": accuracy, "model": model_info, "attacks": attack_info,
@@ -271,9 +287,7 @@ def _run(args: argparse.Namespace, quick: bool, n_train: int, epochs: int, nb_it
             f"({s['n_train']} training images). Model forward: {res['forward_ms_per_1000']:.1f} ms per 1,000 inputs "
             f"(batch {s['batch_size']}). Successful attacks: "
             + ", ".join(f"{k} {v['successful']}/{v['attacked']}" for k, v in attack_info.items()) + ".")
-    write_text_atomic(out_dir / "detectors.md", res["table_markdown"] + "\n\n" + note + "\n")
-    write_json_atomic(out_dir / "detectors.json", res)
-    print(res["table_markdown"])
-    print("\n" + note)
-    print(f"best library-based detector: {res['best_library_based']}; files in {out_dir}")
-    return 0
+    res.update(relocate(to_jsonable(res), stage, out_dir))  # paths name the folder the run is swapped into
+    write_text_atomic(stage / "detectors.md", res["table_markdown"] + "\n\n" + note + "\n")
+    write_json_atomic(stage / "detectors.json", res)
+    return note

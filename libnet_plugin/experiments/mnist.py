@@ -82,7 +82,7 @@ from .protocols import (
 from .report import (
     ExperimentError,
     StageTimer,
-    ensure_writable_dir,
+    check_run_folder,
     environment_info,
     markdown_table,
     relocate,
@@ -460,7 +460,7 @@ def prepare_mnist(settings: MnistSettings | None = None, *, out_dir: str | os.Pa
     settings = settings or MnistSettings.default_run()
     log = log or (lambda m: print(f"{_PROG}: {m}", file=sys.stderr, flush=True))
     timer = StageTimer(log)
-    out = ensure_writable_dir(out_dir)
+    out = check_run_folder(out_dir)  # the run is staged beside it and swapped in when complete
     cache = Path(cache_dir).expanduser() if cache_dir is not None else None
     if data_dir is not None:
         check_mnist_dir(data_dir)

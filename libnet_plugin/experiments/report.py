@@ -145,14 +145,43 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
 
 #: a staging folder of an interrupted run older than this many seconds is removed by the next run
 STALE_STAGE_SECONDS = 6 * 3600
+#: files that mark a folder as a run's (the first is written into every staged run; the others are the
+#: reports of runs made before staging), so that a rerun may replace it
+RUN_MARKERS = (".libnet-run", "report.json", "detectors.json")
+
+
+def check_run_folder(final: str | os.PathLike) -> Path:
+    """``final`` as an absolute path, after checking that a run may replace it (see :func:`staged_output`).
+
+    Raises:
+        NotADirectoryError: it is a file. PermissionError: its parent folder is not writable.
+        ExperimentError: it is (or holds) the current folder, or it holds files that are not a run's.
+    """
+    final = Path(final).expanduser().absolute()
+    if final.exists() and not final.is_dir():
+        raise NotADirectoryError(f"output folder {str(final)!r} exists and is not a folder")
+    cwd = Path.cwd().absolute()
+    if final == cwd or final in cwd.parents or final.parent == final:
+        raise ExperimentError(f"output folder {str(final)!r} holds the current folder: a run replaces its output "
+                              "folder as a whole, so give it a folder of its own (e.g. runs/mnist)")
+    if final.is_dir() and any(final.iterdir()) and not any((final / m).exists() for m in RUN_MARKERS):
+        raise ExperimentError(f"output folder {str(final)!r} holds files that are not an earlier run's; a run "
+                              "replaces its output folder as a whole, so give it a new or empty folder")
+    try:
+        ensure_writable_dir(final.parent)
+    except (NotADirectoryError, PermissionError) as exc:
+        raise PermissionError(f"output folder {str(final)!r} is not writable: {exc}") from exc
+    return final
 
 
 @contextmanager
 def staged_output(final: str | os.PathLike) -> Iterator[Path]:
     """Write a run into a fresh hidden folder beside ``final``; put it in place only when the block completes.
 
-    A failed or interrupted run leaves ``final`` exactly as it was (an earlier complete report stays), and
-    no empty folder: the staging folder ``.<name>.partial-*`` is removed on failure, and one left by a
+    ``final`` must be new, empty, or an earlier run's folder (it is replaced as a whole; a folder with other
+    files, or the current folder, is refused with :class:`ExperimentError` before any work). A failed or
+    interrupted run leaves ``final`` exactly as it was (an earlier complete report stays), and no empty
+    folder: the staging folder ``.<name>.partial-*`` is removed on failure, and one left by a
     killed run is removed by a later run. On success the new folder replaces ``final`` in two renames.
 
     Example:
@@ -160,14 +189,11 @@ def staged_output(final: str | os.PathLike) -> Iterator[Path]:
         >>> root = Path(tempfile.mkdtemp())
         >>> with staged_output(root / "run") as stage:
         ...     _ = (stage / "report.json").write_text("{}")
-        >>> sorted(p.name for p in root.iterdir()), (root / "run" / "report.json").exists()
-        (['run'], True)
+        >>> sorted(p.name for p in root.iterdir()), sorted(p.name for p in (root / "run").iterdir())
+        (['run'], ['.libnet-run', 'report.json'])
     """
-    final = Path(final).expanduser()
-    if final.exists() and not final.is_dir():
-        raise NotADirectoryError(f"output folder {str(final)!r} exists and is not a folder")
+    final = check_run_folder(final)
     parent = final.parent
-    ensure_writable_dir(parent)
     now = time.time()
     for stale in parent.glob(f".{final.name}.partial-*"):
         try:
@@ -177,6 +203,7 @@ def staged_output(final: str | os.PathLike) -> Iterator[Path]:
             pass
     stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=parent))
     try:
+        (stage / RUN_MARKERS[0]).write_text("a libnet-plugin run folder: the next run into it replaces it whole\n")
         yield stage
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)

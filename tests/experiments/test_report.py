@@ -47,3 +47,29 @@ def test_markdown_table_and_timer():
         with timer.stage("b"):
             raise RuntimeError("boom")
     assert set(timer.as_dict()) == {"a", "b", "total"} and len(msgs) == 4
+
+
+def test_a_staged_run_replaces_only_an_earlier_run_and_only_when_complete(tmp_path, monkeypatch):
+    import pytest
+
+    from libnet_plugin.experiments.report import ExperimentError, staged_output
+
+    out = tmp_path / "run"
+    with staged_output(out) as stage:
+        (stage / "report.json").write_text("1")
+    with pytest.raises(RuntimeError), staged_output(out) as stage:  # a failed rerun
+        (stage / "report.json").write_text("2")
+        raise RuntimeError("boom")
+    assert (out / "report.json").read_text() == "1" and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    with staged_output(out) as stage:  # a complete rerun replaces the folder as a whole
+        (stage / "other.txt").write_text("3")
+    assert sorted(p.name for p in out.iterdir()) == [".libnet-run", "other.txt"]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("do not delete")
+    with pytest.raises(ExperimentError, match="not an earlier run's"), staged_output(mine):
+        pass
+    assert (mine / "thesis.tex").exists()
+    monkeypatch.chdir(out)
+    with pytest.raises(ExperimentError, match="holds the current folder"), staged_output(tmp_path):
+        pass
