@@ -16,10 +16,11 @@ from ._batches import MultiInput, is_one_shot, iter_batches, n_rows, per_input_s
 from ._validate import check_int
 from ._version import __version__
 from .errors import LayerNotFoundError, LibraryTooLargeWarning, NotFittedError, ShapeMismatchError
-from .library import validate_threshold
+from .library import NodeLibrary, validate_threshold
 from .metrics import ConfusionAccumulator, agreement_counts, cpl
 from .plugins import make_library, make_probe, make_readout
 from .probe import ConfigurableProbe, ProbeResult
+from .readout import WeightedReadout
 from .serialization import load_checked, save_atomic
 
 __all__ = ["LibraryNetwork", "stream_fit", "StreamFit"]
@@ -57,6 +58,23 @@ class StreamFit:
     n_classes: int
     input_shape: tuple[int, ...] | None
     answers: Tensor
+
+
+def _check_loaded(layer: str, lib: Any, readout: Any, n_classes: int) -> None:
+    """A loaded library and readout agree with each other and hold finite values (else SaveFormatError)."""
+    from .errors import SaveFormatError
+
+    problem = None
+    if isinstance(lib, NodeLibrary) and lib.size and not bool(torch.isfinite(lib.nodes).all()):
+        problem = "its library nodes hold NaN or infinity"
+    elif isinstance(readout, WeightedReadout):
+        w = readout.weight
+        if tuple(w.shape) != (lib.size, n_classes):
+            problem = f"its readout is {list(w.shape)} for {lib.size} nodes and {n_classes} classes"
+        elif not bool(torch.isfinite(w).all()):
+            problem = "its readout weights hold NaN or infinity"
+    if problem is not None:
+        raise SaveFormatError(f"the saved network's layer {layer!r} is inconsistent: {problem} (modified or corrupted)")
 
 
 def _check_labels(y: Tensor, n_classes: int) -> None:
@@ -608,6 +626,7 @@ class LibraryNetwork:
                     obj.load_state_dict(part)
                 except KeyError as exc:
                     raise SaveFormatError(f"saved network lacks the tensor {prefix}{exc.args[0]} of layer {l!r}") from exc
+            _check_loaded(l, lib, ro, int(cfg["n_classes"]))
             libraries[l], readouts[l] = lib, ro
         return net.adopt_fitted(libraries, readouts, n_classes=cfg["n_classes"], n_train=cfg["n_train"],
                                 input_shape=cfg["input_shape"])

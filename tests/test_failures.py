@@ -136,3 +136,12 @@ def test_random_byte_flips_give_a_clear_error_or_identical_scores(tmp_path, fitt
             assert torch.equal(got, want), f"{name}: a flip at byte {pos} silently changed the scores"
             outcomes["identical"] += 1
     assert outcomes["error"] > 200  # nearly every flip is caught; the rest (e.g. in JSON whitespace) are harmless
+
+
+def test_a_nan_node_saved_with_a_valid_digest_is_still_refused(tmp_path, fitted, mlp):
+    """A file whose digests were recomputed over a NaN node (not a bit flip: a consistent but bad file)."""
+    lib = fitted.libraries_["fc1"]
+    lib.nodes[0, 0] = float("nan")  # the library's storage, as a buggy writer could leave it
+    fitted.save(tmp_path / "net.lnp")
+    with pytest.raises(SaveFormatError, match="layer 'fc1' is inconsistent: its library nodes hold NaN"):
+        lnp.LibraryNetwork.load(tmp_path / "net.lnp", mlp)
