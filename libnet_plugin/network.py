@@ -106,7 +106,16 @@ def stream_fit(probe: Any, train: Any, libraries: Mapping[str, Sequence[Any]], n
 
     Returns:
         A :class:`StreamFit`.
+
+    Inside a ``torch.distributed`` process group of two or more ranks, every rank streams its own shard
+    and the libraries come out as a single process would build them from the batches in (step, rank)
+    order (see :mod:`libnet_plugin.distributed`).
     """
+    from .distributed import world
+
+    if (group := world()) is not None:
+        return _stream_fit_distributed(probe, train, libraries, new_readout, group, batch_size=batch_size,
+                                       progress=progress, desc=desc)
     layers = list(libraries)
     # keep pass 1's HAPs for pass 2 only within the budget (none at all with the default budget 0)
     cache: list[dict[str, Tensor]] | None = [] if cache_bytes > 0 else None
@@ -168,6 +177,81 @@ def stream_fit(probe: Any, train: Any, libraries: Mapping[str, Sequence[Any]], n
     if seen != n:
         raise ValueError(f"the training data gave {n} inputs in the first pass and {seen} in the second; "
                          "pass data that yields the same inputs every time it is iterated")
+    return StreamFit(readouts=readouts, n_train=n, n_classes=n_classes, input_shape=input_shape,
+                     answers=train_answers)
+
+
+def _stream_fit_distributed(probe: Any, train: Any, libraries: Mapping[str, Sequence[Any]],
+                            new_readout: Callable[[int], Any], group: tuple[Any, int, int], *, batch_size: int,
+                            progress: bool | None, desc: str) -> StreamFit:
+    """:func:`stream_fit` across the ranks of a process group (two passes; no activation cache)."""
+    from .distributed import all_reduce_sum, exchange_sizes, gather_rows
+
+    dist, rank, size = group
+    layers = list(libraries)
+    local = iter(iter_batches(train, batch_size))
+    answers: list[Tensor] = []
+    n = n_local = 0
+    n_classes = 0
+    input_shape: tuple[int, ...] | None = None
+    device = torch.device("cpu")
+    bar = progress_bar(iter(int, 1), f"{desc} (pass 1, rank {rank})", progress)  # an endless counter
+    for _ in bar:
+        res, error = None, None
+        try:
+            xb = next((b for b, _ in local if n_rows(b)), None)
+            if xb is not None:
+                res = probe.run(xb)
+                if input_shape is None:
+                    input_shape = per_input_shape(xb)
+        except Exception as exc:  # every rank must hear of it, or the others wait at the next collective
+            error = f"{type(exc).__name__}: {exc}"
+        widths = [int(res.haps[l].shape[1]) if res is not None else 0 for l in layers]
+        c = int(res.outputs.shape[1]) if res is not None else 0
+        if res is not None:
+            device = res.haps[layers[0]].device
+        sizes, most = exchange_sizes(dist, rank, size, 0 if res is None else n_rows(xb), error, device,
+                                     [*widths, c])
+        step = sum(sizes)
+        if step == 0:
+            break
+        n_classes = max(n_classes, most[-1])
+        idx = torch.arange(n, n + step)
+        for l, width in zip(layers, most[:-1]):
+            mine = res.haps[l] if res is not None else torch.zeros(0, width, device=device)
+            rows = gather_rows(dist, mine, sizes, width, torch.float32, device)
+            for lib in libraries[l]:
+                lib.partial_fit(rows, idx)
+        if res is not None:
+            answers.append(res.answers.cpu())
+            n_local += n_rows(xb)
+        n += step
+    if n == 0:
+        raise ValueError("fit received no training inputs on any rank (empty data)")
+    readouts = {l: [new_readout(n_classes) for _ in libraries[l]] for l in layers}
+    for l in layers:
+        for lib, ro in zip(libraries[l], readouts[l]):
+            ro.reset(lib.size)
+    train_answers = torch.cat(answers) if answers else torch.empty(0, dtype=torch.long)
+    seen, error = 0, None
+    try:
+        for xb, _ in progress_bar(iter_batches(train, batch_size), f"{desc} (pass 2, rank {rank})", progress):
+            if not n_rows(xb):
+                continue
+            haps = probe.run(xb).haps
+            ans = train_answers[seen:seen + n_rows(xb)]
+            for l in layers:
+                for lib, ro in zip(libraries[l], readouts[l]):
+                    ro.accumulate(lib.similarity(haps[l]), ans)
+            seen += n_rows(xb)
+        if seen != n_local:
+            raise ValueError(f"the shard gave {n_local} inputs in the first pass and {seen} in the second")
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    exchange_sizes(dist, rank, size, seen, error, device)
+    for l in layers:  # Eq. 2 is a sum over the inputs: the shards' partial sums add up
+        for ro in readouts[l]:
+            ro.load_state_dict(all_reduce_sum(dist, ro.state_dict(), device))
     return StreamFit(readouts=readouts, n_train=n, n_classes=n_classes, input_shape=input_shape,
                      answers=train_answers)
 
@@ -336,8 +420,13 @@ class LibraryNetwork:
             warnings.warn("the training DataLoader shuffles: libraries depend on the visiting order, and the "
                           "exemplar indices refer to the order of the first pass", stacklevel=2)
         if self.auto_thresholds is not None:
+            from .distributed import world
             from .thresholds import choose_thresholds
 
+            if world() is not None:
+                raise ValueError("thresholds='auto' is not supported in a distributed fit yet: each rank would choose "
+                                 "from its own shard; choose the thetas in one process (libnet_plugin.thresholds."
+                                 "choose_thresholds) and pass them")
             thetas, report = choose_thresholds(self.probe, train, self.new_library, layers=self.layers,
                                                batch_size=self.batch_size, **self.auto_thresholds)
         else:

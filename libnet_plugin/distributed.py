@@ -1,0 +1,96 @@
+"""Collectives behind a fit across processes with ``torch.distributed`` (launched by ``torchrun``).
+
+Inside an initialised process group of two or more ranks, :meth:`LibraryNetwork.fit
+<libnet_plugin.LibraryNetwork.fit>` on every rank (each streaming its own shard) builds the libraries a
+single process would build from the same batches taken in (step, rank) order: step 0 of rank 0, step 0
+of rank 1, ..., step 1 of rank 0, ... At every step the ranks exchange how many inputs they hold (a rank
+whose shard has run out sends none), then their batch's activations, in rank order, so that every rank
+extends its libraries with the same rows in the same order; the libraries are identical on every rank,
+and no broadcast of the libraries is needed. The Hebbian readouts (Eq. 2) are sums over the inputs: each
+rank accumulates its own shard, then one all-reduce adds them up. A rank that fails at a step tells the
+others at the next exchange, and every rank raises :class:`DistributedFitError` naming it (set a
+timeout on the process group for ranks that die without a word).
+
+This first step gathers every activation of a step (simple, and exact for any library plugin); gathering
+only the rows the current library does not decide is the planned refinement.
+
+Example:
+    >>> world() is None  # no process group in this interpreter
+    True
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .errors import LibnetError
+
+__all__ = ["DistributedFitError", "world", "exchange_sizes", "gather_rows", "all_reduce_sum"]
+
+
+class DistributedFitError(LibnetError, RuntimeError):
+    """A rank of a distributed fit failed; every rank raises this instead of waiting for it."""
+
+
+def world() -> tuple[Any, int, int] | None:
+    """``(torch.distributed, rank, world size)`` inside an initialised group of two or more ranks, else ``None``."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return None
+    return dist, dist.get_rank(), dist.get_world_size()
+
+
+def _wire_device(dist: Any, fallback: torch.device) -> torch.device:
+    """Where collective tensors live: CUDA for NCCL, the CPU otherwise (gloo)."""
+    return fallback if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def exchange_sizes(dist: Any, rank: int, size: int, n_local: int, error: str | None, device: torch.device,
+                   extra: list[int] | None = None) -> tuple[list[int], list[int]]:
+    """All-gather each rank's number of inputs at this step (and ``extra`` integers, max over the ranks).
+
+    Returns:
+        ``(inputs per rank, extra maximised over the ranks)``.
+
+    Raises:
+        DistributedFitError: on every rank, when any rank reports an ``error``.
+    """
+    extra = list(extra or [])
+    local = torch.tensor([n_local, 1 if error else 0, *extra], dtype=torch.long, device=_wire_device(dist, device))
+    parts = [torch.zeros_like(local) for _ in range(size)]
+    dist.all_gather(parts, local)
+    failed = [r for r, p in enumerate(parts) if int(p[1])]
+    if failed:
+        mine = f": {error}" if error else ""
+        raise DistributedFitError(f"rank(s) {failed} failed during the distributed fit (this is rank {rank}{mine}); "
+                                  "every rank stops")
+    stacked = torch.stack(parts)
+    return [int(p[0]) for p in parts], [int(v) for v in stacked[:, 2:].amax(dim=0)] if extra else []
+
+
+def gather_rows(dist: Any, rows: Tensor, sizes: list[int], width: int, dtype: torch.dtype,
+                device: torch.device) -> Tensor:
+    """All-gather the rows ``[n_r, width]`` of every rank, concatenated in rank order ``[sum n_r, width]``."""
+    wire = _wire_device(dist, device)
+    biggest = max(sizes)
+    padded = torch.zeros(biggest, width, dtype=dtype, device=wire)
+    if rows.shape[0]:
+        padded[: rows.shape[0]] = rows.to(wire, dtype)
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)]).to(device)
+
+
+def all_reduce_sum(dist: Any, tensors: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    """The element-wise sums over the ranks of each tensor (same names and shapes on every rank)."""
+    wire = _wire_device(dist, device)
+    out = {}
+    for name in sorted(tensors):
+        t = tensors[name].detach().to(wire).clone()
+        dist.all_reduce(t)
+        out[name] = t.to(tensors[name].device)
+    return out

@@ -1,0 +1,56 @@
+"""The per-rank program of tests/test_distributed.py (a module of its own, so that spawned processes import it)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+
+import torch
+from torch import nn
+
+import libnet_plugin as lnp
+
+LAYERS = ["0", "2", "4"]
+
+
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+
+
+def batches() -> list[torch.Tensor]:
+    """Nine batches of uneven sizes (a DataLoader's last batch is smaller too)."""
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(n, 12, generator=g) for n in (40, 40, 40, 40, 40, 40, 40, 40, 17)]
+
+
+def shard(rank: int, world: int, drop_last_of: int | None) -> list[torch.Tensor]:
+    """The batches a DistributedSampler-like split gives ``rank``: every ``world``-th, starting at ``rank``."""
+    mine = batches()[rank::world]
+    return mine[:-1] if rank == drop_last_of else mine
+
+
+def run(rank: int, world: int, folder: str, drop_last_of: int | None, fail_rank: int | None) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(folder, 'store')}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        data = shard(rank, world, drop_last_of)
+        if rank == fail_rank:
+            data = data[:1] + [torch.randn(8, 5)] + data[1:]  # a batch of the wrong width at its second step
+        net = lnp.LibraryNetwork(model(), LAYERS, thresholds=0.8, batch_size=64)
+        try:
+            net.fit(data)
+        except lnp.LibnetError as exc:
+            with open(os.path.join(folder, f"error{rank}.json"), "w") as f:
+                json.dump({"type": type(exc).__name__, "message": str(exc)}, f)
+            return
+        torch.save({l: {"nodes": net.libraries_[l].nodes.clone(), "indices": net.libraries_[l].node_indices.clone(),
+                        "weight": net.readouts_[l].weight.clone()} for l in LAYERS} | {"n_train": net.n_train_},
+                   os.path.join(folder, f"rank{rank}.pt"))
+        if rank == 0:
+            net.save(os.path.join(folder, "net.lnp"))
+    finally:
+        dist.destroy_process_group()
