@@ -195,8 +195,7 @@ def eval_mode(modules: nn.Module | Iterable[nn.Module | None]) -> Iterator[None]
         (True, True)
     """
     roots = [modules] if isinstance(modules, nn.Module) else [m for m in modules if m is not None]
-    modes = [(m, m.training) for root in roots for m in root.modules()]
-    if not any(training for _, training in modes):
+    if not any(m.training for root in roots for m in root.modules()):
         yield  # already in eval mode (the usual case, and the one to use from several threads): nothing to do
         return
     with _MODE_LOCK:  # callers that switch modes take turns, so none sees another's restored training mode
@@ -261,6 +260,7 @@ class TorchLayerProbe:
                 raise LayerNotFoundError(unknown_layer_message(base, valid, kind=type(model).__name__))
             self.modules[name] = modules[base]
             self.calls[name] = (base, call)
+        self._base_modules = {base: modules[base] for base, _ in self.calls.values()}
         #: layers whose output the model overwrites in place later in its forward pass: copied in the hook
         self.copied_layers: set[str] = set()
 
@@ -333,10 +333,9 @@ class TorchLayerProbe:
                 captured[base].append((kept.clone() if copy else kept, out._version))
             return hook
 
-        modules = dict(self.model.named_modules())
         try:
             for base in sorted(by_module):
-                handles.append(modules[base].register_forward_hook(make_hook(base)))
+                handles.append(self._base_modules[base].register_forward_hook(make_hook(base)))
             with eval_mode(self.model), torch.set_grad_enabled(grad):
                 outputs = x.call(self.model) if isinstance(x, MultiInput) else self.model(x)
         finally:
