@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from ._batches import MultiInput, as_inputs, iter_batches, n_rows
 from .detectors.api import ConsistencyScore
+from .distributed import gather_all, world
 from .errors import LibnetError, NonFiniteError, NotFittedError, SaveFormatError, ShapeMismatchError
 from .network import LibraryNetwork
 from .plugins import make_detector
@@ -335,7 +336,10 @@ class ConsistencyDetector:
                 check_finite(t, "a clean calibration batch")
             r = self.net.run(x)
             parts.append(self.scorer.features(self.net, r) if self.scorer.fuses else self.scorer.score(self.net, r))
-        return torch.cat(parts) if parts else torch.empty(0)
+        local = torch.cat(parts) if parts else torch.empty(0)
+        if world() is None:
+            return local
+        return gather_all(local, self.net.device, "clean calibration inputs")  # every rank's, in rank order
 
     def calibrate_on(self, data: Tensor, fpr: float) -> ConsistencyDetector:
         """Set the threshold (and a fused score's clean reference) from :meth:`calibration_data`'s output."""

@@ -7,7 +7,10 @@ of rank 1, ..., step 1 of rank 0, ... At every step the ranks exchange how many 
 whose shard has run out sends none), then their batch's activations, in rank order, so that every rank
 extends its libraries with the same rows in the same order; the libraries are identical on every rank,
 and no broadcast of the libraries is needed. The Hebbian readouts (Eq. 2) are sums over the inputs: each
-rank accumulates its own shard, then one all-reduce adds them up. A rank that fails at a step tells the
+rank accumulates its own shard, then one all-reduce adds them up. The detectors fitted on training data
+do the same (Mahalanobis: class sums all-reduced; deep k-NN: the activations all-gathered), and
+:meth:`ConsistencyDetector.calibrate <libnet_plugin.ConsistencyDetector.calibrate>` all-gathers the clean
+scores, so detectors too come out the same on every rank. A rank that fails at a step tells the
 others at the next exchange, and every rank raises :class:`DistributedFitError` naming it (set a
 timeout on the process group for ranks that die without a word).
 
@@ -28,7 +31,8 @@ from torch import Tensor
 
 from .errors import LibnetError
 
-__all__ = ["DistributedFitError", "world", "exchange_sizes", "gather_rows", "all_reduce_sum"]
+__all__ = ["DistributedFitError", "world", "exchange_sizes", "gather_rows", "all_reduce_sum", "gather_all",
+           "sum_over_ranks"]
 
 
 class DistributedFitError(LibnetError, RuntimeError):
@@ -94,3 +98,34 @@ def all_reduce_sum(dist: Any, tensors: dict[str, Tensor], device: torch.device) 
         dist.all_reduce(t)
         out[name] = t.to(tensors[name].device)
     return out
+
+
+def gather_all(rows: Tensor, device: torch.device, what: str) -> Tensor:
+    """``rows`` ``[n, ...]`` of every rank concatenated in rank order (itself outside a process group).
+
+    Every rank must have at least one row: a rank without any raises :class:`DistributedFitError` on all.
+    """
+    group = world()
+    if group is None:
+        return rows
+    dist, rank, size = group
+    error = None if rows.shape[0] else f"rank {rank} has no {what}"
+    trailing = list(rows.shape[1:])
+    if len(trailing) > 3:
+        raise ValueError(f"gather_all takes rows of at most 3 trailing dimensions, got {list(rows.shape)}")
+    # a fixed-length description, so that a rank without rows (which then fails on all) sends the same shape
+    sizes, _ = exchange_sizes(dist, rank, size, int(rows.shape[0]), error, device,
+                              [len(trailing), *trailing, *[0] * (3 - len(trailing))])
+    flat = rows.reshape(rows.shape[0], -1)
+    width = int(flat.shape[1])
+    return gather_rows(dist, flat, sizes, width, rows.dtype, device).reshape(sum(sizes), *trailing)
+
+
+def sum_over_ranks(tensors: dict[str, Tensor], n_local: int, device: torch.device, what: str) -> tuple[dict[str, Tensor], int]:
+    """The sums over the ranks of ``tensors`` and of ``n_local`` (themselves outside a process group)."""
+    group = world()
+    if group is None:
+        return tensors, n_local
+    dist, rank, size = group
+    sizes, _ = exchange_sizes(dist, rank, size, n_local, None if n_local else f"rank {rank} has no {what}", device)
+    return all_reduce_sum(dist, tensors, device), sum(sizes)

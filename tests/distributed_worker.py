@@ -25,6 +25,15 @@ def batches() -> list[torch.Tensor]:
     return [torch.randn(n, 12, generator=g) for n in (40, 40, 40, 40, 40, 40, 40, 40, 17)]
 
 
+def clean() -> torch.Tensor:
+    """Clean calibration inputs (held out from training), and the inputs scored."""
+    return torch.randn(90, 12, generator=torch.Generator().manual_seed(2))
+
+
+def clean_shard(rank: int, world: int) -> torch.Tensor:
+    return clean()[rank::world]
+
+
 def shard(rank: int, world: int, drop_last_of: int | None) -> list[torch.Tensor]:
     """The batches a DistributedSampler-like split gives ``rank``: every ``world``-th, starting at ``rank``."""
     mine = batches()[rank::world]
@@ -47,9 +56,17 @@ def run(rank: int, world: int, folder: str, drop_last_of: int | None, fail_rank:
             with open(os.path.join(folder, f"error{rank}.json"), "w") as f:
                 json.dump({"type": type(exc).__name__, "message": str(exc)}, f)
             return
+        probe = clean()
+        detectors = {}
+        for method in ("mahalanobis", "knn", "library-distance"):
+            det = lnp.ConsistencyDetector(net, method=method, settings={"k": 3} if method == "knn" else {})
+            if det.requires_training_data:
+                det.fit(data)
+            det.calibrate(clean_shard(rank, world), fpr=0.1)
+            detectors[method] = {"threshold": det.threshold_, "score": det.score(probe)}
         torch.save({l: {"nodes": net.libraries_[l].nodes.clone(), "indices": net.libraries_[l].node_indices.clone(),
-                        "weight": net.readouts_[l].weight.clone()} for l in LAYERS} | {"n_train": net.n_train_},
-                   os.path.join(folder, f"rank{rank}.pt"))
+                        "weight": net.readouts_[l].weight.clone()} for l in LAYERS}
+                   | {"n_train": net.n_train_, "detectors": detectors}, os.path.join(folder, f"rank{rank}.pt"))
         if rank == 0:
             net.save(os.path.join(folder, "net.lnp"))
     finally:

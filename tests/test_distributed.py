@@ -1,6 +1,8 @@
 """LibraryNetwork.fit across processes (torch.distributed, gloo on the CPU) equals one process on the batches
 taken in (step, rank) order: libraries bit for bit, readouts within 1e-6 (their sums are added in another
-order), identical on every rank; uneven shards work; a failing rank makes every rank fail, not hang."""
+order), identical on every rank; the detectors fitted on training data and the calibration give the
+one-process scores and thresholds (within 1e-5); uneven shards work; a failing rank makes every rank fail,
+not hang."""
 
 from __future__ import annotations
 
@@ -36,6 +38,16 @@ def test_a_fit_across_ranks_equals_one_process_on_the_interleaved_batches(tmp_pa
             assert torch.equal(got[l]["indices"], single.libraries_[l].node_indices), l
             torch.testing.assert_close(got[l]["weight"], single.readouts_[l].weight, rtol=0, atol=1e-6)
             assert torch.equal(got[l]["weight"], results[0][l]["weight"])  # the same on every rank
+    for method in ("mahalanobis", "knn", "library-distance"):  # fitted and calibrated across the ranks
+        det = lnp.ConsistencyDetector(single, method=method, settings={"k": 3} if method == "knn" else {})
+        if det.requires_training_data:
+            det.fit(order)
+        # one process calibrates on the clean inputs in rank order, as the ranks' all-gather gives them
+        det.calibrate(torch.cat([distributed_worker.clean_shard(r, world) for r in range(world)]), fpr=0.1)
+        want = det.score(distributed_worker.clean())
+        for got in results:
+            torch.testing.assert_close(got["detectors"][method]["score"], want, rtol=1e-5, atol=1e-5)
+            assert got["detectors"][method]["threshold"] == pytest.approx(det.threshold_, rel=1e-5, abs=1e-5)
     loaded = lnp.LibraryNetwork.load(tmp_path / "net.lnp", distributed_worker.model())
     assert loaded.library_sizes_ == single.library_sizes_
 

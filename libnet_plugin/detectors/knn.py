@@ -10,6 +10,7 @@ from torch import Tensor
 
 from .._batches import iter_batches, n_rows
 from .._validate import check_int
+from ..distributed import gather_all, world
 from ..errors import NotFittedError, ShapeMismatchError
 from ..library import normalize_rows
 from ..probe import ProbeResult
@@ -79,11 +80,13 @@ class DeepKNNScore(ConsistencyScore):
                 labels.append(y.to(net.device, torch.long))
             for l in layers:
                 parts[l].append(normalize_rows(r.haps[l]))
-        if not labels:
+        if not labels and world() is None:
             raise ValueError("the 'knn' detector received no training inputs (empty data)")
-        self.layers_ = layers
-        self.train_ = {l: torch.cat(p) for l, p in parts.items()}
-        self.train_labels_ = torch.cat(labels)
+        what = "training inputs for the 'knn' detector"
+        train = {l: gather_all(torch.cat(p) if p else torch.empty(0), net.device, what)  # all ranks' rows
+                 for l, p in parts.items()}
+        train_labels = gather_all(torch.cat(labels) if labels else torch.empty(0, dtype=torch.long), net.device, what)
+        self.layers_, self.train_, self.train_labels_ = layers, train, train_labels
         return self
 
     def check_is_fitted(self) -> None:

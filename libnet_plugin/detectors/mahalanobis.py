@@ -11,6 +11,7 @@ from torch import Tensor
 
 from .._batches import iter_batches, n_rows
 from .._validate import check_int
+from ..distributed import sum_over_ranks
 from ..errors import NotFittedError, ShapeMismatchError
 from ..probe import ProbeResult
 from ._features import (
@@ -109,6 +110,12 @@ class MahalanobisScore(FusedLayerScore):
                 sums[l] += onehot.T @ f
                 outer[l] += f.T @ f
             n += n_rows(x)
+        local = {"counts": counts, **{f"sums/{l}": t for l, t in sums.items()},
+                 **{f"outer/{l}": t for l, t in outer.items()}}
+        total, n = sum_over_ranks(local, n, net.device, "training inputs for the 'mahalanobis' detector")
+        counts = total["counts"]
+        sums = {l: total[f"sums/{l}"] for l in sums}
+        outer = {l: total[f"outer/{l}"] for l in outer}
         if n < 2:
             raise ValueError(f"the 'mahalanobis' detector needs at least 2 training inputs, got {n}")
         for l in self.fitted_layers():
