@@ -10,7 +10,8 @@ and no broadcast of the libraries is needed. The Hebbian readouts (Eq. 2) are su
 rank accumulates its own shard, then one all-reduce adds them up. The detectors fitted on training data
 do the same (Mahalanobis: class sums all-reduced; deep k-NN: the activations all-gathered), and
 :meth:`ConsistencyDetector.calibrate <libnet_plugin.ConsistencyDetector.calibrate>` all-gathers the clean
-scores, so detectors too come out the same on every rank. A rank that fails at a step tells the
+scores, so detectors too come out the same on every rank. ``thresholds="auto"`` replays the reservoir
+sampling over all ranks' positions, so every rank draws the sample one process would draw. A rank that fails at a step tells the
 others at the next exchange, and every rank raises :class:`DistributedFitError` naming it (set a
 timeout on the process group for ranks that die without a word).
 

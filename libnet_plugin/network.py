@@ -420,13 +420,8 @@ class LibraryNetwork:
             warnings.warn("the training DataLoader shuffles: libraries depend on the visiting order, and the "
                           "exemplar indices refer to the order of the first pass", stacklevel=2)
         if self.auto_thresholds is not None:
-            from .distributed import world
             from .thresholds import choose_thresholds
 
-            if world() is not None:
-                raise ValueError("thresholds='auto' is not supported in a distributed fit yet: each rank would choose "
-                                 "from its own shard; choose the thetas in one process (libnet_plugin.thresholds."
-                                 "choose_thresholds) and pass them")
             thetas, report = choose_thresholds(self.probe, train, self.new_library, layers=self.layers,
                                                batch_size=self.batch_size, **self.auto_thresholds)
         else:

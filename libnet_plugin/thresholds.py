@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from ._batches import MultiInput, is_one_shot, iter_batches, n_rows
+from .distributed import world
 from .library import Library
 from .probe import LayerProbe
 
@@ -76,6 +77,8 @@ def reservoir_sample(data: Any, n: int, seed: int = 0,
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"sample_size must be a positive integer, got {n!r}")
+    if (group := world()) is not None:
+        return _reservoir_sample_distributed(data, n, seed, batch_size, group)
     rng = np.random.default_rng(seed)
     buf: Tensor | None = None
     rows: list[MultiInput | None] = [None] * n  # several inputs per example: kept row by row
@@ -158,6 +161,58 @@ def _target_size(target: Any, n_total: int, layer: str) -> int:
         return max(1, round(float(target) * n_total))
     raise ValueError(f"target for layer {layer!r} must be a fraction of the training set in (0, 1) (a float) or a "
                      f"number of nodes >= 1 (an int), got {target!r}")
+
+
+def _reservoir_sample_distributed(data: Any, n: int, seed: int, batch_size: int,
+                                  group: tuple[Any, int, int]) -> tuple[Tensor, Tensor, int]:
+    """:func:`reservoir_sample` of the ranks' shards taken in (step, rank) order, the same on every rank.
+
+    Algorithm R's draws depend only on the positions, so every rank replays them for all ranks' batches
+    (exchanging the batch sizes at each step) and writes its own rows into the slots they win; one
+    all-reduce of the slots (each filled on exactly one rank, zeros elsewhere) gives every rank the sample
+    a single process would draw.
+    """
+    from .distributed import all_reduce_sum, exchange_sizes
+
+    dist, rank, size = group
+    rng = np.random.default_rng(seed)
+    local = iter(iter_batches(data, batch_size))
+    buf: Tensor | None = None
+    dtype = torch.float32
+    idx = np.full(n, -1, dtype=np.int64)
+    seen = 0
+    while True:
+        x = next((b for b, _ in local if n_rows(b)), None)
+        error = "thresholds='auto' across ranks takes tensor inputs" if isinstance(x, MultiInput) else None
+        if isinstance(x, Tensor) and buf is None:
+            dtype = x.dtype
+            buf = torch.zeros((n, *x.shape[1:]), dtype=torch.float64, device=torch.device("cpu"))
+        shape = list(x.shape[1:]) if isinstance(x, Tensor) else []
+        sizes, _ = exchange_sizes(dist, rank, size, 0 if x is None else n_rows(x), error, torch.device("cpu"),
+                                  [len(shape)])
+        if sum(sizes) == 0:
+            break
+        for r, b in enumerate(sizes):
+            if b == 0:
+                continue
+            pos = np.arange(seen, seen + b)
+            slots = np.where(pos < n, pos, (rng.random(b) * (pos + 1)).astype(np.int64))
+            for i in np.flatnonzero(slots < n):
+                if r == rank:
+                    assert buf is not None and isinstance(x, Tensor)
+                    buf[slots[i]] = x[i].to(buf.device, torch.float64)
+                elif buf is not None:
+                    buf[slots[i]] = 0.0  # now another rank's row
+                idx[slots[i]] = pos[i]
+            seen += b
+    exchange_sizes(dist, rank, size, 0, None if buf is not None else f"rank {rank} had no training inputs for "
+                   "thresholds='auto'", torch.device("cpu"))  # every rank hears of an empty shard before the sum
+    assert buf is not None
+    m = min(n, seen)
+    owner_sum = all_reduce_sum(dist, {"sample": buf[:m]}, torch.device("cpu"))["sample"]
+    order = np.argsort(idx[:m], kind="stable")
+    sample = owner_sum[torch.from_numpy(order)].to(dtype)
+    return sample, torch.from_numpy(idx[:m][order]), seen
 
 
 def choose_thresholds(probe: LayerProbe, train: Any, new_library: Callable[[str, float], Library], *,

@@ -56,6 +56,8 @@ def run(rank: int, world: int, folder: str, drop_last_of: int | None, fail_rank:
             with open(os.path.join(folder, f"error{rank}.json"), "w") as f:
                 json.dump({"type": type(exc).__name__, "message": str(exc)}, f)
             return
+        auto = lnp.LibraryNetwork(model(), LAYERS, thresholds="auto", batch_size=64,
+                                  auto_thresholds={"target": 0.2, "sample_size": 100}).fit(data)
         probe = clean()
         detectors = {}
         for method in ("mahalanobis", "knn", "library-distance"):
@@ -66,7 +68,8 @@ def run(rank: int, world: int, folder: str, drop_last_of: int | None, fail_rank:
             detectors[method] = {"threshold": det.threshold_, "score": det.score(probe)}
         torch.save({l: {"nodes": net.libraries_[l].nodes.clone(), "indices": net.libraries_[l].node_indices.clone(),
                         "weight": net.readouts_[l].weight.clone()} for l in LAYERS}
-                   | {"n_train": net.n_train_, "detectors": detectors}, os.path.join(folder, f"rank{rank}.pt"))
+                   | {"n_train": net.n_train_, "detectors": detectors, "auto": auto.thresholds_,
+                      "auto_sizes": auto.library_sizes_}, os.path.join(folder, f"rank{rank}.pt"))
         if rank == 0:
             net.save(os.path.join(folder, "net.lnp"))
     finally:

@@ -48,6 +48,10 @@ def test_a_fit_across_ranks_equals_one_process_on_the_interleaved_batches(tmp_pa
         for got in results:
             torch.testing.assert_close(got["detectors"][method]["score"], want, rtol=1e-5, atol=1e-5)
             assert got["detectors"][method]["threshold"] == pytest.approx(det.threshold_, rel=1e-5, abs=1e-5)
+    auto = lnp.LibraryNetwork(distributed_worker.model(), distributed_worker.LAYERS, thresholds="auto", batch_size=64,
+                              auto_thresholds={"target": 0.2, "sample_size": 100}).fit(order)
+    for got in results:  # the same reservoir sample as one process, so the same thetas and libraries
+        assert got["auto"] == auto.thresholds_ and got["auto_sizes"] == auto.library_sizes_
     loaded = lnp.LibraryNetwork.load(tmp_path / "net.lnp", distributed_worker.model())
     assert loaded.library_sizes_ == single.library_sizes_
 
