@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -32,8 +33,25 @@ from torch import Tensor
 
 from .errors import LibnetError
 
-__all__ = ["DistributedFitError", "world", "exchange_sizes", "gather_rows", "all_reduce_sum", "gather_all",
+__all__ = ["STATS", "reset_stats", "DistributedFitError", "world", "exchange_sizes", "gather_rows", "all_reduce_sum", "gather_all",
            "sum_over_ranks"]
+
+
+#: bytes sent and seconds spent in this process's collectives (for benchmarks; see :func:`reset_stats`)
+STATS: dict[str, float] = {"bytes": 0.0, "seconds": 0.0, "calls": 0.0}
+
+
+def reset_stats() -> None:
+    """Zero :data:`STATS`."""
+    STATS.update(bytes=0.0, seconds=0.0, calls=0.0)
+
+
+def _timed(fn: Any, *args: Any, nbytes: int) -> None:
+    t0 = time.perf_counter()
+    fn(*args)
+    STATS["seconds"] += time.perf_counter() - t0
+    STATS["bytes"] += nbytes
+    STATS["calls"] += 1
 
 
 class DistributedFitError(LibnetError, RuntimeError):
@@ -67,7 +85,7 @@ def exchange_sizes(dist: Any, rank: int, size: int, n_local: int, error: str | N
     extra = list(extra or [])
     local = torch.tensor([n_local, 1 if error else 0, *extra], dtype=torch.long, device=_wire_device(dist, device))
     parts = [torch.zeros_like(local) for _ in range(size)]
-    dist.all_gather(parts, local)
+    _timed(dist.all_gather, parts, local, nbytes=local.numel() * local.element_size())
     failed = [r for r, p in enumerate(parts) if int(p[1])]
     if failed:
         mine = f": {error}" if error else ""
@@ -86,7 +104,7 @@ def gather_rows(dist: Any, rows: Tensor, sizes: list[int], width: int, dtype: to
     if rows.shape[0]:
         padded[: rows.shape[0]] = rows.to(wire, dtype)
     parts = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded)
+    _timed(dist.all_gather, parts, padded, nbytes=padded.numel() * padded.element_size())
     return torch.cat([p[:n] for p, n in zip(parts, sizes)]).to(device)
 
 
@@ -96,7 +114,7 @@ def all_reduce_sum(dist: Any, tensors: dict[str, Tensor], device: torch.device) 
     out = {}
     for name in sorted(tensors):
         t = tensors[name].detach().to(wire).clone()
-        dist.all_reduce(t)
+        _timed(dist.all_reduce, t, nbytes=t.numel() * t.element_size())
         out[name] = t.to(tensors[name].device)
     return out
 
