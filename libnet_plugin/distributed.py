@@ -15,8 +15,9 @@ sampling over all ranks' positions, so every rank draws the sample one process w
 others at the next exchange, and every rank raises :class:`DistributedFitError` naming it (set a
 timeout on the process group for ranks that die without a word).
 
-This first step gathers every activation of a step (simple, and exact for any library plugin); gathering
-only the rows the current library does not decide is the planned refinement.
+Only the rows that the current library does not already decide travel (:func:`undecided_rows`: a row with
+a node at cosine clearly above theta is never stored by the sequential rule), with their positions; every
+rank then runs the library's own rule on them, in rank order.
 
 Example:
     >>> world() is None  # no process group in this interpreter
@@ -33,7 +34,7 @@ from torch import Tensor
 
 from .errors import LibnetError
 
-__all__ = ["STATS", "reset_stats", "DistributedFitError", "world", "exchange_sizes", "gather_rows", "all_reduce_sum", "gather_all",
+__all__ = ["STATS", "reset_stats", "undecided_rows", "DECIDED_MARGIN", "DistributedFitError", "world", "exchange_sizes", "gather_rows", "all_reduce_sum", "gather_all",
            "sum_over_ranks"]
 
 
@@ -148,3 +149,25 @@ def sum_over_ranks(tensors: dict[str, Tensor], n_local: int, device: torch.devic
     dist, rank, size = group
     sizes, _ = exchange_sizes(dist, rank, size, n_local, None if n_local else f"rank {rank} has no {what}", device)
     return all_reduce_sum(dist, tensors, device), sum(sizes)
+
+
+#: a row counts as decided only when its best cosine clears the threshold by this much, so that a
+#: borderline row is always left to the library's own (exact) rule
+DECIDED_MARGIN = 1e-4
+
+
+def undecided_rows(library: Any, haps: Tensor) -> Tensor:
+    """Positions ``LongTensor[k]`` of the rows of ``haps`` that ``library`` does not already decide.
+
+    A row is decided when some node of the library is at cosine ``>= threshold + DECIDED_MARGIN`` (float32,
+    in the library's own space): the leader rule never stores it, whatever comes before it. Libraries
+    that do not expose their nodes keep every row.
+    """
+    from .library import NodeLibrary
+
+    every = torch.arange(haps.shape[0], device=haps.device)
+    if not isinstance(library, NodeLibrary) or library.size == 0 or haps.shape[0] == 0:
+        return every
+    nodes = library.nodes
+    best = (library.transform(haps).to(nodes.device, torch.float32) @ nodes.float().T).amax(dim=1)
+    return every[(best < float(library.threshold) + DECIDED_MARGIN).to(every.device)]

@@ -185,7 +185,7 @@ def _stream_fit_distributed(probe: Any, train: Any, libraries: Mapping[str, Sequ
                             new_readout: Callable[[int], Any], group: tuple[Any, int, int], *, batch_size: int,
                             progress: bool | None, desc: str) -> StreamFit:
     """:func:`stream_fit` across the ranks of a process group (two passes; no activation cache)."""
-    from .distributed import all_reduce_sum, exchange_sizes, gather_rows
+    from .distributed import all_reduce_sum, exchange_sizes, gather_rows, undecided_rows
 
     dist, rank, size = group
     layers = list(libraries)
@@ -216,12 +216,17 @@ def _stream_fit_distributed(probe: Any, train: Any, libraries: Mapping[str, Sequ
         if step == 0:
             break
         n_classes = max(n_classes, most[-1])
-        idx = torch.arange(n, n + step)
+        first = n + sum(sizes[:rank])  # this rank's first position in the (step, rank) order
         for l, width in zip(layers, most[:-1]):
             mine = res.haps[l] if res is not None else torch.zeros(0, width, device=device)
-            rows = gather_rows(dist, mine, sizes, width, torch.float32, device)
             for lib in libraries[l]:
-                lib.partial_fit(rows, idx)
+                # rows the library already decides (a node at cosine >= theta) are never stored by the
+                # sequential rule either; only the others travel, in rank order, with their positions
+                keep = undecided_rows(lib, mine)
+                counts, _ = exchange_sizes(dist, rank, size, int(keep.numel()), None, device)
+                rows = gather_rows(dist, mine[keep], counts, width, torch.float32, device)
+                pos = gather_rows(dist, (first + keep).to(torch.float64)[:, None], counts, 1, torch.float64, device)
+                lib.partial_fit(rows, pos[:, 0].round().to(torch.long).cpu())
         if res is not None:
             answers.append(res.answers.cpu())
             n_local += n_rows(xb)
