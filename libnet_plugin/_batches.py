@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["iter_batches", "is_one_shot", "progress_bar", "MultiInput", "as_inputs", "n_rows", "per_input_shape"]
+__all__ = ["iter_batches", "is_one_shot", "progress_bar", "MultiInput", "as_inputs", "input_tensors", "n_rows", "per_input_shape"]
 
 
 class MultiInput:
@@ -114,6 +114,11 @@ def as_inputs(x: Any) -> Tensor | MultiInput:
     if _is_tensors(x):
         return MultiInput(x)
     raise TypeError(f"inputs must be a Tensor, a tuple of tensors or a dict of tensors, got {type(x).__name__}")
+
+
+def input_tensors(x: Tensor | MultiInput) -> list[Tensor]:
+    """The tensors of one batch's inputs: ``[x]`` for a Tensor, every part of a :class:`MultiInput`."""
+    return x.tensors() if isinstance(x, MultiInput) else [x]
 
 
 def n_rows(x: Tensor | MultiInput) -> int:

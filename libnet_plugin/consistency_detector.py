@@ -37,13 +37,13 @@ import pluggy
 import torch
 from torch import Tensor, nn
 
-from ._batches import MultiInput, as_inputs, iter_batches, n_rows
+from ._batches import MultiInput, as_inputs, input_tensors, iter_batches, n_rows
 from .detectors.api import ConsistencyScore
 from .distributed import gather_all, world
 from .errors import LibnetError, NonFiniteError, NotFittedError, SaveFormatError, ShapeMismatchError
 from .network import LibraryNetwork
 from .plugins import make_detector
-from .probe import ProbeResult, check_finite
+from .probe import ProbeResult, check_inputs_finite
 from .serialization import load_checked, save_atomic
 
 __all__ = ["ConsistencyDetector", "DetectorGuard", "GuardOutput", "ModelChangedError", "model_fingerprint"]
@@ -113,6 +113,11 @@ def _fingerprint_diff(saved: Sequence[Sequence[Any]], now: Sequence[Sequence[Any
     return None
 
 
+def _conformal_rank(n: int, fpr: float) -> int:
+    """1-based rank of the threshold among ``n`` sorted clean scores: ``ceil((n + 1)(1 - fpr))``."""
+    return math.ceil((n + 1) * (1.0 - fpr))
+
+
 def _check_fpr(fpr: Any) -> float:
     if isinstance(fpr, bool) or not isinstance(fpr, (int, float)) or not (0.0 < float(fpr) < 1.0):
         raise ValueError(f"fpr must be a number in the open interval (0, 1), got {fpr!r}")
@@ -121,7 +126,7 @@ def _check_fpr(fpr: Any) -> float:
 
 def _finite_rows(x: Tensor | MultiInput) -> Tensor | None:
     """``BoolTensor[B]``: rows whose floating inputs are all finite; ``None`` when no input is floating."""
-    floats = [t for t in (x.tensors() if isinstance(x, MultiInput) else [x]) if t.is_floating_point()]
+    floats = [t for t in input_tensors(x) if t.is_floating_point()]
     if not floats:
         return None
     rows = [torch.isfinite(t).reshape(t.shape[0], -1 if t.shape[0] else 0).all(dim=1) for t in floats]
@@ -332,12 +337,11 @@ class ConsistencyDetector:
         for x, _ in iter_batches(clean, self.net.batch_size):
             if n_rows(x) == 0:
                 continue
-            for t in (x.tensors() if isinstance(x, MultiInput) else [x]):
-                check_finite(t, "a clean calibration batch")
+            check_inputs_finite(x, "a clean calibration batch")
             r = self.net.run(x)
             parts.append(self.scorer.features(self.net, r) if self.scorer.fuses else self.scorer.score(self.net, r))
         local = torch.cat(parts) if parts else torch.empty(0)
-        if world() is None:
+        if world() is None:  # gather_all would refuse an empty local part; calibrate_on says what is wrong
             return local
         return gather_all(local, self.net.device, "clean calibration inputs")  # every rank's, in rank order
 
@@ -345,7 +349,7 @@ class ConsistencyDetector:
         """Set the threshold (and a fused score's clean reference) from :meth:`calibration_data`'s output."""
         fpr = _check_fpr(fpr)
         n = int(data.shape[0])
-        rank = math.ceil((n + 1) * (1.0 - fpr))
+        rank = _conformal_rank(n, fpr)
         if n == 0 or rank > n:
             need = math.ceil(1.0 / fpr) - 1 if n else 1
             raise ValueError(f"calibrate needs at least {max(need, 2)} clean inputs for fpr={fpr:g} (the threshold is "
@@ -391,8 +395,7 @@ class ConsistencyDetector:
         if finite is None or bool(finite.all()):
             return self._run_and_score(x, want_outputs)
         if self.on_nonfinite == "raise":
-            for t in (x.tensors() if isinstance(x, MultiInput) else [x]):
-                check_finite(t, "the input batch")
+            check_inputs_finite(x)
         # on_nonfinite="flag": score inf, output NaN, and the model never sees those rows
         scores = torch.full((n_rows(x),), float("inf"), device=self.net.device)
         outputs = (torch.full((n_rows(x), self.net.n_classes_), float("nan"), device=self.net.device)
@@ -540,7 +543,9 @@ class ConsistencyDetector:
                 problem = f"{n} calibration inputs are recorded but the scores have shape {list(scores.shape)}"
             elif not bool(torch.isfinite(scores).all()) or bool((scores[1:] < scores[:-1]).any()):
                 problem = "the calibration scores are not finite and sorted"
-            elif float(torch.tensor(threshold, dtype=torch.float32)) != float(scores[math.ceil((n + 1) * (1 - fpr)) - 1]):
+            elif _conformal_rank(n, fpr) > n:
+                problem = f"{n} calibration inputs are too few for the recorded FPR {fpr}"
+            elif float(torch.tensor(threshold, dtype=torch.float32)) != float(scores[_conformal_rank(n, fpr) - 1]):
                 problem = f"the threshold {threshold!r} is not the conformal quantile of the saved calibration scores"
             if problem is not None:
                 raise SaveFormatError(f"{str(path)!r} was modified or corrupted: {problem}")
@@ -578,9 +583,7 @@ class DetectorGuard(nn.Module):
             raise TypeError("call the guarded model with positional inputs or with keyword inputs, not both")
         if kwargs:
             return self.detector.score_and_output(MultiInput(kwargs))
-        if len(args) == 1:
-            return self.detector.score_and_output(as_inputs(args[0]))
-        return self.detector.score_and_output(MultiInput(args))
+        return self.detector.score_and_output(args[0] if len(args) == 1 else MultiInput(args))
 
     def extra_repr(self) -> str:
         d = self.detector

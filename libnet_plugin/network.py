@@ -326,7 +326,8 @@ class LibraryNetwork:
         self.auto_thresholds = dict(auto_thresholds or {}) if isinstance(thresholds, str) and thresholds == "auto" else None
         # the hyperparameter as given; checked now so that a bad value fails before any pass over data
         self.thresholds = dict(thresholds) if isinstance(thresholds, Mapping) else thresholds
-        self._given_thresholds = None if self.auto_thresholds is not None else self._resolve_thresholds(thresholds, layers)
+        if self.auto_thresholds is None:
+            self._resolve_thresholds(thresholds, layers)
         self.top_k = int(top_k)
         self.device = _resolve_device(device, model)
         self.library = library
@@ -430,7 +431,7 @@ class LibraryNetwork:
             thetas, report = choose_thresholds(self.probe, train, self.new_library, layers=self.layers,
                                                batch_size=self.batch_size, **self.auto_thresholds)
         else:
-            thetas, report = dict(self._given_thresholds), None
+            thetas, report = self._resolve_thresholds(self.thresholds, self.layers), None
         libraries = {l: self.new_library(l, thetas[l]) for l in self.layers}
         fitted = stream_fit(self.probe, train, {l: [lib] for l, lib in libraries.items()}, self._new_readout,
                             batch_size=self.batch_size, cache_bytes=self.cache_bytes, progress=progress)

@@ -16,10 +16,10 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from ._batches import MultiInput
+from ._batches import MultiInput, input_tensors
 from .errors import LayerNotFoundError, NonFiniteError
 
-__all__ = ["ProbeResult", "LayerProbe", "ConfigurableProbe", "TorchLayerProbe", "eval_mode", "model_float_dtype", "check_finite", "unknown_layer_message", "model_device",
+__all__ = ["ProbeResult", "LayerProbe", "ConfigurableProbe", "TorchLayerProbe", "eval_mode", "model_float_dtype", "check_inputs_finite", "check_finite", "unknown_layer_message", "model_device",
            "class_scores", "flatten_activations"]
 
 
@@ -115,6 +115,13 @@ class ConfigurableProbe(LayerProbe, Protocol):
     def config(self) -> dict[str, Any]: ...
 
     def restore(self, config: Mapping[str, Any]) -> None: ...
+
+
+def check_inputs_finite(x: Tensor | MultiInput, what: str = "the input batch") -> None:
+    """:func:`check_finite` on every floating tensor of a batch's inputs (integer ids are left alone)."""
+    for t in input_tensors(x):
+        if t.is_floating_point():
+            check_finite(t, what)
 
 
 def check_finite(t: Tensor, what: str) -> None:
@@ -291,14 +298,15 @@ class TorchLayerProbe:
         dtype = model_float_dtype(self.model)
 
         def prepare(t: Tensor) -> Tensor:  # floating inputs take the model's dtype; integer ids stay as they are
-            if t.is_meta:
-                raise ValueError(f"the input batch of shape {list(t.shape)} is on the 'meta' device and holds no "
-                                 "values; pass real data")
             if t.is_floating_point():
-                check_finite(t, "the input batch")
                 return t.to(device, dtype if dtype is not None else t.dtype)
             return t.to(device)
 
+        for t in input_tensors(x):
+            if t.is_meta:
+                raise ValueError(f"the input batch of shape {list(t.shape)} is on the 'meta' device and holds no "
+                                 "values; pass real data")
+        check_inputs_finite(x)
         x = x.map(prepare) if isinstance(x, MultiInput) else prepare(x)
         outputs, captured, overwritten = self._forward(x, grad)
         if overwritten:

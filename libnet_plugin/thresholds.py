@@ -94,9 +94,7 @@ def reservoir_sample(data: Any, n: int, seed: int = 0,
             elif tuple(x.shape[1:]) != tuple(buf.shape[1:]):
                 raise ValueError(f"training batches have per-input shapes {tuple(buf.shape[1:])} and "
                                  f"{tuple(x.shape[1:])}")
-        pos = np.arange(seen, seen + b)
-        # Algorithm R: input t (0-based) replaces slot j ~ U{0..t} when j < n (always placed while t < n).
-        slots = np.where(pos < n, pos, (rng.random(b) * (pos + 1)).astype(np.int64))
+        pos, slots = _reservoir_slots(rng, seen, b, n)
         for i in np.flatnonzero(slots < n):  # in order, so a later input overwrites an earlier one
             if isinstance(x, MultiInput):
                 rows[slots[i]] = x[int(i):int(i) + 1]
@@ -163,6 +161,16 @@ def _target_size(target: Any, n_total: int, layer: str) -> int:
                      f"number of nodes >= 1 (an int), got {target!r}")
 
 
+def _reservoir_slots(rng: np.random.Generator, seen: int, b: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Algorithm R for the ``b`` inputs at stream positions ``seen..seen+b-1``: ``(positions, slots)``.
+
+    Input t (0-based) replaces slot j ~ U{0..t} when j < n (always placed while t < n); the draws depend
+    only on the positions, which is what lets every rank of a distributed fit replay them.
+    """
+    pos = np.arange(seen, seen + b)
+    return pos, np.where(pos < n, pos, (rng.random(b) * (pos + 1)).astype(np.int64))
+
+
 def _reservoir_sample_distributed(data: Any, n: int, seed: int, batch_size: int,
                                   group: tuple[Any, int, int]) -> tuple[Tensor, Tensor, int]:
     """:func:`reservoir_sample` of the ranks' shards taken in (step, rank) order, the same on every rank.
@@ -195,8 +203,7 @@ def _reservoir_sample_distributed(data: Any, n: int, seed: int, batch_size: int,
         for r, b in enumerate(sizes):
             if b == 0:
                 continue
-            pos = np.arange(seen, seen + b)
-            slots = np.where(pos < n, pos, (rng.random(b) * (pos + 1)).astype(np.int64))
+            pos, slots = _reservoir_slots(rng, seen, b, n)
             for i in np.flatnonzero(slots < n):
                 if r == rank:
                     assert buf is not None and isinstance(x, Tensor)

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from libnet_plugin._batches import MultiInput, n_rows
 from libnet_plugin.errors import ShapeMismatchError
-from libnet_plugin.probe import ProbeResult, check_finite
+from libnet_plugin.probe import ProbeResult, check_inputs_finite
 
 from .errors import InputTypeError, OnnxModelError
 from .graph import LayerInfo, OnnxGraph, TensorSpec, is_inference_session
@@ -134,8 +134,8 @@ class OnnxModel:
         ``probabilities``; with a ZipMap its scores are a sequence of maps, which no tensor can hold.
         """
         reasons = []
-        for name in self.graph.outputs:
-            vi = self.graph.model.graph.output[self.graph.outputs.index(name)]
+        for vi in self.graph.model.graph.output:
+            name = vi.name
             if not vi.type.HasField("tensor_type"):
                 kind = vi.type.WhichOneof("value")
                 reasons.append(f"{name!r} is a {kind} (" + ("a ZipMap: one dict per input" if kind == "sequence_type"
@@ -386,9 +386,7 @@ class OnnxLayerProbe:
         """
         if not isinstance(x, (Tensor, MultiInput)):
             raise TypeError(f"inputs must be a torch.Tensor (or a MultiInput of several), got {type(x).__name__}")
-        for t in (x.tensors() if isinstance(x, MultiInput) else [x]):
-            if t.is_floating_point():
-                check_finite(t, "the input batch")
+        check_inputs_finite(x)
         feed = self._feed(x)
         b = n_rows(x)
         if self.fixed_batch is not None and b != self.fixed_batch:
