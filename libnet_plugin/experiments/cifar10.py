@@ -9,7 +9,11 @@ What it does (docs/method.md sections 7-10):
 2. Reads CIFAR-10 from the python batches (no torchvision), loads the weights (the public
    ``pytorch_resnet_cifar10`` ``state_dict`` format, ``module.`` prefixes accepted) or, with
    ``--train-epochs N`` and no weights, trains the ResNet-44 with the standard recipe
-   (:mod:`libnet_plugin.experiments.training`) and caches the weights.
+   (:mod:`libnet_plugin.experiments.training`) and caches the weights in ``--cache-dir`` (default
+   ``.cache`` in the current folder, as for ``libnet reproduce mnist``; a second run with the same data
+   and recipe reuses them). The cache must lie outside ``--out``, which a run replaces as a whole;
+   weights that an older version cached inside the run folder (``OUT/cache``) are copied into the cache
+   before the run, with a line in the log, so that replacing the folder does not lose them.
 3. Fits, in two streamed passes over the training images, one library and one Hebbian readout per
    threshold level of Table 1 for the five probed blocks ``conv1``, ``layer1``, ``layer2``, ``layer3``,
    ``linear`` (:func:`~libnet_plugin.experiments.sweep.fit_library_sweep`); no step ever holds the
@@ -18,6 +22,17 @@ What it does (docs/method.md sections 7-10):
    4C), CPL AUROC against epsilon for the seven threshold sets of Table 1 at ``top_k`` 20 under both
    attack protocols (Fig. 5C), the detector comparison, and the seed's published numbers beside ours,
    in ``report.json`` and ``report.md`` (written atomically).
+
+Output folder: the run is written into a fresh hidden folder beside ``--out`` and put in its place only
+when it is complete (:func:`~libnet_plugin.experiments.report.staged_output`), so a rerun replaces an
+earlier run as a whole (no stale figures or attacks) and a failed or interrupted rerun leaves the earlier
+complete run exactly as it was. ``--out`` must be new, empty or an earlier run's folder; a folder holding
+other files is refused before any work. Once the libraries are fitted, their sizes and agreement are
+written to ``<out>.partial-report.json`` beside ``--out`` (e.g. ``runs/cifar10.partial-report.json``):
+a run that then fails records ``"status": "failed"`` and the error there (a killed run leaves it at
+``"libraries done; attacks running"``); a complete run removes it, and every run removes the one of an
+earlier run when it starts. A failed run leaves no empty folder: the staging folder is removed, and so
+are the folders it created for ``--out`` that stayed empty.
 
 The settings of the paper are data in this module (:data:`LAYERS`, :data:`THRESHOLD_LEVELS`,
 :data:`CPL_SETS`, :data:`PAPER_EPSILONS`, :data:`STANDARD_EPSILONS`, :data:`SEED_RESULTS`), and the
@@ -50,6 +65,7 @@ import torch
 from torch import Tensor
 
 from ..errors import LibnetError
+from ..serialization import atomic_write_bytes
 from .comparison import detector_comparison
 from .data import CIFAR10_FILES, CIFAR_MEAN, CIFAR_STD, check_cifar10_dir, load_cifar10
 from .models import ResNet44, StateDictMismatchError, load_state_dict_checked
@@ -66,10 +82,13 @@ from .protocols import (
 from .report import (
     ExperimentError,
     StageTimer,
-    ensure_writable_dir,
+    check_run_folder,
     environment_info,
     markdown_table,
+    relocate,
     resolve_device,
+    staged_output,
+    to_jsonable,
     write_json_atomic,
     write_text_atomic,
 )
@@ -97,6 +116,7 @@ __all__ = [
     "resolve_device",
     "check_data_dir",
     "check_weights",
+    "partial_report_path",
     "reproduce_cifar10",
     "render_markdown",
     "add_arguments",
@@ -374,6 +394,20 @@ def _seed_columns(layer: str, theta: float) -> dict[str, Any]:
             "seed_top1_agreement": seed["top1_agreement"] if seed else None}
 
 
+def partial_report_path(out_dir: str | os.PathLike) -> Path:
+    """Where a run into ``out_dir`` that has not completed keeps its partial report.
+
+    The file lies beside the output folder, not in it (the folder holds only complete runs):
+    ``runs/cifar10`` -> ``runs/cifar10.partial-report.json``.
+
+    Example:
+        >>> partial_report_path("/tmp/runs/cifar10").name
+        'cifar10.partial-report.json'
+    """
+    final = Path(out_dir).expanduser().absolute()
+    return final.parent / f"{final.name}.partial-report.json"
+
+
 def reproduce_cifar10(
     model: torch.nn.Module,
     x_train: Tensor,
@@ -390,6 +424,12 @@ def reproduce_cifar10(
 ) -> dict[str, Any]:
     """Run the CIFAR-10 experiments on a loaded model and data; write and return the report.
 
+    The run is written into a fresh hidden folder beside ``out_dir`` and swapped in only when it is
+    complete (:func:`~libnet_plugin.experiments.report.staged_output`): a failed or interrupted run leaves
+    an earlier run in ``out_dir`` exactly as it was, and no staging or empty folder. Once the libraries are
+    fitted, a partial report goes to :func:`partial_report_path` (beside ``out_dir``); a failure then
+    rewrites it with ``"status": "failed"`` and ``"error"``, and a complete run removes it.
+
     Args:
         model: a :class:`~libnet_plugin.experiments.models.ResNet44` taking *normalised* input (``normalize=False``,
             the seed's convention), on ``device``, in eval mode.
@@ -398,19 +438,84 @@ def reproduce_cifar10(
         x_test, y_test: test pixels and labels, already cut to ``settings.n_test``.
         settings: the run's settings (validated here).
         device: where the model runs and the libraries live.
-        out_dir: folder for ``report.json``, ``report.md``, ``attacks.safetensors`` and figures.
+        out_dir: folder for ``report.json``, ``report.md``, ``attacks.safetensors`` and figures: new, empty
+            or an earlier run's (it is replaced as a whole).
         y_train: labels of ``x_train``, offered to the detector comparison (the libraries never use them).
         progress: tqdm bars (``None``: only on a terminal).
         log: where to print one line per stage (``None``: silent).
         extra: entries added to the report's ``"run"`` section (data and weights provenance).
 
     Returns:
-        The report (as written to ``report.json``, before JSON conversion).
+        The report, as written to ``report.json`` (JSON types; paths name ``out_dir``, not the staging folder).
+
+    Raises:
+        ExperimentError: bad settings, or ``out_dir`` holds files that are not an earlier run's (or holds the
+            current folder); both before any work.
     """
     settings.validate()
-    out = ensure_writable_dir(out_dir)
-    for stale in ("report.json", "report.md"):  # a failed run must not leave an older run's report beside its own
-        (out / stale).unlink(missing_ok=True)
+    created = _missing_folders(Path(out_dir).expanduser().absolute().parent)
+    final = check_run_folder(out_dir)
+    partial = partial_report_path(final)
+    partial.unlink(missing_ok=True)  # a partial report always belongs to the latest run
+    holder: dict[str, Any] = {}
+    try:
+        with staged_output(final) as stage:
+            report = _run_pipeline(model, x_train, x_test, y_test, settings, device=device, stage=stage,
+                                   final=final, partial=partial, holder=holder, y_train=y_train,
+                                   progress=progress, log=log, extra=extra)
+    except BaseException as exc:
+        if "report" in holder:  # the libraries were done: keep what is known, and why the run stopped
+            _record_failure(holder, exc, partial, log)
+        _remove_empty(created)
+        raise
+    partial.unlink(missing_ok=True)
+    return report
+
+
+def _record_failure(holder: dict[str, Any], exc: BaseException, partial: Path,
+                    log: Callable[[str], None] | None) -> None:
+    """Rewrite the partial report with ``"status": "failed"`` and the error (best effort: never masks ``exc``)."""
+    failed = {**holder["report"], "status": "failed", "error": f"{type(exc).__name__}: {exc}",
+              "timings": holder["timer"].as_dict()}
+    try:
+        write_json_atomic(partial, failed)
+    except (OSError, TypeError, ValueError) as write_exc:
+        if log:
+            log(f"could not write the partial report {str(partial)!r}: {write_exc}")
+        return
+    if log:
+        log(f"the run did not complete ({type(exc).__name__}); the output folder {str(holder['final'])!r} is as "
+            f"it was before the run; the libraries' sizes and agreement are in {str(partial)!r}")
+
+
+def _missing_folders(path: Path) -> list[Path]:
+    """``path`` and its ancestors that do not exist yet, deepest first (folders a run would create)."""
+    missing = []
+    for p in (path, *path.parents):
+        if p.exists():
+            break
+        missing.append(p)
+    return missing
+
+
+def _remove_empty(folders: Sequence[Path]) -> None:
+    """Remove those of ``folders`` (deepest first) that are empty; the others stay."""
+    for p in folders:
+        try:
+            p.rmdir()
+        except OSError:
+            return
+
+
+def _run_pipeline(model: torch.nn.Module, x_train: Tensor, x_test: Tensor, y_test: Tensor, settings: Cifar10Settings,
+                  *, device: torch.device, stage: Path, final: Path, partial: Path, holder: dict[str, Any],
+                  y_train: Tensor | None, progress: bool | None, log: Callable[[str], None] | None,
+                  extra: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The stages of :func:`reproduce_cifar10`, writing into the staging folder ``stage``.
+
+    ``holder`` receives the partial report once the libraries are done (for :func:`_record_failure`).
+    """
+    out = stage
     timer = StageTimer(log)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -445,7 +550,8 @@ def reproduce_cifar10(
         "libraries": {"sizes": sweep.sizes(), "agreement": table, "top_k": settings.top_k_agreement},
         "seed": SEED_RESULTS,
     }
-    write_json_atomic(out / "report.json", report)  # a partial report survives a failure in the attacks
+    holder.update(report=relocate(to_jsonable(report), stage, final), timer=timer, final=final)
+    write_json_atomic(partial, holder["report"])  # beside the run folder: it survives a failed or killed run
 
     detection: dict[str, Any] = {}
     attack_sets = []
@@ -497,8 +603,11 @@ def reproduce_cifar10(
         "timings": timer.as_dict(),
         "environment": environment_info(),
     })
-    write_json_atomic(out / "report.json", report)
+    report = relocate(to_jsonable(report), stage, final)  # paths name the folder the run is swapped into
+    if detectors and detectors.get("available") and (out / "detectors.json").is_file():
+        write_json_atomic(out / "detectors.json", report["detectors"]["table"])  # its file paths, too
     write_text_atomic(out / "report.md", render_markdown(report))
+    write_json_atomic(out / "report.json", report)  # last: its presence means the run completed
     return report
 
 
@@ -704,7 +813,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--train-schedule", choices=("step", "cosine"), default="step",
                    help="learning-rate schedule for --train-epochs (default: step, /10 at 50%% and 75%%)")
     g.add_argument("--train-seed", type=int, default=0, help="seed of the training run (default 0)")
-    g.add_argument("--cache-dir", metavar="DIR", help="where trained weights are cached (default: OUT/cache)")
+    g.add_argument("--cache-dir", default=".cache", metavar="DIR",
+                   help="where --train-epochs caches the trained weights (default: %(default)s in the current "
+                        "folder, as for reproduce mnist); it must lie outside --out, which a run replaces as a "
+                        "whole. Weights an older version cached in OUT/cache are copied here first")
     g.add_argument("--device", default="auto",
                    help="auto (CUDA if available, else CPU with a warning), cpu, cuda or cuda:N (default auto)")
     r = parser.add_argument_group("run size")
@@ -727,7 +839,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--seed", type=int, default=1, help="seed of the PGD random start (default 1, as the seed)")
     o = parser.add_argument_group("output")
     o.add_argument("--out", default=os.path.join("runs", "cifar10"), metavar="DIR",
-                   help="output folder for report.json, report.md, figures (default runs/cifar10)")
+                   help="output folder for report.json, report.md, figures (default runs/cifar10): new, empty "
+                        "or an earlier run's, which is replaced only when the new run completes; a run that "
+                        "fails after the libraries leaves its partial report in OUT.partial-report.json")
     o.add_argument("--no-detectors", action="store_true", help="skip the detector comparison")
     o.add_argument("--no-plots", action="store_true", help="skip the figures")
     o.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -753,9 +867,76 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _check_outside(final: Path, paths: Mapping[str, Path | None]) -> None:
+    """Refuse an input (``{option: path}``) that lies inside the run folder, which a run replaces as a whole."""
+    root = final.resolve()
+    for option, path in paths.items():
+        if path is None:
+            continue
+        p = path.expanduser().resolve()
+        if p == root or root in p.parents:
+            raise ExperimentError(f"{option} {str(path)!r} lies inside the output folder {str(final)!r}, which a "
+                                  "run replaces as a whole when it completes; move it out of there (the weight "
+                                  "cache's default is .cache in the current folder) or choose another --out")
+
+
+def _check_out(out_dir: str | os.PathLike, cache: Path) -> Path:
+    """:func:`~libnet_plugin.experiments.report.check_run_folder`, with a hint for a folder that holds only
+    the weights an older version cached in ``OUT/cache`` (a run that stopped before its report)."""
+    try:
+        return check_run_folder(out_dir)
+    except ExperimentError as exc:
+        old = Path(out_dir).expanduser().absolute() / "cache"
+        weights = sorted(old.glob("resnet44_*.pt")) if old.is_dir() else []
+        if not weights:
+            raise
+        raise ExperimentError(f"{exc}. It holds weights an older version cached there ({str(weights[0])!r}"
+                              f"{f' and {len(weights) - 1} more' if len(weights) > 1 else ''}): the cache now "
+                              f"lives outside --out, so move them into --cache-dir {str(cache)!r} and rerun"
+                              ) from exc
+
+
+def _migrate_old_cache(final: Path, cache: Path, log: Callable[[str], None]) -> list[Path]:
+    """Copy the weights an older version cached in ``final/cache`` into ``cache``; return the copies made.
+
+    Runs used to keep their trained weights inside the run folder; a run now replaces that folder as a
+    whole, so the weights are copied out first (atomically; a file already in ``cache`` is kept), and
+    each copy is logged. The earlier run folder is not changed.
+
+    Raises:
+        ExperimentError: a file could not be copied (the message names it); nothing has been replaced yet.
+    """
+    old = final / "cache"
+    if not old.is_dir():
+        return []
+    copied = []
+    for src in sorted(old.glob("resnet44_*.pt")):
+        dest = cache / src.name
+        if dest.is_file():
+            log(f"the earlier run's cached weights {str(src)!r} are also in {str(cache)!r}; that copy is used")
+            continue
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(dest, src.read_bytes())
+        except OSError as exc:
+            raise ExperimentError(f"cannot copy the cached weights {str(src)!r} out of the earlier run folder "
+                                  f"into --cache-dir {str(cache)!r} ({exc.strerror or exc}); a run replaces "
+                                  f"{str(final)!r} as a whole, so copy them yourself or give another "
+                                  "--cache-dir") from exc
+        log(f"copied the cached weights {str(src)!r} of the earlier run into {str(dest)!r}: the weight cache now "
+            "lives outside --out, which this run replaces when it completes")
+        copied.append(dest)
+    return copied
+
+
 def run(args: argparse.Namespace) -> int:
-    """Run ``libnet reproduce cifar10``; return the exit status (0 ok, 2 bad input, 1 failed run)."""
+    """Run ``libnet reproduce cifar10``; return the exit status (0 ok, 2 bad input, 1 failed run).
+
+    Every input and the output folder are checked first (exit 2 before any work); a failed run (exit 1, or
+    an exception) leaves an earlier run in ``--out`` as it was and no empty folder (see the module docstring).
+    """
     prog = "libnet reproduce cifar10"
+    created = _missing_folders(Path(args.out).expanduser().absolute().parent)
     try:
         settings = settings_from_args(args)
         device, warning = resolve_device(args.device)
@@ -764,8 +945,13 @@ def run(args: argparse.Namespace) -> int:
             raise ExperimentError("give --weights FILE (ResNet44 weights) or --train-epochs N (train them here; "
                                   "for GPU machines)")
         state = check_weights(args.weights) if args.weights is not None else None
-        out = ensure_writable_dir(args.out)
+        cache = Path(args.cache_dir).expanduser()
+        out = _check_out(args.out, cache)  # the run is staged beside it and swapped in when complete
+        _check_outside(out, {"--cache-dir": cache, "--data-dir": data_dir,
+                             "--weights": Path(args.weights) if args.weights is not None else None})
+        _migrate_old_cache(out, cache, _log)
     except (LibnetError, OSError) as exc:
+        _remove_empty(created)
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     if warning:
@@ -783,7 +969,6 @@ def run(args: argparse.Namespace) -> int:
             from .training import TrainConfig, load_or_train_resnet44
 
             cfg = TrainConfig(epochs=args.train_epochs, schedule=args.train_schedule, seed=args.train_seed)
-            cache = Path(args.cache_dir).expanduser() if args.cache_dir else out / "cache"
             _log(f"training ResNet44 for {cfg.epochs} epochs on {x_train.shape[0]} images on {device} "
                  f"(cache: {str(cache)!r})")
             net, path, info = load_or_train_resnet44(x_train, y_train, cfg, cache, x_test=x_test, y_test=y_test,
@@ -800,8 +985,12 @@ def run(args: argparse.Namespace) -> int:
                                    device=device, out_dir=out, y_train=y_train[:n_train], progress=args.progress,
                                    log=_log, extra=extra)
     except LibnetError as exc:
+        _remove_empty(created)
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
+    except BaseException:
+        _remove_empty(created)
+        raise
     _log(f"report: {str(out / 'report.md')!r} and {str(out / 'report.json')!r} "
          f"({report['timings']['total']:.0f} s)")
     return 0

@@ -1,11 +1,15 @@
 """``libnet reproduce cifar10``: bad input is refused before any long work, with useful messages; the
 paper's settings are encoded as Table 1 states them; the ResNet-44 training recipe (augmentation,
-schedule, weight cache) behaves as documented."""
+schedule, weight cache) behaves as documented; a run is staged and swapped into ``--out`` only when
+complete, keeps its weight cache outside it, and a failed run leaves the earlier run and no empty folder."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -339,3 +343,198 @@ def test_detector_comparison_gets_the_network_the_attacks_and_seeded_noise(monke
     noise = kw["ood_sets"]["uniform noise"]
     assert noise.shape == (4, 3, 32, 32) and 0 <= float(noise.min()) and float(noise.max()) <= 1
     assert torch.equal(noise, kw2["ood_sets"]["uniform noise"])  # seeded: the same images every run
+
+
+# ------------------------------------------------------------------------------------ output folder
+
+FAST = ["--device", "cpu", "--n-train", "4", "--protocols", "paper", "--paper-epsilons", "0.1", "--n-paper", "2", "--attack-steps", "1",
+        "--no-plots", "--no-detectors", "--no-progress"]
+
+
+def _files(folder):
+    """``{relative path: bytes}`` of every file under ``folder`` (hidden ones included)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _light_pipeline(monkeypatch):
+    """Replace the experiment's stages (not the staging, the checks or the training) by a one-line report."""
+    from libnet_plugin.experiments.report import write_json_atomic
+
+    def stages(model, x_train, x_test, y_test, settings, *, stage, extra, **kwargs):
+        report = {"experiment": "cifar10", "status": "complete", "run": dict(extra), "timings": {"total": 0.0}}
+        (stage / "fig4a_library_sizes.png").write_bytes(b"a figure")
+        (stage / "report.md").write_text("# a report\n")
+        write_json_atomic(stage / "report.json", report)
+        return report
+
+    monkeypatch.setattr(cifar10, "_run_pipeline", stages, raising=False)  # (absent before staging: then a full run)
+
+
+@pytest.fixture(scope="module")
+def complete_run(tmp_path_factory):
+    """The folder of an earlier complete run, as a run leaves it (copy it before changing it)."""
+    out = tmp_path_factory.mktemp("complete") / "cifar10"
+    out.mkdir()
+    (out / ".libnet-run").write_text("a libnet-plugin run folder\n")
+    (out / "report.json").write_text(json.dumps({"experiment": "cifar10", "status": "complete"}) + "\n")
+    (out / "report.md").write_text("# an earlier report\n")
+    (out / "attacks.safetensors").write_bytes(b"earlier attacks")
+    (out / "fig4a_library_sizes.png").write_bytes(b"an earlier figure")
+    return out
+
+
+def _earlier_run(complete_run, tmp_path):
+    out = tmp_path / "runs" / "cifar10"
+    shutil.copytree(complete_run, out)
+    return out
+
+
+def test_a_failed_rerun_keeps_the_earlier_run_and_puts_its_partial_report_beside_it(
+        fake_data, weights, complete_run, tmp_path, monkeypatch, capsys):
+    out = _earlier_run(complete_run, tmp_path)
+    before = _files(out)
+    assert json.loads(before["report.json"])["status"] == "complete" and "fig4a_library_sizes.png" in before
+
+    def boom(*args, **kwargs):
+        raise ExperimentError("boom in the attacks")
+
+    monkeypatch.setattr(cifar10, "generate_attack_sets", boom)
+    rc, err = _run(["--data-dir", fake_data, "--weights", weights, "--out", out, *FAST], capsys)
+    assert rc == 1 and "boom in the attacks" in err
+    assert _files(out) == before  # the earlier complete run, byte for byte
+    partial = tmp_path / "runs" / "cifar10.partial-report.json"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["cifar10", partial.name]  # no staging folder
+    failed = json.loads(partial.read_text())
+    assert failed["status"] == "failed" and "ExperimentError: boom in the attacks" in failed["error"]
+    assert set(failed["libraries"]["sizes"]) == set(cifar10.LAYERS) and "detection" not in failed
+    assert str(partial) in err and "as it was before the run" in err
+
+    # an interrupted run that stops before the libraries: the earlier run stays, the stale partial report goes
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cifar10, "fit_library_sweep", interrupted)
+    rc, err = _run(["--data-dir", fake_data, "--weights", weights, "--out", out, *FAST], capsys)
+    assert rc == 130 and "interrupted" in err  # the command line's exit status for Ctrl-C
+    assert _files(out) == before and sorted(p.name for p in out.parent.iterdir()) == ["cifar10"]
+
+
+def test_a_first_run_that_fails_leaves_no_folder(fake_data, weights, tmp_path, monkeypatch, capsys):
+    def boom(*args, **kwargs):
+        raise ExperimentError("boom in the sweep")
+
+    monkeypatch.setattr(cifar10, "fit_library_sweep", boom)
+    rc, err = _run(["--data-dir", fake_data, "--weights", weights, "--out", tmp_path / "new" / "runs" / "cifar10",
+                    *FAST], capsys)
+    assert rc == 1 and "boom in the sweep" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # neither the run folder nor the folders made for it
+
+
+def test_a_complete_rerun_replaces_the_earlier_run_whole(fake_data, weights, complete_run, tmp_path, monkeypatch,
+                                                         capsys):
+    out = _earlier_run(complete_run, tmp_path)
+    (out / "fig5c_auroc_standard.png").write_bytes(b"another earlier figure")
+    partial = out.parent / "cifar10.partial-report.json"
+    partial.write_text('{"status": "failed"}')  # left by an earlier failed run
+
+    def fake_detectors(sweep, model, settings, device, *, data, attack_sets, out_dir, log):
+        (out_dir / "detectors.json").write_text("{}")
+        return {"available": True, "protocol": "standard", "attacks": {},
+                "table": {"table_markdown": "| detector |\n|---|", "files": {"json": str(out_dir / "detectors.json")}}}
+
+    monkeypatch.setattr(cifar10, "_run_detectors", fake_detectors)
+    argv = [a for a in FAST if a != "--no-detectors"]
+    rc, err = _run(["--data-dir", fake_data, "--weights", weights, "--out", out, *argv, "--paper-epsilons", "0.2"],
+                   capsys)
+    assert rc == 0, err
+    assert sorted(p.name for p in out.parent.iterdir()) == ["cifar10"]  # no staging folder, no partial report
+    assert sorted(p.name for p in out.iterdir()) == [".libnet-run", "attacks.safetensors", "detectors.json",
+                                                     "report.json", "report.md"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "complete" and [r["epsilon"] for r in report["detection"]["paper"]["epsilons"]] == [0.2]
+    # the paths name the run folder, not the staging folder it was written in
+    assert report["detectors"]["table"]["files"]["json"] == str(out / "detectors.json")
+    assert json.loads((out / "detectors.json").read_text())["files"]["json"] == str(out / "detectors.json")
+    assert ".partial-" not in (out / "report.json").read_text()
+
+
+def _count_training(monkeypatch):
+    from libnet_plugin.experiments import training
+
+    calls = []
+    real = training.train_resnet44
+    monkeypatch.setattr(training, "train_resnet44", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    return calls
+
+
+def test_the_weight_cache_lives_outside_out_and_survives_reruns(fake_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    calls = _count_training(monkeypatch)
+    _light_pipeline(monkeypatch)
+    argv = ["--data-dir", fake_data, "--train-epochs", "1", "--out", "runs/cifar10", *FAST]
+    rc, err = _run(argv, capsys)
+    assert rc == 0, err
+    cached = sorted((tmp_path / ".cache").glob("resnet44_e1_s0_*.pt"))  # the default, as for reproduce mnist
+    assert len(cached) == 1 and calls == [1] and "trained and saved weights" in err
+    assert not (tmp_path / "runs" / "cifar10" / "cache").exists()
+    first = json.loads((tmp_path / "runs" / "cifar10" / "report.json").read_text())["run"]
+    rc, err = _run(argv, capsys)  # the rerun replaces the run folder and reuses the weights
+    assert rc == 0, err
+    assert calls == [1] and "loaded cached weights" in err
+    second = json.loads((tmp_path / "runs" / "cifar10" / "report.json").read_text())["run"]
+    assert second["training"]["cached"] == 1 and second["weights"] == first["weights"] == str(Path(".cache") /
+                                                                                               cached[0].name)
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    shutil.copy(cached[0], other)
+    rc, err = _run([*argv, "--cache-dir", other], capsys)  # --cache-dir still chooses the folder
+    assert rc == 0 and calls == [1] and f"loaded cached weights {other / cached[0].name}" in err
+
+
+def test_weights_an_older_version_cached_in_the_run_folder_are_copied_out(fake_data, complete_run, tmp_path,
+                                                                         monkeypatch, capsys):
+    from libnet_plugin.experiments.data import load_cifar10
+
+    monkeypatch.chdir(tmp_path)
+    out = _earlier_run(complete_run, tmp_path)
+    x_train, y_train, _, _ = load_cifar10(fake_data)
+    old = weights_cache_path(out / "cache", x_train, y_train, TrainConfig(epochs=1, seed=0))
+    torch.manual_seed(1)
+    save_weights(ResNet44(normalize=True), old, epochs=1, seed=0, schedule="step", n_train=10)
+    saved = old.read_bytes()
+    calls = _count_training(monkeypatch)
+    _light_pipeline(monkeypatch)
+    rc, err = _run(["--data-dir", fake_data, "--train-epochs", "1", "--out", out, *FAST], capsys)
+    assert rc == 0, err
+    assert calls == [] and "copied the cached weights" in err and str(old) in err  # not trained again
+    moved = tmp_path / ".cache" / old.name
+    assert moved.read_bytes() == saved and not (out / "cache").exists()  # the run replaced the old folder
+    assert json.loads((out / "report.json").read_text())["run"]["weights"] == str(Path(".cache") / old.name)
+
+
+def test_an_out_with_foreign_files_or_holding_the_inputs_is_refused_before_work(fake_data, weights, complete_run,
+                                                                                tmp_path, monkeypatch, capsys):
+    def no_work(*args, **kwargs):
+        raise AssertionError("the run started")
+
+    monkeypatch.setattr(cifar10, "load_cifar10", no_work)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("do not delete")
+    rc, err = _run(["--data-dir", fake_data, "--weights", weights, "--out", mine, *FAST], capsys)
+    assert rc == 2 and "not an earlier run's" in err and str(mine) in err and "Traceback" not in err
+    assert _files(mine) == {"thesis.tex": b"do not delete"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+
+    out = _earlier_run(complete_run, tmp_path)  # the cache may not lie in the folder a run replaces
+    rc, err = _run(["--data-dir", fake_data, "--train-epochs", "1", "--out", out, "--cache-dir", out / "cache", *FAST],
+                   capsys)
+    assert rc == 2 and "--cache-dir" in err and "lies inside the output folder" in err
+    assert not (out / "cache").exists()
+
+    only_cache = tmp_path / "old"  # an older version's run that stopped after training: its weights are named
+    (only_cache / "cache").mkdir(parents=True)
+    (only_cache / "cache" / "resnet44_e1_s0_abc.pt").write_bytes(b"weights")
+    rc, err = _run(["--data-dir", fake_data, "--train-epochs", "1", "--out", only_cache, *FAST], capsys)
+    assert rc == 2 and "resnet44_e1_s0_abc.pt" in err and "move them into --cache-dir" in err
+    assert _files(only_cache) == {"cache/resnet44_e1_s0_abc.pt": b"weights"}
