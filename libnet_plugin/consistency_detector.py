@@ -43,7 +43,7 @@ from .distributed import gather_all, world
 from .errors import LibnetError, NonFiniteError, NotFittedError, SaveFormatError, ShapeMismatchError
 from .network import LibraryNetwork
 from .plugins import make_detector
-from .probe import ProbeResult, check_inputs_finite
+from .probe import ProbeResult, TorchLayerProbe, check_inputs_finite
 from .serialization import load_checked, save_atomic
 
 __all__ = ["ConsistencyDetector", "DetectorGuard", "GuardOutput", "ModelChangedError", "model_fingerprint"]
@@ -417,6 +417,12 @@ class ConsistencyDetector:
     def score(self, x: Any) -> Tensor:
         """Suspicion score per input, higher = more suspicious.
 
+        Under autograd (grad enabled, ``x`` a tensor that requires grad) a :attr:`differentiable` score
+        keeps the graph: ``det.score(x).sum().backward()`` gives ``x.grad``, for adaptive attacks. The
+        value is the exact score; when that value is a step function of the activations (the conformal
+        ranks of fused scores), the gradient is the :meth:`surrogate`'s (a straight-through estimate).
+        A score that is not differentiable returns its values without a graph.
+
         Args:
             x: inputs ``[B, ...]`` (a Tensor), or any data :meth:`LibraryNetwork.fit` accepts (batches are
                 concatenated).
@@ -424,12 +430,26 @@ class ConsistencyDetector:
         Returns:
             ``Tensor[B]`` (float32) on the network's device; ``inf`` for non-finite inputs when
             ``on_nonfinite="flag"``.
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> _ = torch.manual_seed(0)
+            >>> model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3)).eval()
+            >>> det = ConsistencyDetector(model, ["0", "2"], thresholds=0.9, method="library-distance",
+            ...                           train=torch.randn(300, 8)).calibrate(torch.randn(100, 8))
+            >>> x = torch.randn(4, 8, requires_grad=True)
+            >>> det.score(x).sum().backward()
+            >>> x.grad.shape, bool(x.grad.abs().sum() > 0)
+            (torch.Size([4, 8]), True)
         """
         self._ensure_scorer()
         if self.scorer.fuses and not self.is_calibrated:
             raise NotFittedError(f"the {self.method!r} score fuses per-layer p-values against clean reference data: "
                                  "call det.calibrate(clean_data, fpr=0.05) first")
         self._check_model()
+        if isinstance(x, Tensor) and x.requires_grad and torch.is_grad_enabled() and self.differentiable:
+            return self._score_with_grad(x, exact=True)[0]
         if isinstance(x, (Tensor, MultiInput)):
             return self._score_batch(x)[0]
         parts = [self._score_batch(xb)[0] for xb, _ in iter_batches(x, self.net.batch_size) if n_rows(xb)]
@@ -439,17 +459,66 @@ class ConsistencyDetector:
 
     __call__ = score
 
+    @property
+    def differentiable(self) -> bool:
+        """Whether the score has a gradient (see :meth:`score`; ``ConsistencyScore.differentiable``)."""
+        self._ensure_scorer()
+        return bool(self.scorer.differentiable)
+
+    def surrogate(self, x: Tensor) -> Tensor:
+        """A differentiable ``Tensor[B]`` that rises with the score: the gradient :meth:`score` passes on.
+
+        For scores whose value autograd follows (``"msp"``) it equals the score; for fused scores it is the
+        sum of the per-layer features standardised on the clean calibration data. Raises ``TypeError`` for
+        a score that is not :attr:`differentiable`.
+        """
+        self._ensure_scorer()
+        if not self.differentiable:
+            raise TypeError(f"the {self.method!r} score is not differentiable; adaptive attacks need a surrogate "
+                            "of its features (libnet_plugin.experiments.adaptive)")
+        if self.scorer.fuses and not self.is_calibrated:
+            raise NotFittedError(f"the {self.method!r} surrogate standardises features on clean reference data: "
+                                 "call det.calibrate(clean_data, fpr=0.05) first")
+        self._check_model()
+        return self._score_with_grad(x, exact=False)[0]
+
+    def _score_with_grad(self, x: Tensor, exact: bool) -> tuple[Tensor, Tensor]:
+        """The score (``exact``) or the surrogate of one batch, and the model's outputs, with the graph to ``x``."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"a score with a gradient needs a torch.Tensor batch, got {type(x).__name__}")
+        self._check_shape(x)
+        check_inputs_finite(x, "an input batch scored with a gradient")
+        if not isinstance(self.net.probe, TorchLayerProbe):
+            raise TypeError(f"the {type(self.net.probe).__name__} probe does not keep the autograd graph; scores "
+                            "with a gradient need the torch probe")
+        r = self.net.probe.run(x, grad=True)
+        smooth = self.scorer.surrogate(self.net, r)
+        if not exact:
+            return smooth, r.outputs
+        value = self.scorer.score(self.net, r)
+        if not value.requires_grad:  # a step function of the activations: pass the surrogate's gradient on
+            value = value.detach().to(smooth.dtype) + (smooth - smooth.detach())
+        finite = torch.isfinite(value)
+        return torch.where(finite, value, torch.full_like(value, float("inf"))).float(), r.outputs
+
     def predict(self, x: Any) -> Tensor:
         """``BoolTensor[B]``: True where ``score(x) > threshold_`` (needs :meth:`calibrate`)."""
         self._check_calibrated()
         return self.score(x) > self.threshold_
 
     def score_and_output(self, x: Tensor | MultiInput) -> GuardOutput:
-        """The model's output, flags and scores of one batch from a single forward pass (see :meth:`guard`)."""
+        """The model's output, flags and scores of one batch from a single forward pass (see :meth:`guard`).
+
+        For an input that requires grad (grad enabled) and a :attr:`differentiable` score, the output and
+        the score keep the autograd graph, as in :meth:`score`.
+        """
         x = as_inputs(x)
         self._check_calibrated()
         self._ensure_scorer()
         self._check_model()
+        if isinstance(x, Tensor) and x.requires_grad and torch.is_grad_enabled() and self.differentiable:
+            scores, outputs = self._score_with_grad(x, exact=True)  # both keep the graph (see score)
+            return GuardOutput(output=outputs, flagged=scores.detach() > self.threshold_, score=scores)
         scores, outputs = self._score_batch(x, want_outputs=True)
         return GuardOutput(output=outputs, flagged=scores > self.threshold_, score=scores)
 

@@ -249,3 +249,60 @@ def test_cuda_detector_matches_cpu(mlp, mlp_data, method):
     assert float(diff.median()) < 1e-3 and float(diff.max()) < 1.0, diff
     out = gpu.guard()(x[:8].cuda())
     assert out.output.device.type == "cuda" and out.flagged.shape == (8,)
+
+
+# ---------------------------------------------------------------- scores with a gradient (adaptive attacks)
+
+
+def _grad_detector(method: str):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 24), torch.nn.Tanh(), torch.nn.Linear(24, 3)).eval()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(300, 6, generator=g)
+    det = lnp.ConsistencyDetector(model, ["0", "2"], thresholds=0.8, method=method, train=x)
+    return det.calibrate(torch.randn(100, 6, generator=g)), g
+
+
+@pytest.mark.parametrize("method", ["msp", "mahalanobis", "library-distance"])
+def test_score_gradient_matches_a_finite_difference(method):
+    """Under autograd the score's value is exact and its gradient is the surrogate's, which matches a
+    central finite difference (float64 inputs are cast to the model's float32, so h is not tiny)."""
+    det, g = _grad_detector(method)
+    assert det.differentiable
+    x = torch.randn(5, 6, generator=g)
+    xg = x.clone().requires_grad_(True)
+    s = det.score(xg)
+    torch.testing.assert_close(s.detach(), det.score(x))  # the value is the exact score
+    s.sum().backward()
+    h = 1e-2
+    for i, j in [(0, 0), (2, 3), (4, 5)]:
+        e = torch.zeros_like(x)
+        e[i, j] = h
+        with torch.no_grad():
+            fd = (det.surrogate(x + e)[i] - det.surrogate(x - e)[i]) / (2 * h)
+        assert float(xg.grad[i, j]) == pytest.approx(float(fd), rel=0.05, abs=1e-3)
+    if method == "msp":  # a score whose own arithmetic is smooth: the surrogate is the score
+        torch.testing.assert_close(det.surrogate(x), det.score(x))
+
+
+def test_a_score_without_gradient_says_so():
+    det, g = _grad_detector("cpl")
+    assert not det.differentiable
+    x = torch.randn(4, 6, generator=g, requires_grad=True)
+    assert not det.score(x).requires_grad  # values as usual, no graph
+    with pytest.raises(TypeError, match="not differentiable"):
+        det.surrogate(x)
+
+
+def test_guard_output_keeps_the_graph_and_nonfinite_inputs_are_refused():
+    det, g = _grad_detector("library-distance")
+    x = torch.randn(4, 6, generator=g, requires_grad=True)
+    out = det.score_and_output(x)
+    assert out.output.requires_grad and out.score.requires_grad and not out.flagged.requires_grad
+    (out.output.sum() + out.score.sum()).backward()
+    assert x.grad is not None and bool(x.grad.abs().sum() > 0)
+    bad = x.detach().clone()
+    bad[1, 2] = float("nan")
+    with pytest.raises(NonFiniteError):
+        det.score(bad.requires_grad_(True))
+    assert sum(len(m._forward_hooks) for m in det.net.probe.model.modules()) == 0

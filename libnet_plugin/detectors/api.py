@@ -89,12 +89,18 @@ class ConsistencyScore(abc.ABC):
             library memory for it; default ``False``).
         fuses: the score fuses per-feature values against clean reference data: calibration passes
             :meth:`features` of the clean inputs to :meth:`set_reference` (default ``False``).
+        differentiable: :meth:`surrogate` gives a score that autograd can differentiate with respect to
+            the activations (and so the input) when the probe keeps the graph (default ``False``: votes,
+            nearest neighbours). :meth:`ConsistencyDetector.score
+            <libnet_plugin.ConsistencyDetector.score>` then returns scores with a gradient for an input
+            that requires grad, which adaptive attacks use (docs/method.md section 15).
     """
 
     name: ClassVar[str] = ""
     requires_training_data: ClassVar[bool] = False
     uses_library: ClassVar[bool] = False
     fuses: ClassVar[bool] = False
+    differentiable: ClassVar[bool] = False
     #: set by :meth:`fit` (scores that track fitting otherwise override :meth:`check_is_fitted`)
     fitted_: bool = False
 
@@ -112,6 +118,18 @@ class ConsistencyScore(abc.ABC):
     def features(self, net: FittedNetwork, result: ProbeResult) -> Tensor:
         """Per-feature scores ``[B, F]`` (only for scores that :attr:`fuse <fuses>`)."""
         raise NotImplementedError(f"the {self.name!r} score does not fuse features")
+
+    def surrogate(self, net: FittedNetwork, result: ProbeResult) -> Tensor:
+        """A differentiable ``Tensor[B]`` that grows with :meth:`score` (only when :attr:`differentiable`).
+
+        The default is :meth:`score` itself, for scores whose arithmetic autograd follows. A score whose
+        value is a step function of the activations (conformal ranks) overrides it with a smooth
+        function that rises with it.
+        """
+        if not self.differentiable:
+            raise NotImplementedError(f"the {self.name!r} score is not differentiable (its value has no useful "
+                                      "gradient); attack it through a surrogate of its features instead")
+        return self.score(net, result)
 
     def set_reference(self, features: Tensor) -> Tensor:
         """Store clean reference features ``[N, F]``; return their fused scores (only when :attr:`fuses`)."""
@@ -203,6 +221,7 @@ class FusedLayerScore(ConsistencyScore):
 
     name: ClassVar[str] = "fused"
     fuses: ClassVar[bool] = True
+    differentiable: ClassVar[bool] = True
 
     def __init__(self, layers: Sequence[str] | None = None):
         self.layers = None if layers is None else ([layers] if isinstance(layers, str) else list(layers))
@@ -255,6 +274,16 @@ class FusedLayerScore(ConsistencyScore):
         """Fused score ``[B]`` (float32, higher = more suspicious); needs :meth:`set_reference` first."""
         self.check_is_fitted()
         return self.fusion(self.features(net, result)).float()
+
+    def surrogate(self, net: FittedNetwork, result: ProbeResult) -> Tensor:
+        """The sum over features of their values standardised on the clean reference (differentiable).
+
+        The fused score ``-sum_j log p_j`` is a step function of the features (conformal ranks), so its
+        gradient is zero almost everywhere; each ``p_j`` falls as feature ``j`` rises past the clean
+        reference, and so does this sum, whose gradient never vanishes. Needs :meth:`set_reference`.
+        """
+        self.check_is_fitted()
+        return self.fusion.standardized(self.features(net, result)).sum(dim=1).float()
 
     # -- persistence ----------------------------------------------------------------------------
     def config(self) -> dict[str, Any]:

@@ -71,6 +71,27 @@ class ConformalFusion:
         s = scores.detach().to(self._sorted.device).double()
         return (1.0 + self._count_ge(s)) / (self._sorted.shape[0] + 1.0)
 
+    def standardized(self, scores: Tensor) -> Tensor:
+        """``(s - mean) / sd`` per feature against the clean reference ``[B, F]``, keeping the autograd graph.
+
+        A non-finite feature (a class without reference nodes) becomes ``1e6`` with no gradient.
+        """
+        srt = self._sorted
+        if srt is None:
+            raise NotFittedError("no clean reference scores yet; calibrate the detector on clean data first")
+        if scores.dim() != 2 or scores.shape[1] != srt.shape[1]:
+            raise ShapeMismatchError(f"expected per-feature scores of shape [B, {srt.shape[1]}], "
+                                     f"got {tuple(scores.shape)}")
+        finite = srt.isfinite()
+        ref = torch.where(finite, srt, torch.zeros_like(srt))
+        n = finite.sum(dim=0).clamp(min=1)
+        mean = ref.sum(dim=0) / n
+        sd = (((ref - mean) * finite).pow(2).sum(dim=0) / n).sqrt().clamp(min=1e-12)
+        s = scores.to(srt.device).double()
+        ok = s.isfinite()
+        z = (torch.where(ok, s, torch.zeros_like(s)) - mean) / sd
+        return torch.where(ok, z, torch.full_like(z, 1e6))
+
     def __call__(self, scores: Tensor) -> Tensor:
         """Fisher-fused score ``-sum log p`` ``[B]`` (float64)."""
         return -torch.log(self.p_values(scores)).sum(dim=1)

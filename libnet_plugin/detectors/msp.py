@@ -28,6 +28,7 @@ class MaxSoftmaxScore(ConsistencyScore):
     """
 
     name: ClassVar[str] = "msp"
+    differentiable: ClassVar[bool] = True
 
     def __init__(self) -> None:
         self.fitted_ = False
