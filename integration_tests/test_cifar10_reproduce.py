@@ -134,14 +134,15 @@ def test_quick_run_end_to_end(stand_in, tmp_path):
 
 def test_train_epochs_trains_once_then_reuses_the_cache(stand_in, tmp_path):
     root, _, _ = stand_in
-    out = tmp_path / "out"
+    out, cache = tmp_path / "out", tmp_path / "cache"
     argv = ["reproduce", "cifar10", "--data-dir", str(root / "data"), "--train-epochs", "1", "--device", "cpu",
-            "--out", str(out), "--quick", "--protocols", "paper", "--paper-epsilons", "0.1", "--n-paper", "4",
-            "--attack-steps", "2", "--no-plots", "--no-detectors", "--no-progress"]
+            "--out", str(out), "--cache-dir", str(cache), "--quick", "--protocols", "paper", "--paper-epsilons",
+            "0.1", "--n-paper", "4", "--attack-steps", "2", "--no-plots", "--no-detectors", "--no-progress"]
     assert cli.main(argv) == 0
     first = json.loads((out / "report.json").read_text())["run"]
     assert first["training"]["cached"] == 0 and first["training"]["epochs"] == 1
-    cached = list((out / "cache").glob("resnet44_e1_s0_*.pt"))
+    assert not (out / "cache").exists()  # the cache lives outside the run folder, which a rerun replaces
+    cached = list(cache.glob("resnet44_e1_s0_*.pt"))
     assert [str(p) for p in cached] == [first["weights"]]
     assert cli.main(argv) == 0
     second = json.loads((out / "report.json").read_text())["run"]
@@ -181,14 +182,17 @@ def test_a_failure_after_the_libraries_leaves_a_partial_report(stand_in, tmp_pat
     root, _, weights = stand_in
     out = tmp_path / "out"
     out.mkdir()
+    (out / ".libnet-run").write_text("an earlier run\n")
     (out / "report.md").write_text("an older run's report")
     rc = cli.main(["reproduce", "cifar10", "--data-dir", str(root / "data"), "--weights", str(weights), "--quick",
                    "--device", "cpu", "--out", str(out), "--no-progress", "--no-plots"])
     assert rc == 1 and "error: attack stage failed" in capsys.readouterr().err
-    partial = json.loads((out / "report.json").read_text())
-    assert partial["status"].startswith("libraries done")
+    partial = json.loads(cifar10.partial_report_path(out).read_text())  # beside the run folder, not in it
+    assert partial["status"] == "failed" and "attack stage failed" in partial["error"]
     assert list(partial["libraries"]["sizes"]) == list(cifar10.LAYERS) and "detection" not in partial
-    assert not (out / "report.md").exists()
+    assert (out / "report.md").read_text() == "an older run's report"  # the earlier run is untouched
+    assert sorted(p.name for p in out.iterdir()) == [".libnet-run", "report.md"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out.partial-report.json"]  # no staging left
 
 
 def test_too_few_test_images_for_the_detector_comparison_give_a_note(stand_in, tmp_path, monkeypatch):
