@@ -48,7 +48,7 @@ Backend = Literal["auto", "torch", "advertorch"]
 
 
 @contextlib.contextmanager
-def _frozen_eval(model: nn.Module) -> Iterator[nn.Module]:
+def frozen_eval(model: nn.Module) -> Iterator[nn.Module]:
     """Eval mode and ``requires_grad=False`` on all parameters for the duration; both restored after."""
     was_training = model.training
     flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -73,7 +73,8 @@ def _loss_fn(loss: LossSpec) -> Callable[[torch.Tensor, torch.Tensor], torch.Ten
     raise ValueError(f"loss must be 'ce_sum', 'ce_mean' or a callable, got {loss!r}")
 
 
-def _finite_float(name: str, value: float, minimum: float | None = 0.0) -> float:
+def finite_float(name: str, value: float, minimum: float | None = 0.0) -> float:
+    """``value`` as a finite float of at least ``minimum`` (None: no bound); TypeError/ValueError naming it."""
     try:
         out = float(value)
     except (TypeError, ValueError):
@@ -83,7 +84,8 @@ def _finite_float(name: str, value: float, minimum: float | None = 0.0) -> float
     return out
 
 
-def _check_xy(x: torch.Tensor, y: torch.Tensor | None, need_y: bool = False) -> None:
+def check_xy(x: torch.Tensor, y: torch.Tensor | None, need_y: bool = False) -> None:
+    """Check ``x`` is a float tensor ``[N, ...]`` and ``y`` (if given, or required) an int tensor ``[N]``."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim < 2:
         raise ValueError("x must be a floating-point tensor shaped [N, ...]")
     if y is None:
@@ -97,7 +99,8 @@ def _check_xy(x: torch.Tensor, y: torch.Tensor | None, need_y: bool = False) -> 
         )
 
 
-def _check_range(x: torch.Tensor, lo: float, hi: float, what: str) -> None:
+def check_range(x: torch.Tensor, lo: float, hi: float, what: str) -> None:
+    """Raise a ValueError naming ``what`` if ``x`` has values outside ``[lo, hi]`` (1e-6 tolerance)."""
     if x.numel() and (float(x.min()) < lo - 1e-6 or float(x.max()) > hi + 1e-6):
         raise ValueError(f"{what} must lie in [{lo:g}, {hi:g}], got values in "
                          f"[{float(x.min()):.4g}, {float(x.max()):.4g}]")
@@ -118,11 +121,11 @@ def _labels_or_predictions(model: nn.Module, x: torch.Tensor, y: torch.Tensor | 
 def _check_pgd_args(x: torch.Tensor, y: torch.Tensor | None, eps: float, nb_iter: int, batch_size: int,
                     clip_min: float, clip_max: float) -> tuple[float, int, int, float, float]:
     """Validate the arguments both PGD implementations share; return them converted."""
-    _check_xy(x, y)
-    eps = _finite_float("eps", eps)
+    check_xy(x, y)
+    eps = finite_float("eps", eps)
     nb_iter = check_int(nb_iter, "nb_iter", minimum=0)
     batch_size = check_int(batch_size, "batch_size")
-    clip_min, clip_max = _finite_float("clip_min", clip_min, None), _finite_float("clip_max", clip_max, None)
+    clip_min, clip_max = finite_float("clip_min", clip_min, None), finite_float("clip_max", clip_max, None)
     if not clip_min < clip_max:
         raise ValueError(f"need clip_min < clip_max, got {clip_min} and {clip_max}")
     return eps, nb_iter, batch_size, clip_min, clip_max
@@ -227,7 +230,7 @@ def pgd_torch(
                                                                    clip_min, clip_max)
     if eps_iter is None:
         eps_iter = 2.5 * eps / max(nb_iter, 1)
-    eps_iter = _finite_float("eps_iter", eps_iter)
+    eps_iter = finite_float("eps_iter", eps_iter)
     if delta_init is not None and delta_init.shape != x.shape:
         raise ValueError(f"delta_init must have the shape of x {list(x.shape)}, "
                          f"got {list(delta_init.shape)}")
@@ -244,7 +247,7 @@ def pgd_torch(
             delta = torch.zeros_like(xb)
         return _pgd_batch(model, xb, yb, delta, eps, nb_iter, eps_iter, clip_min, clip_max, loss_fn)
 
-    with _frozen_eval(model):
+    with frozen_eval(model):
         return _attack_batches(model, x, y, batch_size, progress, "PGD (torch)", attack)
 
 
@@ -294,7 +297,7 @@ def pgd_advertorch(
     """
     eps, nb_iter, batch_size, clip_min, clip_max = _check_pgd_args(x, y, eps, nb_iter, batch_size,
                                                                    clip_min, clip_max)
-    eps_iter = _finite_float("eps_iter", eps_iter)
+    eps_iter = finite_float("eps_iter", eps_iter)
     from ._advertorch_compat import ensure_advertorch
 
     ensure_advertorch()
@@ -305,7 +308,7 @@ def pgd_advertorch(
                            clip_min=clip_min, clip_max=clip_max, targeted=False)
     devices = [x.device.index or 0] if x.is_cuda else []
     rng = torch.random.fork_rng(devices=devices) if seed is not None else contextlib.nullcontext()
-    with _frozen_eval(model), rng:
+    with frozen_eval(model), rng:
         if seed is not None:
             torch.manual_seed(int(seed))
         return _attack_batches(model, x, y, batch_size, progress, "PGD (advertorch)",
@@ -385,8 +388,8 @@ def attack_paper_protocol(
         >>> x_adv_norm = attack_paper_protocol(net, x_te[:200], y_te[:200], eps=0.3)  # doctest: +SKIP
         >>> net(x_adv_norm).argmax(1)  # doctest: +SKIP
     """
-    _check_xy(x_pixels, y, need_y=True)
-    _check_range(x_pixels, 0.0, 1.0, "x_pixels")
+    check_xy(x_pixels, y, need_y=True)
+    check_range(x_pixels, 0.0, 1.0, "x_pixels")
     if getattr(net, "normalize", False) is True:
         raise ValueError("the paper protocol attacks normalised tensors: pass a net built with "
                          "normalize=False (it expects normalised input)")
@@ -442,9 +445,9 @@ def attack_standard_protocol(
         >>> x_adv[keep].shape[0] <= x.shape[0]  # doctest: +SKIP
         True
     """
-    _check_xy(x_pixels, y, need_y=True)
-    _check_range(x_pixels, 0.0, 1.0, "x_pixels")
-    eps = _finite_float("eps", eps)
+    check_xy(x_pixels, y, need_y=True)
+    check_range(x_pixels, 0.0, 1.0, "x_pixels")
+    eps = finite_float("eps", eps)
     nb_iter = check_int(nb_iter, "nb_iter")
     y = y.to(x_pixels.device).long()
     x_adv = _run_pgd(backend, pixel_model, x_pixels, y, eps=eps, nb_iter=nb_iter,

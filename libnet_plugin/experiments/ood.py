@@ -1,0 +1,184 @@
+"""Out-of-domain input sets built offline from the test images and from data that ships with the packages.
+
+:func:`ood_sets` returns, for held-out test images ``x_test`` (``[N, C, S, S]`` in ``[0, 1]``, 1 or 3
+channels, any square size: MNIST as CIFAR-10), seven sets of ``n`` images each, in pixel space ``[0, 1]``
+and with the channels and size of ``x_test`` (or ``size``). Nothing is downloaded. The sets, in order:
+
+* ``"rotated 90"``: test images rotated by 90 degrees counter-clockwise (``torch.rot90``). Some classes
+  stay plausible (an MNIST ``0`` or ``8``), most do not.
+* ``"blurred"``: test images smoothed by a Gaussian of standard deviation ``BLUR_SIGMA * S / 28`` pixels
+  (3 px on 28x28 MNIST, where strokes merge into blobs; about 3.4 px on 32x32 CIFAR-10), replicate
+  padding. On the MNIST default a 3-epoch ``MnistNet`` still reads 64% of them (83% at 2 px, 94% at 1 px).
+* ``"inverted"``: ``1 - x`` of test images (white background, dark strokes on MNIST).
+* ``"noise-added"``: test images plus Gaussian noise of standard deviation ``NOISE_STD`` (0.3), clipped to
+  ``[0, 1]``; a near-distribution corruption (``MnistNet`` still classifies 92% of them correctly).
+* ``"uniform noise"``: independent uniform ``[0, 1]`` pixels.
+* ``"natural patches"``: random square crops of the two photographs bundled inside scikit-learn
+  (``sklearn.datasets.load_sample_images()``: ``china.jpg`` and ``flower.jpg``, 427x640 RGB, read from the
+  installed package), side drawn uniformly between ``S`` and ``4 S`` pixels (at most 427), resized to
+  ``S x S`` (bilinear, antialiased) and, for 1 channel, converted to grey with the ITU-R BT.601 weights
+  0.299, 0.587, 0.114.
+* ``"digits 8x8 upscaled"``: scikit-learn's 8x8 digits as
+  :func:`libnet_plugin.experiments.data.load_digits_upscaled` gives them (bilinear to ``S x S``),
+  replicated over the channels for 3-channel images.
+
+Each derived set (the first four) draws its own ``n`` distinct test images from ``x_test``, so the caller
+decides which images are used (pass images held out from training and calibration). All random draws come
+from one ``torch.Generator`` seeded with ``seed``: the same arguments always give the same sets.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .._validate import check_int
+from .attacks import check_range
+from .data import load_digits_upscaled
+
+__all__ = ["OOD_SET_NAMES", "BLUR_SIGMA", "NOISE_STD", "ood_sets", "gaussian_blur"]
+
+#: The names of the sets :func:`ood_sets` returns, in order.
+OOD_SET_NAMES: tuple[str, ...] = ("rotated 90", "blurred", "inverted", "noise-added", "uniform noise",
+                                  "natural patches", "digits 8x8 upscaled")
+#: Standard deviation of the ``"blurred"`` set's Gaussian, in pixels of a 28-pixel image (scaled with size).
+BLUR_SIGMA: float = 3.0
+#: Standard deviation of the Gaussian noise of the ``"noise-added"`` set, in pixel units.
+NOISE_STD: float = 0.3
+_N_DIGITS = 1797
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Blur images ``[N, C, H, W]`` channel by channel with a Gaussian of ``sigma`` pixels.
+
+    A separable kernel of radius ``ceil(3 sigma)`` (normalised to sum 1) is applied as two depthwise
+    convolutions with replicate padding, so a constant image stays constant and values stay in the input's
+    range.
+
+    Args:
+        x: images ``[N, C, H, W]`` (floating point).
+        sigma: standard deviation in pixels, > 0.
+
+    Returns:
+        The blurred images, same shape, dtype and device.
+
+    Example:
+        >>> img = torch.zeros(1, 1, 9, 9); img[0, 0, 4, 4] = 1.0
+        >>> out = gaussian_blur(img, 1.0)
+        >>> round(float(out.sum()), 4), bool(out[0, 0, 4, 4] < 1.0)
+        (1.0, True)
+    """
+    if not isinstance(x, torch.Tensor) or x.ndim != 4 or not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point tensor [N, C, H, W], got {getattr(x, 'shape', type(x))}")
+    if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
+        raise ValueError(f"sigma must be a finite number > 0, got {sigma!r}")
+    radius = max(1, math.ceil(3.0 * sigma))
+    t = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * (t / sigma) ** 2)
+    kernel = (kernel / kernel.sum()).to(dtype=x.dtype, device=x.device)
+    c = x.shape[1]
+    out = F.pad(x, (radius, radius, 0, 0), mode="replicate")
+    out = F.conv2d(out, kernel.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    out = F.pad(out, (0, 0, radius, radius), mode="replicate")
+    return F.conv2d(out, kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
+@functools.lru_cache(maxsize=1)
+def _sample_photos() -> tuple[torch.Tensor, ...]:
+    """scikit-learn's two bundled photographs as float32 ``[3, H, W]`` tensors in ``[0, 1]`` (read once)."""
+    from sklearn.datasets import load_sample_images
+
+    photos = load_sample_images().images  # china.jpg, flower.jpg: read from the installed package
+    return tuple(torch.from_numpy(np.asarray(p, dtype=np.float32) / np.float32(255.0)).permute(2, 0, 1)
+                 .contiguous() for p in photos)
+
+
+def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
+def _to_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """``[N, 3 or 1, H, W]`` to ``channels`` (1: BT.601 grey; 3 from 1: replicated)."""
+    if x.shape[1] == channels:
+        return x
+    if channels == 1:
+        weights = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype).view(1, 3, 1, 1)
+        return (x * weights).sum(dim=1, keepdim=True)
+    return x.expand(-1, channels, -1, -1).contiguous()
+
+
+def _natural_patches(n: int, size: int, channels: int, gen: torch.Generator) -> torch.Tensor:
+    photos = _sample_photos()
+    out = []
+    for _ in range(n):
+        photo = photos[int(torch.randint(len(photos), (1,), generator=gen))]
+        _, h, w = photo.shape
+        high = min(4 * size, h, w)
+        low = min(size, high)
+        side = int(torch.randint(low, high + 1, (1,), generator=gen))
+        top = int(torch.randint(h - side + 1, (1,), generator=gen))
+        left = int(torch.randint(w - side + 1, (1,), generator=gen))
+        out.append(_resize(photo[None, :, top:top + side, left:left + side], size))
+    return _to_channels(torch.cat(out), channels)
+
+
+def ood_sets(x_test: torch.Tensor, *, n: int = 500, seed: int = 0, size: int | None = None) -> dict[str, torch.Tensor]:
+    """Seven out-of-domain sets of ``n`` images each, shaped like ``x_test``'s images (see the module doc).
+
+    Args:
+        x_test: held-out test images ``[N, C, S, S]`` in ``[0, 1]``, ``C`` 1 or 3, ``N >= n``; the four
+            derived sets are made from images drawn from it.
+        n: images per set, ``1 <= n <= min(N, 1797)`` (1797 digits exist).
+        seed: seed of every random draw (which test images, noise, crops, digits).
+        size: side of the output images; default ``S`` (derived sets are then resized when it differs).
+
+    Returns:
+        ``{name: Tensor[n, C, size, size]}`` in the order of :data:`OOD_SET_NAMES`, values in ``[0, 1]``,
+        with ``x_test``'s dtype and device.
+
+    Raises:
+        ValueError: for images that are not ``[N, 1 or 3, S, S]`` in ``[0, 1]``, or ``n`` / ``size`` out
+            of range.
+
+    Example:
+        >>> sets = ood_sets(torch.rand(20, 1, 28, 28), n=10, seed=0)
+        >>> list(sets)[:3], tuple(sets["natural patches"].shape)
+        (['rotated 90', 'blurred', 'inverted'], (10, 1, 28, 28))
+    """
+    if not isinstance(x_test, torch.Tensor) or not x_test.is_floating_point() or x_test.ndim != 4:
+        raise ValueError(f"x_test must be a floating-point tensor [N, C, S, S], got "
+                         f"{list(getattr(x_test, 'shape', [])) or type(x_test).__name__}")
+    _, channels, height, width = x_test.shape
+    if channels not in (1, 3) or height != width:
+        raise ValueError(f"x_test must hold square images with 1 or 3 channels, got {list(x_test.shape[1:])}")
+    check_range(x_test, 0.0, 1.0, "x_test")
+    n = check_int(n, "n")
+    seed = check_int(seed, "seed", minimum=0)
+    side = height if size is None else check_int(size, "size")
+    if n > len(x_test) or n > _N_DIGITS:
+        raise ValueError(f"n={n} needs at least n test images (got {len(x_test)}) and at most {_N_DIGITS} "
+                         "(the scikit-learn digits); pass a smaller n")
+    gen = torch.Generator().manual_seed(seed)
+    x = x_test.detach().to(device="cpu", dtype=torch.float32)
+
+    def draw() -> torch.Tensor:
+        return _resize(x[torch.randperm(len(x), generator=gen)[:n]], side)
+
+    sets: dict[str, torch.Tensor] = {}
+    sets["rotated 90"] = torch.rot90(draw(), k=1, dims=(2, 3))
+    sets["blurred"] = gaussian_blur(draw(), BLUR_SIGMA * side / 28.0)
+    sets["inverted"] = 1.0 - draw()
+    noisy = draw()
+    sets["noise-added"] = noisy + NOISE_STD * torch.randn(noisy.shape, generator=gen)
+    sets["uniform noise"] = torch.rand((n, channels, side, side), generator=gen)
+    sets["natural patches"] = _natural_patches(n, side, channels, gen)
+    digits = load_digits_upscaled(size=side)
+    sets["digits 8x8 upscaled"] = _to_channels(digits[torch.randperm(len(digits), generator=gen)[:n]], channels)
+    return {name: sets[name].clamp_(0.0, 1.0).to(device=x_test.device, dtype=x_test.dtype)
+            for name in OOD_SET_NAMES}
