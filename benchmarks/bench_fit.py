@@ -1,0 +1,106 @@
+"""The whole fit against one dense product: library and Hebbian readout timed separately.
+
+For one set of activation patterns and threshold, in one run (interleaved turns, best of each):
+
+- ``library``: :class:`~libnet_plugin.ExactLibrary` with its defaults, fed the rows in batches (what the
+  fit's first pass does for one layer, without the model);
+- ``fit``: the whole :meth:`LibraryNetwork.fit <libnet_plugin.LibraryNetwork.fit>` (``cache_bytes=0``:
+  two streamed passes) of a model whose probed layer is an ``nn.Identity`` on the rows, followed by a
+  linear head with ``n_classes`` outputs (its argmax are the answers of Eq. 2), so the HAP is the row
+  itself and the model costs next to nothing;
+- ``matmul``: one plain ``torch`` product of all N rows with the final library (N x M x D multiply-adds).
+
+``readout`` is ``fit - library``: the second pass (model again, the [N, M] similarity, g, the product
+with the answers) plus the probe's share of the first. Ratios come from one run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from libnet_plugin import LibraryNetwork
+from libnet_plugin.library import ExactLibrary, normalize_rows
+
+from ._util import interleaved_best, sync
+
+__all__ = ["identity_model", "run_case"]
+
+
+def identity_model(dim: int, n_classes: int = 10, seed: int = 0) -> nn.Module:
+    """``nn.Sequential(nn.Identity(), nn.Linear(dim, n_classes))``: layer ``"0"`` gives the input rows."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Identity(), nn.Linear(dim, n_classes)).eval()
+
+
+def run_case(name: str, x: torch.Tensor, theta: float, device: torch.device, *, batch_size: int = 256,
+             repeat: int = 3, n_classes: int = 10, log=print) -> dict[str, Any]:
+    """Time the library alone, the whole fit and one plain product on ``x`` (rows, normalised here)."""
+    n, dim = x.shape
+    xn = normalize_rows(x.float()).to(device)
+    model = identity_model(dim, n_classes).to(device)
+    sync(device)
+    log(f"[fit:{name}] {n} x {dim}, theta {theta}, batch {batch_size}, device {device}")
+    got: dict[str, Any] = {}
+
+    def library():
+        lib = ExactLibrary(theta, device=device)
+        for i in range(0, n, batch_size):
+            lib.partial_fit(xn[i:i + batch_size])
+        got["library"] = lib
+
+    def fit():
+        got["net"] = LibraryNetwork(model, ["0"], thresholds=theta, device=device, batch_size=batch_size).fit(
+            xn, progress=False)
+
+    library()
+    nodes = got["library"].nodes.clone()
+
+    def matmul():
+        return xn @ nodes.T
+
+    import warnings
+
+    with warnings.catch_warnings():  # the growing set keeps most inputs: the fit warns about that
+        warnings.simplefilter("ignore")
+        times = interleaved_best({"library": library, "fit": fit, "matmul": matmul}, device, repeat=repeat,
+                                 warmup=0)
+    times["readout"] = times["fit"] - times["library"]
+    for k, v in times.items():
+        log(f"  {k}: {v:.3f} s")
+    net = got["net"]
+    same = net.libraries_["0"].node_indices.tolist() == got["library"].node_indices.tolist()
+    mm = times["matmul"]
+    return {"name": name, "n": n, "dim": dim, "theta": theta, "batch_size": batch_size, "nodes": nodes.shape[0],
+            "device": str(device), "seconds": times, "same_nodes": same,
+            "screen_stats": dict(got["library"].stats),
+            "ratios": {"library_over_matmul": times["library"] / mm, "readout_over_matmul": times["readout"] / mm,
+                       "fit_over_matmul": times["fit"] / mm}}
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import json
+
+    from .synthetic import CLUSTERED, GROWING, SyntheticSpec, synthetic_set
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_fit", description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--sets", default="synthetic,clustered,growing")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    specs = {"synthetic": SyntheticSpec(), "clustered": CLUSTERED, "growing": GROWING}
+    out = {}
+    for name in args.sets.split(","):
+        spec = specs[name]
+        out[name] = run_case(name, synthetic_set(spec), spec.theta, torch.device(args.device), repeat=args.repeat)
+        print(json.dumps({name: {**out[name]["ratios"], "nodes": out[name]["nodes"]}}))
+
+
+if __name__ == "__main__":
+    main()
