@@ -28,7 +28,7 @@ from ..errors import ShapeMismatchError
 from ..network import LibraryNetwork
 from ..plugins import registered_detectors
 from ..serialization import atomic_write_bytes
-from .protocols import PROTOCOLS, AttackSet, auroc, to_model_space, tpr_at_fpr
+from .protocols import PROTOCOLS, AttackSet, aupr, auroc, fpr_at_tpr, to_model_space, tpr_at_fpr
 from .report import (
     ensure_writable_dir,
     markdown_table,
@@ -241,7 +241,9 @@ def evaluate_detectors(net_or_model: Any, train: Any, clean_test: Any, attacked_
                        out_dir: str | os.PathLike | None = None, *, calibration: Any = None,
                        layers: Sequence[str] | None = None, thresholds: Any = None, fpr: float = 0.05,
                        batch_size: int = 256, fpr_splits: int = 50, plugin_manager: Any = None,
-                       log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                       log: Callable[[str], None] | None = None,
+                       attack_detector: Callable[[ConsistencyDetector, str], dict[str, Any]] | None = None,
+                       ) -> dict[str, Any]:
     """Calibrate every detector on the same clean data and score it on the same attacked / OOD sets.
 
     Args:
@@ -264,6 +266,9 @@ def evaluate_detectors(net_or_model: Any, train: Any, clean_test: Any, attacked_
             false-positive rate of the calibration is measured (:func:`calibration_check`).
         plugin_manager: where detectors are looked up (default: the network's).
         log: a function receiving progress lines (default: silent).
+        attack_detector: called as ``attack_detector(det, label)`` with each calibrated detector; what it
+            returns (JSON-able, e.g. the evasion rates of attacks that know the detector) is kept in the
+            detector's ``"attacks"`` entry.
 
     Returns:
         A JSON-able dict::
@@ -276,6 +281,7 @@ def evaluate_detectors(net_or_model: Any, train: Any, clean_test: Any, attacked_
               "detectors": {label: {
                   "method": str, "settings": dict, "library_based": bool,
                   "auroc": {set: float}, "tpr_at_fpr": {set: float},   # TPR at fpr of the clean eval set
+                  "fpr_at_95tpr": {set: float}, "aupr": {set: float},  # attacked / OOD inputs positive
                   "tpr_calibrated": {set: float},  # flagged at the calibrated threshold
                   "heldout_fpr": float,            # clean evaluation inputs flagged (n = settings.n_clean)
                   "fpr_check": {"requested", "mean", "sd", "min", "max", "n_calibration", "n_heldout",
@@ -285,7 +291,8 @@ def evaluate_detectors(net_or_model: Any, train: Any, clean_test: Any, attacked_
                   "memory_bytes": {"library": int, "detector": int, "kept": int}}},
               "rows": [ {"detector": label, "<set>": "AUROC / TPR", ..., "held-out FPR", "ms / 1000",
                          "x forward", "memory MB"} ],   # one flat row per detector, for rendering
-              "table_markdown": str,
+              "table_markdown": str,              # AUROC / TPR per set, FPR check, time, memory
+              "metric_tables": {metric: str},     # one markdown table per metric, detectors x sets
               "best_library_based": label or None,  # highest mean AUROC over the attack sets
               "files": {"json", "markdown", "roc_png"} (paths, when out_dir is given),
             }
@@ -361,7 +368,7 @@ def evaluate_detectors(net_or_model: Any, train: Any, clean_test: Any, attacked_
         entry: dict[str, Any] = {
             "method": method, "settings": settings,
             "library_based": det.scorer.uses_library,
-            "auroc": {}, "tpr_at_fpr": {}, "tpr_calibrated": {},
+            "auroc": {}, "tpr_at_fpr": {}, "tpr_calibrated": {}, "fpr_at_95tpr": {}, "aupr": {},
             "heldout_fpr": float((clean_scores > det.threshold_).float().mean()),
             "threshold": det.threshold_, "fit_s": fit_s, "ms_per_1000": ms,
             "time_ratio": ms / forward_ms if forward_ms and math.isfinite(forward_ms) else float("nan"),
@@ -376,7 +383,11 @@ def evaluate_detectors(net_or_model: Any, train: Any, clean_test: Any, attacked_
             entry["auroc"][name] = auroc(clean_scores, s)
             entry["tpr_at_fpr"][name] = tpr_at_fpr(clean_scores, s, fpr)
             entry["tpr_calibrated"][name] = float((s > det.threshold_).float().mean())
+            entry["fpr_at_95tpr"][name] = fpr_at_tpr(clean_scores, s, 0.95)
+            entry["aupr"][name] = aupr(clean_scores, s)
             curves[name][label] = _roc(clean_scores, s)
+        if attack_detector is not None:
+            entry["attacks"] = attack_detector(det, label)
         results[label] = entry
 
     attack_names = [n for n in sets if kinds[n] == "attack"]
@@ -396,13 +407,17 @@ def evaluate_detectors(net_or_model: Any, train: Any, clean_test: Any, attacked_
         rows.append(row)
     headers = list(rows[0])
     table = markdown_table(headers, [[r[h] for h in headers] for r in rows])
+    metric_tables = {
+        metric: markdown_table(["detector", *sets], [[label, *(f"{e[metric][n]:.3f}" for n in sets)]
+                                                     for label, e in results.items()])
+        for metric in ("auroc", "tpr_at_fpr", "fpr_at_95tpr", "aupr")}
     out: dict[str, Any] = {
         "settings": {"fpr": fpr, "n_train": net.n_train_, "n_calibration": int(x_cal.shape[0]),
                      "n_clean": int(x_clean.shape[0]), "layers": list(net.layers), "thresholds": net.thresholds_,
                      "library_sizes": net.library_sizes_, "batch_size": batch_size},
         "sets": {name: {"kind": kinds[name], "n": int(x.shape[0])} for name, x in sets.items()},
         "forward_ms_per_1000": forward_ms, "detectors": results, "rows": rows, "table_markdown": table,
-        "best_library_based": best, "files": {},
+        "metric_tables": metric_tables, "best_library_based": best, "files": {},
     }
     if out_dir is not None:
         d = ensure_writable_dir(out_dir)

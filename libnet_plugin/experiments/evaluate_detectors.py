@@ -50,6 +50,7 @@ from .report import (
     write_json_atomic,
     write_text_atomic,
 )
+from .threat_models import AdaptiveBudget, ThreatModels, evasion_table
 
 __all__ = ['DEFAULT_THRESHOLDS', 'add_arguments', 'run']
 
@@ -57,6 +58,9 @@ __all__ = ['DEFAULT_THRESHOLDS', 'add_arguments', 'run']
 #: The default ``--thresholds``: each layer's theta chosen so that its library holds about a quarter of
 #: the training inputs (:func:`libnet_plugin.thresholds.choose_thresholds`).
 DEFAULT_THRESHOLDS = "auto:0.25"
+
+#: Attacks on the classifier alone (they do not know the detector).
+ATTACK_FAMILIES = ("pgd", "fgsm", "cw-l2", "deepfool")
 
 def _parse_thresholds(spec: str, layers: Sequence[str]) -> tuple[Any, dict[str, Any] | None]:
     """``"S1".."S7"`` | ``"auto"`` | ``"auto:<target>"`` | four comma-separated numbers."""
@@ -100,6 +104,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", default=".cache", metavar="DIR",
                         help="cache of the embedded data and the trained weights, shared with `libnet reproduce "
                              "mnist` (default: %(default)s)")
+    parser.add_argument("--attacks", nargs="+", choices=ATTACK_FAMILIES, default=list(ATTACK_FAMILIES), metavar="NAME",
+                        help="attack families that ignore the detector: " + ", ".join(ATTACK_FAMILIES)
+                             + " (default: all)")
+    parser.add_argument("--ood", nargs="+", metavar="NAME",
+                        help="out-of-domain sets (default: all of experiments.ood.ood_sets)")
+    parser.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True,
+                        help="attack every detector with the attacks that know it (default: on)")
+    parser.add_argument("--adaptive-n", type=int, metavar="N",
+                        help="correctly classified images attacked per detector (default 64; 12 with --quick)")
+    parser.add_argument("--adaptive-steps", type=int, metavar="N", help="PGD steps per restart (default 100)")
+    parser.add_argument("--adaptive-restarts", type=int, default=1, metavar="N",
+                        help="random restarts per lambda (default: %(default)s)")
+    parser.add_argument("--adaptive-lambdas", nargs="+", type=float, default=[0.0, 1.0, 10.0], metavar="L",
+                        help="weights of the detector term (default: 0 1 10)")
+    parser.add_argument("--black-box-queries", type=int, metavar="N",
+                        help="queries of the score-only search, at the largest epsilon (default 500)")
     parser.add_argument("--quick", action="store_true",
                         help="a small run for tests: 600 training images, 1 epoch, 10-step PGD on 48 images")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -154,6 +174,36 @@ def _cached_attacks(model: torch.nn.Module, x: Tensor, y: Tensor, epsilons: Sequ
             log(f"could not cache the attacks in {str(path)!r}: {exc}")
     return out
 
+def _standard_pgd(model: torch.nn.Module, x: Tensor, y: Tensor, eps: float, nb_iter: int, seed: int) -> Tensor:
+    from .attacks import attack_standard_protocol
+
+    return attack_standard_protocol(model, x, y, eps=eps, nb_iter=nb_iter, seed=seed, backend="torch")[0]
+
+
+def _other_attacks(model: torch.nn.Module, x: Tensor, y: Tensor, epsilons: Sequence[float], families: Sequence[str],
+                   progress: bool) -> list[tuple[str, Tensor, dict[str, Any]]]:
+    """FGSM at each epsilon, CW-L2 and DeepFool (minimal perturbations, no epsilon) on the same images."""
+    from .attacks import pgd_torch
+    from .minimal_attacks import cw_l2, deepfool
+
+    out = []
+    if "fgsm" in families:
+        for eps in epsilons:
+            out.append((f"FGSM eps={eps:g}", pgd_torch(model, x, y, eps, nb_iter=1, eps_iter=eps, rand_init=False),
+                        {"epsilon": eps}))
+    if "cw-l2" in families:
+        x_adv = cw_l2(model, x, y, progress=progress)
+        out.append(("CW-L2", x_adv, {"median_l2": _median_l2(x_adv, x)}))
+    if "deepfool" in families:
+        x_adv = deepfool(model, x, y, progress=progress)
+        out.append(("DeepFool", x_adv, {"median_l2": _median_l2(x_adv, x)}))
+    return out
+
+
+def _median_l2(x_adv: Tensor, x: Tensor) -> float:
+    return float((x_adv - x).flatten(1).norm(dim=1).median())
+
+
 def _command(args: argparse.Namespace) -> str:
     """The command line that reproduces this run (options that differ from their defaults)."""
     parts = ["libnet", "evaluate-detectors"]
@@ -165,6 +215,20 @@ def _command(args: argparse.Namespace) -> str:
         parts += ["--detectors", *(repr(d) if " " in d else d for d in args.detectors)]
     if args.epsilons:
         parts += ["--epsilons", *(f"{e:g}" for e in args.epsilons)]
+    if list(args.attacks) != list(ATTACK_FAMILIES):
+        parts += ["--attacks", *args.attacks]
+    if args.ood:
+        parts += ["--ood", *(repr(o) if " " in o else o for o in args.ood)]
+    if not args.adaptive:
+        parts.append("--no-adaptive")
+    if [float(v) for v in args.adaptive_lambdas] != [0.0, 1.0, 10.0]:
+        parts += ["--adaptive-lambdas", *(f"{v:g}" for v in args.adaptive_lambdas)]
+    for flag, value in (("--adaptive-n", args.adaptive_n), ("--adaptive-steps", args.adaptive_steps),
+                        ("--black-box-queries", args.black_box_queries)):
+        if value is not None:
+            parts += [flag, str(value)]
+    if args.adaptive_restarts != 1:
+        parts += ["--adaptive-restarts", str(args.adaptive_restarts)]
     for flag, value, default in (("--n-attack", args.n_attack, None), ("--fpr", args.fpr, 0.05),
                                  ("--seed", args.seed, 0), ("--cache-dir", args.cache_dir, ".cache"),
                                  ("--out", args.out, os.path.join("runs", "detectors"))):
@@ -213,14 +277,37 @@ def _plan(args: argparse.Namespace) -> tuple[Any, ...]:
         raise ExperimentError(f"--fpr must lie in the open interval (0, 1), got {args.fpr}")
     thresholds, auto = _parse_thresholds(args.thresholds, LAYERS)
     specs = _chosen_detectors(args.detectors)
+    budget = _budget(args, quick)
+    from .ood import OOD_SET_NAMES
+
+    unknown = sorted(set(args.ood or ()) - set(OOD_SET_NAMES))
+    if unknown:
+        raise ExperimentError(f"unknown --ood sets {unknown}; choose among {list(OOD_SET_NAMES)}")
     out_dir = check_run_folder(args.out)  # the run is staged beside it and swapped in when complete
-    return quick, n_train, epochs, nb_iter, n_attack, epsilons, thresholds, auto, specs, out_dir
+    return quick, n_train, epochs, nb_iter, n_attack, epsilons, thresholds, auto, specs, out_dir, budget
+
+
+def _budget(args: argparse.Namespace, quick: bool) -> AdaptiveBudget | None:
+    """The sizes of the attacks that know the detector, checked; None with ``--no-adaptive``."""
+    if not args.adaptive:
+        return None
+    n = args.adaptive_n if args.adaptive_n is not None else (12 if quick else 64)
+    steps = args.adaptive_steps if args.adaptive_steps is not None else (10 if quick else 100)
+    queries = args.black_box_queries if args.black_box_queries is not None else (50 if quick else 500)
+    lambdas = tuple(float(v) for v in args.adaptive_lambdas)
+    if n < 1 or steps < 1 or args.adaptive_restarts < 1 or queries < 0:
+        raise ExperimentError(f"--adaptive-n, --adaptive-steps and --adaptive-restarts must be >= 1 and "
+                              f"--black-box-queries >= 0, got {n}, {steps}, {args.adaptive_restarts}, {queries}")
+    if not lambdas or any(not (v >= 0 and v < float("inf")) for v in lambdas):
+        raise ExperimentError(f"--adaptive-lambdas must be finite numbers >= 0, got {list(lambdas)}")
+    return AdaptiveBudget(n=n, steps=steps, restarts=args.adaptive_restarts, lambdas=lambdas, queries=queries,
+                          seed=args.seed)
 
 
 def _run(args: argparse.Namespace, quick: bool, n_train: int, epochs: int, nb_iter: int, n_attack: int,
          epsilons: list[float], thresholds: Any, auto: Any, specs: dict[str, tuple[str, dict[str, Any]]],
-         out_dir: Path) -> int:
-    from .data import load_digits_upscaled, load_mnist_default
+         out_dir: Path, budget: AdaptiveBudget | None) -> int:
+    from .data import load_mnist_default
     from .mnist import LAYERS
     from .models import MnistNet, load_state_dict_checked
 
@@ -253,17 +340,42 @@ def _run(args: argparse.Namespace, quick: bool, n_train: int, epochs: int, nb_it
             attack_info[name] = {"attacked": int(xa.shape[0]), "successful": int(keep.sum()), "nb_iter": nb_iter,
                                  "source": source}
             log(f"{name}: {int(keep.sum())} successful attacks of {xa.shape[0]} ({source})")
-    g = torch.Generator().manual_seed(args.seed)
+        pgd = {eps: adv[eps][0] for eps in epsilons} if "pgd" in args.attacks else {}
+        if "pgd" not in args.attacks:
+            for eps in epsilons:
+                attacked.pop(f"PGD eps={eps:g}")
+        for name, x_adv, info in _other_attacks(model, xa, ya, epsilons, args.attacks, bool(args.progress)):
+            with torch.no_grad():
+                keep = (model(xa).argmax(1) == ya) & (model(x_adv).argmax(1) != ya)
+            attacked[name] = x_adv[keep]
+            attack_info[name] = {"attacked": int(xa.shape[0]), "successful": int(keep.sum()), **info}
+            log(f"{name}: {int(keep.sum())} successful attacks of {xa.shape[0]}")
+    from .ood import ood_sets
+
     n_ood = 100 if quick else 500
-    ood = {"digits 8x8 upscaled": load_digits_upscaled()[:n_ood],
-           "uniform noise": torch.rand(n_ood, 1, 28, 28, generator=g)}
+    ood = ood_sets(x_eval, n=n_ood, seed=args.seed)
+    if args.ood:
+        ood = {k: v for k, v in ood.items() if k in args.ood}
+    threats = None
+    if budget is not None:
+        with torch.no_grad():
+            ok = (model(xa).argmax(1) == ya).nonzero().flatten()[:budget.n]
+        plain = {eps: pgd[eps][ok] if eps in pgd else _standard_pgd(model, xa[ok], ya[ok], eps, nb_iter, args.seed)
+                 for eps in epsilons}
+        threats = ThreatModels(xa[ok], ya[ok], plain, x_tr[:2000], budget, log)
     with timer.stage("library network"):
         net = LibraryNetwork(model, list(LAYERS), thresholds=thresholds, auto_thresholds=auto).fit(
             x_tr, progress=args.progress)
     with staged_output(out_dir) as stage:
         with timer.stage("detectors"):
             res = evaluate_detectors(net, (x_tr, y_tr), x_eval, attacked, ood, detectors=specs, calibration=x_cal,
-                                     out_dir=stage, fpr=args.fpr, log=log)
+                                     out_dir=stage, fpr=args.fpr, log=log, attack_detector=threats)
+        if threats is not None:
+            res["adaptive"] = {"budget": threats.budget.describe(), "n": int(threats.x.shape[0]),
+                               "evasion_markdown": evasion_table(res["detectors"], [f"{e:g}" for e in epsilons])}
+            from .plots import plot_evasion
+
+            res["files"]["evasion_png"] = str(plot_evasion(res["detectors"], stage / "evasion.png", fpr=args.fpr))
         note = _write_report(args, res, stage, out_dir, quick, n_train, epochs, accuracy, model_info, attack_info,
                              net, timer)
     print(res["table_markdown"])
@@ -288,6 +400,17 @@ def _write_report(args: argparse.Namespace, res: dict[str, Any], stage: Path, ou
             f"(batch {s['batch_size']}). Successful attacks: "
             + ", ".join(f"{k} {v['successful']}/{v['attacked']}" for k, v in attack_info.items()) + ".")
     res.update(relocate(to_jsonable(res), stage, out_dir))  # paths name the folder the run is swapped into
-    write_text_atomic(stage / "detectors.md", res["table_markdown"] + "\n\n" + note + "\n")
+    titles = {"auroc": "AUROC", "tpr_at_fpr": f"TPR at {s['fpr']:g} FPR", "fpr_at_95tpr": "FPR at 95% TPR (lower is "
+              "better)", "aupr": "AUPR (attacked / out-of-domain inputs positive)"}
+    parts = [res["table_markdown"], note]
+    parts += [f"### {titles[m]}\n\n{t}" for m, t in res["metric_tables"].items()]
+    if "adaptive" in res:
+        b = res["adaptive"]["budget"]
+        parts.append(f"### Evasion: misclassified and not flagged at the calibrated threshold (FPR {s['fpr']:g})\n\n"
+                     f"Cells: non-adaptive PGD / white-box adaptive / black-box score-only / strongest per input, on "
+                     f"{res['adaptive']['n']} correctly classified images; white-box PGD {b['steps']} steps, "
+                     f"{b['restarts']} restart(s), lambdas {b['lambdas']}; black-box {b['queries']} queries.\n\n"
+                     + res["adaptive"]["evasion_markdown"])
+    write_text_atomic(stage / "detectors.md", "\n\n".join(parts) + "\n")
     write_json_atomic(stage / "detectors.json", res)
     return note

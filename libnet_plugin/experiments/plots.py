@@ -311,3 +311,51 @@ def plot_exemplars(queries: Any, exemplars: Mapping[str, Any], path: str | os.Pa
                  fontsize=9)
     return _save(fig, path)
 
+
+
+def plot_evasion(detectors: Mapping[str, Mapping[str, Any]], path: str | os.PathLike, *, fpr: float = 0.05) -> Path:
+    """Evasion rate of each detector against epsilon per threat model, and against the FPR of the threshold.
+
+    Args:
+        detectors: ``{label: {"attacks": {"by_epsilon": {eps: {"non-adaptive", "white-box", "black-box",
+            "strongest", "strongest_at_fpr": {fpr: value}}}}}}`` (the ``"detectors"`` of
+            :func:`~libnet_plugin.experiments.comparison.evaluate_detectors` with
+            :class:`~libnet_plugin.experiments.threat_models.ThreatModels`).
+        path: PNG file to write.
+        fpr: the calibrated FPR (marked on the right panel).
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`. Left: evasion against epsilon (solid: the strongest attacker,
+        dashed: white-box, dotted: non-adaptive; black-box as crosses). Right: the strongest attacker's
+        evasion at the largest epsilon against the FPR of the threshold.
+    """
+    rows = {label: d["attacks"]["by_epsilon"] for label, d in detectors.items() if d.get("attacks")}
+    _check_nonempty(rows, "detectors with attack results")
+    fig = _new_figure(11.5, 4.2)
+    left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    for label, by_eps in rows.items():
+        eps = sorted(by_eps, key=float)
+        xs = [float(e) for e in eps]
+        line, = left.plot(xs, [by_eps[e]["strongest"] for e in eps], marker="o", label=label)
+        c = line.get_color()
+        left.plot(xs, [by_eps[e]["white-box"] for e in eps], linestyle="--", color=c, linewidth=1)
+        left.plot(xs, [by_eps[e]["non-adaptive"] for e in eps], linestyle=":", color=c, linewidth=1)
+        bb = [(x, by_eps[e]["black-box"]) for x, e in zip(xs, eps) if by_eps[e].get("black-box") is not None]
+        if bb:
+            left.plot(*zip(*bb), linestyle="none", marker="x", color=c)
+        at = by_eps[eps[-1]]["strongest_at_fpr"]
+        fprs = sorted(at, key=float)
+        right.plot([float(f) for f in fprs], [at[f] for f in fprs], marker="o", color=c, label=label)
+    left.set_xlabel("ε (L-inf, pixels)")
+    left.set_ylabel("evasion (misclassified and not flagged)")
+    left.set_ylim(-0.02, 1.02)
+    left.grid(True, alpha=0.3)
+    left.set_title("evasion vs ε: strongest (solid), white-box (--), non-adaptive (:), black-box (x)", fontsize=8)
+    left.legend(fontsize=7)
+    right.axvline(fpr, color="grey", linestyle="--", linewidth=1)
+    right.set_xlabel("FPR of the threshold on clean data")
+    right.set_ylabel("evasion of the strongest attacker")
+    right.set_ylim(-0.02, 1.02)
+    right.grid(True, alpha=0.3)
+    right.set_title(f"trade-off at ε = {max(float(e) for r in rows.values() for e in r):g}", fontsize=9)
+    return _save(fig, path)

@@ -36,7 +36,7 @@ from .sweep import (
     cpl_from_evidence,
 )
 
-__all__ = ['PROTOCOLS', 'detection_metrics', 'ProtocolSettings', 'AttackSet', 'to_model_space', 'generate_attack_sets', 'check_pgd_backends', 'save_attack_sets', 'load_attack_sets', 'attacked_evidence', 'evaluate_protocol', 'auroc', 'tpr_at_fpr']
+__all__ = ['PROTOCOLS', 'detection_metrics', 'ProtocolSettings', 'AttackSet', 'to_model_space', 'generate_attack_sets', 'check_pgd_backends', 'save_attack_sets', 'load_attack_sets', 'attacked_evidence', 'evaluate_protocol', 'auroc', 'aupr', 'fpr_at_tpr', 'tpr_at_fpr']
 
 
 #: The two attack protocols of docs/method.md section 9.
@@ -339,21 +339,69 @@ def evaluate_protocol(protocol: str, clean: Evidence, attacked: Mapping[float, E
     return {"protocol": protocol, "top_k": top_k, "fpr": fpr, "epsilons": eps_rows, "results": results, "cpl": raw,
             "cpl_clean_selected": raw_clean}
 
+def _ranked(clean_scores: Tensor | np.ndarray, attacked_scores: Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Both score arrays as float64, ``+inf`` (flagged: fail closed) replaced by one more than the largest
+    finite score, so that rank metrics see the order and scikit-learn sees finite numbers."""
+    c = np.asarray(torch.as_tensor(clean_scores).double().cpu())
+    a = np.asarray(torch.as_tensor(attacked_scores).double().cpu())
+    both = np.r_[c, a]
+    if np.isnan(both).any():
+        raise ValueError("detector scores hold NaN; ConsistencyDetector reports a non-finite score as inf")
+    finite = both[np.isfinite(both)]
+    top = (finite.max() if finite.size else 0.0) + 1.0
+    low = (finite.min() if finite.size else 0.0) - 1.0
+    fix = lambda v: np.where(v == np.inf, top, np.where(v == -np.inf, low, v))  # noqa: E731
+    return fix(c), fix(a)
+
+
 def auroc(clean_scores: Tensor | np.ndarray, attacked_scores: Tensor | np.ndarray) -> float:
     """AUROC (scikit-learn) of separating attacked (positive) from clean; scores: higher = suspicious."""
     from sklearn.metrics import roc_auc_score
 
-    c = np.asarray(torch.as_tensor(clean_scores).double().cpu())
-    a = np.asarray(torch.as_tensor(attacked_scores).double().cpu())
+    c, a = _ranked(clean_scores, attacked_scores)
     if len(c) == 0 or len(a) == 0:
         return float("nan")
     y = np.r_[np.zeros(len(c)), np.ones(len(a))]
     return float(roc_auc_score(y, np.r_[c, a]))
 
+
+def aupr(clean_scores: Tensor | np.ndarray, attacked_scores: Tensor | np.ndarray) -> float:
+    """Area under the precision-recall curve with the attacked / out-of-domain inputs as positives
+    (OpenOOD's AUPR-Out; scikit-learn's average precision). Its chance level is the positives' share.
+
+    Example:
+        >>> aupr(np.array([0., 1.]), np.array([2., 3.]))
+        1.0
+    """
+    from sklearn.metrics import average_precision_score
+
+    c, a = _ranked(clean_scores, attacked_scores)
+    if len(c) == 0 or len(a) == 0:
+        return float("nan")
+    y = np.r_[np.zeros(len(c)), np.ones(len(a))]
+    return float(average_precision_score(y, np.r_[c, a]))
+
+
+def fpr_at_tpr(clean_scores: Tensor | np.ndarray, attacked_scores: Tensor | np.ndarray, tpr: float = 0.95) -> float:
+    """Share of clean inputs flagged at the highest threshold that flags ``tpr`` of the attacked ones
+    (FPR at 95% TPR, as OpenOOD reports it); lower is better.
+
+    Example:
+        >>> fpr_at_tpr(np.arange(10.), np.array([5., 20., 30., 40.]), tpr=0.75)
+        0.0
+        >>> fpr_at_tpr(np.arange(10.), np.array([5., 20., 30., 40.]), tpr=1.0)
+        0.5
+    """
+    c, a = _ranked(clean_scores, attacked_scores)
+    if len(c) == 0 or len(a) == 0:
+        return float("nan")
+    k = max(1, math.ceil(tpr * len(a) - 1e-9))  # flag at least k of the attacked inputs
+    thr = np.sort(a)[::-1][k - 1]
+    return float(np.mean(c >= thr))
+
 def tpr_at_fpr(clean_scores: Tensor | np.ndarray, attacked_scores: Tensor | np.ndarray, fpr: float = 0.05) -> float:
     """True-positive rate on attacked inputs at the threshold that flags ``fpr`` of the clean ones."""
-    c = np.asarray(torch.as_tensor(clean_scores).double().cpu())
-    a = np.asarray(torch.as_tensor(attacked_scores).double().cpu())
+    c, a = _ranked(clean_scores, attacked_scores)
     if len(c) == 0 or len(a) == 0:
         return float("nan")
     thr = np.quantile(c, 1.0 - fpr, method="higher")

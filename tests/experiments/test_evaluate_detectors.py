@@ -24,17 +24,34 @@ def test_evaluate_detectors_command_quick(tmp_path, capsys):
 
     out = tmp_path / "out"
     rc = main(["evaluate-detectors", "--quick", "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
-               "--detectors", "cpl (paper, top_k 20)", "library-margin", "library-distance", "msp", "--no-progress"])
+               "--detectors", "cpl (paper, top_k 20)", "library-distance", "msp", "--attacks", "pgd", "fgsm",
+               "deepfool", "--ood", "uniform noise", "rotated 90", "--adaptive-n", "4", "--adaptive-steps", "3",
+               "--black-box-queries", "4", "--no-progress"])
     assert rc == 0
     import json
 
     res = json.loads((out / "detectors.json").read_text())
-    assert set(res["detectors"]) == {"cpl (paper, top_k 20)", "library-margin", "library-margin (conv1, conv2)",
-                                     "library-distance", "library-distance (conv1, conv2)", "msp"}
+    assert set(res["detectors"]) == {"cpl (paper, top_k 20)", "library-distance", "library-distance (conv1, conv2)",
+                                     "msp"}
     assert res["detectors"]["library-distance (conv1, conv2)"]["library_based"]
-    assert set(res["sets"]) == {"PGD eps=0.1", "PGD eps=0.3", "digits 8x8 upscaled", "uniform noise"}
+    assert set(res["sets"]) == {"PGD eps=0.1", "PGD eps=0.3", "FGSM eps=0.1", "FGSM eps=0.3", "DeepFool",
+                                "uniform noise", "rotated 90"}
     assert res["run"]["command"].startswith("libnet evaluate-detectors --quick --detectors")
-    assert (out / "roc.png").is_file() and "| detector |" in (out / "detectors.md").read_text()
+    assert "--adaptive-steps 3" in res["run"]["command"] and "--ood 'uniform noise'" in res["run"]["command"]
+    entry = res["detectors"]["msp"]
+    for metric in ("auroc", "tpr_at_fpr", "fpr_at_95tpr", "aupr"):
+        assert set(entry[metric]) == set(res["sets"]) and all(0 <= v <= 1 for v in entry[metric].values())
+    attacks = entry["attacks"]
+    assert attacks["white-box method"] == "score gradient"
+    assert res["detectors"]["cpl (paper, top_k 20)"]["attacks"]["white-box method"] == "feature-matching surrogate"
+    at3 = attacks["by_epsilon"]["0.3"]
+    assert at3["n"] == 4 and at3["black-box"] is not None and attacks["by_epsilon"]["0.1"]["black-box"] is None
+    assert at3["strongest"] >= max(at3["non-adaptive"], at3["white-box"], at3["black-box"])
+    assert res["adaptive"]["budget"]["steps"] == 3
+    text = (out / "detectors.md").read_text()
+    assert "| detector |" in text and "FPR at 95% TPR" in text and "### Evasion" in text
+    assert (out / "roc.png").is_file() and (out / "evasion.png").is_file()
+    assert res["files"]["evasion_png"] == str(out / "evasion.png")
     assert "best library-based detector" in capsys.readouterr().out
 
 
@@ -43,6 +60,9 @@ def test_evaluate_detectors_command_quick(tmp_path, capsys):
     (["--detectors", "nope"], "no registered detector has the label or name 'nope'"),
     (["--thresholds", "bogus"], "--thresholds must be one of"),
     (["--epsilons", "2"], "--epsilons in \\(0, 1\\]"),
+    (["--ood", "nope"], "unknown --ood sets \\['nope'\\]"),
+    (["--adaptive-lambdas", "-1"], "--adaptive-lambdas must be finite numbers >= 0"),
+    (["--adaptive-n", "0"], "--adaptive-n, --adaptive-steps and --adaptive-restarts must be >= 1"),
 ])
 def test_bad_arguments_exit_2_before_any_work(tmp_path, capsys, argv, message):
     import re

@@ -119,3 +119,19 @@ def test_no_temp_files_and_overwrite(tmp_path):
     plots.plot_library_sizes({"conv1": {0.4: 1, 0.5: 2}}, p)
     assert p.read_bytes() != first
     assert [x.name for x in tmp_path.iterdir()] == ["sizes.png"]
+
+
+def test_evasion_two_panels_lines_per_detector_and_threat_model(tmp_path, captured):
+    by_eps = {"0.1": {"non-adaptive": 0.0, "white-box": 0.2, "black-box": None, "strongest": 0.25,
+                      "strongest_at_fpr": {"0.05": 0.25, "0.2": 0.1}},
+              "0.3": {"non-adaptive": 0.1, "white-box": 0.9, "black-box": 0.3, "strongest": 0.95,
+                      "strongest_at_fpr": {"0.05": 0.95, "0.2": 0.6}}}
+    dets = {"a": {"attacks": {"by_epsilon": by_eps}}, "b": {"attacks": {"by_epsilon": by_eps}}, "no attacks": {}}
+    path = plots.plot_evasion(dets, tmp_path / "evasion.png")
+    assert matplotlib.image.imread(path).ndim == 3
+    left, right = captured[-1].axes
+    assert len(right.lines) == 3  # one per attacked detector, plus the calibrated FPR marker
+    assert [list(l.get_ydata()) for l in left.lines[:3]] == [[0.25, 0.95], [0.2, 0.9], [0.0, 0.1]]
+    assert list(left.lines[3].get_ydata()) == [0.3]  # black-box only where it ran
+    with pytest.raises(ValueError):
+        plots.plot_evasion({"no attacks": {}}, tmp_path / "e2.png")
