@@ -7,7 +7,7 @@ Example:
     >>> sorted(LIBRARIES), sorted(READOUTS)
     (['exact', 'projected', 'sparse'], ['hebbian'])
     >>> sorted(DETECTORS)
-    ['cpl', 'knn', 'library-distance', 'library-margin', 'mahalanobis', 'msp']
+    ['cpl', 'knn', 'library-distance', 'library-fusion', 'library-margin', 'mahalanobis', 'msp']
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from .detectors import (
     CPLScore,
     DeepKNNScore,
     LibraryDistanceScore,
+    LibraryFusionScore,
     LibraryMarginScore,
     MahalanobisScore,
     MaxSoftmaxScore,
@@ -45,6 +46,7 @@ DETECTORS: dict[str, type[ConsistencyScore]] = {
     "cpl": CPLScore,
     "library-margin": LibraryMarginScore,
     "library-distance": LibraryDistanceScore,
+    "library-fusion": LibraryFusionScore,
     "msp": MaxSoftmaxScore,
     "mahalanobis": MahalanobisScore,
     "knn": DeepKNNScore,
@@ -56,6 +58,7 @@ COMPARISON: dict[str, tuple[str, dict[str, Any]]] = {
     "cpl (top_k 3)": ("cpl", {"top_k": 3}),
     "library-margin": ("library-margin", {}),
     "library-distance": ("library-distance", {}),
+    "library-fusion": ("library-fusion", {}),
     "msp": ("msp", {}),
     "mahalanobis": ("mahalanobis", {}),
     "knn": ("knn", {}),

@@ -20,6 +20,9 @@ name                     score (higher = more suspicious)                       
                          model's answer class, within-class covariance of the nodes; conformal
                          p-values fused over layers with Fisher's method (``"library-margin"`` with
                          ``features=("distance",)``)
+``"library-fusion"``     ``"library-distance"`` plus the model's confidence (``1 - max softmax``) as  net only
+                         one more conformal p-value, all fused with Fisher's method (module
+                         :mod:`.library_fusion`)
 ``"msp"``                ``1 - max softmax(output)`` (Hendrycks & Gimpel, 2017)                      nothing
 ``"mahalanobis"``        per layer: the smallest Mahalanobis distance to a class mean (classes by    train
                          the model's answers, one shared covariance; conv layers averaged over
@@ -51,12 +54,13 @@ from .api import ConsistencyScore, FittedNetwork, FusedLayerScore, PluginScore, 
 from .conformal import ConformalFusion
 from .cpl import CPLScore
 from .knn import DeepKNNScore
+from .library_fusion import LibraryFusionScore
 from .library_margin import LibraryDistanceScore, LibraryMarginScore
 from .mahalanobis import MahalanobisScore
 from .msp import MaxSoftmaxScore
 
 __all__ = [
     "ConsistencyScore", "FittedNetwork", "FusedLayerScore", "PluginScore", "ScoreLike", "as_consistency_score",
-    "ConformalFusion", "CPLScore", "LibraryMarginScore", "LibraryDistanceScore", "MaxSoftmaxScore",
+    "ConformalFusion", "CPLScore", "LibraryMarginScore", "LibraryDistanceScore", "LibraryFusionScore", "MaxSoftmaxScore",
     "MahalanobisScore", "DeepKNNScore", "node_classes",
 ]

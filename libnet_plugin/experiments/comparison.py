@@ -36,7 +36,7 @@ from .report import (
     write_text_atomic,
 )
 
-__all__ = ['detector_comparison', 'MNIST_CONV_VARIANT', 'MNIST_DISTANCE_VARIANT', 'MNIST_VARIANTS', 'calibration_check', 'evaluate_detectors', 'plot_roc_curves']
+__all__ = ['detector_comparison', 'MNIST_CONV_VARIANT', 'MNIST_DISTANCE_VARIANT', 'MNIST_FUSION_VARIANT', 'MNIST_VARIANTS', 'calibration_check', 'evaluate_detectors', 'plot_roc_curves']
 
 
 def _model_answers(net: Any, x: Tensor, batch_size: int) -> Tensor:
@@ -148,10 +148,15 @@ MNIST_CONV_VARIANT = "library-margin (conv1, conv2)"
 MNIST_DISTANCE_VARIANT = "library-distance (conv1, conv2)"
 
 
+#: The recommended score on the MNIST net's convolution layers (added by the MNIST run).
+MNIST_FUSION_VARIANT = "library-fusion (conv1, conv2)"
+
+
 #: Detectors the MNIST run adds to the registered ones: ``{label: (name, settings)}``.
 MNIST_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     MNIST_CONV_VARIANT: ("library-margin", {"layers": ["conv1", "conv2"]}),
     MNIST_DISTANCE_VARIANT: ("library-distance", {"layers": ["conv1", "conv2"]}),
+    MNIST_FUSION_VARIANT: ("library-fusion", {"layers": ["conv1", "conv2"]}),
 }
 
 

@@ -1,0 +1,82 @@
+"""The recommended detector, ``"library-fusion"``: library distances per layer and the model's confidence, fused.
+
+No single score wins everywhere: distances to the library's class statistics catch large perturbations
+and inputs from elsewhere, whose activations leave the answer class's region layer after layer; the
+model's own confidence catches minimal perturbations (CW, DeepFool), which stop just across a decision
+boundary where the softmax is flat. This score puts both kinds of evidence side by side as conformal
+p-values on clean data and fuses them (docs/method.md section 16).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from ..metrics import stable_softmax
+from ..probe import ProbeResult
+from .api import FittedNetwork
+from .library_margin import LibraryDistanceScore
+
+__all__ = ["LibraryFusionScore"]
+
+
+class LibraryFusionScore(LibraryDistanceScore):
+    """Per-layer library distance plus output features, conformal p-values fused with Fisher's method.
+
+    The per-layer features are those of :class:`LibraryDistanceScore` (``features=("distance",)`` by
+    default: the Mahalanobis distance of the normalised activation to the library nodes of the model's
+    answer class). The output features, computed from the model's outputs ``z`` of the same forward
+    pass, are any of:
+
+    - ``"confidence"``: ``1 - max softmax(z)`` (the ``"msp"`` baseline's score);
+    - ``"logit-margin"``: ``-(z_(1) - z_(2))``, minus the gap between the two largest outputs.
+
+    Every feature becomes a conformal p-value against the clean calibration inputs and the p-values
+    are fused with Fisher's method (``-sum log p``). It needs only the fitted library network and the
+    forward pass the guard runs anyway; its gradient (for adaptive attacks) is that of the standardised
+    features (:meth:`FusedLayerScore.surrogate <libnet_plugin.detectors.FusedLayerScore.surrogate>`).
+
+    Args:
+        layers, features, ...: see :class:`LibraryMarginScore <libnet_plugin.detectors.LibraryMarginScore>`.
+        outputs: the output features (default ``("confidence",)``); ``()`` gives ``"library-distance"``.
+
+    Example:
+        >>> from libnet_plugin.plugins import make_detector
+        >>> make_detector("library-fusion", {})
+        LibraryFusionScore(layers=None, features=('distance',), outputs=('confidence',))
+    """
+
+    name: ClassVar[str] = "library-fusion"
+    OUTPUTS: ClassVar[tuple[str, ...]] = ("confidence", "logit-margin")
+
+    def __init__(self, layers: Sequence[str] | None = None, *, outputs: Sequence[str] = ("confidence",),
+                 **settings: Any):
+        super().__init__(layers, **settings)
+        outs = (outputs,) if isinstance(outputs, str) else tuple(outputs)
+        bad = [o for o in outs if o not in self.OUTPUTS]
+        if bad or len(set(outs)) != len(outs):
+            raise ValueError(f"outputs must be distinct names among {self.OUTPUTS}, got {outputs!r}")
+        self.outputs = outs
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(layers={self.layers}, features={self.features_}, outputs={self.outputs})"
+
+    def feature_names(self) -> list[str]:
+        return super().feature_names() + [f"output/{o}" for o in self.outputs]
+
+    def features(self, net: FittedNetwork, result: ProbeResult) -> Tensor:
+        cols = [super().features(net, result)]
+        z = result.outputs.to(net.device)
+        if "confidence" in self.outputs:
+            cols.append((1.0 - stable_softmax(z.double(), dim=1).amax(dim=1))[:, None])
+        if "logit-margin" in self.outputs:
+            top = z.double().topk(min(2, z.shape[1]), dim=1).values
+            gap = top[:, 0] - top[:, 1] if top.shape[1] > 1 else torch.zeros_like(top[:, 0])
+            cols.append((-gap)[:, None])
+        return torch.cat(cols, dim=1)
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "outputs": list(self.outputs)}
