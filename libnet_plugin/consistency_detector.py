@@ -142,6 +142,11 @@ def _tensor_versions(model: nn.Module) -> tuple[tuple[int, int], ...]:
 # --------------------------------------------------------------------------------------------------
 
 
+#: The score a ConsistencyDetector uses when no method is given (chosen on development splits, see
+#: docs/method.md section 16); the paper's CPL stays available as ``method="cpl"``.
+DEFAULT_METHOD = "library-fusion"
+
+
 class ConsistencyDetector:
     """Flag inputs on which the layers of a trained classifier disagree (adversarial or out of domain).
 
@@ -156,9 +161,11 @@ class ConsistencyDetector:
         thresholds: theta per layer when ``net`` is a model: a number, ``{layer: theta}``, or ``"auto"``
             (the default; see :func:`libnet_plugin.thresholds.choose_thresholds`, options via
             ``network_options={"auto_thresholds": {...}}``).
-        method: the score, by name, served by the ``libnet_consistency_detector`` hook: ``"cpl"`` (the
-            paper's Eq. 5, the default), ``"library-margin"``, ``"library-distance"``, ``"msp"``, ``"mahalanobis"``, ``"knn"``,
-            or a third-party name.
+        method: the score, by name, served by the ``libnet_consistency_detector`` hook:
+            ``"library-fusion"`` (the default, the project's recommended detector: per-layer library
+            distances and the model's confidence fused conformally; it needs :meth:`calibrate` before
+            scoring), ``"cpl"`` (the paper's Eq. 5), ``"library-margin"``, ``"library-distance"``,
+            ``"msp"``, ``"mahalanobis"``, ``"knn"``, or a third-party name.
         settings: keyword settings of the score (e.g. ``{"top_k": 20}`` for CPL).
         train: training data (anything :meth:`LibraryNetwork.fit` accepts). Fits the network when it is
             not fitted yet, and the score when it needs the training data (``"mahalanobis"``, ``"knn"``).
@@ -195,7 +202,7 @@ class ConsistencyDetector:
     """
 
     def __init__(self, net: Any, layers: Sequence[str] | None = None, thresholds: Any = "auto", *,
-                 method: str = "cpl", settings: Mapping[str, Any] | None = None, train: Any = None,
+                 method: str = DEFAULT_METHOD, settings: Mapping[str, Any] | None = None, train: Any = None,
                  device: Any = None, network_options: Mapping[str, Any] | None = None,
                  on_nonfinite: str = "flag", plugin_manager: pluggy.PluginManager | None = None,
                  progress: bool | None = None):

@@ -24,13 +24,22 @@ from libnet_plugin.plugins import default_plugin_manager
 
 #: Candidate settings of the recommended detector: {label: (name, settings)}.
 CANDIDATES = {
-    "fusion: distance all + confidence": ("library-fusion", {}),
+    # round 1 (seeds 1 and 2): the output features
+    "fusion: distance all + confidence": ("library-fusion", {"outputs": ["confidence"]}),
     "fusion: distance all + confidence + logit-margin": ("library-fusion", {"outputs": ["confidence", "logit-margin"]}),
     "fusion: distance all + logit-margin": ("library-fusion", {"outputs": ["logit-margin"]}),
-    "fusion: distance conv + confidence": ("library-fusion", {"layers": ["conv1", "conv2"]}),
+    "fusion: distance conv + confidence": ("library-fusion", {"layers": ["conv1", "conv2"], "outputs": ["confidence"]}),
     "fusion: distance conv + confidence + logit-margin": ("library-fusion", {"layers": ["conv1", "conv2"],
                                                                             "outputs": ["confidence", "logit-margin"]}),
+    # round 2: how the p-values are combined, and which layers
+    "fusion: distance all + both outputs, min-p": ("library-fusion", {"outputs": ["confidence", "logit-margin"],
+                                                                      "combine": "min"}),
+    "fusion: distance conv + both outputs, min-p": ("library-fusion", {"layers": ["conv1", "conv2"], "combine": "min",
+                                                                       "outputs": ["confidence", "logit-margin"]}),
+    "fusion: distance conv1, conv2, fc1 + both outputs": ("library-fusion", {"layers": ["conv1", "conv2", "fc1"],
+                                                                             "outputs": ["confidence", "logit-margin"]}),
 }
+ROUNDS = {1: list(CANDIDATES)[:5], 2: list(CANDIDATES)[5:]}
 BASELINES = ("msp", "mahalanobis", "knn", "cpl (paper, top_k 20)")
 
 
@@ -45,11 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--out", default="runs/dev-default")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--round", type=int, choices=sorted(ROUNDS), help="only this round's candidates")
     args = parser.parse_args(argv)
     if 0 in args.seeds:
         parser.error("seed 0 is the reported run: choose settings on other seeds")
     default_plugin_manager().register(Candidates(), name="dev-candidates")  # the one the command asks
-    wanted = [*CANDIDATES, *BASELINES, "library-distance"]
+    candidates = ROUNDS[args.round] if args.round else list(CANDIDATES)
+    wanted = [*candidates, *BASELINES, "library-distance"]
     summary = {}
     for seed in args.seeds:
         out = Path(args.out) / f"seed{seed}"
@@ -60,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         res = json.loads((out / "detectors.json").read_text())
         dets = res["detectors"]
         base = [b for b in dets if b in BASELINES]
-        for label in CANDIDATES:
+        for label in candidates:
             margins = {s: dets[label]["auroc"][s] - max(dets[b]["auroc"][s] for b in base) for s in res["sets"]}
             worst = min(margins, key=margins.get)
             summary.setdefault(label, {})[seed] = {"worst_set": worst, "worst_margin": margins[worst],

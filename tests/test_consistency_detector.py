@@ -49,7 +49,7 @@ def test_too_few_calibration_inputs(fitted, mlp_data):
 
 
 def test_uncalibrated_predict_and_guard_say_calibrate(fitted, mlp_data):
-    det = lnp.ConsistencyDetector(fitted)
+    det = lnp.ConsistencyDetector(fitted, method="cpl")
     x = mlp_data[0][:5]
     assert det.score(x).shape == (5,)  # CPL needs no reference: scoring works before calibration
     with pytest.raises(NotFittedError, match=r"call det.calibrate\(clean_data, fpr=0.05\)"):
@@ -58,6 +58,8 @@ def test_uncalibrated_predict_and_guard_say_calibrate(fitted, mlp_data):
         det.guard()
     with pytest.raises(NotFittedError, match="calibrate"):
         lnp.ConsistencyDetector(fitted, method="library-margin").score(x)  # fused: reference comes from calibrate
+    with pytest.raises(NotFittedError, match="calibrate"):
+        lnp.ConsistencyDetector(fitted).score(x)  # the default, library-fusion, fuses too
 
 
 def test_training_data_detectors_ask_for_it(fitted, mlp_data):

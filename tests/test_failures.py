@@ -70,11 +70,13 @@ def test_unsorted_calibration_scores_are_refused(tmp_path, fitted, mlp):
 
 def test_non_finite_scores_are_always_flagged(fitted, mlp_data):
     x, _ = mlp_data
-    det = lnp.ConsistencyDetector(fitted).calibrate(torch.randn(60, 10), fpr=0.1)
+    det = lnp.ConsistencyDetector(fitted, method="cpl").calibrate(torch.randn(60, 10), fpr=0.1)
     huge = x[:4].clone()
-    huge[1] = 3e38  # finite, but its activations overflow float32
+    huge[1] = 3e38  # finite, but CPL's evidence overflows float32 and comes out NaN
     scores = det.score(huge)
     assert math.isinf(float(scores[1])) and bool(det.predict(huge)[1])
+    default = lnp.ConsistencyDetector(fitted).calibrate(torch.randn(60, 10), fpr=0.1)
+    assert bool(default.predict(huge)[1])  # the default score stays finite there, and flags the row
 
 
 def test_files_carry_digests_that_name_what_changed(tmp_path, fitted, mlp):

@@ -20,9 +20,9 @@ name                     score (higher = more suspicious)                       
                          model's answer class, within-class covariance of the nodes; conformal
                          p-values fused over layers with Fisher's method (``"library-margin"`` with
                          ``features=("distance",)``)
-``"library-fusion"``     ``"library-distance"`` plus the model's confidence (``1 - max softmax``) as  net only
-                         one more conformal p-value, all fused with Fisher's method (module
-                         :mod:`.library_fusion`)
+``"library-fusion"``     the default: ``"library-distance"`` plus the model's confidence             net only
+                         (``1 - max softmax``) and logit margin as two more conformal p-values, all
+                         fused with Fisher's method (module :mod:`.library_fusion`)
 ``"msp"``                ``1 - max softmax(output)`` (Hendrycks & Gimpel, 2017)                      nothing
 ``"mahalanobis"``        per layer: the smallest Mahalanobis distance to a class mean (classes by    train
                          the model's answers, one shared covariance; conv layers averaged over

@@ -44,13 +44,16 @@ class ConformalFusion:
 
     def fit(self, reference: Tensor) -> Tensor:
         """Store the clean reference scores ``[N, F]``; return their leave-one-out fused scores ``[N]``."""
+        return -torch.log(self.fit_p_values(reference)).sum(dim=1)
+
+    def fit_p_values(self, reference: Tensor) -> Tensor:
+        """Store the clean reference scores ``[N, F]``; return their leave-one-out p-values ``[N, F]``."""
         if reference.dim() != 2 or reference.shape[0] < 2:
             raise ValueError(f"the reference scores must be [N, F] with N >= 2, got {tuple(reference.shape)}")
         ref = reference.detach().double()
         self._sorted = ref.sort(dim=0).values
         ge = self._count_ge(ref)  # each reference row counts itself once
-        p = ge / ref.shape[0]  # (1 + (ge - 1)) / ((n - 1) + 1)
-        return -torch.log(p).sum(dim=1)
+        return ge / ref.shape[0]  # (1 + (ge - 1)) / ((n - 1) + 1)
 
     def _count_ge(self, scores: Tensor) -> Tensor:
         srt = self._sorted

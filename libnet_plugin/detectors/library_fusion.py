@@ -35,26 +35,32 @@ class LibraryFusionScore(LibraryDistanceScore):
     - ``"logit-margin"``: ``-(z_(1) - z_(2))``, minus the gap between the two largest outputs.
 
     Every feature becomes a conformal p-value against the clean calibration inputs and the p-values
-    are fused with Fisher's method (``-sum log p``). It needs only the fitted library network and the
+    are fused with Fisher's method (``combine="fisher"``: ``-sum log p``) or by the smallest one
+    (``combine="min"``: ``-log min p``, Tippett's method, which a single strong feature drives alone). It needs only the fitted library network and the
     forward pass the guard runs anyway; its gradient (for adaptive attacks) is that of the standardised
     features (:meth:`FusedLayerScore.surrogate <libnet_plugin.detectors.FusedLayerScore.surrogate>`).
 
     Args:
         layers, features, ...: see :class:`LibraryMarginScore <libnet_plugin.detectors.LibraryMarginScore>`.
-        outputs: the output features (default ``("confidence",)``); ``()`` gives ``"library-distance"``.
+        outputs: the output features (default both: ``("confidence", "logit-margin")``, chosen on
+            development splits, docs/method.md section 16); ``()`` gives ``"library-distance"``.
+        combine: ``"fisher"`` (default) or ``"min"``.
 
     Example:
         >>> from libnet_plugin.plugins import make_detector
         >>> make_detector("library-fusion", {})
-        LibraryFusionScore(layers=None, features=('distance',), outputs=('confidence',))
+        LibraryFusionScore(layers=None, features=('distance',), outputs=('confidence', 'logit-margin'))
     """
 
     name: ClassVar[str] = "library-fusion"
     OUTPUTS: ClassVar[tuple[str, ...]] = ("confidence", "logit-margin")
 
-    def __init__(self, layers: Sequence[str] | None = None, *, outputs: Sequence[str] = ("confidence",),
-                 **settings: Any):
+    def __init__(self, layers: Sequence[str] | None = None, *, outputs: Sequence[str] = ("confidence", "logit-margin"),
+                 combine: str = "fisher", **settings: Any):
         super().__init__(layers, **settings)
+        if combine not in ("fisher", "min"):
+            raise ValueError(f"combine must be 'fisher' or 'min', got {combine!r}")
+        self.combine = combine
         outs = (outputs,) if isinstance(outputs, str) else tuple(outputs)
         bad = [o for o in outs if o not in self.OUTPUTS]
         if bad or len(set(outs)) != len(outs):
@@ -78,5 +84,16 @@ class LibraryFusionScore(LibraryDistanceScore):
             cols.append((-gap)[:, None])
         return torch.cat(cols, dim=1)
 
+    def _combined(self, p: Tensor) -> Tensor:
+        return -torch.log(p).sum(dim=1) if self.combine == "fisher" else -torch.log(p.amin(dim=1))
+
+    def set_reference(self, features: Tensor) -> Tensor:
+        self.check_is_fitted()
+        return self._combined(self.fusion.fit_p_values(features))
+
+    def score(self, net: FittedNetwork, result: ProbeResult) -> Tensor:
+        self.check_is_fitted()
+        return self._combined(self.fusion.p_values(self.features(net, result))).float()
+
     def config(self) -> dict[str, Any]:
-        return {**super().config(), "outputs": list(self.outputs)}
+        return {**super().config(), "outputs": list(self.outputs), "combine": self.combine}

@@ -50,3 +50,12 @@ def test_confidence_raises_the_score_of_low_confidence_inputs(fitted, mlp_data):
 def test_bad_outputs_are_refused(outputs):
     with pytest.raises(ValueError, match="outputs must be distinct names among"):
         LibraryFusionScore(outputs=outputs)
+
+
+def test_min_combine_is_minus_log_of_the_smallest_p_value(fitted, mlp_data):
+    x, _ = mlp_data
+    det = lnp.ConsistencyDetector(fitted, method="library-fusion", settings={"combine": "min"}).calibrate(x[:200])
+    p = det.scorer.fusion.p_values(det.scorer.features(fitted, fitted.probe.run(x[200:])))
+    torch.testing.assert_close(det.score(x[200:]), (-torch.log(p.amin(dim=1))).float())
+    with pytest.raises(ValueError, match="combine must be"):
+        LibraryFusionScore(combine="mean")
