@@ -1,9 +1,9 @@
 """A drop-in adversarial / out-of-domain detector for inference code, calibrated on clean data only.
 
 :class:`ConsistencyDetector` wraps a fitted :class:`~libnet_plugin.LibraryNetwork` and one consistency
-score served by the ``libnet_consistency_detector`` hook (the paper's CPL by default; the library-based
-``"library-margin"`` and ``"library-distance"``, and the baselines ``"msp"``, ``"mahalanobis"``, ``"knn"`` of
-:mod:`libnet_plugin.detectors`; any third-party plugin). :meth:`ConsistencyDetector.calibrate` sets the
+score served by the ``libnet_consistency_detector`` hook (``"library-fusion"`` by default; the paper's
+``"cpl"``, the library-based ``"library-margin"`` and ``"library-distance"``, and the baselines ``"msp"``,
+``"mahalanobis"``, ``"knn"`` of :mod:`libnet_plugin.detectors`; any third-party plugin). :meth:`ConsistencyDetector.calibrate` sets the
 decision threshold from clean inputs only, and :meth:`ConsistencyDetector.guard` turns the model into a
 module that returns its output and the flags from ONE forward pass (the detector reuses the activations
 the model computes anyway).

@@ -103,7 +103,7 @@ def libnet_consistency_detector(name: str, settings: Mapping[str, Any]) -> Consi
     detector is built by name.
 
     Args:
-        name: the detector kind (``"cpl"``, Eq. 5 of the paper, is the built-in default).
+        name: the detector kind (``"library-fusion"`` is the built-in default; ``"cpl"`` is the paper's Eq. 5).
         settings: keyword settings, e.g. ``top_k``.
 
     Returns:
