@@ -35,7 +35,7 @@ from torch import Tensor
 from .errors import LibnetError
 
 __all__ = ["STATS", "reset_stats", "undecided_rows", "DECIDED_MARGIN", "DistributedFitError", "world", "exchange_sizes", "gather_rows", "all_reduce_sum", "gather_all",
-           "sum_over_ranks"]
+           "sum_over_ranks", "DistributedScoringError", "all_gather_same"]
 
 
 #: bytes sent and seconds spent in this process's collectives (for benchmarks; see :func:`reset_stats`)
@@ -59,6 +59,11 @@ class DistributedFitError(LibnetError, RuntimeError):
     """A rank of a distributed fit failed; every rank raises this instead of waiting for it."""
 
 
+class DistributedScoringError(LibnetError, RuntimeError):
+    """A rank of a node-sharded scoring call (:mod:`libnet_plugin.sharding`) failed, or the ranks were not
+    called alike; every rank raises this instead of waiting for it."""
+
+
 def world() -> tuple[Any, int, int] | None:
     """``(torch.distributed, rank, world size)`` inside an initialised group of two or more ranks, else ``None``."""
     import torch.distributed as dist
@@ -74,14 +79,16 @@ def _wire_device(dist: Any, fallback: torch.device) -> torch.device:
 
 
 def exchange_sizes(dist: Any, rank: int, size: int, n_local: int, error: str | None, device: torch.device,
-                   extra: list[int] | None = None) -> tuple[list[int], list[int]]:
+                   extra: list[int] | None = None, *, stage: str = "the distributed fit",
+                   error_type: type[Exception] = DistributedFitError) -> tuple[list[int], list[int]]:
     """All-gather each rank's number of inputs at this step (and ``extra`` integers, max over the ranks).
 
     Returns:
         ``(inputs per rank, extra maximised over the ranks)``.
 
     Raises:
-        DistributedFitError: on every rank, when any rank reports an ``error``.
+        DistributedFitError: on every rank, when any rank reports an ``error`` (``error_type``, with
+            ``stage`` naming what failed, when given).
     """
     extra = list(extra or [])
     local = torch.tensor([n_local, 1 if error else 0, *extra], dtype=torch.long, device=_wire_device(dist, device))
@@ -90,8 +97,7 @@ def exchange_sizes(dist: Any, rank: int, size: int, n_local: int, error: str | N
     failed = [r for r, p in enumerate(parts) if int(p[1])]
     if failed:
         mine = f": {error}" if error else ""
-        raise DistributedFitError(f"rank(s) {failed} failed during the distributed fit (this is rank {rank}{mine}); "
-                                  "every rank stops")
+        raise error_type(f"rank(s) {failed} failed during {stage} (this is rank {rank}{mine}); every rank stops")
     stacked = torch.stack(parts)
     return [int(p[0]) for p in parts], [int(v) for v in stacked[:, 2:].amax(dim=0)] if extra else []
 
@@ -107,6 +113,16 @@ def gather_rows(dist: Any, rows: Tensor, sizes: list[int], width: int, dtype: to
     parts = [torch.empty_like(padded) for _ in sizes]
     _timed(dist.all_gather, parts, padded, nbytes=padded.numel() * padded.element_size())
     return torch.cat([p[:n] for p, n in zip(parts, sizes)]).to(device)
+
+
+def all_gather_same(dist: Any, tensor: Tensor, device: torch.device) -> list[Tensor]:
+    """All-gather a tensor of the same shape and dtype on every rank; returns one per rank, in rank order,
+    on ``device`` (counted in :data:`STATS`)."""
+    wire = _wire_device(dist, device)
+    local = tensor.detach().to(wire).contiguous()
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    _timed(dist.all_gather, parts, local, nbytes=local.numel() * local.element_size())
+    return [p.to(device) for p in parts]
 
 
 def all_reduce_sum(dist: Any, tensors: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
