@@ -80,6 +80,30 @@ def run_case(name: str, x: torch.Tensor, theta: float, device: torch.device, *, 
                        "fit_over_matmul": times["fit"] / mm}}
 
 
+#: conv1's threshold (the seed's sweep; about 1,000 nodes on the 4,000 training images), as in benchmarks.run
+MNIST_CONV1_THETA = 0.7
+
+
+def mnist_conv1_haps(device: torch.device, cache_dir: str = ".cache") -> torch.Tensor:
+    """The MNIST default net's conv1 patterns of its 4,000 training images (``[4000, 11520]``)."""
+    from pathlib import Path
+
+    from libnet_plugin.experiments.data import load_mnist_default
+    from libnet_plugin.experiments.mnist import MnistSettings, cached_or_trained_mnist_net
+    from libnet_plugin.experiments.models import MnistNet
+    from libnet_plugin.plugins import make_probe
+
+    # the net and inputs of benchmarks.mnist_setup.prepare_mnist (without its attacks)
+    settings = MnistSettings.default_run(seed=0, epochs=5)
+    x_tr, y_tr, _, _ = load_mnist_default(seed=settings.seed, n_train=4000, cache_dir=Path(cache_dir))
+    net, _ = cached_or_trained_mnist_net(x_tr, y_tr, settings, Path(cache_dir), False, print)
+    model = MnistNet(normalize=True)
+    model.load_state_dict(net.state_dict())
+    probe = make_probe(model.to(device).eval(), ["conv1"], device)
+    x_tr = x_tr.to(device)
+    return torch.cat([probe.run(x_tr[i:i + 500]).haps["conv1"] for i in range(0, x_tr.shape[0], 500)])
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse
     import json
@@ -90,15 +114,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--sets", default="synthetic,clustered,growing")
+    parser.add_argument("--sets", default="synthetic,clustered,growing,mnist_conv1",
+                        help="comma-separated: synthetic, clustered, growing, mnist_conv1 (the MNIST net's conv1 "
+                             "patterns of the 4,000 training images, theta 0.7; trains or loads the cached net)")
+    parser.add_argument("--cache-dir", default=".cache", help="the MNIST weights cache (mnist_conv1)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     specs = {"synthetic": SyntheticSpec(), "clustered": CLUSTERED, "growing": GROWING}
+    device = torch.device(args.device)
     out = {}
     for name in args.sets.split(","):
-        spec = specs[name]
-        out[name] = run_case(name, synthetic_set(spec), spec.theta, torch.device(args.device), repeat=args.repeat)
+        if name == "mnist_conv1":
+            x, theta = mnist_conv1_haps(device, args.cache_dir), MNIST_CONV1_THETA
+        else:
+            x, theta = synthetic_set(specs[name]), specs[name].theta
+        out[name] = run_case(name, x, theta, device, repeat=args.repeat)
         print(json.dumps({name: {**out[name]["ratios"], "nodes": out[name]["nodes"]}}))
 
 

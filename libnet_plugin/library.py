@@ -9,7 +9,8 @@ every batch size, at about the cost of one matrix product per batch.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -20,7 +21,7 @@ from ._validate import check_float_dtype, check_int, dtype_name
 from .errors import NotFittedError, ShapeMismatchError
 
 __all__ = ["leader_within", "Library", "NodeLibrary", "ExactLibrary", "leader_reference", "normalize_rows", "validate_threshold", "EPS",
-           "count_sketch_map", "count_sketch"]
+           "count_sketch_map", "count_sketch", "ChunkScores"]
 
 #: Added to the norm before dividing (docs/method.md section 1): a zero vector stays zero.
 EPS = 1e-12
@@ -88,6 +89,42 @@ def count_sketch(x: Tensor, sketch_map: tuple[Tensor, Tensor], buckets: int) -> 
     # positive and negative units summed into separate columns, then subtracted: no signed copy of x
     z = x.new_zeros(x.shape[0], 2 * buckets).index_add_(1, bucket + buckets * (sign < 0), x)
     return z[:, :buckets] - z[:, buckets:]
+
+
+@dataclass
+class ChunkScores:
+    """The cosines the leader rule of :class:`ExactLibrary` computed for one chunk of rows (what its
+    ``partial_fit(..., on_chunk=...)`` hands out, for the readout's pass; nothing is computed for it).
+
+    Rows are positions in the chunk, nodes are library indices; cosines are float32 products of the
+    normalised rows, with the chunk's rounding (good for bounds, not for exact values).
+
+    Attributes:
+        start: position of the chunk's first row in the batch given to ``partial_fit``.
+        rows: number of rows in the chunk.
+        first_node: library size before the chunk (its first new node gets this index).
+        dense: ``LongTensor[R]`` rows compared with every node ``0 .. first_node - 1`` (none when the
+            library was empty), and ``dense_cos`` ``[R, first_node]`` their cosines.
+        screened: ``LongTensor[S]`` rows the screen decided, ``screened_node`` the node at cosine above
+            theta that decided each and ``screened_cos`` that cosine.
+        cand: rows compared among themselves (best cosine below theta), ``gram`` their cosines ``[U, U]``
+            (``None`` when ``U <= 1``), ``accepted`` the positions in ``cand`` of the rows stored, in order
+            (nodes ``first_node, first_node + 1, ...``); ``novel_cos`` ``[A, first_node]`` the stored rows'
+            cosines to the earlier nodes (``None`` when the library was empty).
+    """
+
+    start: int
+    rows: int
+    first_node: int
+    dense: Tensor
+    dense_cos: Tensor | None
+    screened: Tensor
+    screened_node: Tensor
+    screened_cos: Tensor
+    cand: Tensor
+    gram: np.ndarray | None
+    accepted: Tensor
+    novel_cos: Tensor | None
 
 
 def leader_within(gram: np.ndarray, threshold: float) -> np.ndarray:
@@ -365,8 +402,9 @@ class ExactLibrary:
             return False
         return self._last_miss < 0.5
 
-    def _screen(self, x: Tensor) -> Tensor:
-        """Rows of ``x`` the screen could not decide (it decides rows with a node above the threshold)."""
+    def _screen(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Rows of ``x`` the screen could not decide (it decides rows with a node above the threshold),
+        and for every row the best of the nodes it checked exactly and that cosine."""
         if self._sketch_nodes is None:  # first use, or after load_state_dict
             self._sketch_nodes = torch.empty(self._nodes.shape[0], self.screen_dim, dtype=self.dtype,
                                              device=self.device)
@@ -380,49 +418,95 @@ class ExactLibrary:
         # between this dot product and the dense product, so that the result equals the dense path's
         bar = self.threshold + 16 * torch.finfo(self.dtype).eps * math.sqrt(x.shape[1])
         # two rounds (few kernels): every row's best-ranked node, then the other candidates of the rows left
-        undecided = torch.nonzero(torch.linalg.vecdot(x, nodes[top[:, 0]]) < bar).flatten()
+        best_cos = torch.linalg.vecdot(x, nodes[top[:, 0]])
+        best_node = top[:, 0].clone()
+        undecided = torch.nonzero(best_cos < bar).flatten()
         if undecided.numel() and top.shape[1] > 1:
             cos = torch.bmm(nodes[top[undecided, 1:]], x[undecided].unsqueeze(2)).squeeze(2)
+            second, which = cos.max(dim=1)
+            better = second > best_cos[undecided]
+            best_cos[undecided[better]] = second[better]
+            best_node[undecided[better]] = top[undecided[better], 1 + which[better]]
             undecided = undecided[(cos < bar).all(dim=1)]
-        return undecided
+        return undecided, best_node, best_cos
 
     # -- fitting -------------------------------------------------------------------------------
-    def _novel_rows(self, x: Tensor) -> Tensor:
-        """Apply the leader rule to the normalised rows ``x`` in order; return the accepted row numbers."""
+    def _novel_rows(self, x: Tensor, on_chunk: Callable[[ChunkScores], None] | None = None,
+                    start: int = 0, want_dense: Callable[[Tensor, Tensor], Tensor] | None = None,
+                    screen: bool = True) -> Tensor:
+        """Apply the leader rule to the normalised rows ``x`` in order; return the accepted row numbers.
+
+        ``on_chunk`` receives the cosines computed on the way (a :class:`ChunkScores`); ``want_dense`` and
+        ``screen`` as for :meth:`partial_fit`."""
         b = x.shape[0]
         theta = self.threshold
+        m = self._size
+        no_rows = torch.zeros(0, dtype=torch.long, device=x.device)
+        dense, dense_cos = no_rows, None
+        screened, screened_node, screened_cos = no_rows, no_rows, x.new_zeros(0)
         if self._size == 0:
             cand = torch.arange(b, device=x.device)
             self.stats["first"] += b
-        elif self._use_screen(x.shape[1]):
-            undecided = self._screen(x)
+        elif screen and self._use_screen(x.shape[1]):
+            undecided, best_node, best_cos = self._screen(x)
             miss = undecided.numel() / b
-            self.stats["screened"] += b - undecided.numel()
-            self.stats["dense"] += undecided.numel()
             if miss >= 0.5:  # the screen did not pay: back off exponentially before trying again
                 self._skip, self._backoff = self._backoff, min(2 * self._backoff, 64)
             else:
                 self._backoff = 1
             self._last_miss = miss
-            best = (x[undecided] @ self.nodes.T).amax(dim=1)
-            cand = undecided[best < theta]
+            if on_chunk is not None or want_dense is not None:
+                decided = torch.ones(b, dtype=torch.bool, device=x.device)
+                decided[undecided] = False
+                screened = torch.nonzero(decided).flatten()
+                if want_dense is not None and screened.numel():
+                    # rows whose cosines to every node the caller wants anyway (it never changes a decision:
+                    # the dense product finds them at or above theta too)
+                    more = want_dense(best_node[screened], best_cos[screened]).to(screened.device)
+                    if bool(more.any()):
+                        undecided = torch.sort(torch.cat([undecided, screened[more]])).values
+                        screened = screened[~more]
+                screened_node, screened_cos = best_node[screened], best_cos[screened]
+            self.stats["screened"] += b - undecided.numel()
+            self.stats["dense"] += undecided.numel()
+            dense, dense_cos = undecided, x[undecided] @ self.nodes.T
+            novel = dense_cos.amax(dim=1) < theta
+            cand = undecided[novel]
         else:
-            best = (x @ self.nodes.T).amax(dim=1)
-            cand = torch.nonzero(best < theta).flatten()
+            dense, dense_cos = torch.arange(b, device=x.device), x @ self.nodes.T
+            novel = dense_cos.amax(dim=1) < theta
+            cand = torch.nonzero(novel).flatten()
             self._last_miss = cand.numel() / b  # novel rows always miss the screen
             self.stats["dense"] += b
+        gram = None
         if cand.numel() <= 1:
-            return cand
-        xc = x[cand]
-        accept = leader_within((xc @ xc.T).cpu().numpy(), theta)
-        return cand[torch.from_numpy(accept).to(cand.device)]
+            accepted = torch.arange(cand.numel(), device=x.device)
+        else:
+            xc = x[cand]
+            gram = (xc @ xc.T).cpu().numpy()
+            accepted = torch.from_numpy(leader_within(gram, theta)).to(cand.device)
+        if on_chunk is not None:
+            novel_cos = None if dense_cos is None else dense_cos[novel][accepted]
+            on_chunk(ChunkScores(start=start, rows=b, first_node=m, dense=dense, dense_cos=dense_cos,
+                                 screened=screened, screened_node=screened_node, screened_cos=screened_cos,
+                                 cand=cand, gram=gram, accepted=accepted, novel_cos=novel_cos))
+        return cand[accepted]
 
-    def partial_fit(self, haps: Tensor, indices: Tensor | None = None) -> Tensor:
+    def partial_fit(self, haps: Tensor, indices: Tensor | None = None, *,
+                    on_chunk: Callable[[ChunkScores], None] | None = None,
+                    want_dense: Callable[[Tensor, Tensor], Tensor] | None = None, screen: bool = True) -> Tensor:
         """Visit the rows of ``haps`` in order and store the novel ones.
 
         Args:
             haps: raw flattened activations ``[B, D]``.
             indices: ``LongTensor[B]`` training-set indices of the rows (default: continuing count).
+            on_chunk: called once per chunk, before its new nodes are stored, with the cosines the rule
+                computed (a :class:`ChunkScores`; the Hebbian pass of a fit uses them to skip pairs); it
+                must not change them. The nodes are the same with or without it.
+            want_dense: ``want_dense(node, cosine) -> BoolTensor[S]`` for the rows the screen decided (the
+                node above theta it found for each, and that cosine): which of them to compare with every
+                node all the same, so that their cosines reach ``on_chunk`` (the nodes do not change).
+            screen: ``False`` compares every row with every node (as if the screen were off; same nodes).
 
         Returns:
             ``BoolTensor[B]`` (on the library's device): which rows were stored.
@@ -437,7 +521,7 @@ class ExactLibrary:
         stored = torch.zeros(b, dtype=torch.bool, device=self.device)
         for start in range(0, b, self.chunk_size):
             x = self.transform(haps[start: start + self.chunk_size])
-            rows = self._novel_rows(x)
+            rows = self._novel_rows(x, on_chunk, start, want_dense, screen)
             if rows.numel():
                 self._append(x[rows], indices[start: start + self.chunk_size].to(rows.device)[rows])
                 stored[start + rows] = True

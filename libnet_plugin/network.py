@@ -20,7 +20,7 @@ from .library import NodeLibrary, validate_threshold
 from .metrics import ConfusionAccumulator, agreement_counts, cpl
 from .plugins import make_library, make_probe, make_readout
 from .probe import ConfigurableProbe, ProbeResult
-from .readout import WeightedReadout
+from .readout import HebbianPairPass, WeightedReadout
 from .serialization import load_checked, save_atomic
 
 __all__ = ["LibraryNetwork", "stream_fit", "StreamFit"]
@@ -95,6 +95,9 @@ def stream_fit(probe: Any, train: Any, libraries: Mapping[str, Sequence[Any]], n
     of that layer (``partial_fit``). Pass 2, once the libraries are complete (docs/method.md section 3),
     accumulates one readout per library from the HAPs kept in pass 1 while they fit ``cache_bytes``,
     and otherwise from a second forward pass (the cache is dropped as soon as it exceeds the budget).
+    For an exact library with a Hebbian readout, pass 2 sums Eq. 2 over the (input, node) pairs whose
+    gain counts only, found from what the library computed in pass 1
+    (:class:`~libnet_plugin.readout.HebbianPairPass`).
 
     Args:
         probe: a layer probe (``probe.run(x) -> ProbeResult``).
@@ -127,6 +130,8 @@ def stream_fit(probe: Any, train: Any, libraries: Mapping[str, Sequence[Any]], n
     n = 0
     n_classes = None
     input_shape = None
+    readouts: dict[str, list[Any]] = {}
+    passes: dict[tuple[str, int], HebbianPairPass] = {}  # (layer, library number) -> its pair pass
     for x, _ in progress_bar(iter_batches(train, batch_size), f"{desc} (pass 1)", progress):
         if n_rows(x) == 0:
             continue
@@ -137,10 +142,19 @@ def stream_fit(probe: Any, train: Any, libraries: Mapping[str, Sequence[Any]], n
             raise ShapeMismatchError(f"training batch has per-input shape {shape}, earlier batches had {input_shape}")
         res = probe.run(x)
         n_classes = int(res.outputs.shape[1])
+        if n == 0:  # the readouts (and the pair passes that record pass 1 for them) from the first batch on
+            readouts = {l: [new_readout(n_classes) for _ in libraries[l]] for l in layers}
+            passes = _pair_passes(libraries, readouts, record=True)
         idx = torch.arange(n, n + n_rows(x))
         for layer in layers:
-            for lib in libraries[layer]:
-                lib.partial_fit(res.haps[layer], idx)
+            for j, lib in enumerate(libraries[layer]):
+                pp = passes.get((layer, j))
+                if pp is not None and pp.record:
+                    pp.begin(n)
+                    lib.partial_fit(res.haps[layer], idx, on_chunk=pp.on_chunk, want_dense=pp.want_dense,
+                                    screen=pp.screen)
+                else:
+                    lib.partial_fit(res.haps[layer], idx)
         answers.append(res.answers.cpu())
         n += n_rows(x)
         if cache is not None:
@@ -153,10 +167,11 @@ def stream_fit(probe: Any, train: Any, libraries: Mapping[str, Sequence[Any]], n
     if n == 0 or n_classes is None:
         raise ValueError("fit received no training inputs (empty data)")
     train_answers = torch.cat(answers)
-    readouts = {l: [new_readout(n_classes) for _ in libraries[l]] for l in layers}
     for l in layers:
         for lib, ro in zip(libraries[l], readouts[l]):
             ro.reset(lib.size)
+    for pp in passes.values():
+        pp.finish(n)
 
     def hap_batches():
         if cache is not None:
@@ -170,15 +185,35 @@ def stream_fit(probe: Any, train: Any, libraries: Mapping[str, Sequence[Any]], n
     for haps in progress_bar(hap_batches(), f"{desc} (pass 2)", progress):
         b = haps[layers[0]].shape[0]
         ans = train_answers[seen:seen + b]
-        for l in layers:
-            for lib, ro in zip(libraries[l], readouts[l]):
-                ro.accumulate(lib.similarity(haps[l]), ans)
+        _accumulate(libraries, readouts, passes, haps, ans, seen)
         seen += b
     if seen != n:
         raise ValueError(f"the training data gave {n} inputs in the first pass and {seen} in the second; "
                          "pass data that yields the same inputs every time it is iterated")
+    for pp in passes.values():
+        pp.finalize()
     return StreamFit(readouts=readouts, n_train=n, n_classes=n_classes, input_shape=input_shape,
                      answers=train_answers)
+
+
+def _pair_passes(libraries: Mapping[str, Sequence[Any]], readouts: Mapping[str, Sequence[Any]], *,
+                 record: bool) -> dict[tuple[str, int], HebbianPairPass]:
+    """A :class:`HebbianPairPass` for every (layer, library number) whose library and readout it serves."""
+    return {(l, j): HebbianPairPass(lib, ro, record=record) for l in libraries
+            for j, (lib, ro) in enumerate(zip(libraries[l], readouts[l])) if HebbianPairPass.applies(lib, ro)}
+
+
+def _accumulate(libraries: Mapping[str, Sequence[Any]], readouts: Mapping[str, Sequence[Any]],
+                passes: Mapping[tuple[str, int], HebbianPairPass], haps: Mapping[str, Tensor], answers: Tensor,
+                seen: int) -> None:
+    """Pass 2 for one batch (positions ``seen ..``): every readout of every layer."""
+    for l in readouts:
+        for j, (lib, ro) in enumerate(zip(libraries[l], readouts[l])):
+            pp = passes.get((l, j))
+            if pp is not None:
+                pp.accumulate(haps[l], answers, seen)
+            else:
+                ro.accumulate(lib.similarity(haps[l]), answers)
 
 
 def _stream_fit_distributed(probe: Any, train: Any, libraries: Mapping[str, Sequence[Any]],
@@ -237,6 +272,11 @@ def _stream_fit_distributed(probe: Any, train: Any, libraries: Mapping[str, Sequ
     for l in layers:
         for lib, ro in zip(libraries[l], readouts[l]):
             ro.reset(lib.size)
+    # the pairs that count, found by scoring every input against all nodes (no record of pass 1 here),
+    # and their gains in float64: the weights one process gets, up to the order of the sums
+    passes = _pair_passes(libraries, readouts, record=False)
+    for pp in passes.values():
+        pp.finish(n_local)
     train_answers = torch.cat(answers) if answers else torch.empty(0, dtype=torch.long)
     seen, error = 0, None
     try:
@@ -245,12 +285,12 @@ def _stream_fit_distributed(probe: Any, train: Any, libraries: Mapping[str, Sequ
                 continue
             haps = probe.run(xb).haps
             ans = train_answers[seen:seen + n_rows(xb)]
-            for l in layers:
-                for lib, ro in zip(libraries[l], readouts[l]):
-                    ro.accumulate(lib.similarity(haps[l]), ans)
+            _accumulate(libraries, readouts, passes, haps, ans, seen)
             seen += n_rows(xb)
         if seen != n_local:
             raise ValueError(f"the shard gave {n_local} inputs in the first pass and {seen} in the second")
+        for pp in passes.values():
+            pp.finalize()
     except Exception as exc:
         error = f"{type(exc).__name__}: {exc}"
     exchange_sizes(dist, rank, size, seen, error, device)

@@ -1,9 +1,11 @@
-"""The Hebbian readout's pass (Eq. 2): the same weights however the work is split, no subnormal gains."""
+"""The Hebbian readout's pass (Eq. 2): the same weights however the work is split, no subnormal gains, and the
+pair pass (only the pairs whose gain counts, recomputed in float64) equal to Eq. 2 in float64."""
 
 from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from libnet_plugin.readout import HebbianReadout, hebbian_gain
@@ -40,3 +42,131 @@ def test_accumulate_unchanged_by_the_subnormal_cut():
     onehot = torch.nn.functional.one_hot(ans, 3).float()
     ref = 2.0 * (gain.T @ onehot) - gain.sum(dim=0, keepdim=True).T
     assert torch.equal(r.weight, ref)  # the subnormal terms vanish in the rounding of the sums
+
+
+# -- the pair pass (HebbianPairPass): Eq. 2 over the pairs that count, without the [N, M] product ---------
+
+def _clustered(n: int, dim: int, centres: int, noise: float, seed: int = 0) -> torch.Tensor:
+    """Unit rows around random centres: two rows of one centre are at cosine about 1 / (1 + noise^2)."""
+    g = torch.Generator().manual_seed(seed)
+    c = torch.randn(centres, dim, generator=g)
+    c = c / c.norm(dim=1, keepdim=True)
+    x = c[torch.randint(0, centres, (n,), generator=g)] + noise * torch.randn(n, dim, generator=g) / dim ** 0.5
+    return x / x.norm(dim=1, keepdim=True)
+
+
+def _reference(x: torch.Tensor, nodes: torch.Tensor, answers: torch.Tensor, c: int, width: float = 0.01):
+    """Eq. 2 in float64 over every (input, node) pair, no cut at all."""
+    f = x.double()
+    h = (f @ nodes.double().T) / (f.norm(dim=1, keepdim=True) + 1e-12)
+    gain = torch.exp((h - 1.0) / width)
+    onehot = torch.nn.functional.one_hot(answers, c).double()
+    return 2.0 * gain.T @ onehot - gain.sum(dim=0)[:, None]
+
+
+def _pair_fit(x, answers, theta, *, batch=128, chunk=1024, record=True, c=3, scale=1.0):
+    from libnet_plugin.library import ExactLibrary
+    from libnet_plugin.readout import HebbianPairPass
+
+    lib, ro = ExactLibrary(theta, chunk_size=chunk), HebbianReadout(c)
+    pp = HebbianPairPass(lib, ro, record=record)
+    assert HebbianPairPass.applies(lib, ro)
+    for i in range(0, x.shape[0], batch):
+        if record:
+            pp.begin(i)
+            lib.partial_fit(scale * x[i:i + batch], on_chunk=pp.on_chunk, want_dense=pp.want_dense,
+                            screen=pp.screen)
+        else:
+            lib.partial_fit(scale * x[i:i + batch])
+    ro.reset(lib.size)
+    pp.finish(x.shape[0])
+    for i in range(0, x.shape[0], batch):
+        pp.accumulate(scale * x[i:i + batch], answers[i:i + batch], i)
+    pp.finalize()
+    return lib, ro, pp
+
+
+@pytest.mark.parametrize("case", ["settled", "growing"])
+def test_pair_pass_equals_eq2_in_float64(case):
+    # settled: few centres, the screen decides most rows (leads and neighbour lists); growing: cosines near
+    # theta, most rows compared with the whole library (the first pass's own pairs)
+    centres, noise = (150, 0.45) if case == "settled" else (1500, 0.5)
+    x = _clustered(1500, 1024, centres, noise)
+    answers = torch.randint(0, 3, (1500,), generator=torch.Generator().manual_seed(3))
+    lib, ro, pp = _pair_fit(x, answers, 0.8, scale=2.5)  # raw rows need not be unit vectors
+    ref = _reference(x, lib.nodes, answers, 3)
+    scale = ref.abs().amax(dim=1, keepdim=True)
+    assert float(((ro.weight.double() - ref).abs() / scale).max()) < 2e-7  # float32 rounding of the sums
+    assert pp.stats["triangle_rows"] > 0
+    if case == "settled":
+        assert lib.stats["screened"] > 0
+    # the old dense float32 pass, for scale: its cosines' rounding times 1 / width
+    old = HebbianReadout(3)
+    old.reset(lib.size)
+    for i in range(0, 1500, 128):
+        old.accumulate(lib.similarity(x[i:i + 128]), answers[i:i + 128])
+    assert float(((old.weight.double() - ref).abs() / scale).max()) < 1e-4
+
+
+def test_pair_pass_does_not_depend_on_how_the_work_is_split():
+    x = _clustered(1200, 1024, 300, 0.48)
+    answers = torch.randint(0, 4, (1200,), generator=torch.Generator().manual_seed(1))
+    lib, ro, _ = _pair_fit(x, answers, 0.8, c=4)
+    for kwargs in ({"batch": 50, "chunk": 32}, {"batch": 300}, {"record": False}):  # record=False: the distributed way
+        lib2, ro2, _ = _pair_fit(x, answers, 0.8, c=4, **kwargs)
+        assert torch.equal(lib2.nodes, lib.nodes)
+        torch.testing.assert_close(ro2.weight, ro.weight, rtol=0, atol=2e-7)
+
+
+def test_pair_pass_without_neighbour_lists_or_first_pass_pairs(monkeypatch):
+    from libnet_plugin.readout import HebbianPairPass
+
+    x = _clustered(1000, 1024, 300, 0.5)  # nodes of one centre near each other: neighbour lists
+    answers = torch.randint(0, 3, (1000,), generator=torch.Generator().manual_seed(2))
+    _, ro, pp = _pair_fit(x, answers, 0.8)
+    want = ro.weight
+    assert pp.has_nbrs and pp.stats["triangle_rows"] > 0
+    monkeypatch.setattr(HebbianPairPass, "NEIGHBOUR_PAIRS", 0)
+    monkeypatch.setattr(HebbianPairPass, "NEIGHBOUR_SHARE", 1 << 40)  # no neighbour lists
+    monkeypatch.setattr(HebbianPairPass, "ROW_PAIRS", 0)  # and (almost) no first-pass pairs
+    lib, ro, pp = _pair_fit(x, answers, 0.8)
+    assert not pp.has_nbrs and pp.stats["triangle_rows"] == 0
+    torch.testing.assert_close(ro.weight, want, rtol=0, atol=2e-7)
+
+
+def test_pair_pass_serves_only_what_it_computes_alike():
+    from libnet_plugin.library import ExactLibrary
+    from libnet_plugin.readout import HebbianPairPass
+    from libnet_plugin.sparse import SparseLibrary
+
+    assert HebbianPairPass.applies(ExactLibrary(0.8), HebbianReadout(3))
+    assert HebbianPairPass.applies(SparseLibrary(0.8, n_units=16), HebbianReadout(3))  # only embed differs
+    assert not HebbianPairPass.applies(ExactLibrary(0.8), HebbianReadout(3, width=0.05))  # g counts everywhere
+    assert not HebbianPairPass.applies(ExactLibrary(0.8, score_dtype="bfloat16"), HebbianReadout(3))
+
+    class Rescored(ExactLibrary):
+        def similarity(self, haps):
+            return super().similarity(haps) * 0.5
+
+    assert not HebbianPairPass.applies(Rescored(0.8), HebbianReadout(3))
+
+
+def test_fit_weights_equal_eq2_for_every_layer_and_data_form():
+    from torch import nn
+
+    import libnet_plugin as lnp
+
+    x = _clustered(900, 1024, 100, 0.45, seed=4)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Identity(), nn.Linear(1024, 5), nn.ReLU(), nn.Linear(5, 5)).eval()
+    # the activations and answers as the fit computes them, batch by batch (a product's rounding depends on its rows)
+    batches = x.split(100)
+    answers = torch.cat([model(b).argmax(dim=1) for b in batches])
+    streamed = lnp.LibraryNetwork(model, ["0", "1"], thresholds={"0": 0.8, "1": 0.97}, batch_size=100).fit(x)
+    cached = lnp.LibraryNetwork(model, ["0", "1"], thresholds={"0": 0.8, "1": 0.97}, batch_size=100,
+                                cache_bytes=1 << 30).fit(list(x.split(100)))
+    for layer, f in (("0", x), ("1", torch.cat([model[1](b).detach() for b in batches]))):
+        ref = _reference(f, streamed.libraries_[layer].nodes, answers, 5)
+        w = streamed.readouts_[layer].weight
+        torch.testing.assert_close(w.double(), ref, rtol=0, atol=2e-7 * float(ref.abs().max()))
+        assert torch.equal(cached.readouts_[layer].weight, w)
