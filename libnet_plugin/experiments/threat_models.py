@@ -37,10 +37,10 @@ TRADE_OFF_FPRS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3)
 class AdaptiveBudget:
     """Sizes of the attacks that know the detector (``libnet evaluate-detectors --adaptive-*`` options)."""
 
-    n: int = 64
+    n: int = 48
     steps: int = 100
     restarts: int = 1
-    lambdas: tuple[float, ...] = (0.0, 1.0, 10.0)
+    lambdas: tuple[float, ...] = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0)
     queries: int = 500
     black_box_epsilons: tuple[float, ...] | None = None  # None: the largest epsilon only
     check_every: int = 10
