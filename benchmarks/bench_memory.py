@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["measure", "main"]
+__all__ = ["measure", "main", "peak_mb", "MALLOC_ENV"]
 
 _ROOT = Path(__file__).resolve().parent.parent
 #: glibc keeps freed large buffers in its heap once its adaptive mmap threshold has grown, so peak RSS
@@ -51,6 +51,10 @@ def _peak_mb() -> float:
         pass
     scale = 1 if sys.platform == "darwin" else 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+
+
+#: the peak RSS of this process in MiB (public for the other memory benchmarks)
+peak_mb = _peak_mb
 
 
 class _GpuPeak:

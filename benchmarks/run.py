@@ -14,7 +14,9 @@ Sections (docs/design.md section 6, issue "Performance"):
 5. sparse sampling: sparse and projected libraries at a few sizes on the MNIST default;
 6. the detector guard's throughput from 1 and from 4 threads, against the model alone;
 7. the whole fit (library, then the Hebbian readout's pass) against one plain matrix product, on the
-   synthetic set, a clustered set (3,000 centres) and a library that keeps growing (cosines near theta).
+   synthetic set, a clustered set (3,000 centres) and a library that keeps growing (cosines near theta);
+8. peak memory and time of fitting and scoring one library against the layer's width (10k to 1M values per
+   input; exact, sparse, projected, pooled; benchmarks/bench_layer_size.py; --quick: 10k and 100k).
 
 Ratios are measured in one run; absolute times are reported with the machine that produced them.
 """
@@ -42,7 +44,7 @@ from libnet_plugin.experiments.report import (
 )
 from libnet_plugin.plugins import make_probe
 
-from . import bench_construction, bench_fit, bench_guard_threads, bench_memory, bench_sparse
+from . import bench_construction, bench_fit, bench_guard_threads, bench_layer_size, bench_memory, bench_sparse
 from ._util import machine_info, resolve_device
 from .mnist_setup import MnistBench, prepare_mnist
 from .synthetic import CLUSTERED, GROWING, SyntheticSpec, synthetic_set
@@ -147,6 +149,9 @@ def run(device: str = "cpu", *, quick: bool = False, out_dir: str | Path = "benc
         sections["detector_overhead"] = _detector(dev, quick, log)
     with timer.stage("guard_threads"):
         sections["guard_threads"] = bench_guard_threads.main(str(dev), quick=quick, log=log)
+    with timer.stage("layer_size"):
+        widths = bench_layer_size.WIDTHS[:2] if quick else bench_layer_size.WIDTHS
+        sections["layer_size"] = bench_layer_size.run(widths, n=500 if quick else 2000, log=log)
     report["seconds"] = timer.as_dict()
     report["machine"]["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     write_json_atomic(out / "report.json", report)
@@ -289,6 +294,13 @@ def render_markdown(report: dict[str, Any]) -> str:
                   markdown_table(["threads", "model", "guard", "guard / model"],
                                  [[r["threads"], r["model_inputs_per_s"], r["guard_inputs_per_s"],
                                    r["guard_over_model"]] for r in guard["rows"]], floatfmt=".2f"), ""]
+    layer = sec.get("layer_size")
+    if layer:
+        lines += ["## 8. Memory against the layer's width (benchmarks/bench_layer_size.py)", "",
+                  f"{layer['settings']['n']} synthetic inputs per width in batches of {layer['settings']['batch']}, "
+                  "each configuration in a fresh process (peak RSS, Linux VmHWM); fit = library pass + Hebbian pass "
+                  "(times include generating the rows); scoring: 256 inputs, top_k 8.", "",
+                  bench_layer_size.render(layer), ""]
     if report.get("figure"):
         lines += [f"![benchmarks]({report['figure']})", ""]
     return "\n".join(lines)
