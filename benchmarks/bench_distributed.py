@@ -58,9 +58,9 @@ def _count_undecided(log: dict[int, list[int]]) -> None:
         log.setdefault(id(library), []).append(int(keep.numel()))
         return keep
 
-    def timed_fit(self: Any, haps: torch.Tensor, indices: Any = None) -> torch.Tensor:
+    def timed_fit(self: Any, haps: torch.Tensor, indices: Any = None, **options: Any) -> torch.Tensor:
         t0 = time.perf_counter()
-        out = fit_inner(self, haps, indices)
+        out = fit_inner(self, haps, indices, **options)
         TIMES["partial_fit"] += time.perf_counter() - t0
         return out
 
