@@ -273,7 +273,7 @@ def evaluate_detectors(net_or_model: Any, train: Any, clean_test: Any, attacked_
         log: a function receiving progress lines (default: silent).
         attack_detector: called as ``attack_detector(det, label)`` with each calibrated detector; what it
             returns (JSON-able, e.g. the evasion rates of attacks that know the detector) is kept in the
-            detector's ``"attacks"`` entry.
+            detector's ``"attacks"`` entry (``None``: not attacked, no entry).
 
     Returns:
         A JSON-able dict::
@@ -392,7 +392,9 @@ def evaluate_detectors(net_or_model: Any, train: Any, clean_test: Any, attacked_
             entry["aupr"][name] = aupr(clean_scores, s)
             curves[name][label] = _roc(clean_scores, s)
         if attack_detector is not None:
-            entry["attacks"] = attack_detector(det, label)
+            attacks = attack_detector(det, label)
+            if attacks is not None:
+                entry["attacks"] = attacks
         results[label] = entry
 
     attack_names = [n for n in sets if kinds[n] == "attack"]

@@ -118,6 +118,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="out-of-domain sets (default: all of experiments.ood.ood_sets)")
     parser.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True,
                         help="attack every detector with the attacks that know it (default: on)")
+    parser.add_argument("--adaptive-detectors", nargs="+", metavar="LABEL",
+                        help="attack only these detectors (labels of the table) with the attacks that know them "
+                             "(default: every detector)")
     parser.add_argument("--adaptive-n", type=int, metavar="N",
                         help="correctly classified images attacked per detector (default 48; 12 with --quick)")
     parser.add_argument("--adaptive-steps", type=int, metavar="N", help="PGD steps per restart (default 100)")
@@ -231,6 +234,8 @@ def _command(args: argparse.Namespace) -> str:
         parts.append("--no-adaptive")
     if args.adaptive_lambdas is not None:
         parts += ["--adaptive-lambdas", *(f"{v:g}" for v in args.adaptive_lambdas)]
+    if args.adaptive_detectors:
+        parts += ["--adaptive-detectors", *(repr(d) if " " in d else d for d in args.adaptive_detectors)]
     for flag, value in (("--adaptive-n", args.adaptive_n), ("--adaptive-steps", args.adaptive_steps),
                         ("--black-box-queries", args.black_box_queries)):
         if value is not None:
@@ -286,6 +291,10 @@ def _plan(args: argparse.Namespace) -> tuple[Any, ...]:
     thresholds, auto = _parse_thresholds(args.thresholds, LAYERS)
     specs = _chosen_detectors(args.detectors)
     budget = _budget(args, quick)
+    if budget is not None and budget.detectors is not None:
+        unknown = sorted(set(budget.detectors) - set(specs))
+        if unknown:
+            raise ExperimentError(f"--adaptive-detectors {unknown} are not among the detectors of this run: {sorted(specs)}")
     from .ood import OOD_SET_NAMES
 
     unknown = sorted(set(args.ood or ()) - set(OOD_SET_NAMES))
@@ -304,13 +313,14 @@ def _budget(args: argparse.Namespace, quick: bool) -> AdaptiveBudget | None:
     queries = args.black_box_queries if args.black_box_queries is not None else (50 if quick else 500)
     given = args.adaptive_lambdas
     lambdas = tuple(float(v) for v in given) if given is not None else ((0.0, 0.1, 1.0) if quick else DEFAULT_LAMBDAS)
+    only = tuple(args.adaptive_detectors) if args.adaptive_detectors else None
     if n < 1 or steps < 1 or args.adaptive_restarts < 1 or queries < 0:
         raise ExperimentError(f"--adaptive-n, --adaptive-steps and --adaptive-restarts must be >= 1 and "
                               f"--black-box-queries >= 0, got {n}, {steps}, {args.adaptive_restarts}, {queries}")
     if not lambdas or any(not (v >= 0 and v < float("inf")) for v in lambdas):
         raise ExperimentError(f"--adaptive-lambdas must be finite numbers >= 0, got {list(lambdas)}")
     return AdaptiveBudget(n=n, steps=steps, restarts=args.adaptive_restarts, lambdas=lambdas, queries=queries,
-                          seed=args.seed)
+                          seed=args.seed, detectors=only)
 
 
 def _run(args: argparse.Namespace, quick: bool, n_train: int, epochs: int, nb_iter: int, n_attack: int,

@@ -45,12 +45,14 @@ class AdaptiveBudget:
     black_box_epsilons: tuple[float, ...] | None = None  # None: the largest epsilon only
     check_every: int = 10
     seed: int = 0
+    detectors: tuple[str, ...] | None = None  # None: every detector of the run
 
     def describe(self) -> dict[str, Any]:
         return {"n": self.n, "steps": self.steps, "restarts": self.restarts, "lambdas": list(self.lambdas),
                 "step_size": "2.5 eps / steps", "queries": self.queries,
                 "black_box_epsilons": None if self.black_box_epsilons is None else list(self.black_box_epsilons),
-                "check_every": self.check_every, "seed": self.seed}
+                "check_every": self.check_every, "seed": self.seed,
+                "detectors": None if self.detectors is None else list(self.detectors)}
 
 
 @dataclass
@@ -79,8 +81,10 @@ class ThreatModels:
             self._surrogates[key] = FeatureMatching(net, self.reference)
         return self._surrogates[key]
 
-    def __call__(self, det: Any, label: str) -> dict[str, Any]:
+    def __call__(self, det: Any, label: str) -> dict[str, Any] | None:
         b = self.budget
+        if b.detectors is not None and label not in b.detectors:
+            return None
         wanted = b.black_box_epsilons if b.black_box_epsilons is not None else (max(self.non_adaptive),)
         out: dict[str, Any] = {"white-box method": "score gradient" if det.differentiable else
                                "feature-matching surrogate", "by_epsilon": {}}
@@ -118,5 +122,5 @@ def evasion_table(detectors: Mapping[str, Mapping[str, Any]], epsilons: Sequence
         return f"{e['non-adaptive']:.2f} / {e['white-box']:.2f} / {bb} / **{e['strongest']:.2f}**"
 
     rows = [[label, d["attacks"]["white-box method"], *(cell(d["attacks"]["by_epsilon"].get(eps)) for eps in epsilons)]
-            for label, d in detectors.items() if "attacks" in d]
+            for label, d in detectors.items() if d.get("attacks")]
     return markdown_table(["detector", "white-box attack", *(f"eps={e}" for e in epsilons)], rows)
