@@ -196,7 +196,9 @@ def test_report_has_the_real_detector_table(quick_run):
         assert set(d["auroc"]) == set(table["sets"]) and all(0.0 <= a <= 1.0 for a in d["auroc"].values())
     md = (out / "report.md").read_text()
     assert table["table_markdown"] in md and "| cpl (paper, top_k 20) |" in md and "](roc.png)" in md
-    assert json.loads((out / "detectors.json").read_text())["rows"] == table["rows"]
+    written = json.loads((out / "detectors.json").read_text())
+    assert written["rows"] == table["rows"]
+    assert written["files"]["roc_png"] == str(out / "roc.png")  # the final folder, not the staging one
     assert (out / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / "detectors.md").is_file()
 
 

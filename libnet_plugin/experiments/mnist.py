@@ -611,6 +611,8 @@ def _run_stages(run: PreparedRun, final: Path) -> dict[str, Any]:
     }
     report["timings"] = timer.as_dict()
     report = relocate(to_jsonable(report), out, final)  # paths name the folder the run is swapped into
+    if detectors and detectors.get("available") and (out / "detectors.json").is_file():
+        write_json_atomic(out / "detectors.json", report["detectors"]["table"])  # its file paths, too
     write_text_atomic(out / "report.md", render_markdown(report))
     write_json_atomic(out / "report.json", report)  # last: its presence means the run completed
     return report
