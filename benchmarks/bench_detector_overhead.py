@@ -39,6 +39,8 @@ DETECTORS: dict[str, tuple[str, dict[str, Any]]] = {
     "library-margin (conv1, conv2)": ("library-margin", {"layers": ["conv1", "conv2"]}),
     "library-distance": ("library-distance", {}),
     "library-distance (conv1, conv2)": ("library-distance", {"layers": ["conv1", "conv2"]}),
+    "library-fusion": ("library-fusion", {}),
+    "library-fusion (conv1, conv2)": ("library-fusion", {"layers": ["conv1", "conv2"]}),
     "msp": ("msp", {}),
     "mahalanobis": ("mahalanobis", {}),
     "knn": ("knn", {}),
