@@ -429,7 +429,7 @@ def _write_report(args: argparse.Namespace, res: dict[str, Any], stage: Path, ou
                      f"Cells: non-adaptive PGD / white-box adaptive / black-box score-only / strongest per input, on "
                      f"{res['adaptive']['n']} correctly classified images; white-box PGD {b['steps']} steps, "
                      f"{b['restarts']} restart(s), lambdas {b['lambdas']}; black-box {b['queries']} queries.\n\n"
-                     + res["adaptive"]["evasion_markdown"])
+                     + res["adaptive"]["evasion_markdown"] + "\n\n![evasion against eps and against the FPR](evasion.png)")
     write_text_atomic(stage / "detectors.md", "\n\n".join(parts) + "\n")
     write_json_atomic(stage / "detectors.json", res)
     return note

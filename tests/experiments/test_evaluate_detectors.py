@@ -51,7 +51,7 @@ def test_evaluate_detectors_command_quick(tmp_path, capsys):
     assert res["adaptive"]["budget"]["steps"] == 3
     assert "attacks" not in res["detectors"]["library-distance"]  # not in --adaptive-detectors
     text = (out / "detectors.md").read_text()
-    assert "| detector |" in text and "FPR at 95% TPR" in text and "### Evasion" in text
+    assert "| detector |" in text and "FPR at 95% TPR" in text and "### Evasion" in text and "](evasion.png)" in text
     assert (out / "roc.png").is_file() and (out / "evasion.png").is_file()
     assert res["files"]["evasion_png"] == str(out / "evasion.png")
     assert "best library-based detector" in capsys.readouterr().out
