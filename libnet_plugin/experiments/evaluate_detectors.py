@@ -5,19 +5,24 @@ weights cached in ``--cache-dir`` and shared with ``libnet reproduce mnist``): t
 split in two halves; the first half is the clean CALIBRATION set (detector thresholds and the clean
 reference of fused scores), the second half the clean EVALUATION set, whose correctly classified images
 are attacked with the standard protocol of docs/method.md section 9 (L-inf PGD-40 in pixel space, random
-start, step ``2.5 eps / 40``, eps 0.1 / 0.2 / 0.3; only successful attacks are kept). Out-of-domain sets:
-scikit-learn's 8x8 digits upscaled to 28x28, and uniform noise images. Every detector listed by the
+start, step ``2.5 eps / 40``, eps 0.1 / 0.2 / 0.3; only successful attacks are kept), FGSM at the same
+epsilons, CW-L2 and DeepFool (``--attacks``). Out-of-domain sets: the seven of
+:func:`~libnet_plugin.experiments.ood.ood_sets` (``--ood``). Every detector listed by the
 registered plugins (the ``libnet_detector_comparison`` hook), plus the MNIST variants of
 :data:`~libnet_plugin.experiments.comparison.MNIST_VARIANTS` (the library-based scores on the convolution layers), is calibrated on the same clean
-images at 5% FPR and scored on the same sets; none sees an attacked input before the test.
+images at 5% FPR and scored on the same sets; none sees an attacked input before the test. Then every
+detector (or those of ``--adaptive-detectors``) is attacked by attackers who know it
+(:mod:`~libnet_plugin.experiments.threat_models`: white-box adaptive PGD and a score-only search), and
+its evasion rate is reported (``--no-adaptive`` skips this, the longest part of the run).
 
 Output (``--out``, default ``runs/detectors``): ``detectors.json`` (everything
-:func:`~libnet_plugin.experiments.comparison.evaluate_detectors` returns), ``detectors.md`` (the table) and ``roc.png`` (ROC curves, one panel
-per set).
+:func:`~libnet_plugin.experiments.comparison.evaluate_detectors` returns), ``detectors.md`` (the tables) and ``roc.png`` (ROC curves, one panel
+per set), and ``evasion.png`` (evasion against epsilon and against the FPR).
 
 Example:
-    libnet evaluate-detectors                  # the MNIST default, a few minutes on 2 cores
-    libnet evaluate-detectors --quick          # a small run for tests (about 30 s)
+    libnet evaluate-detectors                  # the MNIST default: 3 minutes with --no-adaptive,
+                                               # about 30 with the attacks on every detector (2 cores)
+    libnet evaluate-detectors --quick          # a small run for tests (about a minute)
     libnet evaluate-detectors --thresholds S1  # the seed's hand-picked set S1 instead of "auto"
 """
 
