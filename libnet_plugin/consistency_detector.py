@@ -524,8 +524,9 @@ class ConsistencyDetector:
         self._ensure_scorer()
         self._check_model()
         if isinstance(x, Tensor) and x.requires_grad and torch.is_grad_enabled() and self.differentiable:
-            scores, outputs = self._score_with_grad(x, exact=True)  # both keep the graph (see score)
-            return GuardOutput(output=outputs, flagged=scores.detach() > self.threshold_, score=scores)
+            graph_scores, graph_outputs = self._score_with_grad(x, exact=True)  # both keep the graph (see score)
+            return GuardOutput(output=graph_outputs, flagged=graph_scores.detach() > self.threshold_,
+                               score=graph_scores)
         scores, outputs = self._score_batch(x, want_outputs=True)
         return GuardOutput(output=outputs, flagged=scores > self.threshold_, score=scores)
 

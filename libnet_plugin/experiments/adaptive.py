@@ -113,12 +113,12 @@ class FeatureMatching:
         return masked.argmax(dim=1)
 
     def __call__(self, haps: Mapping[str, Tensor], target: Tensor) -> Tensor:
-        total = 0
+        terms = []
         for l in self.layers:
             f = torch.nn.functional.normalize(haps[l].flatten(1).float(), dim=1)
             mu = self.means[l].to(f.device)[target]
-            total = total + (1.0 - (f * mu).sum(dim=1))
-        return total
+            terms.append(1.0 - (f * mu).sum(dim=1))
+        return torch.stack(terms).sum(dim=0)
 
 
 def _check_attack(det: Any, x: Tensor, y: Tensor, eps: float) -> float:
@@ -148,7 +148,7 @@ def judge(det: Any, x_adv: Tensor, y: Tensor, batch_size: int = 256) -> AttackOu
     return AttackOutcome(x_adv, mis, score, mis & (score <= det.threshold_), float(det.threshold_))
 
 
-Key = tuple[Tensor, Tensor, Tensor]
+Key = tuple[Tensor, ...]
 
 
 def _key(misclassified: Tensor, score: Tensor, secondary: Tensor, threshold: float) -> Key:
@@ -179,9 +179,8 @@ def best_of(outcomes: Sequence[AttackOutcome]) -> AttackOutcome:
     for o in outcomes[1:]:
         zero = torch.zeros_like(o.score)
         better = _less(_key(o.misclassified, o.score, zero, thr), _key(best.misclassified, best.score, zero, thr))
-        best = AttackOutcome(*(_where(better, new, old) for new, old in (
-            (o.x_adv, best.x_adv), (o.misclassified, best.misclassified), (o.score, best.score),
-            (o.evaded, best.evaded))), thr)
+        best = AttackOutcome(_where(better, o.x_adv, best.x_adv), _where(better, o.misclassified, best.misclassified),
+                             _where(better, o.score, best.score), _where(better, o.evaded, best.evaded), thr)
     return best
 
 

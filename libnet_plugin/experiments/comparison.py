@@ -247,7 +247,7 @@ def evaluate_detectors(net_or_model: Any, train: Any, clean_test: Any, attacked_
                        layers: Sequence[str] | None = None, thresholds: Any = None, fpr: float = 0.05,
                        batch_size: int = 256, fpr_splits: int = 50, plugin_manager: Any = None,
                        log: Callable[[str], None] | None = None,
-                       attack_detector: Callable[[ConsistencyDetector, str], dict[str, Any]] | None = None,
+                       attack_detector: Callable[[ConsistencyDetector, str], dict[str, Any] | None] | None = None,
                        ) -> dict[str, Any]:
     """Calibrate every detector on the same clean data and score it on the same attacked / OOD sets.
 
