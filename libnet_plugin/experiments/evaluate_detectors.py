@@ -134,6 +134,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adaptive-lambdas", nargs="+", type=float, metavar="L",
                         help="weights of the detector term (default: " + " ".join(f"{v:g}" for v in DEFAULT_LAMBDAS)
                              + "; 0 0.1 1 with --quick)")
+    parser.add_argument("--adaptive-kappas", nargs="+", type=float, default=[0.0], metavar="K",
+                        help="margins by which the white-box attack pushes the wrong class ahead, one attack each, "
+                             "the best per image kept (default: 0; e.g. 0 5 against confidence-based scores)")
     parser.add_argument("--black-box-queries", type=int, metavar="N",
                         help="queries of the score-only search, at the largest epsilon (default 500)")
     parser.add_argument("--quick", action="store_true",
@@ -245,6 +248,8 @@ def _command(args: argparse.Namespace) -> str:
                         ("--black-box-queries", args.black_box_queries)):
         if value is not None:
             parts += [flag, str(value)]
+    if [float(v) for v in args.adaptive_kappas] != [0.0]:
+        parts += ["--adaptive-kappas", *(f"{v:g}" for v in args.adaptive_kappas)]
     if args.adaptive_restarts != 1:
         parts += ["--adaptive-restarts", str(args.adaptive_restarts)]
     for flag, value, default in (("--n-attack", args.n_attack, None), ("--fpr", args.fpr, 0.05),
@@ -324,8 +329,11 @@ def _budget(args: argparse.Namespace, quick: bool) -> AdaptiveBudget | None:
                               f"--black-box-queries >= 0, got {n}, {steps}, {args.adaptive_restarts}, {queries}")
     if not lambdas or any(not (v >= 0 and v < float("inf")) for v in lambdas):
         raise ExperimentError(f"--adaptive-lambdas must be finite numbers >= 0, got {list(lambdas)}")
+    kappas = tuple(float(v) for v in args.adaptive_kappas)
+    if not kappas or any(not (v >= 0 and v < float("inf")) for v in kappas):
+        raise ExperimentError(f"--adaptive-kappas must be finite numbers >= 0, got {list(kappas)}")
     return AdaptiveBudget(n=n, steps=steps, restarts=args.adaptive_restarts, lambdas=lambdas, queries=queries,
-                          seed=args.seed, detectors=only)
+                          seed=args.seed, detectors=only, kappas=kappas)
 
 
 def _run(args: argparse.Namespace, quick: bool, n_train: int, epochs: int, nb_iter: int, n_attack: int,

@@ -46,13 +46,14 @@ class AdaptiveBudget:
     check_every: int = 10
     seed: int = 0
     detectors: tuple[str, ...] | None = None  # None: every detector of the run
+    kappas: tuple[float, ...] = (0.0,)  # margins the classifier term pushes past the boundary; one attack each
 
     def describe(self) -> dict[str, Any]:
         return {"n": self.n, "steps": self.steps, "restarts": self.restarts, "lambdas": list(self.lambdas),
                 "step_size": "2.5 eps / steps", "queries": self.queries,
                 "black_box_epsilons": None if self.black_box_epsilons is None else list(self.black_box_epsilons),
                 "check_every": self.check_every, "seed": self.seed,
-                "detectors": None if self.detectors is None else list(self.detectors)}
+                "detectors": None if self.detectors is None else list(self.detectors), "kappas": list(self.kappas)}
 
 
 @dataclass
@@ -90,9 +91,10 @@ class ThreatModels:
                                "feature-matching surrogate", "by_epsilon": {}}
         for eps, x_plain in sorted(self.non_adaptive.items()):
             plain = judge(det, x_plain, self.y)
-            white = adaptive_pgd(det, self.x, self.y, eps=eps, steps=b.steps, restarts=b.restarts, lambdas=b.lambdas,
-                                 surrogate=None if det.differentiable else self.surrogate(det.net),
-                                 check_every=b.check_every, seed=b.seed)
+            white = best_of([adaptive_pgd(det, self.x, self.y, eps=eps, steps=b.steps, restarts=b.restarts,
+                                          lambdas=b.lambdas, kappa=kappa,
+                                          surrogate=None if det.differentiable else self.surrogate(det.net),
+                                          check_every=b.check_every, seed=b.seed) for kappa in b.kappas])
             outcomes = [plain, white]
             entry: dict[str, Any] = {"n": int(self.x.shape[0]), "non-adaptive": plain.summary()["evasion"],
                                      "white-box": white.summary()["evasion"],

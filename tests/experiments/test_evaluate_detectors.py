@@ -26,7 +26,7 @@ def test_evaluate_detectors_command_quick(tmp_path, capsys):
     rc = main(["evaluate-detectors", "--quick", "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
                "--detectors", "cpl (paper, top_k 20)", "library-distance", "msp", "--attacks", "pgd", "fgsm",
                "deepfool", "--ood", "uniform noise", "rotated 90", "--adaptive-n", "4", "--adaptive-steps", "3",
-               "--adaptive-detectors", "msp", "cpl (paper, top_k 20)",
+               "--adaptive-detectors", "msp", "cpl (paper, top_k 20)", "--adaptive-kappas", "0", "5",
                "--black-box-queries", "4", "--no-progress"])
     assert rc == 0
     import json
@@ -48,7 +48,7 @@ def test_evaluate_detectors_command_quick(tmp_path, capsys):
     at3 = attacks["by_epsilon"]["0.3"]
     assert at3["n"] == 4 and at3["black-box"] is not None and attacks["by_epsilon"]["0.1"]["black-box"] is None
     assert at3["strongest"] >= max(at3["non-adaptive"], at3["white-box"], at3["black-box"])
-    assert res["adaptive"]["budget"]["steps"] == 3
+    assert res["adaptive"]["budget"]["steps"] == 3 and res["adaptive"]["budget"]["kappas"] == [0.0, 5.0]
     assert "attacks" not in res["detectors"]["library-distance"]  # not in --adaptive-detectors
     text = (out / "detectors.md").read_text()
     assert "| detector |" in text and "FPR at 95% TPR" in text and "### Evasion" in text and "](evasion.png)" in text
@@ -65,6 +65,7 @@ def test_evaluate_detectors_command_quick(tmp_path, capsys):
     (["--ood", "nope"], "unknown --ood sets \\['nope'\\]"),
     (["--adaptive-lambdas", "-1"], "--adaptive-lambdas must be finite numbers >= 0"),
     (["--adaptive-detectors", "nope"], "--adaptive-detectors \\['nope'\\] are not among"),
+    (["--adaptive-kappas", "-1"], "--adaptive-kappas must be finite numbers >= 0"),
     (["--adaptive-n", "0"], "--adaptive-n, --adaptive-steps and --adaptive-restarts must be >= 1"),
 ])
 def test_bad_arguments_exit_2_before_any_work(tmp_path, capsys, argv, message):
