@@ -214,6 +214,26 @@ def iter_batches(data: Any, batch_size: int = 256) -> Iterator[tuple[Tensor | Mu
         yield x, y
 
 
+def collect(data: Any, run: Any, fn: Any, batch_size: int) -> Any:
+    """``fn(run(batch))`` over a Tensor (one batch) or every batch of ``data``, concatenated.
+
+    ``fn`` returns a Tensor or a ``{key: Tensor}`` dict; dicts are concatenated key by key. Empty
+    batches are skipped; data without any row raises ``ValueError``.
+
+    Example:
+        >>> collect(torch.arange(5.0), lambda x: x, lambda r: r * 2, batch_size=2).tolist()
+        [0.0, 2.0, 4.0, 6.0, 8.0]
+    """
+    if isinstance(data, (Tensor, MultiInput)):
+        return fn(run(data))
+    parts = [fn(run(xb)) for xb, _ in iter_batches(data, batch_size) if n_rows(xb)]
+    if not parts:
+        raise ValueError("received no inputs (empty data)")
+    if isinstance(parts[0], dict):
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    return torch.cat(parts)
+
+
 def is_one_shot(data: Any) -> bool:
     """True when ``data`` is an iterator (a generator, ``iter(...)``) that cannot be iterated twice.
 

@@ -455,7 +455,7 @@ class ConsistencyDetector:
             raise NotFittedError(f"the {self.method!r} score fuses per-layer p-values against clean reference data: "
                                  "call det.calibrate(clean_data, fpr=0.05) first")
         self._check_model()
-        if isinstance(x, Tensor) and x.requires_grad and torch.is_grad_enabled() and self.differentiable:
+        if self._keeps_graph(x):
             return self._score_with_grad(x, exact=True)[0]
         if isinstance(x, (Tensor, MultiInput)):
             return self._score_batch(x)[0]
@@ -488,6 +488,10 @@ class ConsistencyDetector:
                                  "call det.calibrate(clean_data, fpr=0.05) first")
         self._check_model()
         return self._score_with_grad(x, exact=False)[0]
+
+    def _keeps_graph(self, x: Any) -> bool:
+        """Score ``x`` with the autograd graph: grad enabled, a tensor that requires grad, a differentiable score."""
+        return isinstance(x, Tensor) and x.requires_grad and torch.is_grad_enabled() and self.differentiable
 
     def _score_with_grad(self, x: Tensor, exact: bool) -> tuple[Tensor, Tensor]:
         """The score (``exact``) or the surrogate of one batch, and the model's outputs, with the graph to ``x``."""
@@ -523,7 +527,7 @@ class ConsistencyDetector:
         self._check_calibrated()
         self._ensure_scorer()
         self._check_model()
-        if isinstance(x, Tensor) and x.requires_grad and torch.is_grad_enabled() and self.differentiable:
+        if self._keeps_graph(x):
             graph_scores, graph_outputs = self._score_with_grad(x, exact=True)  # both keep the graph (see score)
             return GuardOutput(output=graph_outputs, flagged=graph_scores.detach() > self.threshold_,
                                score=graph_scores)

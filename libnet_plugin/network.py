@@ -12,7 +12,7 @@ import pluggy
 import torch
 from torch import Tensor
 
-from ._batches import MultiInput, is_one_shot, iter_batches, n_rows, per_input_shape, progress_bar
+from ._batches import MultiInput, collect, is_one_shot, iter_batches, n_rows, per_input_shape, progress_bar
 from ._validate import check_int
 from ._version import __version__
 from .errors import LayerNotFoundError, LibraryTooLargeWarning, NotFittedError, ShapeMismatchError
@@ -556,14 +556,7 @@ class LibraryNetwork:
     def _collect(self, x: Any, fn) -> Any:
         """Apply ``fn(probe_result)`` -> dict/Tensor to a Tensor or every batch of an iterable; concatenate."""
         self.check_fitted()
-        if isinstance(x, (Tensor, MultiInput)):
-            return fn(self.run(x))
-        parts = [fn(self.run(xb)) for xb, _ in iter_batches(x, self.batch_size) if n_rows(xb)]
-        if not parts:
-            raise ValueError("received no inputs (empty data)")
-        if isinstance(parts[0], dict):
-            return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-        return torch.cat(parts)
+        return collect(x, self.run, fn, self.batch_size)
 
     def predict_scores(self, x: Any, top_k: int | None = None) -> dict[str, Tensor]:
         """Per-layer class evidence P (Eq. 3).

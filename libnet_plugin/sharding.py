@@ -53,7 +53,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._batches import MultiInput, iter_batches, n_rows
+from ._batches import MultiInput, collect
 from .distributed import DistributedScoringError, all_gather_same, exchange_sizes, world
 from .errors import LayerNotFoundError, NotFittedError, ShapeMismatchError
 from .metrics import cpl
@@ -463,14 +463,7 @@ class ShardedNetwork:
         return idx, sims
 
     def _collect(self, x: Any, fn) -> Any:
-        if isinstance(x, (Tensor, MultiInput)):
-            return fn(self.run(x))
-        parts = [fn(self.run(xb)) for xb, _ in iter_batches(x, self.batch_size) if n_rows(xb)]
-        if not parts:
-            raise ValueError("received no inputs (empty data)")
-        if isinstance(parts[0], dict):
-            return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-        return torch.cat(parts)
+        return collect(x, self.run, fn, self.batch_size)
 
     def predict_scores(self, x: Any, top_k: int | None = None) -> dict[str, Tensor]:
         """Per-layer class evidence P (Eq. 3): ``{layer: Tensor[B, C]}`` (a collective)."""

@@ -35,7 +35,7 @@ from .._batches import MultiInput
 from ..errors import NotFittedError
 from ..probe import LayerProbe, ProbeResult
 from ._features import check_layers, layer_state
-from .conformal import ConformalFusion
+from .conformal import ConformalFusion, fisher
 
 __all__ = ["FittedNetwork", "ConsistencyScore", "ScoreLike", "PluginScore", "FusedLayerScore", "as_consistency_score"]
 
@@ -265,15 +265,19 @@ class FusedLayerScore(ConsistencyScore):
             raise NotFittedError(f"the {self.name!r} detector is not fitted; call fit(net) first")
         return self.layers_
 
+    def combine(self, p_values: Tensor) -> Tensor:
+        """The fused score ``[B]`` of per-feature p-values ``[B, F]``: Fisher's ``-sum log p`` (override to change)."""
+        return fisher(p_values)
+
     def set_reference(self, features: Tensor) -> Tensor:
         """Store the features ``[N, F]`` of clean reference inputs; return their fused scores (leave-one-out)."""
         self.check_is_fitted()
-        return self.fusion.fit(features)
+        return self.combine(self.fusion.fit_p_values(features))
 
     def score(self, net: FittedNetwork, result: ProbeResult) -> Tensor:
         """Fused score ``[B]`` (float32, higher = more suspicious); needs :meth:`set_reference` first."""
         self.check_is_fitted()
-        return self.fusion(self.features(net, result)).float()
+        return self.combine(self.fusion.p_values(self.features(net, result))).float()
 
     def surrogate(self, net: FittedNetwork, result: ProbeResult) -> Tensor:
         """The sum over features of their values standardised on the clean reference (differentiable).

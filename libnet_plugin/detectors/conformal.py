@@ -10,7 +10,12 @@ from torch import Tensor
 
 from ..errors import NotFittedError, ShapeMismatchError
 
-__all__ = ["ConformalFusion"]
+__all__ = ["ConformalFusion", "fisher"]
+
+
+def fisher(p_values: Tensor) -> Tensor:
+    """Fisher's fusion of per-feature p-values ``[B, F]``: ``-sum_j log p_j`` ``[B]``."""
+    return -torch.log(p_values).sum(dim=1)
 
 
 class ConformalFusion:
@@ -44,7 +49,7 @@ class ConformalFusion:
 
     def fit(self, reference: Tensor) -> Tensor:
         """Store the clean reference scores ``[N, F]``; return their leave-one-out fused scores ``[N]``."""
-        return -torch.log(self.fit_p_values(reference)).sum(dim=1)
+        return fisher(self.fit_p_values(reference))
 
     def fit_p_values(self, reference: Tensor) -> Tensor:
         """Store the clean reference scores ``[N, F]``; return their leave-one-out p-values ``[N, F]``."""
@@ -97,7 +102,7 @@ class ConformalFusion:
 
     def __call__(self, scores: Tensor) -> Tensor:
         """Fisher-fused score ``-sum log p`` ``[B]`` (float64)."""
-        return -torch.log(self.p_values(scores)).sum(dim=1)
+        return fisher(self.p_values(scores))
 
     def state_dict(self) -> dict[str, Tensor]:
         return {} if self._sorted is None else {"reference": self._sorted.contiguous()}

@@ -60,7 +60,7 @@ class LibraryFusionScore(LibraryDistanceScore):
         super().__init__(layers, **settings)
         if combine not in ("fisher", "min"):
             raise ValueError(f"combine must be 'fisher' or 'min', got {combine!r}")
-        self.combine = combine
+        self.combination = combine
         outs = (outputs,) if isinstance(outputs, str) else tuple(outputs)
         bad = [o for o in outs if o not in self.OUTPUTS]
         if bad or len(set(outs)) != len(outs):
@@ -84,16 +84,8 @@ class LibraryFusionScore(LibraryDistanceScore):
             cols.append((-gap)[:, None])
         return torch.cat(cols, dim=1)
 
-    def _combined(self, p: Tensor) -> Tensor:
-        return -torch.log(p).sum(dim=1) if self.combine == "fisher" else -torch.log(p.amin(dim=1))
-
-    def set_reference(self, features: Tensor) -> Tensor:
-        self.check_is_fitted()
-        return self._combined(self.fusion.fit_p_values(features))
-
-    def score(self, net: FittedNetwork, result: ProbeResult) -> Tensor:
-        self.check_is_fitted()
-        return self._combined(self.fusion.p_values(self.features(net, result))).float()
+    def combine(self, p_values: Tensor) -> Tensor:
+        return super().combine(p_values) if self.combination == "fisher" else -torch.log(p_values.amin(dim=1))
 
     def config(self) -> dict[str, Any]:
-        return {**super().config(), "outputs": list(self.outputs), "combine": self.combine}
+        return {**super().config(), "outputs": list(self.outputs), "combine": self.combination}

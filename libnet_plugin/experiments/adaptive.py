@@ -286,18 +286,21 @@ def adaptive_pgd(det: Any, x: Tensor, y: Tensor, *, eps: float, steps: int = 100
     return _concat(parts, thr)
 
 
+def _spread(values: Tensor) -> float:
+    """The standard deviation of the finite ``values``; 1 when it is undefined or zero."""
+    v = values[torch.isfinite(values)]
+    sd = float(v.std()) if v.numel() > 1 else 1.0
+    return sd if math.isfinite(sd) and sd > 0 else 1.0
+
+
 def _score_scale(det: Any, x: Tensor, surrogate: FeatureMatching | None) -> float:
     """The spread of the attacked term on the clean inputs, so that lambda weighs it in margin units."""
-    with torch.no_grad():
-        if surrogate is None:
-            ref = det.calibration_scores_
-            ref = ref[torch.isfinite(ref)]
-            sd = float(ref.std()) if ref.numel() > 1 else 1.0
-            if det.scorer.fuses:  # the gradient is the surrogate's: scale it by its own spread
-                sd = float(det.surrogate(x).std()) if x.shape[0] > 1 else 1.0
-        else:
-            sd = 1.0
-    return sd if math.isfinite(sd) and sd > 0 else 1.0
+    if surrogate is not None:
+        return 1.0
+    if not det.scorer.fuses:
+        return _spread(det.calibration_scores_)
+    with torch.no_grad():  # the gradient of a fused score is its surrogate's: scale it by its own spread
+        return _spread(det.surrogate(x))
 
 
 def _concat(parts: Sequence[AttackOutcome], thr: float) -> AttackOutcome:
@@ -324,9 +327,7 @@ def score_search(det: Any, x: Tensor, y: Tensor, *, eps: float, queries: int = 5
         raise ValueError(f"score_search attacks images [N, C, H, W], got shape {list(x.shape)}")
     gen = torch.Generator().manual_seed(int(seed))
     thr = float(det.threshold_)
-    ref = det.calibration_scores_[torch.isfinite(det.calibration_scores_)]
-    sd = float(ref.std()) if ref.numel() > 1 else 1.0
-    sd = sd if math.isfinite(sd) and sd > 0 else 1.0
+    sd = _spread(det.calibration_scores_)
     from tqdm.auto import tqdm
 
     def objective(xq: Tensor, yq: Tensor) -> tuple[Tensor, Tensor, Tensor]:

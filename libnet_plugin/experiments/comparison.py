@@ -23,7 +23,8 @@ from torch import Tensor
 
 from .._batches import iter_batches
 from ..consistency_detector import ConsistencyDetector
-from ..detectors import ConformalFusion
+from ..detectors import ConformalFusion, FusedLayerScore
+from ..detectors.conformal import fisher
 from ..errors import ShapeMismatchError
 from ..network import LibraryNetwork
 from ..plugins import registered_detectors
@@ -213,10 +214,20 @@ def calibration_check(det: ConsistencyDetector, x_clean: Any, fpr: float, n_spli
     Returns:
         ``{"requested", "mean", "sd", "min", "max", "n_calibration", "n_heldout", "n_splits"}``.
     """
-    return _split_fpr(det.calibration_data(x_clean), det.scorer.fuses, fpr, n_splits, seed)
+    return _split_fpr(det.calibration_data(x_clean), _combination(det), fpr, n_splits, seed)
 
-def _split_fpr(data: Tensor, fused: bool, fpr: float, n_splits: int, seed: int) -> dict[str, Any]:
-    """:func:`calibration_check` on what :meth:`ConsistencyDetector.calibration_data` returned for clean inputs."""
+
+def _combination(det: ConsistencyDetector) -> Callable[[Tensor], Tensor] | None:
+    """How ``det``'s score fuses p-values (None: a plain score); Fisher's for fused plugins of their own."""
+    if not det.scorer.fuses:
+        return None
+    return det.scorer.combine if isinstance(det.scorer, FusedLayerScore) else fisher
+
+
+def _split_fpr(data: Tensor, combine: Callable[[Tensor], Tensor] | None, fpr: float, n_splits: int,
+               seed: int) -> dict[str, Any]:
+    """:func:`calibration_check` on what :meth:`ConsistencyDetector.calibration_data` returned for clean inputs;
+    ``combine`` fuses the per-feature p-values of fused scores (None for plain scores)."""
 
     data = data.detach().double().cpu()
     n = data.shape[0]
@@ -229,9 +240,9 @@ def _split_fpr(data: Tensor, fused: bool, fpr: float, n_splits: int, seed: int) 
     for _ in range(int(n_splits)):
         perm = torch.randperm(n, generator=g)
         cal, held = data[perm[:n_cal]], data[perm[n_cal:]]
-        if fused:
+        if combine is not None:
             fusion = ConformalFusion()
-            cal_scores, held_scores = fusion.fit(cal), fusion(held)
+            cal_scores, held_scores = combine(fusion.fit_p_values(cal)), combine(fusion.p_values(held))
         else:
             cal_scores, held_scores = cal, held
         threshold = cal_scores.sort().values[rank - 1]
@@ -378,7 +389,7 @@ def evaluate_detectors(net_or_model: Any, train: Any, clean_test: Any, attacked_
             "threshold": det.threshold_, "fit_s": fit_s, "ms_per_1000": ms,
             "time_ratio": ms / forward_ms if forward_ms and math.isfinite(forward_ms) else float("nan"),
         }
-        entry["fpr_check"] = _split_fpr(torch.cat([cal_data.cpu(), clean_data.cpu()]), det.scorer.fuses, fpr,
+        entry["fpr_check"] = _split_fpr(torch.cat([cal_data.cpu(), clean_data.cpu()]), _combination(det), fpr,
                                         n_splits=fpr_splits, seed=0)
         mem = det.memory_bytes()
         mem["kept"] = mem["detector"] + (mem["library"] if entry["library_based"] else 0)

@@ -193,12 +193,6 @@ def _cached_attacks(model: torch.nn.Module, x: Tensor, y: Tensor, epsilons: Sequ
             log(f"could not cache the attacks in {str(path)!r}: {exc}")
     return out
 
-def _standard_pgd(model: torch.nn.Module, x: Tensor, y: Tensor, eps: float, nb_iter: int, seed: int) -> Tensor:
-    from .attacks import attack_standard_protocol
-
-    return attack_standard_protocol(model, x, y, eps=eps, nb_iter=nb_iter, seed=seed, backend="torch")[0]
-
-
 def _other_attacks(model: torch.nn.Module, x: Tensor, y: Tensor, epsilons: Sequence[float], families: Sequence[str],
                    progress: bool) -> list[tuple[str, Tensor, dict[str, Any]]]:
     """FGSM at each epsilon, CW-L2 and DeepFool (minimal perturbations, no epsilon) on the same images."""
@@ -362,23 +356,24 @@ def _run(args: argparse.Namespace, quick: bool, n_train: int, epochs: int, nb_it
     attack_info: dict[str, Any] = {}
     with timer.stage("attacks"):
         xa, ya = x_eval[:n_attack], y_eval[:n_attack]
-        adv = _cached_attacks(model, xa, ya, epsilons, nb_iter, args.seed, args.cache_dir, bool(args.progress), log)
-        for eps in epsilons:
+        with torch.no_grad():
+            correct = model(xa).argmax(1) == ya  # the attacked images a successful attack starts from
+        # PGD is also the non-adaptive attacker of the threat models, so it runs when either needs it
+        need_pgd = "pgd" in args.attacks or budget is not None
+        adv = (_cached_attacks(model, xa, ya, epsilons, nb_iter, args.seed, args.cache_dir, bool(args.progress), log)
+               if need_pgd else {})
+        for eps in epsilons if "pgd" in args.attacks else ():
             x_adv, source = adv[eps]
             with torch.no_grad():
-                keep = (model(xa).argmax(1) == ya) & (model(x_adv).argmax(1) != ya)
+                keep = correct & (model(x_adv).argmax(1) != ya)
             name = f"PGD eps={eps:g}"
             attacked[name] = x_adv[keep]
             attack_info[name] = {"attacked": int(xa.shape[0]), "successful": int(keep.sum()), "nb_iter": nb_iter,
                                  "source": source}
             log(f"{name}: {int(keep.sum())} successful attacks of {xa.shape[0]} ({source})")
-        pgd = {eps: adv[eps][0] for eps in epsilons} if "pgd" in args.attacks else {}
-        if "pgd" not in args.attacks:
-            for eps in epsilons:
-                attacked.pop(f"PGD eps={eps:g}")
         for name, x_adv, info in _other_attacks(model, xa, ya, epsilons, args.attacks, bool(args.progress)):
             with torch.no_grad():
-                keep = (model(xa).argmax(1) == ya) & (model(x_adv).argmax(1) != ya)
+                keep = correct & (model(x_adv).argmax(1) != ya)
             attacked[name] = x_adv[keep]
             attack_info[name] = {"attacked": int(xa.shape[0]), "successful": int(keep.sum()), **info}
             log(f"{name}: {int(keep.sum())} successful attacks of {xa.shape[0]}")
@@ -390,10 +385,8 @@ def _run(args: argparse.Namespace, quick: bool, n_train: int, epochs: int, nb_it
         ood = {k: v for k, v in ood.items() if k in args.ood}
     threats = None
     if budget is not None:
-        with torch.no_grad():
-            ok = (model(xa).argmax(1) == ya).nonzero().flatten()[:budget.n]
-        plain = {eps: pgd[eps][ok] if eps in pgd else _standard_pgd(model, xa[ok], ya[ok], eps, nb_iter, args.seed)
-                 for eps in epsilons}
+        ok = correct.nonzero().flatten()[:budget.n]
+        plain = {eps: adv[eps][0][ok] for eps in epsilons}
         threats = ThreatModels(xa[ok], ya[ok], plain, x_tr[:2000], budget, log)
     with timer.stage("library network"):
         net = LibraryNetwork(model, list(LAYERS), thresholds=thresholds, auto_thresholds=auto).fit(
