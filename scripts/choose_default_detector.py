@@ -38,8 +38,21 @@ CANDIDATES = {
                                                                        "outputs": ["confidence", "logit-margin"]}),
     "fusion: distance conv1, conv2, fc1 + both outputs": ("library-fusion", {"layers": ["conv1", "conv2", "fc1"],
                                                                              "outputs": ["confidence", "logit-margin"]}),
+    # round 3: the answer's standing among the classes per layer (distance-margin), and a Fisher sum
+    # weighted by the correlation of the features on the clean calibration data
+    "fusion: distance + distance-margin all + both outputs": ("library-fusion", {
+        "features": ["distance", "distance-margin"], "outputs": ["confidence", "logit-margin"]}),
+    "fusion: distance + distance-margin conv + both outputs": ("library-fusion", {
+        "layers": ["conv1", "conv2"], "features": ["distance", "distance-margin"],
+        "outputs": ["confidence", "logit-margin"]}),
+    "fusion: distance all + both outputs, weighted Fisher": ("library-fusion", {
+        "outputs": ["confidence", "logit-margin"], "combine": "weighted"}),
+    "fusion: distance conv + both outputs, weighted Fisher": ("library-fusion", {
+        "layers": ["conv1", "conv2"], "outputs": ["confidence", "logit-margin"], "combine": "weighted"}),
 }
-ROUNDS = {1: list(CANDIDATES)[:5], 2: list(CANDIDATES)[5:]}
+#: the current default (all layers) and its conv1, conv2 variant, which each round is compared with
+CURRENT = ("fusion: distance all + confidence + logit-margin", "fusion: distance conv + confidence + logit-margin")
+ROUNDS = {1: list(CANDIDATES)[:5], 2: list(CANDIDATES)[5:8], 3: [*CURRENT, *list(CANDIDATES)[8:]]}
 BASELINES = ("msp", "mahalanobis", "knn", "cpl (paper, top_k 20)")
 
 

@@ -9,12 +9,13 @@ p-values on clean data and fuses them (docs/method.md section 16).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from ..errors import NotFittedError, ShapeMismatchError
 from ..metrics import stable_softmax
 from ..probe import ProbeResult
 from .api import FittedNetwork
@@ -35,16 +36,20 @@ class LibraryFusionScore(LibraryDistanceScore):
     - ``"logit-margin"``: ``-(z_(1) - z_(2))``, minus the gap between the two largest outputs.
 
     Every feature becomes a conformal p-value against the clean calibration inputs and the p-values
-    are fused with Fisher's method (``combine="fisher"``: ``-sum log p``) or by the smallest one
-    (``combine="min"``: ``-log min p``, Tippett's method, which a single strong feature drives alone). It needs only the fitted library network and the
-    forward pass the guard runs anyway; its gradient (for adaptive attacks) is that of the standardised
-    features (:meth:`FusedLayerScore.surrogate <libnet_plugin.detectors.FusedLayerScore.surrogate>`).
+    are fused with Fisher's method (``combine="fisher"``: ``-sum log p``), by the smallest one
+    (``combine="min"``: ``-log min p``, Tippett's method, which a single strong feature drives alone) or
+    by a weighted Fisher sum (``combine="weighted"``: ``-sum_j w_j log p_j`` with
+    ``w_j = 1 / sum_k |r_jk|``, ``r`` the correlation of the ``-log p`` of the clean calibration inputs,
+    so that features that repeat one another, such as the two output features, share one weight). It
+    needs only the fitted library network and the forward pass the guard runs anyway; its gradient (for
+    adaptive attacks) is that of the standardised features, weighted as the p-values are
+    (:meth:`FusedLayerScore.surrogate <libnet_plugin.detectors.FusedLayerScore.surrogate>`).
 
     Args:
         layers, features, ...: see :class:`LibraryMarginScore <libnet_plugin.detectors.LibraryMarginScore>`.
         outputs: the output features (default both: ``("confidence", "logit-margin")``, chosen on
             development splits, docs/method.md section 16); ``()`` gives ``"library-distance"``.
-        combine: ``"fisher"`` (default) or ``"min"``.
+        combine: ``"fisher"`` (default), ``"min"`` or ``"weighted"``.
 
     Example:
         >>> from libnet_plugin.plugins import make_detector
@@ -54,13 +59,15 @@ class LibraryFusionScore(LibraryDistanceScore):
 
     name: ClassVar[str] = "library-fusion"
     OUTPUTS: ClassVar[tuple[str, ...]] = ("confidence", "logit-margin")
+    COMBINE: ClassVar[tuple[str, ...]] = ("fisher", "min", "weighted")
 
     def __init__(self, layers: Sequence[str] | None = None, *, outputs: Sequence[str] = ("confidence", "logit-margin"),
                  combine: str = "fisher", **settings: Any):
         super().__init__(layers, **settings)
-        if combine not in ("fisher", "min"):
-            raise ValueError(f"combine must be 'fisher' or 'min', got {combine!r}")
+        if combine not in self.COMBINE:
+            raise ValueError(f"combine must be one of {self.COMBINE}, got {combine!r}")
         self.combination = combine
+        self._weights: Tensor | None = None  # combine="weighted": set from the clean reference
         outs = (outputs,) if isinstance(outputs, str) else tuple(outputs)
         bad = [o for o in outs if o not in self.OUTPUTS]
         if bad or len(set(outs)) != len(outs):
@@ -85,7 +92,56 @@ class LibraryFusionScore(LibraryDistanceScore):
         return torch.cat(cols, dim=1)
 
     def combine(self, p_values: Tensor) -> Tensor:
-        return super().combine(p_values) if self.combination == "fisher" else -torch.log(p_values.amin(dim=1))
+        if self.combination == "min":
+            return -torch.log(p_values.amin(dim=1))
+        if self.combination == "weighted":
+            return -(torch.log(p_values) * self._feature_weights(p_values)).sum(dim=1)
+        return super().combine(p_values)
+
+    def _feature_weights(self, like: Tensor) -> Tensor:
+        if self._weights is None:
+            raise NotFittedError("combine='weighted' takes its weights from the clean reference; calibrate first")
+        if self._weights.shape[0] != like.shape[-1]:
+            raise ShapeMismatchError(f"{self._weights.shape[0]} weights for {like.shape[-1]} features")
+        return self._weights.to(device=like.device, dtype=like.dtype)
+
+    @staticmethod
+    def correlation_weights(p_values: Tensor) -> Tensor:
+        """``w_j = 1 / sum_k |r_jk|`` with ``r`` the correlation of ``-log p`` over rows ``[N, F]`` (float64).
+
+        Independent features keep weight 1; ``m`` identical copies of one feature share weight 1 (each
+        ``1 / m``). A feature constant on the reference is uncorrelated with the others.
+        """
+        e = -torch.log(p_values.detach().double())
+        e = e - e.mean(dim=0)
+        sd = e.pow(2).mean(dim=0).sqrt()
+        z = torch.where(sd > 0, e / sd.clamp(min=1e-300), torch.zeros_like(e))
+        r = (z.T @ z) / e.shape[0]
+        r.fill_diagonal_(1.0)
+        return 1.0 / r.abs().sum(dim=1)
+
+    def set_reference(self, features: Tensor) -> Tensor:
+        self.check_is_fitted()
+        p = self.fusion.fit_p_values(features)
+        self._weights = self.correlation_weights(p) if self.combination == "weighted" else None
+        return self.combine(p)
+
+    def surrogate(self, net: FittedNetwork, result: ProbeResult) -> Tensor:
+        if self.combination != "weighted":
+            return super().surrogate(net, result)
+        self.check_is_fitted()
+        z = self.fusion.standardized(self.features(net, result))
+        return (z * self._feature_weights(z)).sum(dim=1).float()
+
+    def _state(self) -> dict[str, Tensor]:
+        return {**super()._state(), **({} if self._weights is None else {"weights": self._weights})}
+
+    def _load_state(self, state: Mapping[str, Tensor], net: FittedNetwork) -> None:
+        super()._load_state(state, net)
+        w = state.get("weights")
+        self._weights = None if w is None else w.double().to(net.device)
+        if self.combination == "weighted" and self.fusion.is_fitted and self._weights is None:
+            raise ValueError("a saved combine='weighted' detector without its weights")
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "outputs": list(self.outputs), "combine": self.combination}

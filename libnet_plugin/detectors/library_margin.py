@@ -45,6 +45,10 @@ class LibraryMarginScore(FusedLayerScore):
       with ``S`` the within-class covariance of the nodes (shared by the classes, pseudo-inverse). It is
       Lee et al.'s (2018) Gaussian model built from the library alone (no training data is kept); ``inf``
       when the library holds no node of class ``a``.
+    - ``"distance-margin"``: ``d_a - min_{c != a} d_c`` with ``d_c`` the ``distance`` to class ``c``'s
+      node mean: negative when the layer's nearest class is the model's answer, positive by how much
+      another class is nearer (the answer's standing among the classes at that layer; ``0`` when the
+      library holds no node of another class).
 
     A node's class is the class its Hebbian readout row favours (:func:`node_classes`). Each feature is
     turned into a conformal p-value on clean reference data and all are fused with Fisher's method.
@@ -55,11 +59,12 @@ class LibraryMarginScore(FusedLayerScore):
         layers: layers to use (default: every probed layer).
         k: nodes per class side in ``margin`` and ``similarity``.
         span: nearest nodes whose span reconstructs the activation in ``residual``.
-        features: any of ``"margin"``, ``"residual"``, ``"similarity"``, ``"distance"``.
+        features: any of ``"margin"``, ``"residual"``, ``"similarity"``, ``"distance"``,
+            ``"distance-margin"``.
         ridge: added to the diagonal of the Gram matrix (nodes may be nearly collinear).
         max_gram_nodes: libraries up to this size keep their full Gram matrix (``M^2`` floats); larger
             ones compute the Gram matrix of each input's nearest nodes on the fly.
-        pool: for ``distance``: ``"auto"`` (average over positions the layers whose torch module has
+        pool: for ``distance`` (and ``distance-margin``): ``"auto"`` (average over positions the layers whose torch module has
             ``out_channels``, when the library stores the whole activation), ``None`` (never) or
             ``{layer: n_channels}``.
         max_dim: for ``distance``: longer (unpooled) vectors are reduced by a fixed Gaussian random
@@ -76,7 +81,9 @@ class LibraryMarginScore(FusedLayerScore):
 
     name: ClassVar[str] = "library-margin"
     uses_library: ClassVar[bool] = True
-    FEATURES: ClassVar[tuple[str, ...]] = ("margin", "residual", "similarity", "distance")
+    FEATURES: ClassVar[tuple[str, ...]] = ("margin", "residual", "similarity", "distance", "distance-margin")
+    #: the features computed from the library nodes' class Gaussian (no look-up of the nodes at scoring)
+    GAUSSIAN_FEATURES: ClassVar[tuple[str, ...]] = ("distance", "distance-margin")
     DEFAULT_FEATURES: ClassVar[tuple[str, ...]] = ("margin", "residual")
 
     def __init__(self, layers: Sequence[str] | None = None, k: int = 3, span: int = 100,
@@ -113,7 +120,7 @@ class LibraryMarginScore(FusedLayerScore):
         self._classes, self._grams, self._gauss = {}, {}, {}
         for i, l in enumerate(self.fitted_layers()):
             lib = net.libraries_[l]
-            needs_nodes = [f for f in ("residual", "distance") if f in self.features_]
+            needs_nodes = [f for f in ("residual", *self.GAUSSIAN_FEATURES) if f in self.features_]
             if needs_nodes and not isinstance(lib, NodeLibrary):
                 raise TypeError(f"the {needs_nodes} feature(s) need a library exposing its nodes (.nodes); the "
                                 f"library of layer {l!r} is a {type(lib).__name__}; use features=('margin',)")
@@ -122,7 +129,7 @@ class LibraryMarginScore(FusedLayerScore):
                 self._grams[l] = lib.nodes @ lib.nodes.T
             else:
                 self._grams[l] = None
-            if "distance" in self.features_:
+            if any(f in self.features_ for f in self.GAUSSIAN_FEATURES):
                 self._gauss[l] = self._node_gaussian(net, l, i, lib.nodes, self._classes[l])
 
     def _node_gaussian(self, net: FittedNetwork, layer: str, index: int, nodes: Tensor,
@@ -141,11 +148,18 @@ class LibraryMarginScore(FusedLayerScore):
         means, precision, present = shared_gaussian(onehot.T @ g, g.T @ g, onehot.sum(dim=0), g.shape[0])
         return {"channels": channels, "proj": proj, "means": means, "present": present, "precision": precision}
 
-    def _distance(self, lib: Any, layer: str, hap: Tensor, answers: Tensor) -> Tensor:
+    def _class_distances(self, lib: Any, layer: str, hap: Tensor) -> Tensor:
+        """``distance`` to every class's node mean ``[B, C]`` (``inf`` for classes without nodes)."""
         st = self._gauss[layer]
         g = pooled(lib.transform(hap), st["channels"], st["proj"]).double()
-        d = class_distances(g, st["means"], st["precision"], st["present"])
-        return d.gather(1, answers[:, None])[:, 0]
+        return class_distances(g, st["means"], st["precision"], st["present"])
+
+    @staticmethod
+    def _distance_margin(d: Tensor, answers: Tensor) -> Tensor:
+        """``d_a - min_{c != a} d_c`` per row of class distances ``d`` ``[B, C]`` (0 without another class)."""
+        own = d.gather(1, answers[:, None])[:, 0]
+        other = d.scatter(1, answers[:, None], float("inf")).amin(dim=1)
+        return torch.where(other.isfinite(), own - other, torch.zeros_like(own))
 
     def _fit(self, net: FittedNetwork, data: Any) -> None:
         self._prepare(net)
@@ -183,7 +197,7 @@ class LibraryMarginScore(FusedLayerScore):
         self.check_is_fitted()
         answers = result.answers.to(net.device)
         cols = []
-        needs_h = any(f != "distance" for f in self.features_)
+        needs_h = any(f not in self.GAUSSIAN_FEATURES for f in self.features_)
         for l in self.fitted_layers():
             lib = net.libraries_[l]
             cls = self._classes[l]
@@ -195,6 +209,8 @@ class LibraryMarginScore(FusedLayerScore):
                 same = cls[None, :] == answers[:, None]
                 kk = min(self.k, h.shape[1])
                 s_same = h.masked_fill(~same, -1.0).topk(kk, dim=1).values.mean(dim=1)
+            d = (self._class_distances(lib, l, result.haps[l])
+                 if any(f in self.features_ for f in self.GAUSSIAN_FEATURES) else None)
             for f in self.features_:
                 if f == "margin":
                     s_other = h.masked_fill(same, -1.0).topk(kk, dim=1).values.mean(dim=1)
@@ -203,8 +219,12 @@ class LibraryMarginScore(FusedLayerScore):
                     cols.append((-s_same).double())
                 elif f == "residual":
                     cols.append(self._residual(lib, self._grams[l], h).double())
+                elif f == "distance":
+                    assert d is not None
+                    cols.append(d.gather(1, answers[:, None])[:, 0])
                 else:
-                    cols.append(self._distance(lib, l, result.haps[l], answers))
+                    assert d is not None
+                    cols.append(self._distance_margin(d, answers))
         return torch.stack(cols, dim=1)
 
     def config(self) -> dict[str, Any]:

@@ -59,3 +59,72 @@ def test_min_combine_is_minus_log_of_the_smallest_p_value(fitted, mlp_data):
     torch.testing.assert_close(det.score(x[200:]), (-torch.log(p.amin(dim=1))).float())
     with pytest.raises(ValueError, match="combine must be"):
         LibraryFusionScore(combine="mean")
+
+
+def test_distance_margin_is_the_answers_distance_minus_the_nearest_other_class(fitted, mlp_data):
+    x, _ = mlp_data
+    layers = ["fc2", "out"]
+    score = LibraryDistanceScore(layers=layers, features=("distance", "distance-margin")).fit(fitted)
+    assert score.feature_names() == ["fc2/distance", "fc2/distance-margin", "out/distance", "out/distance-margin"]
+    r = fitted.probe.run(x[:40])
+    f = score.features(fitted, r)
+    answers = r.answers
+    for i, l in enumerate(layers):
+        d = score._class_distances(fitted.libraries_[l], l, r.haps[l]).numpy()
+        a = answers.numpy()
+        own = d[np.arange(len(a)), a]
+        others = d.copy()
+        others[np.arange(len(a)), a] = np.inf
+        np.testing.assert_allclose(f[:, 2 * i].numpy(), own, rtol=1e-9)
+        np.testing.assert_allclose(f[:, 2 * i + 1].numpy(), own - others.min(axis=1), rtol=1e-9)
+        # negative exactly where the answer class is the layer's nearest class
+        assert ((f[:, 2 * i + 1] < 0).numpy() == (d.argmin(axis=1) == a)).all()
+
+
+def test_distance_margin_is_zero_without_another_class():
+    d = torch.tensor([[1.0, float("inf")], [3.0, 2.0]], dtype=torch.float64)
+    out = LibraryDistanceScore._distance_margin(d, torch.tensor([0, 0]))
+    assert out.tolist() == [0.0, 1.0]
+
+
+def test_correlation_weights_share_one_weight_among_copies():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(400, 1, generator=g), torch.rand(400, 1, generator=g)
+    w = LibraryFusionScore.correlation_weights(torch.cat([a, a, a, b], dim=1).clamp(min=1e-3))
+    assert w[:3].sum().item() == pytest.approx(1.0, abs=0.05)
+    assert w[3].item() == pytest.approx(1.0, abs=0.2)
+    torch.testing.assert_close(w[0], w[1])
+    # a constant feature is uncorrelated with the rest
+    w = LibraryFusionScore.correlation_weights(torch.cat([a, torch.full_like(a, 0.5)], dim=1))
+    assert w.tolist() == [1.0, 1.0]
+
+
+def test_weighted_combine_uses_the_calibration_weights_and_survives_save(fitted, mlp_data, tmp_path):
+    x, _ = mlp_data
+    det = lnp.ConsistencyDetector(fitted, method="library-fusion", settings={"combine": "weighted"}).calibrate(x[:200])
+    scorer = det.scorer
+    cal = scorer.features(fitted, fitted.probe.run(x[:200]))
+    w = LibraryFusionScore.correlation_weights(scorer.fusion.fit_p_values(cal))
+    scorer.set_reference(cal)
+    torch.testing.assert_close(scorer._weights, w)
+    assert w.shape == (len(scorer.feature_names()),) and bool((w > 0).all() and (w <= 1).all())
+    p = scorer.fusion.p_values(scorer.features(fitted, fitted.probe.run(x[200:])))
+    expected = (-torch.log(p) * w).sum(dim=1).float()
+    torch.testing.assert_close(det.score(x[200:]), expected)
+    # the output features repeat one another: together they weigh less than two independent features
+    assert float(w[-2:].sum()) < 2.0
+    path = tmp_path / "d.safetensors"
+    det.save(path)
+    back = lnp.ConsistencyDetector.load(path, fitted.model)
+    torch.testing.assert_close(back.score(x[200:]), det.score(x[200:]))
+    # the adaptive attacks' gradient is the weighted standardised features'
+    xg = x[200:210].clone().requires_grad_(True)
+    det.score(xg).sum().backward()
+    assert xg.grad is not None and bool(xg.grad.abs().sum() > 0)
+
+
+def test_weighted_combine_needs_calibration(fitted, mlp_data):
+    x, _ = mlp_data
+    scorer = LibraryFusionScore(combine="weighted").fit(fitted)
+    with pytest.raises(lnp.NotFittedError, match="weights"):
+        scorer.combine(torch.full((3, len(scorer.feature_names())), 0.5, dtype=torch.float64))
