@@ -186,7 +186,11 @@ class HebbianPairPass:
       lists. On the unit sphere angles obey the triangle inequality, so a node ``n`` at cosine above the
       cut from the input has ``angle(lead, n) <= acos(s) + acos(cut)``: only the lead's neighbours
       within that angle can count. Where that leaves many nodes, the input is scored against the nodes
-      not covered yet by one float32 product instead, as before.
+      not covered yet by one float32 product instead, as before. When the bound would leave most inputs
+      to that product anyway (unrelated inputs at high cosines, as a conv layer's patterns), the lists
+      are dropped at the end of the first pass (:data:`TRIANGLE_SHARE`);
+    - when theta lies below the cut (:attr:`settled`), a stored row has no pair with any node stored
+      after it: the rule found each of them below theta against it. Such a row needs its own pair only.
 
     Every candidate pair's cosine is then recomputed in float64 from the stored float32 node and the
     input's activations (``h = <f, n> / (||f|| + eps)``), and the pair counts when that cosine is at least
@@ -194,6 +198,9 @@ class HebbianPairPass:
     their gains thus depend only on the pair, not on how products were split into calls: a distributed
     fit (``record=False``: every input scored against all nodes in float32 to find its candidates) gives
     the same weights as one process up to the order of the float64 sums.
+
+    In float64 the pass keeps a copy of the library while it takes at most :data:`NODES64_BYTES` (256 MB),
+    and converts the nodes each batch uses otherwise.
 
     Memory: 12 bytes per input (the number of nodes covered, the lead and its cosine), the kept pairs
     (at most ``ROW_PAIRS`` per input on average, beyond which inputs are scored in pass 2 instead) and
@@ -216,6 +223,12 @@ class HebbianPairPass:
     #: neighbour pairs always allowed, and beyond that at most ``M * D / NEIGHBOUR_SHARE``
     NEIGHBOUR_PAIRS = 1 << 20
     NEIGHBOUR_SHARE = 4
+    #: the float64 pass converts the whole library once when that copy takes at most this many bytes
+    NODES64_BYTES = 1 << 28
+    #: the neighbour lists are kept for pass 2 only when at least this share of the inputs it scores would use them
+    TRIANGLE_SHARE = 0.1
+    #: ``covered`` of an input with no nodes left to score in pass 2 (a stored row, see :attr:`settled`)
+    DONE = torch.iinfo(torch.int32).max
 
     def __init__(self, library: Any, readout: HebbianReadout, *, record: bool = True):
         self.lib = library
@@ -237,7 +250,10 @@ class HebbianPairPass:
         self._screen_backoff = 1
         self._hit: Tensor | None = None
         self._tot: Tensor | None = None
-        self.stats = {"triangle_rows": 0, "dense_rows": 0, "pairs": 0, "kept": 0}
+        self._buffers: dict[str, Tensor] = {}  # conversion buffers of the pair cosines (pass 2)
+        self._nodes64: Tensor | None = None  # the library in float64, when small enough (pass 2)
+        self.stats = {"triangle_rows": 0, "dense_rows": 0, "settled_rows": 0, "pairs": 0, "kept": 0,
+                      "library64": 0}
 
     @staticmethod
     def applies(library: Any, readout: Any) -> bool:
@@ -261,6 +277,13 @@ class HebbianPairPass:
             self._margin = 1e-3 + 16 * torch.finfo(torch.float32).eps * math.sqrt(self.lib.dim or 1)
         return self._margin
 
+    @property
+    def settled(self) -> bool:
+        """Whether theta lies below the cut by more than the rounding margin (twice): then a stored row
+        cannot count with any node stored after it, since the rule found that node's cosine to it below
+        theta."""
+        return self.lib.threshold < self.cut - 2 * self.margin
+
     def _bound(self, s: Tensor) -> Tensor:
         """The smallest cosine to the lead a counting node can have, for lead cosines ``s`` (float32)."""
         angle = torch.acos((s.double() - self.margin).clamp(-1.0, 1.0)) + self.angle_cut
@@ -281,6 +304,8 @@ class HebbianPairPass:
         if c.screened.numel():
             lead[c.screened] = c.screened_node.to(torch.int32)
             s[c.screened] = c.screened_cos.float()
+        pair_rows: list[Tensor] = []
+        pair_nodes: list[Tensor] = []
         if c.dense_cos is not None and c.dense.numel():
             best, arg = c.dense_cos.max(dim=1)
             lead[c.dense], s[c.dense] = arg.to(torch.int32), best.float()
@@ -288,7 +313,8 @@ class HebbianPairPass:
                 hit = torch.nonzero(c.dense_cos >= self.cut - self.margin)
                 if self._n_pairs + hit.shape[0] <= self.ROW_PAIRS * (base + c.rows) + 4096:
                     covered[c.dense] = m
-                    self._pairs.append((c.dense[hit[:, 0]] + base, hit[:, 1]))
+                    pair_rows.append(c.dense[hit[:, 0]] + base)
+                    pair_nodes.append(hit[:, 1])
                     self._n_pairs += hit.shape[0]
                 else:  # many high cosines: from here on pass 2 scores the inputs against every node
                     self._pairs_ok = False
@@ -304,7 +330,19 @@ class HebbianPairPass:
                 better = best > s[rows]
                 lead[rows[better]], s[rows[better]] = ids[arg[better]], best[better]
             lead[new], s[new] = ids, 1.0
+            if self.settled:
+                # a stored row's later nodes were all novel against it (cosine below theta, so below the
+                # cut): once its earlier nodes are covered, its only pair left is the one with itself
+                done = covered[new] == m
+                pair_rows.append(new[done] + base)
+                pair_nodes.append(ids[done].long())
+                self._n_pairs += int(done.sum())
+                covered[new[done]] = self.DONE
             self._neighbours(c, m, gram)
+        if pair_rows:
+            rows, nodes = torch.cat(pair_rows), torch.cat(pair_nodes)
+            order = torch.argsort(rows, stable=True)  # finish() indexes the pairs row by row
+            self._pairs.append((rows[order], nodes[order]))
         self._chunks.append((covered, lead, s))
 
     def _neighbours(self, c: Any, m: int, gram: Tensor | None) -> None:
@@ -372,6 +410,21 @@ class HebbianPairPass:
             self._screen_backoff = 1
         return dense
 
+    def _triangle_pays(self, covered: Tensor, lead: Tensor, cos: Tensor, m: int) -> bool:
+        """Whether at least :data:`TRIANGLE_SHARE` of the inputs pass 2 still has to score would take their
+        candidates from the neighbour lists (by the histogram's estimate) rather than the dense product."""
+        need = torch.nonzero((lead >= 0) & (covered < m)).flatten()
+        if not need.numel() or self._hist is None:
+            return False
+        nb = self.HIST_BINS
+        above = self._hist[:m].flip(1).cumsum(1).flip(1)  # per node, neighbours in each bin and above
+        useful = 0
+        for part in need.split(1 << 16):
+            at_least = ((self._bound(cos[part]).float() + 1.0) * (nb / 2)).long().clamp_(0, nb - 1)
+            est = above[lead[part].long(), at_least] + 1
+            useful += int((est * self.GATHER_COST <= m - covered[part]).sum())
+        return useful >= self.TRIANGLE_SHARE * need.numel()
+
     def finish(self, n_inputs: int) -> None:
         """End of the first pass over ``n_inputs`` inputs: index what was kept."""
         m = self.lib.size
@@ -381,12 +434,16 @@ class HebbianPairPass:
             if cov.numel() != n_inputs:
                 raise RuntimeError(f"the first pass recorded {cov.numel()} inputs, not {n_inputs}")
             self.covered, self.lead, self.lead_cos = cov, lead, s
+            self.stats["settled_rows"] = int((cov == self.DONE).sum())
             rows = torch.cat([p[0] for p in self._pairs]) if self._pairs else torch.zeros(0, dtype=torch.long, device=dev)
             self.pair_nodes = (torch.cat([p[1] for p in self._pairs]) if self._pairs
                                else torch.zeros(0, dtype=torch.long, device=dev))
             self.pair_ptr = torch.zeros(n_inputs + 1, dtype=torch.long, device=dev)
             self.pair_ptr[1:] = torch.bincount(rows, minlength=n_inputs).cumsum(0)  # rows come in order
             self._pairs = []
+            if self._nbrs is not None and not self._triangle_pays(cov, lead, s, m):
+                self._nbrs = None  # too few inputs would leave the dense product: no lists to go through
+                self._hist = None
             if self._nbrs is not None:
                 if self._nbrs:
                     i, n, cos = (torch.cat(t).long() if k < 2 else torch.cat(t) for k, t in enumerate(zip(*self._nbrs)))
@@ -439,16 +496,16 @@ class HebbianPairPass:
         scored = torch.ones(b, dtype=torch.bool, device=dev)  # scored against the nodes from ``covered`` on
         if self.has_nbrs:
             self._triangle(f, seen, b, covered, lead, scored, rows_parts, node_parts)
-        rest = torch.nonzero(scored).flatten()
+        rest = torch.nonzero(scored & (covered < m)).flatten()
         self.stats["dense_rows"] += rest.numel()
         self.stats["triangle_rows"] += b - rest.numel()
         if rest.numel():
-            inv = 1.0 / (torch.linalg.vector_norm(f[rest], dim=1, keepdim=True) + _eps())
+            inv = 1.0 / (torch.linalg.vector_norm(f, dim=1, keepdim=True) + _eps())
             for first in torch.unique(covered[rest]).tolist():
-                if first >= m:
-                    continue
                 r = rest[covered[rest] == first]
-                cos = (f[r] @ nodes[first:].T).mul_(inv[covered[rest] == first])
+                fr = f if r.numel() == b else torch.index_select(
+                    f, 0, r, out=self._buffer("dense_rows", r.numel(), f.shape[1], f.dtype, dev))
+                cos = (fr @ nodes[first:].T).mul_(inv[r])
                 hit = torch.nonzero(cos >= self.cut - self.margin)
                 rows_parts.append(r[hit[:, 0]])
                 node_parts.append(hit[:, 1] + first)
@@ -472,7 +529,7 @@ class HebbianPairPass:
         inputs for which that leaves few enough candidates are taken off ``scored``."""
         dev = covered.device
         m = self.lib.size
-        has = torch.nonzero(lead >= 0).flatten()
+        has = torch.nonzero((lead >= 0) & (covered < m)).flatten()
         if not has.numel():
             return
         a = lead[has]
@@ -498,7 +555,11 @@ class HebbianPairPass:
 
     def _cosines(self, f: Tensor, rows: Tensor, idx: Tensor, dtype: torch.dtype) -> Tensor:
         """Cosines in ``dtype`` of the pairs (``rows`` of ``f``, library nodes ``idx``; sorted by row), each
-        a dot product of its own (a sampled product: nothing [B, M]); the nodes used are converted once."""
+        a dot product of its own (a sampled product: nothing [B, M]).
+
+        The rows and nodes the pairs use are converted to ``dtype`` once per call, into buffers kept for the
+        pass (fresh allocations of that size cost more than the conversion: page faults); in float64 the
+        whole library is converted once instead when it takes at most :data:`NODES64_BYTES`."""
         import warnings
 
         order = torch.argsort(rows, stable=True)
@@ -506,22 +567,50 @@ class HebbianPairPass:
             back = torch.empty_like(order)
             back[order] = torch.arange(order.numel(), device=order.device)
             return self._cosines(f, rows[order], idx[order], dtype)[back]
-        if dtype == f.dtype == self.lib.nodes.dtype:  # no conversion: every row and node as they are
-            nodes, inv, rinv = None, idx, rows
-            fr, n_rows_, n_cols = f, f.shape[0], self.lib.size
-        else:  # convert only the rows and nodes the pairs use
-            nodes, inv = torch.unique(idx, return_inverse=True)
+        lib_nodes = self.lib.nodes
+        if dtype == f.dtype == lib_nodes.dtype:  # no conversion: every row and node as they are
+            cols, inv, rinv = lib_nodes, idx, rows
+            fr, n_rows_ = f, f.shape[0]
+        else:  # convert only the rows (and, without a converted library, the nodes) the pairs use
             used, rinv = torch.unique(rows, return_inverse=True)
-            fr, n_rows_, n_cols = f[used].to(dtype), used.numel(), nodes.numel()
+            fr = self._buffer("rows", used.numel(), f.shape[1], dtype, f.device)
+            if used.numel() == f.shape[0]:  # every row (the usual case): no gather
+                fr.copy_(f)
+            else:
+                fr.copy_(torch.index_select(f, 0, used, out=self._buffer("rows32", used.numel(), f.shape[1], f.dtype,
+                                                                           f.device)))
+            n_rows_ = used.numel()
+            cols, inv = self._converted_nodes(idx, dtype)
         crow = torch.zeros(n_rows_ + 1, dtype=torch.long, device=f.device)
         crow[1:] = torch.bincount(rinv, minlength=n_rows_).cumsum(0)
         with warnings.catch_warnings():  # torch's note that sparse CSR tensors are in beta
             warnings.simplefilter("ignore", UserWarning)
             pattern = torch.sparse_csr_tensor(crow, inv, torch.zeros(rows.numel(), dtype=dtype, device=f.device),
-                                              size=(n_rows_, n_cols), check_invariants=False)
-            cols = self.lib.nodes if nodes is None else self.lib.nodes[nodes].to(dtype)
+                                              size=(n_rows_, cols.shape[0]), check_invariants=False)
             dots = torch.sparse.sampled_addmm(pattern, fr, cols.T, beta=0.0).values()
         return dots / (torch.linalg.vector_norm(fr, dim=1) + _eps())[rinv]
+
+    def _converted_nodes(self, idx: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The library nodes in ``dtype`` for pairs with nodes ``idx``, and each pair's row in them."""
+        nodes = self.lib.nodes
+        if dtype == torch.float64 and nodes.numel() * 8 <= self.NODES64_BYTES:
+            if self._nodes64 is None or self._nodes64.shape[0] != nodes.shape[0]:
+                self._nodes64 = nodes.to(torch.float64)
+                self.stats["library64"] = 1
+            return self._nodes64, idx
+        uniq, inv = torch.unique(idx, return_inverse=True)
+        cols = self._buffer("nodes", uniq.numel(), nodes.shape[1], dtype, nodes.device)
+        cols.copy_(torch.index_select(nodes, 0, uniq, out=self._buffer("nodes32", uniq.numel(), nodes.shape[1],
+                                                                        nodes.dtype, nodes.device)))
+        return cols, inv
+
+    def _buffer(self, name: str, rows: int, dim: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """The first ``rows`` rows of a buffer kept between calls (grown when too small)."""
+        buf = self._buffers.get(name)
+        if buf is None or buf.shape[0] < rows or buf.shape[1] != dim or buf.dtype != dtype or buf.device != device:
+            buf = torch.empty(max(rows, 1), dim, dtype=dtype, device=device)
+            self._buffers[name] = buf
+        return buf[:rows]
 
     def _cosines64(self, f: Tensor, rows: Tensor, idx: Tensor) -> Tensor:
         """float64 cosines of the pairs: ``h = <f, n> / (||f|| + eps)`` of the float32 activations and node."""
@@ -530,6 +619,7 @@ class HebbianPairPass:
     def finalize(self) -> None:
         """Set the readout's weights ``W = 2 g^T onehot - sum_k g`` (float32) from the float64 sums."""
         c = self.readout.n_classes
+        self._buffers, self._nodes64 = {}, None
         w = 2.0 * self._hit.view(-1, c) - self._tot[:, None]
         self.readout.load_state_dict({"weight": w.float()})
 

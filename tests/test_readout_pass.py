@@ -86,20 +86,29 @@ def _pair_fit(x, answers, theta, *, batch=128, chunk=1024, record=True, c=3, sca
     return lib, ro, pp
 
 
-@pytest.mark.parametrize("case", ["settled", "growing"])
+@pytest.mark.parametrize("case", ["settled", "growing", "theta below the cut"])
 def test_pair_pass_equals_eq2_in_float64(case):
     # settled: few centres, the screen decides most rows (leads and neighbour lists); growing: cosines near
-    # theta, most rows compared with the whole library (the first pass's own pairs)
-    centres, noise = (150, 0.45) if case == "settled" else (1500, 0.5)
+    # theta, most rows compared with the whole library (the first pass's own pairs); theta 0.7 below the cut
+    # (0.723): a stored row needs no node stored after it, and the neighbour lists reach too far to pay
+    centres, noise, theta = {"settled": (150, 0.45, 0.8), "growing": (1500, 0.5, 0.8),
+                             "theta below the cut": (300, 0.62, 0.7)}[case]
     x = _clustered(1500, 1024, centres, noise)
     answers = torch.randint(0, 3, (1500,), generator=torch.Generator().manual_seed(3))
-    lib, ro, pp = _pair_fit(x, answers, 0.8, scale=2.5)  # raw rows need not be unit vectors
+    lib, ro, pp = _pair_fit(x, answers, theta, scale=2.5)  # raw rows need not be unit vectors
     ref = _reference(x, lib.nodes, answers, 3)
     scale = ref.abs().amax(dim=1, keepdim=True)
     assert float(((ro.weight.double() - ref).abs() / scale).max()) < 2e-7  # float32 rounding of the sums
     assert pp.stats["triangle_rows"] > 0
     if case == "settled":
         assert lib.stats["screened"] > 0
+    if case == "theta below the cut":
+        assert pp.stats["settled_rows"] == lib.size  # every stored row, only its own pair left for pass 2
+        # pairs with a gain that counts exist beyond the rows' own nodes
+        assert pp.stats["kept"] > lib.size
+        assert not pp.has_nbrs  # the triangle's bound leaves nearly every node at theta 0.7: no lists
+    else:
+        assert pp.stats["settled_rows"] == 0
     # the old dense float32 pass, for scale: its cosines' rounding times 1 / width
     old = HebbianReadout(3)
     old.reset(lib.size)
@@ -108,14 +117,23 @@ def test_pair_pass_equals_eq2_in_float64(case):
     assert float(((old.weight.double() - ref).abs() / scale).max()) < 1e-4
 
 
-def test_pair_pass_does_not_depend_on_how_the_work_is_split():
-    x = _clustered(1200, 1024, 300, 0.48)
+@pytest.mark.parametrize("theta", [0.8, 0.7])
+def test_pair_pass_does_not_depend_on_how_the_work_is_split(theta, monkeypatch):
+    from libnet_plugin.readout import HebbianPairPass
+
+    x = _clustered(1200, 1024, 300, 0.48 if theta == 0.8 else 0.62)
     answers = torch.randint(0, 4, (1200,), generator=torch.Generator().manual_seed(1))
-    lib, ro, _ = _pair_fit(x, answers, 0.8, c=4)
-    for kwargs in ({"batch": 50, "chunk": 32}, {"batch": 300}, {"record": False}):  # record=False: the distributed way
-        lib2, ro2, _ = _pair_fit(x, answers, 0.8, c=4, **kwargs)
+    lib, ro, _ = _pair_fit(x, answers, theta, c=4)
+    # record=False: the distributed way; NODES64_BYTES 0: the nodes converted batch by batch
+    for kwargs, copy_bytes in (({"batch": 50, "chunk": 32}, None), ({"batch": 300}, None), ({"record": False}, None),
+                               ({}, 0)):
+        with monkeypatch.context() as mp:
+            if copy_bytes is not None:
+                mp.setattr(HebbianPairPass, "NODES64_BYTES", copy_bytes)
+            lib2, ro2, pp2 = _pair_fit(x, answers, theta, c=4, **kwargs)
         assert torch.equal(lib2.nodes, lib.nodes)
         torch.testing.assert_close(ro2.weight, ro.weight, rtol=0, atol=2e-7)
+        assert pp2.stats["library64"] == (copy_bytes is None)  # the float64 copy of the library, or not
 
 
 def test_pair_pass_without_neighbour_lists_or_first_pass_pairs(monkeypatch):
