@@ -43,20 +43,28 @@ def _batches(x: torch.Tensor, size: int = 256) -> list[torch.Tensor]:
 
 
 def _count_undecided(log: dict[int, list[int]]) -> None:
-    """Wrap :func:`libnet_plugin.distributed.undecided_rows` (looked up at every step of the fit) to record,
-    per library (in call order within a step), how many rows each call keeps."""
+    """Wrap :func:`libnet_plugin.distributed.undecided_rows` and :func:`~libnet_plugin.distributed.node_cosines`
+    (looked up at every step of the fit) to time them and record, per library (in call order within a
+    step), how many rows each call keeps."""
     from libnet_plugin import distributed
     from libnet_plugin.library import ExactLibrary
 
     inner = distributed.undecided_rows
+    cos_inner = distributed.node_cosines
     fit_inner = ExactLibrary.partial_fit
 
-    def counting(library: Any, haps: torch.Tensor) -> torch.Tensor:
+    def counting(library: Any, haps: torch.Tensor, cos: Any = None) -> torch.Tensor:
         t0 = time.perf_counter()
-        keep = inner(library, haps)
+        keep = inner(library, haps, cos)
         TIMES["undecided"] += time.perf_counter() - t0
         log.setdefault(id(library), []).append(int(keep.numel()))
         return keep
+
+    def timed_cosines(library: Any, haps: torch.Tensor) -> Any:
+        t0 = time.perf_counter()
+        out = cos_inner(library, haps)
+        TIMES["undecided"] += time.perf_counter() - t0
+        return out
 
     def timed_fit(self: Any, haps: torch.Tensor, indices: Any = None, **options: Any) -> torch.Tensor:
         t0 = time.perf_counter()
@@ -65,6 +73,7 @@ def _count_undecided(log: dict[int, list[int]]) -> None:
         return out
 
     distributed.undecided_rows = counting
+    distributed.node_cosines = timed_cosines
     ExactLibrary.partial_fit = timed_fit  # this rank's process only: the time of the replicated leader rule
 
 

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from .errors import LibnetError
 
-__all__ = ["STATS", "reset_stats", "undecided_rows", "DECIDED_MARGIN", "DistributedFitError", "world", "exchange_sizes", "gather_rows", "all_reduce_sum", "gather_all",
+__all__ = ["STATS", "reset_stats", "node_cosines", "undecided_rows", "DECIDED_MARGIN", "DistributedFitError", "world", "exchange_sizes", "gather_rows", "all_reduce_sum", "gather_all",
            "sum_over_ranks", "DistributedScoringError", "all_gather_same"]
 
 
@@ -172,18 +172,30 @@ def sum_over_ranks(tensors: dict[str, Tensor], n_local: int, device: torch.devic
 DECIDED_MARGIN = 1e-4
 
 
-def undecided_rows(library: Any, haps: Tensor) -> Tensor:
+def node_cosines(library: Any, haps: Tensor) -> Tensor | None:
+    """float32 cosines ``[B, M]`` of the rows of ``haps`` to every node of ``library`` (in its own space),
+    ``None`` for an empty library or one that does not expose its nodes."""
+    from .library import NodeLibrary
+
+    if not isinstance(library, NodeLibrary) or library.size == 0:
+        return None
+    nodes = library.nodes
+    return library.transform(haps).to(nodes.device, torch.float32) @ nodes.float().T
+
+
+def undecided_rows(library: Any, haps: Tensor, cos: Tensor | None = None) -> Tensor:
     """Positions ``LongTensor[k]`` of the rows of ``haps`` that ``library`` does not already decide.
 
     A row is decided when some node of the library is at cosine ``>= threshold + DECIDED_MARGIN`` (float32,
     in the library's own space): the leader rule never stores it, whatever comes before it. Libraries
-    that do not expose their nodes keep every row.
+    that do not expose their nodes keep every row. ``cos``: the rows' :func:`node_cosines`, when computed
+    already.
     """
-    from .library import NodeLibrary
-
     every = torch.arange(haps.shape[0], device=haps.device)
-    if not isinstance(library, NodeLibrary) or library.size == 0 or haps.shape[0] == 0:
+    if haps.shape[0] == 0:
         return every
-    nodes = library.nodes
-    best = (library.transform(haps).to(nodes.device, torch.float32) @ nodes.float().T).amax(dim=1)
+    cos = node_cosines(library, haps) if cos is None else cos
+    if cos is None:
+        return every
+    best = cos.amax(dim=1)
     return every[(best < float(library.threshold) + DECIDED_MARGIN).to(every.device)]

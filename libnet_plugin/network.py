@@ -196,6 +196,16 @@ def stream_fit(probe: Any, train: Any, libraries: Mapping[str, Sequence[Any]], n
                      answers=train_answers)
 
 
+def _nodes_of_rows(library: Any, before: int, first: int, n: int) -> Tensor:
+    """``LongTensor[n]``: the node each of this rank's ``n`` rows (positions ``first ..``) became in the step
+    that grew ``library`` from ``before`` nodes, ``-1`` for none."""
+    out = torch.full((n,), -1, dtype=torch.long)
+    pos = library.node_indices[before:]
+    mine = (pos >= first) & (pos < first + n)
+    out[pos[mine] - first] = torch.nonzero(mine).flatten() + before
+    return out.to(library.device)
+
+
 def _pair_passes(libraries: Mapping[str, Sequence[Any]], readouts: Mapping[str, Sequence[Any]], *,
                  record: bool) -> dict[tuple[str, int], HebbianPairPass]:
     """A :class:`HebbianPairPass` for every (layer, library number) whose library and readout it serves."""
@@ -220,7 +230,7 @@ def _stream_fit_distributed(probe: Any, train: Any, libraries: Mapping[str, Sequ
                             new_readout: Callable[[int], Any], group: tuple[Any, int, int], *, batch_size: int,
                             progress: bool | None, desc: str) -> StreamFit:
     """:func:`stream_fit` across the ranks of a process group (two passes; no activation cache)."""
-    from .distributed import all_reduce_sum, exchange_sizes, gather_rows, undecided_rows
+    from .distributed import all_reduce_sum, exchange_sizes, gather_rows, node_cosines, undecided_rows
 
     dist, rank, size = group
     layers = list(libraries)
@@ -228,6 +238,8 @@ def _stream_fit_distributed(probe: Any, train: Any, libraries: Mapping[str, Sequ
     answers: list[Tensor] = []
     n = n_local = 0
     n_classes = 0
+    readouts: dict[str, list[Any]] = {}
+    passes: dict[tuple[str, int], HebbianPairPass] = {}
     input_shape: tuple[int, ...] | None = None
     device = torch.device("cpu")
     bar = progress_bar(iter(int, 1), f"{desc} (pass 1, rank {rank})", progress)  # an endless counter
@@ -250,31 +262,38 @@ def _stream_fit_distributed(probe: Any, train: Any, libraries: Mapping[str, Sequ
         step = sum(sizes)
         if step == 0:
             break
-        n_classes = max(n_classes, most[-1])
+        if n == 0:  # the readouts, and the pair passes that record this rank's share of pass 1 for them
+            n_classes = most[-1]
+            readouts = {l: [new_readout(n_classes) for _ in libraries[l]] for l in layers}
+            passes = _pair_passes(libraries, readouts, record=True)
         first = n + sum(sizes[:rank])  # this rank's first position in the (step, rank) order
         for l, width in zip(layers, most[:-1]):
             mine = res.haps[l] if res is not None else torch.zeros(0, width, device=device)
-            for lib in libraries[l]:
+            for j, lib in enumerate(libraries[l]):
                 # rows the library already decides (a node at cosine >= theta) are never stored by the
                 # sequential rule either; only the others travel, in rank order, with their positions
-                keep = undecided_rows(lib, mine)
+                cos = node_cosines(lib, mine) if mine.shape[0] else None
+                keep = undecided_rows(lib, mine, cos)
                 counts, _ = exchange_sizes(dist, rank, size, int(keep.numel()), None, device)
                 rows = gather_rows(dist, mine[keep], counts, width, torch.float32, device)
                 pos = gather_rows(dist, (first + keep).to(torch.float64)[:, None], counts, 1, torch.float64, device)
+                before = lib.size
                 lib.partial_fit(rows, pos[:, 0].round().to(torch.long).cpu())
+                pp = passes.get((l, j))
+                if pp is not None and pp.record:
+                    pp.on_step(cos, before, _nodes_of_rows(lib, before, first, mine.shape[0]))
         if res is not None:
             answers.append(res.answers.cpu())
             n_local += n_rows(xb)
         n += step
     if n == 0:
         raise ValueError("fit received no training inputs on any rank (empty data)")
-    readouts = {l: [new_readout(n_classes) for _ in libraries[l]] for l in layers}
     for l in layers:
         for lib, ro in zip(libraries[l], readouts[l]):
             ro.reset(lib.size)
-    # the pairs that count, found by scoring every input against all nodes (no record of pass 1 here),
-    # and their gains in float64: the weights one process gets, up to the order of the sums
-    passes = _pair_passes(libraries, readouts, record=False)
+    # the pairs that count, found from this rank's cosines of pass 1 and by scoring its inputs against the
+    # nodes stored after them, with their gains in float64: the weights one process gets, up to the order
+    # of the sums
     for pp in passes.values():
         pp.finish(n_local)
     train_answers = torch.cat(answers) if answers else torch.empty(0, dtype=torch.long)

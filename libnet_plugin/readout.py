@@ -195,9 +195,11 @@ class HebbianPairPass:
     Every candidate pair's cosine is then recomputed in float64 from the stored float32 node and the
     input's activations (``h = <f, n> / (||f|| + eps)``), and the pair counts when that cosine is at least
     the cut; g and the sums are float64, rounded to float32 once at the end. Which pairs count and
-    their gains thus depend only on the pair, not on how products were split into calls: a distributed
-    fit (``record=False``: every input scored against all nodes in float32 to find its candidates) gives
-    the same weights as one process up to the order of the float64 sums.
+    their gains thus depend only on the pair, not on how products were split into calls: in a distributed
+    fit each rank records its own rows of every data-parallel step (:meth:`on_step`: their cosines to the
+    library before the step, and which became nodes; no neighbour lists), sums Eq. 2 over its rows and the
+    ranks' sums add up to the weights of one process up to the order of the float64 sums. With
+    ``record=False`` pass 2 alone finds the pairs (every input scored against all nodes in float32).
 
     In float64 the pass keeps a copy of the library while it takes at most :data:`NODES64_BYTES` (256 MB),
     and converts the nodes each batch uses otherwise.
@@ -211,7 +213,8 @@ class HebbianPairPass:
         library: an empty :class:`~libnet_plugin.library.ExactLibrary` (or subclass that only changes
             ``embed``) scoring in its own dtype; see :meth:`applies`.
         readout: its :class:`HebbianReadout`; its weights are set by :meth:`finalize`.
-        record: keep what the first pass computed (one process); ``False``: pass 2 alone finds the pairs.
+        record: keep what the first pass computed (:meth:`on_chunk`, or :meth:`on_step` on a rank of a
+            distributed fit); ``False``: pass 2 alone finds the pairs.
     """
 
     #: a pair recomputed by gathering costs about this many pairs of a dense float32 product
@@ -298,26 +301,12 @@ class HebbianPairPass:
         """Keep what one chunk of the leader rule computed (a ``ChunkScores``)."""
         dev = c.dense.device
         m, base = c.first_node, self.offset + c.start
-        covered = torch.zeros(c.rows, dtype=torch.int32, device=dev)
-        lead = torch.full((c.rows,), -1, dtype=torch.int32, device=dev)
-        s = torch.full((c.rows,), -1.0, dtype=torch.float32, device=dev)
+        rec = _Record(c.rows, dev)
         if c.screened.numel():
-            lead[c.screened] = c.screened_node.to(torch.int32)
-            s[c.screened] = c.screened_cos.float()
-        pair_rows: list[Tensor] = []
-        pair_nodes: list[Tensor] = []
+            rec.lead[c.screened] = c.screened_node.to(torch.int32)
+            rec.cos[c.screened] = c.screened_cos.float()
         if c.dense_cos is not None and c.dense.numel():
-            best, arg = c.dense_cos.max(dim=1)
-            lead[c.dense], s[c.dense] = arg.to(torch.int32), best.float()
-            if self._pairs_ok:
-                hit = torch.nonzero(c.dense_cos >= self.cut - self.margin)
-                if self._n_pairs + hit.shape[0] <= self.ROW_PAIRS * (base + c.rows) + 4096:
-                    covered[c.dense] = m
-                    pair_rows.append(c.dense[hit[:, 0]] + base)
-                    pair_nodes.append(hit[:, 1])
-                    self._n_pairs += hit.shape[0]
-                else:  # many high cosines: from here on pass 2 scores the inputs against every node
-                    self._pairs_ok = False
+            self._dense(rec, c.dense, c.dense_cos, m, base)
         if c.cand.numel():
             new = c.cand[c.accepted]
             ids = torch.arange(m, m + new.numel(), dtype=torch.int32, device=dev)
@@ -327,23 +316,63 @@ class HebbianPairPass:
                 rejected[c.accepted] = False
                 best, arg = gram[rejected][:, c.accepted].max(dim=1)
                 rows = c.cand[rejected]
-                better = best > s[rows]
-                lead[rows[better]], s[rows[better]] = ids[arg[better]], best[better]
-            lead[new], s[new] = ids, 1.0
-            if self.settled:
-                # a stored row's later nodes were all novel against it (cosine below theta, so below the
-                # cut): once its earlier nodes are covered, its only pair left is the one with itself
-                done = covered[new] == m
-                pair_rows.append(new[done] + base)
-                pair_nodes.append(ids[done].long())
-                self._n_pairs += int(done.sum())
-                covered[new[done]] = self.DONE
+                better = best > rec.cos[rows]
+                rec.lead[rows[better]], rec.cos[rows[better]] = ids[arg[better]], best[better]
+            self._stored(rec, new, ids, m, base)
             self._neighbours(c, m, gram)
-        if pair_rows:
-            rows, nodes = torch.cat(pair_rows), torch.cat(pair_nodes)
+        self._keep(rec)
+
+    def on_step(self, cos: Tensor | None, first_node: int, node_of_row: Tensor) -> None:
+        """Keep what one data-parallel step of a distributed first pass computed for this rank's rows (they
+        follow the rows of the earlier steps in the rank's own order).
+
+        Args:
+            cos: ``[b, first_node]`` float32 cosines of the rows to the library as it was before the step
+                (``None`` when it was empty).
+            first_node: the library's size before the step.
+            node_of_row: ``LongTensor[b]``, the node each row became in the step, ``-1`` for none.
+        """
+        dev = node_of_row.device
+        b, base = node_of_row.numel(), self.offset
+        rec = _Record(b, dev)
+        if cos is not None and b:
+            self._dense(rec, torch.arange(b, device=dev), cos.to(dev), first_node, base)
+        new = torch.nonzero(node_of_row >= 0).flatten()
+        self._stored(rec, new, node_of_row[new].to(torch.int32), first_node, base)
+        self._keep(rec)
+        self.offset += b
+
+    def _dense(self, rec: _Record, rows: Tensor, cos: Tensor, m: int, base: int) -> None:
+        """Rows ``rows`` were compared with nodes ``0 .. m-1`` (cosines ``cos``): their leads, and their pairs
+        above the cut while the pairs kept stay within :data:`ROW_PAIRS` per input."""
+        best, arg = cos.max(dim=1)
+        rec.lead[rows], rec.cos[rows] = arg.to(torch.int32), best.float()
+        if self._pairs_ok:
+            hit = torch.nonzero(cos >= self.cut - self.margin)
+            if self._n_pairs + hit.shape[0] <= self.ROW_PAIRS * (base + rec.covered.numel()) + 4096:
+                rec.covered[rows] = m
+                rec.pair(rows[hit[:, 0]] + base, hit[:, 1])
+                self._n_pairs += hit.shape[0]
+            else:  # many high cosines: from here on pass 2 scores the inputs against every node
+                self._pairs_ok = False
+
+    def _stored(self, rec: _Record, new: Tensor, ids: Tensor, m: int, base: int) -> None:
+        """Rows ``new`` became nodes ``ids`` (the library had ``m`` nodes before them)."""
+        rec.lead[new], rec.cos[new] = ids, 1.0
+        if self.settled:
+            # a stored row's later nodes were all novel against it (cosine below theta, so below the
+            # cut): once its earlier nodes are covered, its only pair left is the one with itself
+            done = rec.covered[new] == m
+            rec.pair(new[done] + base, ids[done].long())
+            self._n_pairs += int(done.sum())
+            rec.covered[new[done]] = self.DONE
+
+    def _keep(self, rec: _Record) -> None:
+        if rec.rows:
+            rows, nodes = torch.cat(rec.rows), torch.cat(rec.nodes)
             order = torch.argsort(rows, stable=True)  # finish() indexes the pairs row by row
             self._pairs.append((rows[order], nodes[order]))
-        self._chunks.append((covered, lead, s))
+        self._chunks.append((rec.covered, rec.lead, rec.cos))
 
     def _neighbours(self, c: Any, m: int, gram: Tensor | None) -> None:
         """Keep the cosines between the chunk's new nodes and all earlier nodes that a lead may need."""
@@ -622,6 +651,21 @@ class HebbianPairPass:
         self._buffers, self._nodes64 = {}, None
         w = 2.0 * self._hit.view(-1, c) - self._tot[:, None]
         self.readout.load_state_dict({"weight": w.float()})
+
+
+class _Record:
+    """What the first pass keeps of one chunk's rows: nodes covered, lead and its cosine, pairs found."""
+
+    def __init__(self, n: int, device: torch.device):
+        self.covered = torch.zeros(n, dtype=torch.int32, device=device)
+        self.lead = torch.full((n,), -1, dtype=torch.int32, device=device)
+        self.cos = torch.full((n,), -1.0, dtype=torch.float32, device=device)
+        self.rows: list[Tensor] = []
+        self.nodes: list[Tensor] = []
+
+    def pair(self, rows: Tensor, nodes: Tensor) -> None:
+        self.rows.append(rows)
+        self.nodes.append(nodes)
 
 
 def _eps() -> float:

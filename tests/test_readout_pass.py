@@ -188,3 +188,46 @@ def test_fit_weights_equal_eq2_for_every_layer_and_data_form():
         w = streamed.readouts_[layer].weight
         torch.testing.assert_close(w.double(), ref, rtol=0, atol=2e-7 * float(ref.abs().max()))
         assert torch.equal(cached.readouts_[layer].weight, w)
+
+
+@pytest.mark.parametrize("theta", [0.8, 0.7])
+def test_pair_pass_of_each_rank_records_its_rows_of_a_data_parallel_first_pass(theta):
+    # two ranks in one process: each step, every rank scores its batch against the same library, the rows
+    # not decided travel in rank order; each rank's pass keeps its rows' cosines (on_step) and its share of
+    # Eq. 2; the shares add up to the weights of one process over the interleaved batches
+    from libnet_plugin.distributed import node_cosines, undecided_rows
+    from libnet_plugin.library import ExactLibrary
+    from libnet_plugin.network import _nodes_of_rows
+    from libnet_plugin.readout import HebbianPairPass
+
+    x = _clustered(1200, 1024, 300, 0.48 if theta == 0.8 else 0.62)
+    answers = torch.randint(0, 3, (1200,), generator=torch.Generator().manual_seed(5))
+    lib_one, ro_one, _ = _pair_fit(x, answers, theta, batch=100)
+    lib = ExactLibrary(theta)
+    ros = [HebbianReadout(3), HebbianReadout(3)]
+    passes = [HebbianPairPass(lib, ro) for ro in ros]
+    shards = [[], []]
+    for i in range(0, 1200, 200):
+        parts = [x[i:i + 100], x[i + 100:i + 200]]  # rank 0, rank 1: the interleaved batches of 100
+        cos = [node_cosines(lib, p) for p in parts]
+        keep = [undecided_rows(lib, p, c) for p, c in zip(parts, cos)]
+        before = lib.size
+        lib.partial_fit(torch.cat([p[k] for p, k in zip(parts, keep)]),
+                        torch.cat([i + 100 * r + k for r, k in enumerate(keep)]))
+        for r, pp in enumerate(passes):
+            pp.on_step(cos[r], before, _nodes_of_rows(lib, before, i + 100 * r, 100))
+            shards[r].append((parts[r], answers[i + 100 * r:i + 100 * r + 100]))
+    assert torch.equal(lib.nodes, lib_one.nodes)
+    for r, (ro, pp, shard) in enumerate(zip(ros, passes, shards)):
+        ro.reset(lib.size)
+        pp.finish(600)
+        seen = 0
+        for xb, ab in shard:
+            pp.accumulate(xb, ab, seen)
+            seen += xb.shape[0]
+        pp.finalize()
+        own_nodes = int((lib.node_indices // 100 % 2 == r).sum())  # rank r holds the rows 100 r .. of each 200
+        assert pp.stats["settled_rows"] == (0 if theta == 0.8 else own_nodes)
+    torch.testing.assert_close(ros[0].weight + ros[1].weight, ro_one.weight, rtol=0, atol=4e-7)
+    for pp in passes:  # after the first step, pass 2 scored each row against the nodes stored after it only
+        assert bool((pp.covered[100:] > 0).all())
