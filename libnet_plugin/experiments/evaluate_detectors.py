@@ -139,17 +139,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "the best per image kept (default: 0; e.g. 0 5 against confidence-based scores)")
     parser.add_argument("--black-box-queries", type=int, metavar="N",
                         help="queries of the score-only search, at the largest epsilon (default 500)")
+    parser.add_argument("--adversarial-training", type=float, default=0.0, metavar="EPS",
+                        help="train the net adversarially at this L-inf radius in pixels (e.g. 0.3; default 0: "
+                             "standard training); the libraries and detectors are fitted on that net")
+    parser.add_argument("--adversarial-steps", type=int, default=1, metavar="N",
+                        help="steps of the training attack: 1 is FGSM from a random start, more is PGD "
+                             "(default: %(default)s)")
+    parser.add_argument("--adversarial-epochs", type=int, default=10, metavar="N",
+                        help="training epochs with --adversarial-training (default: %(default)s; 1 with --quick)")
     parser.add_argument("--quick", action="store_true",
                         help="a small run for tests: 600 training images, 1 epoch, 10-step PGD on 48 images")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bars (default: only on a terminal)")
 
 def mnist_model(x_tr: Tensor, y_tr: Tensor, seed: int, epochs: int, cache_dir: str | None,
-                 progress: bool | None, log: Callable[[str], None]) -> tuple[Any, dict[str, Any]]:
-    """The paper's net trained with ``seed``, from (or into) the cache shared with ``reproduce mnist``."""
+                 progress: bool | None, log: Callable[[str], None], *, adversarial_eps: float = 0.0,
+                 adversarial_steps: int = 1) -> tuple[Any, dict[str, Any]]:
+    """The paper's net trained with ``seed`` (adversarially when ``adversarial_eps > 0``), from (or into) the
+    cache shared with ``reproduce mnist``."""
     from .mnist import MnistSettings, cached_or_trained_mnist_net
 
-    settings = MnistSettings.default_run(seed=seed, epochs=epochs, n_train=int(x_tr.shape[0]))
+    settings = MnistSettings.default_run(seed=seed, epochs=epochs, n_train=int(x_tr.shape[0]),
+                                         adversarial_eps=adversarial_eps, adversarial_steps=adversarial_steps)
     cache = Path(cache_dir).expanduser() if cache_dir else None
     return cached_or_trained_mnist_net(x_tr, y_tr, settings, cache, progress, log)
 
@@ -286,6 +297,12 @@ def _plan(args: argparse.Namespace) -> tuple[Any, ...]:
 
     quick = bool(args.quick)
     n_train, epochs, nb_iter = (600, 1, 10) if quick else (4000, 5, 40)
+    if not (0.0 <= args.adversarial_training <= 1.0) or args.adversarial_steps < 1 or args.adversarial_epochs < 1:
+        raise ExperimentError(f"--adversarial-training must lie in [0, 1], --adversarial-steps and "
+                              f"--adversarial-epochs be >= 1; got {args.adversarial_training}, "
+                              f"{args.adversarial_steps}, {args.adversarial_epochs}")
+    if args.adversarial_training > 0 and not quick:
+        epochs = args.adversarial_epochs
     n_attack = args.n_attack if args.n_attack is not None else (48 if quick else 500)
     epsilons = list(args.epsilons) if args.epsilons else ([0.1, 0.3] if quick else list(STANDARD_EPSILONS))
     if n_attack < 1 or any(not (0 < e <= 1) for e in epsilons):
@@ -349,7 +366,12 @@ def _run(args: argparse.Namespace, quick: bool, n_train: int, epochs: int, nb_it
         half = x_te.shape[0] // 2
         x_cal, x_eval, y_eval = x_te[:half], x_te[half:], y_te[half:]
     with timer.stage("model"):
-        net_norm, model_info = mnist_model(x_tr, y_tr, args.seed, epochs, args.cache_dir, args.progress, log)
+        net_norm, model_info = mnist_model(x_tr, y_tr, args.seed, epochs, args.cache_dir, args.progress, log,
+                                           adversarial_eps=args.adversarial_training,
+                                           adversarial_steps=args.adversarial_steps)
+        if args.adversarial_training > 0:
+            model_info = {**model_info, "adversarial_training": {"eps": args.adversarial_training,
+                                                                 "steps": args.adversarial_steps, "epochs": epochs}}
         model = load_state_dict_checked(MnistNet(normalize=True), net_norm.state_dict()).eval()
         accuracy = float((model(x_eval).argmax(1) == y_eval).float().mean())
     attacked: dict[str, Tensor] = {}
@@ -419,7 +441,12 @@ def _write_report(args: argparse.Namespace, res: dict[str, Any], stage: Path, ou
                   "thresholds_spec": args.thresholds, "auto_thresholds": getattr(net, "auto_thresholds_report_", None),
                   "timings_s": timer.as_dict(), "environment": environment_info()}
     s = res["settings"]
-    note = (f"Command: `{command}`. Calibration: {s['n_calibration']} clean images at FPR {s['fpr']:g}; held-out "
+    adv = model_info.get("adversarial_training") if isinstance(model_info, dict) else None
+    trained = ""
+    if adv:
+        how = "FGSM from a random start" if adv["steps"] == 1 else f"{adv['steps']}-step PGD"
+        trained = f" The net was trained adversarially ({how} at eps {adv['eps']:g}, {adv['epochs']} epochs)."
+    note = (f"Command: `{command}`.{trained} Calibration: {s['n_calibration']} clean images at FPR {s['fpr']:g}; held-out "
             f"clean images: {s['n_clean']}; model accuracy on them {accuracy:.3f}. Library sizes: {s['library_sizes']} "
             f"({s['n_train']} training images). Model forward: {res['forward_ms_per_1000']:.1f} ms per 1,000 inputs "
             f"(batch {s['batch_size']}). Successful attacks: "

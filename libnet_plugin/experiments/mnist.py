@@ -179,6 +179,8 @@ class MnistSettings:
         pgd_check_images: test images on which advertorch and the torch PGD are compared.
         batch_size: forward-pass batch size.
         quick: a reduced run (for tests).
+        adversarial_eps / adversarial_steps: ``adversarial_eps > 0`` trains the net adversarially (L-inf
+            radius in pixel units, attack steps; see :func:`~libnet_plugin.experiments.models.train_mnist_net`).
     """
 
     seed: int = 0
@@ -199,6 +201,8 @@ class MnistSettings:
     pgd_check_images: int = 16
     batch_size: int = 256
     quick: bool = False
+    adversarial_eps: float = 0.0
+    adversarial_steps: int = 1
 
     @classmethod
     def default_run(cls, seed: int = 0, **overrides: Any) -> MnistSettings:
@@ -223,6 +227,10 @@ class MnistSettings:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ExperimentError(f"{name} must be a positive integer, got {v!r}")
+        if not (0.0 <= self.adversarial_eps <= 1.0) or isinstance(self.adversarial_steps, bool) or \
+                not isinstance(self.adversarial_steps, int) or self.adversarial_steps < 1:
+            raise ExperimentError(f"adversarial_eps must lie in [0, 1] and adversarial_steps be a positive integer, "
+                                  f"got {self.adversarial_eps!r}, {self.adversarial_steps!r}")
         for name in ("n_train", "n_test"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
@@ -253,6 +261,9 @@ class MnistSettings:
         d["standard"] = self.standard.describe()
         d["layers"] = list(LAYERS)
         d["training"] = {"optimizer": "adam", "lr": 1e-3, "batch_size": 64, "epochs": self.epochs, "seed": self.seed}
+        if self.adversarial_eps > 0:
+            d["training"]["adversarial"] = {"eps": self.adversarial_eps, "steps": self.adversarial_steps,
+                                            "ramp": "linear over the first half of the epochs"}
         return d
 
 
@@ -340,7 +351,8 @@ def cached_or_trained_mnist_net(x_tr: Tensor, y_tr: Tensor, settings: MnistSetti
         >>> net, info = cached_or_trained_mnist_net(x_tr, y_tr, MnistSettings.quick_run(), Path(".cache"),
         ...                                         False, print)  # doctest: +SKIP
     """
-    key = f"mnistnet-{_fingerprint(x_tr, y_tr)}-adam-e{settings.epochs}-s{settings.seed}.safetensors"
+    adv = (f"-at{settings.adversarial_eps:g}k{settings.adversarial_steps}" if settings.adversarial_eps > 0 else "")
+    key = f"mnistnet-{_fingerprint(x_tr, y_tr)}-adam-e{settings.epochs}-s{settings.seed}{adv}.safetensors"
     path = cache_dir / key if cache_dir is not None else None
     if path is not None and path.is_file():
         try:
@@ -350,14 +362,18 @@ def cached_or_trained_mnist_net(x_tr: Tensor, y_tr: Tensor, settings: MnistSetti
         except (LibnetError, OSError) as exc:
             log(f"the cached weights {str(path)!r} are unreadable ({exc}); training again")
     net = train_mnist_net(x_tr, y_tr, epochs=settings.epochs, seed=settings.seed,
-                          progress=bool(progress) if progress is not None else sys.stderr.isatty())
+                          progress=bool(progress) if progress is not None else sys.stderr.isatty(),
+                          adversarial_eps=settings.adversarial_eps, adversarial_steps=settings.adversarial_steps)
     info: dict[str, Any] = {"source": "trained", "path": None}
     if path is not None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             save_atomic(path, net.state_dict(), kind="MnistNet",
                         config={"epochs": settings.epochs, "seed": settings.seed, "optimizer": "adam",
-                                "n_train": int(x_tr.shape[0])})
+                                "n_train": int(x_tr.shape[0]),
+                                **({"adversarial_eps": settings.adversarial_eps,
+                                    "adversarial_steps": settings.adversarial_steps}
+                                   if settings.adversarial_eps > 0 else {})})
             info["path"] = str(path)
         except OSError as exc:
             log(f"could not cache the trained weights in {str(path)!r}: {exc}")

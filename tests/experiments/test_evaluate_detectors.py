@@ -67,6 +67,8 @@ def test_evaluate_detectors_command_quick(tmp_path, capsys):
     (["--adaptive-detectors", "nope"], "--adaptive-detectors \\['nope'\\] are not among"),
     (["--adaptive-kappas", "-1"], "--adaptive-kappas must be finite numbers >= 0"),
     (["--adaptive-n", "0"], "--adaptive-n, --adaptive-steps and --adaptive-restarts must be >= 1"),
+    (["--adversarial-training", "1.5"], "--adversarial-training must lie in \\[0, 1\\]"),
+    (["--adversarial-steps", "0"], "--adversarial-steps and --adversarial-epochs be >= 1"),
 ])
 def test_bad_arguments_exit_2_before_any_work(tmp_path, capsys, argv, message):
     import re

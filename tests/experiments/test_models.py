@@ -180,6 +180,31 @@ def test_train_mnist_net_small_and_deterministic():
     assert not again.training
 
 
+def test_adversarial_training_gives_a_more_robust_net():
+    from libnet_plugin.experiments.models import _linf_attack
+
+    x_tr, y_tr, x_te, y_te = load_mnist_default(seed=0, n_train=1000)
+    x_te, y_te = (x_te[:200] - MNIST_MEAN) / MNIST_STD, y_te[:200]
+    plain = train_mnist_net(x_tr, y_tr, epochs=1, seed=0, progress=False)
+    robust = train_mnist_net(x_tr, y_tr, epochs=1, seed=0, progress=False, adversarial_eps=0.2)
+    again = train_mnist_net(x_tr[:128], y_tr[:128], epochs=1, seed=0, progress=False, adversarial_eps=0.2,
+                            adversarial_steps=3)
+    again2 = train_mnist_net(x_tr[:128], y_tr[:128], epochs=1, seed=0, progress=False, adversarial_eps=0.2,
+                             adversarial_steps=3)
+    assert torch.equal(again.fc2.weight, again2.fc2.weight)  # deterministic for the seed, attacks included
+    eps = 0.2 / MNIST_STD
+    acc = {}
+    for name, net in (("plain", plain), ("robust", robust)):
+        adv = _linf_attack(net, x_te, y_te, eps, 10, torch.Generator().manual_seed(1))
+        assert float((adv - x_te).abs().max()) <= eps * (1 + 1e-5)  # within the radius
+        assert float(adv.min()) >= (0 - MNIST_MEAN) / MNIST_STD - 1e-5  # and the pixel box
+        assert float(adv.max()) <= (1 - MNIST_MEAN) / MNIST_STD + 1e-5
+        acc[name] = (predict_labels(net, adv) == y_te).float().mean().item()
+    assert acc["robust"] > acc["plain"] + 0.15, acc  # measured: 0.33 against 0.085 under PGD-10 at eps 0.2
+    with pytest.raises(ValueError, match="adversarial_eps"):
+        train_mnist_net(x_tr[:8], y_tr[:8], progress=False, adversarial_eps=2.0)
+
+
 def test_train_mnist_net_rejects_bad_input():
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         train_mnist_net(torch.full((4, 1, 28, 28), 255.0), torch.zeros(4, dtype=torch.long),
