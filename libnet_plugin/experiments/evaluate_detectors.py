@@ -445,7 +445,8 @@ def _write_report(args: argparse.Namespace, res: dict[str, Any], stage: Path, ou
     trained = ""
     if adv:
         how = "FGSM from a random start" if adv["steps"] == 1 else f"{adv['steps']}-step PGD"
-        trained = f" The net was trained adversarially ({how} at eps {adv['eps']:g}, {adv['epochs']} epochs)."
+        epochs = f"{adv['epochs']} epoch" + ("s" if adv["epochs"] != 1 else "")
+        trained = f" The net was trained adversarially ({how} at eps {adv['eps']:g}, {epochs})."
     note = (f"Command: `{command}`.{trained} Calibration: {s['n_calibration']} clean images at FPR {s['fpr']:g}; held-out "
             f"clean images: {s['n_clean']}; model accuracy on them {accuracy:.3f}. Library sizes: {s['library_sizes']} "
             f"({s['n_train']} training images). Model forward: {res['forward_ms_per_1000']:.1f} ms per 1,000 inputs "

@@ -57,6 +57,23 @@ def test_evaluate_detectors_command_quick(tmp_path, capsys):
     assert "best library-based detector" in capsys.readouterr().out
 
 
+def test_evaluate_detectors_on_an_adversarially_trained_net(tmp_path):
+    import json
+
+    from libnet_plugin.cli import main
+
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    rc = main(["evaluate-detectors", "--quick", "--out", str(out), "--cache-dir", str(cache), "--detectors", "msp",
+               "--attacks", "fgsm", "--ood", "uniform noise", "--no-adaptive", "--adversarial-training", "0.3",
+               "--adversarial-steps", "2", "--no-progress"])
+    assert rc == 0
+    res = json.loads((out / "detectors.json").read_text())
+    assert res["run"]["model"]["adversarial_training"] == {"eps": 0.3, "steps": 2, "epochs": 1}
+    assert "trained adversarially (2-step PGD at eps 0.3, 1 epoch)" in (out / "detectors.md").read_text()
+    weights = sorted(p.name for p in cache.glob("mnistnet-*.safetensors"))
+    assert len(weights) == 1 and "-at0.3k2" in weights[0]  # its own cache entry, never the standard net's
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--fpr", "1.5"], "--fpr must lie in the open interval"),
     (["--detectors", "nope"], "no registered detector has the label or name 'nope'"),
