@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import inspect
 import operator
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["check_int", "check_float_dtype", "dtype_name", "FLOAT_DTYPES", "accepted_settings", "construct"]
+__all__ = ["check_int", "check_layers", "check_float_dtype", "dtype_name", "FLOAT_DTYPES", "accepted_settings", "construct"]
 
 T = TypeVar("T")
 
@@ -49,6 +49,22 @@ def check_int(value: Any, name: str, *, minimum: int = 1, layer: str | None = No
         allowed = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
         raise ValueError(f"{name}{where} must be {allowed}, got {value!r}")
     return int(number)
+
+
+def check_layers(layers: Sequence[str] | None, probed: Sequence[str]) -> list[str]:
+    """The layers asked for (all of ``probed`` when ``None``), after checking each is probed.
+
+    Raises:
+        LayerNotFoundError: naming the unknown layers and the probed ones.
+    """
+    from .errors import LayerNotFoundError
+
+    if layers is None:
+        return list(probed)
+    unknown = [l for l in layers if l not in probed]
+    if unknown:
+        raise LayerNotFoundError(f"layers {unknown} are not probed by this network; probed layers: {list(probed)}")
+    return list(layers)
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -13,9 +13,9 @@ import torch
 from torch import Tensor
 
 from ._batches import MultiInput, collect, is_one_shot, iter_batches, n_rows, per_input_shape, progress_bar
-from ._validate import check_int
+from ._validate import check_int, check_layers
 from ._version import __version__
-from .errors import LayerNotFoundError, LibraryTooLargeWarning, NotFittedError, ShapeMismatchError
+from .errors import LibraryTooLargeWarning, NotFittedError, ShapeMismatchError
 from .library import NodeLibrary, validate_threshold
 from .metrics import ConfusionAccumulator, agreement_counts, cpl
 from .plugins import make_library, make_probe, make_readout
@@ -565,12 +565,7 @@ class LibraryNetwork:
         return idx, sims
 
     def _layer_subset(self, layers: Sequence[str] | None) -> list[str]:
-        if layers is None:
-            return self.layers
-        unknown = [l for l in layers if l not in self.layers]
-        if unknown:
-            raise LayerNotFoundError(f"layers {unknown} are not probed by this network; probed layers: {self.layers}")
-        return list(layers)
+        return check_layers(layers, self.layers)
 
     def _collect(self, x: Any, fn) -> Any:
         """Apply ``fn(probe_result)`` -> dict/Tensor to a Tensor or every batch of an iterable; concatenate."""

@@ -445,13 +445,8 @@ class HebbianPairPass:
         need = torch.nonzero((lead >= 0) & (covered < m)).flatten()
         if not need.numel() or self._hist is None:
             return False
-        nb = self.HIST_BINS
-        above = self._hist[:m].flip(1).cumsum(1).flip(1)  # per node, neighbours in each bin and above
-        useful = 0
-        for part in need.split(1 << 16):
-            at_least = ((self._bound(cos[part]).float() + 1.0) * (nb / 2)).long().clamp_(0, nb - 1)
-            est = above[lead[part].long(), at_least] + 1
-            useful += int((est * self.GATHER_COST <= m - covered[part]).sum())
+        useful = sum(int((self._estimate(lead[part], cos[part]) * self.GATHER_COST <= m - covered[part]).sum())
+                     for part in need.split(1 << 16))  # blocks: the estimate holds a row of bins per input
         return useful >= self.TRIANGLE_SHARE * need.numel()
 
     def finish(self, n_inputs: int) -> None:

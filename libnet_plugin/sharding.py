@@ -54,8 +54,9 @@ import torch
 from torch import Tensor
 
 from ._batches import MultiInput, collect
+from ._validate import check_layers
 from .distributed import DistributedScoringError, all_gather_same, exchange_sizes, world
-from .errors import LayerNotFoundError, NotFittedError, ShapeMismatchError
+from .errors import NotFittedError, ShapeMismatchError
 from .metrics import cpl
 from .plugins import make_library
 
@@ -431,12 +432,7 @@ class ShardedNetwork:
         return {l: s.local_size for l, s in self.shards.items()}
 
     def _layer_subset(self, layers: Sequence[str] | None) -> list[str]:
-        if layers is None:
-            return self.layers
-        unknown = [l for l in layers if l not in self.layers]
-        if unknown:
-            raise LayerNotFoundError(f"layers {unknown} are not probed by this network; probed layers: {self.layers}")
-        return list(layers)
+        return check_layers(layers, self.layers)
 
     def run(self, x: Tensor | MultiInput) -> Any:
         """One probe run over a batch (the model's outputs and every layer's HAPs)."""
