@@ -49,10 +49,20 @@ CANDIDATES = {
         "outputs": ["confidence", "logit-margin"], "combine": "weighted"}),
     "fusion: distance conv + both outputs, weighted Fisher": ("library-fusion", {
         "layers": ["conv1", "conv2"], "outputs": ["confidence", "logit-margin"], "combine": "weighted"}),
+    # round 4: the residual from the library nodes' principal subspace, which keeps the positions that the
+    # channel means of "distance" average away (rank 50 and 20)
+    "fusion: distance + subspace conv + both outputs": ("library-fusion", {
+        "layers": ["conv1", "conv2"], "features": ["distance", "subspace"], "outputs": ["confidence", "logit-margin"]}),
+    "fusion: distance + subspace (rank 20) conv + both outputs": ("library-fusion", {
+        "layers": ["conv1", "conv2"], "features": ["distance", "subspace"], "rank": 20,
+        "outputs": ["confidence", "logit-margin"]}),
+    "fusion: distance + subspace all + both outputs": ("library-fusion", {
+        "features": ["distance", "subspace"], "outputs": ["confidence", "logit-margin"]}),
 }
 #: the current default (all layers) and its conv1, conv2 variant, which each round is compared with
 CURRENT = ("fusion: distance all + confidence + logit-margin", "fusion: distance conv + confidence + logit-margin")
-ROUNDS = {1: list(CANDIDATES)[:5], 2: list(CANDIDATES)[5:8], 3: [*CURRENT, *list(CANDIDATES)[8:]]}
+ROUNDS = {1: list(CANDIDATES)[:5], 2: list(CANDIDATES)[5:8], 3: [*CURRENT, *list(CANDIDATES)[8:12]],
+          4: [*CURRENT, *list(CANDIDATES)[12:]]}
 BASELINES = ("msp", "mahalanobis", "knn", "cpl (paper, top_k 20)")
 
 

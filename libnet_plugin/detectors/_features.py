@@ -124,3 +124,36 @@ def class_distances(f: Tensor, means: Tensor, precision: Tensor, present: Tensor
     fp = f @ precision
     d = (fp * f).sum(dim=1, keepdim=True) - 2.0 * fp @ means.T + ((means @ precision) * means).sum(dim=1)[None, :]
     return d.masked_fill(~present[None, :], float("inf"))
+
+
+def principal_subspace(nodes: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """The mean ``[D]`` and the ``rank`` leading principal directions ``[D, r]`` of rows ``nodes`` ``[M, D]`` (float64).
+
+    ``r = min(rank, M - 1, D)``. The eigendecomposition is of the smaller of the two Gram matrices
+    (``M x M`` or ``D x D``), so a wide layer with a few thousand nodes costs one ``M x M`` problem;
+    directions of (numerically) zero variance are dropped.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x = torch.randn(50, 2, generator=g, dtype=torch.float64) @ torch.tensor([[1.0, 0, 0], [0, 1, 0]]).double()
+        >>> mean, u = principal_subspace(x, 5)
+        >>> u.shape, bool(u[2].abs().max() < 1e-9)     # the data vary in the first two coordinates only
+        (torch.Size([3, 2]), True)
+    """
+    x = nodes.detach().double()
+    mean = x.mean(dim=0)
+    c = x - mean
+    m, d = c.shape
+    r = max(0, min(int(rank), m - 1, d))
+    if r == 0:
+        return mean, c.new_zeros(d, 0)
+    if m <= d:
+        vals, vecs = torch.linalg.eigh(c @ c.T)
+        vals, vecs = vals.flip(0)[:r], vecs.flip(1)[:, :r]
+        keep = vals > vals[0].clamp(min=0) * 1e-12
+        basis = (c.T @ vecs[:, keep]) / vals[keep].sqrt()
+    else:
+        vals, vecs = torch.linalg.eigh(c.T @ c)
+        vals, vecs = vals.flip(0)[:r], vecs.flip(1)[:, :r]
+        basis = vecs[:, vals > vals[0].clamp(min=0) * 1e-12]
+    return mean, basis

@@ -20,6 +20,7 @@ from ._features import (
     layer_projection,
     node_classes,
     pooled,
+    principal_subspace,
     shared_gaussian,
 )
 from .api import FittedNetwork, FusedLayerScore
@@ -49,6 +50,12 @@ class LibraryMarginScore(FusedLayerScore):
       node mean: negative when the layer's nearest class is the model's answer, positive by how much
       another class is nearer (the answer's standing among the classes at that layer; ``0`` when the
       library holds no node of another class).
+    - ``"subspace"``: ``||(g - m) - U U^T (g - m)||^2`` with ``g`` the normalised activation as the library
+      stores it (the whole activation, not averaged over positions), ``m`` the mean of the library nodes
+      and ``U`` their ``rank`` leading principal directions: how far the activation lies from the
+      subspace in which the library's patterns vary, whatever the answer. Unlike ``distance`` on a
+      convolution layer, it keeps where in the image a feature fires (a rotated digit has the right
+      strokes in the wrong places). One ``[D, rank]`` product per input at scoring.
 
     A node's class is the class its Hebbian readout row favours (:func:`node_classes`). Each feature is
     turned into a conformal p-value on clean reference data and all are fused with Fisher's method.
@@ -70,6 +77,8 @@ class LibraryMarginScore(FusedLayerScore):
         max_dim: for ``distance``: longer (unpooled) vectors are reduced by a fixed Gaussian random
             projection to this many dimensions.
         seed: seed of those random projections.
+        rank: for ``subspace``: principal directions of the library nodes kept (fewer when the library
+            has fewer nodes).
 
     Example:
         >>> s = LibraryMarginScore(k=3, span=100)
@@ -81,14 +90,15 @@ class LibraryMarginScore(FusedLayerScore):
 
     name: ClassVar[str] = "library-margin"
     uses_library: ClassVar[bool] = True
-    FEATURES: ClassVar[tuple[str, ...]] = ("margin", "residual", "similarity", "distance", "distance-margin")
-    #: the features computed from the library nodes' class Gaussian (no look-up of the nodes at scoring)
-    GAUSSIAN_FEATURES: ClassVar[tuple[str, ...]] = ("distance", "distance-margin")
+    FEATURES: ClassVar[tuple[str, ...]] = ("margin", "residual", "similarity", "distance", "distance-margin",
+                                           "subspace")
+    #: the features computed from statistics of the library nodes (no look-up of the nodes at scoring)
+    STATISTIC_FEATURES: ClassVar[tuple[str, ...]] = ("distance", "distance-margin", "subspace")
     DEFAULT_FEATURES: ClassVar[tuple[str, ...]] = ("margin", "residual")
 
     def __init__(self, layers: Sequence[str] | None = None, k: int = 3, span: int = 100,
                  features: Sequence[str] | None = None, ridge: float = 1e-3, max_gram_nodes: int = 8192,
-                 pool: Any = "auto", max_dim: int = 1024, seed: int = 0):
+                 pool: Any = "auto", max_dim: int = 1024, seed: int = 0, rank: int = 50):
         super().__init__(layers)
         self.k = check_int(k, "k")
         self.span = check_int(span, "span")
@@ -108,19 +118,21 @@ class LibraryMarginScore(FusedLayerScore):
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an integer, got {seed!r}")
         self.seed = seed
+        self.rank = check_int(rank, "rank")
         self._classes: dict[str, Tensor] = {}
         self._grams: dict[str, Tensor | None] = {}
         self._gauss: dict[str, dict[str, Any]] = {}
+        self._subspaces: dict[str, tuple[Tensor, Tensor]] = {}
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(layers={self.layers}, k={self.k}, span={self.span}, "
                 f"features={self.features_})")
 
     def _prepare(self, net: FittedNetwork) -> None:
-        self._classes, self._grams, self._gauss = {}, {}, {}
+        self._classes, self._grams, self._gauss, self._subspaces = {}, {}, {}, {}
         for i, l in enumerate(self.fitted_layers()):
             lib = net.libraries_[l]
-            needs_nodes = [f for f in ("residual", *self.GAUSSIAN_FEATURES) if f in self.features_]
+            needs_nodes = [f for f in ("residual", *self.STATISTIC_FEATURES) if f in self.features_]
             if needs_nodes and not isinstance(lib, NodeLibrary):
                 raise TypeError(f"the {needs_nodes} feature(s) need a library exposing its nodes (.nodes); the "
                                 f"library of layer {l!r} is a {type(lib).__name__}; use features=('margin',)")
@@ -129,8 +141,10 @@ class LibraryMarginScore(FusedLayerScore):
                 self._grams[l] = lib.nodes @ lib.nodes.T
             else:
                 self._grams[l] = None
-            if any(f in self.features_ for f in self.GAUSSIAN_FEATURES):
+            if "distance" in self.features_ or "distance-margin" in self.features_:
                 self._gauss[l] = self._node_gaussian(net, l, i, lib.nodes, self._classes[l])
+            if "subspace" in self.features_:
+                self._subspaces[l] = principal_subspace(lib.nodes, self.rank)
 
     def _node_gaussian(self, net: FittedNetwork, layer: str, index: int, nodes: Tensor,
                        classes: Tensor) -> dict[str, Any]:
@@ -153,6 +167,12 @@ class LibraryMarginScore(FusedLayerScore):
         st = self._gauss[layer]
         g = pooled(lib.transform(hap), st["channels"], st["proj"]).double()
         return class_distances(g, st["means"], st["precision"], st["present"])
+
+    def _subspace_residual(self, lib: Any, layer: str, hap: Tensor) -> Tensor:
+        """``subspace``: the squared distance of the normalised activation from the nodes' principal subspace."""
+        mean, basis = self._subspaces[layer]
+        c = lib.transform(hap).double() - mean
+        return (c - (c @ basis) @ basis.T).pow(2).sum(dim=1)
 
     @staticmethod
     def _distance_margin(d: Tensor, answers: Tensor) -> Tensor:
@@ -197,7 +217,7 @@ class LibraryMarginScore(FusedLayerScore):
         self.check_is_fitted()
         answers = result.answers.to(net.device)
         cols = []
-        needs_h = any(f not in self.GAUSSIAN_FEATURES for f in self.features_)
+        needs_h = any(f not in self.STATISTIC_FEATURES for f in self.features_)
         for l in self.fitted_layers():
             lib = net.libraries_[l]
             cls = self._classes[l]
@@ -210,7 +230,7 @@ class LibraryMarginScore(FusedLayerScore):
                 kk = min(self.k, h.shape[1])
                 s_same = h.masked_fill(~same, -1.0).topk(kk, dim=1).values.mean(dim=1)
             d = (self._class_distances(lib, l, result.haps[l])
-                 if any(f in self.features_ for f in self.GAUSSIAN_FEATURES) else None)
+                 if "distance" in self.features_ or "distance-margin" in self.features_ else None)
             for f in self.features_:
                 if f == "margin":
                     s_other = h.masked_fill(same, -1.0).topk(kk, dim=1).values.mean(dim=1)
@@ -219,6 +239,8 @@ class LibraryMarginScore(FusedLayerScore):
                     cols.append((-s_same).double())
                 elif f == "residual":
                     cols.append(self._residual(lib, self._grams[l], h).double())
+                elif f == "subspace":
+                    cols.append(self._subspace_residual(lib, l, result.haps[l]))
                 elif f == "distance":
                     assert d is not None
                     cols.append(d.gather(1, answers[:, None])[:, 0])
@@ -230,7 +252,7 @@ class LibraryMarginScore(FusedLayerScore):
     def config(self) -> dict[str, Any]:
         return {**super().config(), "k": self.k, "span": self.span, "features": list(self.features_),
                 "ridge": self.ridge, "max_gram_nodes": self.max_gram_nodes, "pool": self.pool,
-                "max_dim": self.max_dim, "seed": self.seed}
+                "max_dim": self.max_dim, "seed": self.seed, "rank": self.rank}
 
     def _load_state(self, state: Mapping[str, Tensor], net: FittedNetwork) -> None:
         self._prepare(net)
@@ -239,6 +261,7 @@ class LibraryMarginScore(FusedLayerScore):
         """Bytes kept beyond the library network: the clean reference, Gram matrices and ``distance`` statistics."""
         kept = [g for g in self._grams.values() if g is not None]
         kept += [t for st in self._gauss.values() for t in st.values() if isinstance(t, Tensor)]
+        kept += [t for pair in self._subspaces.values() for t in pair]
         return super().memory_bytes() + sum(t.numel() * t.element_size() for t in kept)
 
 

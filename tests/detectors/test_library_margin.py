@@ -103,3 +103,61 @@ def test_library_margin_on_the_fly_gram_equals_precomputed(fitted, mlp_data):
     a = LibraryMarginScore(span=5).fit(fitted).features(fitted, r)
     b = LibraryMarginScore(span=5, max_gram_nodes=1).fit(fitted).features(fitted, r)
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_subspace_is_the_residual_from_the_nodes_principal_subspace(fitted, mlp_data):
+    """numpy's SVD of the centred nodes gives the same residual; the rank is clipped to what the nodes span."""
+    x, _ = mlp_data
+    layers = ["fc2", "out"]
+    s = LibraryDistanceScore(layers=layers, features=("distance", "subspace"), rank=3).fit(fitted)
+    assert s.feature_names() == ["fc2/distance", "fc2/subspace", "out/distance", "out/subspace"]
+    r = fitted.probe.run(x[:40])
+    f = s.features(fitted, r)
+    for i, l in enumerate(layers):
+        lib = fitted.libraries_[l]
+        nodes = lib.nodes.double().numpy()
+        mean = nodes.mean(axis=0)
+        u = np.linalg.svd(nodes - mean, full_matrices=False)[2][:3].T
+        g = lib.transform(r.haps[l]).double().numpy() - mean
+        np.testing.assert_allclose(f[:, 2 * i + 1].numpy(), ((g - g @ u @ u.T) ** 2).sum(axis=1), rtol=1e-7, atol=1e-10)
+    # the nodes themselves lie in the subspace of every direction they span: residual 0
+    lib = fitted.libraries_["fc2"]
+    full = LibraryDistanceScore(layers=["fc2"], features=("subspace",), rank=10_000).fit(fitted)
+    assert full._subspaces["fc2"][1].shape[1] <= min(lib.size - 1, lib.nodes.shape[1])
+    res = full._subspace_residual(lib, "fc2", lib.nodes)
+    assert float(res.max()) < 1e-9
+    # and the rank is part of the settings a saved detector carries
+    assert full.config()["rank"] == 10_000
+
+
+def test_subspace_uses_the_whole_conv_activation_and_is_differentiable():
+    """On a conv layer the feature sees positions: a mirrored image has other residuals, same channel means."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 36, 3)).eval()
+    x = torch.rand(200, 1, 6, 6)
+    x[:, :, :, :3] *= 0.1  # the training images are dark on the left
+    net = lnp.LibraryNetwork(model, ["0"], thresholds=0.99).fit(x)
+    s = LibraryDistanceScore(features=("subspace",), rank=5).fit(net)
+    clean = s.features(net, net.probe.run(x[:50]))[:, 0]
+    flipped = s.features(net, net.probe.run(x[:50].flip(-1)))[:, 0]
+    assert float(flipped.median()) > 3 * float(clean.median())
+    xg = x[:4].clone().requires_grad_(True)
+    out = s.features(net, net.probe.run(xg, grad=True)).sum()
+    (grad,) = torch.autograd.grad(out, xg)
+    assert bool(grad.abs().sum() > 0)
+
+
+def test_subspace_survives_save_and_load(fitted, mlp_data, tmp_path):
+    x, _ = mlp_data
+    det = lnp.ConsistencyDetector(fitted, method="library-fusion",
+                                  settings={"features": ["distance", "subspace"], "rank": 4}).calibrate(x[:200])
+    path = tmp_path / "d.safetensors"
+    det.save(path)
+    back = lnp.ConsistencyDetector.load(path, fitted.model)
+    torch.testing.assert_close(back.score(x[200:]), det.score(x[200:]))
+    assert back.scorer.rank == 4 and "fc1/subspace" in back.scorer.feature_names()
+
+
+def test_bad_rank_is_refused():
+    with pytest.raises(ValueError, match="rank"):
+        LibraryMarginScore(features=("subspace",), rank=0)
