@@ -195,6 +195,63 @@ def test_a_failure_after_the_libraries_leaves_a_partial_report(stand_in, tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out.partial-report.json"]  # no staging left
 
 
+@pytest.fixture(scope="module")
+def stand_in_40(stand_in, tmp_path_factory):
+    """The stand-in's net with 40 test images: enough to calibrate the detector comparison at FPR 0.05."""
+    _, _, weights = stand_in
+    data = write_fake_cifar10(tmp_path_factory.mktemp("cifar10-40") / "data", n_train_per_batch=8, n_test=40, seed=0)
+    return data, weights
+
+
+def test_attacks_that_know_the_detector(stand_in_40, tmp_path, monkeypatch):
+    """``--adaptive-detectors msp``: the detector comparison also attacks msp with the attacks that know it,
+    in pixel space through the ResNet44's normalisation; report.json carries the evasion entries and the
+    budget, report.md the evasion table. The comparison is cut to two detectors to keep the run short."""
+    two = {"msp": ("msp", {}), "cpl (top_k 3)": ("cpl", {"top_k": 3})}  # cheap ones: ResNet44 features are large
+    monkeypatch.setattr(cifar10, "registered_detectors", lambda pm=None: dict(two))
+    monkeypatch.setattr("libnet_plugin.experiments.comparison.registered_detectors", lambda pm=None: dict(two))
+    data, weights = stand_in_40
+    out = tmp_path / "out"
+    rc = cli.main(["reproduce", "cifar10", "--data-dir", str(data), "--weights", str(weights), "--quick",
+                   "--device", "cpu", "--out", str(out), "--no-progress", "--no-plots", "--protocols", "standard",
+                   "--attack-steps", "3", "--adaptive-detectors", "msp", "--adaptive-n", "4", "--adaptive-steps", "2",
+                   "--adaptive-lambdas", "0", "1", "--black-box-queries", "5"])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    budget = {"n": 4, "steps": 2, "restarts": 1, "lambdas": [0.0, 1.0], "queries": 5, "detectors": ["msp"],
+              "seed": 1}
+    assert budget.items() <= report["settings"]["adaptive"].items()
+    det = report["detectors"]
+    assert det["available"], det.get("note")
+    table = det["table"]
+    assert budget.items() <= table["adaptive"]["budget"].items()
+    n = table["adaptive"]["n"]
+    assert 1 <= n <= 4
+    attacks = table["detectors"]["msp"]["attacks"]
+    assert attacks["white-box method"] == "score gradient" and list(attacks["by_epsilon"]) == ["0.031373"]
+    entry = attacks["by_epsilon"]["0.031373"]
+    assert entry["n"] == n and entry["black-box"] is not None
+    for key in ("non-adaptive", "white-box", "fooled (white-box)", "black-box", "strongest"):
+        assert 0.0 <= entry[key] <= 1.0
+    assert entry["strongest"] >= max(entry["non-adaptive"], entry["white-box"], entry["black-box"])
+    assert all(0.0 <= v <= 1.0 for v in entry["strongest_at_fpr"].values())
+    assert "attacks" not in table["detectors"]["cpl (top_k 3)"]  # not in --adaptive-detectors
+    md = (out / "report.md").read_text()
+    assert "### Evasion: misclassified and not flagged" in md and "| msp | score gradient |" in md
+    assert "](evasion.png)" in md and (out / "evasion.png").read_bytes()[:4] == b"\x89PNG"
+    assert table["files"]["evasion_png"] == str(out / "evasion.png")  # the run folder, not the staging one
+    assert json.loads((out / "detectors.json").read_text())["adaptive"]["n"] == n
+
+
+def test_a_bad_adaptive_option_exits_2_before_any_work(stand_in_40, tmp_path, capsys):
+    data, weights = stand_in_40
+    out = tmp_path / "out"
+    rc = cli.main(["reproduce", "cifar10", "--data-dir", str(data), "--weights", str(weights), "--quick",
+                   "--device", "cpu", "--out", str(out), "--adaptive-detectors", "msp", "--adaptive-steps", "0"])
+    assert rc == 2 and "--adaptive-n, --adaptive-steps and --adaptive-restarts must be >= 1" in capsys.readouterr().err
+    assert not out.exists() and not cifar10.partial_report_path(out).exists()
+
+
 def test_too_few_test_images_for_the_detector_comparison_give_a_note(stand_in, tmp_path, monkeypatch):
     seen = {}
 

@@ -20,13 +20,17 @@ the attack's loss must target the detector). The attacks here know the fitted
   threshold and at the thresholds of other FPRs read from the detector's calibration scores.
 
 Every attack returns an :class:`AttackOutcome`; inputs are pixel-space tensors in ``[0, 1]`` and the
-detector's model is what is attacked (normalisation inside the model).
+detector's model is what is attacked. By default the model takes those pixels itself (normalisation
+inside the model, as the MNIST net). For a model that takes another input space (the CIFAR-10 ResNet44
+takes normalised inputs), pass ``to_model``: a differentiable map from the attacked pixels to the
+model's inputs, applied before every call of the detector, its probe or the model. The L-inf box, the
+clamp to ``[0, 1]`` and ``eps`` stay in pixel space, and the outcome's ``x_adv`` is in pixels.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +40,15 @@ from torch import Tensor
 from .._validate import check_int
 
 __all__ = ["AttackOutcome", "FeatureMatching", "margin_loss", "adaptive_pgd", "score_search", "evasion",
-           "evasion_at_fprs", "best_of"]
+           "evasion_at_fprs", "best_of", "judge"]
+
+#: A differentiable map from the attacked inputs (pixels) to the inputs of the detector's model.
+InputMap = Callable[[Tensor], Tensor]
+
+
+def _mapped(x: Tensor, to_model: InputMap | None) -> Tensor:
+    """``x`` as the detector's model takes it: ``to_model(x)``, or ``x`` itself when there is no map."""
+    return x if to_model is None else to_model(x)
 
 
 @dataclass
@@ -89,15 +101,18 @@ class FeatureMatching:
         reference: clean inputs ``[N, ...]`` (e.g. training images).
         layers: layers to match (default: every probed layer).
         batch_size: inputs per forward pass while computing the means.
+        to_model: maps ``reference`` (in the attack's space, e.g. pixels) to the model's inputs before the
+            model runs (see the module docstring); ``None``: ``reference`` is already what the model takes.
     """
 
-    def __init__(self, net: Any, reference: Tensor, layers: Sequence[str] | None = None, batch_size: int = 256):
+    def __init__(self, net: Any, reference: Tensor, layers: Sequence[str] | None = None, batch_size: int = 256,
+                 to_model: InputMap | None = None):
         self.net = net
         self.layers = list(net.layers if layers is None else layers)
         sums: dict[str, Tensor] = {}
         counts = torch.zeros(net.n_classes_, dtype=torch.float64)
         for i in range(0, reference.shape[0], batch_size):
-            r = net.run(reference[i:i + batch_size])
+            r = net.run(_mapped(reference[i:i + batch_size], to_model))
             onehot = torch.nn.functional.one_hot(r.answers.cpu(), net.n_classes_).double()
             counts += onehot.sum(dim=0)
             for l in self.layers:
@@ -135,12 +150,17 @@ def _check_attack(det: Any, x: Tensor, y: Tensor, eps: float) -> float:
     return eps
 
 
-def judge(det: Any, x_adv: Tensor, y: Tensor, batch_size: int = 256) -> AttackOutcome:
-    """The exact score, the model's answer and the evasion flag of attacked inputs, at ``det.threshold_``."""
+def judge(det: Any, x_adv: Tensor, y: Tensor, batch_size: int = 256,
+          to_model: InputMap | None = None) -> AttackOutcome:
+    """The exact score, the model's answer and the evasion flag of attacked inputs, at ``det.threshold_``.
+
+    ``to_model`` maps ``x_adv`` to the model's inputs first (see the module docstring); the outcome keeps
+    ``x_adv`` as given.
+    """
     scores, wrong = [], []
     with torch.no_grad():
         for i in range(0, x_adv.shape[0], batch_size):
-            out = det.score_and_output(x_adv[i:i + batch_size])
+            out = det.score_and_output(_mapped(x_adv[i:i + batch_size], to_model))
             scores.append(out.score.cpu())
             wrong.append(out.output.argmax(dim=1).cpu() != y[i:i + batch_size].cpu())
     score = torch.cat(scores) if scores else torch.empty(0)
@@ -196,7 +216,8 @@ def _project(x0: Tensor, x: Tensor, eps: float) -> Tensor:
 def adaptive_pgd(det: Any, x: Tensor, y: Tensor, *, eps: float, steps: int = 100, restarts: int = 2,
                  lambdas: Sequence[float] = (0.0, 0.1, 1.0, 10.0), step_size: float | None = None,
                  surrogate: FeatureMatching | None = None, kappa: float = 0.0, check_every: int = 10,
-                 seed: int = 0, batch_size: int = 64, progress: bool = False) -> AttackOutcome:
+                 seed: int = 0, batch_size: int = 64, progress: bool = False,
+                 to_model: InputMap | None = None) -> AttackOutcome:
     """White-box L-inf PGD against the classifier and the detector together (see the module docstring).
 
     Args:
@@ -211,9 +232,15 @@ def adaptive_pgd(det: Any, x: Tensor, y: Tensor, *, eps: float, steps: int = 100
             and at the end; with a differentiable score it is known at every step.
         seed: seed of the random starts. batch_size: clean inputs per batch (each runs
             ``len(lambdas) * restarts`` copies). progress: a tqdm bar over the batches.
+        to_model: a differentiable map from the attacked pixels to the model's inputs, applied before every
+            call of the detector, its probe or the model (the gradient flows through it); the box, the clamp
+            and ``eps`` stay in pixel space. ``None``: the model takes the pixels (normalisation inside it).
+            A ``surrogate`` built from pixel references needs the same map (:class:`FeatureMatching`'s
+            ``to_model``).
 
     Returns:
-        An :class:`AttackOutcome`, the best per input over lambdas, restarts and checked steps.
+        An :class:`AttackOutcome`, the best per input over lambdas, restarts and checked steps (``x_adv``
+        in pixels).
     """
     eps = _check_attack(det, x, y, eps)
     steps, restarts = check_int(steps, "steps"), check_int(restarts, "restarts")
@@ -237,7 +264,7 @@ def adaptive_pgd(det: Any, x: Tensor, y: Tensor, *, eps: float, steps: int = 100
         lam = torch.tensor(lams, dtype=torch.float32).repeat_interleave(b).repeat(restarts)
         noise = (torch.rand(x0.shape, generator=gen) * 2 - 1) * eps
         xa = _project(x0, x0 + noise.to(x0.dtype), eps)
-        scale = _score_scale(det, xb, surrogate)
+        scale = _score_scale(det, _mapped(xb, to_model), surrogate)
         target = None
         best: Key | None = None
         best_x = xa.clone()
@@ -247,10 +274,10 @@ def adaptive_pgd(det: Any, x: Tensor, y: Tensor, *, eps: float, steps: int = 100
             xa.requires_grad_(True)
             with torch.enable_grad():
                 if surrogate is None:
-                    out = det.score_and_output(xa)
+                    out = det.score_and_output(_mapped(xa, to_model))
                     logits, s, exact = out.output, out.score, out.score.detach().cpu()
                 else:
-                    r = det.net.probe.run(xa, grad=True)
+                    r = det.net.probe.run(_mapped(xa, to_model), grad=True)
                     logits = r.outputs
                     if target is None:
                         target = surrogate.targets(logits, yy)
@@ -263,7 +290,7 @@ def adaptive_pgd(det: Any, x: Tensor, y: Tensor, *, eps: float, steps: int = 100
             xa = xa.detach()
             mis = (logits.detach().argmax(dim=1) != yy).cpu()
             if exact is None and (step % check_every == 0 or step == steps):
-                exact = det.score(xa).detach().cpu()
+                exact = det.score(_mapped(xa, to_model)).detach().cpu()
             if exact is not None:
                 secondary = torch.where(mis, term.detach().cpu(), margin.detach().cpu())
                 key = _key(mis, exact, secondary, thr)
@@ -309,17 +336,20 @@ def _concat(parts: Sequence[AttackOutcome], thr: float) -> AttackOutcome:
 
 
 def score_search(det: Any, x: Tensor, y: Tensor, *, eps: float, queries: int = 500, p_init: float = 0.1,
-                 seed: int = 0, batch_size: int = 256, progress: bool = False) -> AttackOutcome:
+                 seed: int = 0, batch_size: int = 256, progress: bool = False,
+                 to_model: InputMap | None = None) -> AttackOutcome:
     """A black-box random search that sees only the model's answer and the detector's score.
 
     Starts from vertical stripes of ``+-eps`` and, for ``queries`` rounds, sets a random square patch
     (side ``sqrt(p) * width``, ``p`` shrinking from ``p_init`` as in the Square Attack's schedule) of
     every channel to a random ``+-eps``; a change is kept for an input when it lowers
     ``max(margin, 0) + max(score - threshold, 0) / sd`` (``sd`` of the clean calibration scores). An
-    input stops once it evades. One query = one call of the guarded model on the batch.
+    input stops once it evades. One query = one call of the guarded model on the batch. ``to_model`` maps
+    the candidate pixels to the model's inputs before each query (see :func:`adaptive_pgd`); the search
+    itself stays in pixel space.
 
     Returns:
-        An :class:`AttackOutcome` at ``det.threshold_``.
+        An :class:`AttackOutcome` at ``det.threshold_`` (``x_adv`` in pixels).
     """
     eps = _check_attack(det, x, y, eps)
     queries = check_int(queries, "queries", minimum=0)
@@ -332,7 +362,7 @@ def score_search(det: Any, x: Tensor, y: Tensor, *, eps: float, queries: int = 5
 
     def objective(xq: Tensor, yq: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         with torch.no_grad():
-            out = det.score_and_output(xq)
+            out = det.score_and_output(_mapped(xq, to_model))
         logits, score = out.output.float().cpu(), out.score.float().cpu()
         m = margin_loss(logits, yq).clamp(min=0.0)
         over = torch.where(torch.isfinite(score), (score - thr).clamp(min=0.0) / sd, torch.full_like(score, 1e9))

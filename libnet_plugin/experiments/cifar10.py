@@ -22,6 +22,13 @@ What it does (docs/method.md sections 7-10):
    4C), CPL AUROC against epsilon for the seven threshold sets of Table 1 at ``top_k`` 20 under both
    attack protocols (Fig. 5C), the detector comparison, and the seed's published numbers beside ours,
    in ``report.json`` and ``report.md`` (written atomically).
+5. Optionally (``--adaptive-detectors LABEL ...``, off by default: ResNet44 attacks are heavy on a CPU)
+   attacks the listed detectors of the comparison with attackers who know them, as ``libnet
+   evaluate-detectors`` does for MNIST (:mod:`~libnet_plugin.experiments.threat_models`: white-box
+   adaptive PGD on the detector's score or a feature-matching surrogate, a score-only search), on the
+   correctly classified images of the standard protocol, in pixel space (the ResNet44 is reached through
+   the pixel-to-normalised map), and reports their evasion rates (misclassified and not flagged at the
+   calibrated threshold) in ``report.json``, ``report.md`` and ``evasion.png``.
 
 Output folder: the run is written into a fresh hidden folder beside ``--out`` and put in its place only
 when it is complete (:func:`~libnet_plugin.experiments.report.staged_output`), so a rerun replaces an
@@ -65,6 +72,7 @@ import torch
 from torch import Tensor
 
 from ..errors import LibnetError
+from ..plugins import registered_detectors
 from ..serialization import atomic_write_bytes
 from .comparison import detector_comparison
 from .data import CIFAR10_FILES, CIFAR_MEAN, CIFAR_STD, check_cifar10_dir, load_cifar10
@@ -100,6 +108,13 @@ from .sweep import (
     fit_library_sweep,
     theta_grid,
     theta_key,
+)
+from .threat_models import (
+    AdaptiveBudget,
+    add_budget_arguments,
+    budget_from_args,
+    check_budget_detectors,
+    evasion_section,
 )
 
 __all__ = [
@@ -213,6 +228,9 @@ class Cifar10Settings:
         cpl_sets: ``{set: {layer: theta}}`` (Table 1); every theta must be one of the levels.
         top_k_agreement / top_k_cpl: nodes per prediction for Fig. 4 and for CPL.
         detectors: also run the detector comparison.
+        adaptive: the sizes of the attacks that know the detector, run in the detector comparison on the
+            standard protocol's images (:func:`~libnet_plugin.experiments.comparison.detector_comparison`'s
+            ``adaptive``); ``None`` (the default): none. Its ``detectors`` are labels of the detector table.
         plots: also draw the figures.
         quick: the run was shortened by ``--quick`` (reported).
     """
@@ -234,6 +252,7 @@ class Cifar10Settings:
     top_k_agreement: int = TOP_K_AGREEMENT
     top_k_cpl: int = TOP_K_CPL
     detectors: bool = True
+    adaptive: AdaptiveBudget | None = None
     plots: bool = True
     quick: bool = False
 
@@ -271,6 +290,18 @@ class Cifar10Settings:
                 if theta_key(theta) not in levels:
                     raise ExperimentError(f"CPL set {name!r}: theta {theta} of layer {layer!r} is not one of its "
                                           f"levels {sorted(levels)}")
+        if self.adaptive is not None:
+            if not isinstance(self.adaptive, AdaptiveBudget):
+                raise ExperimentError(f"adaptive must be an AdaptiveBudget or None, got {type(self.adaptive).__name__}")
+            try:
+                self.adaptive.validate()
+            except ValueError as exc:
+                raise ExperimentError(f"adaptive (--adaptive-*): {exc}") from None
+            if not self.detectors or "standard" not in self.protocols:
+                raise ExperimentError("adaptive (--adaptive-detectors) attacks the detectors of the detector "
+                                      "comparison on the standard protocol's images: it needs detectors=True (no "
+                                      "--no-detectors) and 'standard' among the protocols, got detectors="
+                                      f"{self.detectors}, protocols {list(self.protocols)}")
         return self
 
 
@@ -449,10 +480,12 @@ def reproduce_cifar10(
         The report, as written to ``report.json`` (JSON types; paths name ``out_dir``, not the staging folder).
 
     Raises:
-        ExperimentError: bad settings, or ``out_dir`` holds files that are not an earlier run's (or holds the
-            current folder); both before any work.
+        ExperimentError: bad settings (``settings.adaptive`` naming a detector that is not registered among
+            them), or ``out_dir`` holds files that are not an earlier run's (or holds the current folder); all
+            before any work.
     """
     settings.validate()
+    check_budget_detectors(settings.adaptive, list(registered_detectors(None)))  # before any long work
     created = _missing_folders(Path(out_dir).expanduser().absolute().parent)
     final = check_run_folder(out_dir)
     partial = partial_report_path(final)
@@ -618,8 +651,10 @@ def _run_detectors(sweep: LibrarySweep, model: torch.nn.Module, settings: Cifar1
 
     The library network is the sweep's at the first CPL set; the detectors are scored on the successful
     standard-protocol attacks and, as out-of-domain inputs, on uniform-noise images from a generator seeded
-    with ``settings.attack_seed`` (as many as there are test images). ``data`` is ``(x_train, y_train,
-    x_test, y_test)`` in pixels; ``detectors.json``, ``detectors.md`` and ``roc.png`` go into ``out_dir``.
+    with ``settings.attack_seed`` (as many as there are test images). With ``settings.adaptive`` the
+    detectors it names are also attacked by attackers who know them (``detector_comparison``'s
+    ``adaptive``; ``evasion.png`` too). ``data`` is ``(x_train, y_train, x_test, y_test)`` in pixels;
+    ``detectors.json``, ``detectors.md`` and ``roc.png`` go into ``out_dir``.
     """
     x_train, y_train, x_test, y_test = data
     first = next(iter(settings.cpl_sets))
@@ -629,7 +664,7 @@ def _run_detectors(sweep: LibrarySweep, model: torch.nn.Module, settings: Cifar1
     return detector_comparison(net, (x_train, y_train), (x_test.cpu(), y_test.cpu()), attack_sets,
                                space="normalized", mean=CIFAR_MEAN, std=CIFAR_STD, protocol="standard",
                                ood_sets={"uniform noise": noise}, out_dir=out_dir, batch_size=settings.batch_size,
-                               log=log)
+                               log=log, adaptive=settings.adaptive)
 
 
 def _pick(values: Sequence[float], n: int) -> list[float]:
@@ -752,7 +787,15 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             lines += [f"Every detector of `libnet evaluate-detectors`, calibrated on the first half of the test "
                       f"images and scored on the second half against the successful {det['protocol']}-protocol "
                       "attacks and uniform noise (cells: AUROC / TPR at the calibrated threshold; files "
-                      "`detectors.json`, `detectors.md`, `roc.png`).", "", det["table"]["table_markdown"], ""]
+                      "`detectors.json`, `detectors.md`, `roc.png`"
+                      + (", `evasion.png`" if det["table"].get("files", {}).get("evasion_png") else "") + ").", "",
+                      det["table"]["table_markdown"], ""]
+            adaptive = det["table"].get("adaptive")
+            if adaptive is not None and "evasion_markdown" in adaptive:
+                figure = "evasion.png" if det["table"].get("files", {}).get("evasion_png") else None
+                lines += [evasion_section(adaptive, det["table"]["settings"]["fpr"], figure=figure), ""]
+            elif adaptive is not None:
+                lines += [adaptive["note"], ""]
         else:
             lines += [det["note"], ""]
     mem = report["memory"]
@@ -846,6 +889,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--no-plots", action="store_true", help="skip the figures")
     o.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bars (default: only on a terminal)")
+    a = parser.add_argument_group(
+        "attacks that know the detector",
+        "off unless --adaptive-detectors is given (ResNet44 attacks are heavy on a CPU); the other options size "
+        "the attacks, on the correctly classified standard-protocol images, in pixel space")
+    add_budget_arguments(a, detectors_help="attack these detectors (labels of the detector table, e.g. msp "
+                                           "'library-fusion') with white-box adaptive PGD and a score-only search "
+                                           "and report their evasion rates (default: none)")
+
+
+#: The options of :func:`~libnet_plugin.experiments.threat_models.add_budget_arguments` that only size the
+#: attacks of ``--adaptive-detectors``: ``{option: (attribute, value when not given)}``.
+_BUDGET_OPTIONS: dict[str, tuple[str, Any]] = {
+    "--adaptive-n": ("adaptive_n", None), "--adaptive-steps": ("adaptive_steps", None),
+    "--adaptive-restarts": ("adaptive_restarts", 1), "--adaptive-lambdas": ("adaptive_lambdas", None),
+    "--adaptive-kappas": ("adaptive_kappas", [0.0]), "--black-box-queries": ("black_box_queries", None),
+}
+
+
+def _adaptive_budget(args: argparse.Namespace) -> AdaptiveBudget | None:
+    """The budget of ``--adaptive-detectors`` and the options that size it (checked); ``None`` without it."""
+    if not args.adaptive_detectors:
+        given = [opt for opt, (attr, unset) in _BUDGET_OPTIONS.items() if getattr(args, attr) != unset]
+        if given:
+            raise ExperimentError(f"{', '.join(given)} only size the attacks of --adaptive-detectors, which is not "
+                                  "given; add --adaptive-detectors LABEL ... (labels of the detector table)")
+        return None
+    budget = budget_from_args(args, quick=bool(args.quick), seed=args.seed)
+    check_budget_detectors(budget, list(registered_detectors(None)))
+    if args.no_detectors:
+        raise ExperimentError("--adaptive-detectors attacks detectors of the detector comparison, which "
+                              "--no-detectors skips")
+    if "standard" not in args.protocols:
+        raise ExperimentError("--adaptive-detectors attacks the standard protocol's images; add 'standard' to "
+                              f"--protocols (got {' '.join(args.protocols)})")
+    return budget
 
 
 def settings_from_args(args: argparse.Namespace) -> Cifar10Settings:
@@ -859,7 +937,7 @@ def settings_from_args(args: argparse.Namespace) -> Cifar10Settings:
                  "standard_epsilons": tuple(args.standard_epsilons) if args.standard_epsilons else None}
     s = replace(s, **{k: v for k, v in overrides.items() if v is not None})
     s = replace(s, protocols=tuple(dict.fromkeys(args.protocols)), attack_seed=args.seed, batch_size=args.batch_size,
-                detectors=not args.no_detectors, plots=not args.no_plots)
+                detectors=not args.no_detectors, plots=not args.no_plots, adaptive=_adaptive_budget(args))
     return s.validate()
 
 

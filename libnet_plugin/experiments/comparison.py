@@ -3,7 +3,9 @@
 :func:`evaluate_detectors` is the engine (AUROC, TPR at the calibrated FPR, the held-out FPR over random
 splits, time and memory per detector, ROC curves); :func:`detector_comparison` runs it on an
 experiment's data (the successful standard-protocol attacks on correctly classified inputs, plus
-out-of-domain sets). The detectors compared are those that the plugins list through the
+out-of-domain sets) and, when asked (``adaptive=``), attacks each calibrated detector with the attacks
+that know it (:class:`~libnet_plugin.experiments.threat_models.ThreatModels`), in pixel space also for
+a model that takes normalised inputs. The detectors compared are those that the plugins list through the
 ``libnet_detector_comparison`` hook (:func:`libnet_plugin.plugins.registered_detectors`).
 """
 
@@ -14,6 +16,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +39,7 @@ from .report import (
     write_json_atomic,
     write_text_atomic,
 )
+from .threat_models import AdaptiveBudget, ThreatModels, evasion_section, evasion_table
 
 __all__ = ['detector_comparison', 'MNIST_CONV_VARIANT', 'MNIST_DISTANCE_VARIANT', 'MNIST_FUSION_VARIANT', 'MNIST_VARIANTS', 'calibration_check', 'evaluate_detectors', 'plot_roc_curves']
 
@@ -49,7 +53,8 @@ def detector_comparison(net: Any, train: tuple[Tensor, Tensor | None], clean_tes
                         protocol: str = "standard", ood_sets: Mapping[str, Tensor] | None = None,
                         out_dir: str | os.PathLike | None = None, detectors: Any = None, fpr: float = 0.05,
                         fpr_splits: int = 50, batch_size: int = 256,
-                        log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                        log: Callable[[str], None] | None = None, adaptive: AdaptiveBudget | None = None,
+                        n_reference: int = 2000) -> dict[str, Any]:
     """The detector comparison of :mod:`libnet_plugin.experiments.detectors` on an experiment's data.
 
     Shared by ``libnet reproduce mnist`` and ``libnet reproduce cifar10``. Every input is given in pixel
@@ -75,16 +80,32 @@ def detector_comparison(net: Any, train: tuple[Tensor, Tensor | None], clean_tes
         out_dir: folder receiving ``detectors.json``, ``detectors.md`` and ``roc.png``.
         detectors / fpr / fpr_splits / batch_size: passed to ``evaluate_detectors``.
         log: a function receiving progress lines (default: silent).
+        adaptive: the sizes of the attacks that know the detector (``None``: none). Each calibrated detector
+            (or those of ``adaptive.detectors``) is attacked through ``evaluate_detectors``'
+            ``attack_detector`` by a :class:`~libnet_plugin.experiments.threat_models.ThreatModels` on the
+            first ``adaptive.n`` test images that every standard-protocol attack set attacked and that the
+            model classifies correctly: white-box adaptive PGD and the score-only search at each
+            set's epsilon, in pixel space (box, clamp and epsilon), the model reached through the
+            pixel-to-``space`` map (``to_model``); the non-adaptive entry per epsilon is that set's PGD
+            images of the same inputs; the feature-matching surrogate's reference is the first
+            ``n_reference`` training images. Needs ``protocol="standard"``.
+        n_reference: training images of the feature-matching reference (with ``adaptive``).
 
     Returns:
         ``{"available": True, "protocol": protocol, "attacks": {set name: {"epsilon", "attacked",
         "successful"}}, "table": <what evaluate_detectors returns>}`` (its ``"table_markdown"`` renders
         the table), or ``{"available": False, "note": why}`` when the detectors module cannot be
         imported, there are no attack sets of ``protocol``, too few test images to calibrate at ``fpr``,
-        or no attack succeeded.
+        or no attack succeeded. With ``adaptive``, each attacked detector's entry of ``table["detectors"]``
+        has ``"attacks"`` (:class:`~libnet_plugin.experiments.threat_models.ThreatModels`' evasion rates
+        per epsilon), and ``table["adaptive"]`` is ``{"budget": adaptive.describe(), "n": images attacked,
+        "evasion_markdown": the evasion table}`` (with ``"note"`` in place of the table when no attacked
+        image is classified correctly); with ``out_dir``, ``detectors.md`` also holds the evasion table and
+        ``evasion.png`` (``table["files"]["evasion_png"]``) the figure.
 
     Raises:
-        ValueError: an unknown protocol or space, or ``clean_test`` without labels.
+        ValueError: an unknown protocol or space, ``clean_test`` without labels, or ``adaptive`` with
+            another protocol than ``"standard"`` or naming a detector that is not compared.
         ShapeMismatchError: an attack set's indices point outside ``clean_test``.
 
     Example:
@@ -97,6 +118,8 @@ def detector_comparison(net: Any, train: tuple[Tensor, Tensor | None], clean_tes
     x_test, y_test = clean_test
     if y_test is None:
         raise ValueError("detector_comparison needs the test labels to select the successful attacks")
+    if adaptive is not None:
+        _check_adaptive(adaptive, protocol, detectors, net, n_reference)
     sets = [s for s in attack_sets if s.protocol == protocol]
     if not sets:
         return {"available": False,
@@ -134,10 +157,89 @@ def detector_comparison(net: Any, train: tuple[Tensor, Tensor | None], clean_tes
     x_train, y_train = train
     x_train_m = to_model_space(x_train, "pixels", space, mean, std)
     ood = {name: to_model_space(x, "pixels", space, mean, std) for name, x in (ood_sets or {}).items()}
+    threats = None
+    if adaptive is not None:
+        threats = _threat_models(adaptive, sets, (x_test, y_test), x_train[:n_reference], clean_answers,
+                                 space=space, mean=mean, std=std, log=say)
     table = evaluate_detectors(net, x_train_m if y_train is None else (x_train_m, y_train), x_test_m, attacked, ood,
                                detectors=detectors, out_dir=out_dir, fpr=fpr, fpr_splits=fpr_splits,
-                               batch_size=batch_size, log=log)
+                               batch_size=batch_size, log=log, attack_detector=threats)
+    if adaptive is not None:
+        _add_evasion(table, adaptive, threats, out_dir, fpr)
     return {"available": True, "protocol": protocol, "attacks": info, "table": table}
+
+
+def _check_adaptive(adaptive: AdaptiveBudget, protocol: str, detectors: Any, net: Any, n_reference: int) -> None:
+    """The ``adaptive=`` argument of :func:`detector_comparison`, checked before any work (``ValueError``)."""
+    if not isinstance(adaptive, AdaptiveBudget):
+        raise ValueError(f"adaptive must be an AdaptiveBudget or None, got {type(adaptive).__name__}")
+    adaptive.validate()
+    if protocol != "standard":
+        raise ValueError(f"adaptive attacks run on the standard protocol's pixel-space PGD sets; got protocol "
+                         f"{protocol!r}")
+    if isinstance(n_reference, bool) or not isinstance(n_reference, int) or n_reference < 1:
+        raise ValueError(f"n_reference must be a positive integer, got {n_reference!r}")
+    if adaptive.detectors is not None:
+        labels = list(_resolve_detectors(detectors, net.plugin_manager))
+        unknown = sorted(set(adaptive.detectors) - set(labels))
+        if unknown:
+            raise ValueError(f"adaptive.detectors {unknown} are not among the detectors compared: {sorted(labels)}")
+
+
+def _threat_models(budget: AdaptiveBudget, sets: Sequence[AttackSet], clean_test: tuple[Tensor, Tensor],
+                   reference: Tensor, clean_answers: Mapping[tuple[int, ...], Tensor], *, space: str, mean: Any,
+                   std: Any, log: Callable[[str], None]) -> ThreatModels | None:
+    """The :class:`ThreatModels` of :func:`detector_comparison`'s ``adaptive=`` (``None``: no image to attack).
+
+    The attacked images are the test inputs that every set of ``sets`` attacked (in the first set's order)
+    and that the model classifies correctly (``clean_answers``, keyed by each set's indices), the first
+    ``budget.n`` of them, in pixels; the non-adaptive entry of epsilon ``e`` is the set's attacked version
+    of the same inputs, moved to pixels. ``to_model`` maps pixels to ``space``.
+    """
+    x_test, y_test = clean_test
+    first = sets[0].indices.long().cpu()
+    positions = [{int(t): p for p, t in enumerate(s.indices.long().cpu().tolist())} for s in sets]
+    common = [p for p, t in enumerate(first.tolist()) if all(t in pos for pos in positions[1:])]
+    answers = clean_answers[tuple(first.tolist())]
+    ok = [p for p in common if int(answers[p]) == int(y_test[first[p]])][:budget.n]
+    if not ok:
+        log("adaptive attacks: no attacked test image is classified correctly, so no attack that knows the detector")
+        return None
+    idx = first[ok]
+    non_adaptive = {}
+    for s, pos in zip(sets, positions):
+        rows = torch.tensor([pos[int(t)] for t in idx.tolist()], dtype=torch.long)
+        non_adaptive[float(s.epsilon)] = to_model_space(s.x_adv[rows.to(s.x_adv.device)], s.space, "pixels",
+                                                        mean, std).cpu()
+    to_model = None if space == "pixels" else partial(to_model_space, space="pixels", model_space=space, mean=mean,
+                                                      std=std)
+    log(f"adaptive attacks: {len(ok)} correctly classified test images, epsilons "
+        + ", ".join(f"{e:g}" for e in sorted(non_adaptive)) + " (pixels)")
+    return ThreatModels(x_test[idx].cpu(), y_test[idx].long().cpu(), non_adaptive, reference.cpu(), budget, log,
+                        to_model=to_model)
+
+
+def _add_evasion(table: dict[str, Any], budget: AdaptiveBudget, threats: ThreatModels | None,
+                 out_dir: str | os.PathLike | None, fpr: float) -> None:
+    """Put the evasion results of ``threats`` into ``table["adaptive"]``; with ``out_dir``, draw
+    ``evasion.png`` and rewrite ``detectors.md`` (the tables and the evasion table) and ``detectors.json``."""
+    if threats is None:
+        table["adaptive"] = {"budget": budget.describe(), "n": 0,
+                             "note": "No attacked test image is classified correctly by the model, so no attack "
+                                     "that knows the detector"}
+        return
+    epsilons = [f"{e:g}" for e in sorted(threats.non_adaptive)]
+    table["adaptive"] = {"budget": budget.describe(), "n": int(threats.x.shape[0]),
+                         "evasion_markdown": evasion_table(table["detectors"], epsilons)}
+    if out_dir is None or not any(d.get("attacks") for d in table["detectors"].values()):
+        return
+    from .plots import plot_evasion
+
+    d = ensure_writable_dir(out_dir)
+    table["files"]["evasion_png"] = str(plot_evasion(table["detectors"], d / "evasion.png", fpr=fpr))
+    write_text_atomic(d / "detectors.md", table["table_markdown"] + "\n\n" + evasion_section(table["adaptive"], fpr)
+                      + "\n")
+    write_json_atomic(d / "detectors.json", table)
 
 
 #: The library-based score restricted to the MNIST net's convolution layers (added by the MNIST run).

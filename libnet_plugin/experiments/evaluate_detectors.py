@@ -55,7 +55,15 @@ from .report import (
     write_json_atomic,
     write_text_atomic,
 )
-from .threat_models import AdaptiveBudget, ThreatModels, evasion_table
+from .threat_models import DEFAULT_LAMBDAS as DEFAULT_LAMBDAS  # re-exported: it used to be defined here
+from .threat_models import (
+    AdaptiveBudget,
+    ThreatModels,
+    add_budget_arguments,
+    budget_from_args,
+    check_budget_detectors,
+    evasion_table,
+)
 
 __all__ = ['DEFAULT_THRESHOLDS', 'add_arguments', 'run']
 
@@ -64,12 +72,6 @@ __all__ = ['DEFAULT_THRESHOLDS', 'add_arguments', 'run']
 #: the training inputs (:func:`libnet_plugin.thresholds.choose_thresholds`).
 DEFAULT_THRESHOLDS = "auto:0.25"
 
-#: The default weights of the detector term of the white-box attack: a grid from 0 (the classifier alone,
-#: keeping the least suspicious iterate) to 1. The grid matters: against library-fusion (conv1, conv2)
-#: the weights 0, 1, 10 reached an evasion of 0.02 at eps 0.3 and this grid 0.80 (a weaker attack, not a
-#: more robust detector). Larger weights are left out for time: the detector term then outweighs the
-#: classifier's and the attack stops fooling the model.
-DEFAULT_LAMBDAS = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0)
 
 #: Attacks on the classifier alone (they do not know the detector).
 ATTACK_FAMILIES = ("pgd", "fgsm", "cw-l2", "deepfool")
@@ -123,22 +125,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="out-of-domain sets (default: all of experiments.ood.ood_sets)")
     parser.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True,
                         help="attack every detector with the attacks that know it (default: on)")
-    parser.add_argument("--adaptive-detectors", nargs="+", metavar="LABEL",
-                        help="attack only these detectors (labels of the table) with the attacks that know them "
-                             "(default: every detector)")
-    parser.add_argument("--adaptive-n", type=int, metavar="N",
-                        help="correctly classified images attacked per detector (default 48; 12 with --quick)")
-    parser.add_argument("--adaptive-steps", type=int, metavar="N", help="PGD steps per restart (default 100)")
-    parser.add_argument("--adaptive-restarts", type=int, default=1, metavar="N",
-                        help="random restarts per lambda (default: %(default)s)")
-    parser.add_argument("--adaptive-lambdas", nargs="+", type=float, metavar="L",
-                        help="weights of the detector term (default: " + " ".join(f"{v:g}" for v in DEFAULT_LAMBDAS)
-                             + "; 0 0.1 1 with --quick)")
-    parser.add_argument("--adaptive-kappas", nargs="+", type=float, default=[0.0], metavar="K",
-                        help="margins by which the white-box attack pushes the wrong class ahead, one attack each, "
-                             "the best per image kept (default: 0; e.g. 0 5 against confidence-based scores)")
-    parser.add_argument("--black-box-queries", type=int, metavar="N",
-                        help="queries of the score-only search, at the largest epsilon (default 500)")
+    add_budget_arguments(parser, detectors_help="attack only these detectors (labels of the table) with the attacks "
+                                                "that know them (default: every detector)")
     parser.add_argument("--adversarial-training", type=float, default=0.0, metavar="EPS",
                         help="train the net adversarially at this L-inf radius in pixels (e.g. 0.3; default 0: "
                              "standard training); the libraries and detectors are fitted on that net")
@@ -312,10 +300,7 @@ def _plan(args: argparse.Namespace) -> tuple[Any, ...]:
     thresholds, auto = _parse_thresholds(args.thresholds, LAYERS)
     specs = _chosen_detectors(args.detectors)
     budget = _budget(args, quick)
-    if budget is not None and budget.detectors is not None:
-        unknown = sorted(set(budget.detectors) - set(specs))
-        if unknown:
-            raise ExperimentError(f"--adaptive-detectors {unknown} are not among the detectors of this run: {sorted(specs)}")
+    check_budget_detectors(budget, list(specs))
     from .ood import OOD_SET_NAMES
 
     unknown = sorted(set(args.ood or ()) - set(OOD_SET_NAMES))
@@ -326,25 +311,11 @@ def _plan(args: argparse.Namespace) -> tuple[Any, ...]:
 
 
 def _budget(args: argparse.Namespace, quick: bool) -> AdaptiveBudget | None:
-    """The sizes of the attacks that know the detector, checked; None with ``--no-adaptive``."""
+    """The sizes of the attacks that know the detector, checked
+    (:func:`~libnet_plugin.experiments.threat_models.budget_from_args`); None with ``--no-adaptive``."""
     if not args.adaptive:
         return None
-    n = args.adaptive_n if args.adaptive_n is not None else (12 if quick else 48)
-    steps = args.adaptive_steps if args.adaptive_steps is not None else (10 if quick else 100)
-    queries = args.black_box_queries if args.black_box_queries is not None else (50 if quick else 500)
-    given = args.adaptive_lambdas
-    lambdas = tuple(float(v) for v in given) if given is not None else ((0.0, 0.1, 1.0) if quick else DEFAULT_LAMBDAS)
-    only = tuple(args.adaptive_detectors) if args.adaptive_detectors else None
-    if n < 1 or steps < 1 or args.adaptive_restarts < 1 or queries < 0:
-        raise ExperimentError(f"--adaptive-n, --adaptive-steps and --adaptive-restarts must be >= 1 and "
-                              f"--black-box-queries >= 0, got {n}, {steps}, {args.adaptive_restarts}, {queries}")
-    if not lambdas or any(not (v >= 0 and v < float("inf")) for v in lambdas):
-        raise ExperimentError(f"--adaptive-lambdas must be finite numbers >= 0, got {list(lambdas)}")
-    kappas = tuple(float(v) for v in args.adaptive_kappas)
-    if not kappas or any(not (v >= 0 and v < float("inf")) for v in kappas):
-        raise ExperimentError(f"--adaptive-kappas must be finite numbers >= 0, got {list(kappas)}")
-    return AdaptiveBudget(n=n, steps=steps, restarts=args.adaptive_restarts, lambdas=lambdas, queries=queries,
-                          seed=args.seed, detectors=only, kappas=kappas)
+    return budget_from_args(args, quick=quick, seed=args.seed)
 
 
 def _run(args: argparse.Namespace, quick: bool, n_train: int, epochs: int, nb_iter: int, n_attack: int,

@@ -13,11 +13,19 @@ each epsilon it attacks the same correctly classified clean images and reports t
   epsilons of ``black_box_epsilons``;
 * ``"strongest"``: per input, the best of the above.
 
-The strongest attacker's evasion is also judged at the thresholds of other FPRs.
+The strongest attacker's evasion is also judged at the thresholds of other FPRs. The attacked images
+are pixels in ``[0, 1]``; for a model that takes another input space (the CIFAR-10 ResNet44 takes
+normalised inputs) ``ThreatModels.to_model`` maps them there before every call of the model (see
+:mod:`~libnet_plugin.experiments.adaptive`).
+
+The command-line options that size these attacks (``--adaptive-*``, ``--black-box-queries``) are
+defined and checked here, once, for ``libnet evaluate-detectors`` and ``libnet reproduce cifar10``
+(:func:`add_budget_arguments`, :func:`budget_from_args`, :func:`check_budget_detectors`).
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,11 +34,23 @@ from typing import Any
 from torch import Tensor
 
 from .adaptive import FeatureMatching, adaptive_pgd, best_of, evasion_at_fprs, judge, score_search
+from .report import ExperimentError
 
-__all__ = ["AdaptiveBudget", "ThreatModels", "evasion_table"]
+__all__ = ["AdaptiveBudget", "ThreatModels", "evasion_table", "evasion_section", "add_budget_arguments",
+           "budget_from_args", "check_budget_detectors", "DEFAULT_LAMBDAS", "QUICK_LAMBDAS", "TRADE_OFF_FPRS"]
 
 #: FPRs at which the strongest attacker's evasion is also reported (the trade-off curve).
 TRADE_OFF_FPRS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3)
+
+#: The default weights of the detector term of the white-box attack: a grid from 0 (the classifier alone,
+#: keeping the least suspicious iterate) to 1. The grid matters: against library-fusion (conv1, conv2)
+#: the weights 0, 1, 10 reached an evasion of 0.02 at eps 0.3 and this grid 0.80 (a weaker attack, not a
+#: more robust detector). Larger weights are left out for time: the detector term then outweighs the
+#: classifier's and the attack stops fooling the model.
+DEFAULT_LAMBDAS = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0)
+
+#: The weights with ``--quick``.
+QUICK_LAMBDAS = (0.0, 0.1, 1.0)
 
 
 @dataclass(frozen=True)
@@ -47,6 +67,32 @@ class AdaptiveBudget:
     seed: int = 0
     detectors: tuple[str, ...] | None = None  # None: every detector of the run
     kappas: tuple[float, ...] = (0.0,)  # margins the classifier term pushes past the boundary; one attack each
+
+    def validate(self) -> AdaptiveBudget:
+        """Return ``self``; raise ``ValueError`` naming the first field out of range.
+
+        Example:
+            >>> AdaptiveBudget(n=4, lambdas=(0.0, 1.0)).validate().n
+            4
+            >>> AdaptiveBudget(steps=0).validate()
+            Traceback (most recent call last):
+            ...
+            ValueError: the adaptive budget's steps must be an integer >= 1, got 0
+        """
+        for name, low in (("n", 1), ("steps", 1), ("restarts", 1), ("queries", 0), ("check_every", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"the adaptive budget's {name} must be an integer >= {low}, got {v!r}")
+        for name in ("lambdas", "kappas"):
+            v = getattr(self, name)
+            if not v or any(not (isinstance(x, (int, float)) and math.isfinite(x) and x >= 0) for x in v):
+                raise ValueError(f"the adaptive budget's {name} must be finite numbers >= 0, got {list(v)!r}")
+        eps = self.black_box_epsilons
+        if eps is not None and any(not (isinstance(e, (int, float)) and math.isfinite(e) and e > 0) for e in eps):
+            raise ValueError(f"the adaptive budget's black_box_epsilons must be positive numbers, got {list(eps)!r}")
+        if self.detectors is not None and (not self.detectors or not all(isinstance(d, str) for d in self.detectors)):
+            raise ValueError(f"the adaptive budget's detectors must be detector labels or None, got {self.detectors!r}")
+        return self
 
     def describe(self) -> dict[str, Any]:
         return {"n": self.n, "steps": self.steps, "restarts": self.restarts, "lambdas": list(self.lambdas),
@@ -66,6 +112,9 @@ class ThreatModels:
         reference: clean training images for the feature-matching surrogate.
         budget: the attack sizes.
         log: receives progress lines.
+        to_model: a differentiable map from the images above (pixels, the attack's space: its box, clamp
+            and epsilons) to the inputs of the detectors' model, applied before every call of a detector or
+            the model (:mod:`~libnet_plugin.experiments.adaptive`); ``None``: the model takes the pixels.
     """
 
     x: Tensor
@@ -74,15 +123,18 @@ class ThreatModels:
     reference: Tensor
     budget: AdaptiveBudget = field(default_factory=AdaptiveBudget)
     log: Callable[[str], None] = lambda _msg: None
+    to_model: Callable[[Tensor], Tensor] | None = None
     _surrogates: dict[int, FeatureMatching] = field(default_factory=dict, repr=False)
 
     def surrogate(self, net: Any) -> FeatureMatching:
+        """The :class:`FeatureMatching` surrogate of ``net`` on :attr:`reference` (built once per network)."""
         key = id(net)
         if key not in self._surrogates:
-            self._surrogates[key] = FeatureMatching(net, self.reference)
+            self._surrogates[key] = FeatureMatching(net, self.reference, to_model=self.to_model)
         return self._surrogates[key]
 
     def __call__(self, det: Any, label: str) -> dict[str, Any] | None:
+        """The evasion entries of detector ``label`` (``None`` when the budget leaves it out)."""
         b = self.budget
         if b.detectors is not None and label not in b.detectors:
             return None
@@ -90,17 +142,19 @@ class ThreatModels:
         out: dict[str, Any] = {"white-box method": "score gradient" if det.differentiable else
                                "feature-matching surrogate", "by_epsilon": {}}
         for eps, x_plain in sorted(self.non_adaptive.items()):
-            plain = judge(det, x_plain, self.y)
+            plain = judge(det, x_plain, self.y, to_model=self.to_model)
             white = best_of([adaptive_pgd(det, self.x, self.y, eps=eps, steps=b.steps, restarts=b.restarts,
                                           lambdas=b.lambdas, kappa=kappa,
                                           surrogate=None if det.differentiable else self.surrogate(det.net),
-                                          check_every=b.check_every, seed=b.seed) for kappa in b.kappas])
+                                          check_every=b.check_every, seed=b.seed, to_model=self.to_model)
+                             for kappa in b.kappas])
             outcomes = [plain, white]
             entry: dict[str, Any] = {"n": int(self.x.shape[0]), "non-adaptive": plain.summary()["evasion"],
                                      "white-box": white.summary()["evasion"],
                                      "fooled (white-box)": white.summary()["fooled"], "black-box": None}
             if any(math.isclose(eps, e) for e in wanted):
-                black = score_search(det, self.x, self.y, eps=eps, queries=b.queries, seed=b.seed)
+                black = score_search(det, self.x, self.y, eps=eps, queries=b.queries, seed=b.seed,
+                                     to_model=self.to_model)
                 outcomes.append(black)
                 entry["black-box"] = black.summary()["evasion"]
             strongest = best_of(outcomes)
@@ -126,3 +180,80 @@ def evasion_table(detectors: Mapping[str, Mapping[str, Any]], epsilons: Sequence
     rows = [[label, d["attacks"]["white-box method"], *(cell(d["attacks"]["by_epsilon"].get(eps)) for eps in epsilons)]
             for label, d in detectors.items() if d.get("attacks")]
     return markdown_table(["detector", "white-box attack", *(f"eps={e}" for e in epsilons)], rows)
+
+
+def evasion_section(adaptive: Mapping[str, Any], fpr: float, *, heading: str = "###",
+                    figure: str | None = "evasion.png") -> str:
+    """Markdown: the evasion table of a run (``adaptive`` as ``{"budget": AdaptiveBudget.describe(), "n",
+    "evasion_markdown"}``) under a heading, with what the cells are, the budget and the figure's link."""
+    b = adaptive["budget"]
+    text = (f"{heading} Evasion: misclassified and not flagged at the calibrated threshold (FPR {fpr:g})\n\n"
+            f"Cells: non-adaptive PGD / white-box adaptive / black-box score-only / strongest per input, on "
+            f"{adaptive['n']} correctly classified images; white-box PGD {b['steps']} steps, "
+            f"{b['restarts']} restart(s), lambdas {b['lambdas']}; black-box {b['queries']} queries.\n\n"
+            + adaptive["evasion_markdown"])
+    return text + (f"\n\n![evasion against eps and against the FPR]({figure})" if figure else "")
+
+
+# --------------------------------------------------------------------------------------------------
+# Command-line options (shared by `libnet evaluate-detectors` and `libnet reproduce cifar10`)
+# --------------------------------------------------------------------------------------------------
+
+
+def add_budget_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *, detectors_help: str) -> None:
+    """Add ``--adaptive-detectors``, ``--adaptive-n``, ``--adaptive-steps``, ``--adaptive-restarts``,
+    ``--adaptive-lambdas``, ``--adaptive-kappas`` and ``--black-box-queries`` to ``parser`` (or an argument
+    group); ``detectors_help`` is the help of ``--adaptive-detectors``, whose meaning differs between the
+    commands. :func:`budget_from_args` reads and checks them."""
+    parser.add_argument("--adaptive-detectors", nargs="+", metavar="LABEL", help=detectors_help)
+    parser.add_argument("--adaptive-n", type=int, metavar="N",
+                        help="correctly classified images attacked per detector (default 48; 12 with --quick)")
+    parser.add_argument("--adaptive-steps", type=int, metavar="N", help="PGD steps per restart (default 100)")
+    parser.add_argument("--adaptive-restarts", type=int, default=1, metavar="N",
+                        help="random restarts per lambda (default: %(default)s)")
+    parser.add_argument("--adaptive-lambdas", nargs="+", type=float, metavar="L",
+                        help="weights of the detector term (default: " + " ".join(f"{v:g}" for v in DEFAULT_LAMBDAS)
+                             + "; " + " ".join(f"{v:g}" for v in QUICK_LAMBDAS) + " with --quick)")
+    parser.add_argument("--adaptive-kappas", nargs="+", type=float, default=[0.0], metavar="K",
+                        help="margins by which the white-box attack pushes the wrong class ahead, one attack each, "
+                             "the best per image kept (default: 0; e.g. 0 5 against confidence-based scores)")
+    parser.add_argument("--black-box-queries", type=int, metavar="N",
+                        help="queries of the score-only search, at the largest epsilon (default 500)")
+
+
+def budget_from_args(args: argparse.Namespace, *, quick: bool, seed: int) -> AdaptiveBudget:
+    """The :class:`AdaptiveBudget` of the options of :func:`add_budget_arguments`, checked.
+
+    Defaults: 48 images, 100 steps, 500 queries, :data:`DEFAULT_LAMBDAS`; with ``quick`` 12 images, 10
+    steps, 50 queries, :data:`QUICK_LAMBDAS`. ``args.adaptive_detectors`` becomes ``budget.detectors``
+    (``None`` when not given).
+
+    Raises:
+        ExperimentError: a value out of range; the message names the option(s) and the values.
+    """
+    n = args.adaptive_n if args.adaptive_n is not None else (12 if quick else 48)
+    steps = args.adaptive_steps if args.adaptive_steps is not None else (10 if quick else 100)
+    queries = args.black_box_queries if args.black_box_queries is not None else (50 if quick else 500)
+    given = args.adaptive_lambdas
+    lambdas = tuple(float(v) for v in given) if given is not None else (QUICK_LAMBDAS if quick else DEFAULT_LAMBDAS)
+    only = tuple(args.adaptive_detectors) if args.adaptive_detectors else None
+    if n < 1 or steps < 1 or args.adaptive_restarts < 1 or queries < 0:
+        raise ExperimentError(f"--adaptive-n, --adaptive-steps and --adaptive-restarts must be >= 1 and "
+                              f"--black-box-queries >= 0, got {n}, {steps}, {args.adaptive_restarts}, {queries}")
+    if not lambdas or any(not (v >= 0 and v < float("inf")) for v in lambdas):
+        raise ExperimentError(f"--adaptive-lambdas must be finite numbers >= 0, got {list(lambdas)}")
+    kappas = tuple(float(v) for v in args.adaptive_kappas)
+    if not kappas or any(not (v >= 0 and v < float("inf")) for v in kappas):
+        raise ExperimentError(f"--adaptive-kappas must be finite numbers >= 0, got {list(kappas)}")
+    return AdaptiveBudget(n=n, steps=steps, restarts=args.adaptive_restarts, lambdas=lambdas, queries=queries,
+                          seed=seed, detectors=only, kappas=kappas)
+
+
+def check_budget_detectors(budget: AdaptiveBudget | None, labels: Sequence[str]) -> None:
+    """Raise :class:`~libnet_plugin.experiments.report.ExperimentError` when ``budget.detectors`` names a
+    label that is not among the run's detector ``labels`` (the message names ``--adaptive-detectors``)."""
+    if budget is None or budget.detectors is None:
+        return
+    unknown = sorted(set(budget.detectors) - set(labels))
+    if unknown:
+        raise ExperimentError(f"--adaptive-detectors {unknown} are not among the detectors of this run: {sorted(labels)}")

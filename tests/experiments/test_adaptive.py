@@ -177,3 +177,193 @@ def test_bad_arguments_get_clear_errors(setup):
     uncal = lnp.ConsistencyDetector(setup[1], method="msp").fit(setup[2])
     with pytest.raises(ValueError, match="calibrated"):
         score_search(uncal, xa, ya, eps=0.1)
+
+
+# ------------------------------------------------------------------------------ to_model: an input map
+
+MEAN, STD = [0.3], [0.25]
+
+
+def _normalize(x: torch.Tensor) -> torch.Tensor:
+    from libnet_plugin.experiments.protocols import to_model_space
+
+    return to_model_space(x, "pixels", "normalized", MEAN, STD)
+
+
+class Normalized(nn.Module):
+    """The same model with the normalisation built in: it takes pixels."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(_normalize(x))
+
+
+@pytest.fixture(scope="module")
+def twins():
+    """One trained model that takes normalised inputs, its libraries and detectors, and the same model with
+    the normalisation inside (libraries and detectors fitted on pixels): ``{method: (det_norm, det_pixels)}``."""
+    torch.manual_seed(1)
+    inner = TinyConv()
+    x, y = _images(600, 0)
+    opt = torch.optim.Adam(inner.parameters(), lr=0.01)
+    for _ in range(30):
+        opt.zero_grad()
+        nn.functional.cross_entropy(inner(_normalize(x)), y).backward()
+        opt.step()
+    inner.eval()
+    wrapped = Normalized(inner).eval()
+    x_cal, _ = _images(200, 1)
+    x_te, y_te = _images(100, 2)
+    with torch.no_grad():
+        ok = inner(_normalize(x_te)).argmax(1) == y_te
+    net_n = lnp.LibraryNetwork(inner, ["conv", "fc1", "out"], thresholds=0.8).fit(_normalize(x))
+    net_w = lnp.LibraryNetwork(wrapped, ["inner.conv", "inner.fc1", "inner.out"], thresholds=0.8).fit(x)
+    dets = {}
+    for method in ("msp", "library-distance", "knn"):
+        pair = []
+        for net, xs, xc in ((net_n, _normalize(x), _normalize(x_cal)), (net_w, x, x_cal)):
+            det = lnp.ConsistencyDetector(net, method=method, train=(xs, y))
+            if det.requires_training_data and method != "knn":
+                det.fit(xs)
+            pair.append(det.calibrate(xc, fpr=0.05))
+        dets[method] = tuple(pair)
+    return dets, net_n, net_w, x, x_te[ok][:12], y_te[ok][:12]
+
+
+def _same(a: AttackOutcome, b: AttackOutcome) -> None:
+    assert torch.equal(a.x_adv, b.x_adv)
+    assert torch.equal(a.misclassified, b.misclassified) and torch.equal(a.evaded, b.evaded)
+    torch.testing.assert_close(a.score, b.score, rtol=0, atol=0)
+    assert a.threshold == b.threshold
+
+
+@pytest.mark.parametrize("method", ["msp", "library-distance"])
+def test_to_model_equals_the_normalisation_inside_the_model(twins, method):
+    """White-box PGD (score gradient), the score-only search and the judging through ``to_model`` give the
+    same adversarial images, scores and evasions as on the model with the normalisation built in."""
+    dets, *_, xa, ya = twins
+    det_n, det_w = dets[method]
+    assert det_n.threshold_ == det_w.threshold_
+    kw = dict(eps=0.3, steps=6, restarts=1, lambdas=(0.0, 1.0), seed=3)
+    white_w = adaptive_pgd(det_w, xa, ya, **kw)
+    white_n = adaptive_pgd(det_n, xa, ya, **kw, to_model=_normalize)
+    _same(white_n, white_w)
+    assert float(white_n.x_adv.min()) >= 0 and float(white_n.x_adv.max()) <= 1  # the box stays in pixels
+    assert float((white_n.x_adv - xa).abs().max()) <= 0.3 + 1e-6
+    assert white_n.summary()["fooled"] > 0  # the attack did something
+    black_w = score_search(det_w, xa, ya, eps=0.3, queries=20, seed=1)
+    _same(score_search(det_n, xa, ya, eps=0.3, queries=20, seed=1, to_model=_normalize), black_w)
+    _same(judge(det_n, white_w.x_adv, ya, to_model=_normalize), judge(det_w, white_w.x_adv, ya))
+    # without the map the normalised model is attacked on pixels: another (wrong) attack
+    assert not torch.equal(adaptive_pgd(det_n, xa, ya, **kw).score, white_w.score)
+
+
+def test_to_model_with_a_feature_matching_surrogate_and_the_threat_models(twins):
+    """A non-differentiable score (k-NN): the surrogate built from pixel references through ``to_model``
+    equals the wrapper's, and so do the attacks and ThreatModels' evasion entries."""
+    from libnet_plugin.experiments.threat_models import AdaptiveBudget, ThreatModels
+
+    dets, net_n, net_w, x, xa, ya = twins
+    det_n, det_w = dets["knn"]
+    sur_n, sur_w = FeatureMatching(net_n, x[:300], to_model=_normalize), FeatureMatching(net_w, x[:300])
+    assert torch.equal(sur_n.present, sur_w.present)
+    for a, b in zip(sur_n.layers, sur_w.layers):
+        torch.testing.assert_close(sur_n.means[a], sur_w.means[b], rtol=0, atol=0)
+    kw = dict(eps=0.3, steps=6, restarts=1, lambdas=(0.0, 1.0), check_every=3, seed=2)
+    _same(adaptive_pgd(det_n, xa, ya, surrogate=sur_n, to_model=_normalize, **kw),
+          adaptive_pgd(det_w, xa, ya, surrogate=FeatureMatching(net_w, x[:300]), **kw))
+    plain = {0.1: xa.clamp(0.05, 0.95), 0.3: (xa + 0.3 * torch.sign(torch.randn(xa.shape,
+                                                   generator=torch.Generator().manual_seed(0)))).clamp(0, 1)}
+    budget = AdaptiveBudget(n=len(xa), steps=3, restarts=1, lambdas=(0.0, 1.0), queries=5, check_every=3)
+    for method in ("msp", "knn"):
+        d_n, d_w = dets[method]
+        got = ThreatModels(xa, ya, plain, x[:300], budget, to_model=_normalize)(d_n, method)
+        want = ThreatModels(xa, ya, plain, x[:300], budget)(d_w, method)
+        assert got == want and set(got["by_epsilon"]) == {"0.1", "0.3"}
+        assert got["by_epsilon"]["0.3"]["black-box"] is not None
+
+
+def test_to_model_none_is_the_default_path(twins):
+    """``to_model=None`` is the attack without a map, and an identity map changes nothing."""
+    dets, *_, xa, ya = twins
+    det = dets["library-distance"][1]
+    kw = dict(eps=0.2, steps=4, restarts=2, lambdas=(0.0, 0.3), seed=5)
+    base = adaptive_pgd(det, xa, ya, **kw)
+    _same(adaptive_pgd(det, xa, ya, to_model=None, **kw), base)
+    _same(adaptive_pgd(det, xa, ya, to_model=lambda t: t, **kw), base)
+    black = score_search(det, xa, ya, eps=0.2, queries=10)
+    _same(score_search(det, xa, ya, eps=0.2, queries=10, to_model=None), black)
+    _same(judge(det, base.x_adv, ya, to_model=None), judge(det, base.x_adv, ya))
+
+
+def _fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
+    x = x.clone().requires_grad_(True)
+    grad, = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), x)
+    return (x + eps * grad.sign()).clamp(0, 1).detach()
+
+
+def test_detector_comparison_attacks_the_detectors_in_pixels_through_to_model(twins, tmp_path):
+    """``detector_comparison(adaptive=...)`` on the model that takes normalised inputs gives the evasion
+    entries of the same comparison on the model with the normalisation inside; it attacks the first
+    ``n`` correctly classified images that every set attacked, and writes the evasion table and figure."""
+    from libnet_plugin.experiments.comparison import detector_comparison
+    from libnet_plugin.experiments.protocols import AttackSet
+    from libnet_plugin.experiments.threat_models import AdaptiveBudget
+
+    _, net_n, net_w, x, *_ = twins
+    y = _images(600, 0)[1]
+    x_te, y_te = _images(40, 7)
+    model_w = net_w.model
+    sets = [AttackSet("standard", 0.1, _fgsm(model_w, x_te[:30], y_te[:30], 0.1), "pixels", torch.arange(30)),
+            AttackSet("standard", 0.3, _normalize(_fgsm(model_w, x_te[5:], y_te[5:], 0.3)), "normalized",
+                      torch.arange(5, 40))]
+    budget = AdaptiveBudget(n=6, steps=3, restarts=1, lambdas=(0.0, 1.0), queries=4, check_every=2,
+                            detectors=("msp", "knn"))
+    common = dict(protocol="standard", detectors=["msp", "knn", "library-distance"], fpr=0.1, fpr_splits=3,
+                  adaptive=budget, n_reference=300)
+    res_n = detector_comparison(net_n, (x, y), (x_te, y_te), sets, space="normalized", mean=MEAN, std=STD,
+                                out_dir=tmp_path / "n", **common)
+    res_w = detector_comparison(net_w, (x, y), (x_te, y_te), sets, space="pixels", mean=MEAN, std=STD,
+                                out_dir=tmp_path / "w", **common)
+    assert res_n["available"] and res_w["available"]
+    table = res_n["table"]
+    with torch.no_grad():
+        correct = (model_w(x_te[5:30]).argmax(1) == y_te[5:30]).sum()  # the images both sets attacked
+    assert table["adaptive"]["n"] == min(6, int(correct)) > 0
+    assert table["adaptive"]["budget"]["detectors"] == ["msp", "knn"]
+    for label in ("msp", "knn"):
+        got, want = table["detectors"][label]["attacks"], res_w["table"]["detectors"][label]["attacks"]
+        assert got == want and set(got["by_epsilon"]) == {"0.1", "0.3"}
+        for entry in got["by_epsilon"].values():
+            assert entry["n"] == table["adaptive"]["n"]
+            assert all(0 <= entry[k] <= 1 for k in ("non-adaptive", "white-box", "strongest"))
+    assert "attacks" not in table["detectors"]["library-distance"]
+    assert table["adaptive"]["evasion_markdown"] == res_w["table"]["adaptive"]["evasion_markdown"]
+    md = (tmp_path / "n" / "detectors.md").read_text()
+    assert md.startswith(table["table_markdown"]) and "### Evasion" in md and "| msp | score gradient |" in md
+    assert (tmp_path / "n" / "evasion.png").read_bytes()[:4] == b"\x89PNG"
+    assert table["files"]["evasion_png"] == str(tmp_path / "n" / "evasion.png")
+    import json
+
+    assert json.loads((tmp_path / "n" / "detectors.json").read_text())["adaptive"]["n"] == table["adaptive"]["n"]
+
+
+def test_detector_comparison_refuses_a_bad_adaptive_request(twins):
+    from libnet_plugin.experiments.comparison import detector_comparison
+    from libnet_plugin.experiments.protocols import AttackSet
+    from libnet_plugin.experiments.threat_models import AdaptiveBudget
+
+    _, net_n, _, x, *_ = twins
+    x_te, y_te = _images(8, 7)
+    sets = [AttackSet("paper", 0.1, x_te, "pixels", torch.arange(8))]
+    args = (net_n, (x, None), (x_te, y_te), sets)
+    kw = dict(space="normalized", mean=MEAN, std=STD, detectors=["msp"])
+    with pytest.raises(ValueError, match="standard protocol"):
+        detector_comparison(*args, protocol="paper", adaptive=AdaptiveBudget(), **kw)
+    with pytest.raises(ValueError, match=r"adaptive.detectors \['nope'\] are not among the detectors compared"):
+        detector_comparison(*args, adaptive=AdaptiveBudget(detectors=("nope",)), **kw)
+    with pytest.raises(ValueError, match="steps must be an integer >= 1"):
+        detector_comparison(*args, adaptive=AdaptiveBudget(steps=0), **kw)

@@ -218,6 +218,48 @@ def test_settings_validation_names_the_setting():
         cifar10.Cifar10Settings(protocols=("fgsm",)).validate()
 
 
+def test_attacks_that_know_the_detector_are_off_by_default_and_sized_by_the_shared_options():
+    from libnet_plugin.experiments.threat_models import DEFAULT_LAMBDAS, QUICK_LAMBDAS, AdaptiveBudget
+
+    assert cifar10.settings_from_args(_args()).adaptive is None
+    assert cifar10.settings_from_args(_args("--quick")).adaptive is None
+    full = cifar10.settings_from_args(_args("--adaptive-detectors", "msp", "library-fusion")).adaptive
+    assert full == AdaptiveBudget(n=48, steps=100, restarts=1, lambdas=DEFAULT_LAMBDAS, queries=500, seed=1,
+                                  detectors=("msp", "library-fusion"))
+    quick = cifar10.settings_from_args(_args("--quick", "--adaptive-detectors", "msp", "--seed", "3")).adaptive
+    assert (quick.n, quick.steps, quick.queries, quick.lambdas, quick.seed) == (12, 10, 50, QUICK_LAMBDAS, 3)
+    given = cifar10.settings_from_args(_args("--adaptive-detectors", "msp", "--adaptive-n", "4", "--adaptive-steps",
+                                             "2", "--adaptive-restarts", "2", "--adaptive-lambdas", "0", "1",
+                                             "--adaptive-kappas", "0", "5", "--black-box-queries", "5")).adaptive
+    assert given == AdaptiveBudget(n=4, steps=2, restarts=2, lambdas=(0.0, 1.0), queries=5, seed=1,
+                                   detectors=("msp",), kappas=(0.0, 5.0))
+    with pytest.raises(ExperimentError, match="adaptive .*steps must be an integer >= 1"):
+        cifar10.Cifar10Settings(adaptive=AdaptiveBudget(steps=0)).validate()
+    with pytest.raises(ExperimentError, match="needs detectors=True"):
+        cifar10.Cifar10Settings(adaptive=AdaptiveBudget(), protocols=("paper",)).validate()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--adaptive-detectors", "nope"], r"--adaptive-detectors \['nope'\] are not among the detectors of this run"),
+    (["--adaptive-detectors", "msp", "--adaptive-n", "0"],
+     "--adaptive-n, --adaptive-steps and --adaptive-restarts must be >= 1 and --black-box-queries >= 0"),
+    (["--adaptive-detectors", "msp", "--black-box-queries", "-1"], "--black-box-queries >= 0, got 48, 100, 1, -1"),
+    (["--adaptive-detectors", "msp", "--adaptive-lambdas", "-1"], "--adaptive-lambdas must be finite numbers >= 0"),
+    (["--adaptive-detectors", "msp", "--adaptive-kappas", "nan"], "--adaptive-kappas must be finite numbers >= 0"),
+    (["--adaptive-n", "4", "--black-box-queries", "5"],
+     "--adaptive-n, --black-box-queries only size the attacks of --adaptive-detectors, which is not given"),
+    (["--adaptive-detectors", "msp", "--no-detectors"], "which --no-detectors skips"),
+    (["--adaptive-detectors", "msp", "--protocols", "paper"], "add 'standard' to --protocols"),
+])
+def test_bad_adaptive_options_exit_2_before_any_work(tmp_path, weights, capsys, argv, message):
+    import re
+
+    rc, err = _run(["--data-dir", tmp_path / "no-data", "--weights", weights, "--out", tmp_path / "out", *argv],
+                   capsys)
+    assert rc == 2 and re.search(message, err), err
+    assert not (tmp_path / "out").exists()
+
+
 # ---------------------------------------------------------------------------------------- training
 
 
@@ -343,6 +385,13 @@ def test_detector_comparison_gets_the_network_the_attacks_and_seeded_noise(monke
     noise = kw["ood_sets"]["uniform noise"]
     assert noise.shape == (4, 3, 32, 32) and 0 <= float(noise.min()) and float(noise.max()) <= 1
     assert torch.equal(noise, kw2["ood_sets"]["uniform noise"])  # seeded: the same images every run
+    assert kw["adaptive"] is None  # no attacks that know the detector unless asked
+    from libnet_plugin.experiments.threat_models import AdaptiveBudget
+
+    budget = AdaptiveBudget(n=4, detectors=("msp",))
+    cifar10._run_detectors(Sweep(), "MODEL", cifar10.Cifar10Settings(adaptive=budget), torch.device("cpu"),
+                           data=data, attack_sets=sets, out_dir=tmp_path, log=None)
+    assert calls[-1][1]["adaptive"] is budget
 
 
 # ------------------------------------------------------------------------------------ output folder

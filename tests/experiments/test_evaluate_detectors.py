@@ -95,3 +95,27 @@ def test_bad_arguments_exit_2_before_any_work(tmp_path, capsys, argv, message):
     rc = cli.main(["evaluate-detectors", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "c"), *argv])
     assert rc == 2 and re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "c").exists()  # no data was read, no model trained
+
+
+def test_the_adaptive_options_are_shared_with_reproduce_cifar10():
+    """Both commands define the attack-size options once (threat_models.add_budget_arguments): same names,
+    types, defaults and help, except the help of --adaptive-detectors, whose meaning differs."""
+    import argparse
+
+    from libnet_plugin.experiments import cifar10, evaluate_detectors
+
+    def actions(add):
+        parser = argparse.ArgumentParser()
+        add(parser)
+        return {a.dest: a for a in parser._actions}
+
+    mnist, cifar = actions(evaluate_detectors.add_arguments), actions(cifar10.add_arguments)
+    shared = ["adaptive_n", "adaptive_steps", "adaptive_restarts", "adaptive_lambdas", "adaptive_kappas",
+              "black_box_queries"]
+    for dest in shared:
+        a, b = mnist[dest], cifar[dest]
+        assert (a.option_strings, a.type, a.default, a.nargs, a.metavar, a.help) == \
+               (b.option_strings, b.type, b.default, b.nargs, b.metavar, b.help)
+    assert mnist["adaptive_detectors"].help.startswith("attack only these detectors")
+    assert "default: none" in cifar["adaptive_detectors"].help
+    assert "adaptive" in mnist and "adaptive" not in cifar  # --adaptive / --no-adaptive is the MNIST command's
