@@ -11,7 +11,9 @@ each epsilon it attacks the same correctly classified clean images and reports t
   score has none (``"white-box method"`` says which);
 * ``"black-box"``: :func:`~libnet_plugin.experiments.adaptive.score_search` (score-only), at the
   epsilons of ``black_box_epsilons``;
-* ``"strongest"``: per input, the best of the above.
+* ``"strongest"``: per input, the best of the above at this epsilon and at every smaller one (an image
+  attacked within a smaller radius lies within this one too, so the strongest attacker's evasion never
+  falls as epsilon grows, even where one attack at a large radius finds less than at a small one).
 
 The strongest attacker's evasion is also judged at the thresholds of other FPRs. The attacked images
 are pixels in ``[0, 1]``; for a model that takes another input space (the CIFAR-10 ResNet44 takes
@@ -33,7 +35,7 @@ from typing import Any
 
 from torch import Tensor
 
-from .adaptive import FeatureMatching, adaptive_pgd, best_of, evasion_at_fprs, judge, score_search
+from .adaptive import AttackOutcome, FeatureMatching, adaptive_pgd, best_of, evasion_at_fprs, judge, score_search
 from .report import ExperimentError
 
 __all__ = ["AdaptiveBudget", "ThreatModels", "evasion_table", "evasion_section", "add_budget_arguments",
@@ -141,6 +143,7 @@ class ThreatModels:
         wanted = b.black_box_epsilons if b.black_box_epsilons is not None else (max(self.non_adaptive),)
         out: dict[str, Any] = {"white-box method": "score gradient" if det.differentiable else
                                "feature-matching surrogate", "by_epsilon": {}}
+        inner: AttackOutcome | None = None  # the strongest outcome at the smaller epsilons: their balls lie inside this one
         for eps, x_plain in sorted(self.non_adaptive.items()):
             plain = judge(det, x_plain, self.y, to_model=self.to_model)
             white = best_of([adaptive_pgd(det, self.x, self.y, eps=eps, steps=b.steps, restarts=b.restarts,
@@ -157,7 +160,8 @@ class ThreatModels:
                                      to_model=self.to_model)
                 outcomes.append(black)
                 entry["black-box"] = black.summary()["evasion"]
-            strongest = best_of(outcomes)
+            strongest = best_of(outcomes if inner is None else [*outcomes, inner])
+            inner = strongest
             entry["strongest"] = strongest.summary()["evasion"]
             entry["strongest_at_fpr"] = {f"{f:g}": v for f, v in evasion_at_fprs(det, strongest, TRADE_OFF_FPRS).items()}
             out["by_epsilon"][f"{eps:g}"] = entry

@@ -367,3 +367,28 @@ def test_detector_comparison_refuses_a_bad_adaptive_request(twins):
         detector_comparison(*args, adaptive=AdaptiveBudget(detectors=("nope",)), **kw)
     with pytest.raises(ValueError, match="steps must be an integer >= 1"):
         detector_comparison(*args, adaptive=AdaptiveBudget(steps=0), **kw)
+
+
+def test_strongest_attacker_keeps_what_it_found_at_smaller_epsilons(setup, monkeypatch):
+    """An image that evades within eps 0.1 lies within eps 0.3 too: a weaker attack at 0.3 does not undo it."""
+    from libnet_plugin.experiments import threat_models
+    from libnet_plugin.experiments.threat_models import AdaptiveBudget, ThreatModels
+
+    _, net, x, _, _, xa, ya = setup
+    det = _detector(setup, "msp")
+
+    def fake_pgd(det, x, y, *, eps, **_kw):
+        # evades on every image at the small radius, on none at the large one (a scripted weak attack)
+        n = x.shape[0]
+        small = eps < 0.2
+        score = torch.full((n,), det.threshold_ - 1.0 if small else det.threshold_ + 1.0)
+        return AttackOutcome(x, torch.ones(n, dtype=torch.bool), score, torch.full((n,), small), det.threshold_)
+
+    monkeypatch.setattr(threat_models, "adaptive_pgd", fake_pgd)
+    plain = {0.1: xa.clone(), 0.3: xa.clone()}  # the non-adaptive "attacks" leave the images as they are
+    budget = AdaptiveBudget(n=xa.shape[0], steps=1, lambdas=(0.0,), queries=0)
+    out = ThreatModels(xa, ya, plain, x[:100], budget)(det, "msp")["by_epsilon"]
+    assert out["0.1"]["white-box"] == 1.0 and out["0.3"]["white-box"] == 0.0
+    assert out["0.1"]["strongest"] == 1.0
+    assert out["0.3"]["strongest"] == 1.0  # kept from eps 0.1
+    assert out["0.3"]["strongest_at_fpr"]["0.05"] == 1.0
