@@ -784,9 +784,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     if det:
         lines += ["## Other detectors", ""]
         if det.get("available"):
-            lines += [f"Every detector of `libnet evaluate-detectors`, calibrated on the first half of the test "
-                      f"images and scored on the second half against the successful {det['protocol']}-protocol "
-                      "attacks and uniform noise (cells: AUROC / TPR at the calibrated threshold; files "
+            lines += [f"Every detector of `libnet evaluate-detectors`, calibrated on the second half of the test "
+                      f"images and scored on the first half and the successful {det['protocol']}-protocol "
+                      "attacks on it, and on uniform noise (cells: AUROC / TPR at the calibrated threshold; files "
                       "`detectors.json`, `detectors.md`, `roc.png`"
                       + (", `evasion.png`" if det["table"].get("files", {}).get("evasion_png") else "") + ").", "",
                       det["table"]["table_markdown"], ""]

@@ -69,8 +69,10 @@ def detector_comparison(net: Any, train: tuple[Tensor, Tensor | None], clean_tes
             threshold set); its model gives the answers used for the selection.
         train: ``(x_train, y_train)`` in pixels; ``y_train`` may be ``None`` (then detectors that need
             labels fit on the inputs alone, as :func:`evaluate_detectors` allows).
-        clean_test: ``(x_test, y_test)`` in pixels. Its first half calibrates the detectors and its second
-            half is the clean evaluation set (``evaluate_detectors``' default split).
+        clean_test: ``(x_test, y_test)`` in pixels. Its second half calibrates the detectors and its first
+            half is the clean evaluation set. The protocols attack the first test inputs, so the attacked
+            inputs are clean evaluation inputs, never calibration ones: an attack on an input of the
+            second half is left out (the log says how many).
         attack_sets: attack sets of an experiment; those of ``protocol`` are used, one attacked set
             ``"PGD eps=<epsilon>"`` per epsilon, their ``indices`` pointing into ``clean_test``.
         space: the model's input space, ``"pixels"`` or ``"normalized"``.
@@ -132,6 +134,7 @@ def detector_comparison(net: Any, train: tuple[Tensor, Tensor | None], clean_tes
     say = log or (lambda _msg: None)
     x_test_m = to_model_space(x_test, "pixels", space, mean, std)
     y_test = y_test.long().cpu()
+    half = x_test.shape[0] // 2  # [:half] clean evaluation and attacked inputs, [half:] calibration
     attacked: dict[str, Tensor] = {}
     info: dict[str, dict[str, Any]] = {}
     clean_answers: dict[tuple[int, ...], Tensor] = {}
@@ -145,9 +148,13 @@ def detector_comparison(net: Any, train: tuple[Tensor, Tensor | None], clean_tes
             clean_answers[key] = _model_answers(net, x_test_m[idx], batch_size)
         x_adv = to_model_space(s.x_adv, s.space, space, mean, std)
         keep = (clean_answers[key] == y_test[idx]) & (_model_answers(net, x_adv, batch_size) != y_test[idx])
+        evaluable = idx < half
+        keep &= evaluable
         name = f"PGD eps={s.epsilon:g}"
-        info[name] = {"epsilon": s.epsilon, "attacked": int(idx.numel()), "successful": int(keep.sum())}
-        say(f"{name}: {int(keep.sum())} successful attacks on correctly classified inputs of {idx.numel()}")
+        info[name] = {"epsilon": s.epsilon, "attacked": int(evaluable.sum()), "successful": int(keep.sum())}
+        left_out = int((~evaluable).sum())
+        say(f"{name}: {int(keep.sum())} successful attacks on correctly classified inputs of {int(evaluable.sum())}"
+            + (f" ({left_out} attacked inputs of the calibration half left out)" if left_out else ""))
         if bool(keep.any()):
             attacked[name] = x_adv[keep.to(x_adv.device)]
     if not attacked:
@@ -160,9 +167,10 @@ def detector_comparison(net: Any, train: tuple[Tensor, Tensor | None], clean_tes
     threats = None
     if adaptive is not None:
         threats = _threat_models(adaptive, sets, (x_test, y_test), x_train[:n_reference], clean_answers,
-                                 space=space, mean=mean, std=std, log=say)
-    table = evaluate_detectors(net, x_train_m if y_train is None else (x_train_m, y_train), x_test_m, attacked, ood,
-                               detectors=detectors, out_dir=out_dir, fpr=fpr, fpr_splits=fpr_splits,
+                                 space=space, mean=mean, std=std, log=say, limit=half)
+    table = evaluate_detectors(net, x_train_m if y_train is None else (x_train_m, y_train), x_test_m[:half], attacked,
+                               ood, calibration=x_test_m[half:], detectors=detectors, out_dir=out_dir, fpr=fpr,
+                               fpr_splits=fpr_splits,
                                batch_size=batch_size, log=log, attack_detector=threats)
     if adaptive is not None:
         _add_evasion(table, adaptive, threats, out_dir, fpr)
@@ -188,12 +196,12 @@ def _check_adaptive(adaptive: AdaptiveBudget, protocol: str, detectors: Any, net
 
 def _threat_models(budget: AdaptiveBudget, sets: Sequence[AttackSet], clean_test: tuple[Tensor, Tensor],
                    reference: Tensor, clean_answers: Mapping[tuple[int, ...], Tensor], *, space: str, mean: Any,
-                   std: Any, log: Callable[[str], None]) -> ThreatModels | None:
+                   std: Any, log: Callable[[str], None], limit: int) -> ThreatModels | None:
     """The :class:`ThreatModels` of :func:`detector_comparison`'s ``adaptive=`` (``None``: no image to attack).
 
     The attacked images are the test inputs that every set of ``sets`` attacked (in the first set's order)
-    and that the model classifies correctly (``clean_answers``, keyed by each set's indices), the first
-    ``budget.n`` of them, in pixels; the non-adaptive entry of epsilon ``e`` is the set's attacked version
+    and that the model classifies correctly (``clean_answers``, keyed by each set's indices) among the clean
+    evaluation inputs (test positions below ``limit``), the first ``budget.n`` of them, in pixels; the non-adaptive entry of epsilon ``e`` is the set's attacked version
     of the same inputs, moved to pixels. ``to_model`` maps pixels to ``space``.
     """
     x_test, y_test = clean_test
@@ -201,7 +209,7 @@ def _threat_models(budget: AdaptiveBudget, sets: Sequence[AttackSet], clean_test
     positions = [{int(t): p for p, t in enumerate(s.indices.long().cpu().tolist())} for s in sets]
     common = [p for p, t in enumerate(first.tolist()) if all(t in pos for pos in positions[1:])]
     answers = clean_answers[tuple(first.tolist())]
-    ok = [p for p in common if int(answers[p]) == int(y_test[first[p]])][:budget.n]
+    ok = [p for p in common if int(first[p]) < limit and int(answers[p]) == int(y_test[first[p]])][:budget.n]
     if not ok:
         log("adaptive attacks: no attacked test image is classified correctly, so no attack that knows the detector")
         return None

@@ -914,8 +914,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     add("## 5. Other detectors\n")
     det = r["detectors"]
     if det.get("available"):
-        add(f"Every detector of `libnet evaluate-detectors`, calibrated on the first half of the clean test images "
-            f"and scored on the second half against the successful {det['protocol']}-protocol attacks and the "
+        add(f"Every detector of `libnet evaluate-detectors`, calibrated on the second half of the clean test images "
+            f"and scored on the first half and the successful {det['protocol']}-protocol attacks on it, and on the "
             f"out-of-domain sets (cells: AUROC / TPR at the calibrated threshold; files `detectors.json`, "
             f"`detectors.md`, `roc.png`).\n")
         add(det["table"]["table_markdown"] + "\n")

@@ -62,7 +62,7 @@ class AdaptiveBudget:
     n: int = 48
     steps: int = 100
     restarts: int = 1
-    lambdas: tuple[float, ...] = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0)
+    lambdas: tuple[float, ...] = DEFAULT_LAMBDAS
     queries: int = 500
     black_box_epsilons: tuple[float, ...] | None = None  # None: the largest epsilon only
     check_every: int = 10

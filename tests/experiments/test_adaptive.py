@@ -331,7 +331,7 @@ def test_detector_comparison_attacks_the_detectors_in_pixels_through_to_model(tw
     assert res_n["available"] and res_w["available"]
     table = res_n["table"]
     with torch.no_grad():
-        correct = (model_w(x_te[5:30]).argmax(1) == y_te[5:30]).sum()  # the images both sets attacked
+        correct = (model_w(x_te[5:20]).argmax(1) == y_te[5:20]).sum()  # both sets attacked, not calibration
     assert table["adaptive"]["n"] == min(6, int(correct)) > 0
     assert table["adaptive"]["budget"]["detectors"] == ["msp", "knn"]
     for label in ("msp", "knn"):
@@ -349,6 +349,29 @@ def test_detector_comparison_attacks_the_detectors_in_pixels_through_to_model(tw
     import json
 
     assert json.loads((tmp_path / "n" / "detectors.json").read_text())["adaptive"]["n"] == table["adaptive"]["n"]
+
+
+def test_detector_comparison_calibrates_on_the_second_half_and_attacks_only_the_first(twins):
+    """The protocols attack the first test images: those are the clean evaluation half, and an attack on an
+    image of the calibration half (the second) is left out, so no calibration image is attacked."""
+    from libnet_plugin.experiments.comparison import detector_comparison
+    from libnet_plugin.experiments.protocols import AttackSet
+
+    _, net_n, net_w, x, *_ = twins
+    x_te, y_te = _images(40, 7)
+    x_adv = _fgsm(net_w.model, x_te, y_te, 0.3)
+    sets = [AttackSet("standard", 0.3, x_adv, "pixels", torch.arange(40))]
+    res = detector_comparison(net_n, (x, None), (x_te, y_te), sets, space="normalized", mean=MEAN, std=STD,
+                              detectors=["msp"], fpr=0.1, fpr_splits=3)
+    assert res["attacks"]["PGD eps=0.3"]["attacked"] == 20
+    with torch.no_grad():
+        answers = net_w.model(x_te).argmax(1)
+        fooled = (answers == y_te) & (net_w.model(x_adv).argmax(1) != y_te)
+    assert res["attacks"]["PGD eps=0.3"]["successful"] == int(fooled[:20].sum()) < int(fooled.sum())
+    table = res["table"]
+    assert (table["settings"]["n_calibration"], table["settings"]["n_clean"]) == (20, 20)
+    want = lnp.ConsistencyDetector(net_n, method="msp").calibrate(_normalize(x_te[20:]), fpr=0.1).threshold_
+    assert table["detectors"]["msp"]["threshold"] == pytest.approx(want)
 
 
 def test_detector_comparison_refuses_a_bad_adaptive_request(twins):
