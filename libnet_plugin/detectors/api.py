@@ -269,6 +269,13 @@ class FusedLayerScore(ConsistencyScore):
         """The fused score ``[B]`` of per-feature p-values ``[B, F]``: Fisher's ``-sum log p`` (override to change)."""
         return fisher(p_values)
 
+    def combine_on(self, p_values: Tensor, reference: Tensor) -> Tensor:
+        """The fused score of ``p_values`` ``[B, F]`` as fitted on clean reference inputs whose own p-values are
+        ``reference`` ``[N, F]``: what :meth:`combine` gives after :meth:`set_reference` on those inputs. A
+        held-out check that recalibrates on part of the clean data calls it; the default fusion does not
+        depend on the reference (override when it does)."""
+        return self.combine(p_values)
+
     def set_reference(self, features: Tensor) -> Tensor:
         """Store the features ``[N, F]`` of clean reference inputs; return their fused scores (leave-one-out)."""
         self.check_is_fitted()

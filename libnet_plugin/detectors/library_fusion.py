@@ -98,6 +98,12 @@ class LibraryFusionScore(LibraryDistanceScore):
             return -(torch.log(p_values) * self._feature_weights(p_values)).sum(dim=1)
         return super().combine(p_values)
 
+    def combine_on(self, p_values: Tensor, reference: Tensor) -> Tensor:
+        if self.combination != "weighted":
+            return super().combine_on(p_values, reference)
+        w = self.correlation_weights(reference).to(device=p_values.device, dtype=p_values.dtype)
+        return -(torch.log(p_values) * w).sum(dim=1)
+
     def _feature_weights(self, like: Tensor) -> Tensor:
         if self._weights is None:
             raise NotFittedError("combine='weighted' takes its weights from the clean reference; calibrate first")

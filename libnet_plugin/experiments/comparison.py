@@ -327,17 +327,21 @@ def calibration_check(det: ConsistencyDetector, x_clean: Any, fpr: float, n_spli
     return _split_fpr(det.calibration_data(x_clean), _combination(det), fpr, n_splits, seed)
 
 
-def _combination(det: ConsistencyDetector) -> Callable[[Tensor], Tensor] | None:
-    """How ``det``'s score fuses p-values (None: a plain score); Fisher's for fused plugins of their own."""
+def _combination(det: ConsistencyDetector) -> Callable[[Tensor, Tensor], Tensor] | None:
+    """How ``det``'s score fuses p-values given the clean reference's p-values (None: a plain score);
+    Fisher's for fused plugins of their own."""
     if not det.scorer.fuses:
         return None
-    return det.scorer.combine if isinstance(det.scorer, FusedLayerScore) else fisher
+    if isinstance(det.scorer, FusedLayerScore):
+        return det.scorer.combine_on
+    return lambda p_values, _reference: fisher(p_values)
 
 
-def _split_fpr(data: Tensor, combine: Callable[[Tensor], Tensor] | None, fpr: float, n_splits: int,
+def _split_fpr(data: Tensor, combine: Callable[[Tensor, Tensor], Tensor] | None, fpr: float, n_splits: int,
                seed: int) -> dict[str, Any]:
     """:func:`calibration_check` on what :meth:`ConsistencyDetector.calibration_data` returned for clean inputs;
-    ``combine`` fuses the per-feature p-values of fused scores (None for plain scores)."""
+    ``combine(p_values, reference_p_values)`` fuses the per-feature p-values of fused scores, fitted anew on
+    each split's calibration half (None for plain scores)."""
 
     data = data.detach().double().cpu()
     n = data.shape[0]
@@ -352,7 +356,8 @@ def _split_fpr(data: Tensor, combine: Callable[[Tensor], Tensor] | None, fpr: fl
         cal, held = data[perm[:n_cal]], data[perm[n_cal:]]
         if combine is not None:
             fusion = ConformalFusion()
-            cal_scores, held_scores = combine(fusion.fit_p_values(cal)), combine(fusion.p_values(held))
+            cal_p = fusion.fit_p_values(cal)
+            cal_scores, held_scores = combine(cal_p, cal_p), combine(fusion.p_values(held), cal_p)
         else:
             cal_scores, held_scores = cal, held
         threshold = cal_scores.sort().values[rank - 1]

@@ -128,3 +128,20 @@ def test_weighted_combine_needs_calibration(fitted, mlp_data):
     scorer = LibraryFusionScore(combine="weighted").fit(fitted)
     with pytest.raises(lnp.NotFittedError, match="weights"):
         scorer.combine(torch.full((3, len(scorer.feature_names())), 0.5, dtype=torch.float64))
+
+
+def test_combine_on_refits_the_weights_on_the_reference_it_is_given(fitted, mlp_data):
+    """The held-out FPR check recalibrates on half of the clean data: weighted Fisher takes its weights from
+    that half, not from the whole calibration set; Fisher does not depend on the reference."""
+    x, _ = mlp_data
+    weighted = lnp.ConsistencyDetector(fitted, method="library-fusion",
+                                       settings={"combine": "weighted"}).calibrate(x[:200]).scorer
+    p = weighted.fusion.p_values(weighted.features(fitted, fitted.probe.run(x[200:])))
+    torch.testing.assert_close(weighted.combine_on(p, weighted.fusion.fit_p_values(
+        weighted.features(fitted, fitted.probe.run(x[:200])))), weighted.combine(p))
+    ref = p[:50]
+    expected = -(torch.log(p) * LibraryFusionScore.correlation_weights(ref)).sum(dim=1)
+    torch.testing.assert_close(weighted.combine_on(p, ref), expected)
+    assert not torch.allclose(weighted.combine_on(p, ref), weighted.combine(p))
+    fisher = lnp.ConsistencyDetector(fitted, method="library-fusion").calibrate(x[:200]).scorer
+    torch.testing.assert_close(fisher.combine_on(p, ref), fisher.combine(p))
