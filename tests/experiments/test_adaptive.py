@@ -44,17 +44,21 @@ def _images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x.clamp(0, 1), y
 
 
-@pytest.fixture(scope="module")
-def setup():
-    torch.manual_seed(0)
-    model = TinyConv()
-    x, y = _images(600, 0)
+def _trained(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> nn.Module:
+    """``model`` after ``steps`` full-batch Adam steps on ``(x, y)``, in eval mode."""
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
-    for _ in range(150):
+    for _ in range(steps):
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
-    model.eval()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    x, y = _images(600, 0)
+    model = _trained(TinyConv(), x, y, 150)
     x_cal, _ = _images(200, 1)
     x_te, y_te = _images(200, 2)
     with torch.no_grad():
@@ -206,14 +210,8 @@ def twins():
     """One trained model that takes normalised inputs, its libraries and detectors, and the same model with
     the normalisation inside (libraries and detectors fitted on pixels): ``{method: (det_norm, det_pixels)}``."""
     torch.manual_seed(1)
-    inner = TinyConv()
     x, y = _images(600, 0)
-    opt = torch.optim.Adam(inner.parameters(), lr=0.01)
-    for _ in range(30):
-        opt.zero_grad()
-        nn.functional.cross_entropy(inner(_normalize(x)), y).backward()
-        opt.step()
-    inner.eval()
+    inner = _trained(TinyConv(), _normalize(x), y, 30)
     wrapped = Normalized(inner).eval()
     x_cal, _ = _images(200, 1)
     x_te, y_te = _images(100, 2)
