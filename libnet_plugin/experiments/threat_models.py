@@ -38,7 +38,7 @@ from torch import Tensor
 from .adaptive import AttackOutcome, FeatureMatching, adaptive_pgd, best_of, evasion_at_fprs, judge, score_search
 from .report import ExperimentError
 
-__all__ = ["AdaptiveBudget", "ThreatModels", "evasion_table", "evasion_section", "add_budget_arguments",
+__all__ = ["AdaptiveBudget", "ThreatModels", "evasion_table", "epsilon_label", "evasion_section", "add_budget_arguments",
            "budget_from_args", "check_budget_detectors", "DEFAULT_LAMBDAS", "QUICK_LAMBDAS", "TRADE_OFF_FPRS"]
 
 #: FPRs at which the strongest attacker's evasion is also reported (the trade-off curve).
@@ -183,7 +183,21 @@ def evasion_table(detectors: Mapping[str, Mapping[str, Any]], epsilons: Sequence
 
     rows = [[label, d["attacks"]["white-box method"], *(cell(d["attacks"]["by_epsilon"].get(eps)) for eps in epsilons)]
             for label, d in detectors.items() if d.get("attacks")]
-    return markdown_table(["detector", "white-box attack", *(f"eps={e}" for e in epsilons)], rows)
+    return markdown_table(["detector", "white-box attack", *(f"eps={epsilon_label(e)}" for e in epsilons)], rows)
+
+
+def epsilon_label(eps: str) -> str:
+    """An epsilon as a reader would write it: ``k/255`` when it is one that a short decimal does not show.
+
+    Example:
+        >>> epsilon_label(f"{8 / 255:g}"), epsilon_label("0.2"), epsilon_label("0.3")
+        ('8/255', '0.2', '0.3')
+    """
+    value = float(eps)
+    k = round(value * 255)
+    if len(eps) > 5 and 0 < k < 255 and abs(value * 255 - k) < 1e-3:
+        return f"{k}/255"
+    return eps
 
 
 def evasion_section(adaptive: Mapping[str, Any], fpr: float, *, heading: str = "###",

@@ -413,3 +413,14 @@ def test_strongest_attacker_keeps_what_it_found_at_smaller_epsilons(setup, monke
     assert out["0.1"]["strongest"] == 1.0
     assert out["0.3"]["strongest"] == 1.0  # kept from eps 0.1
     assert out["0.3"]["strongest_at_fpr"]["0.05"] == 1.0
+
+
+def test_evasion_table_writes_cifar_epsilons_as_fractions_of_255():
+    from libnet_plugin.experiments.threat_models import evasion_table
+
+    entry = {"non-adaptive": 0.0, "white-box": 0.5, "black-box": None, "strongest": 0.5}
+    dets = {"msp": {"attacks": {"white-box method": "score gradient", "by_epsilon": {f"{8 / 255:g}": entry}}}}
+    table = evasion_table(dets, [f"{8 / 255:g}"])
+    assert "| eps=8/255 |" in table and "0.00 / 0.50 / - / **0.50**" in table
+    mnist = {"msp": {"attacks": {"white-box method": "score gradient", "by_epsilon": {"0.2": entry}}}}
+    assert "| eps=0.2 |" in evasion_table(mnist, ["0.2"])
