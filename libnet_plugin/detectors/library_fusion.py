@@ -95,14 +95,19 @@ class LibraryFusionScore(LibraryDistanceScore):
         if self.combination == "min":
             return -torch.log(p_values.amin(dim=1))
         if self.combination == "weighted":
-            return -(torch.log(p_values) * self._feature_weights(p_values)).sum(dim=1)
+            return self._weighted_fisher(p_values, self._feature_weights(p_values))
         return super().combine(p_values)
 
     def combine_on(self, p_values: Tensor, reference: Tensor) -> Tensor:
         if self.combination != "weighted":
             return super().combine_on(p_values, reference)
         w = self.correlation_weights(reference).to(device=p_values.device, dtype=p_values.dtype)
-        return -(torch.log(p_values) * w).sum(dim=1)
+        return self._weighted_fisher(p_values, w)
+
+    @staticmethod
+    def _weighted_fisher(p_values: Tensor, weights: Tensor) -> Tensor:
+        """``-sum_j w_j log p_j`` per row."""
+        return -(torch.log(p_values) * weights).sum(dim=1)
 
     def _feature_weights(self, like: Tensor) -> Tensor:
         if self._weights is None:

@@ -92,8 +92,10 @@ class LibraryMarginScore(FusedLayerScore):
     uses_library: ClassVar[bool] = True
     FEATURES: ClassVar[tuple[str, ...]] = ("margin", "residual", "similarity", "distance", "distance-margin",
                                            "subspace")
+    #: the features computed from the library nodes' class Gaussian
+    GAUSSIAN_FEATURES: ClassVar[tuple[str, ...]] = ("distance", "distance-margin")
     #: the features computed from statistics of the library nodes (no look-up of the nodes at scoring)
-    STATISTIC_FEATURES: ClassVar[tuple[str, ...]] = ("distance", "distance-margin", "subspace")
+    STATISTIC_FEATURES: ClassVar[tuple[str, ...]] = (*GAUSSIAN_FEATURES, "subspace")
     DEFAULT_FEATURES: ClassVar[tuple[str, ...]] = ("margin", "residual")
 
     def __init__(self, layers: Sequence[str] | None = None, k: int = 3, span: int = 100,
@@ -141,7 +143,7 @@ class LibraryMarginScore(FusedLayerScore):
                 self._grams[l] = lib.nodes @ lib.nodes.T
             else:
                 self._grams[l] = None
-            if "distance" in self.features_ or "distance-margin" in self.features_:
+            if any(f in self.features_ for f in self.GAUSSIAN_FEATURES):
                 self._gauss[l] = self._node_gaussian(net, l, i, lib.nodes, self._classes[l])
             if "subspace" in self.features_:
                 self._subspaces[l] = principal_subspace(lib.nodes, self.rank)
@@ -162,16 +164,18 @@ class LibraryMarginScore(FusedLayerScore):
         means, precision, present = shared_gaussian(onehot.T @ g, g.T @ g, onehot.sum(dim=0), g.shape[0])
         return {"channels": channels, "proj": proj, "means": means, "present": present, "precision": precision}
 
-    def _class_distances(self, lib: Any, layer: str, hap: Tensor) -> Tensor:
-        """``distance`` to every class's node mean ``[B, C]`` (``inf`` for classes without nodes)."""
+    def _class_distances(self, lib: Any, layer: str, hap: Tensor, stored: Tensor | None = None) -> Tensor:
+        """``distance`` to every class's node mean ``[B, C]`` (``inf`` for classes without nodes); ``stored``
+        is ``lib.transform(hap)`` when the caller has it already."""
         st = self._gauss[layer]
-        g = pooled(lib.transform(hap), st["channels"], st["proj"]).double()
+        g = pooled(lib.transform(hap) if stored is None else stored, st["channels"], st["proj"]).double()
         return class_distances(g, st["means"], st["precision"], st["present"])
 
-    def _subspace_residual(self, lib: Any, layer: str, hap: Tensor) -> Tensor:
-        """``subspace``: the squared distance of the normalised activation from the nodes' principal subspace."""
+    def _subspace_residual(self, lib: Any, layer: str, hap: Tensor, stored: Tensor | None = None) -> Tensor:
+        """``subspace``: the squared distance of the normalised activation from the nodes' principal subspace
+        (``stored`` as in :meth:`_class_distances`)."""
         mean, basis = self._subspaces[layer]
-        c = lib.transform(hap).double() - mean
+        c = (lib.transform(hap) if stored is None else stored).double() - mean
         return (c - (c @ basis) @ basis.T).pow(2).sum(dim=1)
 
     @staticmethod
@@ -229,8 +233,11 @@ class LibraryMarginScore(FusedLayerScore):
                 same = cls[None, :] == answers[:, None]
                 kk = min(self.k, h.shape[1])
                 s_same = h.masked_fill(~same, -1.0).topk(kk, dim=1).values.mean(dim=1)
-            d = (self._class_distances(lib, l, result.haps[l])
-                 if "distance" in self.features_ or "distance-margin" in self.features_ else None)
+            # the normalised activation as the library stores it, once for the node-statistics features
+            stored = (lib.transform(result.haps[l]) if any(f in self.features_ for f in self.STATISTIC_FEATURES)
+                      else None)
+            d = (self._class_distances(lib, l, result.haps[l], stored)
+                 if any(f in self.features_ for f in self.GAUSSIAN_FEATURES) else None)
             for f in self.features_:
                 if f == "margin":
                     s_other = h.masked_fill(same, -1.0).topk(kk, dim=1).values.mean(dim=1)
@@ -240,7 +247,7 @@ class LibraryMarginScore(FusedLayerScore):
                 elif f == "residual":
                     cols.append(self._residual(lib, self._grams[l], h).double())
                 elif f == "subspace":
-                    cols.append(self._subspace_residual(lib, l, result.haps[l]))
+                    cols.append(self._subspace_residual(lib, l, result.haps[l], stored))
                 elif f == "distance":
                     assert d is not None
                     cols.append(d.gather(1, answers[:, None])[:, 0])

@@ -39,7 +39,7 @@ from .report import (
     write_json_atomic,
     write_text_atomic,
 )
-from .threat_models import AdaptiveBudget, ThreatModels, evasion_section, evasion_table
+from .threat_models import AdaptiveBudget, ThreatModels, evasion_section
 
 __all__ = ['detector_comparison', 'MNIST_CONV_VARIANT', 'MNIST_DISTANCE_VARIANT', 'MNIST_FUSION_VARIANT', 'MNIST_VARIANTS', 'calibration_check', 'evaluate_detectors', 'plot_roc_curves']
 
@@ -172,8 +172,10 @@ def detector_comparison(net: Any, train: tuple[Tensor, Tensor | None], clean_tes
                                ood, calibration=x_test_m[half:], detectors=detectors, out_dir=out_dir, fpr=fpr,
                                fpr_splits=fpr_splits,
                                batch_size=batch_size, log=log, attack_detector=threats)
-    if adaptive is not None:
-        _add_evasion(table, adaptive, threats, out_dir, fpr)
+    if adaptive is not None and threats is None:
+        table["adaptive"] = {"budget": adaptive.describe(), "n": 0,
+                             "note": "No attacked test image is classified correctly by the model, so no attack "
+                                     "that knows the detector"}
     return {"available": True, "protocol": protocol, "attacks": info, "table": table}
 
 
@@ -201,8 +203,9 @@ def _threat_models(budget: AdaptiveBudget, sets: Sequence[AttackSet], clean_test
 
     The attacked images are the test inputs that every set of ``sets`` attacked (in the first set's order)
     and that the model classifies correctly (``clean_answers``, keyed by each set's indices) among the clean
-    evaluation inputs (test positions below ``limit``), the first ``budget.n`` of them, in pixels; the non-adaptive entry of epsilon ``e`` is the set's attacked version
-    of the same inputs, moved to pixels. ``to_model`` maps pixels to ``space``.
+    evaluation inputs (test positions below ``limit``), the first ``budget.n`` of them, in pixels; the
+    non-adaptive entry of epsilon ``e`` is the set's attacked version of the same inputs, moved to pixels.
+    ``to_model`` maps pixels to ``space``.
     """
     x_test, y_test = clean_test
     first = sets[0].indices.long().cpu()
@@ -225,29 +228,6 @@ def _threat_models(budget: AdaptiveBudget, sets: Sequence[AttackSet], clean_test
         + ", ".join(f"{e:g}" for e in sorted(non_adaptive)) + " (pixels)")
     return ThreatModels(x_test[idx].cpu(), y_test[idx].long().cpu(), non_adaptive, reference.cpu(), budget, log,
                         to_model=to_model)
-
-
-def _add_evasion(table: dict[str, Any], budget: AdaptiveBudget, threats: ThreatModels | None,
-                 out_dir: str | os.PathLike | None, fpr: float) -> None:
-    """Put the evasion results of ``threats`` into ``table["adaptive"]``; with ``out_dir``, draw
-    ``evasion.png`` and rewrite ``detectors.md`` (the tables and the evasion table) and ``detectors.json``."""
-    if threats is None:
-        table["adaptive"] = {"budget": budget.describe(), "n": 0,
-                             "note": "No attacked test image is classified correctly by the model, so no attack "
-                                     "that knows the detector"}
-        return
-    epsilons = [f"{e:g}" for e in sorted(threats.non_adaptive)]
-    table["adaptive"] = {"budget": budget.describe(), "n": int(threats.x.shape[0]),
-                         "evasion_markdown": evasion_table(table["detectors"], epsilons)}
-    if out_dir is None or not any(d.get("attacks") for d in table["detectors"].values()):
-        return
-    from .plots import plot_evasion
-
-    d = ensure_writable_dir(out_dir)
-    table["files"]["evasion_png"] = str(plot_evasion(table["detectors"], d / "evasion.png", fpr=fpr))
-    write_text_atomic(d / "detectors.md", table["table_markdown"] + "\n\n" + evasion_section(table["adaptive"], fpr)
-                      + "\n")
-    write_json_atomic(d / "detectors.json", table)
 
 
 #: The library-based score restricted to the MNIST net's convolution layers (added by the MNIST run).
@@ -399,7 +379,11 @@ def evaluate_detectors(net_or_model: Any, train: Any, clean_test: Any, attacked_
         log: a function receiving progress lines (default: silent).
         attack_detector: called as ``attack_detector(det, label)`` with each calibrated detector; what it
             returns (JSON-able, e.g. the evasion rates of attacks that know the detector) is kept in the
-            detector's ``"attacks"`` entry (``None``: not attacked, no entry).
+            detector's ``"attacks"`` entry (``None``: not attacked, no entry). When it is a
+            :class:`~libnet_plugin.experiments.threat_models.ThreatModels`, the result also has
+            ``"adaptive"`` (:meth:`ThreatModels.summary`: budget, images attacked, evasion table); with
+            ``out_dir``, ``detectors.md`` then ends with the evasion table and ``evasion.png`` draws it
+            (``files["evasion_png"]``).
 
     Returns:
         A JSON-able dict::
@@ -552,11 +536,20 @@ def evaluate_detectors(net_or_model: Any, train: Any, clean_test: Any, attacked_
         "forward_ms_per_1000": forward_ms, "detectors": results, "rows": rows, "table_markdown": table,
         "metric_tables": metric_tables, "best_library_based": best, "files": {},
     }
+    attacked_any = any("attacks" in e for e in results.values())
+    if isinstance(attack_detector, ThreatModels):
+        out["adaptive"] = attack_detector.summary(results)
     if out_dir is not None:
         d = ensure_writable_dir(out_dir)
         out["files"] = {"json": str(d / "detectors.json"), "markdown": str(d / "detectors.md"),
                         "roc_png": str(plot_roc_curves(curves, d / "roc.png"))}
-        write_text_atomic(d / "detectors.md", table + "\n")
+        markdown = table
+        if "adaptive" in out and attacked_any:
+            from .plots import plot_evasion
+
+            out["files"]["evasion_png"] = str(plot_evasion(results, d / "evasion.png", fpr=fpr))
+            markdown += "\n\n" + evasion_section(out["adaptive"], fpr)
+        write_text_atomic(d / "detectors.md", markdown + "\n")
         write_json_atomic(d / "detectors.json", out)
     return out
 

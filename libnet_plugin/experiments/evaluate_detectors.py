@@ -62,7 +62,7 @@ from .threat_models import (
     add_budget_arguments,
     budget_from_args,
     check_budget_detectors,
-    evasion_table,
+    evasion_section,
 )
 
 __all__ = ['DEFAULT_THRESHOLDS', 'add_arguments', 'run']
@@ -388,12 +388,6 @@ def _run(args: argparse.Namespace, quick: bool, n_train: int, epochs: int, nb_it
         with timer.stage("detectors"):
             res = evaluate_detectors(net, (x_tr, y_tr), x_eval, attacked, ood, detectors=specs, calibration=x_cal,
                                      out_dir=stage, fpr=args.fpr, log=log, attack_detector=threats)
-        if threats is not None:
-            res["adaptive"] = {"budget": threats.budget.describe(), "n": int(threats.x.shape[0]),
-                               "evasion_markdown": evasion_table(res["detectors"], [f"{e:g}" for e in epsilons])}
-            from .plots import plot_evasion
-
-            res["files"]["evasion_png"] = str(plot_evasion(res["detectors"], stage / "evasion.png", fpr=args.fpr))
         note = _write_report(args, res, stage, out_dir, quick, n_train, epochs, accuracy, model_info, attack_info,
                              net, timer)
     print(res["table_markdown"])
@@ -429,12 +423,7 @@ def _write_report(args: argparse.Namespace, res: dict[str, Any], stage: Path, ou
     parts = [res["table_markdown"], note]
     parts += [f"### {titles[m]}\n\n{t}" for m, t in res["metric_tables"].items()]
     if "adaptive" in res:
-        b = res["adaptive"]["budget"]
-        parts.append(f"### Evasion: misclassified and not flagged at the calibrated threshold (FPR {s['fpr']:g})\n\n"
-                     f"Cells: non-adaptive PGD / white-box adaptive / black-box score-only / strongest per input, on "
-                     f"{res['adaptive']['n']} correctly classified images; white-box PGD {b['steps']} steps, "
-                     f"{b['restarts']} restart(s), lambdas {b['lambdas']}; black-box {b['queries']} queries.\n\n"
-                     + res["adaptive"]["evasion_markdown"] + "\n\n![evasion against eps and against the FPR](evasion.png)")
+        parts.append(evasion_section(res["adaptive"], s["fpr"]))
     write_text_atomic(stage / "detectors.md", "\n\n".join(parts) + "\n")
     write_json_atomic(stage / "detectors.json", res)
     return note

@@ -67,7 +67,7 @@ from .data import (
     load_mnist_default,
     load_mnist_idx,
 )
-from .models import MnistNet, load_state_dict_checked, train_mnist_net
+from .models import MnistNet, check_adversarial, load_state_dict_checked, train_mnist_net
 from .protocols import (
     AttackSet,
     ProtocolSettings,
@@ -227,10 +227,10 @@ class MnistSettings:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ExperimentError(f"{name} must be a positive integer, got {v!r}")
-        if not (0.0 <= self.adversarial_eps <= 1.0) or isinstance(self.adversarial_steps, bool) or \
-                not isinstance(self.adversarial_steps, int) or self.adversarial_steps < 1:
-            raise ExperimentError(f"adversarial_eps must lie in [0, 1] and adversarial_steps be a positive integer, "
-                                  f"got {self.adversarial_eps!r}, {self.adversarial_steps!r}")
+        try:
+            check_adversarial(self.adversarial_eps, self.adversarial_steps)
+        except ValueError as exc:
+            raise ExperimentError(str(exc)) from None
         for name in ("n_train", "n_test"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):

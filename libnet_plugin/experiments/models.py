@@ -31,6 +31,7 @@ __all__ = [
     "StateDictMismatchError",
     "load_state_dict_checked",
     "train_mnist_net",
+    "check_adversarial",
     "predict_labels",
 ]
 
@@ -405,9 +406,7 @@ def train_mnist_net(
         raise ValueError(f"need epochs >= 1, batch_size >= 1, lr > 0; got {epochs}, {batch_size}, {lr}")
     if optimizer not in ("adam", "sgd"):
         raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
-    if not (0.0 <= adversarial_eps <= 1.0) or isinstance(adversarial_steps, bool) or adversarial_steps < 1:
-        raise ValueError(f"need adversarial_eps in [0, 1] and adversarial_steps >= 1; got {adversarial_eps}, "
-                         f"{adversarial_steps}")
+    check_adversarial(adversarial_eps, adversarial_steps)
     from tqdm.auto import tqdm
 
     device = x_train.device
@@ -439,6 +438,15 @@ def train_mnist_net(
                 bar.update(1)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
     return net.eval()
+
+
+def check_adversarial(eps: float, steps: int) -> None:
+    """Raise ``ValueError`` unless ``eps`` (the adversarial training radius, pixels) lies in ``[0, 1]`` and
+    ``steps`` is an integer >= 1 (the settings of :func:`train_mnist_net`'s adversarial training)."""
+    if not (isinstance(eps, (int, float)) and 0.0 <= eps <= 1.0) or isinstance(steps, bool) or \
+            not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"need adversarial_eps in [0, 1] and adversarial_steps an integer >= 1; got {eps!r}, "
+                         f"{steps!r}")
 
 
 def _linf_attack(net: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int,

@@ -135,6 +135,13 @@ class ThreatModels:
             self._surrogates[key] = FeatureMatching(net, self.reference, to_model=self.to_model)
         return self._surrogates[key]
 
+    def summary(self, detectors: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+        """``{"budget", "n", "evasion_markdown"}`` of a run's detector entries once they were attacked (the
+        ``"adaptive"`` entry of :func:`~libnet_plugin.experiments.comparison.evaluate_detectors`' result)."""
+        epsilons = [f"{e:g}" for e in sorted(self.non_adaptive)]
+        return {"budget": self.budget.describe(), "n": int(self.x.shape[0]),
+                "evasion_markdown": evasion_table(detectors, epsilons)}
+
     def __call__(self, det: Any, label: str) -> dict[str, Any] | None:
         """The evasion entries of detector ``label`` (``None`` when the budget leaves it out)."""
         b = self.budget
