@@ -3,6 +3,7 @@ cache, its attack file (re-used by an ONNX run), and its errors on bad input."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import pathlib
 import re
@@ -151,6 +152,12 @@ def test_attack_file_round_trip_and_onnx_run(quick_run, tmp_path):
             for got, want in zip(rows, r["attacks"][name]["results"][set_name]):
                 assert got["auroc"] == pytest.approx(want["auroc"], abs=0.02)
     assert report["attacks"]["pgd_cross_check"] is None
+    # the attacks that know the detector need the torch net's gradients: an ONNX run says so instead
+    adaptive = report["detectors"]["table"]["adaptive"]
+    assert adaptive["n"] == 0 and "ONNX model gives none" in adaptive["note"]
+    assert adaptive["note"] in (onnx_out / "report.md").read_text()
+    assert json.loads((onnx_out / "detectors.json").read_text())["adaptive"]["note"] == adaptive["note"]
+    assert not any("attacks" in d for d in report["detectors"]["table"]["detectors"].values())
     no_attacks = mnist.reproduce_mnist(mnist.MnistSettings.quick_run(n_test=40, **small), out_dir=tmp_path / "onnx2",
                                        onnx=onnx_path, cache_dir=cache, progress=False, log=lambda m: None)
     assert no_attacks["attacks"]["paper"]["skipped"] and "--attacks-file" in no_attacks["attacks"]["paper"]["note"]
@@ -202,6 +209,37 @@ def test_report_has_the_real_detector_table(quick_run):
     assert (out / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / "detectors.md").is_file()
 
 
+def test_report_has_the_evasion_of_the_attacks_that_know_the_detector(quick_run):
+    """The default run attacks library-fusion and library-distance with the attacks that know them (the quick
+    budget here): their evasion rates per epsilon in report.json, detectors.json and report.md, the figure."""
+    out, _, r = quick_run
+    budget = r["settings"]["adaptive"]
+    assert budget["detectors"] == list(mnist.ADAPTIVE_DETECTORS) and budget["n"] == 12 and budget["steps"] == 10
+    table = r["detectors"]["table"]
+    assert table["adaptive"]["budget"] == budget
+    n = table["adaptive"]["n"]
+    assert 1 <= n <= budget["n"]
+    eps = [f"{e:g}" for e in r["attacks"]["standard"]["settings"]["epsilons"]]
+    for label, d in table["detectors"].items():
+        if label not in mnist.ADAPTIVE_DETECTORS:
+            assert "attacks" not in d
+            continue
+        assert d["attacks"]["white-box method"] == "score gradient"
+        assert list(d["attacks"]["by_epsilon"]) == eps
+        previous = 0.0
+        for e in eps:
+            entry = d["attacks"]["by_epsilon"][e]
+            assert entry["n"] == n
+            assert entry["strongest"] >= max(entry["non-adaptive"], entry["white-box"], entry["black-box"] or 0.0)
+            assert entry["strongest"] >= previous  # the strongest attacker keeps what it found at smaller eps
+            assert 0.0 <= entry["strongest"] <= 1.0
+            previous = entry["strongest"]
+    md = (out / "report.md").read_text()
+    assert table["adaptive"]["evasion_markdown"] in md and "](evasion.png)" in md and "| library-fusion |" in md
+    assert json.loads((out / "detectors.json").read_text())["adaptive"]["n"] == n
+    assert (out / "evasion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def _run_cli(args, capsys):
     code = main(["reproduce", "mnist", *args])
     return code, capsys.readouterr().err
@@ -239,6 +277,39 @@ def test_attacks_file_of_other_data_is_refused(quick_run, tmp_path, capsys):
     code, err = _run_cli(["--quick", "--seed", "3", "--attacks-file", str(out / "attacks.safetensors"),
                           "--cache-dir", str(cache), "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and re.search(r"does not attack this run's test images.*seed 0.*seed 3", err)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--no-adaptive", "--adaptive-n", "4"], "--adaptive-n size the attacks that know the detector, which --no-adaptive"),
+    (["--no-adaptive", "--adaptive-detectors", "msp"], "--adaptive-detectors size the attacks"),
+    (["--onnx", "m.onnx", "--adaptive-detectors", "msp"], "an --onnx model gives none"),
+    (["--adaptive-detectors", "nope"], "--adaptive-detectors ['nope'] are not among the detectors of this run"),
+    (["--adaptive-steps", "0"], "--adaptive-n, --adaptive-steps and --adaptive-restarts must be >= 1"),
+])
+def test_bad_adaptive_options_fail_at_once(tmp_path, capsys, args, message):
+    code, err = _run_cli([*args, "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and message in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_adaptive_options_make_the_budget():
+    parser = argparse.ArgumentParser()
+    mnist.add_arguments(parser)
+
+    def budget(*args):
+        return mnist._settings_from_args(parser.parse_args(list(args))).adaptive
+
+    assert budget() == mnist.AdaptiveBudget(detectors=mnist.ADAPTIVE_DETECTORS)
+    assert mnist.MnistSettings().adaptive == budget()  # the Python default is the command's
+    assert budget("--quick") == mnist.AdaptiveBudget.quick(detectors=mnist.ADAPTIVE_DETECTORS)
+    assert mnist.MnistSettings.quick_run().adaptive == budget("--quick")
+    assert budget("--no-adaptive") is None
+    given = budget("--adaptive-detectors", "msp", "--adaptive-n", "4", "--adaptive-steps", "2", "--adaptive-lambdas",
+                   "0", "1", "--adaptive-kappas", "0", "5", "--black-box-queries", "5", "--adaptive-restarts", "2")
+    assert given == mnist.AdaptiveBudget(n=4, steps=2, restarts=2, lambdas=(0.0, 1.0), queries=5, detectors=("msp",),
+                                         kappas=(0.0, 5.0))
+    with pytest.raises(mnist.ExperimentError, match="steps must be an integer >= 1"):
+        mnist.MnistSettings(adaptive=mnist.AdaptiveBudget(steps=0))
 
 
 def test_onnx_and_weights_exclude_each_other(tmp_path, capsys):

@@ -114,7 +114,8 @@ from .threat_models import (
     add_budget_arguments,
     budget_from_args,
     check_budget_detectors,
-    evasion_section,
+    comparison_evasion_markdown,
+    sizing_options_given,
 )
 
 __all__ = [
@@ -790,12 +791,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                       "`detectors.json`, `detectors.md`, `roc.png`"
                       + (", `evasion.png`" if det["table"].get("files", {}).get("evasion_png") else "") + ").", "",
                       det["table"]["table_markdown"], ""]
-            adaptive = det["table"].get("adaptive")
-            if adaptive is not None and "evasion_markdown" in adaptive:
-                figure = "evasion.png" if det["table"].get("files", {}).get("evasion_png") else None
-                lines += [evasion_section(adaptive, det["table"]["settings"]["fpr"], figure=figure), ""]
-            elif adaptive is not None:
-                lines += [adaptive["note"], ""]
+            evasion = comparison_evasion_markdown(det["table"])
+            if evasion is not None:
+                lines += [evasion, ""]
         else:
             lines += [det["note"], ""]
     mem = report["memory"]
@@ -898,19 +896,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                            "and report their evasion rates (default: none)")
 
 
-#: The options of :func:`~libnet_plugin.experiments.threat_models.add_budget_arguments` that only size the
-#: attacks of ``--adaptive-detectors``: ``{option: (attribute, value when not given)}``.
-_BUDGET_OPTIONS: dict[str, tuple[str, Any]] = {
-    "--adaptive-n": ("adaptive_n", None), "--adaptive-steps": ("adaptive_steps", None),
-    "--adaptive-restarts": ("adaptive_restarts", 1), "--adaptive-lambdas": ("adaptive_lambdas", None),
-    "--adaptive-kappas": ("adaptive_kappas", [0.0]), "--black-box-queries": ("black_box_queries", None),
-}
-
-
 def _adaptive_budget(args: argparse.Namespace) -> AdaptiveBudget | None:
     """The budget of ``--adaptive-detectors`` and the options that size it (checked); ``None`` without it."""
     if not args.adaptive_detectors:
-        given = [opt for opt, (attr, unset) in _BUDGET_OPTIONS.items() if getattr(args, attr) != unset]
+        given = sizing_options_given(args)
         if given:
             raise ExperimentError(f"{', '.join(given)} only size the attacks of --adaptive-detectors, which is not "
                                   "given; add --adaptive-detectors LABEL ... (labels of the detector table)")

@@ -17,7 +17,11 @@ What a run does, in order (each stage timed, with tqdm bars on the long ones):
 5. Attacks under both protocols of docs/method.md section 9 (advertorch's ``LinfPGDAttack`` through the
    compatibility module, cross-checked against the project's torch PGD), and CPL AUROC per threshold
    set and epsilon (Fig. 5B) under each.
-6. ``report.json``, ``report.md``, the figures and ``attacks.safetensors`` in ``--out``; the report is
+6. Every registered detector compared on the standard-protocol attacks, and the detectors of
+   ``--adaptive-detectors`` (default :data:`ADAPTIVE_DETECTORS`: the recommended ``library-fusion`` and
+   ``library-distance``) attacked by attackers who know them (docs/method.md section 15; ``--no-adaptive``
+   skips them): their evasion rates and ``evasion.png``.
+7. ``report.json``, ``report.md``, the figures and ``attacks.safetensors`` in ``--out``; the report is
    written last and atomically.
 
 The paper's settings are data in this module (:data:`LAYERS`, :data:`SWEEP`, :data:`CPL_SETS`,
@@ -47,7 +51,7 @@ import hashlib
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +60,7 @@ import torch
 from torch import Tensor
 
 from ..errors import LibnetError, SaveFormatError
-from ..plugins import make_probe
+from ..plugins import make_probe, registered_detectors
 from ..serialization import load_checked, save_atomic
 from . import plots
 from .comparison import detector_comparison
@@ -104,6 +108,14 @@ from .sweep import (
     theta_grid,
     theta_key,
 )
+from .threat_models import (
+    AdaptiveBudget,
+    add_budget_arguments,
+    budget_from_args,
+    check_budget_detectors,
+    comparison_evasion_markdown,
+    sizing_options_given,
+)
 
 __all__ = [
     "LAYERS",
@@ -114,6 +126,7 @@ __all__ = [
     "SEED_LIBRARY_SIZES",
     "PAPER_EPSILONS",
     "STANDARD_EPSILONS",
+    "ADAPTIVE_DETECTORS",
     "MnistSettings",
     "cached_or_trained_mnist_net",
     "PreparedRun",
@@ -147,6 +160,9 @@ SEED_N_TRAIN = 60000
 #: Epsilon grids: normalised units for the paper's protocol, pixel units for the standard one.
 PAPER_EPSILONS: tuple[float, ...] = tuple(round(0.1 * i, 6) for i in range(1, 11))
 STANDARD_EPSILONS: tuple[float, ...] = (0.1, 0.2, 0.3)
+#: The detectors a run attacks with attacks that know them, by default: the recommended detector and the
+#: library distance, whose AUROC on attacks that ignore it is the highest of the comparison.
+ADAPTIVE_DETECTORS: tuple[str, ...] = ("library-fusion", "library-distance")
 #: The CPL histogram (Fig. 5A) shows threshold set S1 at these epsilons.
 HISTOGRAM_EPSILONS: dict[str, float] = {"paper": 0.5, "standard": 0.3}
 CLASS_NAMES = [str(d) for d in range(10)]
@@ -181,6 +197,11 @@ class MnistSettings:
         quick: a reduced run (for tests).
         adversarial_eps / adversarial_steps: ``adversarial_eps > 0`` trains the net adversarially (L-inf
             radius in pixel units, attack steps; see :func:`~libnet_plugin.experiments.models.train_mnist_net`).
+        adaptive: the sizes of the attacks that know the detector, run in the detector comparison on the
+            standard protocol's correctly classified images against the detectors it names (labels of the
+            comparison; default :data:`ADAPTIVE_DETECTORS`, 48 images, 100 steps; the quick run's budget is
+            :meth:`AdaptiveBudget.quick <libnet_plugin.experiments.threat_models.AdaptiveBudget.quick>`);
+            ``None``: none. Skipped with a note when the model is an ONNX file (no gradients).
     """
 
     seed: int = 0
@@ -203,6 +224,7 @@ class MnistSettings:
     quick: bool = False
     adversarial_eps: float = 0.0
     adversarial_steps: int = 1
+    adaptive: AdaptiveBudget | None = field(default_factory=lambda: AdaptiveBudget(detectors=ADAPTIVE_DETECTORS))
 
     @classmethod
     def default_run(cls, seed: int = 0, **overrides: Any) -> MnistSettings:
@@ -217,7 +239,7 @@ class MnistSettings:
                     cpl_sets={k: dict(CPL_SETS[k]) for k in ("S1", "S2", "S3")},
                     paper=ProtocolSettings("paper", [0.3, 1.0], 32, nb_iter=10),
                     standard=ProtocolSettings("standard", [0.1, 0.3], 48, nb_iter=10),
-                    n_exemplar_queries=3)
+                    n_exemplar_queries=3, adaptive=AdaptiveBudget.quick(detectors=ADAPTIVE_DETECTORS))
         base.update(overrides)
         return cls(seed=seed, **base)
 
@@ -241,6 +263,13 @@ class MnistSettings:
         for name, thr in self.cpl_sets.items():
             if sorted(thr) != sorted(LAYERS):
                 raise ExperimentError(f"CPL set {name!r} must give one threshold for each of {LAYERS}, got {thr}")
+        if self.adaptive is not None:
+            if not isinstance(self.adaptive, AdaptiveBudget):
+                raise ExperimentError(f"adaptive must be an AdaptiveBudget or None, got {type(self.adaptive).__name__}")
+            try:
+                self.adaptive.validate()
+            except ValueError as exc:
+                raise ExperimentError(f"adaptive (--adaptive-*): {exc}") from None
 
     def fitted_thresholds(self) -> dict[str, list[float]]:
         """The sweep plus every threshold used by a CPL set, the confusion index or the exemplars."""
@@ -260,6 +289,7 @@ class MnistSettings:
         d["paper"] = self.paper.describe()
         d["standard"] = self.standard.describe()
         d["layers"] = list(LAYERS)
+        d["adaptive"] = None if self.adaptive is None else self.adaptive.describe()
         d["training"] = {"optimizer": "adam", "lr": 1e-3, "batch_size": 64, "epochs": self.epochs, "seed": self.seed}
         if self.adversarial_eps > 0:
             d["training"]["adversarial"] = {"eps": self.adversarial_eps, "steps": self.adversarial_steps,
@@ -412,7 +442,10 @@ def _detector_section(run: PreparedRun, sweep: LibrarySweep, net: MnistNet | Non
     The library network is the sweep's at the first CPL set; the detectors are scored on the successful
     standard-protocol attacks and, as out-of-domain inputs, on scikit-learn's 8x8 digits upscaled to 28x28.
     Its ``detectors.json``, ``detectors.md`` and ``roc.png`` are written into the run's folder. Without
-    standard-protocol attacks (an ONNX run without ``--attacks-file``) it returns a note instead.
+    standard-protocol attacks (an ONNX run without ``--attacks-file``) it returns a note instead. With
+    ``settings.adaptive`` the detectors it names are also attacked by attackers who know them
+    (``detector_comparison``'s ``adaptive``; ``evasion.png`` too); an ONNX model, which gives no gradients,
+    gets a note in ``table["adaptive"]`` instead.
     """
     from .data import load_digits_upscaled
 
@@ -421,10 +454,16 @@ def _detector_section(run: PreparedRun, sweep: LibrarySweep, net: MnistNet | Non
     first = next(iter(settings.cpl_sets))
     model = net if net is not None else opt["onnx"]
     library_net = sweep.to_network(model, settings.cpl_sets[first], top_k=settings.top_k, device=opt["device"])
-    return detector_comparison(library_net, (x_tr, y_tr), (x_te, y_te), attacks["sets"], space=run.model_space,
-                               mean=MNIST_MEAN, std=MNIST_STD, protocol="standard",
-                               ood_sets={"sklearn digits 8x8 upscaled": load_digits_upscaled()}, out_dir=run.out,
-                               batch_size=settings.batch_size, log=opt["log"])
+    adaptive = settings.adaptive if net is not None else None
+    res = detector_comparison(library_net, (x_tr, y_tr), (x_te, y_te), attacks["sets"], space=run.model_space,
+                              mean=MNIST_MEAN, std=MNIST_STD, protocol="standard",
+                              ood_sets={"sklearn digits 8x8 upscaled": load_digits_upscaled()}, out_dir=run.out,
+                              batch_size=settings.batch_size, log=opt["log"], adaptive=adaptive)
+    if settings.adaptive is not None and net is None and res.get("available"):
+        res["table"]["adaptive"] = {"budget": settings.adaptive.describe(), "n": 0,
+                                    "note": "No attack that knows the detector: they follow the torch net's gradients, "
+                                            "and an ONNX model gives none (run without --onnx for them)"}
+    return res
 
 
 @dataclass
@@ -474,6 +513,7 @@ def prepare_mnist(settings: MnistSettings | None = None, *, out_dir: str | os.Pa
         SaveFormatError: an unreadable weights or attacks file.
     """
     settings = settings or MnistSettings.default_run()
+    check_budget_detectors(settings.adaptive, list(registered_detectors(None)))  # before any long work
     log = log or (lambda m: print(f"{_PROG}: {m}", file=sys.stderr, flush=True))
     timer = StageTimer(log)
     out = check_run_folder(out_dir)  # the run is staged beside it and swapped in when complete
@@ -917,10 +957,17 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         add(f"Every detector of `libnet evaluate-detectors`, calibrated on the second half of the clean test images "
             f"and scored on the first half and the successful {det['protocol']}-protocol attacks on it, and on the "
             f"out-of-domain sets (cells: AUROC / TPR at the calibrated threshold; files `detectors.json`, "
-            f"`detectors.md`, `roc.png`).\n")
+            f"`detectors.md`, `roc.png`"
+            + (", `evasion.png`" if det["table"].get("files", {}).get("evasion_png") else "") + ").\n")
         add(det["table"]["table_markdown"] + "\n")
         if "roc_png" in det["table"].get("files", {}):
             add("![ROC curves of the detectors](roc.png)\n")
+        evasion = comparison_evasion_markdown(det["table"])
+        if evasion is not None:
+            add("These AUROCs are those of attacks that do not know the detector. An attacker who knows it and "
+                "optimises against it is measured by the evasion rate (docs/method.md section 15 of the "
+                "project):\n")
+            add(evasion + "\n")
     else:
         add(f"{det['note']}.\n")
 
@@ -974,6 +1021,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bars (default: only on a terminal)")
+    a = parser.add_argument_group(
+        "attacks that know the detector",
+        "white-box adaptive PGD and a score-only search against the detectors of --adaptive-detectors, on "
+        "correctly classified standard-protocol images, in pixel space (on by default; a few minutes)")
+    a.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True,
+                   help="run them (default); --no-adaptive skips them")
+    add_budget_arguments(a, detectors_help="attack these detectors (labels of the detector table; default: "
+                                           + " ".join(ADAPTIVE_DETECTORS) + ")")
 
 
 def _settings_from_args(args: argparse.Namespace) -> MnistSettings:
@@ -985,7 +1040,26 @@ def _settings_from_args(args: argparse.Namespace) -> MnistSettings:
     elif args.data_dir is not None and not args.quick:
         overrides["n_train"] = None
     make = MnistSettings.quick_run if args.quick else MnistSettings.default_run
-    return make(seed=args.seed, **overrides)
+    return make(seed=args.seed, adaptive=_adaptive_budget(args), **overrides)
+
+
+def _adaptive_budget(args: argparse.Namespace) -> AdaptiveBudget | None:
+    """The budget of the attacks that know the detector (``--adaptive-*``, checked); ``None`` with
+    ``--no-adaptive``."""
+    explicit = sizing_options_given(args) + (["--adaptive-detectors"] if args.adaptive_detectors else [])
+    if not args.adaptive:
+        if explicit:
+            raise ExperimentError(f"{', '.join(explicit)} size the attacks that know the detector, which "
+                                  "--no-adaptive skips; drop one or the other")
+        return None
+    if args.onnx is not None and explicit:
+        raise ExperimentError(f"{', '.join(explicit)}: the attacks that know the detector follow the torch net's "
+                              "gradients, and an --onnx model gives none; drop --onnx or those options")
+    budget = budget_from_args(args, quick=bool(args.quick), seed=0)
+    if budget.detectors is None:
+        budget = replace(budget, detectors=ADAPTIVE_DETECTORS)
+    check_budget_detectors(budget, list(registered_detectors(None)))
+    return budget
 
 
 def _summary(report: Mapping[str, Any], out: str) -> str:

@@ -21,8 +21,10 @@ normalised inputs) ``ThreatModels.to_model`` maps them there before every call o
 :mod:`~libnet_plugin.experiments.adaptive`).
 
 The command-line options that size these attacks (``--adaptive-*``, ``--black-box-queries``) are
-defined and checked here, once, for ``libnet evaluate-detectors`` and ``libnet reproduce cifar10``
-(:func:`add_budget_arguments`, :func:`budget_from_args`, :func:`check_budget_detectors`).
+defined and checked here, once, for ``libnet evaluate-detectors``, ``libnet reproduce mnist`` and ``libnet
+reproduce cifar10`` (:func:`add_budget_arguments`, :func:`budget_from_args`, :func:`check_budget_detectors`,
+:func:`sizing_options_given`), and :func:`comparison_evasion_markdown` renders a detector comparison's
+evasion section for the reproductions' reports.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ from .adaptive import AttackOutcome, FeatureMatching, adaptive_pgd, best_of, eva
 from .report import ExperimentError
 
 __all__ = ["AdaptiveBudget", "ThreatModels", "evasion_table", "epsilon_label", "evasion_section", "add_budget_arguments",
-           "budget_from_args", "check_budget_detectors", "DEFAULT_LAMBDAS", "QUICK_LAMBDAS", "TRADE_OFF_FPRS"]
+           "budget_from_args", "check_budget_detectors", "sizing_options_given", "comparison_evasion_markdown",
+           "BUDGET_SIZE_OPTIONS", "DEFAULT_LAMBDAS", "QUICK_LAMBDAS", "TRADE_OFF_FPRS"]
 
 #: FPRs at which the strongest attacker's evasion is also reported (the trade-off curve).
 TRADE_OFF_FPRS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3)
@@ -69,6 +72,16 @@ class AdaptiveBudget:
     seed: int = 0
     detectors: tuple[str, ...] | None = None  # None: every detector of the run
     kappas: tuple[float, ...] = (0.0,)  # margins the classifier term pushes past the boundary; one attack each
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> AdaptiveBudget:
+        """The budget of ``--quick`` runs: 12 images, 10 steps, 50 queries, :data:`QUICK_LAMBDAS`.
+
+        Example:
+            >>> AdaptiveBudget.quick(detectors=("msp",)).describe()["steps"]
+            10
+        """
+        return cls(**{"n": 12, "steps": 10, "queries": 50, "lambdas": QUICK_LAMBDAS, **overrides})
 
     def validate(self) -> AdaptiveBudget:
         """Return ``self``; raise ``ValueError`` naming the first field out of range.
@@ -221,7 +234,7 @@ def evasion_section(adaptive: Mapping[str, Any], fpr: float, *, heading: str = "
 
 
 # --------------------------------------------------------------------------------------------------
-# Command-line options (shared by `libnet evaluate-detectors` and `libnet reproduce cifar10`)
+# Command-line options (shared by `libnet evaluate-detectors`, `libnet reproduce mnist` and `reproduce cifar10`)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -246,6 +259,35 @@ def add_budget_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGro
                         help="queries of the score-only search, at the largest epsilon (default 500)")
 
 
+#: The options of :func:`add_budget_arguments` that only size the attacks (not ``--adaptive-detectors``):
+#: ``{option: (attribute of the parsed arguments, its value when the option is not given)}``.
+BUDGET_SIZE_OPTIONS: dict[str, tuple[str, Any]] = {
+    "--adaptive-n": ("adaptive_n", None), "--adaptive-steps": ("adaptive_steps", None),
+    "--adaptive-restarts": ("adaptive_restarts", 1), "--adaptive-lambdas": ("adaptive_lambdas", None),
+    "--adaptive-kappas": ("adaptive_kappas", [0.0]), "--black-box-queries": ("black_box_queries", None),
+}
+
+
+def sizing_options_given(args: argparse.Namespace) -> list[str]:
+    """The options of :data:`BUDGET_SIZE_OPTIONS` given on the command line (for a command that refuses
+    them when no attack that knows the detector will run)."""
+    return [opt for opt, (attr, unset) in BUDGET_SIZE_OPTIONS.items() if getattr(args, attr) != unset]
+
+
+def comparison_evasion_markdown(table: Mapping[str, Any]) -> str | None:
+    """The evasion section of a detector comparison's table (what
+    :func:`~libnet_plugin.experiments.comparison.detector_comparison` returns under ``"table"``) for a
+    reproduction's report: the table, the budget and ``evasion.png`` when drawn; the note when no image
+    could be attacked; ``None`` when the comparison ran no attack that knows the detector."""
+    adaptive = table.get("adaptive")
+    if adaptive is None:
+        return None
+    if "evasion_markdown" not in adaptive:
+        return str(adaptive["note"])
+    figure = "evasion.png" if table.get("files", {}).get("evasion_png") else None
+    return evasion_section(adaptive, table["settings"]["fpr"], figure=figure)
+
+
 def budget_from_args(args: argparse.Namespace, *, quick: bool, seed: int) -> AdaptiveBudget:
     """The :class:`AdaptiveBudget` of the options of :func:`add_budget_arguments`, checked.
 
@@ -256,11 +298,12 @@ def budget_from_args(args: argparse.Namespace, *, quick: bool, seed: int) -> Ada
     Raises:
         ExperimentError: a value out of range; the message names the option(s) and the values.
     """
-    n = args.adaptive_n if args.adaptive_n is not None else (12 if quick else 48)
-    steps = args.adaptive_steps if args.adaptive_steps is not None else (10 if quick else 100)
-    queries = args.black_box_queries if args.black_box_queries is not None else (50 if quick else 500)
+    base = AdaptiveBudget.quick() if quick else AdaptiveBudget()
+    n = args.adaptive_n if args.adaptive_n is not None else base.n
+    steps = args.adaptive_steps if args.adaptive_steps is not None else base.steps
+    queries = args.black_box_queries if args.black_box_queries is not None else base.queries
     given = args.adaptive_lambdas
-    lambdas = tuple(float(v) for v in given) if given is not None else (QUICK_LAMBDAS if quick else DEFAULT_LAMBDAS)
+    lambdas = tuple(float(v) for v in given) if given is not None else base.lambdas
     only = tuple(args.adaptive_detectors) if args.adaptive_detectors else None
     if n < 1 or steps < 1 or args.adaptive_restarts < 1 or queries < 0:
         raise ExperimentError(f"--adaptive-n, --adaptive-steps and --adaptive-restarts must be >= 1 and "
