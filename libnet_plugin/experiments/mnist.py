@@ -965,8 +965,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         evasion = comparison_evasion_markdown(det["table"])
         if evasion is not None:
             add("These AUROCs are those of attacks that do not know the detector. An attacker who knows it and "
-                "optimises against it is measured by the evasion rate (docs/method.md section 15 of the "
-                "project):\n")
+                "optimises against it is measured by the evasion rate (section 15 of the project's "
+                "docs/method.md):\n")
             add(evasion + "\n")
     else:
         add(f"{det['note']}.\n")
