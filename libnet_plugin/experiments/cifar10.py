@@ -114,6 +114,7 @@ from .threat_models import (
     add_budget_arguments,
     budget_from_args,
     check_budget_detectors,
+    check_budget_setting,
     comparison_evasion_markdown,
     sizing_options_given,
 )
@@ -292,12 +293,7 @@ class Cifar10Settings:
                     raise ExperimentError(f"CPL set {name!r}: theta {theta} of layer {layer!r} is not one of its "
                                           f"levels {sorted(levels)}")
         if self.adaptive is not None:
-            if not isinstance(self.adaptive, AdaptiveBudget):
-                raise ExperimentError(f"adaptive must be an AdaptiveBudget or None, got {type(self.adaptive).__name__}")
-            try:
-                self.adaptive.validate()
-            except ValueError as exc:
-                raise ExperimentError(f"adaptive (--adaptive-*): {exc}") from None
+            check_budget_setting(self.adaptive)
             if not self.detectors or "standard" not in self.protocols:
                 raise ExperimentError("adaptive (--adaptive-detectors) attacks the detectors of the detector "
                                       "comparison on the standard protocol's images: it needs detectors=True (no "

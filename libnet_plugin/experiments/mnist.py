@@ -113,6 +113,7 @@ from .threat_models import (
     add_budget_arguments,
     budget_from_args,
     check_budget_detectors,
+    check_budget_setting,
     comparison_evasion_markdown,
     sizing_options_given,
 )
@@ -263,13 +264,7 @@ class MnistSettings:
         for name, thr in self.cpl_sets.items():
             if sorted(thr) != sorted(LAYERS):
                 raise ExperimentError(f"CPL set {name!r} must give one threshold for each of {LAYERS}, got {thr}")
-        if self.adaptive is not None:
-            if not isinstance(self.adaptive, AdaptiveBudget):
-                raise ExperimentError(f"adaptive must be an AdaptiveBudget or None, got {type(self.adaptive).__name__}")
-            try:
-                self.adaptive.validate()
-            except ValueError as exc:
-                raise ExperimentError(f"adaptive (--adaptive-*): {exc}") from None
+        check_budget_setting(self.adaptive)
 
     def fitted_thresholds(self) -> dict[str, list[float]]:
         """The sweep plus every threshold used by a CPL set, the confusion index or the exemplars."""

@@ -41,7 +41,7 @@ from .adaptive import AttackOutcome, FeatureMatching, adaptive_pgd, best_of, eva
 from .report import ExperimentError
 
 __all__ = ["AdaptiveBudget", "ThreatModels", "evasion_table", "epsilon_label", "evasion_section", "add_budget_arguments",
-           "budget_from_args", "check_budget_detectors", "sizing_options_given", "comparison_evasion_markdown",
+           "budget_from_args", "check_budget_detectors", "check_budget_setting", "sizing_options_given", "comparison_evasion_markdown",
            "BUDGET_SIZE_OPTIONS", "DEFAULT_LAMBDAS", "QUICK_LAMBDAS", "TRADE_OFF_FPRS"]
 
 #: FPRs at which the strongest attacker's evasion is also reported (the trade-off curve).
@@ -315,6 +315,20 @@ def budget_from_args(args: argparse.Namespace, *, quick: bool, seed: int) -> Ada
         raise ExperimentError(f"--adaptive-kappas must be finite numbers >= 0, got {list(kappas)}")
     return AdaptiveBudget(n=n, steps=steps, restarts=args.adaptive_restarts, lambdas=lambdas, queries=queries,
                           seed=seed, detectors=only, kappas=kappas)
+
+
+def check_budget_setting(adaptive: Any) -> None:
+    """An experiment's ``adaptive`` setting, checked: ``None`` or a valid :class:`AdaptiveBudget`, else
+    :class:`~libnet_plugin.experiments.report.ExperimentError` (the message names the ``--adaptive-*``
+    options)."""
+    if adaptive is None:
+        return
+    if not isinstance(adaptive, AdaptiveBudget):
+        raise ExperimentError(f"adaptive must be an AdaptiveBudget or None, got {type(adaptive).__name__}")
+    try:
+        adaptive.validate()
+    except ValueError as exc:
+        raise ExperimentError(f"adaptive (--adaptive-*): {exc}") from None
 
 
 def check_budget_detectors(budget: AdaptiveBudget | None, labels: Sequence[str]) -> None:
