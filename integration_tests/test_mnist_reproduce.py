@@ -238,6 +238,11 @@ def test_report_has_the_evasion_of_the_attacks_that_know_the_detector(quick_run)
     assert table["adaptive"]["evasion_markdown"] in md and "](evasion.png)" in md and "| library-fusion |" in md
     assert json.loads((out / "detectors.json").read_text())["adaptive"]["n"] == n
     assert (out / "evasion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = mnist._summary(r, str(out))
+    for label in mnist.ADAPTIVE_DETECTORS:
+        by_eps = table["detectors"][label]["attacks"]["by_epsilon"]
+        line, = [x for x in summary.splitlines() if x.startswith(f"evasion of {label} by an attacker who knows it")]
+        assert line.endswith("(FPR 0.05): " + ", ".join(f"ε={e} {by_eps[e]['strongest']:.2f}" for e in eps))
 
 
 def _run_cli(args, capsys):

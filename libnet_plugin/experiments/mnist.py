@@ -1070,6 +1070,11 @@ def _summary(report: Mapping[str, Any], out: str) -> str:
         best = max(((n, x) for n, rows in sec["results"].items() for x in rows),
                    key=lambda p: -1 if p[1]["auroc"] is None else p[1]["auroc"])
         lines.append(f"CPL AUROC, {name} protocol: best {best[1]['auroc']:.3f} ({best[0]}, ε={best[1]['epsilon']:g})")
+    table = report["detectors"].get("table") or {}
+    for label, d in table.get("detectors", {}).items():
+        if d.get("attacks"):
+            cells = ", ".join(f"ε={e} {v['strongest']:.2f}" for e, v in d["attacks"]["by_epsilon"].items())
+            lines.append(f"evasion of {label} by an attacker who knows it (FPR {table['settings']['fpr']:g}): {cells}")
     lines.append(f"wall time: {report['timings']['total']:.0f} s")
     return "\n".join(lines)
 
