@@ -23,7 +23,7 @@ normalised inputs) ``ThreatModels.to_model`` maps them there before every call o
 The command-line options that size these attacks (``--adaptive-*``, ``--black-box-queries``) are
 defined and checked here, once, for ``libnet evaluate-detectors``, ``libnet reproduce mnist`` and ``libnet
 reproduce cifar10`` (:func:`add_budget_arguments`, :func:`budget_from_args`, :func:`check_budget_detectors`,
-:func:`sizing_options_given`), and :func:`comparison_evasion_markdown` renders a detector comparison's
+:func:`check_budget_setting`, :func:`sizing_options_given`), and :func:`comparison_evasion_markdown` renders a detector comparison's
 evasion section for the reproductions' reports.
 """
 
@@ -40,9 +40,10 @@ from torch import Tensor
 from .adaptive import AttackOutcome, FeatureMatching, adaptive_pgd, best_of, evasion_at_fprs, judge, score_search
 from .report import ExperimentError
 
-__all__ = ["AdaptiveBudget", "ThreatModels", "evasion_table", "epsilon_label", "evasion_section", "add_budget_arguments",
-           "budget_from_args", "check_budget_detectors", "check_budget_setting", "sizing_options_given", "comparison_evasion_markdown",
-           "BUDGET_SIZE_OPTIONS", "DEFAULT_LAMBDAS", "QUICK_LAMBDAS", "TRADE_OFF_FPRS"]
+__all__ = ["AdaptiveBudget", "ThreatModels", "evasion_table", "epsilon_label", "evasion_section",
+           "comparison_evasion_markdown", "add_budget_arguments", "budget_from_args", "check_budget_detectors",
+           "check_budget_setting", "sizing_options_given", "BUDGET_SIZE_OPTIONS", "DEFAULT_LAMBDAS", "QUICK_LAMBDAS",
+           "TRADE_OFF_FPRS"]
 
 #: FPRs at which the strongest attacker's evasion is also reported (the trade-off curve).
 TRADE_OFF_FPRS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3)
