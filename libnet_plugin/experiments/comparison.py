@@ -32,7 +32,7 @@ from ..errors import ShapeMismatchError
 from ..network import LibraryNetwork
 from ..plugins import registered_detectors
 from ..serialization import atomic_write_bytes
-from .protocols import PROTOCOLS, AttackSet, aupr, auroc, fpr_at_tpr, to_model_space, tpr_at_fpr
+from .protocols import PROTOCOLS, AttackSet, aupr, auroc, auroc_bootstrap, fpr_at_tpr, to_model_space, tpr_at_fpr
 from .report import (
     ensure_writable_dir,
     markdown_table,
@@ -354,7 +354,7 @@ def evaluate_detectors(net_or_model: Any, train: Any, clean_test: Any, attacked_
                        batch_size: int = 256, fpr_splits: int = 50, plugin_manager: Any = None,
                        log: Callable[[str], None] | None = None,
                        attack_detector: Callable[[ConsistencyDetector, str], dict[str, Any] | None] | None = None,
-                       ) -> dict[str, Any]:
+                       n_boot: int = 1000) -> dict[str, Any]:
     """Calibrate every detector on the same clean data and score it on the same attacked / OOD sets.
 
     Args:
@@ -377,6 +377,9 @@ def evaluate_detectors(net_or_model: Any, train: Any, clean_test: Any, attacked_
             false-positive rate of the calibration is measured (:func:`calibration_check`).
         plugin_manager: where detectors are looked up (default: the network's).
         log: a function receiving progress lines (default: silent).
+        n_boot: bootstrap resamples of the clean and attacked / OOD inputs behind the AUROC intervals
+            (:func:`~libnet_plugin.experiments.protocols.auroc_bootstrap`; the same resamples for every
+            detector, so the intervals of AUROC differences are paired).
         attack_detector: called as ``attack_detector(det, label)`` with each calibrated detector; what it
             returns (JSON-able, e.g. the evasion rates of attacks that know the detector) is kept in the
             detector's ``"attacks"`` entry (``None``: not attacked, no entry). When it is a
@@ -396,6 +399,9 @@ def evaluate_detectors(net_or_model: Any, train: Any, clean_test: Any, attacked_
               "detectors": {label: {
                   "method": str, "settings": dict, "library_based": bool,
                   "auroc": {set: float}, "tpr_at_fpr": {set: float},   # TPR at fpr of the clean eval set
+                  "auroc_ci95": {set: [low, high]},  # 95% percentile bootstrap interval (n_boot resamples)
+                  "auroc_vs_best_baseline": {set: {"baseline", "difference", "ci95"}},  # library-based ones,
+                                                   # when the run has a baseline (not library-based)
                   "fpr_at_95tpr": {set: float}, "aupr": {set: float},  # attacked / OOD inputs positive
                   "tpr_calibrated": {set: float},  # flagged at the calibrated threshold
                   "heldout_fpr": float,            # clean evaluation inputs flagged (n = settings.n_clean)
@@ -407,7 +413,8 @@ def evaluate_detectors(net_or_model: Any, train: Any, clean_test: Any, attacked_
               "rows": [ {"detector": label, "<set>": "AUROC / TPR", ..., "held-out FPR", "ms / 1000",
                          "x forward", "memory MB"} ],   # one flat row per detector, for rendering
               "table_markdown": str,              # AUROC / TPR per set, FPR check, time, memory
-              "metric_tables": {metric: str},     # one markdown table per metric, detectors x sets
+              "metric_tables": {metric: str},     # one markdown table per metric, detectors x sets, and
+                                                  # "auroc_vs_best_baseline": difference [95% interval]
               "best_library_based": label or None,  # highest mean AUROC over the attack sets
               "files": {"json", "markdown", "roc_png"} (paths, when out_dir is given),
             }
@@ -466,6 +473,7 @@ def evaluate_detectors(net_or_model: Any, train: Any, clean_test: Any, attacked_
         forward_ms, _ = _time_scores(forward, x_clean, batch_size)
 
     results: dict[str, dict[str, Any]] = {}
+    boots: dict[str, dict[str, np.ndarray]] = {}
     curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {name: {} for name in sets}
     for label, (method, settings) in specs.items():
         say(f"detector {label!r} ({method})")
@@ -483,7 +491,7 @@ def evaluate_detectors(net_or_model: Any, train: Any, clean_test: Any, attacked_
         entry: dict[str, Any] = {
             "method": method, "settings": settings,
             "library_based": det.scorer.uses_library,
-            "auroc": {}, "tpr_at_fpr": {}, "tpr_calibrated": {}, "fpr_at_95tpr": {}, "aupr": {},
+            "auroc": {}, "auroc_ci95": {}, "tpr_at_fpr": {}, "tpr_calibrated": {}, "fpr_at_95tpr": {}, "aupr": {},
             "heldout_fpr": float((clean_scores > det.threshold_).float().mean()),
             "threshold": det.threshold_, "fit_s": fit_s, "ms_per_1000": ms,
             "time_ratio": ms / forward_ms if forward_ms and math.isfinite(forward_ms) else float("nan"),
@@ -493,9 +501,13 @@ def evaluate_detectors(net_or_model: Any, train: Any, clean_test: Any, attacked_
         mem = det.memory_bytes()
         mem["kept"] = mem["detector"] + (mem["library"] if entry["library_based"] else 0)
         entry["memory_bytes"] = mem
-        for name, x in sets.items():
+        boots[label] = {}
+        for k, (name, x) in enumerate(sets.items()):
             s = det.score(x).cpu()
             entry["auroc"][name] = auroc(clean_scores, s)
+            # the same resamples for every detector (seed k): paired intervals of AUROC differences below
+            boots[label][name] = auroc_bootstrap(clean_scores, s, n_boot=n_boot, seed=k)
+            entry["auroc_ci95"][name] = _interval(boots[label][name])
             entry["tpr_at_fpr"][name] = tpr_at_fpr(clean_scores, s, fpr)
             entry["tpr_calibrated"][name] = float((s > det.threshold_).float().mean())
             entry["fpr_at_95tpr"][name] = fpr_at_tpr(clean_scores, s, 0.95)
@@ -507,6 +519,7 @@ def evaluate_detectors(net_or_model: Any, train: Any, clean_test: Any, attacked_
                 entry["attacks"] = attacks
         results[label] = entry
 
+    _margins_to_baselines(results, boots, list(sets))
     attack_names = [n for n in sets if kinds[n] == "attack"]
     lib = [l for l, e in results.items() if e["library_based"]]
     best = (max(lib, key=lambda l: float(np.mean([results[l]["auroc"][n] for n in attack_names])))
@@ -528,6 +541,10 @@ def evaluate_detectors(net_or_model: Any, train: Any, clean_test: Any, attacked_
         metric: markdown_table(["detector", *sets], [[label, *(f"{e[metric][n]:.3f}" for n in sets)]
                                                      for label, e in results.items()])
         for metric in ("auroc", "tpr_at_fpr", "fpr_at_95tpr", "aupr")}
+    margins = {label: e["auroc_vs_best_baseline"] for label, e in results.items() if "auroc_vs_best_baseline" in e}
+    if margins:
+        metric_tables["auroc_vs_best_baseline"] = markdown_table(
+            ["detector", *sets], [[label, *(_margin_cell(m[n]) for n in sets)] for label, m in margins.items()])
     out: dict[str, Any] = {
         "settings": {"fpr": fpr, "n_train": net.n_train_, "n_calibration": int(x_cal.shape[0]),
                      "n_clean": int(x_clean.shape[0]), "layers": list(net.layers), "thresholds": net.thresholds_,
@@ -552,6 +569,38 @@ def evaluate_detectors(net_or_model: Any, train: Any, clean_test: Any, attacked_
         write_text_atomic(d / "detectors.md", markdown + "\n")
         write_json_atomic(d / "detectors.json", out)
     return out
+
+def _interval(boot: np.ndarray) -> list[float]:
+    """The 95% percentile interval of bootstrap values (``[nan, nan]`` when they are not finite)."""
+    if not np.isfinite(boot).all():
+        return [float("nan"), float("nan")]
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return [float(lo), float(hi)]
+
+
+def _margins_to_baselines(results: dict[str, dict[str, Any]], boots: Mapping[str, Mapping[str, np.ndarray]],
+                          sets: Sequence[str]) -> None:
+    """Give every library-based detector ``"auroc_vs_best_baseline"``: per set, the baseline (a detector that is
+    not library-based) with the highest AUROC, the difference of the AUROCs and its paired 95% bootstrap
+    interval (both bootstrapped on the same resamples). Nothing when the run has no baseline."""
+    baselines = [l for l, e in results.items() if not e["library_based"]]
+    if not baselines:
+        return
+    for label, e in results.items():
+        if not e["library_based"]:
+            continue
+        e["auroc_vs_best_baseline"] = {}
+        for name in sets:
+            best = max(baselines, key=lambda b: results[b]["auroc"][name])
+            e["auroc_vs_best_baseline"][name] = {
+                "baseline": best, "difference": e["auroc"][name] - results[best]["auroc"][name],
+                "ci95": _interval(boots[label][name] - boots[best][name])}
+
+
+def _margin_cell(m: Mapping[str, Any]) -> str:
+    lo, hi = m["ci95"]
+    return f"{m['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+
 
 def _roc(clean: Tensor, attacked: Tensor) -> tuple[np.ndarray, np.ndarray]:
     from sklearn.metrics import roc_curve

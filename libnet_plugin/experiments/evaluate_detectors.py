@@ -419,7 +419,9 @@ def _write_report(args: argparse.Namespace, res: dict[str, Any], stage: Path, ou
             + ", ".join(f"{k} {v['successful']}/{v['attacked']}" for k, v in attack_info.items()) + ".")
     res.update(relocate(to_jsonable(res), stage, out_dir))  # paths name the folder the run is swapped into
     titles = {"auroc": "AUROC", "tpr_at_fpr": f"TPR at {s['fpr']:g} FPR", "fpr_at_95tpr": "FPR at 95% TPR (lower is "
-              "better)", "aupr": "AUPR (attacked / out-of-domain inputs positive)"}
+              "better)", "aupr": "AUPR (attacked / out-of-domain inputs positive)",
+              "auroc_vs_best_baseline": "AUROC minus the best baseline's (msp, Mahalanobis, k-NN: the best on "
+              "each set), with its paired 95% bootstrap interval, for the library-based detectors"}
     parts = [res["table_markdown"], note]
     parts += [f"### {titles[m]}\n\n{t}" for m, t in res["metric_tables"].items()]
     if "adaptive" in res:

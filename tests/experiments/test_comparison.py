@@ -39,6 +39,56 @@ def test_evaluate_detectors_format_and_files(tmp_path, fitted, mlp_data):
     assert list(labelled["detectors"]) == ["paper"] and labelled["settings"]["n_clean"] == 200
 
 
+def test_auroc_bootstrap_is_sklearn_on_each_resample_and_pairs_detectors():
+    import numpy as np
+
+    from libnet_plugin.experiments.protocols import auroc, auroc_bootstrap
+
+    rng = np.random.default_rng(3)
+    clean, attacked = rng.normal(size=80).round(1), (rng.normal(size=50) + 1).round(1)  # rounded: ties
+    boot = auroc_bootstrap(clean, attacked, n_boot=400, seed=5)
+    # each value is scikit-learn's AUROC of one resample: here, the resample with the same draws
+    draws = np.random.default_rng(5)
+    ic, ia = draws.integers(0, 80, (400, 80)), draws.integers(0, 50, (400, 50))
+    assert boot[:3] == pytest.approx([auroc(clean[ic[b]], attacked[ia[b]]) for b in range(3)])
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    assert lo < auroc(clean, attacked) < hi and hi - lo > 0.05
+    # the same resamples for the same seed and sizes: a detector compared with itself differs by exactly 0,
+    # and one that adds a constant to every score (the same ranks) too
+    again = auroc_bootstrap(clean + 7.0, attacked + 7.0, n_boot=400, seed=5)
+    assert np.array_equal(boot, again)
+    assert not np.array_equal(boot, auroc_bootstrap(clean, attacked, n_boot=400, seed=6))
+    assert np.isnan(auroc_bootstrap(clean[:0], attacked, n_boot=4)).all()
+
+
+def test_evaluate_detectors_gives_auroc_intervals_and_margins_to_the_best_baseline(fitted, mlp_data):
+    from libnet_plugin.experiments.comparison import evaluate_detectors
+
+    x, y = mlp_data
+    g = torch.Generator().manual_seed(8)
+    clean = torch.randn(200, 10, generator=g)
+    sets = {"shifted": clean[:60] + 1.0, "far": clean[60:120] + 4.0}
+    res = evaluate_detectors(fitted, (x, y), clean, sets, detectors=["cpl", "library-distance", "msp", "knn"],
+                             n_boot=300)
+    for label, d in res["detectors"].items():
+        for name in sets:
+            lo, hi = d["auroc_ci95"][name]
+            assert lo <= d["auroc"][name] <= hi, (label, name)
+        assert ("auroc_vs_best_baseline" in d) == d["library_based"]
+    for label in ("cpl", "library-distance"):
+        for name, m in res["detectors"][label]["auroc_vs_best_baseline"].items():
+            best = max(("msp", "knn"), key=lambda b: res["detectors"][b]["auroc"][name])
+            assert m["baseline"] == best
+            assert m["difference"] == pytest.approx(res["detectors"][label]["auroc"][name]
+                                                    - res["detectors"][best]["auroc"][name])
+            assert m["ci95"][0] <= m["ci95"][1]
+    table = res["metric_tables"]["auroc_vs_best_baseline"]
+    assert table.splitlines()[0] == "| detector | shifted | far |" and "| cpl |" in table and "| msp |" not in table
+    only_library = evaluate_detectors(fitted, (x, y), clean, sets, detectors=["cpl"], n_boot=50)
+    assert "auroc_vs_best_baseline" not in only_library["detectors"]["cpl"]
+    assert "auroc_vs_best_baseline" not in only_library["metric_tables"]
+
+
 def test_evaluate_detectors_bad_input(mlp, fitted, mlp_data):
     from libnet_plugin.experiments.comparison import evaluate_detectors
 
