@@ -40,7 +40,7 @@ from torch import Tensor
 from .adaptive import AttackOutcome, FeatureMatching, adaptive_pgd, best_of, evasion_at_fprs, judge, score_search
 from .report import ExperimentError
 
-__all__ = ["AdaptiveBudget", "ThreatModels", "evasion_table", "epsilon_label", "evasion_section",
+__all__ = ["AdaptiveBudget", "ThreatModels", "clopper_pearson", "evasion_table", "epsilon_label", "evasion_section",
            "comparison_evasion_markdown", "add_budget_arguments", "budget_from_args", "check_budget_detectors",
            "check_budget_setting", "sizing_options_given", "BUDGET_SIZE_OPTIONS", "DEFAULT_LAMBDAS", "QUICK_LAMBDAS",
            "TRADE_OFF_FPRS"]
@@ -184,6 +184,7 @@ class ThreatModels:
             strongest = best_of(outcomes if inner is None else [*outcomes, inner])
             inner = strongest
             entry["strongest"] = strongest.summary()["evasion"]
+            entry["strongest_ci95"] = clopper_pearson(int(strongest.evaded.sum()), int(strongest.evaded.numel()))
             entry["strongest_at_fpr"] = {f"{f:g}": v for f, v in evasion_at_fprs(det, strongest, TRADE_OFF_FPRS).items()}
             out["by_epsilon"][f"{eps:g}"] = entry
             self.log(f"  {label} eps={eps:g}: evasion non-adaptive {entry['non-adaptive']:.2f}, white-box "
@@ -192,15 +193,37 @@ class ThreatModels:
         return out
 
 
+def clopper_pearson(k: int, n: int, level: float = 0.95) -> list[float]:
+    """The exact (Clopper-Pearson) ``level`` interval ``[low, high]`` of a rate of ``k`` in ``n``.
+
+    Example:
+        >>> [round(v, 4) for v in clopper_pearson(1, 48)]   # one image of 48 evades
+        [0.0005, 0.1107]
+        >>> clopper_pearson(0, 48)[0], clopper_pearson(48, 48)[1]
+        (0.0, 1.0)
+    """
+    from scipy.stats import beta
+
+    if n < 1 or not 0 <= k <= n:
+        raise ValueError(f"need 0 <= k <= n and n >= 1, got k={k}, n={n}")
+    tail = (1.0 - level) / 2
+    low = 0.0 if k == 0 else float(beta.ppf(tail, k, n - k + 1))
+    high = 1.0 if k == n else float(beta.ppf(1 - tail, k + 1, n - k))
+    return [low, high]
+
+
 def evasion_table(detectors: Mapping[str, Mapping[str, Any]], epsilons: Sequence[str]) -> str:
-    """Markdown: per detector and epsilon, evasion ``non-adaptive / white-box / black-box / strongest``."""
+    """Markdown: per detector and epsilon, evasion ``non-adaptive / white-box / black-box / strongest``, the
+    strongest followed by its 95% Clopper-Pearson interval when the entry has one (``strongest_ci95``)."""
     from .report import markdown_table
 
     def cell(e: Mapping[str, Any] | None) -> str:
         if e is None:
             return "-"
         bb = "-" if e.get("black-box") is None else f"{e['black-box']:.2f}"
-        return f"{e['non-adaptive']:.2f} / {e['white-box']:.2f} / {bb} / **{e['strongest']:.2f}**"
+        ci = e.get("strongest_ci95")
+        interval = "" if ci is None else f" [{ci[0]:.2f}, {ci[1]:.2f}]"
+        return f"{e['non-adaptive']:.2f} / {e['white-box']:.2f} / {bb} / **{e['strongest']:.2f}**{interval}"
 
     rows = [[label, d["attacks"]["white-box method"], *(cell(d["attacks"]["by_epsilon"].get(eps)) for eps in epsilons)]
             for label, d in detectors.items() if d.get("attacks")]
@@ -227,7 +250,8 @@ def evasion_section(adaptive: Mapping[str, Any], fpr: float, *, heading: str = "
     "evasion_markdown"}``) under a heading, with what the cells are, the budget and the figure's link."""
     b = adaptive["budget"]
     text = (f"{heading} Evasion: misclassified and not flagged at the calibrated threshold (FPR {fpr:g})\n\n"
-            f"Cells: non-adaptive PGD / white-box adaptive / black-box score-only / strongest per input, on "
+            f"Cells: non-adaptive PGD / white-box adaptive / black-box score-only / strongest per input "
+            f"[its 95% Clopper-Pearson interval], on "
             f"{adaptive['n']} correctly classified images; white-box PGD {b['steps']} steps, "
             f"{b['restarts']} restart(s), lambdas {b['lambdas']}; black-box {b['queries']} queries.\n\n"
             + adaptive["evasion_markdown"])

@@ -413,6 +413,24 @@ def test_strongest_attacker_keeps_what_it_found_at_smaller_epsilons(setup, monke
     assert out["0.1"]["strongest"] == 1.0
     assert out["0.3"]["strongest"] == 1.0  # kept from eps 0.1
     assert out["0.3"]["strongest_at_fpr"]["0.05"] == 1.0
+    n = xa.shape[0]
+    assert out["0.3"]["strongest_ci95"] == threat_models.clopper_pearson(n, n)
+    assert out["0.3"]["strongest_ci95"][1] == 1.0 and out["0.3"]["strongest_ci95"][0] < 1.0
+
+
+def test_clopper_pearson_covers_the_rate_and_narrows_with_n():
+    from scipy.stats import binom
+
+    from libnet_plugin.experiments.threat_models import clopper_pearson
+
+    low, high = clopper_pearson(4, 192)
+    assert low < 4 / 192 < high
+    # the exact interval: at its ends the one-sided tail probabilities are 2.5%
+    assert binom.sf(3, 192, low) == pytest.approx(0.025, abs=1e-6)
+    assert binom.cdf(4, 192, high) == pytest.approx(0.025, abs=1e-6)
+    assert high - low < clopper_pearson(1, 48)[1] - clopper_pearson(1, 48)[0]
+    with pytest.raises(ValueError, match="0 <= k <= n"):
+        clopper_pearson(5, 4)
 
 
 def test_evasion_table_writes_cifar_epsilons_as_fractions_of_255():
@@ -422,5 +440,8 @@ def test_evasion_table_writes_cifar_epsilons_as_fractions_of_255():
     dets = {"msp": {"attacks": {"white-box method": "score gradient", "by_epsilon": {f"{8 / 255:g}": entry}}}}
     table = evasion_table(dets, [f"{8 / 255:g}"])
     assert "| eps=8/255 |" in table and "0.00 / 0.50 / - / **0.50**" in table
+    with_ci = {"msp": {"attacks": {"white-box method": "score gradient",
+                                   "by_epsilon": {"0.2": {**entry, "strongest_ci95": [0.25, 0.75]}}}}}
+    assert "0.00 / 0.50 / - / **0.50** [0.25, 0.75]" in evasion_table(with_ci, ["0.2"])
     mnist = {"msp": {"attacks": {"white-box method": "score gradient", "by_epsilon": {"0.2": entry}}}}
     assert "| eps=0.2 |" in evasion_table(mnist, ["0.2"])
