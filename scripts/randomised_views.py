@@ -124,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     # clean separation first: AUROC of each detector against the lambda-0 attack (PGD on the margin alone)
     results: dict[str, Any] = {"seed": args.seed, "views": k, "dim": args.dim, "n": int(x.shape[0]), "steps": steps,
                                "lambdas": list(lambdas), "fpr": args.fpr, "epsilons": {}}
-    clean_scores = {"pooled": pooled.score(x_eval[half // 2:]).detach(),
-                    **{f"view {i}": v.score(x_eval[half // 2:]).detach() for i, v in enumerate(views)}}
+    named = {"pooled": pooled, **{f"view {i}": v for i, v in enumerate(views)}}
+    clean_scores = {name: det.score(x_eval[half // 2:]).detach() for name, det in named.items()}
     mean_view = MeanOfViews(views)
     for eps in args.epsilons:
         t0 = time.perf_counter()
@@ -135,10 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         row["fooled (margin only)"] = float(fooled.float().mean())
         if bool(fooled.any()):
             xa = plain.x_adv[fooled]
-            row["auroc vs margin-only PGD"] = {
-                name: auroc(clean.double(), (pooled if name == "pooled" else views[int(name.split()[1])])
-                            .score(xa).detach().double())
-                for name, clean in clean_scores.items()}
+            row["auroc vs margin-only PGD"] = {name: auroc(clean_scores[name], det.score(xa).detach())
+                                               for name, det in named.items()}
         ref = adaptive_pgd(pooled, x, y, eps=eps, steps=steps, restarts=1, lambdas=lambdas, seed=args.seed)
         row["pooled default, attacked directly"] = ref.summary()["evasion"]
         one = adaptive_pgd(views[0], x, y, eps=eps, steps=steps, restarts=1, lambdas=lambdas, seed=args.seed)

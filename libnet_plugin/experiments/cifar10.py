@@ -113,7 +113,6 @@ from .threat_models import (
     AdaptiveBudget,
     add_budget_arguments,
     budget_from_args,
-    check_budget_detectors,
     check_budget_setting,
     comparison_evasion_markdown,
     sizing_options_given,
@@ -293,7 +292,7 @@ class Cifar10Settings:
                     raise ExperimentError(f"CPL set {name!r}: theta {theta} of layer {layer!r} is not one of its "
                                           f"levels {sorted(levels)}")
         if self.adaptive is not None:
-            check_budget_setting(self.adaptive)
+            check_budget_setting(self.adaptive, list(registered_detectors(None)))
             if not self.detectors or "standard" not in self.protocols:
                 raise ExperimentError("adaptive (--adaptive-detectors) attacks the detectors of the detector "
                                       "comparison on the standard protocol's images: it needs detectors=True (no "
@@ -481,8 +480,7 @@ def reproduce_cifar10(
             them), or ``out_dir`` holds files that are not an earlier run's (or holds the current folder); all
             before any work.
     """
-    settings.validate()
-    check_budget_detectors(settings.adaptive, list(registered_detectors(None)))  # before any long work
+    settings.validate()  # the adaptive budget's detectors too: before any long work
     created = _missing_folders(Path(out_dir).expanduser().absolute().parent)
     final = check_run_folder(out_dir)
     partial = partial_report_path(final)
@@ -900,8 +898,7 @@ def _adaptive_budget(args: argparse.Namespace) -> AdaptiveBudget | None:
             raise ExperimentError(f"{', '.join(given)} only size the attacks of --adaptive-detectors, which is not "
                                   "given; add --adaptive-detectors LABEL ... (labels of the detector table)")
         return None
-    budget = budget_from_args(args, quick=bool(args.quick), seed=args.seed)
-    check_budget_detectors(budget, list(registered_detectors(None)))
+    budget = budget_from_args(args, quick=bool(args.quick), seed=args.seed)  # its detectors: by validate
     if args.no_detectors:
         raise ExperimentError("--adaptive-detectors attacks detectors of the detector comparison, which "
                               "--no-detectors skips")

@@ -39,7 +39,7 @@ from .report import (
     write_json_atomic,
     write_text_atomic,
 )
-from .threat_models import AdaptiveBudget, ThreatModels, evasion_section
+from .threat_models import AdaptiveBudget, ThreatModels, check_budget_setting, comparison_evasion_markdown
 
 __all__ = ['detector_comparison', 'MNIST_CONV_VARIANT', 'MNIST_DISTANCE_VARIANT', 'MNIST_FUSION_VARIANT', 'MNIST_VARIANTS', 'calibration_check', 'evaluate_detectors', 'plot_roc_curves']
 
@@ -164,26 +164,28 @@ def detector_comparison(net: Any, train: tuple[Tensor, Tensor | None], clean_tes
     x_train, y_train = train
     x_train_m = to_model_space(x_train, "pixels", space, mean, std)
     ood = {name: to_model_space(x, "pixels", space, mean, std) for name, x in (ood_sets or {}).items()}
-    threats = None
-    if adaptive is not None:
+    threats, no_attack = None, None
+    if adaptive is not None and not isinstance(net.model, torch.nn.Module):
+        no_attack = ("No attack that knows the detector: they follow the torch model's gradients, and an ONNX "
+                     "model gives none (only a torch model is attacked this way)")
+    elif adaptive is not None:
         threats = _threat_models(adaptive, sets, (x_test, y_test), x_train[:n_reference], clean_answers,
                                  space=space, mean=mean, std=std, log=say, limit=half)
+        if threats is None:
+            no_attack = "No attacked test image is classified correctly by the model, so no attack that knows the detector"
     table = evaluate_detectors(net, x_train_m if y_train is None else (x_train_m, y_train), x_test_m[:half], attacked,
                                ood, calibration=x_test_m[half:], detectors=detectors, out_dir=out_dir, fpr=fpr,
                                fpr_splits=fpr_splits,
                                batch_size=batch_size, log=log, attack_detector=threats)
-    if adaptive is not None and threats is None:
-        table["adaptive"] = {"budget": adaptive.describe(), "n": 0,
-                             "note": "No attacked test image is classified correctly by the model, so no attack "
-                                     "that knows the detector"}
+    if adaptive is not None and no_attack is not None:
+        say(f"adaptive attacks: {no_attack}")
+        table["adaptive"] = {"budget": adaptive.describe(), "n": 0, "note": no_attack}
     return {"available": True, "protocol": protocol, "attacks": info, "table": table}
 
 
 def _check_adaptive(adaptive: AdaptiveBudget, protocol: str, detectors: Any, net: Any, n_reference: int) -> None:
     """The ``adaptive=`` argument of :func:`detector_comparison`, checked before any work (``ValueError``)."""
-    if not isinstance(adaptive, AdaptiveBudget):
-        raise ValueError(f"adaptive must be an AdaptiveBudget or None, got {type(adaptive).__name__}")
-    adaptive.validate()
+    check_budget_setting(adaptive)
     if protocol != "standard":
         raise ValueError(f"adaptive attacks run on the standard protocol's pixel-space PGD sets; got protocol "
                          f"{protocol!r}")
@@ -214,7 +216,6 @@ def _threat_models(budget: AdaptiveBudget, sets: Sequence[AttackSet], clean_test
     answers = clean_answers[tuple(first.tolist())]
     ok = [p for p in common if int(first[p]) < limit and int(answers[p]) == int(y_test[first[p]])][:budget.n]
     if not ok:
-        log("adaptive attacks: no attacked test image is classified correctly, so no attack that knows the detector")
         return None
     idx = first[ok]
     non_adaptive = {}
@@ -565,7 +566,7 @@ def evaluate_detectors(net_or_model: Any, train: Any, clean_test: Any, attacked_
             from .plots import plot_evasion
 
             out["files"]["evasion_png"] = str(plot_evasion(results, d / "evasion.png", fpr=fpr))
-            markdown += "\n\n" + evasion_section(out["adaptive"], fpr)
+            markdown += "\n\n" + str(comparison_evasion_markdown(out))
         write_text_atomic(d / "detectors.md", markdown + "\n")
         write_json_atomic(d / "detectors.json", out)
     return out

@@ -62,7 +62,7 @@ from .threat_models import (
     add_budget_arguments,
     budget_from_args,
     check_budget_detectors,
-    evasion_section,
+    comparison_evasion_markdown,
 )
 
 __all__ = ['DEFAULT_THRESHOLDS', 'add_arguments', 'run']
@@ -424,8 +424,9 @@ def _write_report(args: argparse.Namespace, res: dict[str, Any], stage: Path, ou
               "each set), with its paired 95% bootstrap interval, for the library-based detectors"}
     parts = [res["table_markdown"], note]
     parts += [f"### {titles[m]}\n\n{t}" for m, t in res["metric_tables"].items()]
-    if "adaptive" in res:
-        parts.append(evasion_section(res["adaptive"], s["fpr"]))
+    evasion = comparison_evasion_markdown(res)
+    if evasion is not None:
+        parts.append(evasion)
     write_text_atomic(stage / "detectors.md", "\n\n".join(parts) + "\n")
     write_json_atomic(stage / "detectors.json", res)
     return note

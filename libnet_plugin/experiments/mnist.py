@@ -112,7 +112,6 @@ from .threat_models import (
     AdaptiveBudget,
     add_budget_arguments,
     budget_from_args,
-    check_budget_detectors,
     check_budget_setting,
     comparison_evasion_markdown,
     sizing_options_given,
@@ -264,7 +263,7 @@ class MnistSettings:
         for name, thr in self.cpl_sets.items():
             if sorted(thr) != sorted(LAYERS):
                 raise ExperimentError(f"CPL set {name!r} must give one threshold for each of {LAYERS}, got {thr}")
-        check_budget_setting(self.adaptive)
+        check_budget_setting(self.adaptive, list(registered_detectors(None)))
 
     def fitted_thresholds(self) -> dict[str, list[float]]:
         """The sweep plus every threshold used by a CPL set, the confusion index or the exemplars."""
@@ -439,8 +438,7 @@ def _detector_section(run: PreparedRun, sweep: LibrarySweep, net: MnistNet | Non
     Its ``detectors.json``, ``detectors.md`` and ``roc.png`` are written into the run's folder. Without
     standard-protocol attacks (an ONNX run without ``--attacks-file``) it returns a note instead. With
     ``settings.adaptive`` the detectors it names are also attacked by attackers who know them
-    (``detector_comparison``'s ``adaptive``; ``evasion.png`` too); an ONNX model, which gives no gradients,
-    gets a note in ``table["adaptive"]`` instead.
+    (``detector_comparison``'s ``adaptive``; ``evasion.png`` too; an ONNX model gets a note instead).
     """
     from .data import load_digits_upscaled
 
@@ -449,16 +447,10 @@ def _detector_section(run: PreparedRun, sweep: LibrarySweep, net: MnistNet | Non
     first = next(iter(settings.cpl_sets))
     model = net if net is not None else opt["onnx"]
     library_net = sweep.to_network(model, settings.cpl_sets[first], top_k=settings.top_k, device=opt["device"])
-    adaptive = settings.adaptive if net is not None else None
-    res = detector_comparison(library_net, (x_tr, y_tr), (x_te, y_te), attacks["sets"], space=run.model_space,
-                              mean=MNIST_MEAN, std=MNIST_STD, protocol="standard",
-                              ood_sets={"sklearn digits 8x8 upscaled": load_digits_upscaled()}, out_dir=run.out,
-                              batch_size=settings.batch_size, log=opt["log"], adaptive=adaptive)
-    if settings.adaptive is not None and net is None and res.get("available"):
-        res["table"]["adaptive"] = {"budget": settings.adaptive.describe(), "n": 0,
-                                    "note": "No attack that knows the detector: they follow the torch net's gradients, "
-                                            "and an ONNX model gives none (run without --onnx for them)"}
-    return res
+    return detector_comparison(library_net, (x_tr, y_tr), (x_te, y_te), attacks["sets"], space=run.model_space,
+                               mean=MNIST_MEAN, std=MNIST_STD, protocol="standard",
+                               ood_sets={"sklearn digits 8x8 upscaled": load_digits_upscaled()}, out_dir=run.out,
+                               batch_size=settings.batch_size, log=opt["log"], adaptive=settings.adaptive)
 
 
 @dataclass
@@ -508,7 +500,6 @@ def prepare_mnist(settings: MnistSettings | None = None, *, out_dir: str | os.Pa
         SaveFormatError: an unreadable weights or attacks file.
     """
     settings = settings or MnistSettings.default_run()
-    check_budget_detectors(settings.adaptive, list(registered_detectors(None)))  # before any long work
     log = log or (lambda m: print(f"{_PROG}: {m}", file=sys.stderr, flush=True))
     timer = StageTimer(log)
     out = check_run_folder(out_dir)  # the run is staged beside it and swapped in when complete
@@ -1039,8 +1030,8 @@ def _settings_from_args(args: argparse.Namespace) -> MnistSettings:
 
 
 def _adaptive_budget(args: argparse.Namespace) -> AdaptiveBudget | None:
-    """The budget of the attacks that know the detector (``--adaptive-*``, checked); ``None`` with
-    ``--no-adaptive``."""
+    """The budget of the attacks that know the detector (``--adaptive-*``, checked; :class:`MnistSettings`
+    checks its detectors); ``None`` with ``--no-adaptive``."""
     explicit = sizing_options_given(args) + (["--adaptive-detectors"] if args.adaptive_detectors else [])
     if not args.adaptive:
         if explicit:
@@ -1051,10 +1042,7 @@ def _adaptive_budget(args: argparse.Namespace) -> AdaptiveBudget | None:
         raise ExperimentError(f"{', '.join(explicit)}: the attacks that know the detector follow the torch net's "
                               "gradients, and an --onnx model gives none; drop --onnx or those options")
     budget = budget_from_args(args, quick=bool(args.quick), seed=0)
-    if budget.detectors is None:
-        budget = replace(budget, detectors=ADAPTIVE_DETECTORS)
-    check_budget_detectors(budget, list(registered_detectors(None)))
-    return budget
+    return budget if budget.detectors is not None else replace(budget, detectors=ADAPTIVE_DETECTORS)
 
 
 def _summary(report: Mapping[str, Any], out: str) -> str:

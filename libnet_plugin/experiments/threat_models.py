@@ -300,9 +300,10 @@ def sizing_options_given(args: argparse.Namespace) -> list[str]:
 
 
 def comparison_evasion_markdown(table: Mapping[str, Any]) -> str | None:
-    """The evasion section of a detector comparison's table (what
-    :func:`~libnet_plugin.experiments.comparison.detector_comparison` returns under ``"table"``) for a
-    reproduction's report: the table, the budget and ``evasion.png`` when drawn; the note when no image
+    """The evasion section of a detector comparison (what
+    :func:`~libnet_plugin.experiments.comparison.evaluate_detectors` returns, the ``"table"`` of
+    :func:`~libnet_plugin.experiments.comparison.detector_comparison`) for ``detectors.md`` and the
+    reproductions' reports: the table, the budget and ``evasion.png`` when drawn; the note when no image
     could be attacked; ``None`` when the comparison ran no attack that knows the detector."""
     adaptive = table.get("adaptive")
     if adaptive is None:
@@ -342,8 +343,9 @@ def budget_from_args(args: argparse.Namespace, *, quick: bool, seed: int) -> Ada
                           seed=seed, detectors=only, kappas=kappas)
 
 
-def check_budget_setting(adaptive: Any) -> None:
-    """An experiment's ``adaptive`` setting, checked: ``None`` or a valid :class:`AdaptiveBudget`, else
+def check_budget_setting(adaptive: Any, labels: Sequence[str] | None = None) -> None:
+    """An experiment's ``adaptive`` setting, checked: ``None`` or a valid :class:`AdaptiveBudget` whose
+    ``detectors`` are among ``labels`` (when given; :func:`check_budget_detectors`), else
     :class:`~libnet_plugin.experiments.report.ExperimentError` (the message names the ``--adaptive-*``
     options)."""
     if adaptive is None:
@@ -354,6 +356,8 @@ def check_budget_setting(adaptive: Any) -> None:
         adaptive.validate()
     except ValueError as exc:
         raise ExperimentError(f"adaptive (--adaptive-*): {exc}") from None
+    if labels is not None:
+        check_budget_detectors(adaptive, labels)
 
 
 def check_budget_detectors(budget: AdaptiveBudget | None, labels: Sequence[str]) -> None:
