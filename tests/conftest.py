@@ -54,6 +54,23 @@ def mlp_data() -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
+#: The suite's one rule for floats (see the test guide in docs/design.md): two float32 results of the same
+#: computation along different code paths (batch sizes, shard sizes, thread counts, CPU kernels, math libraries)
+#: agree within ``F32_ULPS`` units of float32 rounding relative to the largest magnitude compared; only results
+#: exact by construction (copies, integer indices under a stated tie rule) are compared with ``torch.equal``.
+F32_ULPS = 64
+F32_RTOL = F32_ULPS * torch.finfo(torch.float32).eps  # 7.6e-6
+
+
+def assert_close_f32(actual: torch.Tensor, expected: torch.Tensor, msg: object = None) -> None:
+    """Assert ``actual`` equals ``expected`` to float32 rounding (the rule above), scaled by ``expected``'s magnitude."""
+    expected = torch.as_tensor(expected, dtype=actual.dtype)
+    finite = expected[torch.isfinite(expected)]
+    scale = float(finite.abs().max()) if finite.numel() else 1.0
+    torch.testing.assert_close(actual, expected, rtol=F32_RTOL, atol=F32_RTOL * max(scale, 1.0),
+                               msg=None if msg is None else lambda m: f"{msg}: {m}")
+
+
 def forward_hook_count(model: nn.Module) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 

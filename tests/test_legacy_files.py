@@ -1,7 +1,9 @@
-"""Files saved before the package layout moved still load and give the same numbers, bit for bit.
+"""Files saved before the package layout moved still load and give the same numbers, to float32 rounding.
 
 tests/data/legacy/ was written by tests/data/make_legacy_files.py with the code of main before the move
-(a network and one detector per served method, with the scores they gave on fixed inputs).
+(a network and one detector per served method, with the scores they gave on fixed inputs). The model's own
+float32 forward pass rounds differently on other CPUs and math libraries, so the scores are compared with the
+suite's float32 rule (conftest.assert_close_f32), the flags exactly.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_close_f32
 from safetensors.torch import load_file
 
 import libnet_plugin as lnp
@@ -39,8 +42,8 @@ def test_old_network_file_loads_with_identical_scores(saved):
     scores = net.predict_scores(probe)
     assert sorted(scores) == sorted(expected["network"])
     for layer, values in expected["network"].items():
-        assert torch.equal(scores[layer], torch.tensor(values, dtype=scores[layer].dtype)), layer
-    assert torch.equal(net.consistency(probe), torch.tensor(expected["consistency"]))
+        assert_close_f32(scores[layer], torch.tensor(values), layer)
+    assert_close_f32(net.consistency(probe), torch.tensor(expected["consistency"]))
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -50,4 +53,6 @@ def test_old_detector_file_loads_with_identical_scores(saved, method):
     want = expected["detectors"][method]
     assert det.method == method
     assert det.threshold_ == want["threshold"]
-    assert torch.equal(det.score(probe), torch.tensor(want["score"], dtype=torch.float32))
+    score = det.score(probe)
+    assert_close_f32(score, torch.tensor(want["score"]))
+    assert torch.equal(score > det.threshold_, torch.tensor(want["score"]) > want["threshold"])

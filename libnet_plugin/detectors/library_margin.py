@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .._validate import check_int
 from ..errors import ShapeMismatchError
-from ..library import NodeLibrary
+from ..library import ExactLibrary, NodeLibrary, normalize_rows
 from ..probe import ProbeResult
 from ._features import (
     check_pool,
@@ -140,7 +140,8 @@ class LibraryMarginScore(FusedLayerScore):
                                 f"library of layer {l!r} is a {type(lib).__name__}; use features=('margin',)")
             self._classes[l] = node_classes(net, l)
             if "residual" in self.features_ and lib.size <= self.max_gram_nodes:
-                self._grams[l] = lib.nodes @ lib.nodes.T
+                nodes = lib.nodes.to(torch.float64)  # float64: see _residual
+                self._grams[l] = nodes @ nodes.T
             else:
                 self._grams[l] = None
             if any(f in self.features_ for f in self.GAUSSIAN_FEATURES):
@@ -192,27 +193,39 @@ class LibraryMarginScore(FusedLayerScore):
         self.check_is_fitted()
         return [f"{l}/{f}" for l in self.fitted_layers() for f in self.features_]
 
-    def _residual(self, lib: Any, gram: Tensor | None, h: Tensor) -> Tensor:
+    def _residual(self, lib: Any, gram: Tensor | None, h: Tensor, hap: Tensor) -> Tensor:
+        """``residual`` ``[B]`` (float64) from the cosines ``h`` and the raw activations ``hap``.
+
+        The ``span`` nodes are chosen on ``h``; the normalised activation, the cosines to those nodes, their
+        Gram matrix and the solve are then computed in float64 from the float32 nodes and activation. The
+        residual of an input that its nearest nodes span is of the order of ``ridge`` (1e-4), where float32
+        rounding (of the normalisation, about 1e-7 per unit, and of the solve, about ``cond * 6e-8`` with
+        ``cond`` up to ``span / ridge``) would decide it, and the conformal rank would turn that noise into
+        jumps between an input scored alone and in a batch. In float64 the residual follows the activation
+        smoothly: the float32 rounding of the model's own forward pass moves it by about 1e-9.
+        """
         n = min(self.span, h.shape[1])
-        v, idx = h.topk(n, dim=1)
-        eye = self.ridge * torch.eye(n, device=h.device, dtype=h.dtype)
-        if gram is not None:
-            g = gram[idx[:, :, None], idx[:, None, :]] + eye
-        else:
-            nodes = lib.nodes
-            g = torch.empty(h.shape[0], n, n, device=h.device, dtype=h.dtype)
-            step = max(1, 2**24 // max(1, n * nodes.shape[1]))
-            for i in range(0, h.shape[0], step):
-                a = nodes[idx[i:i + step]]
+        idx = h.topk(n, dim=1).indices
+        nodes = lib.nodes
+        # the library's own map into its space (exact for the exact and sparse libraries), normalised in float64
+        f = normalize_rows((lib.embed(hap) if isinstance(lib, ExactLibrary) else lib.transform(hap)).double())
+        v = torch.empty(h.shape[0], n, device=h.device, dtype=torch.float64)
+        g = gram[idx[:, :, None], idx[:, None, :]] if gram is not None else torch.empty(
+            h.shape[0], n, n, device=h.device, dtype=torch.float64)
+        step = max(1, 2**24 // max(1, n * nodes.shape[1]))
+        for i in range(0, h.shape[0], step):
+            a = nodes[idx[i:i + step]].to(torch.float64)
+            v[i:i + step] = (a @ f[i:i + step, :, None])[:, :, 0]
+            if gram is None:
                 g[i:i + step] = a @ a.transpose(1, 2)
-            g = g + eye
+        g = g + self.ridge * torch.eye(n, device=h.device, dtype=torch.float64)
         # Cholesky, not torch.linalg.solve: the batched LU solve of torch 2.13's CPU build fails (MKL SLASWP
         # error, then hangs) for some sizes, e.g. 150 x 150 with 8 or more matrices; batched Cholesky does not.
         chol, info = torch.linalg.cholesky_ex(g)
         bad = info != 0
         if bool(bad.any()):  # nearly collinear nodes with ridge 0: add a small jitter to those rows only
-            jitter = 1e-6 * g[bad].diagonal(dim1=1, dim2=2).mean(dim=1).clamp(min=1e-12)
-            identity = torch.eye(n, device=h.device, dtype=h.dtype)
+            jitter = 1e-12 * g[bad].diagonal(dim1=1, dim2=2).mean(dim=1).clamp(min=1e-300)
+            identity = torch.eye(n, device=h.device, dtype=torch.float64)
             chol[bad] = torch.linalg.cholesky(g[bad] + jitter[:, None, None] * identity)
         q = (v[:, None, :] @ torch.cholesky_solve(v[:, :, None], chol))[:, 0, 0]
         return (1.0 - q).clamp(min=0.0)
@@ -245,7 +258,7 @@ class LibraryMarginScore(FusedLayerScore):
                 elif f == "similarity":
                     cols.append((-s_same).double())
                 elif f == "residual":
-                    cols.append(self._residual(lib, self._grams[l], h).double())
+                    cols.append(self._residual(lib, self._grams[l], h, result.haps[l]))
                 elif f == "subspace":
                     cols.append(self._subspace_residual(lib, l, result.haps[l], stored))
                 elif f == "distance":

@@ -118,7 +118,12 @@ def test_detector_term_lowers_the_score_of_the_attacked_inputs(setup):
     assert evasion(aware) >= evasion(plain)
     # the fused score saturates far from the clean data; its surrogate (what the gradient follows) does not
     with torch.no_grad():
-        assert float(det.surrogate(aware.x_adv[both]).median()) < float(det.surrogate(plain.x_adv[both]).median())
+        sa, sp = det.surrogate(aware.x_adv[both]), det.surrogate(plain.x_adv[both])
+    # where the plain attack's point was also the aware attack's best (lambda 0), the two tie exactly; compare
+    # the inputs where they differ (a margin far above float32 rounding), not medians that such ties can equal
+    lower, higher = int((sa < sp - 1e-3).sum()), int((sa > sp + 1e-3).sum())
+    assert lower >= 3 and lower > higher, (lower, higher)
+    assert float(sa.mean()) < float(sp.mean())
 
 
 def test_non_differentiable_detector_needs_a_surrogate(setup):
