@@ -583,3 +583,20 @@ def test_an_out_with_foreign_files_or_holding_the_inputs_is_refused_before_work(
     rc, err = _run(["--data-dir", fake_data, "--train-epochs", "1", "--out", only_cache, *FAST], capsys)
     assert rc == 2 and "resnet44_e1_s0_abc.pt" in err and "move them into --cache-dir" in err
     assert _files(only_cache) == {"cache/resnet44_e1_s0_abc.pt": b"weights"}
+
+
+def test_bad_labels_in_the_batches_exit_2_before_any_work(weights, tmp_path, monkeypatch, capsys):
+    import pickle
+
+    import numpy as np
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the run started")
+
+    monkeypatch.setattr(cifar10, "reproduce_cifar10", no_work)
+    root = write_fake_cifar10(tmp_path / "data", n_train_per_batch=2, n_test=2)
+    with open(root / "data_batch_3", "wb") as fh:
+        pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"labels": [255, 1]}, fh, protocol=2)
+    rc, err = _run(["--data-dir", root, "--weights", weights, "--out", tmp_path / "out", *FAST], capsys)
+    assert rc == 2 and "label 255 at index 0 is outside 0..9" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
