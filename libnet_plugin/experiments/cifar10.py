@@ -850,7 +850,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--cache-dir", default=".cache", metavar="DIR",
                    help="where --train-epochs caches the trained weights (default: %(default)s in the current "
                         "folder, as for reproduce mnist); it must lie outside --out, which a run replaces as a "
-                        "whole. Weights an older version cached in OUT/cache are copied here first")
+                        "whole")
     g.add_argument("--device", default="auto",
                    help="auto (CUDA if available, else CPU with a warning), cpu, cuda or cuda:N (default auto)")
     r = parser.add_argument_group("run size")
@@ -874,7 +874,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o = parser.add_argument_group("output")
     o.add_argument("--out", default=os.path.join("runs", "cifar10"), metavar="DIR",
                    help="output folder for report.json, report.md, figures (default runs/cifar10): new, empty "
-                        "or an earlier run's, which is replaced only when the new run completes; a run that "
+                        "or an earlier run's holding only what that run wrote, which is replaced only when the "
+                        "new run completes; a run that "
                         "fails after the libraries leaves its partial report in OUT.partial-report.json")
     o.add_argument("--no-detectors", action="store_true", help="skip the detector comparison")
     o.add_argument("--no-plots", action="store_true", help="skip the figures")
