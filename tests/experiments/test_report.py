@@ -220,21 +220,22 @@ def test_removing_an_earlier_run_deletes_only_the_files_it_lists(tmp_path):
     assert _tree(old) == {"figs/late.txt": b"appeared after the check"}
 
 
-def test_reproduce_mnist_refuses_a_folder_with_a_foreign_file_before_any_work(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("command", [["reproduce", "mnist"], ["evaluate-detectors"]])
+def test_the_commands_refuse_a_folder_with_a_foreign_file_before_any_work(command, tmp_path, monkeypatch, capsys):
     from libnet_plugin.cli import main
-    from libnet_plugin.experiments import mnist
+    from libnet_plugin.experiments import data, mnist
 
     def no_work(*args, **kwargs):
         raise AssertionError("the run started")
 
     monkeypatch.setattr(mnist, "_load_data", no_work)
+    monkeypatch.setattr(data, "load_mnist_default", no_work)
     out = tmp_path / "P"
     out.mkdir()
     (out / "thesis.tex").write_text("do not delete")
     (out / "report.json").write_text("")
     before = _tree(out)
-    rc = main(["reproduce", "mnist", "--quick", "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
-               "--no-progress"])
+    rc = main([*command, "--quick", "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--no-progress"])
     err = capsys.readouterr().err
-    assert rc == 2 and "thesis.tex" in err and "Traceback" not in err
+    assert rc == 2 and "thesis.tex" in err and "no run manifest" in err and "Traceback" not in err
     assert _tree(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["P"]
