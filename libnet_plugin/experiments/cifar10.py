@@ -480,7 +480,7 @@ def reproduce_cifar10(
             before any work.
     """
     settings.validate()  # the adaptive budget's detectors too: before any long work
-    created = _missing_folders(Path(out_dir).expanduser().absolute().parent)
+    created = _missing_folders(_out_parent(out_dir))
     final = check_run_folder(out_dir)
     partial = partial_report_path(final)
     partial.unlink(missing_ok=True)  # a partial report always belongs to the latest run
@@ -513,6 +513,14 @@ def _record_failure(holder: dict[str, Any], exc: BaseException, partial: Path,
     if log:
         log(f"the run did not complete ({type(exc).__name__}); the output folder {str(holder['final'])!r} is as "
             f"it was before the run; the libraries' sizes and agreement are in {str(partial)!r}")
+
+
+def _out_parent(out_dir: str | os.PathLike) -> Path:
+    """The folder ``out_dir`` lies in, with ``..`` and links resolved as the run folder's checks resolve them."""
+    try:
+        return Path(out_dir).expanduser().resolve().parent
+    except (OSError, RuntimeError):  # a loop of links: the checks refuse it
+        return Path(out_dir).expanduser().absolute().parent
 
 
 def _missing_folders(path: Path) -> list[Path]:
@@ -964,7 +972,7 @@ def run(args: argparse.Namespace) -> int:
     an exception) leaves an earlier run in ``--out`` as it was and no empty folder (see the module docstring).
     """
     prog = "libnet reproduce cifar10"
-    created = _missing_folders(Path(args.out).expanduser().absolute().parent)
+    created = _missing_folders(_out_parent(args.out))
     try:
         settings = settings_from_args(args)
         device, warning = resolve_device(args.device)

@@ -149,8 +149,6 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
 STALE_STAGE_SECONDS = 6 * 3600
 #: the manifest every run writes into its folder: the name, size and SHA-256 of each file it wrote
 RUN_MANIFEST = ".libnet-run"
-#: kept for callers of earlier versions: the manifest's name (report files no longer mark a run folder)
-RUN_MARKERS = (RUN_MANIFEST,)
 _MANIFEST_FORMAT = "libnet-plugin run manifest"
 _MANIFEST_MAX_BYTES = 16 << 20
 _NAMED_AT_MOST = 10
