@@ -315,8 +315,8 @@ def check_run_folder(final: str | os.PathLike) -> Path:
     has_manifest, foreign = foreign_entries(final)
     if foreign:
         where = "" if str(final) == str(given) else f" (that is {str(final)!r})"
-        why = ("" if has_manifest else f"; it has no run manifest ({RUN_MANIFEST}) showing that a run wrote them "
-               "(so has a run folder that an older version made, before manifests: move or delete it yourself)")
+        why = ("" if has_manifest else f"; it has no run manifest ({RUN_MANIFEST}) to show that a run wrote them "
+               "(a run folder made by a version before manifests has none either: move or delete it yourself)")
         raise ExperimentError(f"output folder {str(given)!r}{where} holds files that are not an earlier run's: "
                               f"{_named(foreign)}{why}. A run replaces its output folder as a whole, so it refuses "
                               "one that holds anything else; give a new or empty folder, or move those files away")
