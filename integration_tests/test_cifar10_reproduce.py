@@ -21,6 +21,7 @@ from libnet_plugin.experiments import cifar10
 from libnet_plugin.experiments.data import CIFAR_MEAN, CIFAR_STD, load_cifar10, write_fake_cifar10
 from libnet_plugin.experiments.models import ResNet44, load_state_dict_checked
 from libnet_plugin.experiments.protocols import load_attack_sets, to_model_space
+from libnet_plugin.experiments.report import write_run_manifest
 
 pytestmark = pytest.mark.slow
 
@@ -182,8 +183,8 @@ def test_a_failure_after_the_libraries_leaves_a_partial_report(stand_in, tmp_pat
     root, _, weights = stand_in
     out = tmp_path / "out"
     out.mkdir()
-    (out / ".libnet-run").write_text("an earlier run\n")
     (out / "report.md").write_text("an older run's report")
+    write_run_manifest(out)  # an earlier run's folder
     rc = cli.main(["reproduce", "cifar10", "--data-dir", str(root / "data"), "--weights", str(weights), "--quick",
                    "--device", "cpu", "--out", str(out), "--no-progress", "--no-plots"])
     assert rc == 1 and "error: attack stage failed" in capsys.readouterr().err

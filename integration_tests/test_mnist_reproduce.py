@@ -17,6 +17,7 @@ from libnet_plugin.cli import main
 from libnet_plugin.experiments import mnist
 from libnet_plugin.experiments.data import MNIST_IDX_FILES, load_mnist_default
 from libnet_plugin.experiments.protocols import load_attack_sets
+from libnet_plugin.experiments.report import write_run_manifest
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +44,7 @@ def test_quick_run_writes_every_file(quick_run):
     for name in report["figures"].values():
         assert f"]({name})" in md  # every figure embedded
     hidden = [p.name for p in out.iterdir() if p.name.startswith(".")]
-    assert hidden == [".libnet-run"]  # the run folder's marker; no temp files left
+    assert hidden == [".libnet-run"]  # the run folder's manifest; no temp files left
 
 
 def test_report_structure_and_settings(quick_run):
@@ -171,6 +172,7 @@ def test_an_interrupted_run_keeps_the_earlier_report_and_leaves_nothing_beside_i
     out = tmp_path / "o"
     out.mkdir()
     (out / "report.json").write_text('{"stale": true}')
+    write_run_manifest(out)  # an earlier run's folder
     prepared = mnist.prepare_mnist(mnist.MnistSettings.quick_run(), out_dir=out, cache_dir=cache, progress=False,
                                    log=lambda m: None)
 
@@ -180,7 +182,7 @@ def test_an_interrupted_run_keeps_the_earlier_report_and_leaves_nothing_beside_i
     monkeypatch.setattr(mnist, "fit_library_sweep", interrupted)
     with pytest.raises(KeyboardInterrupt):
         mnist.run_prepared(prepared)
-    assert sorted(p.name for p in out.iterdir()) == ["report.json"]  # the earlier run's folder, untouched
+    assert sorted(p.name for p in out.iterdir()) == [".libnet-run", "report.json"]  # the earlier run's, untouched
     assert (out / "report.json").read_text() == '{"stale": true}'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]  # no partial or staging folder left
 

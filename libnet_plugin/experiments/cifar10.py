@@ -11,9 +11,8 @@ What it does (docs/method.md sections 7-10):
    ``--train-epochs N`` and no weights, trains the ResNet-44 with the standard recipe
    (:mod:`libnet_plugin.experiments.training`) and caches the weights in ``--cache-dir`` (default
    ``.cache`` in the current folder, as for ``libnet reproduce mnist``; a second run with the same data
-   and recipe reuses them). The cache must lie outside ``--out``, which a run replaces as a whole;
-   weights that an older version cached inside the run folder (``OUT/cache``) are copied into the cache
-   before the run, with a line in the log, so that replacing the folder does not lose them.
+   and recipe reuses them). The cache must lie outside ``--out``, which a run replaces as a whole; a
+   folder where an older version cached weights (``OUT/cache``) is refused, and the message names them.
 3. Fits, in two streamed passes over the training images, one library and one Hebbian readout per
    threshold level of Table 1 for the five probed blocks ``conv1``, ``layer1``, ``layer2``, ``layer3``,
    ``linear`` (:func:`~libnet_plugin.experiments.sweep.fit_library_sweep`); no step ever holds the
@@ -33,8 +32,9 @@ What it does (docs/method.md sections 7-10):
 Output folder: the run is written into a fresh hidden folder beside ``--out`` and put in its place only
 when it is complete (:func:`~libnet_plugin.experiments.report.staged_output`), so a rerun replaces an
 earlier run as a whole (no stale figures or attacks) and a failed or interrupted rerun leaves the earlier
-complete run exactly as it was. ``--out`` must be new, empty or an earlier run's folder; a folder holding
-other files is refused before any work. Once the libraries are fitted, their sizes and agreement are
+complete run exactly as it was. ``--out`` must be new, empty or an earlier run's folder holding only the
+files that run wrote (listed with their SHA-256 in its manifest ``.libnet-run``); anything else is refused
+before any work, with exit status 2 and the foreign files named. Once the libraries are fitted, their sizes and agreement are
 written to ``<out>.partial-report.json`` beside ``--out`` (e.g. ``runs/cifar10.partial-report.json``):
 a run that then fails records ``"status": "failed"`` and the error there (a killed run leaves it at
 ``"libraries done; attacks running"``); a complete run removes it, and every run removes the one of an
@@ -73,7 +73,6 @@ from torch import Tensor
 
 from ..errors import LibnetError
 from ..plugins import registered_detectors
-from ..serialization import atomic_write_bytes
 from .comparison import detector_comparison
 from .data import CIFAR10_FILES, CIFAR_MEAN, CIFAR_STD, check_cifar10_dir, load_cifar10
 from .models import ResNet44, StateDictMismatchError, load_state_dict_checked
@@ -481,7 +480,7 @@ def reproduce_cifar10(
             before any work.
     """
     settings.validate()  # the adaptive budget's detectors too: before any long work
-    created = _missing_folders(Path(out_dir).expanduser().absolute().parent)
+    created = _missing_folders(_out_parent(out_dir))
     final = check_run_folder(out_dir)
     partial = partial_report_path(final)
     partial.unlink(missing_ok=True)  # a partial report always belongs to the latest run
@@ -514,6 +513,14 @@ def _record_failure(holder: dict[str, Any], exc: BaseException, partial: Path,
     if log:
         log(f"the run did not complete ({type(exc).__name__}); the output folder {str(holder['final'])!r} is as "
             f"it was before the run; the libraries' sizes and agreement are in {str(partial)!r}")
+
+
+def _out_parent(out_dir: str | os.PathLike) -> Path:
+    """The folder ``out_dir`` lies in, with ``..`` and links resolved as the run folder's checks resolve them."""
+    try:
+        return Path(out_dir).expanduser().resolve().parent
+    except (OSError, RuntimeError):  # a loop of links: the checks refuse it
+        return Path(out_dir).expanduser().absolute().parent
 
 
 def _missing_folders(path: Path) -> list[Path]:
@@ -851,7 +858,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--cache-dir", default=".cache", metavar="DIR",
                    help="where --train-epochs caches the trained weights (default: %(default)s in the current "
                         "folder, as for reproduce mnist); it must lie outside --out, which a run replaces as a "
-                        "whole. Weights an older version cached in OUT/cache are copied here first")
+                        "whole")
     g.add_argument("--device", default="auto",
                    help="auto (CUDA if available, else CPU with a warning), cpu, cuda or cuda:N (default auto)")
     r = parser.add_argument_group("run size")
@@ -875,7 +882,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o = parser.add_argument_group("output")
     o.add_argument("--out", default=os.path.join("runs", "cifar10"), metavar="DIR",
                    help="output folder for report.json, report.md, figures (default runs/cifar10): new, empty "
-                        "or an earlier run's, which is replaced only when the new run completes; a run that "
+                        "or an earlier run's holding only what that run wrote, which is replaced only when the "
+                        "new run completes; a run that "
                         "fails after the libraries leaves its partial report in OUT.partial-report.json")
     o.add_argument("--no-detectors", action="store_true", help="skip the detector comparison")
     o.add_argument("--no-plots", action="store_true", help="skip the figures")
@@ -941,8 +949,8 @@ def _check_outside(final: Path, paths: Mapping[str, Path | None]) -> None:
 
 
 def _check_out(out_dir: str | os.PathLike, cache: Path) -> Path:
-    """:func:`~libnet_plugin.experiments.report.check_run_folder`, with a hint for a folder that holds only
-    the weights an older version cached in ``OUT/cache`` (a run that stopped before its report)."""
+    """:func:`~libnet_plugin.experiments.report.check_run_folder`, with a hint for a folder that holds
+    the weights an older version cached in ``OUT/cache``."""
     try:
         return check_run_folder(out_dir)
     except ExperimentError as exc:
@@ -952,41 +960,9 @@ def _check_out(out_dir: str | os.PathLike, cache: Path) -> Path:
             raise
         raise ExperimentError(f"{exc}. It holds weights an older version cached there ({str(weights[0])!r}"
                               f"{f' and {len(weights) - 1} more' if len(weights) > 1 else ''}): the cache now "
-                              f"lives outside --out, so move them into --cache-dir {str(cache)!r} and rerun"
+                              f"lives outside --out, so move them into --cache-dir {str(cache)!r}, move the "
+                              "folder away and rerun"
                               ) from exc
-
-
-def _migrate_old_cache(final: Path, cache: Path, log: Callable[[str], None]) -> list[Path]:
-    """Copy the weights an older version cached in ``final/cache`` into ``cache``; return the copies made.
-
-    Runs used to keep their trained weights inside the run folder; a run now replaces that folder as a
-    whole, so the weights are copied out first (atomically; a file already in ``cache`` is kept), and
-    each copy is logged. The earlier run folder is not changed.
-
-    Raises:
-        ExperimentError: a file could not be copied (the message names it); nothing has been replaced yet.
-    """
-    old = final / "cache"
-    if not old.is_dir():
-        return []
-    copied = []
-    for src in sorted(old.glob("resnet44_*.pt")):
-        dest = cache / src.name
-        if dest.is_file():
-            log(f"the earlier run's cached weights {str(src)!r} are also in {str(cache)!r}; that copy is used")
-            continue
-        try:
-            cache.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(dest, src.read_bytes())
-        except OSError as exc:
-            raise ExperimentError(f"cannot copy the cached weights {str(src)!r} out of the earlier run folder "
-                                  f"into --cache-dir {str(cache)!r} ({exc.strerror or exc}); a run replaces "
-                                  f"{str(final)!r} as a whole, so copy them yourself or give another "
-                                  "--cache-dir") from exc
-        log(f"copied the cached weights {str(src)!r} of the earlier run into {str(dest)!r}: the weight cache now "
-            "lives outside --out, which this run replaces when it completes")
-        copied.append(dest)
-    return copied
 
 
 def run(args: argparse.Namespace) -> int:
@@ -996,7 +972,7 @@ def run(args: argparse.Namespace) -> int:
     an exception) leaves an earlier run in ``--out`` as it was and no empty folder (see the module docstring).
     """
     prog = "libnet reproduce cifar10"
-    created = _missing_folders(Path(args.out).expanduser().absolute().parent)
+    created = _missing_folders(_out_parent(args.out))
     try:
         settings = settings_from_args(args)
         device, warning = resolve_device(args.device)
@@ -1009,16 +985,15 @@ def run(args: argparse.Namespace) -> int:
         out = _check_out(args.out, cache)  # the run is staged beside it and swapped in when complete
         _check_outside(out, {"--cache-dir": cache, "--data-dir": data_dir,
                              "--weights": Path(args.weights) if args.weights is not None else None})
-        _migrate_old_cache(out, cache, _log)
+        if warning:
+            print(f"{prog}: warning: {warning}", file=sys.stderr)
+        _log(f"reading CIFAR-10 from {str(data_dir)!r}")
+        x_train, y_train, x_test, y_test = load_cifar10(data_dir)  # labels 0..9, images in both splits
     except (LibnetError, OSError) as exc:
         _remove_empty(created)
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
-    if warning:
-        print(f"{prog}: warning: {warning}", file=sys.stderr)
     try:
-        _log(f"reading CIFAR-10 from {str(data_dir)!r}")
-        x_train, y_train, x_test, y_test = load_cifar10(data_dir)
         extra: dict[str, Any] = {"data_dir": str(data_dir), "n_train_available": int(x_train.shape[0]),
                                  "n_test_available": int(x_test.shape[0])}
         if state is not None:

@@ -22,6 +22,7 @@ import io
 import os
 import pickle
 import zipfile
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -227,44 +228,120 @@ def check_mnist_dir(data_dir: str | os.PathLike[str]) -> dict[str, Path]:
     return {name: path for name, path in found.items() if path is not None}
 
 
-def _read_idx(path: Path, expected_magic: int) -> np.ndarray:
-    """Read one IDX file (optionally gzip-compressed) into a uint8 array shaped by its header."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rb") as fh:
-            raw = fh.read()
-    except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
-        raise DataFormatError(f"cannot read IDX file {str(path)!r}: {exc}") from exc
-    if len(raw) < 4:
-        raise DataFormatError(f"IDX file {str(path)!r} is too short ({len(raw)} bytes) for a header")
-    magic = int(np.frombuffer(raw, dtype=">i4", count=1)[0])
+#: deflate expands at most about 1032-fold: the most data bytes a ``.gz`` IDX file of a given size may claim
+_GZIP_MAX_RATIO = 1032
+_READ_CHUNK = 1 << 20
+#: MNIST and CIFAR-10 have ten classes, labelled 0..9
+N_CLASSES = 10
+
+
+def _read_exact(fh: IO[bytes], n: int) -> bytes:
+    """Up to ``n`` bytes of ``fh`` (fewer only at the end of the stream)."""
+    parts, got = [], 0
+    while got < n:
+        chunk = fh.read(n - got)
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
+def _idx_header(fh: IO[bytes], path: Path, expected_magic: int) -> tuple[int, ...]:
+    """The dimensions in the header of the IDX stream ``fh``, read and checked (nothing after the header)."""
+    head = _read_exact(fh, 4)
+    if len(head) < 4:
+        raise DataFormatError(f"IDX file {str(path)!r} is too short ({len(head)} bytes) for a header")
+    magic = int.from_bytes(head, "big", signed=True)
     if magic != expected_magic:
         raise DataFormatError(
             f"IDX file {str(path)!r} has magic number {magic}, expected {expected_magic} "
             f"({'images' if expected_magic == _IDX_IMAGES_MAGIC else 'labels'}, unsigned bytes)"
         )
     ndim = magic & 0xFF
-    header_len = 4 + 4 * ndim
-    if len(raw) < header_len:
+    raw = _read_exact(fh, 4 * ndim)
+    if len(raw) < 4 * ndim:
         raise DataFormatError(f"IDX file {str(path)!r} is truncated inside its header")
-    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">i4", count=ndim, offset=4))
-    expected_len = header_len + int(np.prod(dims, dtype=np.int64))
-    if len(raw) != expected_len:
-        raise DataFormatError(
-            f"IDX file {str(path)!r} has {len(raw) - header_len} data bytes, its header {dims} "
-            f"says {expected_len - header_len}"
-        )
-    return np.frombuffer(raw, dtype=np.uint8, offset=header_len).reshape(dims)
+    dims = tuple(int.from_bytes(raw[4 * i:4 * i + 4], "big", signed=True) for i in range(ndim))
+    if any(d < 0 for d in dims):
+        raise DataFormatError(f"IDX file {str(path)!r} has negative dimensions {dims} in its header")
+    return dims
+
+
+def _read_idx(path: Path, expected_magic: int) -> np.ndarray:
+    """Read one IDX file (optionally gzip-compressed) into a uint8 array shaped by its header.
+
+    The header is read first and checked against the file's size before any data is read: a plain file
+    must hold exactly the bytes its header's dimensions give, a ``.gz`` file cannot claim more than deflate
+    can expand its size to. The data is then read in chunks into an array of the size the header gives,
+    and a ``.gz`` stream that expands beyond it is refused as soon as one more byte comes out: memory
+    stays bounded by the header (a gzip bomb is never decompressed whole).
+    """
+    gz = path.suffix == ".gz"
+    try:
+        file_size = path.stat().st_size
+        with (gzip.open(path, "rb") if gz else open(path, "rb")) as fh:
+            dims = _idx_header(fh, path, expected_magic)
+            header_len = 4 + 4 * len(dims)
+            n_bytes = 1
+            for d in dims:
+                n_bytes *= d
+            if not gz and file_size != header_len + n_bytes:
+                raise DataFormatError(
+                    f"IDX file {str(path)!r} has {file_size - header_len} data bytes, its header {dims} "
+                    f"says {n_bytes}"
+                )
+            if gz and n_bytes > _GZIP_MAX_RATIO * file_size:
+                raise DataFormatError(
+                    f"IDX file {str(path)!r}: its header {dims} claims {n_bytes} data bytes, more than a gzip file "
+                    f"of {file_size} bytes can hold"
+                )
+            data = np.empty(n_bytes, dtype=np.uint8)
+            view, got = memoryview(data), 0
+            while got < n_bytes:
+                k = fh.readinto(view[got:got + _READ_CHUNK])
+                if not k:
+                    break
+                got += k
+            if got < n_bytes:
+                raise DataFormatError(
+                    f"IDX file {str(path)!r} has {got} data bytes, its header {dims} says {n_bytes}"
+                )
+            if fh.read(1):
+                raise DataFormatError(
+                    f"IDX file {str(path)!r} holds more data than the {n_bytes} bytes its header {dims} says"
+                    + (" (its gzip stream expands beyond them; reading stopped there)" if gz else "")
+                )
+    except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
+        raise DataFormatError(f"cannot read IDX file {str(path)!r}: {exc}") from exc
+    return data.reshape(dims)
+
+
+def _check_labels(labels: np.ndarray, where: str) -> None:
+    """Refuse labels outside 0..9 (naming the first, its index and ``where``)."""
+    bad = np.flatnonzero((labels < 0) | (labels >= N_CLASSES))
+    if bad.size:
+        i = int(bad[0])
+        raise DataFormatError(f"{where}: label {int(labels[i])} at index {i} is outside 0..{N_CLASSES - 1} (the ten "
+                              f"classes); {bad.size} label(s) are out of range")
 
 
 def _read_idx_pair(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndarray]:
-    images = _read_idx(images_path, _IDX_IMAGES_MAGIC)
     labels = _read_idx(labels_path, _IDX_LABELS_MAGIC)
-    if images.shape[0] != labels.shape[0]:
+    try:
+        with (gzip.open(images_path, "rb") if images_path.suffix == ".gz" else open(images_path, "rb")) as fh:
+            n_images = _idx_header(fh, images_path, _IDX_IMAGES_MAGIC)[0]
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataFormatError(f"cannot read IDX file {str(images_path)!r}: {exc}") from exc
+    if n_images != labels.shape[0]:  # refused before the images are read
         raise DataFormatError(
-            f"{images_path.name} holds {images.shape[0]} images but {labels_path.name} holds "
+            f"{images_path.name} holds {n_images} images but {labels_path.name} holds "
             f"{labels.shape[0]} labels"
         )
+    if n_images == 0:
+        raise DataFormatError(f"{images_path.name} holds no images; each split needs at least one")
+    _check_labels(labels, labels_path.name)
+    images = _read_idx(images_path, _IDX_IMAGES_MAGIC)
     return images, labels
 
 
@@ -274,8 +351,10 @@ def load_mnist_idx(
     """Read full MNIST from the four standard IDX files in ``data_dir``.
 
     The files (see :data:`MNIST_IDX_FILES`) may each be plain or gzip-compressed (``.gz`` suffix).
-    Headers are checked: magic number 2051 for images and 2049 for labels, data length equal to the
-    header's dimensions, as many labels as images.
+    Headers are checked against the files before their data is read: magic number 2051 for images and
+    2049 for labels, data length equal to the header's dimensions (a ``.gz`` file is read as a stream and
+    refused as soon as it expands beyond them), as many labels as images. Each split must hold at least
+    one image, and every label must lie in 0..9.
 
     Args:
         data_dir: directory holding the files.
@@ -286,8 +365,9 @@ def load_mnist_idx(
 
     Raises:
         DataNotFoundError: (a ``FileNotFoundError``) if a file is missing; see :func:`check_mnist_dir`.
-        DataFormatError: (a ``ValueError``) for a wrong magic number, a truncated file, mismatched image
-            and label counts, or train and test images of different sizes.
+        DataFormatError: (a ``ValueError``) for a wrong magic number, a truncated file or one longer than
+            its header says, mismatched image and label counts, a split without images, a label outside
+            0..9, or train and test images of different sizes.
 
     Example:
         >>> x_tr, y_tr, x_te, y_te = load_mnist_idx("~/data/mnist")  # doctest: +SKIP
@@ -453,7 +533,10 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
             f"CIFAR-10 batch {str(path)!r} is not a dict with keys b'data' and b'labels'"
         )
     data = np.asarray(batch[b"data"])
-    labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    try:
+        labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise DataFormatError(f"CIFAR-10 batch {str(path)!r}: b'labels' must be integers 0..9 ({exc})") from exc
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         raise DataFormatError(
             f"CIFAR-10 batch {str(path)!r}: b'data' must be uint8 [N, 3072], got "
@@ -463,6 +546,7 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise DataFormatError(
             f"CIFAR-10 batch {str(path)!r} has {data.shape[0]} images but {labels.size} labels"
         )
+    _check_labels(labels, f"CIFAR-10 batch {str(path)!r}")
     return data, labels
 
 
@@ -483,7 +567,8 @@ def load_cifar10(
 
     Raises:
         DataNotFoundError: (a ``FileNotFoundError``) if a batch is missing.
-        DataFormatError: (a ``ValueError``) if a batch is not in the CIFAR-10 format.
+        DataFormatError: (a ``ValueError``) if a batch is not in the CIFAR-10 format, a label lies outside
+            0..9, or the training or the test batches hold no images.
 
     Example:
         >>> x_tr, y_tr, x_te, y_te = load_cifar10("~/data")  # doctest: +SKIP
@@ -495,6 +580,10 @@ def load_cifar10(
     train_x = np.concatenate([p[0] for p in parts[:-1]])
     train_y = np.concatenate([p[1] for p in parts[:-1]])
     test_x, test_y = parts[-1]
+    for split, n in (("training batches hold", len(train_y)), ("test batch holds", len(test_y))):
+        if n == 0:
+            raise DataFormatError(f"the CIFAR-10 {split} no images in {str(directory)!r}; each split needs at "
+                                  "least one")
     return (
         _to_image_tensor(train_x, (len(train_y), 3, 32, 32)),
         _to_label_tensor(train_y),

@@ -103,7 +103,8 @@ def _parse_thresholds(spec: str, layers: Sequence[str]) -> tuple[Any, dict[str, 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``libnet evaluate-detectors``."""
     parser.add_argument("--out", default=os.path.join("runs", "detectors"), metavar="DIR",
-                        help="folder receiving detectors.json, detectors.md and roc.png (default: %(default)s)")
+                        help="folder receiving detectors.json, detectors.md and roc.png (default: %(default)s): new, "
+                             "empty or an earlier run's holding only what that run wrote (anything else is refused)")
     parser.add_argument("--thresholds", default=DEFAULT_THRESHOLDS, metavar="SPEC",
                         help="library thresholds: a seed set S1..S7, 'auto', 'auto:<fraction or nodes>', or "
                              "four numbers for conv1,conv2,fc1,fc2 (default: %(default)s)")

@@ -980,7 +980,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``libnet reproduce mnist``."""
     parser.add_argument("--out", default=os.path.join("runs", "mnist"), metavar="DIR",
                         help="folder receiving report.json, report.md, the figures and attacks.safetensors "
-                             "(default: %(default)s)")
+                             "(default: %(default)s): new, empty or an earlier run's holding only what that run "
+                             "wrote (anything else is refused)")
     parser.add_argument("--data-dir", metavar="DIR",
                         help="read full MNIST from the four IDX files in DIR (train-images-idx3-ubyte, "
                              "train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte; .gz accepted) "

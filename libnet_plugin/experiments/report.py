@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -22,6 +23,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -145,32 +147,183 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
 
 #: a staging folder of an interrupted run older than this many seconds is removed by the next run
 STALE_STAGE_SECONDS = 6 * 3600
-#: files that mark a folder as a run's (the first is written into every staged run; the others are the
-#: reports of runs made before staging), so that a rerun may replace it
-RUN_MARKERS = (".libnet-run", "report.json", "detectors.json")
+#: the manifest every run writes into its folder: the name, size and SHA-256 of each file it wrote
+RUN_MANIFEST = ".libnet-run"
+_MANIFEST_FORMAT = "libnet-plugin run manifest"
+_MANIFEST_MAX_BYTES = 16 << 20
+_NAMED_AT_MOST = 10
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_run_manifest(folder: str | os.PathLike) -> Path:
+    """Write :data:`RUN_MANIFEST` into ``folder``: every file and folder under it, with sizes and SHA-256.
+
+    A later run may replace ``folder`` only when everything in it is listed there, unchanged (see
+    :func:`foreign_entries`). Links and other special files are not listed (a run writes none).
+
+    Example:
+        >>> import tempfile
+        >>> run = Path(tempfile.mkdtemp())
+        >>> _ = (run / "report.json").write_text("{}")
+        >>> _ = write_run_manifest(run)
+        >>> foreign_entries(run)
+        (True, [])
+        >>> _ = (run / "thesis.tex").write_text("mine")
+        >>> foreign_entries(run)
+        (True, ['thesis.tex'])
+    """
+    root = Path(folder)
+    files: dict[str, dict[str, Any]] = {}
+    folders: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root):  # links to folders are not followed
+        here = Path(dirpath)
+        for d in sorted(dirnames):
+            if not (here / d).is_symlink():
+                folders.append((here / d).relative_to(root).as_posix())
+        for f in sorted(filenames):
+            p = here / f
+            rel = p.relative_to(root).as_posix()
+            if rel == RUN_MANIFEST or p.is_symlink() or not p.is_file():
+                continue
+            files[rel] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+    manifest = {"format": _MANIFEST_FORMAT, "version": 1,
+                "about": "the files a libnet-plugin run wrote here; a later run replaces this folder only when it "
+                         "holds nothing else, unchanged", "files": files, "folders": folders}
+    return atomic_write_bytes(root / RUN_MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode("utf-8"))
+
+
+def _read_manifest(folder: Path) -> tuple[dict[str, tuple[int, str]], set[str]] | None:
+    """``({file: (size, sha256)}, {folder})`` of the folder's run manifest; ``None`` when there is no valid one."""
+    path = folder / RUN_MANIFEST
+    try:
+        if path.is_symlink() or not path.is_file() or path.stat().st_size > _MANIFEST_MAX_BYTES:
+            return None
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return None
+    if (not isinstance(data, dict) or data.get("format") != _MANIFEST_FORMAT or data.get("version") != 1
+            or not isinstance(data.get("files"), dict) or not isinstance(data.get("folders"), list)):
+        return None
+    files: dict[str, tuple[int, str]] = {}
+    for name, entry in data["files"].items():
+        if not isinstance(entry, dict) or not _plain_relative(name):
+            return None
+        size, digest = entry.get("size"), entry.get("sha256")
+        if (isinstance(size, bool) or not isinstance(size, int) or size < 0 or not isinstance(digest, str)
+                or len(digest) != 64):
+            return None
+        files[name] = (size, digest)
+    if not all(isinstance(d, str) and _plain_relative(d) for d in data["folders"]):
+        return None
+    return files, set(data["folders"])
+
+
+def _plain_relative(name: str) -> bool:
+    """Whether ``name`` is a relative path of plain parts (no ``..``, ``.``, empty part or leading ``/``)."""
+    parts = name.split("/")
+    return bool(name) and all(part not in ("", ".", "..") for part in parts) and "\\" not in name
+
+
+def foreign_entries(folder: str | os.PathLike) -> tuple[bool, list[str]]:
+    """What in ``folder`` a run did not write: ``(has_manifest, names)``, relative paths (at most 11).
+
+    A name is foreign when the folder's :data:`RUN_MANIFEST` does not list it, or lists it with another
+    size or SHA-256 (changed since the run wrote it); links and special files are always foreign, and so is
+    everything in a folder without a valid manifest (an empty ``report.json`` proves nothing). A folder
+    that does not exist or is empty has nothing foreign. Links are never followed.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        return False, []
+    manifest = _read_manifest(root)
+    if manifest is None:
+        names = []
+        with os.scandir(root) as it:
+            for entry in it:
+                names.append(entry.name + ("/" if entry.is_dir(follow_symlinks=False) else ""))
+                if len(names) > _NAMED_AT_MOST:
+                    break
+        return False, sorted(names)
+    files, folders = manifest
+    foreign: list[str] = []
+    pending = [root]
+    while pending and len(foreign) <= _NAMED_AT_MOST:
+        here = pending.pop()
+        with os.scandir(here) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for entry in entries:
+            rel = Path(entry.path).relative_to(root).as_posix()
+            if rel == RUN_MANIFEST:
+                continue
+            if entry.is_symlink():
+                foreign.append(f"{rel} (a link)")
+            elif entry.is_dir(follow_symlinks=False):
+                if rel in folders:
+                    pending.append(Path(entry.path))
+                else:
+                    foreign.append(rel + "/")
+            elif not entry.is_file(follow_symlinks=False) or rel not in files:
+                foreign.append(rel)
+            elif (entry.stat(follow_symlinks=False).st_size != files[rel][0]
+                  or _sha256(Path(entry.path)) != files[rel][1]):
+                foreign.append(f"{rel} (changed since the run wrote it)")
+    return True, sorted(foreign)
+
+
+def _named(names: Sequence[str]) -> str:
+    shown = ", ".join(names[:_NAMED_AT_MOST])
+    return shown + (" and more" if len(names) > _NAMED_AT_MOST else "")
+
+
+def _resolve_out(final: str | os.PathLike) -> Path:
+    """``final`` with ``~``, ``..`` and links resolved: a link given as the folder resolves to its target."""
+    try:
+        return Path(final).expanduser().resolve()
+    except (OSError, RuntimeError) as exc:  # a loop of links
+        raise ExperimentError(f"output folder {str(final)!r} cannot be resolved: {exc}") from exc
 
 
 def check_run_folder(final: str | os.PathLike) -> Path:
-    """``final`` as an absolute path, after checking that a run may replace it (see :func:`staged_output`).
+    """``final`` resolved (``..`` and links), after checking that a run may replace it (see :func:`staged_output`).
+
+    A run may replace a folder that does not exist, is empty, or holds only files an earlier run wrote,
+    unchanged: each listed in its :data:`RUN_MANIFEST` with its size and SHA-256. A folder without a
+    manifest (one an older version made included) is refused when it holds anything. An ``--out`` that is
+    a link keeps its link: the returned path is the target, where the run is written.
 
     Raises:
         NotADirectoryError: it is a file. PermissionError: its parent folder is not writable.
-        ExperimentError: it is (or holds) the current folder, or it holds files that are not a run's.
+        ExperimentError: it is (or holds) the current folder, or it holds files that are not a run's (the
+            message names them).
     """
-    final = Path(final).expanduser().absolute()
+    given = final
+    final = _resolve_out(final)
     if final.exists() and not final.is_dir():
-        raise NotADirectoryError(f"output folder {str(final)!r} exists and is not a folder")
-    cwd = Path.cwd().absolute()
+        raise NotADirectoryError(f"output folder {str(given)!r} exists and is not a folder")
+    cwd = Path.cwd().resolve()
     if final == cwd or final in cwd.parents or final.parent == final:
-        raise ExperimentError(f"output folder {str(final)!r} holds the current folder: a run replaces its output "
-                              "folder as a whole, so give it a folder of its own (e.g. runs/mnist)")
-    if final.is_dir() and any(final.iterdir()) and not any((final / m).exists() for m in RUN_MARKERS):
-        raise ExperimentError(f"output folder {str(final)!r} holds files that are not an earlier run's; a run "
-                              "replaces its output folder as a whole, so give it a new or empty folder")
+        where = "" if str(final) == str(given) else f" (that is {str(final)!r})"
+        raise ExperimentError(f"output folder {str(given)!r}{where} holds the current folder: a run replaces its "
+                              "output folder as a whole, so give it a folder of its own (e.g. runs/mnist)")
+    has_manifest, foreign = foreign_entries(final)
+    if foreign:
+        where = "" if str(final) == str(given) else f" (that is {str(final)!r})"
+        why = ("" if has_manifest else f"; it has no run manifest ({RUN_MANIFEST}) to show that a run wrote them "
+               "(a run folder made by a version before manifests has none either: move or delete it yourself)")
+        raise ExperimentError(f"output folder {str(given)!r}{where} holds files that are not an earlier run's: "
+                              f"{_named(foreign)}{why}. A run replaces its output folder as a whole, so it refuses "
+                              "one that holds anything else; give a new or empty folder, or move those files away")
     try:
         ensure_writable_dir(final.parent)
     except (NotADirectoryError, PermissionError) as exc:
-        raise PermissionError(f"output folder {str(final)!r} is not writable: {exc}") from exc
+        raise PermissionError(f"output folder {str(given)!r} is not writable: {exc}") from exc
     return final
 
 
@@ -178,11 +331,15 @@ def check_run_folder(final: str | os.PathLike) -> Path:
 def staged_output(final: str | os.PathLike) -> Iterator[Path]:
     """Write a run into a fresh hidden folder beside ``final``; put it in place only when the block completes.
 
-    ``final`` must be new, empty, or an earlier run's folder (it is replaced as a whole; a folder with other
-    files, or the current folder, is refused with :class:`ExperimentError` before any work). A failed or
-    interrupted run leaves ``final`` exactly as it was (an earlier complete report stays), and no empty
-    folder: the staging folder ``.<name>.partial-*`` is removed on failure, and one left by a
-    killed run is removed by a later run. On success the new folder replaces ``final`` in two renames.
+    ``final`` must be new, empty, or an earlier run's folder holding only the files that run wrote (see
+    :func:`check_run_folder`; anything else, or the current folder, is refused with
+    :class:`ExperimentError` before any work). A failed or interrupted run leaves ``final`` exactly as it
+    was (an earlier complete report stays), and no empty folder: the staging folder ``.<name>.partial-*``
+    is removed on failure, and one left by a killed run is removed by a later run. On success the run's
+    :data:`RUN_MANIFEST` is written, ``final`` is checked again and the new folder replaces it in two
+    renames; of the earlier folder only the files its manifest lists are deleted. When ``final`` was given
+    files of someone else's during the run, the new run is kept beside it as ``<name>.new-*`` instead and
+    :class:`ExperimentError` says so.
 
     Example:
         >>> import tempfile
@@ -203,20 +360,58 @@ def staged_output(final: str | os.PathLike) -> Iterator[Path]:
             pass
     stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=parent))
     try:
-        (stage / RUN_MARKERS[0]).write_text("a libnet-plugin run folder: the next run into it replaces it whole\n")
         yield stage
+        write_run_manifest(stage)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
     os.chmod(stage, 0o777 & ~current_umask())  # mkdtemp makes it 0700; a run folder gets the usual permissions
-    if final.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=parent))
-        os.rmdir(old)
-        os.replace(final, old)
+    _swap_in(stage, final)
+
+
+def _swap_in(stage: Path, final: Path) -> None:
+    """Put the complete run ``stage`` at ``final``, deleting of an earlier run there only what its manifest lists."""
+    if not final.exists():
         os.replace(stage, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(stage, final)
+        return
+    _, foreign = foreign_entries(final)
+    if foreign:  # files were put there during the run: keep both
+        kept = Path(tempfile.mkdtemp(prefix=f"{final.name}.new-", dir=final.parent))
+        os.replace(stage, kept)
+        raise ExperimentError(f"output folder {str(final)!r} was given files that are not a run's while the run was "
+                              f"going on ({_named(foreign)}); it is left as it is, and the complete run is in "
+                              f"{str(kept)!r}")
+    old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+    os.rmdir(old)
+    os.replace(final, old)
+    os.replace(stage, final)
+    _remove_run(old)
+
+
+def _remove_run(folder: Path) -> None:
+    """Delete the files ``folder``'s manifest lists (unchanged), then its empty folders; warn of anything left."""
+    manifest = _read_manifest(folder)
+    files, folders = manifest if manifest is not None else ({}, set())
+    for rel, (size, digest) in files.items():
+        p = folder / rel
+        try:
+            if (not p.is_symlink() and p.is_file() and folder in p.resolve().parents
+                    and p.stat().st_size == size and _sha256(p) == digest):
+                p.unlink()
+        except OSError:
+            pass
+    if manifest is not None:
+        (folder / RUN_MANIFEST).unlink(missing_ok=True)
+    for rel in sorted(folders, key=lambda r: -r.count("/")):
+        try:
+            (folder / rel).rmdir()
+        except OSError:
+            pass
+    try:
+        folder.rmdir()
+    except OSError:
+        warnings.warn(f"the earlier run folder was replaced, but files that run did not write appeared in it; they "
+                      f"are kept in {str(folder)!r}", RuntimeWarning, stacklevel=3)
 
 
 def relocate(obj: Any, old: str | os.PathLike, new: str | os.PathLike) -> Any:

@@ -18,7 +18,7 @@ from libnet_plugin import cli
 from libnet_plugin.experiments import cifar10
 from libnet_plugin.experiments.data import CIFAR10_FILES, CIFAR_MEAN, CIFAR_STD, write_fake_cifar10
 from libnet_plugin.experiments.models import CifarResNet, ResNet44
-from libnet_plugin.experiments.report import ExperimentError
+from libnet_plugin.experiments.report import ExperimentError, write_run_manifest
 from libnet_plugin.experiments.training import (
     TrainConfig,
     _lr_at,
@@ -424,11 +424,11 @@ def complete_run(tmp_path_factory):
     """The folder of an earlier complete run, as a run leaves it (copy it before changing it)."""
     out = tmp_path_factory.mktemp("complete") / "cifar10"
     out.mkdir()
-    (out / ".libnet-run").write_text("a libnet-plugin run folder\n")
     (out / "report.json").write_text(json.dumps({"experiment": "cifar10", "status": "complete"}) + "\n")
     (out / "report.md").write_text("# an earlier report\n")
     (out / "attacks.safetensors").write_bytes(b"earlier attacks")
     (out / "fig4a_library_sizes.png").write_bytes(b"an earlier figure")
+    write_run_manifest(out)  # what a run writes last: the names, sizes and SHA-256 of its files
     return out
 
 
@@ -483,6 +483,7 @@ def test_a_complete_rerun_replaces_the_earlier_run_whole(fake_data, weights, com
                                                          capsys):
     out = _earlier_run(complete_run, tmp_path)
     (out / "fig5c_auroc_standard.png").write_bytes(b"another earlier figure")
+    write_run_manifest(out)  # the earlier run wrote it
     partial = out.parent / "cifar10.partial-report.json"
     partial.write_text('{"status": "failed"}')  # left by an earlier failed run
 
@@ -540,25 +541,20 @@ def test_the_weight_cache_lives_outside_out_and_survives_reruns(fake_data, tmp_p
     assert rc == 0 and calls == [1] and f"loaded cached weights {other / cached[0].name}" in err
 
 
-def test_weights_an_older_version_cached_in_the_run_folder_are_copied_out(fake_data, complete_run, tmp_path,
-                                                                         monkeypatch, capsys):
-    from libnet_plugin.experiments.data import load_cifar10
-
+def test_a_run_folder_of_an_older_version_without_manifest_is_refused_and_its_weights_named(
+        fake_data, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    out = _earlier_run(complete_run, tmp_path)
-    x_train, y_train, _, _ = load_cifar10(fake_data)
-    old = weights_cache_path(out / "cache", x_train, y_train, TrainConfig(epochs=1, seed=0))
-    torch.manual_seed(1)
-    save_weights(ResNet44(normalize=True), old, epochs=1, seed=0, schedule="step", n_train=10)
-    saved = old.read_bytes()
+    out = tmp_path / "runs" / "cifar10"  # as a version before manifests left it: a marker, reports, cached weights
+    (out / "cache").mkdir(parents=True)
+    (out / ".libnet-run").write_text("a libnet-plugin run folder\n")
+    (out / "report.json").write_text("{}")
+    (out / "cache" / "resnet44_e1_s0_abc.pt").write_bytes(b"weights")
+    before = _files(out)
     calls = _count_training(monkeypatch)
-    _light_pipeline(monkeypatch)
     rc, err = _run(["--data-dir", fake_data, "--train-epochs", "1", "--out", out, *FAST], capsys)
-    assert rc == 0, err
-    assert calls == [] and "copied the cached weights" in err and str(old) in err  # not trained again
-    moved = tmp_path / ".cache" / old.name
-    assert moved.read_bytes() == saved and not (out / "cache").exists()  # the run replaced the old folder
-    assert json.loads((out / "report.json").read_text())["run"]["weights"] == str(Path(".cache") / old.name)
+    assert rc == 2 and calls == [] and "Traceback" not in err
+    assert "no run manifest" in err and "resnet44_e1_s0_abc.pt" in err and "move them into --cache-dir" in err
+    assert _files(out) == before and sorted(p.name for p in out.parent.iterdir()) == ["cifar10"]
 
 
 def test_an_out_with_foreign_files_or_holding_the_inputs_is_refused_before_work(fake_data, weights, complete_run,
@@ -587,3 +583,20 @@ def test_an_out_with_foreign_files_or_holding_the_inputs_is_refused_before_work(
     rc, err = _run(["--data-dir", fake_data, "--train-epochs", "1", "--out", only_cache, *FAST], capsys)
     assert rc == 2 and "resnet44_e1_s0_abc.pt" in err and "move them into --cache-dir" in err
     assert _files(only_cache) == {"cache/resnet44_e1_s0_abc.pt": b"weights"}
+
+
+def test_bad_labels_in_the_batches_exit_2_before_any_work(weights, tmp_path, monkeypatch, capsys):
+    import pickle
+
+    import numpy as np
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the run started")
+
+    monkeypatch.setattr(cifar10, "reproduce_cifar10", no_work)
+    root = write_fake_cifar10(tmp_path / "data", n_train_per_batch=2, n_test=2)
+    with open(root / "data_batch_3", "wb") as fh:
+        pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"labels": [255, 1]}, fh, protocol=2)
+    rc, err = _run(["--data-dir", root, "--weights", weights, "--out", tmp_path / "out", *FAST], capsys)
+    assert rc == 2 and "label 255 at index 0 is outside 0..9" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

@@ -214,3 +214,131 @@ def test_a_crafted_cifar_batch_cannot_run_code(tmp_path):
     assert not marker.exists()
     x_tr = load_cifar10(write_fake_cifar10(tmp_path / "ok", n_train_per_batch=4, n_test=4))[0]
     assert x_tr.shape == (20, 3, 32, 32)  # genuine batches still load
+
+
+# --------------------------------------------------------------------------------------------------
+# Bounded readers (issue 25): headers checked before reading, gzip bombs refused early, labels in range
+# --------------------------------------------------------------------------------------------------
+
+
+def _gzip_stream(parts, total):
+    """gzip bytes of ``parts`` followed by zeros up to ``total`` bytes, compressed in pieces (never held whole)."""
+    import io
+
+    buf = io.BytesIO()
+    with gzip.GzipFile(fileobj=buf, mode="wb", compresslevel=9, mtime=0) as fh:
+        written = 0
+        for part in parts:
+            fh.write(part)
+            written += len(part)
+        zeros = bytes(1 << 20)
+        while written < total:
+            k = min(len(zeros), total - written)
+            fh.write(zeros[:k])
+            written += k
+    return buf.getvalue()
+
+
+def _peak_bytes(fn):
+    """Peak of the memory traced while ``fn()`` runs (numpy's buffers are traced too), and what it raised."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        fn()
+    except Exception as exc:  # returned to the test
+        raised = exc
+    else:
+        raised = None
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak, raised
+
+
+def test_a_gzip_bomb_is_refused_as_soon_as_it_expands_beyond_its_header(tmp_path):
+    _write_tiny_idx(tmp_path, n_train=10, gz=True)
+    header = np.array([2051, 10, 28, 28], dtype=">i4").tobytes()
+    bomb = _gzip_stream([header, bytes(10 * 28 * 28)], 48 << 20)  # claims 10 images, expands to 48 MiB
+    assert len(bomb) < 100_000
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(bomb)
+    peak, raised = _peak_bytes(lambda: data.load_mnist_idx(tmp_path))
+    assert isinstance(raised, data.DataFormatError) and "expands beyond" in str(raised)
+    assert peak < 4 << 20  # far below the 48 MiB the stream expands to: it was never read whole
+
+
+def test_idx_headers_are_checked_against_the_file_size_before_reading(tmp_path):
+    _write_tiny_idx(tmp_path, gz=True)
+    huge = np.array([2051, 1 << 30, 28, 28], dtype=">i4").tobytes()  # 784 GiB claimed by a few bytes
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(huge + bytes(100)))
+    (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(_idx_bytes(2049, np.zeros(7, np.uint8))))
+    peak, raised = _peak_bytes(lambda: data._read_idx(tmp_path / "train-images-idx3-ubyte.gz", 2051))
+    assert isinstance(raised, data.DataFormatError) and "more than a gzip file" in str(raised)
+    assert peak < 1 << 20  # refused before anything the size of the claim was allocated
+    with pytest.raises(data.DataFormatError, match=r"holds 1073741824 images but .* 7 labels"):
+        data.load_mnist_idx(tmp_path)  # the counts are compared before the images are read
+    for name in data.MNIST_IDX_FILES:
+        (tmp_path / f"{name}.gz").unlink()
+    _write_tiny_idx(tmp_path)
+    path = tmp_path / "t10k-images-idx3-ubyte"
+    path.write_bytes(np.array([2051, 1 << 30, 28, 28], dtype=">i4").tobytes() + bytes(784))
+    peak, raised = _peak_bytes(lambda: data._read_idx(path, 2051))
+    assert isinstance(raised, data.DataFormatError) and "has 784 data bytes" in str(raised) and peak < 1 << 20
+    path.write_bytes(_idx_bytes(2051, np.zeros((3, 28, 28), np.uint8)) + b"extra")
+    with pytest.raises(data.DataFormatError, match="has 2357 data bytes, its header"):
+        data.load_mnist_idx(tmp_path)
+    path.write_bytes(np.array([2051, -3, 28, 28], dtype=">i4").tobytes())
+    with pytest.raises(data.DataFormatError, match="negative dimensions"):
+        data._read_idx(path, 2051)
+    (tmp_path / "t10k-labels-idx1-ubyte").unlink()
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(b"\x1f\x8b not gzip")
+    with pytest.raises(data.DataFormatError, match="cannot read IDX file"):
+        data.load_mnist_idx(tmp_path)
+
+
+def test_idx_labels_out_of_range_or_an_empty_split_are_refused(tmp_path):
+    _write_tiny_idx(tmp_path)
+    labels = np.zeros(7, np.uint8)
+    labels[4] = 255
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(_idx_bytes(2049, labels))
+    with pytest.raises(data.DataFormatError, match=r"train-labels-idx1-ubyte: label 255 at index 4 is outside 0\.\.9"):
+        data.load_mnist_idx(tmp_path)
+    _write_tiny_idx(tmp_path)
+    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(_idx_bytes(2051, np.zeros((0, 28, 28), np.uint8)))
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(_idx_bytes(2049, np.zeros(0, np.uint8)))
+    with pytest.raises(data.DataFormatError, match="t10k-images-idx3-ubyte holds no images"):
+        data.load_mnist_idx(tmp_path)
+
+
+def test_cifar10_labels_out_of_range_or_an_empty_split_are_refused(tmp_path):
+    root = data.write_fake_cifar10(tmp_path, n_train_per_batch=2, n_test=2)
+    with open(root / "test_batch", "wb") as fh:
+        pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"labels": [3, 10]}, fh)
+    with pytest.raises(data.DataFormatError, match=r"label 10 at index 1 is outside 0\.\.9"):
+        data.load_cifar10(root)
+    with open(root / "test_batch", "wb") as fh:
+        pickle.dump({b"data": np.zeros((0, 3072), np.uint8), b"labels": []}, fh)
+    with pytest.raises(data.DataFormatError, match="test batch holds no images"):
+        data.load_cifar10(root)
+    with open(root / "test_batch", "wb") as fh:
+        pickle.dump({b"data": np.zeros((1, 3072), np.uint8), b"labels": ["x"]}, fh)
+    with pytest.raises(data.DataFormatError, match="must be integers"):
+        data.load_cifar10(root)
+
+
+def test_reproduce_mnist_refuses_bad_labels_in_its_checks_with_exit_2(tmp_path, monkeypatch, capsys):
+    from libnet_plugin.cli import main
+    from libnet_plugin.experiments import mnist
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the run started")
+
+    monkeypatch.setattr(mnist, "run_prepared", no_work)
+    (tmp_path / "d").mkdir()
+    _write_tiny_idx(tmp_path / "d")
+    (tmp_path / "d" / "train-labels-idx1-ubyte").write_bytes(_idx_bytes(2049, np.full(7, 255, np.uint8)))
+    argv = ["reproduce", "mnist", "--quick", "--data-dir", str(tmp_path / "d"), "--out", str(tmp_path / "out"),
+            "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "label 255 at index 0" in err and "Traceback" not in err and not (tmp_path / "out").exists()
