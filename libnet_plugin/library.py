@@ -2,8 +2,10 @@
 
 The exact library is the classical leader clustering rule: visit the inputs in order; store the first;
 store each later one when its largest cosine to everything stored so far is strictly below ``theta``.
-:class:`ExactLibrary` computes the same node list as the one-by-one loop :func:`leader_reference`, for
-every batch size, at about the cost of one matrix product per batch.
+:class:`ExactLibrary` computes the node list of the one-by-one loop :func:`leader_reference` up to float32
+rounding, for every batch size, at about the cost of one matrix product per batch: a row whose deciding cosine
+lies within rounding (about 1e-6) of ``theta`` may be decided differently by another batch size, thread count
+or CPU kernel, which then changes the later decisions that depend on it.
 """
 
 from __future__ import annotations
@@ -237,7 +239,8 @@ class ExactLibrary:
     Each chunk of a batch is compared with the current library; rows whose best cosine is already
     ``>= threshold`` are final (the library only grows). The remaining rows follow the one-by-one rule
     against the library plus the rows of the same chunk accepted before them, using their Gram matrix.
-    The node list equals :func:`leader_reference` for every batch and chunk size.
+    The node list equals :func:`leader_reference` for every batch and chunk size up to float32 rounding
+    (rows whose deciding cosine lies within rounding of ``theta`` aside; see the module docstring).
 
     Once the library has settled, most rows are not novel, and one stored node above the threshold is
     enough to decide them. A *screen* finds such a node cheaply: it ranks the nodes by a count sketch

@@ -13,8 +13,10 @@ index first (the node stored earlier). The evidence is then summed over the k no
 term after the other (``P = h_1 W_1 + h_2 W_2 + ...``, each product and sum rounded once), so it depends on
 nothing but the k selected nodes. :func:`topk_evidence_ordered` is the one-device form of the same rule:
 
-- Sharded scoring equals :func:`topk_evidence_ordered` on one device bit for bit whenever each shard's
-  cosines equal the matching columns of the whole library's ``similarity``. The merge itself is exact for
+- Sharded scoring equals :func:`topk_evidence_ordered` on one device (bit for bit) whenever each shard's
+  cosines equal the matching columns of the whole library's ``similarity``; they need not: the math library
+  may compute a shard's product of another shape with another kernel (seen with MKL and 11-node shards,
+  1.8e-7), so in general the evidence agrees to float32 rounding. The merge itself is exact for
   any cosines. Each shard's cosines come from its library's own ``similarity`` code; torch's CPU matrix
   product rounded every column alike whatever the other columns in the call, in every shape tested here
   (batches of 2 rows and more, shards of 2 nodes and more; a one-node shard is therefore stored twice so
