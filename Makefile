@@ -33,7 +33,7 @@ reproduce: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests integration_tests libnet_plugin adapters -q
 
 $(COMPAT_STAMP): pyproject.toml
 	@$(COMPAT_PYTHON) -c "import sys; assert sys.version_info >= (3, 12)" >/dev/null 2>&1 || { echo "error: $(COMPAT_PYTHON) (Python 3.12+) not found; set COMPAT_PYTHON=..."; exit 1; }
