@@ -241,12 +241,57 @@ def _dynamo_chain(node: onnx.NodeProto) -> tuple[str, ...] | None:
     return None
 
 
-def _legacy_chain(node: onnx.NodeProto) -> tuple[str, ...] | None:
+def _unqualified(name: str) -> str:
+    """The legacy exporter's scope name of the module named ``name``: its last non-numeric atom and the atoms
+    after it (``encoder.layers.0`` -> ``layers.0``, ``layer1.0.conv1`` -> ``conv1``, ``0.1`` -> ``0.1``)."""
+    atoms = name.split(".")
+    for i in range(len(atoms) - 1, -1, -1):
+        if not atoms[i].isnumeric():
+            return ".".join(atoms[i:])
+    return name
+
+
+def known_module_names(model: onnx.ModelProto) -> frozenset[str]:
+    """Module names read from the initializers that keep their ``state_dict`` names (``encoder.layers.0.fc.weight``
+    gives ``encoder.layers.0.fc``, ``encoder.layers.0``, ``encoder.layers`` and ``encoder``)."""
+    names: set[str] = set()
+    for init in model.graph.initializer:
+        if "::" in init.name or "/" in init.name or "." not in init.name:
+            continue  # a folded constant (``onnx::Conv_12``) or a name that is not a parameter path
+        atoms = init.name.split(".")[:-1]
+        names.update(".".join(atoms[:i]) for i in range(1, len(atoms) + 1))
+    return frozenset(names)
+
+
+def _legacy_child(parent: str, comp: str, known: frozenset[str]) -> str:
+    """The qualified name of the module whose legacy scope name is ``comp``, called inside module ``parent``.
+
+    The child is ``parent.comp`` (a module under a ModuleList, which is never called: ``encoder`` then
+    ``layers.0`` is ``encoder.layers.0``), or, when ``comp`` starts with the parent's own scope name, the
+    parent's child in a called container (``layer1`` then ``layer1.0`` is ``layer1.0``). Module names read
+    from the parameters (``known``) decide between the two, and find a child called through a module that
+    was not (``encoder`` calling ``encoder.sub.fc`` directly); without them the container reading wins.
+    """
+    own = _unqualified(parent)
+    candidates = [parent + comp[len(own):]] if comp.startswith(own + ".") else []
+    candidates.append(f"{parent}.{comp}")
+    if known:
+        for name in candidates:
+            if name in known:
+                return name
+        deeper = {n for n in known if n.startswith(parent + ".") and n.endswith("." + comp)}
+        if len(deeper) == 1:
+            return deeper.pop()
+    return candidates[0]
+
+
+def _legacy_chain(node: onnx.NodeProto, known: frozenset[str] = frozenset()) -> tuple[str, ...] | None:
     """Qualified module names from a legacy-exporter node name such as ``/layer1/layer1.0/conv1/Conv``.
 
     The legacy exporter names each scope by the module's qualified name cut back to its last non-numeric
-    atom (``layer1.0.conv1`` -> ``conv1``, ``layer1.0`` -> ``layer1.0``), so the full names are rebuilt
-    from the parent's.
+    atom (``layer1.0.conv1`` -> ``conv1``, ``layer1.0`` -> ``layer1.0``, ``encoder.layers.0`` ->
+    ``layers.0``), so the full names are rebuilt from the parent's (see :func:`_legacy_child`; ``known``:
+    the module names of :func:`known_module_names`).
     """
     if not node.name.startswith("/"):
         return None
@@ -254,16 +299,13 @@ def _legacy_chain(node: onnx.NodeProto) -> tuple[str, ...] | None:
     for comp in node.name.split("/")[1:-1]:
         if not comp:
             return None
-        if not chain:
-            chain.append(comp)
-        else:
-            chain.append(f"{chain[-1]}.{comp.rsplit('.', 1)[-1] if '.' in comp else comp}")
+        chain.append(_legacy_child(chain[-1], comp, known) if chain else comp)
     return tuple(chain)
 
 
-def _node_chain(node: onnx.NodeProto) -> tuple[str, ...] | None:
+def _node_chain(node: onnx.NodeProto, known: frozenset[str] = frozenset()) -> tuple[str, ...] | None:
     chain = _dynamo_chain(node)
-    return chain if chain is not None else _legacy_chain(node)
+    return chain if chain is not None else _legacy_chain(node, known)
 
 
 def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
@@ -355,7 +397,8 @@ class OnnxGraph:
             if reads & dependent:
                 dependent.update(t for t in node.output if t)
         self._dependent = dependent
-        self.chains: list[tuple[str, ...] | None] = [_node_chain(n) for n in self.nodes]
+        known = known_module_names(self.model)
+        self.chains: list[tuple[str, ...] | None] = [_node_chain(n, known) for n in self.nodes]
         self._module_nodes: dict[str, list[int]] = {}
         for i, chain in enumerate(self.chains):
             for name in chain or ():

@@ -159,6 +159,77 @@ def test_legacy_scope_names_are_rebuilt_into_qualified_module_names():
     assert chain("/0/0.1/Gemm") == ("0", "0.1")
     assert chain("/Relu") == ()
     assert chain("Identity_0") is None
+    # a ModuleList is never called: its items' scopes come straight under the module holding it
+    assert chain("/encoder/layers.0/self_attn/MatMul") == ("encoder", "encoder.layers.0", "encoder.layers.0.self_attn")
+    assert chain("/encoder/blocks.1/ff/ff.0/Gemm")[-1] == "encoder.blocks.1.ff.0"
+
+
+def test_legacy_scope_names_are_checked_against_the_parameter_names():
+    def chain(name, known):
+        return _legacy_chain(helper.make_node("Relu", ["a"], ["b"], name=name), frozenset(known))
+
+    # a ModuleList named like the module holding it, and a module called through one that is not called
+    assert chain("/blocks/blocks.0/Relu", {"blocks", "blocks.blocks", "blocks.blocks.0"})[-1] == "blocks.blocks.0"
+    assert chain("/encoder/fc/Gemm", {"encoder", "encoder.sub", "encoder.sub.fc"})[-1] == "encoder.sub.fc"
+    assert chain("/layer1/layer1.0/Relu", {"layer1", "layer1.0"})[-1] == "layer1.0"
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.acts = nn.ModuleList([nn.Tanh(), nn.Sequential(nn.Linear(8, 8), nn.ReLU())])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.fc(x)
+        for act in self.acts:
+            x = act(x)
+        return x
+
+
+class Encoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(), Block()])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+class NestedNet(nn.Module):
+    """ModuleLists two and three levels down, as in every HuggingFace encoder (``encoder.layer.0``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = Encoder()
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x) + x)
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_modules_under_nested_module_lists_keep_their_torch_names(dynamo, tmp_path):
+    if dynamo:
+        pytest.importorskip("onnxscript")
+    torch.manual_seed(0)
+    model = NestedNet().eval()
+    path = export_onnx(model, torch.randn(3, 8), tmp_path / "nested.onnx", dynamo=dynamo)
+    names = [l.name for l in list_layers(path, kind="module")]
+    for name in ("encoder.blocks.0", "encoder.blocks.0.fc", "encoder.blocks.1.acts.0", "encoder.blocks.1.acts.1",
+                 "encoder.blocks.1.acts.1.0", "head"):
+        assert name in names, (name, names)
+    assert not any(n.startswith(("encoder.0", "encoder.1")) for n in names), names
+    layers = ["encoder.blocks.0", "encoder.blocks.1.acts.0", "encoder.blocks.1.acts.1.0", "head"]
+    g = torch.Generator().manual_seed(1)
+    x, q = torch.randn(120, 8, generator=g), torch.randn(20, 8, generator=g)
+    net_t = lnp.LibraryNetwork(model, layers, thresholds=0.9).fit(x)
+    net_t.save(tmp_path / "net.lnp")
+    loaded = lnp.LibraryNetwork.load(tmp_path / "net.lnp", path)  # fitted in torch, loaded onto the export
+    for layer, p in net_t.predict_scores(q).items():
+        assert torch.allclose(loaded.predict_scores(q)[layer], p, atol=1e-5), layer
 
 
 def test_module_output_is_the_tensor_used_outside_the_scope():
