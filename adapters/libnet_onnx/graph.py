@@ -55,6 +55,11 @@ _DOWNSTREAM_FUSIONS = frozenset({"FuseBatchNormIntoConv", "FuseBatchNormIntoConv
 _FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16})
 _MAX_PROTO_BYTES = 2**31 - 1
 
+#: what to do about a graph that ends in a ZipMap (skl2onnx's default export of a classifier)
+ZIPMAP_HINT = (". The graph ends in a ZipMap (one dict of class probabilities per input), and the ZipMap's "
+               "inputs may be untyped: export without it, zipmap=False (skl2onnx: to_onnx(model, X, "
+               "options={'zipmap': False})), or probe tensors before it (see `libnet layers`)")
+
 Dim = int | str | None
 LayerKind = Literal["module", "tensor"]
 
@@ -416,7 +421,7 @@ class OnnxGraph:
         vi = self._value_infos.get(tensor)
         if vi is None or not vi.type.HasField("tensor_type") or not vi.type.tensor_type.elem_type:
             raise OnnxModelError(f"the type of tensor {tensor!r} in {self.source} could not be inferred, so it cannot "
-                                 "be added as an output")
+                                 "be added as an output" + (ZIPMAP_HINT if self.has_zipmap else ""))
         out = onnx.ValueInfoProto()
         out.CopyFrom(vi)
         return out
@@ -524,12 +529,19 @@ class OnnxGraph:
         return self._module_candidates(name)[1]
 
     # ------------------------------------------------------------------ names
+    @property
+    def has_zipmap(self) -> bool:
+        """True when the graph turns class scores into a ZipMap (one dict per input; skl2onnx's default)."""
+        return any(node.op_type == "ZipMap" for node in self.nodes)
+
     def _unknown_message(self, name: str) -> str:
         valid = self.module_names + self.tensor_names
         if name in self.producer or name in self._value_infos:
             reason = f"tensor {name!r} of {self.source} cannot be probed: {self._why_not_probeable(name)}."
-            return unknown_layer_message(name, valid, reason=reason)
+            return unknown_layer_message(name, valid, reason=reason) + (ZIPMAP_HINT if self.has_zipmap else "")
         msg = unknown_layer_message(name, valid, kind=f"ONNX model {self.source}")
+        if self.has_zipmap:
+            msg += ZIPMAP_HINT
         if self._has_fusion():
             msg += (". The exporter's optimiser fused some nodes of this graph (e.g. BatchNorm into Conv), which "
                     "removes the outputs of the fused modules; re-export with "

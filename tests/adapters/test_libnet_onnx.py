@@ -598,3 +598,50 @@ def test_a_graph_with_several_inputs_is_fed_by_name_or_order(tmp_path, capsys):
     onnx.save(proto, str(path))
     assert main(["layers", str(path)]) == 0
     assert "inputs 'input_ids'" in capsys.readouterr().out
+
+
+def test_a_two_input_graph_with_an_input_named_x_is_fed_dict_batches():
+    x_in = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])
+    m_in = helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["batch", 3])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])
+    nodes = [helper.make_node("Mul", ["x", "mask"], ["h"], name="/gate/Mul"),
+             helper.make_node("Tanh", ["h"], ["logits"], name="/head/Tanh")]
+    proto = helper.make_model(helper.make_graph(nodes, "g", [x_in, m_in], [y]), opset_imports=[helper.make_opsetid("", 17)])
+    g = torch.Generator().manual_seed(0)
+    x, mask = torch.randn(60, 3, generator=g), (torch.rand(60, 3, generator=g) > 0.3).float()
+    by_order = lnp.LibraryNetwork(proto, ["gate", "head"], thresholds=0.9).fit(((x, mask),))
+    assert torch.equal(by_order.run(MultiInput((x, mask))).haps["gate"], x * mask)
+    # a dict keyed by the graph's inputs: fed by name, or (while the key "x" is read as the one input of a
+    # batch) refused with what to do instead, never run on a part of the inputs
+    try:
+        by_name = lnp.LibraryNetwork(proto, ["gate", "head"], thresholds=0.9).fit({"x": x, "mask": mask})
+    except InputTypeError as exc:
+        assert re.search(r"2 graph inputs \['x', 'mask'\] but the batch gave one tensor.*key 'x' is read as that one "
+                         r"tensor.*tuple batch in the order \['x', 'mask'\], e\.g\. \(\(x, mask\), y\)", str(exc)), exc
+    else:
+        for layer, p in by_order.predict_scores(((x[:9], mask[:9]),)).items():
+            torch.testing.assert_close(by_name.predict_scores({"x": x[:9], "mask": mask[:9]})[layer], p)
+
+
+def test_skl2onnx_zipmap_and_copies_of_the_probabilities():
+    skl2onnx = pytest.importorskip("skl2onnx")
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(120, 4)).astype(np.float32)
+    y = (x[:, 0] + x[:, 1] > 0).astype(int) + (x[:, 2] > 1).astype(int)
+    clf = LogisticRegression().fit(x, y)
+    xt = torch.from_numpy(x)
+    zipmap = skl2onnx.to_onnx(clf, x[:1])  # the default: probabilities as one dict per input
+    with pytest.raises(LayerNotFoundError, match=r"'probabilities'.*cannot be probed.*ZipMap.*zipmap=False"):
+        lnp.LibraryNetwork(zipmap, ["probability_tensor", "probabilities"], thresholds=0.9)
+    with pytest.raises(OnnxModelError, match=r"ZipMap.*zipmap=False"):
+        OnnxModel(zipmap)(xt[:2])
+    plain = skl2onnx.to_onnx(clf, x[:1], options={id(clf): {"zipmap": False}})
+    # probability_tensor and its L1-normalised copy probabilities hold the same values: CPL says nothing
+    with pytest.warns(RuntimeWarning, match=r"same values.*'probability_tensor' = 'probabilities'.*CPL.*vacuous"):
+        net = lnp.LibraryNetwork(plain, ["probability_tensor", "probabilities"], thresholds=0.9).fit(xt)
+    torch.testing.assert_close(net.consistency(xt[:10]), torch.ones(10))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        OnnxLayerProbe(plain, ["probabilities"]).run(xt[:4])  # one layer: nothing to compare
