@@ -270,12 +270,21 @@ def _finite_rows(x: Tensor | MultiInput) -> Tensor | None:
     return torch.stack(rows).all(dim=0)
 
 
-def _tensor_versions(model: nn.Module) -> tuple[tuple[int, int], ...]:
-    """Identity and version of every parameter and buffer, and the identity of every packed-parameter object
-    (a quantised module's weights are replaced by a new one): equal as long as no weight was touched."""
-    packed = [v for m in model.modules() for v in vars(m).values() if isinstance(v, torch.ScriptObject)]
-    return (tuple((id(t), t._version) for t in list(model.parameters()) + list(model.buffers()))
-            + tuple((id(v), -1) for v in packed))
+def _packed_slots(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """``(module, attribute)`` of every packed-parameter object (``torch.ScriptObject``) the model holds: a
+    quantised module's weights, replaced by a new object when they change."""
+    return [(m, k) for m in model.modules() for k, v in vars(m).items() if isinstance(v, torch.ScriptObject)]
+
+
+def _tensor_versions(model: nn.Module, packed: Sequence[tuple[nn.Module, str]] = ()) -> tuple[tuple[int, int], ...]:
+    """Identity and version of every parameter and buffer, and for a model with packed parameters (``packed``,
+    from :func:`_packed_slots`) the identity of those objects and of every module: equal as long as no weight
+    was touched or replaced."""
+    versions = tuple((id(t), t._version) for t in list(model.parameters()) + list(model.buffers()))
+    if not packed:
+        return versions
+    return (versions + tuple((id(getattr(m, k, None)), -1) for m, k in packed)
+            + tuple((id(m), -2) for m in model.modules()))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -373,6 +382,7 @@ class ConsistencyDetector:
         self._scorer_fitted = False
         self._fingerprint: list[list[Any]] | None = None
         self._versions: tuple | None = None
+        self._packed: list[tuple[nn.Module, str]] = []
         if train is not None:
             self.fit(train)
         elif net.is_fitted:
@@ -395,13 +405,14 @@ class ConsistencyDetector:
 
     def _record_model(self) -> None:
         self._fingerprint = model_fingerprint(self.net.model)
-        self._versions = _tensor_versions(self.net.model) if self._fingerprint is not None else None
+        self._packed = _packed_slots(self.net.model) if self._fingerprint is not None else []
+        self._versions = _tensor_versions(self.net.model, self._packed) if self._fingerprint is not None else None
 
     def _check_model(self) -> None:
         """Raise :class:`ModelChangedError` if the model's weights changed since the detector was fitted."""
         if self._fingerprint is None or not isinstance(self.net.model, nn.Module):
             return
-        versions = _tensor_versions(self.net.model)
+        versions = _tensor_versions(self.net.model, self._packed)
         if versions == self._versions:
             return  # fast path: no tensor was replaced or modified in place
         diff = _fingerprint_diff(self._fingerprint, model_fingerprint(self.net.model))
@@ -413,7 +424,8 @@ class ConsistencyDetector:
             else:
                 cause = "the libraries no longer describe it: refit the LibraryNetwork and the detector"
             raise ModelChangedError(f"the model changed since the detector was fitted ({diff}); {cause}")
-        self._versions = versions
+        self._packed = _packed_slots(self.net.model)
+        self._versions = _tensor_versions(self.net.model, self._packed)
 
     def _ensure_scorer(self) -> None:
         self.net.check_fitted()
@@ -770,7 +782,8 @@ class ConsistencyDetector:
                                         f"({diff}); pass the same model, or refit")
         if fingerprint is not None:
             det._fingerprint = fingerprint
-            det._versions = _tensor_versions(model) if isinstance(model, nn.Module) else None
+            det._packed = _packed_slots(model) if isinstance(model, nn.Module) else []
+            det._versions = _tensor_versions(model, det._packed) if isinstance(model, nn.Module) else None
         if cfg.get("scorer_fitted"):
             state = {k[len("detector/"):]: v for k, v in tensors.items() if k.startswith("detector/")}
             det.scorer.load_state_dict(state, net, cfg.get("scorer") or {})

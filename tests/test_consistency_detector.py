@@ -229,6 +229,12 @@ def test_quantised_model_fingerprint_holds_the_packed_weights(tmp_path, mlp, mlp
     det.save(tmp_path / "det.lnp")
     det.score(x[:3])
     lnp.ConsistencyDetector.load(tmp_path / "det.lnp", _quantised(mlp))  # the same weights, quantised again
+    fitted_out = q.out
+    q.out = torch.ao.nn.quantized.dynamic.Linear(16, 4)  # a quantised layer swapped for another
+    with pytest.raises(ModelChangedError, match=r"'out\._packed_params\._packed_params\[0\]' changed"):
+        det.score(x[:3])
+    q.out = fitted_out
+    det.score(x[:3])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         weight = torch.quantize_per_tensor(torch.randn(16, 32, generator=torch.Generator().manual_seed(5)),
