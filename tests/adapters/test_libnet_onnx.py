@@ -232,6 +232,20 @@ def test_modules_under_nested_module_lists_keep_their_torch_names(dynamo, tmp_pa
         assert torch.allclose(loaded.predict_scores(q)[layer], p, atol=1e-5), layer
 
 
+def test_transformer_encoder_layers_keep_their_names_in_a_legacy_export(tmp_path):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    model = nn.Sequential(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), nn.Flatten(), nn.Linear(32, 3))
+    path = export_onnx(model.eval(), torch.randn(3, 4, 8), tmp_path / "encoder.onnx", dynamo=False)
+    names = [l.name for l in list_layers(path, kind="module")]
+    assert {"0.layers.0", "0.layers.0.self_attn", "0.layers.1.linear2", "0.layers.1.norm2"} <= set(names), names
+    layers = ["0.layers.0", "0.layers.1.linear2", "2"]
+    x = torch.randn(5, 4, 8, generator=torch.Generator().manual_seed(1))
+    res_t, res_o = TorchLayerProbe(model, layers).run(x), OnnxLayerProbe(path, layers).run(x)
+    for name in layers:
+        torch.testing.assert_close(res_o.haps[name], res_t.haps[name], rtol=1e-5, atol=1e-5)
+
+
 def test_module_output_is_the_tensor_used_outside_the_scope():
     # module "blk" computes a = relu(x), b = neg(a); only b leaves the module
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])
