@@ -325,7 +325,7 @@ class OnnxLayerProbe:
                 cut = [n for n in names if n in _ONE_TENSOR_KEYS]
                 note = (f" A dict batch with the key {cut[0]!r} is read as that one tensor (its other keys are not "
                         f"passed), so feed this graph a tuple batch in the order {names}, e.g. "
-                        f"(({', '.join(names)}), y), or a MultiInput of the dict"
+                        f"(({', '.join(names)}), y)"
                         if cut else "")
                 raise InputTypeError(f"{self.model.source} has {len(specs)} graph inputs {names} but the batch gave one "
                                      "tensor; pass a dict of tensors keyed by the input names, or a tuple in that "
