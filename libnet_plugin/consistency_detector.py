@@ -219,11 +219,12 @@ def _prefix_hint(saved: Any, model: nn.Module) -> dict[str, str] | None:
     if not isinstance(saved, list) or not saved or not all(isinstance(n, str) for n in saved):
         return None
     names = [n for n, _ in model.named_modules() if n]
+    known = set(names)
     first = saved[0].split("#")[0]
     for name in names:
         if name.endswith("." + first):
             prefix = name[: -len(first)]
-            if all(prefix + n.split("#")[0] in names for n in saved):
+            if all(prefix + n.split("#")[0] in known for n in saved):
                 return {"": prefix}
     return None
 
