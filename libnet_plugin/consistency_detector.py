@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from ._batches import MultiInput, as_inputs, input_tensors, iter_batches, n_rows
 from .detectors.api import ConsistencyScore
 from .distributed import gather_all, world
-from .errors import LibnetError, NonFiniteError, NotFittedError, SaveFormatError, ShapeMismatchError
+from .errors import LayerNotFoundError, LibnetError, NonFiniteError, NotFittedError, SaveFormatError, ShapeMismatchError
 from .network import LibraryNetwork
 from .plugins import make_detector
 from .probe import ProbeResult, TorchLayerProbe, check_inputs_finite
@@ -78,7 +78,9 @@ def model_fingerprint(model: Any) -> list[list[Any]] | None:
     """A cheap fingerprint of a torch model's parameters and buffers: ``[[name, shape, sum, sum of squares]]``.
 
     Computed in float64; ``None`` for models that are not ``torch.nn.Module`` (ONNX sessions carry their
-    weights inside the file).
+    weights inside the file). Weights that are neither parameters nor buffers but are in the model's
+    ``state_dict`` (the packed weights of quantised modules, e.g. from ``quantize_dynamic``) are included
+    too, dequantised, named ``key[i]`` (the ``i``-th tensor the key holds).
 
     Example:
         >>> model_fingerprint(nn.Linear(2, 1, bias=False).requires_grad_(False).apply(
@@ -89,16 +91,87 @@ def model_fingerprint(model: Any) -> list[list[Any]] | None:
         return None
     out = []
     with torch.no_grad():
-        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-            d = t.detach().double()
+        named = list(model.named_parameters()) + list(model.named_buffers())
+        for name, t in named + _packed_tensors(model, {n for n, _ in named}):
+            d = (t.dequantize() if t.is_quantized else t).detach().double()
             out.append([name, list(t.shape), float(d.sum()), float((d * d).sum())])
     return out
 
 
+def _packed_tensors(model: nn.Module, seen: set[str]) -> list[tuple[str, Tensor]]:
+    """``(name, tensor)`` of the ``state_dict`` entries that are not parameters or buffers: quantised tensors,
+    tuples of tensors and packed-parameter objects (``torch.ScriptObject``), unpacked; named ``key[i]``, or
+    ``key[]`` for a tensor entry (only for modules that hold packed parameters)."""
+    if not any(isinstance(v, torch.ScriptObject) for m in model.modules() for v in vars(m).values()):
+        return []  # the usual model: its state_dict holds its parameters and buffers only
+
+    def flat(value: Any, name: str) -> list[tuple[str, Tensor]]:
+        if isinstance(value, Tensor):
+            return [(name, value)]
+        if isinstance(value, torch.ScriptObject) and hasattr(value, "__getstate__"):
+            try:
+                value = value.__getstate__()
+            except RuntimeError:
+                return []
+        if isinstance(value, (tuple, list)):
+            return [item for i, v in enumerate(value) for item in flat(v, f"{name}[{i}]")]
+        return []  # a dtype, a number, ...
+
+    out = []
+    for key, value in model.state_dict(keep_vars=True).items():
+        if key not in seen:
+            out += flat(value, key) if not isinstance(value, Tensor) else [(f"{key}[]", value)]
+    return out
+
+
+#: attribute under which a wrapper keeps the model: ``torch.compile`` (``OptimizedModule``) and
+#: ``nn.DataParallel`` / ``DistributedDataParallel``
+_WRAPPER_ATTRS = ("_orig_mod", "module")
+
+
+def _wrapper_prefix(model: Any) -> str:
+    """The prefix the wrappers around ``model`` add to its module names: ``"_orig_mod."`` (``torch.compile``),
+    ``"module."`` (``nn.DataParallel``, ``DistributedDataParallel``), both when nested, ``""`` for a bare model."""
+    prefix = ""
+    while True:
+        if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            prefix, model = prefix + "_orig_mod.", model._orig_mod
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            prefix, model = prefix + "module.", model.module
+        else:
+            return prefix
+
+
+def _strip_wrappers(names: Sequence[str]) -> list[str]:
+    """``names`` without the wrapper prefixes (``_orig_mod.``, ``module.``) that all of them share."""
+    names = list(names)
+    while names:
+        atom = names[0].split(".", 1)[0]
+        if atom not in _WRAPPER_ATTRS or not all(n.startswith(atom + ".") for n in names):
+            return names
+        names = [n[len(atom) + 1:] for n in names]
+    return names
+
+
+def _apply_prefix_map(name: str, prefix_map: Mapping[str, str]) -> str:
+    """``name`` with its longest prefix in ``prefix_map`` replaced (``""`` matches every name)."""
+    for old in sorted(prefix_map, key=len, reverse=True):
+        if name.startswith(old):
+            return prefix_map[old] + name[len(old):]
+    return name
+
+
 def _fingerprint_diff(saved: Sequence[Sequence[Any]], now: Sequence[Sequence[Any]]) -> str | None:
-    """Describe the first difference between two fingerprints, or ``None`` when they match."""
-    a = {r[0]: r for r in saved}
-    b = {r[0]: r for r in now}
+    """Describe the first difference between two fingerprints, or ``None`` when they match.
+
+    Names are compared without the wrapper prefixes they all share (``_orig_mod.``, ``module.``), so a
+    model and its ``torch.compile`` / ``DataParallel`` wrapper have the same fingerprint. Packed weights
+    (``key[i]`` names) are compared only when ``saved`` has them (files saved before they were recorded).
+    """
+    if not any("[" in r[0] for r in saved):
+        now = [r for r in now if "[" not in r[0]]
+    a = dict(zip(_strip_wrappers([r[0] for r in saved]), saved))
+    b = dict(zip(_strip_wrappers([r[0] for r in now]), now))
     if a.keys() != b.keys():
         missing, extra = sorted(a.keys() - b.keys()), sorted(b.keys() - a.keys())
         return f"tensors missing now: {missing[:5]}, new tensors: {extra[:5]}"
@@ -111,6 +184,71 @@ def _fingerprint_diff(saved: Sequence[Sequence[Any]], now: Sequence[Sequence[Any
             if not math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-6):
                 return f"the {what} of {name!r} changed from {x:.9g} to {y:.9g}"
     return None
+
+
+def _layer_renames(saved: Sequence[str], model: Any, prefix_map: Mapping[str, str] | None) -> dict[str, str]:
+    """How the saved layer names read in ``model``: ``{saved name: name in model}`` for the names that change.
+
+    With ``prefix_map``, its prefixes are replaced. Otherwise, when the saved names are not all modules of a
+    torch ``model``, the wrapper prefixes they share are dropped and ``model``'s own added (a detector
+    fitted on ``torch.compile(m)`` or ``nn.DataParallel(m)`` moves to ``m`` and back).
+    """
+    def base(name: str) -> str:
+        return name.rpartition("#")[0] if "#" in name else name
+
+    if prefix_map is not None:
+        if not isinstance(prefix_map, Mapping) or not all(isinstance(k, str) and isinstance(v, str)
+                                                          for k, v in prefix_map.items()):
+            raise TypeError(f"prefix_map must map saved name prefixes (str) to prefixes in the model (str), "
+                            f"got {prefix_map!r}")
+        new = [_apply_prefix_map(n, prefix_map) for n in saved]
+    elif isinstance(model, nn.Module):
+        modules = {n for n, _ in model.named_modules() if n}
+        if all(base(n) in modules for n in saved):
+            return {}
+        new = [_wrapper_prefix(model) + n for n in _strip_wrappers(saved)]
+        if not all(base(n) in modules for n in new):
+            return {}  # the probe names what is missing
+    else:
+        return {}
+    return {old: n for old, n in zip(saved, new) if old != n}
+
+
+def _prefix_hint(saved: Any, model: nn.Module) -> dict[str, str] | None:
+    """A ``prefix_map`` under which every saved layer name is a module of ``model``, if one is found."""
+    if not isinstance(saved, list) or not saved or not all(isinstance(n, str) for n in saved):
+        return None
+    names = [n for n, _ in model.named_modules() if n]
+    known = set(names)
+    first = saved[0].split("#")[0]
+    for name in names:
+        if name.endswith("." + first):
+            prefix = name[: -len(first)]
+            if all(prefix + n.split("#")[0] in known for n in saved):
+                return {"": prefix}
+    return None
+
+
+def _rename_config(cfg: dict[str, Any], renames: Mapping[str, str]) -> dict[str, Any]:
+    """A copy of a saved detector's settings with its layer names replaced (lists of names, dicts keyed by them)."""
+    def rename(value: Any) -> Any:
+        if isinstance(value, list):
+            return [renames.get(v, v) if isinstance(v, str) else v for v in value]
+        if isinstance(value, dict):
+            return {renames.get(k, k): v for k, v in value.items()}
+        return value
+
+    cfg = dict(cfg)
+    net = dict(cfg["network"])
+    for key in ("layers", "thresholds", "thresholds_param", "hap_dims", "library_configs", "readout_configs"):
+        if key in net:
+            net[key] = rename(net[key])
+    cfg["network"] = net
+    if isinstance(cfg.get("settings"), dict) and "layers" in cfg["settings"]:
+        cfg["settings"] = {**cfg["settings"], "layers": rename(cfg["settings"]["layers"])}
+    if isinstance(cfg.get("scorer"), dict):
+        cfg["scorer"] = {k: rename(v) if k != "name" else v for k, v in cfg["scorer"].items()}
+    return cfg
 
 
 def _conformal_rank(n: int, fpr: float) -> int:
@@ -133,8 +271,21 @@ def _finite_rows(x: Tensor | MultiInput) -> Tensor | None:
     return torch.stack(rows).all(dim=0)
 
 
-def _tensor_versions(model: nn.Module) -> tuple[tuple[int, int], ...]:
-    return tuple((id(t), t._version) for t in list(model.parameters()) + list(model.buffers()))
+def _packed_slots(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """``(module, attribute)`` of every packed-parameter object (``torch.ScriptObject``) the model holds: a
+    quantised module's weights, replaced by a new object when they change."""
+    return [(m, k) for m in model.modules() for k, v in vars(m).items() if isinstance(v, torch.ScriptObject)]
+
+
+def _tensor_versions(model: nn.Module, packed: Sequence[tuple[nn.Module, str]] = ()) -> tuple[tuple[int, int], ...]:
+    """Identity and version of every parameter and buffer, and for a model with packed parameters (``packed``,
+    from :func:`_packed_slots`) the identity of those objects and of every module: equal as long as no weight
+    was touched or replaced."""
+    versions = tuple((id(t), t._version) for t in list(model.parameters()) + list(model.buffers()))
+    if not packed:
+        return versions
+    return (versions + tuple((id(getattr(m, k, None)), -1) for m, k in packed)
+            + tuple((id(m), -2) for m in model.modules()))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -232,6 +383,7 @@ class ConsistencyDetector:
         self._scorer_fitted = False
         self._fingerprint: list[list[Any]] | None = None
         self._versions: tuple | None = None
+        self._packed: list[tuple[nn.Module, str]] = []
         if train is not None:
             self.fit(train)
         elif net.is_fitted:
@@ -254,13 +406,14 @@ class ConsistencyDetector:
 
     def _record_model(self) -> None:
         self._fingerprint = model_fingerprint(self.net.model)
-        self._versions = _tensor_versions(self.net.model) if self._fingerprint is not None else None
+        self._packed = _packed_slots(self.net.model) if self._fingerprint is not None else []
+        self._versions = _tensor_versions(self.net.model, self._packed) if self._fingerprint is not None else None
 
     def _check_model(self) -> None:
         """Raise :class:`ModelChangedError` if the model's weights changed since the detector was fitted."""
         if self._fingerprint is None or not isinstance(self.net.model, nn.Module):
             return
-        versions = _tensor_versions(self.net.model)
+        versions = _tensor_versions(self.net.model, self._packed)
         if versions == self._versions:
             return  # fast path: no tensor was replaced or modified in place
         diff = _fingerprint_diff(self._fingerprint, model_fingerprint(self.net.model))
@@ -272,7 +425,8 @@ class ConsistencyDetector:
             else:
                 cause = "the libraries no longer describe it: refit the LibraryNetwork and the detector"
             raise ModelChangedError(f"the model changed since the detector was fitted ({diff}); {cause}")
-        self._versions = versions
+        self._packed = _packed_slots(self.net.model)
+        self._versions = _tensor_versions(self.net.model, self._packed)
 
     def _ensure_scorer(self) -> None:
         self.net.check_fitted()
@@ -567,8 +721,13 @@ class ConsistencyDetector:
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: Any, *, map_location: Any = None, device: Any = None,
-             plugin_manager: pluggy.PluginManager | None = None, check_model: bool = True) -> ConsistencyDetector:
+             plugin_manager: pluggy.PluginManager | None = None, check_model: bool = True,
+             prefix_map: Mapping[str, str] | None = None) -> ConsistencyDetector:
         """Load a detector saved by :meth:`save` onto ``model``.
+
+        A detector fitted on ``torch.compile(m)`` (module names ``_orig_mod.*``) or ``nn.DataParallel(m)``
+        (``module.*``) loads onto ``m`` and the other way round: the wrapper prefixes are dropped or added,
+        and the weights are compared by their names without them.
 
         Args:
             path: the saved file.
@@ -577,15 +736,38 @@ class ConsistencyDetector:
             plugin_manager: where to find the score plugin (default: the process-wide manager).
             check_model: compare the model's weights with the fingerprint saved at fitting and raise
                 :class:`ModelChangedError` when they differ.
+            prefix_map: ``{saved prefix: prefix in model}`` for layer and weight names, e.g.
+                ``{"backbone.": "model.backbone."}`` for a model now held inside another module (the
+                longest matching prefix is replaced; ``""`` matches every name). Default: the automatic
+                mapping of wrapper prefixes above.
         """
         tensors, cfg = load_checked(path, kind=_KIND)
         try:
             net_cfg, method, settings = cfg["network"], cfg["method"], cfg["settings"]
         except KeyError as exc:
             raise SaveFormatError(f"{str(path)!r}: saved detector settings lack the entry {exc}") from exc
+        saved_layers = net_cfg.get("layers") if isinstance(net_cfg, dict) else None
+        if isinstance(saved_layers, list) and all(isinstance(n, str) for n in saved_layers):
+            renames = _layer_renames(saved_layers, model, prefix_map)
+            if renames:
+                cfg = _rename_config(cfg, renames)
+                net_cfg, settings = cfg["network"], cfg["settings"]
+        if prefix_map is not None and isinstance(cfg.get("fingerprint"), list):
+            cfg = {**cfg, "fingerprint": [[_apply_prefix_map(r[0], prefix_map), *r[1:]]
+                                          if isinstance(r, list) and r and isinstance(r[0], str) else r
+                                          for r in cfg["fingerprint"]]}
         net_tensors = {k[len("network/"):]: v for k, v in tensors.items() if k.startswith("network/")}
-        net = LibraryNetwork.from_state(net_tensors, net_cfg, model, device=device if device is not None else map_location,
-                                         plugin_manager=plugin_manager)
+        try:
+            net = LibraryNetwork.from_state(net_tensors, net_cfg, model,
+                                             device=device if device is not None else map_location,
+                                             plugin_manager=plugin_manager)
+        except LayerNotFoundError as exc:
+            if prefix_map is not None or not isinstance(model, nn.Module):
+                raise
+            hint = _prefix_hint(saved_layers, model)
+            raise LayerNotFoundError(f"{exc}. {str(path)!r} was fitted on the layers {saved_layers}"
+                                     + (f"; if the model is now held inside another module, load with prefix_map={hint}"
+                                        if hint else "")) from exc
         det = cls(net, method=method, settings=settings, on_nonfinite=cfg.get("on_nonfinite", "flag"),
                   plugin_manager=plugin_manager)
         fingerprint = cfg.get("fingerprint")
@@ -601,7 +783,8 @@ class ConsistencyDetector:
                                         f"({diff}); pass the same model, or refit")
         if fingerprint is not None:
             det._fingerprint = fingerprint
-            det._versions = _tensor_versions(model) if isinstance(model, nn.Module) else None
+            det._packed = _packed_slots(model) if isinstance(model, nn.Module) else []
+            det._versions = _tensor_versions(model, det._packed) if isinstance(model, nn.Module) else None
         if cfg.get("scorer_fitted"):
             state = {k[len("detector/"):]: v for k, v in tensors.items() if k.startswith("detector/")}
             det.scorer.load_state_dict(state, net, cfg.get("scorer") or {})

@@ -20,7 +20,7 @@ from ._batches import MultiInput, input_tensors
 from .errors import LayerNotFoundError, NonFiniteError
 
 __all__ = ["ProbeResult", "LayerProbe", "ConfigurableProbe", "TorchLayerProbe", "eval_mode", "model_float_dtype", "check_inputs_finite", "check_finite", "unknown_layer_message", "model_device",
-           "class_scores", "flatten_activations"]
+           "class_scores", "flatten_activations", "layer_output"]
 
 
 @dataclass
@@ -92,6 +92,29 @@ def flatten_activations(activations: Mapping[str, Tensor], device: torch.device 
         check_finite(hap, f"the activations of layer {name!r}")
         haps[name] = hap
     return haps
+
+
+def layer_output(out: Any, layer: str) -> Tensor:
+    """The tensor that stands for a module's forward output ``out`` (what :class:`TorchLayerProbe` records):
+    a Tensor as it is, the first value of a mapping (a HuggingFace ``BaseModelOutput``: its hidden states),
+    the first item of a tuple or list (``nn.LSTM``'s ``(output, (h, c))``, ``nn.MultiheadAttention``'s
+    ``(output, None)``). For probes other than hooks on a torch module (the Captum adapter's).
+
+    Raises:
+        TypeError: that is not a Tensor (the message names ``layer``).
+
+    Example:
+        >>> import torch
+        >>> layer_output((torch.zeros(2, 3), (torch.ones(1), torch.ones(1))), "lstm").shape
+        torch.Size([2, 3])
+    """
+    if isinstance(out, Mapping) and out:
+        out = next(iter(out.values()))
+    if isinstance(out, (tuple, list)) and out:
+        out = out[0]
+    if not isinstance(out, Tensor):
+        raise TypeError(f"layer {layer!r} returned {type(out).__name__}, expected a Tensor")
+    return out
 
 
 @runtime_checkable

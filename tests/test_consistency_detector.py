@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from torch import nn
 
 import libnet_plugin as lnp
 from libnet_plugin.consistency_detector import DetectorGuard, GuardOutput, ModelChangedError, model_fingerprint
-from libnet_plugin.errors import NonFiniteError, NotFittedError, SaveFormatError, ShapeMismatchError
+from libnet_plugin.errors import LayerNotFoundError, NonFiniteError, NotFittedError, SaveFormatError, ShapeMismatchError
 
 METHODS = ["cpl", "library-margin", "library-distance", "msp", "mahalanobis", "knn"]
 
@@ -209,6 +210,93 @@ def test_load_refuses_a_changed_model_and_other_files(tmp_path, mlp, mlp_data):
 def test_fingerprint_is_none_for_non_torch_models():
     assert model_fingerprint("model.onnx") is None
     assert model_fingerprint(nn.Linear(2, 3))[0][:2] == ["weight", [3, 2]]
+
+
+def _quantised(model: nn.Module) -> nn.Module:
+    with warnings.catch_warnings():  # torch.ao.quantization's deprecation notices
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+
+
+def test_quantised_model_fingerprint_holds_the_packed_weights(tmp_path, mlp, mlp_data):
+    x, _ = mlp_data
+    q = _quantised(mlp)
+    assert not list(q.parameters()) and not list(q.buffers())  # the weights live in packed-parameter objects
+    names = [r[0] for r in model_fingerprint(q)]
+    assert "fc2._packed_params._packed_params[0]" in names and "fc2._packed_params._packed_params[1]" in names
+    det = lnp.ConsistencyDetector(q, layers=["fc1", "fc2", "out"], thresholds=0.9, train=x,
+                                  method="cpl").calibrate(x[:100], fpr=0.1)
+    det.save(tmp_path / "det.lnp")
+    det.score(x[:3])
+    lnp.ConsistencyDetector.load(tmp_path / "det.lnp", _quantised(mlp))  # the same weights, quantised again
+    fitted_out = q.out
+    q.out = torch.ao.nn.quantized.dynamic.Linear(16, 4)  # a quantised layer swapped for another
+    with pytest.raises(ModelChangedError, match=r"'out\._packed_params\._packed_params\[0\]' changed"):
+        det.score(x[:3])
+    q.out = fitted_out
+    det.score(x[:3])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        weight = torch.quantize_per_tensor(torch.randn(16, 32, generator=torch.Generator().manual_seed(5)),
+                                           0.05, 0, torch.qint8)
+    q.fc2.set_weight_bias(weight, q.fc2.bias())  # a probed layer's weights replaced
+    with pytest.raises(ModelChangedError, match=r"'fc2\._packed_params\._packed_params\[0\]' changed"):
+        det.score(x[:3])
+    with pytest.raises(ModelChangedError, match="weights differ"):
+        lnp.ConsistencyDetector.load(tmp_path / "det.lnp", q)
+
+
+class _Holder(nn.Module):
+    """Holds a model under another attribute name, as a wrapper of one's own would."""
+
+    def __init__(self, name: str, model: nn.Module) -> None:
+        super().__init__()
+        self.name = name
+        self.add_module(name, model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return getattr(self, self.name)(x)
+
+
+def test_detector_moves_between_the_bare_and_the_wrapped_model(tmp_path, mlp, mlp_data):
+    x, _ = mlp_data
+    q = x[:40]
+    bare = lnp.ConsistencyDetector(mlp, layers=["fc1", "out"], thresholds=0.9, train=x,
+                                   method="library-fusion").calibrate(x[:100], fpr=0.1)
+    bare.save(tmp_path / "bare.lnp")
+    # fitted on the bare model, loaded onto DataParallel (names "module.*"; runs the model itself on CPU)
+    dp = lnp.ConsistencyDetector.load(tmp_path / "bare.lnp", nn.DataParallel(mlp))
+    assert dp.net.layers == ["module.fc1", "module.out"] and dp.threshold_ == bare.threshold_
+    torch.testing.assert_close(dp.score(q), bare.score(q), rtol=1e-5, atol=1e-6)
+    # ... and onto torch.compile's wrapper (names "_orig_mod.*"; loading runs no forward pass)
+    compiled = lnp.ConsistencyDetector.load(tmp_path / "bare.lnp", torch.compile(mlp))
+    assert compiled.net.layers == ["_orig_mod.fc1", "_orig_mod.out"]
+    # the reverse: fitted on the wrapped model, loaded onto the bare one
+    dp.save(tmp_path / "dp.lnp")
+    back = lnp.ConsistencyDetector.load(tmp_path / "dp.lnp", mlp)
+    assert back.net.layers == ["fc1", "out"]
+    torch.testing.assert_close(back.score(q), bare.score(q), rtol=1e-5, atol=1e-6)
+    holder = _Holder("_orig_mod", mlp)  # saved with "_orig_mod.*" names, as a fit on torch.compile(mlp) is
+    lnp.ConsistencyDetector(holder, layers=["_orig_mod.fc1", "_orig_mod.out"], thresholds=0.9, train=x,
+                            method="library-fusion").calibrate(x[:100], fpr=0.1).save(tmp_path / "compiled.lnp")
+    from_compiled = lnp.ConsistencyDetector.load(tmp_path / "compiled.lnp", mlp)
+    torch.testing.assert_close(from_compiled.score(q), bare.score(q), rtol=1e-5, atol=1e-6)
+    # a different model is still refused, wrapped or not
+    torch.manual_seed(7)
+    other = type(mlp)().eval()
+    for model in (other, nn.DataParallel(other), torch.compile(other)):
+        for path in ("bare.lnp", "dp.lnp", "compiled.lnp"):
+            with pytest.raises(ModelChangedError, match="weights differ"):
+                lnp.ConsistencyDetector.load(tmp_path / path, model)
+    # another wrapper: prefix_map says where the saved names are now
+    wrapped = _Holder("backbone", mlp)
+    with pytest.raises(LayerNotFoundError, match=r"'fc1' does not exist.*prefix_map=\{'': 'backbone\.'\}"):
+        lnp.ConsistencyDetector.load(tmp_path / "bare.lnp", wrapped)
+    mapped = lnp.ConsistencyDetector.load(tmp_path / "bare.lnp", wrapped, prefix_map={"": "backbone."})
+    assert mapped.net.layers == ["backbone.fc1", "backbone.out"]
+    torch.testing.assert_close(mapped.score(q), bare.score(q), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ModelChangedError, match="weights differ"):
+        lnp.ConsistencyDetector.load(tmp_path / "bare.lnp", _Holder("backbone", other), prefix_map={"": "backbone."})
 
 
 def test_streaming_fit_of_training_data_detectors(fitted, mlp_data):

@@ -4,7 +4,7 @@
 - :class:`LibraryExemplars`: a ``captum.influence.DataInfluence`` giving the training inputs behind the
   library nodes an input is closest to, per layer.
 - :class:`CaptumForward`: a marker that lets a :class:`libnet_plugin.LibraryNetwork` probe any forward
-  function Captum accepts, through Captum's ``LayerActivation``.
+  function Captum accepts (forward hooks as Captum's ``LayerActivation`` sets them).
 
 Importing this package (or its ``plugin`` entry point) does not import captum; the attribution classes
 load it on first access.

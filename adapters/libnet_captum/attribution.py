@@ -6,7 +6,8 @@ layer's class evidence P (Eq. 3 of the paper), the same numbers as
 ``captum.influence.DataInfluence``: for each chosen layer, the training inputs behind the library nodes
 an input is closest to, shaped like ``captum.influence.SimilarityInfluence``'s result.
 
-Layer activations are read with Captum's own ``LayerActivation``; its hooks live for one forward pass
+Layer activations are read with forward hooks as Captum's ``LayerActivation`` sets them (and a module's
+output as the core probe reads it); the hooks live for one forward pass
 and are removed in ``finally``, also when the model raises.
 """
 
@@ -69,7 +70,7 @@ def _naming(model: Any, owner: str) -> tuple[dict[str, nn.Module], str] | None:
 
 class _LibraryLayers:
     """What :class:`LibraryAttribution` and :class:`LibraryExemplars` share: resolving the layers, checking
-    and fitting the library network, and reading the layers' activations with ``LayerActivation``."""
+    and fitting the library network, and reading the layers' activations (:func:`layer_activations`)."""
 
     forward_func: Callable[..., Any]
     library_network: LibraryNetwork | None

@@ -17,7 +17,7 @@ from ._probe import CaptumForward, CaptumLayerProbe
 
 @hookimpl
 def libnet_layer_probe(model: Any, layers: Sequence[str], device: Any) -> Any | None:
-    """Serve :class:`CaptumForward` models with a probe built on Captum's ``LayerActivation``."""
+    """Serve :class:`CaptumForward` models with a probe of forward hooks (as Captum's ``LayerActivation``)."""
     if isinstance(model, CaptumForward):
         return CaptumLayerProbe(model, layers, device=device)
     return None

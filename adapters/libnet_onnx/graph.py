@@ -55,6 +55,11 @@ _DOWNSTREAM_FUSIONS = frozenset({"FuseBatchNormIntoConv", "FuseBatchNormIntoConv
 _FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16})
 _MAX_PROTO_BYTES = 2**31 - 1
 
+#: what to do about a graph that ends in a ZipMap (skl2onnx's default export of a classifier)
+ZIPMAP_HINT = (". The graph ends in a ZipMap (one dict of class probabilities per input), and the ZipMap's "
+               "inputs may be untyped: export without it, zipmap=False (skl2onnx: to_onnx(model, X, "
+               "options={'zipmap': False})), or probe tensors before it (see `libnet layers`)")
+
 Dim = int | str | None
 LayerKind = Literal["module", "tensor"]
 
@@ -241,12 +246,57 @@ def _dynamo_chain(node: onnx.NodeProto) -> tuple[str, ...] | None:
     return None
 
 
-def _legacy_chain(node: onnx.NodeProto) -> tuple[str, ...] | None:
+def _unqualified(name: str) -> str:
+    """The legacy exporter's scope name of the module named ``name``: its last non-numeric atom and the atoms
+    after it (``encoder.layers.0`` -> ``layers.0``, ``layer1.0.conv1`` -> ``conv1``, ``0.1`` -> ``0.1``)."""
+    atoms = name.split(".")
+    for i in range(len(atoms) - 1, -1, -1):
+        if not atoms[i].isnumeric():
+            return ".".join(atoms[i:])
+    return name
+
+
+def known_module_names(model: onnx.ModelProto) -> frozenset[str]:
+    """Module names read from the initializers that keep their ``state_dict`` names (``encoder.layers.0.fc.weight``
+    gives ``encoder.layers.0.fc``, ``encoder.layers.0``, ``encoder.layers`` and ``encoder``)."""
+    names: set[str] = set()
+    for init in model.graph.initializer:
+        if "::" in init.name or "/" in init.name or "." not in init.name:
+            continue  # a folded constant (``onnx::Conv_12``) or a name that is not a parameter path
+        atoms = init.name.split(".")[:-1]
+        names.update(".".join(atoms[:i]) for i in range(1, len(atoms) + 1))
+    return frozenset(names)
+
+
+def _legacy_child(parent: str, comp: str, known: frozenset[str]) -> str:
+    """The qualified name of the module whose legacy scope name is ``comp``, called inside module ``parent``.
+
+    The child is ``parent.comp`` (a module under a ModuleList, which is never called: ``encoder`` then
+    ``layers.0`` is ``encoder.layers.0``), or, when ``comp`` starts with the parent's own scope name, the
+    parent's child in a called container (``layer1`` then ``layer1.0`` is ``layer1.0``). Module names read
+    from the parameters (``known``) decide between the two, and find a child called through a module that
+    was not (``encoder`` calling ``encoder.sub.fc`` directly); without them the container reading wins.
+    """
+    own = _unqualified(parent)
+    candidates = [parent + comp[len(own):]] if comp.startswith(own + ".") else []
+    candidates.append(f"{parent}.{comp}")
+    if known:
+        for name in candidates:
+            if name in known:
+                return name
+        deeper = {n for n in known if n.startswith(parent + ".") and n.endswith("." + comp)}
+        if len(deeper) == 1:
+            return deeper.pop()
+    return candidates[0]
+
+
+def _legacy_chain(node: onnx.NodeProto, known: frozenset[str] = frozenset()) -> tuple[str, ...] | None:
     """Qualified module names from a legacy-exporter node name such as ``/layer1/layer1.0/conv1/Conv``.
 
     The legacy exporter names each scope by the module's qualified name cut back to its last non-numeric
-    atom (``layer1.0.conv1`` -> ``conv1``, ``layer1.0`` -> ``layer1.0``), so the full names are rebuilt
-    from the parent's.
+    atom (``layer1.0.conv1`` -> ``conv1``, ``layer1.0`` -> ``layer1.0``, ``encoder.layers.0`` ->
+    ``layers.0``), so the full names are rebuilt from the parent's (see :func:`_legacy_child`; ``known``:
+    the module names of :func:`known_module_names`).
     """
     if not node.name.startswith("/"):
         return None
@@ -254,16 +304,13 @@ def _legacy_chain(node: onnx.NodeProto) -> tuple[str, ...] | None:
     for comp in node.name.split("/")[1:-1]:
         if not comp:
             return None
-        if not chain:
-            chain.append(comp)
-        else:
-            chain.append(f"{chain[-1]}.{comp.rsplit('.', 1)[-1] if '.' in comp else comp}")
+        chain.append(_legacy_child(chain[-1], comp, known) if chain else comp)
     return tuple(chain)
 
 
-def _node_chain(node: onnx.NodeProto) -> tuple[str, ...] | None:
+def _node_chain(node: onnx.NodeProto, known: frozenset[str] = frozenset()) -> tuple[str, ...] | None:
     chain = _dynamo_chain(node)
-    return chain if chain is not None else _legacy_chain(node)
+    return chain if chain is not None else _legacy_chain(node, known)
 
 
 def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
@@ -355,7 +402,8 @@ class OnnxGraph:
             if reads & dependent:
                 dependent.update(t for t in node.output if t)
         self._dependent = dependent
-        self.chains: list[tuple[str, ...] | None] = [_node_chain(n) for n in self.nodes]
+        known = known_module_names(self.model)
+        self.chains: list[tuple[str, ...] | None] = [_node_chain(n, known) for n in self.nodes]
         self._module_nodes: dict[str, list[int]] = {}
         for i, chain in enumerate(self.chains):
             for name in chain or ():
@@ -373,7 +421,7 @@ class OnnxGraph:
         vi = self._value_infos.get(tensor)
         if vi is None or not vi.type.HasField("tensor_type") or not vi.type.tensor_type.elem_type:
             raise OnnxModelError(f"the type of tensor {tensor!r} in {self.source} could not be inferred, so it cannot "
-                                 "be added as an output")
+                                 "be added as an output" + (ZIPMAP_HINT if self.has_zipmap else ""))
         out = onnx.ValueInfoProto()
         out.CopyFrom(vi)
         return out
@@ -481,12 +529,19 @@ class OnnxGraph:
         return self._module_candidates(name)[1]
 
     # ------------------------------------------------------------------ names
+    @property
+    def has_zipmap(self) -> bool:
+        """True when the graph turns class scores into a ZipMap (one dict per input; skl2onnx's default)."""
+        return any(node.op_type == "ZipMap" for node in self.nodes)
+
     def _unknown_message(self, name: str) -> str:
         valid = self.module_names + self.tensor_names
         if name in self.producer or name in self._value_infos:
             reason = f"tensor {name!r} of {self.source} cannot be probed: {self._why_not_probeable(name)}."
-            return unknown_layer_message(name, valid, reason=reason)
+            return unknown_layer_message(name, valid, reason=reason) + (ZIPMAP_HINT if self.has_zipmap else "")
         msg = unknown_layer_message(name, valid, kind=f"ONNX model {self.source}")
+        if self.has_zipmap:
+            msg += ZIPMAP_HINT
         if self._has_fusion():
             msg += (". The exporter's optimiser fused some nodes of this graph (e.g. BatchNorm into Conv), which "
                     "removes the outputs of the fused modules; re-export with "

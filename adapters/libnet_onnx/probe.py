@@ -25,6 +25,8 @@ from .providers import ProviderSpec, default_providers, resolve_providers
 
 __all__ = ["OnnxModel", "OnnxLayerProbe"]
 
+#: dict keys that the core reads as the one input tensor of a batch (a dict holding one of them is cut to it)
+_ONE_TENSOR_KEYS = ("x", "input", "inputs", "image", "images", "pixel_values")
 #: SessionOptions settings carried over from a caller's InferenceSession to the probing session.
 _COPIED_SESSION_OPTIONS = ("graph_optimization_level", "intra_op_num_threads", "inter_op_num_threads",
                            "execution_mode", "enable_cpu_mem_arena", "enable_mem_pattern", "log_severity_level",
@@ -149,8 +151,8 @@ class OnnxModel:
         raise OnnxModelError(
             f"none of the outputs of {self.source} holds class scores as a floating tensor [B, C]: "
             f"{'; '.join(reasons)}. Pass output= naming the [B, C] tensor (any probe-able tensor, e.g. the "
-            f"probabilities before a ZipMap; see `libnet layers`), or export without the ZipMap (skl2onnx: "
-            "options={'zipmap': False})")
+            f"probabilities before a ZipMap; see `libnet layers`), or export without the ZipMap: zipmap=False "
+            "(skl2onnx: to_onnx(model, X, options={'zipmap': False}))")
 
     def __repr__(self) -> str:
         return (f"OnnxModel({self.source}, input={self.input.describe()}, output={self.output!r}, "
@@ -267,6 +269,7 @@ class OnnxLayerProbe:
         first = graph.input.shape[0] if graph.input.shape else None
         self.fixed_batch: int | None = first if isinstance(first, int) and first > 0 else None
         self._warned_fixed_batch = False
+        self._checked_copies = len(self.layers) < 2
 
     def _open_session(self) -> None:
         model = self.model
@@ -319,8 +322,14 @@ class OnnxLayerProbe:
         names = [spec.name for spec in specs]
         if isinstance(x, Tensor):
             if len(specs) != 1:
-                raise InputTypeError(f"{self.model.source} has {len(specs)} graph inputs {names}; pass a dict of "
-                                     "tensors by input name (or a tuple in that order), not one tensor")
+                cut = [n for n in names if n in _ONE_TENSOR_KEYS]
+                note = (f" A dict batch with the key {cut[0]!r} is read as that one tensor (its other keys are not "
+                        f"passed), so feed this graph a tuple batch in the order {names}, e.g. "
+                        f"(({', '.join(names)}), y)"
+                        if cut else "")
+                raise InputTypeError(f"{self.model.source} has {len(specs)} graph inputs {names} but the batch gave one "
+                                     "tensor; pass a dict of tensors keyed by the input names, or a tuple in that "
+                                     f"order.{note}")
             return {specs[0].name: self._array(specs[0], x)}
         if isinstance(x.parts, dict):
             missing, extra = [n for n in names if n not in x.parts], [k for k in x.parts if k not in names]
@@ -331,6 +340,24 @@ class OnnxLayerProbe:
         if len(x.parts) != len(specs):
             raise InputTypeError(f"the batch holds {len(x.parts)} inputs; {self.model.source} takes {len(specs)}: {names}")
         return {spec.name: self._array(spec, t) for spec, t in zip(specs, x.parts)}
+
+    def _warn_copies(self, acts: Mapping[str, Tensor]) -> None:
+        """Warn once when probed layers carry the same values (skl2onnx's ``probability_tensor`` and the
+        normalised ``probabilities``): the consistency between them is 1 whatever the input."""
+        flat = {name: a.reshape(a.shape[0], -1).double() for name, a in acts.items()}
+        names = list(flat)
+        same = [(a, c) for i, a in enumerate(names) for c in names[i + 1:]
+                if flat[a].shape == flat[c].shape and torch.allclose(flat[a], flat[c], rtol=1e-5, atol=1e-7)]
+        if not same:
+            return
+        pairs = ", ".join(f"{a!r} = {c!r}" for a, c in same)
+        whole = len(same) == len(names) * (len(names) - 1) // 2
+        warnings.warn(f"probed layers of {self.model.source} carry the same values on the first batch ({pairs}, tensors "
+                      f"{sorted({self.tensors[n] for pair in same for n in pair})}): their class evidence is the same, "
+                      "so the consistency between them (CPL) is 1 for every input"
+                      + (" and CPL-based detection is vacuous" if whole else "")
+                      + "; probe layers that compute different things (see `libnet layers`)",
+                      RuntimeWarning, stacklevel=3)
 
     # ------------------------------------------------------------------ run
     def _session_run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -401,5 +428,8 @@ class OnnxLayerProbe:
             arr_l = results[self._fetch_index[tensor]]
             self._check_batch(tensor, arr_l, b)
             acts[name] = torch.from_numpy(arr_l)
+        if not self._checked_copies and b >= 2:
+            self._checked_copies = True
+            self._warn_copies(acts)
         return ProbeResult.from_activations(torch.from_numpy(outputs), acts, self.device,
                                             output_name=self.model.output)

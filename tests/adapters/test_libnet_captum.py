@@ -139,6 +139,88 @@ def test_additional_forward_args(mlp_data):
     assert not torch.equal(other[0], attr.attribute(x[:8], additional_forward_args=2.0)[0])
 
 
+class LSTMNet(nn.Module):
+    """``nn.LSTM`` returns ``(output, (h, c))``: the probes record ``output``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(4, 12, batch_first=True)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(x)
+        return self.head(out[:, -1])
+
+
+class AttnNet(nn.Module):
+    """``nn.MultiheadAttention(need_weights=False)`` returns ``(output, None)``; a second input is optional."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(48, 3)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.proj(x)
+        c = h if context is None else self.proj(context)
+        out, _ = self.attn(h, c, c, need_weights=False)
+        return self.head(out.flatten(1))
+
+
+def _sequences(n: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, 6, 4, generator=torch.Generator().manual_seed(seed))
+
+
+def _assert_close_scores(got, expected: dict[str, torch.Tensor], names: list[str]) -> None:
+    assert len(got) == len(names)
+    for g, n in zip(got, names):
+        torch.testing.assert_close(g, expected[n], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("model_cls, seed, layer", [(LSTMNet, 1, "lstm"), (AttnNet, 0, "attn")])
+def test_modules_with_tuple_outputs_equal_core(model_cls, seed, layer):
+    torch.manual_seed(seed)
+    model = model_cls().eval()
+    x, q = _sequences(150, 2), _sequences(7, 3)
+    names = [layer, "head"]
+    attr = LibraryAttribution(model, names).fit(x, thresholds=0.9)
+    net = attr.library_network
+    assert isinstance(net.probe, lnp.TorchLayerProbe)  # fitted by the core's probe, read by the adapter's hooks
+    _assert_close_scores(attr.attribute(q), net.predict_scores(q), names)
+    influences = LibraryExemplars(model, names, library_network=net).influence(q, top_k=3)
+    indices, sims = net.exemplars(q, 3, return_similarities=True)
+    for name in names:
+        assert torch.equal(influences[name][0], indices[name])
+        torch.testing.assert_close(influences[name][1], sims[name], rtol=1e-5, atol=1e-6)
+    # a plain callable goes through the adapter's probe for fitting too: the same libraries
+    fn = LibraryAttribution(lambda t: model(t), [getattr(model, layer), model.head]).fit(x, thresholds=0.9)
+    assert isinstance(fn.library_network.probe, CaptumLayerProbe)
+    assert torch.equal(fn.library_network.libraries_["layer0"].node_indices, net.libraries_[layer].node_indices)
+    _assert_close_scores(fn.attribute(q), {"layer0": attr.attribute(q)[0], "layer1": attr.attribute(q)[1]},
+                         ["layer0", "layer1"])
+    assert forward_hook_count(model) == 0
+
+
+def test_forward_function_of_two_inputs(tmp_path):
+    torch.manual_seed(0)
+    model = AttnNet().eval()
+    x, context = _sequences(150, 2), _sequences(150, 4)
+
+    def forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return model(a, b)
+
+    attr = LibraryAttribution(forward, [model.attn, model.head]).fit(((x, context),), thresholds=0.9)
+    net = attr.library_network
+    assert isinstance(net.probe, CaptumLayerProbe) and net.n_train_ == 150
+    core = lnp.LibraryNetwork(model, ["attn", "head"], thresholds=0.9).fit(((x, context),))  # model(x, context)
+    assert torch.equal(net.libraries_["layer0"].node_indices, core.libraries_["attn"].node_indices)
+    q = (x[:5] + 0.1, context[:5])
+    _assert_close_scores(attr.attribute(q), net.predict_scores((q,)), ["layer0", "layer1"])
+    influences = LibraryExemplars(forward, [model.attn], library_network=net).influence(q, top_k=2)
+    assert influences["layer0"][0].shape == (5, 2)
+
+
 def test_saved_network_reloaded_gives_same_attribution(fitted, train_x, tmp_path):
     mlp = fitted.forward_func
     x = train_x

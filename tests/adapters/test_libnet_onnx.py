@@ -159,6 +159,91 @@ def test_legacy_scope_names_are_rebuilt_into_qualified_module_names():
     assert chain("/0/0.1/Gemm") == ("0", "0.1")
     assert chain("/Relu") == ()
     assert chain("Identity_0") is None
+    # a ModuleList is never called: its items' scopes come straight under the module holding it
+    assert chain("/encoder/layers.0/self_attn/MatMul") == ("encoder", "encoder.layers.0", "encoder.layers.0.self_attn")
+    assert chain("/encoder/blocks.1/ff/ff.0/Gemm")[-1] == "encoder.blocks.1.ff.0"
+
+
+def test_legacy_scope_names_are_checked_against_the_parameter_names():
+    def chain(name, known):
+        return _legacy_chain(helper.make_node("Relu", ["a"], ["b"], name=name), frozenset(known))
+
+    # a ModuleList named like the module holding it, and a module called through one that is not called
+    assert chain("/blocks/blocks.0/Relu", {"blocks", "blocks.blocks", "blocks.blocks.0"})[-1] == "blocks.blocks.0"
+    assert chain("/encoder/fc/Gemm", {"encoder", "encoder.sub", "encoder.sub.fc"})[-1] == "encoder.sub.fc"
+    assert chain("/layer1/layer1.0/Relu", {"layer1", "layer1.0"})[-1] == "layer1.0"
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.acts = nn.ModuleList([nn.Tanh(), nn.Sequential(nn.Linear(8, 8), nn.ReLU())])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.fc(x)
+        for act in self.acts:
+            x = act(x)
+        return x
+
+
+class Encoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(), Block()])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+class NestedNet(nn.Module):
+    """ModuleLists two and three levels down, as in every HuggingFace encoder (``encoder.layer.0``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = Encoder()
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x) + x)
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_modules_under_nested_module_lists_keep_their_torch_names(dynamo, tmp_path):
+    if dynamo:
+        pytest.importorskip("onnxscript")
+    torch.manual_seed(0)
+    model = NestedNet().eval()
+    path = export_onnx(model, torch.randn(3, 8), tmp_path / "nested.onnx", dynamo=dynamo)
+    names = [l.name for l in list_layers(path, kind="module")]
+    for name in ("encoder.blocks.0", "encoder.blocks.0.fc", "encoder.blocks.1.acts.0", "encoder.blocks.1.acts.1",
+                 "encoder.blocks.1.acts.1.0", "head"):
+        assert name in names, (name, names)
+    assert not any(n.startswith(("encoder.0", "encoder.1")) for n in names), names
+    layers = ["encoder.blocks.0", "encoder.blocks.1.acts.0", "encoder.blocks.1.acts.1.0", "head"]
+    g = torch.Generator().manual_seed(1)
+    x, q = torch.randn(120, 8, generator=g), torch.randn(20, 8, generator=g)
+    net_t = lnp.LibraryNetwork(model, layers, thresholds=0.9).fit(x)
+    net_t.save(tmp_path / "net.lnp")
+    loaded = lnp.LibraryNetwork.load(tmp_path / "net.lnp", path)  # fitted in torch, loaded onto the export
+    for layer, p in net_t.predict_scores(q).items():
+        assert torch.allclose(loaded.predict_scores(q)[layer], p, atol=1e-5), layer
+
+
+def test_transformer_encoder_layers_keep_their_names_in_a_legacy_export(tmp_path):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    model = nn.Sequential(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), nn.Flatten(), nn.Linear(32, 3))
+    path = export_onnx(model.eval(), torch.randn(3, 4, 8), tmp_path / "encoder.onnx", dynamo=False)
+    names = [l.name for l in list_layers(path, kind="module")]
+    assert {"0.layers.0", "0.layers.0.self_attn", "0.layers.1.linear2", "0.layers.1.norm2"} <= set(names), names
+    layers = ["0.layers.0", "0.layers.1.linear2", "2"]
+    x = torch.randn(5, 4, 8, generator=torch.Generator().manual_seed(1))
+    res_t, res_o = TorchLayerProbe(model, layers).run(x), OnnxLayerProbe(path, layers).run(x)
+    for name in layers:
+        torch.testing.assert_close(res_o.haps[name], res_t.haps[name], rtol=1e-5, atol=1e-5)
 
 
 def test_module_output_is_the_tensor_used_outside_the_scope():
@@ -527,3 +612,50 @@ def test_a_graph_with_several_inputs_is_fed_by_name_or_order(tmp_path, capsys):
     onnx.save(proto, str(path))
     assert main(["layers", str(path)]) == 0
     assert "inputs 'input_ids'" in capsys.readouterr().out
+
+
+def test_a_two_input_graph_with_an_input_named_x_is_fed_dict_batches():
+    x_in = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])
+    m_in = helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["batch", 3])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])
+    nodes = [helper.make_node("Mul", ["x", "mask"], ["h"], name="/gate/Mul"),
+             helper.make_node("Tanh", ["h"], ["logits"], name="/head/Tanh")]
+    proto = helper.make_model(helper.make_graph(nodes, "g", [x_in, m_in], [y]), opset_imports=[helper.make_opsetid("", 17)])
+    g = torch.Generator().manual_seed(0)
+    x, mask = torch.randn(60, 3, generator=g), (torch.rand(60, 3, generator=g) > 0.3).float()
+    by_order = lnp.LibraryNetwork(proto, ["gate", "head"], thresholds=0.9).fit(((x, mask),))
+    assert torch.equal(by_order.run(MultiInput((x, mask))).haps["gate"], x * mask)
+    # a dict keyed by the graph's inputs: fed by name, or (while the key "x" is read as the one input of a
+    # batch) refused with what to do instead, never run on a part of the inputs
+    try:
+        by_name = lnp.LibraryNetwork(proto, ["gate", "head"], thresholds=0.9).fit({"x": x, "mask": mask})
+    except InputTypeError as exc:
+        assert re.search(r"2 graph inputs \['x', 'mask'\] but the batch gave one tensor.*key 'x' is read as that one "
+                         r"tensor.*tuple batch in the order \['x', 'mask'\], e\.g\. \(\(x, mask\), y\)", str(exc)), exc
+    else:
+        for layer, p in by_order.predict_scores(((x[:9], mask[:9]),)).items():
+            torch.testing.assert_close(by_name.predict_scores({"x": x[:9], "mask": mask[:9]})[layer], p)
+
+
+def test_skl2onnx_zipmap_and_copies_of_the_probabilities():
+    skl2onnx = pytest.importorskip("skl2onnx")
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(120, 4)).astype(np.float32)
+    y = (x[:, 0] + x[:, 1] > 0).astype(int) + (x[:, 2] > 1).astype(int)
+    clf = LogisticRegression().fit(x, y)
+    xt = torch.from_numpy(x)
+    zipmap = skl2onnx.to_onnx(clf, x[:1])  # the default: probabilities as one dict per input
+    with pytest.raises(LayerNotFoundError, match=r"'probabilities'.*cannot be probed.*ZipMap.*zipmap=False"):
+        lnp.LibraryNetwork(zipmap, ["probability_tensor", "probabilities"], thresholds=0.9)
+    with pytest.raises(OnnxModelError, match=r"ZipMap.*zipmap=False"):
+        OnnxModel(zipmap)(xt[:2])
+    plain = skl2onnx.to_onnx(clf, x[:1], options={id(clf): {"zipmap": False}})
+    # probability_tensor and its L1-normalised copy probabilities hold the same values: CPL says nothing
+    with pytest.warns(RuntimeWarning, match=r"same values.*'probability_tensor' = 'probabilities'.*CPL.*vacuous"):
+        net = lnp.LibraryNetwork(plain, ["probability_tensor", "probabilities"], thresholds=0.9).fit(xt)
+    torch.testing.assert_close(net.consistency(xt[:10]), torch.ones(10))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        OnnxLayerProbe(plain, ["probabilities"]).run(xt[:4])  # one layer: nothing to compare
