@@ -2,6 +2,7 @@
 #   make reproduce   -> builds .venv, runs `libnet reproduce mnist` on the embedded default data
 #   make test        -> builds .venv, runs ruff, then tests/, integration_tests/ and the docstring examples
 # .venv installs the lock (requirements/constraints.txt); the package itself asks only for ranges (pyproject.toml).
+#   make test-kernels -> the suite on the lock with another CPU's kernel paths (AVX2, generic), 1 thread
 #   make test-compat -> the compatibility run (not part of CI: it downloads a few GB once): .venv-compat on
 #                       Python 3.12 with the registry's torch, torchvision and timm, the project installed with
 #                       plain pip (no lock), the suite with 1 and with 2 threads. Run it before any change of
@@ -18,7 +19,7 @@ COMPAT_STAMP  := $(COMPAT_VENV)/.installed
 COMPAT_PINS   := torch==2.14.1 torchvision==0.29.1 timm==1.0.31
 PYTEST_ARGS   := tests integration_tests libnet_plugin adapters -q
 
-.PHONY: venv reproduce test test-compat bench clean
+.PHONY: venv reproduce test test-compat test-kernels bench clean
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (Python 3.11 is required)"; exit 1; }
@@ -48,6 +49,12 @@ test-compat: $(COMPAT_STAMP)
 	$(COMPAT_VENV)/bin/python scripts/check_compat_pins.py $(COMPAT_PINS)
 	OMP_NUM_THREADS=1 $(COMPAT_VENV)/bin/python -m pytest $(PYTEST_ARGS) -p no:cacheprovider
 	OMP_NUM_THREADS=2 $(COMPAT_VENV)/bin/python -m pytest $(PYTEST_ARGS) -p no:cacheprovider
+
+# The suite with the CPU kernels of another machine: ATen's and MKL's AVX2 code paths (an AVX2-only Intel or AMD CPU)
+# and their generic ones, one thread each (what another CPU or math library rounds differently; not part of CI).
+test-kernels: $(STAMP)
+	ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 OMP_NUM_THREADS=1 $(BIN)/python -m pytest $(PYTEST_ARGS) -p no:cacheprovider
+	ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2 OMP_NUM_THREADS=1 $(BIN)/python -m pytest $(PYTEST_ARGS) -p no:cacheprovider
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
