@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pluggy
@@ -58,6 +58,10 @@ class StreamFit:
     n_classes: int
     input_shape: tuple[int, ...] | None
     answers: Tensor
+    #: layers whose activations were the same for every training input (an all-zero or constant layer)
+    constant_layers: list[str] = field(default_factory=list)
+    #: whether every probed layer gave the very same activations for every input (two or more layers)
+    same_haps: bool = False
 
 
 def _check_loaded(layer: str, lib: Any, readout: Any, n_classes: int) -> None:
@@ -142,6 +146,12 @@ def stream_fit(probe: Any, train: Any, libraries: Mapping[str, Sequence[Any]], n
             raise ShapeMismatchError(f"training batch has per-input shape {shape}, earlier batches had {input_shape}")
         res = probe.run(x)
         n_classes = int(res.outputs.shape[1])
+        if n == 0:
+            firsts = {l: res.haps[l][:1] for l in layers}
+            constant = set(layers)
+            same = len(layers) > 1 and all(res.haps[l].shape == res.haps[layers[0]].shape for l in layers)
+        constant = {l for l in constant if bool((res.haps[l] == firsts[l]).all())}
+        same = same and all(torch.equal(res.haps[l], res.haps[layers[0]]) for l in layers[1:])
         if n == 0:  # the readouts (and the pair passes that record pass 1 for them) from the first batch on
             readouts = {l: [new_readout(n_classes) for _ in libraries[l]] for l in layers}
             passes = _pair_passes(libraries, readouts, record=True)
@@ -193,7 +203,7 @@ def stream_fit(probe: Any, train: Any, libraries: Mapping[str, Sequence[Any]], n
     for pp in passes.values():
         pp.finalize()
     return StreamFit(readouts=readouts, n_train=n, n_classes=n_classes, input_shape=input_shape,
-                     answers=train_answers)
+                     answers=train_answers, constant_layers=[l for l in layers if l in constant], same_haps=same)
 
 
 def _nodes_of_rows(library: Any, before: int, first: int, n: int) -> Tensor:
@@ -503,12 +513,26 @@ class LibraryNetwork:
             warnings.warn(f"the model answers class {int(fitted.answers[0])} for every training input: every library "
                           "node is linked to that class, so the layers' predictions and the detectors cannot tell "
                           "inputs apart (an untrained or collapsed model?)", stacklevel=2)
+        for l in fitted.constant_layers:
+            zero = all(not bool(lib.nodes.any()) for lib in [self.libraries_[l]] if isinstance(lib, NodeLibrary))
+            warnings.warn(f"layer {l!r} is constant: its activations are {'all zero' if zero else 'the same'} for "
+                          f"every one of the {self.n_train_} training inputs, so its library cannot tell inputs "
+                          "apart (whatever its theta); probe another layer (a dead ReLU or a layer the inputs do "
+                          "not reach?)", stacklevel=2)
+        if fitted.same_haps:
+            warnings.warn(f"the probed layers {self.layers} carry the very same activations for every training "
+                          "input (one tensor recorded under several names, e.g. a model's output and the layer "
+                          "that computes it), so their predictions always agree and CPL is vacuous: probe "
+                          "layers that compute different things", stacklevel=2)
+        advice = ("lower that layer's theta" if self.auto_thresholds is None else
+                  "thresholds='auto' chose it: pass a lower theta for that layer, thresholds={layer: theta}")
+        if self.auto_thresholds is None:
+            advice += " (or use thresholds='auto')"
         for l, size in self.library_sizes_.items():
-            if size > 0.5 * self.n_train_:
+            if size > 0.5 * self.n_train_ and l not in fitted.constant_layers:
                 warnings.warn(f"the library of layer {l!r} keeps {size} of its {self.n_train_} training inputs (more "
                               f"than half) at theta {self.thresholds_[l]:g}: it stores the data rather than a summary "
-                              "of it; lower that layer's theta (or use thresholds='auto')", LibraryTooLargeWarning,
-                              stacklevel=2)
+                              f"of it; {advice}", LibraryTooLargeWarning, stacklevel=2)
         return self
 
     def adopt_fitted(self, libraries: Mapping[str, Any], readouts: Mapping[str, Any], *, n_classes: int,
