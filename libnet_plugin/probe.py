@@ -250,7 +250,7 @@ def sequence_first(module: nn.Module) -> bool | None:
 
     ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN``, ``nn.MultiheadAttention`` and ``nn.Transformer`` carry the flag;
     ``nn.TransformerEncoder(Layer)`` and ``nn.TransformerDecoder(Layer)`` follow their attention's. ``None``
-    for a module without such a flag.
+    for any other module (a ``batch_first`` attribute of a module of one's own is not read).
 
     Example:
         >>> from torch import nn
@@ -261,8 +261,9 @@ def sequence_first(module: nn.Module) -> bool | None:
         return not module.self_attn.batch_first
     if isinstance(module, (nn.TransformerEncoder, nn.TransformerDecoder)):
         return sequence_first(module.layers[0]) if len(module.layers) else None
-    flag = getattr(module, "batch_first", None)
-    return (not flag) if isinstance(flag, bool) else None
+    if isinstance(module, (nn.RNNBase, nn.MultiheadAttention, nn.Transformer)):
+        return not module.batch_first
+    return None
 
 
 def _first_tensor(out: Any) -> Any:
