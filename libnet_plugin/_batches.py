@@ -56,7 +56,11 @@ class MultiInput:
                             f"{[type(t).__name__ for t in tensors]}")
         lengths = {int(t.shape[0]) for t in tensors}
         if len(lengths) != 1:
-            raise ValueError(f"the inputs of a batch must have the same number of examples, got {sorted(lengths)}")
+            raise ValueError(
+                f"the inputs of a batch must have the same number of examples (first dimension), got "
+                f"{[int(t.shape[0]) for t in tensors]}: each row of every input is one example. A model fed a flat "
+                "token tensor with offsets (nn.EmbeddingBag(text, offsets)) has no rows to split; pad the tokens "
+                "to ids [B, T] (nn.EmbeddingBag takes 2-D ids without offsets, padding_idx ignores the padding)")
         self._n = lengths.pop()
 
     def __repr__(self) -> str:

@@ -457,3 +457,9 @@ def test_the_guard_on_a_compiled_model_gives_the_eager_output_whatever_it_served
         torch.testing.assert_close(o.score, eager.score(x[:4]), rtol=1e-5, atol=1e-5)
     bare = TorchLayerProbe(compiled, ["block.bn2"]).run(x[:4]).haps["block.bn2"]  # the name without the prefix
     torch.testing.assert_close(bare, TorchLayerProbe(resnet, ["block.bn2"]).run(x[:4]).haps["block.bn2"])
+
+
+def test_inputs_of_different_lengths_say_what_to_do():
+    text, offsets = torch.randint(0, 20, (17,)), torch.tensor([0, 5, 11])  # the EmbeddingBag tutorial's batch
+    with pytest.raises(ValueError, match=r"got \[17, 3\].*nn.EmbeddingBag.*ids \[B, T\]"):
+        MultiInput((text, offsets))
