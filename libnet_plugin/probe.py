@@ -10,6 +10,7 @@ import contextlib
 import difflib
 import math
 import threading
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -320,9 +321,11 @@ class TorchLayerProbe:
     ``nn.TransformerEncoder`` hands its layers in eval mode are padded back to the input's length. Any
     other layer whose output does not have the batch as its first dimension is refused with its shape.
 
-    Deployed forms: ``torch.compile(model)`` is probed through the eager module it wraps
-    (``model._orig_mod``, so the output and the HAPs are the eager ones, whatever the compiled model
-    served before; layer names with or without the ``_orig_mod.`` prefix); ``ExportedProgram.module()``
+    Deployed forms: ``torch.compile(model)`` is probed by compiling the probed forward itself (the module it
+    wraps, ``model._orig_mod``, run with the hooks, compiled once per probe with the model's own compile
+    settings, so the hooks are traced into the probe's own graph: the output and the HAPs are the eager ones
+    whatever the compiled model served before; if it cannot be compiled, the eager module runs, with a
+    warning once; layer names with or without the ``_orig_mod.`` prefix); ``ExportedProgram.module()``
     through its graph (the last node each module's call produced, found from the graph's module-stack
     metadata, recorded by nodes added to a copy of the graph; the eager model's layer names). TorchScript
     modules are refused with the ways that work.
@@ -357,6 +360,11 @@ class TorchLayerProbe:
         #: the module that runs: the eager module behind torch.compile, else the model
         self.runner: nn.Module = model._orig_mod if _is_compiled(model) else model
         self.exported = _is_exported(model)
+        #: torch.compile(model): the probed forward compiled with the model's own settings (made at first use;
+        #: None after it failed once, when the eager module runs instead)
+        self._dynamo_ctx = model.dynamo_ctx if _is_compiled(model) and hasattr(model, "dynamo_ctx") else None
+        self._compiled_call: Any = None
+        self._compile_lock = threading.Lock()
         self.modules: dict[str, nn.Module] = {}
         #: layer name -> (module name, which call of it: 1, 2, ... for ``"name#k"``; None: the only call)
         self.calls: dict[str, tuple[str, int | None]] = {}
@@ -500,6 +508,8 @@ class TorchLayerProbe:
             check_keywords(self.runner, x.parts)
         if self.exported:
             outputs, captured = self._forward_graph(x, grad)
+        elif self._dynamo_ctx is not None:
+            outputs, captured = self._forward_compiled(x, grad)
         else:
             outputs, captured, overwritten = self._forward(x, grad)
             if overwritten:
@@ -542,11 +552,40 @@ class TorchLayerProbe:
                 value if grad else value.detach())
         return outputs, captured
 
-    def _forward(self, x: Tensor | MultiInput, grad: bool) -> tuple[Any, dict[str, Tensor], list[str]]:
-        """One forward pass with the hooks: outputs, the HAP per layer, the layers overwritten in place."""
+    def _forward_compiled(self, x: Tensor | MultiInput, grad: bool) -> tuple[Any, dict[str, Tensor]]:
+        """A compiled model: the probed forward (the eager module with the hooks, every HAP copied) compiled once
+        per probe with the model's own ``torch.compile`` settings, so Dynamo traces the hooks into the probe's
+        own graph (a graph cached by the model's plain calls, without hooks, is never used here). When it
+        cannot be compiled, or a layer's hook did not run in it, the eager module runs instead, from then on."""
+        if self._compiled_call is None:
+            # a function of its own (a fresh code object), so Dynamo keeps this probe's graphs apart from any other
+            namespace: dict[str, Any] = {}
+            exec("def probed_forward(module, args, kwargs):\n    return module(*args, **kwargs)\n", namespace)
+            self._compiled_call = self._dynamo_ctx(namespace["probed_forward"])
+        try:
+            with self._compile_lock:  # the traced hooks do not tell threads apart: one compiled probe run at a time
+                outputs, captured, _ = self._forward(x, grad, compiled=self._compiled_call)
+            return outputs, captured
+        except Exception as exc:  # the eager module decides: its own error is raised as it is
+            outputs, captured, overwritten = self._forward(x, grad)
+            if overwritten:
+                self.copied_layers.update(overwritten)
+                outputs, captured, _ = self._forward(x, grad)
+            warnings.warn(f"the probed forward of the compiled model could not be compiled ({type(exc).__name__}: "
+                          f"{str(exc)[:300]}); it runs eagerly on model._orig_mod from now on (the same outputs and "
+                          "HAPs, without the compiler's speed)", RuntimeWarning, stacklevel=3)
+            self._dynamo_ctx = None
+            return outputs, captured
+
+    def _forward(self, x: Tensor | MultiInput, grad: bool, compiled: Any = None
+                 ) -> tuple[Any, dict[str, Tensor], list[str]]:
+        """One forward pass with the hooks: outputs, the HAP per layer, the layers overwritten in place.
+
+        ``compiled``: the compiled probed forward to run the module with (every HAP is copied then).
+        """
         by_module = {base for base, _ in self.calls.values()}
         captured: dict[str, list[tuple[Tensor, int]]] = {base: [] for base in by_module}
-        copied = {self.calls[name][0] for name in self.copied_layers}
+        copied = {self.calls[name][0] for name in self.copied_layers} if compiled is None else by_module
         handles = []
         lengths: dict[int, int] = {}  # id(encoder) -> its input's length (pads NestedTensor outputs inside it)
 
@@ -566,7 +605,7 @@ class TorchLayerProbe:
                 out = _first_tensor(out)
                 if not isinstance(out, Tensor):
                     raise TypeError(f"layer {base!r} returned {type(out).__name__}, expected a Tensor")
-                version = out._version if not out.is_nested else 0
+                version = out._version if compiled is None and not out.is_nested else 0
                 if out.is_nested:
                     kept = _padded(out, lengths.get(id(encoder)) if encoder is not None else None)
                 elif seq_first and not packed and out.dim() >= 2:
@@ -588,7 +627,12 @@ class TorchLayerProbe:
             for encoder in {id(e): e for e in self._encoders.values()}.values():
                 handles.append(encoder.register_forward_pre_hook(length_hook, with_kwargs=True))
             with eval_mode(self.runner), torch.set_grad_enabled(grad):
-                outputs = self._call(self.runner, x)
+                if compiled is not None:
+                    args = () if isinstance(x, MultiInput) and isinstance(x.parts, dict) else (
+                        tuple(x.parts) if isinstance(x, MultiInput) else (x,))
+                    outputs = compiled(self.runner, args, dict(x.parts) if not args else {})
+                else:
+                    outputs = self._call(self.runner, x)
         finally:
             for h in handles:
                 h.remove()
@@ -610,7 +654,7 @@ class TorchLayerProbe:
                 raise LayerNotFoundError(f"layer {name!r}: the module {base!r} ran {len(outs)} time(s) in the "
                                          f"forward pass, so there is no call {call}")
             picked[name] = outs[(call or 1) - 1]
-        overwritten = [name for name in self.layers if name not in self.copied_layers
+        overwritten = [name for name in self.layers if compiled is None and name not in self.copied_layers
                        and not picked[name][2].is_nested and picked[name][2]._version != picked[name][1]]
         return outputs, {name: picked[name][0] for name in self.layers}, overwritten
 
