@@ -423,9 +423,11 @@ class TorchLayerProbe:
                 path = entry[0] if isinstance(entry, (tuple, list)) else str(entry)
                 groups.setdefault(path, {}).setdefault(key, []).append(node)
         valid = sorted(p for p in groups if p)
-        batch_sym = next((str(n.meta["val"].shape[0]) for n in graph.nodes if n.op == "placeholder"
-                          and isinstance(n.meta.get("val"), Tensor) and n.meta["val"].dim()
-                          and isinstance(n.meta["val"].shape[0], torch.SymInt)), None)
+        first = next((n.meta["val"] for n in graph.nodes if n.op == "placeholder"
+                      and isinstance(n.meta.get("val"), Tensor) and n.meta["val"].dim()), None)
+        batch_sym = str(first.shape[0]) if first is not None and isinstance(first.shape[0], torch.SymInt) else None
+        #: the batch size the graph was exported for when its batch dimension is static (None: dynamic)
+        self._graph_static_batch = int(first.shape[0]) if first is not None and batch_sym is None else None
         chosen: dict[str, Any] = {}
         #: layer -> the dimension of its recorded value that is the batch (from the exported shapes)
         self._graph_batch_dims: dict[str, int] = {}
@@ -534,6 +536,12 @@ class TorchLayerProbe:
 
     def _forward_graph(self, x: Tensor | MultiInput, grad: bool) -> tuple[Any, dict[str, Tensor]]:
         """One run of the exported graph's copy whose added nodes record every probed layer."""
+        static = self._graph_static_batch
+        if static is not None and n_rows(x) != static:
+            raise ShapeMismatchError(
+                f"the exported program was exported for batches of exactly {static} inputs (a static batch "
+                f"dimension) and got {n_rows(x)}; export it with a dynamic batch: torch.export.export(model, (x,), "
+                "dynamic_shapes=({0: torch.export.Dim('batch')},)).module()")
         store: dict[str, Any] = {}
         before = getattr(_GRAPH_RECORD, "store", None)
         _GRAPH_RECORD.store = store

@@ -411,6 +411,8 @@ def test_torchscript_and_exported_programs_are_refused_with_the_forms_that_work(
     ep = torch.export.export(resnet, (x,))
     with pytest.raises(TypeError, match=r"ep\.module\(\)"):
         lnp.LibraryNetwork(ep, ["stem"])
+    with pytest.raises(lnp.ShapeMismatchError, match=r"exported for batches of exactly 2 inputs.*dynamic_shapes"):
+        TorchLayerProbe(ep.module(), ["stem"]).run(torch.randn(3, 1, 8, 8))
 
 
 def test_an_exported_module_is_probed_through_its_graph_with_the_eager_names(resnet, tmp_path):
