@@ -467,3 +467,20 @@ def test_inputs_of_different_lengths_say_what_to_do():
     text, offsets = torch.randint(0, 20, (17,)), torch.tensor([0, 5, 11])  # the EmbeddingBag tutorial's batch
     with pytest.raises(ValueError, match=r"got \[17, 3\].*nn.EmbeddingBag.*ids \[B, T\]"):
         MultiInput((text, offsets))
+
+
+def test_sequences_padded_per_batch_get_the_padding_fix():
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = nn.Embedding(30, 4), nn.Linear(4, 3)
+
+        def forward(self, input_ids):
+            return self.head(self.emb(input_ids).mean(dim=1))
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 30, (40, 6), generator=torch.Generator().manual_seed(9))
+    net = lnp.LibraryNetwork(Tokens().eval(), ["emb", "head"], thresholds=0.9).fit({"input_ids": ids})
+    longer = {"input_ids": torch.randint(0, 30, (4, 8))}  # a batch padded to its own longest sequence
+    with pytest.raises(lnp.ShapeMismatchError, match=r"layer 'emb': activations have 32 features.*padding='max_length'"):
+        net.predict_scores(longer)
