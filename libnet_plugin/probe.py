@@ -616,7 +616,7 @@ class TorchLayerProbe:
                 version = out._version if compiled is None and not out.is_nested else 0
                 if out.is_nested:
                     kept = _padded(out, lengths.get(id(encoder)) if encoder is not None else None)
-                elif seq_first and not packed and out.dim() >= 2:
+                elif seq_first and not packed and out.dim() >= 3:  # [T, B, ...] (an unbatched [T, F] stays)
                     kept = out.transpose(0, 1)
                 else:
                     kept = out

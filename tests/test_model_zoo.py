@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import libnet_plugin as lnp
+from libnet_plugin._batches import MultiInput
 
 
 @dataclass
@@ -448,3 +449,16 @@ def test_torchscript_is_refused_with_the_forms_that_work():
     case = resnet_case()
     with pytest.raises(TypeError, match=r"TorchScript.*the eager nn.Module.*torch.export.*ONNX"):
         lnp.ConsistencyDetector(torch.jit.trace(case.model, case.batch), ["bn1", "fc"], train=case.train)
+
+
+def test_a_huggingface_model_through_torch_export_keeps_its_layer_names():
+    case = bert_case()
+    batch = torch.export.Dim("batch")
+    inputs = {k: v[:3] for k, v in case.batch.items()}
+    exported = torch.export.export(case.model, (), inputs, dynamic_shapes={k: {0: batch} for k in inputs}).module()
+    test = {k: v for k, v in case.test.items() if k != "labels"}
+    got = lnp.TorchLayerProbe(exported, case.layers).run(MultiInput(test))
+    want = lnp.TorchLayerProbe(case.model, case.layers).run(MultiInput(test))
+    for layer in case.layers:
+        torch.testing.assert_close(got.haps[layer], want.haps[layer], rtol=1e-5, atol=1e-5, msg=layer)
+    torch.testing.assert_close(got.outputs, want.outputs, rtol=1e-5, atol=1e-5)
