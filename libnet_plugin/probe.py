@@ -318,8 +318,10 @@ class TorchLayerProbe:
     ``nn.MultiheadAttention``, ``nn.TransformerEncoder(Layer)`` with ``batch_first=False``, PyTorch's
     default), and the modules inside it, are read by that flag and transposed to batch-first; a
     ``PackedSequence`` is unpacked (batch-first, padded with zeros); the NestedTensors that
-    ``nn.TransformerEncoder`` hands its layers in eval mode are padded back to the input's length. Any
-    other layer whose output does not have the batch as its first dimension is refused with its shape.
+    ``nn.TransformerEncoder`` hands its layers in eval mode are padded back to the input's length, and the
+    positions the encoder's padding mask marks are zero in the HAPs of the encoder and the modules inside it
+    whichever path it took (fast, or slow under grad or ``torch.compile``). Any other layer whose output
+    does not have the batch as its first dimension is refused with its shape.
 
     Deployed forms: ``torch.compile(model)`` is probed by compiling the probed forward itself (the module it
     wraps, ``model._orig_mod``, run with the hooks, compiled once per probe with the model's own compile
@@ -386,7 +388,8 @@ class TorchLayerProbe:
         names = {id(m): n for n, m in modules.items()}
         #: module name -> whether its output is sequence-first: its own flag, else its nearest flagged ancestor's
         self._seq_first: dict[str, bool] = {}
-        #: module name -> the nn.TransformerEncoder around it (its input length pads NestedTensor outputs)
+        #: module name -> the nn.TransformerEncoder around it, or itself (its input's length pads NestedTensor
+        #: outputs; the positions its padding mask marks are zero in the HAPs)
         self._encoders: dict[str, nn.Module] = {}
         for base, module in self._base_modules.items():
             path = names[id(module)]
@@ -395,7 +398,7 @@ class TorchLayerProbe:
                 anc = modules[".".join(path.split(".")[:k])] if k else self.runner
                 if flag is None:
                     flag = sequence_first(anc)
-                if isinstance(anc, nn.TransformerEncoder) and anc is not module and base not in self._encoders:
+                if isinstance(anc, nn.TransformerEncoder) and base not in self._encoders:
                     self._encoders[base] = anc
             self._seq_first[base] = bool(flag)
 
@@ -596,6 +599,7 @@ class TorchLayerProbe:
         copied = {self.calls[name][0] for name in self.copied_layers} if compiled is None else by_module
         handles = []
         lengths: dict[int, int] = {}  # id(encoder) -> its input's length (pads NestedTensor outputs inside it)
+        pads: dict[int, Tensor] = {}  # id(encoder) -> BoolTensor[B, T], True at the positions its padding mask marks
 
         caller = threading.get_ident()
 
@@ -620,6 +624,11 @@ class TorchLayerProbe:
                     kept = out.transpose(0, 1)
                 else:
                     kept = out
+                pad = pads.get(id(encoder)) if encoder is not None else None
+                if pad is not None and kept.dim() >= 3 and tuple(kept.shape[:2]) == tuple(pad.shape):
+                    # zero where padded, as the encoder's fast path gives it: its slow path (under grad or
+                    # torch.compile) computes values there, which would make the same input's HAPs differ
+                    kept = kept.masked_fill(pad.to(kept.device).reshape(*pad.shape, *[1] * (kept.dim() - 2)), 0.0)
                 kept = kept if grad else kept.detach()
                 captured[base].append((kept.clone() if copy else kept, version, out))
             return hook
@@ -628,6 +637,9 @@ class TorchLayerProbe:
             src = args[0] if args else kwargs.get("src")
             if isinstance(src, Tensor) and src.dim() >= 2:
                 lengths[id(encoder)] = int(src.shape[0 if sequence_first(encoder) else 1])
+            mask = kwargs.get("src_key_padding_mask", args[2] if len(args) > 2 else None)
+            if isinstance(mask, Tensor) and mask.dim() == 2:
+                pads[id(encoder)] = mask if mask.dtype == torch.bool else torch.isneginf(mask)
 
         try:
             for base in sorted(by_module):

@@ -302,6 +302,9 @@ def test_nested_tensors_of_the_encoder_fast_path_are_padded_to_the_input_length(
     steps = r.haps["enc.layers.0"].view(4, 6, 8)
     assert not bool(steps[:, 4:].any()) and not bool(steps[0, 2:].any())  # zero where padded, as the encoder's output
     assert bool(steps[1, :4].abs().sum(dim=1).gt(0).all())
+    slow = TorchLayerProbe(model, layers).run(MultiInput((x, mask)), grad=True)  # under grad: no fast path
+    for name in layers:  # the same HAPs: zero where the mask pads, whichever path the encoder took
+        torch.testing.assert_close(slow.haps[name].detach(), r.haps[name], rtol=1e-5, atol=1e-5, msg=name)
 
 
 def test_a_packed_sequence_is_unpacked_batch_first():
