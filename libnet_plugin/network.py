@@ -357,6 +357,9 @@ class LibraryNetwork:
             0 always streams twice, so fitting holds the libraries plus one batch of HAPs.
         plugin_manager: a ``pluggy.PluginManager`` from :func:`libnet_plugin.get_plugin_manager`
             (default: the process-wide one).
+        batch_dims: ``{layer: dim}``, the dimension of a torch layer's output that holds the batch, for a
+            module that puts it elsewhere without a ``batch_first`` flag the probe reads (see
+            :meth:`~libnet_plugin.probe.TorchLayerProbe.set_batch_dims`); saved with the network.
 
     Example:
         >>> import torch
@@ -379,7 +382,7 @@ class LibraryNetwork:
                  readout: str = "hebbian", readout_options: Mapping[str, Any] | None = None,
                  batch_size: int = 256, cache_bytes: int = 0,
                  auto_thresholds: Mapping[str, Any] | None = None,
-                 plugin_manager: pluggy.PluginManager | None = None):
+                 plugin_manager: pluggy.PluginManager | None = None, batch_dims: Mapping[str, int] | None = None):
         if isinstance(layers, str):
             layers = [layers]
         layers = list(layers)
@@ -407,6 +410,12 @@ class LibraryNetwork:
         self.cache_bytes = int(cache_bytes)
         self.plugin_manager = plugin_manager
         self.probe = make_probe(model, layers, self.device, plugin_manager)
+        self.batch_dims = {str(k): v for k, v in batch_dims.items()} if batch_dims else None
+        if self.batch_dims:
+            if not callable(getattr(self.probe, "set_batch_dims", None)):
+                raise TypeError(f"batch_dims= is read by the torch probe; the {type(self.probe).__name__} probe of "
+                                "this model does not take it")
+            self.probe.set_batch_dims(self.batch_dims)
 
     # ------------------------------------------------------------------ settings and state
     @staticmethod
@@ -723,6 +732,7 @@ class LibraryNetwork:
             "readout_configs": {l: self.readouts_[l].config() for l in self.layers},
             "versions": {"libnet_plugin": __version__, "torch": torch.__version__},
             "probe": self.probe.config() if isinstance(self.probe, ConfigurableProbe) else None,
+            **({"batch_dims": self.batch_dims} if self.batch_dims else {}),
         }
 
     def state_tensors(self) -> dict[str, Tensor]:
@@ -768,7 +778,8 @@ class LibraryNetwork:
             settings = dict(thresholds=cfg.get("thresholds_param", cfg["thresholds"]), top_k=cfg["top_k"],
                             auto_thresholds=cfg.get("auto_thresholds"), library=cfg["library"],
                             library_options=cfg["library_options"], readout=cfg["readout"],
-                            readout_options=cfg["readout_options"], batch_size=cfg["batch_size"])
+                            readout_options=cfg["readout_options"], batch_size=cfg["batch_size"],
+                            batch_dims=cfg.get("batch_dims"))
             layers, lib_cfgs, ro_cfgs = cfg["layers"], cfg["library_configs"], cfg["readout_configs"]
         except KeyError as exc:
             raise SaveFormatError(f"saved network settings lack the entry {exc}") from exc

@@ -293,7 +293,9 @@ def _padded(out: Tensor, length: int | None) -> Tensor:
 
 #: what a layer whose output is not one row per input can do instead
 _BATCH_FIX = ("A library needs one row per input: if the module puts the sequence first, build it with "
-              "batch_first=True, or probe a module whose output is [B, ...] (the enclosing block, or a small "
+              "batch_first=True; or name the dimension of its output that holds the batch, "
+              "LibraryNetwork(..., batch_dims={layer: dim}) (network_options={'batch_dims': ...} for a "
+              "ConsistencyDetector); or probe a module whose output is [B, ...] (the enclosing block, or a small "
               "wrapper module that returns the output batch-first or pooled over the sequence)")
 
 #: the store of the recording nodes added to an exported graph, per thread
@@ -351,7 +353,8 @@ class TorchLayerProbe:
         ({'0': (5, 3), '2': (5, 2)}, (5, 2))
     """
 
-    def __init__(self, model: nn.Module, layers: Sequence[str], device: torch.device | str | None = None):
+    def __init__(self, model: nn.Module, layers: Sequence[str], device: torch.device | str | None = None, *,
+                 batch_dims: Mapping[str, int] | None = None):
         if isinstance(layers, str):
             layers = [layers]
         if isinstance(model, torch.jit.ScriptModule):
@@ -372,10 +375,44 @@ class TorchLayerProbe:
         self.calls: dict[str, tuple[str, int | None]] = {}
         #: layers whose output the model overwrites in place later in its forward pass: copied in the hook
         self.copied_layers: set[str] = set()
+        #: ``{layer: dimension of its output that holds the batch}`` named by the caller (see :meth:`set_batch_dims`)
+        self.batch_dims: dict[str, int] = {}
         parsed = [self._parse(name) for name in self.layers]
         if self.exported:
             self._init_graph(parsed)
-            return
+        else:
+            self._init_hooks(parsed)
+        self.set_batch_dims(batch_dims)
+
+    def set_batch_dims(self, batch_dims: Mapping[str, int] | None) -> None:
+        """Name the dimension of a layer's output that holds the batch, ``{layer: dim}``, for a module that puts
+        it elsewhere without a ``batch_first`` flag the probe reads; that dimension is moved first, and the
+        probe's own reading (sequence-first flags) is not applied to the layer.
+
+        Example:
+            >>> from torch import nn
+            >>> class TimeMajor(nn.Module):
+            ...     def __init__(self):
+            ...         super().__init__()
+            ...         self.proj, self.head = nn.Linear(4, 6), nn.Linear(6, 3)
+            ...     def forward(self, x):  # x [B, T, 4]; proj sees [T, B, 4]
+            ...         return self.head(self.proj(x.transpose(0, 1)).mean(dim=0))
+            >>> probe = TorchLayerProbe(TimeMajor(), ["proj"], batch_dims={"proj": 1})
+            >>> tuple(probe.run(torch.randn(3, 5, 4)).haps["proj"].shape)
+            (3, 30)
+        """
+        dims = {}
+        for layer, d in dict(batch_dims or {}).items():
+            if layer not in self.layers:
+                raise ValueError(f"batch_dims names the layer {layer!r}, which is not probed; probed layers: {self.layers}")
+            if isinstance(d, bool) or not isinstance(d, int) or d < 0:
+                raise ValueError(f"batch_dims[{layer!r}] must be a dimension index (an int >= 0), got {d!r}")
+            dims[layer] = int(d)
+        self.batch_dims = dims
+
+    def _init_hooks(self, parsed: list[tuple[str, int | None]]) -> None:
+        """An eager module: the modules to hook, and how to read each one's output."""
+        model = self.model
         modules = dict(self.runner.named_modules())
         valid = [n for n in modules if n]
         for name, (base, call) in zip(self.layers, parsed):
@@ -522,6 +559,12 @@ class TorchLayerProbe:
                 outputs, captured, overwritten = self._forward(x, grad)
                 if overwritten:  # pragma: no cover - a copy taken in the hook cannot be written by the model
                     raise RuntimeError(f"the activations of layers {overwritten} changed after they were copied")
+        for name, d in self.batch_dims.items():
+            act = captured[name]
+            if d >= act.dim():
+                raise ShapeMismatchError(f"batch_dims puts the batch of layer {name!r} at dimension {d}, but its "
+                                         f"output has shape {list(act.shape)}")
+            captured[name] = act.movedim(d, 0)
         n = n_rows(x)
         for name, act in captured.items():
             if act.dim() == 0 or act.shape[0] != n:
@@ -558,7 +601,7 @@ class TorchLayerProbe:
             value = _first_tensor(store.get(name))
             if not isinstance(value, Tensor):
                 raise LayerNotFoundError(f"layer {name!r} was not computed in this run of the exported graph")
-            d = self._graph_batch_dims.get(name, 0)
+            d = self._graph_batch_dims.get(name, 0) if name not in self.batch_dims else 0
             captured[name] = (value if grad else value.detach()).movedim(d, 0) if d else (
                 value if grad else value.detach())
         return outputs, captured
@@ -605,7 +648,8 @@ class TorchLayerProbe:
 
         def make_hook(base: str):
             copy = base in copied
-            seq_first = self._seq_first.get(base, False)
+            seq_first = self._seq_first.get(base, False) and not any(
+                self.calls[name][0] == base for name in self.batch_dims)
             encoder = self._encoders.get(base)
 
             def hook(_module: nn.Module, _inp: Any, out: Any) -> None:

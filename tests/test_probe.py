@@ -329,19 +329,37 @@ def test_a_packed_sequence_is_unpacked_batch_first():
     assert not bool(hap[1, 3:].any()) and not bool(hap[3, 2:].any())
 
 
+class TimeMajor(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj, self.head = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.proj(x.transpose(0, 1)).mean(dim=0))  # proj sees [T, B, F]: no flag to read
+
+
 def test_a_layer_whose_output_is_not_batch_first_is_refused_with_its_shape_and_the_fix():
-    class TimeMajor(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.proj, self.head = nn.Linear(4, 6), nn.Linear(6, 3)
-
-        def forward(self, x):
-            return self.head(self.proj(x.transpose(0, 1)).mean(dim=0))  # proj sees [T, B, F]: no flag to read
-
     x = torch.randn(3, 5, 4)
     with pytest.raises(lnp.ShapeMismatchError, match=r"layer 'proj' returned an output of shape \[5, 3, 6\] for a "
-                                                     r"batch of 3 inputs.*batch_first=True"):
+                                                     r"batch of 3 inputs.*batch_first=True.*batch_dims=\{layer: dim\}"):
         TorchLayerProbe(TimeMajor(), ["proj"]).run(x)
+
+
+def test_batch_dims_names_where_a_layer_keeps_the_batch_and_is_saved(tmp_path):
+    torch.manual_seed(0)
+    model = TimeMajor().eval()
+    x = torch.randn(80, 5, 4, generator=torch.Generator().manual_seed(10))
+    det = lnp.ConsistencyDetector(model, ["proj", "head"], thresholds=0.9, train=x[:60], method="library-distance",
+                                  network_options={"batch_dims": {"proj": 1}}).calibrate(x[60:])
+    hap = det.net.run(x[:5]).haps["proj"]
+    with torch.no_grad():
+        torch.testing.assert_close(hap[2], model.proj(x[2]).flatten(), rtol=0, atol=0)  # row 2 is input 2
+    det.save(tmp_path / "det.lnp")
+    back = lnp.ConsistencyDetector.load(tmp_path / "det.lnp", model)
+    assert back.net.probe.batch_dims == {"proj": 1}
+    assert torch.equal(back.score(x[60:]), det.score(x[60:]))
+    with pytest.raises(ValueError, match=r"batch_dims names the layer 'head2', which is not probed"):
+        lnp.LibraryNetwork(model, ["proj"], batch_dims={"head2": 1})
 
 
 def test_model_outputs_that_are_not_class_scores_are_refused():
