@@ -9,8 +9,10 @@ HuggingFace models are). How the data says which is which:
   tensors of equal length that is not an ``(X, y)`` pair, ``(ids, mask)``, is the same as ``((ids, mask),)``;
 - keyword inputs: a dict (or a HuggingFace ``BatchEncoding``) of equal-length tensors; the first key among
   ``label``, ``labels``, ``y``, ``target``, ``targets`` holds the labels and every other key is passed by
-  name. A dict with one of the keys ``x``, ``input``, ``inputs``, ``image``, ``images``, ``pixel_values``
-  passes that tensor alone, positionally;
+  name. A dict whose only tensor (besides the labels) sits under one of the keys ``x``, ``input``, ``inputs``,
+  ``image``, ``images``, ``pixel_values`` passes that tensor alone, positionally; with other tensors beside it,
+  every tensor is passed by name (``{"x": x, "mask": m}`` -> ``model(x=x, mask=m)``), never cut to one, and the
+  torch probe refuses keys that ``forward`` does not take;
 - a Dataset, a DataLoader or any iterable of such batches (a batch ``[inputs, y]`` whose first item is a
   list or tuple of tensors holds several positional inputs).
 """
@@ -54,7 +56,11 @@ class MultiInput:
                             f"{[type(t).__name__ for t in tensors]}")
         lengths = {int(t.shape[0]) for t in tensors}
         if len(lengths) != 1:
-            raise ValueError(f"the inputs of a batch must have the same number of examples, got {sorted(lengths)}")
+            raise ValueError(
+                f"the inputs of a batch must have the same number of examples (first dimension), got "
+                f"{[int(t.shape[0]) for t in tensors]}: each row of every input is one example. A model fed a flat "
+                "token tensor with offsets (nn.EmbeddingBag(text, offsets)) has no rows to split; pad the tokens "
+                "to ids [B, T] (nn.EmbeddingBag takes 2-D ids without offsets, padding_idx ignores the padding)")
         self._n = lengths.pop()
 
     def __repr__(self) -> str:
@@ -145,10 +151,10 @@ def _is_tensors(x: Any) -> bool:
 def _split_mapping(item: Mapping[str, Any]) -> tuple[Tensor | MultiInput, Tensor | None]:
     y_key = next((k for k in _Y_KEYS if k in item), None)
     y = item[y_key] if y_key is not None else None
-    x = next((item[k] for k in _X_KEYS if k in item), None)
-    if x is not None:
-        return x, y
-    kwargs = {k: v for k, v in item.items() if k != y_key}
+    x_key = next((k for k in _X_KEYS if k in item), None)
+    if x_key is not None and not any(isinstance(v, Tensor) for k, v in item.items() if k not in (x_key, y_key)):
+        return item[x_key], y
+    kwargs = {k: v for k, v in item.items() if k != y_key and (x_key is None or isinstance(v, Tensor))}
     if not kwargs or not all(isinstance(v, Tensor) for v in kwargs.values()):
         raise TypeError(f"a dict batch needs one of the keys {_X_KEYS} or tensors to pass by keyword, got "
                         f"{ {k: type(v).__name__ for k, v in item.items()} }")

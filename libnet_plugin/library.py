@@ -360,7 +360,10 @@ class ExactLibrary:
         elif haps.shape[1] != self.dim:
             raise ShapeMismatchError(
                 f"layer {self.layer!r}: activations have {haps.shape[1]} features per input, but the library "
-                f"was fitted on {self.dim}; got a batch of shape {tuple(haps.shape)}, expected [B, {self.dim}]")
+                f"was fitted on {self.dim}; got a batch of shape {tuple(haps.shape)}, expected [B, {self.dim}]. "
+                "If the inputs are sequences padded per batch (a tokenizer's padding=True, a PackedSequence), "
+                "the layer's width follows the longest sequence of each batch: pad every batch to one length "
+                "(padding='max_length', or pad_packed_sequence(..., total_length=T) in the model)")
 
     def _append(self, rows: Tensor, indices: Tensor) -> None:
         n_new = rows.shape[0]

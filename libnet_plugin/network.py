@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pluggy
@@ -58,6 +58,10 @@ class StreamFit:
     n_classes: int
     input_shape: tuple[int, ...] | None
     answers: Tensor
+    #: layers whose activations were the same for every training input (an all-zero or constant layer)
+    constant_layers: list[str] = field(default_factory=list)
+    #: whether every probed layer gave the very same activations for every input (two or more layers)
+    same_haps: bool = False
 
 
 def _check_loaded(layer: str, lib: Any, readout: Any, n_classes: int) -> None:
@@ -142,6 +146,12 @@ def stream_fit(probe: Any, train: Any, libraries: Mapping[str, Sequence[Any]], n
             raise ShapeMismatchError(f"training batch has per-input shape {shape}, earlier batches had {input_shape}")
         res = probe.run(x)
         n_classes = int(res.outputs.shape[1])
+        if n == 0:
+            firsts = {l: res.haps[l][:1] for l in layers}
+            constant = set(layers)
+            same = len(layers) > 1 and all(res.haps[l].shape == res.haps[layers[0]].shape for l in layers)
+        constant = {l for l in constant if bool((res.haps[l] == firsts[l]).all())}
+        same = same and all(torch.equal(res.haps[l], res.haps[layers[0]]) for l in layers[1:])
         if n == 0:  # the readouts (and the pair passes that record pass 1 for them) from the first batch on
             readouts = {l: [new_readout(n_classes) for _ in libraries[l]] for l in layers}
             passes = _pair_passes(libraries, readouts, record=True)
@@ -193,7 +203,7 @@ def stream_fit(probe: Any, train: Any, libraries: Mapping[str, Sequence[Any]], n
     for pp in passes.values():
         pp.finalize()
     return StreamFit(readouts=readouts, n_train=n, n_classes=n_classes, input_shape=input_shape,
-                     answers=train_answers)
+                     answers=train_answers, constant_layers=[l for l in layers if l in constant], same_haps=same)
 
 
 def _nodes_of_rows(library: Any, before: int, first: int, n: int) -> Tensor:
@@ -347,6 +357,9 @@ class LibraryNetwork:
             0 always streams twice, so fitting holds the libraries plus one batch of HAPs.
         plugin_manager: a ``pluggy.PluginManager`` from :func:`libnet_plugin.get_plugin_manager`
             (default: the process-wide one).
+        batch_dims: ``{layer: dim}``, the dimension of a torch layer's output that holds the batch, for a
+            module that puts it elsewhere without a ``batch_first`` flag the probe reads (see
+            :meth:`~libnet_plugin.probe.TorchLayerProbe.set_batch_dims`); saved with the network.
 
     Example:
         >>> import torch
@@ -369,7 +382,7 @@ class LibraryNetwork:
                  readout: str = "hebbian", readout_options: Mapping[str, Any] | None = None,
                  batch_size: int = 256, cache_bytes: int = 0,
                  auto_thresholds: Mapping[str, Any] | None = None,
-                 plugin_manager: pluggy.PluginManager | None = None):
+                 plugin_manager: pluggy.PluginManager | None = None, batch_dims: Mapping[str, int] | None = None):
         if isinstance(layers, str):
             layers = [layers]
         layers = list(layers)
@@ -397,6 +410,12 @@ class LibraryNetwork:
         self.cache_bytes = int(cache_bytes)
         self.plugin_manager = plugin_manager
         self.probe = make_probe(model, layers, self.device, plugin_manager)
+        self.batch_dims = {str(k): v for k, v in batch_dims.items()} if batch_dims else None
+        if self.batch_dims:
+            if not callable(getattr(self.probe, "set_batch_dims", None)):
+                raise TypeError(f"batch_dims= is read by the torch probe; the {type(self.probe).__name__} probe of "
+                                "this model does not take it")
+            self.probe.set_batch_dims(self.batch_dims)
 
     # ------------------------------------------------------------------ settings and state
     @staticmethod
@@ -503,12 +522,26 @@ class LibraryNetwork:
             warnings.warn(f"the model answers class {int(fitted.answers[0])} for every training input: every library "
                           "node is linked to that class, so the layers' predictions and the detectors cannot tell "
                           "inputs apart (an untrained or collapsed model?)", stacklevel=2)
+        for l in fitted.constant_layers:
+            zero = all(not bool(lib.nodes.any()) for lib in [self.libraries_[l]] if isinstance(lib, NodeLibrary))
+            warnings.warn(f"layer {l!r} is constant: its activations are {'all zero' if zero else 'the same'} for "
+                          f"every one of the {self.n_train_} training inputs, so its library cannot tell inputs "
+                          "apart (whatever its theta); probe another layer (a dead ReLU or a layer the inputs do "
+                          "not reach?)", stacklevel=2)
+        if fitted.same_haps:
+            warnings.warn(f"the probed layers {self.layers} carry the very same activations for every training "
+                          "input (one tensor recorded under several names, e.g. a model's output and the layer "
+                          "that computes it), so their predictions always agree and CPL is vacuous: probe "
+                          "layers that compute different things", stacklevel=2)
+        advice = ("lower that layer's theta" if self.auto_thresholds is None else
+                  "thresholds='auto' chose it: pass a lower theta for that layer, thresholds={layer: theta}")
+        if self.auto_thresholds is None:
+            advice += " (or use thresholds='auto')"
         for l, size in self.library_sizes_.items():
-            if size > 0.5 * self.n_train_:
+            if size > 0.5 * self.n_train_ and l not in fitted.constant_layers:
                 warnings.warn(f"the library of layer {l!r} keeps {size} of its {self.n_train_} training inputs (more "
                               f"than half) at theta {self.thresholds_[l]:g}: it stores the data rather than a summary "
-                              "of it; lower that layer's theta (or use thresholds='auto')", LibraryTooLargeWarning,
-                              stacklevel=2)
+                              f"of it; {advice}", LibraryTooLargeWarning, stacklevel=2)
         return self
 
     def adopt_fitted(self, libraries: Mapping[str, Any], readouts: Mapping[str, Any], *, n_classes: int,
@@ -699,6 +732,7 @@ class LibraryNetwork:
             "readout_configs": {l: self.readouts_[l].config() for l in self.layers},
             "versions": {"libnet_plugin": __version__, "torch": torch.__version__},
             "probe": self.probe.config() if isinstance(self.probe, ConfigurableProbe) else None,
+            **({"batch_dims": self.batch_dims} if self.batch_dims else {}),
         }
 
     def state_tensors(self) -> dict[str, Tensor]:
@@ -744,7 +778,8 @@ class LibraryNetwork:
             settings = dict(thresholds=cfg.get("thresholds_param", cfg["thresholds"]), top_k=cfg["top_k"],
                             auto_thresholds=cfg.get("auto_thresholds"), library=cfg["library"],
                             library_options=cfg["library_options"], readout=cfg["readout"],
-                            readout_options=cfg["readout_options"], batch_size=cfg["batch_size"])
+                            readout_options=cfg["readout_options"], batch_size=cfg["batch_size"],
+                            batch_dims=cfg.get("batch_dims"))
             layers, lib_cfgs, ro_cfgs = cfg["layers"], cfg["library_configs"], cfg["readout_configs"]
         except KeyError as exc:
             raise SaveFormatError(f"saved network settings lack the entry {exc}") from exc

@@ -98,6 +98,9 @@ def make_probe(model: Any, layers: list[str], device: Any, pm: pluggy.PluginMana
     """Ask the ``libnet_layer_probe`` hook for a probe of ``model`` (first answer wins)."""
     pm = pm or default_plugin_manager()
     result = pm.hook.libnet_layer_probe(model=model, layers=list(layers), device=device)
+    if result is None and type(model).__name__ == "ExportedProgram":
+        raise TypeError("a torch.export.ExportedProgram is probed through its module: pass ep.module() (the layer "
+                        "names are the eager model's, so a detector fitted on the eager model loads onto it)")
     if result is None:
         raise TypeError(
             f"no layer probe understands a model of type {type(model).__module__}.{type(model).__qualname__}; "

@@ -8,19 +8,22 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import math
 import threading
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
-from ._batches import MultiInput, input_tensors
-from .errors import LayerNotFoundError, NonFiniteError
+from ._batches import MultiInput, input_tensors, n_rows
+from .errors import LayerNotFoundError, NonFiniteError, ShapeMismatchError
 
 __all__ = ["ProbeResult", "LayerProbe", "ConfigurableProbe", "TorchLayerProbe", "eval_mode", "model_float_dtype", "check_inputs_finite", "check_finite", "unknown_layer_message", "model_device",
-           "class_scores", "flatten_activations", "layer_output"]
+           "class_scores", "flatten_activations", "layer_output", "sequence_first", "check_keywords"]
 
 
 @dataclass
@@ -78,6 +81,13 @@ def class_scores(outputs: Any, what: str = "the model", output_name: str | None 
         got = list(outputs.shape) if isinstance(outputs, Tensor) else type(outputs).__name__
         named = f"output {output_name!r} of shape {got}" if output_name is not None else str(got)
         raise ValueError(f"{what} must return a Tensor of shape [B, C] (one score per class), got {named}")
+    if outputs.dim() > 2 and any(s != 1 for s in outputs.shape[2:]):
+        named = f"output {output_name!r} of shape" if output_name is not None else "a Tensor of shape"
+        raise ValueError(
+            f"{what} returned {named} {list(outputs.shape)}, not class scores [B, C] (one score per class): its "
+            f"{outputs.shape[1] * math.prod(outputs.shape[2:])} values per input would be read as that many classes. "
+            "Wrap the model so that it returns [B, C] (for example a module whose forward returns "
+            "model(x)[:, :, -1] or model(x).mean(dim=-1)); an ONNX model with several outputs takes output=")
     return outputs.flatten(1)
 
 
@@ -94,11 +104,13 @@ def flatten_activations(activations: Mapping[str, Tensor], device: torch.device 
     return haps
 
 
-def layer_output(out: Any, layer: str) -> Tensor:
-    """The tensor that stands for a module's forward output ``out`` (what :class:`TorchLayerProbe` records):
-    a Tensor as it is, the first value of a mapping (a HuggingFace ``BaseModelOutput``: its hidden states),
-    the first item of a tuple or list (``nn.LSTM``'s ``(output, (h, c))``, ``nn.MultiheadAttention``'s
-    ``(output, None)``). For probes other than hooks on a torch module (the Captum adapter's).
+def layer_output(out: Any, layer: str, module: nn.Module | None = None) -> Tensor:
+    """The tensor that stands for a module's forward output ``out``, read as :class:`TorchLayerProbe` reads it,
+    for probes other than its own hooks (the Captum adapter's): a Tensor as it is; a PackedSequence unpacked
+    batch-first; the first value of a mapping (a HuggingFace ``BaseModelOutput``: its hidden states) or the first
+    item of a tuple or list (``nn.LSTM``'s ``(output, (h, c))``, ``nn.MultiheadAttention``'s ``(output, None)``);
+    a NestedTensor padded with zeros; and, when ``module`` is given and puts the sequence first
+    (:func:`sequence_first`), ``[T, B, ...]`` transposed to ``[B, T, ...]``.
 
     Raises:
         TypeError: that is not a Tensor (the message names ``layer``).
@@ -107,13 +119,18 @@ def layer_output(out: Any, layer: str) -> Tensor:
         >>> import torch
         >>> layer_output((torch.zeros(2, 3), (torch.ones(1), torch.ones(1))), "lstm").shape
         torch.Size([2, 3])
+        >>> layer_output((torch.zeros(5, 2, 3), None), "lstm", nn.LSTM(4, 3)).shape  # [T, B, F] -> [B, T, F]
+        torch.Size([2, 5, 3])
     """
-    if isinstance(out, Mapping) and out:
-        out = next(iter(out.values()))
-    if isinstance(out, (tuple, list)) and out:
-        out = out[0]
+    packed = isinstance(out, PackedSequence) or (
+        isinstance(out, (tuple, list)) and bool(out) and isinstance(out[0], PackedSequence))
+    out = _first_tensor(out)
     if not isinstance(out, Tensor):
         raise TypeError(f"layer {layer!r} returned {type(out).__name__}, expected a Tensor")
+    if out.is_nested:
+        return _padded(out, None)
+    if module is not None and not packed and out.dim() >= 3 and sequence_first(module):
+        return out.transpose(0, 1)
     return out
 
 
@@ -239,12 +256,113 @@ def eval_mode(modules: nn.Module | Iterable[nn.Module | None]) -> Iterator[None]
                 m.training = training
 
 
+_TORCHSCRIPT_MESSAGE = (
+    "{what} is a TorchScript module (torch.jit.script or torch.jit.trace): it runs its compiled graph without "
+    "calling its submodules' forward, so its layers cannot be probed. Three forms work: the eager nn.Module it "
+    "was made from (the same weights, so a detector fitted on it serves the same model); "
+    "torch.export.export(model, (x,)).module(), probed through the exported graph; or an ONNX export with the "
+    "ONNX adapter (pip install 'libnet-plugin[onnx]')")
+
+
+def _is_compiled(model: nn.Module) -> bool:
+    """Whether ``model`` is ``torch.compile(module)`` (an ``OptimizedModule`` around ``model._orig_mod``)."""
+    return type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module)
+
+
+def _is_exported(model: nn.Module) -> bool:
+    """Whether ``model`` is ``ExportedProgram.module()``: a graph whose nodes name the modules that made them."""
+    if not isinstance(model, torch.fx.GraphModule) or type(model.graph._codegen).__name__ != "_PyTreeCodeGen":
+        return False
+    return any(n.op == "call_function" and n.meta.get("nn_module_stack") for n in model.graph.nodes)
+
+
+def sequence_first(module: nn.Module) -> bool | None:
+    """Whether ``module`` returns its outputs sequence-first (``[T, B, ...]``) by its ``batch_first`` flag.
+
+    ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN``, ``nn.MultiheadAttention`` and ``nn.Transformer`` carry the flag;
+    ``nn.TransformerEncoder(Layer)`` and ``nn.TransformerDecoder(Layer)`` follow their attention's. ``None``
+    for any other module (a ``batch_first`` attribute of a module of one's own is not read).
+
+    Example:
+        >>> from torch import nn
+        >>> sequence_first(nn.LSTM(4, 8)), sequence_first(nn.GRU(4, 8, batch_first=True)), sequence_first(nn.ReLU())
+        (True, False, None)
+    """
+    if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+        return not module.self_attn.batch_first
+    if isinstance(module, (nn.TransformerEncoder, nn.TransformerDecoder)):
+        return sequence_first(module.layers[0]) if len(module.layers) else None
+    if isinstance(module, (nn.RNNBase, nn.MultiheadAttention, nn.Transformer)):
+        return not module.batch_first
+    return None
+
+
+def _first_tensor(out: Any) -> Any:
+    """The output that a layer's HAP is read from: a PackedSequence unpacked batch-first; else the first item
+    of a mapping (a HuggingFace ``BaseModelOutput``'s hidden states) or of a tuple/list (an LSTM's output)."""
+    if isinstance(out, PackedSequence):
+        return pad_packed_sequence(out, batch_first=True)[0]
+    if isinstance(out, Mapping) and out:
+        out = next(iter(out.values()))
+    if isinstance(out, (tuple, list)) and out and not isinstance(out, PackedSequence):
+        out = out[0]
+    if isinstance(out, PackedSequence):  # nn.LSTM on packed input: (PackedSequence, (h, c))
+        return pad_packed_sequence(out, batch_first=True)[0]
+    return out
+
+
+def _padded(out: Tensor, length: int | None) -> Tensor:
+    """A NestedTensor (``nn.TransformerEncoder``'s fast path with a padding mask) as a padded batch-first
+    tensor, zero at the padded positions (as the encoder's own output is), padded to ``length`` steps."""
+    dense = out.to_padded_tensor(0.0)
+    if length is not None and dense.dim() >= 2 and dense.shape[1] < length:
+        pad = [0, 0] * (dense.dim() - 2) + [0, length - dense.shape[1]]
+        dense = torch.nn.functional.pad(dense, pad)
+    return dense
+
+
+#: what a layer whose output is not one row per input can do instead
+_BATCH_FIX = ("A library needs one row per input: if the module puts the sequence first, build it with "
+              "batch_first=True; or name the dimension of its output that holds the batch, "
+              "LibraryNetwork(..., batch_dims={layer: dim}) (network_options={'batch_dims': ...} for a "
+              "ConsistencyDetector); or probe a module whose output is [B, ...] (the enclosing block, or a small "
+              "wrapper module that returns the output batch-first or pooled over the sequence)")
+
+#: the store of the recording nodes added to an exported graph, per thread
+_GRAPH_RECORD = threading.local()
+
+
+def _record_graph_value(value: Any, layer: str) -> None:
+    """Called by the nodes :class:`TorchLayerProbe` adds to an exported graph: keep ``value`` for ``layer``."""
+    store = getattr(_GRAPH_RECORD, "store", None)
+    if store is not None:
+        store[layer] = value.clone() if isinstance(value, Tensor) else value
+
+
 class TorchLayerProbe:
     """Probe the named submodules of a ``torch.nn.Module`` with forward hooks.
 
     The HAP of a layer is the module's forward output, as the module returned it, flattened per sample
     (see :meth:`run` for in-place writes and train mode). Hooks are registered for the duration of one
     forward pass and removed in ``finally``, also when the model raises.
+
+    One row per input, always: a sequence-first module (``nn.LSTM``/``nn.GRU``/``nn.RNN``,
+    ``nn.MultiheadAttention``, ``nn.TransformerEncoder(Layer)`` with ``batch_first=False``, PyTorch's
+    default), and the modules inside it, are read by that flag and transposed to batch-first; a
+    ``PackedSequence`` is unpacked (batch-first, padded with zeros); the NestedTensors that
+    ``nn.TransformerEncoder`` hands its layers in eval mode are padded back to the input's length, and the
+    positions the encoder's padding mask marks are zero in the HAPs of the encoder and the modules inside it
+    whichever path it took (fast, or slow under grad or ``torch.compile``). Any other layer whose output
+    does not have the batch as its first dimension is refused with its shape.
+
+    Deployed forms: ``torch.compile(model)`` is probed by compiling the probed forward itself (the module it
+    wraps, ``model._orig_mod``, run with the hooks, compiled once per probe with the model's own compile
+    settings, so the hooks are traced into the probe's own graph: the output and the HAPs are the eager ones
+    whatever the compiled model served before; if it cannot be compiled, the eager module runs, with a
+    warning once; layer names with or without the ``_orig_mod.`` prefix); ``ExportedProgram.module()``
+    through its graph (the last node each module's call produced, found from the graph's module-stack
+    metadata, recorded by nodes added to a copy of the graph; the eager model's layer names). TorchScript
+    modules are refused with the ways that work.
 
     Args:
         model: the classifier; its outputs must be ``[B, C]`` (logits or log-probabilities), or a tuple
@@ -265,34 +383,157 @@ class TorchLayerProbe:
         ({'0': (5, 3), '2': (5, 2)}, (5, 2))
     """
 
-    def __init__(self, model: nn.Module, layers: Sequence[str], device: torch.device | str | None = None):
+    def __init__(self, model: nn.Module, layers: Sequence[str], device: torch.device | str | None = None, *,
+                 batch_dims: Mapping[str, int] | None = None):
         if isinstance(layers, str):
             layers = [layers]
+        if isinstance(model, torch.jit.ScriptModule):
+            raise TypeError(_TORCHSCRIPT_MESSAGE.format(what=type(model).__name__))
         self.model = model
         self.layers = list(layers)
         self.device = torch.device(device) if device is not None else model_device(model)
-        modules = dict(model.named_modules())
-        valid = [n for n in modules if n]
+        #: the module that runs: the eager module behind torch.compile, else the model
+        self.runner: nn.Module = model._orig_mod if _is_compiled(model) else model
+        self.exported = _is_exported(model)
+        #: torch.compile(model): the probed forward compiled with the model's own settings (made at first use;
+        #: None after it failed once, when the eager module runs instead)
+        self._dynamo_ctx = model.dynamo_ctx if _is_compiled(model) and hasattr(model, "dynamo_ctx") else None
+        self._compiled_call: Any = None
+        self._compile_lock = threading.Lock()
         self.modules: dict[str, nn.Module] = {}
         #: layer name -> (module name, which call of it: 1, 2, ... for ``"name#k"``; None: the only call)
         self.calls: dict[str, tuple[str, int | None]] = {}
-        for name in self.layers:
-            if not isinstance(name, str):
-                raise TypeError(f"layer names must be strings, got {type(name).__name__}: {name!r}")
-            base, call = name, None
-            if "#" in name:
-                base, _, k = name.rpartition("#")
-                if not k.isdigit() or int(k) < 1:
-                    raise ValueError(f"layer {name!r}: after '#' comes which call of the module to record "
-                                     f"(1 for the first), got {k!r}")
-                call = int(k)
-            if base not in modules or base == "":
-                raise LayerNotFoundError(unknown_layer_message(base, valid, kind=type(model).__name__))
-            self.modules[name] = modules[base]
-            self.calls[name] = (base, call)
-        self._base_modules = {base: modules[base] for base, _ in self.calls.values()}
         #: layers whose output the model overwrites in place later in its forward pass: copied in the hook
         self.copied_layers: set[str] = set()
+        #: ``{layer: dimension of its output that holds the batch}`` named by the caller (see :meth:`set_batch_dims`)
+        self.batch_dims: dict[str, int] = {}
+        parsed = [self._parse(name) for name in self.layers]
+        if self.exported:
+            self._init_graph(parsed)
+        else:
+            self._init_hooks(parsed)
+        self.set_batch_dims(batch_dims)
+
+    def set_batch_dims(self, batch_dims: Mapping[str, int] | None) -> None:
+        """Name the dimension of a layer's output that holds the batch, ``{layer: dim}``, for a module that puts
+        it elsewhere without a ``batch_first`` flag the probe reads; that dimension is moved first, and the
+        probe's own reading (sequence-first flags) is not applied to the layer.
+
+        Example:
+            >>> from torch import nn
+            >>> class TimeMajor(nn.Module):
+            ...     def __init__(self):
+            ...         super().__init__()
+            ...         self.proj, self.head = nn.Linear(4, 6), nn.Linear(6, 3)
+            ...     def forward(self, x):  # x [B, T, 4]; proj sees [T, B, 4]
+            ...         return self.head(self.proj(x.transpose(0, 1)).mean(dim=0))
+            >>> probe = TorchLayerProbe(TimeMajor(), ["proj"], batch_dims={"proj": 1})
+            >>> tuple(probe.run(torch.randn(3, 5, 4)).haps["proj"].shape)
+            (3, 30)
+        """
+        dims = {}
+        for layer, d in dict(batch_dims or {}).items():
+            if layer not in self.layers:
+                raise ValueError(f"batch_dims names the layer {layer!r}, which is not probed; probed layers: {self.layers}")
+            if isinstance(d, bool) or not isinstance(d, int) or d < 0:
+                raise ValueError(f"batch_dims[{layer!r}] must be a dimension index (an int >= 0), got {d!r}")
+            dims[layer] = int(d)
+        self.batch_dims = dims
+
+    def _init_hooks(self, parsed: list[tuple[str, int | None]]) -> None:
+        """An eager module: the modules to hook, and how to read each one's output."""
+        model = self.model
+        modules = dict(self.runner.named_modules())
+        valid = [n for n in modules if n]
+        for name, (base, call) in zip(self.layers, parsed):
+            key = base[len("_orig_mod."):] if self.runner is not model and base.startswith("_orig_mod.") else base
+            if key not in modules or key == "":
+                raise LayerNotFoundError(unknown_layer_message(base, valid, kind=type(self.runner).__name__))
+            self.modules[name] = modules[key]
+            self.calls[name] = (base, call)
+        self._base_modules = {base: self.modules[name] for name, (base, _) in self.calls.items()}
+        names = {id(m): n for n, m in modules.items()}
+        #: module name -> whether its output is sequence-first: its own flag, else its nearest flagged ancestor's
+        self._seq_first: dict[str, bool] = {}
+        #: module name -> the nn.TransformerEncoder around it, or itself (its input's length pads NestedTensor
+        #: outputs; the positions its padding mask marks are zero in the HAPs)
+        self._encoders: dict[str, nn.Module] = {}
+        for base, module in self._base_modules.items():
+            path = names[id(module)]
+            flag = None
+            for k in range(path.count(".") + 1, -1, -1):
+                anc = modules[".".join(path.split(".")[:k])] if k else self.runner
+                if flag is None:
+                    flag = sequence_first(anc)
+                if isinstance(anc, nn.TransformerEncoder) and base not in self._encoders:
+                    self._encoders[base] = anc
+            self._seq_first[base] = bool(flag)
+
+    def _parse(self, name: Any) -> tuple[str, int | None]:
+        if not isinstance(name, str):
+            raise TypeError(f"layer names must be strings, got {type(name).__name__}: {name!r}")
+        if "#" not in name:
+            return name, None
+        base, _, k = name.rpartition("#")
+        if not k.isdigit() or int(k) < 1:
+            raise ValueError(f"layer {name!r}: after '#' comes which call of the module to record "
+                             f"(1 for the first), got {k!r}")
+        return base, int(k)
+
+    def _init_graph(self, parsed: list[tuple[str, int | None]]) -> None:
+        """An exported graph: find the node each probed module's call ended with; record it in a copy of the graph."""
+        import copy
+
+        graph = self.model.graph
+        groups: dict[str, dict[str, list[Any]]] = {}  # module path -> {call key: [its nodes, in order]}
+        for node in graph.nodes:
+            if node.op != "call_function":
+                continue
+            for key, entry in (node.meta.get("nn_module_stack") or {}).items():
+                path = entry[0] if isinstance(entry, (tuple, list)) else str(entry)
+                groups.setdefault(path, {}).setdefault(key, []).append(node)
+        valid = sorted(p for p in groups if p)
+        first = next((n.meta["val"] for n in graph.nodes if n.op == "placeholder"
+                      and isinstance(n.meta.get("val"), Tensor) and n.meta["val"].dim()), None)
+        batch_sym = str(first.shape[0]) if first is not None and isinstance(first.shape[0], torch.SymInt) else None
+        #: the batch size the graph was exported for when its batch dimension is static (None: dynamic)
+        self._graph_static_batch = int(first.shape[0]) if first is not None and batch_sym is None else None
+        chosen: dict[str, Any] = {}
+        #: layer -> the dimension of its recorded value that is the batch (from the exported shapes)
+        self._graph_batch_dims: dict[str, int] = {}
+        for name, (base, call) in zip(self.layers, parsed):
+            if base not in groups:
+                raise LayerNotFoundError(unknown_layer_message(base, valid, kind="exported graph"))
+            calls = list(groups[base].values())
+            if call is None and len(calls) > 1:
+                raise ValueError(f"layer {name!r} ran {len(calls)} times in the exported graph (a module reused in "
+                                 f"forward); name one call: '{name}#1' ... '{name}#{len(calls)}'")
+            if call is not None and call > len(calls):
+                raise LayerNotFoundError(f"layer {name!r}: the module {base!r} ran {len(calls)} time(s) in the "
+                                         f"exported graph, so there is no call {call}")
+            nodes = calls[(call or 1) - 1]
+            inside = set(nodes)
+            tensors = [n for n in nodes if isinstance(n.meta.get("val"), Tensor)]
+            if not tensors:
+                raise LayerNotFoundError(f"layer {name!r}: the exported graph holds no tensor computed by {base!r}")
+            leaving = [n for n in tensors if any(u not in inside for u in n.users)]
+            chosen[name] = (leaving or tensors)[-1]
+            shape = chosen[name].meta["val"].shape
+            dims = [d for d, s in enumerate(shape) if batch_sym is not None and str(s) == batch_sym]
+            self._graph_batch_dims[name] = dims[0] if len(dims) == 1 else 0
+            self.calls[name] = (base, call)
+        g = copy.deepcopy(graph)
+        by_name = {n.name: n for n in g.nodes}
+        for name, node in chosen.items():
+            target = by_name[node.name]
+            with g.inserting_after(target):
+                g.call_function(_record_graph_value, (target, name))
+        g.lint()
+        # the copy shares the exported module's parameters and buffers (GraphModule copies references)
+        self._graph_runner = torch.fx.GraphModule(self.model, g)
+        self._base_modules = {}
+        self._seq_first = {}
+        self._encoders = {}
 
     def __repr__(self) -> str:
         return f"TorchLayerProbe(model={type(self.model).__name__}, layers={self.layers})"
@@ -304,7 +545,8 @@ class TorchLayerProbe:
         (``model(*tensors)`` or ``model(**tensors)``, e.g. ``input_ids`` and ``attention_mask``).
 
         The model runs in eval mode (dropout off, batch-norm running statistics used and left unchanged);
-        the caller's train/eval mode of every submodule is restored afterwards. The HAP of a layer is
+        the caller's train/eval mode of every submodule is restored afterwards (an exported graph runs as
+        it was exported). The HAP of a layer is
         the module's output as the module returned it: when a later operation of the forward pass writes
         into that tensor in place (``ReLU(inplace=True)``, ``out += identity``), the probe notices it
         through the tensor's version counter, runs the batch again with a copy taken for that layer,
@@ -314,6 +556,9 @@ class TorchLayerProbe:
             x: a batch of inputs ``[B, ...]``; moved to the model's device, floating tensors cast to the
                 model's floating dtype.
             grad: keep the autograd graph (for attacks); default runs under ``torch.no_grad()``.
+
+        Raises:
+            ShapeMismatchError: a layer's (or the model's) output does not have the batch as its first dimension.
         """
         if not isinstance(x, (Tensor, MultiInput)):
             raise TypeError(f"inputs must be a torch.Tensor (or a MultiInput of several), got {type(x).__name__}")
@@ -331,48 +576,161 @@ class TorchLayerProbe:
                                  "values; pass real data")
         check_inputs_finite(x)
         x = x.map(prepare) if isinstance(x, MultiInput) else prepare(x)
-        outputs, captured, overwritten = self._forward(x, grad)
-        if overwritten:
-            self.copied_layers.update(overwritten)
+        if isinstance(x, MultiInput) and isinstance(x.parts, dict):
+            check_keywords(self.runner, x.parts)
+        if self.exported:
+            outputs, captured = self._forward_graph(x, grad)
+        elif self._dynamo_ctx is not None:
+            outputs, captured = self._forward_compiled(x, grad)
+        else:
             outputs, captured, overwritten = self._forward(x, grad)
-            if overwritten:  # pragma: no cover - a copy taken in the hook cannot be written by the model
-                raise RuntimeError(f"the activations of layers {overwritten} changed after they were copied")
-        return ProbeResult.from_activations(outputs, captured, self.device, detach=not grad)
+            if overwritten:
+                self.copied_layers.update(overwritten)
+                outputs, captured, overwritten = self._forward(x, grad)
+                if overwritten:  # pragma: no cover - a copy taken in the hook cannot be written by the model
+                    raise RuntimeError(f"the activations of layers {overwritten} changed after they were copied")
+        for name, d in self.batch_dims.items():
+            act = captured[name]
+            if d >= act.dim():
+                raise ShapeMismatchError(f"batch_dims puts the batch of layer {name!r} at dimension {d}, but its "
+                                         f"output has shape {list(act.shape)}")
+            captured[name] = act.movedim(d, 0)
+        n = n_rows(x)
+        for name, act in captured.items():
+            if act.dim() == 0 or act.shape[0] != n:
+                raise ShapeMismatchError(
+                    f"layer {name!r} returned an output of shape {list(act.shape)} for a batch of {n} inputs: its "
+                    f"first dimension is not the batch. {_BATCH_FIX}")
+        result = ProbeResult.from_activations(outputs, captured, self.device, detach=not grad)
+        if result.outputs.shape[0] != n:
+            raise ShapeMismatchError(f"the model returned outputs of shape {list(result.outputs.shape)} for a batch "
+                                     f"of {n} inputs; expected class scores [B, C] with B = {n}")
+        return result
 
-    def _forward(self, x: Tensor | MultiInput, grad: bool) -> tuple[Any, dict[str, Tensor], list[str]]:
-        """One forward pass with the hooks: outputs, the HAP per layer, the layers overwritten in place."""
+    def _call(self, module: nn.Module, x: Tensor | MultiInput) -> Any:
+        return x.call(module) if isinstance(x, MultiInput) else module(x)
+
+    def _forward_graph(self, x: Tensor | MultiInput, grad: bool) -> tuple[Any, dict[str, Tensor]]:
+        """One run of the exported graph's copy whose added nodes record every probed layer."""
+        static = self._graph_static_batch
+        if static is not None and n_rows(x) != static:
+            raise ShapeMismatchError(
+                f"the exported program was exported for batches of exactly {static} inputs (a static batch "
+                f"dimension) and got {n_rows(x)}; export it with a dynamic batch: torch.export.export(model, (x,), "
+                "dynamic_shapes=({0: torch.export.Dim('batch')},)).module()")
+        store: dict[str, Any] = {}
+        before = getattr(_GRAPH_RECORD, "store", None)
+        _GRAPH_RECORD.store = store
+        try:
+            with torch.set_grad_enabled(grad):
+                outputs = self._call(self._graph_runner, x)
+        finally:
+            _GRAPH_RECORD.store = before
+        captured = {}
+        for name in self.layers:
+            value = _first_tensor(store.get(name))
+            if not isinstance(value, Tensor):
+                raise LayerNotFoundError(f"layer {name!r} was not computed in this run of the exported graph")
+            d = self._graph_batch_dims.get(name, 0) if name not in self.batch_dims else 0
+            captured[name] = (value if grad else value.detach()).movedim(d, 0) if d else (
+                value if grad else value.detach())
+        return outputs, captured
+
+    def _forward_compiled(self, x: Tensor | MultiInput, grad: bool) -> tuple[Any, dict[str, Tensor]]:
+        """A compiled model: the probed forward (the eager module with the hooks, every HAP copied) compiled once
+        per probe with the model's own ``torch.compile`` settings, so Dynamo traces the hooks into the probe's
+        own graph (a graph cached by the model's plain calls, without hooks, is never used here). When it
+        cannot be compiled, or a layer's hook did not run in it, the eager module runs instead, from then on."""
+        if self._compiled_call is None:
+            # a function of its own (a fresh code object), so Dynamo keeps this probe's graphs apart from any other
+            namespace: dict[str, Any] = {}
+            exec("def probed_forward(module, args, kwargs):\n    return module(*args, **kwargs)\n", namespace)
+            self._compiled_call = self._dynamo_ctx(namespace["probed_forward"])
+        try:
+            with self._compile_lock:  # the traced hooks do not tell threads apart: one compiled probe run at a time
+                outputs, captured, _ = self._forward(x, grad, compiled=self._compiled_call)
+            return outputs, captured
+        except Exception as exc:  # the eager module decides: its own error is raised as it is
+            outputs, captured, overwritten = self._forward(x, grad)
+            if overwritten:
+                self.copied_layers.update(overwritten)
+                outputs, captured, _ = self._forward(x, grad)
+            warnings.warn(f"the probed forward of the compiled model could not be compiled ({type(exc).__name__}: "
+                          f"{str(exc)[:300]}); it runs eagerly on model._orig_mod from now on (the same outputs and "
+                          "HAPs, without the compiler's speed)", RuntimeWarning, stacklevel=3)
+            self._dynamo_ctx = None
+            return outputs, captured
+
+    def _forward(self, x: Tensor | MultiInput, grad: bool, compiled: Any = None
+                 ) -> tuple[Any, dict[str, Tensor], list[str]]:
+        """One forward pass with the hooks: outputs, the HAP per layer, the layers overwritten in place.
+
+        ``compiled``: the compiled probed forward to run the module with (every HAP is copied then).
+        """
         by_module = {base for base, _ in self.calls.values()}
         captured: dict[str, list[tuple[Tensor, int]]] = {base: [] for base in by_module}
-        copied = {self.calls[name][0] for name in self.copied_layers}
+        copied = {self.calls[name][0] for name in self.copied_layers} if compiled is None else by_module
         handles = []
+        lengths: dict[int, int] = {}  # id(encoder) -> its input's length (pads NestedTensor outputs inside it)
+        pads: dict[int, Tensor] = {}  # id(encoder) -> BoolTensor[B, T], True at the positions its padding mask marks
 
         caller = threading.get_ident()
 
         def make_hook(base: str):
             copy = base in copied
+            seq_first = self._seq_first.get(base, False) and not any(
+                self.calls[name][0] == base for name in self.batch_dims)
+            encoder = self._encoders.get(base)
 
             def hook(_module: nn.Module, _inp: Any, out: Any) -> None:
-                if threading.get_ident() != caller:  # another thread's forward pass of the same model
+                # another thread's forward pass of the same model; torch.compile cannot trace get_ident
+                if not torch.compiler.is_compiling() and threading.get_ident() != caller:
                     return
-                if isinstance(out, Mapping) and out:  # e.g. a HuggingFace BaseModelOutput: its hidden states
-                    out = next(iter(out.values()))
-                if isinstance(out, (tuple, list)) and out:
-                    out = out[0]
+                packed = isinstance(out, PackedSequence) or (
+                    isinstance(out, (tuple, list)) and bool(out) and isinstance(out[0], PackedSequence))
+                out = _first_tensor(out)
                 if not isinstance(out, Tensor):
                     raise TypeError(f"layer {base!r} returned {type(out).__name__}, expected a Tensor")
-                kept = out if grad else out.detach()
-                captured[base].append((kept.clone() if copy else kept, out._version))
+                version = out._version if compiled is None and not out.is_nested else 0
+                if out.is_nested:
+                    kept = _padded(out, lengths.get(id(encoder)) if encoder is not None else None)
+                elif seq_first and not packed and out.dim() >= 3:  # [T, B, ...] (an unbatched [T, F] stays)
+                    kept = out.transpose(0, 1)
+                else:
+                    kept = out
+                pad = pads.get(id(encoder)) if encoder is not None else None
+                if pad is not None and kept.dim() >= 3 and tuple(kept.shape[:2]) == tuple(pad.shape):
+                    # zero where padded, as the encoder's fast path gives it: its slow path (under grad or
+                    # torch.compile) computes values there, which would make the same input's HAPs differ
+                    kept = kept.masked_fill(pad.to(kept.device).reshape(*pad.shape, *[1] * (kept.dim() - 2)), 0.0)
+                kept = kept if grad else kept.detach()
+                captured[base].append((kept.clone() if copy else kept, version, out))
             return hook
+
+        def length_hook(encoder: nn.Module, args: Any, kwargs: Any) -> None:
+            src = args[0] if args else kwargs.get("src")
+            if isinstance(src, Tensor) and src.dim() >= 2:
+                lengths[id(encoder)] = int(src.shape[0 if sequence_first(encoder) else 1])
+            mask = kwargs.get("src_key_padding_mask", args[2] if len(args) > 2 else None)
+            if isinstance(mask, Tensor) and mask.dim() == 2:
+                pads[id(encoder)] = mask if mask.dtype == torch.bool else torch.isneginf(mask)
 
         try:
             for base in sorted(by_module):
                 handles.append(self._base_modules[base].register_forward_hook(make_hook(base)))
-            with eval_mode(self.model), torch.set_grad_enabled(grad):
-                outputs = x.call(self.model) if isinstance(x, MultiInput) else self.model(x)
+            for encoder in {id(e): e for e in self._encoders.values()}.values():
+                handles.append(encoder.register_forward_pre_hook(length_hook, with_kwargs=True))
+            with eval_mode(self.runner), torch.set_grad_enabled(grad):
+                if compiled is not None:
+                    args = () if isinstance(x, MultiInput) and isinstance(x.parts, dict) else (
+                        tuple(x.parts) if isinstance(x, MultiInput) else (x,))
+                    outputs = compiled(self.runner, args, dict(x.parts) if not args else {})
+                else:
+                    outputs = self._call(self.runner, x)
         finally:
             for h in handles:
                 h.remove()
-        picked: dict[str, tuple[Tensor, int]] = {}
+        picked: dict[str, tuple[Tensor, int, Tensor]] = {}
         for name in self.layers:
             base, call = self.calls[name]
             outs = captured[base]
@@ -390,6 +748,34 @@ class TorchLayerProbe:
                 raise LayerNotFoundError(f"layer {name!r}: the module {base!r} ran {len(outs)} time(s) in the "
                                          f"forward pass, so there is no call {call}")
             picked[name] = outs[(call or 1) - 1]
-        overwritten = [name for name in self.layers
-                       if name not in self.copied_layers and picked[name][0]._version != picked[name][1]]
+        overwritten = [name for name in self.layers if compiled is None and name not in self.copied_layers
+                       and not picked[name][2].is_nested and picked[name][2]._version != picked[name][1]]
         return outputs, {name: picked[name][0] for name in self.layers}, overwritten
+
+
+def check_keywords(model: nn.Module, parts: Mapping[str, Tensor]) -> None:
+    """Refuse a batch whose keys ``model.forward`` does not take by keyword (a clear message, not torch's).
+
+    Example:
+        >>> from torch import nn
+        >>> check_keywords(nn.Linear(2, 2), {"input": torch.zeros(1, 2), "mask": torch.ones(1, 2)})
+        Traceback (most recent call last):
+        ...
+        TypeError: the batch's tensors ['input', 'mask'] are passed to Linear.forward by keyword, but it takes no ['mask']; ...
+    """
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - a forward without a signature: let the call decide
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    named = {k for k, p in params.items() if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                         inspect.Parameter.KEYWORD_ONLY)}
+    unknown = [k for k in parts if k not in named]
+    if unknown:
+        raise TypeError(
+            f"the batch's tensors {list(parts)} are passed to {type(model).__name__}.forward by keyword, but it "
+            f"takes no {unknown}; its arguments are {list(params)}. Name the dict's keys after forward's arguments "
+            "(labels as 'label'/'labels'/'y'), or pass the inputs alone: a tensor, (x, y), or ((x1, x2), y)")

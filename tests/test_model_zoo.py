@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import libnet_plugin as lnp
+from libnet_plugin._batches import MultiInput
 
 
 @dataclass
@@ -186,6 +187,95 @@ ZOO: dict[str, Callable[[], Case]] = {
 }
 
 
+class SeqFirstLSTM(nn.Module):
+    """nn.LSTM with PyTorch's default batch_first=False, inputs [B, T, F] transposed inside."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm, self.head = nn.LSTM(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        out, _ = self.lstm(x.transpose(0, 1))
+        return self.head(out[-1])
+
+
+class SeqFirstEncoder(nn.Module):
+    """nn.TransformerEncoder with batch_first=False (PyTorch's default), inputs [B, T, E]."""
+
+    def __init__(self):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.1, batch_first=False)
+        self.enc, self.head = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.enc(x.transpose(0, 1)).mean(dim=0))
+
+
+class MaskedEncoder(nn.Module):
+    """nn.TransformerEncoder, batch-first, with a padding mask: in eval mode its fast path hands NestedTensors on."""
+
+    def __init__(self):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.1, batch_first=True)
+        self.enc, self.head = nn.TransformerEncoder(layer, 2), nn.Linear(8, 3)
+
+    def forward(self, x, mask=None):
+        h = self.enc(x, src_key_padding_mask=mask)
+        keep = (~mask).unsqueeze(-1).float() if mask is not None else torch.ones_like(h[..., :1])
+        return self.head((h * keep).sum(dim=1) / keep.sum(dim=1))
+
+
+class OptionalMask(nn.Module):
+    """forward(x, mask=None), fed dicts {"x": ..., "mask": ...}: the mask is passed, not dropped."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc, self.head = nn.Linear(6, 16), nn.Linear(16, 3)
+
+    def forward(self, x, mask=None):
+        return self.head(torch.relu(self.enc(x if mask is None else x * mask)))
+
+
+def seq_lstm_case() -> Case:
+    torch.manual_seed(0)
+    x = torch.randn(120, 4, 4, generator=_gen(20))  # guard batch of 4 inputs of 4 steps: batch == sequence length
+    return Case(SeqFirstLSTM().eval(), ["lstm", "head"], x[:80], x[80:], x[:4], lambda m, b: m(b), 80)
+
+
+def seq_encoder_case() -> Case:
+    torch.manual_seed(0)
+    x = torch.randn(120, 5, 8, generator=_gen(21))
+    return Case(SeqFirstEncoder().eval(), ["enc.layers.0", "enc.layers.1.linear1", "enc"], x[:80], x[80:], x[:5],
+                lambda m, b: m(b), 80)
+
+
+def masked_encoder_case() -> Case:
+    torch.manual_seed(0)
+    x = torch.randn(120, 6, 8, generator=_gen(22))
+    mask = torch.zeros(120, 6, dtype=torch.bool)
+    mask[::2, 4:] = True  # half the inputs padded at their last two steps
+    mask[:, 5] = True  # and every input at its last step: the nested tensors are shorter than the input
+    return Case(MaskedEncoder().eval(), ["enc.layers.0", "enc.layers.1.linear2", "enc"], ((x[:80], mask[:80]),),
+                (x[80:], mask[80:]), (x[:4], mask[:4]), lambda m, b: m(*b), 80)
+
+
+def optional_mask_case() -> Case:
+    torch.manual_seed(0)
+    x = torch.randn(150, 6, generator=_gen(23))
+    mask = (torch.rand(150, 6, generator=_gen(24)) > 0.3).float()
+    y = torch.randint(0, 3, (150,), generator=_gen(25))
+    return Case(OptionalMask().eval(), ["enc", "head"], {"x": x[:100], "mask": mask[:100], "labels": y[:100]},
+                {"x": x[100:], "mask": mask[100:]}, {"x": x[:4], "mask": mask[:4]}, lambda m, b: m(**b), 100)
+
+
+ZOO.update({
+    "nn.LSTM sequence-first (batch size == sequence length)": seq_lstm_case,
+    "nn.TransformerEncoder sequence-first": seq_encoder_case,
+    "nn.TransformerEncoder with a padding mask (eval fast path, NestedTensor)": masked_encoder_case,
+    "forward(x, mask=None) fed {'x': ..., 'mask': ...}": optional_mask_case,
+})
+
+
 @pytest.mark.parametrize("name", list(ZOO))
 def test_the_whole_pipeline(name, tmp_path):
     case = ZOO[name]()
@@ -323,3 +413,52 @@ def test_the_onnx_output_choice_is_saved_with_the_network(tmp_path):
     assert torch.equal(back.predict_scores(x[160:])["next_activations"], net.predict_scores(x[160:])["next_activations"])
     with pytest.raises(ValueError, match="saved reading its class scores from 'out_activations_result'"):
         lnp.LibraryNetwork.load(tmp_path / "net.lnp", OnnxModel(str(path), output="add_result1"))
+
+
+def _deployed(form: str, model: nn.Module, example: torch.Tensor) -> nn.Module:
+    if form == "torch.compile":
+        return torch.compile(model, backend="eager")
+    batch = torch.export.Dim("batch")
+    return torch.export.export(model, (example,), dynamic_shapes=({0: batch},)).module()
+
+
+@pytest.mark.parametrize("form", ["torch.compile", "torch.export"])
+def test_a_detector_fitted_on_the_eager_model_serves_its_deployed_form(form, tmp_path):
+    """The serving order: the deployed model answers plain requests first, then the guard; eager results within 1e-5."""
+    case = resnet_case()
+    det = lnp.ConsistencyDetector(case.model, ["bn1", "layer1.0.bn2", "fc"], thresholds=0.9, train=case.train,
+                                  method="library-distance").calibrate(case.test, fpr=0.1)
+    det.save(tmp_path / "det.lnp")
+    deployed = _deployed(form, case.model, case.batch)
+    with torch.no_grad():
+        served = deployed(case.batch)  # a plain request before the guard (Dynamo caches its graph for this shape)
+        eager = case.model(case.batch)
+    torch.testing.assert_close(served, eager, rtol=1e-5, atol=1e-5)
+    if form == "torch.compile":  # fitted on the compiled module itself (layer names with or without _orig_mod.)
+        back = lnp.ConsistencyDetector(deployed, ["_orig_mod.bn1", "layer1.0.bn2", "fc"], thresholds=0.9,
+                                       train=case.train, method="library-distance").calibrate(case.test, fpr=0.1)
+    else:  # the eager model's detector loaded onto the export (the same layer names and weights)
+        back = lnp.ConsistencyDetector.load(tmp_path / "det.lnp", deployed)
+    out = back.guard()(case.batch)
+    torch.testing.assert_close(out.output, eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.score, det.score(case.batch), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(back.score(case.test), det.score(case.test), rtol=1e-5, atol=1e-5)
+
+
+def test_torchscript_is_refused_with_the_forms_that_work():
+    case = resnet_case()
+    with pytest.raises(TypeError, match=r"TorchScript.*the eager nn.Module.*torch.export.*ONNX"):
+        lnp.ConsistencyDetector(torch.jit.trace(case.model, case.batch), ["bn1", "fc"], train=case.train)
+
+
+def test_a_huggingface_model_through_torch_export_keeps_its_layer_names():
+    case = bert_case()
+    batch = torch.export.Dim("batch")
+    inputs = {k: v[:3] for k, v in case.batch.items()}
+    exported = torch.export.export(case.model, (), inputs, dynamic_shapes={k: {0: batch} for k in inputs}).module()
+    test = {k: v for k, v in case.test.items() if k != "labels"}
+    got = lnp.TorchLayerProbe(exported, case.layers).run(MultiInput(test))
+    want = lnp.TorchLayerProbe(case.model, case.layers).run(MultiInput(test))
+    for layer in case.layers:
+        torch.testing.assert_close(got.haps[layer], want.haps[layer], rtol=1e-5, atol=1e-5, msg=layer)
+    torch.testing.assert_close(got.outputs, want.outputs, rtol=1e-5, atol=1e-5)

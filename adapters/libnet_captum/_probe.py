@@ -87,8 +87,8 @@ def layer_activations(forward_func: Callable[..., Any], modules: Sequence[nn.Mod
     lock = threading.Lock()
 
     def make_hook(i: int) -> Callable[..., None]:
-        def hook(_module: nn.Module, _inp: Any, out: Any) -> None:
-            t = layer_output(out, shown[i]).detach().clone()
+        def hook(module: nn.Module, _inp: Any, out: Any) -> None:
+            t = layer_output(out, shown[i], module).detach().clone()
             with lock:
                 saved[i].setdefault(t.device, []).append(t)
         return hook
