@@ -434,15 +434,17 @@ def test_a_detector_fitted_on_the_eager_model_serves_its_deployed_form(form, tmp
         served = deployed(case.batch)  # a plain request before the guard (Dynamo caches its graph for this shape)
         eager = case.model(case.batch)
     torch.testing.assert_close(served, eager, rtol=1e-5, atol=1e-5)
-    if form == "torch.compile":  # fitted on the compiled module itself (layer names with or without _orig_mod.)
-        back = lnp.ConsistencyDetector(deployed, ["_orig_mod.bn1", "layer1.0.bn2", "fc"], thresholds=0.9,
-                                       train=case.train, method="library-distance").calibrate(case.test, fpr=0.1)
-    else:  # the eager model's detector loaded onto the export (the same layer names and weights)
-        back = lnp.ConsistencyDetector.load(tmp_path / "det.lnp", deployed)
+    # the eager model's detector loaded onto the deployed form (the export keeps the names; the compiled module's
+    # _orig_mod. prefix is mapped on load, the weights compared without it)
+    back = lnp.ConsistencyDetector.load(tmp_path / "det.lnp", deployed)
     out = back.guard()(case.batch)
     torch.testing.assert_close(out.output, eager, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.score, det.score(case.batch), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(back.score(case.test), det.score(case.test), rtol=1e-5, atol=1e-5)
+    if form == "torch.compile":  # fitted on the compiled module itself (layer names with or without _orig_mod.)
+        own = lnp.ConsistencyDetector(deployed, ["_orig_mod.bn1", "layer1.0.bn2", "fc"], thresholds=0.9,
+                                      train=case.train, method="library-distance").calibrate(case.test, fpr=0.1)
+        torch.testing.assert_close(own.guard()(case.batch).output, eager, rtol=1e-5, atol=1e-5)
 
 
 def test_torchscript_is_refused_with_the_forms_that_work():
