@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import assert_close_f32
 from torch import nn
 
 import libnet_plugin as lnp
@@ -23,13 +24,13 @@ def clustered(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 def trained():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 3))
-    x, y = clustered(300, 1)
+    x, y = clustered(150, 1)
     opt = torch.optim.Adam(model.parameters(), lr=0.02)
     for _ in range(60):
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
-    return model.eval(), (x, y), clustered(60, 2)
+    return model.eval(), (x, y), clustered(40, 2)
 
 
 @pytest.fixture(scope="module")
@@ -68,10 +69,10 @@ def test_report_holds_the_papers_numbers(report, trained):
     path = d["decision_path"]
     assert [c["class"] for c in path["classes"]] == [0, 1, 2]
     assert all(c["first_layer"] in report.layers for c in path["classes"] if c["n"])
-    assert len(d["consistency"]["cpl"]) == 60
+    assert len(d["consistency"]["cpl"]) == 40
     assert all(0 <= v <= 1 + 1e-6 for v in d["consistency"]["cpl"])
     det = d["detector"]
-    assert det["calibration_inputs"] == 30 and len(det["scores"]) == 60
+    assert det["calibration_inputs"] == 20 and len(det["scores"]) == 40
     assert det["flagged"] == [i for i, s in enumerate(det["scores"]) if s > det["threshold"]]
 
 
@@ -85,7 +86,7 @@ def test_sample_holds_top3_and_exemplars_of_every_layer(report, trained):
         for l in report.layers:
             top = s["layers"][l]["top3"]
             assert len(top) == 3 and top[0]["evidence"] >= top[1]["evidence"] >= top[2]["evidence"]
-            assert all(0 <= i < 300 for i in s["layers"][l]["exemplars"])
+            assert all(0 <= i < 150 for i in s["layers"][l]["exemplars"])
     assert report.images == {}  # 8 features per input are no image
 
 
@@ -99,29 +100,28 @@ def test_same_numbers_as_the_public_api(report, trained):
         assert d["layers"][l]["size"] == net.library_sizes_[l]
         assert d["layers"][l]["top1_agreement"] == pytest.approx(ev[l]["top1_agreement"], abs=1e-6)
         assert d["layers"][l]["accuracy"] == pytest.approx(ev[l]["accuracy"], abs=1e-6)
-    assert torch.allclose(torch.tensor(d["consistency"]["cpl"]), net.consistency(test[0]), atol=1e-5)
+    assert_close_f32(torch.tensor(d["consistency"]["cpl"]), net.consistency(test[0]))
     ci = net.confusion_index(test, progress=False)
     for l in report.layers:
-        assert torch.allclose(torch.tensor([[float("nan") if v is None else v for v in r]
-                                            for r in d["layers"][l]["confusion_index"]]), ci[l], atol=1e-5,
-                              equal_nan=True)
+        assert_close_f32(torch.tensor([[float("nan") if v is None else v for v in r]
+                                       for r in d["layers"][l]["confusion_index"]]), ci[l])
 
 
 def test_bad_inputs_are_refused_before_the_long_work(trained):
     model, (x, y), test = trained
-    with pytest.raises(InspectionError, match=r"shape \(256, 5\)"):
-        lnp.inspect(model, torch.randn(300, 5), progress=False)
+    with pytest.raises(InspectionError, match=r"shape \(150, 5\)"):
+        lnp.inspect(model, torch.randn(150, 5), progress=False)
     with pytest.raises(InspectionError, match="label 7 at index 0 is out of range"):
         lnp.inspect(model, (x, torch.full_like(y, 7)), progress=False)
-    with pytest.raises(InspectionError, match="out of range for 60 test inputs"):
-        lnp.inspect(model, (x, y), test, indices=[60], progress=False)
+    with pytest.raises(InspectionError, match="out of range for 40 test inputs"):
+        lnp.inspect(model, (x, y), test, indices=[40], progress=False)
     with pytest.raises(InspectionError, match="not probed"):
         lnp.inspect(model, (x, y), test, layers=["0", "4"], thresholds={"2": 0.5}, progress=False)
 
 
 def test_thresholds_given_per_layer_and_no_labels(trained):
     model, (x, _), _ = trained
-    r = lnp.inspect(model, x[:120], x[120:180], layers=["0", "4"], thresholds={"0": 0.5}, sweep=[0.3],
+    r = lnp.inspect(model, x[:100], x[100:], layers=["0", "4"], thresholds={"0": 0.5}, sweep=[0.3],
                     progress=False, sample=1).to_dict()
     assert r["settings"]["thresholds_chosen"]["0"] == 0.5 and r["settings"]["auto_layers"] == ["4"]
     assert [row["theta"] for row in r["layers"]["0"]["sweep"]] == [0.3, 0.5]
