@@ -327,7 +327,7 @@ def _most_confused(ci: Tensor, n: int = 3) -> list[dict[str, Any]]:
     k = min(n, flat.numel())
     vals, idx = flat.topk(k)
     c = ci.shape[0]
-    return [{"true": int(i) // c, "confused_with": int(i) % c, "index": float(v)} for v, i in zip(vals, idx) if v > 0]
+    return [{"true": int(i) // c, "confused_with": int(i) % c, "index": float(v)} for v, i in zip(vals, idx) if v > 1e-3]
 
 
 # ---------------------------------------------------------------------------------------------- inspect
