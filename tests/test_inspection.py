@@ -127,3 +127,13 @@ def test_thresholds_given_per_layer_and_no_labels(trained):
     assert [row["theta"] for row in r["layers"]["0"]["sweep"]] == [0.3, 0.5]
     assert r["layers"]["0"]["accuracy"] is None and r["model_accuracy"] is None
     assert r["settings"]["confusion_basis"].startswith("the model's answers")
+
+
+def test_readme_example_runs(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from readme_blocks import run_readme_block
+
+    monkeypatch.chdir(tmp_path)
+    _, ns = run_readme_block("inspect")
+    assert ns["report"].layers == ["0", "2", "4"]
+    assert (tmp_path / "inspect.html").read_text().startswith("<!DOCTYPE html>")
