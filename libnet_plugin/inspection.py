@@ -372,8 +372,6 @@ def inspect(model: Any, train: Any, test: Any = None, layers: Sequence[str] | No
     say = log or (lambda _msg: None)
     timer = _Timer(say)
     timer.start("checks")
-    if isinstance(model, nn.Module):
-        model.eval()
     x0, y0 = _first_batch(train, batch_size)
     try:
         probe_all = make_probe(model, [], device if device is not None else "cpu")
@@ -571,6 +569,7 @@ def inspect(model: Any, train: Any, test: Any = None, layers: Sequence[str] | No
                 "n_train": fitted.n_train, "n_test": n_test, "test_is_train": test_is_train,
                 "labels": y_test is not None, "n_classes": n_classes, "input_shape": list(shape),
                 "confusion_basis": "true labels" if y_test is not None else "the model's answers (no labels)",
+                "thumbnails": bool(images),
                 "model": type(model).__name__ if isinstance(model, nn.Module) else str(model)}
     versions = {"python": sys.version.split()[0], "libnet_plugin": __version__, "torch": torch.__version__,
                 "numpy": np.__version__, "platform": platform.platform(), "torch_threads": torch.get_num_threads()}

@@ -137,3 +137,26 @@ def test_readme_example_runs(tmp_path, monkeypatch):
     _, ns = run_readme_block("inspect")
     assert ns["report"].layers == ["0", "2", "4"]
     assert (tmp_path / "inspect.html").read_text().startswith("<!DOCTYPE html>")
+
+
+class TokenBag(nn.Module):
+    """Token ids -> embedding -> mean -> two linear layers (a text classifier in miniature)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.fc = nn.Linear(16, 16)
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.fc(self.emb(ids).mean(1))))
+
+
+def test_token_inputs_show_token_ids_not_thumbnails():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 50, (120, 7), generator=g)
+    r = lnp.inspect(TokenBag().eval(), ids[:80], ids[80:], progress=False, sample=1)
+    d = r.to_dict()
+    assert r.layers == ["emb", "fc", "out"] and r.images == {}
+    assert d["samples"][0]["token_ids"] == ids[80 + d["samples"][0]["index"]].tolist()

@@ -82,7 +82,10 @@ class _Figures:
 
 
 def figure_names(report: Any) -> list[str]:
-    """The figures :func:`render_html` draws for ``report`` (``data-figure`` of each ``<img>``), in page order."""
+    """The figures of the page of ``report``'s run (``data-figure`` of each ``<img>``), in page order.
+
+    Read from the numbers alone (``report.data``), so a report rebuilt from ``report.json`` names them too.
+    """
     d = report.data
     layers = d["settings"]["layers"]
     names = ["library-sizes", "agreement", "decision-path"] + [f"confusion-{i}" for i in range(len(layers))]
@@ -90,7 +93,7 @@ def figure_names(report: Any) -> list[str]:
         names += ["cpl", "layer-consistency"]
     if d["detector"].get("scores") is not None:
         names.append("detector")
-    if report.images:
+    if d["settings"].get("thumbnails"):
         names.append("exemplars")
     return names
 

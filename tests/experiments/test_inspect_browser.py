@@ -6,6 +6,7 @@ Needs Debian's ``chromium`` (``apt-get install chromium``); skipped, with the re
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -54,8 +55,7 @@ def stripes(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x.clamp(0, 1), y
 
 
-@pytest.fixture(scope="module")
-def page(tmp_path_factory):
+def trained() -> Stripes:
     torch.manual_seed(0)
     model = Stripes()
     x, y = stripes(160, 1)
@@ -64,9 +64,32 @@ def page(tmp_path_factory):
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
-    report = lnp.inspect(model.eval(), (x, y), stripes(48, 2), progress=False)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    """The page of lnp.inspect on the torch model."""
+    report = lnp.inspect(trained(), stripes(160, 1), stripes(48, 2), progress=False)
     folder = tmp_path_factory.mktemp("inspect")
     return report, report.save_html(folder / "index.html"), folder
+
+
+@pytest.fixture(scope="module")
+def onnx_page(tmp_path_factory):
+    """The page `libnet inspect MODEL.onnx` writes for the same model exported to ONNX."""
+    pytest.importorskip("onnxruntime")
+    from libnet_onnx import export_onnx
+    from libnet_plugin.cli import main
+
+    folder = tmp_path_factory.mktemp("inspect-onnx")
+    export_onnx(trained(), torch.rand(2, 1, 12, 12), folder / "stripes.onnx", dynamo=False)
+    for name, (x, y) in (("train", stripes(160, 1)), ("test", stripes(48, 2))):
+        np.savez(folder / f"{name}.npz", x=x.numpy(), y=y.numpy())
+    assert main(["inspect", str(folder / "stripes.onnx"), "--train", str(folder / "train.npz"), "--test",
+                 str(folder / "test.npz"), "--out", str(folder / "out"), "--no-progress"]) == 0
+    report = lnp.InspectionReport(json.loads((folder / "out" / "report.json").read_text()))
+    return report, folder / "out" / "index.html", folder
 
 
 def chromium(folder: Path, *args: str) -> subprocess.CompletedProcess:
@@ -74,18 +97,19 @@ def chromium(folder: Path, *args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=120)
 
 
-def test_the_page_names_every_layer_and_shows_every_figure(page):
-    report, path, folder = page
+@pytest.mark.parametrize("which", ["page", "onnx_page"])
+def test_the_page_names_every_layer_and_shows_every_figure(which, request):
+    report, path, folder = request.getfixturevalue(which)
     run = chromium(folder, "--dump-dom", path.resolve().as_uri())
     assert run.returncode == 0, run.stderr[-2000:]
     dom = run.stdout
-    assert "<h1>libnet inspect: Stripes</h1>" in dom
+    assert "<h1>libnet inspect: " in dom and report.layers == ["conv1", "conv2", "fc1", "fc2"]
     for layer in report.layers:
         assert f"<code>{layer}</code>" in dom, layer
         assert f"layer {layer}" in dom
     imgs = re.findall(r"<img [^>]*>", dom)
     names = [re.search(r'data-figure="([^"]+)"', i).group(1) for i in imgs]
-    assert names == figure_names(report) and "exemplars" in names
+    assert names == figure_names(report) and "exemplars" in names  # figure_names reads the numbers only
     assert all(re.search(r'src="data:image/png;base64,[A-Za-z0-9+/=]{200,}"', i) for i in imgs)
     # no script at all, and nothing the browser refused to load or run (the page's policy forbids any request)
     assert "<script" not in dom.lower() and "<script" not in path.read_text().lower()
