@@ -3,8 +3,10 @@
 MODEL is an ONNX file (probed by the ONNX adapter) or a Python factory ``package.module:callable`` that
 returns an ``nn.Module`` (the current folder is on the import path, as for ``uvicorn app:app``); an attribute
 that already is an ``nn.Module`` works too. DATA is a ``.npz`` with ``x`` (and optionally ``y``, integer
-labels), or a ``.pt`` / ``.safetensors`` file of tensors (``x`` and ``y``; a ``.pt`` may also hold one tensor or
-an ``(x, y)`` pair). The report goes to ``DIR/index.html`` (self-contained) and ``DIR/report.json``; the output
+labels), a ``.pt`` / ``.safetensors`` file of tensors (``x`` and ``y``; a ``.pt`` may also hold one tensor or
+an ``(x, y)`` pair), or a folder of images in class sub-folders (the ImageFolder layout, read with Pillow: pixels
+in [0, 1], one channel when every image is greyscale, else RGB; ``--image-size`` resizes; any normalisation
+belongs in the model). The report goes to ``DIR/index.html`` (self-contained) and ``DIR/report.json``; the output
 folder is guarded as every run's (:func:`libnet_plugin.experiments.report.staged_output`).
 
 Everything that can be checked is checked before the long work, with exit status 2: the factory, the data
@@ -28,7 +30,7 @@ from ..errors import LibnetError
 from ..inspection import DEFAULT_N_LAYERS, InspectionError, inspect, probeable_layers, spread
 from .report import check_run_folder, staged_output, write_json_atomic
 
-__all__ = ["add_arguments", "run", "load_model", "load_data", "parse_thresholds", "onnx_layers"]
+__all__ = ["add_arguments", "run", "load_model", "load_data", "load_image_folder", "parse_thresholds", "onnx_layers"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,7 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL",
                         help="an ONNX file, or a Python factory package.module:callable returning an nn.Module")
     parser.add_argument("--train", metavar="DATA",
-                        help="training inputs (.npz with x and optional y; .pt or .safetensors of tensors x, y)")
+                        help="training inputs: .npz with x and optional y; .pt or .safetensors of tensors x, y; or a "
+                             "folder of images in class sub-folders")
+    parser.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
+                        help="resize the images of an image folder to H x W (default: they must all have one size)")
     parser.add_argument("--test", metavar="DATA", help="test inputs, same formats (default: the training data)")
     parser.add_argument("--layers", nargs="+", metavar="L",
                         help=f"layers to probe, in order (default: {DEFAULT_N_LAYERS} of the leaf modules that hold "
@@ -115,13 +120,59 @@ def _tensors(d: Any, path: str) -> tuple[torch.Tensor, torch.Tensor | None]:
                           "with x (and y)")
 
 
-def load_data(path: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(x, y or None)`` from a ``.npz``, ``.pt`` or ``.safetensors`` file (see the module docstring).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def load_image_folder(path: str, size: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """``(x [N, C, H, W] in [0, 1], y, class names)`` from a folder of class sub-folders (sorted names = 0, 1, ...).
+
+    Raises:
+        InspectionError: no class sub-folder or image, or images of several sizes without ``size``.
+    """
+    from PIL import Image
+
+    root = Path(path)
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    files = [(f, c) for c, name in enumerate(classes) for f in sorted((root / name).rglob("*"))
+             if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()]
+    if not files:
+        raise InspectionError(f"DATA {path!r}: a folder must hold one sub-folder of images per class "
+                              f"({', '.join(IMAGE_SUFFIXES)}); found {len(classes)} sub-folders and no image")
+    images = []
+    for f, _ in files:
+        try:
+            with Image.open(f) as im:
+                im.load()
+                images.append(im.copy())
+        except OSError as exc:
+            raise InspectionError(f"DATA {path!r}: image {str(f)!r} cannot be read ({exc})") from exc
+    grey = all(im.mode in ("1", "L", "I", "I;16", "F") for im in images)
+    arrays = []
+    for im in images:
+        im = im.convert("L" if grey else "RGB")
+        if size is not None:
+            im = im.resize((size[1], size[0]))
+        arrays.append(np.asarray(im, dtype=np.float32) / 255.0)
+    shapes = sorted({a.shape for a in arrays})
+    if len(shapes) > 1:
+        raise InspectionError(f"DATA {path!r}: the images have {len(shapes)} sizes ({shapes[:4]}); give --image-size "
+                              "H W to resize them")
+    x = torch.from_numpy(np.stack(arrays))
+    x = x[:, None] if grey else x.permute(0, 3, 1, 2)
+    return x.contiguous(), torch.tensor([c for _, c in files]), classes
+
+
+def load_data(path: str, image_size: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(x, y or None)`` from a ``.npz``, ``.pt`` or ``.safetensors`` file or an image folder (see the module
+    docstring).
 
     Raises:
         InspectionError: no such file, an unknown format, no ``x``, labels that are not one whole number per input.
     """
     p = Path(path)
+    if p.is_dir():
+        x, y, _ = load_image_folder(path, image_size)
+        return x, y
     if not p.is_file():
         raise InspectionError(f"DATA {path!r}: no such file")
     suffix = p.suffix.lower()
@@ -217,8 +268,9 @@ def run(args: argparse.Namespace) -> int:
         thresholds = parse_thresholds(args.thresholds)
         if args.train is None:
             raise InspectionError("--train DATA is required: the training inputs build the libraries")
-        train = load_data(args.train)
-        test = load_data(args.test) if args.test else None
+        size = tuple(args.image_size) if args.image_size else None
+        train = load_data(args.train, size)
+        test = load_data(args.test, size) if args.test else None
         if not 0.0 < args.fpr < 1.0:
             raise InspectionError(f"--fpr must lie in (0, 1), got {args.fpr}")
         layers = args.layers

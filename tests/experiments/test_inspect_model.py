@@ -139,3 +139,26 @@ def test_onnx_export_of_a_new_model(project, capsys):
     d = json.loads((folder / "onnxrep" / "report.json").read_text())
     assert d["settings"]["layers"] == ["0", "3", "5"]
     assert d["settings"]["layer_choice"].startswith("ONNX")
+
+
+def test_image_folder(tmp_path):
+    from PIL import Image
+
+    from libnet_plugin.experiments.inspect_model import load_image_folder
+
+    for c, value in (("cat", 0), ("dog", 255)):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((6, 5), value, dtype=np.uint8)).save(tmp_path / "imgs" / c / f"{i}.png")
+    x, y = load_data(str(tmp_path / "imgs"))
+    assert x.shape == (4, 1, 6, 5) and y.tolist() == [0, 0, 1, 1]
+    assert float(x[0].max()) == 0.0 and float(x[3].min()) == 1.0
+    Image.new("RGB", (9, 9), (255, 0, 0)).save(tmp_path / "imgs" / "dog" / "big.png")
+    with pytest.raises(InspectionError, match="--image-size"):
+        load_data(str(tmp_path / "imgs"))
+    x, y, names = load_image_folder(str(tmp_path / "imgs"), (4, 4))
+    assert x.shape == (5, 3, 4, 4) and names == ["cat", "dog"]
+    assert x[4, :, 0, 0].tolist() == [1.0, 0.0, 0.0]
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    with pytest.raises(InspectionError, match="no image"):
+        load_data(str(tmp_path / "empty"))
