@@ -330,6 +330,217 @@ def _most_confused(ci: Tensor, n: int = 3) -> list[dict[str, Any]]:
     return [{"true": int(i) // c, "confused_with": int(i) % c, "index": float(v)} for v, i in zip(vals, idx) if v > 1e-3]
 
 
+# ---------------------------------------------------------------------------------------------- stages
+@dataclass
+class _Inputs:
+    """What the checks found: the layers, the classes and the test data (kept in memory: the page needs rows)."""
+
+    layers: list[str]
+    layer_choice: str
+    candidates: list[str]
+    n_classes: int
+    x_test: Tensor
+    y_test: Tensor | None
+    test_is_train: bool
+
+    @property
+    def n_test(self) -> int:
+        return int(self.x_test.shape[0])
+
+
+def _check_inputs(model: Any, train: Any, test: Any, layers: Sequence[str] | None, indices: Sequence[int],
+                  n_layers: int, batch_size: int, device: Any) -> _Inputs:
+    """Everything that can fail before the long work: the model on a training batch, labels, layers, indices."""
+    x0, y0 = _first_batch(train, batch_size)
+    try:
+        out0 = make_probe(model, [], device if device is not None else "cpu").run(x0[:2])
+        n_classes = int(out0.outputs.shape[1])
+    except (RuntimeError, ValueError, TypeError) as exc:
+        if isinstance(exc, LibnetError) and not isinstance(exc, ShapeMismatchError):
+            raise
+        shape = tuple(x0.shape) if isinstance(x0, Tensor) else repr(x0)
+        raise InspectionError(f"the model refuses the training inputs of shape {shape} "
+                              f"(dtype {getattr(x0, 'dtype', '?')}): {str(exc).splitlines()[0]}") from exc
+    _check_labels(y0, n_classes, "training")
+    layer_choice = "named by the caller"
+    candidates: list[str] = []
+    if layers is None:
+        if not isinstance(model, nn.Module):
+            raise InspectionError("name the layers to probe for a model that is not a torch module "
+                                  "(`libnet layers MODEL` lists an ONNX model's layers)")
+        candidates = probeable_layers(model, x0[:2])
+        if not candidates:
+            raise InspectionError("the model has no leaf module holding a weight matrix or kernel; name layers=[...]")
+        layers = spread(candidates, n_layers)
+        layer_choice = (f"{len(layers)} of the {len(candidates)} leaf modules that hold a weight matrix or kernel, in "
+                        f"forward order, evenly spaced with the first and the last")
+    x_test, y_test = _materialize(train if test is None else test, batch_size, "training" if test is None else "test")
+    if isinstance(x0, Tensor) and tuple(x_test.shape[1:]) != tuple(x0.shape[1:]):
+        raise InspectionError(f"test inputs have per-input shape {tuple(x_test.shape[1:])}, training inputs "
+                              f"{tuple(x0.shape[1:])}")
+    _check_labels(y_test, n_classes, "test")
+    n_test = int(x_test.shape[0])
+    bad = [i for i in indices if not -n_test <= int(i) < n_test]
+    if bad:
+        raise InspectionError(f"indices {bad} are out of range for {n_test} test inputs")
+    return _Inputs(list(layers), layer_choice, candidates, n_classes, x_test, y_test, test is None)
+
+
+def _grid(sweep: Any, chosen: Mapping[str, float]) -> dict[str, list[float]]:
+    """The thetas of the sweep per layer, the chosen one always among them."""
+    if sweep is None:
+        return {l: sweep_thetas(t) for l, t in chosen.items()}
+    return {l: sorted({round(validate_threshold(x, l), 6) for x in (sweep.get(l, ()) if isinstance(sweep, Mapping)
+                                                                     else sweep)} | {t})
+            for l, t in chosen.items()}
+
+
+@dataclass
+class _Sweep:
+    grid: dict[str, list[float]]
+    chosen: dict[str, float]
+    libs: dict[str, dict[float, Any]]
+    readouts: dict[str, dict[float, Any]]
+    n_train: int
+
+
+def _fit_sweep(net: LibraryNetwork, train: Any, grid: dict[str, list[float]], chosen: dict[str, float],
+               batch_size: int, progress: bool | None) -> _Sweep:
+    """One library and readout per theta of every layer from the same two streaming passes; the network adopts
+    the chosen ones (as :func:`libnet_plugin.experiments.sweep.fit_library_sweep` does, in the core)."""
+    libs = {l: {t: net.new_library(l, t) for t in ts} for l, ts in grid.items()}
+    fitted = stream_fit(net.probe, train, {l: list(libs[l].values()) for l in libs},
+                        lambda c: make_readout(net.readout, {**net.readout_options, "n_classes": c,
+                                                             "device": net.device}, net.plugin_manager),
+                        batch_size=batch_size, progress=progress, desc="library sweep")
+    readouts = {l: dict(zip(libs[l], fitted.readouts[l])) for l in libs}
+    net.adopt_fitted({l: libs[l][chosen[l]] for l in libs}, {l: readouts[l][chosen[l]] for l in libs},
+                     n_classes=fitted.n_classes, n_train=fitted.n_train, input_shape=fitted.input_shape)
+    return _Sweep(grid, chosen, libs, readouts, fitted.n_train)
+
+
+@dataclass
+class _Evaluation:
+    layers: dict[str, Any]
+    answers: Tensor
+    path: dict[str, Any]
+    consistency: dict[str, Any]
+    cpl: Tensor | None
+
+
+def _evaluate(net: LibraryNetwork, sw: _Sweep, inp: _Inputs, top_k: int, cpl_top_k: int, batch_size: int,
+              progress: bool | None) -> _Evaluation:
+    """One pass over the test data: agreement of every library of the sweep, confusion index, CPL."""
+    layers, n_test, y_test = inp.layers, inp.n_test, inp.y_test
+    counts = {(l, t): [0, 0, 0] for l in layers for t in sw.grid[l]}
+    conf = {l: ConfusionAccumulator(inp.n_classes) for l in layers}
+    pred_parts: dict[str, list[Tensor]] = {l: [] for l in layers}
+    cpl_parts, ans_parts, pair_parts = [], [], []
+    for i in progress_bar(range(0, n_test, batch_size), "evaluate", progress):
+        yb = None if y_test is None else y_test[i:i + batch_size]
+        r = net.run(inp.x_test[i:i + batch_size])
+        ans = r.answers.cpu()
+        ans_parts.append(ans)
+        for l in layers:
+            for t in sw.grid[l]:
+                p = sw.readouts[l][t].scores(sw.libs[l][t].similarity(r.haps[l]), top_k).cpu()
+                for j, v in enumerate(agreement_counts(p, ans, yb)):
+                    counts[(l, t)][j] += v or 0
+                if t == sw.chosen[l]:
+                    pred_parts[l].append(p.argmax(dim=1))
+                    conf[l].update(p, yb if yb is not None else ans)
+        if len(layers) >= 2:
+            big = [p.cpu() for p in net.scores_from_haps(r.haps, cpl_top_k).values()]
+            cpl_parts.append(cpl(big))
+            s = nn.functional.normalize(stable_softmax(torch.stack(big, 1).double()), dim=2)
+            pair_parts.append((s @ s.transpose(1, 2)).sum(0))
+    answers = torch.cat(ans_parts)
+    out: dict[str, Any] = {}
+    for l in layers:
+        rows = [{"theta": t, "size": sw.libs[l][t].size, "top1_agreement": counts[(l, t)][0] / n_test,
+                 "top3_agreement": counts[(l, t)][1] / n_test,
+                 "accuracy": counts[(l, t)][2] / n_test if y_test is not None else None} for t in sw.grid[l]]
+        at = next(r for r in rows if r["theta"] == sw.chosen[l])
+        ci = conf[l].result()
+        out[l] = {"theta": sw.chosen[l], "size": at["size"], "hap_dim": int(sw.libs[l][sw.chosen[l]].dim),
+                  "top1_agreement": at["top1_agreement"], "top3_agreement": at["top3_agreement"],
+                  "accuracy": at["accuracy"], "sweep": rows, "confusion_index": ci, "most_confused": _most_confused(ci)}
+    pred = {l: torch.cat(pred_parts[l]) for l in layers}
+    path = _decision_path(layers, pred, answers, inp.n_classes, {l: out[l]["top1_agreement"] for l in layers})
+    consistency: dict[str, Any] = {"top_k": cpl_top_k}
+    cpl_all = None
+    if cpl_parts:
+        cpl_all = torch.cat(cpl_parts).float()
+        consistency.update({"cpl": cpl_all, "mean": float(cpl_all.mean()),
+                            "pairwise": (torch.stack(pair_parts).sum(0) / n_test).float(),
+                            "pairwise_note": "mean cosine between two layers' softmax(P) over the test inputs"})
+    return _Evaluation(out, answers, path, consistency, cpl_all)
+
+
+def _calibrate_detector(net: LibraryNetwork, x_test: Tensor, fpr: float) -> dict[str, Any]:
+    """A :class:`ConsistencyDetector` calibrated on half of the test data (all of it when too few), scoring all."""
+    det = ConsistencyDetector(net, progress=False)
+    n_test = int(x_test.shape[0])
+    need = math.ceil(1.0 / fpr) - 1
+    if n_test >= 2 * need:
+        cal, held = torch.arange(0, n_test, 2), torch.arange(1, n_test, 2)
+        note = "calibrated on the even-numbered test inputs; flagged rate measured on the odd-numbered ones"
+    else:
+        cal, held = torch.arange(n_test), torch.arange(n_test)
+        note = (f"only {n_test} test inputs: calibrated and measured on all of them (at least {2 * need} give a "
+                "held-out measurement)")
+    try:
+        det.calibrate(x_test[cal], fpr=fpr)
+    except ValueError as exc:
+        return {"method": det.method, "fpr": fpr, "error": str(exc)}
+    scores = det.score(x_test).cpu().float()
+    return {"method": det.method, "fpr": fpr, "threshold": det.threshold_, "scores": scores,
+            "calibration_inputs": int(cal.numel()), "flagged": (scores > det.threshold_).nonzero().flatten().tolist(),
+            "flagged_rate_held_out": float((scores[held] > det.threshold_).float().mean()), "note": note}
+
+
+def _sample(net: LibraryNetwork, train: Any, inp: _Inputs, ev: _Evaluation, detector: Mapping[str, Any],
+            sample: int, indices: Sequence[int], top_k: int, n_exemplars: int,
+            batch_size: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The least / most consistent test inputs (and the named ones): each layer's top-3 classes and exemplars."""
+    n_test, layers, x_test = inp.n_test, inp.layers, inp.x_test
+    order = torch.argsort(ev.cpl) if ev.cpl is not None else torch.arange(n_test)
+    k = min(sample, n_test)
+    picks: list[tuple[int, str]] = [(int(i), "least consistent") for i in order[:k]]
+    picks += [(int(i), "most consistent") for i in order.flip(0)[:k] if int(i) not in {p for p, _ in picks}]
+    picks += [(int(i) % n_test, "named") for i in indices if int(i) % n_test not in {p for p, _ in picks}]
+    idx = torch.tensor([p for p, _ in picks], dtype=torch.long)
+    r = net.run(x_test[idx])
+    scores = net.scores_from_haps(r.haps, top_k)
+    ex_idx, ex_sim = net.exemplars_from_haps(r.haps, n_exemplars)
+    samples = []
+    for j, (i, why) in enumerate(picks):
+        per_layer = {}
+        for l in layers:
+            vals, cls = scores[l][j].topk(min(3, inp.n_classes))
+            per_layer[l] = {"top3": [{"class": int(c), "evidence": float(v)} for c, v in zip(cls, vals)],
+                            "exemplars": ex_idx[l][j].tolist(), "similarities": ex_sim[l][j].tolist()}
+        entry = {"index": i, "why": why, "label": None if inp.y_test is None else int(inp.y_test[i]),
+                 "model_answer": int(ev.answers[i]), "cpl": None if ev.cpl is None else float(ev.cpl[i]),
+                 "detector_score": float(detector["scores"][i]) if "scores" in detector else None,
+                 "flagged": (i in detector.get("flagged", ())), "layers": per_layer}
+        if not x_test.is_floating_point():
+            entry["token_ids"] = x_test[i].flatten()[:32].tolist()
+        samples.append(entry)
+    images: dict[str, Any] = {}
+    if x_test.is_floating_point() and _is_image(tuple(x_test.shape[1:])):
+        rows = _rows_at(train, [int(t) for l in layers for t in ex_idx[l].flatten()], batch_size)
+        if rows is not None:
+            parts, off = {}, 0
+            for l in layers:
+                n_l = ex_idx[l].numel()
+                thumbs = _thumbnails(rows[off:off + n_l])
+                parts[l] = thumbs.reshape(ex_idx[l].shape[0], ex_idx[l].shape[1], *thumbs.shape[1:])
+                off += n_l
+            images = {"queries": _thumbnails(x_test[idx]), "exemplars": parts}
+    return samples, images
+
+
 # ---------------------------------------------------------------------------------------------- inspect
 def inspect(model: Any, train: Any, test: Any = None, layers: Sequence[str] | None = None,
             thresholds: Any = "auto", *, top_k: int = 3, cpl_top_k: int = 20, fpr: float = 0.05,
@@ -372,52 +583,14 @@ def inspect(model: Any, train: Any, test: Any = None, layers: Sequence[str] | No
     say = log or (lambda _msg: None)
     timer = _Timer(say)
     timer.start("checks")
-    x0, y0 = _first_batch(train, batch_size)
-    try:
-        probe_all = make_probe(model, [], device if device is not None else "cpu")
-        out0 = probe_all.run(x0[:2])
-        n_classes = int(out0.outputs.shape[1])
-    except (RuntimeError, ValueError, TypeError) as exc:
-        if isinstance(exc, LibnetError) and not isinstance(exc, ShapeMismatchError):
-            raise
-        shape = tuple(x0.shape) if isinstance(x0, Tensor) else repr(x0)
-        raise InspectionError(f"the model refuses the training inputs of shape {shape} "
-                              f"(dtype {getattr(x0, 'dtype', '?')}): {str(exc).splitlines()[0]}") from exc
-    _check_labels(y0, n_classes, "training")
-    layer_choice = "named by the caller"
-    candidates: list[str] = []
-    if layers is None:
-        if not isinstance(model, nn.Module):
-            raise InspectionError("name the layers to probe for a model that is not a torch module "
-                                  "(`libnet layers MODEL` lists an ONNX model's layers)")
-        candidates = probeable_layers(model, x0[:2])
-        if not candidates:
-            raise InspectionError("the model has no leaf module holding a weight matrix or kernel; name layers=[...]")
-        layers = spread(candidates, n_layers)
-        layer_choice = (f"{len(layers)} of the {len(candidates)} leaf modules that hold a weight matrix or kernel, in "
-                        f"forward order, evenly spaced with the first and the last")
-    layers = list(layers)
-    say(f"layers: {layers} ({layer_choice})")
+    inp = _check_inputs(model, train, test, layers, indices, n_layers, batch_size, device)
+    layers = inp.layers
+    say(f"layers: {layers} ({inp.layer_choice})")
     given, auto = _thresholds(thresholds, layers)
-    if test is None:
-        x_test, y_test = _materialize(train, batch_size, "training")
-        test_is_train = True
-    else:
-        x_test, y_test = _materialize(test, batch_size, "test")
-        test_is_train = False
-    if isinstance(x0, Tensor) and tuple(x_test.shape[1:]) != tuple(x0.shape[1:]):
-        raise InspectionError(f"test inputs have per-input shape {tuple(x_test.shape[1:])}, training inputs "
-                              f"{tuple(x0.shape[1:])}")
-    _check_labels(y_test, n_classes, "test")
-    n_test = int(x_test.shape[0])
-    bad = [i for i in indices if not -n_test <= int(i) < n_test]
-    if bad:
-        raise InspectionError(f"indices {bad} are out of range for {n_test} test inputs")
     net = LibraryNetwork(model, layers, thresholds="auto", top_k=top_k, device=device, batch_size=batch_size,
                          auto_thresholds=auto_thresholds)
     timer.stop()
 
-    # ---- thetas and the sweep (one streaming fit for every theta of every layer)
     chosen = dict(given)
     auto_report: dict[str, Any] = {}
     if auto:
@@ -427,154 +600,36 @@ def inspect(model: Any, train: Any, test: Any = None, layers: Sequence[str] | No
         chosen.update(thetas)
         timer.stop()
     chosen = {l: round(float(chosen[l]), 6) for l in layers}
-    if sweep is None:
-        grid = {l: sweep_thetas(chosen[l]) for l in layers}
-    elif isinstance(sweep, Mapping):
-        grid = {l: sorted({round(validate_threshold(t, l), 6) for t in sweep.get(l, ())} | {chosen[l]}) for l in layers}
-    else:
-        grid = {l: sorted({round(validate_threshold(t, l), 6) for t in sweep} | {chosen[l]}) for l in layers}
     timer.start("fit libraries")
-    libs = {l: {t: net.new_library(l, t) for t in grid[l]} for l in layers}
-    fitted = stream_fit(net.probe, train, {l: list(libs[l].values()) for l in layers},
-                        lambda c: make_readout(net.readout, {**net.readout_options, "n_classes": c,
-                                                             "device": net.device}, net.plugin_manager),
-                        batch_size=batch_size, progress=progress,
-                        desc="library sweep")
-    readouts = {l: dict(zip(libs[l], fitted.readouts[l])) for l in layers}
-    net.adopt_fitted({l: libs[l][chosen[l]] for l in layers}, {l: readouts[l][chosen[l]] for l in layers},
-                     n_classes=fitted.n_classes, n_train=fitted.n_train, input_shape=fitted.input_shape)
+    sw = _fit_sweep(net, train, _grid(sweep, chosen), chosen, batch_size, progress)
     timer.stop()
-
-    # ---- one pass over the test data: evidence of every sweep library, CPL, confusion
     timer.start("evaluate")
-    counts = {(l, t): [0, 0, 0] for l in layers for t in grid[l]}
-    conf = {l: ConfusionAccumulator(n_classes) for l in layers}
-    pred_parts: dict[str, list[Tensor]] = {l: [] for l in layers}
-    cpl_parts, ans_parts, soft_parts = [], [], []
-    for i in progress_bar(range(0, n_test, batch_size), "evaluate", progress):
-        xb = x_test[i:i + batch_size]
-        yb = None if y_test is None else y_test[i:i + batch_size]
-        r = net.run(xb)
-        ans = r.answers.cpu()
-        ans_parts.append(ans)
-        for l in layers:
-            lib_h = {t: libs[l][t].similarity(r.haps[l]) for t in grid[l]}
-            for t, h in lib_h.items():
-                p = readouts[l][t].scores(h, top_k).cpu()
-                top1, top3, correct = agreement_counts(p, ans, yb)
-                c = counts[(l, t)]
-                c[0] += top1
-                c[1] += top3
-                c[2] += correct or 0
-                if t == chosen[l]:
-                    pred_parts[l].append(p.argmax(dim=1))
-                    conf[l].update(p, yb if yb is not None else ans)
-        big = {l: net.readouts_[l].scores(libs[l][chosen[l]].similarity(r.haps[l]), cpl_top_k).cpu() for l in layers}
-        if len(layers) >= 2:
-            cpl_parts.append(cpl(big))
-            s = nn.functional.normalize(stable_softmax(torch.stack([big[l] for l in layers], 1).double()), dim=2)
-            soft_parts.append((s @ s.transpose(1, 2)).sum(0))
-    answers = torch.cat(ans_parts)
-    pred = {l: torch.cat(pred_parts[l]) for l in layers}
-    model_accuracy = None if y_test is None else float((answers == y_test).float().mean())
-    layer_data: dict[str, Any] = {}
+    ev = _evaluate(net, sw, inp, top_k, cpl_top_k, batch_size, progress)
     for l in layers:
-        rows = []
-        for t in grid[l]:
-            c = counts[(l, t)]
-            rows.append({"theta": t, "size": libs[l][t].size, "top1_agreement": c[0] / n_test,
-                         "top3_agreement": c[1] / n_test, "accuracy": c[2] / n_test if y_test is not None else None})
-        at = next(r for r in rows if r["theta"] == chosen[l])
-        ci = conf[l].result()
-        layer_data[l] = {"theta": chosen[l], "size": libs[l][chosen[l]].size, "hap_dim": int(libs[l][chosen[l]].dim),
-                         "top1_agreement": at["top1_agreement"], "top3_agreement": at["top3_agreement"],
-                         "accuracy": at["accuracy"], "sweep": rows, "confusion_index": ci,
-                         "most_confused": _most_confused(ci), "auto": auto_report.get(l)}
-    path = _decision_path(layers, pred, answers, n_classes, {l: layer_data[l]["top1_agreement"] for l in layers})
-    consistency: dict[str, Any] = {"top_k": cpl_top_k}
-    cpl_all = None
-    if cpl_parts:
-        cpl_all = torch.cat(cpl_parts).float()
-        pair = (torch.stack(soft_parts).sum(0) / n_test).float()
-        consistency.update({"cpl": cpl_all, "mean": float(cpl_all.mean()), "pairwise": pair,
-                            "pairwise_note": "mean cosine between two layers' softmax(P) over the test inputs"})
+        ev.layers[l]["auto"] = auto_report.get(l)
     timer.stop()
-
-    # ---- the detector: calibrated on half of the test data, scores on all of it
     timer.start("detector")
-    detector: dict[str, Any] = {}
-    det = ConsistencyDetector(net, progress=False)
-    need = math.ceil(1.0 / fpr) - 1
-    if n_test >= 2 * need:
-        cal, held = torch.arange(0, n_test, 2), torch.arange(1, n_test, 2)
-        note = "calibrated on the even-numbered test inputs; flagged rate measured on the odd-numbered ones"
-    else:
-        cal, held = torch.arange(n_test), torch.arange(n_test)
-        note = (f"only {n_test} test inputs: calibrated and measured on all of them (at least {2 * need} give a "
-                "held-out measurement)")
-    try:
-        det.calibrate(x_test[cal], fpr=fpr)
-        scores = det.score(x_test).cpu().float()
-        flagged = (scores > det.threshold_).nonzero().flatten().tolist()
-        detector = {"method": det.method, "fpr": fpr, "threshold": det.threshold_, "scores": scores,
-                    "calibration_inputs": int(cal.numel()), "flagged": flagged,
-                    "flagged_rate_held_out": float((scores[held] > det.threshold_).float().mean()), "note": note}
-    except ValueError as exc:
-        detector = {"method": det.method, "fpr": fpr, "error": str(exc)}
+    detector = _calibrate_detector(net, inp.x_test, fpr)
     timer.stop()
-
-    # ---- the sample of inputs
     timer.start("sample")
-    order = torch.argsort(cpl_all) if cpl_all is not None else torch.arange(n_test)
-    k = min(sample, n_test)
-    picks: list[tuple[int, str]] = [(int(i), "least consistent") for i in order[:k]]
-    picks += [(int(i), "most consistent") for i in order.flip(0)[:k] if int(i) not in {p for p, _ in picks}]
-    picks += [(int(i) % n_test, "named") for i in indices if int(i) % n_test not in {p for p, _ in picks}]
-    idx = torch.tensor([p for p, _ in picks], dtype=torch.long)
-    r = net.run(x_test[idx])
-    ev = net.scores_from_haps(r.haps, top_k)
-    ex_idx, ex_sim = net.exemplars_from_haps(r.haps, n_exemplars)
-    samples = []
-    for j, (i, why) in enumerate(picks):
-        per_layer = {}
-        for l in layers:
-            vals, cls = ev[l][j].topk(min(3, n_classes))
-            per_layer[l] = {"top3": [{"class": int(c), "evidence": float(v)} for c, v in zip(cls, vals)],
-                            "exemplars": ex_idx[l][j].tolist(), "similarities": ex_sim[l][j].tolist()}
-        entry = {"index": i, "why": why, "label": None if y_test is None else int(y_test[i]),
-                 "model_answer": int(answers[i]), "cpl": None if cpl_all is None else float(cpl_all[i]),
-                 "detector_score": float(detector["scores"][i]) if "scores" in detector else None,
-                 "flagged": (i in detector.get("flagged", ())), "layers": per_layer}
-        if not x_test.is_floating_point():
-            entry["token_ids"] = x_test[i].flatten()[:32].tolist()
-        samples.append(entry)
-    images: dict[str, Any] = {}
-    shape = tuple(x_test.shape[1:])
-    if x_test.is_floating_point() and _is_image(shape):
-        rows = _rows_at(train, [int(t) for l in layers for t in ex_idx[l].flatten()], batch_size)
-        if rows is not None:
-            parts, off = {}, 0
-            for l in layers:
-                n_l = ex_idx[l].numel()
-                thumbs = _thumbnails(rows[off:off + n_l])
-                parts[l] = thumbs.reshape(ex_idx[l].shape[0], ex_idx[l].shape[1], *thumbs.shape[1:])
-                off += n_l
-            images = {"queries": _thumbnails(x_test[idx]), "exemplars": parts}
+    samples, images = _sample(net, train, inp, ev, detector, sample, indices, top_k, n_exemplars, batch_size)
     timer.stop()
 
-    settings = {"layers": layers, "layer_choice": layer_choice, "candidate_layers": candidates,
+    settings = {"layers": layers, "layer_choice": inp.layer_choice, "candidate_layers": inp.candidates,
                 "thresholds": thresholds if isinstance(thresholds, (str, int, float)) else dict(thresholds),
-                "thresholds_chosen": chosen, "auto_layers": auto, "sweep": grid, "top_k": top_k,
+                "thresholds_chosen": chosen, "auto_layers": auto, "sweep": sw.grid, "top_k": top_k,
                 "cpl_top_k": cpl_top_k, "fpr": fpr, "batch_size": batch_size, "device": str(net.device),
-                "n_train": fitted.n_train, "n_test": n_test, "test_is_train": test_is_train,
-                "labels": y_test is not None, "n_classes": n_classes, "input_shape": list(shape),
-                "confusion_basis": "true labels" if y_test is not None else "the model's answers (no labels)",
+                "n_train": sw.n_train, "n_test": inp.n_test, "test_is_train": inp.test_is_train,
+                "labels": inp.y_test is not None, "n_classes": inp.n_classes,
+                "input_shape": list(inp.x_test.shape[1:]),
+                "confusion_basis": "true labels" if inp.y_test is not None else "the model's answers (no labels)",
                 "thumbnails": bool(images),
                 "model": type(model).__name__ if isinstance(model, nn.Module) else str(model)}
     versions = {"python": sys.version.split()[0], "libnet_plugin": __version__, "torch": torch.__version__,
                 "numpy": np.__version__, "platform": platform.platform(), "torch_threads": torch.get_num_threads()}
     timings = dict(timer.seconds, total=round(time.perf_counter() - timer.t0, 3))
+    model_accuracy = None if inp.y_test is None else float((ev.answers == inp.y_test).float().mean())
     data = {"settings": settings, "versions": versions, "timings": timings, "model_accuracy": model_accuracy,
-            "layers": layer_data, "decision_path": path, "consistency": consistency, "detector": detector,
+            "layers": ev.layers, "decision_path": ev.path, "consistency": ev.consistency, "detector": detector,
             "samples": samples}
     return InspectionReport(data=_jsonable(data), images=images)
