@@ -19,6 +19,7 @@ import argparse
 import importlib
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -302,7 +303,9 @@ def run(args: argparse.Namespace) -> int:
         report.data["settings"]["model"] = args.model
         assert out is not None
         with staged_output(out) as stage:
+            t0 = time.perf_counter()
             report.save_html(stage / "index.html")
+            report.data["timings"]["html"] = round(time.perf_counter() - t0, 3)  # in report.json, not on the page
             write_json_atomic(stage / "report.json", report.to_dict())
     except (LibnetError, NotADirectoryError, PermissionError) as exc:  # InspectionError, ExperimentError, a layer name
         return _fail(exc)
