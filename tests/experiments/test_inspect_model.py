@@ -63,6 +63,16 @@ def test_factory_model_writes_the_report_folder(project, capsys):
     page = (folder / "rep" / "index.html").read_text()
     assert page.count('src="data:image/png;base64,') >= 5 and "<script" not in page
     assert (folder / "rep" / ".libnet-run").is_file()  # the run manifest: a later run may replace the folder
+    # lnp.inspect on the same model and data gives the same numbers
+    import libnet_plugin as lnp
+
+    model = __import__(name).make()
+    train, test = (np.load(folder / f) for f in ("train.npz", "test.npz"))
+    same = lnp.inspect(model, (torch.from_numpy(train["x"]), torch.from_numpy(train["y"])),
+                       (torch.from_numpy(test["x"]), torch.from_numpy(test["y"])), thresholds={"0": 0.6},
+                       progress=False).to_dict()
+    for key in ("layers", "decision_path", "consistency", "detector", "samples", "model_accuracy"):
+        assert same[key] == d[key], key
 
 
 @pytest.mark.parametrize("argv, message", [
