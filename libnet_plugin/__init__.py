@@ -18,6 +18,7 @@ from .errors import (
     ShapeMismatchError,
 )
 from .hookspecs import hookimpl
+from .inspection import InspectionReport, inspect
 from .library import ExactLibrary, leader_reference
 from .network import LibraryNetwork
 from .plugins import get_plugin_manager
@@ -26,6 +27,6 @@ from .readout import HebbianReadout
 
 __all__ = [
     "__version__", "LibraryNetwork", "ConsistencyDetector", "ExactLibrary", "HebbianReadout", "TorchLayerProbe", "ProbeResult",
-    "leader_reference", "get_plugin_manager", "hookimpl", "hookspecs",
+    "leader_reference", "get_plugin_manager", "inspect", "InspectionReport", "hookimpl", "hookspecs",
     "LibnetError", "NotFittedError", "LayerNotFoundError", "ShapeMismatchError", "NonFiniteError", "SaveFormatError",
 ]

@@ -20,6 +20,8 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("reproduce", "mnist"), "libnet_plugin.experiments.mnist", "reproduce the paper's MNIST experiments"),
     (("reproduce", "cifar10"), "libnet_plugin.experiments.cifar10", "reproduce the paper's CIFAR-10 ResNet44 experiments"),
     (("evaluate-detectors",), "libnet_plugin.experiments.evaluate_detectors", "compare every registered detector on MNIST"),
+    (("inspect",), "libnet_plugin.experiments.inspect_model",
+     "explain your own model: an HTML report of how its layers reach the decision"),
 ]
 CLI_ENTRY_POINT_GROUP = "libnet_plugin.cli"
 #: Top-level modules of the ``[experiments]`` extra: a command that needs a missing one is left out.

@@ -14,6 +14,9 @@ CIFAR-10 reproductions share them.
 * :func:`plot_auroc_vs_epsilon`: a detection metric vs epsilon, one line per threshold set (Fig. 5B).
 * :func:`plot_exemplars`: for some test inputs, the training inputs behind the top library nodes of
   each layer.
+* :func:`plot_heatmap`: a labelled matrix with its values written in the cells (e.g. per class, each
+  layer's agreement with the model: the decision's path of ``libnet inspect``).
+* :func:`plot_score_histogram`: one histogram of scores, with a decision threshold marked.
 
 Example:
     >>> import tempfile, os
@@ -26,11 +29,13 @@ Example:
 from __future__ import annotations
 
 import io
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import matplotlib.patches
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -44,6 +49,8 @@ __all__ = [
     "plot_cpl_histograms",
     "plot_auroc_vs_epsilon",
     "plot_exemplars",
+    "plot_heatmap",
+    "plot_score_histogram",
 ]
 
 _DPI = 110
@@ -358,4 +365,83 @@ def plot_evasion(detectors: Mapping[str, Mapping[str, Any]], path: str | os.Path
     right.set_ylim(-0.02, 1.02)
     right.grid(True, alpha=0.3)
     right.set_title(f"trade-off at ε = {max(float(e) for r in rows.values() for e in r):g}", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_heatmap(matrix: Any, rows: Sequence[str], columns: Sequence[str], path: str | os.PathLike, *,
+                 title: str, xlabel: str = "", ylabel: str = "", marks: Sequence[tuple[int, int]] = (),
+                 vmin: float = 0.0, vmax: float = 1.0) -> Path:
+    """A matrix as a heatmap with its values in the cells (NaN cells blank), some cells outlined.
+
+    Args:
+        matrix: ``[len(rows), len(columns)]`` values (NaN or ``None`` for no value).
+        rows / columns: tick labels.
+        path: PNG file to write.
+        title / xlabel / ylabel: text of the figure.
+        marks: ``(row, column)`` cells to outline (e.g. the first layer that agrees with the model).
+        vmin / vmax: range of the colour map.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
+    m = np.array([[np.nan if v is None else float(v) for v in r] for r in _np_rows(matrix)], dtype=float)
+    if m.shape != (len(rows), len(columns)):
+        raise ValueError(f"a {m.shape} matrix for {len(rows)} row and {len(columns)} column labels")
+    fig = _new_figure(1.2 + 0.75 * max(len(columns), 3), 1.0 + 0.38 * max(len(rows), 3))
+    ax = fig.add_subplot()
+    im = ax.imshow(np.ma.masked_invalid(m), cmap="viridis", vmin=vmin, vmax=vmax, aspect="auto")
+    ax.set_xticks(range(len(columns)), [str(c) for c in columns], fontsize=8, rotation=30 if len(columns) > 6 else 0)
+    ax.set_yticks(range(len(rows)), [str(r) for r in rows], fontsize=8)
+    if len(rows) * len(columns) <= 400:
+        for (i, j), v in np.ndenumerate(m):
+            if np.isfinite(v):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if v < vmin + 0.6 * (vmax - vmin) else "black")
+    for i, j in marks:
+        ax.add_patch(matplotlib.patches.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, shrink=0.8)
+    return _save(fig, path)
+
+
+def _np_rows(matrix: Any) -> list[list[Any]]:
+    if hasattr(matrix, "detach"):
+        matrix = matrix.detach().cpu().tolist()
+    return [list(r) for r in (matrix.tolist() if isinstance(matrix, np.ndarray) else matrix)]
+
+
+def plot_score_histogram(values: Any, path: str | os.PathLike, *, threshold: float | None = None,
+                         xlabel: str = "score", title: str | None = None, bins: int = 30,
+                         value_range: tuple[float, float] | None = None) -> Path:
+    """A histogram of one set of scores, with the decision threshold as a dashed line.
+
+    Args:
+        values: the scores (infinite values are counted in the title, not drawn).
+        path: PNG file to write.
+        threshold: where inputs start to be flagged (``None``: no line).
+        xlabel / title: text of the figure.
+        bins: histogram bins.
+        value_range: the x range of the bins (default: the finite values' range).
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
+    v = _np(values).ravel()
+    finite = v[np.isfinite(v)]
+    if finite.size == 0:
+        raise ValueError("no finite value to plot")
+    fig = _new_figure(5.6, 3.4)
+    ax = fig.add_subplot()
+    ax.hist(finite, bins=bins, range=value_range, color="tab:blue", alpha=0.8, label=f"inputs (n={v.size})")
+    if threshold is not None and math.isfinite(threshold):
+        above = int((v > threshold).sum())
+        ax.axvline(threshold, color="tab:red", linestyle="--", label=f"threshold {threshold:.3g} ({above} above)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("inputs")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    extra = f" ({v.size - finite.size} not finite)" if finite.size < v.size else ""
+    ax.set_title((title or "Scores") + extra, fontsize=10)
     return _save(fig, path)

@@ -135,3 +135,20 @@ def test_evasion_two_panels_lines_per_detector_and_threat_model(tmp_path, captur
     assert list(left.lines[3].get_ydata()) == [0.3]  # black-box only where it ran
     with pytest.raises(ValueError):
         plots.plot_evasion({"no attacks": {}}, tmp_path / "e2.png")
+
+
+def test_heatmap_writes_values_and_outlines_marked_cells(tmp_path, captured):
+    m = [[0.25, None], [1.0, 0.5]]
+    _png(plots.plot_heatmap(m, ["a", "b"], ["x", "y"], tmp_path / "h.png", title="t", marks=[(1, 0)]))
+    ax = captured[0].axes[0]
+    assert sorted(t.get_text() for t in ax.texts) == ["0.25", "0.50", "1.00"]  # the missing cell is blank
+    assert len(ax.patches) == 1 and ax.patches[0].get_xy() == (-0.5, 0.5)
+    with pytest.raises(ValueError, match="column labels"):
+        plots.plot_heatmap(m, ["a", "b"], ["x"], tmp_path / "bad.png", title="t")
+
+
+def test_score_histogram_marks_the_threshold(tmp_path, captured):
+    _png(plots.plot_score_histogram([0.1, 0.2, 0.9, float("inf")], tmp_path / "s.png", threshold=0.5, title="S"))
+    ax = captured[0].axes[0]
+    assert ax.get_title() == "S (1 not finite)"
+    assert "2 above" in ax.get_legend().get_texts()[1].get_text()
