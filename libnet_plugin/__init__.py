@@ -15,6 +15,7 @@ from .errors import (
     NonFiniteError,
     NotFittedError,
     SaveFormatError,
+    SaveIntegrityError,
     ShapeMismatchError,
 )
 from .hookspecs import hookimpl
@@ -28,4 +29,5 @@ __all__ = [
     "__version__", "LibraryNetwork", "ConsistencyDetector", "ExactLibrary", "HebbianReadout", "TorchLayerProbe", "ProbeResult",
     "leader_reference", "get_plugin_manager", "hookimpl", "hookspecs",
     "LibnetError", "NotFittedError", "LayerNotFoundError", "ShapeMismatchError", "NonFiniteError", "SaveFormatError",
+    "SaveIntegrityError",
 ]

@@ -545,11 +545,13 @@ class ConsistencyDetector:
         return {"library": int(lib), "detector": int(self.scorer.memory_bytes())}
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: str | os.PathLike) -> None:
+    def save(self, path: str | os.PathLike, *, key: bytes | str | None = None) -> None:
         """Save network, score and calibration to one safetensors file, atomically (the model is not saved).
 
         Scores that keep no tensors (the default :meth:`ConsistencyScore.state_dict`) are refitted from
-        the network at load.
+        the network at load. With ``key`` (bytes or str) the file is signed (HMAC-SHA256 over its
+        settings, calibration and tensor digests): ``load(path, model, key=key)`` then refuses any edit
+        made without the key (a shifted threshold, another method).
         """
         self.net.check_fitted()
         tensors = {f"network/{k}": v for k, v in self.net.state_tensors().items()}
@@ -563,11 +565,12 @@ class ConsistencyDetector:
             "calibration": ({"threshold": self.threshold_, "fpr": self.fpr_, "n": self.n_calibration_}
                             if self.is_calibrated else None),
         }
-        save_atomic(path, tensors, kind=_KIND, config=config)
+        save_atomic(path, tensors, kind=_KIND, config=config, key=key)
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: Any, *, map_location: Any = None, device: Any = None,
-             plugin_manager: pluggy.PluginManager | None = None, check_model: bool = True) -> ConsistencyDetector:
+             plugin_manager: pluggy.PluginManager | None = None, check_model: bool = True,
+             key: bytes | str | None = None) -> ConsistencyDetector:
         """Load a detector saved by :meth:`save` onto ``model``.
 
         Args:
@@ -577,8 +580,11 @@ class ConsistencyDetector:
             plugin_manager: where to find the score plugin (default: the process-wide manager).
             check_model: compare the model's weights with the fingerprint saved at fitting and raise
                 :class:`ModelChangedError` when they differ.
+            key: the key the file was signed with (``save(path, key=...)``): a file that is unsigned or
+                does not verify is refused (:class:`~libnet_plugin.errors.SaveIntegrityError`). Without
+                it, a signed file is checked against its digests only.
         """
-        tensors, cfg = load_checked(path, kind=_KIND)
+        tensors, cfg = load_checked(path, kind=_KIND, key=key)
         try:
             net_cfg, method, settings = cfg["network"], cfg["method"], cfg["settings"]
         except KeyError as exc:

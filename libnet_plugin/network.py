@@ -711,16 +711,18 @@ class LibraryNetwork:
             out.update({f"readout/{i}/{k}": v for k, v in self.readouts_[l].state_dict().items()})
         return out
 
-    def save(self, path: str | os.PathLike) -> None:
+    def save(self, path: str | os.PathLike, *, key: bytes | str | None = None) -> None:
         """Save the fitted network to one safetensors file (settings as JSON metadata), atomically.
 
-        The model itself is not saved; pass it again to :meth:`load`.
+        The model itself is not saved; pass it again to :meth:`load`. With ``key`` (bytes or str) the file
+        is signed (HMAC-SHA256 over its settings and tensor digests): ``load(path, model, key=key)`` then
+        refuses any edit made without the key.
         """
-        save_atomic(path, self.state_tensors(), kind="LibraryNetwork", config=self.config())
+        save_atomic(path, self.state_tensors(), kind="LibraryNetwork", config=self.config(), key=key)
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: Any, *, map_location: Any = None, device: Any = None,
-             plugin_manager: pluggy.PluginManager | None = None) -> LibraryNetwork:
+             plugin_manager: pluggy.PluginManager | None = None, key: bytes | str | None = None) -> LibraryNetwork:
         """Load a network saved by :meth:`save` onto ``model`` (a torch model, or an ONNX model with the
         ONNX adapter; layers are matched by name).
 
@@ -728,8 +730,11 @@ class LibraryNetwork:
             path: the saved file.
             model: the model the libraries were built from (or an equivalent export of it).
             map_location / device: where to put the libraries (e.g. ``"cpu"`` for a file saved on GPU).
+            key: the key the file was signed with (``save(path, key=...)``): a file that is unsigned or
+                does not verify is refused (:class:`~libnet_plugin.errors.SaveIntegrityError`). Without
+                it, a signed file is checked against its digests only.
         """
-        tensors, cfg = load_checked(path, kind="LibraryNetwork")
+        tensors, cfg = load_checked(path, kind="LibraryNetwork", key=key)
         return cls.from_state(tensors, cfg, model, device=device if device is not None else map_location,
                                plugin_manager=plugin_manager)
 
