@@ -133,6 +133,39 @@ def _finite_rows(x: Tensor | MultiInput) -> Tensor | None:
     return torch.stack(rows).all(dim=0)
 
 
+def _check_saved_detector(path: Any, cfg: Mapping[str, Any]) -> None:
+    """The types and required entries of a saved detector's own settings (else :class:`SaveFormatError`);
+    the network's settings are checked by :meth:`LibraryNetwork.from_state`."""
+    def bad(entry: str, want: str) -> SaveFormatError:
+        value = cfg.get(entry)
+        return SaveFormatError(f"{str(path)!r}: the saved detector setting {entry!r} should be {want}, got "
+                               f"{type(value).__name__} {str(value)[:80]!r} (modified or corrupted)")
+
+    for entry in ("network", "method", "settings"):
+        if entry not in cfg:
+            raise SaveFormatError(f"{str(path)!r}: saved detector settings lack the entry {entry!r}")
+    if not isinstance(cfg["network"], Mapping):
+        raise bad("network", "a JSON object")
+    if not isinstance(cfg["method"], str) or not cfg["method"]:
+        raise bad("method", "a detector name")
+    if not isinstance(cfg["settings"], Mapping):
+        raise bad("settings", "a JSON object")
+    if cfg.get("scorer") is not None and not isinstance(cfg["scorer"], Mapping):
+        raise bad("scorer", "a JSON object or null")
+    if not isinstance(cfg.get("scorer_fitted", False), bool):
+        raise bad("scorer_fitted", "true or false")
+    if cfg.get("on_nonfinite", "flag") not in ("flag", "raise"):
+        raise bad("on_nonfinite", "'flag' or 'raise'")
+    if cfg.get("calibration") is not None and not isinstance(cfg["calibration"], Mapping):
+        raise bad("calibration", "a JSON object or null")
+    fingerprint = cfg.get("fingerprint")
+    if fingerprint is not None and not (isinstance(fingerprint, list) and all(
+            isinstance(r, list) and len(r) == 4 and isinstance(r[0], str) and isinstance(r[1], list)
+            and all(isinstance(d, int) and not isinstance(d, bool) for d in r[1])
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in r[2:]) for r in fingerprint)):
+        raise bad("fingerprint", "a list of [name, shape, sum, sum of squares] or null")
+
+
 def _tensor_versions(model: nn.Module) -> tuple[tuple[int, int], ...]:
     return tuple((id(t), t._version) for t in list(model.parameters()) + list(model.buffers()))
 
@@ -585,15 +618,17 @@ class ConsistencyDetector:
                 it, a signed file is checked against its digests only.
         """
         tensors, cfg = load_checked(path, kind=_KIND, key=key)
-        try:
-            net_cfg, method, settings = cfg["network"], cfg["method"], cfg["settings"]
-        except KeyError as exc:
-            raise SaveFormatError(f"{str(path)!r}: saved detector settings lack the entry {exc}") from exc
+        _check_saved_detector(path, cfg)
+        net_cfg, method, settings = cfg["network"], cfg["method"], cfg["settings"]
         net_tensors = {k[len("network/"):]: v for k, v in tensors.items() if k.startswith("network/")}
         net = LibraryNetwork.from_state(net_tensors, net_cfg, model, device=device if device is not None else map_location,
                                          plugin_manager=plugin_manager)
-        det = cls(net, method=method, settings=settings, on_nonfinite=cfg.get("on_nonfinite", "flag"),
-                  plugin_manager=plugin_manager)
+        try:
+            det = cls(net, method=method, settings=settings, on_nonfinite=cfg.get("on_nonfinite", "flag"),
+                      plugin_manager=plugin_manager)
+        except (LibnetError, TypeError, ValueError) as exc:
+            raise SaveFormatError(f"{str(path)!r}: the saved detector {method!r} with settings {settings} cannot be "
+                                  f"built: {exc}") from exc
         fingerprint = cfg.get("fingerprint")
         if check_model and fingerprint is None and isinstance(model, nn.Module):
             raise SaveFormatError(f"{str(path)!r} has no fingerprint of the torch model it was fitted on, so it cannot "
@@ -610,9 +645,18 @@ class ConsistencyDetector:
             det._versions = _tensor_versions(model) if isinstance(model, nn.Module) else None
         if cfg.get("scorer_fitted"):
             state = {k[len("detector/"):]: v for k, v in tensors.items() if k.startswith("detector/")}
-            det.scorer.load_state_dict(state, net, cfg.get("scorer") or {})
+            try:
+                det.scorer.load_state_dict(state, net, cfg.get("scorer") or {})
+            except SaveFormatError:
+                raise
+            except (LibnetError, KeyError, TypeError, ValueError, IndexError, RuntimeError, AttributeError) as exc:
+                raise SaveFormatError(f"{str(path)!r}: the saved state of the {method!r} detector does not fit "
+                                      f"its settings (modified or corrupted): {exc!r}") from exc
             det._scorer_fitted = True
         cal = cfg.get("calibration")
+        if cal is not None and not det._scorer_fitted and (det.scorer.fuses or det.requires_training_data):
+            raise SaveFormatError(f"{str(path)!r} is calibrated, but the fitted state of its {method!r} score is "
+                                  "missing (modified or corrupted)")
         if cal is not None:
             if "calibration/scores" not in tensors:
                 raise SaveFormatError(f"{str(path)!r} lacks the tensor 'calibration/scores'")
