@@ -28,9 +28,11 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import math
 import os
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import pluggy
@@ -38,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from ._batches import MultiInput, as_inputs, input_tensors, iter_batches, n_rows
+from ._eval_view import eval_view, refresh_view, structure_key
 from .detectors.api import ConsistencyScore
 from .distributed import gather_all, world
 from .errors import LibnetError, NonFiniteError, NotFittedError, SaveFormatError, ShapeMismatchError
@@ -49,6 +52,8 @@ from .serialization import load_checked, save_atomic
 __all__ = ["ConsistencyDetector", "DetectorGuard", "GuardOutput", "ModelChangedError", "model_fingerprint"]
 
 _KIND = "ConsistencyDetector"
+#: held while a detector builds (or checks) the eval-mode view of its model for the guard
+_VIEW_LOCK = threading.Lock()
 
 
 class ModelChangedError(LibnetError, ValueError):
@@ -408,24 +413,28 @@ class ConsistencyDetector:
         scores = self.scorer.score(self.net, r).float()
         return torch.where(torch.isfinite(scores), scores, torch.full_like(scores, float("inf")))
 
-    def _run_and_score(self, x: Tensor | MultiInput, want_outputs: bool) -> tuple[Tensor, Tensor | None]:
+    def _run_and_score(self, x: Tensor | MultiInput, want_outputs: bool,
+                       run: Callable[[Any], ProbeResult] | None = None) -> tuple[Tensor, Tensor | None]:
         """Scores (and outputs) of finite inputs; under ``on_nonfinite="flag"`` a row whose activations or
-        outputs overflow (e.g. a half-precision model) scores ``inf`` with NaN outputs, the others as usual."""
+        outputs overflow (e.g. a half-precision model) scores ``inf`` with NaN outputs, the others as usual.
+        ``run`` is the probe run (default: the network's)."""
         try:
-            r = self.net.run(x)
+            r = (run or self.net.run)(x)
         except NonFiniteError:
             if self.on_nonfinite == "raise":
                 raise
             if n_rows(x) == 1:
                 nan = torch.full((1, self.net.n_classes_), float("nan"), device=self.net.device)
                 return torch.full((1,), float("inf"), device=self.net.device), (nan if want_outputs else None)
-            rows = [self._run_and_score(x[i:i + 1], want_outputs) for i in range(n_rows(x))]
+            rows = [self._run_and_score(x[i:i + 1], want_outputs, run) for i in range(n_rows(x))]
             scores = torch.cat([r[0].to(self.net.device) for r in rows])
             return scores, (torch.cat([r[1].to(self.net.device) for r in rows]) if want_outputs else None)
         return self._score_result(r), (r.outputs if want_outputs else None)
 
-    def _score_batch(self, x: Tensor | MultiInput, want_outputs: bool = False) -> tuple[Tensor, Tensor | None]:
-        """Scores ``[B]`` (and the model's outputs ``[B, C]``) of one batch, handling non-finite rows."""
+    def _score_batch(self, x: Tensor | MultiInput, want_outputs: bool = False,
+                     run: Callable[[Any], ProbeResult] | None = None) -> tuple[Tensor, Tensor | None]:
+        """Scores ``[B]`` (and the model's outputs ``[B, C]``) of one batch, handling non-finite rows (``run``:
+        see :meth:`_run_and_score`; the input's type and shape are checked here)."""
         if not isinstance(x, (Tensor, MultiInput)):
             raise TypeError(f"inputs must be a torch.Tensor (or a MultiInput of several), got {type(x).__name__}")
         if isinstance(x, Tensor) and x.dim() == 0:
@@ -433,7 +442,7 @@ class ConsistencyDetector:
         self._check_shape(x)
         finite = _finite_rows(x)
         if finite is None or bool(finite.all()):
-            return self._run_and_score(x, want_outputs)
+            return self._run_and_score(x, want_outputs, run)
         if self.on_nonfinite == "raise":
             check_inputs_finite(x)
         # on_nonfinite="flag": score inf, output NaN, and the model never sees those rows
@@ -442,7 +451,7 @@ class ConsistencyDetector:
                    if want_outputs else None)
         keep = finite.nonzero().flatten()
         if keep.numel():
-            kept, kept_outputs = self._run_and_score(x[keep], want_outputs)
+            kept, kept_outputs = self._run_and_score(x[keep], want_outputs, run)
             scores[keep.to(scores.device)] = kept.to(scores.device)
             if outputs is not None and kept_outputs is not None:
                 outputs[keep.to(outputs.device)] = kept_outputs.to(outputs.device, outputs.dtype)
@@ -526,8 +535,9 @@ class ConsistencyDetector:
         """Score ``x`` with the autograd graph: grad enabled, a tensor that requires grad, a differentiable score."""
         return isinstance(x, Tensor) and x.requires_grad and torch.is_grad_enabled() and self.differentiable
 
-    def _score_with_grad(self, x: Tensor, exact: bool) -> tuple[Tensor, Tensor]:
-        """The score (``exact``) or the surrogate of one batch, and the model's outputs, with the graph to ``x``."""
+    def _score_with_grad(self, x: Tensor, exact: bool, probe: TorchLayerProbe | None = None) -> tuple[Tensor, Tensor]:
+        """The score (``exact``) or the surrogate of one batch, and the model's outputs, with the graph to ``x``
+        (``probe``: the probe to run, default the network's)."""
         if not isinstance(x, Tensor):
             raise TypeError(f"a score with a gradient needs a torch.Tensor batch, got {type(x).__name__}")
         self._check_shape(x)
@@ -535,7 +545,7 @@ class ConsistencyDetector:
         if not isinstance(self.net.probe, TorchLayerProbe):
             raise TypeError(f"the {type(self.net.probe).__name__} probe does not keep the autograd graph; scores "
                             "with a gradient need the torch probe")
-        r = self.net.probe.run(x, grad=True)
+        r = (probe or self.net.probe).run(x, grad=True)
         smooth = self.scorer.surrogate(self.net, r)
         if not exact:
             return smooth, r.outputs
@@ -560,12 +570,38 @@ class ConsistencyDetector:
         self._check_calibrated()
         self._ensure_scorer()
         self._check_model()
+        probe = self._eval_probe()  # eval semantics whatever another thread does to model.training
         if self._keeps_graph(x):
-            graph_scores, graph_outputs = self._score_with_grad(x, exact=True)  # both keep the graph (see score)
+            graph_scores, graph_outputs = self._score_with_grad(x, exact=True, probe=probe)  # both keep the graph
             return GuardOutput(output=graph_outputs, flagged=graph_scores.detach() > self.threshold_,
                                score=graph_scores)
-        scores, outputs = self._score_batch(x, want_outputs=True)
+        scores, outputs = self._score_batch(x, want_outputs=True, run=None if probe is None else probe.run)
         return GuardOutput(output=outputs, flagged=scores > self.threshold_, score=scores)
+
+    def _eval_probe(self) -> TorchLayerProbe | None:
+        """The network's torch probe on an eval-mode view of the model (see :mod:`libnet_plugin._eval_view`):
+        the guard's forward passes run in eval mode whatever another thread does to ``model.training``.
+        Built once and again only when the model's module tree changes; ``None`` (the network's own probe
+        is used) for a probe other than :class:`TorchLayerProbe` or a model the view cannot cover."""
+        probe, model = self.net.probe, self.net.model
+        if not isinstance(probe, TorchLayerProbe) or not isinstance(model, nn.Module) or probe.model is not model:
+            return None
+        key = structure_key(model)
+        with _VIEW_LOCK:
+            cached = self.__dict__.get("_eval_probe_cache")
+            if cached is None or cached[0] != key or cached[1] is not probe:
+                built = eval_view(model)
+                view_probe, views = None, None
+                if built is not None:
+                    root, views = built
+                    view_probe = copy.copy(probe)  # shares copied_layers: both learn which layers need copies
+                    view_probe.model = root
+                    view_probe.modules = {name: views[id(m)] for name, m in probe.modules.items()}
+                    view_probe._base_modules = {name: views[id(m)] for name, m in probe._base_modules.items()}
+                cached = self._eval_probe_cache = (key, probe, view_probe, views)
+        if cached[3] is not None:
+            refresh_view(model, cached[3])
+        return cached[2]
 
     def guard(self) -> DetectorGuard:
         """Wrap the model: a module returning ``GuardOutput(output, flagged, score)`` in one forward pass."""
@@ -691,6 +727,14 @@ class DetectorGuard(nn.Module):
     The library network's probe runs the model once with forward hooks on the probed layers; the
     detector scores the activations captured during that pass, so guarding costs the library look-ups,
     not a second forward pass. Gradients are not kept (inference only).
+
+    The forward pass always has eval semantics (dropout off, batch-norm running statistics read and never
+    updated), whatever the model's mode and whatever another thread does to it meanwhile (``train()``,
+    ``eval()``, also of this guard): it runs on an eval-mode view of the model, module objects of its
+    own whose ``training`` is fixed to ``False``, sharing the model's parameters, buffers and hooks
+    (:mod:`libnet_plugin._eval_view`). Two exceptions run the model itself, as :meth:`ConsistencyDetector.score`
+    does: TorchScript and ``torch.compile`` models, and probes other than the torch one; call
+    ``model.eval()`` before serving those.
 
     Args:
         detector: a calibrated :class:`ConsistencyDetector`.
