@@ -18,6 +18,7 @@ from .errors import (
     SaveIntegrityError,
     ShapeMismatchError,
 )
+from .forking import prepare_for_fork
 from .hookspecs import hookimpl
 from .library import ExactLibrary, leader_reference
 from .network import LibraryNetwork
@@ -27,7 +28,7 @@ from .readout import HebbianReadout
 
 __all__ = [
     "__version__", "LibraryNetwork", "ConsistencyDetector", "ExactLibrary", "HebbianReadout", "TorchLayerProbe", "ProbeResult",
-    "leader_reference", "get_plugin_manager", "hookimpl", "hookspecs",
+    "leader_reference", "get_plugin_manager", "hookimpl", "hookspecs", "prepare_for_fork",
     "LibnetError", "NotFittedError", "LayerNotFoundError", "ShapeMismatchError", "NonFiniteError", "SaveFormatError",
     "SaveIntegrityError",
 ]
