@@ -114,3 +114,17 @@ def test_keys_must_be_non_empty_bytes_or_str(tmp_path, fitted, key, error):
     with pytest.raises(error, match="key"):
         fitted.save(tmp_path / "net.lnp", key=key)
     assert not (tmp_path / "net.lnp").exists()
+
+
+def test_the_readme_server_recipe_runs(monkeypatch, tmp_path):
+    from readme_blocks import readme_code_blocks, run_readme_block
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LIBNET_KEY", "a secret")
+    _, ns = run_readme_block("detector")  # defines det and model
+    recipe = next(b for b in readme_code_blocks("detector") if "LIBNET_KEY" in b)
+    exec(compile(recipe, "README.md[detector]", "exec"), ns)
+    assert ns["served"].threshold_ == ns["det"].threshold_
+    monkeypatch.setenv("LIBNET_KEY", "another secret")
+    with pytest.raises(SaveIntegrityError):
+        exec(compile(recipe.replace('det.save("det.lnp", key=key)', ""), "README.md[detector]", "exec"), ns)
