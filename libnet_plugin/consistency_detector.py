@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from ._batches import MultiInput, as_inputs, input_tensors, iter_batches, n_rows
-from ._eval_view import eval_view, refresh_view, structure_key
+from ._eval_view import EvalView
 from .detectors.api import ConsistencyScore
 from .distributed import gather_all, world
 from .errors import LibnetError, NonFiniteError, NotFittedError, SaveFormatError, ShapeMismatchError
@@ -586,22 +586,19 @@ class ConsistencyDetector:
         probe, model = self.net.probe, self.net.model
         if not isinstance(probe, TorchLayerProbe) or not isinstance(model, nn.Module) or probe.model is not model:
             return None
-        key = structure_key(model)
-        with _VIEW_LOCK:
-            cached = self.__dict__.get("_eval_probe_cache")
-            if cached is None or cached[0] != key or cached[1] is not probe:
-                built = eval_view(model)
-                view_probe, views = None, None
-                if built is not None:
-                    root, views = built
-                    view_probe = copy.copy(probe)  # shares copied_layers: both learn which layers need copies
-                    view_probe.model = root
-                    view_probe.modules = {name: views[id(m)] for name, m in probe.modules.items()}
-                    view_probe._base_modules = {name: views[id(m)] for name, m in probe._base_modules.items()}
-                cached = self._eval_probe_cache = (key, probe, view_probe, views)
-        if cached[3] is not None:
-            refresh_view(model, cached[3])
-        return cached[2]
+        cached = self.__dict__.get("_eval_probe_cache")
+        if cached is not None and cached[0] is probe and (cached[1] is None or cached[1].sync()):
+            return cached[2]
+        with _VIEW_LOCK:  # the first call, or the model's module tree changed: build the view (again)
+            view = EvalView.of(model)
+            view_probe = None
+            if view is not None:
+                view_probe = copy.copy(probe)  # shares copied_layers: both learn which layers need copies
+                view_probe.model = view.root
+                view_probe.modules = {name: view.views[id(m)] for name, m in probe.modules.items()}
+                view_probe._base_modules = {name: view.views[id(m)] for name, m in probe._base_modules.items()}
+            self._eval_probe_cache = (probe, view, view_probe)
+            return view_probe
 
     def guard(self) -> DetectorGuard:
         """Wrap the model: a module returning ``GuardOutput(output, flagged, score)`` in one forward pass."""
