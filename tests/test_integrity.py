@@ -128,3 +128,14 @@ def test_the_readme_server_recipe_runs(monkeypatch, tmp_path):
     monkeypatch.setenv("LIBNET_KEY", "another secret")
     with pytest.raises(SaveIntegrityError):
         exec(compile(recipe.replace('det.save("det.lnp", key=key)', ""), "README.md[detector]", "exec"), ns)
+
+
+def test_attack_set_files_take_a_key_too(tmp_path):
+    from libnet_plugin.experiments.protocols import AttackSet, load_attack_sets, save_attack_sets
+
+    sets = [AttackSet("standard", 0.1, torch.rand(3, 1, 4, 4), "pixels", torch.arange(3))]
+    save_attack_sets(tmp_path / "attacks.safetensors", sets, {"seed": 0}, key=KEY)
+    got, meta = load_attack_sets(tmp_path / "attacks.safetensors", key=KEY)
+    assert torch.equal(got[0].x_adv, sets[0].x_adv) and meta == {"seed": 0}
+    with pytest.raises(SaveIntegrityError):
+        load_attack_sets(tmp_path / "attacks.safetensors", key="another key")
