@@ -39,6 +39,8 @@ def prepare_for_fork() -> None:
     before forking workers; calling it again does nothing. The parent's own threads are unchanged.
 
     Not needed with the ``spawn`` or ``forkserver`` start methods, whose children start a fresh PyTorch.
+    It concerns CPU scoring: a process that has used CUDA cannot use it in a forked child at all (PyTorch
+    refuses), so serve GPU models from spawned workers.
     """
     global _REGISTERED
     with _LOCK:
