@@ -54,9 +54,11 @@ class EvalView:
     @classmethod
     def of(cls, model: nn.Module) -> EvalView | None:
         """The view of ``model``; ``None`` for a model whose modules keep their mode outside the Python object
-        (TorchScript) or call the original modules directly (``torch.compile``'s wrapper)."""
+        (TorchScript) or may call the original modules directly: ``torch.compile``'s wrapper, and a module
+        whose ``forward`` was replaced on the instance (accelerate's hooks bind the original module)."""
         for m in model.modules():
-            if isinstance(m, torch.jit.ScriptModule) or type(m).__name__ == "OptimizedModule":
+            if (isinstance(m, torch.jit.ScriptModule) or type(m).__name__ == "OptimizedModule"
+                    or "forward" in m.__dict__):
                 return None
         views: dict[int, nn.Module] = {}
 
@@ -76,7 +78,8 @@ class EvalView:
     def sync(self) -> bool:
         """Mirror onto the view the attributes set on (or removed from) the model's modules since the last
         sync (a flag such as ``use_cache``, a tensor attribute). Returns ``False``, changing nothing, when a
-        module gained, lost or replaced a submodule: then build a new view."""
+        module gained, lost or replaced a submodule, or had its ``forward`` replaced: then build a new view
+        (or find none possible)."""
         entries = self._entries
         for *_, mods, kids in entries:
             if len(mods) != len(kids) or not all(map(operator.is_, mods.values(), kids)):
@@ -84,6 +87,8 @@ class EvalView:
         for i, (src, dst, values, mods, kids) in enumerate(entries):
             if len(src) == len(values) and all(map(operator.is_, src.values(), values)):
                 continue  # nothing changed on this module (the usual case): one C-level pass over its values
+            if "forward" in src:  # replaced on the instance since: the view cannot cover it (see of)
+                return False
             items = list(src.items())
             for k, value in items:
                 if k not in _OWN and dst.get(k, dst) is not value:

@@ -582,9 +582,9 @@ class ConsistencyDetector:
         """The network's torch probe on an eval-mode view of the model (see :mod:`libnet_plugin._eval_view`):
         the guard's forward passes run in eval mode whatever another thread does to ``model.training``.
         Built once and again only when the model's module tree changes; ``None`` (the network's own probe
-        is used) for a probe other than :class:`TorchLayerProbe` or a model the view cannot cover."""
+        is used) for another probe (a subclass may hold the model elsewhere) or a model the view cannot cover."""
         probe, model = self.net.probe, self.net.model
-        if not isinstance(probe, TorchLayerProbe) or not isinstance(model, nn.Module) or probe.model is not model:
+        if type(probe) is not TorchLayerProbe or not isinstance(model, nn.Module) or probe.model is not model:
             return None
         cached = self.__dict__.get("_eval_probe_cache")
         if cached is not None and cached[0] is probe and (cached[1] is None or cached[1].sync()):
@@ -730,8 +730,8 @@ class DetectorGuard(nn.Module):
     ``eval()``, also of this guard): it runs on an eval-mode view of the model, module objects of its
     own whose ``training`` is fixed to ``False``, sharing the model's parameters, buffers and hooks
     (:mod:`libnet_plugin._eval_view`). Two exceptions run the model itself, as :meth:`ConsistencyDetector.score`
-    does: TorchScript and ``torch.compile`` models, and probes other than the torch one; call
-    ``model.eval()`` before serving those.
+    does: TorchScript and ``torch.compile`` models, modules whose ``forward`` was replaced on the instance
+    (accelerate's hooks), and probes other than the torch one; call ``model.eval()`` before serving those.
 
     Args:
         detector: a calibrated :class:`ConsistencyDetector`.

@@ -126,3 +126,16 @@ def test_the_guard_follows_the_model_weights_and_submodules():
         assert "changed" in str(exc)
     else:  # pragma: no cover
         raise AssertionError("a weight changed in place must be caught")
+
+
+def test_models_the_view_cannot_cover_run_as_themselves():
+    """A module whose forward was replaced on the instance may call the original modules: no view, the model
+    itself runs (in eval mode here), with the same outputs as before."""
+    model = _model()
+    det = _detector(model)
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(5))
+    want = det.guard()(x).output
+    inner = model[3]
+    inner.forward = lambda t: t  # e.g. accelerate's hooks
+    assert det._eval_probe() is None
+    torch.testing.assert_close(det.guard()(x).output, want, rtol=1e-5, atol=1e-5)
