@@ -155,6 +155,7 @@ def _set(cfg, path, value):
     return cfg
 
 
+@pytest.mark.filterwarnings("ignore:.*carries no digests")
 def test_fuzzed_settings_give_save_format_error_or_a_working_detector(tmp_path, mlp, mlp_data):
     """Seeded and bounded: each entry of a saved detector's settings (network, score, calibration) and each
     tensor's header edited to another type or a far-off value, or deleted, digests recomputed. Loading
@@ -162,7 +163,7 @@ def test_fuzzed_settings_give_save_format_error_or_a_working_detector(tmp_path, 
     that scores. (The k-NN score: a fitted state that loads fast; every built-in score passes the same
     edits, each to every value of ``_VALUES``, in a slower run.)"""
     x, y = mlp_data
-    small = lnp.LibraryNetwork(mlp, ["fc1", "out"], thresholds=0.8).fit(x[:40])  # small files: fast loads
+    small = lnp.LibraryNetwork(mlp, ["fc1", "out"], thresholds=0.5).fit(x[:40])  # small files: fast loads
     det = lnp.ConsistencyDetector(small, method="knn", train=(x[:40], y[:40]))
     det.calibrate(x[40:60], fpr=0.1).save(tmp_path / "det.lnp")
     meta, data = _read(tmp_path / "det.lnp")
@@ -214,4 +215,19 @@ def test_fuzzed_settings_give_save_format_error_or_a_working_detector(tmp_path, 
                 raise AssertionError(f"changing the tensor {name} loaded, then gave {type(exc).__name__} at "
                                      f"first use: {exc}") from exc
             outcomes["loaded"] += 1
+    # the header's own entries (format, version, kind, settings, digests): another value or none at all
+    for entry in sorted(meta):
+        for value in ("", "x", "[" * 100 + "]" * 100, "{}", "null", "2", None):
+            edited = {k: v for k, v in meta.items() if k != entry}
+            if value is not None:
+                edited[entry] = value
+            _write(bad, edited, data, recompute=False)
+            try:
+                lnp.ConsistencyDetector.load(bad, mlp)
+            except SaveFormatError:
+                outcomes["refused"] += 1
+                continue
+            except Exception as exc:  # pragma: no cover
+                raise AssertionError(f"the header entry {entry} as {value!r} gave {type(exc).__name__}: {exc}") from exc
+            assert entry == "digests" and value is None, (entry, value)  # no digests: an old file, with a warning
     assert outcomes["refused"] > 40 and len(cases) > 60, (outcomes, len(cases))
