@@ -814,7 +814,12 @@ class LibraryNetwork:
         except (TypeError, ValueError) as exc:
             raise SaveFormatError(f"the saved network settings are not valid: {exc}") from exc
         if cfg.get("probe") and isinstance(net.probe, ConfigurableProbe):
-            net.probe.restore(cfg["probe"])
+            try:
+                net.probe.restore(cfg["probe"])
+            except LibnetError:
+                raise
+            except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
+                raise SaveFormatError(f"the saved probe settings are malformed (modified or corrupted): {exc!r}") from exc
         libraries, readouts = {}, {}
         for i, l in enumerate(net.layers):
             lc = {k: v for k, v in lib_cfgs[l].items() if k not in ("name", "threshold")}
