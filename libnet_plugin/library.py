@@ -568,9 +568,7 @@ class ExactLibrary:
         problem = None
         if not nodes.is_floating_point() or nodes.dim() != 2:
             problem = f"its nodes are {nodes.dtype} of shape {list(nodes.shape)}, expected floating point [M, D]"
-        elif self.dim is None or width is None:
-            problem = "its settings do not give the layer's width (dim)"
-        elif nodes.shape[1] != width:
+        elif width is not None and nodes.shape[1] != width:
             problem = f"its nodes have {nodes.shape[1]} features, its settings say {width}"
         elif indices.dim() != 1 or indices.shape[0] != nodes.shape[0] or indices.dtype not in _INDEX_DTYPES:
             problem = (f"its node indices are {indices.dtype} of shape {list(indices.shape)}, expected integers "

@@ -119,7 +119,10 @@ def _check_loaded(layer: str, lib: Any, readout: Any, n_classes: int) -> None:
     from .errors import SaveFormatError
 
     problem = None
-    if lib.size < 1:
+    dim = getattr(lib, "dim", None)
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        problem = f"its library settings give no layer width (dim {dim!r})"
+    elif lib.size < 1:
         problem = "its library has no nodes (a fitted library stores at least its first input)"
     elif isinstance(lib, NodeLibrary) and not bool(torch.isfinite(lib.nodes).all()):
         problem = "its library nodes hold NaN or infinity"
