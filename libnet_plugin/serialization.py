@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 import json
 import os
 import re
@@ -132,8 +133,11 @@ def _signature(metadata: dict[str, str], key: bytes) -> str:
     return hmac.new(key, body.encode("utf-8"), hashlib.sha256).hexdigest()
 
 
-_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
-_JSON_BRACKET = re.compile(r"[\[\]{}]")
+# linear-time passes (no backtracking): escapes out, then strings out, then everything but brackets out
+_JSON_ESCAPE = re.compile(r"\\.", re.S)
+_JSON_STRING = re.compile(r'"[^"]*"')
+_JSON_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_JSON_DEPTH = {"[": 1, "{": 1, "]": -1, "}": -1}
 
 
 def parse_json(text: Any, what: str, max_depth: int = MAX_JSON_DEPTH) -> Any:
@@ -151,11 +155,9 @@ def parse_json(text: Any, what: str, max_depth: int = MAX_JSON_DEPTH) -> Any:
     """
     if not isinstance(text, str):
         raise SaveFormatError(f"{what} are not text (got {type(text).__name__})")
-    depth = 0
-    for m in _JSON_BRACKET.finditer(_JSON_STRING.sub("", text)):
-        depth += 1 if m.group() in "[{" else -1
-        if depth > max_depth:
-            raise SaveFormatError(f"{what} are nested deeper than {max_depth} levels (modified or corrupted)")
+    brackets = _JSON_NOT_BRACKET.sub("", _JSON_STRING.sub("", _JSON_ESCAPE.sub("", text)))
+    if brackets and max(itertools.accumulate(map(_JSON_DEPTH.__getitem__, brackets))) > max_depth:
+        raise SaveFormatError(f"{what} are nested deeper than {max_depth} levels (modified or corrupted)")
     try:
         return json.loads(text)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError

@@ -49,6 +49,16 @@ def test_deeply_nested_digests_give_save_format_error(tmp_path, fitted, mlp):
         lnp.LibraryNetwork.load(tmp_path / "net.lnp", mlp)
 
 
+def test_the_depth_check_reads_strings_and_escapes_right():
+    """Brackets inside strings do not count; the scan is linear (an escape-heavy unterminated string of 60,000
+    characters took about a minute with a backtracking pattern)."""
+    assert serialization.parse_json('["[[[[", "\\"]]", {"a": "{{{"}]', "x") == ["[[[[", '"]]', {"a": "{{{"}]
+    with pytest.raises(SaveFormatError, match="not readable JSON"):
+        serialization.parse_json('"' + '\\"' * 30_000, "the settings")
+    with pytest.raises(SaveFormatError, match="nested deeper than 3"):
+        serialization.parse_json('[[[["x"]]]]', "the settings", max_depth=3)
+
+
 @pytest.mark.parametrize("config", ["[" * 200_000 + "]" * 200_000, "[1, 2]", "3", '"text"', "null", "{"])
 def test_a_settings_entry_that_is_not_an_object_gives_save_format_error(tmp_path, fitted, mlp, config):
     fitted.save(tmp_path / "net.lnp")
