@@ -15,8 +15,10 @@ from .errors import (
     NonFiniteError,
     NotFittedError,
     SaveFormatError,
+    SaveIntegrityError,
     ShapeMismatchError,
 )
+from .forking import prepare_for_fork
 from .hookspecs import hookimpl
 from .inspection import InspectionReport, inspect
 from .library import ExactLibrary, leader_reference
@@ -28,5 +30,7 @@ from .readout import HebbianReadout
 __all__ = [
     "__version__", "LibraryNetwork", "ConsistencyDetector", "ExactLibrary", "HebbianReadout", "TorchLayerProbe", "ProbeResult",
     "leader_reference", "get_plugin_manager", "inspect", "InspectionReport", "hookimpl", "hookspecs",
+    "prepare_for_fork",
     "LibnetError", "NotFittedError", "LayerNotFoundError", "ShapeMismatchError", "NonFiniteError", "SaveFormatError",
+    "SaveIntegrityError",
 ]

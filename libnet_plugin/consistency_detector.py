@@ -28,9 +28,11 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import math
 import os
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import pluggy
@@ -38,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from ._batches import MultiInput, as_inputs, input_tensors, iter_batches, n_rows
+from ._eval_view import EvalView
 from .detectors.api import ConsistencyScore
 from .distributed import gather_all, world
 from .errors import LayerNotFoundError, LibnetError, NonFiniteError, NotFittedError, SaveFormatError, ShapeMismatchError
@@ -49,6 +52,8 @@ from .serialization import load_checked, save_atomic
 __all__ = ["ConsistencyDetector", "DetectorGuard", "GuardOutput", "ModelChangedError", "model_fingerprint"]
 
 _KIND = "ConsistencyDetector"
+#: held while a detector builds (or checks) the eval-mode view of its model for the guard
+_VIEW_LOCK = threading.Lock()
 
 
 class ModelChangedError(LibnetError, ValueError):
@@ -269,6 +274,39 @@ def _finite_rows(x: Tensor | MultiInput) -> Tensor | None:
         return None
     rows = [torch.isfinite(t).reshape(t.shape[0], -1 if t.shape[0] else 0).all(dim=1) for t in floats]
     return torch.stack(rows).all(dim=0)
+
+
+def _check_saved_detector(path: Any, cfg: Mapping[str, Any]) -> None:
+    """The types and required entries of a saved detector's own settings (else :class:`SaveFormatError`);
+    the network's settings are checked by :meth:`LibraryNetwork.from_state`."""
+    def bad(entry: str, want: str) -> SaveFormatError:
+        value = cfg.get(entry)
+        return SaveFormatError(f"{str(path)!r}: the saved detector setting {entry!r} should be {want}, got "
+                               f"{type(value).__name__} {str(value)[:80]!r} (modified or corrupted)")
+
+    for entry in ("network", "method", "settings"):
+        if entry not in cfg:
+            raise SaveFormatError(f"{str(path)!r}: saved detector settings lack the entry {entry!r}")
+    if not isinstance(cfg["network"], Mapping):
+        raise bad("network", "a JSON object")
+    if not isinstance(cfg["method"], str) or not cfg["method"]:
+        raise bad("method", "a detector name")
+    if not isinstance(cfg["settings"], Mapping):
+        raise bad("settings", "a JSON object")
+    if cfg.get("scorer") is not None and not isinstance(cfg["scorer"], Mapping):
+        raise bad("scorer", "a JSON object or null")
+    if not isinstance(cfg.get("scorer_fitted", False), bool):
+        raise bad("scorer_fitted", "true or false")
+    if cfg.get("on_nonfinite", "flag") not in ("flag", "raise"):
+        raise bad("on_nonfinite", "'flag' or 'raise'")
+    if cfg.get("calibration") is not None and not isinstance(cfg["calibration"], Mapping):
+        raise bad("calibration", "a JSON object or null")
+    fingerprint = cfg.get("fingerprint")
+    if fingerprint is not None and not (isinstance(fingerprint, list) and all(
+            isinstance(r, list) and len(r) == 4 and isinstance(r[0], str) and isinstance(r[1], list)
+            and all(isinstance(d, int) and not isinstance(d, bool) for d in r[1])
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in r[2:]) for r in fingerprint)):
+        raise bad("fingerprint", "a list of [name, shape, sum, sum of squares] or null")
 
 
 def _packed_slots(model: nn.Module) -> list[tuple[nn.Module, str]]:
@@ -529,24 +567,28 @@ class ConsistencyDetector:
         scores = self.scorer.score(self.net, r).float()
         return torch.where(torch.isfinite(scores), scores, torch.full_like(scores, float("inf")))
 
-    def _run_and_score(self, x: Tensor | MultiInput, want_outputs: bool) -> tuple[Tensor, Tensor | None]:
+    def _run_and_score(self, x: Tensor | MultiInput, want_outputs: bool,
+                       run: Callable[[Any], ProbeResult] | None = None) -> tuple[Tensor, Tensor | None]:
         """Scores (and outputs) of finite inputs; under ``on_nonfinite="flag"`` a row whose activations or
-        outputs overflow (e.g. a half-precision model) scores ``inf`` with NaN outputs, the others as usual."""
+        outputs overflow (e.g. a half-precision model) scores ``inf`` with NaN outputs, the others as usual.
+        ``run`` is the probe run (default: the network's)."""
         try:
-            r = self.net.run(x)
+            r = (run or self.net.run)(x)
         except NonFiniteError:
             if self.on_nonfinite == "raise":
                 raise
             if n_rows(x) == 1:
                 nan = torch.full((1, self.net.n_classes_), float("nan"), device=self.net.device)
                 return torch.full((1,), float("inf"), device=self.net.device), (nan if want_outputs else None)
-            rows = [self._run_and_score(x[i:i + 1], want_outputs) for i in range(n_rows(x))]
+            rows = [self._run_and_score(x[i:i + 1], want_outputs, run) for i in range(n_rows(x))]
             scores = torch.cat([r[0].to(self.net.device) for r in rows])
             return scores, (torch.cat([r[1].to(self.net.device) for r in rows]) if want_outputs else None)
         return self._score_result(r), (r.outputs if want_outputs else None)
 
-    def _score_batch(self, x: Tensor | MultiInput, want_outputs: bool = False) -> tuple[Tensor, Tensor | None]:
-        """Scores ``[B]`` (and the model's outputs ``[B, C]``) of one batch, handling non-finite rows."""
+    def _score_batch(self, x: Tensor | MultiInput, want_outputs: bool = False,
+                     run: Callable[[Any], ProbeResult] | None = None) -> tuple[Tensor, Tensor | None]:
+        """Scores ``[B]`` (and the model's outputs ``[B, C]``) of one batch, handling non-finite rows (``run``:
+        see :meth:`_run_and_score`; the input's type and shape are checked here)."""
         if not isinstance(x, (Tensor, MultiInput)):
             raise TypeError(f"inputs must be a torch.Tensor (or a MultiInput of several), got {type(x).__name__}")
         if isinstance(x, Tensor) and x.dim() == 0:
@@ -554,7 +596,7 @@ class ConsistencyDetector:
         self._check_shape(x)
         finite = _finite_rows(x)
         if finite is None or bool(finite.all()):
-            return self._run_and_score(x, want_outputs)
+            return self._run_and_score(x, want_outputs, run)
         if self.on_nonfinite == "raise":
             check_inputs_finite(x)
         # on_nonfinite="flag": score inf, output NaN, and the model never sees those rows
@@ -563,7 +605,7 @@ class ConsistencyDetector:
                    if want_outputs else None)
         keep = finite.nonzero().flatten()
         if keep.numel():
-            kept, kept_outputs = self._run_and_score(x[keep], want_outputs)
+            kept, kept_outputs = self._run_and_score(x[keep], want_outputs, run)
             scores[keep.to(scores.device)] = kept.to(scores.device)
             if outputs is not None and kept_outputs is not None:
                 outputs[keep.to(outputs.device)] = kept_outputs.to(outputs.device, outputs.dtype)
@@ -647,8 +689,9 @@ class ConsistencyDetector:
         """Score ``x`` with the autograd graph: grad enabled, a tensor that requires grad, a differentiable score."""
         return isinstance(x, Tensor) and x.requires_grad and torch.is_grad_enabled() and self.differentiable
 
-    def _score_with_grad(self, x: Tensor, exact: bool) -> tuple[Tensor, Tensor]:
-        """The score (``exact``) or the surrogate of one batch, and the model's outputs, with the graph to ``x``."""
+    def _score_with_grad(self, x: Tensor, exact: bool, probe: TorchLayerProbe | None = None) -> tuple[Tensor, Tensor]:
+        """The score (``exact``) or the surrogate of one batch, and the model's outputs, with the graph to ``x``
+        (``probe``: the probe to run, default the network's)."""
         if not isinstance(x, Tensor):
             raise TypeError(f"a score with a gradient needs a torch.Tensor batch, got {type(x).__name__}")
         self._check_shape(x)
@@ -656,7 +699,7 @@ class ConsistencyDetector:
         if not isinstance(self.net.probe, TorchLayerProbe):
             raise TypeError(f"the {type(self.net.probe).__name__} probe does not keep the autograd graph; scores "
                             "with a gradient need the torch probe")
-        r = self.net.probe.run(x, grad=True)
+        r = (probe or self.net.probe).run(x, grad=True)
         smooth = self.scorer.surrogate(self.net, r)
         if not exact:
             return smooth, r.outputs
@@ -681,12 +724,37 @@ class ConsistencyDetector:
         self._check_calibrated()
         self._ensure_scorer()
         self._check_model()
+        probe = self._eval_probe()  # eval semantics whatever another thread does to model.training
         if self._keeps_graph(x):
-            graph_scores, graph_outputs = self._score_with_grad(x, exact=True)  # both keep the graph (see score)
+            graph_scores, graph_outputs = self._score_with_grad(x, exact=True, probe=probe)  # both keep the graph
             return GuardOutput(output=graph_outputs, flagged=graph_scores.detach() > self.threshold_,
                                score=graph_scores)
-        scores, outputs = self._score_batch(x, want_outputs=True)
+        scores, outputs = self._score_batch(x, want_outputs=True, run=None if probe is None else probe.run)
         return GuardOutput(output=outputs, flagged=scores > self.threshold_, score=scores)
+
+    def _eval_probe(self) -> TorchLayerProbe | None:
+        """The network's torch probe on an eval-mode view of the model (see :mod:`libnet_plugin._eval_view`):
+        the guard's forward passes run in eval mode whatever another thread does to ``model.training``.
+        Built once and again only when the model's module tree changes; ``None`` (the network's own probe
+        is used) for another probe (a subclass may hold the model elsewhere) or a model the view cannot cover."""
+        probe, model = self.net.probe, self.net.model
+        if (type(probe) is not TorchLayerProbe or not isinstance(model, nn.Module) or probe.model is not model
+                or probe.exported or probe.runner is not model):  # an export has no modes; compiled: the view can't
+            return None
+        cached = self.__dict__.get("_eval_probe_cache")
+        if cached is not None and cached[0] is probe and (cached[1] is None or cached[1].sync()):
+            return cached[2]
+        with _VIEW_LOCK:  # the first call, or the model's module tree changed: build the view (again)
+            view = EvalView.of(model)
+            view_probe = None
+            if view is not None:
+                view_probe = copy.copy(probe)  # shares copied_layers: both learn which layers need copies
+                view_probe.model = view_probe.runner = view.root  # the runner: what the probe's forward calls
+                view_probe._encoders = {k: view.views[id(m)] for k, m in probe._encoders.items()}
+                view_probe.modules = {name: view.views[id(m)] for name, m in probe.modules.items()}
+                view_probe._base_modules = {name: view.views[id(m)] for name, m in probe._base_modules.items()}
+            self._eval_probe_cache = (probe, view, view_probe)
+            return view_probe
 
     def guard(self) -> DetectorGuard:
         """Wrap the model: a module returning ``GuardOutput(output, flagged, score)`` in one forward pass."""
@@ -699,11 +767,13 @@ class ConsistencyDetector:
         return {"library": int(lib), "detector": int(self.scorer.memory_bytes())}
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: str | os.PathLike) -> None:
+    def save(self, path: str | os.PathLike, *, key: bytes | str | None = None) -> None:
         """Save network, score and calibration to one safetensors file, atomically (the model is not saved).
 
         Scores that keep no tensors (the default :meth:`ConsistencyScore.state_dict`) are refitted from
-        the network at load.
+        the network at load. With ``key`` (bytes or str) the file is signed (HMAC-SHA256 over its
+        settings, calibration and tensor digests): ``load(path, model, key=key)`` then refuses any edit
+        made without the key (a shifted threshold, another method).
         """
         self.net.check_fitted()
         tensors = {f"network/{k}": v for k, v in self.net.state_tensors().items()}
@@ -717,12 +787,13 @@ class ConsistencyDetector:
             "calibration": ({"threshold": self.threshold_, "fpr": self.fpr_, "n": self.n_calibration_}
                             if self.is_calibrated else None),
         }
-        save_atomic(path, tensors, kind=_KIND, config=config)
+        save_atomic(path, tensors, kind=_KIND, config=config, key=key)
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: Any, *, map_location: Any = None, device: Any = None,
              plugin_manager: pluggy.PluginManager | None = None, check_model: bool = True,
-             prefix_map: Mapping[str, str] | None = None) -> ConsistencyDetector:
+             prefix_map: Mapping[str, str] | None = None,
+             key: bytes | str | None = None) -> ConsistencyDetector:
         """Load a detector saved by :meth:`save` onto ``model``.
 
         A detector fitted on ``torch.compile(m)`` (module names ``_orig_mod.*``) or ``nn.DataParallel(m)``
@@ -740,13 +811,14 @@ class ConsistencyDetector:
                 ``{"backbone.": "model.backbone."}`` for a model now held inside another module (the
                 longest matching prefix is replaced; ``""`` matches every name). Default: the automatic
                 mapping of wrapper prefixes above.
+            key: the key the file was signed with (``save(path, key=...)``): a file that is unsigned or
+                does not verify is refused (:class:`~libnet_plugin.errors.SaveIntegrityError`). Without
+                it, a signed file is checked against its digests only.
         """
-        tensors, cfg = load_checked(path, kind=_KIND)
-        try:
-            net_cfg, method, settings = cfg["network"], cfg["method"], cfg["settings"]
-        except KeyError as exc:
-            raise SaveFormatError(f"{str(path)!r}: saved detector settings lack the entry {exc}") from exc
-        saved_layers = net_cfg.get("layers") if isinstance(net_cfg, dict) else None
+        tensors, cfg = load_checked(path, kind=_KIND, key=key)
+        _check_saved_detector(path, cfg)
+        net_cfg, method, settings = cfg["network"], cfg["method"], cfg["settings"]
+        saved_layers = net_cfg.get("layers")
         if isinstance(saved_layers, list) and all(isinstance(n, str) for n in saved_layers):
             renames = _layer_renames(saved_layers, model, prefix_map)
             if renames:
@@ -768,8 +840,12 @@ class ConsistencyDetector:
             raise LayerNotFoundError(f"{exc}. {str(path)!r} was fitted on the layers {saved_layers}"
                                      + (f"; if the model is now held inside another module, load with prefix_map={hint}"
                                         if hint else "")) from exc
-        det = cls(net, method=method, settings=settings, on_nonfinite=cfg.get("on_nonfinite", "flag"),
-                  plugin_manager=plugin_manager)
+        try:
+            det = cls(net, method=method, settings=settings, on_nonfinite=cfg.get("on_nonfinite", "flag"),
+                      plugin_manager=plugin_manager)
+        except (LibnetError, TypeError, ValueError) as exc:
+            raise SaveFormatError(f"{str(path)!r}: the saved detector {method!r} with settings {settings} cannot be "
+                                  f"built: {exc}") from exc
         fingerprint = cfg.get("fingerprint")
         if check_model and fingerprint is None and isinstance(model, nn.Module):
             raise SaveFormatError(f"{str(path)!r} has no fingerprint of the torch model it was fitted on, so it cannot "
@@ -787,9 +863,18 @@ class ConsistencyDetector:
             det._versions = _tensor_versions(model, det._packed) if isinstance(model, nn.Module) else None
         if cfg.get("scorer_fitted"):
             state = {k[len("detector/"):]: v for k, v in tensors.items() if k.startswith("detector/")}
-            det.scorer.load_state_dict(state, net, cfg.get("scorer") or {})
+            try:
+                det.scorer.load_state_dict(state, net, cfg.get("scorer") or {})
+            except SaveFormatError:
+                raise
+            except (LibnetError, KeyError, TypeError, ValueError, IndexError, RuntimeError, AttributeError) as exc:
+                raise SaveFormatError(f"{str(path)!r}: the saved state of the {method!r} detector does not fit "
+                                      f"its settings (modified or corrupted): {exc!r}") from exc
             det._scorer_fitted = True
         cal = cfg.get("calibration")
+        if cal is not None and not det._scorer_fitted and (det.scorer.fuses or det.requires_training_data):
+            raise SaveFormatError(f"{str(path)!r} is calibrated, but the fitted state of its {method!r} score is "
+                                  "missing (modified or corrupted)")
         if cal is not None:
             if "calibration/scores" not in tensors:
                 raise SaveFormatError(f"{str(path)!r} lacks the tensor 'calibration/scores'")
@@ -824,6 +909,14 @@ class DetectorGuard(nn.Module):
     The library network's probe runs the model once with forward hooks on the probed layers; the
     detector scores the activations captured during that pass, so guarding costs the library look-ups,
     not a second forward pass. Gradients are not kept (inference only).
+
+    The forward pass always has eval semantics (dropout off, batch-norm running statistics read and never
+    updated), whatever the model's mode and whatever another thread does to it meanwhile (``train()``,
+    ``eval()``, also of this guard): it runs on an eval-mode view of the model, module objects of its
+    own whose ``training`` is fixed to ``False``, sharing the model's parameters, buffers and hooks
+    (:mod:`libnet_plugin._eval_view`). Two exceptions run the model itself, as :meth:`ConsistencyDetector.score`
+    does: TorchScript and ``torch.compile`` models, modules whose ``forward`` was replaced on the instance
+    (accelerate's hooks), and probes other than the torch one; call ``model.eval()`` before serving those.
 
     Args:
         detector: a calibrated :class:`ConsistencyDetector`.

@@ -15,6 +15,7 @@ __all__ = [
     "ShapeMismatchError",
     "NonFiniteError",
     "SaveFormatError",
+    "SaveIntegrityError",
 ]
 
 
@@ -46,6 +47,11 @@ class NonFiniteError(LibnetError, ValueError):
 
 class SaveFormatError(LibnetError, ValueError):
     """A saved file is missing, corrupted, truncated, or from an incompatible version."""
+
+
+class SaveIntegrityError(SaveFormatError):
+    """A file loaded with a key is unsigned, or its signature does not verify with that key (edited, or signed
+    with another key)."""
 
 
 class LibraryTooLargeWarning(UserWarning):

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ._validate import check_float_dtype, check_int, dtype_name
-from .errors import NotFittedError, ShapeMismatchError
+from .errors import NotFittedError, SaveFormatError, ShapeMismatchError
 
 __all__ = ["leader_within", "Library", "NodeLibrary", "ExactLibrary", "leader_reference", "normalize_rows", "validate_threshold", "EPS",
            "count_sketch_map", "count_sketch", "ChunkScores"]
@@ -231,6 +231,10 @@ class NodeLibrary(Library, Protocol):
     def nodes(self) -> Tensor: ...
 
     def transform(self, haps: Tensor) -> Tensor: ...
+
+
+#: integer dtypes a saved library's node indices may have
+_INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 class ExactLibrary:
@@ -559,8 +563,32 @@ class ExactLibrary:
         """Tensors to save: the nodes and their training indices."""
         return {"nodes": self.nodes.contiguous(), "node_indices": self.node_indices.contiguous()}
 
+    def _stored_width(self) -> int | None:
+        """Width of the stored nodes: ``dim`` here (the sub-vector or projection width in subclasses)."""
+        return self.dim
+
+    def _check_state(self, state: dict[str, Tensor]) -> None:
+        """Refuse (:class:`SaveFormatError`) saved nodes whose shape or dtype do not fit this library's settings."""
+        nodes, indices = state["nodes"], state["node_indices"]
+        width = self._stored_width()
+        problem = None
+        if not nodes.is_floating_point() or nodes.dim() != 2:
+            problem = f"its nodes are {nodes.dtype} of shape {list(nodes.shape)}, expected floating point [M, D]"
+        elif width is not None and nodes.shape[1] != width:
+            problem = f"its nodes have {nodes.shape[1]} features, its settings say {width}"
+        elif indices.dim() != 1 or indices.shape[0] != nodes.shape[0] or indices.dtype not in _INDEX_DTYPES:
+            problem = (f"its node indices are {indices.dtype} of shape {list(indices.shape)}, expected integers "
+                       f"[{nodes.shape[0]}]")
+        elif indices.numel() and int(indices.min()) < 0:
+            problem = "its node indices are negative"
+        if problem is not None:
+            raise SaveFormatError(f"the saved library of layer {self.layer!r} is inconsistent: {problem} "
+                                  "(modified or corrupted)")
+
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        """Restore nodes saved by :meth:`state_dict` (replaces the current content)."""
+        """Restore nodes saved by :meth:`state_dict` (replaces the current content); their shapes and dtypes
+        are checked against the library's settings first (:class:`SaveFormatError`)."""
+        self._check_state(state)
         nodes = state["nodes"].to(self.device, self.dtype)
         self._nodes = nodes.clone()
         self._indices = state["node_indices"].to("cpu", torch.long).clone()

@@ -15,7 +15,7 @@ from torch import Tensor
 from ._batches import MultiInput, collect, is_one_shot, iter_batches, n_rows, per_input_shape, progress_bar
 from ._validate import check_int, check_layers
 from ._version import __version__
-from .errors import LibraryTooLargeWarning, NotFittedError, ShapeMismatchError
+from .errors import LibnetError, LibraryTooLargeWarning, NotFittedError, ShapeMismatchError
 from .library import NodeLibrary, validate_threshold
 from .metrics import ConfusionAccumulator, agreement_counts, cpl
 from .plugins import make_library, make_probe, make_readout
@@ -64,12 +64,71 @@ class StreamFit:
     same_haps: bool = False
 
 
+def _check_saved_settings(cfg: Any) -> None:
+    """The types and required entries of a saved network's settings (else :class:`SaveFormatError`, naming the
+    entry), checked before anything is built from them."""
+    from .errors import SaveFormatError
+
+    def bad(entry: str, want: str, value: Any) -> SaveFormatError:
+        return SaveFormatError(f"the saved network settings are malformed: {entry} should be {want}, got "
+                               f"{type(value).__name__} {str(value)[:80]!r} (modified or corrupted)")
+
+    def count(v: Any, minimum: int) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= minimum
+
+    if not isinstance(cfg, Mapping):
+        raise bad("the settings", "a JSON object", cfg)
+    for entry in ("layers", "thresholds", "top_k", "library", "library_options", "readout", "readout_options",
+                  "batch_size", "n_classes", "n_train", "input_shape", "library_configs", "readout_configs"):
+        if entry not in cfg:
+            raise SaveFormatError(f"saved network settings lack the entry {entry!r}")
+    layers = cfg["layers"]
+    if (not isinstance(layers, list) or not layers or not all(isinstance(l, str) for l in layers)
+            or len(set(layers)) != len(layers)):
+        raise bad("'layers'", "a list of distinct layer names", layers)
+    for entry, minimum in (("top_k", 1), ("batch_size", 1), ("n_classes", 2), ("n_train", 1)):
+        if not count(cfg[entry], minimum):
+            raise bad(repr(entry), f"an integer >= {minimum}", cfg[entry])
+    for entry in ("library", "readout"):
+        if not isinstance(cfg[entry], str):
+            raise bad(repr(entry), "a name", cfg[entry])
+    for entry in ("library_options", "readout_options"):
+        if not isinstance(cfg[entry], Mapping):
+            raise bad(repr(entry), "a JSON object", cfg[entry])
+    for entry in ("auto_thresholds", "probe", "batch_dims"):
+        if cfg.get(entry) is not None and not isinstance(cfg[entry], Mapping):
+            raise bad(repr(entry), "a JSON object or null", cfg[entry])
+    shape = cfg["input_shape"]
+    if shape is not None and not (isinstance(shape, list) and all(count(d, 0) for d in shape)):
+        raise bad("'input_shape'", "a list of sizes or null", shape)
+    thetas = cfg["thresholds"]
+    for entry in ("thresholds", "library_configs", "readout_configs"):
+        value = cfg[entry]
+        if not isinstance(value, Mapping):
+            raise bad(repr(entry), "a JSON object with one entry per layer", value)
+        missing = [l for l in layers if l not in value]
+        if missing:
+            raise SaveFormatError(f"the saved network settings are malformed: {entry!r} has no entry for the "
+                                  f"layer(s) {missing[:5]} (modified or corrupted)")
+    for l in layers:
+        if isinstance(thetas[l], bool) or not isinstance(thetas[l], (int, float)):
+            raise bad(f"the threshold of layer {l!r}", "a number", thetas[l])
+        for entry in ("library_configs", "readout_configs"):
+            if not isinstance(cfg[entry][l], Mapping):
+                raise bad(f"{entry!r} of layer {l!r}", "a JSON object", cfg[entry][l])
+
+
 def _check_loaded(layer: str, lib: Any, readout: Any, n_classes: int) -> None:
     """A loaded library and readout agree with each other and hold finite values (else SaveFormatError)."""
     from .errors import SaveFormatError
 
     problem = None
-    if isinstance(lib, NodeLibrary) and lib.size and not bool(torch.isfinite(lib.nodes).all()):
+    dim = getattr(lib, "dim", None)
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        problem = f"its library settings give no layer width (dim {dim!r})"
+    elif lib.size < 1:
+        problem = "its library has no nodes (a fitted library stores at least its first input)"
+    elif isinstance(lib, NodeLibrary) and not bool(torch.isfinite(lib.nodes).all()):
         problem = "its library nodes hold NaN or infinity"
     elif isinstance(readout, WeightedReadout):
         w = readout.weight
@@ -745,16 +804,18 @@ class LibraryNetwork:
             out.update({f"readout/{i}/{k}": v for k, v in self.readouts_[l].state_dict().items()})
         return out
 
-    def save(self, path: str | os.PathLike) -> None:
+    def save(self, path: str | os.PathLike, *, key: bytes | str | None = None) -> None:
         """Save the fitted network to one safetensors file (settings as JSON metadata), atomically.
 
-        The model itself is not saved; pass it again to :meth:`load`.
+        The model itself is not saved; pass it again to :meth:`load`. With ``key`` (bytes or str) the file
+        is signed (HMAC-SHA256 over its settings and tensor digests): ``load(path, model, key=key)`` then
+        refuses any edit made without the key.
         """
-        save_atomic(path, self.state_tensors(), kind="LibraryNetwork", config=self.config())
+        save_atomic(path, self.state_tensors(), kind="LibraryNetwork", config=self.config(), key=key)
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: Any, *, map_location: Any = None, device: Any = None,
-             plugin_manager: pluggy.PluginManager | None = None) -> LibraryNetwork:
+             plugin_manager: pluggy.PluginManager | None = None, key: bytes | str | None = None) -> LibraryNetwork:
         """Load a network saved by :meth:`save` onto ``model`` (a torch model, or an ONNX model with the
         ONNX adapter; layers are matched by name).
 
@@ -762,8 +823,11 @@ class LibraryNetwork:
             path: the saved file.
             model: the model the libraries were built from (or an equivalent export of it).
             map_location / device: where to put the libraries (e.g. ``"cpu"`` for a file saved on GPU).
+            key: the key the file was signed with (``save(path, key=...)``): a file that is unsigned or
+                does not verify is refused (:class:`~libnet_plugin.errors.SaveIntegrityError`). Without
+                it, a signed file is checked against its digests only.
         """
-        tensors, cfg = load_checked(path, kind="LibraryNetwork")
+        tensors, cfg = load_checked(path, kind="LibraryNetwork", key=key)
         return cls.from_state(tensors, cfg, model, device=device if device is not None else map_location,
                                plugin_manager=plugin_manager)
 
@@ -773,31 +837,45 @@ class LibraryNetwork:
         """Rebuild a fitted network from saved tensors and :meth:`config` settings, onto ``model``."""
         from .errors import SaveFormatError
 
+        _check_saved_settings(cfg)
+        # files written before thresholds_ existed hold only the fitted thetas: they stand for the hyperparameter
+        settings = dict(thresholds=cfg.get("thresholds_param", cfg["thresholds"]), top_k=cfg["top_k"],
+                        auto_thresholds=cfg.get("auto_thresholds"), library=cfg["library"],
+                        library_options=cfg["library_options"], readout=cfg["readout"],
+                        readout_options=cfg["readout_options"], batch_size=cfg["batch_size"],
+                        batch_dims=cfg.get("batch_dims"))
+        layers, lib_cfgs, ro_cfgs = cfg["layers"], cfg["library_configs"], cfg["readout_configs"]
         try:
-            # files written before thresholds_ existed hold only the fitted thetas: they stand for the hyperparameter
-            settings = dict(thresholds=cfg.get("thresholds_param", cfg["thresholds"]), top_k=cfg["top_k"],
-                            auto_thresholds=cfg.get("auto_thresholds"), library=cfg["library"],
-                            library_options=cfg["library_options"], readout=cfg["readout"],
-                            readout_options=cfg["readout_options"], batch_size=cfg["batch_size"],
-                            batch_dims=cfg.get("batch_dims"))
-            layers, lib_cfgs, ro_cfgs = cfg["layers"], cfg["library_configs"], cfg["readout_configs"]
-        except KeyError as exc:
-            raise SaveFormatError(f"saved network settings lack the entry {exc}") from exc
-        net = cls(model, layers, device=device, plugin_manager=plugin_manager, **settings)
+            net = cls(model, layers, device=device, plugin_manager=plugin_manager, **settings)
+        except LibnetError:
+            raise  # e.g. LayerNotFoundError: the model given lacks a saved layer
+        except (TypeError, ValueError) as exc:
+            raise SaveFormatError(f"the saved network settings are not valid: {exc}") from exc
         if cfg.get("probe") and isinstance(net.probe, ConfigurableProbe):
-            net.probe.restore(cfg["probe"])
+            try:
+                net.probe.restore(cfg["probe"])
+            except LibnetError:
+                raise
+            except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
+                raise SaveFormatError(f"the saved probe settings are malformed (modified or corrupted): {exc!r}") from exc
         libraries, readouts = {}, {}
         for i, l in enumerate(net.layers):
             lc = {k: v for k, v in lib_cfgs[l].items() if k not in ("name", "threshold")}
             rc = {k: v for k, v in ro_cfgs[l].items() if k not in ("name", "n_classes")}
-            lib = net.new_library(l, float(cfg["thresholds"][l]), **lc)
-            ro = net._new_readout(cfg["n_classes"], **rc)
-            for obj, prefix in ((lib, f"library/{i}/"), (ro, f"readout/{i}/")):
-                part = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-                try:
-                    obj.load_state_dict(part)
-                except KeyError as exc:
-                    raise SaveFormatError(f"saved network lacks the tensor {prefix}{exc.args[0]} of layer {l!r}") from exc
+            try:
+                lib = net.new_library(l, float(cfg["thresholds"][l]), **lc)
+                ro = net._new_readout(cfg["n_classes"], **rc)
+                for obj, prefix in ((lib, f"library/{i}/"), (ro, f"readout/{i}/")):
+                    part = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+                    try:
+                        obj.load_state_dict(part)
+                    except KeyError as exc:
+                        raise SaveFormatError(f"saved network lacks the tensor {prefix}{exc.args[0]} of layer {l!r}") from exc
+            except SaveFormatError:
+                raise
+            except (LibnetError, TypeError, ValueError, IndexError, RuntimeError, OverflowError) as exc:
+                raise SaveFormatError(f"the saved library or readout of layer {l!r} does not fit its settings "
+                                      f"(modified or corrupted): {exc}") from exc
             _check_loaded(l, lib, ro, int(cfg["n_classes"]))
             libraries[l], readouts[l] = lib, ro
         return net.adopt_fitted(libraries, readouts, n_classes=cfg["n_classes"], n_train=cfg["n_train"],

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
+import itertools
 import json
 import os
+import re
 import tempfile
 import threading
 import time
@@ -16,13 +19,18 @@ import torch
 from torch import Tensor
 
 from ._validate import dtype_name
-from .errors import SaveFormatError
+from .errors import SaveFormatError, SaveIntegrityError
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "save_atomic", "load_checked", "atomic_write_bytes", "current_umask"]
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "SIGNATURE_ALGORITHM", "save_atomic", "load_checked", "atomic_write_bytes",
+           "current_umask", "parse_json"]
 
 FORMAT_NAME = "libnet-plugin"
 #: Bumped whenever a saved file's layout changes; a file of another version is refused with a clear error.
 FORMAT_VERSION = 1
+#: How a file saved with ``key=`` is signed: an HMAC-SHA256 over its whole header but the signature.
+SIGNATURE_ALGORITHM = "hmac-sha256"
+#: Deepest nesting of ``[`` / ``{`` accepted in a saved file's JSON metadata (the settings need fewer than 10).
+MAX_JSON_DEPTH = 64
 
 
 _UMASK_LOCK = threading.Lock()
@@ -102,14 +110,73 @@ def _digests(kind: str, config_json: str, tensors: dict[str, Tensor]) -> dict[st
             "tensors": {k: _tensor_digest(v) for k, v in sorted(tensors.items())}}
 
 
-def save_atomic(path: str | os.PathLike, tensors: dict[str, Tensor], kind: str, config: dict[str, Any]) -> Path:
+def _key_bytes(key: Any) -> bytes:
+    """The HMAC key as bytes: ``bytes`` as given, ``str`` encoded as UTF-8; never empty."""
+    if isinstance(key, str):
+        key = key.encode("utf-8")
+    elif isinstance(key, (bytes, bytearray, memoryview)):
+        key = bytes(key)
+    else:
+        raise TypeError(f"key must be bytes or str (for example os.environ['LIBNET_KEY']), got {type(key).__name__}")
+    if not key:
+        raise ValueError("key must not be empty: an empty key signs nothing")
+    return key
+
+
+def _signature(metadata: dict[str, str], key: bytes) -> str:
+    """HMAC-SHA256 (hex) of every metadata entry but the signature: format, version, kind, settings and digests.
+
+    The digests hold the SHA-256 of every tensor (dtype, shape, bytes) and of the kind and settings, so
+    the signature covers the whole file; the tensors themselves are checked against their digests.
+    """
+    body = json.dumps({k: v for k, v in metadata.items() if k != "signature"}, sort_keys=True)
+    return hmac.new(key, body.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+# linear-time passes (no backtracking): escapes out, then strings out, then everything but brackets out
+_JSON_ESCAPE = re.compile(r"\\.", re.S)
+_JSON_STRING = re.compile(r'"[^"]*"')
+_JSON_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_JSON_DEPTH = {"[": 1, "{": 1, "]": -1, "}": -1}
+
+
+def parse_json(text: Any, what: str, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """``json.loads`` of a saved file's metadata entry, refusing (:class:`SaveFormatError`) text that is not
+    a string, not JSON, or nested deeper than ``max_depth`` (checked before parsing, so a file of 200,000
+    nested brackets costs one scan, never a RecursionError).
+
+    Example:
+        >>> parse_json('{"a": [1, 2]}', "the settings")
+        {'a': [1, 2]}
+        >>> parse_json("[" * 100 + "]" * 100, "the digests")
+        Traceback (most recent call last):
+        ...
+        libnet_plugin.errors.SaveFormatError: the digests are nested deeper than 64 levels (modified or corrupted)
+    """
+    if not isinstance(text, str):
+        raise SaveFormatError(f"{what} are not text (got {type(text).__name__})")
+    brackets = _JSON_NOT_BRACKET.sub("", _JSON_STRING.sub("", _JSON_ESCAPE.sub("", text)))
+    if brackets and max(itertools.accumulate(map(_JSON_DEPTH.__getitem__, brackets))) > max_depth:
+        raise SaveFormatError(f"{what} are nested deeper than {max_depth} levels (modified or corrupted)")
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        raise SaveFormatError(f"{what} are not readable JSON ({exc})") from exc
+
+
+def save_atomic(path: str | os.PathLike, tensors: dict[str, Tensor], kind: str, config: dict[str, Any], *,
+                key: bytes | str | None = None) -> Path:
     """Save ``tensors`` (safetensors) with ``config`` (JSON) and the format version, atomically.
 
     The file also carries SHA-256 digests of its settings and of every tensor (dtype, shape, bytes), which
-    :func:`load_checked` verifies: a file modified or corrupted after it was written is refused.
+    :func:`load_checked` verifies: a file corrupted, truncated or accidentally changed after it was written
+    is refused. Whoever can write the file can recompute those digests, though; with ``key`` (bytes or a
+    str) the file is also signed (HMAC-SHA256 over its header, digests included), and
+    ``load_checked(..., key=key)`` refuses any file that was edited without the key.
     """
     from safetensors.torch import save
 
+    secret = None if key is None else _key_bytes(key)
     cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     config_json = json.dumps(config, sort_keys=True, default=_json_default)
     metadata = {
@@ -119,6 +186,9 @@ def save_atomic(path: str | os.PathLike, tensors: dict[str, Tensor], kind: str, 
         "config": config_json,
         "digests": json.dumps(_digests(kind, config_json, cpu), sort_keys=True),
     }
+    if secret is not None:
+        metadata["signature"] = json.dumps({"algorithm": SIGNATURE_ALGORITHM, "value": _signature(metadata, secret)},
+                                           sort_keys=True)
     data = save(cpu, metadata=metadata)
     return atomic_write_bytes(path, data)
 
@@ -130,33 +200,60 @@ def _check_digests(path: Path, kind: str, metadata: dict[str, str], tensors: dic
                       UserWarning, stacklevel=3)
         return
     where = f"{str(path)!r} was modified or corrupted after it was saved"
-    try:
-        saved = json.loads(metadata["digests"])
-        want = _digests(kind, metadata["config"], tensors)
-        if saved.get("algorithm") != "sha256":
-            raise SaveFormatError(f"{where}: unknown digest algorithm {saved.get('algorithm')!r}")
-    except (json.JSONDecodeError, AttributeError, TypeError) as exc:
-        raise SaveFormatError(f"{where}: its digests are unreadable ({exc})") from exc
+    saved = parse_json(metadata["digests"], f"the digests of {str(path)!r}", max_depth=2)
+    if not isinstance(saved, dict):
+        raise SaveFormatError(f"{where}: its digests are not a JSON object")
+    if saved.get("algorithm") != "sha256":
+        raise SaveFormatError(f"{where}: unknown digest algorithm {saved.get('algorithm')!r}")
+    want = _digests(kind, metadata["config"], tensors)
     if saved.get("settings") != want["settings"]:
         raise SaveFormatError(f"{where}: its settings (or kind) differ from those it was saved with")
     got = saved.get("tensors")
     if not isinstance(got, dict) or set(got) != set(want["tensors"]):
-        names = sorted(set(got or {}) ^ set(want["tensors"]))
+        names = sorted(set(got if isinstance(got, dict) else {}) ^ set(want["tensors"]))
         raise SaveFormatError(f"{where}: tensors were added or removed ({names[:5]})")
     changed = [k for k, d in want["tensors"].items() if got[k] != d]
     if changed:
         raise SaveFormatError(f"{where}: the data, dtype or shape of the tensor(s) {changed[:5]} changed")
 
 
-def load_checked(path: str | os.PathLike, kind: str, map_location: Any = None) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def _check_signature(path: Path, metadata: dict[str, str], key: bytes) -> None:
+    """Refuse (:class:`SaveIntegrityError`) a file that is unsigned, or whose signature ``key`` does not verify."""
+    if "signature" not in metadata:
+        raise SaveIntegrityError(f"{str(path)!r} is not signed, but a key was given: it was saved without key= (or "
+                                 "its signature was removed); refusing it. Save it again with key=... to sign it")
+    sig = parse_json(metadata["signature"], f"the signature of {str(path)!r}", max_depth=1)
+    if not isinstance(sig, dict) or sig.get("algorithm") != SIGNATURE_ALGORITHM or not isinstance(sig.get("value"), str):
+        raise SaveIntegrityError(f"{str(path)!r} carries a signature this version cannot check (expected "
+                                 f"{SIGNATURE_ALGORITHM!r}); refusing it")
+    if "digests" not in metadata:
+        raise SaveIntegrityError(f"{str(path)!r} is signed but carries no digests; refusing it")
+    if not hmac.compare_digest(sig["value"], _signature(metadata, key)):
+        raise SaveIntegrityError(f"{str(path)!r} does not verify with the key given: it was edited after it was "
+                                 "signed, or signed with another key; refusing it")
+
+
+def load_checked(path: str | os.PathLike, kind: str, map_location: Any = None, *,
+                 key: bytes | str | None = None) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Load a file written by :func:`save_atomic`; check format, version, kind and digests. Never unpickles.
+
+    With ``key`` the file must carry a signature made with that key (``save_atomic(..., key=key)``): an
+    unsigned file, or one edited after it was signed (even with its digests recomputed), is refused. A
+    signed file loaded without a key is checked against its digests only.
+
+    Returns:
+        ``(tensors, settings)``, the settings a JSON object (``dict``).
 
     Raises:
         SaveFormatError: the file is not a libnet-plugin file, of another format version or kind, or was
-            modified or corrupted after it was saved (a digest differs; the message says what).
+            modified or corrupted after it was saved (a digest differs; the message says what), or its
+            metadata are malformed.
+        SaveIntegrityError: (a ``SaveFormatError``) ``key`` was given and the file is unsigned or does not
+            verify with it.
     """
     from safetensors import safe_open
 
+    secret = None if key is None else _key_bytes(key)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no saved file at {str(path)!r}")
@@ -177,11 +274,12 @@ def load_checked(path: str | os.PathLike, kind: str, map_location: Any = None) -
         raise SaveFormatError(f"{str(path)!r} holds a {metadata.get('kind')!r}, expected a {kind!r}")
     if "config" not in metadata:
         raise SaveFormatError(f"{str(path)!r} has no settings")
+    if secret is not None:
+        _check_signature(path, metadata, secret)
     _check_digests(path, kind, metadata, tensors)
-    try:
-        config = json.loads(metadata["config"])
-    except (KeyError, json.JSONDecodeError) as exc:
-        raise SaveFormatError(f"{str(path)!r} has unreadable settings: {exc}") from exc
+    config = parse_json(metadata["config"], f"the settings of {str(path)!r}")
+    if not isinstance(config, dict):
+        raise SaveFormatError(f"the settings of {str(path)!r} are a JSON {type(config).__name__}, expected an object")
     if map_location is not None:
         tensors = {k: v.to(map_location) for k, v in tensors.items()}
     return tensors, config

@@ -45,6 +45,9 @@ __all__ = ["SparseLibrary", "ProjectedLibrary", "PROJECTION_METHODS"]
 
 #: the projections a :class:`ProjectedLibrary` offers
 PROJECTION_METHODS = ("gaussian", "hashing")
+#: a projected library built for a known ``dim`` (a loaded one) draws its map at once when it has at most
+#: this many numbers (64 MiB in float32), else at its first batch, once that batch's width confirmed ``dim``
+LOAD_DRAW_ELEMENTS = 1 << 24
 
 
 def _layer_size(value: Any, name: str, layer: str) -> int | None:
@@ -91,10 +94,10 @@ class SparseLibrary(ExactLibrary):
         super().__init__(threshold, **settings)
         self.n_units = _layer_size(n_units, "n_units", self.layer)
         self.seed = int(seed)
+        # drawn at the first batch (after its width was checked against ``dim``), or read from a saved file:
+        # nothing the size of the layer is allocated for a ``dim`` that no activation has confirmed yet
         self.units: Tensor | None = None
         self._units_on: dict[torch.device, Tensor] = {}  # copies of ``units`` on the devices HAPs come from
-        if self.dim is not None:
-            self.units = self._draw_units(self.dim)
 
     def __repr__(self) -> str:
         return (f"SparseLibrary(layer={self.layer!r}, threshold={self.threshold}, n_units={self.n_units}, "
@@ -127,21 +130,38 @@ class SparseLibrary(ExactLibrary):
             raise ShapeMismatchError(f"the sparse library of layer {self.layer!r} has not seen any data yet")
         return {**super().state_dict(), "units": self.units.clone()}
 
+    def _stored_width(self) -> int | None:
+        return None if self.units is None else int(self.units.numel())
+
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        """Restore nodes and units saved by :meth:`state_dict`."""
+        """Restore nodes and units saved by :meth:`state_dict`.
+
+        The saved units are checked against the settings (``n_units``, ``dim``) before anything is
+        allocated: one or more distinct sorted integer units below ``dim``, ``min(n_units, dim)`` of them,
+        as many as the nodes have features.
+        """
         if "units" not in state:
             raise SaveFormatError(f"the saved sparse library of layer {self.layer!r} has no 'units' entry")
-        units = state["units"].to("cpu", torch.long)
+        raw = state["units"]
         want = self.n_units if self.n_units is not None else self.dim
-        if self.dim is not None:
-            size_ok = units.numel() == (self.dim if want is None else min(want, self.dim))
+        if raw.dim() != 1 or raw.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8) or raw.numel() == 0:
+            size_ok = False
+        elif self.dim is not None:
+            size_ok = raw.numel() == (self.dim if want is None else min(want, self.dim))
         else:
-            size_ok = want is None or units.numel() <= want
-        if (units.dim() != 1 or not size_ok or units.numel() == 0 or int(units.min()) < 0
-                or (self.dim is not None and int(units.max()) >= self.dim)):
+            size_ok = want is None or raw.numel() <= want
+        units = raw.to("cpu", torch.long) if size_ok else raw
+        if (not size_ok or int(units.min()) < 0 or (self.dim is not None and int(units.max()) >= self.dim)
+                or bool((units[1:] <= units[:-1]).any())):
             raise SaveFormatError(f"the saved units of the sparse library of layer {self.layer!r} do not fit "
-                                  f"n_units={self.n_units} and {self.dim} features (shape {tuple(units.shape)})")
-        super().load_state_dict(state)
+                                  f"n_units={self.n_units} and {self.dim} features ({raw.dtype} of shape "
+                                  f"{tuple(raw.shape)}; expected distinct sorted unit indices)")
+        self.units = units
+        try:
+            super().load_state_dict(state)
+        except BaseException:
+            self.units = None
+            raise
         self.units = units.clone()
         self._units_on = {}
 
@@ -187,12 +207,21 @@ class ProjectedLibrary(ExactLibrary):
         self.projection_digest = projection_digest
         self._projection: Tensor | tuple[Tensor, Tensor] | None = None
         self._identity = False
-        if self.dim is not None:
+        # a map of at most LOAD_DRAW_ELEMENTS numbers is drawn now for a given ``dim`` (a loaded library
+        # checks its digest at load); a larger one at the first batch, once its width has confirmed ``dim``:
+        # a ``dim`` read from a file that no activation has confirmed never costs ``dim * n_components``
+        if self.dim is not None and self._draw_size(self.dim) <= LOAD_DRAW_ELEMENTS:
             self._draw(self.dim)
 
     def __repr__(self) -> str:
         return (f"ProjectedLibrary(layer={self.layer!r}, threshold={self.threshold}, n_components="
                 f"{self.n_components}, method={self.method!r}, seed={self.seed}, size={self.size})")
+
+    def _draw_size(self, dim: int) -> int:
+        """Numbers the map for ``dim`` features holds (0 when the layer is used whole)."""
+        if self.n_components is None or self.n_components >= dim:
+            return 0
+        return dim * self.n_components if self.method == "gaussian" else 2 * dim
 
     def _draw(self, dim: int) -> None:
         self._identity = self.n_components is None or self.n_components >= dim
@@ -242,6 +271,11 @@ class ProjectedLibrary(ExactLibrary):
         if isinstance(self._projection, Tensor):
             return x @ self._projection
         return count_sketch(x, self._projection, self.n_components)
+
+    def _stored_width(self) -> int | None:
+        if self.dim is None:
+            return None
+        return self.dim if self.n_components is None else min(self.n_components, self.dim)
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "n_components": self.n_components, "seed": self.seed, "method": self.method,

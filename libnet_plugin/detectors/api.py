@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from .._batches import MultiInput
-from ..errors import NotFittedError
+from ..errors import NotFittedError, SaveFormatError
 from ..probe import LayerProbe, ProbeResult
 from ._features import check_layers, layer_state
 from .conformal import ConformalFusion, fisher
@@ -318,3 +318,15 @@ class FusedLayerScore(ConsistencyScore):
         self.fusion = ConformalFusion()
         self.fusion.load_state_dict(layer_state("fusion/", state), device=net.device)
         self._load_state(state, net)
+        ref = state.get("fusion/reference")
+        if ref is not None:  # the clean reference must be what set_reference stores: [N, F] sorted per feature
+            try:
+                n_features = len(self.feature_names())
+            except NotImplementedError:
+                n_features = None
+            if (not ref.is_floating_point() or ref.dim() != 2 or ref.shape[0] < 1
+                    or (n_features is not None and ref.shape[1] != n_features)
+                    or bool((ref[1:] < ref[:-1]).any())):
+                raise SaveFormatError(f"the saved clean reference of the {self.name!r} detector is {ref.dtype} of shape "
+                                      f"{list(ref.shape)}, expected sorted scores [N, {n_features}] of the layers "
+                                      f"{self.layers_} (modified or corrupted)")

@@ -11,7 +11,7 @@ from torch import Tensor
 from .._batches import iter_batches, n_rows
 from .._validate import check_int
 from ..distributed import gather_all, world
-from ..errors import NotFittedError, ShapeMismatchError
+from ..errors import NotFittedError, SaveFormatError, ShapeMismatchError
 from ..library import normalize_rows
 from ..probe import ProbeResult
 from ._features import (
@@ -124,3 +124,9 @@ class DeepKNNScore(ConsistencyScore):
         self.train_ = {l: require_tensor(state, f"layer/{i}/train", self.name).float().to(net.device)
                        for i, l in enumerate(self.layers_)}
         self.train_labels_ = require_tensor(state, "labels", self.name).long().to(net.device)
+        dims = getattr(net, "hap_dims_", {})
+        for l, bank in self.train_.items():  # checked at load, not at the first score
+            if bank.dim() != 2 or bank.shape[1] != dims.get(l, bank.shape[1]) or bank.shape[0] != self.train_labels_.shape[0]:
+                raise SaveFormatError(f"the saved training activations of layer {l!r} of the {self.name!r} detector have "
+                                      f"shape {list(bank.shape)}, expected [{self.train_labels_.shape[0]}, {dims.get(l)}] "
+                                      "(modified or corrupted)")

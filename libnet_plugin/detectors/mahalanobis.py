@@ -12,7 +12,7 @@ from torch import Tensor
 from .._batches import iter_batches, n_rows
 from .._validate import check_int
 from ..distributed import sum_over_ranks
-from ..errors import NotFittedError, ShapeMismatchError
+from ..errors import NotFittedError, SaveFormatError, ShapeMismatchError
 from ..probe import ProbeResult
 from ._features import (
     check_pool,
@@ -152,9 +152,22 @@ class MahalanobisScore(FusedLayerScore):
         return out
 
     def load_state_dict(self, state: Mapping[str, Tensor], net: FittedNetwork, config: Mapping[str, Any]) -> None:
-        self.channels_ = {str(k): int(v) for k, v in (config.get("channels_") or {}).items()}
-        self.dims_ = {str(k): int(v) for k, v in (config.get("dims_") or {}).items()}
+        saved = {key: config.get(key) or {} for key in ("channels_", "dims_")}
+        if not all(isinstance(v, Mapping) for v in saved.values()):
+            raise SaveFormatError("the saved channels_ and dims_ of the 'mahalanobis' detector are not JSON objects "
+                                  "(modified or corrupted)")
+        self.channels_ = {str(k): int(v) for k, v in saved["channels_"].items()}
+        self.dims_ = {str(k): int(v) for k, v in saved["dims_"].items()}
         super().load_state_dict(state, net, config)
+        hap_dims = getattr(net, "hap_dims_", {})
+        for l in self.fitted_layers():  # the feature size each layer's activations give, checked at load
+            c, dim = self.channels_.get(l), hap_dims.get(l)
+            if dim is None:
+                continue
+            want = c if c and dim % c == 0 and dim > c else min(dim, self.max_dim)
+            if c is None or c < 0 or (c and c != want) or self.dims_.get(l) != want:
+                raise SaveFormatError(f"the saved feature size {self.dims_.get(l)} (channels {c}) of layer {l!r} of the "
+                                      f"'mahalanobis' detector does not fit its {dim} activations (modified or corrupted)")
 
     def _load_state(self, state: Mapping[str, Tensor], net: FittedNetwork) -> None:
         self._proj = {}
@@ -162,3 +175,9 @@ class MahalanobisScore(FusedLayerScore):
             self.means_[l] = require_tensor(state, f"layer/{i}/means", self.name).double().to(net.device)
             self.precision_[l] = require_tensor(state, f"layer/{i}/precision", self.name).double().to(net.device)
             self.class_present_[l] = require_tensor(state, f"layer/{i}/present", self.name).bool().to(net.device)
+            d = self.dims_.get(l)
+            m, p, c = self.means_[l], self.precision_[l], self.class_present_[l]
+            if d is None or m.dim() != 2 or m.shape[1] != d or tuple(p.shape) != (d, d) or tuple(c.shape) != (m.shape[0],):
+                raise SaveFormatError(f"the saved class means {list(m.shape)}, precision {list(p.shape)} and classes "
+                                      f"{list(c.shape)} of layer {l!r} of the 'mahalanobis' detector do not fit its "
+                                      f"feature size {d} (modified or corrupted)")

@@ -225,8 +225,10 @@ def check_pgd_backends(model: torch.nn.Module, x_pixels: Tensor, y: Tensor, *, e
 
 _ATTACKS_KIND = "AttackSets"
 
-def save_attack_sets(path: str | os.PathLike, sets: Sequence[AttackSet], metadata: Mapping[str, Any]) -> Path:
-    """Write attack sets to one safetensors file, atomically (the ``--attacks-file`` format).
+def save_attack_sets(path: str | os.PathLike, sets: Sequence[AttackSet], metadata: Mapping[str, Any], *,
+                     key: bytes | str | None = None) -> Path:
+    """Write attack sets to one safetensors file, atomically (the ``--attacks-file`` format); signed when
+    ``key`` is given (see :func:`~libnet_plugin.serialization.save_atomic`).
 
     Tensors are named ``<protocol>/<epsilon>/x_adv`` and ``<protocol>/<epsilon>/indices``; the JSON
     settings hold the list of sets (protocol, epsilon, space) and ``metadata`` (data settings, seeds,
@@ -235,25 +237,26 @@ def save_attack_sets(path: str | os.PathLike, sets: Sequence[AttackSet], metadat
     tensors: dict[str, Tensor] = {}
     entries = []
     for s in sets:
-        key = f"{s.protocol}/{s.epsilon:g}"
-        if f"{key}/x_adv" in tensors:
+        name = f"{s.protocol}/{s.epsilon:g}"
+        if f"{name}/x_adv" in tensors:
             raise ValueError(f"two attack sets for protocol {s.protocol!r} at epsilon {s.epsilon}")
-        tensors[f"{key}/x_adv"] = s.x_adv.float().clone()  # own storage: safetensors refuses shared memory
-        tensors[f"{key}/indices"] = s.indices.long().clone()
-        entries.append({"protocol": s.protocol, "epsilon": s.epsilon, "space": s.space, "key": key})
-    return save_atomic(path, tensors, kind=_ATTACKS_KIND, config={"sets": entries, "metadata": dict(metadata)})
+        tensors[f"{name}/x_adv"] = s.x_adv.float().clone()  # own storage: safetensors refuses shared memory
+        tensors[f"{name}/indices"] = s.indices.long().clone()
+        entries.append({"protocol": s.protocol, "epsilon": s.epsilon, "space": s.space, "key": name})
+    return save_atomic(path, tensors, kind=_ATTACKS_KIND, config={"sets": entries, "metadata": dict(metadata)},
+                       key=key)
 
-def load_attack_sets(path: str | os.PathLike) -> tuple[list[AttackSet], dict[str, Any]]:
-    """Read a file written by :func:`save_attack_sets`.
+def load_attack_sets(path: str | os.PathLike, *, key: bytes | str | None = None) -> tuple[list[AttackSet], dict[str, Any]]:
+    """Read a file written by :func:`save_attack_sets` (with ``key``: refused unless signed with it).
 
     Returns:
         ``(sets, metadata)``.
 
     Raises:
         FileNotFoundError: no such file.
-        SaveFormatError: not an attack-sets file, or an entry is missing.
+        SaveFormatError: not an attack-sets file, or an entry is missing or malformed.
     """
-    tensors, cfg = load_checked(path, kind=_ATTACKS_KIND)
+    tensors, cfg = load_checked(path, kind=_ATTACKS_KIND, key=key)
     sets = []
     try:
         for e in cfg["sets"]:
@@ -262,6 +265,8 @@ def load_attack_sets(path: str | os.PathLike) -> tuple[list[AttackSet], dict[str
         metadata = dict(cfg["metadata"])
     except KeyError as exc:
         raise SaveFormatError(f"{str(path)!r}: attack-sets file is missing the entry {exc}") from exc
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise SaveFormatError(f"{str(path)!r}: attack-sets file has a malformed entry ({exc})") from exc
     return sets, metadata
 
 def attacked_evidence(sweep: LibrarySweep, probe: Any, sets: Sequence[AttackSet], requests: Iterable[EvidenceKey],
