@@ -498,7 +498,9 @@ class LibraryNetwork:
             raise ValueError(f"layers must be distinct, got {layers}")
         top_k = check_int(top_k, "top_k")
         batch_size = check_int(batch_size, "batch_size")
-        if not (isinstance(cache_bytes, str) and cache_bytes == "auto"):
+        if isinstance(cache_bytes, str) and cache_bytes != "auto":
+            raise ValueError(f"cache_bytes must be a number of bytes >= 0 or 'auto', got {cache_bytes!r}")
+        if not isinstance(cache_bytes, str):
             cache_bytes = check_int(cache_bytes, "cache_bytes", minimum=0)
         self.model = model
         self.layers = layers
