@@ -162,6 +162,8 @@ class StreamFit:
     same_haps: bool = False
     #: forward passes of the model over ``train`` made here (0: all from ``runs``, 1: HAPs cached, 2: streamed)
     forward_passes: int = 2
+    #: inputs whose HAPs pass 1 kept for pass 2 (a first part of the data when they did not all fit)
+    cached_rows: int = 0
 
 
 def _check_loaded(layer: str, lib: Any, readout: Any, n_classes: int) -> None:
@@ -197,8 +199,9 @@ def stream_fit(probe: Any, train: Any, libraries: Mapping[str, Sequence[Any]], n
 
     Pass 1 runs the model over ``train`` once and feeds every batch of HAPs, in order, to all libraries
     of that layer (``partial_fit``). Pass 2, once the libraries are complete (docs/method.md section 3),
-    accumulates one readout per library from the HAPs kept in pass 1 while they fit ``cache_bytes``,
-    and otherwise from a second forward pass (the cache is dropped as soon as it exceeds the budget).
+    accumulates one readout per library from the HAPs kept in pass 1 while they fit ``cache_bytes``:
+    when those of all batches do not fit, the batches kept up to the budget are read back and the model
+    runs again on the rest only.
     For an exact library with a Hebbian readout, pass 2 sums Eq. 2 over the (input, node) pairs whose
     gain counts only, found from what the library computed in pass 1
     (:class:`~libnet_plugin.readout.HebbianPairPass`).
@@ -231,7 +234,8 @@ def stream_fit(probe: Any, train: Any, libraries: Mapping[str, Sequence[Any]], n
     one_shot = is_one_shot(train) and runs is None
     if cache is None and one_shot:
         raise ValueError(_ONE_SHOT_MESSAGE.format(cache_bytes=cache_bytes))
-    cached_bytes = 0
+    cached_bytes = cached_rows = 0
+    full = False  # the budget was reached: the cache holds the batches before that point
     answers: list[Tensor] = []
     n = 0
     n_classes = None
@@ -267,13 +271,16 @@ def stream_fit(probe: Any, train: Any, libraries: Mapping[str, Sequence[Any]], n
                     lib.partial_fit(res.haps[layer], idx)
         answers.append(res.answers.cpu())
         n += rows
-        if cache is not None:
-            cache.append({l: res.haps[l] for l in layers})
-            cached_bytes += sum(res.haps[l].numel() * res.haps[l].element_size() for l in layers)
-            if runs is None and cached_bytes > cache_bytes:
+        if cache is not None and not full:
+            more = sum(res.haps[l].numel() * res.haps[l].element_size() for l in layers)
+            if runs is None and cached_bytes + more > cache_bytes:
                 if one_shot:  # stop now rather than after a whole wasted pass
                     raise ValueError(_ONE_SHOT_MESSAGE.format(cache_bytes=cache_bytes))
-                cache = None
+                full = True  # the batches kept so far are read back in pass 2, the rest runs the model again
+            else:
+                cache.append({l: res.haps[l] for l in layers})
+                cached_bytes += more
+                cached_rows += rows
     if n == 0 or n_classes is None:
         raise ValueError("fit received no training inputs (empty data)")
     train_answers = torch.cat(answers)
@@ -286,9 +293,14 @@ def stream_fit(probe: Any, train: Any, libraries: Mapping[str, Sequence[Any]], n
     def hap_batches():
         if cache is not None:
             yield from cache
-            return
+            if not full:
+                return
+        skip = len(cache) if cache is not None else 0
         for xb, _ in iter_batches(train, batch_size):
             if n_rows(xb):
+                if skip:  # read from the cache above
+                    skip -= 1
+                    continue
                 yield probe.run(xb).haps
 
     seen = 0
@@ -304,7 +316,8 @@ def stream_fit(probe: Any, train: Any, libraries: Mapping[str, Sequence[Any]], n
         pp.finalize()
     return StreamFit(readouts=readouts, n_train=n, n_classes=n_classes, input_shape=input_shape,
                      answers=train_answers, constant_layers=[l for l in layers if l in constant], same_haps=same,
-                     forward_passes=0 if runs is not None else 1 if cache is not None else 2)
+                     forward_passes=0 if runs is not None else 1 if cache is not None and not full else 2,
+                     cached_rows=n if runs is not None else cached_rows)
 
 
 def _nodes_of_rows(library: Any, before: int, first: int, n: int) -> Tensor:
@@ -454,9 +467,9 @@ class LibraryNetwork:
         batch_size: batch size used when data is given as a Tensor or a Dataset.
         cache_bytes: memory budget (bytes) for keeping the HAPs of the model's forward pass over the
             training data. When the HAPs of all probed layers fit, the model runs **once**: both passes of
-            the fit (and ``thresholds="auto"``'s sample) read them. Otherwise the kept HAPs are dropped as
-            soon as they exceed the budget and the data is streamed twice (three runs of the model with
-            ``thresholds="auto"``: its sample of at most ``sample_size`` inputs first). ``"auto"`` (the
+            the fit (and ``thresholds="auto"``'s sample) read them. Otherwise the data is streamed twice,
+            the second pass running the model only on the inputs after those whose HAPs fit the budget
+            (with ``thresholds="auto"`` the model runs on its sample of ``sample_size`` inputs first). ``"auto"`` (the
             default) is a quarter of the memory available when ``fit`` starts (:func:`default_cache_bytes`);
             ``0`` always streams, holding the libraries plus one batch of HAPs. Not saved; the budget
             used and the passes made are logged (logger ``libnet_plugin.network``) and kept in
@@ -645,7 +658,7 @@ class LibraryNetwork:
             thetas, report = self._resolve_thresholds(self.thresholds, self.layers), None
         libraries = {l: self.new_library(l, thetas[l]) for l in self.layers}
         fitted = stream_fit(self.probe, train, {l: [lib] for l, lib in libraries.items()}, self._new_readout,
-                            batch_size=self.batch_size, cache_bytes=0 if note else budget, progress=progress,
+                            batch_size=self.batch_size, cache_bytes=budget, progress=progress,
                             runs=runs)
         runs = None
         passes += fitted.forward_passes
@@ -657,7 +670,9 @@ class LibraryNetwork:
         self.n_forward_passes_ = passes
         self.cache_bytes_ = budget
         how = ("the HAPs of every probed layer kept" if fitted.forward_passes < 2 else
-               "streamed: the HAPs do not fit" if world() is None else "streamed (distributed)")
+               "streamed (distributed)" if world() is not None else "streamed" if budget == 0 else
+               f"streamed: the HAPs do not fit; the second pass read the first {fitted.cached_rows} inputs' from "
+               f"memory and ran the model on {fitted.n_train - fitted.cached_rows}")
         log.info("fit: %d forward pass%s of the model over the %d training inputs (%s; budget %.1f MB, %s%s)",
                  passes, "" if passes == 1 else "es", self.n_train_, how, budget / 2**20, source, note)
         if fitted.answers.numel() and bool((fitted.answers == fitted.answers[0]).all()):

@@ -93,8 +93,19 @@ def test_haps_over_the_budget_stream_after_one_batch(conv, data):
     batches = list(data.split(BATCH))
     budget = 2 * BATCH * sum(small.hap_dims_.values()) * 4  # two batches fit, the third does not
     listed, rows = _fit(conv, batches, thresholds="auto", auto_thresholds=auto, cache_bytes=budget)
-    assert rows == 3 * BATCH + 120 + 2 * N and listed.n_forward_passes_ == 3
+    # that pass is dropped after three batches; the second streamed pass reads the first two from memory
+    assert rows == 3 * BATCH + 120 + 2 * N - 2 * BATCH and listed.n_forward_passes_ == 3
     _same_fit(listed, ref)
+
+
+def test_the_batches_that_fit_are_not_run_again(conv, data, caplog):
+    ref, _ = _fit(conv, data, thresholds=0.8, cache_bytes=0)
+    budget = 2 * BATCH * sum(ref.hap_dims_.values()) * 4
+    with caplog.at_level(logging.INFO, logger="libnet_plugin.network"):
+        part, rows = _fit(conv, data, thresholds=0.8, cache_bytes=budget)
+    assert rows == 2 * N - 2 * BATCH and part.n_forward_passes_ == 2
+    assert "read the first 128 inputs' from memory and ran the model on 172" in caplog.text
+    _same_fit(part, ref)
 
 
 def test_pass_count_is_logged(conv, data, caplog):
