@@ -43,7 +43,7 @@ from torch import Tensor
 
 from ._batches import MultiInput, is_one_shot, iter_batches, n_rows
 from .distributed import world
-from .library import Library
+from .library import ExactLibrary, Library, leader_within
 from .probe import LayerProbe
 
 __all__ = ["choose_thresholds", "choose_thresholds_from_haps", "reservoir_sample", "reservoir_positions",
@@ -345,6 +345,25 @@ def _check_targets(target: Any, layers: list[str], tol: Any) -> dict[str, Any]:
     return targets
 
 
+#: the bisection takes the leader rule from the sample's Gram matrix (computed once) up to this many inputs
+GRAM_MAX_ROWS = 4096
+
+
+def _sample_gram(new_library: Callable[[str, float], Library], layer: str, h: Tensor) -> np.ndarray | None:
+    """``[S, S]`` cosines among the sample's vectors as an exact library compares them, or ``None`` for a
+    library whose rule is not :class:`~libnet_plugin.library.ExactLibrary`'s (or a sample above
+    :data:`GRAM_MAX_ROWS`): the rule at any theta is then :func:`~libnet_plugin.library.leader_within` of
+    it, one product in all instead of a library built per bisection step. The cosines are those of
+    one product of the normalised rows, as the library's own products give them up to float32 rounding."""
+    lib = new_library(layer, THETA_MAX)
+    kind = type(lib)
+    if not (isinstance(lib, ExactLibrary) and 0 < h.shape[0] <= GRAM_MAX_ROWS and lib.dtype == torch.float32
+            and all(getattr(kind, f) is getattr(ExactLibrary, f) for f in ("partial_fit", "_novel_rows", "transform"))):
+        return None
+    x = lib.transform(h)
+    return (x @ x.T).cpu().numpy()
+
+
 def _choose(haps: dict[str, list[Tensor]], n_total: int, new_library: Callable[[str, float], Library], *,
             layers: list[str], batch_size: int, targets: Mapping[str, Any], tol: float,
             max_iter: int) -> tuple[dict[str, float], dict[str, dict[str, Any]]]:
@@ -355,11 +374,17 @@ def _choose(haps: dict[str, list[Tensor]], n_total: int, new_library: Callable[[
         h = torch.cat(haps[l])
         haps[l] = []  # free the list's references as we go
         want = _target_size(targets[l], n_total, l)
+        gram = _sample_gram(new_library, l, h)
 
-        def size_at(theta: float, l: str = l, h: Tensor = h) -> tuple[float, int]:
-            lib = new_library(l, theta)
-            stored = torch.cat([lib.partial_fit(h[i:i + batch_size], torch.arange(i, min(i + batch_size, h.shape[0]))).cpu()
-                                for i in range(0, h.shape[0], batch_size)])
+        def size_at(theta: float, l: str = l, h: Tensor = h, gram: np.ndarray | None = gram) -> tuple[float, int]:
+            if gram is not None:  # the leader rule on the sample's cosines, computed once for every theta
+                stored = torch.zeros(h.shape[0], dtype=torch.bool)
+                stored[torch.from_numpy(leader_within(gram, theta))] = True
+            else:
+                lib = new_library(l, theta)
+                stored = torch.cat([lib.partial_fit(h[i:i + batch_size],
+                                                    torch.arange(i, min(i + batch_size, h.shape[0]))).cpu()
+                                    for i in range(0, h.shape[0], batch_size)])
             return predicted_library_size(stored, n_total), int(stored.sum())
 
         lo, hi = THETA_MIN, THETA_MAX

@@ -134,3 +134,24 @@ def test_budget_setting(conv, data, monkeypatch, tmp_path):
     assert "cache_bytes" not in net.config()
     back = lnp.LibraryNetwork.load(tmp_path / "net.lnp", conv)
     torch.testing.assert_close(back.predict_scores(data[:8])["3"], net.predict_scores(data[:8])["3"])
+
+
+def test_the_bisection_from_the_gram_matrix_builds_the_same_libraries(conv, data, monkeypatch):
+    from libnet_plugin import thresholds
+
+    auto = {"target": 0.2, "sample_size": 120}
+    fast, _ = _fit(conv, data, thresholds="auto", auto_thresholds=auto)
+    net = lnp.LibraryNetwork(conv, ["1", "3"])
+    for l in ("1", "3"):
+        h = torch.cat([net.run(b).haps[l] for b in data.split(BATCH)])
+        gram = thresholds._sample_gram(net.new_library, l, h)
+        assert gram is not None and gram.shape == (N, N)
+        for theta in (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99):
+            lib = net.new_library(l, theta)
+            lib.partial_fit(h)
+            rule = thresholds.leader_within(gram, theta)
+            assert rule.tolist() == lib.node_indices.tolist(), (l, theta)
+    monkeypatch.setattr(thresholds, "GRAM_MAX_ROWS", 0)  # a library built per bisection step, as before
+    slow, _ = _fit(conv, data, thresholds="auto", auto_thresholds=auto)
+    assert slow.auto_thresholds_report_ == fast.auto_thresholds_report_
+    _same_fit(slow, fast)
