@@ -469,7 +469,8 @@ class LibraryNetwork:
             training data. When the HAPs of all probed layers fit, the model runs **once**: both passes of
             the fit (and ``thresholds="auto"``'s sample) read them. Otherwise the data is streamed twice,
             the second pass running the model only on the inputs after those whose HAPs fit the budget
-            (with ``thresholds="auto"`` the model runs on its sample of ``sample_size`` inputs first). ``"auto"`` (the
+            (with ``thresholds="auto"`` the model runs on its sample of ``sample_size`` inputs first; the
+            pass that tried to keep every HAP is dropped, after one batch for data of a known size). ``"auto"`` (the
             default) is a quarter of the memory available when ``fit`` starts (:func:`default_cache_bytes`);
             ``0`` always streams, holding the libraries plus one batch of HAPs. Not saved; the budget
             used and the passes made are logged (logger ``libnet_plugin.network``) and kept in
