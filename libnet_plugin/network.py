@@ -640,7 +640,7 @@ class LibraryNetwork:
             if runs is None:
                 if is_one_shot(train):
                     raise ValueError(_ONE_SHOT_MESSAGE.format(cache_bytes=budget))
-                note = f"; the HAPs of a first {kept / 2**20:.1f} MB exceeded it, that pass was dropped"
+                note = f"; keeping every HAP would exceed it ({kept / 2**20:.1f} MB kept then): that pass was dropped"
             else:
                 passes = 1
         if self.auto_thresholds is not None and runs is not None:
