@@ -13,7 +13,7 @@ import pluggy
 import torch
 from torch import Tensor
 
-from ._batches import MultiInput, collect, is_one_shot, iter_batches, n_rows, per_input_shape, progress_bar
+from ._batches import MultiInput, collect, is_one_shot, iter_batches, known_rows, n_rows, per_input_shape, progress_bar
 from ._validate import check_int, check_layers
 from ._version import __version__
 from .errors import LibraryTooLargeWarning, NotFittedError, ShapeMismatchError
@@ -79,25 +79,6 @@ def default_cache_bytes(device: Any = "cpu") -> tuple[int, str]:
     return int(CACHE_SHARE * available), f"{CACHE_SHARE:g} of the {available / 2**30:.1f} GiB of memory available"
 
 
-def _known_rows(train: Any) -> int | None:
-    """Inputs in ``train`` when known without iterating it (a Tensor, (X, y), a sized Dataset or its loader)."""
-    from ._batches import _split_data
-
-    try:
-        whole = _split_data(train)
-    except Exception:  # not a whole-data form: the iterable forms below
-        whole = None
-    if whole is not None:
-        return n_rows(whole[0])
-    ds = train.dataset if isinstance(train, torch.utils.data.DataLoader) else train
-    if isinstance(ds, torch.utils.data.Dataset) and not isinstance(ds, torch.utils.data.IterableDataset):
-        try:
-            return len(ds)  # type: ignore[arg-type]
-        except TypeError:
-            return None
-    return None
-
-
 def _hap_bytes(haps: Mapping[str, Tensor]) -> int:
     return sum(h.numel() * h.element_size() for h in haps.values())
 
@@ -114,7 +95,7 @@ def _collect_runs(probe: Any, train: Any, batch_size: int, budget: int,
     """One forward pass over ``train`` whose probe results are all kept while their HAPs fit ``budget``:
     ``(runs, bytes)``, or ``(None, bytes so far)`` as soon as they do not (or, for data of a known size,
     once the first batch shows that they will not)."""
-    total = _known_rows(train)
+    total = known_rows(train)
     runs: list[tuple[Any, ProbeResult]] = []
     kept = 0
     for shape, res in progress_bar(_forward(probe, train, batch_size), "libraries (the one pass)", progress):
