@@ -52,8 +52,8 @@ def run_case(name: str, x: torch.Tensor, theta: float, device: torch.device, *, 
         got["library"] = lib
 
     def fit():
-        got["net"] = LibraryNetwork(model, ["0"], thresholds=theta, device=device, batch_size=batch_size).fit(
-            xn, progress=False)
+        got["net"] = LibraryNetwork(model, ["0"], thresholds=theta, device=device, batch_size=batch_size,
+                                    cache_bytes=0).fit(xn, progress=False)
 
     library()
     nodes = got["library"].nodes.clone()

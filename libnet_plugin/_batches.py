@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["iter_batches", "is_one_shot", "progress_bar", "MultiInput", "as_inputs", "input_tensors", "n_rows", "per_input_shape"]
+__all__ = ["iter_batches", "is_one_shot", "known_rows", "progress_bar", "MultiInput", "as_inputs", "input_tensors", "n_rows", "per_input_shape"]
 
 
 class MultiInput:
@@ -238,6 +238,24 @@ def collect(data: Any, run: Any, fn: Any, batch_size: int) -> Any:
     if isinstance(parts[0], dict):
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     return torch.cat(parts)
+
+
+def known_rows(data: Any) -> int | None:
+    """Inputs in ``data`` when known without iterating it: a Tensor, an ``(X, y)`` pair or dict of whole
+    data, a sized map-style Dataset or a DataLoader over one; ``None`` otherwise."""
+    try:
+        whole = _split_data(data)
+    except Exception:  # not a whole-data form: the iterable forms below
+        whole = None
+    if whole is not None:
+        return n_rows(whole[0])
+    ds = data.dataset if isinstance(data, torch.utils.data.DataLoader) else data
+    if isinstance(ds, torch.utils.data.Dataset) and not isinstance(ds, torch.utils.data.IterableDataset):
+        try:
+            return len(ds)  # type: ignore[arg-type]
+        except TypeError:
+            return None
+    return None
 
 
 def is_one_shot(data: Any) -> bool:

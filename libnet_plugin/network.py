@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -12,7 +13,7 @@ import pluggy
 import torch
 from torch import Tensor
 
-from ._batches import MultiInput, collect, is_one_shot, iter_batches, n_rows, per_input_shape, progress_bar
+from ._batches import MultiInput, collect, is_one_shot, iter_batches, known_rows, n_rows, per_input_shape, progress_bar
 from ._validate import check_int, check_layers
 from ._version import __version__
 from .errors import LibnetError, LibraryTooLargeWarning, NotFittedError, ShapeMismatchError
@@ -23,9 +24,87 @@ from .probe import ConfigurableProbe, ProbeResult
 from .readout import HebbianPairPass, WeightedReadout
 from .serialization import load_checked, save_atomic
 
-__all__ = ["LibraryNetwork", "stream_fit", "StreamFit"]
+__all__ = ["LibraryNetwork", "stream_fit", "StreamFit", "default_cache_bytes"]
 
 ThresholdSpec = float | Mapping[str, float] | str
+
+log = logging.getLogger(__name__)
+
+#: ``cache_bytes="auto"``: this share of the memory available when ``fit`` starts (host memory, or the free
+#: memory of the CUDA device the HAPs live on)
+CACHE_SHARE = 0.25
+#: ``cache_bytes="auto"`` where the available memory cannot be read (no ``/proc/meminfo`` nor ``sysconf``)
+CACHE_FALLBACK_BYTES = 1 << 30
+
+
+def _available_host_memory() -> int | None:
+    """Bytes of host memory available now: ``MemAvailable`` of ``/proc/meminfo`` (Linux), else the free
+    physical pages by ``os.sysconf``; ``None`` when neither can be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        pages, size = os.sysconf("SC_AVPHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+        return int(pages) * int(size) if pages > 0 and size > 0 else None
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def default_cache_bytes(device: Any = "cpu") -> tuple[int, str]:
+    """The budget ``cache_bytes="auto"`` stands for, and where it comes from (for the log).
+
+    :data:`CACHE_SHARE` (a quarter) of the memory available now where the HAPs live: the free memory of a
+    CUDA device, else the host's available memory (``/proc/meminfo``, else ``os.sysconf``); a fixed
+    :data:`CACHE_FALLBACK_BYTES` (1 GiB) where it cannot be read.
+
+    Example:
+        >>> budget, source = default_cache_bytes("cpu")
+        >>> budget > 0
+        True
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        try:
+            free, _ = torch.cuda.mem_get_info(device)
+            return int(CACHE_SHARE * free), f"{CACHE_SHARE:g} of the {free / 2**30:.1f} GiB free on {device}"
+        except (RuntimeError, AssertionError):
+            pass
+    available = _available_host_memory()
+    if available is None:
+        return CACHE_FALLBACK_BYTES, "the fixed default (the available memory could not be read)"
+    return int(CACHE_SHARE * available), f"{CACHE_SHARE:g} of the {available / 2**30:.1f} GiB of memory available"
+
+
+def _hap_bytes(haps: Mapping[str, Tensor]) -> int:
+    return sum(h.numel() * h.element_size() for h in haps.values())
+
+
+def _forward(probe: Any, train: Any, batch_size: int) -> Any:
+    """``(per-input shape, probe result)`` of every non-empty batch of ``train``, in order: one forward pass."""
+    for x, _ in iter_batches(train, batch_size):
+        if n_rows(x):
+            yield per_input_shape(x), probe.run(x)
+
+
+def _collect_runs(probe: Any, train: Any, batch_size: int, budget: int,
+                  progress: bool | None) -> tuple[list[tuple[Any, ProbeResult]] | None, int]:
+    """One forward pass over ``train`` whose probe results are all kept while their HAPs fit ``budget``:
+    ``(runs, bytes)``, or ``(None, bytes so far)`` as soon as they do not (or, for data of a known size,
+    once the first batch shows that they will not)."""
+    total = known_rows(train)
+    runs: list[tuple[Any, ProbeResult]] = []
+    kept = 0
+    for shape, res in progress_bar(_forward(probe, train, batch_size), "libraries (the one pass)", progress):
+        runs.append((shape, res))
+        kept += _hap_bytes(res.haps)
+        rows = sum(r.outputs.shape[0] for _, r in runs)
+        if kept > budget or (total is not None and len(runs) == 1 and kept / rows * total > budget):
+            return None, kept
+    return runs, kept
 
 
 def _resolve_device(device: Any, model: Any) -> torch.device:
@@ -62,6 +141,10 @@ class StreamFit:
     constant_layers: list[str] = field(default_factory=list)
     #: whether every probed layer gave the very same activations for every input (two or more layers)
     same_haps: bool = False
+    #: forward passes of the model over ``train`` made here (0: all from ``runs``, 1: HAPs cached, 2: streamed)
+    forward_passes: int = 2
+    #: inputs whose HAPs pass 1 kept for pass 2 (a first part of the data when they did not all fit)
+    cached_rows: int = 0
 
 
 def _check_saved_settings(cfg: Any) -> None:
@@ -151,13 +234,14 @@ def _check_labels(y: Tensor, n_classes: int) -> None:
 
 def stream_fit(probe: Any, train: Any, libraries: Mapping[str, Sequence[Any]], new_readout: Callable[[int], Any], *,
                batch_size: int = 256, cache_bytes: int = 0, progress: bool | None = None,
-               desc: str = "libraries") -> StreamFit:
+               desc: str = "libraries", runs: Sequence[tuple[Any, ProbeResult]] | None = None) -> StreamFit:
     """The two streaming passes behind :meth:`LibraryNetwork.fit`, for any number of libraries per layer.
 
     Pass 1 runs the model over ``train`` once and feeds every batch of HAPs, in order, to all libraries
     of that layer (``partial_fit``). Pass 2, once the libraries are complete (docs/method.md section 3),
-    accumulates one readout per library from the HAPs kept in pass 1 while they fit ``cache_bytes``,
-    and otherwise from a second forward pass (the cache is dropped as soon as it exceeds the budget).
+    accumulates one readout per library from the HAPs kept in pass 1 while they fit ``cache_bytes``:
+    when those of all batches do not fit, the batches kept up to the budget are read back and the model
+    runs again on the rest only.
     For an exact library with a Hebbian readout, pass 2 sums Eq. 2 over the (input, node) pairs whose
     gain counts only, found from what the library computed in pass 1
     (:class:`~libnet_plugin.readout.HebbianPairPass`).
@@ -169,6 +253,8 @@ def stream_fit(probe: Any, train: Any, libraries: Mapping[str, Sequence[Any]], n
         new_readout: ``new_readout(n_classes)`` returns a fresh readout.
         batch_size / cache_bytes / progress: as for :class:`LibraryNetwork`.
         desc: the progress bars' label.
+        runs: the ``(per-input shape, probe result)`` of every batch of ``train``, already computed (one
+            forward pass kept whole): both passes read them and the model does not run here.
 
     Returns:
         A :class:`StreamFit`.
@@ -184,26 +270,25 @@ def stream_fit(probe: Any, train: Any, libraries: Mapping[str, Sequence[Any]], n
                                        progress=progress, desc=desc)
     layers = list(libraries)
     # keep pass 1's HAPs for pass 2 only within the budget (none at all with the default budget 0)
-    cache: list[dict[str, Tensor]] | None = [] if cache_bytes > 0 else None
-    one_shot = is_one_shot(train)
+    cache: list[dict[str, Tensor]] | None = [] if cache_bytes > 0 or runs is not None else None
+    one_shot = is_one_shot(train) and runs is None
     if cache is None and one_shot:
         raise ValueError(_ONE_SHOT_MESSAGE.format(cache_bytes=cache_bytes))
-    cached_bytes = 0
+    cached_bytes = cached_rows = 0
+    full = False  # the budget was reached: the cache holds the batches before that point
     answers: list[Tensor] = []
     n = 0
     n_classes = None
     input_shape = None
     readouts: dict[str, list[Any]] = {}
     passes: dict[tuple[str, int], HebbianPairPass] = {}  # (layer, library number) -> its pair pass
-    for x, _ in progress_bar(iter_batches(train, batch_size), f"{desc} (pass 1)", progress):
-        if n_rows(x) == 0:
-            continue
-        shape = per_input_shape(x)
+    source = runs if runs is not None else _forward(probe, train, batch_size)
+    for shape, res in progress_bar(source, f"{desc} (pass 1)", progress):
+        rows = int(res.outputs.shape[0])
         if n == 0:
             input_shape = shape
         elif shape != input_shape:
             raise ShapeMismatchError(f"training batch has per-input shape {shape}, earlier batches had {input_shape}")
-        res = probe.run(x)
         n_classes = int(res.outputs.shape[1])
         if n == 0:
             firsts = {l: res.haps[l][:1] for l in layers}
@@ -214,7 +299,7 @@ def stream_fit(probe: Any, train: Any, libraries: Mapping[str, Sequence[Any]], n
         if n == 0:  # the readouts (and the pair passes that record pass 1 for them) from the first batch on
             readouts = {l: [new_readout(n_classes) for _ in libraries[l]] for l in layers}
             passes = _pair_passes(libraries, readouts, record=True)
-        idx = torch.arange(n, n + n_rows(x))
+        idx = torch.arange(n, n + rows)
         for layer in layers:
             for j, lib in enumerate(libraries[layer]):
                 pp = passes.get((layer, j))
@@ -225,14 +310,17 @@ def stream_fit(probe: Any, train: Any, libraries: Mapping[str, Sequence[Any]], n
                 else:
                     lib.partial_fit(res.haps[layer], idx)
         answers.append(res.answers.cpu())
-        n += n_rows(x)
-        if cache is not None:
-            cache.append({l: res.haps[l] for l in layers})
-            cached_bytes += sum(res.haps[l].numel() * res.haps[l].element_size() for l in layers)
-            if cached_bytes > cache_bytes:
+        n += rows
+        if cache is not None and not full:
+            more = sum(res.haps[l].numel() * res.haps[l].element_size() for l in layers)
+            if runs is None and cached_bytes + more > cache_bytes:
                 if one_shot:  # stop now rather than after a whole wasted pass
                     raise ValueError(_ONE_SHOT_MESSAGE.format(cache_bytes=cache_bytes))
-                cache = None
+                full = True  # the batches kept so far are read back in pass 2, the rest runs the model again
+            else:
+                cache.append({l: res.haps[l] for l in layers})
+                cached_bytes += more
+                cached_rows += rows
     if n == 0 or n_classes is None:
         raise ValueError("fit received no training inputs (empty data)")
     train_answers = torch.cat(answers)
@@ -245,9 +333,14 @@ def stream_fit(probe: Any, train: Any, libraries: Mapping[str, Sequence[Any]], n
     def hap_batches():
         if cache is not None:
             yield from cache
-            return
+            if not full:
+                return
+        skip = len(cache) if cache is not None else 0
         for xb, _ in iter_batches(train, batch_size):
             if n_rows(xb):
+                if skip:  # read from the cache above
+                    skip -= 1
+                    continue
                 yield probe.run(xb).haps
 
     seen = 0
@@ -262,7 +355,9 @@ def stream_fit(probe: Any, train: Any, libraries: Mapping[str, Sequence[Any]], n
     for pp in passes.values():
         pp.finalize()
     return StreamFit(readouts=readouts, n_train=n, n_classes=n_classes, input_shape=input_shape,
-                     answers=train_answers, constant_layers=[l for l in layers if l in constant], same_haps=same)
+                     answers=train_answers, constant_layers=[l for l in layers if l in constant], same_haps=same,
+                     forward_passes=0 if runs is not None else 1 if cache is not None and not full else 2,
+                     cached_rows=n if runs is not None else cached_rows)
 
 
 def _nodes_of_rows(library: Any, before: int, first: int, n: int) -> Tensor:
@@ -410,10 +505,16 @@ class LibraryNetwork:
         library_options: extra settings passed to every library (e.g. ``{"n_units": 1024}``).
         readout: readout kind served by the ``libnet_readout`` hook (``"hebbian"``).
         batch_size: batch size used when data is given as a Tensor or a Dataset.
-        cache_bytes: memory budget for keeping the first pass's HAPs for the Hebbian pass. When the
-            HAPs of all layers fit, the model runs once over the training data; otherwise the cache is
-            dropped as soon as it exceeds the budget and the data is streamed a second time. The default
-            0 always streams twice, so fitting holds the libraries plus one batch of HAPs.
+        cache_bytes: memory budget (bytes) for keeping the HAPs of the model's forward pass over the
+            training data. When the HAPs of all probed layers fit, the model runs **once**: both passes of
+            the fit (and ``thresholds="auto"``'s sample) read them. Otherwise the data is streamed twice,
+            the second pass running the model only on the inputs after those whose HAPs fit the budget
+            (with ``thresholds="auto"`` the model runs on its sample of ``sample_size`` inputs first; the
+            pass that tried to keep every HAP is dropped, after one batch for data of a known size). ``"auto"`` (the
+            default) is a quarter of the memory available when ``fit`` starts (:func:`default_cache_bytes`);
+            ``0`` always streams, holding the libraries plus one batch of HAPs. Not saved; the budget
+            used and the passes made are logged (logger ``libnet_plugin.network``) and kept in
+            ``cache_bytes_`` and ``n_forward_passes_``.
         plugin_manager: a ``pluggy.PluginManager`` from :func:`libnet_plugin.get_plugin_manager`
             (default: the process-wide one).
         batch_dims: ``{layer: dim}``, the dimension of a torch layer's output that holds the batch, for a
@@ -439,7 +540,7 @@ class LibraryNetwork:
     def __init__(self, model: Any, layers: Sequence[str] | str, thresholds: ThresholdSpec = 0.7, top_k: int = 3,
                  device: Any = None, *, library: str = "exact", library_options: Mapping[str, Any] | None = None,
                  readout: str = "hebbian", readout_options: Mapping[str, Any] | None = None,
-                 batch_size: int = 256, cache_bytes: int = 0,
+                 batch_size: int = 256, cache_bytes: int | str = "auto",
                  auto_thresholds: Mapping[str, Any] | None = None,
                  plugin_manager: pluggy.PluginManager | None = None, batch_dims: Mapping[str, int] | None = None):
         if isinstance(layers, str):
@@ -451,7 +552,10 @@ class LibraryNetwork:
             raise ValueError(f"layers must be distinct, got {layers}")
         top_k = check_int(top_k, "top_k")
         batch_size = check_int(batch_size, "batch_size")
-        cache_bytes = check_int(cache_bytes, "cache_bytes", minimum=0)
+        if isinstance(cache_bytes, str) and cache_bytes != "auto":
+            raise ValueError(f"cache_bytes must be a number of bytes >= 0 or 'auto', got {cache_bytes!r}")
+        if not isinstance(cache_bytes, str):
+            cache_bytes = check_int(cache_bytes, "cache_bytes", minimum=0)
         self.model = model
         self.layers = layers
         self.auto_thresholds = dict(auto_thresholds or {}) if isinstance(thresholds, str) and thresholds == "auto" else None
@@ -466,7 +570,7 @@ class LibraryNetwork:
         self.readout = readout
         self.readout_options = dict(readout_options or {})
         self.batch_size = int(batch_size)
-        self.cache_bytes = int(cache_bytes)
+        self.cache_bytes = cache_bytes if isinstance(cache_bytes, str) else int(cache_bytes)
         self.plugin_manager = plugin_manager
         self.probe = make_probe(model, layers, self.device, plugin_manager)
         self.batch_dims = {str(k): v for k, v in batch_dims.items()} if batch_dims else None
@@ -556,27 +660,62 @@ class LibraryNetwork:
 
         Returns:
             ``self``, with ``libraries_``, ``readouts_``, ``library_sizes_``, ``n_classes_``,
-            ``n_train_``, ``hap_dims_`` and ``input_shape_`` set. All or nothing: when fitting raises,
-            an earlier fit is kept as it was.
+            ``n_train_``, ``hap_dims_`` and ``input_shape_`` set, and ``n_forward_passes_`` (runs of the
+            model over the training data, the auto-threshold sample counting as one) and ``cache_bytes_``
+            (the budget used). All or nothing: when fitting raises, an earlier fit is kept as it was.
         """
+        from .distributed import world
+
         if isinstance(train, torch.utils.data.DataLoader) and isinstance(train.sampler, torch.utils.data.RandomSampler):
             warnings.warn("the training DataLoader shuffles: libraries depend on the visiting order, and the "
                           "exemplar indices refer to the order of the first pass", stacklevel=2)
-        if self.auto_thresholds is not None:
+        if isinstance(self.cache_bytes, str):
+            budget, source = default_cache_bytes(self.device)
+        else:
+            budget, source = self.cache_bytes, "cache_bytes"
+        passes, runs, kept, note = 0, None, 0, ""
+        if self.auto_thresholds is not None and budget > 0 and world() is None:
+            # one forward pass kept whole when it fits: the threshold sample, pass 1 and pass 2 all read it
+            runs, kept = _collect_runs(self.probe, train, self.batch_size, budget, progress)
+            if runs is None:
+                if is_one_shot(train):
+                    raise ValueError(_ONE_SHOT_MESSAGE.format(cache_bytes=budget))
+                note = f"; keeping every HAP would exceed it ({kept / 2**20:.1f} MB kept then): that pass was dropped"
+            else:
+                passes = 1
+        if self.auto_thresholds is not None and runs is not None:
+            from .thresholds import choose_thresholds_from_haps
+
+            thetas, report = choose_thresholds_from_haps([r.haps for _, r in runs], self.new_library,
+                                                         layers=self.layers, batch_size=self.batch_size,
+                                                         **self.auto_thresholds)
+        elif self.auto_thresholds is not None:
             from .thresholds import choose_thresholds
 
             thetas, report = choose_thresholds(self.probe, train, self.new_library, layers=self.layers,
                                                batch_size=self.batch_size, **self.auto_thresholds)
+            passes += 1  # the model over the sample
         else:
             thetas, report = self._resolve_thresholds(self.thresholds, self.layers), None
         libraries = {l: self.new_library(l, thetas[l]) for l in self.layers}
         fitted = stream_fit(self.probe, train, {l: [lib] for l, lib in libraries.items()}, self._new_readout,
-                            batch_size=self.batch_size, cache_bytes=self.cache_bytes, progress=progress)
+                            batch_size=self.batch_size, cache_bytes=budget, progress=progress,
+                            runs=runs)
+        runs = None
+        passes += fitted.forward_passes
         # all or nothing: the network's fitted state changes only here, once everything above succeeded
         self.adopt_fitted(libraries, {l: r[0] for l, r in fitted.readouts.items()},
                           n_classes=fitted.n_classes, n_train=fitted.n_train, input_shape=fitted.input_shape)
         if report is not None:
             self.auto_thresholds_report_ = report
+        self.n_forward_passes_ = passes
+        self.cache_bytes_ = budget
+        how = ("the HAPs of every probed layer kept" if fitted.forward_passes < 2 else
+               "streamed (distributed)" if world() is not None else "streamed" if budget == 0 else
+               f"streamed: the HAPs do not fit; the second pass read the first {fitted.cached_rows} inputs' from "
+               f"memory and ran the model on {fitted.n_train - fitted.cached_rows}")
+        log.info("fit: %d forward pass%s of the model over the %d training inputs (%s; budget %.1f MB, %s%s)",
+                 passes, "" if passes == 1 else "es", self.n_train_, how, budget / 2**20, source, note)
         if fitted.answers.numel() and bool((fitted.answers == fitted.answers[0]).all()):
             warnings.warn(f"the model answers class {int(fitted.answers[0])} for every training input: every library "
                           "node is linked to that class, so the layers' predictions and the detectors cannot tell "

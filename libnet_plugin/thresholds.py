@@ -43,10 +43,11 @@ from torch import Tensor
 
 from ._batches import MultiInput, is_one_shot, iter_batches, n_rows
 from .distributed import world
-from .library import Library
+from .library import ExactLibrary, Library, leader_within
 from .probe import LayerProbe
 
-__all__ = ["choose_thresholds", "reservoir_sample", "predicted_library_size"]
+__all__ = ["choose_thresholds", "choose_thresholds_from_haps", "reservoir_sample", "reservoir_positions",
+           "predicted_library_size"]
 
 log = logging.getLogger(__name__)
 
@@ -263,13 +264,7 @@ def choose_thresholds(probe: LayerProbe, train: Any, new_library: Callable[[str,
         raise ValueError("thresholds='auto' streams over the training data before fit does: pass a re-iterable "
                          "(Tensor, (X, y), Dataset, DataLoader or a list of batches), not a one-shot iterator")
     layers = list(layers)
-    targets = dict(target) if isinstance(target, Mapping) else {l: target for l in layers}
-    missing = [l for l in layers if l not in targets]
-    unknown = [l for l in targets if l not in layers]
-    if missing or unknown:
-        raise ValueError(f"target must give one value per probed layer {layers}; missing {missing}, unknown {unknown}")
-    if not (isinstance(tol, (int, float)) and 0.0 < tol < 1.0):
-        raise ValueError(f"tol must be a number in (0, 1), got {tol!r}")
+    targets = _check_targets(target, layers, tol)
     x_sample, _, n_total = reservoir_sample(train, sample_size, seed=seed, batch_size=batch_size)
     haps: dict[str, list[Tensor]] = {l: [] for l in layers}
     chunks = x_sample if isinstance(x_sample, list) else [x_sample]
@@ -277,17 +272,119 @@ def choose_thresholds(probe: LayerProbe, train: Any, new_library: Callable[[str,
         r = probe.run(chunk[i:i + batch_size])
         for l in layers:
             haps[l].append(r.haps[l])
+    return _choose(haps, n_total, new_library, layers=layers, batch_size=batch_size, targets=targets, tol=tol,
+                   max_iter=max_iter)
+
+
+def reservoir_positions(batch_sizes: Sequence[int], n: int, seed: int = 0) -> Tensor:
+    """The stream positions :func:`reservoir_sample` draws for batches of these sizes, increasing.
+
+    The draws depend only on the positions and the seed, so this is the very sample ``reservoir_sample``
+    takes of the same batches, without the inputs.
+
+    Example:
+        >>> data = torch.arange(100.).reshape(100, 1)
+        >>> bool(torch.equal(reservoir_positions([7] * 14 + [2], 10), reservoir_sample(data, 10, batch_size=7)[1]))
+        True
+    """
+    rng = np.random.default_rng(seed)
+    idx = np.full(n, -1, dtype=np.int64)
+    seen = 0
+    for b in batch_sizes:
+        if b == 0:
+            continue
+        pos, slots = _reservoir_slots(rng, seen, int(b), n)
+        keep = np.flatnonzero(slots < n)
+        idx[slots[keep]] = pos[keep]  # in order: a later input overwrites an earlier one
+        seen += int(b)
+    return torch.from_numpy(np.sort(idx[:min(n, seen)]))
+
+
+def choose_thresholds_from_haps(hap_batches: Sequence[Mapping[str, Tensor]],
+                                new_library: Callable[[str, float], Library], *, layers: Sequence[str],
+                                batch_size: int = 256, target: float | int | Mapping[str, float | int] = 0.1,
+                                sample_size: int = 1000, seed: int = 0, tol: float = 0.02,
+                                max_iter: int = 25) -> tuple[dict[str, float], dict[str, dict[str, Any]]]:
+    """:func:`choose_thresholds` from the HAPs of the whole training data, already computed (one forward
+    pass that ``fit`` keeps), batch by batch in visiting order; no model run here.
+
+    The sample is the one :func:`choose_thresholds` draws from batches of the same sizes (the same
+    positions, :func:`reservoir_positions`); its HAPs come from the batches of the data rather than from
+    batches of the sample, so they may differ from those by float32 rounding of the model's kernels.
+    """
+    if isinstance(sample_size, bool) or not isinstance(sample_size, int) or sample_size < 1:
+        raise ValueError(f"sample_size must be a positive integer, got {sample_size!r}")
+    layers = list(layers)
+    targets = _check_targets(target, layers, tol)
+    sizes = [int(h[layers[0]].shape[0]) for h in hap_batches]
+    n_total = sum(sizes)
+    if n_total == 0:
+        raise ValueError("choose_thresholds received no training inputs (empty data)")
+    pos = reservoir_positions(sizes, sample_size, seed)
+    haps: dict[str, list[Tensor]] = {l: [] for l in layers}
+    start = 0
+    for h, b in zip(hap_batches, sizes):
+        lo, hi = int(torch.searchsorted(pos, start)), int(torch.searchsorted(pos, start + b))
+        if hi > lo:
+            rows = pos[lo:hi] - start
+            for l in layers:
+                haps[l].append(h[l][rows.to(h[l].device)])
+        start += b
+    return _choose(haps, n_total, new_library, layers=layers, batch_size=batch_size, targets=targets, tol=tol,
+                   max_iter=max_iter)
+
+
+def _check_targets(target: Any, layers: list[str], tol: Any) -> dict[str, Any]:
+    targets = dict(target) if isinstance(target, Mapping) else {l: target for l in layers}
+    missing = [l for l in layers if l not in targets]
+    unknown = [l for l in targets if l not in layers]
+    if missing or unknown:
+        raise ValueError(f"target must give one value per probed layer {layers}; missing {missing}, unknown {unknown}")
+    if not (isinstance(tol, (int, float)) and 0.0 < tol < 1.0):
+        raise ValueError(f"tol must be a number in (0, 1), got {tol!r}")
+    return targets
+
+
+#: the bisection takes the leader rule from the sample's Gram matrix (computed once) up to this many inputs
+GRAM_MAX_ROWS = 4096
+
+
+def _sample_gram(new_library: Callable[[str, float], Library], layer: str, h: Tensor) -> np.ndarray | None:
+    """``[S, S]`` cosines among the sample's vectors as an exact library compares them, or ``None`` for a
+    library whose rule is not :class:`~libnet_plugin.library.ExactLibrary`'s (or a sample above
+    :data:`GRAM_MAX_ROWS`): the rule at any theta is then :func:`~libnet_plugin.library.leader_within` of
+    it, one product in all instead of a library built per bisection step. The cosines are those of
+    one product of the normalised rows, as the library's own products give them up to float32 rounding."""
+    lib = new_library(layer, THETA_MAX)
+    kind = type(lib)
+    if not (isinstance(lib, ExactLibrary) and 0 < h.shape[0] <= GRAM_MAX_ROWS and lib.dtype == torch.float32
+            and all(getattr(kind, f) is getattr(ExactLibrary, f) for f in ("partial_fit", "_novel_rows", "transform"))):
+        return None
+    x = lib.transform(h)
+    return (x @ x.T).cpu().numpy()
+
+
+def _choose(haps: dict[str, list[Tensor]], n_total: int, new_library: Callable[[str, float], Library], *,
+            layers: list[str], batch_size: int, targets: Mapping[str, Any], tol: float,
+            max_iter: int) -> tuple[dict[str, float], dict[str, dict[str, Any]]]:
+    """Bisect each layer's theta on the sample's HAPs ``{layer: [batches]}`` (emptied as it goes)."""
     chosen: dict[str, float] = {}
     report: dict[str, dict[str, Any]] = {}
     for l in layers:
         h = torch.cat(haps[l])
         haps[l] = []  # free the list's references as we go
         want = _target_size(targets[l], n_total, l)
+        gram = _sample_gram(new_library, l, h)
 
-        def size_at(theta: float, l: str = l, h: Tensor = h) -> tuple[float, int]:
-            lib = new_library(l, theta)
-            stored = torch.cat([lib.partial_fit(h[i:i + batch_size], torch.arange(i, min(i + batch_size, h.shape[0]))).cpu()
-                                for i in range(0, h.shape[0], batch_size)])
+        def size_at(theta: float, l: str = l, h: Tensor = h, gram: np.ndarray | None = gram) -> tuple[float, int]:
+            if gram is not None:  # the leader rule on the sample's cosines, computed once for every theta
+                stored = torch.zeros(h.shape[0], dtype=torch.bool)
+                stored[torch.from_numpy(leader_within(gram, theta))] = True
+            else:
+                lib = new_library(l, theta)
+                stored = torch.cat([lib.partial_fit(h[i:i + batch_size],
+                                                    torch.arange(i, min(i + batch_size, h.shape[0]))).cpu()
+                                    for i in range(0, h.shape[0], batch_size)])
             return predicted_library_size(stored, n_total), int(stored.sum())
 
         lo, hi = THETA_MIN, THETA_MAX

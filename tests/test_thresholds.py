@@ -125,9 +125,16 @@ def test_bad_targets(model, target, message):
 
 def test_one_shot_iterator_is_refused(model):
     x = _clustered(100)
-    net = lnp.LibraryNetwork(model, ["0"], thresholds="auto")
+    net = lnp.LibraryNetwork(model, ["0"], thresholds="auto", cache_bytes=0)
     with pytest.raises(ValueError, match="re-iterable"):
         net.fit(iter([x[:50], x[50:]]))
+    with pytest.raises(ValueError, match="one-shot iterator"):  # its HAPs exceed the budget
+        lnp.LibraryNetwork(model, ["0"], thresholds="auto", cache_bytes=100).fit(iter([x[:50], x[50:]]))
+    # within the budget (the default) the one forward pass is kept: a one-shot iterator is enough
+    one = lnp.LibraryNetwork(model, ["0"], thresholds="auto").fit(iter([x[:50], x[50:]]))
+    ref = lnp.LibraryNetwork(model, ["0"], thresholds="auto", cache_bytes=0).fit([x[:50], x[50:]])
+    assert one.n_forward_passes_ == 1 and ref.n_forward_passes_ == 3
+    assert one.thresholds_ == ref.thresholds_
 
 
 def test_auto_thresholds_on_a_conv_net():

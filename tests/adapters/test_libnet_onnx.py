@@ -371,7 +371,7 @@ def test_float64_graph_gives_float32_haps():
 # ------------------------------------------------------------------------------------------ batching
 def test_one_session_call_per_batch(mlp_onnx):
     _, path = mlp_onnx
-    net = lnp.LibraryNetwork(path, ["fc1", "fc2"], thresholds=0.9, batch_size=50)
+    net = lnp.LibraryNetwork(path, ["fc1", "fc2"], thresholds=0.9, batch_size=50, cache_bytes=0)
     calls = []
     real_run = net.probe.session.run
 

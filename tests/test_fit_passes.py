@@ -1,0 +1,157 @@
+"""How many times ``LibraryNetwork.fit`` runs the model: once when the HAPs fit ``cache_bytes``, and the
+same libraries and readouts as the streamed fit either way."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+import libnet_plugin as lnp
+from libnet_plugin import network
+
+N, BATCH = 300, 64
+
+
+@pytest.fixture(scope="module")
+def conv():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 6, 3), nn.ReLU(), nn.Conv2d(6, 8, 3, stride=2), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(8 * 3 * 3, 5)).eval()
+
+
+@pytest.fixture(scope="module")
+def data():
+    g = torch.Generator().manual_seed(1)
+    centres = torch.randn(12, 2, 9, 9, generator=g)
+    return centres[torch.randint(0, 12, (N,), generator=g)] + 0.3 * torch.randn(N, 2, 9, 9, generator=g)
+
+
+class Rows:
+    """Counts the inputs that pass through the model (a forward hook): passes over the data = rows / N."""
+
+    def __init__(self, model: nn.Module):
+        self.n = 0
+        self.handle = model.register_forward_hook(self)
+
+    def __call__(self, module, args, output):
+        self.n += int(args[0].shape[0])
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def _fit(model, x, **kw):
+    with Rows(model) as rows:
+        net = lnp.LibraryNetwork(model, ["1", "3"], batch_size=BATCH, **kw).fit(x, progress=False)
+    return net, rows.n
+
+
+def _same_fit(a, b):
+    assert a.thresholds_ == b.thresholds_
+    for l in a.layers:
+        la, lb = a.libraries_[l], b.libraries_[l]
+        assert torch.equal(la.node_indices, lb.node_indices), l
+        torch.testing.assert_close(la.nodes, lb.nodes, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(a.readouts_[l].weight, b.readouts_[l].weight, rtol=1e-5, atol=1e-5)
+
+
+def test_one_pass_and_two_pass_fits_agree(conv, data):
+    one, rows_one = _fit(conv, data, thresholds=0.8)  # the default budget holds these HAPs
+    two, rows_two = _fit(conv, data, thresholds=0.8, cache_bytes=0)
+    assert (rows_one, rows_two) == (N, 2 * N)
+    assert (one.n_forward_passes_, two.n_forward_passes_) == (1, 2)
+    assert one.cache_bytes_ > 0 and two.cache_bytes_ == 0
+    assert 5 < one.library_sizes_["1"] < N
+    _same_fit(one, two)
+
+
+def test_auto_thresholds_take_their_sample_from_the_one_pass(conv, data):
+    auto = {"target": 0.2, "sample_size": 120}
+    one, rows_one = _fit(conv, data, thresholds="auto", auto_thresholds=auto)
+    three, rows_three = _fit(conv, data, thresholds="auto", auto_thresholds=auto, cache_bytes=0)
+    assert rows_one == N and one.n_forward_passes_ == 1
+    assert rows_three == 120 + 2 * N and three.n_forward_passes_ == 3  # the sample, then two streamed passes
+    # the same reservoir positions; the sample's HAPs from the data's batches instead of the sample's
+    assert one.auto_thresholds_report_ == three.auto_thresholds_report_
+    _same_fit(one, three)
+
+
+def test_haps_over_the_budget_stream_after_one_batch(conv, data):
+    auto = {"target": 0.2, "sample_size": 120}
+    ref, _ = _fit(conv, data, thresholds="auto", auto_thresholds=auto, cache_bytes=0)
+    # a Tensor's size is known: the first batch shows that the HAPs will not fit, and the rest is streamed
+    small, rows = _fit(conv, data, thresholds="auto", auto_thresholds=auto, cache_bytes=10_000)
+    assert rows == BATCH + 120 + 2 * N and small.n_forward_passes_ == 3
+    _same_fit(small, ref)
+    # a list of batches is not sized: the kept HAPs are dropped as soon as they exceed the budget
+    batches = list(data.split(BATCH))
+    budget = 2 * BATCH * sum(small.hap_dims_.values()) * 4  # two batches fit, the third does not
+    listed, rows = _fit(conv, batches, thresholds="auto", auto_thresholds=auto, cache_bytes=budget)
+    # that pass is dropped after three batches; the second streamed pass reads the first two from memory
+    assert rows == 3 * BATCH + 120 + 2 * N - 2 * BATCH and listed.n_forward_passes_ == 3
+    _same_fit(listed, ref)
+
+
+def test_the_batches_that_fit_are_not_run_again(conv, data, caplog):
+    ref, _ = _fit(conv, data, thresholds=0.8, cache_bytes=0)
+    budget = 2 * BATCH * sum(ref.hap_dims_.values()) * 4
+    with caplog.at_level(logging.INFO, logger="libnet_plugin.network"):
+        part, rows = _fit(conv, data, thresholds=0.8, cache_bytes=budget)
+    assert rows == 2 * N - 2 * BATCH and part.n_forward_passes_ == 2
+    assert "read the first 128 inputs' from memory and ran the model on 172" in caplog.text
+    _same_fit(part, ref)
+
+
+def test_pass_count_is_logged(conv, data, caplog):
+    with caplog.at_level(logging.INFO, logger="libnet_plugin.network"):
+        _fit(conv, data, thresholds=0.8)
+        _fit(conv, data, thresholds=0.8, cache_bytes=0)
+    lines = [r.getMessage() for r in caplog.records if r.name == "libnet_plugin.network"]
+    assert "fit: 1 forward pass of the model over the 300 training inputs" in lines[0]
+    assert "kept" in lines[0] and "of the" in lines[0]  # where the default budget came from
+    assert "fit: 2 forward passes" in lines[1] and "streamed" in lines[1]
+
+
+def test_budget_setting(conv, data, monkeypatch, tmp_path):
+    with pytest.raises(ValueError, match="cache_bytes"):
+        lnp.LibraryNetwork(conv, ["1"], cache_bytes="half")
+    with pytest.raises(ValueError, match="cache_bytes"):
+        lnp.LibraryNetwork(conv, ["1"], cache_bytes=-1)
+    budget, source = network.default_cache_bytes("cpu")
+    assert budget > 0 and "available" in source
+    monkeypatch.setattr(network, "_available_host_memory", lambda: None)
+    assert network.default_cache_bytes("cpu") == (network.CACHE_FALLBACK_BYTES,
+                                                  "the fixed default (the available memory could not be read)")
+    net, _ = _fit(conv, data[:100], thresholds=0.8)
+    assert net.cache_bytes == "auto" and net.cache_bytes_ == network.CACHE_FALLBACK_BYTES  # not rewritten
+    net.save(tmp_path / "net.lnp")
+    assert "cache_bytes" not in net.config()
+    back = lnp.LibraryNetwork.load(tmp_path / "net.lnp", conv)
+    torch.testing.assert_close(back.predict_scores(data[:8])["3"], net.predict_scores(data[:8])["3"])
+
+
+def test_the_bisection_from_the_gram_matrix_builds_the_same_libraries(conv, data, monkeypatch):
+    from libnet_plugin import thresholds
+
+    auto = {"target": 0.2, "sample_size": 120}
+    fast, _ = _fit(conv, data, thresholds="auto", auto_thresholds=auto)
+    net = lnp.LibraryNetwork(conv, ["1", "3"])
+    for l in ("1", "3"):
+        h = torch.cat([net.run(b).haps[l] for b in data.split(BATCH)])
+        gram = thresholds._sample_gram(net.new_library, l, h)
+        assert gram is not None and gram.shape == (N, N)
+        for theta in (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99):
+            lib = net.new_library(l, theta)
+            lib.partial_fit(h)
+            rule = thresholds.leader_within(gram, theta)
+            assert rule.tolist() == lib.node_indices.tolist(), (l, theta)
+    monkeypatch.setattr(thresholds, "GRAM_MAX_ROWS", 0)  # a library built per bisection step, as before
+    slow, _ = _fit(conv, data, thresholds="auto", auto_thresholds=auto)
+    assert slow.auto_thresholds_report_ == fast.auto_thresholds_report_
+    _same_fit(slow, fast)
