@@ -599,8 +599,9 @@ def _margins_to_baselines(results: dict[str, dict[str, Any]], boots: Mapping[str
 
 
 def _margin_cell(m: Mapping[str, Any]) -> str:
+    """``difference [interval] vs <the best baseline>`` (the baselines include the post-hoc peers)."""
     lo, hi = m["ci95"]
-    return f"{m['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+    return f"{m['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}] vs {m['baseline']}"
 
 
 def _roc(clean: Tensor, attacked: Tensor) -> tuple[np.ndarray, np.ndarray]:
