@@ -70,14 +70,20 @@ class ViMScore(PenultimateScore):
                                      f"- 1 ({width - 1}) of layer {pen.layer!r}, got {dim}")
         w, b = pen.weight.double(), pen.bias.double()
         origin = -(torch.linalg.pinv(w) @ b)
-        c = feats.double() - origin
-        vals, vecs = torch.linalg.eigh(c.T @ c / c.shape[0])
-        order = vals.argsort(descending=True)
-        basis = vecs[:, order[dim:]]  # the residual space
-        residual = (c @ basis).norm(dim=1)
-        max_logit = (feats.double() @ w.T + b).amax(dim=1)
+        n, step = feats.shape[0], 65536  # float64 in chunks of rows: never a float64 copy of all the features
+        second = torch.zeros(width, width, dtype=torch.float64, device=feats.device)
+        for i in range(0, n, step):
+            c = feats[i:i + step].double() - origin
+            second += c.T @ c
+        vals, vecs = torch.linalg.eigh(second / n)
+        basis = vecs[:, vals.argsort(descending=True)[dim:]]  # the residual space
+        residual, max_logit = 0.0, 0.0
+        for i in range(0, n, step):
+            f = feats[i:i + step].double()
+            residual += float(((f - origin) @ basis).norm(dim=1).sum())
+            max_logit += float((f @ w.T + b).amax(dim=1).sum())
         self.dim_, self.origin_, self.residual_basis_ = dim, origin.float(), basis.float()
-        self.alpha_ = (max_logit.mean() / residual.mean().clamp(min=1e-12)).float()
+        self.alpha_ = torch.tensor(max_logit / max(residual, 1e-12), dtype=torch.float32, device=feats.device)
 
     def from_features(self, pen: Penultimate, h: Tensor) -> Tensor:
         assert self.origin_ is not None and self.residual_basis_ is not None and self.alpha_ is not None
