@@ -28,12 +28,18 @@ from torch import Tensor, nn
 
 from .._batches import iter_batches, n_rows
 from ..distributed import gather_all, world
-from ..errors import LayerNotFoundError, NotFittedError, ShapeMismatchError
+from ..errors import LayerNotFoundError, LibnetError, NotFittedError, ShapeMismatchError
 from ..probe import ProbeResult, TorchLayerProbe
 from ._features import require_tensor
 from .api import ConsistencyScore
 
 ACTIVATIONS = ("auto", "none", "relu")
+
+
+class PeerNotApplicableError(LibnetError, TypeError, ValueError):
+    """A post-hoc peer cannot read what it needs from this model (no last linear layer it can find, no probed
+    layer that feeds it, log-probability outputs without a probed logits layer). ``libnet evaluate-detectors``
+    leaves such a peer out of its default comparison, saying why; named explicitly, it fails."""
 
 
 def check_logits_source(value: Any) -> str:
@@ -81,13 +87,21 @@ def _same_softmax(a: Tensor, b: Tensor) -> bool:
     return bool(((la - lb).abs() <= 1e-3 * scale).all())
 
 
-def logits_of(result: ProbeResult, source: str, what: str) -> Tensor:
-    """The logits ``[B, C]`` (float32) of one probe run from ``source`` (see :func:`resolve_logits`)."""
+def logits_of(result: ProbeResult, source: str, what: str, auto: bool = False) -> Tensor:
+    """The logits ``[B, C]`` (float32) of one probe run from ``source`` (see :func:`resolve_logits`).
+
+    With ``auto`` (``logits="auto"`` resolved to the outputs) and log-probability outputs, the last probed
+    layer of the outputs' shape whose softmax is the outputs' is taken (a model whose probe does not tell
+    module types, such as an ONNX one)."""
     outputs = result.outputs
     if source == "outputs":
         z = outputs.float()
         if z.numel() and bool((torch.logsumexp(z.detach().double(), dim=1).abs() < 1e-5).all()):
-            raise ValueError(f"the {what!r} detector needs logits, but the model's outputs are log-probabilities "
+            if auto:
+                for h in reversed(list(result.haps.values())):
+                    if h.shape == outputs.shape and _same_softmax(h, outputs):
+                        return h.float()
+            raise PeerNotApplicableError(f"the {what!r} detector needs logits, but the model's outputs are log-probabilities "
                              "(every row's logsumexp is 0), on which it is constant: probe the layer that computes "
                              "the logits (the last linear layer) and pass logits=<that layer>")
         return z
@@ -138,7 +152,7 @@ def find_classifier(net: Any, name: str | None, what: str) -> tuple[str, nn.Line
     """The model's last linear layer: ``name``, else the last ``nn.Linear`` with one output per class."""
     probe = getattr(net, "probe", None)
     if not isinstance(probe, TorchLayerProbe):
-        raise TypeError(f"the {what!r} detector reads the weights of the model's last linear layer, which needs a "
+        raise PeerNotApplicableError(f"the {what!r} detector reads the weights of the model's last linear layer, which needs a "
                         f"torch.nn.Module model (the forward-hook probe); this network's probe is "
                         f"{type(probe).__name__}")
     modules = dict(probe.runner.named_modules())
@@ -151,7 +165,7 @@ def find_classifier(net: Any, name: str | None, what: str) -> tuple[str, nn.Line
     n_classes = net.n_classes_
     found = [(n, m) for n, m in modules.items() if isinstance(m, nn.Linear) and m.out_features == n_classes]
     if not found:
-        raise ValueError(f"the {what!r} detector needs the model's last linear layer (a torch.nn.Linear with "
+        raise PeerNotApplicableError(f"the {what!r} detector needs the model's last linear layer (a torch.nn.Linear with "
                          f"{n_classes} outputs, one per class), and the model has none; name it with classifier=")
     return found[-1]
 
@@ -180,7 +194,7 @@ def resolve_penultimate(net: Any, result: ProbeResult, layer: str | None, activa
             if _same_softmax(apply_activation(h, a) @ weight.T + bias, result.outputs):
                 return Penultimate(l, a, cname, weight, bias)
             tried.append(f"{l} ({'after ReLU' if a == 'relu' else 'as is'})")
-    raise ValueError(
+    raise PeerNotApplicableError(
         f"the {what!r} detector needs the input of the model's last linear layer {cname!r} ({lin.in_features} -> "
         f"{lin.out_features}) as a probed layer's output: "
         + (f"none reproduces the model's outputs through it (tried {', '.join(tried)})" if tried else
@@ -275,7 +289,7 @@ class LogitScore(ConsistencyScore):
     def score(self, net: Any, result: ProbeResult) -> Tensor:
         self.check_is_fitted()
         assert self.logits_ is not None
-        return self.from_logits(logits_of(result, self.logits_, self.name)).float()
+        return self.from_logits(logits_of(result, self.logits_, self.name, auto=self.logits == "auto")).float()
 
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "logits": self.logits, "logits_": self.logits_}

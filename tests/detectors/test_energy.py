@@ -57,3 +57,16 @@ def test_a_logits_layer_that_is_not_the_outputs_is_refused(fitted, mlp_data):
         EnergyScore(logits="fc2").fit(fitted).score(fitted, fitted.run(mlp_data[0][:4]))
     with pytest.raises(ValueError, match="temperature"):
         EnergyScore(temperature=0)
+
+
+def test_auto_finds_a_probed_logits_layer_when_the_probe_cannot_tell_module_types():
+    """An ONNX model, say: the outputs are log-probabilities, a probed layer of their shape has their softmax."""
+    from libnet_plugin.detectors import PeerNotApplicableError
+    from libnet_plugin.detectors._posthoc import logits_of
+
+    z = torch.tensor([[2.0, -1.0, 0.5], [0.0, 3.0, 1.0]])
+    r = lnp.ProbeResult(outputs=torch.log_softmax(z, 1), haps={"fc1": torch.randn(2, 5), "fc2": z,
+                                                                 "other": torch.zeros(2, 3)})
+    torch.testing.assert_close(logits_of(r, "outputs", "energy", auto=True), z)
+    with pytest.raises(PeerNotApplicableError, match="log-probabilities"):
+        logits_of(r, "outputs", "energy")  # logits="outputs" named: no search
