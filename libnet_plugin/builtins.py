@@ -6,8 +6,9 @@ third-party plugin serving the same name is asked first). The tables below are w
 Example:
     >>> sorted(LIBRARIES), sorted(READOUTS)
     (['exact', 'projected', 'sparse'], ['hebbian'])
-    >>> sorted(DETECTORS)
-    ['cpl', 'knn', 'library-distance', 'library-fusion', 'library-margin', 'mahalanobis', 'msp']
+    >>> sorted(DETECTORS)  # doctest: +NORMALIZE_WHITESPACE
+    ['cpl', 'energy', 'gen', 'knn', 'knn-normalized', 'library-distance', 'library-fusion', 'library-margin',
+     'mahalanobis', 'mahalanobis-multilayer', 'maxlogit', 'msp', 'react-energy', 'vim']
 """
 
 from __future__ import annotations
@@ -22,11 +23,18 @@ from .detectors import (
     ConsistencyScore,
     CPLScore,
     DeepKNNScore,
+    EnergyScore,
+    GENScore,
+    KNNNormalizedScore,
     LibraryDistanceScore,
     LibraryFusionScore,
     LibraryMarginScore,
     MahalanobisScore,
+    MaxLogitScore,
     MaxSoftmaxScore,
+    MultiLayerMahalanobisScore,
+    ReActEnergyScore,
+    ViMScore,
 )
 from .hookspecs import hookimpl
 from .library import ExactLibrary, Library
@@ -34,7 +42,7 @@ from .probe import LayerProbe, TorchLayerProbe
 from .readout import HebbianReadout, Readout
 from .sparse import ProjectedLibrary, SparseLibrary
 
-__all__ = ["LIBRARIES", "READOUTS", "DETECTORS", "COMPARISON", "libnet_layer_probe", "libnet_library",
+__all__ = ["LIBRARIES", "READOUTS", "DETECTORS", "PEERS", "COMPARISON", "libnet_layer_probe", "libnet_library",
            "libnet_readout", "libnet_consistency_detector", "libnet_detector_comparison"]
 
 #: libraries served by ``libnet_library``
@@ -50,7 +58,17 @@ DETECTORS: dict[str, type[ConsistencyScore]] = {
     "msp": MaxSoftmaxScore,
     "mahalanobis": MahalanobisScore,
     "knn": DeepKNNScore,
+    # today's post-hoc peers (one module each in libnet_plugin/detectors/)
+    "energy": EnergyScore,
+    "maxlogit": MaxLogitScore,
+    "gen": GENScore,
+    "react-energy": ReActEnergyScore,
+    "vim": ViMScore,
+    "knn-normalized": KNNNormalizedScore,
+    "mahalanobis-multilayer": MultiLayerMahalanobisScore,
 }
+#: the post-hoc peers of :data:`DETECTORS` (baselines of ``libnet evaluate-detectors``, as msp, mahalanobis, knn)
+PEERS: tuple[str, ...] = ("energy", "maxlogit", "gen", "react-energy", "vim", "knn-normalized", "mahalanobis-multilayer")
 #: what ``libnet evaluate-detectors`` compares by default: ``{label: (name, settings)}``; the paper's CPL
 #: is listed so that the comparison always holds the reproduction next to the other scores
 COMPARISON: dict[str, tuple[str, dict[str, Any]]] = {
@@ -62,6 +80,7 @@ COMPARISON: dict[str, tuple[str, dict[str, Any]]] = {
     "msp": ("msp", {}),
     "mahalanobis": ("mahalanobis", {}),
     "knn": ("knn", {}),
+    **{name: (name, {}) for name in PEERS},
 }
 
 

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from libnet_plugin import cli
+from libnet_plugin.builtins import PEERS
 from libnet_plugin.hookspecs import hookimpl
 from libnet_plugin.plugins import default_plugin_manager
 
@@ -63,7 +64,8 @@ CANDIDATES = {
 CURRENT = ("fusion: distance all + confidence + logit-margin", "fusion: distance conv + confidence + logit-margin")
 ROUNDS = {1: list(CANDIDATES)[:5], 2: list(CANDIDATES)[5:8], 3: [*CURRENT, *list(CANDIDATES)[8:12]],
           4: [*CURRENT, *list(CANDIDATES)[12:]]}
-BASELINES = ("msp", "mahalanobis", "knn", "cpl (paper, top_k 20)")
+#: what the candidates are compared with: the baselines and today's post-hoc peers (libnet_plugin.builtins.PEERS)
+BASELINES = ("msp", "mahalanobis", "knn", "cpl (paper, top_k 20)", *PEERS)
 
 
 class Candidates:

@@ -14,7 +14,8 @@ import libnet_plugin as lnp
 from libnet_plugin.consistency_detector import DetectorGuard, GuardOutput, ModelChangedError, model_fingerprint
 from libnet_plugin.errors import LayerNotFoundError, NonFiniteError, NotFittedError, SaveFormatError, ShapeMismatchError
 
-METHODS = ["cpl", "library-margin", "library-distance", "msp", "mahalanobis", "knn"]
+METHODS = ["cpl", "library-margin", "library-distance", "msp", "mahalanobis", "knn", "energy", "maxlogit", "gen",
+           "react-energy", "vim", "knn-normalized", "mahalanobis-multilayer"]
 
 
 def _detector(net, method, train, **kw):

@@ -25,7 +25,8 @@ while todo:  # like pkgutil.walk_packages, without importing the experiments pac
         if m.ispkg:
             todo.append((module.__path__, m.name + "."))
 pm = lnp.get_plugin_manager(autoload=False)
-for n in ("cpl", "library-margin", "library-distance", "msp", "mahalanobis", "knn"):
+for n in ("cpl", "library-margin", "library-distance", "msp", "mahalanobis", "knn", "energy", "maxlogit", "gen",
+          "react-energy", "vim", "knn-normalized", "mahalanobis-multilayer"):
     pm.hook.libnet_consistency_detector(name=n, settings={})
 print(json.dumps({"core": core, "modules": sorted(sys.modules)}))
 """

@@ -33,6 +33,23 @@ name                     score (higher = more suspicious)                       
                          model's answer
 =======================  ==========================================================================  ========
 
+Today's post-hoc peers, one module each, written from their papers (higher = more suspicious; they read
+the logits and the penultimate features, the input of the model's last linear layer taken from a probed
+layer, as :mod:`._posthoc` describes):
+
+- ``"energy"``: ``-logsumexp(z)`` of the logits ``z`` (Liu et al., 2020; needs nothing).
+- ``"maxlogit"``: ``-max_c z_c`` (Hendrycks et al., 2022; nothing).
+- ``"gen"``: generalized entropy of the top softmax probabilities (Liu et al., 2023; nothing).
+- ``"react-energy"``: energy of the logits recomputed from the penultimate activations clipped at their
+  90th training percentile (Sun et al., 2021; train).
+- ``"vim"``: the virtual logit, the penultimate feature's norm off its principal training subspace, scaled,
+  minus the energy (Wang et al., 2022; train).
+- ``"knn-normalized"``: distance to the k-th nearest L2-normalised penultimate training feature, ``k`` the
+  training-set size / 1000 (Sun et al., 2022; train).
+- ``"mahalanobis-multilayer"``: Lee et al.'s per-layer class Gaussians (training labels, tied covariance),
+  the layers combined by z-scores on the training inputs instead of a regression on attacks (Lee et al.,
+  2018; train).
+
 Scores that combine several per-layer features (:class:`FusedLayerScore`) turn each feature into a
 conformal p-value against clean reference data given at calibration
 (:meth:`FusedLayerScore.set_reference`) and fuse them with Fisher's method, ``-sum log p``.
@@ -50,17 +67,26 @@ Example:
 """
 
 from ._features import node_classes
+from ._posthoc import PeerNotApplicableError
 from .api import ConsistencyScore, FittedNetwork, FusedLayerScore, PluginScore, ScoreLike, as_consistency_score
 from .conformal import ConformalFusion
 from .cpl import CPLScore
+from .energy import EnergyScore
+from .gen import GENScore
 from .knn import DeepKNNScore
+from .knn_normalized import KNNNormalizedScore
 from .library_fusion import LibraryFusionScore
 from .library_margin import LibraryDistanceScore, LibraryMarginScore
 from .mahalanobis import MahalanobisScore
+from .mahalanobis_multilayer import MultiLayerMahalanobisScore
+from .maxlogit import MaxLogitScore
 from .msp import MaxSoftmaxScore
+from .react_energy import ReActEnergyScore
+from .vim import ViMScore
 
 __all__ = [
     "ConsistencyScore", "FittedNetwork", "FusedLayerScore", "PluginScore", "ScoreLike", "as_consistency_score",
     "ConformalFusion", "CPLScore", "LibraryMarginScore", "LibraryDistanceScore", "LibraryFusionScore", "MaxSoftmaxScore",
-    "MahalanobisScore", "DeepKNNScore", "node_classes",
+    "MahalanobisScore", "DeepKNNScore", "node_classes", "EnergyScore", "MaxLogitScore", "GENScore", "ReActEnergyScore",
+    "ViMScore", "KNNNormalizedScore", "MultiLayerMahalanobisScore", "PeerNotApplicableError",
 ]

@@ -85,6 +85,10 @@ class MahalanobisScore(FusedLayerScore):
             proj = self._proj[layer]
         return pooled(hap, c, proj)
 
+    def _classes(self, result: ProbeResult, labels: Tensor | None, net: FittedNetwork) -> Tensor:
+        """The class of each training input that its features are grouped by: the model's answer here."""
+        return result.answers.to(net.device)
+
     def _fit(self, net: FittedNetwork, data: Any) -> None:
         n_classes = net.n_classes_
         sums: dict[str, Tensor] = {}
@@ -93,11 +97,11 @@ class MahalanobisScore(FusedLayerScore):
         self._proj = {}
         self.channels_, self.dims_, self.means_, self.precision_, self.class_present_ = {}, {}, {}, {}, {}
         n = 0
-        for x, _ in iter_batches(data, net.batch_size):
+        for x, y in iter_batches(data, net.batch_size):
             if n_rows(x) == 0:
                 continue
             r = net.run(x)
-            onehot = torch.nn.functional.one_hot(r.answers.to(net.device), n_classes).double()
+            onehot = torch.nn.functional.one_hot(self._classes(r, y, net), n_classes).double()
             counts += onehot.sum(dim=0)
             for l in self.fitted_layers():
                 if l not in self.channels_:

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .._batches import iter_batches
 from ..consistency_detector import ConsistencyDetector
-from ..detectors import ConformalFusion, FusedLayerScore
+from ..detectors import ConformalFusion, FusedLayerScore, PeerNotApplicableError
 from ..detectors.conformal import fisher
 from ..errors import ShapeMismatchError
 from ..network import LibraryNetwork
@@ -418,6 +418,8 @@ def evaluate_detectors(net_or_model: Any, train: Any, clean_test: Any, attacked_
                                                   # "auroc_vs_best_baseline": difference [95% interval]
               "best_library_based": label or None,  # highest mean AUROC over the attack sets
               "files": {"json", "markdown", "roc_png"} (paths, when out_dir is given),
+              "skipped": {label: why},            # only when some were: with ``detectors=None``, the
+                                                  # post-hoc peers this model cannot serve (PeerNotApplicableError)
             }
 
         ``memory_bytes.kept`` is what the detector keeps in memory: the library network plus its own
@@ -474,15 +476,23 @@ def evaluate_detectors(net_or_model: Any, train: Any, clean_test: Any, attacked_
         forward_ms, _ = _time_scores(forward, x_clean, batch_size)
 
     results: dict[str, dict[str, Any]] = {}
+    skipped: dict[str, str] = {}  # default-list peers that cannot read this model: {label: why}
     boots: dict[str, dict[str, np.ndarray]] = {}
     curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {name: {} for name in sets}
     for label, (method, settings) in specs.items():
         say(f"detector {label!r} ({method})")
         t0 = time.perf_counter()
         det = ConsistencyDetector(net, method=method, settings=settings, plugin_manager=pm)
-        if det.requires_training_data:
-            det.fit(train)
-        cal_data = det.calibration_data(x_cal)  # kept for the FPR check below: no second pass over x_cal
+        try:
+            if det.requires_training_data:
+                det.fit(train)
+            cal_data = det.calibration_data(x_cal)  # kept for the FPR check below: no second pass over x_cal
+        except PeerNotApplicableError as e:
+            if detectors is not None:  # asked for by name: say so
+                raise
+            say(f"detector {label!r} left out: {e}")  # a post-hoc peer this model cannot serve (e.g. ONNX)
+            skipped[label] = str(e)
+            continue
         det.calibrate_on(cal_data, fpr)
         fit_s = time.perf_counter() - t0
         ms, parts = _time_scores(det.score, x_clean, batch_size)
@@ -554,6 +564,8 @@ def evaluate_detectors(net_or_model: Any, train: Any, clean_test: Any, attacked_
         "forward_ms_per_1000": forward_ms, "detectors": results, "rows": rows, "table_markdown": table,
         "metric_tables": metric_tables, "best_library_based": best, "files": {},
     }
+    if skipped:
+        out["skipped"] = skipped
     attacked_any = any("attacks" in e for e in results.values())
     if isinstance(attack_detector, ThreatModels):
         out["adaptive"] = attack_detector.summary(results)
@@ -599,8 +611,9 @@ def _margins_to_baselines(results: dict[str, dict[str, Any]], boots: Mapping[str
 
 
 def _margin_cell(m: Mapping[str, Any]) -> str:
+    """``difference [interval] vs <the best baseline>`` (the baselines include the post-hoc peers)."""
     lo, hi = m["ci95"]
-    return f"{m['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+    return f"{m['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}] vs {m['baseline']}"
 
 
 def _roc(clean: Tensor, attacked: Tensor) -> tuple[np.ndarray, np.ndarray]:

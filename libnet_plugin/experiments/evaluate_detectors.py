@@ -421,8 +421,9 @@ def _write_report(args: argparse.Namespace, res: dict[str, Any], stage: Path, ou
     res.update(relocate(to_jsonable(res), stage, out_dir))  # paths name the folder the run is swapped into
     titles = {"auroc": "AUROC", "tpr_at_fpr": f"TPR at {s['fpr']:g} FPR", "fpr_at_95tpr": "FPR at 95% TPR (lower is "
               "better)", "aupr": "AUPR (attacked / out-of-domain inputs positive)",
-              "auroc_vs_best_baseline": "AUROC minus the best baseline's (msp, Mahalanobis, k-NN: the best on "
-              "each set), with its paired 95% bootstrap interval, for the library-based detectors"}
+              "auroc_vs_best_baseline": "AUROC minus the best baseline's (the best on each set of: "
+              + ", ".join(label for label, e in res["detectors"].items() if not e.get("library_based"))
+              + "), with its paired 95% bootstrap interval, for the library-based detectors"}
     parts = [res["table_markdown"], note]
     parts += [f"### {titles[m]}\n\n{t}" for m, t in res["metric_tables"].items()]
     evasion = comparison_evasion_markdown(res)

@@ -8,10 +8,17 @@ import torch
 import libnet_plugin as lnp
 from libnet_plugin.detectors import (
     DeepKNNScore,
+    EnergyScore,
+    GENScore,
+    KNNNormalizedScore,
     LibraryDistanceScore,
     LibraryMarginScore,
     MahalanobisScore,
+    MaxLogitScore,
     MaxSoftmaxScore,
+    MultiLayerMahalanobisScore,
+    ReActEnergyScore,
+    ViMScore,
 )
 from libnet_plugin.errors import LibnetError
 from libnet_plugin.plugins import make_detector, registered_detectors
@@ -20,13 +27,15 @@ from libnet_plugin.plugins import make_detector, registered_detectors
 def test_hook_serves_every_detector_and_lists_them():
     pm = lnp.get_plugin_manager(autoload=False)
     kinds = {"library-margin": LibraryMarginScore, "library-distance": LibraryDistanceScore, "msp": MaxSoftmaxScore,
-             "mahalanobis": MahalanobisScore, "knn": DeepKNNScore}
+             "mahalanobis": MahalanobisScore, "knn": DeepKNNScore, "energy": EnergyScore, "maxlogit": MaxLogitScore,
+             "gen": GENScore, "react-energy": ReActEnergyScore, "vim": ViMScore, "knn-normalized": KNNNormalizedScore,
+             "mahalanobis-multilayer": MultiLayerMahalanobisScore}
     for name, cls in kinds.items():
         assert isinstance(make_detector(name, {}, pm), cls)
     assert make_detector("cpl", {"top_k": 7}, pm).top_k == 7
     listed = registered_detectors(pm)
     assert {name for name, _ in listed.values()} >= {"cpl", "library-margin", "library-distance", "msp",
-                                                      "mahalanobis", "knn"}
+                                                      "mahalanobis", "knn", *kinds}
     assert listed["cpl (paper, top_k 20)"] == ("cpl", {"top_k": 20})
     with pytest.raises(LibnetError, match="no registered plugin provides a consistency detector named 'nope'"):
         make_detector("nope", {}, pm)

@@ -89,6 +89,25 @@ def test_evaluate_detectors_gives_auroc_intervals_and_margins_to_the_best_baseli
     assert "auroc_vs_best_baseline" not in only_library["metric_tables"]
 
 
+def test_the_post_hoc_peers_are_baselines_of_the_comparison(fitted, mlp_data):
+    from libnet_plugin.builtins import PEERS
+    from libnet_plugin.experiments.comparison import evaluate_detectors
+    from libnet_plugin.plugins import registered_detectors
+
+    listed = registered_detectors(lnp.get_plugin_manager(autoload=False))
+    assert [listed[p] for p in PEERS] == [(p, {}) for p in PEERS]  # in the default comparison, by name
+    x, y = mlp_data
+    g = torch.Generator().manual_seed(9)
+    clean = torch.randn(120, 10, generator=g)
+    sets = {"far": clean[:40] + 4.0}
+    res = evaluate_detectors(fitted, (x, y), clean, sets, detectors=["library-distance", *PEERS], n_boot=50,
+                             fpr_splits=5)
+    for p in PEERS:
+        assert not res["detectors"][p]["library_based"] and 0.0 <= res["detectors"][p]["auroc"]["far"] <= 1.0
+    m = res["detectors"]["library-distance"]["auroc_vs_best_baseline"]["far"]
+    assert m["baseline"] == max(PEERS, key=lambda p: res["detectors"][p]["auroc"]["far"])
+
+
 def test_evaluate_detectors_bad_input(mlp, fitted, mlp_data):
     from libnet_plugin.experiments.comparison import evaluate_detectors
 
