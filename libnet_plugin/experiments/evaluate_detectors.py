@@ -20,9 +20,11 @@ Output (``--out``, default ``runs/detectors``): ``detectors.json`` (everything
 per set), and ``evasion.png`` (evasion against epsilon and against the FPR).
 
 Example:
-    libnet evaluate-detectors                  # the MNIST default: 3 minutes with --no-adaptive,
-                                               # about 30 with the attacks on every detector (2 cores)
-    libnet evaluate-detectors --quick          # a small run for tests (about a minute)
+    libnet evaluate-detectors                  # the MNIST default: about 11 minutes with --no-adaptive
+                                               # (2 loaded cores, with the seven post-hoc peers); the attacks
+                                               # on every detector add the most (not measured since the peers
+                                               # joined; --adaptive-detectors attacks fewer)
+    libnet evaluate-detectors --quick          # a small run for tests (about 3.5 minutes)
     libnet evaluate-detectors --thresholds S1  # the seed's hand-picked set S1 instead of "auto"
 """
 
