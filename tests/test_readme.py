@@ -6,6 +6,7 @@ import pathlib
 import re
 
 import pytest
+import torch
 from readme_blocks import readme_code_blocks, run_readme_block
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -65,3 +66,14 @@ def test_your_model_examples_run(monkeypatch, tmp_path):
     _, ns = run_readme_block("your-model", 1)
     assert ns["out"].output.shape == (4, 3) and ns["out"].flagged.shape == (4,)
     assert ns["net"].n_train_ == 200
+
+
+def test_detector_quickstart_runs(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    _, ns = run_readme_block("quickstart-detector")
+    assert ns["out"].output.shape == (8, 4) and ns["out"].flagged.dtype == torch.bool
+    assert (tmp_path / "det.lnp").is_file()
+
+
+def test_the_readme_is_a_ten_minute_read():
+    assert len(README.splitlines()) < 300  # results and history live in docs/guide.md
