@@ -16,8 +16,8 @@ Example:
     <torch._C.Generator object at ...>
     >>> model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3)).eval()
     >>> train, clean = torch.randn(400, 8), torch.randn(200, 8)
-    >>> det = lnp.ConsistencyDetector(model, layers=["0", "2"], thresholds=0.9, train=train,
-    ...                               method="library-margin").calibrate(clean, fpr=0.05)
+    >>> det = lnp.ConsistencyDetector.from_model(model, train, layers=["0", "2"], thresholds=0.9,
+    ...                                          method="library-margin").calibrate(clean, fpr=0.05)
     >>> det.score(clean[:4]).shape, det.predict(clean[:4]).dtype
     (torch.Size([4]), torch.bool)
     >>> guarded = det.guard()
@@ -32,6 +32,7 @@ import copy
 import math
 import os
 import threading
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -331,6 +332,26 @@ def _tensor_versions(model: nn.Module, packed: Sequence[tuple[nn.Module, str]] =
 # --------------------------------------------------------------------------------------------------
 
 
+def _network_from_model(model: Any, layers: Sequence[str] | None, thresholds: Any, train: Any, device: Any,
+                        network_options: Mapping[str, Any] | None,
+                        plugin_manager: pluggy.PluginManager | None) -> LibraryNetwork:
+    """The (unfitted) :class:`LibraryNetwork` a detector built from a model uses; ``thresholds=None``: the
+    network's default."""
+    if layers is None:
+        raise ValueError("building a ConsistencyDetector from a model needs layers=[...]: use "
+                         "ConsistencyDetector.from_model(model, train, layers=[...]); or pass a fitted LibraryNetwork")
+    if train is None:
+        raise ValueError("building a ConsistencyDetector from a model needs the training data: use "
+                         "ConsistencyDetector.from_model(model, train, layers=[...])")
+    options = dict(network_options or {})
+    if thresholds is not None and "thresholds" in options:
+        raise ValueError(f"thresholds={thresholds!r} and network_options={{'thresholds': {options['thresholds']!r}}} "
+                         "both set the thresholds: pass one")
+    if thresholds is not None:
+        options["thresholds"] = thresholds
+    return LibraryNetwork(model, layers, device=device, plugin_manager=plugin_manager, **options)
+
+
 #: The score a ConsistencyDetector uses when no method is given (chosen on development splits, see
 #: docs/method.md section 16); the paper's CPL stays available as ``method="cpl"``.
 DEFAULT_METHOD = "library-fusion"
@@ -339,29 +360,23 @@ DEFAULT_METHOD = "library-fusion"
 class ConsistencyDetector:
     """Flag inputs on which the layers of a trained classifier disagree (adversarial or out of domain).
 
-    Build it from a fitted :class:`~libnet_plugin.LibraryNetwork`, or in one call from a model, its
-    layers, thresholds and training data. :meth:`calibrate` then sets the decision threshold from clean
+    Build it on a :class:`~libnet_plugin.LibraryNetwork` (fitted, or fitted by :meth:`fit`), or from a model
+    in one call with :meth:`from_model`. :meth:`calibrate` then sets the decision threshold from clean
     data only. Scores are higher for more suspicious inputs (like pytorch-ood's detectors).
 
     Args:
-        net: a fitted (or not yet fitted) ``LibraryNetwork``, or a model (``nn.Module``; ONNX with the
-            adapter) from which one is built with ``layers``, ``thresholds`` and ``network_options``.
-        layers: the layers to probe when ``net`` is a model (required then; not allowed otherwise).
-        thresholds: theta per layer when ``net`` is a model: a number, ``{layer: theta}``, or ``"auto"``
-            (the default; see :func:`libnet_plugin.thresholds.choose_thresholds`, options via
-            ``network_options={"auto_thresholds": {...}}``).
+        net: a fitted (or not yet fitted) ``LibraryNetwork``. A model is accepted with ``layers`` and
+            ``train`` only for the deprecated one-call form (use :meth:`from_model`).
+        layers, thresholds, device, network_options: the network :meth:`from_model` builds (see there);
+            given with a ``LibraryNetwork`` they raise ``ValueError``.
         method: the score, by name, served by the ``libnet_consistency_detector`` hook:
             ``"library-fusion"`` (the default, the project's recommended detector: per-layer library
             distances and the model's confidence fused conformally; it needs :meth:`calibrate` before
             scoring), ``"cpl"`` (the paper's Eq. 5), ``"library-margin"``, ``"library-distance"``,
             ``"msp"``, ``"mahalanobis"``, ``"knn"``, or a third-party name.
         settings: keyword settings of the score (e.g. ``{"top_k": 20}`` for CPL).
-        train: training data (anything :meth:`LibraryNetwork.fit` accepts). Fits the network when it is
-            not fitted yet, and the score when it needs the training data (``"mahalanobis"``, ``"knn"``).
-        device: passed to the ``LibraryNetwork`` built from a model.
-        network_options: other ``LibraryNetwork`` keyword arguments when ``net`` is a model (for example
-            ``{"top_k": 3}``, the library nodes behind each layer's prediction; the score's own
-            ``top_k``, such as CPL's, goes in ``settings``).
+        train: deprecated (``FutureWarning``): fits in the constructor; use :meth:`from_model`, or
+            ``ConsistencyDetector(net).fit(train)``.
         on_nonfinite: what :meth:`score`, :meth:`predict` and the guard do with inputs holding NaN or
             infinity, and with finite inputs whose activations or outputs overflow (a half-precision
             model): ``"flag"`` (default: score ``inf``, flagged, per row; the model is not run on
@@ -390,7 +405,7 @@ class ConsistencyDetector:
         torch.Size([5])
     """
 
-    def __init__(self, net: Any, layers: Sequence[str] | None = None, thresholds: Any = "auto", *,
+    def __init__(self, net: Any, layers: Sequence[str] | None = None, thresholds: Any = None, *,
                  method: str = DEFAULT_METHOD, settings: Mapping[str, Any] | None = None, train: Any = None,
                  device: Any = None, network_options: Mapping[str, Any] | None = None,
                  on_nonfinite: str = "flag", plugin_manager: pluggy.PluginManager | None = None,
@@ -400,17 +415,18 @@ class ConsistencyDetector:
         if not isinstance(method, str) or not method:
             raise TypeError(f"method must be a detector name (str), got {method!r}")
         if isinstance(net, LibraryNetwork):
-            if layers is not None or network_options:
-                raise ValueError("layers and network_options are only used when building from a model; "
-                                 "this detector was given a LibraryNetwork, which already has its layers")
+            given = {k: v for k, v in (("layers", layers), ("thresholds", thresholds), ("device", device),
+                                       ("network_options", network_options or None)) if v is not None}
+            if given:
+                raise ValueError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} only used when building "
+                                 "from a model; this detector was given a LibraryNetwork, which already has its "
+                                 "layers, thresholds and device")
         else:
-            if layers is None:
-                raise ValueError("building a ConsistencyDetector from a model needs layers=[...] (and train= "
-                                 "to fit the libraries); or pass a fitted LibraryNetwork")
-            if train is None:
-                raise ValueError("building a ConsistencyDetector from a model needs the training data: train=...")
-            net = LibraryNetwork(net, layers, thresholds=thresholds, device=device,
-                                 plugin_manager=plugin_manager, **dict(network_options or {}))
+            net = _network_from_model(net, layers, thresholds, train, device, network_options, plugin_manager)
+        if train is not None:
+            warnings.warn("ConsistencyDetector(..., train=...) fits inside the constructor and is deprecated: use "
+                          "ConsistencyDetector.from_model(model, train, layers=...), or "
+                          "ConsistencyDetector(net, ...).fit(train) for a LibraryNetwork", FutureWarning, stacklevel=2)
         self.net: LibraryNetwork = net
         self.method = method
         self.settings = dict(settings or {})
@@ -426,6 +442,44 @@ class ConsistencyDetector:
             self.fit(train)
         elif net.is_fitted:
             self._record_model()
+
+    @classmethod
+    def from_model(cls, model: Any, train: Any, layers: Sequence[str] | None = None,
+                   **options: Any) -> ConsistencyDetector:
+        """Build a :class:`LibraryNetwork` on ``model`` and fit it and the detector on ``train``, in one call.
+
+        ``from_model(model, train, layers=...)`` is ``ConsistencyDetector(LibraryNetwork(model, layers, ...),
+        ...).fit(train)``; :meth:`calibrate` comes next.
+
+        Args:
+            model: a ``torch.nn.Module`` (an ONNX model with the ONNX adapter).
+            train: training data, as :meth:`LibraryNetwork.fit` accepts it.
+            layers: the layers to probe (required).
+            **options: for the network: ``thresholds``, theta per layer (a number, ``{layer: theta}``, or
+                ``"auto"``, the default :data:`~libnet_plugin.network.DEFAULT_THRESHOLDS`, see
+                :func:`libnet_plugin.thresholds.choose_thresholds`; its options via
+                ``network_options={"auto_thresholds": {...}}``); ``device``; ``network_options``, other
+                ``LibraryNetwork`` keywords (e.g. ``{"top_k": 3}``, the library nodes behind each layer's
+                prediction; the score's own ``top_k``, such as CPL's, goes in ``settings``). For the
+                detector: the constructor's keywords ``method``, ``settings``, ``on_nonfinite``,
+                ``plugin_manager``, ``progress``.
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> _ = torch.manual_seed(0)
+            >>> model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3)).eval()
+            >>> det = ConsistencyDetector.from_model(model, torch.randn(300, 8), layers=["0", "2"],
+            ...                                      thresholds=0.9, method="cpl")
+            >>> det.net.is_fitted, det.net.thresholds_
+            (True, {'0': 0.9, '2': 0.9})
+        """
+        network = {k: options.pop(k) for k in ("thresholds", "device", "network_options") if k in options}
+        if "train" in options:
+            raise TypeError("from_model takes the training data as its second argument, not train=")
+        net = _network_from_model(model, layers, network.get("thresholds"), train, network.get("device"),
+                                  network.get("network_options"), options.get("plugin_manager"))
+        return cls(net, **options).fit(train)
 
     def __repr__(self) -> str:
         thr = getattr(self, "threshold_", None)
@@ -472,7 +526,7 @@ class ConsistencyDetector:
             return
         if self.requires_training_data:
             raise NotFittedError(f"the {self.method!r} detector is fitted on the training data: call "
-                                 "det.fit(train) (or pass train= when building the detector) before calibrate")
+                                 "det.fit(train) (or build it with ConsistencyDetector.from_model) before calibrate")
         self.scorer.fit(self.net, None)
         self._scorer_fitted = True
 
@@ -502,7 +556,7 @@ class ConsistencyDetector:
             self.__dict__.pop(attr, None)
         return self
 
-    def calibrate(self, clean: Any, fpr: float = 0.05) -> ConsistencyDetector:
+    def calibrate(self, clean: Any = None, fpr: float = 0.05, *, features: Tensor | None = None) -> ConsistencyDetector:
         """Set the decision threshold so that about ``fpr`` of clean inputs are flagged.
 
         The threshold is the ``ceil((n + 1)(1 - fpr))``-th smallest score of the ``n`` clean inputs (the
@@ -514,39 +568,21 @@ class ConsistencyDetector:
             clean: clean inputs (a Tensor, ``(X, y)``, Dataset, DataLoader or batches), held out from the
                 training data; at least ``ceil(1 / fpr) - 1`` of them (19 for ``fpr=0.05``).
             fpr: the false-positive rate to aim at, in (0, 1).
+            features: instead of ``clean``, what :meth:`calibration_features` returned for them: one pass
+                over the clean inputs then serves several calibrations (other FPRs, a held-out check).
 
         Returns:
             ``self``, with ``threshold_``, ``fpr_``, ``n_calibration_`` and ``calibration_scores_`` set.
 
         Raises:
-            ValueError: ``fpr`` outside (0, 1), too few clean inputs, or non-finite clean inputs.
+            ValueError: ``fpr`` outside (0, 1), too few clean inputs, non-finite clean inputs, or both or
+                neither of ``clean`` and ``features``.
         """
         fpr = _check_fpr(fpr)
-        return self.calibrate_on(self.calibration_data(clean), fpr)
-
-    def calibration_data(self, clean: Any) -> Tensor:
-        """What calibration needs per clean input: the features ``[N, F]`` of a fused score, else its scores ``[N]``.
-
-        :meth:`calibrate` is ``calibrate_on(calibration_data(clean), fpr)``; the two halves let an
-        evaluation reuse one pass over the clean inputs (for several FPRs, or a held-out FPR check).
-        """
-        self._ensure_scorer()
-        self._check_model()
-        parts = []
-        for x, _ in iter_batches(clean, self.net.batch_size):
-            if n_rows(x) == 0:
-                continue
-            check_inputs_finite(x, "a clean calibration batch")
-            r = self.net.run(x)
-            parts.append(self.scorer.features(self.net, r) if self.scorer.fuses else self.scorer.score(self.net, r))
-        local = torch.cat(parts) if parts else torch.empty(0)
-        if world() is None:  # gather_all would refuse an empty local part; calibrate_on says what is wrong
-            return local
-        return gather_all(local, self.net.device, "clean calibration inputs")  # every rank's, in rank order
-
-    def calibrate_on(self, data: Tensor, fpr: float) -> ConsistencyDetector:
-        """Set the threshold (and a fused score's clean reference) from :meth:`calibration_data`'s output."""
-        fpr = _check_fpr(fpr)
+        if (clean is None) == (features is None):
+            raise ValueError("calibrate needs the clean inputs or their calibration_features(clean), exactly one of "
+                             f"them; got {'both' if clean is not None else 'neither'}")
+        data = self.calibration_features(clean) if features is None else features
         n = int(data.shape[0])
         rank = _conformal_rank(n, fpr)
         if n == 0 or rank > n:
@@ -560,6 +596,38 @@ class ConsistencyDetector:
         self.fpr_ = fpr
         self.n_calibration_ = n
         return self
+
+    def calibration_features(self, clean: Any) -> Tensor:
+        """What :meth:`calibrate` is built from, per clean input: a fused score's features ``[N, F]``, else
+        its scores ``[N]`` (under ``torch.distributed``, every rank's, in rank order).
+
+        ``calibrate(clean, fpr)`` is ``calibrate(features=calibration_features(clean), fpr=fpr)``.
+        """
+        self._ensure_scorer()
+        self._check_model()
+        parts = []
+        for x, _ in iter_batches(clean, self.net.batch_size):
+            if n_rows(x) == 0:
+                continue
+            check_inputs_finite(x, "a clean calibration batch")
+            r = self.net.run(x)
+            parts.append(self.scorer.features(self.net, r) if self.scorer.fuses else self.scorer.score(self.net, r))
+        local = torch.cat(parts) if parts else torch.empty(0)
+        if world() is None:  # gather_all would refuse an empty local part; calibrate says what is wrong
+            return local
+        return gather_all(local, self.net.device, "clean calibration inputs")  # every rank's, in rank order
+
+    def calibration_data(self, clean: Any) -> Tensor:
+        """Deprecated alias (``FutureWarning``) of :meth:`calibration_features`."""
+        warnings.warn("ConsistencyDetector.calibration_data is deprecated: use calibration_features",
+                      FutureWarning, stacklevel=2)
+        return self.calibration_features(clean)
+
+    def calibrate_on(self, data: Tensor, fpr: float) -> ConsistencyDetector:
+        """Deprecated alias (``FutureWarning``) of ``calibrate(features=data, fpr=fpr)``."""
+        warnings.warn("ConsistencyDetector.calibrate_on(data, fpr) is deprecated: use calibrate(features=data, fpr=fpr)",
+                      FutureWarning, stacklevel=2)
+        return self.calibrate(features=data, fpr=fpr)
 
     # ------------------------------------------------------------------ scoring
     def _score_result(self, r: ProbeResult) -> Tensor:
@@ -639,8 +707,8 @@ class ConsistencyDetector:
             >>> from torch import nn
             >>> _ = torch.manual_seed(0)
             >>> model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3)).eval()
-            >>> det = ConsistencyDetector(model, ["0", "2"], thresholds=0.9, method="library-distance",
-            ...                           train=torch.randn(300, 8)).calibrate(torch.randn(100, 8))
+            >>> det = ConsistencyDetector.from_model(model, torch.randn(300, 8), ["0", "2"], thresholds=0.9,
+            ...                                      method="library-distance").calibrate(torch.randn(100, 8))
             >>> x = torch.randn(4, 8, requires_grad=True)
             >>> det.score(x).sum().backward()
             >>> x.grad.shape, bool(x.grad.abs().sum() > 0)

@@ -24,9 +24,36 @@ from .probe import ConfigurableProbe, ProbeResult
 from .readout import HebbianPairPass, WeightedReadout
 from .serialization import load_checked, save_atomic
 
-__all__ = ["LibraryNetwork", "stream_fit", "StreamFit", "default_cache_bytes"]
+__all__ = ["DEFAULT_THRESHOLDS", "LibraryNetwork", "stream_fit", "StreamFit", "default_cache_bytes"]
 
 ThresholdSpec = float | Mapping[str, float] | str
+
+#: The default ``thresholds`` of :class:`LibraryNetwork` and :class:`~libnet_plugin.ConsistencyDetector`:
+#: ``"auto"`` chooses each layer's theta from the training data so that its library holds a set fraction of
+#: the inputs (docs/method.md section 13). A fixed theta is tuned for one model: the cosines between a
+#: layer's activation patterns depend on the model and the layer (docs/method.md section 7 lists the values
+#: tuned for the paper's MNIST network, which its reproduction passes explicitly).
+DEFAULT_THRESHOLDS = "auto"
+
+#: The keyword options of :class:`LibraryNetwork` beyond its named parameters (documented there).
+_NETWORK_OPTIONS = ("auto_thresholds", "plugin_manager", "batch_dims")
+
+
+def _check_network_settings(layers: list[str], thresholds: Any, auto_thresholds: Any, cache_bytes: Any) -> None:
+    """The checks of :class:`LibraryNetwork`'s settings that need no model: layers, the thresholds and their
+    ``"auto"`` options together, the cache budget (``ValueError`` naming the setting)."""
+    if not layers:
+        raise ValueError("layers must name at least one layer")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"layers must be distinct, got {layers}")
+    if auto_thresholds is not None and not (isinstance(thresholds, str) and thresholds == "auto"):
+        raise ValueError(f"auto_thresholds={auto_thresholds!r} sets how thresholds='auto' chooses theta, but "
+                         f"thresholds={thresholds!r} was given: pass thresholds='auto', or drop auto_thresholds")
+    if auto_thresholds is not None and not isinstance(auto_thresholds, Mapping):
+        raise TypeError(f"auto_thresholds must be a dict of options of thresholds.choose_thresholds, "
+                        f"got {type(auto_thresholds).__name__}")
+    if isinstance(cache_bytes, str) and cache_bytes != "auto":
+        raise ValueError(f"cache_bytes must be a number of bytes >= 0 or 'auto', got {cache_bytes!r}")
 
 log = logging.getLogger(__name__)
 
@@ -495,8 +522,9 @@ class LibraryNetwork:
         model: a ``torch.nn.Module`` (built in); an ONNX path, ``onnx.ModelProto`` or
             ``onnxruntime.InferenceSession`` with the ONNX adapter installed.
         layers: names of the layers to probe, in order (``model.named_modules()`` names for torch).
-        thresholds: theta in (0, 1], one for all layers or ``{layer: theta}`` for each; or ``"auto"`` to
-            choose each layer's theta from the training data at ``fit`` (see
+        thresholds: theta in (0, 1], one for all layers or ``{layer: theta}`` for each; or ``"auto"`` (the
+            default, :data:`DEFAULT_THRESHOLDS`: a fixed theta suits one model's layers only) to choose each
+            layer's theta from the training data at ``fit`` (see
             :func:`libnet_plugin.thresholds.choose_thresholds`; options in ``auto_thresholds``). Kept
             as given; the theta of each fitted library is in ``thresholds_``.
         top_k: nodes used per prediction (Eq. 3) when a call does not say otherwise.
@@ -504,6 +532,8 @@ class LibraryNetwork:
         library: library kind served by the ``libnet_library`` hook (``"exact"``).
         library_options: extra settings passed to every library (e.g. ``{"n_units": 1024}``).
         readout: readout kind served by the ``libnet_readout`` hook (``"hebbian"``).
+        readout_options: extra settings passed to every readout, for the ``"hebbian"`` readout
+            ``{"width": w}``, the width of g in Eq. 2 (default 0.01, the paper's); saved with the network.
         batch_size: batch size used when data is given as a Tensor or a Dataset.
         cache_bytes: memory budget (bytes) for keeping the HAPs of the model's forward pass over the
             training data. When the HAPs of all probed layers fit, the model runs **once**: both passes of
@@ -515,6 +545,10 @@ class LibraryNetwork:
             ``0`` always streams, holding the libraries plus one batch of HAPs. Not saved; the budget
             used and the passes made are logged (logger ``libnet_plugin.network``) and kept in
             ``cache_bytes_`` and ``n_forward_passes_``.
+        **options: the keyword options below (any other name raises ``TypeError``).
+        auto_thresholds: options of :func:`libnet_plugin.thresholds.choose_thresholds` (e.g.
+            ``{"target": 0.2}``) for ``thresholds="auto"``; with any other ``thresholds`` it raises
+            ``ValueError``.
         plugin_manager: a ``pluggy.PluginManager`` from :func:`libnet_plugin.get_plugin_manager`
             (default: the process-wide one).
         batch_dims: ``{layer: dim}``, the dimension of a torch layer's output that holds the batch, for a
@@ -537,40 +571,35 @@ class LibraryNetwork:
         torch.Size([5])
     """
 
-    def __init__(self, model: Any, layers: Sequence[str] | str, thresholds: ThresholdSpec = 0.7, top_k: int = 3,
-                 device: Any = None, *, library: str = "exact", library_options: Mapping[str, Any] | None = None,
-                 readout: str = "hebbian", readout_options: Mapping[str, Any] | None = None,
-                 batch_size: int = 256, cache_bytes: int | str = "auto",
-                 auto_thresholds: Mapping[str, Any] | None = None,
-                 plugin_manager: pluggy.PluginManager | None = None, batch_dims: Mapping[str, int] | None = None):
-        if isinstance(layers, str):
-            layers = [layers]
-        layers = list(layers)
-        if not layers:
-            raise ValueError("layers must name at least one layer")
-        if len(set(layers)) != len(layers):
-            raise ValueError(f"layers must be distinct, got {layers}")
-        top_k = check_int(top_k, "top_k")
-        batch_size = check_int(batch_size, "batch_size")
-        if isinstance(cache_bytes, str) and cache_bytes != "auto":
-            raise ValueError(f"cache_bytes must be a number of bytes >= 0 or 'auto', got {cache_bytes!r}")
-        if not isinstance(cache_bytes, str):
-            cache_bytes = check_int(cache_bytes, "cache_bytes", minimum=0)
+    def __init__(self, model: Any, layers: Sequence[str] | str, thresholds: ThresholdSpec = DEFAULT_THRESHOLDS,
+                 top_k: int = 3, device: Any = None, *, library: str = "exact",
+                 library_options: Mapping[str, Any] | None = None, readout: str = "hebbian",
+                 readout_options: Mapping[str, Any] | None = None, batch_size: int = 256,
+                 cache_bytes: int | str = "auto", **options: Any):
+        unknown = sorted(set(options) - set(_NETWORK_OPTIONS))
+        if unknown:
+            raise TypeError(f"LibraryNetwork got unexpected keyword arguments {unknown}; the other options are "
+                            f"{list(_NETWORK_OPTIONS)}")
+        auto_thresholds, plugin_manager, batch_dims = (options.get(k) for k in _NETWORK_OPTIONS)
+        layers = [layers] if isinstance(layers, str) else list(layers)
+        _check_network_settings(layers, thresholds, auto_thresholds, cache_bytes)
         self.model = model
         self.layers = layers
-        self.auto_thresholds = dict(auto_thresholds or {}) if isinstance(thresholds, str) and thresholds == "auto" else None
+        is_auto = isinstance(thresholds, str) and thresholds == "auto"
+        self.auto_thresholds = dict(auto_thresholds or {}) if is_auto else None
         # the hyperparameter as given; checked now so that a bad value fails before any pass over data
         self.thresholds = dict(thresholds) if isinstance(thresholds, Mapping) else thresholds
-        if self.auto_thresholds is None:
+        if not is_auto:
             self._resolve_thresholds(thresholds, layers)
-        self.top_k = int(top_k)
+        self.top_k = check_int(top_k, "top_k")
         self.device = _resolve_device(device, model)
         self.library = library
         self.library_options = dict(library_options or {})
         self.readout = readout
         self.readout_options = dict(readout_options or {})
-        self.batch_size = int(batch_size)
-        self.cache_bytes = cache_bytes if isinstance(cache_bytes, str) else int(cache_bytes)
+        self.batch_size = check_int(batch_size, "batch_size")
+        self.cache_bytes = cache_bytes if isinstance(cache_bytes, str) else check_int(cache_bytes, "cache_bytes",
+                                                                                     minimum=0)
         self.plugin_manager = plugin_manager
         self.probe = make_probe(model, layers, self.device, plugin_manager)
         self.batch_dims = {str(k): v for k, v in batch_dims.items()} if batch_dims else None
@@ -978,8 +1007,10 @@ class LibraryNetwork:
 
         _check_saved_settings(cfg)
         # files written before thresholds_ existed hold only the fitted thetas: they stand for the hyperparameter
-        settings = dict(thresholds=cfg.get("thresholds_param", cfg["thresholds"]), top_k=cfg["top_k"],
-                        auto_thresholds=cfg.get("auto_thresholds"), library=cfg["library"],
+        thresholds = cfg.get("thresholds_param", cfg["thresholds"])
+        settings = dict(thresholds=thresholds, top_k=cfg["top_k"],
+                        auto_thresholds=cfg.get("auto_thresholds") if thresholds == "auto" else None,
+                        library=cfg["library"],
                         library_options=cfg["library_options"], readout=cfg["readout"],
                         readout_options=cfg["readout_options"], batch_size=cfg["batch_size"],
                         batch_dims=cfg.get("batch_dims"))
