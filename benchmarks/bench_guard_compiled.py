@@ -42,7 +42,7 @@ def main(device: str = "cpu", *, backend: str = "inductor", batch: int = 256, re
     train, clean = torch.randn(1000, 3, 16, 16, generator=g), torch.randn(300, 3, 16, 16, generator=g)
     x = torch.randn(batch, 3, 16, 16, generator=g).to(dev)
     layers = ["4", "7", "11"]
-    eager_det = ConsistencyDetector(model, layers, thresholds=0.9, train=train, method="library-distance")
+    eager_det = ConsistencyDetector.from_model(model, train, layers, thresholds=0.9, method="library-distance")
     eager_det.calibrate(clean)
     compiled = torch.compile(model, backend=backend)
     fitted = eager_det.net  # the same libraries on the compiled model (a refit could pick other nodes near theta)

@@ -20,8 +20,8 @@ def test_eight_threads_mixed_with_plain_forwards_give_the_single_thread_results(
     model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
     g = torch.Generator().manual_seed(1)
     train, clean = torch.randn(400, 10, generator=g), torch.randn(100, 10, generator=g)
-    det = lnp.ConsistencyDetector(model, layers=["0", "2", "4"], thresholds=0.9, train=train,
-                                  method="library-distance").calibrate(clean, fpr=0.1)
+    det = lnp.ConsistencyDetector.from_model(model, train, layers=["0", "2", "4"], thresholds=0.9,
+                                             method="library-distance").calibrate(clean, fpr=0.1)
     guard = det.guard()
     batches = [torch.randn(7, 10, generator=g) for _ in range(16)]
     expected = [guard(b) for b in batches]

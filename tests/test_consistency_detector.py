@@ -80,18 +80,70 @@ def test_unfitted_network(mlp, mlp_data):
 
 def test_one_call_from_model_with_auto_thresholds(mlp, mlp_data):
     x, y = mlp_data
-    det = lnp.ConsistencyDetector(mlp, layers=["fc1", "out"], train=(x, y), method="knn",
-                                  network_options={"auto_thresholds": {"target": 0.2}})
+    det = lnp.ConsistencyDetector.from_model(mlp, (x, y), layers=["fc1", "out"], method="knn",
+                                             network_options={"auto_thresholds": {"target": 0.2}})
     assert det.net.is_fitted and set(det.net.thresholds_) == {"fc1", "out"} and det.net.thresholds == "auto"
     assert set(det.net.auto_thresholds_report_) == {"fc1", "out"}
     det.calibrate(torch.randn(200, 10, generator=torch.Generator().manual_seed(5)))
     assert det.predict(x[:3]).dtype == torch.bool
     with pytest.raises(ValueError, match="needs layers"):
-        lnp.ConsistencyDetector(mlp, train=x)
+        lnp.ConsistencyDetector.from_model(mlp, x)
     with pytest.raises(ValueError, match="needs the training data"):
         lnp.ConsistencyDetector(mlp, layers=["fc1"])
     with pytest.raises(ValueError, match="only used when building from a model"):
         lnp.ConsistencyDetector(det.net, layers=["fc1"])
+
+
+def test_the_deprecated_one_call_form_still_fits_and_warns(mlp, mlp_data):
+    x, _ = mlp_data
+    with pytest.warns(FutureWarning, match="from_model"):
+        old = lnp.ConsistencyDetector(mlp, ["fc1", "out"], thresholds=0.9, method="cpl", train=x)
+    new = lnp.ConsistencyDetector.from_model(mlp, x, ["fc1", "out"], thresholds=0.9, method="cpl")
+    assert old.net.library_sizes_ == new.net.library_sizes_
+    torch.testing.assert_close(old.score(x[:20]), new.score(x[:20]), rtol=1e-6, atol=1e-6)
+    with pytest.warns(FutureWarning, match="from_model"):
+        on_net = lnp.ConsistencyDetector(new.net, method="knn", train=(x, mlp_data[1]))
+    assert on_net.requires_training_data and on_net.net is new.net
+
+
+def test_contradictory_options_raise_naming_both(mlp, fitted):
+    with pytest.raises(ValueError, match=r"auto_thresholds=.*thresholds=0\.9"):
+        lnp.LibraryNetwork(mlp, ["fc1"], thresholds=0.9, auto_thresholds={"target": 0.2})
+    with pytest.raises(ValueError, match="thresholds, device are only used when building from a model"):
+        lnp.ConsistencyDetector(fitted, thresholds=0.5, device="cpu")
+    with pytest.raises(ValueError, match="both set the thresholds"):
+        lnp.ConsistencyDetector.from_model(mlp, torch.randn(30, 10), ["fc1"], thresholds=0.9,
+                                           network_options={"thresholds": 0.8})
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['thresold'\]"):
+        lnp.LibraryNetwork(mlp, ["fc1"], thresold=0.9)
+
+
+def test_one_default_for_thresholds():
+    import inspect
+
+    network = inspect.signature(lnp.LibraryNetwork).parameters["thresholds"].default
+    assert network == lnp.network.DEFAULT_THRESHOLDS == "auto"
+
+
+def test_calibrate_from_features_matches_calibrate_from_inputs(fitted):
+    clean = torch.randn(120, 10, generator=torch.Generator().manual_seed(4))
+    direct = lnp.ConsistencyDetector(fitted, method="library-fusion").calibrate(clean, fpr=0.1)
+    det = lnp.ConsistencyDetector(fitted, method="library-fusion")
+    features = det.calibration_features(clean)
+    assert features.shape[0] == 120
+    det.calibrate(features=features, fpr=0.1)
+    assert det.n_calibration_ == direct.n_calibration_ == 120
+    assert det.threshold_ == pytest.approx(direct.threshold_, rel=1e-5, abs=1e-6)
+    with pytest.raises(ValueError, match="exactly one of them; got both"):
+        det.calibrate(clean, fpr=0.1, features=features)
+    with pytest.raises(ValueError, match="got neither"):
+        det.calibrate(fpr=0.1)
+    with pytest.warns(FutureWarning, match="calibration_features"):
+        again = det.calibration_data(clean)
+    torch.testing.assert_close(again, features, rtol=1e-6, atol=1e-6)
+    with pytest.warns(FutureWarning, match=r"calibrate\(features=data"):
+        det.calibrate_on(features, 0.2)
+    assert det.fpr_ == 0.2
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -225,8 +277,8 @@ def test_quantised_model_fingerprint_holds_the_packed_weights(tmp_path, mlp, mlp
     assert not list(q.parameters()) and not list(q.buffers())  # the weights live in packed-parameter objects
     names = [r[0] for r in model_fingerprint(q)]
     assert "fc2._packed_params._packed_params[0]" in names and "fc2._packed_params._packed_params[1]" in names
-    det = lnp.ConsistencyDetector(q, layers=["fc1", "fc2", "out"], thresholds=0.9, train=x,
-                                  method="cpl").calibrate(x[:100], fpr=0.1)
+    det = lnp.ConsistencyDetector.from_model(q, x, layers=["fc1", "fc2", "out"], thresholds=0.9,
+                                             method="cpl").calibrate(x[:100], fpr=0.1)
     det.save(tmp_path / "det.lnp")
     det.score(x[:3])
     lnp.ConsistencyDetector.load(tmp_path / "det.lnp", _quantised(mlp))  # the same weights, quantised again
@@ -262,8 +314,8 @@ class _Holder(nn.Module):
 def test_detector_moves_between_the_bare_and_the_wrapped_model(tmp_path, mlp, mlp_data):
     x, _ = mlp_data
     q = x[:40]
-    bare = lnp.ConsistencyDetector(mlp, layers=["fc1", "out"], thresholds=0.9, train=x,
-                                   method="library-fusion").calibrate(x[:100], fpr=0.1)
+    bare = lnp.ConsistencyDetector.from_model(mlp, x, layers=["fc1", "out"], thresholds=0.9,
+                                              method="library-fusion").calibrate(x[:100], fpr=0.1)
     bare.save(tmp_path / "bare.lnp")
     # fitted on the bare model, loaded onto DataParallel (names "module.*"; runs the model itself on CPU)
     dp = lnp.ConsistencyDetector.load(tmp_path / "bare.lnp", nn.DataParallel(mlp))
@@ -278,8 +330,9 @@ def test_detector_moves_between_the_bare_and_the_wrapped_model(tmp_path, mlp, ml
     assert back.net.layers == ["fc1", "out"]
     torch.testing.assert_close(back.score(q), bare.score(q), rtol=1e-5, atol=1e-6)
     holder = _Holder("_orig_mod", mlp)  # saved with "_orig_mod.*" names, as a fit on torch.compile(mlp) is
-    lnp.ConsistencyDetector(holder, layers=["_orig_mod.fc1", "_orig_mod.out"], thresholds=0.9, train=x,
-                            method="library-fusion").calibrate(x[:100], fpr=0.1).save(tmp_path / "compiled.lnp")
+    on_holder = lnp.ConsistencyDetector.from_model(holder, x, layers=["_orig_mod.fc1", "_orig_mod.out"],
+                                                   thresholds=0.9, method="library-fusion")
+    on_holder.calibrate(x[:100], fpr=0.1).save(tmp_path / "compiled.lnp")
     from_compiled = lnp.ConsistencyDetector.load(tmp_path / "compiled.lnp", mlp)
     torch.testing.assert_close(from_compiled.score(q), bare.score(q), rtol=1e-5, atol=1e-6)
     # a different model is still refused, wrapped or not
@@ -350,7 +403,7 @@ def _grad_detector(method: str):
     model = torch.nn.Sequential(torch.nn.Linear(6, 24), torch.nn.Tanh(), torch.nn.Linear(24, 3)).eval()
     g = torch.Generator().manual_seed(3)
     x = torch.randn(300, 6, generator=g)
-    det = lnp.ConsistencyDetector(model, ["0", "2"], thresholds=0.8, method=method, train=x)
+    det = lnp.ConsistencyDetector.from_model(model, x, ["0", "2"], thresholds=0.8, method=method)
     return det.calibrate(torch.randn(100, 6, generator=g)), g
 
 

@@ -39,8 +39,8 @@ def _model() -> nn.Sequential:
 def _detector(model):
     g = torch.Generator().manual_seed(1)
     train, clean = torch.randn(100, 6, generator=g), torch.randn(40, 6, generator=g)
-    return lnp.ConsistencyDetector(model, ["0", "4", "8"], thresholds=0.7, train=train,
-                                   method="library-distance").calibrate(clean, fpr=0.1)
+    return lnp.ConsistencyDetector.from_model(model, train, ["0", "4", "8"], thresholds=0.7,
+                                              method="library-distance").calibrate(clean, fpr=0.1)
 
 
 def _buffers(model):

@@ -174,7 +174,7 @@ def test_fuzzed_settings_give_save_format_error_or_a_working_detector(tmp_path, 
     edits, each to every value of ``_VALUES``, in a slower run.)"""
     x, y = mlp_data
     small = lnp.LibraryNetwork(mlp, ["fc1", "out"], thresholds=0.5).fit(x[:40])  # small files: fast loads
-    det = lnp.ConsistencyDetector(small, method="knn", train=(x[:40], y[:40]))
+    det = lnp.ConsistencyDetector(small, method="knn").fit((x[:40], y[:40]))
     det.calibrate(x[40:60], fpr=0.1).save(tmp_path / "det.lnp")
     meta, data = _read(tmp_path / "det.lnp")
     base = json.loads(meta["config"])

@@ -426,8 +426,8 @@ def _deployed(form: str, model: nn.Module, example: torch.Tensor) -> nn.Module:
 def test_a_detector_fitted_on_the_eager_model_serves_its_deployed_form(form, tmp_path):
     """The serving order: the deployed model answers plain requests first, then the guard; eager results within 1e-5."""
     case = resnet_case()
-    det = lnp.ConsistencyDetector(case.model, ["bn1", "layer1.0.bn2", "fc"], thresholds=0.9, train=case.train,
-                                  method="library-distance").calibrate(case.test, fpr=0.1)
+    det = lnp.ConsistencyDetector.from_model(case.model, case.train, ["bn1", "layer1.0.bn2", "fc"], thresholds=0.9,
+                                             method="library-distance").calibrate(case.test, fpr=0.1)
     det.save(tmp_path / "det.lnp")
     deployed = _deployed(form, case.model, case.batch)
     with torch.no_grad():
@@ -442,15 +442,16 @@ def test_a_detector_fitted_on_the_eager_model_serves_its_deployed_form(form, tmp
     torch.testing.assert_close(out.score, det.score(case.batch), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(back.score(case.test), det.score(case.test), rtol=1e-5, atol=1e-5)
     if form == "torch.compile":  # fitted on the compiled module itself (layer names with or without _orig_mod.)
-        own = lnp.ConsistencyDetector(deployed, ["_orig_mod.bn1", "layer1.0.bn2", "fc"], thresholds=0.9,
-                                      train=case.train, method="library-distance").calibrate(case.test, fpr=0.1)
+        own = lnp.ConsistencyDetector.from_model(deployed, case.train, ["_orig_mod.bn1", "layer1.0.bn2", "fc"],
+                                                 thresholds=0.9, method="library-distance")
+        own.calibrate(case.test, fpr=0.1)
         torch.testing.assert_close(own.guard()(case.batch).output, eager, rtol=1e-5, atol=1e-5)
 
 
 def test_torchscript_is_refused_with_the_forms_that_work():
     case = resnet_case()
     with pytest.raises(TypeError, match=r"TorchScript.*the eager nn.Module.*torch.export.*ONNX"):
-        lnp.ConsistencyDetector(torch.jit.trace(case.model, case.batch), ["bn1", "fc"], train=case.train)
+        lnp.ConsistencyDetector.from_model(torch.jit.trace(case.model, case.batch), case.train, ["bn1", "fc"])
 
 
 def test_a_huggingface_model_through_torch_export_keeps_its_layer_names():

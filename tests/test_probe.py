@@ -126,7 +126,7 @@ def test_eval_mode_restores_mixed_modes_also_when_the_model_raises():
 
 def test_a_detector_on_a_model_in_training_mode_says_to_call_eval(resnet):
     x = torch.randn(60, 1, 8, 8, generator=torch.Generator().manual_seed(4))
-    det = lnp.ConsistencyDetector(resnet, layers=["block", "head"], thresholds=0.9, train=x).calibrate(x[:40])
+    det = lnp.ConsistencyDetector.from_model(resnet, x, layers=["block", "head"], thresholds=0.9).calibrate(x[:40])
     resnet.train()
     with torch.no_grad():
         resnet(x)  # the user's own forward pass in training mode moves the batch-norm statistics
@@ -170,8 +170,8 @@ def test_an_overflowing_row_of_a_half_precision_model_is_flagged_alone():
         model[0].weight.abs_().mul_(4.0)  # positive weights: a large input row overflows float16 (max 65504)
     model = model.half()
     x = torch.randn(200, 4)
-    det = lnp.ConsistencyDetector(model, layers=["0", "2"], thresholds=0.9, train=x,
-                                  method="msp").calibrate(torch.randn(60, 4), fpr=0.1)
+    det = lnp.ConsistencyDetector.from_model(model, x, layers=["0", "2"], thresholds=0.9,
+                                             method="msp").calibrate(torch.randn(60, 4), fpr=0.1)
     batch = torch.randn(5, 4)
     batch[2] = 6e4  # finite in float32 and float16, but the first layer's outputs overflow float16
     scores = det.score(batch)
@@ -349,8 +349,8 @@ def test_batch_dims_names_where_a_layer_keeps_the_batch_and_is_saved(tmp_path):
     torch.manual_seed(0)
     model = TimeMajor().eval()
     x = torch.randn(80, 5, 4, generator=torch.Generator().manual_seed(10))
-    det = lnp.ConsistencyDetector(model, ["proj", "head"], thresholds=0.9, train=x[:60], method="library-distance",
-                                  network_options={"batch_dims": {"proj": 1}}).calibrate(x[60:])
+    det = lnp.ConsistencyDetector.from_model(model, x[:60], ["proj", "head"], thresholds=0.9, method="library-distance",
+                                             network_options={"batch_dims": {"proj": 1}}).calibrate(x[60:])
     hap = det.net.run(x[:5]).haps["proj"]
     with torch.no_grad():
         torch.testing.assert_close(hap[2], model.proj(x[2]).flatten(), rtol=0, atol=0)  # row 2 is input 2
@@ -447,8 +447,8 @@ def test_an_exported_module_is_probed_through_its_graph_with_the_eager_names(res
     torch.testing.assert_close(got.outputs, want.outputs, rtol=1e-5, atol=1e-5)
     with pytest.raises(lnp.LayerNotFoundError, match=r"'block.bn3' does not exist in the exported graph.*block.bn1"):
         TorchLayerProbe(exported, ["block.bn3"])
-    det = lnp.ConsistencyDetector(resnet, ["block.bn1", "block", "head"], thresholds=0.9, train=x,
-                                  method="library-distance").calibrate(x[:20])
+    det = lnp.ConsistencyDetector.from_model(resnet, x, ["block.bn1", "block", "head"], thresholds=0.9,
+                                             method="library-distance").calibrate(x[:20])
     det.save(tmp_path / "det.lnp")
     back = lnp.ConsistencyDetector.load(tmp_path / "det.lnp", exported)  # fitted on the eager model
     torch.testing.assert_close(back.score(x[20:]), det.score(x[20:]), rtol=1e-5, atol=1e-5)
@@ -463,8 +463,8 @@ def test_the_guard_on_a_compiled_model_gives_the_eager_output_whatever_it_served
     compiled = torch.compile(resnet, backend="eager")
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        det = lnp.ConsistencyDetector(compiled, ["_orig_mod.block.bn2", "head"], thresholds=0.9, train=x[:30],
-                                      method="library-distance").calibrate(x[30:])
+        det = lnp.ConsistencyDetector.from_model(compiled, x[:30], ["_orig_mod.block.bn2", "head"], thresholds=0.9,
+                                                 method="library-distance").calibrate(x[30:])
         with torch.no_grad():
             served = compiled(x[:4])  # a plain request first: Dynamo caches a graph for this shape, without hooks
         out = det.guard()(x[:4])
@@ -472,8 +472,8 @@ def test_the_guard_on_a_compiled_model_gives_the_eager_output_whatever_it_served
     assert not [str(w.message) for w in record if "get_ident" in str(w.message) or "dynamo" in str(w.message).lower()
                 or "could not be compiled" in str(w.message)]
     assert det.net.probe._dynamo_ctx is not None  # the probed forward ran compiled, not the eager fallback
-    eager = lnp.ConsistencyDetector(resnet, ["block.bn2", "head"], thresholds=0.9, train=x[:30],
-                                    method="library-distance").calibrate(x[30:])
+    eager = lnp.ConsistencyDetector.from_model(resnet, x[:30], ["block.bn2", "head"], thresholds=0.9,
+                                               method="library-distance").calibrate(x[30:])
     with torch.no_grad():
         want = resnet(x[:4])
     torch.testing.assert_close(served, want, rtol=1e-5, atol=1e-5)
