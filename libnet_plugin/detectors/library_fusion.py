@@ -75,7 +75,7 @@ class LibraryFusionScore(LibraryDistanceScore):
         self.outputs = outs
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(layers={self.layers}, features={self.features_}, outputs={self.outputs})"
+        return f"{type(self).__name__}(layers={self.layers}, features={self.layer_features}, outputs={self.outputs})"
 
     def feature_names(self) -> list[str]:
         return super().feature_names() + [f"output/{o}" for o in self.outputs]

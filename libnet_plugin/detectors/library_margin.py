@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -67,7 +68,7 @@ class LibraryMarginScore(FusedLayerScore):
         k: nodes per class side in ``margin`` and ``similarity``.
         span: nearest nodes whose span reconstructs the activation in ``residual``.
         features: any of ``"margin"``, ``"residual"``, ``"similarity"``, ``"distance"``,
-            ``"distance-margin"``.
+            ``"distance-margin"``, ``"subspace"``; kept, checked, as :attr:`layer_features`.
         ridge: added to the diagonal of the Gram matrix (nodes may be nearly collinear).
         max_gram_nodes: libraries up to this size keep their full Gram matrix (``M^2`` floats); larger
             ones compute the Gram matrix of each input's nearest nodes on the fly.
@@ -82,9 +83,9 @@ class LibraryMarginScore(FusedLayerScore):
 
     Example:
         >>> s = LibraryMarginScore(k=3, span=100)
-        >>> s.features_
+        >>> s.layer_features
         ('margin', 'residual')
-        >>> LibraryMarginScore(features=("margin", "distance")).features_
+        >>> LibraryMarginScore(features=("margin", "distance")).layer_features
         ('margin', 'distance')
     """
 
@@ -110,7 +111,7 @@ class LibraryMarginScore(FusedLayerScore):
         bad = [f for f in feats if f not in self.FEATURES]
         if bad or not feats or len(set(feats)) != len(feats):
             raise ValueError(f"features must be distinct names among {self.FEATURES}, got {features!r}")
-        self.features_ = feats
+        self.layer_features = feats
         if not (isinstance(ridge, (int, float)) and math.isfinite(ridge) and ridge >= 0):
             raise ValueError(f"ridge must be a non-negative number, got {ridge!r}")
         self.ridge = float(ridge)
@@ -126,27 +127,33 @@ class LibraryMarginScore(FusedLayerScore):
         self._gauss: dict[str, dict[str, Any]] = {}
         self._subspaces: dict[str, tuple[Tensor, Tensor]] = {}
 
+    @property
+    def features_(self) -> tuple[str, ...]:
+        """Deprecated (``FutureWarning``): the checked ``features`` setting, now :attr:`layer_features`."""
+        warnings.warn(f"{type(self).__name__}.features_ is deprecated: use layer_features", FutureWarning, stacklevel=2)
+        return self.layer_features
+
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(layers={self.layers}, k={self.k}, span={self.span}, "
-                f"features={self.features_})")
+                f"features={self.layer_features})")
 
     def _prepare(self, net: FittedNetwork) -> None:
         self._classes, self._grams, self._gauss, self._subspaces = {}, {}, {}, {}
         for i, l in enumerate(self.fitted_layers()):
             lib = net.libraries_[l]
-            needs_nodes = [f for f in ("residual", *self.STATISTIC_FEATURES) if f in self.features_]
+            needs_nodes = [f for f in ("residual", *self.STATISTIC_FEATURES) if f in self.layer_features]
             if needs_nodes and not isinstance(lib, NodeLibrary):
                 raise TypeError(f"the {needs_nodes} feature(s) need a library exposing its nodes (.nodes); the "
                                 f"library of layer {l!r} is a {type(lib).__name__}; use features=('margin',)")
             self._classes[l] = node_classes(net, l)
-            if "residual" in self.features_ and lib.size <= self.max_gram_nodes:
+            if "residual" in self.layer_features and lib.size <= self.max_gram_nodes:
                 nodes = lib.nodes.to(torch.float64)  # float64: see _residual
                 self._grams[l] = nodes @ nodes.T
             else:
                 self._grams[l] = None
-            if any(f in self.features_ for f in self.GAUSSIAN_FEATURES):
+            if any(f in self.layer_features for f in self.GAUSSIAN_FEATURES):
                 self._gauss[l] = self._node_gaussian(net, l, i, lib.nodes, self._classes[l])
-            if "subspace" in self.features_:
+            if "subspace" in self.layer_features:
                 self._subspaces[l] = principal_subspace(lib.nodes, self.rank)
 
     def _node_gaussian(self, net: FittedNetwork, layer: str, index: int, nodes: Tensor,
@@ -191,7 +198,7 @@ class LibraryMarginScore(FusedLayerScore):
 
     def feature_names(self) -> list[str]:
         self.check_is_fitted()
-        return [f"{l}/{f}" for l in self.fitted_layers() for f in self.features_]
+        return [f"{l}/{f}" for l in self.fitted_layers() for f in self.layer_features]
 
     def _residual(self, lib: Any, gram: Tensor | None, h: Tensor, hap: Tensor) -> Tensor:
         """``residual`` ``[B]`` (float64) from the cosines ``h`` and the raw activations ``hap``.
@@ -234,7 +241,7 @@ class LibraryMarginScore(FusedLayerScore):
         self.check_is_fitted()
         answers = result.answers.to(net.device)
         cols = []
-        needs_h = any(f not in self.STATISTIC_FEATURES for f in self.features_)
+        needs_h = any(f not in self.STATISTIC_FEATURES for f in self.layer_features)
         for l in self.fitted_layers():
             lib = net.libraries_[l]
             cls = self._classes[l]
@@ -247,11 +254,11 @@ class LibraryMarginScore(FusedLayerScore):
                 kk = min(self.k, h.shape[1])
                 s_same = h.masked_fill(~same, -1.0).topk(kk, dim=1).values.mean(dim=1)
             # the normalised activation as the library stores it, once for the node-statistics features
-            stored = (lib.transform(result.haps[l]) if any(f in self.features_ for f in self.STATISTIC_FEATURES)
+            stored = (lib.transform(result.haps[l]) if any(f in self.layer_features for f in self.STATISTIC_FEATURES)
                       else None)
             d = (self._class_distances(lib, l, result.haps[l], stored)
-                 if any(f in self.features_ for f in self.GAUSSIAN_FEATURES) else None)
-            for f in self.features_:
+                 if any(f in self.layer_features for f in self.GAUSSIAN_FEATURES) else None)
+            for f in self.layer_features:
                 if f == "margin":
                     s_other = h.masked_fill(same, -1.0).topk(kk, dim=1).values.mean(dim=1)
                     cols.append((s_other - s_same).double())
@@ -270,7 +277,7 @@ class LibraryMarginScore(FusedLayerScore):
         return torch.stack(cols, dim=1)
 
     def config(self) -> dict[str, Any]:
-        return {**super().config(), "k": self.k, "span": self.span, "features": list(self.features_),
+        return {**super().config(), "k": self.k, "span": self.span, "features": list(self.layer_features),
                 "ridge": self.ridge, "max_gram_nodes": self.max_gram_nodes, "pool": self.pool,
                 "max_dim": self.max_dim, "seed": self.seed, "rank": self.rank}
 

@@ -85,5 +85,7 @@ def test_bad_detector_settings():
         LibraryDistanceScore(max_dim=0)
     with pytest.raises(ValueError, match="seed must be an integer"):
         LibraryDistanceScore(seed="0")
-    assert LibraryDistanceScore().features_ == ("distance",)
-    assert LibraryDistanceScore(features=("margin", "distance")).features_ == ("margin", "distance")
+    assert LibraryDistanceScore().layer_features == ("distance",)
+    assert LibraryDistanceScore(features=("margin", "distance")).layer_features == ("margin", "distance")
+    with pytest.warns(FutureWarning, match="layer_features"):
+        assert LibraryDistanceScore().features_ == ("distance",)
