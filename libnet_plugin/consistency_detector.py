@@ -262,6 +262,45 @@ def _conformal_rank(n: int, fpr: float) -> int:
     return math.ceil((n + 1) * (1.0 - fpr))
 
 
+def _calibration_rank(n: int, fpr: float) -> int:
+    """:func:`_conformal_rank` of ``n`` clean scores, or ``ValueError`` when ``n`` is too few for ``fpr``."""
+    rank = _conformal_rank(n, fpr)
+    if n == 0 or rank > n:
+        need = math.ceil(1.0 / fpr) - 1 if n else 1
+        raise ValueError(f"calibrate needs at least {max(need, 2)} clean inputs for fpr={fpr:g} (the threshold is "
+                         f"the ceil((n + 1)(1 - fpr))-th smallest clean score), got {n}")
+    return rank
+
+
+def _score_finite_rows(x: Tensor | MultiInput, finite: Tensor,
+                       score_rows: Callable[[Any], tuple[Tensor, Tensor | None]], n_classes: int, device: Any,
+                       want_outputs: bool) -> tuple[Tensor, Tensor | None]:
+    """Scores ``[B]`` (and outputs ``[B, C]``) of a batch with non-finite rows under ``on_nonfinite="flag"``:
+    ``inf`` (and NaN outputs) where ``finite`` is False, and the model never sees those rows; ``score_rows``
+    scores the others."""
+    scores = torch.full((n_rows(x),), float("inf"), device=device)
+    outputs = torch.full((n_rows(x), n_classes), float("nan"), device=device) if want_outputs else None
+    keep = finite.nonzero().flatten()
+    if keep.numel():
+        kept, kept_outputs = score_rows(x[keep])
+        scores[keep.to(scores.device)] = kept.to(scores.device)
+        if outputs is not None and kept_outputs is not None:
+            outputs[keep.to(outputs.device)] = kept_outputs.to(outputs.device, outputs.dtype)
+    return scores, outputs
+
+
+def _score_each_row(x: Tensor | MultiInput, score_row: Callable[[Any], tuple[Tensor, Tensor | None]],
+                    n_classes: int, device: Any, want_outputs: bool) -> tuple[Tensor, Tensor | None]:
+    """Scores (and outputs) of a batch whose activations or outputs overflowed, scored row by row with
+    ``score_row``; a single row scores ``inf`` with NaN outputs."""
+    if n_rows(x) == 1:
+        nan = torch.full((1, n_classes), float("nan"), device=device)
+        return torch.full((1,), float("inf"), device=device), (nan if want_outputs else None)
+    rows = [score_row(x[i:i + 1]) for i in range(n_rows(x))]
+    scores = torch.cat([r[0].to(device) for r in rows])
+    return scores, (torch.cat([r[1].to(device) for r in rows]) if want_outputs else None)
+
+
 def _check_fpr(fpr: Any) -> float:
     if isinstance(fpr, bool) or not isinstance(fpr, (int, float)) or not (0.0 < float(fpr) < 1.0):
         raise ValueError(f"fpr must be a number in the open interval (0, 1), got {fpr!r}")
@@ -327,9 +366,122 @@ def _tensor_versions(model: nn.Module, packed: Sequence[tuple[nn.Module, str]] =
             + tuple((id(m), -2) for m in model.modules()))
 
 
+class _ModelWatch:
+    """Notices when a model's weights change after a detector was fitted on it.
+
+    :meth:`record` keeps the model's :func:`model_fingerprint` and the identity and version of its tensors;
+    :meth:`check` compares the versions (cheap) and, when a tensor was touched or replaced, the
+    fingerprints, raising :class:`ModelChangedError` when they differ.
+
+    Attributes:
+        fingerprint: the recorded fingerprint (``None``: nothing recorded, or a model that is not torch).
+    """
+
+    def __init__(self) -> None:
+        self.fingerprint: list[list[Any]] | None = None
+        self._versions: tuple | None = None
+        self._packed: list[tuple[nn.Module, str]] = []
+
+    def record(self, model: Any, fingerprint: list[list[Any]] | None = None) -> None:
+        """Record ``model`` (with ``fingerprint``: that one, e.g. read from a file, instead of the model's)."""
+        self.fingerprint = model_fingerprint(model) if fingerprint is None else fingerprint
+        torch_model = self.fingerprint is not None and isinstance(model, nn.Module)
+        self._packed = _packed_slots(model) if torch_model else []
+        self._versions = _tensor_versions(model, self._packed) if torch_model else None
+
+    def check(self, model: Any) -> None:
+        """Raise :class:`ModelChangedError` if ``model``'s weights differ from the recorded ones."""
+        if self.fingerprint is None or not isinstance(model, nn.Module):
+            return
+        if _tensor_versions(model, self._packed) == self._versions:
+            return  # fast path: no tensor was replaced or modified in place
+        diff = _fingerprint_diff(self.fingerprint, model_fingerprint(model))
+        if diff is not None:
+            if model.training:
+                cause = ("the model is in training mode, so each of its forward passes outside the detector "
+                         "updates its batch-norm statistics and a refit would not last: call model.eval() "
+                         "when you are done training, then refit the LibraryNetwork and the detector")
+            else:
+                cause = "the libraries no longer describe it: refit the LibraryNetwork and the detector"
+            raise ModelChangedError(f"the model changed since the detector was fitted ({diff}); {cause}")
+        self._packed = _packed_slots(model)
+        self._versions = _tensor_versions(model, self._packed)
+
+
+def _check_input_shape(shape: Sequence[int] | None, x: Tensor | MultiInput) -> None:
+    """Raise :class:`ShapeMismatchError` when a tensor batch's per-input shape is not ``shape`` (``None``: any)."""
+    if shape is not None and isinstance(x, Tensor) and tuple(x.shape[1:]) != tuple(shape):
+        raise ShapeMismatchError(f"input batch has shape {tuple(x.shape)} (per input {tuple(x.shape[1:])}); "
+                                 f"the detector was fitted on inputs of shape [B, {', '.join(map(str, shape))}]")
+
+
+def _score_with_graph(net: LibraryNetwork, scorer: ConsistencyScore, x: Tensor, exact: bool,
+                      probe: TorchLayerProbe | None = None) -> tuple[Tensor, Tensor]:
+    """The score (``exact``) or the surrogate of one batch, and the model's outputs, with the graph to ``x``
+    (``probe``: the probe to run, default the network's)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"a score with a gradient needs a torch.Tensor batch, got {type(x).__name__}")
+    _check_input_shape(net.input_shape_, x)
+    check_inputs_finite(x, "an input batch scored with a gradient")
+    if not isinstance(net.probe, TorchLayerProbe):
+        raise TypeError(f"the {type(net.probe).__name__} probe does not keep the autograd graph; scores "
+                        "with a gradient need the torch probe")
+    r = (probe or net.probe).run(x, grad=True)
+    smooth = scorer.surrogate(net, r)
+    if not exact:
+        return smooth, r.outputs
+    value = scorer.score(net, r)
+    if not value.requires_grad:  # a step function of the activations: pass the surrogate's gradient on
+        value = value.detach().to(smooth.dtype) + (smooth - smooth.detach())
+    finite = torch.isfinite(value)
+    return torch.where(finite, value, torch.full_like(value, float("inf"))).float(), r.outputs
+
+
+def _eval_view_probe(probe: Any, model: Any, cached: tuple | None) -> tuple | None:
+    """``(probe, view, view probe)``: the torch ``probe`` on an eval-mode view of ``model`` (see
+    :mod:`libnet_plugin._eval_view`), so that the guard's forward passes run in eval mode whatever another
+    thread does to ``model.training``. ``cached`` (an earlier result) is returned while the model's module
+    tree is unchanged. ``None`` (the network's own probe is used) for another probe (a subclass may hold the
+    model elsewhere), an exported or compiled model, or a model the view cannot cover (view probe ``None``)."""
+    if (type(probe) is not TorchLayerProbe or not isinstance(model, nn.Module) or probe.model is not model
+            or probe.exported or probe.runner is not model):  # an export has no modes; compiled: the view can't
+        return None
+    if cached is not None and cached[0] is probe and (cached[1] is None or cached[1].sync()):
+        return cached
+    with _VIEW_LOCK:  # the first call, or the model's module tree changed: build the view (again)
+        view = EvalView.of(model)
+        view_probe = None
+        if view is not None:
+            view_probe = copy.copy(probe)  # shares copied_layers: both learn which layers need copies
+            view_probe.model = view_probe.runner = view.root  # the runner: what the probe's forward calls
+            view_probe._encoders = {k: view.views[id(m)] for k, m in probe._encoders.items()}
+            view_probe.modules = {name: view.views[id(m)] for name, m in probe.modules.items()}
+            view_probe._base_modules = {name: view.views[id(m)] for name, m in probe._base_modules.items()}
+        return probe, view, view_probe
+
+
 # --------------------------------------------------------------------------------------------------
 # the detector
 # --------------------------------------------------------------------------------------------------
+
+
+_TRAIN_DEPRECATED = ("ConsistencyDetector(..., train=...) fits inside the constructor and is deprecated: use "
+                     "ConsistencyDetector.from_model(model, train, layers=...), or ConsistencyDetector(net, ...)"
+                     ".fit(train) for a LibraryNetwork")
+
+
+def _check_detector_settings(net: Any, method: Any, on_nonfinite: Any, network: Mapping[str, Any]) -> None:
+    """The detector's own settings, and no ``network`` settings (layers, thresholds, ...) beside a built
+    ``LibraryNetwork`` (``ValueError`` naming them)."""
+    if on_nonfinite not in ("flag", "raise"):
+        raise ValueError(f"on_nonfinite must be 'flag' or 'raise', got {on_nonfinite!r}")
+    if not isinstance(method, str) or not method:
+        raise TypeError(f"method must be a detector name (str), got {method!r}")
+    given = [k for k, v in network.items() if v is not None and not (k == "network_options" and not v)]
+    if isinstance(net, LibraryNetwork) and given:
+        raise ValueError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} only used when building from a "
+                         "model; this detector was given a LibraryNetwork, which already has its layers, thresholds "
+                         "and device")
 
 
 def _network_from_model(model: Any, layers: Sequence[str] | None, thresholds: Any, train: Any, device: Any,
@@ -410,23 +562,12 @@ class ConsistencyDetector:
                  device: Any = None, network_options: Mapping[str, Any] | None = None,
                  on_nonfinite: str = "flag", plugin_manager: pluggy.PluginManager | None = None,
                  progress: bool | None = None):
-        if on_nonfinite not in ("flag", "raise"):
-            raise ValueError(f"on_nonfinite must be 'flag' or 'raise', got {on_nonfinite!r}")
-        if not isinstance(method, str) or not method:
-            raise TypeError(f"method must be a detector name (str), got {method!r}")
-        if isinstance(net, LibraryNetwork):
-            given = {k: v for k, v in (("layers", layers), ("thresholds", thresholds), ("device", device),
-                                       ("network_options", network_options or None)) if v is not None}
-            if given:
-                raise ValueError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} only used when building "
-                                 "from a model; this detector was given a LibraryNetwork, which already has its "
-                                 "layers, thresholds and device")
-        else:
+        network = {"layers": layers, "thresholds": thresholds, "device": device, "network_options": network_options}
+        _check_detector_settings(net, method, on_nonfinite, network)
+        if not isinstance(net, LibraryNetwork):
             net = _network_from_model(net, layers, thresholds, train, device, network_options, plugin_manager)
         if train is not None:
-            warnings.warn("ConsistencyDetector(..., train=...) fits inside the constructor and is deprecated: use "
-                          "ConsistencyDetector.from_model(model, train, layers=...), or "
-                          "ConsistencyDetector(net, ...).fit(train) for a LibraryNetwork", FutureWarning, stacklevel=2)
+            warnings.warn(_TRAIN_DEPRECATED, FutureWarning, stacklevel=2)
         self.net: LibraryNetwork = net
         self.method = method
         self.settings = dict(settings or {})
@@ -435,13 +576,11 @@ class ConsistencyDetector:
         self.progress = progress
         self.scorer: ConsistencyScore = make_detector(method, self.settings, self.plugin_manager)
         self._scorer_fitted = False
-        self._fingerprint: list[list[Any]] | None = None
-        self._versions: tuple | None = None
-        self._packed: list[tuple[nn.Module, str]] = []
+        self._watch = _ModelWatch()
         if train is not None:
             self.fit(train)
         elif net.is_fitted:
-            self._record_model()
+            self._watch.record(net.model)
 
     @classmethod
     def from_model(cls, model: Any, train: Any, layers: Sequence[str] | None = None,
@@ -496,29 +635,9 @@ class ConsistencyDetector:
         """Whether the score is fitted on the training data (``"mahalanobis"``, ``"knn"``)."""
         return self.scorer.requires_training_data
 
-    def _record_model(self) -> None:
-        self._fingerprint = model_fingerprint(self.net.model)
-        self._packed = _packed_slots(self.net.model) if self._fingerprint is not None else []
-        self._versions = _tensor_versions(self.net.model, self._packed) if self._fingerprint is not None else None
-
     def _check_model(self) -> None:
         """Raise :class:`ModelChangedError` if the model's weights changed since the detector was fitted."""
-        if self._fingerprint is None or not isinstance(self.net.model, nn.Module):
-            return
-        versions = _tensor_versions(self.net.model, self._packed)
-        if versions == self._versions:
-            return  # fast path: no tensor was replaced or modified in place
-        diff = _fingerprint_diff(self._fingerprint, model_fingerprint(self.net.model))
-        if diff is not None:
-            if self.net.model.training:
-                cause = ("the model is in training mode, so each of its forward passes outside the detector "
-                         "updates its batch-norm statistics and a refit would not last: call model.eval() "
-                         "when you are done training, then refit the LibraryNetwork and the detector")
-            else:
-                cause = "the libraries no longer describe it: refit the LibraryNetwork and the detector"
-            raise ModelChangedError(f"the model changed since the detector was fitted ({diff}); {cause}")
-        self._packed = _packed_slots(self.net.model)
-        self._versions = _tensor_versions(self.net.model, self._packed)
+        self._watch.check(self.net.model)
 
     def _ensure_scorer(self) -> None:
         self.net.check_fitted()
@@ -551,7 +670,7 @@ class ConsistencyDetector:
         scorer = make_detector(self.method, self.settings, self.plugin_manager).fit(self.net, train)
         # all or nothing: the detector changes only once the new score is fitted
         self.scorer, self._scorer_fitted = scorer, True
-        self._record_model()
+        self._watch.record(self.net.model)
         for attr in ("threshold_", "fpr_", "n_calibration_", "calibration_scores_"):
             self.__dict__.pop(attr, None)
         return self
@@ -583,18 +702,13 @@ class ConsistencyDetector:
             raise ValueError("calibrate needs the clean inputs or their calibration_features(clean), exactly one of "
                              f"them; got {'both' if clean is not None else 'neither'}")
         data = self.calibration_features(clean) if features is None else features
-        n = int(data.shape[0])
-        rank = _conformal_rank(n, fpr)
-        if n == 0 or rank > n:
-            need = math.ceil(1.0 / fpr) - 1 if n else 1
-            raise ValueError(f"calibrate needs at least {max(need, 2)} clean inputs for fpr={fpr:g} (the threshold is "
-                             f"the ceil((n + 1)(1 - fpr))-th smallest clean score), got {n}")
+        rank = _calibration_rank(int(data.shape[0]), fpr)
         scores = self.scorer.set_reference(data) if self.scorer.fuses else data
         ordered = scores.detach().double().sort().values
         self.calibration_scores_ = ordered.float()
         self.threshold_ = float(ordered[rank - 1])
         self.fpr_ = fpr
-        self.n_calibration_ = n
+        self.n_calibration_ = int(data.shape[0])
         return self
 
     def calibration_features(self, clean: Any) -> Tensor:
@@ -645,12 +759,8 @@ class ConsistencyDetector:
         except NonFiniteError:
             if self.on_nonfinite == "raise":
                 raise
-            if n_rows(x) == 1:
-                nan = torch.full((1, self.net.n_classes_), float("nan"), device=self.net.device)
-                return torch.full((1,), float("inf"), device=self.net.device), (nan if want_outputs else None)
-            rows = [self._run_and_score(x[i:i + 1], want_outputs, run) for i in range(n_rows(x))]
-            scores = torch.cat([r[0].to(self.net.device) for r in rows])
-            return scores, (torch.cat([r[1].to(self.net.device) for r in rows]) if want_outputs else None)
+            return _score_each_row(x, lambda row: self._run_and_score(row, want_outputs, run), self.net.n_classes_,
+                                   self.net.device, want_outputs)
         return self._score_result(r), (r.outputs if want_outputs else None)
 
     def _score_batch(self, x: Tensor | MultiInput, want_outputs: bool = False,
@@ -661,29 +771,14 @@ class ConsistencyDetector:
             raise TypeError(f"inputs must be a torch.Tensor (or a MultiInput of several), got {type(x).__name__}")
         if isinstance(x, Tensor) and x.dim() == 0:
             raise ValueError("inputs must have a leading batch dimension, got a 0-d tensor")
-        self._check_shape(x)
+        _check_input_shape(self.net.input_shape_, x)
         finite = _finite_rows(x)
         if finite is None or bool(finite.all()):
             return self._run_and_score(x, want_outputs, run)
         if self.on_nonfinite == "raise":
             check_inputs_finite(x)
-        # on_nonfinite="flag": score inf, output NaN, and the model never sees those rows
-        scores = torch.full((n_rows(x),), float("inf"), device=self.net.device)
-        outputs = (torch.full((n_rows(x), self.net.n_classes_), float("nan"), device=self.net.device)
-                   if want_outputs else None)
-        keep = finite.nonzero().flatten()
-        if keep.numel():
-            kept, kept_outputs = self._run_and_score(x[keep], want_outputs, run)
-            scores[keep.to(scores.device)] = kept.to(scores.device)
-            if outputs is not None and kept_outputs is not None:
-                outputs[keep.to(outputs.device)] = kept_outputs.to(outputs.device, outputs.dtype)
-        return scores, outputs
-
-    def _check_shape(self, x: Tensor | MultiInput) -> None:
-        shape = self.net.input_shape_
-        if shape is not None and isinstance(x, Tensor) and tuple(x.shape[1:]) != tuple(shape):
-            raise ShapeMismatchError(f"input batch has shape {tuple(x.shape)} (per input {tuple(x.shape[1:])}); "
-                                     f"the detector was fitted on inputs of shape [B, {', '.join(map(str, shape))}]")
+        return _score_finite_rows(x, finite, lambda rows: self._run_and_score(rows, want_outputs, run),
+                                  self.net.n_classes_, self.net.device, want_outputs)
 
     def score(self, x: Any) -> Tensor:
         """Suspicion score per input, higher = more suspicious.
@@ -720,7 +815,7 @@ class ConsistencyDetector:
                                  "call det.calibrate(clean_data, fpr=0.05) first")
         self._check_model()
         if self._keeps_graph(x):
-            return self._score_with_grad(x, exact=True)[0]
+            return _score_with_graph(self.net, self.scorer, x, exact=True)[0]
         if isinstance(x, (Tensor, MultiInput)):
             return self._score_batch(x)[0]
         parts = [self._score_batch(xb)[0] for xb, _ in iter_batches(x, self.net.batch_size) if n_rows(xb)]
@@ -751,31 +846,11 @@ class ConsistencyDetector:
             raise NotFittedError(f"the {self.method!r} surrogate standardises features on clean reference data: "
                                  "call det.calibrate(clean_data, fpr=0.05) first")
         self._check_model()
-        return self._score_with_grad(x, exact=False)[0]
+        return _score_with_graph(self.net, self.scorer, x, exact=False)[0]
 
     def _keeps_graph(self, x: Any) -> bool:
         """Score ``x`` with the autograd graph: grad enabled, a tensor that requires grad, a differentiable score."""
         return isinstance(x, Tensor) and x.requires_grad and torch.is_grad_enabled() and self.differentiable
-
-    def _score_with_grad(self, x: Tensor, exact: bool, probe: TorchLayerProbe | None = None) -> tuple[Tensor, Tensor]:
-        """The score (``exact``) or the surrogate of one batch, and the model's outputs, with the graph to ``x``
-        (``probe``: the probe to run, default the network's)."""
-        if not isinstance(x, Tensor):
-            raise TypeError(f"a score with a gradient needs a torch.Tensor batch, got {type(x).__name__}")
-        self._check_shape(x)
-        check_inputs_finite(x, "an input batch scored with a gradient")
-        if not isinstance(self.net.probe, TorchLayerProbe):
-            raise TypeError(f"the {type(self.net.probe).__name__} probe does not keep the autograd graph; scores "
-                            "with a gradient need the torch probe")
-        r = (probe or self.net.probe).run(x, grad=True)
-        smooth = self.scorer.surrogate(self.net, r)
-        if not exact:
-            return smooth, r.outputs
-        value = self.scorer.score(self.net, r)
-        if not value.requires_grad:  # a step function of the activations: pass the surrogate's gradient on
-            value = value.detach().to(smooth.dtype) + (smooth - smooth.detach())
-        finite = torch.isfinite(value)
-        return torch.where(finite, value, torch.full_like(value, float("inf"))).float(), r.outputs
 
     def predict(self, x: Any) -> Tensor:
         """``BoolTensor[B]``: True where ``score(x) > threshold_`` (needs :meth:`calibrate`)."""
@@ -794,35 +869,18 @@ class ConsistencyDetector:
         self._check_model()
         probe = self._eval_probe()  # eval semantics whatever another thread does to model.training
         if self._keeps_graph(x):
-            graph_scores, graph_outputs = self._score_with_grad(x, exact=True, probe=probe)  # both keep the graph
+            graph_scores, graph_outputs = _score_with_graph(self.net, self.scorer, x, exact=True, probe=probe)  # both keep the graph
             return GuardOutput(output=graph_outputs, flagged=graph_scores.detach() > self.threshold_,
                                score=graph_scores)
         scores, outputs = self._score_batch(x, want_outputs=True, run=None if probe is None else probe.run)
         return GuardOutput(output=outputs, flagged=scores > self.threshold_, score=scores)
 
     def _eval_probe(self) -> TorchLayerProbe | None:
-        """The network's torch probe on an eval-mode view of the model (see :mod:`libnet_plugin._eval_view`):
-        the guard's forward passes run in eval mode whatever another thread does to ``model.training``.
-        Built once and again only when the model's module tree changes; ``None`` (the network's own probe
-        is used) for another probe (a subclass may hold the model elsewhere) or a model the view cannot cover."""
-        probe, model = self.net.probe, self.net.model
-        if (type(probe) is not TorchLayerProbe or not isinstance(model, nn.Module) or probe.model is not model
-                or probe.exported or probe.runner is not model):  # an export has no modes; compiled: the view can't
-            return None
-        cached = self.__dict__.get("_eval_probe_cache")
-        if cached is not None and cached[0] is probe and (cached[1] is None or cached[1].sync()):
-            return cached[2]
-        with _VIEW_LOCK:  # the first call, or the model's module tree changed: build the view (again)
-            view = EvalView.of(model)
-            view_probe = None
-            if view is not None:
-                view_probe = copy.copy(probe)  # shares copied_layers: both learn which layers need copies
-                view_probe.model = view_probe.runner = view.root  # the runner: what the probe's forward calls
-                view_probe._encoders = {k: view.views[id(m)] for k, m in probe._encoders.items()}
-                view_probe.modules = {name: view.views[id(m)] for name, m in probe.modules.items()}
-                view_probe._base_modules = {name: view.views[id(m)] for name, m in probe._base_modules.items()}
-            self._eval_probe_cache = (probe, view, view_probe)
-            return view_probe
+        """The network's torch probe on an eval-mode view of the model (see :func:`_eval_view_probe`)."""
+        cache = _eval_view_probe(self.net.probe, self.net.model, self.__dict__.get("_eval_probe_cache"))
+        if cache is not None:
+            self._eval_probe_cache = cache
+        return None if cache is None else cache[2]
 
     def guard(self) -> DetectorGuard:
         """Wrap the model: a module returning ``GuardOutput(output, flagged, score)`` in one forward pass."""
@@ -843,18 +901,7 @@ class ConsistencyDetector:
         settings, calibration and tensor digests): ``load(path, model, key=key)`` then refuses any edit
         made without the key (a shifted threshold, another method).
         """
-        self.net.check_fitted()
-        tensors = {f"network/{k}": v for k, v in self.net.state_tensors().items()}
-        tensors.update({f"detector/{k}": v for k, v in self.scorer.state_dict().items()})
-        if self.is_calibrated:
-            tensors["calibration/scores"] = self.calibration_scores_
-        config = {
-            "network": self.net.config(), "method": self.method, "settings": self.settings,
-            "scorer": self.scorer.config(), "scorer_fitted": self._scorer_fitted,
-            "on_nonfinite": self.on_nonfinite, "fingerprint": self._fingerprint,
-            "calibration": ({"threshold": self.threshold_, "fpr": self.fpr_, "n": self.n_calibration_}
-                            if self.is_calibrated else None),
-        }
+        tensors, config = _saved_state(self)
         save_atomic(path, tensors, kind=_KIND, config=config, key=key)
 
     @classmethod
@@ -885,29 +932,10 @@ class ConsistencyDetector:
         """
         tensors, cfg = load_checked(path, kind=_KIND, key=key)
         _check_saved_detector(path, cfg)
-        net_cfg, method, settings = cfg["network"], cfg["method"], cfg["settings"]
-        saved_layers = net_cfg.get("layers")
-        if isinstance(saved_layers, list) and all(isinstance(n, str) for n in saved_layers):
-            renames = _layer_renames(saved_layers, model, prefix_map)
-            if renames:
-                cfg = _rename_config(cfg, renames)
-                net_cfg, settings = cfg["network"], cfg["settings"]
-        if prefix_map is not None and isinstance(cfg.get("fingerprint"), list):
-            cfg = {**cfg, "fingerprint": [[_apply_prefix_map(r[0], prefix_map), *r[1:]]
-                                          if isinstance(r, list) and r and isinstance(r[0], str) else r
-                                          for r in cfg["fingerprint"]]}
-        net_tensors = {k[len("network/"):]: v for k, v in tensors.items() if k.startswith("network/")}
-        try:
-            net = LibraryNetwork.from_state(net_tensors, net_cfg, model,
-                                             device=device if device is not None else map_location,
-                                             plugin_manager=plugin_manager)
-        except LayerNotFoundError as exc:
-            if prefix_map is not None or not isinstance(model, nn.Module):
-                raise
-            hint = _prefix_hint(saved_layers, model)
-            raise LayerNotFoundError(f"{exc}. {str(path)!r} was fitted on the layers {saved_layers}"
-                                     + (f"; if the model is now held inside another module, load with prefix_map={hint}"
-                                        if hint else "")) from exc
+        cfg = _config_for_model(cfg, model, prefix_map)
+        net = _load_network(path, cfg, tensors, model, device if device is not None else map_location,
+                            plugin_manager, prefix_map)
+        method, settings = cfg["method"], cfg["settings"]
         try:
             det = cls(net, method=method, settings=settings, on_nonfinite=cfg.get("on_nonfinite", "flag"),
                       plugin_manager=plugin_manager)
@@ -915,60 +943,131 @@ class ConsistencyDetector:
             raise SaveFormatError(f"{str(path)!r}: the saved detector {method!r} with settings {settings} cannot be "
                                   f"built: {exc}") from exc
         fingerprint = cfg.get("fingerprint")
-        if check_model and fingerprint is None and isinstance(model, nn.Module):
-            raise SaveFormatError(f"{str(path)!r} has no fingerprint of the torch model it was fitted on, so it cannot "
-                                  "be checked against the model given; refit, or pass check_model=False if you know "
-                                  "it is the same model")
-        if check_model and fingerprint is not None:
-            now = model_fingerprint(model)
-            diff = _fingerprint_diff(fingerprint, now) if now is not None else None
-            if diff is not None:
-                raise ModelChangedError(f"{str(path)!r} was fitted on a model whose weights differ from the model given "
-                                        f"({diff}); pass the same model, or refit")
+        if check_model:
+            _check_saved_fingerprint(path, fingerprint, model)
         if fingerprint is not None:
-            det._fingerprint = fingerprint
-            det._packed = _packed_slots(model) if isinstance(model, nn.Module) else []
-            det._versions = _tensor_versions(model, det._packed) if isinstance(model, nn.Module) else None
+            det._watch.record(model, fingerprint)
         if cfg.get("scorer_fitted"):
-            state = {k[len("detector/"):]: v for k, v in tensors.items() if k.startswith("detector/")}
-            try:
-                det.scorer.load_state_dict(state, net, cfg.get("scorer") or {})
-            except SaveFormatError:
-                raise
-            except (LibnetError, KeyError, TypeError, ValueError, IndexError, RuntimeError, AttributeError) as exc:
-                raise SaveFormatError(f"{str(path)!r}: the saved state of the {method!r} detector does not fit "
-                                      f"its settings (modified or corrupted): {exc!r}") from exc
+            _restore_scorer(path, det.scorer, net, cfg, tensors)
             det._scorer_fitted = True
         cal = cfg.get("calibration")
         if cal is not None and not det._scorer_fitted and (det.scorer.fuses or det.requires_training_data):
             raise SaveFormatError(f"{str(path)!r} is calibrated, but the fitted state of its {method!r} score is "
                                   "missing (modified or corrupted)")
         if cal is not None:
-            if "calibration/scores" not in tensors:
-                raise SaveFormatError(f"{str(path)!r} lacks the tensor 'calibration/scores'")
-            try:
-                threshold, fpr, n = float(cal["threshold"]), float(cal["fpr"]), int(cal["n"])
-            except (KeyError, TypeError, ValueError) as exc:
-                raise SaveFormatError(f"{str(path)!r}: the saved calibration is unreadable ({exc!r})") from exc
-            scores = tensors["calibration/scores"].float()
-            problem = None
-            if not math.isfinite(threshold):
-                problem = f"the threshold is {threshold} (a detector with it would flag nothing, or everything)"
-            elif not 0.0 < fpr < 1.0:
-                problem = f"the calibrated FPR is {fpr}, outside (0, 1)"
-            elif scores.dim() != 1 or scores.shape[0] != n or n < 1:
-                problem = f"{n} calibration inputs are recorded but the scores have shape {list(scores.shape)}"
-            elif not bool(torch.isfinite(scores).all()) or bool((scores[1:] < scores[:-1]).any()):
-                problem = "the calibration scores are not finite and sorted"
-            elif _conformal_rank(n, fpr) > n:
-                problem = f"{n} calibration inputs are too few for the recorded FPR {fpr}"
-            elif float(torch.tensor(threshold, dtype=torch.float32)) != float(scores[_conformal_rank(n, fpr) - 1]):
-                problem = f"the threshold {threshold!r} is not the conformal quantile of the saved calibration scores"
-            if problem is not None:
-                raise SaveFormatError(f"{str(path)!r} was modified or corrupted: {problem}")
-            det.threshold_, det.fpr_, det.n_calibration_ = threshold, fpr, n
-            det.calibration_scores_ = scores
+            det.threshold_, det.fpr_, det.n_calibration_, det.calibration_scores_ = _saved_calibration(path, cal,
+                                                                                                      tensors)
         return det
+
+
+# --------------------------------------------------------------------------------------------------
+# loading a saved detector (the parts of ConsistencyDetector.load)
+# --------------------------------------------------------------------------------------------------
+
+
+def _saved_state(det: ConsistencyDetector) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """``(tensors, config)``: what :meth:`ConsistencyDetector.save` writes (and ``load`` reads back)."""
+    det.net.check_fitted()
+    tensors = {f"network/{k}": v for k, v in det.net.state_tensors().items()}
+    tensors.update({f"detector/{k}": v for k, v in det.scorer.state_dict().items()})
+    if det.is_calibrated:
+        tensors["calibration/scores"] = det.calibration_scores_
+    config = {
+        "network": det.net.config(), "method": det.method, "settings": det.settings,
+        "scorer": det.scorer.config(), "scorer_fitted": det._scorer_fitted,
+        "on_nonfinite": det.on_nonfinite, "fingerprint": det._watch.fingerprint,
+        "calibration": ({"threshold": det.threshold_, "fpr": det.fpr_, "n": det.n_calibration_}
+                        if det.is_calibrated else None),
+    }
+    return tensors, config
+
+
+def _config_for_model(cfg: dict[str, Any], model: Any, prefix_map: Mapping[str, str] | None) -> dict[str, Any]:
+    """A saved detector's settings with its layer and weight names as they read in ``model`` (see ``load``)."""
+    saved_layers = cfg["network"].get("layers")
+    if isinstance(saved_layers, list) and all(isinstance(n, str) for n in saved_layers):
+        renames = _layer_renames(saved_layers, model, prefix_map)
+        if renames:
+            cfg = _rename_config(cfg, renames)
+    if prefix_map is not None and isinstance(cfg.get("fingerprint"), list):
+        cfg = {**cfg, "fingerprint": [[_apply_prefix_map(r[0], prefix_map), *r[1:]]
+                                      if isinstance(r, list) and r and isinstance(r[0], str) else r
+                                      for r in cfg["fingerprint"]]}
+    return cfg
+
+
+def _load_network(path: Any, cfg: Mapping[str, Any], tensors: Mapping[str, Tensor], model: Any, device: Any,
+                  plugin_manager: pluggy.PluginManager | None,
+                  prefix_map: Mapping[str, str] | None) -> LibraryNetwork:
+    """The saved detector's library network on ``model``; a missing layer's error suggests a ``prefix_map``."""
+    net_cfg = cfg["network"]
+    net_tensors = {k[len("network/"):]: v for k, v in tensors.items() if k.startswith("network/")}
+    try:
+        return LibraryNetwork.from_state(net_tensors, net_cfg, model, device=device, plugin_manager=plugin_manager)
+    except LayerNotFoundError as exc:
+        if prefix_map is not None or not isinstance(model, nn.Module):
+            raise
+        saved_layers = net_cfg.get("layers")
+        hint = _prefix_hint(saved_layers, model)
+        raise LayerNotFoundError(f"{exc}. {str(path)!r} was fitted on the layers {saved_layers}"
+                                 + (f"; if the model is now held inside another module, load with prefix_map={hint}"
+                                    if hint else "")) from exc
+
+
+def _check_saved_fingerprint(path: Any, fingerprint: list[list[Any]] | None, model: Any) -> None:
+    """Raise unless ``model``'s weights match the fingerprint saved with the detector (torch models only)."""
+    if fingerprint is None and isinstance(model, nn.Module):
+        raise SaveFormatError(f"{str(path)!r} has no fingerprint of the torch model it was fitted on, so it cannot "
+                              "be checked against the model given; refit, or pass check_model=False if you know "
+                              "it is the same model")
+    if fingerprint is not None:
+        now = model_fingerprint(model)
+        diff = _fingerprint_diff(fingerprint, now) if now is not None else None
+        if diff is not None:
+            raise ModelChangedError(f"{str(path)!r} was fitted on a model whose weights differ from the model given "
+                                    f"({diff}); pass the same model, or refit")
+
+
+def _restore_scorer(path: Any, scorer: ConsistencyScore, net: LibraryNetwork, cfg: Mapping[str, Any],
+                    tensors: Mapping[str, Tensor]) -> None:
+    """Load the score's saved fitted state (:class:`SaveFormatError` when it does not fit its settings)."""
+    state = {k[len("detector/"):]: v for k, v in tensors.items() if k.startswith("detector/")}
+    try:
+        scorer.load_state_dict(state, net, cfg.get("scorer") or {})
+    except SaveFormatError:
+        raise
+    except (LibnetError, KeyError, TypeError, ValueError, IndexError, RuntimeError, AttributeError) as exc:
+        raise SaveFormatError(f"{str(path)!r}: the saved state of the {cfg['method']!r} detector does not fit "
+                              f"its settings (modified or corrupted): {exc!r}") from exc
+
+
+def _saved_calibration(path: Any, cal: Mapping[str, Any],
+                       tensors: Mapping[str, Tensor]) -> tuple[float, float, int, Tensor]:
+    """``(threshold, fpr, n, sorted scores)`` of a saved calibration, checked to be the conformal quantile of
+    its scores (else :class:`SaveFormatError`)."""
+    if "calibration/scores" not in tensors:
+        raise SaveFormatError(f"{str(path)!r} lacks the tensor 'calibration/scores'")
+    try:
+        threshold, fpr, n = float(cal["threshold"]), float(cal["fpr"]), int(cal["n"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SaveFormatError(f"{str(path)!r}: the saved calibration is unreadable ({exc!r})") from exc
+    scores = tensors["calibration/scores"].float()
+    problem = None
+    if not math.isfinite(threshold):
+        problem = f"the threshold is {threshold} (a detector with it would flag nothing, or everything)"
+    elif not 0.0 < fpr < 1.0:
+        problem = f"the calibrated FPR is {fpr}, outside (0, 1)"
+    elif scores.dim() != 1 or scores.shape[0] != n or n < 1:
+        problem = f"{n} calibration inputs are recorded but the scores have shape {list(scores.shape)}"
+    elif not bool(torch.isfinite(scores).all()) or bool((scores[1:] < scores[:-1]).any()):
+        problem = "the calibration scores are not finite and sorted"
+    elif _conformal_rank(n, fpr) > n:
+        problem = f"{n} calibration inputs are too few for the recorded FPR {fpr}"
+    elif float(torch.tensor(threshold, dtype=torch.float32)) != float(scores[_conformal_rank(n, fpr) - 1]):
+        problem = f"the threshold {threshold!r} is not the conformal quantile of the saved calibration scores"
+    if problem is not None:
+        raise SaveFormatError(f"{str(path)!r} was modified or corrupted: {problem}")
+    return threshold, fpr, n, scores
 
 
 class DetectorGuard(nn.Module):
