@@ -20,7 +20,7 @@ from .errors import (
 )
 from .forking import prepare_for_fork
 from .hookspecs import hookimpl
-from .inspection import InspectionReport, inspect
+from .inspection import InspectionReport, InspectOptions, inspect
 from .library import ExactLibrary, leader_reference
 from .network import LibraryNetwork
 from .plugins import get_plugin_manager
@@ -29,7 +29,7 @@ from .readout import HebbianReadout
 
 __all__ = [
     "__version__", "LibraryNetwork", "ConsistencyDetector", "ExactLibrary", "HebbianReadout", "TorchLayerProbe", "ProbeResult",
-    "leader_reference", "get_plugin_manager", "inspect", "InspectionReport", "hookimpl", "hookspecs",
+    "leader_reference", "get_plugin_manager", "inspect", "InspectOptions", "InspectionReport", "hookimpl", "hookspecs",
     "prepare_for_fork",
     "LibnetError", "NotFittedError", "LayerNotFoundError", "ShapeMismatchError", "NonFiniteError", "SaveFormatError",
     "SaveIntegrityError",

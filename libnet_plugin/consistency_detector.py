@@ -594,14 +594,11 @@ class ConsistencyDetector:
             model: a ``torch.nn.Module`` (an ONNX model with the ONNX adapter).
             train: training data, as :meth:`LibraryNetwork.fit` accepts it.
             layers: the layers to probe (required).
-            **options: for the network: ``thresholds``, theta per layer (a number, ``{layer: theta}``, or
-                ``"auto"``, the default :data:`~libnet_plugin.network.DEFAULT_THRESHOLDS`, see
-                :func:`libnet_plugin.thresholds.choose_thresholds`; its options via
-                ``network_options={"auto_thresholds": {...}}``); ``device``; ``network_options``, other
-                ``LibraryNetwork`` keywords (e.g. ``{"top_k": 3}``, the library nodes behind each layer's
-                prediction; the score's own ``top_k``, such as CPL's, goes in ``settings``). For the
-                detector: the constructor's keywords ``method``, ``settings``, ``on_nonfinite``,
-                ``plugin_manager``, ``progress``.
+            **options: the network's ``thresholds`` (a number, ``{layer: theta}`` or ``"auto"``, the default;
+                see :func:`libnet_plugin.thresholds.choose_thresholds`), ``device`` and ``network_options``
+                (other ``LibraryNetwork`` keywords, e.g. ``{"top_k": 3, "auto_thresholds": {...}}``; a
+                score's own ``top_k``, such as CPL's, goes in ``settings``); the constructor's ``method``,
+                ``settings``, ``on_nonfinite``, ``plugin_manager``, ``progress``.
 
         Example:
             >>> import torch
@@ -739,8 +736,8 @@ class ConsistencyDetector:
 
     def calibrate_on(self, data: Tensor, fpr: float) -> ConsistencyDetector:
         """Deprecated alias (``FutureWarning``) of ``calibrate(features=data, fpr=fpr)``."""
-        warnings.warn("ConsistencyDetector.calibrate_on(data, fpr) is deprecated: use calibrate(features=data, fpr=fpr)",
-                      FutureWarning, stacklevel=2)
+        warnings.warn("ConsistencyDetector.calibrate_on(data, fpr) is deprecated: use "
+                      "calibrate(features=data, fpr=fpr)", FutureWarning, stacklevel=2)
         return self.calibrate(features=data, fpr=fpr)
 
     # ------------------------------------------------------------------ scoring
@@ -869,7 +866,8 @@ class ConsistencyDetector:
         self._check_model()
         probe = self._eval_probe()  # eval semantics whatever another thread does to model.training
         if self._keeps_graph(x):
-            graph_scores, graph_outputs = _score_with_graph(self.net, self.scorer, x, exact=True, probe=probe)  # both keep the graph
+            # both keep the graph
+            graph_scores, graph_outputs = _score_with_graph(self.net, self.scorer, x, exact=True, probe=probe)
             return GuardOutput(output=graph_outputs, flagged=graph_scores.detach() > self.threshold_,
                                score=graph_scores)
         scores, outputs = self._score_batch(x, want_outputs=True, run=None if probe is None else probe.run)

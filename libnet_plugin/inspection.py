@@ -38,6 +38,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib
 import math
 import os
@@ -63,7 +64,8 @@ from .network import LibraryNetwork, stream_fit
 from .plugins import make_probe, make_readout
 from .thresholds import choose_thresholds
 
-__all__ = ["inspect", "InspectionReport", "InspectionError", "probeable_layers", "spread", "sweep_thetas"]
+__all__ = ["inspect", "InspectOptions", "InspectionReport", "InspectionError", "probeable_layers", "spread",
+           "sweep_thetas"]
 
 #: How many layers :func:`inspect` probes when none are named.
 DEFAULT_N_LAYERS = 4
@@ -542,12 +544,60 @@ def _sample(net: LibraryNetwork, train: Any, inp: _Inputs, ev: _Evaluation, dete
 
 
 # ---------------------------------------------------------------------------------------------- inspect
+@dataclass(frozen=True)
+class InspectOptions:
+    """The settings of :func:`inspect` beyond the model, the data, the layers and the thresholds.
+
+    Each is also a keyword of :func:`inspect` (``inspect(model, train, top_k=5)``), which starts from
+    ``options`` (default: these defaults) and replaces the settings it names.
+
+    Attributes:
+        top_k: library nodes behind each layer's prediction (Eq. 3).
+        cpl_top_k: library nodes behind the evidence that CPL compares (the paper's 20).
+        fpr: false-positive rate of the detector's threshold.
+        sweep: thetas of the library-size sweep (one list for all layers, or per layer); default
+            :func:`sweep_thetas` around each chosen theta.
+        n_layers: how many layers the default layer choice spreads over (see ``layers`` of :func:`inspect`).
+        sample: how many of the least and of the most consistent test inputs to show.
+        indices: test inputs to show as well, by index.
+        n_exemplars: training inputs shown per layer behind each sampled input.
+        batch_size / device / progress: as for :class:`LibraryNetwork`.
+        auto_thresholds: options of :func:`libnet_plugin.thresholds.choose_thresholds`.
+        log: where to print the stages and the layer choice (default: silent).
+
+    Example:
+        >>> InspectOptions(top_k=5).fpr
+        0.05
+    """
+
+    top_k: int = 3
+    cpl_top_k: int = 20
+    fpr: float = 0.05
+    sweep: Sequence[float] | Mapping[str, Sequence[float]] | None = None
+    n_layers: int = DEFAULT_N_LAYERS
+    sample: int = 3
+    indices: Sequence[int] = ()
+    n_exemplars: int = 3
+    batch_size: int = 256
+    device: Any = None
+    auto_thresholds: Mapping[str, Any] | None = None
+    progress: bool | None = None
+    log: Any = None
+
+
+def _inspect_options(options: InspectOptions | None, settings: Mapping[str, Any]) -> InspectOptions:
+    """``options`` with the keyword ``settings`` of :func:`inspect` in place (``TypeError`` for other names)."""
+    if options is not None and not isinstance(options, InspectOptions):
+        raise TypeError(f"options must be an InspectOptions, got {type(options).__name__}")
+    unknown = sorted(set(settings) - set(InspectOptions.__dataclass_fields__))
+    if unknown:
+        raise TypeError(f"inspect() got unexpected keyword arguments {unknown}; its settings are "
+                        f"{list(InspectOptions.__dataclass_fields__)}")
+    return dataclasses.replace(options or InspectOptions(), **settings)
+
+
 def inspect(model: Any, train: Any, test: Any = None, layers: Sequence[str] | None = None,
-            thresholds: Any = "auto", *, top_k: int = 3, cpl_top_k: int = 20, fpr: float = 0.05,
-            sweep: Sequence[float] | Mapping[str, Sequence[float]] | None = None, n_layers: int = DEFAULT_N_LAYERS,
-            sample: int = 3, indices: Sequence[int] = (), n_exemplars: int = 3, batch_size: int = 256,
-            device: Any = None, auto_thresholds: Mapping[str, Any] | None = None, progress: bool | None = None,
-            log: Any = None) -> InspectionReport:
+            thresholds: Any = "auto", *, options: InspectOptions | None = None, **settings: Any) -> InspectionReport:
     """Fit library networks on ``train`` and measure, on ``test``, how the model's layers reach its decisions.
 
     Args:
@@ -561,17 +611,10 @@ def inspect(model: Any, train: Any, test: Any = None, layers: Sequence[str] | No
             first and last (:func:`spread`).
         thresholds: ``"auto"`` (each layer's theta chosen from the data, about 10% of the training inputs as
             nodes), a number, or ``{layer: theta}`` (layers not named are ``"auto"``).
-        top_k: library nodes behind each layer's prediction (Eq. 3).
-        cpl_top_k: library nodes behind the evidence that CPL compares (the paper's 20).
-        fpr: false-positive rate of the detector's threshold.
-        sweep: thetas of the library-size sweep (one list for all layers, or per layer); default
-            :func:`sweep_thetas` around each chosen theta.
-        sample: how many of the least and of the most consistent test inputs to show.
-        indices: test inputs to show as well, by index.
-        n_exemplars: training inputs shown per layer behind each sampled input.
-        batch_size / device / progress: as for :class:`LibraryNetwork`.
-        auto_thresholds: options of :func:`libnet_plugin.thresholds.choose_thresholds`.
-        log: where to print the stages and the layer choice (default: silent).
+        options: an :class:`InspectOptions` (default: its defaults).
+        **settings: any :class:`InspectOptions` field by name (``top_k``, ``cpl_top_k``, ``fpr``, ``sweep``,
+            ``n_layers``, ``sample``, ``indices``, ``n_exemplars``, ``batch_size``, ``device``,
+            ``auto_thresholds``, ``progress``, ``log``), replacing that of ``options``.
 
     Returns:
         An :class:`InspectionReport`.
@@ -579,7 +622,13 @@ def inspect(model: Any, train: Any, test: Any = None, layers: Sequence[str] | No
     Raises:
         InspectionError: data whose shape the model refuses, labels out of range, unknown layers or
             thresholds, named indices out of range: found before the long work.
+        TypeError: a keyword that is not an :class:`InspectOptions` field.
     """
+    opts = _inspect_options(options, settings)
+    top_k, cpl_top_k, fpr, batch_size, device = opts.top_k, opts.cpl_top_k, opts.fpr, opts.batch_size, opts.device
+    auto_thresholds, progress, log = opts.auto_thresholds, opts.progress, opts.log
+    sweep, sample, indices, n_exemplars = opts.sweep, opts.sample, opts.indices, opts.n_exemplars
+    n_layers = opts.n_layers
     say = log or (lambda _msg: None)
     timer = _Timer(say)
     timer.start("checks")

@@ -117,12 +117,18 @@ def test_bad_inputs_are_refused_before_the_long_work(trained):
         lnp.inspect(model, (x, y), test, indices=[40], progress=False)
     with pytest.raises(InspectionError, match="not probed"):
         lnp.inspect(model, (x, y), test, layers=["0", "4"], thresholds={"2": 0.5}, progress=False)
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['topk'\]"):
+        lnp.inspect(model, (x, y), test, topk=5)
+    with pytest.raises(TypeError, match="options must be an InspectOptions"):
+        lnp.inspect(model, (x, y), test, options={"top_k": 5})
 
 
 def test_thresholds_given_per_layer_and_no_labels(trained):
     model, (x, _), _ = trained
-    r = lnp.inspect(model, x[:100], x[100:], layers=["0", "4"], thresholds={"0": 0.5}, sweep=[0.3],
-                    progress=False, sample=1).to_dict()
+    options = lnp.InspectOptions(sweep=[0.3], progress=False, sample=5)
+    r = lnp.inspect(model, x[:100], x[100:], layers=["0", "4"], thresholds={"0": 0.5}, options=options,
+                    sample=1).to_dict()  # a keyword replaces the setting of options
+    assert sum(s["why"] == "least consistent" for s in r["samples"]) == 1  # sample=1, not 5
     assert r["settings"]["thresholds_chosen"]["0"] == 0.5 and r["settings"]["auto_layers"] == ["4"]
     assert [row["theta"] for row in r["layers"]["0"]["sweep"]] == [0.3, 0.5]
     assert r["layers"]["0"]["accuracy"] is None and r["model_accuracy"] is None
