@@ -67,7 +67,7 @@ Example:
 """
 
 from ._features import node_classes
-from ._posthoc import PeerNotApplicableError
+from ._posthoc import PeerNotApplicableError, logits_of
 from .api import ConsistencyScore, FittedNetwork, FusedLayerScore, PluginScore, ScoreLike, as_consistency_score
 from .conformal import ConformalFusion
 from .cpl import CPLScore
@@ -88,5 +88,5 @@ __all__ = [
     "ConsistencyScore", "FittedNetwork", "FusedLayerScore", "PluginScore", "ScoreLike", "as_consistency_score",
     "ConformalFusion", "CPLScore", "LibraryMarginScore", "LibraryDistanceScore", "LibraryFusionScore", "MaxSoftmaxScore",
     "MahalanobisScore", "DeepKNNScore", "node_classes", "EnergyScore", "MaxLogitScore", "GENScore", "ReActEnergyScore",
-    "ViMScore", "KNNNormalizedScore", "MultiLayerMahalanobisScore", "PeerNotApplicableError",
+    "ViMScore", "KNNNormalizedScore", "MultiLayerMahalanobisScore", "PeerNotApplicableError", "logits_of",
 ]

@@ -116,6 +116,14 @@ class LibraryFusionScore(LibraryDistanceScore):
             raise ShapeMismatchError(f"{self._weights.shape[0]} weights for {like.shape[-1]} features")
         return self._weights.to(device=like.device, dtype=like.dtype)
 
+    @property
+    def weights_(self) -> Tensor:
+        """``combine="weighted"``: the feature weights ``[F]`` (float64) set from the clean reference at
+        calibration (:meth:`correlation_weights` of its p-values)."""
+        if self._weights is None:
+            raise NotFittedError("combine='weighted' takes its weights from the clean reference; calibrate first")
+        return self._weights
+
     @staticmethod
     def correlation_weights(p_values: Tensor) -> Tensor:
         """``w_j = 1 / sum_k |r_jk|`` with ``r`` the correlation of ``-log p`` over rows ``[N, F]`` (float64).

@@ -193,6 +193,39 @@ class LibraryMarginScore(FusedLayerScore):
         other = d.scatter(1, answers[:, None], float("inf")).amin(dim=1)
         return torch.where(other.isfinite(), own - other, torch.zeros_like(own))
 
+    # the fitted statistics and the per-feature computations, public for inspection and tests
+    @property
+    def gaussians_(self) -> dict[str, dict[str, Any]]:
+        """Per layer with a ``distance`` feature: the library nodes' class Gaussian, ``{"means": [C, D],
+        "precision": [D, D], "present": [C], "channels": n (0: not pooled), "proj": [W, D] or None}``."""
+        self.check_is_fitted()
+        return self._gauss
+
+    @property
+    def subspaces_(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """Per layer with the ``subspace`` feature: ``(mean [D], basis [D, r])`` of the nodes' principal
+        subspace (``r`` at most ``rank``)."""
+        self.check_is_fitted()
+        return self._subspaces
+
+    def class_distances(self, lib: Any, layer: str, hap: Tensor) -> Tensor:
+        """The ``distance`` of each activation ``hap`` ``[B, ...]`` of ``layer`` to every class's node mean:
+        ``[B, C]`` (float64; ``inf`` for classes without nodes)."""
+        self.check_is_fitted()
+        return self._class_distances(lib, layer, hap)
+
+    def subspace_residual(self, lib: Any, layer: str, hap: Tensor) -> Tensor:
+        """The ``subspace`` feature of ``hap`` ``[B, ...]``: the squared distance ``[B]`` of the normalised
+        activation from the nodes' principal subspace."""
+        self.check_is_fitted()
+        return self._subspace_residual(lib, layer, hap)
+
+    @staticmethod
+    def distance_margin(d: Tensor, answers: Tensor) -> Tensor:
+        """The ``distance-margin`` feature from class distances ``d`` ``[B, C]`` and the model's answers ``[B]``:
+        ``d_a - min_{c != a} d_c`` per row (0 when no other class has nodes)."""
+        return LibraryMarginScore._distance_margin(d, answers)
+
     def _fit(self, net: FittedNetwork, data: Any) -> None:
         self._prepare(net)
 

@@ -61,8 +61,7 @@ def test_a_logits_layer_that_is_not_the_outputs_is_refused(fitted, mlp_data):
 
 def test_auto_finds_a_probed_logits_layer_when_the_probe_cannot_tell_module_types():
     """An ONNX model, say: the outputs are log-probabilities, a probed layer of their shape has their softmax."""
-    from libnet_plugin.detectors import PeerNotApplicableError
-    from libnet_plugin.detectors._posthoc import logits_of
+    from libnet_plugin.detectors import PeerNotApplicableError, logits_of
 
     z = torch.tensor([[2.0, -1.0, 0.5], [0.0, 3.0, 1.0]])
     r = lnp.ProbeResult(outputs=torch.log_softmax(z, 1), haps={"fc1": torch.randn(2, 5), "fc2": z,

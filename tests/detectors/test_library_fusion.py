@@ -70,7 +70,7 @@ def test_distance_margin_is_the_answers_distance_minus_the_nearest_other_class(f
     f = score.features(fitted, r)
     answers = r.answers
     for i, l in enumerate(layers):
-        d = score._class_distances(fitted.libraries_[l], l, r.haps[l]).numpy()
+        d = score.class_distances(fitted.libraries_[l], l, r.haps[l]).numpy()
         a = answers.numpy()
         own = d[np.arange(len(a)), a]
         others = d.copy()
@@ -83,7 +83,7 @@ def test_distance_margin_is_the_answers_distance_minus_the_nearest_other_class(f
 
 def test_distance_margin_is_zero_without_another_class():
     d = torch.tensor([[1.0, float("inf")], [3.0, 2.0]], dtype=torch.float64)
-    out = LibraryDistanceScore._distance_margin(d, torch.tensor([0, 0]))
+    out = LibraryDistanceScore.distance_margin(d, torch.tensor([0, 0]))
     assert out.tolist() == [0.0, 1.0]
 
 
@@ -106,7 +106,7 @@ def test_weighted_combine_uses_the_calibration_weights_and_survives_save(fitted,
     cal = scorer.features(fitted, fitted.probe.run(x[:200]))
     w = LibraryFusionScore.correlation_weights(scorer.fusion.fit_p_values(cal))
     scorer.set_reference(cal)
-    torch.testing.assert_close(scorer._weights, w)
+    torch.testing.assert_close(scorer.weights_, w)
     assert w.shape == (len(scorer.feature_names()),) and bool((w > 0).all() and (w <= 1).all())
     p = scorer.fusion.p_values(scorer.features(fitted, fitted.probe.run(x[200:])))
     expected = (-torch.log(p) * w).sum(dim=1).float()

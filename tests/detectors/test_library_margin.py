@@ -85,13 +85,13 @@ def test_library_distance_pools_conv_channels_and_projects_wide_layers():
     x = torch.rand(120, 1, 6, 6)
     net = lnp.LibraryNetwork(model, ["0", "3"], thresholds=0.99).fit(x)
     s = LibraryDistanceScore(max_dim=4).fit(net)
-    assert s._gauss["0"]["channels"] == 3 and s._gauss["0"]["means"].shape[1] == 3
-    assert s._gauss["3"]["channels"] == 0 and s._gauss["3"]["proj"].shape == (5, 4)
+    assert s.gaussians_["0"]["channels"] == 3 and s.gaussians_["0"]["means"].shape[1] == 3
+    assert s.gaussians_["3"]["channels"] == 0 and s.gaussians_["3"]["proj"].shape == (5, 4)
     assert s.features(net, net.probe.run(x[:6])).shape == (6, 2)
     # a projected library stores sketches, not whole activations: no channel averages there
     sketched = lnp.LibraryNetwork(model, ["0"], thresholds=0.99, library="projected",
                                   library_options={"n_components": 12}).fit(x)
-    st = LibraryDistanceScore(max_dim=64).fit(sketched)._gauss["0"]
+    st = LibraryDistanceScore(max_dim=64).fit(sketched).gaussians_["0"]
     assert st["channels"] == 0 and st["proj"] is None and st["means"].shape[1] == 12
     with pytest.raises(ShapeMismatchError, match="cannot average 48 features over 5 channels"):
         LibraryDistanceScore(pool={"0": 5}).fit(net)
@@ -123,8 +123,8 @@ def test_subspace_is_the_residual_from_the_nodes_principal_subspace(fitted, mlp_
     # the nodes themselves lie in the subspace of every direction they span: residual 0
     lib = fitted.libraries_["fc2"]
     full = LibraryDistanceScore(layers=["fc2"], features=("subspace",), rank=10_000).fit(fitted)
-    assert full._subspaces["fc2"][1].shape[1] <= min(lib.size - 1, lib.nodes.shape[1])
-    res = full._subspace_residual(lib, "fc2", lib.nodes)
+    assert full.subspaces_["fc2"][1].shape[1] <= min(lib.size - 1, lib.nodes.shape[1])
+    res = full.subspace_residual(lib, "fc2", lib.nodes)
     assert float(res.max()) < 1e-9
     # and the rank is part of the settings a saved detector carries
     assert full.config()["rank"] == 10_000
