@@ -8,6 +8,7 @@
 __version__ = "0.1.0"
 
 from . import hookspecs
+from ._batches import MultiInput, as_inputs
 from .consistency_detector import ConsistencyDetector
 from .errors import (
     LayerNotFoundError,
@@ -30,7 +31,7 @@ from .readout import HebbianReadout
 __all__ = [
     "__version__", "LibraryNetwork", "ConsistencyDetector", "ExactLibrary", "HebbianReadout", "TorchLayerProbe", "ProbeResult",
     "leader_reference", "get_plugin_manager", "inspect", "InspectOptions", "InspectionReport", "hookimpl", "hookspecs",
-    "prepare_for_fork",
+    "prepare_for_fork", "MultiInput", "as_inputs",
     "LibnetError", "NotFittedError", "LayerNotFoundError", "ShapeMismatchError", "NonFiniteError", "SaveFormatError",
     "SaveIntegrityError",
 ]

@@ -1107,6 +1107,12 @@ class DetectorGuard(nn.Module):
             return self.detector.score_and_output(MultiInput(kwargs))
         return self.detector.score_and_output(args[0] if len(args) == 1 else MultiInput(args))
 
+    @property
+    def runs_on_eval_view(self) -> bool:
+        """Whether the forward pass runs on an eval-mode view of the model (else on the model itself, in its
+        own mode: one of the exceptions above)."""
+        return self.detector._eval_probe() is not None
+
     def extra_repr(self) -> str:
         d = self.detector
         return f"method={d.method!r}, threshold={d.threshold_:.6g}, fpr={d.fpr_:g}"

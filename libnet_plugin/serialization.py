@@ -22,7 +22,7 @@ from ._validate import dtype_name
 from .errors import SaveFormatError, SaveIntegrityError
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "SIGNATURE_ALGORITHM", "save_atomic", "load_checked", "atomic_write_bytes",
-           "current_umask", "parse_json"]
+           "current_umask", "parse_json", "file_digests"]
 
 FORMAT_NAME = "libnet-plugin"
 #: Bumped whenever a saved file's layout changes; a file of another version is refused with a clear error.
@@ -104,8 +104,11 @@ def _tensor_digest(t: Tensor) -> str:
     return h.hexdigest()
 
 
-def _digests(kind: str, config_json: str, tensors: dict[str, Tensor]) -> dict[str, Any]:
-    """The digests a file carries: of its kind and settings, and of each tensor."""
+def file_digests(kind: str, config_json: str, tensors: dict[str, Tensor]) -> dict[str, Any]:
+    """The digests a saved file carries in its ``"digests"`` metadata: SHA-256 of its kind and settings
+    (``config_json``, the ``"config"`` metadata as written), and of each tensor. :func:`load_checked`
+    refuses a file whose digests do not match; a tool that rewrites a file's settings or tensors (or a
+    test that builds a malformed file) recomputes them with this function."""
     return {"algorithm": "sha256", "settings": hashlib.sha256(f"{kind}|{config_json}".encode()).hexdigest(),
             "tensors": {k: _tensor_digest(v) for k, v in sorted(tensors.items())}}
 
@@ -184,7 +187,7 @@ def save_atomic(path: str | os.PathLike, tensors: dict[str, Tensor], kind: str, 
         "format_version": str(FORMAT_VERSION),
         "kind": kind,
         "config": config_json,
-        "digests": json.dumps(_digests(kind, config_json, cpu), sort_keys=True),
+        "digests": json.dumps(file_digests(kind, config_json, cpu), sort_keys=True),
     }
     if secret is not None:
         metadata["signature"] = json.dumps({"algorithm": SIGNATURE_ALGORITHM, "value": _signature(metadata, secret)},
@@ -205,7 +208,7 @@ def _check_digests(path: Path, kind: str, metadata: dict[str, str], tensors: dic
         raise SaveFormatError(f"{where}: its digests are not a JSON object")
     if saved.get("algorithm") != "sha256":
         raise SaveFormatError(f"{where}: unknown digest algorithm {saved.get('algorithm')!r}")
-    want = _digests(kind, metadata["config"], tensors)
+    want = file_digests(kind, metadata["config"], tensors)
     if saved.get("settings") != want["settings"]:
         raise SaveFormatError(f"{where}: its settings (or kind) differ from those it was saved with")
     got = saved.get("tensors")

@@ -26,7 +26,7 @@ def _edit(path, *, config=None, tensors=None, drop=()):
         config(cfg)
     data.update(tensors or {})
     meta["config"] = json.dumps(cfg, sort_keys=True)
-    meta["digests"] = json.dumps(serialization._digests(meta["kind"], meta["config"], data), sort_keys=True)
+    meta["digests"] = json.dumps(serialization.file_digests(meta["kind"], meta["config"], data), sort_keys=True)
     for k in drop:
         meta.pop(k, None)
     save_file(data, str(path), metadata=meta)

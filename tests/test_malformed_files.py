@@ -28,7 +28,7 @@ def _read(path):
 def _write(path, meta, data, *, recompute=True):
     meta = dict(meta)
     if recompute:
-        meta["digests"] = json.dumps(serialization._digests(meta["kind"], meta["config"], data), sort_keys=True)
+        meta["digests"] = json.dumps(serialization.file_digests(meta["kind"], meta["config"], data), sort_keys=True)
     save_file(data, str(path), metadata=meta)
 
 

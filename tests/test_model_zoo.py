@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import libnet_plugin as lnp
-from libnet_plugin._batches import MultiInput
+from libnet_plugin import MultiInput
 
 
 @dataclass

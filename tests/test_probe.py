@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import libnet_plugin as lnp
-from libnet_plugin._batches import MultiInput
+from libnet_plugin import MultiInput
 from libnet_plugin.probe import TorchLayerProbe, eval_mode
 
 
@@ -385,7 +385,7 @@ class MaskedNet(nn.Module):
 
 
 def test_a_dict_with_an_input_key_and_other_tensors_passes_them_all_by_keyword():
-    from libnet_plugin._batches import as_inputs
+    from libnet_plugin import as_inputs
 
     torch.manual_seed(0)
     model = MaskedNet().eval()

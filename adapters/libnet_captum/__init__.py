@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._probe import CaptumForward, CaptumLayerProbe
+from .probe import CaptumForward, CaptumLayerProbe
 
 __all__ = ["LibraryAttribution", "LibraryExemplars", "CaptumForward", "CaptumLayerProbe"]
 

@@ -30,7 +30,7 @@ from libnet_plugin.plugins import default_plugin_manager, get_plugin_manager
 from libnet_plugin.probe import check_finite, model_device, unknown_layer_message
 
 from . import plugin as _adapter_plugin
-from ._probe import CaptumForward, layer_activations
+from .probe import CaptumForward, layer_activations
 
 __all__ = ["LibraryAttribution", "LibraryExemplars"]
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from libnet_plugin.hookspecs import hookimpl
 
-from ._probe import CaptumForward, CaptumLayerProbe
+from .probe import CaptumForward, CaptumLayerProbe
 
 
 @hookimpl

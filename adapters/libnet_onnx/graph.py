@@ -40,7 +40,8 @@ from libnet_plugin.probe import unknown_layer_message
 
 from .errors import OnnxModelError
 
-__all__ = ["OnnxGraph", "LayerInfo", "TensorSpec", "load_model", "list_layers", "NAME_SCOPES_KEY"]
+__all__ = ["OnnxGraph", "LayerInfo", "TensorSpec", "load_model", "list_layers", "NAME_SCOPES_KEY",
+           "legacy_chain"]
 
 #: Node metadata key in which the dynamo exporter records the module scope of each node.
 NAME_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
@@ -290,13 +291,13 @@ def _legacy_child(parent: str, comp: str, known: frozenset[str]) -> str:
     return candidates[0]
 
 
-def _legacy_chain(node: onnx.NodeProto, known: frozenset[str] = frozenset()) -> tuple[str, ...] | None:
+def legacy_chain(node: onnx.NodeProto, known: frozenset[str] = frozenset()) -> tuple[str, ...] | None:
     """Qualified module names from a legacy-exporter node name such as ``/layer1/layer1.0/conv1/Conv``.
 
     The legacy exporter names each scope by the module's qualified name cut back to its last non-numeric
     atom (``layer1.0.conv1`` -> ``conv1``, ``layer1.0`` -> ``layer1.0``, ``encoder.layers.0`` ->
     ``layers.0``), so the full names are rebuilt from the parent's (see :func:`_legacy_child`; ``known``:
-    the module names of :func:`known_module_names`).
+    the module names of :func:`known_module_names`); ``None`` for a node name that is not such a path.
     """
     if not node.name.startswith("/"):
         return None
@@ -310,7 +311,7 @@ def _legacy_chain(node: onnx.NodeProto, known: frozenset[str] = frozenset()) -> 
 
 def _node_chain(node: onnx.NodeProto, known: frozenset[str] = frozenset()) -> tuple[str, ...] | None:
     chain = _dynamo_chain(node)
-    return chain if chain is not None else _legacy_chain(node, known)
+    return chain if chain is not None else legacy_chain(node, known)
 
 
 def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:

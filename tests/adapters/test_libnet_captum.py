@@ -485,12 +485,12 @@ def test_plugin_manager_without_the_adapter(mlp, mlp_data, monkeypatch):
 def test_docstring_examples_of_the_probe_run():
     import doctest
 
-    import libnet_captum._probe
+    import libnet_captum.probe
     from libnet_plugin.plugins import default_plugin_manager
 
     if not default_plugin_manager().is_registered(libnet_captum.plugin):
         pytest.skip("entry-point autoloading is turned off: the example relies on it")
-    assert doctest.testmod(libnet_captum._probe).failed == 0
+    assert doctest.testmod(libnet_captum.probe).failed == 0
 
 
 def test_plugin_import_is_light():

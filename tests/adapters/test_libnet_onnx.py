@@ -30,9 +30,9 @@ from libnet_onnx import (  # noqa: E402
     list_layers,
 )
 from libnet_onnx import plugin as onnx_plugin  # noqa: E402
-from libnet_onnx.graph import NAME_SCOPES_KEY, REWRITE_RULE_KEY, OnnxGraph, _legacy_chain  # noqa: E402
+from libnet_onnx.graph import NAME_SCOPES_KEY, REWRITE_RULE_KEY, OnnxGraph, legacy_chain  # noqa: E402
 from libnet_onnx.providers import default_providers, resolve_providers  # noqa: E402
-from libnet_plugin._batches import MultiInput  # noqa: E402
+from libnet_plugin import MultiInput  # noqa: E402
 from libnet_plugin.errors import LayerNotFoundError, NonFiniteError, ShapeMismatchError  # noqa: E402
 from libnet_plugin.probe import TorchLayerProbe  # noqa: E402
 
@@ -152,7 +152,7 @@ def test_graph_without_scopes_offers_tensor_names_only():
 
 def test_legacy_scope_names_are_rebuilt_into_qualified_module_names():
     def chain(name):
-        return _legacy_chain(helper.make_node("Relu", ["a"], ["b"], name=name))
+        return legacy_chain(helper.make_node("Relu", ["a"], ["b"], name=name))
 
     assert chain("/layer1/layer1.0/conv1/Conv") == ("layer1", "layer1.0", "layer1.0.conv1")
     assert chain("/features/features.0/features.0.1/Relu") == ("features", "features.0", "features.0.1")
@@ -166,7 +166,7 @@ def test_legacy_scope_names_are_rebuilt_into_qualified_module_names():
 
 def test_legacy_scope_names_are_checked_against_the_parameter_names():
     def chain(name, known):
-        return _legacy_chain(helper.make_node("Relu", ["a"], ["b"], name=name), frozenset(known))
+        return legacy_chain(helper.make_node("Relu", ["a"], ["b"], name=name), frozenset(known))
 
     # a ModuleList named like the module holding it, and a module called through one that is not called
     assert chain("/blocks/blocks.0/Relu", {"blocks", "blocks.blocks", "blocks.blocks.0"})[-1] == "blocks.blocks.0"
