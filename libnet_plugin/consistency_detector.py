@@ -172,7 +172,7 @@ def _fingerprint_diff(saved: Sequence[Sequence[Any]], now: Sequence[Sequence[Any
 
     Names are compared without the wrapper prefixes they all share (``_orig_mod.``, ``module.``), so a
     model and its ``torch.compile`` / ``DataParallel`` wrapper have the same fingerprint. Packed weights
-    (``key[i]`` names) are compared only when ``saved`` has them (files saved before they were recorded).
+    (``key[i]`` names) are compared only when ``saved`` has them (a saved fingerprint may lack them).
     """
     if not any("[" in r[0] for r in saved):
         now = [r for r in now if "[" not in r[0]]

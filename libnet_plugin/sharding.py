@@ -228,7 +228,9 @@ class ShardedLibrary:
     Build it with :func:`shard_library` (from a whole library) or directly from a shard: ``library`` a
     library of the layer's kind holding only this rank's nodes (rows of its ``nodes`` in ascending global
     order), ``weight`` their readout rows ``[m_r, C]``, ``node_ids`` their global indices ``LongTensor[m_r]``
-    (strictly increasing), ``n_nodes`` the whole library's size M.
+    (strictly increasing), ``n_nodes`` the whole library's size M. ``duplicated``: ``library`` holds its one
+    node twice (a library kind may need two rows; :func:`shard_library` does this for a one-node shard), and
+    the copy is dropped from every result.
 
     The scoring calls (:meth:`topk`, :meth:`scores`) are collectives inside a process group of two or more
     ranks: every rank calls them with the same inputs, in the same order. A rank that fails tells the others,

@@ -118,7 +118,7 @@ class SparseLibrary(ExactLibrary):
         units = self._units_on.get(haps.device)
         if units is None:
             units = self._units_on[haps.device] = self.units.to(haps.device)
-        # gather with the index broadcast over the batch: a few times faster than index_select on dim 1
+        # gather with the index broadcast over the batch rather than index_select on dim 1 (the faster of the two)
         return torch.gather(haps, 1, units.expand(haps.shape[0], -1)).to(self.device, self.dtype)
 
     def config(self) -> dict[str, Any]:

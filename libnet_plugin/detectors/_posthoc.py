@@ -305,6 +305,11 @@ class PenultimateScore(ConsistencyScore):
 
     Subclasses implement :meth:`_fit_features` (from the training features ``[N, D]``), :meth:`from_features`,
     and save what they fit through :meth:`_state` / :meth:`_load_state` / :meth:`_config`.
+
+    Args:
+        layer: the probed layer whose output feeds the classifier (default: found).
+        activation: ``"auto"`` (found), ``"none"`` or ``"relu"`` applied to that layer's output.
+        classifier: the model's last linear layer (default: the last ``nn.Linear`` with one output per class).
     """
 
     requires_training_data: ClassVar[bool] = True

@@ -46,7 +46,9 @@ class LibraryFusionScore(LibraryDistanceScore):
     (:meth:`FusedLayerScore.surrogate <libnet_plugin.detectors.FusedLayerScore.surrogate>`).
 
     Args:
-        layers, features, ...: see :class:`LibraryMarginScore <libnet_plugin.detectors.LibraryMarginScore>`.
+        layers: see :class:`LibraryMarginScore <libnet_plugin.detectors.LibraryMarginScore>`.
+        **settings: the other settings of :class:`LibraryDistanceScore
+            <libnet_plugin.detectors.LibraryDistanceScore>` (``features``, ``k``, ``pool``, ``max_dim``, ...).
         outputs: the output features (default both: ``("confidence", "logit-margin")``, chosen on
             development splits, docs/method.md section 16); ``()`` gives ``"library-distance"``.
         combine: ``"fisher"`` (default), ``"min"`` or ``"weighted"``.

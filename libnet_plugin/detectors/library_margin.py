@@ -129,7 +129,7 @@ class LibraryMarginScore(FusedLayerScore):
 
     @property
     def features_(self) -> tuple[str, ...]:
-        """Deprecated (``FutureWarning``): the checked ``features`` setting, now :attr:`layer_features`."""
+        """Deprecated (``FutureWarning``): the checked ``features`` setting, :attr:`layer_features`."""
         warnings.warn(f"{type(self).__name__}.features_ is deprecated: use layer_features", FutureWarning, stacklevel=2)
         return self.layer_features
 
