@@ -940,21 +940,9 @@ class ConsistencyDetector:
         except (LibnetError, TypeError, ValueError) as exc:
             raise SaveFormatError(f"{str(path)!r}: the saved detector {method!r} with settings {settings} cannot be "
                                   f"built: {exc}") from exc
-        fingerprint = cfg.get("fingerprint")
         if check_model:
-            _check_saved_fingerprint(path, fingerprint, model)
-        if fingerprint is not None:
-            det._watch.record(model, fingerprint)
-        if cfg.get("scorer_fitted"):
-            _restore_scorer(path, det.scorer, net, cfg, tensors)
-            det._scorer_fitted = True
-        cal = cfg.get("calibration")
-        if cal is not None and not det._scorer_fitted and (det.scorer.fuses or det.requires_training_data):
-            raise SaveFormatError(f"{str(path)!r} is calibrated, but the fitted state of its {method!r} score is "
-                                  "missing (modified or corrupted)")
-        if cal is not None:
-            det.threshold_, det.fpr_, det.n_calibration_, det.calibration_scores_ = _saved_calibration(path, cal,
-                                                                                                      tensors)
+            _check_saved_fingerprint(path, cfg.get("fingerprint"), model)
+        _restore_fitted(path, det, cfg, tensors, model)
         return det
 
 
@@ -1024,6 +1012,22 @@ def _check_saved_fingerprint(path: Any, fingerprint: list[list[Any]] | None, mod
         if diff is not None:
             raise ModelChangedError(f"{str(path)!r} was fitted on a model whose weights differ from the model given "
                                     f"({diff}); pass the same model, or refit")
+
+
+def _restore_fitted(path: Any, det: ConsistencyDetector, cfg: Mapping[str, Any], tensors: Mapping[str, Tensor],
+                    model: Any) -> None:
+    """Give a loaded detector what was fitted: the model's fingerprint, the score's state, the calibration."""
+    if cfg.get("fingerprint") is not None:
+        det._watch.record(model, cfg["fingerprint"])
+    if cfg.get("scorer_fitted"):
+        _restore_scorer(path, det.scorer, det.net, cfg, tensors)
+        det._scorer_fitted = True
+    cal = cfg.get("calibration")
+    if cal is not None and not det._scorer_fitted and (det.scorer.fuses or det.requires_training_data):
+        raise SaveFormatError(f"{str(path)!r} is calibrated, but the fitted state of its {cfg['method']!r} score is "
+                              "missing (modified or corrupted)")
+    if cal is not None:
+        det.threshold_, det.fpr_, det.n_calibration_, det.calibration_scores_ = _saved_calibration(path, cal, tensors)
 
 
 def _restore_scorer(path: Any, scorer: ConsistencyScore, net: LibraryNetwork, cfg: Mapping[str, Any],
