@@ -562,7 +562,8 @@ class InspectOptions:
         indices: test inputs to show as well, by index.
         n_exemplars: training inputs shown per layer behind each sampled input.
         batch_size / device / progress: as for :class:`LibraryNetwork`.
-        auto_thresholds: options of :func:`libnet_plugin.thresholds.choose_thresholds`.
+        auto_thresholds: options of :func:`libnet_plugin.thresholds.choose_thresholds` for the layers whose
+            theta is ``"auto"`` (with none of them, it raises :class:`InspectionError`).
         log: where to print the stages and the layer choice (default: silent).
 
     Example:
@@ -636,6 +637,9 @@ def inspect(model: Any, train: Any, test: Any = None, layers: Sequence[str] | No
     layers = inp.layers
     say(f"layers: {layers} ({inp.layer_choice})")
     given, auto = _thresholds(thresholds, layers)
+    if auto_thresholds is not None and not auto:
+        raise InspectionError(f"auto_thresholds={auto_thresholds!r} sets how thresholds='auto' chooses theta, but "
+                              f"thresholds={thresholds!r} gives every layer's theta: drop one of them")
     net = LibraryNetwork(model, layers, thresholds="auto", top_k=top_k, device=device, batch_size=batch_size,
                          auto_thresholds=auto_thresholds)
     timer.stop()

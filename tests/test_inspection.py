@@ -119,6 +119,8 @@ def test_bad_inputs_are_refused_before_the_long_work(trained):
         lnp.inspect(model, (x, y), test, layers=["0", "4"], thresholds={"2": 0.5}, progress=False)
     with pytest.raises(TypeError, match=r"unexpected keyword arguments \['topk'\]"):
         lnp.inspect(model, (x, y), test, topk=5)
+    with pytest.raises(InspectionError, match=r"auto_thresholds=\{'target': 0.2\}.*thresholds=0.5"):
+        lnp.inspect(model, (x, y), test, layers=["0", "4"], thresholds=0.5, auto_thresholds={"target": 0.2})
     with pytest.raises(TypeError, match="options must be an InspectOptions"):
         lnp.inspect(model, (x, y), test, options={"top_k": 5})
 
