@@ -270,9 +270,11 @@ class LogitScore(ConsistencyScore):
 
     differentiable: ClassVar[bool] = True
 
+    #: fitted attributes (set by fit and load; None before)
+    logits_: str | None = None
+
     def __init__(self, logits: str = "auto"):
         self.logits = check_logits_source(logits)
-        self.logits_: str | None = None
 
     def fit(self, net: Any, data: Iterable[Any] | None = None) -> LogitScore:
         """Nothing to learn: find where the logits are (``net`` may be None with ``logits="outputs"``)."""
@@ -316,11 +318,13 @@ class PenultimateScore(ConsistencyScore):
     #: the score recomputes logits with the classifier's weights (else it needs only the features)
     needs_weights: ClassVar[bool] = True
 
+    #: fitted attributes (set by fit and load; None before)
+    pen_: Penultimate | None = None
+
     def __init__(self, layer: str | None = None, activation: str = "auto", classifier: str | None = None):
         self.layer = optional_name(layer, "layer")
         self.activation = check_activation(activation)
         self.classifier = optional_name(classifier, "classifier")
-        self.pen_: Penultimate | None = None
 
     def _fit_features(self, net: Any, pen: Penultimate, feats: Tensor) -> None:
         raise NotImplementedError

@@ -177,7 +177,6 @@ class PluginScore(ConsistencyScore):
 
     def __init__(self, inner: ScoreLike):
         self.inner = inner
-        self.fitted_ = False
 
     @property
     def name(self) -> str:  # type: ignore[override]
@@ -223,10 +222,12 @@ class FusedLayerScore(ConsistencyScore):
     fuses: ClassVar[bool] = True
     differentiable: ClassVar[bool] = True
 
+    #: fitted attributes (set by fit and load; None before)
+    layers_: list[str] | None = None
+
     def __init__(self, layers: Sequence[str] | None = None):
         self.layers = None if layers is None else ([layers] if isinstance(layers, str) else list(layers))
         self.fusion = ConformalFusion()
-        self.layers_: list[str] | None = None
 
     # -- to implement ---------------------------------------------------------------------------
     def _fit(self, net: FittedNetwork, data: Any) -> None:

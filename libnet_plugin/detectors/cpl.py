@@ -32,7 +32,6 @@ class CPLScore(ConsistencyScore):
 
     def __init__(self, top_k: int = 20):
         self.top_k = check_int(top_k, "top_k")
-        self.fitted_ = False
 
     def __repr__(self) -> str:
         return f"CPLScore(top_k={self.top_k})"

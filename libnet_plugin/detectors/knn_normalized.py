@@ -45,14 +45,16 @@ class KNNNormalizedScore(PenultimateScore):
     #: training features compared at a time
     chunk: ClassVar[int] = 4096
 
+    #: fitted attributes (set by fit and load; None before)
+    k_: int | None = None
+    train_: Tensor | None = None
+
     def __init__(self, k: int | None = None, layer: str | None = None, activation: str = "auto",
                  classifier: str | None = None):
         super().__init__(layer, activation, classifier)
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
             raise ValueError(f"k must be None or a positive integer, got {k!r}")
         self.k = k
-        self.k_: int | None = None
-        self.train_: Tensor | None = None
 
     def __repr__(self) -> str:
         return f"KNNNormalizedScore(k={self.k}, layer={self.layer!r})"

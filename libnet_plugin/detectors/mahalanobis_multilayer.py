@@ -48,14 +48,16 @@ class MultiLayerMahalanobisScore(MahalanobisScore):
     name: ClassVar[str] = "mahalanobis-multilayer"
     fuses: ClassVar[bool] = False
 
+    #: fitted attributes (set by fit and load; None before)
+    z_mean_: Tensor | None = None
+    z_sd_: Tensor | None = None
+
     def __init__(self, layers: Sequence[str] | None = None, pool: Any = "auto", max_dim: int = 1024,
                  seed: int = 0, shrinkage: float = 0.0, labels: str = "auto"):
         super().__init__(layers, pool=pool, max_dim=max_dim, seed=seed, shrinkage=shrinkage)
         if labels not in ("auto", "true", "model"):
             raise ValueError(f"labels must be 'auto', 'true' or 'model', got {labels!r}")
         self.labels = labels
-        self.z_mean_: Tensor | None = None
-        self.z_sd_: Tensor | None = None
 
     def __repr__(self) -> str:
         return f"MultiLayerMahalanobisScore(layers={self.layers}, pool={self.pool!r}, labels={self.labels!r})"

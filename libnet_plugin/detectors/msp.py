@@ -30,9 +30,6 @@ class MaxSoftmaxScore(ConsistencyScore):
     name: ClassVar[str] = "msp"
     differentiable: ClassVar[bool] = True
 
-    def __init__(self) -> None:
-        self.fitted_ = False
-
     def __repr__(self) -> str:
         return "MaxSoftmaxScore()"
 

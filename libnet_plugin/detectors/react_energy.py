@@ -42,6 +42,9 @@ class ReActEnergyScore(PenultimateScore):
     differentiable: ClassVar[bool] = True
     name: ClassVar[str] = "react-energy"
 
+    #: fitted attributes (set by fit and load; None before)
+    clip_: Tensor | None = None
+
     def __init__(self, percentile: float = 90.0, temperature: float = 1.0, layer: str | None = None,
                  activation: str = "auto", classifier: str | None = None):
         super().__init__(layer, activation, classifier)
@@ -51,7 +54,6 @@ class ReActEnergyScore(PenultimateScore):
             raise ValueError(f"temperature must be a positive number, got {temperature!r}")
         self.percentile = float(percentile)
         self.temperature = float(temperature)
-        self.clip_: Tensor | None = None
 
     def __repr__(self) -> str:
         return f"ReActEnergyScore(percentile={self.percentile}, temperature={self.temperature}, layer={self.layer!r})"

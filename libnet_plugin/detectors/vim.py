@@ -47,16 +47,18 @@ class ViMScore(PenultimateScore):
     differentiable: ClassVar[bool] = True
     name: ClassVar[str] = "vim"
 
+    #: fitted attributes (set by fit and load; None before)
+    dim_: int | None = None
+    origin_: Tensor | None = None
+    residual_basis_: Tensor | None = None
+    alpha_: Tensor | None = None
+
     def __init__(self, dim: int | None = None, layer: str | None = None, activation: str = "auto",
                  classifier: str | None = None):
         super().__init__(layer, activation, classifier)
         if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
             raise ValueError(f"dim must be None or a positive integer, got {dim!r}")
         self.dim = dim
-        self.dim_: int | None = None
-        self.origin_: Tensor | None = None
-        self.residual_basis_: Tensor | None = None
-        self.alpha_: Tensor | None = None
 
     def __repr__(self) -> str:
         return f"ViMScore(dim={self.dim}, layer={self.layer!r})"
