@@ -948,23 +948,6 @@ def _check_outside(final: Path, paths: Mapping[str, Path | None]) -> None:
                                   "cache's default is .cache in the current folder) or choose another --out")
 
 
-def _check_out(out_dir: str | os.PathLike, cache: Path) -> Path:
-    """:func:`~libnet_plugin.experiments.report.check_run_folder`, with a hint for a folder that holds
-    the weights an older version cached in ``OUT/cache``."""
-    try:
-        return check_run_folder(out_dir)
-    except ExperimentError as exc:
-        old = Path(out_dir).expanduser().absolute() / "cache"
-        weights = sorted(old.glob("resnet44_*.pt")) if old.is_dir() else []
-        if not weights:
-            raise
-        raise ExperimentError(f"{exc}. It holds weights an older version cached there ({str(weights[0])!r}"
-                              f"{f' and {len(weights) - 1} more' if len(weights) > 1 else ''}): the cache now "
-                              f"lives outside --out, so move them into --cache-dir {str(cache)!r}, move the "
-                              "folder away and rerun"
-                              ) from exc
-
-
 def run(args: argparse.Namespace) -> int:
     """Run ``libnet reproduce cifar10``; return the exit status (0 ok, 2 bad input, 1 failed run).
 
@@ -982,7 +965,7 @@ def run(args: argparse.Namespace) -> int:
                                   "for GPU machines)")
         state = check_weights(args.weights) if args.weights is not None else None
         cache = Path(args.cache_dir).expanduser()
-        out = _check_out(args.out, cache)  # the run is staged beside it and swapped in when complete
+        out = check_run_folder(args.out)  # the run is staged beside it and swapped in when complete
         _check_outside(out, {"--cache-dir": cache, "--data-dir": data_dir,
                              "--weights": Path(args.weights) if args.weights is not None else None})
         if warning:

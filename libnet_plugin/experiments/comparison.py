@@ -55,7 +55,7 @@ def detector_comparison(net: Any, train: tuple[Tensor, Tensor | None], clean_tes
                         fpr_splits: int = 50, batch_size: int = 256,
                         log: Callable[[str], None] | None = None, adaptive: AdaptiveBudget | None = None,
                         n_reference: int = 2000) -> dict[str, Any]:
-    """The detector comparison of :mod:`libnet_plugin.experiments.detectors` on an experiment's data.
+    """The detector comparison of :func:`evaluate_detectors` on an experiment's data.
 
     Shared by ``libnet reproduce mnist`` and ``libnet reproduce cifar10``. Every input is given in pixel
     space (``[0, 1]``) or, for attack sets, in the space the :class:`AttackSet` records, and is moved to

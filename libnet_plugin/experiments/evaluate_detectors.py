@@ -20,11 +20,9 @@ Output (``--out``, default ``runs/detectors``): ``detectors.json`` (everything
 per set), and ``evasion.png`` (evasion against epsilon and against the FPR).
 
 Example:
-    libnet evaluate-detectors                  # the MNIST default: about 11 minutes with --no-adaptive
-                                               # (2 loaded cores, with the seven post-hoc peers); the attacks
-                                               # on every detector add the most (not measured since the peers
-                                               # joined; --adaptive-detectors attacks fewer)
-    libnet evaluate-detectors --quick          # a small run for tests (about 3.5 minutes)
+    libnet evaluate-detectors                  # the MNIST default (the attacks on every detector take the
+                                               # longest; --adaptive-detectors attacks fewer, --no-adaptive none)
+    libnet evaluate-detectors --quick          # a small run for tests
     libnet evaluate-detectors --thresholds S1  # the seed's hand-picked set S1 instead of "auto"
 """
 

@@ -33,7 +33,7 @@ Example:
     Command line::
 
         libnet reproduce mnist                      # embedded data, report in runs/mnist/
-        libnet reproduce mnist --quick --out /tmp/q # reduced run for tests (well under two minutes)
+        libnet reproduce mnist --quick --out /tmp/q # reduced run for tests
         libnet reproduce mnist --data-dir ~/data/mnist --out runs/mnist-full
 
     Python::
@@ -1004,14 +1004,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the data split and of training (default 0)")
     parser.add_argument("--epochs", type=int, help="training epochs (default 5; 2 with --quick)")
     parser.add_argument("--quick", action="store_true",
-                        help="a reduced run of every stage for tests (well under two minutes)")
+                        help="a reduced run of every stage for tests")
     parser.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bars (default: only on a terminal)")
     a = parser.add_argument_group(
         "attacks that know the detector",
         "white-box adaptive PGD and a score-only search against the detectors of --adaptive-detectors, on "
-        "correctly classified standard-protocol images, in pixel space (on by default; a few minutes)")
+        "correctly classified standard-protocol images, in pixel space (on by default)")
     a.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True,
                    help="run them (default); --no-adaptive skips them")
     add_budget_arguments(a, detectors_help="attack these detectors (labels of the detector table; default: "
