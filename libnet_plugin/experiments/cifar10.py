@@ -652,8 +652,9 @@ def _run_detectors(sweep: LibrarySweep, model: torch.nn.Module, settings: Cifar1
     """The detector comparison (:func:`~libnet_plugin.experiments.comparison.detector_comparison`) of this run.
 
     The library network is the sweep's at the first CPL set; the detectors are scored on the successful
-    standard-protocol attacks and, as out-of-domain inputs, on uniform-noise images from a generator seeded
-    with ``settings.attack_seed`` (as many as there are test images). With ``settings.adaptive`` the
+    standard-protocol attacks and, as out-of-domain inputs, on the registry's ``"uniform noise"`` set
+    (:func:`~libnet_plugin.experiments.ood.ood_set`, seeded with ``settings.attack_seed``, as many images as
+    there are test images). With ``settings.adaptive`` the
     detectors it names are also attacked by attackers who know them (``detector_comparison``'s
     ``adaptive``; ``evasion.png`` too). ``data`` is ``(x_train, y_train, x_test, y_test)`` in pixels;
     ``detectors.json``, ``detectors.md`` and ``roc.png`` go into ``out_dir``.
@@ -661,8 +662,9 @@ def _run_detectors(sweep: LibrarySweep, model: torch.nn.Module, settings: Cifar1
     x_train, y_train, x_test, y_test = data
     first = next(iter(settings.cpl_sets))
     net = sweep.to_network(model, settings.cpl_sets[first], top_k=settings.top_k_cpl, device=device)
-    g = torch.Generator().manual_seed(settings.attack_seed)
-    noise = torch.rand((x_test.shape[0], *x_test.shape[1:]), generator=g)
+    from .ood import ood_set
+
+    noise = ood_set("uniform noise", x_test.cpu(), seed=settings.attack_seed)
     return detector_comparison(net, (x_train, y_train), (x_test.cpu(), y_test.cpu()), attack_sets,
                                space="normalized", mean=CIFAR_MEAN, std=CIFAR_STD, protocol="standard",
                                ood_sets={"uniform noise": noise}, out_dir=out_dir, batch_size=settings.batch_size,

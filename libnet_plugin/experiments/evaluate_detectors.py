@@ -123,7 +123,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="attack families that ignore the detector: " + ", ".join(ATTACK_FAMILIES)
                              + " (default: all)")
     parser.add_argument("--ood", nargs="+", metavar="NAME",
-                        help="out-of-domain sets (default: all of experiments.ood.ood_sets)")
+                        help="out-of-domain sets by name (default: all of experiments.ood.OOD_REGISTRY)")
     parser.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True,
                         help="attack every detector with the attacks that know it (default: on)")
     add_budget_arguments(parser, detectors_help="attack only these detectors (labels of the table) with the attacks "
@@ -302,11 +302,13 @@ def _plan(args: argparse.Namespace) -> tuple[Any, ...]:
     specs = _chosen_detectors(args.detectors)
     budget = _budget(args, quick)
     check_budget_detectors(budget, list(specs))
-    from .ood import OOD_SET_NAMES
+    from .ood import OOD_ALIASES, OOD_SET_NAMES
 
-    unknown = sorted(set(args.ood or ()) - set(OOD_SET_NAMES))
+    unknown = sorted(set(args.ood or ()) - set(OOD_SET_NAMES) - set(OOD_ALIASES))
     if unknown:
         raise ExperimentError(f"unknown --ood sets {unknown}; choose among {list(OOD_SET_NAMES)}")
+    if args.ood:  # the registry's names (an old name is accepted)
+        args.ood = list(dict.fromkeys(OOD_ALIASES.get(name, name) for name in args.ood))
     out_dir = check_run_folder(args.out)  # the run is staged beside it and swapped in when complete
     return quick, n_train, epochs, nb_iter, n_attack, epsilons, thresholds, auto, specs, out_dir, budget
 

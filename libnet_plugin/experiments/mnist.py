@@ -434,13 +434,14 @@ def _detector_section(run: PreparedRun, sweep: LibrarySweep, net: MnistNet | Non
     """The detector comparison (:func:`~libnet_plugin.experiments.comparison.detector_comparison`) of this run.
 
     The library network is the sweep's at the first CPL set; the detectors are scored on the successful
-    standard-protocol attacks and, as out-of-domain inputs, on scikit-learn's 8x8 digits upscaled to 28x28.
+    standard-protocol attacks and, as out-of-domain inputs, on the registry's ``"digits 8x8 upscaled"`` set
+    (:func:`~libnet_plugin.experiments.ood.ood_set`: all of scikit-learn's 8x8 digits, upscaled to 28x28).
     Its ``detectors.json``, ``detectors.md`` and ``roc.png`` are written into the run's folder. Without
     standard-protocol attacks (an ONNX run without ``--attacks-file``) it returns a note instead. With
     ``settings.adaptive`` the detectors it names are also attacked by attackers who know them
     (``detector_comparison``'s ``adaptive``; ``evasion.png`` too; an ONNX model gets a note instead).
     """
-    from .data import load_digits_upscaled
+    from .ood import ood_set
 
     settings, opt = run.settings, run.options
     x_tr, y_tr, x_te, y_te = run.data
@@ -449,7 +450,7 @@ def _detector_section(run: PreparedRun, sweep: LibrarySweep, net: MnistNet | Non
     library_net = sweep.to_network(model, settings.cpl_sets[first], top_k=settings.top_k, device=opt["device"])
     return detector_comparison(library_net, (x_tr, y_tr), (x_te, y_te), attacks["sets"], space=run.model_space,
                                mean=MNIST_MEAN, std=MNIST_STD, protocol="standard",
-                               ood_sets={"sklearn digits 8x8 upscaled": load_digits_upscaled()}, out_dir=run.out,
+                               ood_sets={"digits 8x8 upscaled": ood_set("digits 8x8 upscaled", x_te)}, out_dir=run.out,
                                batch_size=settings.batch_size, log=opt["log"], adaptive=settings.adaptive)
 
 
