@@ -110,11 +110,10 @@ from .sweep import (
 )
 from .threat_models import (
     AdaptiveBudget,
+    adaptive_budget,
     add_budget_arguments,
-    budget_from_args,
     check_budget_setting,
     comparison_evasion_markdown,
-    sizing_options_given,
 )
 
 __all__ = [
@@ -901,21 +900,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _adaptive_budget(args: argparse.Namespace) -> AdaptiveBudget | None:
-    """The budget of ``--adaptive-detectors`` and the options that size it (checked); ``None`` without it."""
-    if not args.adaptive_detectors:
-        given = sizing_options_given(args)
-        if given:
-            raise ExperimentError(f"{', '.join(given)} only size the attacks of --adaptive-detectors, which is not "
-                                  "given; add --adaptive-detectors LABEL ... (labels of the detector table)")
-        return None
-    budget = budget_from_args(args, quick=bool(args.quick), seed=args.seed)  # its detectors: by validate
+    """The budget of ``--adaptive-detectors`` and the options that size it (checked by the one policy,
+    :func:`~libnet_plugin.experiments.threat_models.adaptive_budget`: its seed is ``--seed``, the attack
+    seed; its detectors are checked by :meth:`Cifar10Settings.validate`); ``None`` without it."""
+    refuse = None
     if args.no_detectors:
-        raise ExperimentError("--adaptive-detectors attacks detectors of the detector comparison, which "
-                              "--no-detectors skips")
-    if "standard" not in args.protocols:
-        raise ExperimentError("--adaptive-detectors attacks the standard protocol's images; add 'standard' to "
-                              f"--protocols (got {' '.join(args.protocols)})")
-    return budget
+        refuse = "--adaptive-detectors attacks detectors of the detector comparison, which --no-detectors skips"
+    elif "standard" not in args.protocols:
+        refuse = ("--adaptive-detectors attacks the standard protocol's images; add 'standard' to --protocols "
+                  f"(got {' '.join(args.protocols)})")
+    return adaptive_budget(args, quick=bool(args.quick), enabled=bool(args.adaptive_detectors),
+                           off="only size the attacks of --adaptive-detectors, which is not given; add "
+                               "--adaptive-detectors LABEL ... (labels of the detector table)", refuse=refuse)
 
 
 def settings_from_args(args: argparse.Namespace) -> Cifar10Settings:

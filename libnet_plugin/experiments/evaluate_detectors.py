@@ -59,8 +59,8 @@ from .threat_models import DEFAULT_LAMBDAS as DEFAULT_LAMBDAS  # re-exported: it
 from .threat_models import (
     AdaptiveBudget,
     ThreatModels,
+    adaptive_budget,
     add_budget_arguments,
-    budget_from_args,
     check_budget_detectors,
     comparison_evasion_markdown,
 )
@@ -315,10 +315,10 @@ def _plan(args: argparse.Namespace) -> tuple[Any, ...]:
 
 def _budget(args: argparse.Namespace, quick: bool) -> AdaptiveBudget | None:
     """The sizes of the attacks that know the detector, checked
-    (:func:`~libnet_plugin.experiments.threat_models.budget_from_args`); None with ``--no-adaptive``."""
-    if not args.adaptive:
-        return None
-    return budget_from_args(args, quick=quick, seed=args.seed)
+    (:func:`~libnet_plugin.experiments.threat_models.adaptive_budget`); None with ``--no-adaptive``."""
+    return adaptive_budget(args, quick=quick, enabled=bool(args.adaptive),
+                           off="size the attacks that know the detector, which --no-adaptive skips; drop one or "
+                               "the other")
 
 
 def _run(args: argparse.Namespace, quick: bool, n_train: int, epochs: int, nb_iter: int, n_attack: int,

@@ -51,7 +51,7 @@ import hashlib
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -110,8 +110,8 @@ from .sweep import (
 )
 from .threat_models import (
     AdaptiveBudget,
+    adaptive_budget,
     add_budget_arguments,
-    budget_from_args,
     check_budget_setting,
     comparison_evasion_markdown,
     sizing_options_given,
@@ -1032,19 +1032,17 @@ def _settings_from_args(args: argparse.Namespace) -> MnistSettings:
 
 
 def _adaptive_budget(args: argparse.Namespace) -> AdaptiveBudget | None:
-    """The budget of the attacks that know the detector (``--adaptive-*``, checked; :class:`MnistSettings`
-    checks its detectors); ``None`` with ``--no-adaptive``."""
-    explicit = sizing_options_given(args) + (["--adaptive-detectors"] if args.adaptive_detectors else [])
-    if not args.adaptive:
-        if explicit:
-            raise ExperimentError(f"{', '.join(explicit)} size the attacks that know the detector, which "
-                                  "--no-adaptive skips; drop one or the other")
-        return None
-    if args.onnx is not None and explicit:
-        raise ExperimentError(f"{', '.join(explicit)}: the attacks that know the detector follow the torch net's "
-                              "gradients, and an --onnx model gives none; drop --onnx or those options")
-    budget = budget_from_args(args, quick=bool(args.quick), seed=0)
-    return budget if budget.detectors is not None else replace(budget, detectors=ADAPTIVE_DETECTORS)
+    """The budget of the attacks that know the detector (``--adaptive-*``, checked by the one policy,
+    :func:`~libnet_plugin.experiments.threat_models.adaptive_budget`: its seed is ``--seed``;
+    :class:`MnistSettings` checks its detectors); ``None`` with ``--no-adaptive``."""
+    refuse = None
+    if args.onnx is not None:
+        explicit = sizing_options_given(args) + (["--adaptive-detectors"] if args.adaptive_detectors else [])
+        refuse = (f"{', '.join(explicit)}: the attacks that know the detector follow the torch net's gradients, "
+                  "and an --onnx model gives none; drop --onnx or those options")
+    return adaptive_budget(args, quick=bool(args.quick), enabled=bool(args.adaptive),
+                           off="size the attacks that know the detector, which --no-adaptive skips; drop one or "
+                               "the other", refuse=refuse, default_detectors=ADAPTIVE_DETECTORS)
 
 
 def _summary(report: Mapping[str, Any], out: str) -> str:
