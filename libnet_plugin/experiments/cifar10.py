@@ -204,9 +204,12 @@ QUICK_OVERRIDES: dict[str, Any] = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class Cifar10Settings:
     """Everything that defines one CIFAR-10 run (defaults: the paper's full experiment).
+
+    Frozen and checked once when made (:class:`~libnet_plugin.experiments.report.ExperimentError` naming
+    the first bad setting).
 
     Attributes:
         n_train: training images used for the libraries (the first ones of ``data_batch_1..5``, in file
@@ -255,7 +258,14 @@ class Cifar10Settings:
     plots: bool = True
     quick: bool = False
 
+    def __post_init__(self) -> None:
+        self._check()
+
     def validate(self) -> Cifar10Settings:
+        """Return ``self``, checked when it was made (kept for callers that check explicitly)."""
+        return self
+
+    def _check(self) -> None:
         """Raise :class:`~libnet_plugin.experiments.report.ExperimentError` naming the first bad setting."""
         for name in ("n_train", "n_test"):
             v = getattr(self, name)
@@ -296,7 +306,6 @@ class Cifar10Settings:
                                       "comparison on the standard protocol's images: it needs detectors=True (no "
                                       "--no-detectors) and 'standard' among the protocols, got detectors="
                                       f"{self.detectors}, protocols {list(self.protocols)}")
-        return self
 
 
 # --------------------------------------------------------------------------------------------------

@@ -175,9 +175,12 @@ _PROG = "libnet reproduce mnist"
 # ---------------------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
 class MnistSettings:
     """Everything that defines a run besides file locations; :meth:`default_run` is the paper's.
+
+    Frozen and checked once when made (:class:`~libnet_plugin.experiments.report.ExperimentError` naming
+    the setting).
 
     Attributes:
         seed: seed of the data shuffle (embedded data) and of training.
