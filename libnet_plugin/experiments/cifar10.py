@@ -100,6 +100,7 @@ from .report import (
     write_text_atomic,
 )
 from .sweep import (
+    Evidence,
     LibrarySweep,
     agreement_table,
     compute_evidence,
@@ -496,7 +497,7 @@ def reproduce_cifar10(
     try:
         with staged_output(final) as stage:
             report = _run_pipeline(model, x_train, x_test, y_test, settings, device=device, stage=stage,
-                                   final=final, partial=partial, holder=holder, y_train=y_train,
+                                   staging=_Staging(final, partial, holder), y_train=y_train,
                                    progress=progress, log=log, extra=extra)
     except BaseException as exc:
         if "report" in holder:  # the libraries were done: keep what is known, and why the run stopped
@@ -550,38 +551,40 @@ def _remove_empty(folders: Sequence[Path]) -> None:
             return
 
 
-def _run_pipeline(model: torch.nn.Module, x_train: Tensor, x_test: Tensor, y_test: Tensor, settings: Cifar10Settings,
-                  *, device: torch.device, stage: Path, final: Path, partial: Path, holder: dict[str, Any],
-                  y_train: Tensor | None, progress: bool | None, log: Callable[[str], None] | None,
-                  extra: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The stages of :func:`reproduce_cifar10`, writing into the staging folder ``stage``.
+@dataclass
+class _Staging:
+    """Where :func:`_run_pipeline` reports besides its staging folder: the run folder it is swapped into, the
+    partial report beside it, and ``holder``, which receives the partial report (for :func:`_record_failure`)."""
 
-    ``holder`` receives the partial report once the libraries are done (for :func:`_record_failure`).
-    """
+    final: Path
+    partial: Path
+    holder: dict[str, Any]
+
+
+@dataclass
+class _Stages:
+    """What the stages of one :func:`_run_pipeline` share."""
+
+    model: torch.nn.Module
+    probe: Any
+    settings: Cifar10Settings
+    progress: bool | None
+    timer: StageTimer
+
+
+def _run_pipeline(model: torch.nn.Module, x_train: Tensor, x_test: Tensor, y_test: Tensor, settings: Cifar10Settings,
+                  *, device: torch.device, stage: Path, staging: _Staging, y_train: Tensor | None,
+                  progress: bool | None, log: Callable[[str], None] | None,
+                  extra: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The stages of :func:`reproduce_cifar10`, writing into the staging folder ``stage``."""
     out = stage
     timer = StageTimer(log)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    mean, std = CIFAR_MEAN, CIFAR_STD
-    xn_train = to_model_space(x_train, "pixels", "normalized", mean, std)
-    xn_test = to_model_space(x_test, "pixels", "normalized", mean, std)
     from ..plugins import make_probe
 
-    probe = make_probe(model, list(LAYERS), device)
-    with timer.stage("library sweep"):
-        sweep = fit_library_sweep(probe, xn_train, settings.thresholds, batch_size=settings.batch_size,
-                                  device=device, progress=progress)
-    agree_req = [(l, t, settings.top_k_agreement) for l in LAYERS for t in settings.thresholds[l]]
-    cpl_req = cpl_requests(settings.cpl_sets, settings.top_k_cpl)
-    with timer.stage("test evidence"):
-        test_ev = compute_evidence(sweep, probe, xn_test, agree_req + cpl_req, labels=y_test,
-                                   batch_size=settings.batch_size, progress=progress, desc="test evidence")
-    table = agreement_table(sweep, test_ev, top_k=settings.top_k_agreement)
-    for layer, rows in table.items():
-        levels = [theta_key(t) for t in settings.thresholds[layer]]
-        for row in rows:
-            row["level"] = levels.index(row["theta"])
-            row.update(_seed_columns(layer, row["theta"]))
+    st = _Stages(model, make_probe(model, list(LAYERS), device), settings, progress, timer)
+    sweep, test_ev, table, cpl_req = _libraries(st, x_train, x_test, y_test, device)
     report: dict[str, Any] = {
         "experiment": "cifar10",
         "status": "libraries done; attacks running",
@@ -593,45 +596,23 @@ def _run_pipeline(model: torch.nn.Module, x_train: Tensor, x_test: Tensor, y_tes
         "libraries": {"sizes": sweep.sizes(), "agreement": table, "top_k": settings.top_k_agreement},
         "seed": SEED_RESULTS,
     }
-    holder.update(report=relocate(to_jsonable(report), stage, final), timer=timer, final=final)
-    write_json_atomic(partial, holder["report"])  # beside the run folder: it survives a failed or killed run
-
-    detection: dict[str, Any] = {}
-    attack_sets = []
-    for name in settings.protocols:
-        n_req = settings.n_paper if name == "paper" else settings.n_standard
-        n = min(n_req, len(test_ev))
-        eps = settings.paper_epsilons if name == "paper" else settings.standard_epsilons
-        proto = ProtocolSettings(name, list(eps), n_images=n, nb_iter=settings.nb_iter, seed=settings.attack_seed,
-                                 backend=settings.attack_backend)
-        with timer.stage(f"attacks ({name})"):
-            sets = generate_attack_sets(proto, model, x_test, y_test, mean=mean, std=std, progress=progress)
-        attack_sets.extend(sets)
-        with timer.stage(f"attacked evidence ({name})"):
-            attacked = attacked_evidence(sweep, probe, sets, cpl_req, y_test, model_space="normalized", mean=mean,
-                                         std=std, batch_size=settings.batch_size, progress=progress)
-        clean = test_ev.subset(torch.arange(n))
-        result = evaluate_protocol(name, clean, attacked, settings.cpl_sets, top_k=settings.top_k_cpl,
-                                   fpr=settings.fpr)
-        result["n_requested"] = n_req
-        result["attack"] = proto.describe()
-        detection[name] = result
+    staging.holder.update(report=relocate(to_jsonable(report), stage, staging.final), timer=timer,
+                          final=staging.final)
+    write_json_atomic(staging.partial, staging.holder["report"])  # beside the run folder: survives a failed run
+    detection, attack_sets = _attack_protocols(st, sweep, test_ev, cpl_req, x_test, y_test)
     if attack_sets:
         save_attack_sets(out / "attacks.safetensors", attack_sets,
                          {"dataset": "cifar10", "n_test": len(test_ev), "attack_seed": settings.attack_seed,
                           "nb_iter": settings.nb_iter})
-
     detectors = None
     if settings.detectors:
         with timer.stage("detectors"):
             detectors = _run_detectors(sweep, model, settings, device, data=(x_train, y_train, x_test, y_test),
                                        attack_sets=attack_sets, out_dir=out, log=log)
-
     figures: list[str] = []
     if settings.plots:
         with timer.stage("figures"):
             figures = _draw_figures(out, sweep.sizes(), table, detection, settings)
-
     memory = {"library_bytes": sum(_library_bytes(sweep).values()), "library_bytes_by_layer": _library_bytes(sweep),
               "peak_rss_bytes": _peak_rss_bytes(),
               "cuda_peak_allocated_bytes": (int(torch.cuda.max_memory_allocated(device))
@@ -646,12 +627,63 @@ def _run_pipeline(model: torch.nn.Module, x_train: Tensor, x_test: Tensor, y_tes
         "timings": timer.as_dict(),
         "environment": environment_info(),
     })
-    report = relocate(to_jsonable(report), stage, final)  # paths name the folder the run is swapped into
+    report = relocate(to_jsonable(report), stage, staging.final)  # paths name the folder the run is swapped into
     if detectors and detectors.get("available") and (out / "detectors.json").is_file():
         write_json_atomic(out / "detectors.json", report["detectors"]["table"])  # its file paths, too
     write_text_atomic(out / "report.md", render_markdown(report))
     write_json_atomic(out / "report.json", report)  # last: its presence means the run completed
     return report
+
+
+def _libraries(st: _Stages, x_train: Tensor, x_test: Tensor, y_test: Tensor,
+               device: torch.device) -> tuple[LibrarySweep, Evidence, dict[str, Any], list[Any]]:
+    """The library sweep and the test evidence: ``(sweep, test evidence, agreement table, CPL requests)``."""
+    settings, timer, progress = st.settings, st.timer, st.progress
+    xn_train = to_model_space(x_train, "pixels", "normalized", CIFAR_MEAN, CIFAR_STD)
+    xn_test = to_model_space(x_test, "pixels", "normalized", CIFAR_MEAN, CIFAR_STD)
+    with timer.stage("library sweep"):
+        sweep = fit_library_sweep(st.probe, xn_train, settings.thresholds, batch_size=settings.batch_size,
+                                  device=device, progress=progress)
+    agree_req = [(l, t, settings.top_k_agreement) for l in LAYERS for t in settings.thresholds[l]]
+    cpl_req = cpl_requests(settings.cpl_sets, settings.top_k_cpl)
+    with timer.stage("test evidence"):
+        test_ev = compute_evidence(sweep, st.probe, xn_test, agree_req + cpl_req, labels=y_test,
+                                   batch_size=settings.batch_size, progress=progress, desc="test evidence")
+    table = agreement_table(sweep, test_ev, top_k=settings.top_k_agreement)
+    for layer, rows in table.items():
+        levels = [theta_key(t) for t in settings.thresholds[layer]]
+        for row in rows:
+            row["level"] = levels.index(row["theta"])
+            row.update(_seed_columns(layer, row["theta"]))
+    return sweep, test_ev, table, cpl_req
+
+
+def _attack_protocols(st: _Stages, sweep: LibrarySweep, test_ev: Evidence, cpl_req: list[Any], x_test: Tensor,
+                      y_test: Tensor) -> tuple[dict[str, Any], list[AttackSet]]:
+    """Each protocol's attacks and CPL detection: ``({protocol: result}, every attack set)``."""
+    settings, timer, progress = st.settings, st.timer, st.progress
+    mean, std = CIFAR_MEAN, CIFAR_STD
+    detection: dict[str, Any] = {}
+    attack_sets: list[AttackSet] = []
+    for name in settings.protocols:
+        n_req = settings.n_paper if name == "paper" else settings.n_standard
+        n = min(n_req, len(test_ev))
+        eps = settings.paper_epsilons if name == "paper" else settings.standard_epsilons
+        proto = ProtocolSettings(name, list(eps), n_images=n, nb_iter=settings.nb_iter, seed=settings.attack_seed,
+                                 backend=settings.attack_backend)
+        with timer.stage(f"attacks ({name})"):
+            sets = generate_attack_sets(proto, st.model, x_test, y_test, mean=mean, std=std, progress=progress)
+        attack_sets.extend(sets)
+        with timer.stage(f"attacked evidence ({name})"):
+            attacked = attacked_evidence(sweep, st.probe, sets, cpl_req, y_test, model_space="normalized", mean=mean,
+                                         std=std, batch_size=settings.batch_size, progress=progress)
+        clean = test_ev.subset(torch.arange(n))
+        result = evaluate_protocol(name, clean, attacked, settings.cpl_sets, top_k=settings.top_k_cpl,
+                                   fpr=settings.fpr)
+        result["n_requested"] = n_req
+        result["attack"] = proto.describe()
+        detection[name] = result
+    return detection, attack_sets
 
 
 def _run_detectors(sweep: LibrarySweep, model: torch.nn.Module, settings: Cifar10Settings, device: torch.device, *,
