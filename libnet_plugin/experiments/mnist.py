@@ -817,7 +817,6 @@ def _f(v: Any, fmt: str = ".3f") -> str:
 def render_markdown(report: Mapping[str, Any]) -> str:
     """The readable report, rendered from the JSON report only (so both hold the same numbers)."""
     r = report
-    s = r["settings"]
     data, model = r["data"], r["model"]
     lines: list[str] = []
     add = lines.append
@@ -833,7 +832,20 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         f"Total wall time {r['timings']['total']:.0f} s.\n")
     for note in r.get("notes", []):
         add(f"> Note: {note}\n")
+    lines += _md_libraries(r)
+    lines += _md_confusion(r)
+    lines += _md_cpl(r)
+    lines += _md_detectors(r)
+    lines += _md_run(r)
+    return "\n".join(lines)
 
+
+def _md_libraries(r: Mapping[str, Any]) -> list[str]:
+    """The report's sections 1 and 2: library sizes and agreement, the seed's numbers beside ours."""
+    s = r["settings"]
+    data = r["data"]
+    lines: list[str] = []
+    add = lines.append
     add("## 1. Library size and agreement per layer (Fig. 2)\n")
     add(f"Each layer's library predicts the model's answer from the top {r['library_sweep']['top_k']} nodes (Eq. 3). "
         "*Top-1* = the layer's best answer equals the model's; *top-3* = the model's answer is among the layer's "
@@ -866,7 +878,14 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         "activations (a library's size depends on how spread the HAPs are, which training shapes); and the "
         "attack protocol (section 4). Exact libraries here follow the one-by-one leader rule; the seed's batched "
         "code skipped the within-batch check and over-stored.\n")
+    return lines
 
+
+def _md_confusion(r: Mapping[str, Any]) -> list[str]:
+    """The report's section 3: the confusion index."""
+    fig = r["figures"]
+    lines: list[str] = []
+    add = lines.append
     add("## 3. Confusion index (Fig. 3)\n")
     add("CI(d1, d2) = CA(d1, d2) / CA(d1, d1) over test inputs of class d1 that the layer predicts correctly "
         "(Eq. 4); the diagonal is shown as 0. Largest entries:\n")
@@ -876,7 +895,14 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             rows.append([t, l, ", ".join(f"{p['d1']}→{p['d2']} {p['ci']:.3f}" for p in pairs)])
     add(markdown_table(["θ", "layer", "largest CI (true→answer)"], rows))
     add(f"\n![confusion index]({fig['confusion_index']})\n")
+    return lines
 
+
+def _md_cpl(r: Mapping[str, Any]) -> list[str]:
+    """The report's section 4: CPL under the two attack protocols."""
+    fig = r["figures"]
+    lines: list[str] = []
+    add = lines.append
     add("## 4. Detecting adversarial inputs with CPL (Fig. 5)\n")
     add(f"CPL (Eq. 5) is the mean cosine between the layers' softmax(P) with top_k = {r['cpl']['top_k']}; low CPL "
         "flags an input. It is computed for the seed's seven threshold sets:\n")
@@ -940,7 +966,13 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                 f"{chk['max_abs_diff']:.2e}, same model answers: {chk['answers_equal']}.\n")
         else:
             add(f"PGD cross-check not run: {chk.get('note')}\n")
+    return lines
 
+
+def _md_detectors(r: Mapping[str, Any]) -> list[str]:
+    """The report's section 5: the detector comparison."""
+    lines: list[str] = []
+    add = lines.append
     add("## 5. Other detectors\n")
     det = r["detectors"]
     if det.get("available"):
@@ -960,7 +992,15 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             add(evasion + "\n")
     else:
         add(f"{det['note']}.\n")
+    return lines
 
+
+def _md_run(r: Mapping[str, Any]) -> list[str]:
+    """The report's sections 6 and 7: exemplars, timings and machine."""
+    s = r["settings"]
+    fig = r["figures"]
+    lines: list[str] = []
+    add = lines.append
     add("## 6. Exemplars\n")
     add(f"For a few test digits, the training images stored in the top {s['n_exemplar_nodes']} library nodes of "
         f"each layer (thresholds {r['exemplars']['threshold_set']}), most similar first.\n")
@@ -972,7 +1012,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     add(f"\nMachine: {env['platform']}, {env['cpu_count']} CPUs ({env['torch_threads']} torch threads), "
         f"GPU: {env['cuda'] or 'none'}. Versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
         + ".\n")
-    return "\n".join(lines)
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------------
