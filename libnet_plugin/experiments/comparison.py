@@ -199,11 +199,7 @@ def detector_comparison(net: Any, train: tuple[Tensor, Tensor | None], clean_tes
     x_test, y_test = clean_test
     if y_test is None:
         raise ValueError("detector_comparison needs the test labels to select the successful attacks")
-    if s.adaptive is not None and s.adaptive.detectors is not None:
-        labels = list(_resolve_detectors(s.detectors, net.plugin_manager))
-        unknown = sorted(set(s.adaptive.detectors) - set(labels))
-        if unknown:
-            raise ValueError(f"adaptive.detectors {unknown} are not among the detectors compared: {sorted(labels)}")
+    _check_adaptive_detectors(s, net)
     sets = [a for a in attack_sets if a.protocol == s.protocol]
     if not sets:
         return {"available": False,
@@ -241,6 +237,16 @@ def detector_comparison(net: Any, train: tuple[Tensor, Tensor | None], clean_tes
         say(f"adaptive attacks: {no_attack}")
         table["adaptive"] = {"budget": s.adaptive.describe(), "n": 0, "note": no_attack}
     return {"available": True, "protocol": s.protocol, "attacks": info, "table": table}
+
+
+def _check_adaptive_detectors(s: DetectorComparisonSettings, net: Any) -> None:
+    """``ValueError`` when ``s.adaptive.detectors`` names a detector that the comparison does not hold."""
+    if s.adaptive is None or s.adaptive.detectors is None:
+        return
+    labels = list(_resolve_detectors(s.detectors, net.plugin_manager))
+    unknown = sorted(set(s.adaptive.detectors) - set(labels))
+    if unknown:
+        raise ValueError(f"adaptive.detectors {unknown} are not among the detectors compared: {sorted(labels)}")
 
 
 def _successful_attacks(net: Any, sets: Sequence[AttackSet], x_test_m: Tensor, y_test: Tensor, half: int,
