@@ -25,6 +25,11 @@ and with the channels and size of ``x_test`` (or ``size``). Nothing is downloade
 Each derived set (the first four) draws its own ``n`` distinct test images from ``x_test``, so the caller
 decides which images are used (pass images held out from training and calibration). All random draws come
 from one ``torch.Generator`` seeded with ``seed``: the same arguments always give the same sets.
+
+The sets are the registry :data:`OOD_REGISTRY`, by these names; every command that scores out-of-domain
+inputs draws from it by name (``libnet evaluate-detectors --ood``, ``libnet reproduce mnist``'s
+``"digits 8x8 upscaled"``, ``libnet reproduce cifar10``'s ``"uniform noise"``), :func:`ood_set` building
+one set alone from its own generator. An older name of a set is still accepted (:data:`OOD_ALIASES`).
 """
 
 from __future__ import annotations
