@@ -282,6 +282,8 @@ def adaptive_pgd(det: Any, x: Tensor, y: Tensor, settings: AdaptivePGDSettings |
         An :class:`AttackOutcome`, the best per input over lambdas, restarts and checked steps (``x_adv``
         in pixels).
     """
+    if settings is not None and not isinstance(settings, AdaptivePGDSettings):
+        raise TypeError(f"adaptive_pgd's fourth argument is an AdaptivePGDSettings, got {type(settings).__name__}")
     s = AdaptivePGDSettings(**options) if settings is None else replace(settings, **options)
     _check_attack(det, x, y, s.eps)
     if not det.differentiable and surrogate is None:

@@ -264,6 +264,9 @@ def pgd_torch(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, eps: fl
         True
     """
     check_xy(x, y)
+    if settings is not None and not isinstance(settings, PGDSettings):
+        raise TypeError(f"pgd_torch's fifth argument is a PGDSettings, got {type(settings).__name__}: pass "
+                        "nb_iter= and the other settings by keyword")
     if eps is not None:
         options["eps"] = eps
     s = PGDSettings(**options) if settings is None else replace(settings, **options)
