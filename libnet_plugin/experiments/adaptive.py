@@ -39,7 +39,8 @@ from torch import Tensor
 
 from .._validate import check_int
 
-__all__ = ["AttackOutcome", "AdaptivePGDSettings", "FeatureMatching", "margin_loss", "adaptive_pgd", "score_search", "evasion",
+__all__ = ["AttackOutcome", "AdaptivePGDSettings", "FeatureMatching", "margin_loss", "adaptive_pgd", "score_search",
+           "evasion",
            "evasion_at_fprs", "best_of", "judge"]
 
 #: A differentiable map from the attacked inputs (pixels) to the inputs of the detector's model.

@@ -214,7 +214,8 @@ class PGDSettings:
         eps = finite_float("eps", self.eps)
         nb_iter = check_int(self.nb_iter, "nb_iter", minimum=0)
         batch_size = check_int(self.batch_size, "batch_size")
-        clip_min, clip_max = finite_float("clip_min", self.clip_min, None), finite_float("clip_max", self.clip_max, None)
+        clip_min = finite_float("clip_min", self.clip_min, None)
+        clip_max = finite_float("clip_max", self.clip_max, None)
         if not clip_min < clip_max:
             raise ValueError(f"need clip_min < clip_max, got {clip_min} and {clip_max}")
         step = 2.5 * eps / max(nb_iter, 1) if self.eps_iter is None else self.eps_iter

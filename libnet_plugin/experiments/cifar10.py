@@ -920,7 +920,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--protocols", nargs="+", choices=PROTOCOLS, default=list(PROTOCOLS),
                    help="attack protocols to run (default both)")
     r.add_argument("--batch-size", type=_positive_int, default=256, help="images per forward pass (default 256)")
-    r.add_argument("--seed", type=int, default=1, help="seed of the PGD random start and of the attacks that know the detector (default 1, as the seed)")
+    r.add_argument("--seed", type=int, default=1,
+                   help="seed of the PGD random start and of the attacks that know the detector (default 1, as the "
+                        "seed)")
     o = parser.add_argument_group("output")
     o.add_argument("--out", default=os.path.join("runs", "cifar10"), metavar="DIR",
                    help="output folder for report.json, report.md, figures (default runs/cifar10): new, empty "

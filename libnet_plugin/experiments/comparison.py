@@ -77,7 +77,9 @@ from .report import (
 )
 from .threat_models import AdaptiveBudget, ThreatModels, check_budget_setting, comparison_evasion_markdown
 
-__all__ = ['ComparisonSettings', 'DetectorComparisonSettings', 'detector_comparison', 'MNIST_CONV_VARIANT', 'MNIST_DISTANCE_VARIANT', 'MNIST_FUSION_VARIANT', 'MNIST_VARIANTS', 'calibration_check', 'evaluate_detectors', 'plot_roc_curves']
+__all__ = ['ComparisonSettings', 'DetectorComparisonSettings', 'detector_comparison', 'MNIST_CONV_VARIANT',
+           'MNIST_DISTANCE_VARIANT', 'MNIST_FUSION_VARIANT', 'MNIST_VARIANTS', 'calibration_check',
+           'evaluate_detectors', 'plot_roc_curves']
 
 
 def _model_answers(net: Any, x: Tensor, batch_size: int) -> Tensor:
@@ -229,7 +231,8 @@ def detector_comparison(net: Any, train: tuple[Tensor, Tensor | None], clean_tes
         threats = _threat_models(s.adaptive, sets, (x_test, y_test), x_train[:s.n_reference], clean_answers,
                                  space=s.space, mean=s.mean, std=s.std, log=say, limit=half)
         if threats is None:
-            no_attack = "No attacked test image is classified correctly by the model, so no attack that knows the detector"
+            no_attack = ("No attacked test image is classified correctly by the model, so no attack that knows the "
+                         "detector")
     table = evaluate_detectors(net, x_train_m if y_train is None else (x_train_m, y_train), x_test_m[:half], attacked,
                                ood, out_dir=out_dir, calibration=x_test_m[half:], settings=s.comparison(), log=log,
                                attack_detector=threats)

@@ -365,7 +365,8 @@ def _budget(args: argparse.Namespace, quick: bool) -> AdaptiveBudget | None:
 
 def _run(args: argparse.Namespace, plan: EvaluateDetectorsSettings) -> int:
     quick, n_train, epochs, nb_iter, n_attack = plan.quick, plan.n_train, plan.epochs, plan.nb_iter, plan.n_attack
-    epsilons, thresholds, auto, budget, out_dir = list(plan.epsilons), plan.thresholds, plan.auto, plan.budget, plan.out_dir
+    epsilons, thresholds, auto, budget = list(plan.epsilons), plan.thresholds, plan.auto, plan.budget
+    out_dir = plan.out_dir
     from .data import load_mnist_default
     from .mnist import LAYERS
     from .models import MnistNet, load_state_dict_checked

@@ -1045,7 +1045,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="attacked inputs from an earlier run (its attacks.safetensors) instead of running PGD")
     parser.add_argument("--cache-dir", default=".cache", metavar="DIR",
                         help="cache for the embedded data and the trained weights (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data split, of training and of the attacks that know the detector (default 0)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the data split, of training and of the attacks that know the detector "
+                             "(default 0)")
     parser.add_argument("--epochs", type=int, help="training epochs (default 5; 2 with --quick)")
     parser.add_argument("--quick", action="store_true",
                         help="a reduced run of every stage for tests")

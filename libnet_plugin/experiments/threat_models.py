@@ -42,8 +42,9 @@ from .adaptive import AttackOutcome, FeatureMatching, adaptive_pgd, best_of, eva
 from .report import ExperimentError
 
 __all__ = ["AdaptiveBudget", "ThreatModels", "clopper_pearson", "evasion_table", "epsilon_label", "evasion_section",
-           "comparison_evasion_markdown", "add_budget_arguments", "adaptive_budget", "budget_from_args", "check_budget_detectors",
-           "check_budget_setting", "sizing_options_given", "BUDGET_SIZE_OPTIONS", "DEFAULT_LAMBDAS", "QUICK_LAMBDAS",
+           "comparison_evasion_markdown", "add_budget_arguments", "adaptive_budget", "budget_from_args",
+           "check_budget_detectors", "check_budget_setting", "sizing_options_given", "BUDGET_SIZE_OPTIONS",
+           "DEFAULT_LAMBDAS", "QUICK_LAMBDAS",
            "TRADE_OFF_FPRS"]
 
 #: FPRs at which the strongest attacker's evasion is also reported (the trade-off curve).
