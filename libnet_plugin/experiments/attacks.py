@@ -361,8 +361,8 @@ def _run_pgd(backend: Backend, model: nn.Module, x: torch.Tensor, y: torch.Tenso
     """Dispatch to :func:`pgd_advertorch` or :func:`pgd_torch` (same result from the same seed)."""
     if backend not in ("auto", "torch", "advertorch"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'advertorch', got {backend!r}")
-    kwargs = dict(eps=eps, nb_iter=nb_iter, eps_iter=eps_iter, rand_init=True, clip_min=clip_min,
-                  clip_max=clip_max, seed=seed, batch_size=batch_size, progress=progress)
+    kwargs: dict[str, Any] = dict(eps=eps, nb_iter=nb_iter, eps_iter=eps_iter, rand_init=True, clip_min=clip_min,
+                                   clip_max=clip_max, seed=seed, batch_size=batch_size, progress=progress)
     if backend == "auto":
         try:
             from ._advertorch_compat import ensure_advertorch
