@@ -198,7 +198,7 @@ def test_report_has_the_real_detector_table(quick_run):
     table = det["table"]
     kept = [f"PGD eps={e:g}" for e in eps if selected[e] > 0]
     assert {k for k, v in table["sets"].items() if v["kind"] == "attack"} == set(kept)
-    assert table["sets"]["sklearn digits 8x8 upscaled"] == {"kind": "ood", "n": 1797}
+    assert table["sets"]["digits 8x8 upscaled"] == {"kind": "ood", "n": 1797}
     assert table["settings"]["library_sizes"] == r["cpl"]["library_sizes"]["S1"]
     assert {"cpl", "msp", "mahalanobis", "knn"} <= {d["method"] for d in table["detectors"].values()}
     for d in table["detectors"].values():

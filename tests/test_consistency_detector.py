@@ -11,11 +11,12 @@ import torch
 from torch import nn
 
 import libnet_plugin as lnp
+from libnet_plugin.builtins import DETECTORS
 from libnet_plugin.consistency_detector import DetectorGuard, GuardOutput, ModelChangedError, model_fingerprint
 from libnet_plugin.errors import LayerNotFoundError, NonFiniteError, NotFittedError, SaveFormatError, ShapeMismatchError
 
-METHODS = ["cpl", "library-margin", "library-distance", "msp", "mahalanobis", "knn", "energy", "maxlogit", "gen",
-           "react-energy", "vim", "knn-normalized", "mahalanobis-multilayer"]
+#: every detector of the registry (the default library-fusion included)
+METHODS = list(DETECTORS)
 
 
 def _detector(net, method, train, **kw):

@@ -7,8 +7,10 @@ import os
 import subprocess
 import sys
 
+from libnet_plugin.cli import EXPERIMENTS_EXTRA
+
 #: top-level modules of the [experiments] extra (and the adapters' heavy dependencies)
-FORBIDDEN = ("matplotlib", "mlxtend", "sklearn", "advertorch", "scipy", "captum", "onnx", "onnxruntime")
+FORBIDDEN = (*EXPERIMENTS_EXTRA.values(), "captum", "onnx", "onnxruntime")
 
 _SCRIPT = r"""
 import importlib, json, pkgutil, sys
@@ -24,9 +26,9 @@ while todo:  # like pkgutil.walk_packages, without importing the experiments pac
         module = importlib.import_module(m.name)
         if m.ispkg:
             todo.append((module.__path__, m.name + "."))
+from libnet_plugin.builtins import DETECTORS
 pm = lnp.get_plugin_manager(autoload=False)
-for n in ("cpl", "library-margin", "library-distance", "msp", "mahalanobis", "knn", "energy", "maxlogit", "gen",
-          "react-energy", "vim", "knn-normalized", "mahalanobis-multilayer"):
+for n in DETECTORS:  # every detector of the registry
     pm.hook.libnet_consistency_detector(name=n, settings={})
 print(json.dumps({"core": core, "modules": sorted(sys.modules)}))
 """

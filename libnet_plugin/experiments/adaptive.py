@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -39,7 +39,8 @@ from torch import Tensor
 
 from .._validate import check_int
 
-__all__ = ["AttackOutcome", "FeatureMatching", "margin_loss", "adaptive_pgd", "score_search", "evasion",
+__all__ = ["AttackOutcome", "AdaptivePGDSettings", "FeatureMatching", "margin_loss", "adaptive_pgd", "score_search",
+           "evasion",
            "evasion_at_fprs", "best_of", "judge"]
 
 #: A differentiable map from the attacked inputs (pixels) to the inputs of the detector's model.
@@ -213,25 +214,65 @@ def _project(x0: Tensor, x: Tensor, eps: float) -> Tensor:
     return torch.min(torch.max(x, x0 - eps), x0 + eps).clamp(0.0, 1.0)
 
 
-def adaptive_pgd(det: Any, x: Tensor, y: Tensor, *, eps: float, steps: int = 100, restarts: int = 2,
-                 lambdas: Sequence[float] = (0.0, 0.1, 1.0, 10.0), step_size: float | None = None,
-                 surrogate: FeatureMatching | None = None, kappa: float = 0.0, check_every: int = 10,
-                 seed: int = 0, batch_size: int = 64, progress: bool = False,
-                 to_model: InputMap | None = None) -> AttackOutcome:
+@dataclass(frozen=True)
+class AdaptivePGDSettings:
+    """The sizes of :func:`adaptive_pgd`, checked once when made (``ValueError`` naming the field).
+
+    Attributes:
+        eps: L-inf radius (pixels). steps: PGD steps per restart (step ``2.5 eps / steps`` unless
+            ``step_size``). restarts: random starts per lambda. lambdas: weights of the detector term.
+        kappa: the margin loss stops pushing once the wrong class leads by ``kappa``.
+        check_every: with a surrogate, the exact score (no gradient) is checked every this many steps and
+            at the end; with a differentiable score it is known at every step.
+        seed: seed of the random starts. batch_size: clean inputs per batch (each runs
+            ``len(lambdas) * restarts`` copies). progress: a tqdm bar over the batches.
+
+    Example:
+        >>> AdaptivePGDSettings(eps=0.3, lambdas=[0, 1]).lambdas
+        (0.0, 1.0)
+    """
+
+    eps: float
+    steps: int = 100
+    restarts: int = 2
+    lambdas: Sequence[float] = (0.0, 0.1, 1.0, 10.0)
+    step_size: float | None = None
+    kappa: float = 0.0
+    check_every: int = 10
+    seed: int = 0
+    batch_size: int = 64
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        eps = float(self.eps)
+        if not math.isfinite(eps) or eps < 0:
+            raise ValueError(f"eps must be a finite number >= 0, got {self.eps!r}")
+        for name in ("steps", "restarts", "check_every", "batch_size"):
+            check_int(getattr(self, name), name)
+        lams = tuple(float(v) for v in self.lambdas)
+        if not lams or any(not math.isfinite(v) or v < 0 for v in lams):
+            raise ValueError(f"lambdas must be finite numbers >= 0, got {list(self.lambdas)!r}")
+        object.__setattr__(self, "eps", eps)
+        object.__setattr__(self, "lambdas", lams)
+
+    @property
+    def alpha(self) -> float:
+        """The step: ``step_size``, else ``2.5 eps / steps``."""
+        return 2.5 * self.eps / self.steps if self.step_size is None else float(self.step_size)
+
+
+def adaptive_pgd(det: Any, x: Tensor, y: Tensor, settings: AdaptivePGDSettings | None = None, *,
+                 surrogate: FeatureMatching | None = None, to_model: InputMap | None = None,
+                 **options: Any) -> AttackOutcome:
     """White-box L-inf PGD against the classifier and the detector together (see the module docstring).
 
     Args:
         det: a calibrated :class:`~libnet_plugin.ConsistencyDetector` with the torch probe.
         x: clean inputs ``[N, ...]`` in ``[0, 1]``; ``y``: their labels ``[N]``.
-        eps: L-inf radius. steps: PGD steps per restart (step ``2.5 eps / steps`` unless ``step_size``).
-        restarts: random starts per lambda. lambdas: weights of the detector term.
+        settings: the attack's sizes (:class:`AdaptivePGDSettings`); ``options`` are its fields given as
+            keywords instead (``eps=`` at least), or replace some of ``settings``'.
         surrogate: a :class:`FeatureMatching` used in place of the score's gradient; required when the
             detector is not :attr:`differentiable <libnet_plugin.ConsistencyDetector.differentiable>`.
-        kappa: the margin loss stops pushing once the wrong class leads by ``kappa``.
-        check_every: with a surrogate, the exact score (no gradient) is checked every this many steps
-            and at the end; with a differentiable score it is known at every step.
-        seed: seed of the random starts. batch_size: clean inputs per batch (each runs
-            ``len(lambdas) * restarts`` copies). progress: a tqdm bar over the batches.
         to_model: a differentiable map from the attacked pixels to the model's inputs, applied before every
             call of the detector, its probe or the model (the gradient flows through it); the box, the clamp
             and ``eps`` stay in pixel space. ``None``: the model takes the pixels (normalisation inside it).
@@ -242,75 +283,76 @@ def adaptive_pgd(det: Any, x: Tensor, y: Tensor, *, eps: float, steps: int = 100
         An :class:`AttackOutcome`, the best per input over lambdas, restarts and checked steps (``x_adv``
         in pixels).
     """
-    eps = _check_attack(det, x, y, eps)
-    steps, restarts = check_int(steps, "steps"), check_int(restarts, "restarts")
-    check_every = check_int(check_every, "check_every")
-    lams = [float(v) for v in lambdas]
-    if not lams or any(not math.isfinite(v) or v < 0 for v in lams):
-        raise ValueError(f"lambdas must be finite numbers >= 0, got {list(lambdas)!r}")
+    if settings is not None and not isinstance(settings, AdaptivePGDSettings):
+        raise TypeError(f"adaptive_pgd's fourth argument is an AdaptivePGDSettings, got {type(settings).__name__}")
+    s = AdaptivePGDSettings(**options) if settings is None else replace(settings, **options)
+    _check_attack(det, x, y, s.eps)
     if not det.differentiable and surrogate is None:
         raise ValueError(f"the {det.method!r} score has no gradient: pass surrogate=FeatureMatching(det.net, x_train)")
-    alpha = 2.5 * eps / steps if step_size is None else float(step_size)
-    gen = torch.Generator().manual_seed(int(seed))
-    thr = float(det.threshold_)
+    gen = torch.Generator().manual_seed(int(s.seed))
     from tqdm.auto import tqdm
 
-    parts: list[AttackOutcome] = []
-    for i in tqdm(range(0, x.shape[0], batch_size), disable=not progress, desc=f"adaptive eps={eps:g}"):
-        xb, yb = x[i:i + batch_size].detach(), y[i:i + batch_size]
-        b, copies = xb.shape[0], len(lams) * restarts
-        x0 = xb.repeat(copies, *([1] * (xb.ndim - 1)))
-        yy = yb.repeat(copies).to(det.net.device)
-        lam = torch.tensor(lams, dtype=torch.float32).repeat_interleave(b).repeat(restarts)
-        noise = (torch.rand(x0.shape, generator=gen) * 2 - 1) * eps
-        xa = _project(x0, x0 + noise.to(x0.dtype), eps)
-        scale = _score_scale(det, _mapped(xb, to_model), surrogate)
-        target = None
-        best: Key | None = None
-        best_x = xa.clone()
-        best_mis = torch.zeros(x0.shape[0], dtype=torch.bool)
-        best_score = torch.full((x0.shape[0],), float("inf"))
-        for step in range(steps + 1):
-            xa.requires_grad_(True)
-            with torch.enable_grad():
-                if surrogate is None:
-                    out = det.score_and_output(_mapped(xa, to_model))
-                    logits, s, exact = out.output, out.score, out.score.detach().cpu()
-                else:
-                    r = det.net.probe.run(_mapped(xa, to_model), grad=True)
-                    logits = r.outputs
-                    if target is None:
-                        target = surrogate.targets(logits, yy)
-                    s = surrogate(r.haps, target)
-                    exact = None
-                margin = margin_loss(logits.float(), yy, kappa)
-                term = s.float() / scale
-                loss = margin + lam.to(margin.device) * term
-                grad, = torch.autograd.grad(loss.sum(), xa)
-            xa = xa.detach()
-            mis = (logits.detach().argmax(dim=1) != yy).cpu()
-            if exact is None and (step % check_every == 0 or step == steps):
-                exact = det.score(_mapped(xa, to_model)).detach().cpu()
-            if exact is not None:
-                secondary = torch.where(mis, term.detach().cpu(), margin.detach().cpu())
-                key = _key(mis, exact, secondary, thr)
-                better = torch.ones_like(mis) if best is None else _less(key, best)
-                best = key if best is None else tuple(torch.where(better, k, b) for k, b in zip(key, best))
-                best_x[better] = xa[better]
-                best_mis[better], best_score[better] = mis[better], exact[better].float()
-            if step == steps:
-                break
-            xa = _project(x0, xa - alpha * grad.sign(), eps)
-        # the best copy per clean input (over lambdas and restarts)
-        assert best is not None
-        pick = torch.arange(b)
-        for c in range(1, copies):
-            cand = torch.arange(b) + c * b
-            better = _less(tuple(k[cand] for k in best), tuple(k[pick] for k in best))
-            pick = torch.where(better, cand, pick)
-        mis_b, score_b = best_mis[pick], best_score[pick]
-        parts.append(AttackOutcome(best_x[pick], mis_b, score_b, mis_b & (score_b <= thr), thr))
-    return _concat(parts, thr)
+    parts = [_pgd_batch(det, x[i:i + s.batch_size].detach(), y[i:i + s.batch_size], s, gen, surrogate, to_model)
+             for i in tqdm(range(0, x.shape[0], s.batch_size), disable=not s.progress, desc=f"adaptive eps={s.eps:g}")]
+    return _concat(parts, float(det.threshold_))
+
+
+def _pgd_batch(det: Any, xb: Tensor, yb: Tensor, s: AdaptivePGDSettings, gen: torch.Generator,
+               surrogate: FeatureMatching | None, to_model: InputMap | None) -> AttackOutcome:
+    """:func:`adaptive_pgd` on one batch: every lambda and restart as a copy, the best copy per input."""
+    thr, eps, alpha, lams = float(det.threshold_), s.eps, s.alpha, list(s.lambdas)
+    b, copies = xb.shape[0], len(lams) * s.restarts
+    x0 = xb.repeat(copies, *([1] * (xb.ndim - 1)))
+    yy = yb.repeat(copies).to(det.net.device)
+    lam = torch.tensor(lams, dtype=torch.float32).repeat_interleave(b).repeat(s.restarts)
+    noise = (torch.rand(x0.shape, generator=gen) * 2 - 1) * eps
+    xa = _project(x0, x0 + noise.to(x0.dtype), eps)
+    scale = _score_scale(det, _mapped(xb, to_model), surrogate)
+    target = None
+    best: Key | None = None
+    best_x = xa.clone()
+    best_mis = torch.zeros(x0.shape[0], dtype=torch.bool)
+    best_score = torch.full((x0.shape[0],), float("inf"))
+    for step in range(s.steps + 1):
+        xa.requires_grad_(True)
+        with torch.enable_grad():
+            if surrogate is None:
+                out = det.score_and_output(_mapped(xa, to_model))
+                logits, score, exact = out.output, out.score, out.score.detach().cpu()
+            else:
+                r = det.net.probe.run(_mapped(xa, to_model), grad=True)
+                logits = r.outputs
+                if target is None:
+                    target = surrogate.targets(logits, yy)
+                score = surrogate(r.haps, target)
+                exact = None
+            margin = margin_loss(logits.float(), yy, s.kappa)
+            term = score.float() / scale
+            loss = margin + lam.to(margin.device) * term
+            grad, = torch.autograd.grad(loss.sum(), xa)
+        xa = xa.detach()
+        mis = (logits.detach().argmax(dim=1) != yy).cpu()
+        if exact is None and (step % s.check_every == 0 or step == s.steps):
+            exact = det.score(_mapped(xa, to_model)).detach().cpu()
+        if exact is not None:
+            secondary = torch.where(mis, term.detach().cpu(), margin.detach().cpu())
+            key = _key(mis, exact, secondary, thr)
+            better = torch.ones_like(mis) if best is None else _less(key, best)
+            best = key if best is None else tuple(torch.where(better, k, o) for k, o in zip(key, best))
+            best_x[better] = xa[better]
+            best_mis[better], best_score[better] = mis[better], exact[better].float()
+        if step == s.steps:
+            break
+        xa = _project(x0, xa - alpha * grad.sign(), eps)
+    # the best copy per clean input (over lambdas and restarts)
+    assert best is not None
+    pick = torch.arange(b)
+    for c in range(1, copies):
+        cand = torch.arange(b) + c * b
+        better = _less(tuple(k[cand] for k in best), tuple(k[pick] for k in best))
+        pick = torch.where(better, cand, pick)
+    mis_b, score_b = best_mis[pick], best_score[pick]
+    return AttackOutcome(best_x[pick], mis_b, score_b, mis_b & (score_b <= thr), thr)
 
 
 def _spread(values: Tensor) -> float:

@@ -21,7 +21,8 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
-from typing import Literal
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,7 @@ from .data import batches
 from .models import Normalize, predict_labels
 
 __all__ = [
+    "PGDSettings",
     "pgd_torch",
     "pgd_advertorch",
     "attack_paper_protocol",
@@ -175,22 +177,64 @@ def _pgd_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, delta: torch.
 # --------------------------------------------------------------------------------------------------
 
 
-def pgd_torch(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor | None,
-    eps: float,
-    nb_iter: int = 40,
-    eps_iter: float | None = None,
-    rand_init: bool = True,
-    clip_min: float = 0.0,
-    clip_max: float = 1.0,
-    loss: LossSpec = "ce_sum",
-    seed: int | None = None,
-    delta_init: torch.Tensor | None = None,
-    batch_size: int = 256,
-    progress: bool = False,
-) -> torch.Tensor:
+@dataclass(frozen=True)
+class PGDSettings:
+    """The settings of :func:`pgd_torch`, checked once when made (``ValueError`` / ``TypeError`` naming the
+    field).
+
+    Attributes:
+        eps: L-inf radius, ``>= 0``, in the units of ``x``.
+        nb_iter: number of steps (0 returns the clipped start).
+        eps_iter: step size; default ``2.5 * eps / nb_iter``.
+        rand_init: start from a random point of the eps box (ignored if ``delta_init`` is given).
+        clip_min, clip_max: data range.
+        loss: ``"ce_sum"`` (cross-entropy summed over the batch, as the seed), ``"ce_mean"``, or a
+            callable ``loss(outputs, y) -> scalar`` to maximise.
+        seed: seed of the random start; None draws from the global torch generator.
+        batch_size: inputs attacked together.
+        progress: show a tqdm bar.
+
+    Example:
+        >>> PGDSettings(eps=0.3, nb_iter=40).step
+        0.01875
+    """
+
+    eps: float
+    nb_iter: int = 40
+    eps_iter: float | None = None
+    rand_init: bool = True
+    clip_min: float = 0.0
+    clip_max: float = 1.0
+    loss: LossSpec = "ce_sum"
+    seed: int | None = None
+    batch_size: int = 256
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        eps = finite_float("eps", self.eps)
+        nb_iter = check_int(self.nb_iter, "nb_iter", minimum=0)
+        batch_size = check_int(self.batch_size, "batch_size")
+        clip_min = finite_float("clip_min", self.clip_min, None)
+        clip_max = finite_float("clip_max", self.clip_max, None)
+        if not clip_min < clip_max:
+            raise ValueError(f"need clip_min < clip_max, got {clip_min} and {clip_max}")
+        step = 2.5 * eps / max(nb_iter, 1) if self.eps_iter is None else self.eps_iter
+        finite_float("eps_iter", step)
+        _loss_fn(self.loss)
+        for name, value in (("eps", eps), ("nb_iter", nb_iter), ("batch_size", batch_size), ("clip_min", clip_min),
+                            ("clip_max", clip_max)):
+            object.__setattr__(self, name, value)
+
+    @property
+    def step(self) -> float:
+        """The step size: ``eps_iter``, else ``2.5 * eps / nb_iter``."""
+        return finite_float("eps_iter", 2.5 * self.eps / max(self.nb_iter, 1) if self.eps_iter is None
+                            else self.eps_iter)
+
+
+def pgd_torch(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, eps: float | None = None,
+              settings: PGDSettings | None = None, *, delta_init: torch.Tensor | None = None,
+              **options: Any) -> torch.Tensor:
     """Untargeted L-inf PGD in plain torch, step for step the same as advertorch's ``LinfPGDAttack``.
 
     Each of ``nb_iter`` steps adds ``eps_iter * sign(grad of the loss)``, clamps the perturbation to
@@ -203,17 +247,11 @@ def pgd_torch(
         model: classifier returning ``[B, C]`` scores (logits or log-probabilities) for inputs like ``x``.
         x: inputs ``[N, ...]`` in ``[clip_min, clip_max]``.
         y: true labels ``[N]``; if None, the model's own predictions are attacked.
-        eps: L-inf radius, ``>= 0``, in the units of ``x``.
-        nb_iter: number of steps (0 returns the clipped start).
-        eps_iter: step size; default ``2.5 * eps / nb_iter``.
-        rand_init: start from a random point of the eps box (ignored if ``delta_init`` is given).
-        clip_min, clip_max: data range.
-        loss: ``"ce_sum"`` (cross-entropy summed over the batch, as the seed), ``"ce_mean"``, or a
-            callable ``loss(outputs, y) -> scalar`` to maximise.
-        seed: seed of the random start; None draws from the global torch generator.
+        eps: L-inf radius, ``>= 0``, in the units of ``x`` (or ``settings.eps``).
+        settings: the attack's settings (:class:`PGDSettings`); ``options`` are its other fields given as
+            keywords instead (``nb_iter``, ``eps_iter``, ``rand_init``, ``clip_min``, ``clip_max``,
+            ``loss``, ``seed``, ``batch_size``, ``progress``), or replace some of ``settings``'.
         delta_init: explicit start ``[N, ...]`` used as is (advertorch's ``delta_init``).
-        batch_size: inputs attacked together.
-        progress: show a tqdm bar.
 
     Returns:
         Adversarial inputs, same shape, dtype and device as ``x``, detached.
@@ -226,29 +264,31 @@ def pgd_torch(
         >>> bool(((x_adv - x).abs() <= 0.3 + 1e-6).all())  # doctest: +SKIP
         True
     """
-    eps, nb_iter, batch_size, clip_min, clip_max = _check_pgd_args(x, y, eps, nb_iter, batch_size,
-                                                                   clip_min, clip_max)
-    if eps_iter is None:
-        eps_iter = 2.5 * eps / max(nb_iter, 1)
-    eps_iter = finite_float("eps_iter", eps_iter)
+    check_xy(x, y)
+    if settings is not None and not isinstance(settings, PGDSettings):
+        raise TypeError(f"pgd_torch's fifth argument is a PGDSettings, got {type(settings).__name__}: pass "
+                        "nb_iter= and the other settings by keyword")
+    if eps is not None:
+        options["eps"] = eps
+    s = PGDSettings(**options) if settings is None else replace(settings, **options)
     if delta_init is not None and delta_init.shape != x.shape:
         raise ValueError(f"delta_init must have the shape of x {list(x.shape)}, "
                          f"got {list(delta_init.shape)}")
-    loss_fn = _loss_fn(loss)
-    generator = None if seed is None else torch.Generator().manual_seed(int(seed))
-    starts = batches(delta_init, batch_size=batch_size) if delta_init is not None else None
+    loss_fn = _loss_fn(s.loss)
+    generator = None if s.seed is None else torch.Generator().manual_seed(int(s.seed))
+    starts = batches(delta_init, batch_size=s.batch_size) if delta_init is not None else None
 
     def attack(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         if starts is not None:
             delta = next(starts)[0].to(device=xb.device, dtype=xb.dtype)
-        elif rand_init:
-            delta = _random_start(xb, eps, clip_min, clip_max, generator)
+        elif s.rand_init:
+            delta = _random_start(xb, s.eps, s.clip_min, s.clip_max, generator)
         else:
             delta = torch.zeros_like(xb)
-        return _pgd_batch(model, xb, yb, delta, eps, nb_iter, eps_iter, clip_min, clip_max, loss_fn)
+        return _pgd_batch(model, xb, yb, delta, s.eps, s.nb_iter, s.step, s.clip_min, s.clip_max, loss_fn)
 
     with frozen_eval(model):
-        return _attack_batches(model, x, y, batch_size, progress, "PGD (torch)", attack)
+        return _attack_batches(model, x, y, s.batch_size, s.progress, "PGD (torch)", attack)
 
 
 def pgd_advertorch(
@@ -321,8 +361,8 @@ def _run_pgd(backend: Backend, model: nn.Module, x: torch.Tensor, y: torch.Tenso
     """Dispatch to :func:`pgd_advertorch` or :func:`pgd_torch` (same result from the same seed)."""
     if backend not in ("auto", "torch", "advertorch"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'advertorch', got {backend!r}")
-    kwargs = dict(eps=eps, nb_iter=nb_iter, eps_iter=eps_iter, rand_init=True, clip_min=clip_min,
-                  clip_max=clip_max, seed=seed, batch_size=batch_size, progress=progress)
+    kwargs: dict[str, Any] = dict(eps=eps, nb_iter=nb_iter, eps_iter=eps_iter, rand_init=True, clip_min=clip_min,
+                                   clip_max=clip_max, seed=seed, batch_size=batch_size, progress=progress)
     if backend == "auto":
         try:
             from ._advertorch_compat import ensure_advertorch

@@ -100,6 +100,7 @@ from .report import (
     write_text_atomic,
 )
 from .sweep import (
+    Evidence,
     LibrarySweep,
     agreement_table,
     compute_evidence,
@@ -110,11 +111,10 @@ from .sweep import (
 )
 from .threat_models import (
     AdaptiveBudget,
+    adaptive_budget,
     add_budget_arguments,
-    budget_from_args,
     check_budget_setting,
     comparison_evasion_markdown,
-    sizing_options_given,
 )
 
 __all__ = [
@@ -205,9 +205,12 @@ QUICK_OVERRIDES: dict[str, Any] = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class Cifar10Settings:
     """Everything that defines one CIFAR-10 run (defaults: the paper's full experiment).
+
+    Frozen and checked once when made (:class:`~libnet_plugin.experiments.report.ExperimentError` naming
+    the first bad setting).
 
     Attributes:
         n_train: training images used for the libraries (the first ones of ``data_batch_1..5``, in file
@@ -256,7 +259,14 @@ class Cifar10Settings:
     plots: bool = True
     quick: bool = False
 
+    def __post_init__(self) -> None:
+        self._check()
+
     def validate(self) -> Cifar10Settings:
+        """Return ``self``, checked when it was made (kept for callers that check explicitly)."""
+        return self
+
+    def _check(self) -> None:
         """Raise :class:`~libnet_plugin.experiments.report.ExperimentError` naming the first bad setting."""
         for name in ("n_train", "n_test"):
             v = getattr(self, name)
@@ -297,7 +307,6 @@ class Cifar10Settings:
                                       "comparison on the standard protocol's images: it needs detectors=True (no "
                                       "--no-detectors) and 'standard' among the protocols, got detectors="
                                       f"{self.detectors}, protocols {list(self.protocols)}")
-        return self
 
 
 # --------------------------------------------------------------------------------------------------
@@ -488,7 +497,7 @@ def reproduce_cifar10(
     try:
         with staged_output(final) as stage:
             report = _run_pipeline(model, x_train, x_test, y_test, settings, device=device, stage=stage,
-                                   final=final, partial=partial, holder=holder, y_train=y_train,
+                                   staging=_Staging(final, partial, holder), y_train=y_train,
                                    progress=progress, log=log, extra=extra)
     except BaseException as exc:
         if "report" in holder:  # the libraries were done: keep what is known, and why the run stopped
@@ -542,38 +551,40 @@ def _remove_empty(folders: Sequence[Path]) -> None:
             return
 
 
-def _run_pipeline(model: torch.nn.Module, x_train: Tensor, x_test: Tensor, y_test: Tensor, settings: Cifar10Settings,
-                  *, device: torch.device, stage: Path, final: Path, partial: Path, holder: dict[str, Any],
-                  y_train: Tensor | None, progress: bool | None, log: Callable[[str], None] | None,
-                  extra: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The stages of :func:`reproduce_cifar10`, writing into the staging folder ``stage``.
+@dataclass
+class _Staging:
+    """Where :func:`_run_pipeline` reports besides its staging folder: the run folder it is swapped into, the
+    partial report beside it, and ``holder``, which receives the partial report (for :func:`_record_failure`)."""
 
-    ``holder`` receives the partial report once the libraries are done (for :func:`_record_failure`).
-    """
+    final: Path
+    partial: Path
+    holder: dict[str, Any]
+
+
+@dataclass
+class _Stages:
+    """What the stages of one :func:`_run_pipeline` share."""
+
+    model: torch.nn.Module
+    probe: Any
+    settings: Cifar10Settings
+    progress: bool | None
+    timer: StageTimer
+
+
+def _run_pipeline(model: torch.nn.Module, x_train: Tensor, x_test: Tensor, y_test: Tensor, settings: Cifar10Settings,
+                  *, device: torch.device, stage: Path, staging: _Staging, y_train: Tensor | None,
+                  progress: bool | None, log: Callable[[str], None] | None,
+                  extra: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The stages of :func:`reproduce_cifar10`, writing into the staging folder ``stage``."""
     out = stage
     timer = StageTimer(log)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    mean, std = CIFAR_MEAN, CIFAR_STD
-    xn_train = to_model_space(x_train, "pixels", "normalized", mean, std)
-    xn_test = to_model_space(x_test, "pixels", "normalized", mean, std)
     from ..plugins import make_probe
 
-    probe = make_probe(model, list(LAYERS), device)
-    with timer.stage("library sweep"):
-        sweep = fit_library_sweep(probe, xn_train, settings.thresholds, batch_size=settings.batch_size,
-                                  device=device, progress=progress)
-    agree_req = [(l, t, settings.top_k_agreement) for l in LAYERS for t in settings.thresholds[l]]
-    cpl_req = cpl_requests(settings.cpl_sets, settings.top_k_cpl)
-    with timer.stage("test evidence"):
-        test_ev = compute_evidence(sweep, probe, xn_test, agree_req + cpl_req, labels=y_test,
-                                   batch_size=settings.batch_size, progress=progress, desc="test evidence")
-    table = agreement_table(sweep, test_ev, top_k=settings.top_k_agreement)
-    for layer, rows in table.items():
-        levels = [theta_key(t) for t in settings.thresholds[layer]]
-        for row in rows:
-            row["level"] = levels.index(row["theta"])
-            row.update(_seed_columns(layer, row["theta"]))
+    st = _Stages(model, make_probe(model, list(LAYERS), device), settings, progress, timer)
+    sweep, test_ev, table, cpl_req = _libraries(st, x_train, x_test, y_test, device)
     report: dict[str, Any] = {
         "experiment": "cifar10",
         "status": "libraries done; attacks running",
@@ -585,45 +596,23 @@ def _run_pipeline(model: torch.nn.Module, x_train: Tensor, x_test: Tensor, y_tes
         "libraries": {"sizes": sweep.sizes(), "agreement": table, "top_k": settings.top_k_agreement},
         "seed": SEED_RESULTS,
     }
-    holder.update(report=relocate(to_jsonable(report), stage, final), timer=timer, final=final)
-    write_json_atomic(partial, holder["report"])  # beside the run folder: it survives a failed or killed run
-
-    detection: dict[str, Any] = {}
-    attack_sets = []
-    for name in settings.protocols:
-        n_req = settings.n_paper if name == "paper" else settings.n_standard
-        n = min(n_req, len(test_ev))
-        eps = settings.paper_epsilons if name == "paper" else settings.standard_epsilons
-        proto = ProtocolSettings(name, list(eps), n_images=n, nb_iter=settings.nb_iter, seed=settings.attack_seed,
-                                 backend=settings.attack_backend)
-        with timer.stage(f"attacks ({name})"):
-            sets = generate_attack_sets(proto, model, x_test, y_test, mean=mean, std=std, progress=progress)
-        attack_sets.extend(sets)
-        with timer.stage(f"attacked evidence ({name})"):
-            attacked = attacked_evidence(sweep, probe, sets, cpl_req, y_test, model_space="normalized", mean=mean,
-                                         std=std, batch_size=settings.batch_size, progress=progress)
-        clean = test_ev.subset(torch.arange(n))
-        result = evaluate_protocol(name, clean, attacked, settings.cpl_sets, top_k=settings.top_k_cpl,
-                                   fpr=settings.fpr)
-        result["n_requested"] = n_req
-        result["attack"] = proto.describe()
-        detection[name] = result
+    staging.holder.update(report=relocate(to_jsonable(report), stage, staging.final), timer=timer,
+                          final=staging.final)
+    write_json_atomic(staging.partial, staging.holder["report"])  # beside the run folder: survives a failed run
+    detection, attack_sets = _attack_protocols(st, sweep, test_ev, cpl_req, x_test, y_test)
     if attack_sets:
         save_attack_sets(out / "attacks.safetensors", attack_sets,
                          {"dataset": "cifar10", "n_test": len(test_ev), "attack_seed": settings.attack_seed,
                           "nb_iter": settings.nb_iter})
-
     detectors = None
     if settings.detectors:
         with timer.stage("detectors"):
             detectors = _run_detectors(sweep, model, settings, device, data=(x_train, y_train, x_test, y_test),
                                        attack_sets=attack_sets, out_dir=out, log=log)
-
     figures: list[str] = []
     if settings.plots:
         with timer.stage("figures"):
             figures = _draw_figures(out, sweep.sizes(), table, detection, settings)
-
     memory = {"library_bytes": sum(_library_bytes(sweep).values()), "library_bytes_by_layer": _library_bytes(sweep),
               "peak_rss_bytes": _peak_rss_bytes(),
               "cuda_peak_allocated_bytes": (int(torch.cuda.max_memory_allocated(device))
@@ -638,12 +627,63 @@ def _run_pipeline(model: torch.nn.Module, x_train: Tensor, x_test: Tensor, y_tes
         "timings": timer.as_dict(),
         "environment": environment_info(),
     })
-    report = relocate(to_jsonable(report), stage, final)  # paths name the folder the run is swapped into
+    report = relocate(to_jsonable(report), stage, staging.final)  # paths name the folder the run is swapped into
     if detectors and detectors.get("available") and (out / "detectors.json").is_file():
         write_json_atomic(out / "detectors.json", report["detectors"]["table"])  # its file paths, too
     write_text_atomic(out / "report.md", render_markdown(report))
     write_json_atomic(out / "report.json", report)  # last: its presence means the run completed
     return report
+
+
+def _libraries(st: _Stages, x_train: Tensor, x_test: Tensor, y_test: Tensor,
+               device: torch.device) -> tuple[LibrarySweep, Evidence, dict[str, Any], list[Any]]:
+    """The library sweep and the test evidence: ``(sweep, test evidence, agreement table, CPL requests)``."""
+    settings, timer, progress = st.settings, st.timer, st.progress
+    xn_train = to_model_space(x_train, "pixels", "normalized", CIFAR_MEAN, CIFAR_STD)
+    xn_test = to_model_space(x_test, "pixels", "normalized", CIFAR_MEAN, CIFAR_STD)
+    with timer.stage("library sweep"):
+        sweep = fit_library_sweep(st.probe, xn_train, settings.thresholds, batch_size=settings.batch_size,
+                                  device=device, progress=progress)
+    agree_req = [(l, t, settings.top_k_agreement) for l in LAYERS for t in settings.thresholds[l]]
+    cpl_req = cpl_requests(settings.cpl_sets, settings.top_k_cpl)
+    with timer.stage("test evidence"):
+        test_ev = compute_evidence(sweep, st.probe, xn_test, agree_req + cpl_req, labels=y_test,
+                                   batch_size=settings.batch_size, progress=progress, desc="test evidence")
+    table = agreement_table(sweep, test_ev, top_k=settings.top_k_agreement)
+    for layer, rows in table.items():
+        levels = [theta_key(t) for t in settings.thresholds[layer]]
+        for row in rows:
+            row["level"] = levels.index(row["theta"])
+            row.update(_seed_columns(layer, row["theta"]))
+    return sweep, test_ev, table, cpl_req
+
+
+def _attack_protocols(st: _Stages, sweep: LibrarySweep, test_ev: Evidence, cpl_req: list[Any], x_test: Tensor,
+                      y_test: Tensor) -> tuple[dict[str, Any], list[AttackSet]]:
+    """Each protocol's attacks and CPL detection: ``({protocol: result}, every attack set)``."""
+    settings, timer, progress = st.settings, st.timer, st.progress
+    mean, std = CIFAR_MEAN, CIFAR_STD
+    detection: dict[str, Any] = {}
+    attack_sets: list[AttackSet] = []
+    for name in settings.protocols:
+        n_req = settings.n_paper if name == "paper" else settings.n_standard
+        n = min(n_req, len(test_ev))
+        eps = settings.paper_epsilons if name == "paper" else settings.standard_epsilons
+        proto = ProtocolSettings(name, list(eps), n_images=n, nb_iter=settings.nb_iter, seed=settings.attack_seed,
+                                 backend=settings.attack_backend)
+        with timer.stage(f"attacks ({name})"):
+            sets = generate_attack_sets(proto, st.model, x_test, y_test, mean=mean, std=std, progress=progress)
+        attack_sets.extend(sets)
+        with timer.stage(f"attacked evidence ({name})"):
+            attacked = attacked_evidence(sweep, st.probe, sets, cpl_req, y_test, model_space="normalized", mean=mean,
+                                         std=std, batch_size=settings.batch_size, progress=progress)
+        clean = test_ev.subset(torch.arange(n))
+        result = evaluate_protocol(name, clean, attacked, settings.cpl_sets, top_k=settings.top_k_cpl,
+                                   fpr=settings.fpr)
+        result["n_requested"] = n_req
+        result["attack"] = proto.describe()
+        detection[name] = result
+    return detection, attack_sets
 
 
 def _run_detectors(sweep: LibrarySweep, model: torch.nn.Module, settings: Cifar10Settings, device: torch.device, *,
@@ -652,8 +692,9 @@ def _run_detectors(sweep: LibrarySweep, model: torch.nn.Module, settings: Cifar1
     """The detector comparison (:func:`~libnet_plugin.experiments.comparison.detector_comparison`) of this run.
 
     The library network is the sweep's at the first CPL set; the detectors are scored on the successful
-    standard-protocol attacks and, as out-of-domain inputs, on uniform-noise images from a generator seeded
-    with ``settings.attack_seed`` (as many as there are test images). With ``settings.adaptive`` the
+    standard-protocol attacks and, as out-of-domain inputs, on the registry's ``"uniform noise"`` set
+    (:func:`~libnet_plugin.experiments.ood.ood_set`, seeded with ``settings.attack_seed``, as many images as
+    there are test images). With ``settings.adaptive`` the
     detectors it names are also attacked by attackers who know them (``detector_comparison``'s
     ``adaptive``; ``evasion.png`` too). ``data`` is ``(x_train, y_train, x_test, y_test)`` in pixels;
     ``detectors.json``, ``detectors.md`` and ``roc.png`` go into ``out_dir``.
@@ -661,8 +702,9 @@ def _run_detectors(sweep: LibrarySweep, model: torch.nn.Module, settings: Cifar1
     x_train, y_train, x_test, y_test = data
     first = next(iter(settings.cpl_sets))
     net = sweep.to_network(model, settings.cpl_sets[first], top_k=settings.top_k_cpl, device=device)
-    g = torch.Generator().manual_seed(settings.attack_seed)
-    noise = torch.rand((x_test.shape[0], *x_test.shape[1:]), generator=g)
+    from .ood import ood_set
+
+    noise = ood_set("uniform noise", x_test.cpu(), seed=settings.attack_seed)
     return detector_comparison(net, (x_train, y_train), (x_test.cpu(), y_test.cpu()), attack_sets,
                                space="normalized", mean=CIFAR_MEAN, std=CIFAR_STD, protocol="standard",
                                ood_sets={"uniform noise": noise}, out_dir=out_dir, batch_size=settings.batch_size,
@@ -878,7 +920,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--protocols", nargs="+", choices=PROTOCOLS, default=list(PROTOCOLS),
                    help="attack protocols to run (default both)")
     r.add_argument("--batch-size", type=_positive_int, default=256, help="images per forward pass (default 256)")
-    r.add_argument("--seed", type=int, default=1, help="seed of the PGD random start (default 1, as the seed)")
+    r.add_argument("--seed", type=int, default=1,
+                   help="seed of the PGD random start and of the attacks that know the detector (default 1, as the "
+                        "seed)")
     o = parser.add_argument_group("output")
     o.add_argument("--out", default=os.path.join("runs", "cifar10"), metavar="DIR",
                    help="output folder for report.json, report.md, figures (default runs/cifar10): new, empty "
@@ -899,21 +943,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _adaptive_budget(args: argparse.Namespace) -> AdaptiveBudget | None:
-    """The budget of ``--adaptive-detectors`` and the options that size it (checked); ``None`` without it."""
-    if not args.adaptive_detectors:
-        given = sizing_options_given(args)
-        if given:
-            raise ExperimentError(f"{', '.join(given)} only size the attacks of --adaptive-detectors, which is not "
-                                  "given; add --adaptive-detectors LABEL ... (labels of the detector table)")
-        return None
-    budget = budget_from_args(args, quick=bool(args.quick), seed=args.seed)  # its detectors: by validate
+    """The budget of ``--adaptive-detectors`` and the options that size it (checked by the one policy,
+    :func:`~libnet_plugin.experiments.threat_models.adaptive_budget`: its seed is ``--seed``, the attack
+    seed; its detectors are checked by :meth:`Cifar10Settings.validate`); ``None`` without it."""
+    refuse = None
     if args.no_detectors:
-        raise ExperimentError("--adaptive-detectors attacks detectors of the detector comparison, which "
-                              "--no-detectors skips")
-    if "standard" not in args.protocols:
-        raise ExperimentError("--adaptive-detectors attacks the standard protocol's images; add 'standard' to "
-                              f"--protocols (got {' '.join(args.protocols)})")
-    return budget
+        refuse = "--adaptive-detectors attacks detectors of the detector comparison, which --no-detectors skips"
+    elif "standard" not in args.protocols:
+        refuse = ("--adaptive-detectors attacks the standard protocol's images; add 'standard' to --protocols "
+                  f"(got {' '.join(args.protocols)})")
+    return adaptive_budget(args, quick=bool(args.quick), enabled=bool(args.adaptive_detectors),
+                           off="only size the attacks of --adaptive-detectors, which is not given; add "
+                               "--adaptive-detectors LABEL ... (labels of the detector table)", refuse=refuse)
 
 
 def settings_from_args(args: argparse.Namespace) -> Cifar10Settings:
@@ -948,23 +989,6 @@ def _check_outside(final: Path, paths: Mapping[str, Path | None]) -> None:
                                   "cache's default is .cache in the current folder) or choose another --out")
 
 
-def _check_out(out_dir: str | os.PathLike, cache: Path) -> Path:
-    """:func:`~libnet_plugin.experiments.report.check_run_folder`, with a hint for a folder that holds
-    the weights an older version cached in ``OUT/cache``."""
-    try:
-        return check_run_folder(out_dir)
-    except ExperimentError as exc:
-        old = Path(out_dir).expanduser().absolute() / "cache"
-        weights = sorted(old.glob("resnet44_*.pt")) if old.is_dir() else []
-        if not weights:
-            raise
-        raise ExperimentError(f"{exc}. It holds weights an older version cached there ({str(weights[0])!r}"
-                              f"{f' and {len(weights) - 1} more' if len(weights) > 1 else ''}): the cache now "
-                              f"lives outside --out, so move them into --cache-dir {str(cache)!r}, move the "
-                              "folder away and rerun"
-                              ) from exc
-
-
 def run(args: argparse.Namespace) -> int:
     """Run ``libnet reproduce cifar10``; return the exit status (0 ok, 2 bad input, 1 failed run).
 
@@ -982,7 +1006,7 @@ def run(args: argparse.Namespace) -> int:
                                   "for GPU machines)")
         state = check_weights(args.weights) if args.weights is not None else None
         cache = Path(args.cache_dir).expanduser()
-        out = _check_out(args.out, cache)  # the run is staged beside it and swapped in when complete
+        out = check_run_folder(args.out)  # the run is staged beside it and swapped in when complete
         _check_outside(out, {"--cache-dir": cache, "--data-dir": data_dir,
                              "--weights": Path(args.weights) if args.weights is not None else None})
         if warning:

@@ -7,6 +7,41 @@ out-of-domain sets) and, when asked (``adaptive=``), attacks each calibrated det
 that know it (:class:`~libnet_plugin.experiments.threat_models.ThreatModels`), in pixel space also for
 a model that takes normalised inputs. The detectors compared are those that the plugins list through the
 ``libnet_detector_comparison`` hook (:func:`libnet_plugin.plugins.registered_detectors`).
+
+What :func:`evaluate_detectors` returns, a JSON-able dict::
+
+    {
+      "settings": {"fpr", "n_train", "n_calibration", "n_clean", "layers", "thresholds",
+                   "library_sizes", "batch_size"},
+      "sets": {set name: {"kind": "attack" | "ood", "n": int}},
+      "forward_ms_per_1000": float,        # the model alone, same batches
+      "detectors": {label: {
+          "method": str, "settings": dict, "library_based": bool,
+          "auroc": {set: float}, "tpr_at_fpr": {set: float},   # TPR at fpr of the clean eval set
+          "auroc_ci95": {set: [low, high]},  # 95% percentile bootstrap interval (n_boot resamples)
+          "auroc_vs_best_baseline": {set: {"baseline", "difference", "ci95"}},  # library-based ones,
+                                           # when the run has a baseline (not library-based)
+          "fpr_at_95tpr": {set: float}, "aupr": {set: float},  # attacked / OOD inputs positive
+          "tpr_calibrated": {set: float},  # flagged at the calibrated threshold
+          "heldout_fpr": float,            # clean evaluation inputs flagged (n = settings.n_clean)
+          "fpr_check": {"requested", "mean", "sd", "min", "max", "n_calibration", "n_heldout",
+                        "n_splits"},       # held-out FPR over random halves of all clean inputs
+          "threshold": float, "fit_s": float, "ms_per_1000": float,
+          "time_ratio": float,             # ms_per_1000 / forward_ms_per_1000
+          "memory_bytes": {"library": int, "detector": int, "kept": int}}},
+      "rows": [ {"detector": label, "<set>": "AUROC / TPR", ..., "held-out FPR", "ms / 1000",
+                 "x forward", "memory MB"} ],   # one flat row per detector, for rendering
+      "table_markdown": str,              # AUROC / TPR per set, FPR check, time, memory
+      "metric_tables": {metric: str},     # one markdown table per metric, detectors x sets, and
+                                          # "auroc_vs_best_baseline": difference [95% interval]
+      "best_library_based": label or None,  # highest mean AUROC over the attack sets
+      "files": {"json", "markdown", "roc_png"} (paths, when out_dir is given),
+      "skipped": {label: why},            # only when some were: with ``detectors=None``, the
+                                          # post-hoc peers this model cannot serve (PeerNotApplicableError)
+    }
+
+``memory_bytes.kept`` is what the detector keeps in memory: the library network plus its own
+tensors for library-based detectors, its own tensors only for the baselines.
 """
 
 from __future__ import annotations
@@ -16,6 +51,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -41,21 +77,77 @@ from .report import (
 )
 from .threat_models import AdaptiveBudget, ThreatModels, check_budget_setting, comparison_evasion_markdown
 
-__all__ = ['detector_comparison', 'MNIST_CONV_VARIANT', 'MNIST_DISTANCE_VARIANT', 'MNIST_FUSION_VARIANT', 'MNIST_VARIANTS', 'calibration_check', 'evaluate_detectors', 'plot_roc_curves']
+__all__ = ['ComparisonSettings', 'DetectorComparisonSettings', 'detector_comparison', 'MNIST_CONV_VARIANT',
+           'MNIST_DISTANCE_VARIANT', 'MNIST_FUSION_VARIANT', 'MNIST_VARIANTS', 'calibration_check',
+           'evaluate_detectors', 'plot_roc_curves']
 
 
 def _model_answers(net: Any, x: Tensor, batch_size: int) -> Tensor:
     """The answers (argmax of the outputs) of the model behind ``net.probe`` on ``x``, on the CPU."""
     return torch.cat([net.probe.run(xb).outputs.argmax(dim=1).cpu() for xb, _ in iter_batches(x, batch_size)])
 
+@dataclass(frozen=True)
+class DetectorComparisonSettings:
+    """The settings of :func:`detector_comparison`, checked once when made (``ValueError`` naming the field).
+
+    Attributes:
+        space: the model's input space, ``"pixels"`` or ``"normalized"``.
+        mean / std: the normalisation relating the two spaces.
+        protocol: which protocol's attack sets to use.
+        detectors / fpr / fpr_splits / batch_size: :class:`ComparisonSettings`' (passed to
+            :func:`evaluate_detectors`).
+        adaptive: the sizes of the attacks that know the detector (``None``: none). Each calibrated detector
+            (or those of ``adaptive.detectors``) is attacked through ``evaluate_detectors``'
+            ``attack_detector`` by a :class:`~libnet_plugin.experiments.threat_models.ThreatModels` on the
+            first ``adaptive.n`` test images that every standard-protocol attack set attacked and that the
+            model classifies correctly: white-box adaptive PGD and the score-only search at each
+            set's epsilon, in pixel space (box, clamp and epsilon), the model reached through the
+            pixel-to-``space`` map (``to_model``); the non-adaptive entry per epsilon is that set's PGD
+            images of the same inputs; the feature-matching surrogate's reference is the first
+            ``n_reference`` training images. Needs ``protocol="standard"``.
+        n_reference: training images of the feature-matching reference (with ``adaptive``).
+
+    Example:
+        >>> DetectorComparisonSettings(space="pixels", mean=0.0, std=1.0, fpr=0.1).comparison().fpr
+        0.1
+    """
+
+    space: str
+    mean: Any
+    std: Any
+    protocol: str = "standard"
+    detectors: Any = None
+    fpr: float = 0.05
+    fpr_splits: int = 50
+    batch_size: int = 256
+    adaptive: AdaptiveBudget | None = None
+    n_reference: int = 2000
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
+        if self.space not in ("pixels", "normalized"):
+            raise ValueError(f"space must be 'pixels' or 'normalized', got {self.space!r}")
+        self.comparison()  # detectors, fpr, fpr_splits, batch_size
+        if self.adaptive is not None:
+            check_budget_setting(self.adaptive)
+            if self.protocol != "standard":
+                raise ValueError(f"adaptive attacks run on the standard protocol's pixel-space PGD sets; got "
+                                 f"protocol {self.protocol!r}")
+            if isinstance(self.n_reference, bool) or not isinstance(self.n_reference, int) or self.n_reference < 1:
+                raise ValueError(f"n_reference must be a positive integer, got {self.n_reference!r}")
+
+    def comparison(self) -> ComparisonSettings:
+        """The :class:`ComparisonSettings` that :func:`evaluate_detectors` runs with."""
+        return ComparisonSettings(detectors=self.detectors, fpr=self.fpr, fpr_splits=self.fpr_splits,
+                                  batch_size=self.batch_size)
+
+
 def detector_comparison(net: Any, train: tuple[Tensor, Tensor | None], clean_test: tuple[Tensor, Tensor],
-                        attack_sets: Sequence[AttackSet], *, space: str, mean: Any, std: Any,
-                        protocol: str = "standard", ood_sets: Mapping[str, Tensor] | None = None,
-                        out_dir: str | os.PathLike | None = None, detectors: Any = None, fpr: float = 0.05,
-                        fpr_splits: int = 50, batch_size: int = 256,
-                        log: Callable[[str], None] | None = None, adaptive: AdaptiveBudget | None = None,
-                        n_reference: int = 2000) -> dict[str, Any]:
-    """The detector comparison of :mod:`libnet_plugin.experiments.detectors` on an experiment's data.
+                        attack_sets: Sequence[AttackSet], *, ood_sets: Mapping[str, Tensor] | None = None,
+                        out_dir: str | os.PathLike | None = None, log: Callable[[str], None] | None = None,
+                        settings: DetectorComparisonSettings | None = None, **options: Any) -> dict[str, Any]:
+    """The detector comparison of :func:`evaluate_detectors` on an experiment's data.
 
     Shared by ``libnet reproduce mnist`` and ``libnet reproduce cifar10``. Every input is given in pixel
     space (``[0, 1]``) or, for attack sets, in the space the :class:`AttackSet` records, and is moved to
@@ -75,29 +167,19 @@ def detector_comparison(net: Any, train: tuple[Tensor, Tensor | None], clean_tes
             second half is left out (the log says how many).
         attack_sets: attack sets of an experiment; those of ``protocol`` are used, one attacked set
             ``"PGD eps=<epsilon>"`` per epsilon, their ``indices`` pointing into ``clean_test``.
-        space: the model's input space, ``"pixels"`` or ``"normalized"``.
-        mean / std: the normalisation relating the two spaces.
-        protocol: which protocol's attack sets to use (``"standard"``: PGD in pixel space).
         ood_sets: ``{name: inputs in pixels}`` of out-of-domain inputs.
         out_dir: folder receiving ``detectors.json``, ``detectors.md`` and ``roc.png``.
-        detectors / fpr / fpr_splits / batch_size: passed to ``evaluate_detectors``.
         log: a function receiving progress lines (default: silent).
-        adaptive: the sizes of the attacks that know the detector (``None``: none). Each calibrated detector
-            (or those of ``adaptive.detectors``) is attacked through ``evaluate_detectors``'
-            ``attack_detector`` by a :class:`~libnet_plugin.experiments.threat_models.ThreatModels` on the
-            first ``adaptive.n`` test images that every standard-protocol attack set attacked and that the
-            model classifies correctly: white-box adaptive PGD and the score-only search at each
-            set's epsilon, in pixel space (box, clamp and epsilon), the model reached through the
-            pixel-to-``space`` map (``to_model``); the non-adaptive entry per epsilon is that set's PGD
-            images of the same inputs; the feature-matching surrogate's reference is the first
-            ``n_reference`` training images. Needs ``protocol="standard"``.
-        n_reference: training images of the feature-matching reference (with ``adaptive``).
+        settings: the :class:`DetectorComparisonSettings` (the model's input ``space``, ``mean`` / ``std``,
+            the ``protocol``, the detectors and ``fpr``, the ``adaptive`` attacks); ``options`` are its
+            fields given as keywords instead (``space``, ``mean`` and ``std`` at least), or replace some of
+            ``settings``'.
 
     Returns:
         ``{"available": True, "protocol": protocol, "attacks": {set name: {"epsilon", "attacked",
         "successful"}}, "table": <what evaluate_detectors returns>}`` (its ``"table_markdown"`` renders
-        the table), or ``{"available": False, "note": why}`` when the detectors module cannot be
-        imported, there are no attack sets of ``protocol``, too few test images to calibrate at ``fpr``,
+        the table), or ``{"available": False, "note": why}`` when there are no attack sets of
+        ``protocol``, too few test images to calibrate at ``fpr``,
         or no attack succeeded. With ``adaptive``, each attacked detector's entry of ``table["detectors"]``
         has ``"attacks"`` (:class:`~libnet_plugin.experiments.threat_models.ThreatModels`' evasion rates
         per epsilon), and ``table["adaptive"]`` is ``{"budget": adaptive.describe(), "n": images attacked,
@@ -115,87 +197,92 @@ def detector_comparison(net: Any, train: tuple[Tensor, Tensor | None], clean_tes
         ...                           mean=MNIST_MEAN, std=MNIST_STD, out_dir="runs/q")  # doctest: +SKIP
         >>> print(res["table"]["table_markdown"])  # doctest: +SKIP
     """
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    s = DetectorComparisonSettings(**options) if settings is None else replace(settings, **options)
     x_test, y_test = clean_test
     if y_test is None:
         raise ValueError("detector_comparison needs the test labels to select the successful attacks")
-    if adaptive is not None:
-        _check_adaptive(adaptive, protocol, detectors, net, n_reference)
-    sets = [s for s in attack_sets if s.protocol == protocol]
+    _check_adaptive_detectors(s, net)
+    sets = [a for a in attack_sets if a.protocol == s.protocol]
     if not sets:
         return {"available": False,
-                "note": f"No {protocol}-protocol attacks in this run, so no detector table"}
-    need = math.ceil(1.0 / fpr) - 1  # calibrating at fpr takes at least this many clean inputs
+                "note": f"No {s.protocol}-protocol attacks in this run, so no detector table"}
+    need = math.ceil(1.0 / s.fpr) - 1  # calibrating at fpr takes at least this many clean inputs
     if x_test.shape[0] // 2 < need:
         return {"available": False,
                 "note": f"The detector comparison calibrates on half of the test images and needs at least {need} "
-                        f"for FPR {fpr:g}; this run has {x_test.shape[0]} test images, so no detector table"}
+                        f"for FPR {s.fpr:g}; this run has {x_test.shape[0]} test images, so no detector table"}
     say = log or (lambda _msg: None)
-    x_test_m = to_model_space(x_test, "pixels", space, mean, std)
+    x_test_m = to_model_space(x_test, "pixels", s.space, s.mean, s.std)
     y_test = y_test.long().cpu()
     half = x_test.shape[0] // 2  # [:half] clean evaluation and attacked inputs, [half:] calibration
+    attacked, info, clean_answers = _successful_attacks(net, sets, x_test_m, y_test, half, s, say)
+    if not attacked:
+        return {"available": False, "attacks": info,
+                "note": f"No {s.protocol}-protocol attack succeeded on a correctly classified input, so no "
+                        "detector table"}
+    x_train, y_train = train
+    x_train_m = to_model_space(x_train, "pixels", s.space, s.mean, s.std)
+    ood = {name: to_model_space(x, "pixels", s.space, s.mean, s.std) for name, x in (ood_sets or {}).items()}
+    threats, no_attack = None, None
+    if s.adaptive is not None and not isinstance(net.model, torch.nn.Module):
+        no_attack = ("No attack that knows the detector: they follow the torch model's gradients, and an ONNX "
+                     "model gives none (only a torch model is attacked this way)")
+    elif s.adaptive is not None:
+        threats = _threat_models(s.adaptive, sets, (x_test, y_test), x_train[:s.n_reference], clean_answers,
+                                 space=s.space, mean=s.mean, std=s.std, log=say, limit=half)
+        if threats is None:
+            no_attack = ("No attacked test image is classified correctly by the model, so no attack that knows the "
+                         "detector")
+    table = evaluate_detectors(net, x_train_m if y_train is None else (x_train_m, y_train), x_test_m[:half], attacked,
+                               ood, out_dir=out_dir, calibration=x_test_m[half:], settings=s.comparison(), log=log,
+                               attack_detector=threats)
+    if s.adaptive is not None and no_attack is not None:
+        say(f"adaptive attacks: {no_attack}")
+        table["adaptive"] = {"budget": s.adaptive.describe(), "n": 0, "note": no_attack}
+    return {"available": True, "protocol": s.protocol, "attacks": info, "table": table}
+
+
+def _check_adaptive_detectors(s: DetectorComparisonSettings, net: Any) -> None:
+    """``ValueError`` when ``s.adaptive.detectors`` names a detector that the comparison does not hold."""
+    if s.adaptive is None or s.adaptive.detectors is None:
+        return
+    labels = list(_resolve_detectors(s.detectors, net.plugin_manager))
+    unknown = sorted(set(s.adaptive.detectors) - set(labels))
+    if unknown:
+        raise ValueError(f"adaptive.detectors {unknown} are not among the detectors compared: {sorted(labels)}")
+
+
+def _successful_attacks(net: Any, sets: Sequence[AttackSet], x_test_m: Tensor, y_test: Tensor, half: int,
+                        s: DetectorComparisonSettings, say: Callable[[str], None]
+                        ) -> tuple[dict[str, Tensor], dict[str, dict[str, Any]], dict[tuple[int, ...], Tensor]]:
+    """The standard protocol's selection of :func:`detector_comparison`: per set, the attacked inputs (in the
+    model's space) whose clean version the model classifies correctly and the attacked one wrongly, among the
+    clean evaluation inputs (test positions below ``half``). Returns ``(attacked, info, clean answers by the
+    sets' indices)``."""
     attacked: dict[str, Tensor] = {}
     info: dict[str, dict[str, Any]] = {}
     clean_answers: dict[tuple[int, ...], Tensor] = {}
-    for s in sets:
-        idx = s.indices.long().cpu()
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= x_test.shape[0]):
-            raise ShapeMismatchError(f"{s.protocol} attacks at epsilon {s.epsilon:g} point to test positions up to "
-                                     f"{int(idx.max())}, but the test set has {x_test.shape[0]} inputs")
+    n_test = x_test_m.shape[0]
+    for a in sets:
+        idx = a.indices.long().cpu()
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n_test):
+            raise ShapeMismatchError(f"{a.protocol} attacks at epsilon {a.epsilon:g} point to test positions up to "
+                                     f"{int(idx.max())}, but the test set has {n_test} inputs")
         key = tuple(idx.tolist())
         if key not in clean_answers:  # the sets of one protocol usually attack the same inputs
-            clean_answers[key] = _model_answers(net, x_test_m[idx], batch_size)
-        x_adv = to_model_space(s.x_adv, s.space, space, mean, std)
-        keep = (clean_answers[key] == y_test[idx]) & (_model_answers(net, x_adv, batch_size) != y_test[idx])
+            clean_answers[key] = _model_answers(net, x_test_m[idx], s.batch_size)
+        x_adv = to_model_space(a.x_adv, a.space, s.space, s.mean, s.std)
+        keep = (clean_answers[key] == y_test[idx]) & (_model_answers(net, x_adv, s.batch_size) != y_test[idx])
         evaluable = idx < half
         keep &= evaluable
-        name = f"PGD eps={s.epsilon:g}"
-        info[name] = {"epsilon": s.epsilon, "attacked": int(evaluable.sum()), "successful": int(keep.sum())}
+        name = f"PGD eps={a.epsilon:g}"
+        info[name] = {"epsilon": a.epsilon, "attacked": int(evaluable.sum()), "successful": int(keep.sum())}
         left_out = int((~evaluable).sum())
         say(f"{name}: {int(keep.sum())} successful attacks on correctly classified inputs of {int(evaluable.sum())}"
             + (f" ({left_out} attacked inputs of the calibration half left out)" if left_out else ""))
         if bool(keep.any()):
             attacked[name] = x_adv[keep.to(x_adv.device)]
-    if not attacked:
-        return {"available": False, "attacks": info,
-                "note": f"No {protocol}-protocol attack succeeded on a correctly classified input, so no "
-                        "detector table"}
-    x_train, y_train = train
-    x_train_m = to_model_space(x_train, "pixels", space, mean, std)
-    ood = {name: to_model_space(x, "pixels", space, mean, std) for name, x in (ood_sets or {}).items()}
-    threats, no_attack = None, None
-    if adaptive is not None and not isinstance(net.model, torch.nn.Module):
-        no_attack = ("No attack that knows the detector: they follow the torch model's gradients, and an ONNX "
-                     "model gives none (only a torch model is attacked this way)")
-    elif adaptive is not None:
-        threats = _threat_models(adaptive, sets, (x_test, y_test), x_train[:n_reference], clean_answers,
-                                 space=space, mean=mean, std=std, log=say, limit=half)
-        if threats is None:
-            no_attack = "No attacked test image is classified correctly by the model, so no attack that knows the detector"
-    table = evaluate_detectors(net, x_train_m if y_train is None else (x_train_m, y_train), x_test_m[:half], attacked,
-                               ood, calibration=x_test_m[half:], detectors=detectors, out_dir=out_dir, fpr=fpr,
-                               fpr_splits=fpr_splits,
-                               batch_size=batch_size, log=log, attack_detector=threats)
-    if adaptive is not None and no_attack is not None:
-        say(f"adaptive attacks: {no_attack}")
-        table["adaptive"] = {"budget": adaptive.describe(), "n": 0, "note": no_attack}
-    return {"available": True, "protocol": protocol, "attacks": info, "table": table}
-
-
-def _check_adaptive(adaptive: AdaptiveBudget, protocol: str, detectors: Any, net: Any, n_reference: int) -> None:
-    """The ``adaptive=`` argument of :func:`detector_comparison`, checked before any work (``ValueError``)."""
-    check_budget_setting(adaptive)
-    if protocol != "standard":
-        raise ValueError(f"adaptive attacks run on the standard protocol's pixel-space PGD sets; got protocol "
-                         f"{protocol!r}")
-    if isinstance(n_reference, bool) or not isinstance(n_reference, int) or n_reference < 1:
-        raise ValueError(f"n_reference must be a positive integer, got {n_reference!r}")
-    if adaptive.detectors is not None:
-        labels = list(_resolve_detectors(detectors, net.plugin_manager))
-        unknown = sorted(set(adaptive.detectors) - set(labels))
-        if unknown:
-            raise ValueError(f"adaptive.detectors {unknown} are not among the detectors compared: {sorted(labels)}")
+    return attacked, info, clean_answers
 
 
 def _threat_models(budget: AdaptiveBudget, sets: Sequence[AttackSet], clean_test: tuple[Tensor, Tensor],
@@ -348,14 +435,71 @@ def _split_fpr(data: Tensor, combine: Callable[[Tensor, Tensor], Tensor] | None,
             "min": float(r.min()), "max": float(r.max()), "n_calibration": n_cal, "n_heldout": n - n_cal,
             "n_splits": int(n_splits)}
 
+@dataclass(frozen=True)
+class ComparisonSettings:
+    """The settings of :func:`evaluate_detectors`, checked once when made (``ValueError`` naming the field).
+
+    Attributes:
+        detectors: ``None`` (every detector the registered plugins list), a list of detector names, or
+            ``{label: name | (name, settings)}``.
+        fpr: the false-positive rate each detector is calibrated to.
+        batch_size: scoring batch size (timings are per 1,000 inputs at this batch size).
+        fpr_splits: random halves of the calibration + clean evaluation inputs over which the held-out
+            false-positive rate of the calibration is measured (:func:`calibration_check`).
+        n_boot: bootstrap resamples of the clean and attacked / OOD inputs behind the AUROC intervals
+            (:func:`~libnet_plugin.experiments.protocols.auroc_bootstrap`; the same resamples for every
+            detector, so the intervals of AUROC differences are paired).
+        layers / thresholds: used only when :func:`evaluate_detectors` is given a model (it builds the
+            library network from them).
+        plugin_manager: where detectors are looked up (default: the network's).
+
+    Example:
+        >>> ComparisonSettings(fpr=0.1, n_boot=50).fpr_splits
+        50
+        >>> ComparisonSettings(fpr=1.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: fpr must be a number in (0, 1), got 1.0
+    """
+
+    detectors: Any = None
+    fpr: float = 0.05
+    batch_size: int = 256
+    fpr_splits: int = 50
+    n_boot: int = 1000
+    layers: Sequence[str] | None = None
+    thresholds: Any = None
+    plugin_manager: Any = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.fpr, bool) or not (isinstance(self.fpr, (int, float)) and 0.0 < self.fpr < 1.0):
+            raise ValueError(f"fpr must be a number in (0, 1), got {self.fpr!r}")
+        for name in ("batch_size", "fpr_splits", "n_boot"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+
+
+@dataclass
+class _Run:
+    """What every detector of one :func:`evaluate_detectors` call is evaluated on."""
+
+    net: LibraryNetwork
+    pm: Any
+    train: Any
+    x_cal: Tensor
+    x_clean: Tensor
+    sets: dict[str, Tensor]
+    settings: ComparisonSettings
+    forward_ms: float
+
+
 def evaluate_detectors(net_or_model: Any, train: Any, clean_test: Any, attacked_sets: Mapping[str, Tensor],
                        ood_sets: Mapping[str, Tensor] | None = None, detectors: Any = None,
                        out_dir: str | os.PathLike | None = None, *, calibration: Any = None,
-                       layers: Sequence[str] | None = None, thresholds: Any = None, fpr: float = 0.05,
-                       batch_size: int = 256, fpr_splits: int = 50, plugin_manager: Any = None,
-                       log: Callable[[str], None] | None = None,
+                       settings: ComparisonSettings | None = None, log: Callable[[str], None] | None = None,
                        attack_detector: Callable[[ConsistencyDetector, str], dict[str, Any] | None] | None = None,
-                       n_boot: int = 1000) -> dict[str, Any]:
+                       **options: Any) -> dict[str, Any]:
     """Calibrate every detector on the same clean data and score it on the same attacked / OOD sets.
 
     Args:
@@ -367,20 +511,14 @@ def evaluate_detectors(net_or_model: Any, train: Any, clean_test: Any, attacked_
         attacked_sets: ``{name: Tensor}`` of attacked inputs (only successful attacks, in the model's input
             space).
         ood_sets: ``{name: Tensor}`` of out-of-domain inputs.
-        detectors: ``None`` (every detector the registered plugins list), a list of detector names, or
-            ``{label: name | (name, settings)}``.
+        detectors: :class:`ComparisonSettings`' ``detectors`` (``None``: every detector the registered
+            plugins list).
         out_dir: if given, write ``detectors.json``, ``detectors.md`` and ``roc.png`` there.
         calibration: clean calibration inputs (default: the first half of ``clean_test``).
-        layers / thresholds: used only when ``net_or_model`` is a model.
-        fpr: the false-positive rate each detector is calibrated to.
-        batch_size: scoring batch size (timings are per 1,000 inputs at this batch size).
-        fpr_splits: random halves of the calibration + clean evaluation inputs over which the held-out
-            false-positive rate of the calibration is measured (:func:`calibration_check`).
-        plugin_manager: where detectors are looked up (default: the network's).
+        settings: the :class:`ComparisonSettings` (``fpr``, ``batch_size``, ``fpr_splits``, ``n_boot``,
+            ``layers`` / ``thresholds``, ``plugin_manager``); ``options`` are its fields given as keywords
+            instead, or replace some of ``settings``'.
         log: a function receiving progress lines (default: silent).
-        n_boot: bootstrap resamples of the clean and attacked / OOD inputs behind the AUROC intervals
-            (:func:`~libnet_plugin.experiments.protocols.auroc_bootstrap`; the same resamples for every
-            detector, so the intervals of AUROC differences are paired).
         attack_detector: called as ``attack_detector(det, label)`` with each calibrated detector; what it
             returns (JSON-able, e.g. the evasion rates of attacks that know the detector) is kept in the
             detector's ``"attacks"`` entry (``None``: not attacked, no entry). When it is a
@@ -390,69 +528,84 @@ def evaluate_detectors(net_or_model: Any, train: Any, clean_test: Any, attacked_
             (``files["evasion_png"]``).
 
     Returns:
-        A JSON-able dict::
-
-            {
-              "settings": {"fpr", "n_train", "n_calibration", "n_clean", "layers", "thresholds",
-                           "library_sizes", "batch_size"},
-              "sets": {set name: {"kind": "attack" | "ood", "n": int}},
-              "forward_ms_per_1000": float,        # the model alone, same batches
-              "detectors": {label: {
-                  "method": str, "settings": dict, "library_based": bool,
-                  "auroc": {set: float}, "tpr_at_fpr": {set: float},   # TPR at fpr of the clean eval set
-                  "auroc_ci95": {set: [low, high]},  # 95% percentile bootstrap interval (n_boot resamples)
-                  "auroc_vs_best_baseline": {set: {"baseline", "difference", "ci95"}},  # library-based ones,
-                                                   # when the run has a baseline (not library-based)
-                  "fpr_at_95tpr": {set: float}, "aupr": {set: float},  # attacked / OOD inputs positive
-                  "tpr_calibrated": {set: float},  # flagged at the calibrated threshold
-                  "heldout_fpr": float,            # clean evaluation inputs flagged (n = settings.n_clean)
-                  "fpr_check": {"requested", "mean", "sd", "min", "max", "n_calibration", "n_heldout",
-                                "n_splits"},       # held-out FPR over random halves of all clean inputs
-                  "threshold": float, "fit_s": float, "ms_per_1000": float,
-                  "time_ratio": float,             # ms_per_1000 / forward_ms_per_1000
-                  "memory_bytes": {"library": int, "detector": int, "kept": int}}},
-              "rows": [ {"detector": label, "<set>": "AUROC / TPR", ..., "held-out FPR", "ms / 1000",
-                         "x forward", "memory MB"} ],   # one flat row per detector, for rendering
-              "table_markdown": str,              # AUROC / TPR per set, FPR check, time, memory
-              "metric_tables": {metric: str},     # one markdown table per metric, detectors x sets, and
-                                                  # "auroc_vs_best_baseline": difference [95% interval]
-              "best_library_based": label or None,  # highest mean AUROC over the attack sets
-              "files": {"json", "markdown", "roc_png"} (paths, when out_dir is given),
-              "skipped": {label: why},            # only when some were: with ``detectors=None``, the
-                                                  # post-hoc peers this model cannot serve (PeerNotApplicableError)
-            }
-
-        ``memory_bytes.kept`` is what the detector keeps in memory: the library network plus its own
-        tensors for library-based detectors, its own tensors only for the baselines.
+        A JSON-able dict, laid out in the module docstring ("What evaluate_detectors returns").
 
     Example:
         >>> res = evaluate_detectors(net, (x_tr, y_tr), x_te, {"PGD eps=0.3": x_adv}, {"noise": noise})  # doctest: +SKIP
         >>> print(res["table_markdown"])  # doctest: +SKIP
     """
+    if detectors is not None:
+        options["detectors"] = detectors
+    s = ComparisonSettings(**options) if settings is None else replace(settings, **options)
     say = log or (lambda _msg: None)
-    if isinstance(net_or_model, LibraryNetwork):
-        net = net_or_model
-        if layers is not None or thresholds is not None:
-            raise ValueError("layers and thresholds are only used when evaluate_detectors builds the library network")
-    else:
-        if layers is None or thresholds is None:
-            raise ValueError("evaluate_detectors needs layers= and thresholds= to build a LibraryNetwork from a model")
-        net = LibraryNetwork(net_or_model, layers, thresholds=thresholds, plugin_manager=plugin_manager)
-    if not (isinstance(fpr, (int, float)) and 0.0 < fpr < 1.0):
-        raise ValueError(f"fpr must be a number in (0, 1), got {fpr!r}")
+    net = _network(net_or_model, s)
     if not net.is_fitted:
         say("fitting the library network")
         net.fit(train)
-    pm = plugin_manager if plugin_manager is not None else net.plugin_manager
-    specs = _resolve_detectors(detectors, pm)
+    pm = s.plugin_manager if s.plugin_manager is not None else net.plugin_manager
+    specs = _resolve_detectors(s.detectors, pm)
+    x_cal, x_clean = _split_clean(clean_test, calibration, s.batch_size)
+    sets, kinds = _collect_sets(attacked_sets, ood_sets)
+    run = _Run(net, pm, train, x_cal, x_clean, sets, s, _forward_ms(net, x_clean, s.batch_size))
+    results: dict[str, dict[str, Any]] = {}
+    skipped: dict[str, str] = {}  # default-list peers that cannot read this model: {label: why}
+    boots: dict[str, dict[str, np.ndarray]] = {}
+    curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {name: {} for name in sets}
+    for label, (method, det_settings) in specs.items():
+        say(f"detector {label!r} ({method})")
+        try:
+            det, entry, boots[label], det_curves = _evaluate_detector(run, method, det_settings)
+        except PeerNotApplicableError as e:
+            if s.detectors is not None:  # asked for by name: say so
+                raise
+            say(f"detector {label!r} left out: {e}")  # a post-hoc peer this model cannot serve (e.g. ONNX)
+            skipped[label] = str(e)
+            continue
+        for name, curve in det_curves.items():
+            curves[name][label] = curve
+        if attack_detector is not None:
+            attacks = attack_detector(det, label)
+            if attacks is not None:
+                entry["attacks"] = attacks
+        results[label] = entry
+    _margins_to_baselines(results, boots, list(sets))
+    out = _comparison_result(run, results, kinds)
+    if skipped:
+        out["skipped"] = skipped
+    if isinstance(attack_detector, ThreatModels):
+        out["adaptive"] = attack_detector.summary(results)
+    if out_dir is not None:
+        _write_comparison(out, curves, out_dir)
+    return out
+
+
+def _network(net_or_model: Any, s: ComparisonSettings) -> LibraryNetwork:
+    """The library network of :func:`evaluate_detectors`: the one given, or one built from a model with
+    ``s.layers`` and ``s.thresholds``."""
+    if isinstance(net_or_model, LibraryNetwork):
+        if s.layers is not None or s.thresholds is not None:
+            raise ValueError("layers and thresholds are only used when evaluate_detectors builds the library network")
+        return net_or_model
+    if s.layers is None or s.thresholds is None:
+        raise ValueError("evaluate_detectors needs layers= and thresholds= to build a LibraryNetwork from a model")
+    return LibraryNetwork(net_or_model, s.layers, thresholds=s.thresholds, plugin_manager=s.plugin_manager)
+
+
+def _split_clean(clean_test: Any, calibration: Any, batch_size: int) -> tuple[Tensor, Tensor]:
+    """``(calibration inputs, clean evaluation inputs)``: ``calibration`` and ``clean_test``, or the two halves
+    of ``clean_test`` without ``calibration``."""
     x_clean, _ = _as_tensor(clean_test, batch_size)
-    if calibration is None:
-        half = x_clean.shape[0] // 2
-        if half < 2:
-            raise ValueError(f"clean_test has {x_clean.shape[0]} inputs; at least 4 are needed to split it")
-        x_cal, x_clean = x_clean[:half], x_clean[half:]
-    else:
-        x_cal, _ = _as_tensor(calibration, batch_size)
+    if calibration is not None:
+        return _as_tensor(calibration, batch_size)[0], x_clean
+    half = x_clean.shape[0] // 2
+    if half < 2:
+        raise ValueError(f"clean_test has {x_clean.shape[0]} inputs; at least 4 are needed to split it")
+    return x_clean[:half], x_clean[half:]
+
+
+def _collect_sets(attacked_sets: Mapping[str, Tensor],
+                  ood_sets: Mapping[str, Tensor] | None) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """``({name: inputs}, {name: "attack" | "ood"})`` of the attacked and out-of-domain sets, checked."""
     sets: dict[str, Tensor] = {}
     kinds: dict[str, str] = {}
     for kind, group in (("attack", attacked_sets), ("ood", ood_sets or {})):
@@ -465,89 +618,77 @@ def evaluate_detectors(net_or_model: Any, train: Any, clean_test: Any, attacked_
             kinds[str(name)] = kind
     if not sets:
         raise ValueError("no attacked or out-of-domain set to evaluate")
+    return sets, kinds
 
+
+def _forward_ms(net: LibraryNetwork, x: Tensor, batch_size: int) -> float:
+    """Milliseconds per 1,000 inputs of the model alone (NaN for a model that is not a torch module)."""
     model = net.model
-    forward_ms = float("nan")
-    if isinstance(model, torch.nn.Module):
-        def forward(x: Tensor) -> Tensor:
-            with torch.no_grad():
-                return model(x.to(net.device))
+    if not isinstance(model, torch.nn.Module):
+        return float("nan")
 
-        forward_ms, _ = _time_scores(forward, x_clean, batch_size)
+    def forward(xb: Tensor) -> Tensor:
+        with torch.no_grad():
+            return model(xb.to(net.device))
 
-    results: dict[str, dict[str, Any]] = {}
-    skipped: dict[str, str] = {}  # default-list peers that cannot read this model: {label: why}
-    boots: dict[str, dict[str, np.ndarray]] = {}
-    curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {name: {} for name in sets}
-    for label, (method, settings) in specs.items():
-        say(f"detector {label!r} ({method})")
-        t0 = time.perf_counter()
-        det = ConsistencyDetector(net, method=method, settings=settings, plugin_manager=pm)
-        try:
-            if det.requires_training_data:
-                det.fit(train)
-            cal_data = det.calibration_data(x_cal)  # kept for the FPR check below: no second pass over x_cal
-        except PeerNotApplicableError as e:
-            if detectors is not None:  # asked for by name: say so
-                raise
-            say(f"detector {label!r} left out: {e}")  # a post-hoc peer this model cannot serve (e.g. ONNX)
-            skipped[label] = str(e)
-            continue
-        det.calibrate_on(cal_data, fpr)
-        fit_s = time.perf_counter() - t0
-        ms, parts = _time_scores(det.score, x_clean, batch_size)
-        clean_scores = torch.cat(parts).cpu()
-        # the FPR check needs the clean inputs as calibration sees them: plain scores are the ones just timed
-        clean_data = det.calibration_data(x_clean) if det.scorer.fuses else clean_scores
-        entry: dict[str, Any] = {
-            "method": method, "settings": settings,
-            "library_based": det.scorer.uses_library,
-            "auroc": {}, "auroc_ci95": {}, "tpr_at_fpr": {}, "tpr_calibrated": {}, "fpr_at_95tpr": {}, "aupr": {},
-            "heldout_fpr": float((clean_scores > det.threshold_).float().mean()),
-            "threshold": det.threshold_, "fit_s": fit_s, "ms_per_1000": ms,
-            "time_ratio": ms / forward_ms if forward_ms and math.isfinite(forward_ms) else float("nan"),
-        }
-        entry["fpr_check"] = _split_fpr(torch.cat([cal_data.cpu(), clean_data.cpu()]), _combination(det), fpr,
-                                        n_splits=fpr_splits, seed=0)
-        mem = det.memory_bytes()
-        mem["kept"] = mem["detector"] + (mem["library"] if entry["library_based"] else 0)
-        entry["memory_bytes"] = mem
-        boots[label] = {}
-        for k, (name, x) in enumerate(sets.items()):
-            s = det.score(x).cpu()
-            entry["auroc"][name] = auroc(clean_scores, s)
-            # the same resamples for every detector (seed k): paired intervals of AUROC differences below
-            boots[label][name] = auroc_bootstrap(clean_scores, s, n_boot=n_boot, seed=k)
-            entry["auroc_ci95"][name] = _interval(boots[label][name])
-            entry["tpr_at_fpr"][name] = tpr_at_fpr(clean_scores, s, fpr)
-            entry["tpr_calibrated"][name] = float((s > det.threshold_).float().mean())
-            entry["fpr_at_95tpr"][name] = fpr_at_tpr(clean_scores, s, 0.95)
-            entry["aupr"][name] = aupr(clean_scores, s)
-            curves[name][label] = _roc(clean_scores, s)
-        if attack_detector is not None:
-            attacks = attack_detector(det, label)
-            if attacks is not None:
-                entry["attacks"] = attacks
-        results[label] = entry
+    return _time_scores(forward, x, batch_size)[0]
 
-    _margins_to_baselines(results, boots, list(sets))
+
+def _evaluate_detector(run: _Run, method: str, det_settings: dict[str, Any]) -> tuple[
+        ConsistencyDetector, dict[str, Any], dict[str, np.ndarray], dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """One detector of :func:`evaluate_detectors`, fitted, calibrated and scored on every set: ``(detector,
+    its entry, its bootstrap AUROCs per set, its ROC curve per set)``."""
+    s, forward_ms = run.settings, run.forward_ms
+    t0 = time.perf_counter()
+    det = ConsistencyDetector(run.net, method=method, settings=det_settings, plugin_manager=run.pm)
+    if det.requires_training_data:
+        det.fit(run.train)
+    cal_data = det.calibration_data(run.x_cal)  # kept for the FPR check below: no second pass over x_cal
+    det.calibrate_on(cal_data, s.fpr)
+    fit_s = time.perf_counter() - t0
+    ms, parts = _time_scores(det.score, run.x_clean, s.batch_size)
+    clean_scores = torch.cat(parts).cpu()
+    # the FPR check needs the clean inputs as calibration sees them: plain scores are the ones just timed
+    clean_data = det.calibration_data(run.x_clean) if det.scorer.fuses else clean_scores
+    entry: dict[str, Any] = {
+        "method": method, "settings": det_settings,
+        "library_based": det.scorer.uses_library,
+        "auroc": {}, "auroc_ci95": {}, "tpr_at_fpr": {}, "tpr_calibrated": {}, "fpr_at_95tpr": {}, "aupr": {},
+        "heldout_fpr": float((clean_scores > det.threshold_).float().mean()),
+        "threshold": det.threshold_, "fit_s": fit_s, "ms_per_1000": ms,
+        "time_ratio": ms / forward_ms if forward_ms and math.isfinite(forward_ms) else float("nan"),
+    }
+    entry["fpr_check"] = _split_fpr(torch.cat([cal_data.cpu(), clean_data.cpu()]), _combination(det), s.fpr,
+                                    n_splits=s.fpr_splits, seed=0)
+    mem = det.memory_bytes()
+    mem["kept"] = mem["detector"] + (mem["library"] if entry["library_based"] else 0)
+    entry["memory_bytes"] = mem
+    boots: dict[str, np.ndarray] = {}
+    curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for k, (name, x) in enumerate(run.sets.items()):
+        scores = det.score(x).cpu()
+        entry["auroc"][name] = auroc(clean_scores, scores)
+        # the same resamples for every detector (seed k): paired intervals of AUROC differences
+        boots[name] = auroc_bootstrap(clean_scores, scores, n_boot=s.n_boot, seed=k)
+        entry["auroc_ci95"][name] = _interval(boots[name])
+        entry["tpr_at_fpr"][name] = tpr_at_fpr(clean_scores, scores, s.fpr)
+        entry["tpr_calibrated"][name] = float((scores > det.threshold_).float().mean())
+        entry["fpr_at_95tpr"][name] = fpr_at_tpr(clean_scores, scores, 0.95)
+        entry["aupr"][name] = aupr(clean_scores, scores)
+        curves[name] = _roc(clean_scores, scores)
+    return det, entry, boots, curves
+
+
+def _comparison_result(run: _Run, results: dict[str, dict[str, Any]], kinds: Mapping[str, str]) -> dict[str, Any]:
+    """What :func:`evaluate_detectors` returns (before ``skipped``, ``adaptive`` and ``files``): settings, sets,
+    the entries, the flat rows and the tables."""
+    sets, net, s = run.sets, run.net, run.settings
     attack_names = [n for n in sets if kinds[n] == "attack"]
     lib = [l for l, e in results.items() if e["library_based"]]
     best = (max(lib, key=lambda l: float(np.mean([results[l]["auroc"][n] for n in attack_names])))
             if lib and attack_names else None)
-    rows = []
-    for label, e in results.items():
-        row: dict[str, Any] = {"detector": label}
-        for name in sets:
-            row[f"{name}: AUROC / TPR"] = f"{e['auroc'][name]:.3f} / {e['tpr_at_fpr'][name]:.2f}"
-        row["held-out FPR"] = e["heldout_fpr"]
-        row[f"FPR over {e['fpr_check']['n_splits']} splits"] = f"{e['fpr_check']['mean']:.3f} ± {e['fpr_check']['sd']:.3f}"
-        row["ms / 1000"] = round(e["ms_per_1000"], 1)
-        row["x forward"] = round(e["time_ratio"], 2) if math.isfinite(e["time_ratio"]) else None
-        row["memory MB"] = round(e["memory_bytes"]["kept"] / 2**20, 2)
-        rows.append(row)
+    rows = [_row(label, e, sets) for label, e in results.items()]
     headers = list(rows[0])
-    table = markdown_table(headers, [[r[h] for h in headers] for r in rows])
     metric_tables = {
         metric: markdown_table(["detector", *sets], [[label, *(f"{e[metric][n]:.3f}" for n in sets)]
                                                      for label, e in results.items()])
@@ -556,32 +697,45 @@ def evaluate_detectors(net_or_model: Any, train: Any, clean_test: Any, attacked_
     if margins:
         metric_tables["auroc_vs_best_baseline"] = markdown_table(
             ["detector", *sets], [[label, *(_margin_cell(m[n]) for n in sets)] for label, m in margins.items()])
-    out: dict[str, Any] = {
-        "settings": {"fpr": fpr, "n_train": net.n_train_, "n_calibration": int(x_cal.shape[0]),
-                     "n_clean": int(x_clean.shape[0]), "layers": list(net.layers), "thresholds": net.thresholds_,
-                     "library_sizes": net.library_sizes_, "batch_size": batch_size},
+    return {
+        "settings": {"fpr": s.fpr, "n_train": net.n_train_, "n_calibration": int(run.x_cal.shape[0]),
+                     "n_clean": int(run.x_clean.shape[0]), "layers": list(net.layers), "thresholds": net.thresholds_,
+                     "library_sizes": net.library_sizes_, "batch_size": s.batch_size},
         "sets": {name: {"kind": kinds[name], "n": int(x.shape[0])} for name, x in sets.items()},
-        "forward_ms_per_1000": forward_ms, "detectors": results, "rows": rows, "table_markdown": table,
+        "forward_ms_per_1000": run.forward_ms, "detectors": results, "rows": rows,
+        "table_markdown": markdown_table(headers, [[r[h] for h in headers] for r in rows]),
         "metric_tables": metric_tables, "best_library_based": best, "files": {},
     }
-    if skipped:
-        out["skipped"] = skipped
-    attacked_any = any("attacks" in e for e in results.values())
-    if isinstance(attack_detector, ThreatModels):
-        out["adaptive"] = attack_detector.summary(results)
-    if out_dir is not None:
-        d = ensure_writable_dir(out_dir)
-        out["files"] = {"json": str(d / "detectors.json"), "markdown": str(d / "detectors.md"),
-                        "roc_png": str(plot_roc_curves(curves, d / "roc.png"))}
-        markdown = table
-        if "adaptive" in out and attacked_any:
-            from .plots import plot_evasion
 
-            out["files"]["evasion_png"] = str(plot_evasion(results, d / "evasion.png", fpr=fpr))
-            markdown += "\n\n" + str(comparison_evasion_markdown(out))
-        write_text_atomic(d / "detectors.md", markdown + "\n")
-        write_json_atomic(d / "detectors.json", out)
-    return out
+
+def _row(label: str, e: Mapping[str, Any], sets: Mapping[str, Tensor]) -> dict[str, Any]:
+    """A detector's flat row of the comparison table."""
+    row: dict[str, Any] = {"detector": label}
+    for name in sets:
+        row[f"{name}: AUROC / TPR"] = f"{e['auroc'][name]:.3f} / {e['tpr_at_fpr'][name]:.2f}"
+    row["held-out FPR"] = e["heldout_fpr"]
+    row[f"FPR over {e['fpr_check']['n_splits']} splits"] = f"{e['fpr_check']['mean']:.3f} ± {e['fpr_check']['sd']:.3f}"
+    row["ms / 1000"] = round(e["ms_per_1000"], 1)
+    row["x forward"] = round(e["time_ratio"], 2) if math.isfinite(e["time_ratio"]) else None
+    row["memory MB"] = round(e["memory_bytes"]["kept"] / 2**20, 2)
+    return row
+
+
+def _write_comparison(out: dict[str, Any], curves: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]],
+                      out_dir: str | os.PathLike) -> None:
+    """``detectors.json``, ``detectors.md``, ``roc.png`` (and ``evasion.png`` after adaptive attacks) into
+    ``out_dir``; their paths go to ``out["files"]``."""
+    d = ensure_writable_dir(out_dir)
+    out["files"] = {"json": str(d / "detectors.json"), "markdown": str(d / "detectors.md"),
+                    "roc_png": str(plot_roc_curves(curves, d / "roc.png"))}
+    markdown = out["table_markdown"]
+    if "adaptive" in out and any("attacks" in e for e in out["detectors"].values()):
+        from .plots import plot_evasion
+
+        out["files"]["evasion_png"] = str(plot_evasion(out["detectors"], d / "evasion.png", fpr=out["settings"]["fpr"]))
+        markdown += "\n\n" + str(comparison_evasion_markdown(out))
+    write_text_atomic(d / "detectors.md", markdown + "\n")
+    write_json_atomic(d / "detectors.json", out)
 
 def _interval(boot: np.ndarray) -> list[float]:
     """The 95% percentile interval of bootstrap values (``[nan, nan]`` when they are not finite)."""

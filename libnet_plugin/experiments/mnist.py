@@ -33,7 +33,7 @@ Example:
     Command line::
 
         libnet reproduce mnist                      # embedded data, report in runs/mnist/
-        libnet reproduce mnist --quick --out /tmp/q # reduced run for tests (well under two minutes)
+        libnet reproduce mnist --quick --out /tmp/q # reduced run for tests
         libnet reproduce mnist --data-dir ~/data/mnist --out runs/mnist-full
 
     Python::
@@ -51,7 +51,7 @@ import hashlib
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -110,8 +110,8 @@ from .sweep import (
 )
 from .threat_models import (
     AdaptiveBudget,
+    adaptive_budget,
     add_budget_arguments,
-    budget_from_args,
     check_budget_setting,
     comparison_evasion_markdown,
     sizing_options_given,
@@ -175,9 +175,12 @@ _PROG = "libnet reproduce mnist"
 # ---------------------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
 class MnistSettings:
     """Everything that defines a run besides file locations; :meth:`default_run` is the paper's.
+
+    Frozen and checked once when made (:class:`~libnet_plugin.experiments.report.ExperimentError` naming
+    the setting).
 
     Attributes:
         seed: seed of the data shuffle (embedded data) and of training.
@@ -434,13 +437,14 @@ def _detector_section(run: PreparedRun, sweep: LibrarySweep, net: MnistNet | Non
     """The detector comparison (:func:`~libnet_plugin.experiments.comparison.detector_comparison`) of this run.
 
     The library network is the sweep's at the first CPL set; the detectors are scored on the successful
-    standard-protocol attacks and, as out-of-domain inputs, on scikit-learn's 8x8 digits upscaled to 28x28.
+    standard-protocol attacks and, as out-of-domain inputs, on the registry's ``"digits 8x8 upscaled"`` set
+    (:func:`~libnet_plugin.experiments.ood.ood_set`: all of scikit-learn's 8x8 digits, upscaled to 28x28).
     Its ``detectors.json``, ``detectors.md`` and ``roc.png`` are written into the run's folder. Without
     standard-protocol attacks (an ONNX run without ``--attacks-file``) it returns a note instead. With
     ``settings.adaptive`` the detectors it names are also attacked by attackers who know them
     (``detector_comparison``'s ``adaptive``; ``evasion.png`` too; an ONNX model gets a note instead).
     """
-    from .data import load_digits_upscaled
+    from .ood import ood_set
 
     settings, opt = run.settings, run.options
     x_tr, y_tr, x_te, y_te = run.data
@@ -449,7 +453,7 @@ def _detector_section(run: PreparedRun, sweep: LibrarySweep, net: MnistNet | Non
     library_net = sweep.to_network(model, settings.cpl_sets[first], top_k=settings.top_k, device=opt["device"])
     return detector_comparison(library_net, (x_tr, y_tr), (x_te, y_te), attacks["sets"], space=run.model_space,
                                mean=MNIST_MEAN, std=MNIST_STD, protocol="standard",
-                               ood_sets={"sklearn digits 8x8 upscaled": load_digits_upscaled()}, out_dir=run.out,
+                               ood_sets={"digits 8x8 upscaled": ood_set("digits 8x8 upscaled", x_te)}, out_dir=run.out,
                                batch_size=settings.batch_size, log=opt["log"], adaptive=settings.adaptive)
 
 
@@ -813,7 +817,6 @@ def _f(v: Any, fmt: str = ".3f") -> str:
 def render_markdown(report: Mapping[str, Any]) -> str:
     """The readable report, rendered from the JSON report only (so both hold the same numbers)."""
     r = report
-    s = r["settings"]
     data, model = r["data"], r["model"]
     lines: list[str] = []
     add = lines.append
@@ -829,7 +832,20 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         f"Total wall time {r['timings']['total']:.0f} s.\n")
     for note in r.get("notes", []):
         add(f"> Note: {note}\n")
+    lines += _md_libraries(r)
+    lines += _md_confusion(r)
+    lines += _md_cpl(r)
+    lines += _md_detectors(r)
+    lines += _md_run(r)
+    return "\n".join(lines)
 
+
+def _md_libraries(r: Mapping[str, Any]) -> list[str]:
+    """The report's sections 1 and 2: library sizes and agreement, the seed's numbers beside ours."""
+    s = r["settings"]
+    data = r["data"]
+    lines: list[str] = []
+    add = lines.append
     add("## 1. Library size and agreement per layer (Fig. 2)\n")
     add(f"Each layer's library predicts the model's answer from the top {r['library_sweep']['top_k']} nodes (Eq. 3). "
         "*Top-1* = the layer's best answer equals the model's; *top-3* = the model's answer is among the layer's "
@@ -862,7 +878,14 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         "activations (a library's size depends on how spread the HAPs are, which training shapes); and the "
         "attack protocol (section 4). Exact libraries here follow the one-by-one leader rule; the seed's batched "
         "code skipped the within-batch check and over-stored.\n")
+    return lines
 
+
+def _md_confusion(r: Mapping[str, Any]) -> list[str]:
+    """The report's section 3: the confusion index."""
+    fig = r["figures"]
+    lines: list[str] = []
+    add = lines.append
     add("## 3. Confusion index (Fig. 3)\n")
     add("CI(d1, d2) = CA(d1, d2) / CA(d1, d1) over test inputs of class d1 that the layer predicts correctly "
         "(Eq. 4); the diagonal is shown as 0. Largest entries:\n")
@@ -872,7 +895,14 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             rows.append([t, l, ", ".join(f"{p['d1']}→{p['d2']} {p['ci']:.3f}" for p in pairs)])
     add(markdown_table(["θ", "layer", "largest CI (true→answer)"], rows))
     add(f"\n![confusion index]({fig['confusion_index']})\n")
+    return lines
 
+
+def _md_cpl(r: Mapping[str, Any]) -> list[str]:
+    """The report's section 4: CPL under the two attack protocols."""
+    fig = r["figures"]
+    lines: list[str] = []
+    add = lines.append
     add("## 4. Detecting adversarial inputs with CPL (Fig. 5)\n")
     add(f"CPL (Eq. 5) is the mean cosine between the layers' softmax(P) with top_k = {r['cpl']['top_k']}; low CPL "
         "flags an input. It is computed for the seed's seven threshold sets:\n")
@@ -936,7 +966,13 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                 f"{chk['max_abs_diff']:.2e}, same model answers: {chk['answers_equal']}.\n")
         else:
             add(f"PGD cross-check not run: {chk.get('note')}\n")
+    return lines
 
+
+def _md_detectors(r: Mapping[str, Any]) -> list[str]:
+    """The report's section 5: the detector comparison."""
+    lines: list[str] = []
+    add = lines.append
     add("## 5. Other detectors\n")
     det = r["detectors"]
     if det.get("available"):
@@ -956,7 +992,15 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             add(evasion + "\n")
     else:
         add(f"{det['note']}.\n")
+    return lines
 
+
+def _md_run(r: Mapping[str, Any]) -> list[str]:
+    """The report's sections 6 and 7: exemplars, timings and machine."""
+    s = r["settings"]
+    fig = r["figures"]
+    lines: list[str] = []
+    add = lines.append
     add("## 6. Exemplars\n")
     add(f"For a few test digits, the training images stored in the top {s['n_exemplar_nodes']} library nodes of "
         f"each layer (thresholds {r['exemplars']['threshold_set']}), most similar first.\n")
@@ -968,7 +1012,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     add(f"\nMachine: {env['platform']}, {env['cpu_count']} CPUs ({env['torch_threads']} torch threads), "
         f"GPU: {env['cuda'] or 'none'}. Versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
         + ".\n")
-    return "\n".join(lines)
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1001,17 +1045,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="attacked inputs from an earlier run (its attacks.safetensors) instead of running PGD")
     parser.add_argument("--cache-dir", default=".cache", metavar="DIR",
                         help="cache for the embedded data and the trained weights (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data split and of training (default 0)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the data split, of training and of the attacks that know the detector "
+                             "(default 0)")
     parser.add_argument("--epochs", type=int, help="training epochs (default 5; 2 with --quick)")
     parser.add_argument("--quick", action="store_true",
-                        help="a reduced run of every stage for tests (well under two minutes)")
+                        help="a reduced run of every stage for tests")
     parser.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bars (default: only on a terminal)")
     a = parser.add_argument_group(
         "attacks that know the detector",
         "white-box adaptive PGD and a score-only search against the detectors of --adaptive-detectors, on "
-        "correctly classified standard-protocol images, in pixel space (on by default; a few minutes)")
+        "correctly classified standard-protocol images, in pixel space (on by default)")
     a.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True,
                    help="run them (default); --no-adaptive skips them")
     add_budget_arguments(a, detectors_help="attack these detectors (labels of the detector table; default: "
@@ -1031,19 +1077,17 @@ def _settings_from_args(args: argparse.Namespace) -> MnistSettings:
 
 
 def _adaptive_budget(args: argparse.Namespace) -> AdaptiveBudget | None:
-    """The budget of the attacks that know the detector (``--adaptive-*``, checked; :class:`MnistSettings`
-    checks its detectors); ``None`` with ``--no-adaptive``."""
-    explicit = sizing_options_given(args) + (["--adaptive-detectors"] if args.adaptive_detectors else [])
-    if not args.adaptive:
-        if explicit:
-            raise ExperimentError(f"{', '.join(explicit)} size the attacks that know the detector, which "
-                                  "--no-adaptive skips; drop one or the other")
-        return None
-    if args.onnx is not None and explicit:
-        raise ExperimentError(f"{', '.join(explicit)}: the attacks that know the detector follow the torch net's "
-                              "gradients, and an --onnx model gives none; drop --onnx or those options")
-    budget = budget_from_args(args, quick=bool(args.quick), seed=0)
-    return budget if budget.detectors is not None else replace(budget, detectors=ADAPTIVE_DETECTORS)
+    """The budget of the attacks that know the detector (``--adaptive-*``, checked by the one policy,
+    :func:`~libnet_plugin.experiments.threat_models.adaptive_budget`: its seed is ``--seed``;
+    :class:`MnistSettings` checks its detectors); ``None`` with ``--no-adaptive``."""
+    refuse = None
+    if args.onnx is not None:
+        explicit = sizing_options_given(args) + (["--adaptive-detectors"] if args.adaptive_detectors else [])
+        refuse = (f"{', '.join(explicit)}: the attacks that know the detector follow the torch net's gradients, "
+                  "and an --onnx model gives none; drop --onnx or those options")
+    return adaptive_budget(args, quick=bool(args.quick), enabled=bool(args.adaptive),
+                           off="size the attacks that know the detector, which --no-adaptive skips; drop one or "
+                               "the other", refuse=refuse, default_detectors=ADAPTIVE_DETECTORS)
 
 
 def _summary(report: Mapping[str, Any], out: str) -> str:

@@ -365,8 +365,7 @@ def train_mnist_net(
     The inputs are normalised with ``MNIST_MEAN`` / ``MNIST_STD`` before training, and the returned net
     takes normalised input (``normalize=False``, the seed's convention); its weights also fit
     ``MnistNet(normalize=True)`` for pixel input. Initialisation uses ``torch.manual_seed(seed)`` and
-    the per-epoch shuffling a separate ``torch.Generator`` seeded with ``seed``. On 2 CPU cores, 3 epochs
-    on the 4,000 default images take about 10-15 s.
+    the per-epoch shuffling a separate ``torch.Generator`` seeded with ``seed``.
 
     Args:
         x_train: pixels ``[N, 1, 28, 28]`` in ``[0, 1]``.

@@ -22,7 +22,8 @@ normalised inputs) ``ThreatModels.to_model`` maps them there before every call o
 
 The command-line options that size these attacks (``--adaptive-*``, ``--black-box-queries``) are
 defined and checked here, once, for ``libnet evaluate-detectors``, ``libnet reproduce mnist`` and ``libnet
-reproduce cifar10`` (:func:`add_budget_arguments`, :func:`budget_from_args`, :func:`check_budget_detectors`,
+reproduce cifar10`` (:func:`add_budget_arguments`, :func:`adaptive_budget` (the one policy: the seed
+from ``--seed``), :func:`budget_from_args`, :func:`check_budget_detectors`,
 :func:`check_budget_setting`, :func:`sizing_options_given`), and :func:`comparison_evasion_markdown` renders a detector comparison's
 evasion section for the reproductions' reports.
 """
@@ -41,8 +42,9 @@ from .adaptive import AttackOutcome, FeatureMatching, adaptive_pgd, best_of, eva
 from .report import ExperimentError
 
 __all__ = ["AdaptiveBudget", "ThreatModels", "clopper_pearson", "evasion_table", "epsilon_label", "evasion_section",
-           "comparison_evasion_markdown", "add_budget_arguments", "budget_from_args", "check_budget_detectors",
-           "check_budget_setting", "sizing_options_given", "BUDGET_SIZE_OPTIONS", "DEFAULT_LAMBDAS", "QUICK_LAMBDAS",
+           "comparison_evasion_markdown", "add_budget_arguments", "adaptive_budget", "budget_from_args",
+           "check_budget_detectors", "check_budget_setting", "sizing_options_given", "BUDGET_SIZE_OPTIONS",
+           "DEFAULT_LAMBDAS", "QUICK_LAMBDAS",
            "TRADE_OFF_FPRS"]
 
 #: FPRs at which the strongest attacker's evasion is also reported (the trade-off curve).
@@ -341,6 +343,42 @@ def budget_from_args(args: argparse.Namespace, *, quick: bool, seed: int) -> Ada
         raise ExperimentError(f"--adaptive-kappas must be finite numbers >= 0, got {list(kappas)}")
     return AdaptiveBudget(n=n, steps=steps, restarts=args.adaptive_restarts, lambdas=lambdas, queries=queries,
                           seed=seed, detectors=only, kappas=kappas)
+
+
+def adaptive_budget(args: argparse.Namespace, *, quick: bool, enabled: bool, off: str, refuse: str | None = None,
+                    default_detectors: Sequence[str] | None = None) -> AdaptiveBudget | None:
+    """The one budget policy of ``libnet evaluate-detectors``, ``reproduce mnist`` and ``reproduce cifar10``.
+
+    The budget's seed is ``args.seed`` (each command's ``--seed``), its sizes those of
+    :func:`budget_from_args`, its detectors ``--adaptive-detectors`` or else ``default_detectors``.
+
+    Args:
+        args: parsed options of :func:`add_budget_arguments` and ``--seed``.
+        quick: the command's ``--quick`` (the smaller default sizes).
+        enabled: whether the command runs the attacks that know the detector.
+        off: completes the error raised when they do not run but options that size them are given (e.g.
+            ``"size the attacks that know the detector, which --no-adaptive skips"``).
+        refuse: why the attacks cannot run with the command's other options (``None``: they can); raised
+            when they are asked for explicitly.
+        default_detectors: the detectors attacked without ``--adaptive-detectors`` (``None``: every one).
+
+    Returns:
+        The budget, or ``None`` when the attacks do not run.
+
+    Raises:
+        ExperimentError: a value out of range, options that contradict each other (named in the message).
+    """
+    explicit = sizing_options_given(args) + (["--adaptive-detectors"] if args.adaptive_detectors else [])
+    if not enabled:
+        if explicit:
+            raise ExperimentError(f"{', '.join(explicit)} {off}")
+        return None
+    budget = budget_from_args(args, quick=quick, seed=args.seed)
+    if refuse is not None and explicit:
+        raise ExperimentError(refuse)
+    if budget.detectors is None and default_detectors is not None:
+        budget = AdaptiveBudget(**{**budget.__dict__, "detectors": tuple(default_detectors)})
+    return budget
 
 
 def check_budget_setting(adaptive: Any, labels: Sequence[str] | None = None) -> None:

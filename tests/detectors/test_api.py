@@ -8,17 +8,9 @@ import torch
 import libnet_plugin as lnp
 from libnet_plugin.detectors import (
     DeepKNNScore,
-    EnergyScore,
-    GENScore,
-    KNNNormalizedScore,
     LibraryDistanceScore,
     LibraryMarginScore,
     MahalanobisScore,
-    MaxLogitScore,
-    MaxSoftmaxScore,
-    MultiLayerMahalanobisScore,
-    ReActEnergyScore,
-    ViMScore,
 )
 from libnet_plugin.errors import LibnetError
 from libnet_plugin.plugins import make_detector, registered_detectors
@@ -26,10 +18,9 @@ from libnet_plugin.plugins import make_detector, registered_detectors
 
 def test_hook_serves_every_detector_and_lists_them():
     pm = lnp.get_plugin_manager(autoload=False)
-    kinds = {"library-margin": LibraryMarginScore, "library-distance": LibraryDistanceScore, "msp": MaxSoftmaxScore,
-             "mahalanobis": MahalanobisScore, "knn": DeepKNNScore, "energy": EnergyScore, "maxlogit": MaxLogitScore,
-             "gen": GENScore, "react-energy": ReActEnergyScore, "vim": ViMScore, "knn-normalized": KNNNormalizedScore,
-             "mahalanobis-multilayer": MultiLayerMahalanobisScore}
+    from libnet_plugin.builtins import DETECTORS
+
+    kinds = dict(DETECTORS)  # the registry: every built-in, the default library-fusion included
     for name, cls in kinds.items():
         assert isinstance(make_detector(name, {}, pm), cls)
     assert make_detector("cpl", {"top_k": 7}, pm).top_k == 7

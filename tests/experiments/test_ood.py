@@ -158,3 +158,21 @@ def test_gaussian_blur_keeps_constants_and_mass():
     assert abs(float(out.sum()) - 1.0) < 1e-5
     assert torch.allclose(out, out.flip(-1)) and torch.allclose(out, out.transpose(-1, -2))
     assert float(out.max()) == pytest.approx(1 / (2 * torch.pi * 4), rel=0.02)
+
+
+def test_one_set_by_name_from_the_registry():
+    """``ood_set``: the set the reproductions use, by the registry's name (old names accepted), seeded."""
+    from libnet_plugin.experiments.ood import OOD_ALIASES, OOD_REGISTRY, ood_name, ood_set
+
+    x = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert tuple(OOD_REGISTRY) == OOD_SET_NAMES and set(OOD_ALIASES.values()) <= set(OOD_SET_NAMES)
+    assert ood_name("sklearn digits 8x8 upscaled") == "digits 8x8 upscaled"
+    digits = ood_set("sklearn digits 8x8 upscaled", torch.rand(4, 1, 28, 28))
+    assert torch.equal(digits, load_digits_upscaled())  # n=None: every digit, in order
+    noise = ood_set("uniform noise", x, seed=3)
+    assert noise.shape == x.shape and torch.equal(noise, ood_set("uniform noise", x, seed=3))
+    assert not torch.equal(noise, ood_set("uniform noise", x, seed=4))
+    assert torch.equal(ood_set("inverted", x), 1.0 - x)  # n=None: every test image, in order
+    assert ood_set("rotated 90", x, n=2).shape == (2, 3, 32, 32)
+    with pytest.raises(ValueError, match="unknown out-of-domain set 'nope'; choose among"):
+        ood_set("nope", x)
