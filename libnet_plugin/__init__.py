@@ -3,12 +3,16 @@
 >>> import libnet_plugin as lnp
 >>> sorted(lnp.hookspecs.ALL_HOOKS)[:2]
 ['libnet_consistency_detector', 'libnet_detector_comparison']
+>>> from libnet_plugin._version import __version__
+>>> lnp.__version__ == __version__
+True
 """
 
-__version__ = "0.1.0"
-
 from . import hookspecs
-from .consistency_detector import ConsistencyDetector
+from ._batches import MultiInput
+from ._version import __version__
+from .consistency_detector import ConsistencyDetector, GuardOutput, ModelChangedError
+from .distributed import DistributedFitError
 from .errors import (
     LayerNotFoundError,
     LibnetError,
@@ -30,7 +34,7 @@ from .readout import HebbianReadout
 __all__ = [
     "__version__", "LibraryNetwork", "ConsistencyDetector", "ExactLibrary", "HebbianReadout", "TorchLayerProbe", "ProbeResult",
     "leader_reference", "get_plugin_manager", "inspect", "InspectionReport", "hookimpl", "hookspecs",
-    "prepare_for_fork",
-    "LibnetError", "NotFittedError", "LayerNotFoundError", "ShapeMismatchError", "NonFiniteError", "SaveFormatError",
+    "prepare_for_fork", "GuardOutput", "MultiInput",
+    "LibnetError", "ModelChangedError", "DistributedFitError", "NotFittedError", "LayerNotFoundError", "ShapeMismatchError", "NonFiniteError", "SaveFormatError",
     "SaveIntegrityError",
 ]

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from libnet_plugin._batches import MultiInput
+from libnet_plugin import MultiInput
 from libnet_plugin.errors import LayerNotFoundError
 from libnet_plugin.probe import (
     ProbeResult,
@@ -200,7 +200,7 @@ class CaptumLayerProbe:
     def run(self, x: Tensor | MultiInput) -> ProbeResult:
         """Run the forward function once on ``x``; return its outputs ``[B, C]`` and the flattened HAPs.
 
-        ``x`` is a batch tensor, or a :class:`~libnet_plugin._batches.MultiInput` for a forward function of
+        ``x`` is a batch tensor, or a :class:`~libnet_plugin.MultiInput` for a forward function of
         several inputs (``forward_func(a, b)`` from a batch ``((a, b), y)``; ``forward_func(**parts)`` from
         a dict batch).
         """
