@@ -408,7 +408,7 @@ class OnnxLayerProbe:
         Raises:
             TypeError: ``x`` is not a Tensor. InputTypeError: its dtype is not the graph input's.
             ShapeMismatchError: its shape does not fit the graph input (the message gives the expected
-            input), or a probed tensor has no batch dimension.
+                input), or a probed tensor has no batch dimension.
             NonFiniteError: the input, or a probed layer, holds NaN or infinity.
         """
         if not isinstance(x, (Tensor, MultiInput)):
