@@ -29,7 +29,8 @@ def readme_code_blocks(section: str, lang: str = "python", path: Path | None = N
     if not found:
         raise LookupError(f"no page has a section {section!r}")
     if len(found) > 1:
-        raise LookupError(f"section {section!r} is in several pages: {[str(d.relative_to(ROOT)) for d, _ in found]}")
+        pages = [d.relative_to(ROOT).as_posix() if d.is_relative_to(ROOT) else str(d) for d, _ in found]
+        raise LookupError(f"section {section!r} is in several pages: {pages}")
     return re.findall(rf"^```{re.escape(lang)}[ \t]*\n(.*?)^```[ \t]*$", found[0][1].group(1), re.S | re.M)
 
 
