@@ -76,3 +76,13 @@ def test_a_number_not_in_the_results_is_caught():
     assert "0.987" in allowed  # a real one, from the detector comparison
     prose = "The default reaches AUROC 0.987 on PGD, and 0.4242 on something never measured."
     assert measured_numbers(prose) - allowed == {"0.4242"}
+
+
+def test_every_detector_names_its_paper_with_a_link():
+    import inspect
+
+    from libnet_plugin.builtins import DETECTORS
+
+    for name, cls in DETECTORS.items():
+        text = (inspect.getdoc(cls) or "") + (inspect.getmodule(cls).__doc__ or "")
+        assert re.search(r"https://arxiv\.org/abs/\d{4}\.\d{4,5}", text), f"{name} ({cls.__name__}): no paper link"
