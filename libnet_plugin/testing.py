@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
@@ -68,7 +69,7 @@ class _SmallMLP(nn.Module):
         return self.out(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
 
 
-def _model() -> nn.Module:
+def _model() -> _SmallMLP:
     """The seeded model (weights from seed 0), without touching the caller's random state."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -317,7 +318,8 @@ def detector_checks(detector: type[ConsistencyScore] | ConsistencyScore, *, name
         >>> checks[0]()
     """
     served, cls, pm = _subject(detector, "detector", name, plugin_manager)
-    return [Check(fn.__name__, served, (lambda fn=fn: fn(_DetectorCase(served, cls, pm)))) for fn in _DETECTOR_CHECKS]
+    return [Check(fn.__name__, served, functools.partial(_run_on, fn, _DetectorCase, served, cls, pm))
+            for fn in _DETECTOR_CHECKS]
 
 
 def check_detector(detector: type[ConsistencyScore] | ConsistencyScore, *, name: str | None = None,
@@ -517,7 +519,7 @@ def library_checks(library: type | Library, *, name: str | None = None, options:
     """
     served, cls, pm = _subject(library, "library", name, plugin_manager)
     opts = dict(options or {})
-    return [Check(fn.__name__, served, (lambda fn=fn: fn(_LibraryCase(served, cls, pm, opts))))
+    return [Check(fn.__name__, served, functools.partial(_run_on, fn, _LibraryCase, served, cls, pm, opts))
             for fn in _LIBRARY_CHECKS]
 
 
@@ -539,6 +541,11 @@ def check_library(library: type | Library, *, name: str | None = None, options: 
         >>> check_library(ExactLibrary)
     """
     _run(library_checks(library, name=name, options=options, plugin_manager=plugin_manager))
+
+
+def _run_on(check: Callable[[Any], None], case: Callable[..., Any], *args: Any) -> None:
+    """Build the check's case (its own seeded model and data) and run the check on it."""
+    check(case(*args))
 
 
 def _run(checks: list[Check]) -> None:
