@@ -1,6 +1,8 @@
 # Two commands set up a fresh machine (see README.md):
 #   make reproduce   -> builds .venv, runs `libnet reproduce mnist` on the embedded default data
-#   make test        -> builds .venv, runs ruff, then tests/, integration_tests/ and the docstring examples
+#   make test        -> builds .venv, runs ruff, then tests/, integration_tests/ and the docstring examples, then
+#                       builds the documentation site with `mkdocs build --strict` (into site/, ignored by git)
+#   make docs        -> serves the documentation site locally (mkdocs serve)
 # .venv installs the lock (requirements/constraints.txt); the package itself asks only for ranges (pyproject.toml).
 #   make test-kernels -> the suite on the lock with another CPU's kernel paths (AVX2, generic), 1 thread
 #   make test-compat -> the compatibility run (not part of CI: it downloads a few GB once): .venv-compat on
@@ -19,12 +21,12 @@ COMPAT_STAMP  := $(COMPAT_VENV)/.installed
 COMPAT_PINS   := torch==2.14.1 torchvision==0.29.1 timm==1.0.31
 PYTEST_ARGS   := tests integration_tests libnet_plugin adapters -q
 
-.PHONY: venv reproduce test test-compat test-kernels bench clean
+.PHONY: venv reproduce test docs test-compat test-kernels bench clean
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (Python 3.11 is required)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements/constraints.txt -e ".[all,test]"
+	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements/constraints.txt -e ".[all,test,docs]"
 	@touch $(STAMP)
 
 venv: $(STAMP)
@@ -35,6 +37,10 @@ reproduce: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest tests integration_tests libnet_plugin adapters -q
+	$(BIN)/mkdocs build --strict --site-dir site
+
+docs: $(STAMP)
+	$(BIN)/mkdocs serve
 
 $(COMPAT_STAMP): pyproject.toml
 	@$(COMPAT_PYTHON) -c "import sys; assert sys.version_info >= (3, 12)" >/dev/null 2>&1 || { echo "error: $(COMPAT_PYTHON) (Python 3.12+) not found; set COMPAT_PYTHON=..."; exit 1; }
@@ -60,4 +66,4 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
 
 clean:
-	rm -rf $(VENV) $(COMPAT_VENV) runs .pytest_cache .hypothesis
+	rm -rf $(VENV) $(COMPAT_VENV) runs site .pytest_cache .hypothesis

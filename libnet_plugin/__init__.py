@@ -3,13 +3,16 @@
 >>> import libnet_plugin as lnp
 >>> sorted(lnp.hookspecs.ALL_HOOKS)[:2]
 ['libnet_consistency_detector', 'libnet_detector_comparison']
+>>> from libnet_plugin._version import __version__
+>>> lnp.__version__ == __version__
+True
 """
-
-__version__ = "0.1.0"
 
 from . import hookspecs
 from ._batches import MultiInput, as_inputs
-from .consistency_detector import ConsistencyDetector
+from ._version import __version__
+from .consistency_detector import ConsistencyDetector, GuardOutput, ModelChangedError
+from .distributed import DistributedFitError
 from .errors import (
     LayerNotFoundError,
     LibnetError,
@@ -31,7 +34,8 @@ from .readout import HebbianReadout
 __all__ = [
     "__version__", "LibraryNetwork", "ConsistencyDetector", "ExactLibrary", "HebbianReadout", "TorchLayerProbe", "ProbeResult",
     "leader_reference", "get_plugin_manager", "inspect", "InspectOptions", "InspectionReport", "hookimpl", "hookspecs",
-    "prepare_for_fork", "MultiInput", "as_inputs",
-    "LibnetError", "NotFittedError", "LayerNotFoundError", "ShapeMismatchError", "NonFiniteError", "SaveFormatError",
+    "prepare_for_fork", "GuardOutput", "MultiInput", "as_inputs",
+    "LibnetError", "ModelChangedError", "DistributedFitError", "NotFittedError", "LayerNotFoundError", "ShapeMismatchError",
+    "NonFiniteError", "SaveFormatError",
     "SaveIntegrityError",
 ]

@@ -15,7 +15,7 @@ import torch
 from onnx import helper
 from torch import Tensor
 
-from libnet_plugin._batches import MultiInput, n_rows
+from libnet_plugin import MultiInput
 from libnet_plugin.errors import ShapeMismatchError
 from libnet_plugin.probe import ProbeResult, check_inputs_finite
 
@@ -398,7 +398,7 @@ class OnnxLayerProbe:
         Args:
             x: a batch ``[B, ...]`` matching the graph input's dtype and non-batch dimensions; for a graph
                 with several inputs (``input_ids`` and ``attention_mask``), a
-                :class:`~libnet_plugin._batches.MultiInput` of them by name (from a dict batch) or in the
+                :class:`~libnet_plugin.MultiInput` of them by name (from a dict batch) or in the
                 graph's order (from a tuple).
 
         Returns:
@@ -408,14 +408,14 @@ class OnnxLayerProbe:
         Raises:
             TypeError: ``x`` is not a Tensor. InputTypeError: its dtype is not the graph input's.
             ShapeMismatchError: its shape does not fit the graph input (the message gives the expected
-            input), or a probed tensor has no batch dimension.
+                input), or a probed tensor has no batch dimension.
             NonFiniteError: the input, or a probed layer, holds NaN or infinity.
         """
         if not isinstance(x, (Tensor, MultiInput)):
             raise TypeError(f"inputs must be a torch.Tensor (or a MultiInput of several), got {type(x).__name__}")
         check_inputs_finite(x)
         feed = self._feed(x)
-        b = n_rows(x)
+        b = len(x) if isinstance(x, MultiInput) else int(x.shape[0])
         if self.fixed_batch is not None and b != self.fixed_batch:
             results = self._run_fixed_batch(feed, self.fixed_batch)
         else:

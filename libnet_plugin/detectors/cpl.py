@@ -18,6 +18,9 @@ __all__ = ["CPLScore"]
 class CPLScore(ConsistencyScore):
     """``1 - CPL`` (Eq. 5) from the evidence of the ``top_k`` library nodes per layer (20 in the paper).
 
+    Paper: Jung Hoon Lee, "Library network, a possible path to explainable neural networks", 2019,
+    https://arxiv.org/abs/1909.13360 (Eq. 5).
+
     ``top_k`` is the number of library nodes behind each layer's prediction (Eq. 3) used for this score;
     it is independent of the network's own ``top_k``. Needs no fitting beyond the library network.
 

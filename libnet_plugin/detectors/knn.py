@@ -26,6 +26,9 @@ __all__ = ['DeepKNNScore']
 class DeepKNNScore(ConsistencyScore):
     """Deep k-nearest neighbours (Papernot & McDaniel, 2018), ``"knn"``, without attack examples.
 
+    Paper: Papernot & McDaniel, "Deep k-Nearest Neighbors: Towards Confident, Interpretable and Robust Deep
+    Learning", 2018, https://arxiv.org/abs/1803.04765.
+
     Keeps the normalised activations of every training input for the chosen layers (this memory is what
     the library networks avoid). For a new input, per layer, the ``k`` training activations of largest
     cosine vote with their labels; the score is the number of votes, summed over layers, that disagree

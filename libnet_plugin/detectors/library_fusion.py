@@ -27,6 +27,9 @@ __all__ = ["LibraryFusionScore"]
 class LibraryFusionScore(LibraryDistanceScore):
     """Per-layer library distance plus output features, conformal p-values fused with Fisher's method.
 
+    Paper: Jung Hoon Lee, "Library network, a possible path to explainable neural networks", 2019,
+    https://arxiv.org/abs/1909.13360 (the libraries; the fusion is this project's, docs/method.md section 16).
+
     The per-layer features are those of :class:`LibraryDistanceScore` (``features=("distance",)`` by
     default: the Mahalanobis distance of the normalised activation to the library nodes of the model's
     answer class). The output features, computed from the model's outputs ``z`` of the same forward

@@ -32,6 +32,10 @@ __all__ = ['LibraryMarginScore', 'LibraryDistanceScore']
 class LibraryMarginScore(FusedLayerScore):
     """Graded per-layer evidence from the libraries, fused over layers on clean data (``"library-margin"``).
 
+    Paper: Jung Hoon Lee, "Library network, a possible path to explainable neural networks", 2019,
+    https://arxiv.org/abs/1909.13360 (the libraries; the scores built on them are this project's,
+    docs/method.md section 11).
+
     For each chosen layer and input, with ``h`` the cosines to the library nodes (``h = W f_hat``) and
     ``a`` the model's answer, four features are available (higher = more suspicious):
 
@@ -327,6 +331,10 @@ class LibraryMarginScore(FusedLayerScore):
 
 class LibraryDistanceScore(LibraryMarginScore):
     """Mahalanobis distance to the answer class's library nodes, fused over layers (``"library-distance"``).
+
+    Paper: Jung Hoon Lee, "Library network, a possible path to explainable neural networks", 2019,
+    https://arxiv.org/abs/1909.13360 (the libraries; the score built on them is this project's,
+    docs/method.md section 11).
 
     :class:`LibraryMarginScore` with ``features=("distance",)`` by default: per layer, the distance of
     the normalised activation (channel averages for convolution layers) to the mean of the library nodes

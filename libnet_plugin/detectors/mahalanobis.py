@@ -31,6 +31,9 @@ __all__ = ['MahalanobisScore']
 class MahalanobisScore(FusedLayerScore):
     """Multi-layer Mahalanobis score (Lee et al., 2018) without attack examples, ``"mahalanobis"``.
 
+    Paper: Lee, Lee, Lee & Shin, "A Simple Unified Framework for Detecting Out-of-Distribution Samples and
+    Adversarial Attacks", NeurIPS 2018, https://arxiv.org/abs/1807.03888.
+
     Per layer: a feature vector (the channel means over positions for convolution layers, as in Lee et
     al.; the flattened activation otherwise, reduced by a fixed seeded Gaussian random projection to
     ``max_dim`` dimensions when larger), class means from the training inputs grouped by the MODEL's

@@ -17,6 +17,9 @@ __all__ = ['MaxSoftmaxScore']
 class MaxSoftmaxScore(ConsistencyScore):
     """Maximum softmax probability (Hendrycks & Gimpel, 2017), ``"msp"``: score ``1 - max softmax(z)``.
 
+    Paper: Hendrycks & Gimpel, "A Baseline for Detecting Misclassified and Out-of-Distribution Examples in
+    Neural Networks", ICLR 2017, https://arxiv.org/abs/1610.02136.
+
     ``z`` is the model's output (logits or log-probabilities: both give the same softmax). Needs no
     fitting and no library.
 
