@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import libnet_plugin as lnp
-from libnet_plugin import network
+from libnet_plugin import fitting
 
 N, BATCH = 300, 64
 
@@ -123,13 +123,13 @@ def test_budget_setting(conv, data, monkeypatch, tmp_path):
         lnp.LibraryNetwork(conv, ["1"], cache_bytes="half")
     with pytest.raises(ValueError, match="cache_bytes"):
         lnp.LibraryNetwork(conv, ["1"], cache_bytes=-1)
-    budget, source = network.default_cache_bytes("cpu")
+    budget, source = fitting.default_cache_bytes("cpu")
     assert budget > 0 and "available" in source
-    monkeypatch.setattr(network, "_available_host_memory", lambda: None)
-    assert network.default_cache_bytes("cpu") == (network.CACHE_FALLBACK_BYTES,
+    monkeypatch.setattr(fitting, "_available_host_memory", lambda: None)
+    assert fitting.default_cache_bytes("cpu") == (fitting.CACHE_FALLBACK_BYTES,
                                                   "the fixed default (the available memory could not be read)")
     net, _ = _fit(conv, data[:100], thresholds=0.8)
-    assert net.cache_bytes == "auto" and net.cache_bytes_ == network.CACHE_FALLBACK_BYTES  # not rewritten
+    assert net.cache_bytes == "auto" and net.cache_bytes_ == fitting.CACHE_FALLBACK_BYTES  # not rewritten
     net.save(tmp_path / "net.lnp")
     assert "cache_bytes" not in net.config()
     back = lnp.LibraryNetwork.load(tmp_path / "net.lnp", conv)

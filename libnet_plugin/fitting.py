@@ -1,0 +1,559 @@
+"""The fit engine: runs the training data through the model and fills the libraries and readouts.
+
+:meth:`LibraryNetwork.fit <libnet_plugin.LibraryNetwork.fit>` calls :func:`fit_network`, which picks the
+budget for keeping the HAPs (:func:`default_cache_bytes`), the thresholds, and runs :func:`stream_fit`:
+
+- pass 1 (:class:`_FirstPass`) runs the model (through the probe, :mod:`libnet_plugin.probe`) over the data
+  once and feeds every batch of HAPs, in order, to the libraries (:mod:`libnet_plugin.library`), each
+  observed by its Hebbian pair pass (:mod:`libnet_plugin.hebbian_pass`), keeping the HAPs while they fit the
+  budget;
+- pass 2 (:func:`_second_pass`) accumulates the readouts (:mod:`libnet_plugin.readout`) from the kept HAPs,
+  and from the model run again on the inputs after them;
+- inside a ``torch.distributed`` process group, :func:`_stream_fit_distributed` does both passes on every
+  rank's shard with the collectives of :mod:`libnet_plugin.distributed`.
+
+docs/design.md ("How a fit flows") follows one batch through these steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._batches import is_one_shot, iter_batches, known_rows, n_rows, per_input_shape, progress_bar
+from ._validate import check_int
+from .errors import ShapeMismatchError
+from .hebbian_pass import HebbianPairPass, dense_pass_reason
+from .library import validate_threshold
+from .probe import ProbeResult
+
+__all__ = ["stream_fit", "StreamFit", "default_cache_bytes", "fit_network", "NetworkFit", "CACHE_SHARE",
+           "CACHE_FALLBACK_BYTES", "resolve_thresholds",
+           "check_cache_bytes"]
+
+log = logging.getLogger(__name__)
+
+#: ``cache_bytes="auto"``: this share of the memory available when ``fit`` starts (host memory, or the free
+#: memory of the CUDA device the HAPs live on)
+CACHE_SHARE = 0.25
+#: ``cache_bytes="auto"`` where the available memory cannot be read (no ``/proc/meminfo`` nor ``sysconf``)
+CACHE_FALLBACK_BYTES = 1 << 30
+
+
+def _available_host_memory() -> int | None:
+    """Bytes of host memory available now: ``MemAvailable`` of ``/proc/meminfo`` (Linux), else the free
+    physical pages by ``os.sysconf``; ``None`` when neither can be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        pages, size = os.sysconf("SC_AVPHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+        return int(pages) * int(size) if pages > 0 and size > 0 else None
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def default_cache_bytes(device: Any = "cpu") -> tuple[int, str]:
+    """The budget ``cache_bytes="auto"`` stands for, and where it comes from (for the log).
+
+    :data:`CACHE_SHARE` (a quarter) of the memory available now where the HAPs live: the free memory of a
+    CUDA device, else the host's available memory (``/proc/meminfo``, else ``os.sysconf``); a fixed
+    :data:`CACHE_FALLBACK_BYTES` (1 GiB) where it cannot be read.
+
+    Example:
+        >>> budget, source = default_cache_bytes("cpu")
+        >>> budget > 0
+        True
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        try:
+            free, _ = torch.cuda.mem_get_info(device)
+            return int(CACHE_SHARE * free), f"{CACHE_SHARE:g} of the {free / 2**30:.1f} GiB free on {device}"
+        except (RuntimeError, AssertionError):
+            pass
+    available = _available_host_memory()
+    if available is None:
+        return CACHE_FALLBACK_BYTES, "the fixed default (the available memory could not be read)"
+    return int(CACHE_SHARE * available), f"{CACHE_SHARE:g} of the {available / 2**30:.1f} GiB of memory available"
+
+
+def _hap_bytes(haps: Mapping[str, Tensor]) -> int:
+    return sum(h.numel() * h.element_size() for h in haps.values())
+
+
+def _forward(probe: Any, train: Any, batch_size: int) -> Any:
+    """``(per-input shape, probe result)`` of every non-empty batch of ``train``, in order: one forward pass."""
+    for x, _ in iter_batches(train, batch_size):
+        if n_rows(x):
+            yield per_input_shape(x), probe.run(x)
+
+
+def _collect_runs(probe: Any, train: Any, batch_size: int, budget: int,
+                  progress: bool | None) -> tuple[list[tuple[Any, ProbeResult]] | None, int]:
+    """One forward pass over ``train`` whose probe results are all kept while their HAPs fit ``budget``:
+    ``(runs, bytes)``, or ``(None, bytes so far)`` as soon as they do not (or, for data of a known size,
+    once the first batch shows that they will not)."""
+    total = known_rows(train)
+    runs: list[tuple[Any, ProbeResult]] = []
+    kept = 0
+    for shape, res in progress_bar(_forward(probe, train, batch_size), "libraries (the one pass)", progress):
+        runs.append((shape, res))
+        kept += _hap_bytes(res.haps)
+        rows = sum(r.outputs.shape[0] for _, r in runs)
+        if kept > budget or (total is not None and len(runs) == 1 and kept / rows * total > budget):
+            return None, kept
+    return runs, kept
+
+
+
+_ONE_SHOT_MESSAGE = (
+    "the training data is a one-shot iterator and its activations do not fit cache_bytes={cache_bytes}, so the "
+    "Hebbian pass cannot see it a second time; pass a re-iterable (Tensor, Dataset, DataLoader, list of "
+    "batches) or raise cache_bytes")
+
+
+@dataclass
+class StreamFit:
+    """What :func:`stream_fit` returns.
+
+    Attributes:
+        readouts: ``{layer: [readout per library, same order]}``, accumulated over all training inputs.
+        n_train / n_classes / input_shape: what the training data held.
+        answers: the model's answers on the training inputs, ``LongTensor[N]`` (CPU), in visiting order.
+    """
+
+    readouts: dict[str, list[Any]]
+    n_train: int
+    n_classes: int
+    input_shape: tuple[int, ...] | None
+    answers: Tensor
+    #: layers whose activations were the same for every training input (an all-zero or constant layer)
+    constant_layers: list[str] = field(default_factory=list)
+    #: whether every probed layer gave the very same activations for every input (two or more layers)
+    same_haps: bool = False
+    #: forward passes of the model over ``train`` made here (0: all from ``runs``, 1: HAPs cached, 2: streamed)
+    forward_passes: int = 2
+    #: inputs whose HAPs pass 1 kept for pass 2 (a first part of the data when they did not all fit)
+    cached_rows: int = 0
+
+
+
+class _FirstPass:
+    """Pass 1 of :func:`stream_fit`: every batch's HAPs, in order, to every library of its layer (each
+    observed by its pair pass), the model's answers, and the HAPs kept for pass 2 while they fit the budget."""
+
+    def __init__(self, libraries: Mapping[str, Sequence[Any]], new_readout: Callable[[int], Any], *,
+                 cache_bytes: int, keep_all: bool, one_shot: bool):
+        self.libraries = libraries
+        self.new_readout = new_readout
+        self.layers = list(libraries)
+        self.cache_bytes = cache_bytes
+        self.keep_all = keep_all  # the batches come from a whole forward pass already kept: keep them all
+        self.one_shot = one_shot
+        # keep pass 1's HAPs for pass 2 only within the budget (none at all with the budget 0)
+        self.cache: list[dict[str, Tensor]] | None = [] if cache_bytes > 0 or keep_all else None
+        self.cached_bytes = self.cached_rows = 0
+        self.full = False  # the budget was reached: the cache holds the batches before that point
+        self.answers: list[Tensor] = []
+        self.n = 0
+        self.n_classes: int | None = None
+        self.input_shape: tuple[int, ...] | None = None
+        self.readouts: dict[str, list[Any]] = {}
+        self.passes: dict[tuple[str, int], HebbianPairPass] = {}  # (layer, library number) -> its pair pass
+        self._firsts: dict[str, Tensor] = {}
+        self.constant: set[str] = set()
+        self.same = False
+
+    def visit(self, shape: Any, res: ProbeResult) -> None:
+        """One batch of pass 1: its per-input shape and probe result."""
+        rows = int(res.outputs.shape[0])
+        self._check(shape, res)
+        if self.n == 0:  # the readouts (and the pair passes that record pass 1 for them) from the first batch on
+            self.readouts = {l: [self.new_readout(self.n_classes) for _ in self.libraries[l]] for l in self.layers}
+            self.passes = _pair_passes(self.libraries, self.readouts, record=True)
+        idx = torch.arange(self.n, self.n + rows)
+        for layer in self.layers:
+            for j, lib in enumerate(self.libraries[layer]):
+                pp = self.passes.get((layer, j))
+                if pp is not None and pp.record:
+                    pp.begin(self.n)
+                    lib.partial_fit(res.haps[layer], idx, observer=pp)
+                else:
+                    lib.partial_fit(res.haps[layer], idx)
+        self.answers.append(res.answers.cpu())
+        self.n += rows
+        self._keep(res, rows)
+
+    def _check(self, shape: Any, res: ProbeResult) -> None:
+        """The batch's shape against the earlier ones; which layers are still constant, or all the same."""
+        layers = self.layers
+        if self.n == 0:
+            self.input_shape = shape
+        elif shape != self.input_shape:
+            raise ShapeMismatchError(f"training batch has per-input shape {shape}, earlier batches had "
+                                     f"{self.input_shape}")
+        self.n_classes = int(res.outputs.shape[1])
+        if self.n == 0:
+            self._firsts = {l: res.haps[l][:1] for l in layers}
+            self.constant = set(layers)
+            self.same = len(layers) > 1 and all(res.haps[l].shape == res.haps[layers[0]].shape for l in layers)
+        self.constant = {l for l in self.constant if bool((res.haps[l] == self._firsts[l]).all())}
+        self.same = self.same and all(torch.equal(res.haps[l], res.haps[layers[0]]) for l in layers[1:])
+
+    def _keep(self, res: ProbeResult, rows: int) -> None:
+        if self.cache is None or self.full:
+            return
+        more = sum(res.haps[l].numel() * res.haps[l].element_size() for l in self.layers)
+        if not self.keep_all and self.cached_bytes + more > self.cache_bytes:
+            if self.one_shot:  # stop now rather than after a whole wasted pass
+                raise ValueError(_ONE_SHOT_MESSAGE.format(cache_bytes=self.cache_bytes))
+            self.full = True  # the batches kept so far are read back in pass 2, the rest runs the model again
+        else:
+            self.cache.append({l: res.haps[l] for l in self.layers})
+            self.cached_bytes += more
+            self.cached_rows += rows
+
+    def end(self) -> Tensor:
+        """End of pass 1: the readouts sized to the complete libraries; returns the model's answers."""
+        if self.n == 0 or self.n_classes is None:
+            raise ValueError("fit received no training inputs (empty data)")
+        for l in self.layers:
+            for lib, ro in zip(self.libraries[l], self.readouts[l]):
+                ro.reset(lib.size)
+        for pp in self.passes.values():
+            pp.end_first_pass(self.n)
+        return torch.cat(self.answers)
+
+
+def _second_pass(probe: Any, train: Any, batch_size: int, first: _FirstPass, answers: Tensor,
+                 progress: bool | None, desc: str) -> None:
+    """Pass 2 of :func:`stream_fit`: every readout from the HAPs pass 1 kept, then (when they did not all fit)
+    from the model run again on the inputs after them."""
+
+    def hap_batches():
+        cache = first.cache
+        if cache is not None:
+            yield from cache
+            if not first.full:
+                return
+        skip = len(cache) if cache is not None else 0
+        for xb, _ in iter_batches(train, batch_size):
+            if n_rows(xb):
+                if skip:  # read from the cache above
+                    skip -= 1
+                    continue
+                yield probe.run(xb).haps
+
+    seen = 0
+    for haps in progress_bar(hap_batches(), f"{desc} (pass 2)", progress):
+        b = haps[first.layers[0]].shape[0]
+        _accumulate(first.libraries, first.readouts, first.passes, haps, answers[seen:seen + b], seen)
+        seen += b
+    if seen != first.n:
+        raise ValueError(f"the training data gave {first.n} inputs in the first pass and {seen} in the second; "
+                         "pass data that yields the same inputs every time it is iterated")
+    for pp in first.passes.values():
+        pp.finalize()
+
+
+def stream_fit(probe: Any, train: Any, libraries: Mapping[str, Sequence[Any]], new_readout: Callable[[int], Any], *,
+               batch_size: int = 256, cache_bytes: int = 0, progress: bool | None = None,
+               desc: str = "libraries", runs: Sequence[tuple[Any, ProbeResult]] | None = None) -> StreamFit:
+    """The two streaming passes behind :meth:`LibraryNetwork.fit`, for any number of libraries per layer.
+
+    Pass 1 runs the model over ``train`` once and feeds every batch of HAPs, in order, to all libraries
+    of that layer (``partial_fit``). Pass 2, once the libraries are complete (docs/method.md section 3),
+    accumulates one readout per library from the HAPs kept in pass 1 while they fit ``cache_bytes``:
+    when those of all batches do not fit, the batches kept up to the budget are read back and the model
+    runs again on the rest only.
+    For an exact library with a Hebbian readout, pass 2 sums Eq. 2 over the (input, node) pairs whose
+    gain counts only, found from what the library computed in pass 1
+    (:class:`~libnet_plugin.hebbian_pass.HebbianPairPass`); other kinds take the dense pass (the rule in
+    :class:`~libnet_plugin.library.Library`'s docstring).
+
+    Args:
+        probe: a layer probe (``probe.run(x) -> ProbeResult``).
+        train: Tensor, ``(X, y)``, Dataset, DataLoader or iterable of batches, in visiting order.
+        libraries: ``{layer: [library, ...]}`` (e.g. one per threshold of a sweep), empty, filled here.
+        new_readout: ``new_readout(n_classes)`` returns a fresh readout.
+        batch_size / cache_bytes / progress: as for :class:`LibraryNetwork`.
+        desc: the progress bars' label.
+        runs: the ``(per-input shape, probe result)`` of every batch of ``train``, already computed (one
+            forward pass kept whole): both passes read them and the model does not run here.
+
+    Returns:
+        A :class:`StreamFit`.
+
+    Inside a ``torch.distributed`` process group of two or more ranks, every rank streams its own shard
+    and the libraries come out as a single process would build them from the batches in (step, rank)
+    order (see :mod:`libnet_plugin.distributed`).
+    """
+    from .distributed import world
+
+    if (group := world()) is not None:
+        return _stream_fit_distributed(probe, train, libraries, new_readout, group, batch_size=batch_size,
+                                       progress=progress, desc=desc)
+    one_shot = is_one_shot(train) and runs is None
+    if cache_bytes <= 0 and runs is None and one_shot:
+        raise ValueError(_ONE_SHOT_MESSAGE.format(cache_bytes=cache_bytes))
+    first = _FirstPass(libraries, new_readout, cache_bytes=cache_bytes, keep_all=runs is not None, one_shot=one_shot)
+    source = runs if runs is not None else _forward(probe, train, batch_size)
+    for shape, res in progress_bar(source, f"{desc} (pass 1)", progress):
+        first.visit(shape, res)
+    answers = first.end()
+    _second_pass(probe, train, batch_size, first, answers, progress, desc)
+    layers = first.layers
+    return StreamFit(readouts=first.readouts, n_train=first.n, n_classes=first.n_classes,
+                     input_shape=first.input_shape, answers=answers,
+                     constant_layers=[l for l in layers if l in first.constant], same_haps=first.same,
+                     forward_passes=0 if runs is not None else 1 if first.cache is not None and not first.full else 2,
+                     cached_rows=first.n if runs is not None else first.cached_rows)
+
+
+
+def _nodes_of_rows(library: Any, before: int, first: int, n: int) -> Tensor:
+    """``LongTensor[n]``: the node each of this rank's ``n`` rows (positions ``first ..``) became in the step
+    that grew ``library`` from ``before`` nodes, ``-1`` for none."""
+    out = torch.full((n,), -1, dtype=torch.long)
+    pos = library.node_indices[before:]
+    mine = (pos >= first) & (pos < first + n)
+    out[pos[mine] - first] = torch.nonzero(mine).flatten() + before
+    return out.to(library.device)
+
+
+def _pair_passes(libraries: Mapping[str, Sequence[Any]], readouts: Mapping[str, Sequence[Any]], *,
+                 record: bool) -> dict[tuple[str, int], HebbianPairPass]:
+    """A :class:`HebbianPairPass` for every (layer, library number) whose library and readout it serves; the
+    others take the dense pass, logged once per layer with the reason (:func:`dense_pass_reason`)."""
+    passes = {}
+    for l in libraries:
+        reasons = set()
+        for j, (lib, ro) in enumerate(zip(libraries[l], readouts[l])):
+            reason = dense_pass_reason(lib, ro)
+            if reason is None:
+                passes[(l, j)] = HebbianPairPass(lib, ro, record=record)
+            else:
+                reasons.add(reason)
+        for reason in sorted(reasons):
+            log.info("layer %r: the readout takes the dense pass (a [B, M] product per batch): %s", l, reason)
+    return passes
+
+
+def _accumulate(libraries: Mapping[str, Sequence[Any]], readouts: Mapping[str, Sequence[Any]],
+                passes: Mapping[tuple[str, int], HebbianPairPass], haps: Mapping[str, Tensor], answers: Tensor,
+                seen: int) -> None:
+    """Pass 2 for one batch (positions ``seen ..``): every readout of every layer."""
+    for l in readouts:
+        for j, (lib, ro) in enumerate(zip(libraries[l], readouts[l])):
+            pp = passes.get((l, j))
+            if pp is not None:
+                pp.accumulate(haps[l], answers, seen)
+            else:
+                ro.accumulate(lib.similarity(haps[l]), answers)
+
+
+def _stream_fit_distributed(probe: Any, train: Any, libraries: Mapping[str, Sequence[Any]],
+                            new_readout: Callable[[int], Any], group: tuple[Any, int, int], *, batch_size: int,
+                            progress: bool | None, desc: str) -> StreamFit:
+    """:func:`stream_fit` across the ranks of a process group (two passes; no activation cache)."""
+    from .distributed import all_reduce_sum, exchange_sizes, gather_rows, node_cosines, undecided_rows
+
+    dist, rank, size = group
+    layers = list(libraries)
+    local = iter(iter_batches(train, batch_size))
+    answers: list[Tensor] = []
+    n = n_local = 0
+    n_classes = 0
+    readouts: dict[str, list[Any]] = {}
+    passes: dict[tuple[str, int], HebbianPairPass] = {}
+    input_shape: tuple[int, ...] | None = None
+    device = torch.device("cpu")
+    bar = progress_bar(iter(int, 1), f"{desc} (pass 1, rank {rank})", progress)  # an endless counter
+    for _ in bar:
+        res, error = None, None
+        try:
+            xb = next((b for b, _ in local if n_rows(b)), None)
+            if xb is not None:
+                res = probe.run(xb)
+                if input_shape is None:
+                    input_shape = per_input_shape(xb)
+        except Exception as exc:  # every rank must hear of it, or the others wait at the next collective
+            error = f"{type(exc).__name__}: {exc}"
+        widths = [int(res.haps[l].shape[1]) if res is not None else 0 for l in layers]
+        c = int(res.outputs.shape[1]) if res is not None else 0
+        if res is not None:
+            device = res.haps[layers[0]].device
+        sizes, most = exchange_sizes(dist, rank, size, 0 if res is None else n_rows(xb), error, device,
+                                     [*widths, c])
+        step = sum(sizes)
+        if step == 0:
+            break
+        if n == 0:  # the readouts, and the pair passes that record this rank's share of pass 1 for them
+            n_classes = most[-1]
+            readouts = {l: [new_readout(n_classes) for _ in libraries[l]] for l in layers}
+            passes = _pair_passes(libraries, readouts, record=True)
+        first = n + sum(sizes[:rank])  # this rank's first position in the (step, rank) order
+        for l, width in zip(layers, most[:-1]):
+            mine = res.haps[l] if res is not None else torch.zeros(0, width, device=device)
+            for j, lib in enumerate(libraries[l]):
+                # rows the library already decides (a node at cosine >= theta) are never stored by the
+                # sequential rule either; only the others travel, in rank order, with their positions
+                cos = node_cosines(lib, mine) if mine.shape[0] else None
+                keep = undecided_rows(lib, mine, cos)
+                counts, _ = exchange_sizes(dist, rank, size, int(keep.numel()), None, device)
+                rows = gather_rows(dist, mine[keep], counts, width, torch.float32, device)
+                pos = gather_rows(dist, (first + keep).to(torch.float64)[:, None], counts, 1, torch.float64, device)
+                before = lib.size
+                lib.partial_fit(rows, pos[:, 0].round().to(torch.long).cpu())
+                pp = passes.get((l, j))
+                if pp is not None and pp.record:
+                    pp.on_step(cos, before, _nodes_of_rows(lib, before, first, mine.shape[0]))
+        if res is not None:
+            answers.append(res.answers.cpu())
+            n_local += n_rows(xb)
+        n += step
+    if n == 0:
+        raise ValueError("fit received no training inputs on any rank (empty data)")
+    for l in layers:
+        for lib, ro in zip(libraries[l], readouts[l]):
+            ro.reset(lib.size)
+    # the pairs that count, found from this rank's cosines of pass 1 and by scoring its inputs against the
+    # nodes stored after them, with their gains in float64: the weights one process gets, up to the order
+    # of the sums
+    for pp in passes.values():
+        pp.end_first_pass(n_local)
+    train_answers = torch.cat(answers) if answers else torch.empty(0, dtype=torch.long)
+    seen, error = 0, None
+    try:
+        for xb, _ in progress_bar(iter_batches(train, batch_size), f"{desc} (pass 2, rank {rank})", progress):
+            if not n_rows(xb):
+                continue
+            haps = probe.run(xb).haps
+            ans = train_answers[seen:seen + n_rows(xb)]
+            _accumulate(libraries, readouts, passes, haps, ans, seen)
+            seen += n_rows(xb)
+        if seen != n_local:
+            raise ValueError(f"the shard gave {n_local} inputs in the first pass and {seen} in the second")
+        for pp in passes.values():
+            pp.finalize()
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    exchange_sizes(dist, rank, size, seen, error, device)
+    for l in layers:  # Eq. 2 is a sum over the inputs: the shards' partial sums add up
+        for ro in readouts[l]:
+            ro.load_state_dict(all_reduce_sum(dist, ro.state_dict(), device))
+    return StreamFit(readouts=readouts, n_train=n, n_classes=n_classes, input_shape=input_shape,
+                     answers=train_answers)
+
+
+
+def check_cache_bytes(value: Any) -> int | str:
+    """A ``cache_bytes`` setting checked: a number of bytes >= 0, or ``"auto"``."""
+    if isinstance(value, str) and value != "auto":
+        raise ValueError(f"cache_bytes must be a number of bytes >= 0 or 'auto', got {value!r}")
+    return value if isinstance(value, str) else check_int(value, "cache_bytes", minimum=0)
+
+
+def resolve_thresholds(thresholds: Any, layers: list[str]) -> dict[str, float]:
+    """``{layer: theta}`` from a ``thresholds`` setting that is not ``"auto"``: one number for every layer or
+    one per layer (each checked to lie in (0, 1])."""
+    if isinstance(thresholds, Mapping):
+        missing = [l for l in layers if l not in thresholds]
+        extra = [k for k in thresholds if k not in layers]
+        if missing or extra:
+            raise ValueError(f"thresholds must give one value per probed layer {layers}; "
+                             f"missing {missing}, unknown {extra}")
+        return {l: validate_threshold(thresholds[l], l) for l in layers}
+    if isinstance(thresholds, str):
+        raise ValueError(f"thresholds must be a number or a {{layer: number}} dict, got {thresholds!r}")
+    value = validate_threshold(thresholds)
+    return {l: value for l in layers}
+
+
+@dataclass
+class NetworkFit:
+    """What :func:`fit_network` returns to :meth:`LibraryNetwork.fit`, which adopts it.
+
+    Attributes:
+        libraries: ``{layer: library}``, filled.
+        fitted: the :class:`StreamFit` of the two passes (readouts, answers, sizes).
+        report: ``thresholds="auto"``'s report, ``None`` for given thresholds.
+        forward_passes: runs of the model over the training data in all (the auto-threshold sample
+            counting as one where it was a run of its own).
+        budget: the ``cache_bytes`` budget used; ``how``: the log's account of the passes and the budget.
+    """
+
+    libraries: dict[str, Any]
+    fitted: StreamFit
+    report: dict[str, dict[str, Any]] | None
+    forward_passes: int
+    budget: int
+    how: str
+
+
+def fit_network(net: Any, train: Any, new_readout: Callable[[int], Any], progress: bool | None = None) -> NetworkFit:
+    """Everything :meth:`LibraryNetwork.fit <libnet_plugin.LibraryNetwork.fit>` computes, without touching
+    ``net``'s fitted state: the budget, the thresholds (``"auto"``: from the one pass kept whole when its
+    HAPs fit the budget, else from a sample of their own), new libraries and :func:`stream_fit`.
+
+    ``net`` provides ``probe``, ``layers``, ``batch_size``, ``device``, ``cache_bytes``, ``thresholds``,
+    ``auto_thresholds`` and ``new_library`` (a :class:`~libnet_plugin.LibraryNetwork`);
+    ``new_readout(n_classes)`` returns a fresh readout of its kind.
+    """
+    from .distributed import world
+
+    if isinstance(train, torch.utils.data.DataLoader) and isinstance(train.sampler, torch.utils.data.RandomSampler):
+        warnings.warn("the training DataLoader shuffles: libraries depend on the visiting order, and the "
+                      "exemplar indices refer to the order of the first pass", stacklevel=3)
+    if isinstance(net.cache_bytes, str):
+        budget, source = default_cache_bytes(net.device)
+    else:
+        budget, source = net.cache_bytes, "cache_bytes"
+    passes, runs, kept, note = 0, None, 0, ""
+    if net.auto_thresholds is not None and budget > 0 and world() is None:
+        # one forward pass kept whole when it fits: the threshold sample, pass 1 and pass 2 all read it
+        runs, kept = _collect_runs(net.probe, train, net.batch_size, budget, progress)
+        if runs is None:
+            if is_one_shot(train):
+                raise ValueError(_ONE_SHOT_MESSAGE.format(cache_bytes=budget))
+            note = f"; keeping every HAP would exceed it ({kept / 2**20:.1f} MB kept then): that pass was dropped"
+        else:
+            passes = 1
+    if net.auto_thresholds is not None and runs is not None:
+        from .thresholds import choose_thresholds_from_haps
+
+        thetas, report = choose_thresholds_from_haps([r.haps for _, r in runs], net.new_library,
+                                                     layers=net.layers, batch_size=net.batch_size,
+                                                     **net.auto_thresholds)
+    elif net.auto_thresholds is not None:
+        from .thresholds import choose_thresholds
+
+        thetas, report = choose_thresholds(net.probe, train, net.new_library, layers=net.layers,
+                                           batch_size=net.batch_size, **net.auto_thresholds)
+        passes += 1  # the model over the sample
+    else:
+        thetas, report = resolve_thresholds(net.thresholds, net.layers), None
+    libraries = {l: net.new_library(l, thetas[l]) for l in net.layers}
+    fitted = stream_fit(net.probe, train, {l: [lib] for l, lib in libraries.items()}, new_readout,
+                        batch_size=net.batch_size, cache_bytes=budget, progress=progress, runs=runs)
+    runs = None
+    passes += fitted.forward_passes
+    how = ("the HAPs of every probed layer kept" if fitted.forward_passes < 2 else
+           "streamed (distributed)" if world() is not None else "streamed" if budget == 0 else
+           f"streamed: the HAPs do not fit; the second pass read the first {fitted.cached_rows} inputs' from "
+           f"memory and ran the model on {fitted.n_train - fitted.cached_rows}")
+    how = f"{how}; budget {budget / 2**20:.1f} MB, {source}{note}"
+    return NetworkFit(libraries=libraries, fitted=fitted, report=report, forward_passes=passes, budget=budget,
+                      how=how)
