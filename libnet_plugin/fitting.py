@@ -17,6 +17,7 @@ docs/design.md ("How a fit flows") follows one batch through these steps.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import warnings
@@ -33,6 +34,7 @@ from .errors import ShapeMismatchError
 from .hebbian_pass import HebbianPairPass, dense_pass_reason
 from .library import validate_threshold
 from .probe import ProbeResult
+from .thresholds import DEFAULT_SAMPLE_SIZE
 
 __all__ = ["stream_fit", "StreamFit", "default_cache_bytes", "fit_network", "NetworkFit", "CACHE_SHARE",
            "CACHE_FALLBACK_BYTES", "resolve_thresholds",
@@ -100,22 +102,38 @@ def _forward(probe: Any, train: Any, batch_size: int) -> Any:
             yield per_input_shape(x), probe.run(x)
 
 
-def _collect_runs(probe: Any, train: Any, batch_size: int, budget: int,
-                  progress: bool | None) -> tuple[list[tuple[Any, ProbeResult]] | None, int]:
-    """One forward pass over ``train`` whose probe results are all kept while their HAPs fit ``budget``:
-    ``(runs, bytes)``, or ``(None, bytes so far)`` as soon as they do not (or, for data of a known size,
-    once the first batch shows that they will not)."""
+@dataclass
+class _Held:
+    """The first batches of pass 1 that :func:`_hold_first_batches` kept, and the rest of that pass."""
+
+    runs: list[tuple[Any, ProbeResult]]
+    rest: Any  # the forward pass, going on after the kept batches (exhausted when ``complete``)
+    complete: bool  # the data ended while the batches were kept: they are the whole forward pass
+    kept_bytes: int
+
+    @property
+    def rows(self) -> int:
+        return sum(int(r.outputs.shape[0]) for _, r in self.runs)
+
+
+def _hold_first_batches(probe: Any, train: Any, batch_size: int, budget: int, sample_rows: int,
+                        progress: bool | None) -> _Held:
+    """Start pass 1 and keep its probe results while their HAPs fit ``budget`` (for data of a known size,
+    while the first batch does not show that all of them will not) or, beyond the budget, until they hold
+    ``sample_rows`` inputs (what ``thresholds="auto"`` needs before the libraries can start)."""
     total = known_rows(train)
+    gen = iter(progress_bar(_forward(probe, train, batch_size), "libraries (pass 1)", progress))
     runs: list[tuple[Any, ProbeResult]] = []
-    kept = 0
-    for shape, res in progress_bar(_forward(probe, train, batch_size), "libraries (the one pass)", progress):
+    kept = rows = 0
+    over = False
+    for shape, res in gen:
         runs.append((shape, res))
         kept += _hap_bytes(res.haps)
-        rows = sum(r.outputs.shape[0] for _, r in runs)
-        if kept > budget or (total is not None and len(runs) == 1 and kept / rows * total > budget):
-            return None, kept
-    return runs, kept
-
+        rows += int(res.outputs.shape[0])
+        over = over or kept > budget or (total is not None and kept / rows * total > budget)
+        if over and rows >= sample_rows:
+            return _Held(runs, gen, False, kept)
+    return _Held(runs, gen, True, kept)
 
 
 _ONE_SHOT_MESSAGE = (
@@ -305,11 +323,20 @@ def stream_fit(probe: Any, train: Any, libraries: Mapping[str, Sequence[Any]], n
     if (group := world()) is not None:
         return _stream_fit_distributed(probe, train, libraries, new_readout, group, batch_size=batch_size,
                                        progress=progress, desc=desc)
-    one_shot = is_one_shot(train) and runs is None
-    if cache_bytes <= 0 and runs is None and one_shot:
-        raise ValueError(_ONE_SHOT_MESSAGE.format(cache_bytes=cache_bytes))
-    first = _FirstPass(libraries, new_readout, cache_bytes=cache_bytes, keep_all=runs is not None, one_shot=one_shot)
     source = runs if runs is not None else _forward(probe, train, batch_size)
+    return _stream_fit_local(probe, train, libraries, new_readout, source, complete=runs is not None,
+                             batch_size=batch_size, cache_bytes=cache_bytes, progress=progress, desc=desc)
+
+
+def _stream_fit_local(probe: Any, train: Any, libraries: Mapping[str, Sequence[Any]],
+                      new_readout: Callable[[int], Any], source: Any, *, complete: bool, batch_size: int,
+                      cache_bytes: int, progress: bool | None, desc: str) -> StreamFit:
+    """:func:`stream_fit` in one process, pass 1 reading ``source`` (``(per-input shape, probe result)`` of
+    every batch of ``train``, in order: the model running on them, or ``complete``: kept whole beforehand)."""
+    one_shot = is_one_shot(train) and not complete
+    if cache_bytes <= 0 and one_shot:
+        raise ValueError(_ONE_SHOT_MESSAGE.format(cache_bytes=cache_bytes))
+    first = _FirstPass(libraries, new_readout, cache_bytes=cache_bytes, keep_all=complete, one_shot=one_shot)
     for shape, res in progress_bar(source, f"{desc} (pass 1)", progress):
         first.visit(shape, res)
     answers = first.end()
@@ -318,9 +345,8 @@ def stream_fit(probe: Any, train: Any, libraries: Mapping[str, Sequence[Any]], n
     return StreamFit(readouts=first.readouts, n_train=first.n, n_classes=first.n_classes,
                      input_shape=first.input_shape, answers=answers,
                      constant_layers=[l for l in layers if l in first.constant], same_haps=first.same,
-                     forward_passes=0 if runs is not None else 1 if first.cache is not None and not first.full else 2,
-                     cached_rows=first.n if runs is not None else first.cached_rows)
-
+                     forward_passes=0 if complete else 1 if first.cache is not None and not first.full else 2,
+                     cached_rows=first.n if complete else first.cached_rows)
 
 
 def _nodes_of_rows(library: Any, before: int, first: int, n: int) -> Tensor:
@@ -503,10 +529,62 @@ class NetworkFit:
     how: str
 
 
+def _fit_layers(net: Any, train: Any, new_readout: Callable[[int], Any], budget: int,
+                progress: bool | None) -> tuple[dict[str, Any], StreamFit, dict[str, Any] | None, str]:
+    """The thresholds, the libraries and :func:`stream_fit` of :func:`fit_network`: ``(libraries, fitted,
+    report, note for the log)``."""
+    from .distributed import world
+
+    auto = net.auto_thresholds
+    runs, rest, n_total, note = None, None, None, ""
+    if auto is not None and world() is None:
+        from .thresholds import check_sample_size, choose_thresholds_from_haps
+
+        sample = check_sample_size(auto.get("sample_size", DEFAULT_SAMPLE_SIZE))
+        held = _hold_first_batches(net.probe, train, net.batch_size, budget, sample, progress)
+        runs = held.runs
+        if not held.complete:
+            if is_one_shot(train):
+                raise ValueError(_ONE_SHOT_MESSAGE.format(cache_bytes=budget))
+            rest, n_total = held.rest, known_rows(train)
+            if n_total is None:  # the library sizes are extrapolated to the whole data: count it (no model)
+                n_total = sum(n_rows(x) for x, _ in iter_batches(train, net.batch_size))
+            note = (f"; thresholds='auto' took its sample from the first {held.rows} inputs, held in pass 1 "
+                    f"({held.kept_bytes / 2**20:.1f} MB)")
+        thetas, report = choose_thresholds_from_haps([r.haps for _, r in runs], net.new_library, layers=net.layers,
+                                                     batch_size=net.batch_size, n_total=n_total, **auto)
+    elif auto is not None:
+        from .thresholds import choose_thresholds
+
+        thetas, report = choose_thresholds(net.probe, train, net.new_library, layers=net.layers,
+                                           batch_size=net.batch_size, **auto)
+    else:
+        thetas, report = resolve_thresholds(net.thresholds, net.layers), None
+    libraries = {l: net.new_library(l, thetas[l]) for l in net.layers}
+    libs = {l: [lib] for l, lib in libraries.items()}
+    if runs is not None and rest is not None:  # pass 1 goes on from the batches held for the sample
+        fitted = _stream_fit_local(net.probe, train, libs, new_readout, itertools.chain(runs, rest), complete=False,
+                                   batch_size=net.batch_size, cache_bytes=budget, progress=progress, desc="libraries")
+    else:
+        fitted = stream_fit(net.probe, train, libs, new_readout, batch_size=net.batch_size, cache_bytes=budget,
+                            progress=progress, runs=runs)
+    return libraries, fitted, report, note
+
+
 def fit_network(net: Any, train: Any, new_readout: Callable[[int], Any], progress: bool | None = None) -> NetworkFit:
     """Everything :meth:`LibraryNetwork.fit <libnet_plugin.LibraryNetwork.fit>` computes, without touching
-    ``net``'s fitted state: the budget, the thresholds (``"auto"``: from the one pass kept whole when its
-    HAPs fit the budget, else from a sample of their own), new libraries and :func:`stream_fit`.
+    ``net``'s fitted state: the budget, the thresholds, new libraries and :func:`stream_fit`.
+
+    Forward passes of the model over the training data: **one** when the HAPs of all of it fit the budget
+    (both passes, and ``thresholds="auto"``'s sample, read them), else **two**. With ``thresholds="auto"``
+    the sample comes from the first pass: its first batches are held until they exceed the budget and
+    hold ``sample_size`` inputs (:func:`_hold_first_batches`), theta is chosen from a uniform sample of
+    those (:func:`~libnet_plugin.thresholds.choose_thresholds_from_haps`, the library sizes extrapolated to
+    the whole data, counted without the model where its size is not known) and the libraries start on the
+    held batches before the pass goes on. The libraries need theta from their first input on, so a
+    streamed fit's sample is drawn from the first part of the data rather than from all of it (docs/scale.md,
+    section 6). Inside a ``torch.distributed`` process group the sample is drawn from all ranks' data and
+    the model runs over it first (:func:`~libnet_plugin.thresholds.choose_thresholds`).
 
     ``net`` provides ``probe``, ``layers``, ``batch_size``, ``device``, ``cache_bytes``, ``thresholds``,
     ``auto_thresholds`` and ``new_library`` (a :class:`~libnet_plugin.LibraryNetwork`);
@@ -521,39 +599,14 @@ def fit_network(net: Any, train: Any, new_readout: Callable[[int], Any], progres
         budget, source = default_cache_bytes(net.device)
     else:
         budget, source = net.cache_bytes, "cache_bytes"
-    passes, runs, kept, note = 0, None, 0, ""
-    if net.auto_thresholds is not None and budget > 0 and world() is None:
-        # one forward pass kept whole when it fits: the threshold sample, pass 1 and pass 2 all read it
-        runs, kept = _collect_runs(net.probe, train, net.batch_size, budget, progress)
-        if runs is None:
-            if is_one_shot(train):
-                raise ValueError(_ONE_SHOT_MESSAGE.format(cache_bytes=budget))
-            note = f"; keeping every HAP would exceed it ({kept / 2**20:.1f} MB kept then): that pass was dropped"
-        else:
-            passes = 1
-    if net.auto_thresholds is not None and runs is not None:
-        from .thresholds import choose_thresholds_from_haps
-
-        thetas, report = choose_thresholds_from_haps([r.haps for _, r in runs], net.new_library,
-                                                     layers=net.layers, batch_size=net.batch_size,
-                                                     **net.auto_thresholds)
-    elif net.auto_thresholds is not None:
-        from .thresholds import choose_thresholds
-
-        thetas, report = choose_thresholds(net.probe, train, net.new_library, layers=net.layers,
-                                           batch_size=net.batch_size, **net.auto_thresholds)
-        passes += 1  # the model over the sample
-    else:
-        thetas, report = resolve_thresholds(net.thresholds, net.layers), None
-    libraries = {l: net.new_library(l, thetas[l]) for l in net.layers}
-    fitted = stream_fit(net.probe, train, {l: [lib] for l, lib in libraries.items()}, new_readout,
-                        batch_size=net.batch_size, cache_bytes=budget, progress=progress, runs=runs)
-    runs = None
-    passes += fitted.forward_passes
+    libraries, fitted, report, note = _fit_layers(net, train, new_readout, budget, progress)
+    # 0: the batches held for the thresholds were the whole (one) pass; a distributed fit runs the model over
+    # the thresholds' sample first
+    passes = max(fitted.forward_passes, 1) + (net.auto_thresholds is not None and world() is not None)
     how = ("the HAPs of every probed layer kept" if fitted.forward_passes < 2 else
            "streamed (distributed)" if world() is not None else "streamed" if budget == 0 else
            f"streamed: the HAPs do not fit; the second pass read the first {fitted.cached_rows} inputs' from "
            f"memory and ran the model on {fitted.n_train - fitted.cached_rows}")
-    how = f"{how}; budget {budget / 2**20:.1f} MB, {source}{note}"
+    how = f"{how}{note}; budget {budget / 2**20:.1f} MB, {source}"
     return NetworkFit(libraries=libraries, fitted=fitted, report=report, forward_passes=passes, budget=budget,
                       how=how)

@@ -11,6 +11,7 @@ from torch import nn
 
 import libnet_plugin as lnp
 from libnet_plugin import fitting
+from libnet_plugin.thresholds import choose_thresholds, choose_thresholds_from_haps
 
 N, BATCH = 300, 64
 
@@ -74,28 +75,63 @@ def test_one_pass_and_two_pass_fits_agree(conv, data):
 def test_auto_thresholds_take_their_sample_from_the_one_pass(conv, data):
     auto = {"target": 0.2, "sample_size": 120}
     one, rows_one = _fit(conv, data, thresholds="auto", auto_thresholds=auto)
-    three, rows_three = _fit(conv, data, thresholds="auto", auto_thresholds=auto, cache_bytes=0)
     assert rows_one == N and one.n_forward_passes_ == 1
-    assert rows_three == 120 + 2 * N and three.n_forward_passes_ == 3  # the sample, then two streamed passes
-    # the same reservoir positions; the sample's HAPs from the data's batches instead of the sample's
-    assert one.auto_thresholds_report_ == three.auto_thresholds_report_
-    _same_fit(one, three)
+    # the one pass's sample is the reservoir sample choose_thresholds draws from the data
+    sampled, _ = _fit(conv, data, thresholds=choose_thresholds(
+        one.probe, data, one.new_library, layers=one.layers, batch_size=BATCH, **auto)[0])
+    _same_fit(one, sampled)
 
 
-def test_haps_over_the_budget_stream_after_one_batch(conv, data):
+def test_streamed_auto_thresholds_take_their_sample_from_the_first_pass(conv, data, caplog):
+    # over the budget: the first pass holds its first batches until they hold the sample (two batches of 64
+    # for 120 inputs), chooses theta from them (sizes extrapolated to all 300 inputs), and goes on
     auto = {"target": 0.2, "sample_size": 120}
-    ref, _ = _fit(conv, data, thresholds="auto", auto_thresholds=auto, cache_bytes=0)
-    # a Tensor's size is known: the first batch shows that the HAPs will not fit, and the rest is streamed
+    with caplog.at_level(logging.INFO, logger="libnet_plugin.network"):
+        two, rows = _fit(conv, data, thresholds="auto", auto_thresholds=auto, cache_bytes=0)
+    assert rows == 2 * N and two.n_forward_passes_ == 2
+    assert "fit: 2 forward passes" in caplog.text and "sample from the first 128 inputs" in caplog.text
+    net = lnp.LibraryNetwork(conv, ["1", "3"], batch_size=BATCH)
+    first = [net.run(b).haps for b in data[:128].split(BATCH)]
+    thetas, report = choose_thresholds_from_haps(first, net.new_library, layers=net.layers,
+                                                                batch_size=BATCH, n_total=N, **auto)
+    assert report == two.auto_thresholds_report_ and report["1"]["n_train"] == N
+    assert two.thresholds_ == thetas
+    fixed, _ = _fit(conv, data, thresholds=thetas, cache_bytes=0)  # the libraries of those thetas
+    _same_fit(two, fixed)
+
+
+def test_haps_over_the_budget_stream_after_the_sample(conv, data):
+    auto = {"target": 0.2, "sample_size": 120}
+    # a Tensor's size is known: the first batch shows that the HAPs will not fit; the sample's two batches
+    # are held, the rest streams
     small, rows = _fit(conv, data, thresholds="auto", auto_thresholds=auto, cache_bytes=10_000)
-    assert rows == BATCH + 120 + 2 * N and small.n_forward_passes_ == 3
+    assert rows == 2 * N and small.n_forward_passes_ == 2
+    ref, _ = _fit(conv, data, thresholds=small.thresholds_, cache_bytes=0)
     _same_fit(small, ref)
-    # a list of batches is not sized: the kept HAPs are dropped as soon as they exceed the budget
+    # a list of batches is not sized: its batches are held until they exceed the budget (and hold the
+    # sample), its size counted without the model; the second pass reads the two batches that fit
     batches = list(data.split(BATCH))
     budget = 2 * BATCH * sum(small.hap_dims_.values()) * 4  # two batches fit, the third does not
     listed, rows = _fit(conv, batches, thresholds="auto", auto_thresholds=auto, cache_bytes=budget)
-    # that pass is dropped after three batches; the second streamed pass reads the first two from memory
-    assert rows == 3 * BATCH + 120 + 2 * N - 2 * BATCH and listed.n_forward_passes_ == 3
+    assert rows == 2 * N - 2 * BATCH and listed.n_forward_passes_ == 2
+    assert listed.auto_thresholds_report_["1"]["sample_size"] == 120
+    assert listed.auto_thresholds_report_["1"]["n_train"] == N
+    ref, _ = _fit(conv, data, thresholds=listed.thresholds_, cache_bytes=0)
     _same_fit(listed, ref)
+
+
+def test_forward_passes_in_memory_streamed_and_streamed_with_auto_thresholds(conv, data):
+    calls = []
+    handle = conv.register_forward_pre_hook(lambda module, args: calls.append(int(args[0].shape[0])))
+    try:
+        for kw, passes in (({"thresholds": 0.8}, 1), ({"thresholds": 0.8, "cache_bytes": 0}, 2),
+                           ({"thresholds": "auto", "auto_thresholds": {"sample_size": 100}, "cache_bytes": 0}, 2)):
+            calls.clear()
+            net = lnp.LibraryNetwork(conv, ["1", "3"], batch_size=BATCH, **kw).fit(data, progress=False)
+            assert len(calls) == passes * len(data.split(BATCH)) and sum(calls) == passes * N, kw
+            assert net.n_forward_passes_ == passes
+    finally:
+        handle.remove()
 
 
 def test_the_batches_that_fit_are_not_run_again(conv, data, caplog):
