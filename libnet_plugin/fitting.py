@@ -38,7 +38,7 @@ from .thresholds import DEFAULT_SAMPLE_SIZE
 
 __all__ = ["stream_fit", "StreamFit", "default_cache_bytes", "fit_network", "NetworkFit", "CACHE_SHARE",
            "CACHE_FALLBACK_BYTES", "resolve_thresholds",
-           "check_cache_bytes"]
+           "check_cache_bytes", "check_cache_dtype", "CACHE_DTYPES"]
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,32 @@ def _hap_bytes(haps: Mapping[str, Tensor]) -> int:
     return sum(h.numel() * h.element_size() for h in haps.values())
 
 
+#: dtypes the kept HAPs may be stored in (``cache_dtype``), with their unit roundoff u
+CACHE_DTYPES = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
+
+
+def check_cache_dtype(dtype: Any) -> torch.dtype:
+    """A ``cache_dtype`` setting checked: ``None`` (float32), a dtype or its name in :data:`CACHE_DTYPES`."""
+    if dtype is None:
+        return torch.float32
+    value = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if value not in CACHE_DTYPES:
+        raise ValueError(f"cache_dtype must be one of float32, float16, bfloat16 (or None), got {dtype!r}")
+    return value
+
+
+def _stored(haps: Mapping[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
+    """The HAPs as kept in memory: in ``dtype`` (float16 refuses values beyond its range, naming the layer)."""
+    out = {}
+    for l, h in haps.items():
+        s = h if h.dtype == dtype else h.to(dtype)
+        if dtype == torch.float16 and h.numel() and not bool(torch.isfinite(s).all()) and bool(torch.isfinite(h).all()):
+            raise ValueError(f"layer {l!r}: activations up to {float(h.abs().max()):.4g} overflow "
+                             f"cache_dtype=float16 (largest value 65504); use cache_dtype='bfloat16' or float32")
+        out[l] = s
+    return out
+
+
 def _forward(probe: Any, train: Any, batch_size: int) -> Any:
     """``(per-input shape, probe result)`` of every non-empty batch of ``train``, in order: one forward pass."""
     for x, _ in iter_batches(train, batch_size):
@@ -117,16 +143,18 @@ class _Held:
 
 
 def _hold_first_batches(probe: Any, train: Any, batch_size: int, budget: int, sample_rows: int,
-                        progress: bool | None) -> _Held:
+                        progress: bool | None, cache_dtype: torch.dtype = torch.float32) -> _Held:
     """Start pass 1 and keep its probe results while their HAPs fit ``budget`` (for data of a known size,
     while the first batch does not show that all of them will not) or, beyond the budget, until they hold
-    ``sample_rows`` inputs (what ``thresholds="auto"`` needs before the libraries can start)."""
+    ``sample_rows`` inputs (what ``thresholds="auto"`` needs before the libraries can start), their HAPs
+    stored in ``cache_dtype``."""
     total = known_rows(train)
     gen = iter(progress_bar(_forward(probe, train, batch_size), "libraries (pass 1)", progress))
     runs: list[tuple[Any, ProbeResult]] = []
     kept = rows = 0
     over = False
     for shape, res in gen:
+        res = ProbeResult(res.outputs, _stored(res.haps, cache_dtype))
         runs.append((shape, res))
         kept += _hap_bytes(res.haps)
         rows += int(res.outputs.shape[0])
@@ -168,13 +196,19 @@ class StreamFit:
 
 
 
+def _float(h: Tensor) -> Tensor:
+    """HAPs kept in float16 or bfloat16 back in float32 (others as they are)."""
+    return h.float() if h.dtype in (torch.float16, torch.bfloat16) else h
+
+
 class _FirstPass:
     """Pass 1 of :func:`stream_fit`: every batch's HAPs, in order, to every library of its layer (each
     observed by its pair pass), the model's answers, and the HAPs kept for pass 2 while they fit the budget."""
 
     def __init__(self, libraries: Mapping[str, Sequence[Any]], new_readout: Callable[[int], Any], *,
-                 cache_bytes: int, keep_all: bool, one_shot: bool):
+                 cache_bytes: int, keep_all: bool, one_shot: bool, cache_dtype: torch.dtype = torch.float32):
         self.libraries = libraries
+        self.cache_dtype = cache_dtype
         self.new_readout = new_readout
         self.layers = list(libraries)
         self.cache_bytes = cache_bytes
@@ -203,13 +237,14 @@ class _FirstPass:
             self.passes = _pair_passes(self.libraries, self.readouts, record=True)
         idx = torch.arange(self.n, self.n + rows)
         for layer in self.layers:
+            haps = _float(res.haps[layer])  # batches held in cache_dtype go back to float32
             for j, lib in enumerate(self.libraries[layer]):
                 pp = self.passes.get((layer, j))
                 if pp is not None and pp.record:
                     pp.begin(self.n)
-                    lib.partial_fit(res.haps[layer], idx, observer=pp)
+                    lib.partial_fit(haps, idx, observer=pp)
                 else:
-                    lib.partial_fit(res.haps[layer], idx)
+                    lib.partial_fit(haps, idx)
         self.answers.append(res.answers.cpu())
         self.n += rows
         self._keep(res, rows)
@@ -233,13 +268,13 @@ class _FirstPass:
     def _keep(self, res: ProbeResult, rows: int) -> None:
         if self.cache is None or self.full:
             return
-        more = sum(res.haps[l].numel() * res.haps[l].element_size() for l in self.layers)
+        more = sum(res.haps[l].numel() for l in self.layers) * self.cache_dtype.itemsize
         if not self.keep_all and self.cached_bytes + more > self.cache_bytes:
             if self.one_shot:  # stop now rather than after a whole wasted pass
                 raise ValueError(_ONE_SHOT_MESSAGE.format(cache_bytes=self.cache_bytes))
             self.full = True  # the batches kept so far are read back in pass 2, the rest runs the model again
         else:
-            self.cache.append({l: res.haps[l] for l in self.layers})
+            self.cache.append(_stored({l: res.haps[l] for l in self.layers}, self.cache_dtype))
             self.cached_bytes += more
             self.cached_rows += rows
 
@@ -276,6 +311,7 @@ def _second_pass(probe: Any, train: Any, batch_size: int, first: _FirstPass, ans
 
     seen = 0
     for haps in progress_bar(hap_batches(), f"{desc} (pass 2)", progress):
+        haps = {l: _float(h) for l, h in haps.items()}
         b = haps[first.layers[0]].shape[0]
         _accumulate(first.libraries, first.readouts, first.passes, haps, answers[seen:seen + b], seen)
         seen += b
@@ -288,7 +324,8 @@ def _second_pass(probe: Any, train: Any, batch_size: int, first: _FirstPass, ans
 
 def stream_fit(probe: Any, train: Any, libraries: Mapping[str, Sequence[Any]], new_readout: Callable[[int], Any], *,
                batch_size: int = 256, cache_bytes: int = 0, progress: bool | None = None,
-               desc: str = "libraries", runs: Sequence[tuple[Any, ProbeResult]] | None = None) -> StreamFit:
+               desc: str = "libraries", runs: Sequence[tuple[Any, ProbeResult]] | None = None,
+               cache_dtype: Any = None) -> StreamFit:
     """The two streaming passes behind :meth:`LibraryNetwork.fit`, for any number of libraries per layer.
 
     Pass 1 runs the model over ``train`` once and feeds every batch of HAPs, in order, to all libraries
@@ -310,6 +347,8 @@ def stream_fit(probe: Any, train: Any, libraries: Mapping[str, Sequence[Any]], n
         desc: the progress bars' label.
         runs: the ``(per-input shape, probe result)`` of every batch of ``train``, already computed (one
             forward pass kept whole): both passes read them and the model does not run here.
+        cache_dtype: as for :meth:`LibraryNetwork.fit <libnet_plugin.LibraryNetwork.fit>`: the dtype of
+            the HAPs kept for pass 2 (pass 1 feeds the libraries the HAPs as they come).
 
     Returns:
         A :class:`StreamFit`.
@@ -325,18 +364,21 @@ def stream_fit(probe: Any, train: Any, libraries: Mapping[str, Sequence[Any]], n
                                        progress=progress, desc=desc)
     source = runs if runs is not None else _forward(probe, train, batch_size)
     return _stream_fit_local(probe, train, libraries, new_readout, source, complete=runs is not None,
-                             batch_size=batch_size, cache_bytes=cache_bytes, progress=progress, desc=desc)
+                             batch_size=batch_size, cache_bytes=cache_bytes, progress=progress, desc=desc,
+                             cache_dtype=check_cache_dtype(cache_dtype))
 
 
 def _stream_fit_local(probe: Any, train: Any, libraries: Mapping[str, Sequence[Any]],
                       new_readout: Callable[[int], Any], source: Any, *, complete: bool, batch_size: int,
-                      cache_bytes: int, progress: bool | None, desc: str) -> StreamFit:
+                      cache_bytes: int, progress: bool | None, desc: str,
+                      cache_dtype: torch.dtype = torch.float32) -> StreamFit:
     """:func:`stream_fit` in one process, pass 1 reading ``source`` (``(per-input shape, probe result)`` of
     every batch of ``train``, in order: the model running on them, or ``complete``: kept whole beforehand)."""
     one_shot = is_one_shot(train) and not complete
     if cache_bytes <= 0 and one_shot:
         raise ValueError(_ONE_SHOT_MESSAGE.format(cache_bytes=cache_bytes))
-    first = _FirstPass(libraries, new_readout, cache_bytes=cache_bytes, keep_all=complete, one_shot=one_shot)
+    first = _FirstPass(libraries, new_readout, cache_bytes=cache_bytes, keep_all=complete, one_shot=one_shot,
+                       cache_dtype=cache_dtype)
     for shape, res in progress_bar(source, f"{desc} (pass 1)", progress):
         first.visit(shape, res)
     answers = first.end()
@@ -529,8 +571,8 @@ class NetworkFit:
     how: str
 
 
-def _fit_layers(net: Any, train: Any, new_readout: Callable[[int], Any], budget: int,
-                progress: bool | None) -> tuple[dict[str, Any], StreamFit, dict[str, Any] | None, str]:
+def _fit_layers(net: Any, train: Any, new_readout: Callable[[int], Any], budget: int, progress: bool | None,
+                cache_dtype: torch.dtype) -> tuple[dict[str, Any], StreamFit, dict[str, Any] | None, str]:
     """The thresholds, the libraries and :func:`stream_fit` of :func:`fit_network`: ``(libraries, fitted,
     report, note for the log)``."""
     from .distributed import world
@@ -541,7 +583,7 @@ def _fit_layers(net: Any, train: Any, new_readout: Callable[[int], Any], budget:
         from .thresholds import check_sample_size, choose_thresholds_from_haps
 
         sample = check_sample_size(auto.get("sample_size", DEFAULT_SAMPLE_SIZE))
-        held = _hold_first_batches(net.probe, train, net.batch_size, budget, sample, progress)
+        held = _hold_first_batches(net.probe, train, net.batch_size, budget, sample, progress, cache_dtype)
         runs = held.runs
         if not held.complete:
             if is_one_shot(train):
@@ -564,14 +606,16 @@ def _fit_layers(net: Any, train: Any, new_readout: Callable[[int], Any], budget:
     libs = {l: [lib] for l, lib in libraries.items()}
     if runs is not None and rest is not None:  # pass 1 goes on from the batches held for the sample
         fitted = _stream_fit_local(net.probe, train, libs, new_readout, itertools.chain(runs, rest), complete=False,
-                                   batch_size=net.batch_size, cache_bytes=budget, progress=progress, desc="libraries")
+                                   batch_size=net.batch_size, cache_bytes=budget, progress=progress, desc="libraries",
+                                   cache_dtype=cache_dtype)
     else:
         fitted = stream_fit(net.probe, train, libs, new_readout, batch_size=net.batch_size, cache_bytes=budget,
-                            progress=progress, runs=runs)
+                            progress=progress, runs=runs, cache_dtype=cache_dtype)
     return libraries, fitted, report, note
 
 
-def fit_network(net: Any, train: Any, new_readout: Callable[[int], Any], progress: bool | None = None) -> NetworkFit:
+def fit_network(net: Any, train: Any, new_readout: Callable[[int], Any], progress: bool | None = None,
+                cache_dtype: Any = None) -> NetworkFit:
     """Everything :meth:`LibraryNetwork.fit <libnet_plugin.LibraryNetwork.fit>` computes, without touching
     ``net``'s fitted state: the budget, the thresholds, new libraries and :func:`stream_fit`.
 
@@ -588,7 +632,7 @@ def fit_network(net: Any, train: Any, new_readout: Callable[[int], Any], progres
 
     ``net`` provides ``probe``, ``layers``, ``batch_size``, ``device``, ``cache_bytes``, ``thresholds``,
     ``auto_thresholds`` and ``new_library`` (a :class:`~libnet_plugin.LibraryNetwork`);
-    ``new_readout(n_classes)`` returns a fresh readout of its kind.
+    ``new_readout(n_classes)`` returns a fresh readout of its kind; ``cache_dtype`` as for ``fit``.
     """
     from .distributed import world
 
@@ -599,7 +643,10 @@ def fit_network(net: Any, train: Any, new_readout: Callable[[int], Any], progres
         budget, source = default_cache_bytes(net.device)
     else:
         budget, source = net.cache_bytes, "cache_bytes"
-    libraries, fitted, report, note = _fit_layers(net, train, new_readout, budget, progress)
+    dtype = check_cache_dtype(cache_dtype)
+    libraries, fitted, report, note = _fit_layers(net, train, new_readout, budget, progress, dtype)
+    if dtype != torch.float32:
+        note += f"; HAPs kept in {str(dtype).removeprefix('torch.')}"
     # 0: the batches held for the thresholds were the whole (one) pass; a distributed fit runs the model over
     # the thresholds' sample first
     passes = max(fitted.forward_passes, 1) + (net.auto_thresholds is not None and world() is not None)

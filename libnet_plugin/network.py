@@ -134,6 +134,15 @@ def _check_labels(y: Tensor, n_classes: int) -> None:
                          f"from {int(y.min())} to {int(y.max())}")
 
 
+def _thresholds_json(thresholds: Any) -> Any:
+    """The ``thresholds`` hyperparameter as JSON (``"auto"``, a number or ``{layer: number}``)."""
+    if isinstance(thresholds, str):
+        return thresholds
+    if isinstance(thresholds, Mapping):
+        return {str(k): float(v) for k, v in thresholds.items()}
+    return float(thresholds)
+
+
 def _warn_about_fit(net: Any, fitted: Any) -> None:
     """The warnings of a fit that went through but is of little use: one answer for every input, a constant
     layer, layers with the same activations, a library keeping most of the data (``stacklevel``: fit's caller)."""
@@ -307,7 +316,7 @@ class LibraryNetwork:
         return self.probe.run(x)
 
     # ------------------------------------------------------------------ fitting
-    def fit(self, train: Any, *, progress: bool | None = None) -> LibraryNetwork:
+    def fit(self, train: Any, *, progress: bool | None = None, cache_dtype: Any = None) -> LibraryNetwork:
         """Build the libraries (first pass) and the Hebbian readouts (cached HAPs or a second pass).
 
         Args:
@@ -316,13 +325,16 @@ class LibraryNetwork:
                 ignored: the readout uses the model's own answers). A one-shot iterator works only
                 while the HAPs fit ``cache_bytes``.
             progress: show tqdm progress bars (default: only on a terminal).
+            cache_dtype: ``"float16"`` or ``"bfloat16"`` keeps the HAPs for the second pass (and
+                ``thresholds="auto"``'s sample) in that dtype: twice as many fit ``cache_bytes``, at the cost
+                of rounding the readouts' cosines (docs/scale.md, section 6); ``None``: float32.
 
         Returns:
             ``self``, with ``libraries_``, ``readouts_``, ``library_sizes_``, ``n_classes_``, ``n_train_``,
             ``hap_dims_``, ``input_shape_``, ``n_forward_passes_`` (runs of the model over the training data)
             and ``cache_bytes_`` (the budget used). All or nothing: when fitting raises, an earlier fit stays.
         """
-        done = fit_network(self, train, self._new_readout, progress)
+        done = fit_network(self, train, self._new_readout, progress, cache_dtype)
         fitted = done.fitted
         # all or nothing: the network's fitted state changes only here, once everything above succeeded
         self.adopt_fitted(done.libraries, {l: r[0] for l, r in fitted.readouts.items()},
@@ -502,18 +514,10 @@ class LibraryNetwork:
         return (idx, sims) if return_similarities else idx
 
     # ------------------------------------------------------------------ persistence
-    def _thresholds_json(self) -> Any:
-        """The ``thresholds`` hyperparameter as JSON (``"auto"``, a number or ``{layer: number}``)."""
-        if isinstance(self.thresholds, str):
-            return self.thresholds
-        if isinstance(self.thresholds, Mapping):
-            return {str(k): float(v) for k, v in self.thresholds.items()}
-        return float(self.thresholds)
-
     def config(self) -> dict[str, Any]:
         """The JSON-able settings saved with the network (what :meth:`from_state` reads back)."""
         return {
-            "layers": self.layers, "thresholds": self.thresholds_, "thresholds_param": self._thresholds_json(),
+            "layers": self.layers, "thresholds": self.thresholds_, "thresholds_param": _thresholds_json(self.thresholds),
             "auto_thresholds": self.auto_thresholds, "top_k": self.top_k,
             "library": self.library, "library_options": self.library_options,
             "readout": self.readout, "readout_options": self.readout_options,

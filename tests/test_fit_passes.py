@@ -191,3 +191,33 @@ def test_the_bisection_from_the_gram_matrix_builds_the_same_libraries(conv, data
     slow, _ = _fit(conv, data, thresholds="auto", auto_thresholds=auto)
     assert slow.auto_thresholds_report_ == fast.auto_thresholds_report_
     _same_fit(slow, fast)
+
+
+@pytest.mark.parametrize("dtype, tol", [("float16", 2e-3), ("bfloat16", 1e-2)])
+def test_haps_kept_in_half_precision(conv, data, dtype, tol):
+    ref, _ = _fit(conv, data, thresholds=0.8)
+    with Rows(conv) as rows:
+        half = lnp.LibraryNetwork(conv, ["1", "3"], batch_size=BATCH, thresholds=0.8).fit(data, cache_dtype=dtype)
+    assert rows.n == N and half.n_forward_passes_ == 1
+    for l in half.layers:  # pass 1 feeds the libraries the float32 HAPs: the same nodes
+        assert torch.equal(half.libraries_[l].node_indices, ref.libraries_[l].node_indices)
+        assert torch.equal(half.libraries_[l].nodes, ref.libraries_[l].nodes)
+        # pass 2's cosines carry the rounding of the kept HAPs (the error docs/scale.md states)
+        w, w0 = half.readouts_[l].weight, ref.readouts_[l].weight
+        assert 0 < float((w - w0).abs().max()) <= tol * float(w0.abs().max()), l
+    # twice as many batches fit a budget in half precision: four of float16 where two of float32 fit
+    budget = 2 * BATCH * sum(ref.hap_dims_.values()) * 4
+    with Rows(conv) as rows:
+        part = lnp.LibraryNetwork(conv, ["1", "3"], batch_size=BATCH, thresholds=0.8,
+                                  cache_bytes=budget).fit(data, cache_dtype=dtype)
+    assert rows.n == 2 * N - 4 * BATCH and part.n_forward_passes_ == 2
+
+
+def test_cache_dtype_checks(conv, data):
+    net = lnp.LibraryNetwork(conv, ["1", "3"], batch_size=BATCH, thresholds=0.8)
+    with pytest.raises(ValueError, match="cache_dtype must be one of"):
+        net.fit(data, cache_dtype="int8")
+    with pytest.raises(ValueError, match="layer '1': activations up to .* overflow cache_dtype=float16"):
+        net.fit(data * 1e5, cache_dtype="float16")
+    assert not net.is_fitted  # all or nothing
+    assert fitting.check_cache_dtype(torch.bfloat16) is torch.bfloat16
