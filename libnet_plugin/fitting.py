@@ -1,7 +1,8 @@
 """The fit engine: runs the training data through the model and fills the libraries and readouts.
 
 :meth:`LibraryNetwork.fit <libnet_plugin.LibraryNetwork.fit>` calls :func:`fit_network`, which picks the
-budget for keeping the HAPs (:func:`default_cache_bytes`), the thresholds, and runs :func:`stream_fit`:
+budget for keeping the HAPs (:func:`default_cache_bytes`) and the thresholds (``"auto"``: from the first
+batches of pass 1, :func:`_hold_first_batches`), and runs :func:`stream_fit`:
 
 - pass 1 (:class:`_FirstPass`) runs the model (through the probe, :mod:`libnet_plugin.probe`) over the data
   once and feeds every batch of HAPs, in order, to the libraries (:mod:`libnet_plugin.library`), each
