@@ -16,7 +16,9 @@ Sections (docs/design.md section 6, issue "Performance"):
 7. the whole fit (library, then the Hebbian readout's pass) against one plain matrix product, on the
    synthetic set, a clustered set (3,000 centres) and a library that keeps growing (cosines near theta);
 8. peak memory and time of fitting and scoring one library against the layer's width (10k to 1M values per
-   input; exact, sparse, projected, pooled; benchmarks/bench_layer_size.py; --quick: 10k and 100k).
+   input; exact, sparse, projected, pooled; benchmarks/bench_layer_size.py; --quick: 10k and 100k);
+9. the whole fit (in memory and streamed) and the default guard against the model's forward pass on a
+   ResNet-18-style and a ResNet-50-style net (benchmarks/bench_real_models.py), with what the guard adds.
 
 Ratios are measured in one run; absolute times are reported with the machine that produced them.
 """
@@ -44,7 +46,15 @@ from libnet_plugin.experiments.report import (
 )
 from libnet_plugin.plugins import make_probe
 
-from . import bench_construction, bench_fit, bench_guard_threads, bench_layer_size, bench_memory, bench_sparse
+from . import (
+    bench_construction,
+    bench_fit,
+    bench_guard_threads,
+    bench_layer_size,
+    bench_memory,
+    bench_real_models,
+    bench_sparse,
+)
 from ._util import machine_info, resolve_device
 from .mnist_setup import MnistBench, prepare_mnist
 from .synthetic import CLUSTERED, GROWING, SyntheticSpec, synthetic_set
@@ -152,6 +162,8 @@ def run(device: str = "cpu", *, quick: bool = False, out_dir: str | Path = "benc
     with timer.stage("layer_size"):
         widths = bench_layer_size.WIDTHS[:2] if quick else bench_layer_size.WIDTHS
         sections["layer_size"] = bench_layer_size.run(widths, n=500 if quick else 2000, log=log)
+    with timer.stage("real_models"):
+        sections["real_models"] = bench_real_models.main(str(dev), quick=quick, log=log)
     report["seconds"] = timer.as_dict()
     report["machine"]["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     write_json_atomic(out / "report.json", report)
@@ -301,9 +313,34 @@ def render_markdown(report: dict[str, Any]) -> str:
                   "each configuration in a fresh process (peak RSS, Linux VmHWM); fit = library pass + Hebbian pass "
                   "(times include generating the rows); scoring: 256 inputs, top_k 8.", "",
                   bench_layer_size.render(layer), ""]
+    real = sec.get("real_models")
+    if real:
+        lines += real_models_section(real)
     if report.get("figure"):
         lines += [f"![benchmarks]({report['figure']})", ""]
     return "\n".join(lines)
+
+
+def real_models_section(sec: dict[str, Any]) -> list[str]:
+    """Section 9: fit and guard over the forward pass on the ResNet-style nets, with the targets of issue 30."""
+    m, st = sec["machine"], sec["setting"]
+    rows = []
+    for r in sec["nets"].values():
+        q, a = r["ratios"], r["guard_above_forward_s"]
+        rows.append([r["net"], f"{r['n']} x {r['px']} px", r["passes"]["fit_in_memory"], q["fit_in_memory_over_forward"],
+                     q["fit_in_memory_over_own_pass"], r["passes"]["fit_streamed"], q["fit_streamed_over_forward"],
+                     q["fit_streamed_over_own_pass"], q["guard_over_forward"],
+                     a["hooks"] * 1e3, a["after_the_model"] * 1e3, a["after_the_model_profile"]["shares"]])
+    return ["## 9. Fit and guard against the forward pass (benchmarks/bench_real_models.py)", "",
+            f"Random weights and inputs, layers layer2/layer3/layer4, `thresholds=\"auto\"`; {st['n']} inputs, "
+            f"batch {st['batch']}, best of {st['repeat']} turns; {m['threads']} torch threads, load average "
+            f"{_load(m.get('load_average_at_start'))} at start, {_load(sec.get('load_average_at_end'))} at end. "
+            "Targets: fit at most 1.3x one forward pass over the data in memory, 2.2x streamed; the default "
+            "guard at most 1.05x the forward at batch 64.", "",
+            markdown_table(["net", "inputs", "passes (memory)", "fit / forward (memory)", "fit / own pass (memory)",
+                            "passes (streamed)", "fit / forward (streamed)", "fit / own pass (streamed)",
+                            "guard / forward", "hooks ms", "after the model ms",
+                            "after the model, by op (profiled shares)"], rows, floatfmt=".2f"), ""]
 
 
 def _load(values: Any) -> str:

@@ -11,7 +11,7 @@ or CPU kernel, which then changes the later decisions that depend on it.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -23,7 +23,7 @@ from ._validate import check_float_dtype, check_int, dtype_name
 from .errors import NotFittedError, SaveFormatError, ShapeMismatchError
 
 __all__ = ["leader_within", "Library", "NodeLibrary", "ExactLibrary", "leader_reference", "normalize_rows", "validate_threshold", "EPS",
-           "count_sketch_map", "count_sketch", "ChunkScores"]
+           "count_sketch_map", "count_sketch", "ChunkScores", "LeaderObserver"]
 
 #: Added to the norm before dividing (docs/method.md section 1): a zero vector stays zero.
 EPS = 1e-12
@@ -96,7 +96,8 @@ def count_sketch(x: Tensor, sketch_map: tuple[Tensor, Tensor], buckets: int) -> 
 @dataclass
 class ChunkScores:
     """The cosines the leader rule of :class:`ExactLibrary` computed for one chunk of rows (what its
-    ``partial_fit(..., on_chunk=...)`` hands out, for the readout's pass; nothing is computed for it).
+    ``partial_fit(..., observer=...)`` hands to :meth:`LeaderObserver.on_chunk`, for the readout's pass;
+    nothing is computed for it).
 
     Rows are positions in the chunk, nodes are library indices; cosines are float32 products of the
     normalised rows, with the chunk's rounding (good for bounds, not for exact values).
@@ -127,6 +128,32 @@ class ChunkScores:
     gram: np.ndarray | None
     accepted: Tensor
     novel_cos: Tensor | None
+
+
+@runtime_checkable
+class LeaderObserver(Protocol):
+    """What :meth:`ExactLibrary.partial_fit` tells an observer and asks it (``partial_fit(..., observer=o)``).
+
+    The fit's Hebbian pass (:class:`~libnet_plugin.hebbian_pass.HebbianPairPass`) is one: it keeps the
+    cosines the leader rule computes in the first pass, so that the second pass need not compute them
+    again. None of the three calls changes which rows become nodes.
+
+    Per ``partial_fit`` call, in this order:
+
+    1. :meth:`use_screen` once: whether the screen may decide rows of this batch (``False``: every row
+       is compared with every node, as with the screen off).
+    2. per chunk of rows, when the screen decided some rows: :meth:`want_dense` with the node above theta
+       the screen found for each and that cosine; the rows it marks are compared with every node all the
+       same (the observer wants their cosines).
+    3. per chunk, before its new nodes are stored: :meth:`on_chunk` with the :class:`ChunkScores` of the
+       chunk (read only).
+    """
+
+    def use_screen(self) -> bool: ...
+
+    def want_dense(self, node: Tensor, cos: Tensor) -> Tensor: ...
+
+    def on_chunk(self, scores: ChunkScores) -> None: ...
 
 
 def leader_within(gram: np.ndarray, threshold: float) -> np.ndarray:
@@ -190,6 +217,19 @@ class Library(Protocol):
 
     Implementations receive raw (un-normalised) flattened HAPs and normalise (or transform) them
     themselves, so transforms such as sparse sampling stay inside the library.
+
+    The readout's pass of a fit (pass 2, :mod:`libnet_plugin.fitting`) takes one of two routes:
+
+    - the *pair pass* (:class:`~libnet_plugin.hebbian_pass.HebbianPairPass`), which sums Eq. 2 over the
+      (input, node) pairs that count only, reusing the cosines the leader rule computed in pass 1. A kind
+      gets it by being an :class:`ExactLibrary` that keeps ExactLibrary's ``partial_fit``, ``_novel_rows``,
+      ``_screen``, ``similarity`` and ``transform`` (it may change ``embed``: a sub-vector or a
+      projection, as :mod:`libnet_plugin.sparse`'s kinds do) and scores in its own dtype, with the
+      default :class:`~libnet_plugin.readout.HebbianReadout` of width up to 0.018;
+    - the *dense pass* for every other kind (and readout): ``readout.accumulate(library.similarity(haps),
+      answers)`` batch by batch, which needs only the methods below and costs one ``[B, M]`` product per
+      batch. The fit logs (INFO, logger ``libnet_plugin.fitting``) each library that takes it and why
+      (:func:`~libnet_plugin.hebbian_pass.dense_pass_reason`).
     """
 
     threshold: float
@@ -441,13 +481,11 @@ class ExactLibrary:
         return undecided, best_node, best_cos
 
     # -- fitting -------------------------------------------------------------------------------
-    def _novel_rows(self, x: Tensor, on_chunk: Callable[[ChunkScores], None] | None = None,
-                    start: int = 0, want_dense: Callable[[Tensor, Tensor], Tensor] | None = None,
+    def _novel_rows(self, x: Tensor, observer: LeaderObserver | None = None, start: int = 0,
                     screen: bool = True) -> Tensor:
-        """Apply the leader rule to the normalised rows ``x`` in order; return the accepted row numbers.
-
-        ``on_chunk`` receives the cosines computed on the way (a :class:`ChunkScores`); ``want_dense`` and
-        ``screen`` as for :meth:`partial_fit`."""
+        """Apply the leader rule to the normalised rows ``x`` (a chunk starting at row ``start`` of the
+        batch) in order; return the accepted row numbers. ``observer`` as for :meth:`partial_fit`;
+        ``screen``: what its ``use_screen()`` said for this batch."""
         b = x.shape[0]
         theta = self.threshold
         m = self._size
@@ -465,14 +503,14 @@ class ExactLibrary:
             else:
                 self._backoff = 1
             self._last_miss = miss
-            if on_chunk is not None or want_dense is not None:
+            if observer is not None:
                 decided = torch.ones(b, dtype=torch.bool, device=x.device)
                 decided[undecided] = False
                 screened = torch.nonzero(decided).flatten()
-                if want_dense is not None and screened.numel():
-                    # rows whose cosines to every node the caller wants anyway (it never changes a decision:
+                if screened.numel():
+                    # rows whose cosines to every node the observer wants anyway (it never changes a decision:
                     # the dense product finds them at or above theta too)
-                    more = want_dense(best_node[screened], best_cos[screened]).to(screened.device)
+                    more = observer.want_dense(best_node[screened], best_cos[screened]).to(screened.device)
                     if bool(more.any()):
                         undecided = torch.sort(torch.cat([undecided, screened[more]])).values
                         screened = screened[~more]
@@ -495,28 +533,23 @@ class ExactLibrary:
             xc = x[cand]
             gram = (xc @ xc.T).cpu().numpy()
             accepted = torch.from_numpy(leader_within(gram, theta)).to(cand.device)
-        if on_chunk is not None:
+        if observer is not None:
             novel_cos = None if dense_cos is None else dense_cos[novel][accepted]
-            on_chunk(ChunkScores(start=start, rows=b, first_node=m, dense=dense, dense_cos=dense_cos,
+            observer.on_chunk(ChunkScores(start=start, rows=b, first_node=m, dense=dense, dense_cos=dense_cos,
                                  screened=screened, screened_node=screened_node, screened_cos=screened_cos,
                                  cand=cand, gram=gram, accepted=accepted, novel_cos=novel_cos))
         return cand[accepted]
 
     def partial_fit(self, haps: Tensor, indices: Tensor | None = None, *,
-                    on_chunk: Callable[[ChunkScores], None] | None = None,
-                    want_dense: Callable[[Tensor, Tensor], Tensor] | None = None, screen: bool = True) -> Tensor:
+                    observer: LeaderObserver | None = None) -> Tensor:
         """Visit the rows of ``haps`` in order and store the novel ones.
 
         Args:
             haps: raw flattened activations ``[B, D]``.
             indices: ``LongTensor[B]`` training-set indices of the rows (default: continuing count).
-            on_chunk: called once per chunk, before its new nodes are stored, with the cosines the rule
-                computed (a :class:`ChunkScores`; the Hebbian pass of a fit uses them to skip pairs); it
-                must not change them. The nodes are the same with or without it.
-            want_dense: ``want_dense(node, cosine) -> BoolTensor[S]`` for the rows the screen decided (the
-                node above theta it found for each, and that cosine): which of them to compare with every
-                node all the same, so that their cosines reach ``on_chunk`` (the nodes do not change).
-            screen: ``False`` compares every row with every node (as if the screen were off; same nodes).
+            observer: told the cosines the rule computes and asked whether to screen this batch and which
+                screened rows to compare with every node all the same (a :class:`LeaderObserver`; the
+                Hebbian pass of a fit is one). The nodes are the same with or without it.
 
         Returns:
             ``BoolTensor[B]`` (on the library's device): which rows were stored.
@@ -529,9 +562,10 @@ class ExactLibrary:
             raise ShapeMismatchError(f"layer {self.layer!r}: indices must have shape [{b}], got {tuple(indices.shape)}")
         self.n_seen += b
         stored = torch.zeros(b, dtype=torch.bool, device=self.device)
+        screen = observer.use_screen() if observer is not None else True
         for start in range(0, b, self.chunk_size):
             x = self.transform(haps[start: start + self.chunk_size])
-            rows = self._novel_rows(x, on_chunk, start, want_dense, screen)
+            rows = self._novel_rows(x, observer, start, screen)
             if rows.numel():
                 self._append(x[rows], indices[start: start + self.chunk_size].to(rows.device)[rows])
                 stored[start + rows] = True

@@ -5,23 +5,32 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pluggy
 import torch
 from torch import Tensor
 
-from ._batches import MultiInput, collect, is_one_shot, iter_batches, known_rows, n_rows, per_input_shape, progress_bar
+from ._batches import MultiInput, collect, iter_batches, n_rows, progress_bar
 from ._validate import check_int, check_layers
 from ._version import __version__
 from .errors import LibnetError, LibraryTooLargeWarning, NotFittedError, ShapeMismatchError
-from .library import NodeLibrary, validate_threshold
+from .fitting import (  # noqa: F401  (the fit engine's names stay importable from here)
+    CACHE_FALLBACK_BYTES,
+    CACHE_SHARE,
+    StreamFit,
+    check_cache_bytes,
+    default_cache_bytes,
+    fit_network,
+    resolve_thresholds,
+    stream_fit,
+)
+from .library import NodeLibrary
 from .metrics import ConfusionAccumulator, agreement_counts, cpl
 from .plugins import make_library, make_probe, make_readout
 from .probe import ConfigurableProbe, ProbeResult
-from .readout import HebbianPairPass, WeightedReadout
+from .readout import WeightedReadout
 from .serialization import load_checked, save_atomic
 
 __all__ = ["DEFAULT_THRESHOLDS", "LibraryNetwork", "stream_fit", "StreamFit", "default_cache_bytes"]
@@ -39,9 +48,9 @@ DEFAULT_THRESHOLDS = "auto"
 _NETWORK_OPTIONS = ("auto_thresholds", "plugin_manager", "batch_dims")
 
 
-def _check_network_settings(layers: list[str], thresholds: Any, auto_thresholds: Any, cache_bytes: Any) -> None:
+def _check_network_settings(layers: list[str], thresholds: Any, auto_thresholds: Any) -> None:
     """The checks of :class:`LibraryNetwork`'s settings that need no model: layers, the thresholds and their
-    ``"auto"`` options together, the cache budget (``ValueError`` naming the setting)."""
+    ``"auto"`` options together (``ValueError`` naming the setting)."""
     if not layers:
         raise ValueError("layers must name at least one layer")
     if len(set(layers)) != len(layers):
@@ -52,86 +61,8 @@ def _check_network_settings(layers: list[str], thresholds: Any, auto_thresholds:
     if auto_thresholds is not None and not isinstance(auto_thresholds, Mapping):
         raise TypeError(f"auto_thresholds must be a dict of options of thresholds.choose_thresholds, "
                         f"got {type(auto_thresholds).__name__}")
-    if isinstance(cache_bytes, str) and cache_bytes != "auto":
-        raise ValueError(f"cache_bytes must be a number of bytes >= 0 or 'auto', got {cache_bytes!r}")
 
 log = logging.getLogger(__name__)
-
-#: ``cache_bytes="auto"``: this share of the memory available when ``fit`` starts (host memory, or the free
-#: memory of the CUDA device the HAPs live on)
-CACHE_SHARE = 0.25
-#: ``cache_bytes="auto"`` where the available memory cannot be read (no ``/proc/meminfo`` nor ``sysconf``)
-CACHE_FALLBACK_BYTES = 1 << 30
-
-
-def _available_host_memory() -> int | None:
-    """Bytes of host memory available now: ``MemAvailable`` of ``/proc/meminfo`` (Linux), else the free
-    physical pages by ``os.sysconf``; ``None`` when neither can be read."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        pages, size = os.sysconf("SC_AVPHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
-        return int(pages) * int(size) if pages > 0 and size > 0 else None
-    except (AttributeError, ValueError, OSError):
-        return None
-
-
-def default_cache_bytes(device: Any = "cpu") -> tuple[int, str]:
-    """The budget ``cache_bytes="auto"`` stands for, and where it comes from (for the log).
-
-    :data:`CACHE_SHARE` (a quarter) of the memory available now where the HAPs live: the free memory of a
-    CUDA device, else the host's available memory (``/proc/meminfo``, else ``os.sysconf``); a fixed
-    :data:`CACHE_FALLBACK_BYTES` (1 GiB) where it cannot be read.
-
-    Example:
-        >>> budget, source = default_cache_bytes("cpu")
-        >>> budget > 0
-        True
-    """
-    device = torch.device(device)
-    if device.type == "cuda":
-        try:
-            free, _ = torch.cuda.mem_get_info(device)
-            return int(CACHE_SHARE * free), f"{CACHE_SHARE:g} of the {free / 2**30:.1f} GiB free on {device}"
-        except (RuntimeError, AssertionError):
-            pass
-    available = _available_host_memory()
-    if available is None:
-        return CACHE_FALLBACK_BYTES, "the fixed default (the available memory could not be read)"
-    return int(CACHE_SHARE * available), f"{CACHE_SHARE:g} of the {available / 2**30:.1f} GiB of memory available"
-
-
-def _hap_bytes(haps: Mapping[str, Tensor]) -> int:
-    return sum(h.numel() * h.element_size() for h in haps.values())
-
-
-def _forward(probe: Any, train: Any, batch_size: int) -> Any:
-    """``(per-input shape, probe result)`` of every non-empty batch of ``train``, in order: one forward pass."""
-    for x, _ in iter_batches(train, batch_size):
-        if n_rows(x):
-            yield per_input_shape(x), probe.run(x)
-
-
-def _collect_runs(probe: Any, train: Any, batch_size: int, budget: int,
-                  progress: bool | None) -> tuple[list[tuple[Any, ProbeResult]] | None, int]:
-    """One forward pass over ``train`` whose probe results are all kept while their HAPs fit ``budget``:
-    ``(runs, bytes)``, or ``(None, bytes so far)`` as soon as they do not (or, for data of a known size,
-    once the first batch shows that they will not)."""
-    total = known_rows(train)
-    runs: list[tuple[Any, ProbeResult]] = []
-    kept = 0
-    for shape, res in progress_bar(_forward(probe, train, batch_size), "libraries (the one pass)", progress):
-        runs.append((shape, res))
-        kept += _hap_bytes(res.haps)
-        rows = sum(r.outputs.shape[0] for _, r in runs)
-        if kept > budget or (total is not None and len(runs) == 1 and kept / rows * total > budget):
-            return None, kept
-    return runs, kept
 
 
 def _resolve_device(device: Any, model: Any) -> torch.device:
@@ -141,37 +72,6 @@ def _resolve_device(device: Any, model: Any) -> torch.device:
         for t in model.parameters():
             return t.device
     return torch.device("cpu")
-
-
-_ONE_SHOT_MESSAGE = (
-    "the training data is a one-shot iterator and its activations do not fit cache_bytes={cache_bytes}, so the "
-    "Hebbian pass cannot see it a second time; pass a re-iterable (Tensor, Dataset, DataLoader, list of "
-    "batches) or raise cache_bytes")
-
-
-@dataclass
-class StreamFit:
-    """What :func:`stream_fit` returns.
-
-    Attributes:
-        readouts: ``{layer: [readout per library, same order]}``, accumulated over all training inputs.
-        n_train / n_classes / input_shape: what the training data held.
-        answers: the model's answers on the training inputs, ``LongTensor[N]`` (CPU), in visiting order.
-    """
-
-    readouts: dict[str, list[Any]]
-    n_train: int
-    n_classes: int
-    input_shape: tuple[int, ...] | None
-    answers: Tensor
-    #: layers whose activations were the same for every training input (an all-zero or constant layer)
-    constant_layers: list[str] = field(default_factory=list)
-    #: whether every probed layer gave the very same activations for every input (two or more layers)
-    same_haps: bool = False
-    #: forward passes of the model over ``train`` made here (0: all from ``runs``, 1: HAPs cached, 2: streamed)
-    forward_passes: int = 2
-    #: inputs whose HAPs pass 1 kept for pass 2 (a first part of the data when they did not all fit)
-    cached_rows: int = 0
 
 
 def _check_saved_settings(cfg: Any) -> None:
@@ -259,256 +159,42 @@ def _check_labels(y: Tensor, n_classes: int) -> None:
                          f"from {int(y.min())} to {int(y.max())}")
 
 
-def stream_fit(probe: Any, train: Any, libraries: Mapping[str, Sequence[Any]], new_readout: Callable[[int], Any], *,
-               batch_size: int = 256, cache_bytes: int = 0, progress: bool | None = None,
-               desc: str = "libraries", runs: Sequence[tuple[Any, ProbeResult]] | None = None) -> StreamFit:
-    """The two streaming passes behind :meth:`LibraryNetwork.fit`, for any number of libraries per layer.
-
-    Pass 1 runs the model over ``train`` once and feeds every batch of HAPs, in order, to all libraries
-    of that layer (``partial_fit``). Pass 2, once the libraries are complete (docs/method.md section 3),
-    accumulates one readout per library from the HAPs kept in pass 1 while they fit ``cache_bytes``:
-    when those of all batches do not fit, the batches kept up to the budget are read back and the model
-    runs again on the rest only.
-    For an exact library with a Hebbian readout, pass 2 sums Eq. 2 over the (input, node) pairs whose
-    gain counts only, found from what the library computed in pass 1
-    (:class:`~libnet_plugin.readout.HebbianPairPass`).
-
-    Args:
-        probe: a layer probe (``probe.run(x) -> ProbeResult``).
-        train: Tensor, ``(X, y)``, Dataset, DataLoader or iterable of batches, in visiting order.
-        libraries: ``{layer: [library, ...]}`` (e.g. one per threshold of a sweep), empty, filled here.
-        new_readout: ``new_readout(n_classes)`` returns a fresh readout.
-        batch_size / cache_bytes / progress: as for :class:`LibraryNetwork`.
-        desc: the progress bars' label.
-        runs: the ``(per-input shape, probe result)`` of every batch of ``train``, already computed (one
-            forward pass kept whole): both passes read them and the model does not run here.
-
-    Returns:
-        A :class:`StreamFit`.
-
-    Inside a ``torch.distributed`` process group of two or more ranks, every rank streams its own shard
-    and the libraries come out as a single process would build them from the batches in (step, rank)
-    order (see :mod:`libnet_plugin.distributed`).
-    """
-    from .distributed import world
-
-    if (group := world()) is not None:
-        return _stream_fit_distributed(probe, train, libraries, new_readout, group, batch_size=batch_size,
-                                       progress=progress, desc=desc)
-    layers = list(libraries)
-    # keep pass 1's HAPs for pass 2 only within the budget (none at all with the default budget 0)
-    cache: list[dict[str, Tensor]] | None = [] if cache_bytes > 0 or runs is not None else None
-    one_shot = is_one_shot(train) and runs is None
-    if cache is None and one_shot:
-        raise ValueError(_ONE_SHOT_MESSAGE.format(cache_bytes=cache_bytes))
-    cached_bytes = cached_rows = 0
-    full = False  # the budget was reached: the cache holds the batches before that point
-    answers: list[Tensor] = []
-    n = 0
-    n_classes = None
-    input_shape = None
-    readouts: dict[str, list[Any]] = {}
-    passes: dict[tuple[str, int], HebbianPairPass] = {}  # (layer, library number) -> its pair pass
-    source = runs if runs is not None else _forward(probe, train, batch_size)
-    for shape, res in progress_bar(source, f"{desc} (pass 1)", progress):
-        rows = int(res.outputs.shape[0])
-        if n == 0:
-            input_shape = shape
-        elif shape != input_shape:
-            raise ShapeMismatchError(f"training batch has per-input shape {shape}, earlier batches had {input_shape}")
-        n_classes = int(res.outputs.shape[1])
-        if n == 0:
-            firsts = {l: res.haps[l][:1] for l in layers}
-            constant = set(layers)
-            same = len(layers) > 1 and all(res.haps[l].shape == res.haps[layers[0]].shape for l in layers)
-        constant = {l for l in constant if bool((res.haps[l] == firsts[l]).all())}
-        same = same and all(torch.equal(res.haps[l], res.haps[layers[0]]) for l in layers[1:])
-        if n == 0:  # the readouts (and the pair passes that record pass 1 for them) from the first batch on
-            readouts = {l: [new_readout(n_classes) for _ in libraries[l]] for l in layers}
-            passes = _pair_passes(libraries, readouts, record=True)
-        idx = torch.arange(n, n + rows)
-        for layer in layers:
-            for j, lib in enumerate(libraries[layer]):
-                pp = passes.get((layer, j))
-                if pp is not None and pp.record:
-                    pp.begin(n)
-                    lib.partial_fit(res.haps[layer], idx, on_chunk=pp.on_chunk, want_dense=pp.want_dense,
-                                    screen=pp.screen)
-                else:
-                    lib.partial_fit(res.haps[layer], idx)
-        answers.append(res.answers.cpu())
-        n += rows
-        if cache is not None and not full:
-            more = sum(res.haps[l].numel() * res.haps[l].element_size() for l in layers)
-            if runs is None and cached_bytes + more > cache_bytes:
-                if one_shot:  # stop now rather than after a whole wasted pass
-                    raise ValueError(_ONE_SHOT_MESSAGE.format(cache_bytes=cache_bytes))
-                full = True  # the batches kept so far are read back in pass 2, the rest runs the model again
-            else:
-                cache.append({l: res.haps[l] for l in layers})
-                cached_bytes += more
-                cached_rows += rows
-    if n == 0 or n_classes is None:
-        raise ValueError("fit received no training inputs (empty data)")
-    train_answers = torch.cat(answers)
-    for l in layers:
-        for lib, ro in zip(libraries[l], readouts[l]):
-            ro.reset(lib.size)
-    for pp in passes.values():
-        pp.finish(n)
-
-    def hap_batches():
-        if cache is not None:
-            yield from cache
-            if not full:
-                return
-        skip = len(cache) if cache is not None else 0
-        for xb, _ in iter_batches(train, batch_size):
-            if n_rows(xb):
-                if skip:  # read from the cache above
-                    skip -= 1
-                    continue
-                yield probe.run(xb).haps
-
-    seen = 0
-    for haps in progress_bar(hap_batches(), f"{desc} (pass 2)", progress):
-        b = haps[layers[0]].shape[0]
-        ans = train_answers[seen:seen + b]
-        _accumulate(libraries, readouts, passes, haps, ans, seen)
-        seen += b
-    if seen != n:
-        raise ValueError(f"the training data gave {n} inputs in the first pass and {seen} in the second; "
-                         "pass data that yields the same inputs every time it is iterated")
-    for pp in passes.values():
-        pp.finalize()
-    return StreamFit(readouts=readouts, n_train=n, n_classes=n_classes, input_shape=input_shape,
-                     answers=train_answers, constant_layers=[l for l in layers if l in constant], same_haps=same,
-                     forward_passes=0 if runs is not None else 1 if cache is not None and not full else 2,
-                     cached_rows=n if runs is not None else cached_rows)
+def _thresholds_json(thresholds: Any) -> Any:
+    """The ``thresholds`` hyperparameter as JSON (``"auto"``, a number or ``{layer: number}``)."""
+    if isinstance(thresholds, str):
+        return thresholds
+    if isinstance(thresholds, Mapping):
+        return {str(k): float(v) for k, v in thresholds.items()}
+    return float(thresholds)
 
 
-def _nodes_of_rows(library: Any, before: int, first: int, n: int) -> Tensor:
-    """``LongTensor[n]``: the node each of this rank's ``n`` rows (positions ``first ..``) became in the step
-    that grew ``library`` from ``before`` nodes, ``-1`` for none."""
-    out = torch.full((n,), -1, dtype=torch.long)
-    pos = library.node_indices[before:]
-    mine = (pos >= first) & (pos < first + n)
-    out[pos[mine] - first] = torch.nonzero(mine).flatten() + before
-    return out.to(library.device)
-
-
-def _pair_passes(libraries: Mapping[str, Sequence[Any]], readouts: Mapping[str, Sequence[Any]], *,
-                 record: bool) -> dict[tuple[str, int], HebbianPairPass]:
-    """A :class:`HebbianPairPass` for every (layer, library number) whose library and readout it serves."""
-    return {(l, j): HebbianPairPass(lib, ro, record=record) for l in libraries
-            for j, (lib, ro) in enumerate(zip(libraries[l], readouts[l])) if HebbianPairPass.applies(lib, ro)}
-
-
-def _accumulate(libraries: Mapping[str, Sequence[Any]], readouts: Mapping[str, Sequence[Any]],
-                passes: Mapping[tuple[str, int], HebbianPairPass], haps: Mapping[str, Tensor], answers: Tensor,
-                seen: int) -> None:
-    """Pass 2 for one batch (positions ``seen ..``): every readout of every layer."""
-    for l in readouts:
-        for j, (lib, ro) in enumerate(zip(libraries[l], readouts[l])):
-            pp = passes.get((l, j))
-            if pp is not None:
-                pp.accumulate(haps[l], answers, seen)
-            else:
-                ro.accumulate(lib.similarity(haps[l]), answers)
-
-
-def _stream_fit_distributed(probe: Any, train: Any, libraries: Mapping[str, Sequence[Any]],
-                            new_readout: Callable[[int], Any], group: tuple[Any, int, int], *, batch_size: int,
-                            progress: bool | None, desc: str) -> StreamFit:
-    """:func:`stream_fit` across the ranks of a process group (two passes; no activation cache)."""
-    from .distributed import all_reduce_sum, exchange_sizes, gather_rows, node_cosines, undecided_rows
-
-    dist, rank, size = group
-    layers = list(libraries)
-    local = iter(iter_batches(train, batch_size))
-    answers: list[Tensor] = []
-    n = n_local = 0
-    n_classes = 0
-    readouts: dict[str, list[Any]] = {}
-    passes: dict[tuple[str, int], HebbianPairPass] = {}
-    input_shape: tuple[int, ...] | None = None
-    device = torch.device("cpu")
-    bar = progress_bar(iter(int, 1), f"{desc} (pass 1, rank {rank})", progress)  # an endless counter
-    for _ in bar:
-        res, error = None, None
-        try:
-            xb = next((b for b, _ in local if n_rows(b)), None)
-            if xb is not None:
-                res = probe.run(xb)
-                if input_shape is None:
-                    input_shape = per_input_shape(xb)
-        except Exception as exc:  # every rank must hear of it, or the others wait at the next collective
-            error = f"{type(exc).__name__}: {exc}"
-        widths = [int(res.haps[l].shape[1]) if res is not None else 0 for l in layers]
-        c = int(res.outputs.shape[1]) if res is not None else 0
-        if res is not None:
-            device = res.haps[layers[0]].device
-        sizes, most = exchange_sizes(dist, rank, size, 0 if res is None else n_rows(xb), error, device,
-                                     [*widths, c])
-        step = sum(sizes)
-        if step == 0:
-            break
-        if n == 0:  # the readouts, and the pair passes that record this rank's share of pass 1 for them
-            n_classes = most[-1]
-            readouts = {l: [new_readout(n_classes) for _ in libraries[l]] for l in layers}
-            passes = _pair_passes(libraries, readouts, record=True)
-        first = n + sum(sizes[:rank])  # this rank's first position in the (step, rank) order
-        for l, width in zip(layers, most[:-1]):
-            mine = res.haps[l] if res is not None else torch.zeros(0, width, device=device)
-            for j, lib in enumerate(libraries[l]):
-                # rows the library already decides (a node at cosine >= theta) are never stored by the
-                # sequential rule either; only the others travel, in rank order, with their positions
-                cos = node_cosines(lib, mine) if mine.shape[0] else None
-                keep = undecided_rows(lib, mine, cos)
-                counts, _ = exchange_sizes(dist, rank, size, int(keep.numel()), None, device)
-                rows = gather_rows(dist, mine[keep], counts, width, torch.float32, device)
-                pos = gather_rows(dist, (first + keep).to(torch.float64)[:, None], counts, 1, torch.float64, device)
-                before = lib.size
-                lib.partial_fit(rows, pos[:, 0].round().to(torch.long).cpu())
-                pp = passes.get((l, j))
-                if pp is not None and pp.record:
-                    pp.on_step(cos, before, _nodes_of_rows(lib, before, first, mine.shape[0]))
-        if res is not None:
-            answers.append(res.answers.cpu())
-            n_local += n_rows(xb)
-        n += step
-    if n == 0:
-        raise ValueError("fit received no training inputs on any rank (empty data)")
-    for l in layers:
-        for lib, ro in zip(libraries[l], readouts[l]):
-            ro.reset(lib.size)
-    # the pairs that count, found from this rank's cosines of pass 1 and by scoring its inputs against the
-    # nodes stored after them, with their gains in float64: the weights one process gets, up to the order
-    # of the sums
-    for pp in passes.values():
-        pp.finish(n_local)
-    train_answers = torch.cat(answers) if answers else torch.empty(0, dtype=torch.long)
-    seen, error = 0, None
-    try:
-        for xb, _ in progress_bar(iter_batches(train, batch_size), f"{desc} (pass 2, rank {rank})", progress):
-            if not n_rows(xb):
-                continue
-            haps = probe.run(xb).haps
-            ans = train_answers[seen:seen + n_rows(xb)]
-            _accumulate(libraries, readouts, passes, haps, ans, seen)
-            seen += n_rows(xb)
-        if seen != n_local:
-            raise ValueError(f"the shard gave {n_local} inputs in the first pass and {seen} in the second")
-        for pp in passes.values():
-            pp.finalize()
-    except Exception as exc:
-        error = f"{type(exc).__name__}: {exc}"
-    exchange_sizes(dist, rank, size, seen, error, device)
-    for l in layers:  # Eq. 2 is a sum over the inputs: the shards' partial sums add up
-        for ro in readouts[l]:
-            ro.load_state_dict(all_reduce_sum(dist, ro.state_dict(), device))
-    return StreamFit(readouts=readouts, n_train=n, n_classes=n_classes, input_shape=input_shape,
-                     answers=train_answers)
+def _warn_about_fit(net: Any, fitted: Any) -> None:
+    """The warnings of a fit that went through but is of little use: one answer for every input, a constant
+    layer, layers with the same activations, a library keeping most of the data (``stacklevel``: fit's caller)."""
+    if fitted.answers.numel() and bool((fitted.answers == fitted.answers[0]).all()):
+        warnings.warn(f"the model answers class {int(fitted.answers[0])} for every training input: every library "
+                      "node is linked to that class, so the layers' predictions and the detectors cannot tell "
+                      "inputs apart (an untrained or collapsed model?)", stacklevel=3)
+    for l in fitted.constant_layers:
+        zero = all(not bool(lib.nodes.any()) for lib in [net.libraries_[l]] if isinstance(lib, NodeLibrary))
+        warnings.warn(f"layer {l!r} is constant: its activations are {'all zero' if zero else 'the same'} for "
+                      f"every one of the {net.n_train_} training inputs, so its library cannot tell inputs "
+                      "apart (whatever its theta); probe another layer (a dead ReLU or a layer the inputs do "
+                      "not reach?)", stacklevel=3)
+    if fitted.same_haps:
+        warnings.warn(f"the probed layers {net.layers} carry the very same activations for every training "
+                      "input (one tensor recorded under several names, e.g. a model's output and the layer "
+                      "that computes it), so their predictions always agree and CPL is vacuous: probe "
+                      "layers that compute different things", stacklevel=3)
+    advice = ("lower that layer's theta" if net.auto_thresholds is None else
+              "thresholds='auto' chose it: pass a lower theta for that layer, thresholds={layer: theta}")
+    if net.auto_thresholds is None:
+        advice += " (or use thresholds='auto')"
+    for l, size in net.library_sizes_.items():
+        if size > 0.5 * net.n_train_ and l not in fitted.constant_layers:
+            warnings.warn(f"the library of layer {l!r} keeps {size} of its {net.n_train_} training inputs (more "
+                          f"than half) at theta {net.thresholds_[l]:g}: it stores the data rather than a summary "
+                          f"of it; {advice}", LibraryTooLargeWarning, stacklevel=3)
 
 
 class LibraryNetwork:
@@ -535,16 +221,13 @@ class LibraryNetwork:
         readout_options: extra settings passed to every readout, for the ``"hebbian"`` readout
             ``{"width": w}``, the width of g in Eq. 2 (default 0.01, the paper's); saved with the network.
         batch_size: batch size used when data is given as a Tensor or a Dataset.
-        cache_bytes: memory budget (bytes) for keeping the HAPs of the model's forward pass over the
-            training data. When the HAPs of all probed layers fit, the model runs **once**: both passes of
-            the fit (and ``thresholds="auto"``'s sample) read them. Otherwise the data is streamed twice,
-            the second pass running the model only on the inputs after those whose HAPs fit the budget
-            (with ``thresholds="auto"`` the model runs on its sample of ``sample_size`` inputs first; the
-            pass that tried to keep every HAP is dropped, after one batch for data of a known size). ``"auto"`` (the
-            default) is a quarter of the memory available when ``fit`` starts (:func:`default_cache_bytes`);
-            ``0`` always streams, holding the libraries plus one batch of HAPs. Not saved; the budget
-            used and the passes made are logged (logger ``libnet_plugin.network``) and kept in
-            ``cache_bytes_`` and ``n_forward_passes_``.
+        cache_bytes: memory budget (bytes) for keeping the HAPs of the model's forward pass over the training
+            data: when those of all probed layers fit, the model runs **once** and both passes of the fit
+            (and ``thresholds="auto"``'s sample) read them; else the second pass reads the batches that fit
+            and runs the model on the rest (:func:`~libnet_plugin.fitting.fit_network`). ``"auto"`` (the
+            default): a quarter of the memory available when ``fit`` starts (:func:`default_cache_bytes`);
+            ``0`` always streams. Not saved; the budget and the passes made are logged (logger
+            ``libnet_plugin.network``) and kept in ``cache_bytes_`` and ``n_forward_passes_``.
         **options: the keyword options below (any other name raises ``TypeError``).
         auto_thresholds: options of :func:`libnet_plugin.thresholds.choose_thresholds` (e.g.
             ``{"target": 0.2}``) for ``thresholds="auto"``; with any other ``thresholds`` it raises
@@ -582,7 +265,7 @@ class LibraryNetwork:
                             f"{list(_NETWORK_OPTIONS)}")
         auto_thresholds, plugin_manager, batch_dims = (options.get(k) for k in _NETWORK_OPTIONS)
         layers = [layers] if isinstance(layers, str) else list(layers)
-        _check_network_settings(layers, thresholds, auto_thresholds, cache_bytes)
+        _check_network_settings(layers, thresholds, auto_thresholds)
         self.model = model
         self.layers = layers
         is_auto = isinstance(thresholds, str) and thresholds == "auto"
@@ -590,7 +273,7 @@ class LibraryNetwork:
         # the hyperparameter as given; checked now so that a bad value fails before any pass over data
         self.thresholds = dict(thresholds) if isinstance(thresholds, Mapping) else thresholds
         if not is_auto:
-            self._resolve_thresholds(thresholds, layers)
+            resolve_thresholds(thresholds, layers)
         self.top_k = check_int(top_k, "top_k")
         self.device = _resolve_device(device, model)
         self.library = library
@@ -598,8 +281,7 @@ class LibraryNetwork:
         self.readout = readout
         self.readout_options = dict(readout_options or {})
         self.batch_size = check_int(batch_size, "batch_size")
-        self.cache_bytes = cache_bytes if isinstance(cache_bytes, str) else check_int(cache_bytes, "cache_bytes",
-                                                                                     minimum=0)
+        self.cache_bytes = check_cache_bytes(cache_bytes)
         self.plugin_manager = plugin_manager
         self.probe = make_probe(model, layers, self.device, plugin_manager)
         self.batch_dims = {str(k): v for k, v in batch_dims.items()} if batch_dims else None
@@ -610,20 +292,6 @@ class LibraryNetwork:
             self.probe.set_batch_dims(self.batch_dims)
 
     # ------------------------------------------------------------------ settings and state
-    @staticmethod
-    def _resolve_thresholds(thresholds: ThresholdSpec, layers: list[str]) -> dict[str, float]:
-        if isinstance(thresholds, Mapping):
-            missing = [l for l in layers if l not in thresholds]
-            extra = [k for k in thresholds if k not in layers]
-            if missing or extra:
-                raise ValueError(f"thresholds must give one value per probed layer {layers}; "
-                                 f"missing {missing}, unknown {extra}")
-            return {l: validate_threshold(thresholds[l], l) for l in layers}
-        if isinstance(thresholds, str):
-            raise ValueError(f"thresholds must be a number or a {{layer: number}} dict, got {thresholds!r}")
-        value = validate_threshold(thresholds)
-        return {l: value for l in layers}
-
     def __repr__(self) -> str:
         sizes = self.library_sizes_ if self.is_fitted else None
         return (f"LibraryNetwork(layers={self.layers}, thresholds={self.thresholds!r}, top_k={self.top_k}, "
@@ -677,7 +345,7 @@ class LibraryNetwork:
         return self.probe.run(x)
 
     # ------------------------------------------------------------------ fitting
-    def fit(self, train: Any, *, progress: bool | None = None) -> LibraryNetwork:
+    def fit(self, train: Any, *, progress: bool | None = None, cache_dtype: Any = None) -> LibraryNetwork:
         """Build the libraries (first pass) and the Hebbian readouts (cached HAPs or a second pass).
 
         Args:
@@ -686,89 +354,27 @@ class LibraryNetwork:
                 ignored: the readout uses the model's own answers). A one-shot iterator works only
                 while the HAPs fit ``cache_bytes``.
             progress: show tqdm progress bars (default: only on a terminal).
+            cache_dtype: ``"float16"`` or ``"bfloat16"`` keeps the HAPs for the second pass (and
+                ``thresholds="auto"``'s sample) in that dtype: twice as many fit ``cache_bytes``, at the cost
+                of rounding the readouts' cosines (docs/scale.md, section 6); ``None``: float32.
 
         Returns:
-            ``self``, with ``libraries_``, ``readouts_``, ``library_sizes_``, ``n_classes_``,
-            ``n_train_``, ``hap_dims_`` and ``input_shape_`` set, and ``n_forward_passes_`` (runs of the
-            model over the training data, the auto-threshold sample counting as one) and ``cache_bytes_``
-            (the budget used). All or nothing: when fitting raises, an earlier fit is kept as it was.
+            ``self``, with ``libraries_``, ``readouts_``, ``library_sizes_``, ``n_classes_``, ``n_train_``,
+            ``hap_dims_``, ``input_shape_``, ``n_forward_passes_`` (runs of the model over the training data)
+            and ``cache_bytes_`` (the budget used). All or nothing: when fitting raises, an earlier fit stays.
         """
-        from .distributed import world
-
-        if isinstance(train, torch.utils.data.DataLoader) and isinstance(train.sampler, torch.utils.data.RandomSampler):
-            warnings.warn("the training DataLoader shuffles: libraries depend on the visiting order, and the "
-                          "exemplar indices refer to the order of the first pass", stacklevel=2)
-        if isinstance(self.cache_bytes, str):
-            budget, source = default_cache_bytes(self.device)
-        else:
-            budget, source = self.cache_bytes, "cache_bytes"
-        passes, runs, kept, note = 0, None, 0, ""
-        if self.auto_thresholds is not None and budget > 0 and world() is None:
-            # one forward pass kept whole when it fits: the threshold sample, pass 1 and pass 2 all read it
-            runs, kept = _collect_runs(self.probe, train, self.batch_size, budget, progress)
-            if runs is None:
-                if is_one_shot(train):
-                    raise ValueError(_ONE_SHOT_MESSAGE.format(cache_bytes=budget))
-                note = f"; keeping every HAP would exceed it ({kept / 2**20:.1f} MB kept then): that pass was dropped"
-            else:
-                passes = 1
-        if self.auto_thresholds is not None and runs is not None:
-            from .thresholds import choose_thresholds_from_haps
-
-            thetas, report = choose_thresholds_from_haps([r.haps for _, r in runs], self.new_library,
-                                                         layers=self.layers, batch_size=self.batch_size,
-                                                         **self.auto_thresholds)
-        elif self.auto_thresholds is not None:
-            from .thresholds import choose_thresholds
-
-            thetas, report = choose_thresholds(self.probe, train, self.new_library, layers=self.layers,
-                                               batch_size=self.batch_size, **self.auto_thresholds)
-            passes += 1  # the model over the sample
-        else:
-            thetas, report = self._resolve_thresholds(self.thresholds, self.layers), None
-        libraries = {l: self.new_library(l, thetas[l]) for l in self.layers}
-        fitted = stream_fit(self.probe, train, {l: [lib] for l, lib in libraries.items()}, self._new_readout,
-                            batch_size=self.batch_size, cache_bytes=budget, progress=progress,
-                            runs=runs)
-        runs = None
-        passes += fitted.forward_passes
+        done = fit_network(self, train, self._new_readout, progress, cache_dtype)
+        fitted = done.fitted
         # all or nothing: the network's fitted state changes only here, once everything above succeeded
-        self.adopt_fitted(libraries, {l: r[0] for l, r in fitted.readouts.items()},
+        self.adopt_fitted(done.libraries, {l: r[0] for l, r in fitted.readouts.items()},
                           n_classes=fitted.n_classes, n_train=fitted.n_train, input_shape=fitted.input_shape)
-        if report is not None:
-            self.auto_thresholds_report_ = report
-        self.n_forward_passes_ = passes
-        self.cache_bytes_ = budget
-        how = ("the HAPs of every probed layer kept" if fitted.forward_passes < 2 else
-               "streamed (distributed)" if world() is not None else "streamed" if budget == 0 else
-               f"streamed: the HAPs do not fit; the second pass read the first {fitted.cached_rows} inputs' from "
-               f"memory and ran the model on {fitted.n_train - fitted.cached_rows}")
-        log.info("fit: %d forward pass%s of the model over the %d training inputs (%s; budget %.1f MB, %s%s)",
-                 passes, "" if passes == 1 else "es", self.n_train_, how, budget / 2**20, source, note)
-        if fitted.answers.numel() and bool((fitted.answers == fitted.answers[0]).all()):
-            warnings.warn(f"the model answers class {int(fitted.answers[0])} for every training input: every library "
-                          "node is linked to that class, so the layers' predictions and the detectors cannot tell "
-                          "inputs apart (an untrained or collapsed model?)", stacklevel=2)
-        for l in fitted.constant_layers:
-            zero = all(not bool(lib.nodes.any()) for lib in [self.libraries_[l]] if isinstance(lib, NodeLibrary))
-            warnings.warn(f"layer {l!r} is constant: its activations are {'all zero' if zero else 'the same'} for "
-                          f"every one of the {self.n_train_} training inputs, so its library cannot tell inputs "
-                          "apart (whatever its theta); probe another layer (a dead ReLU or a layer the inputs do "
-                          "not reach?)", stacklevel=2)
-        if fitted.same_haps:
-            warnings.warn(f"the probed layers {self.layers} carry the very same activations for every training "
-                          "input (one tensor recorded under several names, e.g. a model's output and the layer "
-                          "that computes it), so their predictions always agree and CPL is vacuous: probe "
-                          "layers that compute different things", stacklevel=2)
-        advice = ("lower that layer's theta" if self.auto_thresholds is None else
-                  "thresholds='auto' chose it: pass a lower theta for that layer, thresholds={layer: theta}")
-        if self.auto_thresholds is None:
-            advice += " (or use thresholds='auto')"
-        for l, size in self.library_sizes_.items():
-            if size > 0.5 * self.n_train_ and l not in fitted.constant_layers:
-                warnings.warn(f"the library of layer {l!r} keeps {size} of its {self.n_train_} training inputs (more "
-                              f"than half) at theta {self.thresholds_[l]:g}: it stores the data rather than a summary "
-                              f"of it; {advice}", LibraryTooLargeWarning, stacklevel=2)
+        if done.report is not None:
+            self.auto_thresholds_report_ = done.report
+        self.n_forward_passes_ = done.forward_passes
+        self.cache_bytes_ = done.budget
+        log.info("fit: %d forward pass%s of the model over the %d training inputs (%s)", done.forward_passes,
+                 "" if done.forward_passes == 1 else "es", self.n_train_, done.how)
+        _warn_about_fit(self, fitted)
         return self
 
     def adopt_fitted(self, libraries: Mapping[str, Any], readouts: Mapping[str, Any], *, n_classes: int,
@@ -937,18 +543,10 @@ class LibraryNetwork:
         return (idx, sims) if return_similarities else idx
 
     # ------------------------------------------------------------------ persistence
-    def _thresholds_json(self) -> Any:
-        """The ``thresholds`` hyperparameter as JSON (``"auto"``, a number or ``{layer: number}``)."""
-        if isinstance(self.thresholds, str):
-            return self.thresholds
-        if isinstance(self.thresholds, Mapping):
-            return {str(k): float(v) for k, v in self.thresholds.items()}
-        return float(self.thresholds)
-
     def config(self) -> dict[str, Any]:
         """The JSON-able settings saved with the network (what :meth:`from_state` reads back)."""
         return {
-            "layers": self.layers, "thresholds": self.thresholds_, "thresholds_param": self._thresholds_json(),
+            "layers": self.layers, "thresholds": self.thresholds_, "thresholds_param": _thresholds_json(self.thresholds),
             "auto_thresholds": self.auto_thresholds, "top_k": self.top_k,
             "library": self.library, "library_options": self.library_options,
             "readout": self.readout, "readout_options": self.readout_options,

@@ -4,7 +4,11 @@ The seed hand-picked theta per layer. :func:`choose_thresholds` instead aims at 
 fraction of the training set per layer (``target=0.1``: about 10% of the training inputs become nodes),
 or a number of nodes. It streams once over the training data to draw a uniform random sample of the
 inputs (reservoir sampling, kept in visiting order) and to count them, runs the model on the sample
-only, and for each layer bisects theta on the leader rule over the sample. When the sample is smaller
+only, and for each layer bisects theta on the leader rule over the sample.
+:meth:`LibraryNetwork.fit <libnet_plugin.LibraryNetwork.fit>` takes the sample from its own first pass
+instead (:func:`choose_thresholds_from_haps`): from all the data when its HAPs fit the fit's budget, else
+from the first part of the data that pass holds (at least ``sample_size`` inputs) before the libraries
+start, since the libraries need theta from their first input on. When the sample is smaller
 than the training set, the library size on the whole set is extrapolated from the growth of the
 library along the sample (a power law ``M(n) ~ n^b`` fitted on the second half of the sample): the
 library grows slower than the data, so a plain fraction of the sample would overshoot.
@@ -53,6 +57,15 @@ log = logging.getLogger(__name__)
 
 #: Bisection bounds for theta (the library's valid range is (0, 1]).
 THETA_MIN, THETA_MAX = 1e-3, 1.0
+#: inputs sampled to choose theta from, unless ``sample_size`` says otherwise
+DEFAULT_SAMPLE_SIZE = 1000
+
+
+def check_sample_size(n: Any) -> int:
+    """``sample_size`` checked: a positive integer."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"sample_size must be a positive integer, got {n!r}")
+    return n
 
 
 def reservoir_sample(data: Any, n: int, seed: int = 0,
@@ -76,8 +89,7 @@ def reservoir_sample(data: Any, n: int, seed: int = 0,
         >>> x.shape, total, bool((idx[1:] > idx[:-1]).all()), bool((x[:, 0] == idx).all())
         (torch.Size([10, 1]), 100, True, True)
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"sample_size must be a positive integer, got {n!r}")
+    check_sample_size(n)
     if (group := world()) is not None:
         return _reservoir_sample_distributed(data, n, seed, batch_size, group)
     rng = np.random.default_rng(seed)
@@ -225,7 +237,8 @@ def _reservoir_sample_distributed(data: Any, n: int, seed: int, batch_size: int,
 
 def choose_thresholds(probe: LayerProbe, train: Any, new_library: Callable[[str, float], Library], *,
                       layers: Sequence[str], batch_size: int = 256,
-                      target: float | int | Mapping[str, float | int] = 0.1, sample_size: int = 1000, seed: int = 0,
+                      target: float | int | Mapping[str, float | int] = 0.1, sample_size: int = DEFAULT_SAMPLE_SIZE,
+                      seed: int = 0,
                       tol: float = 0.02, max_iter: int = 25) -> tuple[dict[str, float], dict[str, dict[str, Any]]]:
     """Choose theta per layer so that each library reaches a target size.
 
@@ -303,23 +316,36 @@ def reservoir_positions(batch_sizes: Sequence[int], n: int, seed: int = 0) -> Te
 def choose_thresholds_from_haps(hap_batches: Sequence[Mapping[str, Tensor]],
                                 new_library: Callable[[str, float], Library], *, layers: Sequence[str],
                                 batch_size: int = 256, target: float | int | Mapping[str, float | int] = 0.1,
-                                sample_size: int = 1000, seed: int = 0, tol: float = 0.02,
-                                max_iter: int = 25) -> tuple[dict[str, float], dict[str, dict[str, Any]]]:
-    """:func:`choose_thresholds` from the HAPs of the whole training data, already computed (one forward
-    pass that ``fit`` keeps), batch by batch in visiting order; no model run here.
+                                sample_size: int = DEFAULT_SAMPLE_SIZE, seed: int = 0, tol: float = 0.02,
+                                max_iter: int = 25,
+                                n_total: int | None = None) -> tuple[dict[str, float], dict[str, dict[str, Any]]]:
+    """:func:`choose_thresholds` from HAPs already computed, batch by batch in visiting order (the first
+    pass of ``fit`` keeps them); no model run here.
 
-    The sample is the one :func:`choose_thresholds` draws from batches of the same sizes (the same
-    positions, :func:`reservoir_positions`); its HAPs come from the batches of the data rather than from
-    batches of the sample, so they may differ from those by float32 rounding of the model's kernels.
+    With the HAPs of the whole training data (``n_total`` ``None``), the sample is the one
+    :func:`choose_thresholds` draws from batches of the same sizes (the same positions,
+    :func:`reservoir_positions`); its HAPs come from the batches of the data rather than from batches of
+    the sample, so they may differ from those by float32 rounding of the model's kernels.
+
+    With ``n_total`` (the size of the whole data), the batches are only its first part, as ``fit`` holds
+    them when the HAPs of all the data do not fit its budget: the sample is drawn uniformly from that first
+    part (all of it when it has at most ``sample_size`` inputs) and the library sizes are extrapolated to
+    ``n_total`` inputs. The thetas then suit the whole data as far as its first part stands for it: for
+    data in a sorted order (by class, by source) shuffle it once with a fixed seed, raise ``cache_bytes``,
+    or give the thresholds.
     """
-    if isinstance(sample_size, bool) or not isinstance(sample_size, int) or sample_size < 1:
-        raise ValueError(f"sample_size must be a positive integer, got {sample_size!r}")
+    check_sample_size(sample_size)
     layers = list(layers)
     targets = _check_targets(target, layers, tol)
     sizes = [int(h[layers[0]].shape[0]) for h in hap_batches]
-    n_total = sum(sizes)
-    if n_total == 0:
+    seen = sum(sizes)
+    if seen == 0:
         raise ValueError("choose_thresholds received no training inputs (empty data)")
+    if n_total is None:
+        n_total = seen
+    elif isinstance(n_total, bool) or not isinstance(n_total, int) or n_total < seen:
+        raise ValueError(f"n_total must be the size of the whole data, at least the {seen} inputs given; got "
+                         f"{n_total!r}")
     pos = reservoir_positions(sizes, sample_size, seed)
     haps: dict[str, list[Tensor]] = {l: [] for l in layers}
     start = 0

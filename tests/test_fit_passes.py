@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 import libnet_plugin as lnp
-from libnet_plugin import network
+from libnet_plugin import fitting
+from libnet_plugin.thresholds import choose_thresholds, choose_thresholds_from_haps
 
 N, BATCH = 300, 64
 
@@ -74,28 +75,63 @@ def test_one_pass_and_two_pass_fits_agree(conv, data):
 def test_auto_thresholds_take_their_sample_from_the_one_pass(conv, data):
     auto = {"target": 0.2, "sample_size": 120}
     one, rows_one = _fit(conv, data, thresholds="auto", auto_thresholds=auto)
-    three, rows_three = _fit(conv, data, thresholds="auto", auto_thresholds=auto, cache_bytes=0)
     assert rows_one == N and one.n_forward_passes_ == 1
-    assert rows_three == 120 + 2 * N and three.n_forward_passes_ == 3  # the sample, then two streamed passes
-    # the same reservoir positions; the sample's HAPs from the data's batches instead of the sample's
-    assert one.auto_thresholds_report_ == three.auto_thresholds_report_
-    _same_fit(one, three)
+    # the one pass's sample is the reservoir sample choose_thresholds draws from the data
+    sampled, _ = _fit(conv, data, thresholds=choose_thresholds(
+        one.probe, data, one.new_library, layers=one.layers, batch_size=BATCH, **auto)[0])
+    _same_fit(one, sampled)
 
 
-def test_haps_over_the_budget_stream_after_one_batch(conv, data):
+def test_streamed_auto_thresholds_take_their_sample_from_the_first_pass(conv, data, caplog):
+    # over the budget: the first pass holds its first batches until they hold the sample (two batches of 64
+    # for 120 inputs), chooses theta from them (sizes extrapolated to all 300 inputs), and goes on
     auto = {"target": 0.2, "sample_size": 120}
-    ref, _ = _fit(conv, data, thresholds="auto", auto_thresholds=auto, cache_bytes=0)
-    # a Tensor's size is known: the first batch shows that the HAPs will not fit, and the rest is streamed
+    with caplog.at_level(logging.INFO, logger="libnet_plugin.network"):
+        two, rows = _fit(conv, data, thresholds="auto", auto_thresholds=auto, cache_bytes=0)
+    assert rows == 2 * N and two.n_forward_passes_ == 2
+    assert "fit: 2 forward passes" in caplog.text and "sample from the first 128 inputs" in caplog.text
+    net = lnp.LibraryNetwork(conv, ["1", "3"], batch_size=BATCH)
+    first = [net.run(b).haps for b in data[:128].split(BATCH)]
+    thetas, report = choose_thresholds_from_haps(first, net.new_library, layers=net.layers,
+                                                                batch_size=BATCH, n_total=N, **auto)
+    assert report == two.auto_thresholds_report_ and report["1"]["n_train"] == N
+    assert two.thresholds_ == thetas
+    fixed, _ = _fit(conv, data, thresholds=thetas, cache_bytes=0)  # the libraries of those thetas
+    _same_fit(two, fixed)
+
+
+def test_haps_over_the_budget_stream_after_the_sample(conv, data):
+    auto = {"target": 0.2, "sample_size": 120}
+    # a Tensor's size is known: the first batch shows that the HAPs will not fit; the sample's two batches
+    # are held, the rest streams
     small, rows = _fit(conv, data, thresholds="auto", auto_thresholds=auto, cache_bytes=10_000)
-    assert rows == BATCH + 120 + 2 * N and small.n_forward_passes_ == 3
+    assert rows == 2 * N and small.n_forward_passes_ == 2
+    ref, _ = _fit(conv, data, thresholds=small.thresholds_, cache_bytes=0)
     _same_fit(small, ref)
-    # a list of batches is not sized: the kept HAPs are dropped as soon as they exceed the budget
+    # a list of batches is not sized: its batches are held until they exceed the budget (and hold the
+    # sample), its size counted without the model; the second pass reads the two batches that fit
     batches = list(data.split(BATCH))
     budget = 2 * BATCH * sum(small.hap_dims_.values()) * 4  # two batches fit, the third does not
     listed, rows = _fit(conv, batches, thresholds="auto", auto_thresholds=auto, cache_bytes=budget)
-    # that pass is dropped after three batches; the second streamed pass reads the first two from memory
-    assert rows == 3 * BATCH + 120 + 2 * N - 2 * BATCH and listed.n_forward_passes_ == 3
+    assert rows == 2 * N - 2 * BATCH and listed.n_forward_passes_ == 2
+    assert listed.auto_thresholds_report_["1"]["sample_size"] == 120
+    assert listed.auto_thresholds_report_["1"]["n_train"] == N
+    ref, _ = _fit(conv, data, thresholds=listed.thresholds_, cache_bytes=0)
     _same_fit(listed, ref)
+
+
+def test_forward_passes_in_memory_streamed_and_streamed_with_auto_thresholds(conv, data):
+    calls = []
+    handle = conv.register_forward_pre_hook(lambda module, args: calls.append(int(args[0].shape[0])))
+    try:
+        for kw, passes in (({"thresholds": 0.8}, 1), ({"thresholds": 0.8, "cache_bytes": 0}, 2),
+                           ({"thresholds": "auto", "auto_thresholds": {"sample_size": 100}, "cache_bytes": 0}, 2)):
+            calls.clear()
+            net = lnp.LibraryNetwork(conv, ["1", "3"], batch_size=BATCH, **kw).fit(data, progress=False)
+            assert len(calls) == passes * len(data.split(BATCH)) and sum(calls) == passes * N, kw
+            assert net.n_forward_passes_ == passes
+    finally:
+        handle.remove()
 
 
 def test_the_batches_that_fit_are_not_run_again(conv, data, caplog):
@@ -123,13 +159,13 @@ def test_budget_setting(conv, data, monkeypatch, tmp_path):
         lnp.LibraryNetwork(conv, ["1"], cache_bytes="half")
     with pytest.raises(ValueError, match="cache_bytes"):
         lnp.LibraryNetwork(conv, ["1"], cache_bytes=-1)
-    budget, source = network.default_cache_bytes("cpu")
+    budget, source = fitting.default_cache_bytes("cpu")
     assert budget > 0 and "available" in source
-    monkeypatch.setattr(network, "_available_host_memory", lambda: None)
-    assert network.default_cache_bytes("cpu") == (network.CACHE_FALLBACK_BYTES,
+    monkeypatch.setattr(fitting, "_available_host_memory", lambda: None)
+    assert fitting.default_cache_bytes("cpu") == (fitting.CACHE_FALLBACK_BYTES,
                                                   "the fixed default (the available memory could not be read)")
     net, _ = _fit(conv, data[:100], thresholds=0.8)
-    assert net.cache_bytes == "auto" and net.cache_bytes_ == network.CACHE_FALLBACK_BYTES  # not rewritten
+    assert net.cache_bytes == "auto" and net.cache_bytes_ == fitting.CACHE_FALLBACK_BYTES  # not rewritten
     net.save(tmp_path / "net.lnp")
     assert "cache_bytes" not in net.config()
     back = lnp.LibraryNetwork.load(tmp_path / "net.lnp", conv)
@@ -155,3 +191,33 @@ def test_the_bisection_from_the_gram_matrix_builds_the_same_libraries(conv, data
     slow, _ = _fit(conv, data, thresholds="auto", auto_thresholds=auto)
     assert slow.auto_thresholds_report_ == fast.auto_thresholds_report_
     _same_fit(slow, fast)
+
+
+@pytest.mark.parametrize("dtype, tol", [("float16", 2e-3), ("bfloat16", 1e-2)])
+def test_haps_kept_in_half_precision(conv, data, dtype, tol):
+    ref, _ = _fit(conv, data, thresholds=0.8)
+    with Rows(conv) as rows:
+        half = lnp.LibraryNetwork(conv, ["1", "3"], batch_size=BATCH, thresholds=0.8).fit(data, cache_dtype=dtype)
+    assert rows.n == N and half.n_forward_passes_ == 1
+    for l in half.layers:  # pass 1 feeds the libraries the float32 HAPs: the same nodes
+        assert torch.equal(half.libraries_[l].node_indices, ref.libraries_[l].node_indices)
+        assert torch.equal(half.libraries_[l].nodes, ref.libraries_[l].nodes)
+        # pass 2's cosines carry the rounding of the kept HAPs (the error docs/scale.md states)
+        w, w0 = half.readouts_[l].weight, ref.readouts_[l].weight
+        assert 0 < float((w - w0).abs().max()) <= tol * float(w0.abs().max()), l
+    # twice as many batches fit a budget in half precision: four of float16 where two of float32 fit
+    budget = 2 * BATCH * sum(ref.hap_dims_.values()) * 4
+    with Rows(conv) as rows:
+        part = lnp.LibraryNetwork(conv, ["1", "3"], batch_size=BATCH, thresholds=0.8,
+                                  cache_bytes=budget).fit(data, cache_dtype=dtype)
+    assert rows.n == 2 * N - 4 * BATCH and part.n_forward_passes_ == 2
+
+
+def test_cache_dtype_checks(conv, data):
+    net = lnp.LibraryNetwork(conv, ["1", "3"], batch_size=BATCH, thresholds=0.8)
+    with pytest.raises(ValueError, match="cache_dtype must be one of"):
+        net.fit(data, cache_dtype="int8")
+    with pytest.raises(ValueError, match="layer '1': activations up to .* overflow cache_dtype=float16"):
+        net.fit(data * 1e5, cache_dtype="float16")
+    assert not net.is_fitted  # all or nothing
+    assert fitting.check_cache_dtype(torch.bfloat16) is torch.bfloat16

@@ -65,8 +65,8 @@ def _reference(x: torch.Tensor, nodes: torch.Tensor, answers: torch.Tensor, c: i
 
 
 def _pair_fit(x, answers, theta, *, batch=128, chunk=1024, record=True, c=3, scale=1.0):
+    from libnet_plugin.hebbian_pass import HebbianPairPass
     from libnet_plugin.library import ExactLibrary
-    from libnet_plugin.readout import HebbianPairPass
 
     lib, ro = ExactLibrary(theta, chunk_size=chunk), HebbianReadout(c)
     pp = HebbianPairPass(lib, ro, record=record)
@@ -74,12 +74,11 @@ def _pair_fit(x, answers, theta, *, batch=128, chunk=1024, record=True, c=3, sca
     for i in range(0, x.shape[0], batch):
         if record:
             pp.begin(i)
-            lib.partial_fit(scale * x[i:i + batch], on_chunk=pp.on_chunk, want_dense=pp.want_dense,
-                            screen=pp.screen)
+            lib.partial_fit(scale * x[i:i + batch], observer=pp)
         else:
             lib.partial_fit(scale * x[i:i + batch])
     ro.reset(lib.size)
-    pp.finish(x.shape[0])
+    pp.end_first_pass(x.shape[0])
     for i in range(0, x.shape[0], batch):
         pp.accumulate(scale * x[i:i + batch], answers[i:i + batch], i)
     pp.finalize()
@@ -119,7 +118,7 @@ def test_pair_pass_equals_eq2_in_float64(case):
 
 @pytest.mark.parametrize("theta", [0.8, 0.7])
 def test_pair_pass_does_not_depend_on_how_the_work_is_split(theta, monkeypatch):
-    from libnet_plugin.readout import HebbianPairPass
+    from libnet_plugin.hebbian_pass import HebbianPairPass
 
     x = _clustered(1200, 1024, 300, 0.48 if theta == 0.8 else 0.62)
     answers = torch.randint(0, 4, (1200,), generator=torch.Generator().manual_seed(1))
@@ -137,7 +136,7 @@ def test_pair_pass_does_not_depend_on_how_the_work_is_split(theta, monkeypatch):
 
 
 def test_pair_pass_without_neighbour_lists_or_first_pass_pairs(monkeypatch):
-    from libnet_plugin.readout import HebbianPairPass
+    from libnet_plugin.hebbian_pass import HebbianPairPass
 
     x = _clustered(1000, 1024, 300, 0.5)  # nodes of one centre near each other: neighbour lists
     answers = torch.randint(0, 3, (1000,), generator=torch.Generator().manual_seed(2))
@@ -153,8 +152,8 @@ def test_pair_pass_without_neighbour_lists_or_first_pass_pairs(monkeypatch):
 
 
 def test_pair_pass_serves_only_what_it_computes_alike():
+    from libnet_plugin.hebbian_pass import HebbianPairPass
     from libnet_plugin.library import ExactLibrary
-    from libnet_plugin.readout import HebbianPairPass
     from libnet_plugin.sparse import SparseLibrary
 
     assert HebbianPairPass.applies(ExactLibrary(0.8), HebbianReadout(3))
@@ -196,9 +195,9 @@ def test_pair_pass_of_each_rank_records_its_rows_of_a_data_parallel_first_pass(t
     # not decided travel in rank order; each rank's pass keeps its rows' cosines (on_step) and its share of
     # Eq. 2; the shares add up to the weights of one process over the interleaved batches
     from libnet_plugin.distributed import node_cosines, undecided_rows
+    from libnet_plugin.fitting import _nodes_of_rows
+    from libnet_plugin.hebbian_pass import HebbianPairPass
     from libnet_plugin.library import ExactLibrary
-    from libnet_plugin.network import _nodes_of_rows
-    from libnet_plugin.readout import HebbianPairPass
 
     x = _clustered(1200, 1024, 300, 0.48 if theta == 0.8 else 0.62)
     answers = torch.randint(0, 3, (1200,), generator=torch.Generator().manual_seed(5))
@@ -220,7 +219,7 @@ def test_pair_pass_of_each_rank_records_its_rows_of_a_data_parallel_first_pass(t
     assert torch.equal(lib.nodes, lib_one.nodes)
     for r, (ro, pp, shard) in enumerate(zip(ros, passes, shards)):
         ro.reset(lib.size)
-        pp.finish(600)
+        pp.end_first_pass(600)
         seen = 0
         for xb, ab in shard:
             pp.accumulate(xb, ab, seen)
@@ -231,3 +230,35 @@ def test_pair_pass_of_each_rank_records_its_rows_of_a_data_parallel_first_pass(t
     torch.testing.assert_close(ros[0].weight + ros[1].weight, ro_one.weight, rtol=0, atol=4e-7)
     for pp in passes:  # after the first step, pass 2 scored each row against the nodes stored after it only
         assert bool((pp.covered[100:] > 0).all())
+
+
+def test_a_kind_without_the_pair_pass_gets_the_dense_pass_and_the_log_says_so(caplog):
+    import logging
+
+    from torch import nn
+
+    import libnet_plugin as lnp
+    from libnet_plugin.fitting import stream_fit
+    from libnet_plugin.hebbian_pass import dense_pass_reason
+    from libnet_plugin.library import ExactLibrary
+
+    class Rescored(ExactLibrary):  # its own scores: the pair pass would not compute its readout
+        def similarity(self, haps):
+            return super().similarity(haps) * 0.5
+
+    assert "overrides ExactLibrary's similarity" in dense_pass_reason(Rescored(0.8), HebbianReadout(3))
+    x = _clustered(300, 64, 20, 0.4, seed=6)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Identity(), nn.Linear(64, 4)).eval()
+    net = lnp.LibraryNetwork(model, ["0"], thresholds=0.8, batch_size=100, cache_bytes=0)
+    lib = Rescored(0.8)
+    with caplog.at_level(logging.INFO, logger="libnet_plugin.fitting"):
+        fitted = stream_fit(net.probe, x, {"0": [lib]}, HebbianReadout, batch_size=100)
+    assert "layer '0': the readout takes the dense pass" in caplog.text and "Rescored" in caplog.text
+    # the dense pass: Eq. 2 with the library's own scores, batch by batch
+    answers = torch.cat([model(b).argmax(dim=1) for b in x.split(100)])
+    ref = HebbianReadout(4)
+    ref.reset(lib.size)
+    for i in range(0, 300, 100):
+        ref.accumulate(lib.similarity(x[i:i + 100]), answers[i:i + 100])
+    torch.testing.assert_close(fitted.readouts["0"][0].weight, ref.weight, rtol=1e-6, atol=1e-6)

@@ -125,15 +125,20 @@ def test_bad_targets(model, target, message):
 
 def test_one_shot_iterator_is_refused(model):
     x = _clustered(100)
-    net = lnp.LibraryNetwork(model, ["0"], thresholds="auto", cache_bytes=0)
-    with pytest.raises(ValueError, match="re-iterable"):
+    net = lnp.LibraryNetwork(model, ["0"], thresholds="auto", auto_thresholds={"sample_size": 30}, cache_bytes=0)
+    with pytest.raises(ValueError, match="re-iterable"):  # streamed after the sample's first batch
         net.fit(iter([x[:50], x[50:]]))
+    # data no larger than the sample: the first pass holds all of it for the sample, and both passes read it
+    whole = lnp.LibraryNetwork(model, ["0"], thresholds="auto", cache_bytes=0).fit(iter([x[:50], x[50:]]))
+    assert whole.n_forward_passes_ == 1
     with pytest.raises(ValueError, match="one-shot iterator"):  # its HAPs exceed the budget
-        lnp.LibraryNetwork(model, ["0"], thresholds="auto", cache_bytes=100).fit(iter([x[:50], x[50:]]))
+        lnp.LibraryNetwork(model, ["0"], thresholds="auto", auto_thresholds={"sample_size": 30},
+                           cache_bytes=100).fit(iter([x[:50], x[50:]]))
     # within the budget (the default) the one forward pass is kept: a one-shot iterator is enough
     one = lnp.LibraryNetwork(model, ["0"], thresholds="auto").fit(iter([x[:50], x[50:]]))
     ref = lnp.LibraryNetwork(model, ["0"], thresholds="auto", cache_bytes=0).fit([x[:50], x[50:]])
-    assert one.n_forward_passes_ == 1 and ref.n_forward_passes_ == 3
+    # without a budget the 100 inputs are held all the same: the sample of 1,000 wants every one of them
+    assert one.n_forward_passes_ == 1 and ref.n_forward_passes_ == 1
     assert one.thresholds_ == ref.thresholds_
 
 
