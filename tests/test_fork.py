@@ -19,7 +19,7 @@ SCRIPT = textwrap.dedent("""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 4)).eval()
     train = torch.randn(200, 32)
-    det = lnp.ConsistencyDetector(model, ["0", "2", "4"], thresholds=0.5, train=train, method="cpl")
+    det = lnp.ConsistencyDetector.from_model(model, train, ["0", "2", "4"], thresholds=0.5, method="cpl")
     det.calibrate(torch.randn(40, 32), fpr=0.1)
     probe = torch.randn(256, 32)
     want = det.score(probe)

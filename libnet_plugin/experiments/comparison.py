@@ -392,7 +392,7 @@ def calibration_check(det: ConsistencyDetector, x_clean: Any, fpr: float, n_spli
     Returns:
         ``{"requested", "mean", "sd", "min", "max", "n_calibration", "n_heldout", "n_splits"}``.
     """
-    return _split_fpr(det.calibration_data(x_clean), _combination(det), fpr, n_splits, seed)
+    return _split_fpr(det.calibration_features(x_clean), _combination(det), fpr, n_splits, seed)
 
 
 def _combination(det: ConsistencyDetector) -> Callable[[Tensor, Tensor], Tensor] | None:
@@ -407,7 +407,7 @@ def _combination(det: ConsistencyDetector) -> Callable[[Tensor, Tensor], Tensor]
 
 def _split_fpr(data: Tensor, combine: Callable[[Tensor, Tensor], Tensor] | None, fpr: float, n_splits: int,
                seed: int) -> dict[str, Any]:
-    """:func:`calibration_check` on what :meth:`ConsistencyDetector.calibration_data` returned for clean inputs;
+    """:func:`calibration_check` on what :meth:`ConsistencyDetector.calibration_features` returned for clean inputs;
     ``combine(p_values, reference_p_values)`` fuses the per-feature p-values of fused scores, fitted anew on
     each split's calibration half (None for plain scores)."""
 
@@ -643,13 +643,13 @@ def _evaluate_detector(run: _Run, method: str, det_settings: dict[str, Any]) -> 
     det = ConsistencyDetector(run.net, method=method, settings=det_settings, plugin_manager=run.pm)
     if det.requires_training_data:
         det.fit(run.train)
-    cal_data = det.calibration_data(run.x_cal)  # kept for the FPR check below: no second pass over x_cal
-    det.calibrate_on(cal_data, s.fpr)
+    cal_data = det.calibration_features(run.x_cal)  # kept for the FPR check below: no second pass over x_cal
+    det.calibrate(features=cal_data, fpr=s.fpr)
     fit_s = time.perf_counter() - t0
     ms, parts = _time_scores(det.score, run.x_clean, s.batch_size)
     clean_scores = torch.cat(parts).cpu()
     # the FPR check needs the clean inputs as calibration sees them: plain scores are the ones just timed
-    clean_data = det.calibration_data(run.x_clean) if det.scorer.fuses else clean_scores
+    clean_data = det.calibration_features(run.x_clean) if det.scorer.fuses else clean_scores
     entry: dict[str, Any] = {
         "method": method, "settings": det_settings,
         "library_based": det.scorer.uses_library,

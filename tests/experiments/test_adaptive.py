@@ -69,7 +69,7 @@ def setup():
 
 def _detector(setup, method, **kw):
     model, net, x, y, x_cal, *_ = setup
-    det = lnp.ConsistencyDetector(net, method=method, train=(x, y), **kw)
+    det = lnp.ConsistencyDetector(net, method=method, **kw).fit((x, y))
     if not det.is_calibrated and method not in ("mahalanobis", "knn"):
         det.fit(x)
     return det.calibrate(x_cal, fpr=0.05)
@@ -231,7 +231,7 @@ def twins():
     for method in ("msp", "library-distance", "knn"):
         pair = []
         for net, xs, xc in ((net_n, _normalize(x), _normalize(x_cal)), (net_w, x, x_cal)):
-            det = lnp.ConsistencyDetector(net, method=method, train=(xs, y))
+            det = lnp.ConsistencyDetector(net, method=method).fit((xs, y))
             if det.requires_training_data and method != "knn":
                 det.fit(xs)
             pair.append(det.calibrate(xc, fpr=0.05))
