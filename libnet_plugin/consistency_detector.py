@@ -346,7 +346,8 @@ class ConsistencyDetector:
     Args:
         net: a fitted (or not yet fitted) ``LibraryNetwork``, or a model (``nn.Module``; ONNX with the
             adapter) from which one is built with ``layers``, ``thresholds`` and ``network_options``.
-        layers: the layers to probe when ``net`` is a model (required then; not allowed otherwise).
+        layers: the layers to probe when ``net`` is a model (default ``"auto"``: block outputs after their
+            activation, see :func:`~libnet_plugin.probe.auto_layers`; not allowed with a ``LibraryNetwork``).
         thresholds: theta per layer when ``net`` is a model: a number, ``{layer: theta}``, or ``"auto"``
             (the default; see :func:`libnet_plugin.thresholds.choose_thresholds`, options via
             ``network_options={"auto_thresholds": {...}}``).
@@ -404,12 +405,9 @@ class ConsistencyDetector:
                 raise ValueError("layers and network_options are only used when building from a model; "
                                  "this detector was given a LibraryNetwork, which already has its layers")
         else:
-            if layers is None:
-                raise ValueError("building a ConsistencyDetector from a model needs layers=[...] (and train= "
-                                 "to fit the libraries); or pass a fitted LibraryNetwork")
             if train is None:
                 raise ValueError("building a ConsistencyDetector from a model needs the training data: train=...")
-            net = LibraryNetwork(net, layers, thresholds=thresholds, device=device,
+            net = LibraryNetwork(net, "auto" if layers is None else layers, thresholds=thresholds, device=device,
                                  plugin_manager=plugin_manager, **dict(network_options or {}))
         self.net: LibraryNetwork = net
         self.method = method

@@ -494,7 +494,12 @@ class LibraryNetwork:
     Args:
         model: a ``torch.nn.Module`` (built in); an ONNX path, ``onnx.ModelProto`` or
             ``onnxruntime.InferenceSession`` with the ONNX adapter installed.
-        layers: names of the layers to probe, in order (``model.named_modules()`` names for torch).
+        layers: the layers to probe, in order: ``model.named_modules()`` names for torch, or layer specs
+            (``"fc1:input"``: what the module receives; ``"conv1:relu"``: its output after ReLU; see
+            :func:`~libnet_plugin.probe.parse_layer_spec`). ``"auto"`` (torch modules): block outputs after
+            their activation, picked at :meth:`fit` from the first training batch by the rule of
+            :func:`~libnet_plugin.probe.auto_layers` (logged; ``layers`` holds them then, and a saved network
+            keeps them).
         thresholds: theta in (0, 1], one for all layers or ``{layer: theta}`` for each; or ``"auto"`` to
             choose each layer's theta from the training data at ``fit`` (see
             :func:`libnet_plugin.thresholds.choose_thresholds`; options in ``auto_thresholds``). Kept
@@ -537,17 +542,28 @@ class LibraryNetwork:
         torch.Size([5])
     """
 
-    def __init__(self, model: Any, layers: Sequence[str] | str, thresholds: ThresholdSpec = 0.7, top_k: int = 3,
+    def __init__(self, model: Any, layers: Sequence[str] | str = "auto", thresholds: ThresholdSpec = 0.7, top_k: int = 3,
                  device: Any = None, *, library: str = "exact", library_options: Mapping[str, Any] | None = None,
                  readout: str = "hebbian", readout_options: Mapping[str, Any] | None = None,
                  batch_size: int = 256, cache_bytes: int | str = "auto",
                  auto_thresholds: Mapping[str, Any] | None = None,
                  plugin_manager: pluggy.PluginManager | None = None, batch_dims: Mapping[str, int] | None = None):
-        if isinstance(layers, str):
+        #: layers="auto": the layers are picked (:func:`~libnet_plugin.probe.auto_layers`) from the first batch
+        #: that :meth:`fit` (or :meth:`run`) sees; ``layers`` and ``probe`` are set then
+        self.auto_layers = isinstance(layers, str) and layers == "auto"
+        if self.auto_layers:
+            if not isinstance(model, torch.nn.Module):
+                raise TypeError(f"layers='auto' reads a torch.nn.Module's forward pass; name the layers of this "
+                                f"{type(model).__name__}")
+            if isinstance(thresholds, Mapping) or batch_dims:
+                raise ValueError("thresholds={layer: theta} and batch_dims name layers: with them, name the layers "
+                                 "too (layers='auto' picks them at fit)")
+            layers = []
+        elif isinstance(layers, str):
             layers = [layers]
         layers = list(layers)
-        if not layers:
-            raise ValueError("layers must name at least one layer")
+        if not layers and not self.auto_layers:
+            raise ValueError("layers must name at least one layer (or be 'auto')")
         if len(set(layers)) != len(layers):
             raise ValueError(f"layers must be distinct, got {layers}")
         top_k = check_int(top_k, "top_k")
@@ -572,7 +588,7 @@ class LibraryNetwork:
         self.batch_size = int(batch_size)
         self.cache_bytes = cache_bytes if isinstance(cache_bytes, str) else int(cache_bytes)
         self.plugin_manager = plugin_manager
-        self.probe = make_probe(model, layers, self.device, plugin_manager)
+        self.probe = make_probe(model, layers, self.device, plugin_manager) if layers else None
         self.batch_dims = {str(k): v for k, v in batch_dims.items()} if batch_dims else None
         if self.batch_dims:
             if not callable(getattr(self.probe, "set_batch_dims", None)):
@@ -645,7 +661,19 @@ class LibraryNetwork:
         if shape is not None and isinstance(x, Tensor) and tuple(x.shape[1:]) != tuple(shape):
             raise ShapeMismatchError(f"input batch has shape {tuple(x.shape)} (per input {tuple(x.shape[1:])}); "
                                      f"the network was fitted on inputs of shape [B, {', '.join(map(str, shape))}]")
+        self._resolve_auto_layers(x)
         return self.probe.run(x)
+
+    def _resolve_auto_layers(self, x: Tensor | MultiInput) -> None:
+        """``layers="auto"``: pick the layers from the batch ``x`` (once) and build the probe for them."""
+        if self.layers:
+            return
+        from .probe import auto_layers
+
+        layers = auto_layers(self.model, x)
+        log.info("layers='auto' picked %s", layers)
+        self.probe = make_probe(self.model, layers, self.device, self.plugin_manager)
+        self.layers = layers
 
     # ------------------------------------------------------------------ fitting
     def fit(self, train: Any, *, progress: bool | None = None) -> LibraryNetwork:
@@ -666,6 +694,15 @@ class LibraryNetwork:
         """
         from .distributed import world
 
+        if not self.layers:  # layers="auto": picked from the first training batch
+            if is_one_shot(train):
+                raise ValueError("layers='auto' looks at the first training batch before fitting, and this data can "
+                                 "be iterated only once: pass re-iterable data (a Tensor, Dataset, DataLoader) or "
+                                 "name the layers")
+            first = next((x for x, _ in iter_batches(train, self.batch_size) if n_rows(x)), None)
+            if first is None:
+                raise ValueError("layers='auto' needs training inputs to pick the layers from; got no input")
+            self._resolve_auto_layers(first)
         if isinstance(train, torch.utils.data.DataLoader) and isinstance(train.sampler, torch.utils.data.RandomSampler):
             warnings.warn("the training DataLoader shuffles: libraries depend on the visiting order, and the "
                           "exemplar indices refer to the order of the first pass", stacklevel=2)

@@ -24,7 +24,7 @@ from .errors import LayerNotFoundError, NonFiniteError, ShapeMismatchError
 
 __all__ = ["ProbeResult", "LayerProbe", "ConfigurableProbe", "TorchLayerProbe", "eval_mode", "model_float_dtype", "check_inputs_finite", "check_finite", "unknown_layer_message", "model_device",
            "class_scores", "flatten_activations", "layer_output", "sequence_first", "check_keywords", "LayerSpec",
-           "parse_layer_spec", "SPEC_ACTIVATIONS"]
+           "parse_layer_spec", "SPEC_ACTIVATIONS", "auto_layers", "AUTO_N_LAYERS"]
 
 
 @dataclass
@@ -401,6 +401,84 @@ def parse_layer_spec(spec: Any, modules: Any = None) -> LayerSpec:
     return LayerSpec(base, call, where, activation)
 
 
+#: how many layers ``layers="auto"`` picks (:func:`auto_layers`)
+AUTO_N_LAYERS = 4
+
+
+def auto_layers(model: nn.Module, x: Tensor | MultiInput, n: int = AUTO_N_LAYERS) -> list[str]:
+    """The layers ``layers="auto"`` probes: ``n`` block outputs after their activation, evenly spaced by depth.
+
+    The rule: one forward pass over ``x`` (eval mode, no gradients) lists the leaf modules that hold a weight
+    matrix or kernel (``Linear``, ``Conv*d``...) in the order the pass calls them; each one's input, as the
+    model computed it (after the functional or module activations, pooling and flattening before it), is a
+    candidate ``"MODULE:input"``, except the first module's input (the model's input) and inputs that are not
+    floating ``[B, ...]`` tensors (token ids, sequence-first tensors), that another module read before (a
+    shortcut convolution reading its block's input) or whose module runs more than once. ``n`` candidates
+    are kept, evenly spaced, the first and the last always among them: the last is the final classifier's
+    input, the penultimate features.
+
+    Raises:
+        LayerNotFoundError: no candidate (a model with fewer than two parametrised modules): name the layers.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64, 8), nn.ReLU(),
+        ...                       nn.Linear(8, 3))
+        >>> auto_layers(model, torch.zeros(2, 1, 6, 6))
+        ['3:input', '5:input']
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"layers='auto' reads a torch.nn.Module's forward pass; name the layers of this "
+                        f"{type(model).__name__}")
+    runner = model._orig_mod if _is_compiled(model) else model
+    names = {mod: name for name, mod in runner.named_modules() if name and not list(mod.children())
+             and any(p.dim() >= 2 for p in mod.parameters(recurse=False))}
+    rows = n_rows(x)
+    calls: list[tuple[str, Any]] = []
+
+    def hook(mod: nn.Module, args: Any, kwargs: Any) -> None:
+        inp = args[0] if args else next((v for v in kwargs.values() if isinstance(v, Tensor)), None)
+        calls.append((names[mod], inp))
+
+    device, dtype = model_device(runner), model_float_dtype(runner)
+
+    def prepare(t: Tensor) -> Tensor:
+        return t.to(device, dtype if dtype is not None and t.is_floating_point() else t.dtype)
+
+    x = x.map(prepare) if isinstance(x, MultiInput) else prepare(x)
+    handles = [mod.register_forward_pre_hook(hook, with_kwargs=True) for mod in names]
+    try:
+        with eval_mode(runner), torch.no_grad():
+            x.call(runner) if isinstance(x, MultiInput) else runner(x)
+    finally:
+        for h in handles:
+            h.remove()
+    counts: dict[str, int] = {}
+    for name, _ in calls:
+        counts[name] = counts.get(name, 0) + 1
+    seen: set[tuple[Any, ...]] = set()
+    candidates = []
+    for i, (name, inp) in enumerate(calls):
+        key = (inp.data_ptr(), tuple(inp.shape), inp.stride()) if isinstance(inp, Tensor) else None
+        fresh = key is not None and key not in seen
+        if key is not None:
+            seen.add(key)
+        if (i == 0 or not fresh or counts[name] > 1 or not inp.is_floating_point() or inp.dim() < 2
+                or inp.shape[0] != rows):
+            continue
+        candidates.append(f"{name}:input")
+    if not candidates:
+        raise LayerNotFoundError(
+            f"layers='auto' found no block output to probe in {type(runner).__name__} (it takes the inputs of the "
+            "parametrised modules after the first, and found "
+            f"{len(calls)} call(s) of such modules); name the layers, e.g. layers=['fc1:input']")
+    if len(candidates) <= n:
+        return candidates
+    picks = sorted({round(i * (len(candidates) - 1) / (n - 1)) for i in range(n)}) if n > 1 else [len(candidates) - 1]
+    return [candidates[i] for i in picks]
+
+
 #: what a layer whose output is not one row per input can do instead
 _BATCH_FIX = ("A library needs one row per input: if the module puts the sequence first, build it with "
               "batch_first=True; or name the dimension of its output that holds the batch, "
@@ -501,8 +579,6 @@ class TorchLayerProbe:
         self.batch_dims: dict[str, int] = {}
         #: layer name -> its parsed spec (module, call, input or output, activation after it)
         self.specs: dict[str, LayerSpec] = {}
-        for name in self.layers:  # malformed specs and non-strings are refused before any module is looked at
-            parse_layer_spec(name)
         if self.exported:
             self._init_graph()
         else:
