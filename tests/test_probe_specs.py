@@ -150,3 +150,20 @@ def test_detectors_read_channels_and_logits_of_specs(mnist, tmp_path):
     s = det.score(x[60:70])
     det.save(tmp_path / "det.pt")
     torch.testing.assert_close(lnp.ConsistencyDetector.load(tmp_path / "det.pt", model).score(x[60:70]), s, **TOL)
+
+
+def test_specs_of_a_compiled_model_match_the_eager_model(mnist):
+    import warnings
+
+    model, x = mnist
+    layers = ["conv1:relu", "conv2:input", "fc2:input"]
+    compiled = torch.compile(model, backend="eager")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        probe = TorchLayerProbe(compiled, layers)
+        got = probe.run(x).haps
+    assert not [str(w.message) for w in record if "could not be compiled" in str(w.message)]
+    assert probe._dynamo_ctx is not None  # the probed forward ran compiled, pre-hooks included
+    want = TorchLayerProbe(model, layers).run(x).haps
+    for l in layers:
+        torch.testing.assert_close(got[l], want[l], **TOL)
