@@ -99,6 +99,14 @@ MNIST_CANDIDATES: dict[str, tuple[str, dict]] = {
         "layers": ["conv1", "conv2", "fc1", "fc2"], "gaussian_layers": MNIST_POST_LAYERS}),
     "library-gaussian-fusion (post, weighted)": ("library-gaussian-fusion", {"layers": MNIST_POST_LAYERS,
                                                                              "combine": "weighted"}),
+    # conformal p-values with an exponential tail beyond the clean range (round 2, after dev seed 1)
+    "library-fusion (conv1, conv2; tail)": ("library-fusion", {"layers": ["conv1", "conv2"], "tail": "exponential"}),
+    "library-gaussian-fusion (conv1, conv2; gauss post; tail)": ("library-gaussian-fusion", {
+        "layers": ["conv1", "conv2"], "gaussian_layers": MNIST_POST_LAYERS, "tail": "exponential"}),
+    "library-gaussian-fusion (conv1, conv2; gauss conv2:input; tail)": ("library-gaussian-fusion", {
+        "layers": ["conv1", "conv2"], "gaussian_layers": ["conv2:input"], "tail": "exponential"}),
+    "library-gaussian-fusion (all; gauss post; tail)": ("library-gaussian-fusion", {
+        "layers": ["conv1", "conv2", "fc1", "fc2"], "gaussian_layers": MNIST_POST_LAYERS, "tail": "exponential"}),
     # Lee et al.'s score on the post-activation block outputs, as the paper probes them: a peer, for a fair check
     "mahalanobis-multilayer (post)": ("mahalanobis-multilayer", {"layers": MNIST_POST_LAYERS}),
 }
