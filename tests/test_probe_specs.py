@@ -167,3 +167,26 @@ def test_specs_of_a_compiled_model_match_the_eager_model(mnist):
     want = TorchLayerProbe(model, layers).run(x).haps
     for l in layers:
         torch.testing.assert_close(got[l], want[l], **TOL)
+
+
+def test_exponential_tail_separates_far_from_just_past_the_clean_range(mnist, tmp_path):
+    model, _ = mnist
+    torch.manual_seed(5)
+    x = torch.rand(200, 1, 28, 28)
+    net = lnp.LibraryNetwork(model, ["conv1", "fc2:input"], thresholds=0.9).fit(x[:100])
+    dets = {tail: lnp.ConsistencyDetector(net, method="library-fusion", settings={"tail": tail}).calibrate(
+        x[100:], fpr=0.1) for tail in ("none", "exponential")}
+    near, far = (x[:8] * 1.5).clamp(0, 1), (x[:8] * 6.0)
+    plain, tailed = dets["none"], dets["exponential"]
+    assert bool((tailed.score(far) > tailed.score(near)).all())
+    # the conformal floor caps the plain score: both land at (about) the same value, far below the tailed one
+    assert float(tailed.score(far).min()) > 2 * float(plain.score(far).max())
+    inside = x[100:110]  # calibration inputs below every feature's maximum score the same with or without the tail
+    feats = tailed.scorer.features(net, net.run(inside))
+    below = (feats < tailed.scorer.fusion._sorted[-1].to(feats.dtype)).all(dim=1)
+    torch.testing.assert_close(tailed.score(inside)[below], plain.score(inside)[below], **TOL)
+    assert abs(tailed.threshold_ - plain.threshold_) < 0.5 * plain.threshold_
+    tailed.save(tmp_path / "t.pt")
+    back = lnp.ConsistencyDetector.load(tmp_path / "t.pt", model)
+    assert back.scorer.tail == "exponential"
+    torch.testing.assert_close(back.score(far[:4]), tailed.score(far[:4]), **TOL)

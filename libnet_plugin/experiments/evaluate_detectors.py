@@ -269,7 +269,7 @@ def _chosen_detectors(wanted: Sequence[str] | None) -> dict[str, tuple[str, dict
     specs.update({label: (name, dict(settings)) for label, (name, settings) in MNIST_CANDIDATES.items()})
     chosen = {}
     for want in wanted:
-        hits = {l: s for l, s in specs.items() if l == want or s[0] == want}
+        hits = {l: s for l, s in specs.items() if l == want or (s[0] == want and l not in MNIST_CANDIDATES)}
         if not hits:
             raise ExperimentError(f"--detectors: no registered detector has the label or name {want!r}; "
                                   f"labels: {sorted(specs)}")
