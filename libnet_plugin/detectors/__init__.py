@@ -107,6 +107,11 @@ MNIST_CANDIDATES: dict[str, tuple[str, dict]] = {
         "layers": ["conv1", "conv2"], "gaussian_layers": ["conv2:input"], "tail": "exponential"}),
     "library-gaussian-fusion (all; gauss post; tail)": ("library-gaussian-fusion", {
         "layers": ["conv1", "conv2", "fc1", "fc2"], "gaussian_layers": MNIST_POST_LAYERS, "tail": "exponential"}),
+    # round 3, after dev seeds 1 and 2 of round 2 (rotated digits still behind ViM)
+    "library-gaussian-fusion (conv1, conv2; gauss conv2:input, fc2:input; tail)": ("library-gaussian-fusion", {
+        "layers": ["conv1", "conv2"], "gaussian_layers": ["conv2:input", "fc2:input"], "tail": "exponential"}),
+    "library-gaussian-fusion (conv1, conv2; gauss conv2:input, fc1:input; tail)": ("library-gaussian-fusion", {
+        "layers": ["conv1", "conv2"], "gaussian_layers": ["conv2:input", "fc1:input"], "tail": "exponential"}),
     # Lee et al.'s score on the post-activation block outputs, as the paper probes them: a peer, for a fair check
     "mahalanobis-multilayer (post)": ("mahalanobis-multilayer", {"layers": MNIST_POST_LAYERS}),
 }
