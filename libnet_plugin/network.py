@@ -588,7 +588,7 @@ class LibraryNetwork:
         self.batch_size = int(batch_size)
         self.cache_bytes = cache_bytes if isinstance(cache_bytes, str) else int(cache_bytes)
         self.plugin_manager = plugin_manager
-        self.probe = make_probe(model, layers, self.device, plugin_manager) if layers else None
+        self.probe: Any = make_probe(model, layers, self.device, plugin_manager) if layers else None
         self.batch_dims = {str(k): v for k, v in batch_dims.items()} if batch_dims else None
         if self.batch_dims:
             if not callable(getattr(self.probe, "set_batch_dims", None)):

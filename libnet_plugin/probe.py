@@ -431,7 +431,7 @@ def auto_layers(model: nn.Module, x: Tensor | MultiInput, n: int = AUTO_N_LAYERS
     if not isinstance(model, nn.Module):
         raise TypeError(f"layers='auto' reads a torch.nn.Module's forward pass; name the layers of this "
                         f"{type(model).__name__}")
-    runner = model._orig_mod if _is_compiled(model) else model
+    runner: Any = model._orig_mod if _is_compiled(model) else model
     names = {mod: name for name, mod in runner.named_modules() if name and not list(mod.children())
              and any(p.dim() >= 2 for p in mod.parameters(recurse=False))}
     rows = n_rows(x)

@@ -183,7 +183,7 @@ def test_exponential_tail_separates_far_from_just_past_the_clean_range(mnist, tm
     assert float(tailed.score(far).min()) > 2 * float(plain.score(far).max())
     inside = x[100:110]  # calibration inputs below every feature's maximum score the same with or without the tail
     feats = tailed.scorer.features(net, net.run(inside))
-    below = (feats < tailed.scorer.fusion._sorted[-1].to(feats.dtype)).all(dim=1)
+    below = (feats < tailed.scorer.fusion.sorted_reference[-1].to(feats.dtype)).all(dim=1)
     torch.testing.assert_close(tailed.score(inside)[below], plain.score(inside)[below], **TOL)
     assert abs(tailed.threshold_ - plain.threshold_) < 0.5 * plain.threshold_
     tailed.save(tmp_path / "t.pt")

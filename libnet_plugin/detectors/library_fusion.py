@@ -144,7 +144,7 @@ class LibraryFusionScore(LibraryDistanceScore):
     def _tail_scales(self) -> Tensor:
         """Per feature, the scale of the clean reference's upper tail: the mean excess over its 90th percentile
         (the maximum-likelihood scale of an exponential tail), at least 1e-12."""
-        srt = self.fusion._sorted
+        srt = self.fusion.sorted_reference
         if srt is None:
             raise NotFittedError("no clean reference scores yet; calibrate the detector on clean data first")
         k = max(1, int(0.1 * srt.shape[0]))
@@ -171,7 +171,9 @@ class LibraryFusionScore(LibraryDistanceScore):
             return super().score(net, result)
         self.check_is_fitted()
         f = self.features(net, result)
-        srt = self.fusion._sorted
+        srt = self.fusion.sorted_reference
+        if srt is None:
+            raise NotFittedError("no clean reference scores yet; calibrate the detector on clean data first")
         p = self._with_tail(self.fusion.p_values(f), f, srt[-1], 1.0 / (srt.shape[0] + 1))
         return self.combine(p).float()
 
@@ -179,7 +181,8 @@ class LibraryFusionScore(LibraryDistanceScore):
         self.check_is_fitted()
         p = self.fusion.fit_p_values(features)
         if self.tail != "none":  # leave-one-out: the maximum of each feature against the others' maximum
-            srt = self.fusion._sorted
+            srt = self.fusion.sorted_reference
+            assert srt is not None  # fit_p_values just stored it
             f = features.detach().double().to(srt.device)
             at_top = f >= srt[-1]
             p = torch.where(at_top, self._with_tail(p, f, srt[-2], 1.0 / srt.shape[0]), p)
