@@ -7,8 +7,8 @@ Example:
     >>> sorted(LIBRARIES), sorted(READOUTS)
     (['exact', 'projected', 'sparse'], ['hebbian'])
     >>> sorted(DETECTORS)  # doctest: +NORMALIZE_WHITESPACE
-    ['cpl', 'energy', 'gen', 'knn', 'knn-normalized', 'library-distance', 'library-fusion', 'library-margin',
-     'mahalanobis', 'mahalanobis-multilayer', 'maxlogit', 'msp', 'react-energy', 'vim']
+    ['cpl', 'energy', 'gen', 'knn', 'knn-normalized', 'library-distance', 'library-fusion',
+     'library-gaussian-fusion', 'library-margin', 'mahalanobis', 'mahalanobis-multilayer', 'maxlogit', 'msp', 'react-energy', 'vim']
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from .detectors import (
     KNNNormalizedScore,
     LibraryDistanceScore,
     LibraryFusionScore,
+    LibraryGaussianFusionScore,
     LibraryMarginScore,
     MahalanobisScore,
     MaxLogitScore,
@@ -55,6 +56,7 @@ DETECTORS: dict[str, type[ConsistencyScore]] = {
     "library-margin": LibraryMarginScore,
     "library-distance": LibraryDistanceScore,
     "library-fusion": LibraryFusionScore,
+    "library-gaussian-fusion": LibraryGaussianFusionScore,
     "msp": MaxSoftmaxScore,
     "mahalanobis": MahalanobisScore,
     "knn": DeepKNNScore,

@@ -489,19 +489,17 @@ def _network_from_model(model: Any, layers: Sequence[str] | None, thresholds: An
                         plugin_manager: pluggy.PluginManager | None) -> LibraryNetwork:
     """The (unfitted) :class:`LibraryNetwork` a detector built from a model uses; ``thresholds=None``: the
     network's default."""
-    if layers is None:
-        raise ValueError("building a ConsistencyDetector from a model needs layers=[...]: use "
-                         "ConsistencyDetector.from_model(model, train, layers=[...]); or pass a fitted LibraryNetwork")
     if train is None:
         raise ValueError("building a ConsistencyDetector from a model needs the training data: use "
-                         "ConsistencyDetector.from_model(model, train, layers=[...])")
+                         "ConsistencyDetector.from_model(model, train, layers=...)")
     options = dict(network_options or {})
     if thresholds is not None and "thresholds" in options:
         raise ValueError(f"thresholds={thresholds!r} and network_options={{'thresholds': {options['thresholds']!r}}} "
                          "both set the thresholds: pass one")
     if thresholds is not None:
         options["thresholds"] = thresholds
-    return LibraryNetwork(model, layers, device=device, plugin_manager=plugin_manager, **options)
+    return LibraryNetwork(model, "auto" if layers is None else layers, device=device, plugin_manager=plugin_manager,
+                          **options)
 
 
 #: The score a ConsistencyDetector uses when no method is given (chosen on development splits, see
@@ -517,10 +515,10 @@ class ConsistencyDetector:
     data only. Scores are higher for more suspicious inputs (like pytorch-ood's detectors).
 
     Args:
-        net: a fitted (or not yet fitted) ``LibraryNetwork``. A model is accepted with ``layers`` and
-            ``train`` only for the deprecated one-call form (use :meth:`from_model`).
-        layers, thresholds, device, network_options: the network :meth:`from_model` builds (see there);
-            given with a ``LibraryNetwork`` they raise ``ValueError``.
+        net: a fitted (or not yet fitted) ``LibraryNetwork``. A model is accepted with ``train`` only for
+            the deprecated one-call form (use :meth:`from_model`).
+        layers, thresholds, device, network_options: the network :meth:`from_model` builds (see there;
+            ``layers`` defaults to ``"auto"``); given with a ``LibraryNetwork`` they raise ``ValueError``.
         method: the score, by name, served by the ``libnet_consistency_detector`` hook:
             ``"library-fusion"`` (the default, the project's recommended detector: per-layer library
             distances and the model's confidence fused conformally; it needs :meth:`calibrate` before
@@ -593,7 +591,8 @@ class ConsistencyDetector:
         Args:
             model: a ``torch.nn.Module`` (an ONNX model with the ONNX adapter).
             train: training data, as :meth:`LibraryNetwork.fit` accepts it.
-            layers: the layers to probe (required).
+            layers: the layers to probe; ``None`` (the default): ``"auto"``, block outputs after their
+                activation (:func:`~libnet_plugin.probe.auto_layers`).
             **options: the network's ``thresholds`` (a number, ``{layer: theta}`` or ``"auto"``, the default;
                 see :func:`libnet_plugin.thresholds.choose_thresholds`), ``device`` and ``network_options``
                 (other ``LibraryNetwork`` keywords, e.g. ``{"top_k": 3, "auto_thresholds": {...}}``; a

@@ -12,7 +12,7 @@ import pluggy
 import torch
 from torch import Tensor
 
-from ._batches import MultiInput, collect, iter_batches, n_rows, progress_bar
+from ._batches import MultiInput, collect, is_one_shot, iter_batches, n_rows, progress_bar
 from ._validate import check_int, check_layers
 from ._version import __version__
 from .errors import LibnetError, LibraryTooLargeWarning, NotFittedError, ShapeMismatchError
@@ -48,11 +48,19 @@ DEFAULT_THRESHOLDS = "auto"
 _NETWORK_OPTIONS = ("auto_thresholds", "plugin_manager", "batch_dims")
 
 
-def _check_network_settings(layers: list[str], thresholds: Any, auto_thresholds: Any) -> None:
-    """The checks of :class:`LibraryNetwork`'s settings that need no model: layers, the thresholds and their
-    ``"auto"`` options together (``ValueError`` naming the setting)."""
-    if not layers:
-        raise ValueError("layers must name at least one layer")
+def _check_network_settings(model: Any, layers: list[str], auto_layers: bool, thresholds: Any, auto_thresholds: Any,
+                            batch_dims: Any) -> None:
+    """The checks of :class:`LibraryNetwork`'s settings that need no forward pass: layers (or ``"auto"``), the
+    thresholds and their ``"auto"`` options together (``ValueError`` naming the setting)."""
+    if auto_layers:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"layers='auto' reads a torch.nn.Module's forward pass; name the layers of this "
+                            f"{type(model).__name__}")
+        if isinstance(thresholds, Mapping) or batch_dims:
+            raise ValueError("thresholds={layer: theta} and batch_dims name layers: with them, name the layers "
+                             "too (layers='auto' picks them at fit)")
+    elif not layers:
+        raise ValueError("layers must name at least one layer (or be 'auto')")
     if len(set(layers)) != len(layers):
         raise ValueError(f"layers must be distinct, got {layers}")
     if auto_thresholds is not None and not (isinstance(thresholds, str) and thresholds == "auto"):
@@ -61,6 +69,19 @@ def _check_network_settings(layers: list[str], thresholds: Any, auto_thresholds:
     if auto_thresholds is not None and not isinstance(auto_thresholds, Mapping):
         raise TypeError(f"auto_thresholds must be a dict of options of thresholds.choose_thresholds, "
                         f"got {type(auto_thresholds).__name__}")
+
+
+def _pick_auto_layers(net: LibraryNetwork, train: Any) -> None:
+    """``layers="auto"``: pick ``net``'s layers from the first non-empty batch of ``train``."""
+    if is_one_shot(train):
+        raise ValueError("layers='auto' looks at the first training batch before fitting, and this data can "
+                         "be iterated only once: pass re-iterable data (a Tensor, Dataset, DataLoader) or "
+                         "name the layers")
+    first = next((x for x, _ in iter_batches(train, net.batch_size) if n_rows(x)), None)
+    if first is None:
+        raise ValueError("layers='auto' needs training inputs to pick the layers from; got no input")
+    net._resolve_auto_layers(first)
+
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +228,12 @@ class LibraryNetwork:
     Args:
         model: a ``torch.nn.Module`` (built in); an ONNX path, ``onnx.ModelProto`` or
             ``onnxruntime.InferenceSession`` with the ONNX adapter installed.
-        layers: names of the layers to probe, in order (``model.named_modules()`` names for torch).
+        layers: the layers to probe, in order: ``model.named_modules()`` names for torch, or layer specs
+            (``"fc1:input"``: what the module receives; ``"conv1:relu"``: its output after ReLU; see
+            :func:`~libnet_plugin.probe.parse_layer_spec`). ``"auto"`` (the default; torch modules): block
+            outputs after their activation, picked at :meth:`fit` from the first training batch by the rule of
+            :func:`~libnet_plugin.probe.auto_layers` (logged; ``layers`` holds them then, and a saved network
+            keeps them).
         thresholds: theta in (0, 1], one for all layers or ``{layer: theta}`` for each; or ``"auto"`` (the
             default, :data:`DEFAULT_THRESHOLDS`: a fixed theta suits one model's layers only) to choose each
             layer's theta from the training data at ``fit`` (see
@@ -254,7 +280,7 @@ class LibraryNetwork:
         torch.Size([5])
     """
 
-    def __init__(self, model: Any, layers: Sequence[str] | str, thresholds: ThresholdSpec = DEFAULT_THRESHOLDS,
+    def __init__(self, model: Any, layers: Sequence[str] | str = "auto", thresholds: ThresholdSpec = DEFAULT_THRESHOLDS,
                  top_k: int = 3, device: Any = None, *, library: str = "exact",
                  library_options: Mapping[str, Any] | None = None, readout: str = "hebbian",
                  readout_options: Mapping[str, Any] | None = None, batch_size: int = 256,
@@ -264,8 +290,11 @@ class LibraryNetwork:
             raise TypeError(f"LibraryNetwork got unexpected keyword arguments {unknown}; the other options are "
                             f"{list(_NETWORK_OPTIONS)}")
         auto_thresholds, plugin_manager, batch_dims = (options.get(k) for k in _NETWORK_OPTIONS)
-        layers = [layers] if isinstance(layers, str) else list(layers)
-        _check_network_settings(layers, thresholds, auto_thresholds)
+        #: layers="auto": the layers are picked (:func:`~libnet_plugin.probe.auto_layers`) from the first batch
+        #: that :meth:`fit` (or :meth:`run`) sees; ``layers`` and ``probe`` are set then
+        self.auto_layers = isinstance(layers, str) and layers == "auto"
+        layers = [] if self.auto_layers else [layers] if isinstance(layers, str) else list(layers)
+        _check_network_settings(model, layers, self.auto_layers, thresholds, auto_thresholds, batch_dims)
         self.model = model
         self.layers = layers
         is_auto = isinstance(thresholds, str) and thresholds == "auto"
@@ -283,7 +312,7 @@ class LibraryNetwork:
         self.batch_size = check_int(batch_size, "batch_size")
         self.cache_bytes = check_cache_bytes(cache_bytes)
         self.plugin_manager = plugin_manager
-        self.probe = make_probe(model, layers, self.device, plugin_manager)
+        self.probe: Any = make_probe(model, layers, self.device, plugin_manager) if layers else None
         self.batch_dims = {str(k): v for k, v in batch_dims.items()} if batch_dims else None
         if self.batch_dims:
             if not callable(getattr(self.probe, "set_batch_dims", None)):
@@ -342,7 +371,19 @@ class LibraryNetwork:
         if shape is not None and isinstance(x, Tensor) and tuple(x.shape[1:]) != tuple(shape):
             raise ShapeMismatchError(f"input batch has shape {tuple(x.shape)} (per input {tuple(x.shape[1:])}); "
                                      f"the network was fitted on inputs of shape [B, {', '.join(map(str, shape))}]")
+        self._resolve_auto_layers(x)
         return self.probe.run(x)
+
+    def _resolve_auto_layers(self, x: Tensor | MultiInput) -> None:
+        """``layers="auto"``: pick the layers from the batch ``x`` (once) and build the probe for them."""
+        if self.layers:
+            return
+        from .probe import auto_layers
+
+        layers = auto_layers(self.model, x)
+        log.info("layers='auto' picked %s", layers)
+        self.probe = make_probe(self.model, layers, self.device, self.plugin_manager)
+        self.layers = layers
 
     # ------------------------------------------------------------------ fitting
     def fit(self, train: Any, *, progress: bool | None = None, cache_dtype: Any = None) -> LibraryNetwork:
@@ -363,6 +404,8 @@ class LibraryNetwork:
             ``hap_dims_``, ``input_shape_``, ``n_forward_passes_`` (runs of the model over the training data)
             and ``cache_bytes_`` (the budget used). All or nothing: when fitting raises, an earlier fit stays.
         """
+        if not self.layers:  # layers="auto": picked from the first training batch
+            _pick_auto_layers(self, train)
         done = fit_network(self, train, self._new_readout, progress, cache_dtype)
         fitted = done.fitted
         # all or nothing: the network's fitted state changes only here, once everything above succeeded

@@ -23,7 +23,8 @@ from ._batches import MultiInput, input_tensors, n_rows
 from .errors import LayerNotFoundError, NonFiniteError, ShapeMismatchError
 
 __all__ = ["ProbeResult", "LayerProbe", "ConfigurableProbe", "TorchLayerProbe", "eval_mode", "model_float_dtype", "check_inputs_finite", "check_finite", "unknown_layer_message", "model_device",
-           "class_scores", "flatten_activations", "layer_output", "sequence_first", "check_keywords"]
+           "class_scores", "flatten_activations", "layer_output", "sequence_first", "check_keywords", "LayerSpec",
+           "parse_layer_spec", "SPEC_ACTIVATIONS", "auto_layers", "AUTO_N_LAYERS"]
 
 
 @dataclass
@@ -321,6 +322,163 @@ def _padded(out: Tensor, length: int | None) -> Tensor:
     return dense
 
 
+#: the activations a layer spec may apply after a module's output (``"conv1:relu"``)
+SPEC_ACTIVATIONS: dict[str, Any] = {
+    "relu": torch.relu, "gelu": torch.nn.functional.gelu, "silu": torch.nn.functional.silu,
+    "sigmoid": torch.sigmoid, "tanh": torch.tanh,
+}
+
+_SPEC_FORMS = ("'MODULE' or 'MODULE:output' (what the module returns), 'MODULE:input' (its first input, as the "
+               "model computed it before the call: after functional activations, pooling, flattening), "
+               "'MODULE:ACT' (ACT applied to its output, ACT one of " + ", ".join(SPEC_ACTIVATIONS) + "); "
+               "'MODULE#K...' for the K-th call of a module that runs several times")
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """A parsed layer spec: which module, which of its calls, its input or output, and an activation after it.
+
+    Attributes:
+        module: the ``model.named_modules()`` name.
+        call: which call of the module (1, 2, ... for ``"name#k"``); ``None``: its only call.
+        where: ``"output"`` (what the module returns) or ``"input"`` (its first input).
+        activation: ``None``, or a name of :data:`SPEC_ACTIVATIONS` applied to the output.
+    """
+
+    module: str
+    call: int | None = None
+    where: str = "output"
+    activation: str | None = None
+
+    def apply(self, t: Tensor) -> Tensor:
+        """``t`` with the spec's activation applied (``t`` itself without one)."""
+        return t if self.activation is None else SPEC_ACTIVATIONS[self.activation](t)
+
+
+def parse_layer_spec(spec: Any, modules: Any = None) -> LayerSpec:
+    """Parse a layer spec: ``MODULE[#K][:WHERE]``, ``WHERE`` one of ``output`` (the default), ``input`` or an
+    activation of :data:`SPEC_ACTIVATIONS` applied to the output.
+
+    ``"conv1"`` / ``"conv1:output"`` is what ``conv1`` returns; ``"fc1:input"`` what ``fc1`` receives (on a net
+    whose forward computes ``fc1(flatten(pool(relu(conv2(x)))))``: conv2's block after its functional ReLU,
+    pooling and flattening, the general way to probe what no module returns); ``"conv1:relu"`` is
+    ``relu(conv1(x))``. A module whose own name holds ``':'`` is taken by that name when ``modules`` (the
+    names of the model's modules) holds it.
+
+    Raises:
+        ValueError: a malformed spec (the message names it and the valid forms).
+
+    Example:
+        >>> parse_layer_spec("fc1:input")
+        LayerSpec(module='fc1', call=None, where='input', activation=None)
+        >>> parse_layer_spec("layer.0#2:relu")
+        LayerSpec(module='layer.0', call=2, where='output', activation='relu')
+        >>> parse_layer_spec("conv1:softplus")
+        Traceback (most recent call last):
+        ...
+        ValueError: layer spec 'conv1:softplus': unknown part 'softplus' after ':'; valid forms: ...
+    """
+    if not isinstance(spec, str):
+        raise TypeError(f"layer names must be strings, got {type(spec).__name__}: {spec!r}")
+    base, where, activation = spec, "output", None
+    if ":" in spec and not (modules is not None and spec.split("#")[0] in modules):
+        base, _, part = spec.rpartition(":")
+        if part == "input":
+            where = "input"
+        elif part in SPEC_ACTIVATIONS:
+            activation = part
+        elif part != "output":
+            raise ValueError(f"layer spec {spec!r}: unknown part {part!r} after ':'; valid forms: {_SPEC_FORMS}")
+    call = None
+    if "#" in base:
+        base, _, k = base.rpartition("#")
+        if not k.isdigit() or int(k) < 1:
+            raise ValueError(f"layer {spec!r}: after '#' comes which call of the module to record "
+                             f"(1 for the first), got {k!r}")
+        call = int(k)
+    if not base:
+        raise ValueError(f"layer spec {spec!r} names no module; valid forms: {_SPEC_FORMS}")
+    return LayerSpec(base, call, where, activation)
+
+
+#: how many layers ``layers="auto"`` picks (:func:`auto_layers`)
+AUTO_N_LAYERS = 4
+
+
+def auto_layers(model: nn.Module, x: Tensor | MultiInput, n: int = AUTO_N_LAYERS) -> list[str]:
+    """The layers ``layers="auto"`` probes: ``n`` block outputs after their activation, evenly spaced by depth.
+
+    The rule: one forward pass over ``x`` (eval mode, no gradients) lists the leaf modules that hold a weight
+    matrix or kernel (``Linear``, ``Conv*d``...) in the order the pass calls them; each one's input, as the
+    model computed it (after the functional or module activations, pooling and flattening before it), is a
+    candidate ``"MODULE:input"``, except the first module's input (the model's input) and inputs that are not
+    floating ``[B, ...]`` tensors (token ids, sequence-first tensors), that another module read before (a
+    shortcut convolution reading its block's input) or whose module runs more than once. ``n`` candidates
+    are kept, evenly spaced, the first and the last always among them: the last is the final classifier's
+    input, the penultimate features.
+
+    Raises:
+        LayerNotFoundError: no candidate (a model with fewer than two parametrised modules): name the layers.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64, 8), nn.ReLU(),
+        ...                       nn.Linear(8, 3))
+        >>> auto_layers(model, torch.zeros(2, 1, 6, 6))
+        ['3:input', '5:input']
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"layers='auto' reads a torch.nn.Module's forward pass; name the layers of this "
+                        f"{type(model).__name__}")
+    runner: Any = model._orig_mod if _is_compiled(model) else model
+    names = {mod: name for name, mod in runner.named_modules() if name and not list(mod.children())
+             and any(p.dim() >= 2 for p in mod.parameters(recurse=False))}
+    rows = n_rows(x)
+    calls: list[tuple[str, Any]] = []
+
+    def hook(mod: nn.Module, args: Any, kwargs: Any) -> None:
+        inp = args[0] if args else next((v for v in kwargs.values() if isinstance(v, Tensor)), None)
+        calls.append((names[mod], inp))
+
+    device, dtype = model_device(runner), model_float_dtype(runner)
+
+    def prepare(t: Tensor) -> Tensor:
+        return t.to(device, dtype if dtype is not None and t.is_floating_point() else t.dtype)
+
+    x = x.map(prepare) if isinstance(x, MultiInput) else prepare(x)
+    handles = [mod.register_forward_pre_hook(hook, with_kwargs=True) for mod in names]
+    try:
+        with eval_mode(runner), torch.no_grad():
+            x.call(runner) if isinstance(x, MultiInput) else runner(x)
+    finally:
+        for h in handles:
+            h.remove()
+    counts: dict[str, int] = {}
+    for name, _ in calls:
+        counts[name] = counts.get(name, 0) + 1
+    seen: set[tuple[Any, ...]] = set()
+    candidates = []
+    for i, (name, inp) in enumerate(calls):
+        key = (inp.data_ptr(), tuple(inp.shape), inp.stride()) if isinstance(inp, Tensor) else None
+        fresh = key is not None and key not in seen
+        if key is not None:
+            seen.add(key)
+        if (i == 0 or not fresh or counts[name] > 1 or not inp.is_floating_point() or inp.dim() < 2
+                or inp.shape[0] != rows):
+            continue
+        candidates.append(f"{name}:input")
+    if not candidates:
+        raise LayerNotFoundError(
+            f"layers='auto' found no block output to probe in {type(runner).__name__} (it takes the inputs of the "
+            "parametrised modules after the first, and found "
+            f"{len(calls)} call(s) of such modules); name the layers, e.g. layers=['fc1:input']")
+    if len(candidates) <= n:
+        return candidates
+    picks = sorted({round(i * (len(candidates) - 1) / (n - 1)) for i in range(n)}) if n > 1 else [len(candidates) - 1]
+    return [candidates[i] for i in picks]
+
+
 #: what a layer whose output is not one row per input can do instead
 _BATCH_FIX = ("A library needs one row per input: if the module puts the sequence first, build it with "
               "batch_first=True; or name the dimension of its output that holds the batch, "
@@ -330,6 +488,18 @@ _BATCH_FIX = ("A library needs one row per input: if the module puts the sequenc
 
 #: the store of the recording nodes added to an exported graph, per thread
 _GRAPH_RECORD = threading.local()
+
+
+def _graph_input(nodes: list[Any], inside: set[Any], layer: str) -> Any:
+    """The node of an exported graph that is a module call's input: the first tensor that the call's first
+    nodes read from outside the call (its parameters are attributes, not tensors computed by the graph)."""
+    for node in nodes:
+        for arg in node.all_input_nodes:
+            if arg not in inside and arg.op in ("call_function", "placeholder") and isinstance(
+                    arg.meta.get("val"), Tensor):
+                return arg
+    raise LayerNotFoundError(f"layer {layer!r}: the exported graph holds no tensor input of this module call; "
+                             "probe the output of the module before it instead")
 
 
 def _record_graph_value(value: Any, layer: str) -> None:
@@ -407,11 +577,12 @@ class TorchLayerProbe:
         self.copied_layers: set[str] = set()
         #: ``{layer: dimension of its output that holds the batch}`` named by the caller (see :meth:`set_batch_dims`)
         self.batch_dims: dict[str, int] = {}
-        parsed = [self._parse(name) for name in self.layers]
+        #: layer name -> its parsed spec (module, call, input or output, activation after it)
+        self.specs: dict[str, LayerSpec] = {}
         if self.exported:
-            self._init_graph(parsed)
+            self._init_graph()
         else:
-            self._init_hooks(parsed)
+            self._init_hooks()
         self.set_batch_dims(batch_dims)
 
     def set_batch_dims(self, batch_dims: Mapping[str, int] | None) -> None:
@@ -440,12 +611,14 @@ class TorchLayerProbe:
             dims[layer] = int(d)
         self.batch_dims = dims
 
-    def _init_hooks(self, parsed: list[tuple[str, int | None]]) -> None:
+    def _init_hooks(self) -> None:
         """An eager module: the modules to hook, and how to read each one's output."""
         model = self.model
         modules = dict(self.runner.named_modules())
         valid = [n for n in modules if n]
-        for name, (base, call) in zip(self.layers, parsed):
+        for name in self.layers:
+            spec = self.specs[name] = parse_layer_spec(name, modules)
+            base, call = spec.module, spec.call
             key = base[len("_orig_mod."):] if self.runner is not model and base.startswith("_orig_mod.") else base
             if key not in modules or key == "":
                 raise LayerNotFoundError(unknown_layer_message(base, valid, kind=type(self.runner).__name__))
@@ -469,18 +642,7 @@ class TorchLayerProbe:
                     self._encoders[base] = anc
             self._seq_first[base] = bool(flag)
 
-    def _parse(self, name: Any) -> tuple[str, int | None]:
-        if not isinstance(name, str):
-            raise TypeError(f"layer names must be strings, got {type(name).__name__}: {name!r}")
-        if "#" not in name:
-            return name, None
-        base, _, k = name.rpartition("#")
-        if not k.isdigit() or int(k) < 1:
-            raise ValueError(f"layer {name!r}: after '#' comes which call of the module to record "
-                             f"(1 for the first), got {k!r}")
-        return base, int(k)
-
-    def _init_graph(self, parsed: list[tuple[str, int | None]]) -> None:
+    def _init_graph(self) -> None:
         """An exported graph: find the node each probed module's call ended with; record it in a copy of the graph."""
         import copy
 
@@ -501,7 +663,9 @@ class TorchLayerProbe:
         chosen: dict[str, Any] = {}
         #: layer -> the dimension of its recorded value that is the batch (from the exported shapes)
         self._graph_batch_dims: dict[str, int] = {}
-        for name, (base, call) in zip(self.layers, parsed):
+        for name in self.layers:
+            spec = self.specs[name] = parse_layer_spec(name, groups)
+            base, call = spec.module, spec.call
             if base not in groups:
                 raise LayerNotFoundError(unknown_layer_message(base, valid, kind="exported graph"))
             calls = list(groups[base].values())
@@ -516,8 +680,11 @@ class TorchLayerProbe:
             tensors = [n for n in nodes if isinstance(n.meta.get("val"), Tensor)]
             if not tensors:
                 raise LayerNotFoundError(f"layer {name!r}: the exported graph holds no tensor computed by {base!r}")
-            leaving = [n for n in tensors if any(u not in inside for u in n.users)]
-            chosen[name] = (leaving or tensors)[-1]
+            if spec.where == "input":
+                chosen[name] = _graph_input(nodes, inside, name)
+            else:
+                leaving = [n for n in tensors if any(u not in inside for u in n.users)]
+                chosen[name] = (leaving or tensors)[-1]
             shape = chosen[name].meta["val"].shape
             dims = [d for d, s in enumerate(shape) if batch_sym is not None and str(s) == batch_sym]
             self._graph_batch_dims[name] = dims[0] if len(dims) == 1 else 0
@@ -632,8 +799,8 @@ class TorchLayerProbe:
             if not isinstance(value, Tensor):
                 raise LayerNotFoundError(f"layer {name!r} was not computed in this run of the exported graph")
             d = self._graph_batch_dims.get(name, 0) if name not in self.batch_dims else 0
-            captured[name] = (value if grad else value.detach()).movedim(d, 0) if d else (
-                value if grad else value.detach())
+            value = self.specs[name].apply(value if grad else value.detach())
+            captured[name] = value.movedim(d, 0) if d else value
         return outputs, captured
 
     def _forward_compiled(self, x: Tensor | MultiInput, grad: bool) -> tuple[Any, dict[str, Tensor]]:
@@ -667,20 +834,28 @@ class TorchLayerProbe:
 
         ``compiled``: the compiled probed forward to run the module with (every HAP is copied then).
         """
-        by_module = {base for base, _ in self.calls.values()}
-        captured: dict[str, list[tuple[Tensor, int]]] = {base: [] for base in by_module}
-        copied = {self.calls[name][0] for name in self.copied_layers} if compiled is None else by_module
+        # what to record: (module name, "output" or "input"), each call of the module in order
+        by_module = {self._hooked(name) for name in self.layers}
+        captured: dict[tuple[str, str], list[tuple[Tensor, int, Tensor]]] = {key: [] for key in by_module}
+        copied = {self._hooked(name) for name in self.copied_layers} if compiled is None else by_module
         handles = []
         lengths: dict[int, int] = {}  # id(encoder) -> its input's length (pads NestedTensor outputs inside it)
         pads: dict[int, Tensor] = {}  # id(encoder) -> BoolTensor[B, T], True at the positions its padding mask marks
 
         caller = threading.get_ident()
 
-        def make_hook(base: str):
-            copy = base in copied
+        def make_hook(key: tuple[str, str]):
+            base = key[0]
+            copy = key in copied
             seq_first = self._seq_first.get(base, False) and not any(
                 self.calls[name][0] == base for name in self.batch_dims)
             encoder = self._encoders.get(base)
+
+            def input_hook(module: nn.Module, args: Any, kwargs: Any) -> None:
+                inp = args if args else tuple(v for v in kwargs.values() if isinstance(v, Tensor))
+                if not inp:
+                    raise TypeError(f"layer '{base}:input': the module {base!r} was called without a tensor input")
+                hook(module, None, inp)
 
             def hook(_module: nn.Module, _inp: Any, out: Any) -> None:
                 # another thread's forward pass of the same model; torch.compile cannot trace get_ident
@@ -704,8 +879,8 @@ class TorchLayerProbe:
                     # torch.compile) computes values there, which would make the same input's HAPs differ
                     kept = kept.masked_fill(pad.to(kept.device).reshape(*pad.shape, *[1] * (kept.dim() - 2)), 0.0)
                 kept = kept if grad else kept.detach()
-                captured[base].append((kept.clone() if copy else kept, version, out))
-            return hook
+                captured[key].append((kept.clone() if copy else kept, version, out))
+            return input_hook if key[1] == "input" else hook
 
         def length_hook(encoder: nn.Module, args: Any, kwargs: Any) -> None:
             src = args[0] if args else kwargs.get("src")
@@ -716,8 +891,10 @@ class TorchLayerProbe:
                 pads[id(encoder)] = mask if mask.dtype == torch.bool else torch.isneginf(mask)
 
         try:
-            for base in sorted(by_module):
-                handles.append(self._base_modules[base].register_forward_hook(make_hook(base)))
+            for key in sorted(by_module):
+                module = self._base_modules[key[0]]
+                handles.append(module.register_forward_pre_hook(make_hook(key), with_kwargs=True) if key[1] == "input"
+                               else module.register_forward_hook(make_hook(key)))
             for encoder in {id(e): e for e in self._encoders.values()}.values():
                 handles.append(encoder.register_forward_pre_hook(length_hook, with_kwargs=True))
             with eval_mode(self.runner), torch.set_grad_enabled(grad):
@@ -733,7 +910,7 @@ class TorchLayerProbe:
         picked: dict[str, tuple[Tensor, int, Tensor]] = {}
         for name in self.layers:
             base, call = self.calls[name]
-            outs = captured[base]
+            outs = captured[self._hooked(name)]
             if not outs:
                 raise LayerNotFoundError(
                     f"layer {base!r} never fired during the forward pass (it exists in the model but "
@@ -750,7 +927,11 @@ class TorchLayerProbe:
             picked[name] = outs[(call or 1) - 1]
         overwritten = [name for name in self.layers if compiled is None and name not in self.copied_layers
                        and not picked[name][2].is_nested and picked[name][2]._version != picked[name][1]]
-        return outputs, {name: picked[name][0] for name in self.layers}, overwritten
+        return outputs, {name: self.specs[name].apply(picked[name][0]) for name in self.layers}, overwritten
+
+    def _hooked(self, name: str) -> tuple[str, str]:
+        """What layer ``name`` records: ``(module name, "output" or "input")``."""
+        return self.calls[name][0], self.specs[name].where
 
 
 def check_keywords(model: nn.Module, parts: Mapping[str, Tensor]) -> None:

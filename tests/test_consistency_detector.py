@@ -87,8 +87,8 @@ def test_one_call_from_model_with_auto_thresholds(mlp, mlp_data):
     assert set(det.net.auto_thresholds_report_) == {"fc1", "out"}
     det.calibrate(torch.randn(200, 10, generator=torch.Generator().manual_seed(5)))
     assert det.predict(x[:3]).dtype == torch.bool
-    with pytest.raises(ValueError, match="needs layers"):
-        lnp.ConsistencyDetector.from_model(mlp, x)
+    auto = lnp.ConsistencyDetector.from_model(mlp, x)  # layers omitted: "auto", block outputs after activation
+    assert auto.net.layers and all(l.endswith(":input") for l in auto.net.layers)
     with pytest.raises(ValueError, match="needs the training data"):
         lnp.ConsistencyDetector(mlp, layers=["fc1"])
     with pytest.raises(ValueError, match="only used when building from a model"):

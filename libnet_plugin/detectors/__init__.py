@@ -76,6 +76,7 @@ from .gen import GENScore
 from .knn import DeepKNNScore
 from .knn_normalized import KNNNormalizedScore
 from .library_fusion import LibraryFusionScore
+from .library_gaussian_fusion import LibraryGaussianFusionScore
 from .library_margin import LibraryDistanceScore, LibraryMarginScore
 from .mahalanobis import MahalanobisScore
 from .mahalanobis_multilayer import MultiLayerMahalanobisScore
@@ -84,9 +85,41 @@ from .msp import MaxSoftmaxScore
 from .react_energy import ReActEnergyScore
 from .vim import ViMScore
 
+#: Development candidates for the default detector on the MNIST net of ``libnet evaluate-detectors`` (issue 28),
+#: taken by label with ``--detectors`` (never in the default list): the library and Gaussian features on the
+#: net's post-activation block outputs, which no module returns (layer specs, :func:`~libnet_plugin.probe.parse_layer_spec`):
+#: ``conv2:input`` (conv1's block after ReLU and pooling), ``fc1:input`` (conv2's, flattened) and ``fc2:input``
+#: (fc1 after ReLU, the penultimate features). ``evaluate-detectors`` probes the layers they name besides its own.
+MNIST_POST_LAYERS = ["conv2:input", "fc1:input", "fc2:input"]
+MNIST_CANDIDATES: dict[str, tuple[str, dict]] = {
+    "library-fusion (post)": ("library-fusion", {"layers": MNIST_POST_LAYERS}),
+    "library-fusion (all+post)": ("library-fusion", {"layers": ["conv1", "conv2", "fc1", "fc2", *MNIST_POST_LAYERS]}),
+    "library-gaussian-fusion (post)": ("library-gaussian-fusion", {"layers": MNIST_POST_LAYERS}),
+    "library-gaussian-fusion (lib, gauss post)": ("library-gaussian-fusion", {
+        "layers": ["conv1", "conv2", "fc1", "fc2"], "gaussian_layers": MNIST_POST_LAYERS}),
+    "library-gaussian-fusion (post, weighted)": ("library-gaussian-fusion", {"layers": MNIST_POST_LAYERS,
+                                                                             "combine": "weighted"}),
+    # conformal p-values with an exponential tail beyond the clean range (round 2, after dev seed 1)
+    "library-fusion (conv1, conv2; tail)": ("library-fusion", {"layers": ["conv1", "conv2"], "tail": "exponential"}),
+    "library-gaussian-fusion (conv1, conv2; gauss post; tail)": ("library-gaussian-fusion", {
+        "layers": ["conv1", "conv2"], "gaussian_layers": MNIST_POST_LAYERS, "tail": "exponential"}),
+    "library-gaussian-fusion (conv1, conv2; gauss conv2:input; tail)": ("library-gaussian-fusion", {
+        "layers": ["conv1", "conv2"], "gaussian_layers": ["conv2:input"], "tail": "exponential"}),
+    "library-gaussian-fusion (all; gauss post; tail)": ("library-gaussian-fusion", {
+        "layers": ["conv1", "conv2", "fc1", "fc2"], "gaussian_layers": MNIST_POST_LAYERS, "tail": "exponential"}),
+    # round 3, after dev seeds 1 and 2 of round 2 (rotated digits still behind ViM)
+    "library-gaussian-fusion (conv1, conv2; gauss conv2:input, fc2:input; tail)": ("library-gaussian-fusion", {
+        "layers": ["conv1", "conv2"], "gaussian_layers": ["conv2:input", "fc2:input"], "tail": "exponential"}),
+    "library-gaussian-fusion (conv1, conv2; gauss conv2:input, fc1:input; tail)": ("library-gaussian-fusion", {
+        "layers": ["conv1", "conv2"], "gaussian_layers": ["conv2:input", "fc1:input"], "tail": "exponential"}),
+    # Lee et al.'s score on the post-activation block outputs, as the paper probes them: a peer, for a fair check
+    "mahalanobis-multilayer (post)": ("mahalanobis-multilayer", {"layers": MNIST_POST_LAYERS}),
+}
+
 __all__ = [
     "ConsistencyScore", "FittedNetwork", "FusedLayerScore", "PluginScore", "ScoreLike", "as_consistency_score",
     "ConformalFusion", "CPLScore", "LibraryMarginScore", "LibraryDistanceScore", "LibraryFusionScore", "MaxSoftmaxScore",
     "MahalanobisScore", "DeepKNNScore", "node_classes", "EnergyScore", "MaxLogitScore", "GENScore", "ReActEnergyScore",
     "ViMScore", "KNNNormalizedScore", "MultiLayerMahalanobisScore", "PeerNotApplicableError", "logits_of",
+    "LibraryGaussianFusionScore", "MNIST_CANDIDATES",
 ]

@@ -82,7 +82,10 @@ def conv_channels(net: FittedNetwork, layer: str, dim: int, pool: Any) -> int:
         c = int(pool.get(layer, 0))
     else:
         module = net.probe.modules.get(layer) if isinstance(net.probe, TorchLayerProbe) else None
-        c = int(getattr(module, "out_channels", 0) or 0)  # a torch module's own attribute (Conv*d), if any
+        spec = getattr(net.probe, "specs", {}).get(layer) if module is not None else None
+        # a torch module's own attribute (Conv*d), if any; its in_channels for a layer spec that reads its input
+        c = int(getattr(module, "in_channels" if spec is not None and spec.where == "input" else "out_channels",
+                        0) or 0)
     if c and dim % c:
         raise ShapeMismatchError(f"layer {layer!r}: cannot average {dim} features over {c} channels")
     return c if c and dim > c else 0

@@ -56,7 +56,12 @@ def check_activation(value: Any) -> str:
 
 def _torch_modules(net: Any) -> dict[str, nn.Module]:
     probe = getattr(net, "probe", None)
-    return dict(probe.modules) if isinstance(probe, TorchLayerProbe) else {}
+    if not isinstance(probe, TorchLayerProbe):
+        return {}
+    specs = getattr(probe, "specs", {})
+    # a layer that reads a module's input or applies an activation does not give that module's output
+    return {l: m for l, m in probe.modules.items()
+            if l not in specs or (specs[l].where == "output" and specs[l].activation is None)}
 
 
 def resolve_logits(net: Any, source: str, what: str) -> str:

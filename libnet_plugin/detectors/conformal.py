@@ -44,6 +44,11 @@ class ConformalFusion:
         return self._sorted is not None
 
     @property
+    def sorted_reference(self) -> Tensor | None:
+        """The clean reference scores sorted per feature ``[N, F]`` (float64); ``None`` before :meth:`fit`."""
+        return self._sorted
+
+    @property
     def n_reference(self) -> int:
         return 0 if self._sorted is None else int(self._sorted.shape[0])
 

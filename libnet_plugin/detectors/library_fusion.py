@@ -55,6 +55,11 @@ class LibraryFusionScore(LibraryDistanceScore):
         outputs: the output features (default both: ``("confidence", "logit-margin")``, chosen on
             development splits, docs/method.md section 16); ``()`` gives ``"library-distance"``.
         combine: ``"fisher"`` (default), ``"min"`` or ``"weighted"``.
+        tail: ``"none"`` (default: conformal p-values, at least ``1 / (n + 1)``) or ``"exponential"``: beyond
+            the largest clean reference value of a feature, its p-value keeps falling as
+            ``exp(-excess / scale)``, the scale the mean excess of the reference's top 10% over their 90th
+            percentile, so that features far outside the clean range (class-Gaussian distances under an
+            L-inf attack) are not capped at the conformal floor.
 
     Example:
         >>> from libnet_plugin.plugins import make_detector
@@ -66,9 +71,14 @@ class LibraryFusionScore(LibraryDistanceScore):
     OUTPUTS: ClassVar[tuple[str, ...]] = ("confidence", "logit-margin")
     COMBINE: ClassVar[tuple[str, ...]] = ("fisher", "min", "weighted")
 
+    TAILS: ClassVar[tuple[str, ...]] = ("none", "exponential")
+
     def __init__(self, layers: Sequence[str] | None = None, *, outputs: Sequence[str] = ("confidence", "logit-margin"),
-                 combine: str = "fisher", **settings: Any):
+                 combine: str = "fisher", tail: str = "none", **settings: Any):
         super().__init__(layers, **settings)
+        if tail not in self.TAILS:
+            raise ValueError(f"tail must be one of {self.TAILS}, got {tail!r}")
+        self.tail = tail
         if combine not in self.COMBINE:
             raise ValueError(f"combine must be one of {self.COMBINE}, got {combine!r}")
         self.combination = combine
@@ -144,9 +154,51 @@ class LibraryFusionScore(LibraryDistanceScore):
         r.fill_diagonal_(1.0)
         return 1.0 / r.abs().sum(dim=1)
 
+    def _tail_scales(self) -> Tensor:
+        """Per feature, the scale of the clean reference's upper tail: the mean excess over its 90th percentile
+        (the maximum-likelihood scale of an exponential tail), at least 1e-12."""
+        srt = self.fusion.sorted_reference
+        if srt is None:
+            raise NotFittedError("no clean reference scores yet; calibrate the detector on clean data first")
+        k = max(1, int(0.1 * srt.shape[0]))
+        top = srt[-k:]
+        q = srt[-k - 1] if srt.shape[0] > k else srt[0]
+        fin = top.isfinite() & q.isfinite()
+        excess = torch.where(fin, top - q, torch.zeros_like(top))
+        return (excess.sum(dim=0) / fin.sum(dim=0).clamp(min=1)).clamp(min=1e-12)
+
+    def _with_tail(self, p: Tensor, features: Tensor, top: Tensor, p_top: Tensor | float) -> Tensor:
+        """``tail="exponential"``: beyond ``top`` (the reference maximum), ``p = p_top exp(-(f - top) / scale)``
+        instead of the conformal floor, so that a feature far outside the clean range weighs more than one
+        just past it (Fisher's sum of capped p-values cannot tell them apart)."""
+        if self.tail == "none":
+            return p
+        f = features.detach().to(p.device).double()
+        excess = (f - top).clamp(min=0)
+        excess = torch.where(excess.isfinite(), excess, torch.full_like(excess, 1e300))
+        tailed = p_top * torch.exp(-excess / self._tail_scales().to(p.device))
+        return torch.where(f > top, torch.minimum(p, tailed).clamp(min=1e-300), p)
+
+    def score(self, net: FittedNetwork, result: ProbeResult) -> Tensor:
+        if self.tail == "none":
+            return super().score(net, result)
+        self.check_is_fitted()
+        f = self.features(net, result)
+        srt = self.fusion.sorted_reference
+        if srt is None:
+            raise NotFittedError("no clean reference scores yet; calibrate the detector on clean data first")
+        p = self._with_tail(self.fusion.p_values(f), f, srt[-1], 1.0 / (srt.shape[0] + 1))
+        return self.combine(p).float()
+
     def set_reference(self, features: Tensor) -> Tensor:
         self.check_is_fitted()
         p = self.fusion.fit_p_values(features)
+        if self.tail != "none":  # leave-one-out: the maximum of each feature against the others' maximum
+            srt = self.fusion.sorted_reference
+            assert srt is not None  # fit_p_values just stored it
+            f = features.detach().double().to(srt.device)
+            at_top = f >= srt[-1]
+            p = torch.where(at_top, self._with_tail(p, f, srt[-2], 1.0 / srt.shape[0]), p)
         self._weights = self.correlation_weights(p) if self.combination == "weighted" else None
         return self.combine(p)
 
@@ -168,4 +220,4 @@ class LibraryFusionScore(LibraryDistanceScore):
             raise ValueError("a saved combine='weighted' detector without its weights")
 
     def config(self) -> dict[str, Any]:
-        return {**super().config(), "outputs": list(self.outputs), "combine": self.combination}
+        return {**super().config(), "outputs": list(self.outputs), "combine": self.combination, "tail": self.tail}

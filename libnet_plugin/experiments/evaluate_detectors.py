@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -40,6 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..builtins import DETECTORS
 from ..errors import LibnetError
 from ..network import LibraryNetwork
 from ..plugins import registered_detectors
@@ -261,9 +263,12 @@ def _chosen_detectors(wanted: Sequence[str] | None) -> dict[str, tuple[str, dict
     specs.update({label: (name, dict(settings)) for label, (name, settings) in MNIST_VARIANTS.items()})
     if not wanted:
         return specs
+    from ..detectors import MNIST_CANDIDATES  # development candidates (issue 28): only by name
+
+    specs.update({label: (name, dict(settings)) for label, (name, settings) in MNIST_CANDIDATES.items()})
     chosen = {}
     for want in wanted:
-        hits = {l: s for l, s in specs.items() if l == want or s[0] == want}
+        hits = {l: s for l, s in specs.items() if l == want or (s[0] == want and l not in MNIST_CANDIDATES)}
         if not hits:
             raise ExperimentError(f"--detectors: no registered detector has the label or name {want!r}; "
                                   f"labels: {sorted(specs)}")
@@ -428,7 +433,16 @@ def _run(args: argparse.Namespace, plan: EvaluateDetectorsSettings) -> int:
         plain = {eps: adv[eps][0][ok] for eps in epsilons}
         threats = ThreatModels(xa[ok], ya[ok], plain, x_tr[:2000], budget, log)
     with timer.stage("library network"):
-        net = LibraryNetwork(model, list(LAYERS), thresholds=thresholds, auto_thresholds=auto).fit(
+        # layers a chosen detector names besides the net's own (layer specs such as "fc1:input") are probed too;
+        # every other detector keeps to the net's own layers
+        extra = list(dict.fromkeys(l for _, s in specs.values() for l in s.get("layers") or () if l not in LAYERS))
+        if extra:
+            if isinstance(thresholds, dict):
+                raise ExperimentError(f"detectors name layers {extra} besides {list(LAYERS)}: use --thresholds auto")
+            specs = {k: (n, s if "layers" in s or n not in DETECTORS
+                         or "layers" not in inspect.signature(DETECTORS[n]).parameters
+                         else {**s, "layers": list(LAYERS)}) for k, (n, s) in specs.items()}
+        net = LibraryNetwork(model, list(LAYERS) + extra, thresholds=thresholds, auto_thresholds=auto).fit(
             x_tr, progress=args.progress)
     with staged_output(out_dir) as stage:
         with timer.stage("detectors"):
