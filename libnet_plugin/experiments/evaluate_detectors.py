@@ -435,6 +435,7 @@ def _run(args: argparse.Namespace, plan: EvaluateDetectorsSettings) -> int:
     with timer.stage("library network"):
         # layers a chosen detector names besides the net's own (layer specs such as "fc1:input") are probed too;
         # every other detector keeps to the net's own layers
+        specs = plan.specs
         extra = list(dict.fromkeys(l for _, s in specs.values() for l in s.get("layers") or () if l not in LAYERS))
         if extra:
             if isinstance(thresholds, dict):
@@ -446,7 +447,7 @@ def _run(args: argparse.Namespace, plan: EvaluateDetectorsSettings) -> int:
             x_tr, progress=args.progress)
     with staged_output(out_dir) as stage:
         with timer.stage("detectors"):
-            res = evaluate_detectors(net, (x_tr, y_tr), x_eval, attacked, ood, detectors=plan.specs, calibration=x_cal,
+            res = evaluate_detectors(net, (x_tr, y_tr), x_eval, attacked, ood, detectors=specs, calibration=x_cal,
                                      out_dir=stage, fpr=args.fpr, log=log, attack_detector=threats)
         note = _write_report(args, res, stage, plan, accuracy, model_info, attack_info, net, timer)
     print(res["table_markdown"])
