@@ -71,6 +71,9 @@ DETECTORS: dict[str, type[ConsistencyScore]] = {
 }
 #: the post-hoc peers of :data:`DETECTORS` (baselines of ``libnet evaluate-detectors``, as msp, mahalanobis, knn)
 PEERS: tuple[str, ...] = ("energy", "maxlogit", "gen", "react-energy", "vim", "knn-normalized", "mahalanobis-multilayer")
+#: development candidates of :data:`DETECTORS` for a new default (issue 28): ``libnet evaluate-detectors`` runs
+#: them only when named by a label of :data:`libnet_plugin.detectors.MNIST_CANDIDATES`, never by default
+CANDIDATES: tuple[str, ...] = ("library-gaussian-fusion",)
 #: what ``libnet evaluate-detectors`` compares by default: ``{label: (name, settings)}``; the paper's CPL
 #: is listed so that the comparison always holds the reproduction next to the other scores
 COMPARISON: dict[str, tuple[str, dict[str, Any]]] = {
