@@ -655,39 +655,47 @@ class LibraryNetwork:
                         library_options=cfg["library_options"], readout=cfg["readout"],
                         readout_options=cfg["readout_options"], batch_size=cfg["batch_size"],
                         batch_dims=cfg.get("batch_dims"))
-        layers, lib_cfgs, ro_cfgs = cfg["layers"], cfg["library_configs"], cfg["readout_configs"]
         try:
-            net = cls(model, layers, device=device, plugin_manager=plugin_manager, **settings)
+            net = cls(model, cfg["layers"], device=device, plugin_manager=plugin_manager, **settings)
         except LibnetError:
             raise  # e.g. LayerNotFoundError: the model given lacks a saved layer
         except (TypeError, ValueError) as exc:
             raise SaveFormatError(f"the saved network settings are not valid: {exc}") from exc
-        if cfg.get("probe") and isinstance(net.probe, ConfigurableProbe):
-            try:
-                net.probe.restore(cfg["probe"])
-            except LibnetError:
-                raise
-            except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
-                raise SaveFormatError(f"the saved probe settings are malformed (modified or corrupted): {exc!r}") from exc
-        libraries, readouts = {}, {}
-        for i, l in enumerate(net.layers):
-            lc = {k: v for k, v in lib_cfgs[l].items() if k not in ("name", "threshold")}
-            rc = {k: v for k, v in ro_cfgs[l].items() if k not in ("name", "n_classes")}
-            try:
-                lib = net.new_library(l, float(cfg["thresholds"][l]), **lc)
-                ro = net._new_readout(cfg["n_classes"], **rc)
-                for obj, prefix in ((lib, f"library/{i}/"), (ro, f"readout/{i}/")):
-                    part = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-                    try:
-                        obj.load_state_dict(part)
-                    except KeyError as exc:
-                        raise SaveFormatError(f"saved network lacks the tensor {prefix}{exc.args[0]} of layer {l!r}") from exc
-            except SaveFormatError:
-                raise
-            except (LibnetError, TypeError, ValueError, IndexError, RuntimeError, OverflowError) as exc:
-                raise SaveFormatError(f"the saved library or readout of layer {l!r} does not fit its settings "
-                                      f"(modified or corrupted): {exc}") from exc
-            _check_loaded(l, lib, ro, int(cfg["n_classes"]))
-            libraries[l], readouts[l] = lib, ro
-        return net.adopt_fitted(libraries, readouts, n_classes=cfg["n_classes"], n_train=cfg["n_train"],
-                                input_shape=cfg["input_shape"])
+        return _restore_fitted(net, tensors, cfg)
+
+
+def _restore_fitted(net: LibraryNetwork, tensors: dict[str, Tensor], cfg: dict[str, Any]) -> LibraryNetwork:
+    """Fill a freshly built ``net`` with the saved probe settings, libraries and readouts of a file
+    (:meth:`LibraryNetwork.from_state`); ``SaveFormatError`` names what does not fit."""
+    from .errors import SaveFormatError
+
+    lib_cfgs, ro_cfgs = cfg["library_configs"], cfg["readout_configs"]
+    if cfg.get("probe") and isinstance(net.probe, ConfigurableProbe):
+        try:
+            net.probe.restore(cfg["probe"])
+        except LibnetError:
+            raise
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
+            raise SaveFormatError(f"the saved probe settings are malformed (modified or corrupted): {exc!r}") from exc
+    libraries, readouts = {}, {}
+    for i, l in enumerate(net.layers):
+        lc = {k: v for k, v in lib_cfgs[l].items() if k not in ("name", "threshold")}
+        rc = {k: v for k, v in ro_cfgs[l].items() if k not in ("name", "n_classes")}
+        try:
+            lib = net.new_library(l, float(cfg["thresholds"][l]), **lc)
+            ro = net._new_readout(cfg["n_classes"], **rc)
+            for obj, prefix in ((lib, f"library/{i}/"), (ro, f"readout/{i}/")):
+                part = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+                try:
+                    obj.load_state_dict(part)
+                except KeyError as exc:
+                    raise SaveFormatError(f"saved network lacks the tensor {prefix}{exc.args[0]} of layer {l!r}") from exc
+        except SaveFormatError:
+            raise
+        except (LibnetError, TypeError, ValueError, IndexError, RuntimeError, OverflowError) as exc:
+            raise SaveFormatError(f"the saved library or readout of layer {l!r} does not fit its settings "
+                                  f"(modified or corrupted): {exc}") from exc
+        _check_loaded(l, lib, ro, int(cfg["n_classes"]))
+        libraries[l], readouts[l] = lib, ro
+    return net.adopt_fitted(libraries, readouts, n_classes=cfg["n_classes"], n_train=cfg["n_train"],
+                            input_shape=cfg["input_shape"])
