@@ -107,20 +107,6 @@ ALLOWED: dict[str, str] = {
         "not reached this round: 15 docstring gaps",
     "libnet_plugin.distributed.DistributedFitError":
         "not reached this round: 1 docstring gaps",
-    "libnet_plugin.errors.LayerNotFoundError":
-        "not reached this round: 1 docstring gaps",
-    "libnet_plugin.errors.LibnetError":
-        "not reached this round: 1 docstring gaps",
-    "libnet_plugin.errors.NonFiniteError":
-        "not reached this round: 1 docstring gaps",
-    "libnet_plugin.errors.NotFittedError":
-        "not reached this round: 1 docstring gaps",
-    "libnet_plugin.errors.SaveFormatError":
-        "not reached this round: 1 docstring gaps",
-    "libnet_plugin.errors.SaveIntegrityError":
-        "not reached this round: 1 docstring gaps",
-    "libnet_plugin.errors.ShapeMismatchError":
-        "not reached this round: 1 docstring gaps",
     "libnet_plugin.forking.prepare_for_fork":
         "not reached this round: 1 docstring gaps",
     "libnet_plugin.inspection.InspectionReport":
