@@ -58,26 +58,12 @@ ALLOWED: dict[str, str] = {
         "not reached this round: 1 docstring gaps",
     "libnet_plugin.detectors._features.node_classes":
         "not reached this round: 3 docstring gaps",
-    "libnet_plugin.detectors._posthoc.PeerNotApplicableError":
-        "not reached this round: 1 docstring gaps",
-    "libnet_plugin.detectors._posthoc.logits_of":
-        "not reached this round: 3 docstring gaps",
     "libnet_plugin.detectors.api.FittedNetwork":
         "not reached this round: 1 docstring gaps",
     "libnet_plugin.detectors.api.ScoreLike":
         "not reached this round: 1 docstring gaps",
     "libnet_plugin.detectors.conformal.ConformalFusion":
         "not reached this round: 15 docstring gaps",
-    "libnet_plugin.detectors.cpl.CPLScore":
-        "not reached this round: 1 docstring gaps",
-    "libnet_plugin.detectors.energy.EnergyScore":
-        "not reached this round: 3 docstring gaps",
-    "libnet_plugin.detectors.gen.GENScore":
-        "not reached this round: 3 docstring gaps",
-    "libnet_plugin.detectors.knn.DeepKNNScore":
-        "not reached this round: 2 docstring gaps",
-    "libnet_plugin.detectors.knn_normalized.KNNNormalizedScore":
-        "not reached this round: 3 docstring gaps",
     "libnet_plugin.detectors.library_fusion.LibraryFusionScore":
         "not reached this round: 13 docstring gaps",
     "libnet_plugin.detectors.library_gaussian_fusion.LibraryGaussianFusionScore":
@@ -86,16 +72,6 @@ ALLOWED: dict[str, str] = {
         "not reached this round: 10 docstring gaps",
     "libnet_plugin.detectors.library_margin.LibraryMarginScore":
         "not reached this round: 10 docstring gaps",
-    "libnet_plugin.detectors.mahalanobis_multilayer.MultiLayerMahalanobisScore":
-        "not reached this round: 2 docstring gaps",
-    "libnet_plugin.detectors.maxlogit.MaxLogitScore":
-        "not reached this round: 3 docstring gaps",
-    "libnet_plugin.detectors.msp.MaxSoftmaxScore":
-        "not reached this round: 2 docstring gaps",
-    "libnet_plugin.detectors.react_energy.ReActEnergyScore":
-        "not reached this round: 3 docstring gaps",
-    "libnet_plugin.detectors.vim.ViMScore":
-        "not reached this round: 3 docstring gaps",
     "libnet_plugin.distributed.DistributedFitError":
         "not reached this round: 1 docstring gaps",
     "libnet_plugin.forking.prepare_for_fork":
