@@ -52,10 +52,6 @@ ALLOWED: dict[str, str] = {
         "not reached this round: 2 docstring gaps",
     "libnet_plugin.consistency_detector.ConsistencyDetector":
         "not reached this round: 20 docstring gaps",
-    "libnet_plugin.consistency_detector.GuardOutput":
-        "not reached this round: 1 docstring gaps",
-    "libnet_plugin.consistency_detector.ModelChangedError":
-        "not reached this round: 1 docstring gaps",
     "libnet_plugin.detectors._features.node_classes":
         "not reached this round: 3 docstring gaps",
     "libnet_plugin.detectors.api.FittedNetwork":
@@ -72,28 +68,16 @@ ALLOWED: dict[str, str] = {
         "not reached this round: 10 docstring gaps",
     "libnet_plugin.detectors.library_margin.LibraryMarginScore":
         "not reached this round: 10 docstring gaps",
-    "libnet_plugin.distributed.DistributedFitError":
-        "not reached this round: 1 docstring gaps",
-    "libnet_plugin.forking.prepare_for_fork":
-        "not reached this round: 1 docstring gaps",
-    "libnet_plugin.inspection.InspectionReport":
-        "not reached this round: 5 docstring gaps",
-    "libnet_plugin.inspection.inspect":
-        "not reached this round: 1 docstring gaps",
     "libnet_plugin.library.ExactLibrary":
         "not reached this round: 12 docstring gaps",
     "libnet_plugin.network.LibraryNetwork":
         "not reached this round: 23 docstring gaps",
-    "libnet_plugin.plugins.get_plugin_manager":
-        "not reached this round: 1 docstring gaps",
     "libnet_plugin.probe.ProbeResult":
         "not reached this round: 4 docstring gaps",
     "libnet_plugin.probe.TorchLayerProbe":
         "not reached this round: 2 docstring gaps",
     "libnet_plugin.readout.HebbianReadout":
         "not reached this round: 8 docstring gaps",
-    "libnet_plugin.testing.Check":
-        "not reached this round: 2 docstring gaps",
 }
 
 
