@@ -54,8 +54,6 @@ ALLOWED: dict[str, str] = {
         "not reached this round: 1 docstring gaps",
     "libnet_plugin.detectors.api.ScoreLike":
         "not reached this round: 1 docstring gaps",
-    "libnet_plugin.detectors.conformal.ConformalFusion":
-        "not reached this round: 15 docstring gaps",
     "libnet_plugin.detectors.library_fusion.LibraryFusionScore":
         "not reached this round: 13 docstring gaps",
     "libnet_plugin.detectors.library_gaussian_fusion.LibraryGaussianFusionScore":
