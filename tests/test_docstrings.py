@@ -24,26 +24,19 @@ PACKAGES = ("libnet_plugin", "libnet_plugin.detectors", "libnet_plugin.testing",
 OWN = ("libnet_plugin", "libnet_captum", "libnet_onnx")
 
 #: ``"qualified name": reason`` for the names whose docstrings are not finished yet; it must shrink: a listed
-#: name that complies fails the test
+#: name that complies fails the test (the fusion scores fail only through the LibraryMarginScore methods they inherit)
+_LIMIT = ("the class is near the 450-line limit of tests/test_code_limits.py (docstrings count there): "
+          "its methods' Args / Returns need the class split first")
+_MARGIN = ("library_margin.py and _features.py are reworked for speed in parallel this round: the methods' "
+           "Args / Returns (LibraryMarginScore's, inherited by the fusion scores) wait for that to land")
 ALLOWED: dict[str, str] = {
-    "libnet_plugin.consistency_detector.ConsistencyDetector":
-        "not reached this round: 20 docstring gaps",
-    "libnet_plugin.detectors._features.node_classes":
-        "not reached this round: 3 docstring gaps",
-    "libnet_plugin.detectors.api.FittedNetwork":
-        "not reached this round: 1 docstring gaps",
-    "libnet_plugin.detectors.api.ScoreLike":
-        "not reached this round: 1 docstring gaps",
-    "libnet_plugin.detectors.library_fusion.LibraryFusionScore":
-        "not reached this round: 10 docstring gaps",
-    "libnet_plugin.detectors.library_gaussian_fusion.LibraryGaussianFusionScore":
-        "not reached this round: 10 docstring gaps",
-    "libnet_plugin.detectors.library_margin.LibraryDistanceScore":
-        "not reached this round: 10 docstring gaps",
-    "libnet_plugin.detectors.library_margin.LibraryMarginScore":
-        "not reached this round: 10 docstring gaps",
-    "libnet_plugin.network.LibraryNetwork":
-        "not reached this round: 23 docstring gaps",
+    "libnet_plugin.consistency_detector.ConsistencyDetector": _LIMIT,
+    "libnet_plugin.network.LibraryNetwork": _LIMIT,
+    "libnet_plugin.detectors._features.node_classes": _MARGIN,
+    "libnet_plugin.detectors.library_fusion.LibraryFusionScore": _MARGIN,
+    "libnet_plugin.detectors.library_gaussian_fusion.LibraryGaussianFusionScore": _MARGIN,
+    "libnet_plugin.detectors.library_margin.LibraryDistanceScore": _MARGIN,
+    "libnet_plugin.detectors.library_margin.LibraryMarginScore": _MARGIN,
 }
 
 
@@ -137,6 +130,8 @@ def _check_class(name: str, cls: type) -> list[str]:
     if ">>>" not in doc:
         out.append(f"{name}: no '>>>' example")
     init = next((vars(k)["__init__"] for k in cls.__mro__ if _own(k) and "__init__" in vars(k)), None)
+    if init is not None and not _own(init):  # the __init__ a Protocol or a NamedTuple is given
+        init = None
     fields = getattr(cls, "__dataclass_fields__", None) or getattr(cls, "_fields", None)
     if fields and not found & {"Args", "Arguments", "Attributes"}:
         out.append(f"{name}: has fields, no 'Attributes:' (or 'Args:') section")
