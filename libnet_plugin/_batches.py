@@ -72,11 +72,22 @@ class MultiInput:
         return self._n
 
     def tensors(self) -> list[Tensor]:
-        """The tensors, in order."""
+        """The tensors.
+
+        Returns:
+            the tensors, in order.
+        """
         return list(self.parts.values()) if isinstance(self.parts, dict) else list(self.parts)
 
     def map(self, fn: Any) -> MultiInput:
-        """A new batch with ``fn(tensor)`` for every tensor."""
+        """A new batch with ``fn(tensor)`` for every tensor.
+
+        Args:
+            fn: ``Tensor -> Tensor``.
+
+        Returns:
+            a new :class:`MultiInput` of the same kind.
+        """
         if isinstance(self.parts, dict):
             return MultiInput({k: fn(v) for k, v in self.parts.items()})
         return MultiInput(tuple(fn(t) for t in self.parts))
@@ -85,29 +96,62 @@ class MultiInput:
         return self.map(lambda t: t[index])
 
     def to(self, *args: Any, **kwargs: Any) -> MultiInput:
+        """Every tensor moved or cast with ``Tensor.to``.
+
+        Args:
+            *args: as ``Tensor.to`` takes them (a device, a dtype).
+            **kwargs: as ``Tensor.to`` takes them.
+
+        Returns:
+            a new :class:`MultiInput`.
+        """
         return self.map(lambda t: t.to(*args, **kwargs))
 
     def signature(self) -> tuple[Any, ...]:
-        """Per-example shapes and dtypes of the parts: batches can be concatenated when they agree."""
+        """Per-example shapes and dtypes of the parts: batches can be concatenated when they agree.
+
+        Returns:
+            a hashable tuple.
+        """
         items = self.parts.items() if isinstance(self.parts, dict) else enumerate(self.parts)
         return tuple((k, tuple(t.shape[1:]), t.dtype) for k, t in items)
 
     @staticmethod
     def cat(batches: Sequence[MultiInput]) -> MultiInput:
-        """Concatenate batches of the same :meth:`signature` along the examples."""
+        """Concatenate batches of the same :meth:`signature` along the examples.
+
+        Args:
+            batches: the batches.
+
+        Returns:
+            one :class:`MultiInput`.
+        """
         first = batches[0].parts
         if isinstance(first, dict):
             return MultiInput({k: torch.cat([b.tensors()[j] for b in batches]) for j, k in enumerate(first)})
         return MultiInput(tuple(torch.cat([b.tensors()[i] for b in batches]) for i in range(len(first))))
 
     def call(self, model: Any) -> Any:
-        """``model(*parts)`` or ``model(**parts)``."""
+        """Call ``model`` on the parts.
+
+        Args:
+            model: the model.
+
+        Returns:
+            ``model(*parts)`` or ``model(**parts)``.
+        """
         return model(**self.parts) if isinstance(self.parts, dict) else model(*self.parts)
 
 
 def as_inputs(x: Any) -> Tensor | MultiInput:
     """One batch's inputs as a Tensor or a :class:`MultiInput`: a dict (or ``BatchEncoding``) of tensors is
     passed by keyword (labels left out, see the module docstring), a tuple or list of tensors positionally.
+
+    Args:
+        x: a Tensor, a :class:`MultiInput`, a dict (or ``BatchEncoding``) of tensors, or a tuple or list of them.
+
+    Returns:
+        a Tensor (as given) or a :class:`MultiInput`.
 
     Example:
         >>> as_inputs({"input_ids": torch.zeros(2, 3, dtype=torch.long), "labels": torch.tensor([0, 1])})

@@ -58,7 +58,21 @@ _VIEW_LOCK = threading.Lock()
 
 
 class ModelChangedError(LibnetError, ValueError):
-    """The model's weights or layers differ from those the detector was fitted on."""
+    """The model's weights or layers differ from those the detector was fitted on.
+
+    Example:
+        >>> import libnet_plugin as lnp
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+        >>> det = lnp.ConsistencyDetector.from_model(model, torch.randn(50, 4), layers=["0", "2"], thresholds=0.9,
+        ...                                          method="cpl").calibrate(torch.randn(40, 4), fpr=0.1)
+        >>> with torch.no_grad():
+        ...     _ = model[0].weight.add_(1.0)
+        >>> det.score(torch.randn(2, 4))
+        Traceback (most recent call last):
+        ...
+        libnet_plugin.consistency_detector.ModelChangedError: the model changed since the detector was fitted ...
+    """
 
 
 class GuardOutput(NamedTuple):
@@ -68,6 +82,12 @@ class GuardOutput(NamedTuple):
         output: the model's output ``[B, C]`` (rows of rejected non-finite inputs are NaN).
         flagged: ``BoolTensor[B]``, True where the detector flags the input.
         score: ``Tensor[B]``, the detector's score (higher = more suspicious; ``inf`` for non-finite input).
+
+    Example:
+        >>> out = GuardOutput(output=torch.zeros(2, 3), flagged=torch.tensor([False, True]),
+        ...                   score=torch.tensor([0.5, 9.0]))
+        >>> out.flagged.tolist(), out.output.shape
+        ([False, True], torch.Size([2, 3]))
     """
 
     output: Tensor

@@ -56,7 +56,13 @@ def _timed(fn: Any, *args: Any, nbytes: int) -> None:
 
 
 class DistributedFitError(LibnetError, RuntimeError):
-    """A rank of a distributed fit failed; every rank raises this instead of waiting for it."""
+    """A rank of a distributed fit failed; every rank raises this instead of waiting for it.
+
+    Example:
+        >>> import libnet_plugin as lnp
+        >>> issubclass(lnp.DistributedFitError, lnp.LibnetError), issubclass(lnp.DistributedFitError, RuntimeError)
+        (True, True)
+    """
 
 
 class DistributedScoringError(LibnetError, RuntimeError):

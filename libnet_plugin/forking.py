@@ -41,6 +41,11 @@ def prepare_for_fork() -> None:
     Not needed with the ``spawn`` or ``forkserver`` start methods, whose children start a fresh PyTorch.
     It concerns CPU scoring: a process that has used CUDA cannot use it in a forked child at all (PyTorch
     refuses), so serve GPU models from spawned workers.
+
+    Example:
+        >>> import libnet_plugin as lnp
+        >>> lnp.prepare_for_fork()  # in the parent, before forking the workers
+        >>> lnp.prepare_for_fork()  # again: nothing more happens
     """
     global _REGISTERED
     with _LOCK:

@@ -20,9 +20,9 @@ the figures with matplotlib (the ``[experiments]`` extra): it loads
 :mod:`libnet_plugin.experiments.inspect_report` when it is called, as the CLI loads its commands.
 
 Example:
-    >>> import torch
+        >>> import torch
     >>> from torch import nn
-    >>> import libnet_plugin as lnp
+        >>> import libnet_plugin as lnp
     >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
     <torch._C.Generator object at ...>
     >>> model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
@@ -155,6 +155,15 @@ class InspectionReport:
         data: the numbers (JSON types; ``None`` for a number that does not exist, e.g. accuracy without labels).
         images: thumbnails for the page when the inputs are images: ``{"queries": Tensor[B, C, H, W],
             "exemplars": {layer: Tensor[B, k, C, H, W]}}`` in [0, 1]; empty otherwise.
+
+    Example:
+        >>> import torch
+        >>> import libnet_plugin as lnp
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).eval()
+        >>> report = lnp.inspect(model, torch.randn(60, 4), layers=["0", "2"], thresholds=0.9, sweep=())
+        >>> report.layers, "model_accuracy" in report.to_dict()
+        (['0', '2'], True)
     """
 
     data: dict[str, Any]
@@ -162,17 +171,31 @@ class InspectionReport:
 
     @property
     def layers(self) -> list[str]:
-        """The probed layers, in order."""
+        """The probed layers.
+
+        Returns:
+            the layer names, in order.
+        """
         return list(self.data["settings"]["layers"])
 
     def to_dict(self) -> dict[str, Any]:
-        """A deep copy of every number of the report (what ``report.json`` holds)."""
+        """Every number of the report.
+
+        Returns:
+            a deep copy of :attr:`data` (what ``report.json`` holds).
+        """
         return copy.deepcopy(self.data)
 
     def save_html(self, path: str | os.PathLike) -> Path:
         """Write the report as one self-contained HTML page (figures embedded as PNG; no network request).
 
-        Needs matplotlib (``pip install 'libnet-plugin[experiments]'``). Returns ``path``.
+        Needs matplotlib (``pip install 'libnet-plugin[experiments]'``).
+
+        Args:
+            path: the HTML file to write.
+
+        Returns:
+            ``path``, as a ``Path``.
         """
         try:
             renderer = importlib.import_module("libnet_plugin.experiments.inspect_report")
@@ -624,6 +647,15 @@ def inspect(model: Any, train: Any, test: Any = None, layers: Sequence[str] | No
         InspectionError: data whose shape the model refuses, labels out of range, unknown layers or
             thresholds, named indices out of range: found before the long work.
         TypeError: a keyword that is not an :class:`InspectOptions` field.
+
+    Example:
+        >>> import torch
+        >>> import libnet_plugin as lnp
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).eval()
+        >>> report = lnp.inspect(model, torch.randn(60, 4), layers=["0", "2"], thresholds=0.9, sweep=())
+        >>> sorted(report.to_dict())[:3]
+        ['consistency', 'decision_path', 'detector']
     """
     opts = _inspect_options(options, settings)
     top_k, cpl_top_k, fpr, batch_size, device = opts.top_k, opts.cpl_top_k, opts.fpr, opts.batch_size, opts.device

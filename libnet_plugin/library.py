@@ -369,30 +369,56 @@ class ExactLibrary:
 
     # -- transform hook for subclasses (sparse / projected libraries) --------------------------
     def embed(self, haps: Tensor) -> Tensor:
-        """Map raw HAPs ``[B, D]`` to the vectors the library compares, before normalisation (the identity
-        here; a sub-vector or a projection in subclasses)."""
+        """Map raw HAPs to the vectors the library compares, before normalisation (the identity here; a
+        sub-vector or a projection in subclasses).
+
+        Args:
+            haps: raw HAPs ``[B, D]``.
+
+        Returns:
+            ``Tensor[B, D']`` in the library's dtype, on its device.
+        """
         return haps.to(self.device, self.dtype)
 
     def transform(self, haps: Tensor) -> Tensor:
-        """The normalised vectors the library stores: ``normalize_rows(embed(haps))``."""
+        """The normalised vectors the library stores.
+
+        Args:
+            haps: raw HAPs ``[B, D]``.
+
+        Returns:
+            ``normalize_rows(embed(haps))``, ``Tensor[B, D']``.
+        """
         return normalize_rows(self.embed(haps))
 
     # -- state ---------------------------------------------------------------------------------
     @property
     def size(self) -> int:
-        """Number of stored nodes M."""
+        """Number of stored nodes.
+
+        Returns:
+            M.
+        """
         return self._size
 
     @property
     def nodes(self) -> Tensor:
-        """The stored normalised nodes ``[M, D']`` (a view of the buffer)."""
+        """The stored normalised nodes.
+
+        Returns:
+            ``Tensor[M, D']`` (a view of the buffer).
+        """
         if self._nodes is None:
             raise NotFittedError(f"the library of layer {self.layer!r} is empty; call fit first")
         return self._nodes[: self._size]
 
     @property
     def node_indices(self) -> Tensor:
-        """``LongTensor[M]``: index (visiting order) of the training input behind each node."""
+        """The index (visiting order) of the training input behind each node.
+
+        Returns:
+            ``LongTensor[M]``.
+        """
         return self._indices[: self._size]
 
     def _check_dim(self, haps: Tensor) -> None:
@@ -572,8 +598,14 @@ class ExactLibrary:
         return stored
 
     def similarity(self, haps: Tensor) -> Tensor:
-        """Cosines ``[B, M]`` between each row of ``haps`` and every stored node (``h = W f_hat``), in
-        ``dtype`` (computed in ``score_dtype``)."""
+        """Cosines between each row of ``haps`` and every stored node (``h = W f_hat``).
+
+        Args:
+            haps: raw HAPs ``[B, D]``.
+
+        Returns:
+            ``Tensor[B, M]`` in ``dtype`` (computed in ``score_dtype``).
+        """
         self._check_dim(haps)
         if self.score_dtype == self.dtype:
             # normalise after the product: scaling [B, M] cosines is cheaper than dividing [B, D] rows
@@ -587,14 +619,22 @@ class ExactLibrary:
 
     # -- persistence ---------------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
-        """JSON-able settings needed to rebuild an empty library of this kind."""
+        """JSON-able settings needed to rebuild an empty library of this kind.
+
+        Returns:
+            a dict (name, threshold, dim, ...).
+        """
         out = {"name": self.name, "threshold": self.threshold, "dim": self.dim}
         if self.score_dtype != self.dtype:
             out["score_dtype"] = dtype_name(self.score_dtype)
         return out
 
     def state_dict(self) -> dict[str, Tensor]:
-        """Tensors to save: the nodes and their training indices."""
+        """Tensors to save.
+
+        Returns:
+            ``{"nodes": Tensor[M, D'], "node_indices": LongTensor[M]}``.
+        """
         return {"nodes": self.nodes.contiguous(), "node_indices": self.node_indices.contiguous()}
 
     def _stored_width(self) -> int | None:
@@ -621,7 +661,11 @@ class ExactLibrary:
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         """Restore nodes saved by :meth:`state_dict` (replaces the current content); their shapes and dtypes
-        are checked against the library's settings first (:class:`SaveFormatError`)."""
+        are checked against the library's settings first (:class:`SaveFormatError`).
+
+        Args:
+            state: what :meth:`state_dict` returned.
+        """
         self._check_state(state)
         nodes = state["nodes"].to(self.device, self.dtype)
         self._nodes = nodes.clone()

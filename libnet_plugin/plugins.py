@@ -39,6 +39,11 @@ def get_plugin_manager(autoload: bool | None = None, plugins: Iterable[Any] = ()
 
     Returns:
         A fresh ``pluggy.PluginManager``; nothing global is modified.
+
+    Example:
+        >>> pm = get_plugin_manager(autoload=False)
+        >>> pm.has_plugin("libnet-builtins")
+        True
     """
     from . import builtins
 

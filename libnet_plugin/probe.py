@@ -35,6 +35,11 @@ class ProbeResult:
         outputs: the model's outputs, ``Tensor[B, C]`` (logits or log-probabilities), detached.
         haps: ``{layer: Tensor[B, D_layer]}`` flattened, un-normalised activations, float32, on the
             device of the library network, in the probe's layer order.
+
+    Example:
+        >>> r = ProbeResult(outputs=torch.tensor([[0.1, 2.0], [3.0, -1.0]]), haps={"fc": torch.ones(2, 4)})
+        >>> r.answers, r.haps["fc"].shape
+        (tensor([1, 0]), torch.Size([2, 4]))
     """
 
     outputs: Tensor
@@ -42,7 +47,11 @@ class ProbeResult:
 
     @property
     def answers(self) -> Tensor:
-        """The model's answers (argmax of the outputs), ``LongTensor[B]``."""
+        """The model's answers.
+
+        Returns:
+            the argmax of the outputs, ``LongTensor[B]``.
+        """
         return self.outputs.argmax(dim=1)
 
     @classmethod
@@ -54,6 +63,17 @@ class ProbeResult:
         Every probe (torch hooks, ONNX Runtime, Captum) ends the same way: the outputs must be class
         scores ``[B, C]`` (see :func:`class_scores`), each activation is flattened per input, moved to
         ``device`` as float32 and checked for NaN/inf (see :func:`flatten_activations`).
+
+        Args:
+            outputs: the model's raw outputs.
+            activations: ``{layer: raw output}``.
+            device: where the HAPs go (``None``: where they are).
+            detach: detach the outputs from the autograd graph.
+            what: how error messages name the model.
+            output_name: the name of the output to read when the model returns several.
+
+        Returns:
+            the :class:`ProbeResult`.
         """
         outputs = class_scores(outputs, what, output_name)
         if detach:
@@ -590,6 +610,9 @@ class TorchLayerProbe:
         it elsewhere without a ``batch_first`` flag the probe reads; that dimension is moved first, and the
         probe's own reading (sequence-first flags) is not applied to the layer.
 
+        Args:
+            batch_dims: ``{layer: dim}`` (``None``: none).
+
         Example:
             >>> from torch import nn
             >>> class TimeMajor(nn.Module):
@@ -723,6 +746,9 @@ class TorchLayerProbe:
             x: a batch of inputs ``[B, ...]``; moved to the model's device, floating tensors cast to the
                 model's floating dtype.
             grad: keep the autograd graph (for attacks); default runs under ``torch.no_grad()``.
+
+        Returns:
+            the :class:`ProbeResult`.
 
         Raises:
             ShapeMismatchError: a layer's (or the model's) output does not have the batch as its first dimension.

@@ -119,17 +119,30 @@ class HebbianReadout:
 
     @property
     def weight(self) -> Tensor:
-        """``W^F``, ``Tensor[M, C]``."""
+        """The readout weights ``W^F``.
+
+        Returns:
+            ``Tensor[M, C]``.
+        """
         if self._weight is None:
             raise NotFittedError("the readout has no weights yet; call fit first")
         return self._weight
 
     def reset(self, n_nodes: int) -> None:
-        """Start a new accumulation for a library of ``n_nodes`` nodes."""
+        """Start a new accumulation (zero weights).
+
+        Args:
+            n_nodes: the library's node count M.
+        """
         self._weight = torch.zeros(int(n_nodes), self.n_classes, dtype=torch.float32, device=self.device)
 
     def accumulate(self, h: Tensor, answers: Tensor) -> None:
-        """Add one batch to W: ``h`` ``[B, M]`` library outputs, ``answers`` ``LongTensor[B]``."""
+        """Add one batch to W.
+
+        Args:
+            h: library outputs ``[B, M]``.
+            answers: the model's answers, ``LongTensor[B]``.
+        """
         w = self.weight
         if h.shape[1] != w.shape[0]:
             raise ShapeMismatchError(f"library output has {h.shape[1]} nodes, readout expects {w.shape[0]}")
@@ -143,16 +156,39 @@ class HebbianReadout:
         w += 2.0 * (g.T @ onehot) - g.sum(dim=0, keepdim=True).T
 
     def scores(self, h: Tensor, top_k: int) -> Tensor:
-        """Eq. 3 evidence ``P`` ``[B, C]`` from library outputs ``h`` ``[B, M]``."""
+        """Eq. 3 evidence ``P`` from library outputs.
+
+        Args:
+            h: library outputs ``[B, M]``.
+            top_k: the number of most similar nodes read per input.
+
+        Returns:
+            ``Tensor[B, C]``.
+        """
         return topk_evidence(h.to(self.device), self.weight, top_k)
 
     def config(self) -> dict[str, Any]:
+        """The settings saved with a network.
+
+        Returns:
+            ``{"name", "n_classes", "width"}``.
+        """
         return {"name": self.name, "n_classes": self.n_classes, "width": self.width}
 
     def state_dict(self) -> dict[str, Tensor]:
+        """The tensors saved with a network.
+
+        Returns:
+            ``{"weight": Tensor[M, C]}``.
+        """
         return {"weight": self.weight.contiguous()}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore the weights :meth:`state_dict` saved.
+
+        Args:
+            state: ``{"weight": Tensor[M, C]}``.
+        """
         w = state["weight"]
         if w.dim() != 2 or w.shape[1] != self.n_classes:
             raise ShapeMismatchError(f"saved readout weight has shape {tuple(w.shape)}, expected [M, {self.n_classes}]")

@@ -104,12 +104,24 @@ class Check:
     Attributes:
         name: the check's name (``check_...``), the id to give ``pytest.mark.parametrize``.
         subject: the name of what is checked (the detector's or library's served name).
+
+    Args:
+        name: the check's name.
+        subject: the name of what is checked.
+        fn: the check, bound to its subject.
+
+    Example:
+        >>> check = Check("check_truth", "demo", lambda: None)
+        >>> check, check.name
+        (Check('check_truth' on 'demo'), 'check_truth')
+        >>> check()
     """
 
     def __init__(self, name: str, subject: str, fn: Callable[[], None]):
         self.name, self.subject, self._fn = name, subject, fn
 
     def __call__(self) -> None:
+        """Run the check (an ``AssertionError`` when it fails)."""
         self._fn()
 
     def __repr__(self) -> str:

@@ -383,11 +383,19 @@ class LibraryAttribution(_LibraryLayers, Attribution):
 
     @property
     def multiplies_by_inputs(self) -> bool:
-        """False: the evidence is not multiplied by the inputs (nor by any baseline difference)."""
+        """Whether the attribution is multiplied by the inputs.
+
+        Returns:
+            False: the evidence is not multiplied by the inputs (nor by any baseline difference).
+        """
         return False
 
     def has_convergence_delta(self) -> bool:
-        """False: the evidence has no completeness property, so there is no convergence delta."""
+        """Whether the attribution has a convergence delta.
+
+        Returns:
+            False: the evidence has no completeness property, so there is no convergence delta.
+        """
         return False
 
 

@@ -181,6 +181,14 @@ class CaptumLayerProbe:
         layers (list[str]): names of ``model.layers`` to probe, in order.
         device (torch.device, optional): where the returned HAPs and outputs live. Default: the device
             of the probed modules.
+
+    Example:
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        >>> fwd = CaptumForward(model, {"hidden": model[0], "logits": model[2]})
+        >>> r = CaptumLayerProbe(fwd, ["hidden", "logits"]).run(torch.randn(2, 4))
+        >>> r.outputs.shape, {k: tuple(v.shape) for k, v in r.haps.items()}
+        (torch.Size([2, 3]), {'hidden': (2, 8), 'logits': (2, 3)})
     """
 
     def __init__(self, model: CaptumForward, layers: Sequence[str], device: torch.device | str | None = None):
@@ -203,6 +211,12 @@ class CaptumLayerProbe:
         ``x`` is a batch tensor, or a :class:`~libnet_plugin.MultiInput` for a forward function of
         several inputs (``forward_func(a, b)`` from a batch ``((a, b), y)``; ``forward_func(**parts)`` from
         a dict batch).
+
+        Args:
+            x: the batch.
+
+        Returns:
+            the :class:`~libnet_plugin.probe.ProbeResult`.
         """
         if not isinstance(x, (Tensor, MultiInput)):
             raise TypeError(f"inputs must be a torch.Tensor (or a MultiInput of several), got {type(x).__name__}")

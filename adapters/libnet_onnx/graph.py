@@ -89,6 +89,12 @@ class TensorSpec:
         elem_type: the ONNX element type (``onnx.TensorProto.FLOAT`` ...).
         shape: one entry per dimension: an int, a symbolic name (``"batch"``), or ``None`` if unknown;
             ``None`` for the whole shape when even the rank is unknown.
+
+    Example:
+        >>> from onnx import TensorProto
+        >>> spec = TensorSpec("input", TensorProto.FLOAT, ("batch", 1, 28, 28))
+        >>> spec.dtype, spec.describe()
+        ('float32', "'input' of type float32 and shape [batch, 1, 28, 28]")
     """
 
     name: str
@@ -97,11 +103,19 @@ class TensorSpec:
 
     @property
     def dtype(self) -> str:
-        """The numpy-style dtype name, e.g. ``"float32"``."""
+        """The numpy-style dtype name.
+
+        Returns:
+            e.g. ``"float32"``.
+        """
         return dtype_name(self.elem_type)
 
     def describe(self) -> str:
-        """E.g. ``'input' of type float32 and shape [batch, 1, 28, 28]``."""
+        """The tensor in words, for messages.
+
+        Returns:
+            e.g. ``'input' of type float32 and shape [batch, 1, 28, 28]``.
+        """
         return f"{self.name!r} of type {self.dtype} and shape {format_shape(self.shape)}"
 
 
@@ -116,6 +130,11 @@ class LayerInfo:
         op_type: the operator producing that tensor (``"Conv"``, ``"Relu"``...).
         dtype: numpy-style element type of the tensor.
         shape: its shape (ints, symbolic names such as ``"batch"``, ``None`` for unknown dimensions).
+
+    Example:
+        >>> info = LayerInfo("conv1", "module", "/conv1/Conv_output_0", "Conv", "float32", ("batch", 6, 24, 24))
+        >>> info.size
+        3456
     """
 
     name: str
@@ -127,7 +146,11 @@ class LayerInfo:
 
     @property
     def size(self) -> int | None:
-        """The length of the flattened HAP (product of the non-batch dimensions), ``None`` if not all known."""
+        """The length of the flattened HAP.
+
+        Returns:
+            the product of the non-batch dimensions, ``None`` if not all are known.
+        """
         if self.shape is None or not all(isinstance(d, int) for d in self.shape[1:]):
             return None
         return int(np.prod(self.shape[1:], dtype=np.int64))
@@ -413,12 +436,29 @@ class OnnxGraph:
 
     # ------------------------------------------------------------------ tensors
     def spec(self, tensor: str) -> TensorSpec | None:
-        """The inferred :class:`TensorSpec` of ``tensor``, or ``None`` if its type is unknown."""
+        """The inferred type and shape of a tensor.
+
+        Args:
+            tensor: an ONNX tensor name.
+
+        Returns:
+            its :class:`TensorSpec`, or ``None`` if its type is unknown.
+        """
         vi = self._value_infos.get(tensor)
         return _spec_of(vi) if vi is not None else None
 
     def value_info(self, tensor: str) -> onnx.ValueInfoProto:
-        """A typed ``ValueInfoProto`` for ``tensor``, fit to be added as a graph output."""
+        """A typed ``ValueInfoProto`` for ``tensor``, fit to be added as a graph output.
+
+        Args:
+            tensor: an ONNX tensor name.
+
+        Returns:
+            a copy of its ``onnx.ValueInfoProto``.
+
+        Raises:
+            OnnxModelError: its type could not be inferred.
+        """
         vi = self._value_infos.get(tensor)
         if vi is None or not vi.type.HasField("tensor_type") or not vi.type.tensor_type.elem_type:
             raise OnnxModelError(f"the type of tensor {tensor!r} in {self.source} could not be inferred, so it cannot "
@@ -442,12 +482,23 @@ class OnnxGraph:
         return None
 
     def is_probeable(self, tensor: str) -> bool:
-        """True when ``tensor`` is a node output of floating type that depends on the graph input."""
+        """Whether a tensor can be probed.
+
+        Args:
+            tensor: an ONNX tensor name.
+
+        Returns:
+            True when ``tensor`` is a node output of floating type that depends on the graph input.
+        """
         return self._why_not_probeable(tensor) is None
 
     @property
     def tensor_names(self) -> list[str]:
-        """All probe-able tensor names, in graph order."""
+        """All probe-able tensor names.
+
+        Returns:
+            the names, in graph order.
+        """
         return [t for node in self.nodes for t in node.output if t and self.is_probeable(t)]
 
     # ------------------------------------------------------------------ modules
@@ -499,12 +550,21 @@ class OnnxGraph:
 
     @property
     def module_names(self) -> list[str]:
-        """PyTorch module names recorded by the exporter that resolve to exactly one probe-able tensor,
-        in order of their first node."""
+        """PyTorch module names recorded by the exporter that resolve to exactly one probe-able tensor.
+
+        Returns:
+            the names, in order of their first node.
+        """
         return [m for m in self._module_nodes if len(self._module_candidates(m)[0]) == 1]
 
     def module_output(self, name: str) -> str:
         """The tensor holding the forward output of PyTorch module ``name``.
+
+        Args:
+            name: a module name recorded by the exporter (``"conv1"``).
+
+        Returns:
+            the ONNX tensor name.
 
         Raises:
             LayerNotFoundError: no node of the graph is in that module's scope.
@@ -524,7 +584,14 @@ class OnnxGraph:
                          "tensors); pass one of these ONNX tensor names instead")
 
     def module_caveat(self, name: str) -> str | None:
-        """A warning text when the exporter's optimisations may have changed module ``name``'s output."""
+        """A warning text when the exporter's optimisations may have changed module ``name``'s output.
+
+        Args:
+            name: a module name.
+
+        Returns:
+            the warning, or ``None``.
+        """
         if name not in self._module_nodes:
             return None
         return self._module_candidates(name)[1]
@@ -532,7 +599,11 @@ class OnnxGraph:
     # ------------------------------------------------------------------ names
     @property
     def has_zipmap(self) -> bool:
-        """True when the graph turns class scores into a ZipMap (one dict per input; skl2onnx's default)."""
+        """Whether the graph turns class scores into a ZipMap (one dict per input; skl2onnx's default).
+
+        Returns:
+            a bool.
+        """
         return any(node.op_type == "ZipMap" for node in self.nodes)
 
     def _unknown_message(self, name: str) -> str:
@@ -552,6 +623,12 @@ class OnnxGraph:
     def resolve(self, name: str) -> str:
         """The ONNX tensor a layer name stands for: a PyTorch module name first, else an ONNX tensor name.
 
+        Args:
+            name: a module or tensor name.
+
+        Returns:
+            the ONNX tensor name.
+
         Raises:
             TypeError: ``name`` is not a string.
             LayerNotFoundError: neither a module scope nor a probe-able tensor; the message lists close
@@ -566,7 +643,14 @@ class OnnxGraph:
         raise LayerNotFoundError(self._unknown_message(name))
 
     def layers(self, kind: LayerKind | Literal["all"] = "all") -> list[LayerInfo]:
-        """The probe-able layers: module names (in graph order) and/or tensor names (in graph order)."""
+        """The probe-able layers: module names (in graph order) and/or tensor names (in graph order).
+
+        Args:
+            kind: ``"module"``, ``"tensor"`` or ``"all"``.
+
+        Returns:
+            a :class:`LayerInfo` per layer.
+        """
         if kind not in ("all", "module", "tensor"):
             raise ValueError(f"kind must be 'all', 'module' or 'tensor', got {kind!r}")
         names: list[tuple[str, LayerKind, str]] = []

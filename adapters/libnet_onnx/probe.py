@@ -122,7 +122,14 @@ class OnnxModel:
         self._plain_probe: OnnxLayerProbe | None = None
 
     def with_output(self, output: str) -> OnnxModel:
-        """A copy of this model (same graph, providers and options) reading its class scores from ``output``."""
+        """A copy of this model (same graph, providers and options) reading its class scores from ``output``.
+
+        Args:
+            output: a graph output or a probe-able tensor name.
+
+        Returns:
+            the new :class:`OnnxModel`.
+        """
         if output not in self.graph.outputs and not self.graph.is_probeable(output):
             raise ValueError(f"output {output!r} is neither an output of {self.source} nor one of its probe-able tensors")
         other = copy.copy(self)
@@ -160,10 +167,22 @@ class OnnxModel:
 
     @property
     def input(self) -> TensorSpec:
+        """The graph's (first) input.
+
+        Returns:
+            its :class:`~libnet_onnx.graph.TensorSpec`.
+        """
         return self.graph.input
 
     def layers(self, kind: str = "all") -> list[LayerInfo]:
-        """The probe-able names of this model (see :func:`libnet_onnx.list_layers`)."""
+        """The probe-able names of this model (see :func:`libnet_onnx.list_layers`).
+
+        Args:
+            kind: ``"module"``, ``"tensor"`` or ``"all"``.
+
+        Returns:
+            a :class:`~libnet_onnx.graph.LayerInfo` per layer.
+        """
         return self.graph.layers(kind)  # type: ignore[arg-type]
 
     def session(self, extra_outputs: Sequence[str] = (), device: Any = None) -> ort.InferenceSession:
@@ -172,6 +191,9 @@ class OnnxModel:
         Args:
             extra_outputs: tensor names to make readable (typed from shape inference).
             device: the torch device of the library network; picks the default providers (see class doc).
+
+        Returns:
+            the ``onnxruntime.InferenceSession``.
         """
         proto = onnx.ModelProto()
         proto.CopyFrom(self.graph.model)
@@ -189,11 +211,26 @@ class OnnxModel:
             raise OnnxModelError(f"onnxruntime could not load {self.source}: {exc}") from exc
 
     def probe(self, layers: Sequence[str] | str, device: Any = None) -> OnnxLayerProbe:
-        """An :class:`OnnxLayerProbe` of ``layers`` (module or tensor names)."""
+        """A probe of some layers of this model.
+
+        Args:
+            layers: module or tensor names.
+            device: where the probe returns its tensors (default: CPU).
+
+        Returns:
+            an :class:`OnnxLayerProbe`.
+        """
         return OnnxLayerProbe(self, layers, device=device)
 
     def __call__(self, x: Tensor | MultiInput) -> Tensor:
-        """The model's output ``[B, C]`` for the batch ``x`` (one session run; on CPU)."""
+        """The model's output for a batch (one session run; on CPU).
+
+        Args:
+            x: the batch.
+
+        Returns:
+            ``Tensor[B, C]``.
+        """
         if self._plain_probe is None:
             self._plain_probe = OnnxLayerProbe(self, [])
         return self._plain_probe.run(x).outputs
@@ -281,11 +318,18 @@ class OnnxLayerProbe:
         self.providers = self.session.get_providers()
 
     def config(self) -> dict[str, Any]:
-        """What a saved library network keeps of this probe: the tensor read as the class scores."""
+        """What a saved library network keeps of this probe.
+
+        Returns:
+            ``{"output": the tensor read as the class scores}``.
+        """
         return {"output": self.model.output}
 
     def restore(self, config: Mapping[str, Any]) -> None:
         """Read the class scores from the saved ``output`` again (a network saved with ``output=`` loaded from a path).
+
+        Args:
+            config: what :meth:`config` returned.
 
         Raises:
             ValueError: the model was given with another explicit ``output=`` than the saved one.

@@ -39,7 +39,16 @@ ACTIVATIONS = ("auto", "none", "relu")
 class PeerNotApplicableError(LibnetError, TypeError, ValueError):
     """A post-hoc peer cannot read what it needs from this model (no last linear layer it can find, no probed
     layer that feeds it, log-probability outputs without a probed logits layer). ``libnet evaluate-detectors``
-    leaves such a peer out of its default comparison, saying why; named explicitly, it fails."""
+    leaves such a peer out of its default comparison, saying why; named explicitly, it fails.
+
+    Example:
+        >>> from libnet_plugin.probe import ProbeResult
+        >>> log_probs = torch.log_softmax(torch.randn(2, 3), dim=1)
+        >>> logits_of(ProbeResult(outputs=log_probs, haps={}), "outputs", "energy")
+        Traceback (most recent call last):
+        ...
+        libnet_plugin.detectors._posthoc.PeerNotApplicableError: the 'energy' detector needs logits, but ...
+    """
 
 
 def check_logits_source(value: Any) -> str:
@@ -97,7 +106,27 @@ def logits_of(result: ProbeResult, source: str, what: str, auto: bool = False) -
 
     With ``auto`` (``logits="auto"`` resolved to the outputs) and log-probability outputs, the last probed
     layer of the outputs' shape whose softmax is the outputs' is taken (a model whose probe does not tell
-    module types, such as an ONNX one)."""
+    module types, such as an ONNX one).
+
+    Args:
+        result: one probe run.
+        source: ``"outputs"`` or the name of a probed layer.
+        what: the detector's name (for error messages).
+        auto: ``source`` was resolved from ``logits="auto"``.
+
+    Returns:
+        float32 ``Tensor[B, C]``.
+
+    Raises:
+        PeerNotApplicableError: the outputs are log-probabilities and no probed layer gives their logits.
+        LayerNotFoundError: ``source`` is a layer the probe run lacks.
+
+    Example:
+        >>> from libnet_plugin.probe import ProbeResult
+        >>> z = torch.tensor([[1.0, 2.0, 3.0]])
+        >>> logits_of(ProbeResult(outputs=z, haps={}), "outputs", "energy")
+        tensor([[1., 2., 3.]])
+    """
     outputs = result.outputs
     if source == "outputs":
         z = outputs.float()
@@ -282,7 +311,15 @@ class LogitScore(ConsistencyScore):
         self.logits = check_logits_source(logits)
 
     def fit(self, net: Any, data: Iterable[Any] | None = None) -> LogitScore:
-        """Nothing to learn: find where the logits are (``net`` may be None with ``logits="outputs"``)."""
+        """Nothing to learn: find where the logits are.
+
+        Args:
+            net: the fitted library network (may be ``None`` with ``logits="outputs"``).
+            data: ignored.
+
+        Returns:
+            self.
+        """
         self.logits_ = resolve_logits(net, self.logits, self.name)
         return self
 
@@ -291,6 +328,14 @@ class LogitScore(ConsistencyScore):
             raise NotFittedError(f"the {self.name!r} detector is not fitted; call fit(net) first")
 
     def from_logits(self, z: Tensor) -> Tensor:
+        """The score of each row of logits.
+
+        Args:
+            z: logits ``[B, C]``.
+
+        Returns:
+            ``Tensor[B]``, higher = more suspicious.
+        """
         raise NotImplementedError
 
     def score(self, net: Any, result: ProbeResult) -> Tensor:
@@ -335,6 +380,15 @@ class PenultimateScore(ConsistencyScore):
         raise NotImplementedError
 
     def from_features(self, pen: Penultimate, h: Tensor) -> Tensor:
+        """The score of each row of penultimate features.
+
+        Args:
+            pen: where the penultimate features are and the last linear layer's weights.
+            h: penultimate features ``[B, D]``.
+
+        Returns:
+            ``Tensor[B]``, higher = more suspicious.
+        """
         raise NotImplementedError
 
     def _state(self) -> dict[str, Tensor]:
@@ -347,7 +401,15 @@ class PenultimateScore(ConsistencyScore):
         return {}
 
     def fit(self, net: Any, data: Iterable[Any] | None = None) -> PenultimateScore:
-        """Find the penultimate features on the training data and fit the score's statistics on them."""
+        """Find the penultimate features on the training data and fit the score's statistics on them.
+
+        Args:
+            net: the fitted library network.
+            data: the training data.
+
+        Returns:
+            self.
+        """
         self.pen_ = None
         pen, feats = collect_penultimate(net, data, self.layer, self.activation, self.classifier, self.name,
                                          self.needs_weights)

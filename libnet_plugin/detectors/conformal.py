@@ -41,23 +41,51 @@ class ConformalFusion:
 
     @property
     def is_fitted(self) -> bool:
+        """Whether :meth:`fit` has stored a reference.
+
+        Returns:
+            a bool.
+        """
         return self._sorted is not None
 
     @property
     def sorted_reference(self) -> Tensor | None:
-        """The clean reference scores sorted per feature ``[N, F]`` (float64); ``None`` before :meth:`fit`."""
+        """The clean reference scores sorted per feature.
+
+        Returns:
+            float64 ``Tensor[N, F]``; ``None`` before :meth:`fit`.
+        """
         return self._sorted
 
     @property
     def n_reference(self) -> int:
+        """The number of clean reference inputs.
+
+        Returns:
+            N (0 before :meth:`fit`).
+        """
         return 0 if self._sorted is None else int(self._sorted.shape[0])
 
     def fit(self, reference: Tensor) -> Tensor:
-        """Store the clean reference scores ``[N, F]``; return their leave-one-out fused scores ``[N]``."""
+        """Store the clean reference scores.
+
+        Args:
+            reference: clean per-feature scores ``[N, F]``, N >= 2.
+
+        Returns:
+            their leave-one-out fused scores, ``Tensor[N]``.
+        """
         return fisher(self.fit_p_values(reference))
 
     def fit_p_values(self, reference: Tensor) -> Tensor:
-        """Store the clean reference scores ``[N, F]``; return their leave-one-out p-values ``[N, F]``."""
+        """Store the clean reference scores.
+
+        Args:
+            reference: clean per-feature scores ``[N, F]``, N >= 2.
+
+        Returns:
+            their leave-one-out p-values, ``Tensor[N, F]``.
+        """
         if reference.dim() != 2 or reference.shape[0] < 2:
             raise ValueError(f"the reference scores must be [N, F] with N >= 2, got {tuple(reference.shape)}")
         ref = reference.detach().double()
@@ -75,7 +103,14 @@ class ConformalFusion:
         return torch.stack(cols, dim=1).double()
 
     def p_values(self, scores: Tensor) -> Tensor:
-        """Conformal p-values ``[B, F]`` of new per-feature scores ``[B, F]``."""
+        """Conformal p-values of new per-feature scores.
+
+        Args:
+            scores: ``Tensor[B, F]``.
+
+        Returns:
+            float64 ``Tensor[B, F]`` in ``(0, 1]``.
+        """
         if self._sorted is None:
             raise NotFittedError("no clean reference scores yet; calibrate the detector on clean data first")
         if scores.dim() != 2 or scores.shape[1] != self._sorted.shape[1]:
@@ -88,6 +123,12 @@ class ConformalFusion:
         """``(s - mean) / sd`` per feature against the clean reference ``[B, F]``, keeping the autograd graph.
 
         A non-finite feature (a class without reference nodes) becomes ``1e6`` with no gradient.
+
+        Args:
+            scores: ``Tensor[B, F]``.
+
+        Returns:
+            float64 ``Tensor[B, F]``.
         """
         srt = self._sorted
         if srt is None:
@@ -106,12 +147,30 @@ class ConformalFusion:
         return torch.where(ok, z, torch.full_like(z, 1e6))
 
     def __call__(self, scores: Tensor) -> Tensor:
-        """Fisher-fused score ``-sum log p`` ``[B]`` (float64)."""
+        """Fisher-fused score ``-sum log p``.
+
+        Args:
+            scores: ``Tensor[B, F]``.
+
+        Returns:
+            float64 ``Tensor[B]``.
+        """
         return fisher(self.p_values(scores))
 
     def state_dict(self) -> dict[str, Tensor]:
+        """The tensors to save.
+
+        Returns:
+            ``{"reference": Tensor[N, F]}`` (sorted), or ``{}`` before :meth:`fit`.
+        """
         return {} if self._sorted is None else {"reference": self._sorted.contiguous()}
 
     def load_state_dict(self, state: Mapping[str, Tensor], device: Any = None) -> None:
+        """Restore what :meth:`state_dict` saved.
+
+        Args:
+            state: ``{"reference": Tensor[N, F]}`` or ``{}``.
+            device: where to put it (default: where it is).
+        """
         ref = state.get("reference")
         self._sorted = None if ref is None else ref.double().to(device if device is not None else ref.device)

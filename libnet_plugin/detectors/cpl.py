@@ -24,6 +24,9 @@ class CPLScore(ConsistencyScore):
     ``top_k`` is the number of library nodes behind each layer's prediction (Eq. 3) used for this score;
     it is independent of the network's own ``top_k``. Needs no fitting beyond the library network.
 
+    Args:
+        top_k: library nodes per layer behind each layer's prediction.
+
     Example:
         >>> s = CPLScore(top_k=20)
         >>> s.name, s.top_k, s.uses_library

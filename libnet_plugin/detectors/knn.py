@@ -63,7 +63,15 @@ class DeepKNNScore(ConsistencyScore):
         return f"DeepKNNScore(k={self.k}, layers={self.layers}, labels={self.labels!r})"
 
     def fit(self, net: FittedNetwork, data: Iterable[Any] | None = None) -> DeepKNNScore:
-        """Store the normalised training activations of the chosen layers and the training labels."""
+        """Store the normalised training activations of the chosen layers and the training labels.
+
+        Args:
+            net: the fitted library network.
+            data: the training data (inputs, or ``(inputs, labels)`` batches).
+
+        Returns:
+            self.
+        """
         net.check_fitted()
         if data is None:
             raise ValueError("the 'knn' detector keeps the training activations: pass train= to ConsistencyDetector "

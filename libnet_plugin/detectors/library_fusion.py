@@ -133,8 +133,11 @@ class LibraryFusionScore(LibraryDistanceScore):
 
     @property
     def weights_(self) -> Tensor:
-        """``combine="weighted"``: the feature weights ``[F]`` (float64) set from the clean reference at
-        calibration (:meth:`correlation_weights` of its p-values)."""
+        """``combine="weighted"``: the feature weights set from the clean reference at calibration.
+
+        Returns:
+            float64 ``Tensor[F]``, :meth:`correlation_weights` of the reference's p-values.
+        """
         if self._weights is None:
             raise NotFittedError("combine='weighted' takes its weights from the clean reference; calibrate first")
         return self._weights
@@ -145,6 +148,12 @@ class LibraryFusionScore(LibraryDistanceScore):
 
         Independent features keep weight 1; ``m`` identical copies of one feature share weight 1 (each
         ``1 / m``). A feature constant on the reference is uncorrelated with the others.
+
+        Args:
+            p_values: per-feature p-values ``[N, F]``.
+
+        Returns:
+            float64 ``Tensor[F]``.
         """
         e = -torch.log(p_values.detach().double())
         e = e - e.mean(dim=0)

@@ -92,7 +92,15 @@ class MultiLayerMahalanobisScore(MahalanobisScore):
         self.z_mean_, self.z_sd_ = mean, var.sqrt().clamp(min=1e-12)
 
     def score(self, net: FittedNetwork, result: ProbeResult) -> Tensor:
-        """``sum_l (M_l - mean_l) / sd_l`` ``[B]`` (float32; z-scores on the training inputs)."""
+        """``sum_l (M_l - mean_l) / sd_l``, the per-layer distances as z-scores on the training inputs.
+
+        Args:
+            net: the fitted library network.
+            result: one probe run of the batch.
+
+        Returns:
+            float32 ``Tensor[B]``.
+        """
         self.check_is_fitted()
         if self.z_mean_ is None or self.z_sd_ is None:
             raise NotFittedError(f"the {self.name!r} detector is not fitted; call fit(net, train) first")

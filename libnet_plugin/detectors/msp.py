@@ -37,7 +37,15 @@ class MaxSoftmaxScore(ConsistencyScore):
         return "MaxSoftmaxScore()"
 
     def fit(self, net: FittedNetwork | None, data: Iterable[Any] | None = None) -> MaxSoftmaxScore:
-        """Nothing to learn: the score reads the model's outputs only."""
+        """Nothing to learn: the score reads the model's outputs only.
+
+        Args:
+            net: the fitted library network (or ``None``).
+            data: ignored.
+
+        Returns:
+            self.
+        """
         self.fitted_ = True
         return self
 
