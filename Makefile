@@ -37,10 +37,10 @@ reproduce: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest tests integration_tests libnet_plugin adapters -q
-	$(BIN)/mkdocs build --strict --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 docs: $(STAMP)
-	$(BIN)/mkdocs serve
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
 
 $(COMPAT_STAMP): pyproject.toml
 	@$(COMPAT_PYTHON) -c "import sys; assert sys.version_info >= (3, 12)" >/dev/null 2>&1 || { echo "error: $(COMPAT_PYTHON) (Python 3.12+) not found; set COMPAT_PYTHON=..."; exit 1; }

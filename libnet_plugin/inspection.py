@@ -413,8 +413,13 @@ def _check_inputs(model: Any, train: Any, test: Any, layers: Sequence[str] | Non
 
 def _grid(sweep: Any, chosen: Mapping[str, float]) -> dict[str, list[float]]:
     """The thetas of the sweep per layer, the chosen one always among them."""
-    if sweep is None:
+    if sweep is None or sweep is True:
         return {l: sweep_thetas(t) for l, t in chosen.items()}
+    if sweep is False:
+        sweep = ()
+    if not isinstance(sweep, (Mapping, Sequence)) or isinstance(sweep, str):
+        raise TypeError(f"sweep must be thetas (a list, or {{layer: [thetas]}}), True/None for the default sweep or "
+                        f"False for none, got {type(sweep).__name__}: {sweep!r}")
     return {l: sorted({round(validate_threshold(x, l), 6) for x in (sweep.get(l, ()) if isinstance(sweep, Mapping)
                                                                      else sweep)} | {t})
             for l, t in chosen.items()}
@@ -579,7 +584,8 @@ class InspectOptions:
         cpl_top_k: library nodes behind the evidence that CPL compares (the paper's 20).
         fpr: false-positive rate of the detector's threshold.
         sweep: thetas of the library-size sweep (one list for all layers, or per layer); default
-            :func:`sweep_thetas` around each chosen theta.
+            :func:`sweep_thetas` around each chosen theta; ``False`` or ``()``: no sweep (the chosen theta
+            only).
         n_layers: how many layers the default layer choice spreads over (see ``layers`` of :func:`inspect`).
         sample: how many of the least and of the most consistent test inputs to show.
         indices: test inputs to show as well, by index.
@@ -597,7 +603,7 @@ class InspectOptions:
     top_k: int = 3
     cpl_top_k: int = 20
     fpr: float = 0.05
-    sweep: Sequence[float] | Mapping[str, Sequence[float]] | None = None
+    sweep: Sequence[float] | Mapping[str, Sequence[float]] | bool | None = None
     n_layers: int = DEFAULT_N_LAYERS
     sample: int = 3
     indices: Sequence[int] = ()

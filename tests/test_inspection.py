@@ -168,3 +168,13 @@ def test_token_inputs_show_token_ids_not_thumbnails():
     d = r.to_dict()
     assert r.layers == ["emb", "fc", "out"] and r.images == {}
     assert d["samples"][0]["token_ids"] == ids[80 + d["samples"][0]["index"]].tolist()
+
+
+def test_sweep_false_means_no_sweep_and_a_bad_sweep_names_the_setting(trained):
+    model, (x, y), (xt, yt) = trained
+    kw = dict(layers=["0", "2"], thresholds=0.9, sample=1, progress=False)
+    none = lnp.inspect(model, (x, y), (xt, yt), sweep=False, **kw)
+    empty = lnp.inspect(model, (x, y), (xt, yt), sweep=(), **kw)
+    assert none.data["settings"]["sweep"] == empty.data["settings"]["sweep"] == {"0": [0.9], "2": [0.9]}
+    with pytest.raises(TypeError, match="sweep must be thetas"):
+        lnp.inspect(model, (x, y), (xt, yt), sweep=0.5, **kw)
