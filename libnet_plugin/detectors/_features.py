@@ -129,14 +129,19 @@ def class_distances(f: Tensor, means: Tensor, precision: Tensor, present: Tensor
     return d.masked_fill(~present[None, :], float("inf"))
 
 
-def whitening(means: Tensor, precision: Tensor) -> dict[str, Tensor]:
+def whitening(means: Tensor, precision: Tensor, proj: Tensor | None = None) -> dict[str, Any]:
     """What :func:`whitened_distances` needs of a fitted class Gaussian, computed once at fit or load.
 
     ``precision`` (symmetric, positive semi-definite: a pseudo-inverse) is ``W W^T`` with ``W = V sqrt(L)``
     over its eigenpairs ``(L, V)``; eigenvalues below ``D * eps / 2`` of the largest are the pseudo-inverse's
     zeros (the kept ones are at least ``D * eps`` of the largest) and are dropped, so ``W`` is ``[D, r]`` with
     ``r`` the covariance's rank (at most the number of rows it was estimated from). Returns ``{"whiten": W,
-    "means_w": means @ W [C, r], "means_sq": ||means @ W||^2 [C]}``.
+    "means_w": means @ W [C, r], "means_sq": ||means @ W||^2 [C], "folded": False}``.
+
+    With the features a random projection ``x @ proj`` (``proj`` ``[K, D]``) and ``r <= D / 4``, ``"whiten"`` is
+    ``proj @ W`` ``[K, r]`` (float64) and ``"folded"`` is True: the rows ``x`` are then whitened in one
+    float64 ``[B, K] x [K, r]`` product, at most half the work of the float32 projection it replaces, and
+    without its float32 rounding.
 
     Example:
         >>> p = torch.tensor([[2.0, 0.0], [0.0, 0.0]], dtype=torch.float64)
@@ -149,12 +154,17 @@ def whitening(means: Tensor, precision: Tensor) -> dict[str, Tensor]:
     keep = vals > top * (precision.shape[0] * torch.finfo(precision.dtype).eps / 2)
     w = (vecs[:, keep] * vals[keep].sqrt()).contiguous()
     mw = means @ w
-    return {"whiten": w, "means_w": mw, "means_sq": mw.pow(2).sum(dim=1)}
+    folded = proj is not None and 4 * w.shape[1] <= proj.shape[1]
+    if folded:
+        assert proj is not None
+        w = (proj.double() @ w).contiguous()
+    return {"whiten": w, "means_w": mw, "means_sq": mw.pow(2).sum(dim=1), "folded": folded}
 
 
-def whitened_distances(f: Tensor, white: Mapping[str, Tensor], present: Tensor) -> Tensor:
+def whitened_distances(f: Tensor, white: Mapping[str, Any], present: Tensor) -> Tensor:
     """:func:`class_distances` from :func:`whitening`'s factors: ``||f W||^2 - 2 (f W)(means W)^T + ||means W||^2``,
-    one ``[B, D] x [D, r]`` product per call (equal to :func:`class_distances` up to float64 rounding)."""
+    one ``[B, D] x [D, r]`` product per call (equal to :func:`class_distances` up to float64 rounding); ``f``
+    are the rows before the projection when ``white["folded"]``."""
     fw = f @ white["whiten"]
     d = fw.pow(2).sum(dim=1, keepdim=True) - 2.0 * fw @ white["means_w"].T + white["means_sq"][None, :]
     return d.masked_fill(~present[None, :], float("inf"))

@@ -130,7 +130,7 @@ class LibraryMarginScore(FusedLayerScore):
         self._classes: dict[str, Tensor] = {}
         self._grams: dict[str, Tensor | None] = {}
         self._gauss: dict[str, dict[str, Any]] = {}
-        self._white: dict[str, dict[str, Tensor]] = {}  # per layer: whitening(...) of _gauss, rebuilt by _prepare
+        self._white: dict[str, dict[str, Any]] = {}  # per layer: whitening(...) of _gauss, rebuilt by _prepare
         self._subspaces: dict[str, tuple[Tensor, Tensor]] = {}
 
     @property
@@ -159,7 +159,8 @@ class LibraryMarginScore(FusedLayerScore):
                 self._grams[l] = None
             if any(f in self.layer_features for f in self.GAUSSIAN_FEATURES):
                 self._gauss[l] = self._node_gaussian(net, l, i, lib.nodes, self._classes[l])
-                self._white[l] = whitening(self._gauss[l]["means"], self._gauss[l]["precision"])
+                st = self._gauss[l]
+                self._white[l] = whitening(st["means"], st["precision"], st["proj"])
             if "subspace" in self.layer_features:
                 self._subspaces[l] = principal_subspace(lib.nodes, self.rank)
 
@@ -182,8 +183,10 @@ class LibraryMarginScore(FusedLayerScore):
     def _class_distances(self, lib: Any, layer: str, hap: Tensor, stored: Tensor | None = None) -> Tensor:
         """``distance`` to every class's node mean ``[B, C]`` (``inf`` for classes without nodes); ``stored``
         is ``lib.transform(hap)`` when the caller has it already."""
-        st = self._gauss[layer]
-        g = pooled(lib.transform(hap) if stored is None else stored, st["channels"], st["proj"]).double()
+        st, white = self._gauss[layer], self._white[layer]
+        x = lib.transform(hap) if stored is None else stored
+        # folded: the projection is part of the whitening factor (whitening), one float64 product
+        g = x.double() if white["folded"] else pooled(x, st["channels"], st["proj"]).double()
         return whitened_distances(g, self._white[layer], st["present"])
 
     def _subspace_residual(self, lib: Any, layer: str, hap: Tensor, stored: Tensor | None = None) -> Tensor:
