@@ -139,9 +139,9 @@ def whitening(means: Tensor, precision: Tensor, proj: Tensor | None = None) -> d
     "means_w": means @ W [C, r], "means_sq": ||means @ W||^2 [C], "folded": False}``.
 
     With the features a random projection ``x @ proj`` (``proj`` ``[K, D]``) and ``r <= D / 4``, ``"whiten"`` is
-    ``proj @ W`` ``[K, r]`` (float64) and ``"folded"`` is True: the rows ``x`` are then whitened in one
-    float64 ``[B, K] x [K, r]`` product, at most half the work of the float32 projection it replaces, and
-    without its float32 rounding.
+    ``proj @ W`` ``[K, r]`` (computed in float64, kept in ``proj``'s dtype) and ``"folded"`` is True: the rows
+    ``x`` are then whitened in one ``[B, K] x [K, r]`` product in the HAPs' float32, at most a quarter of the
+    work of the projection it replaces (the same float32 rounding class), with no float64 copy of ``x``.
 
     Example:
         >>> p = torch.tensor([[2.0, 0.0], [0.0, 0.0]], dtype=torch.float64)
@@ -157,7 +157,7 @@ def whitening(means: Tensor, precision: Tensor, proj: Tensor | None = None) -> d
     folded = proj is not None and 4 * w.shape[1] <= proj.shape[1]
     if folded:
         assert proj is not None
-        w = (proj.double() @ w).contiguous()
+        w = (proj.double() @ w).to(proj.dtype).contiguous()
     return {"whiten": w, "means_w": mw, "means_sq": mw.pow(2).sum(dim=1), "folded": folded}
 
 
@@ -165,7 +165,7 @@ def whitened_distances(f: Tensor, white: Mapping[str, Any], present: Tensor) -> 
     """:func:`class_distances` from :func:`whitening`'s factors: ``||f W||^2 - 2 (f W)(means W)^T + ||means W||^2``,
     one ``[B, D] x [D, r]`` product per call (equal to :func:`class_distances` up to float64 rounding); ``f``
     are the rows before the projection when ``white["folded"]``."""
-    fw = f @ white["whiten"]
+    fw = (f.to(white["whiten"].dtype) @ white["whiten"]).double()
     d = fw.pow(2).sum(dim=1, keepdim=True) - 2.0 * fw @ white["means_w"].T + white["means_sq"][None, :]
     return d.masked_fill(~present[None, :], float("inf"))
 

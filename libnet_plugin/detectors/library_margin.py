@@ -185,8 +185,8 @@ class LibraryMarginScore(FusedLayerScore):
         is ``lib.transform(hap)`` when the caller has it already."""
         st, white = self._gauss[layer], self._white[layer]
         x = lib.transform(hap) if stored is None else stored
-        # folded: the projection is part of the whitening factor (whitening), one float64 product
-        g = x.double() if white["folded"] else pooled(x, st["channels"], st["proj"]).double()
+        # folded: the projection is part of the whitening factor (whitening), one float32 product
+        g = x if white["folded"] else pooled(x, st["channels"], st["proj"]).double()
         return whitened_distances(g, self._white[layer], st["present"])
 
     def _subspace_residual(self, lib: Any, layer: str, hap: Tensor, stored: Tensor | None = None) -> Tensor:
