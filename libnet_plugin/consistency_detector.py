@@ -332,6 +332,8 @@ def _finite_rows(x: Tensor | MultiInput) -> Tensor | None:
     floats = [t for t in input_tensors(x) if t.is_floating_point()]
     if not floats:
         return None
+    if all(bool(torch.isfinite(t.sum())) for t in floats):  # one pass: a NaN or inf makes the sum non-finite
+        return torch.ones(floats[0].shape[0], dtype=torch.bool, device=floats[0].device)
     rows = [torch.isfinite(t).reshape(t.shape[0], -1 if t.shape[0] else 0).all(dim=1) for t in floats]
     return torch.stack(rows).all(dim=0)
 

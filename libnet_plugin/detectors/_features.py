@@ -129,6 +129,47 @@ def class_distances(f: Tensor, means: Tensor, precision: Tensor, present: Tensor
     return d.masked_fill(~present[None, :], float("inf"))
 
 
+def whitening(means: Tensor, precision: Tensor, proj: Tensor | None = None) -> dict[str, Any]:
+    """What :func:`whitened_distances` needs of a fitted class Gaussian, computed once at fit or load.
+
+    ``precision`` (symmetric, positive semi-definite: a pseudo-inverse) is ``W W^T`` with ``W = V sqrt(L)``
+    over its eigenpairs ``(L, V)``; eigenvalues below ``D * eps / 2`` of the largest are the pseudo-inverse's
+    zeros (the kept ones are at least ``D * eps`` of the largest) and are dropped, so ``W`` is ``[D, r]`` with
+    ``r`` the covariance's rank (at most the number of rows it was estimated from). Returns ``{"whiten": W,
+    "means_w": means @ W [C, r], "means_sq": ||means @ W||^2 [C], "folded": False}``.
+
+    With the features a random projection ``x @ proj`` (``proj`` ``[K, D]``) and ``r <= D / 4``, ``"whiten"`` is
+    ``proj @ W`` ``[K, r]`` (computed in float64, kept in ``proj``'s dtype) and ``"folded"`` is True: the rows
+    ``x`` are then whitened in one ``[B, K] x [K, r]`` product in the HAPs' float32, at most a quarter of the
+    work of the projection it replaces (the same float32 rounding class), with no float64 copy of ``x``.
+
+    Example:
+        >>> p = torch.tensor([[2.0, 0.0], [0.0, 0.0]], dtype=torch.float64)
+        >>> w = whitening(torch.zeros(1, 2, dtype=torch.float64), p)
+        >>> w["whiten"].shape
+        torch.Size([2, 1])
+    """
+    vals, vecs = torch.linalg.eigh(precision)
+    top = vals.max().clamp(min=0) if vals.numel() else vals.new_zeros(())
+    keep = vals > top * (precision.shape[0] * torch.finfo(precision.dtype).eps / 2)
+    w = (vecs[:, keep] * vals[keep].sqrt()).contiguous()
+    mw = means @ w
+    folded = proj is not None and 4 * w.shape[1] <= proj.shape[1]
+    if folded:
+        assert proj is not None
+        w = (proj.double() @ w).to(proj.dtype).contiguous()
+    return {"whiten": w, "means_w": mw, "means_sq": mw.pow(2).sum(dim=1), "folded": folded}
+
+
+def whitened_distances(f: Tensor, white: Mapping[str, Any], present: Tensor) -> Tensor:
+    """:func:`class_distances` from :func:`whitening`'s factors: ``||f W||^2 - 2 (f W)(means W)^T + ||means W||^2``,
+    one ``[B, D] x [D, r]`` product per call (equal to :func:`class_distances` up to float64 rounding); ``f``
+    are the rows before the projection when ``white["folded"]``."""
+    fw = (f.to(white["whiten"].dtype) @ white["whiten"]).double()
+    d = fw.pow(2).sum(dim=1, keepdim=True) - 2.0 * fw @ white["means_w"].T + white["means_sq"][None, :]
+    return d.masked_fill(~present[None, :], float("inf"))
+
+
 def principal_subspace(nodes: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     """The mean ``[D]`` and the ``rank`` leading principal directions ``[D, r]`` of rows ``nodes`` ``[M, D]`` (float64).
 

@@ -16,13 +16,14 @@ from ..library import ExactLibrary, NodeLibrary, normalize_rows
 from ..probe import ProbeResult
 from ._features import (
     check_pool,
-    class_distances,
     conv_channels,
     layer_projection,
     node_classes,
     pooled,
     principal_subspace,
     shared_gaussian,
+    whitened_distances,
+    whitening,
 )
 from .api import FittedNetwork, FusedLayerScore
 
@@ -129,6 +130,7 @@ class LibraryMarginScore(FusedLayerScore):
         self._classes: dict[str, Tensor] = {}
         self._grams: dict[str, Tensor | None] = {}
         self._gauss: dict[str, dict[str, Any]] = {}
+        self._white: dict[str, dict[str, Any]] = {}  # per layer: whitening(...) of _gauss, rebuilt by _prepare
         self._subspaces: dict[str, tuple[Tensor, Tensor]] = {}
 
     @property
@@ -142,7 +144,7 @@ class LibraryMarginScore(FusedLayerScore):
                 f"features={self.layer_features})")
 
     def _prepare(self, net: FittedNetwork) -> None:
-        self._classes, self._grams, self._gauss, self._subspaces = {}, {}, {}, {}
+        self._classes, self._grams, self._gauss, self._white, self._subspaces = {}, {}, {}, {}, {}
         for i, l in enumerate(self.fitted_layers()):
             lib = net.libraries_[l]
             needs_nodes = [f for f in ("residual", *self.STATISTIC_FEATURES) if f in self.layer_features]
@@ -157,6 +159,8 @@ class LibraryMarginScore(FusedLayerScore):
                 self._grams[l] = None
             if any(f in self.layer_features for f in self.GAUSSIAN_FEATURES):
                 self._gauss[l] = self._node_gaussian(net, l, i, lib.nodes, self._classes[l])
+                st = self._gauss[l]
+                self._white[l] = whitening(st["means"], st["precision"], st["proj"])
             if "subspace" in self.layer_features:
                 self._subspaces[l] = principal_subspace(lib.nodes, self.rank)
 
@@ -179,9 +183,11 @@ class LibraryMarginScore(FusedLayerScore):
     def _class_distances(self, lib: Any, layer: str, hap: Tensor, stored: Tensor | None = None) -> Tensor:
         """``distance`` to every class's node mean ``[B, C]`` (``inf`` for classes without nodes); ``stored``
         is ``lib.transform(hap)`` when the caller has it already."""
-        st = self._gauss[layer]
-        g = pooled(lib.transform(hap) if stored is None else stored, st["channels"], st["proj"]).double()
-        return class_distances(g, st["means"], st["precision"], st["present"])
+        st, white = self._gauss[layer], self._white[layer]
+        x = lib.transform(hap) if stored is None else stored
+        # folded: the projection is part of the whitening factor (whitening), one float32 product
+        g = x if white["folded"] else pooled(x, st["channels"], st["proj"]).double()
+        return whitened_distances(g, self._white[layer], st["present"])
 
     def _subspace_residual(self, lib: Any, layer: str, hap: Tensor, stored: Tensor | None = None) -> Tensor:
         """``subspace``: the squared distance of the normalised activation from the nodes' principal subspace
