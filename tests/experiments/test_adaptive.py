@@ -263,8 +263,9 @@ def test_to_model_equals_the_normalisation_inside_the_model(twins, method):
     black_w = score_search(det_w, xa, ya, eps=0.3, queries=20, seed=1)
     _same(score_search(det_n, xa, ya, eps=0.3, queries=20, seed=1, to_model=_normalize), black_w)
     _same(judge(det_n, white_w.x_adv, ya, to_model=_normalize), judge(det_w, white_w.x_adv, ya))
-    # without the map the normalised model is attacked on pixels: another (wrong) attack
-    assert not torch.equal(adaptive_pgd(det_n, xa, ya, **kw).score, white_w.score)
+    # without the map the normalised model is attacked on pixels: another (wrong) attack, other images (the
+    # scores of both may sit at the score's cap on this tiny net, whose class Gaussians are near-singular)
+    assert not torch.equal(adaptive_pgd(det_n, xa, ya, **kw).x_adv, white_w.x_adv)
 
 
 def test_to_model_with_a_feature_matching_surrogate_and_the_threat_models(twins):
