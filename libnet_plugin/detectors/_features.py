@@ -47,6 +47,25 @@ def node_classes(net: FittedNetwork, layer: str, chunk: int = 1024) -> Tensor:
     answers for the training inputs nearest to the node (usually the answer for the node's own input).
     Readouts without a ``weight`` attribute are asked through their ``scores`` method with one-hot
     library outputs, so any readout plugin works.
+
+    Args:
+        net: a fitted library network.
+        layer: one of its layers.
+        chunk: nodes asked at once from a readout without ``weight``.
+
+    Returns:
+        ``LongTensor[M]``, one class per node.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import libnet_plugin as lnp
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+        >>> net = lnp.LibraryNetwork(model, ["0"], thresholds=0.8).fit(torch.randn(100, 6))
+        >>> classes = node_classes(net, "0")
+        >>> classes.shape == (net.library_sizes_["0"],), int(classes.max()) < 3
+        (True, True)
     """
     readout = net.readouts_[layer]
     if isinstance(readout, WeightedReadout):

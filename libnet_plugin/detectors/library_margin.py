@@ -135,7 +135,11 @@ class LibraryMarginScore(FusedLayerScore):
 
     @property
     def features_(self) -> tuple[str, ...]:
-        """Deprecated (``FutureWarning``): the checked ``features`` setting, :attr:`layer_features`."""
+        """Deprecated (``FutureWarning``): the checked ``features`` setting, :attr:`layer_features`.
+
+        Returns:
+            ``layer_features``, the per-layer features in order.
+        """
         warnings.warn(f"{type(self).__name__}.features_ is deprecated: use layer_features", FutureWarning, stacklevel=2)
         return self.layer_features
 
@@ -206,34 +210,69 @@ class LibraryMarginScore(FusedLayerScore):
     # the fitted statistics and the per-feature computations, public for inspection and tests
     @property
     def gaussians_(self) -> dict[str, dict[str, Any]]:
-        """Per layer with a ``distance`` feature: the library nodes' class Gaussian, ``{"means": [C, D],
-        "precision": [D, D], "present": [C], "channels": n (0: not pooled), "proj": [W, D] or None}``."""
+        """Per layer with a ``distance`` feature: the library nodes' class Gaussian.
+
+        Returns:
+            ``{layer: {"means": [C, D], "precision": [D, D], "present": [C], "channels": n (0: not pooled),
+            "proj": [W, D] or None}}``.
+        """
         self.check_is_fitted()
         return self._gauss
 
     @property
     def subspaces_(self) -> dict[str, tuple[Tensor, Tensor]]:
-        """Per layer with the ``subspace`` feature: ``(mean [D], basis [D, r])`` of the nodes' principal
-        subspace (``r`` at most ``rank``)."""
+        """Per layer with the ``subspace`` feature: the nodes' principal subspace.
+
+        Returns:
+            ``{layer: (mean [D], basis [D, r])}``, ``r`` at most ``rank``.
+        """
         self.check_is_fitted()
         return self._subspaces
 
     def class_distances(self, lib: Any, layer: str, hap: Tensor) -> Tensor:
-        """The ``distance`` of each activation ``hap`` ``[B, ...]`` of ``layer`` to every class's node mean:
-        ``[B, C]`` (float64; ``inf`` for classes without nodes)."""
+        """The ``distance`` of each activation to every class's node mean.
+
+        Args:
+            lib: the layer's library (``net.libraries_[layer]``).
+            layer: the layer's name.
+            hap: its activations ``[B, ...]``.
+
+        Returns:
+            ``[B, C]`` (float64; ``inf`` for classes without nodes).
+        """
         self.check_is_fitted()
         return self._class_distances(lib, layer, hap)
 
     def subspace_residual(self, lib: Any, layer: str, hap: Tensor) -> Tensor:
-        """The ``subspace`` feature of ``hap`` ``[B, ...]``: the squared distance ``[B]`` of the normalised
-        activation from the nodes' principal subspace."""
+        """The ``subspace`` feature: how far each normalised activation lies from the nodes' principal subspace.
+
+        Args:
+            lib: the layer's library (``net.libraries_[layer]``).
+            layer: the layer's name.
+            hap: its activations ``[B, ...]``.
+
+        Returns:
+            the squared distances ``[B]``.
+        """
         self.check_is_fitted()
         return self._subspace_residual(lib, layer, hap)
 
     @staticmethod
     def distance_margin(d: Tensor, answers: Tensor) -> Tensor:
-        """The ``distance-margin`` feature from class distances ``d`` ``[B, C]`` and the model's answers ``[B]``:
-        ``d_a - min_{c != a} d_c`` per row (0 when no other class has nodes)."""
+        """The ``distance-margin`` feature: ``d_a - min_{c != a} d_c`` per row.
+
+        Args:
+            d: class distances ``[B, C]`` (:meth:`class_distances`).
+            answers: the model's answers ``[B]``.
+
+        Returns:
+            ``[B]``; 0 where no other class has nodes.
+
+        Example:
+            >>> import torch
+            >>> LibraryMarginScore.distance_margin(torch.tensor([[1.0, 3.0, 2.0]]), torch.tensor([0]))
+            tensor([-1.])
+        """
         return LibraryMarginScore._distance_margin(d, answers)
 
     def _fit(self, net: FittedNetwork, data: Any) -> None:
@@ -328,7 +367,11 @@ class LibraryMarginScore(FusedLayerScore):
         self._prepare(net)
 
     def memory_bytes(self) -> int:
-        """Bytes kept beyond the library network: the clean reference, Gram matrices and ``distance`` statistics."""
+        """Bytes kept beyond the library network.
+
+        Returns:
+            the bytes of the clean reference, the Gram matrices and the ``distance`` statistics.
+        """
         kept = [g for g in self._grams.values() if g is not None]
         kept += [t for st in self._gauss.values() for t in st.values() if isinstance(t, Tensor)]
         kept += [t for pair in self._subspaces.values() for t in pair]
