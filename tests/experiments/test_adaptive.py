@@ -265,7 +265,8 @@ def test_to_model_equals_the_normalisation_inside_the_model(twins, method):
     _same(judge(det_n, white_w.x_adv, ya, to_model=_normalize), judge(det_w, white_w.x_adv, ya))
     # without the map the normalised model is attacked on pixels: another (wrong) attack, other images (the
     # scores of both may sit at the score's cap on this tiny net, whose class Gaussians are near-singular)
-    assert not torch.equal(adaptive_pgd(det_n, xa, ya, **kw).x_adv, white_w.x_adv)
+    # (well above float32 rounding: another CPU may round the steps differently, not move them by 0.01)
+    assert float((adaptive_pgd(det_n, xa, ya, **kw).x_adv - white_w.x_adv).abs().max()) > 0.01
 
 
 def test_to_model_with_a_feature_matching_surrogate_and_the_threat_models(twins):
