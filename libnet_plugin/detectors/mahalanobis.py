@@ -22,6 +22,8 @@ from ._features import (
     pooled,
     require_tensor,
     shared_gaussian,
+    whitened_distances,
+    whitening,
 )
 from .api import FittedNetwork, FusedLayerScore
 
@@ -74,19 +76,49 @@ class MahalanobisScore(FusedLayerScore):
         self.precision_: dict[str, Tensor] = {}
         self.class_present_: dict[str, Tensor] = {}
         self._proj: dict[str, Tensor] = {}
+        self._white: dict[str, dict[str, Any]] = {}  # per layer: whitening(...) of the Gaussian, built by _prepare
 
     def __repr__(self) -> str:
         return f"MahalanobisScore(layers={self.layers}, pool={self.pool!r}, max_dim={self.max_dim})"
 
+    def _projection(self, layer: str, dim: int, device: Any) -> Tensor | None:
+        """The layer's random projection ``[dim, max_dim]``, or ``None`` for pooled or small features."""
+        if self.channels_[layer] or dim <= self.max_dim:
+            return None
+        if layer not in self._proj:
+            self._proj[layer] = layer_projection(self.seed, self.fitted_layers().index(layer), dim, self.max_dim,
+                                                  device)
+        return self._proj[layer]
+
     def _feature(self, layer: str, hap: Tensor) -> Tensor:
-        c = self.channels_[layer]
-        proj = None
-        if not c and hap.shape[1] > self.max_dim:
-            if layer not in self._proj:
-                self._proj[layer] = layer_projection(self.seed, self.fitted_layers().index(layer), hap.shape[1],
-                                                      self.max_dim, hap.device)
-            proj = self._proj[layer]
-        return pooled(hap, c, proj)
+        return pooled(hap, self.channels_[layer], self._projection(layer, hap.shape[1], hap.device))
+
+    def _prepare(self, net: FittedNetwork) -> None:
+        """Factor each layer's precision once (:func:`whitening`), so that scoring costs one product per layer."""
+        self._white = {}
+        hap_dims = getattr(net, "hap_dims_", {})
+        for l in self.fitted_layers():
+            if l not in self.means_:
+                continue
+            dim = hap_dims.get(l)
+            proj = None if dim is None else self._projection(l, int(dim), net.device)
+            self._white[l] = whitening(self.means_[l], self.precision_[l], proj)
+
+    def layer_distances(self, layer: str, hap: Tensor) -> Tensor:
+        """The Mahalanobis distances ``[B, C]`` of one layer's activations ``[B, D]`` to its class means.
+
+        One product with the cached whitening factor when there is one (up to float32 rounding of the
+        product, the plain formula ``(f - mu_c)^T S^+ (f - mu_c)`` otherwise).
+        """
+        white = self._white.get(layer)
+        if white is not None and white["folded"]:
+            return whitened_distances(hap, white, self.class_present_[layer])
+        f = self._feature(layer, hap)
+        if f.shape[1] != self.dims_[layer]:
+            raise ShapeMismatchError(f"layer {layer!r}: features of size {f.shape[1]}, fitted on {self.dims_[layer]}")
+        if white is not None:
+            return whitened_distances(f, white, self.class_present_[layer])
+        return class_distances(f.double(), self.means_[layer], self.precision_[layer], self.class_present_[layer])
 
     def _classes(self, result: ProbeResult, labels: Tensor | None, net: FittedNetwork) -> Tensor:
         """The class of each training input that its features are grouped by: the model's answer here."""
@@ -128,6 +160,7 @@ class MahalanobisScore(FusedLayerScore):
         for l in self.fitted_layers():
             self.means_[l], self.precision_[l], self.class_present_[l] = shared_gaussian(
                 sums[l], outer[l], counts, n, self.shrinkage)
+        self._prepare(net)
 
     def feature_names(self) -> list[str]:
         self.check_is_fitted()
@@ -137,13 +170,7 @@ class MahalanobisScore(FusedLayerScore):
         self.check_is_fitted()
         if not self.means_:
             raise NotFittedError("the 'mahalanobis' detector has no class means; call fit(net, train) first")
-        cols = []
-        for l in self.fitted_layers():
-            f = self._feature(l, result.haps[l]).double()
-            if f.shape[1] != self.dims_[l]:
-                raise ShapeMismatchError(f"layer {l!r}: features of size {f.shape[1]}, fitted on {self.dims_[l]}")
-            cols.append(class_distances(f, self.means_[l], self.precision_[l], self.class_present_[l]).amin(dim=1))
-        return torch.stack(cols, dim=1)
+        return torch.stack([self.layer_distances(l, result.haps[l]).amin(dim=1) for l in self.fitted_layers()], dim=1)
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "pool": self.pool, "max_dim": self.max_dim, "seed": self.seed,
@@ -188,3 +215,4 @@ class MahalanobisScore(FusedLayerScore):
                 raise SaveFormatError(f"the saved class means {list(m.shape)}, precision {list(p.shape)} and classes "
                                       f"{list(c.shape)} of layer {l!r} of the 'mahalanobis' detector do not fit its "
                                       f"feature size {d} (modified or corrupted)")
+        self._prepare(net)
