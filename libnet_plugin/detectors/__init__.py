@@ -112,6 +112,10 @@ MNIST_CANDIDATES: dict[str, tuple[str, dict]] = {
         "layers": ["conv1", "conv2"], "gaussian_layers": ["conv2:input", "fc2:input"], "tail": "exponential"}),
     "library-gaussian-fusion (conv1, conv2; gauss conv2:input, fc1:input; tail)": ("library-gaussian-fusion", {
         "layers": ["conv1", "conv2"], "gaussian_layers": ["conv2:input", "fc1:input"], "tail": "exponential"}),
+    # round 5 (dev seeds 1-4, issue 28): class Gaussians on conv1 and conv2:input, and ViM's score as a feature
+    "library-gaussian-fusion (conv1, conv2; gauss conv1, conv2:input; vim; tail)": ("library-gaussian-fusion", {
+        "layers": ["conv1", "conv2"], "gaussian_layers": ["conv1", "conv2:input"], "peers": ["vim"],
+        "tail": "exponential"}),
     # Lee et al.'s score on the post-activation block outputs, as the paper probes them: a peer, for a fair check
     "mahalanobis-multilayer (post)": ("mahalanobis-multilayer", {"layers": MNIST_POST_LAYERS}),
 }
