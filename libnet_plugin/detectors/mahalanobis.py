@@ -109,6 +109,24 @@ class MahalanobisScore(FusedLayerScore):
 
         One product with the cached whitening factor when there is one (up to float32 rounding of the
         product, the plain formula ``(f - mu_c)^T S^+ (f - mu_c)`` otherwise).
+
+        Args:
+            layer: a fitted layer.
+            hap: its activations from one probe run, ``[B, D]``.
+
+        Returns:
+            float64 ``Tensor[B, C]`` (``inf`` for classes without training inputs).
+
+        Example:
+            >>> import torch, libnet_plugin as lnp
+            >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+            <torch._C.Generator object at ...>
+            >>> model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3)).eval()
+            >>> x = torch.randn(50, 4)
+            >>> net = lnp.LibraryNetwork(model, ["1"], thresholds=0.9).fit(x)
+            >>> s = MahalanobisScore().fit(net, x)
+            >>> s.layer_distances("1", net.run(x[:2]).haps["1"]).shape
+            torch.Size([2, 3])
         """
         white = self._white.get(layer)
         if white is not None and white["folded"]:
