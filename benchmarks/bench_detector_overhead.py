@@ -10,7 +10,12 @@ the forward pass. Ratios are measured in one run; absolute times belong to the m
 
 Usage::
 
-    python -m benchmarks.bench_detector_overhead [--device cpu] [--quick] [--repeat N] [--out FILE.json]
+    python -m benchmarks.bench_detector_overhead [--device cpu] [--quick] [--repeat N] [--candidates]
+        [--out FILE.json]
+
+``--candidates`` also times the development candidates of issue 28 (:data:`CANDIDATES`), each on a network
+probing only the layers it reads (with ``thresholds="auto:0.25"``; fc1 added where a peer reads the
+penultimate features).
 
 ``benchmarks/run.py`` calls :func:`main`.
 """
@@ -30,7 +35,7 @@ from libnet_plugin.experiments.report import markdown_table, to_jsonable, write_
 
 from ._util import interleaved_best, machine_info, resolve_device
 
-__all__ = ["main", "DETECTORS", "CONFIGS"]
+__all__ = ["main", "DETECTORS", "CONFIGS", "CANDIDATES"]
 
 #: The detectors timed: ``{label: (name, settings)}``.
 DETECTORS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -51,10 +56,38 @@ CONFIGS: dict[str, tuple[Any, dict[str, Any] | None]] = {
     "auto:0.25": ("auto", {"target": 0.25}),
 }
 LAYERS = ["conv1", "conv2", "fc1", "fc2"]
+#: The development candidates of issue 28 timed with ``--candidates`` (labels of ``MNIST_CANDIDATES``).
+CANDIDATES: tuple[str, ...] = (
+    "library-gaussian-fusion (conv1, conv2; gauss conv2:input, fc1:input; tail)",
+    "library-gaussian-fusion (conv1, conv2; gauss conv1, conv2:input; vim; tail)",
+)
+
+
+def _time_candidates(model: Any, train: tuple[torch.Tensor, torch.Tensor], cal: torch.Tensor, batch: torch.Tensor,
+                     dev: torch.device, reps: int, say: Any) -> dict[str, Any]:
+    """Score time / forward time of each of :data:`CANDIDATES`, each on a network of its own layers."""
+    from libnet_plugin.detectors import MNIST_CANDIDATES
+
+    def forward() -> torch.Tensor:
+        with torch.no_grad():
+            return model(batch)
+
+    out: dict[str, Any] = {}
+    for label in CANDIDATES:
+        method, settings = MNIST_CANDIDATES[label]
+        layers = list(dict.fromkeys([*settings.get("layers", []), *settings.get("gaussian_layers", []),
+                                     *(["fc1"] if settings.get("peers") else [])]))
+        net = LibraryNetwork(model, layers, thresholds="auto", auto_thresholds={"target": 0.25}, device=dev).fit(train[0])
+        det = ConsistencyDetector(net, method=method, settings=settings).fit(train).calibrate(cal)
+        times = interleaved_best({"forward": forward, "score": lambda det=det: det.score(batch)}, dev, repeat=reps)
+        out[label] = {"layers": layers, "score_ms": times["score"] * 1e3, "forward_ms_same_turns": times["forward"] * 1e3,
+                      "ratio": times["score"] / times["forward"]}
+        say(f"[detector overhead] candidate {label}: {out[label]['ratio']:.2f}x forward")
+    return out
 
 
 def main(device: str = "cpu", *, quick: bool = False, batch_size: int = 256, repeat: int = 5,
-         cache_dir: str = ".cache", log: Any = None) -> dict[str, Any]:
+         cache_dir: str = ".cache", candidates: bool | str = False, log: Any = None) -> dict[str, Any]:
     """Measure detector score time / model forward time on the MNIST default.
 
     Args:
@@ -63,6 +96,8 @@ def main(device: str = "cpu", *, quick: bool = False, batch_size: int = 256, rep
         batch_size: images per timed batch.
         repeat: timed runs per function (the best is kept).
         cache_dir: the shared weights cache.
+        candidates: also time :data:`CANDIDATES` (``"candidates": {label: {"layers", "score_ms", "ratio"}}``);
+            ``"only"``: time them alone (no threshold configuration).
         log: a function receiving progress lines (default: stderr).
 
     Returns:
@@ -84,7 +119,7 @@ def main(device: str = "cpu", *, quick: bool = False, batch_size: int = 256, rep
     x_tr, y_tr = x_tr[:n_train].to(dev), y_tr[:n_train].to(dev)
     cal, batch = x_te[:500].to(dev), x_te[500:500 + batch_size].to(dev)
     reps = 2 if quick else repeat
-    configs = {"S1": CONFIGS["S1"]} if quick else CONFIGS
+    configs = {} if candidates == "only" else {"S1": CONFIGS["S1"]} if quick else CONFIGS
     out: dict[str, Any] = {"machine": machine_info(dev), "batch_size": int(batch.shape[0]),
                            "settings": {"n_train": n_train, "repeat": reps, "weights": weights, "quick": quick},
                            "configs": {}}
@@ -123,6 +158,8 @@ def main(device: str = "cpu", *, quick: bool = False, batch_size: int = 256, rep
             say(f"[detector overhead] {cname} {label}: {entry['detectors'][label]['ratio']:.2f}x forward")
         entry["forward_ms"] = forward_best * 1e3
         out["configs"][cname] = entry
+    if candidates:
+        out["candidates"] = _time_candidates(model, (x_tr, y_tr), cal, batch, dev, reps, say)
     return out
 
 
@@ -134,6 +171,9 @@ def render(result: dict[str, Any]) -> str:
         for label, d in c["detectors"].items():
             rows.append([cname, label, round(d["score_ms"], 2), round(d["forward_ms_same_turns"], 2),
                          round(d["ratio"], 2), round(d["guard_ratio"], 2)])
+    for label, d in result.get("candidates", {}).items():
+        rows.append(["auto:0.25", f"{label} (own layers)", round(d["score_ms"], 2), round(d["forward_ms_same_turns"], 2),
+                     round(d["ratio"], 2), None])
     return markdown_table(["thresholds", "detector", "score ms", "forward ms", "score / forward",
                            "guard / forward"], rows, floatfmt=".2f")
 
@@ -143,9 +183,11 @@ def _cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeat", type=int, default=5, help="timed runs per function, best kept (default: 5)")
+    parser.add_argument("--candidates", nargs="?", const=True, default=False, choices=[True, "only"],
+                        help="also time the development candidates of issue 28 ('only': time them alone)")
     parser.add_argument("--out", metavar="FILE.json", help="also write the result as JSON")
     args = parser.parse_args(argv)
-    res = main(device=args.device, quick=args.quick, repeat=args.repeat)
+    res = main(device=args.device, quick=args.quick, repeat=args.repeat, candidates=args.candidates)
     print(render(res))
     print(f"\nbatch {res['batch_size']} on {res['machine']['device_name']}, torch threads "
           f"{res['machine']['torch_threads']}, load average at start {res['machine']['load_average_at_start']}")
