@@ -411,8 +411,9 @@ class HebbianPairPass:
             covered = torch.zeros(b, dtype=torch.long, device=dev)
             lead = torch.full((b,), -1, dtype=torch.long, device=dev)
         scored = torch.ones(b, dtype=torch.bool, device=dev)  # scored against the nodes from ``covered`` on
-        # the rows' norms, taken once for both float32 products below (one pass over the batch, not two)
-        fnorm = torch.linalg.vector_norm(f, dim=1) if self.has_nbrs or bool((covered < m).any()) else None
+        # the rows' norms, taken once for both float32 products below (one pass over the batch, not two); only
+        # rows with nodes left to score (``covered < m``) need them
+        fnorm = torch.linalg.vector_norm(f, dim=1) if bool((covered < m).any()) else None
         if self.has_nbrs:
             self._triangle(f, seen, b, covered, lead, scored, rows_parts, node_parts, fnorm)
         rest = torch.nonzero(scored & (covered < m)).flatten()
@@ -515,8 +516,8 @@ class _PairCosines:
         if dtype == f.dtype == lib_nodes.dtype:  # no conversion: every row and node as they are
             cols, inv, rinv = lib_nodes, idx, rows
             fr, n_rows_ = f, f.shape[0]
-        else:
-            norm = None  # the norms are taken of the converted rows  # convert only the rows (and, without a converted library, the nodes) the pairs use
+        else:  # convert only the rows (and, without a converted library, the nodes) the pairs use
+            norm = None  # the norms are those of the converted rows
             used, rinv = torch.unique(rows, return_inverse=True)
             fr = self.buffer("rows", used.numel(), f.shape[1], dtype, f.device)
             if used.numel() == f.shape[0]:  # every row (the usual case): no gather
