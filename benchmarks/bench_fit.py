@@ -8,14 +8,18 @@ For one set of activation patterns and threshold, in one run (interleaved turns,
   two streamed passes) of a model whose probed layer is an ``nn.Identity`` on the rows, followed by a
   linear head with ``n_classes`` outputs (its argmax are the answers of Eq. 2), so the HAP is the row
   itself and the model costs next to nothing;
-- ``matmul``: one plain ``torch`` product of all N rows with the final library (N x M x D multiply-adds).
+- ``matmul``: one plain ``torch`` product of all N rows with the final library (N x M x D multiply-adds);
+- with ``in_memory`` (``--in-memory``), also ``fit_in_memory``: the same fit with a ``cache_bytes`` that keeps
+  every HAP (the fit's default where they fit memory): the model runs once, pass 2 reads the kept HAPs.
 
 ``readout`` is ``fit - library``: the second pass (model again, the [N, M] similarity, g, the product
-with the answers) plus the probe's share of the first. Ratios come from one run.
+with the answers) plus the probe's share of the first. Ratios come from one run; the load average (1 min)
+at the start and end of each set is kept with it, as the timings of a shared machine depend on it.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -36,8 +40,10 @@ def identity_model(dim: int, n_classes: int = 10, seed: int = 0) -> nn.Module:
 
 
 def run_case(name: str, x: torch.Tensor, theta: float, device: torch.device, *, batch_size: int = 256,
-             repeat: int = 3, n_classes: int = 10, log=print) -> dict[str, Any]:
-    """Time the library alone, the whole fit and one plain product on ``x`` (rows, normalised here)."""
+             repeat: int = 3, n_classes: int = 10, log=print, in_memory: bool = False) -> dict[str, Any]:
+    """Time the library alone, the whole fit and one plain product on ``x`` (rows, normalised here); with
+    ``in_memory`` also the fit that keeps every HAP for pass 2 (one run of the model)."""
+    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     n, dim = x.shape
     xn = normalize_rows(x.float()).to(device)
     model = identity_model(dim, n_classes).to(device)
@@ -55,6 +61,10 @@ def run_case(name: str, x: torch.Tensor, theta: float, device: torch.device, *, 
         got["net"] = LibraryNetwork(model, ["0"], thresholds=theta, device=device, batch_size=batch_size,
                                     cache_bytes=0).fit(xn, progress=False)
 
+    def fit_in_memory():
+        got["net_in_memory"] = LibraryNetwork(model, ["0"], thresholds=theta, device=device, batch_size=batch_size,
+                                              cache_bytes=xn.numel() * xn.element_size()).fit(xn, progress=False)
+
     library()
     nodes = got["library"].nodes.clone()
 
@@ -65,19 +75,25 @@ def run_case(name: str, x: torch.Tensor, theta: float, device: torch.device, *, 
 
     with warnings.catch_warnings():  # the growing set keeps most inputs: the fit warns about that
         warnings.simplefilter("ignore")
-        times = interleaved_best({"library": library, "fit": fit, "matmul": matmul}, device, repeat=repeat,
-                                 warmup=0)
+        fns = {"library": library, "fit": fit, "matmul": matmul}
+        if in_memory:
+            fns["fit_in_memory"] = fit_in_memory
+        times = interleaved_best(fns, device, repeat=repeat, warmup=0)
     times["readout"] = times["fit"] - times["library"]
     for k, v in times.items():
         log(f"  {k}: {v:.3f} s")
     net = got["net"]
     same = net.libraries_["0"].node_indices.tolist() == got["library"].node_indices.tolist()
     mm = times["matmul"]
+    ratios = {"library_over_matmul": times["library"] / mm, "readout_over_matmul": times["readout"] / mm,
+              "fit_over_matmul": times["fit"] / mm}
+    if in_memory:
+        ratios["fit_in_memory_over_matmul"] = times["fit_in_memory"] / mm
+    load = [load_start, os.getloadavg()[0] if hasattr(os, "getloadavg") else None]
+    log(f"  load average (1 min) at start / end: {load[0]} / {load[1]}")
     return {"name": name, "n": n, "dim": dim, "theta": theta, "batch_size": batch_size, "nodes": nodes.shape[0],
             "device": str(device), "seconds": times, "same_nodes": same,
-            "screen_stats": dict(got["library"].stats),
-            "ratios": {"library_over_matmul": times["library"] / mm, "readout_over_matmul": times["readout"] / mm,
-                       "fit_over_matmul": times["fit"] / mm}}
+            "screen_stats": dict(got["library"].stats), "load_average": load, "ratios": ratios}
 
 
 #: conv1's threshold (the seed's sweep; about 1,000 nodes on the 4,000 training images), as in benchmarks.run
@@ -118,6 +134,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="comma-separated: synthetic, clustered, growing, mnist_conv1 (the MNIST net's conv1 "
                              "patterns of the 4,000 training images, theta 0.7; trains or loads the cached net)")
     parser.add_argument("--cache-dir", default=".cache", help="the MNIST weights cache (mnist_conv1)")
+    parser.add_argument("--in-memory", action="store_true",
+                        help="also time the fit that keeps every HAP for pass 2 (the model runs once)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -129,8 +147,9 @@ def main(argv: list[str] | None = None) -> None:
             x, theta = mnist_conv1_haps(device, args.cache_dir), MNIST_CONV1_THETA
         else:
             x, theta = synthetic_set(specs[name]), specs[name].theta
-        out[name] = run_case(name, x, theta, device, repeat=args.repeat)
-        print(json.dumps({name: {**out[name]["ratios"], "nodes": out[name]["nodes"]}}))
+        out[name] = run_case(name, x, theta, device, repeat=args.repeat, in_memory=args.in_memory)
+        print(json.dumps({name: {**out[name]["ratios"], "nodes": out[name]["nodes"],
+                                 "load_average": out[name]["load_average"]}}))
 
 
 if __name__ == "__main__":

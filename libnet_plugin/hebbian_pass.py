@@ -195,7 +195,7 @@ class HebbianPairPass:
             rec.lead[c.screened] = c.screened_node.to(torch.int32)
             rec.cos[c.screened] = c.screened_cos.float()
         if c.dense_cos is not None and c.dense.numel():
-            self._dense(rec, c.dense, c.dense_cos, m, base)
+            self._dense(rec, c.dense, c.dense_cos, m, base, c.dense_best, c.dense_node)
         if c.cand.numel():
             new = c.cand[c.accepted]
             ids = torch.arange(m, m + new.numel(), dtype=torch.int32, device=dev)
@@ -231,10 +231,13 @@ class HebbianPairPass:
         self._keep(rec)
         self.offset += b
 
-    def _dense(self, rec: _Record, rows: Tensor, cos: Tensor, m: int, base: int) -> None:
-        """Rows ``rows`` were compared with nodes ``0 .. m-1`` (cosines ``cos``): their leads, and their pairs
-        above the cut while the pairs kept stay within :data:`ROW_PAIRS` per input."""
-        best, arg = cos.max(dim=1)
+    def _dense(self, rec: _Record, rows: Tensor, cos: Tensor, m: int, base: int, best: Tensor | None = None,
+               arg: Tensor | None = None) -> None:
+        """Rows ``rows`` were compared with nodes ``0 .. m-1`` (cosines ``cos``; ``best`` / ``arg``: their
+        ``cos.max(dim=1)`` where the leader rule took it already): their leads, and their pairs above the cut
+        while the pairs kept stay within :data:`ROW_PAIRS` per input."""
+        if best is None or arg is None:
+            best, arg = cos.max(dim=1)
         rec.lead[rows], rec.cos[rows] = arg.to(torch.int32), best.float()
         if self._pairs_ok:
             hit = torch.nonzero(cos >= self.cut - self.margin)
@@ -408,13 +411,16 @@ class HebbianPairPass:
             covered = torch.zeros(b, dtype=torch.long, device=dev)
             lead = torch.full((b,), -1, dtype=torch.long, device=dev)
         scored = torch.ones(b, dtype=torch.bool, device=dev)  # scored against the nodes from ``covered`` on
+        # the rows' norms, taken once for both float32 products below (one pass over the batch, not two); only
+        # rows with nodes left to score (``covered < m``) need them
+        fnorm = torch.linalg.vector_norm(f, dim=1) if bool((covered < m).any()) else None
         if self.has_nbrs:
-            self._triangle(f, seen, b, covered, lead, scored, rows_parts, node_parts)
+            self._triangle(f, seen, b, covered, lead, scored, rows_parts, node_parts, fnorm)
         rest = torch.nonzero(scored & (covered < m)).flatten()
         self.stats["dense_rows"] += rest.numel()
         self.stats["triangle_rows"] += b - rest.numel()
         if rest.numel():
-            inv = 1.0 / (torch.linalg.vector_norm(f, dim=1, keepdim=True) + _eps())
+            inv = 1.0 / (fnorm[:, None] + _eps())
             for first in torch.unique(covered[rest]).tolist():
                 r = rest[covered[rest] == first]
                 fr = f if r.numel() == b else torch.index_select(
@@ -438,9 +444,10 @@ class HebbianPairPass:
         self._hit.index_add_(0, idx * self.readout.n_classes + answers[rows], g)
 
     def _triangle(self, f: Tensor, seen: int, b: int, covered: Tensor, lead: Tensor, scored: Tensor,
-                  rows_parts: list[Tensor], node_parts: list[Tensor]) -> None:
+                  rows_parts: list[Tensor], node_parts: list[Tensor], fnorm: Tensor | None = None) -> None:
         """Candidates among the nodes from ``covered`` on, from each input's lead and its neighbour list;
-        inputs for which that leaves few enough candidates are taken off ``scored``."""
+        inputs for which that leaves few enough candidates are taken off ``scored`` (``fnorm``: the rows'
+        norms, when taken already)."""
         dev = covered.device
         m = self.lib.size
         has = torch.nonzero((lead >= 0) & (covered < m)).flatten()
@@ -462,7 +469,7 @@ class HebbianPairPass:
         pick = keep & use[rep]
         r, n = torch.cat([row[pick], has[use & own]]), torch.cat([nb[pick].long(), a[use & own]])
         if r.numel():  # only a bound so far: their float32 cosines first, the float64 ones for those that count
-            near = self.cosines(f, r, n, torch.float32) >= self.cut - self.margin
+            near = self.cosines(f, r, n, torch.float32, fnorm) >= self.cut - self.margin
             rows_parts.append(r[near])
             node_parts.append(n[near])
         scored[has[use]] = False
@@ -490,9 +497,10 @@ class _PairCosines:
         """Drop the buffers and the float64 copy of the library."""
         self._buffers, self._nodes64 = {}, None
 
-    def __call__(self, f: Tensor, rows: Tensor, idx: Tensor, dtype: torch.dtype) -> Tensor:
+    def __call__(self, f: Tensor, rows: Tensor, idx: Tensor, dtype: torch.dtype, norm: Tensor | None = None) -> Tensor:
         """Cosines in ``dtype`` of the pairs (``rows`` of ``f``, library nodes ``idx``; sorted by row), each
-        a dot product of its own (a sampled product: nothing [B, M]).
+        a dot product of its own (a sampled product: nothing [B, M]). ``norm``: ``vector_norm(f, dim=1)``
+        where the caller took it already (used when ``f`` needs no conversion to ``dtype``).
 
         The rows and nodes the pairs use are converted to ``dtype`` once per call, into buffers kept for the
         pass (fresh allocations of that size cost more than the conversion: page faults); in float64 the
@@ -503,12 +511,13 @@ class _PairCosines:
         if bool((order[1:] < order[:-1]).any()):  # not sorted by row yet
             back = torch.empty_like(order)
             back[order] = torch.arange(order.numel(), device=order.device)
-            return self(f, rows[order], idx[order], dtype)[back]
+            return self(f, rows[order], idx[order], dtype, norm)[back]
         lib_nodes = self.lib.nodes
         if dtype == f.dtype == lib_nodes.dtype:  # no conversion: every row and node as they are
             cols, inv, rinv = lib_nodes, idx, rows
             fr, n_rows_ = f, f.shape[0]
         else:  # convert only the rows (and, without a converted library, the nodes) the pairs use
+            norm = None  # the norms are those of the converted rows
             used, rinv = torch.unique(rows, return_inverse=True)
             fr = self.buffer("rows", used.numel(), f.shape[1], dtype, f.device)
             if used.numel() == f.shape[0]:  # every row (the usual case): no gather
@@ -525,7 +534,9 @@ class _PairCosines:
             pattern = torch.sparse_csr_tensor(crow, inv, torch.zeros(rows.numel(), dtype=dtype, device=f.device),
                                               size=(n_rows_, cols.shape[0]), check_invariants=False)
             dots = torch.sparse.sampled_addmm(pattern, fr, cols.T, beta=0.0).values()
-        return dots / (torch.linalg.vector_norm(fr, dim=1) + _eps())[rinv]
+        if norm is None:
+            norm = torch.linalg.vector_norm(fr, dim=1)
+        return dots / (norm + _eps())[rinv]
 
     def _converted_nodes(self, idx: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """The library nodes in ``dtype`` for pairs with nodes ``idx``, and each pair's row in them."""

@@ -114,6 +114,9 @@ class ChunkScores:
             (``None`` when ``U <= 1``), ``accepted`` the positions in ``cand`` of the rows stored, in order
             (nodes ``first_node, first_node + 1, ...``); ``novel_cos`` ``[A, first_node]`` the stored rows'
             cosines to the earlier nodes (``None`` when the library was empty).
+        dense_best / dense_node: each ``dense`` row's largest cosine in ``dense_cos`` and the node it is with
+            (``dense_cos.max(dim=1)``, the maximum the rule decided novelty with; ``None`` when the library
+            was empty), so that the observer need not take it again.
     """
 
     start: int
@@ -128,6 +131,8 @@ class ChunkScores:
     gram: np.ndarray | None
     accepted: Tensor
     novel_cos: Tensor | None
+    dense_best: Tensor | None = None
+    dense_node: Tensor | None = None
 
 
 @runtime_checkable
@@ -507,6 +512,15 @@ class ExactLibrary:
         return undecided, best_node, best_cos
 
     # -- fitting -------------------------------------------------------------------------------
+    @staticmethod
+    def _row_max(cos: Tensor, observer: LeaderObserver | None) -> tuple[Tensor, Tensor | None]:
+        """Each row's largest cosine, and (for an observer, which needs it too) its node: one pass over
+        ``cos`` either way (the values are the same: a maximum is exact)."""
+        if observer is None:
+            return cos.amax(dim=1), None
+        best, node = cos.max(dim=1)
+        return best, node
+
     def _novel_rows(self, x: Tensor, observer: LeaderObserver | None = None, start: int = 0,
                     screen: bool = True) -> Tensor:
         """Apply the leader rule to the normalised rows ``x`` (a chunk starting at row ``start`` of the
@@ -517,6 +531,7 @@ class ExactLibrary:
         m = self._size
         no_rows = torch.zeros(0, dtype=torch.long, device=x.device)
         dense, dense_cos = no_rows, None
+        dense_best = dense_node = None
         screened, screened_node, screened_cos = no_rows, no_rows, x.new_zeros(0)
         if self._size == 0:
             cand = torch.arange(b, device=x.device)
@@ -544,11 +559,13 @@ class ExactLibrary:
             self.stats["screened"] += b - undecided.numel()
             self.stats["dense"] += undecided.numel()
             dense, dense_cos = undecided, x[undecided] @ self.nodes.T
-            novel = dense_cos.amax(dim=1) < theta
+            dense_best, dense_node = self._row_max(dense_cos, observer)
+            novel = dense_best < theta
             cand = undecided[novel]
         else:
             dense, dense_cos = torch.arange(b, device=x.device), x @ self.nodes.T
-            novel = dense_cos.amax(dim=1) < theta
+            dense_best, dense_node = self._row_max(dense_cos, observer)
+            novel = dense_best < theta
             cand = torch.nonzero(novel).flatten()
             self._last_miss = cand.numel() / b  # novel rows always miss the screen
             self.stats["dense"] += b
@@ -563,7 +580,8 @@ class ExactLibrary:
             novel_cos = None if dense_cos is None else dense_cos[novel][accepted]
             observer.on_chunk(ChunkScores(start=start, rows=b, first_node=m, dense=dense, dense_cos=dense_cos,
                                  screened=screened, screened_node=screened_node, screened_cos=screened_cos,
-                                 cand=cand, gram=gram, accepted=accepted, novel_cos=novel_cos))
+                                 cand=cand, gram=gram, accepted=accepted, novel_cos=novel_cos,
+                                 dense_best=dense_best, dense_node=dense_node))
         return cand[accepted]
 
     def partial_fit(self, haps: Tensor, indices: Tensor | None = None, *,

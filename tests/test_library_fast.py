@@ -44,6 +44,44 @@ def test_screened_library_equals_reference(seed, theta, batch_size, chunk_size, 
     assert sum(lib.stats.values()) == x.shape[0] == lib.n_seen
 
 
+class _Recorder:
+    """A LeaderObserver that wants no extra dense rows and keeps every chunk's scores."""
+
+    def __init__(self):
+        self.chunks = []
+
+    def use_screen(self):
+        return True
+
+    def want_dense(self, node, cos):
+        return torch.zeros(node.numel(), dtype=torch.bool)
+
+    def on_chunk(self, scores):
+        self.chunks.append(scores)
+
+
+def test_observer_gets_the_row_maxima_the_rule_decided_with_and_nodes_stay_the_same():
+    # clustered rows in batches of 50 and chunks of 20: rows novel against the library and blocked by an
+    # earlier row of their own chunk both occur (within-chunk novelty), with the screen on and off
+    x = clustered(5, 400, 48, k=12, noise=0.7)
+    theta = 0.6
+    rec = _Recorder()
+    lib = ExactLibrary(theta, chunk_size=20, **SCREEN)
+    for i in range(0, x.shape[0], 50):
+        lib.partial_fit(x[i:i + 50], observer=rec)
+    plain = fit(x, theta, 50, chunk_size=20, **SCREEN)
+    assert lib.node_indices.tolist() == plain.node_indices.tolist() == leader_reference(x, theta)
+    assert torch.equal(lib.nodes, plain.nodes)
+    assert any(c.gram is not None and c.accepted.numel() < c.cand.numel() for c in rec.chunks)  # blocked in-chunk
+    with_dense = [c for c in rec.chunks if c.dense_cos is not None and c.dense.numel()]
+    assert with_dense and any(c.screened.numel() for c in rec.chunks)
+    for c in with_dense:
+        best, node = c.dense_cos.max(dim=1)
+        assert torch.equal(c.dense_best, best) and torch.equal(c.dense_node, node)
+        assert torch.equal(c.cand, c.dense[best < theta])  # the rows found novel against the library
+    assert all(c.dense_best is None for c in rec.chunks if c.dense_cos is None)
+
+
 def test_screen_decides_most_rows_of_settled_clustered_data():
     x = clustered(0, 2000, 64, k=5, noise=0.3)
     lib = fit(x, 0.8, 128, **SCREEN)

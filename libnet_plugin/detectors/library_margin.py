@@ -370,10 +370,12 @@ class LibraryMarginScore(FusedLayerScore):
         """Bytes kept beyond the library network.
 
         Returns:
-            the bytes of the clean reference, the Gram matrices and the ``distance`` statistics.
+            the bytes of the clean reference, the Gram matrices, the ``distance`` statistics and the
+            whitening factors built from them (:func:`~libnet_plugin.detectors._features.whitening`).
         """
         kept = [g for g in self._grams.values() if g is not None]
         kept += [t for st in self._gauss.values() for t in st.values() if isinstance(t, Tensor)]
+        kept += [t for w in self._white.values() for t in w.values() if isinstance(t, Tensor)]
         kept += [t for pair in self._subspaces.values() for t in pair]
         return super().memory_bytes() + sum(t.numel() * t.element_size() for t in kept)
 

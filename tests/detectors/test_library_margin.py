@@ -73,7 +73,10 @@ def test_library_distance_matches_numpy_and_counts_its_memory(fitted, mlp_data):
         diff = g - mu[r.answers.numpy()]
         np.testing.assert_allclose(feats[:, j], np.einsum("bi,ij,bj->b", diff, prec, diff), rtol=1e-5, atol=1e-6)
     dims = [fitted.libraries_[l].nodes.shape[1] for l in layers]
-    stats = sum((fitted.n_classes_ * d + d * d) * 8 + fitted.n_classes_ for d in dims)  # means, precision, present
+    c = fitted.n_classes_
+    stats = sum((c * d + d * d) * 8 + c for d in dims)  # means, precision, present
+    # the whitening factor W [d, r] of each precision (full rank here: r = d), means @ W [C, r], ||means @ W||^2 [C]
+    stats += sum((d * d + c * d + c) * 8 for d in dims)
     assert s.memory_bytes() == stats  # no clean reference yet
     s.set_reference(s.features(fitted, fitted.probe.run(x[:50])))
     assert s.memory_bytes() == stats + 50 * len(dims) * 8
