@@ -298,15 +298,20 @@ class LibraryMarginScore(FusedLayerScore):
         nodes = lib.nodes
         # the library's own map into its space (exact for the exact and sparse libraries), normalised in float64
         f = normalize_rows((lib.embed(hap) if isinstance(lib, ExactLibrary) else lib.transform(hap)).double())
-        v = torch.empty(h.shape[0], n, device=h.device, dtype=torch.float64)
         g = gram[idx[:, :, None], idx[:, None, :]] if gram is not None else torch.empty(
             h.shape[0], n, n, device=h.device, dtype=torch.float64)
-        step = max(1, 2**24 // max(1, n * nodes.shape[1]))
-        for i in range(0, h.shape[0], step):
-            a = nodes[idx[i:i + step]].to(torch.float64)
-            v[i:i + step] = (a @ f[i:i + step, :, None])[:, :, 0]
-            if gram is None:
-                g[i:i + step] = a @ a.transpose(1, 2)
+        if gram is not None and nodes.shape[0] <= 20 * n:
+            # one float64 product with every node (B x D x M multiply-adds): measured 3-17x faster than gathering
+            # B x span x D float64 copies of the nodes while M is at most about 20 x span
+            v = (f @ nodes.to(torch.float64).T).gather(1, idx)
+        else:
+            v = torch.empty(h.shape[0], n, device=h.device, dtype=torch.float64)
+            step = max(1, 2**24 // max(1, n * nodes.shape[1]))
+            for i in range(0, h.shape[0], step):
+                a = nodes[idx[i:i + step]].to(torch.float64)
+                v[i:i + step] = (a @ f[i:i + step, :, None])[:, :, 0]
+                if gram is None:
+                    g[i:i + step] = a @ a.transpose(1, 2)
         g = g + self.ridge * torch.eye(n, device=h.device, dtype=torch.float64)
         # Cholesky, not torch.linalg.solve: the batched LU solve of torch 2.13's CPU build fails (MKL SLASWP
         # error, then hangs) for some sizes, e.g. 150 x 150 with 8 or more matrices; batched Cholesky does not.

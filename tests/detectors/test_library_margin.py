@@ -197,3 +197,19 @@ def test_residual_is_stable_under_float32_rounding_of_the_activations():
     alone, batch = torch.cat([det.score(x[i:i + 1]) for i in range(0, 200)]), det.score(x[:200])
     assert float(((alone - batch).abs() > 1e-3).float().mean()) <= 0.005
     assert torch.equal(alone > det.threshold_, batch > det.threshold_)
+
+
+def test_residual_is_the_same_from_one_product_with_every_node_and_from_gathered_nodes():
+    """With its Gram matrix kept, a small library's residual reads every node's float64 dot product from one
+    product; without it, from each input's gathered nodes: the same values up to float64 rounding."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(12, 40), nn.ReLU(), nn.Linear(40, 3)).eval()
+    x = torch.randn(300, 12)
+    net = lnp.LibraryNetwork(model, ["1"], thresholds=0.7).fit(x)
+    assert 8 < net.library_sizes_["1"] <= 20 * 8  # the one-product path at span 8
+    dense = LibraryMarginScore(layers=["1"], span=8, features=["residual"]).fit(net)
+    gathered = LibraryMarginScore(layers=["1"], span=8, features=["residual"], max_gram_nodes=1).fit(net)
+    r = net.run(torch.randn(25, 12))
+    a, b = dense.features(net, r), gathered.features(net, r)
+    assert a.dtype == torch.float64 and float(a.abs().max()) > 1e-3
+    torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
