@@ -35,13 +35,18 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+def load_average() -> list[float] | None:
+    """The load average over 1, 5 and 15 minutes (``None`` where the platform has none)."""
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
 def machine_info(device: torch.device) -> dict[str, Any]:
     """Platform, CPU model and count, torch version and threads, and the device the numbers come from."""
     info = environment_info()
     info["cpu_model"] = cpu_model()
     info["device"] = str(device)
     info["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({cpu_model()})"
-    info["load_average_at_start"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    info["load_average_at_start"] = load_average()
     return info
 
 

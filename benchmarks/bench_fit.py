@@ -19,7 +19,6 @@ at the start and end of each set is kept with it, as the timings of a shared mac
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -28,7 +27,7 @@ from torch import nn
 from libnet_plugin import LibraryNetwork
 from libnet_plugin.library import ExactLibrary, normalize_rows
 
-from ._util import interleaved_best, sync
+from ._util import interleaved_best, load_average, sync
 
 __all__ = ["identity_model", "run_case"]
 
@@ -43,7 +42,7 @@ def run_case(name: str, x: torch.Tensor, theta: float, device: torch.device, *, 
              repeat: int = 3, n_classes: int = 10, log=print, in_memory: bool = False) -> dict[str, Any]:
     """Time the library alone, the whole fit and one plain product on ``x`` (rows, normalised here); with
     ``in_memory`` also the fit that keeps every HAP for pass 2 (one run of the model)."""
-    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    load_start = (load_average() or [None])[0]
     n, dim = x.shape
     xn = normalize_rows(x.float()).to(device)
     model = identity_model(dim, n_classes).to(device)
@@ -89,7 +88,7 @@ def run_case(name: str, x: torch.Tensor, theta: float, device: torch.device, *, 
               "fit_over_matmul": times["fit"] / mm}
     if in_memory:
         ratios["fit_in_memory_over_matmul"] = times["fit_in_memory"] / mm
-    load = [load_start, os.getloadavg()[0] if hasattr(os, "getloadavg") else None]
+    load = [load_start, (load_average() or [None])[0]]
     log(f"  load average (1 min) at start / end: {load[0]} / {load[1]}")
     return {"name": name, "n": n, "dim": dim, "theta": theta, "batch_size": batch_size, "nodes": nodes.shape[0],
             "device": str(device), "seconds": times, "same_nodes": same,

@@ -22,14 +22,13 @@ hence their thetas, differ). Ratios come from one run.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from typing import Any
 
 import torch
 from torch import nn
 
-from benchmarks._util import machine_info, resolve_device, sync
+from benchmarks._util import load_average, machine_info, resolve_device, sync
 from libnet_plugin import LibraryNetwork
 
 __all__ = ["resnet18_like", "run"]
@@ -153,7 +152,7 @@ def run(device: str = "cpu", *, n: int = 256, px: int = 96, batch: int = 64, rep
            # steadier under load: the fit against one of its own (probed) forward passes, from the same turn
            "ratio_to_own_pass": {k: round(best[k] / (model_s[k] / max(passes[k], 1)), 2)
                                  for k in ("fit_one_pass", "fit_streamed")},
-           "load_average_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+           "load_average_at_end": load_average()}
     f = best["forward"]
     log(f"[fit passes] ResNet-18-style, {n} x {px}px, batch {batch}, {LAYERS}, thresholds={thresholds!r}, "
         f"{torch.get_num_threads()} threads, HAPs {out['setting']['hap_mb']} MB, sizes {one.library_sizes_}")

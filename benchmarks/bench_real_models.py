@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -43,7 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks._util import machine_info, resolve_device, sync
+from benchmarks._util import load_average, machine_info, resolve_device, sync
 from benchmarks.bench_fit_passes import resnet18_like
 from libnet_plugin import ConsistencyDetector, LibraryNetwork
 
@@ -311,7 +310,7 @@ def main(device: str = "cpu", *, quick: bool = False, nets: list[str] | None = N
                               "nets": {}}
     for name in names:
         report["nets"][name] = run_net(name, dev, n=n, batch=batch, repeat=repeat, log=log)
-    report["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    report["load_average_at_end"] = load_average()
     log(f"[real models] {torch.get_num_threads()} threads; load average at start "
         f"{report['machine']['load_average_at_start']}, at end {report['load_average_at_end']}")
     return report

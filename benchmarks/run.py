@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -55,7 +54,7 @@ from . import (
     bench_real_models,
     bench_sparse,
 )
-from ._util import machine_info, resolve_device
+from ._util import load_average, machine_info, resolve_device
 from .mnist_setup import MnistBench, prepare_mnist
 from .synthetic import CLUSTERED, GROWING, SyntheticSpec, synthetic_set
 
@@ -165,7 +164,7 @@ def run(device: str = "cpu", *, quick: bool = False, out_dir: str | Path = "benc
     with timer.stage("real_models"):
         sections["real_models"] = bench_real_models.main(str(dev), quick=quick, log=log)
     report["seconds"] = timer.as_dict()
-    report["machine"]["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    report["machine"]["load_average_at_end"] = load_average()
     write_json_atomic(out / "report.json", report)
     try:
         plot_report(report, out / "report.png")

@@ -86,6 +86,14 @@ def _inputs(n: int, seed: int) -> torch.Tensor:
     return torch.randn(n, 10, generator=torch.Generator().manual_seed(seed))
 
 
+def _saved_and_loaded(obj: Any, cls: Any, c: Any) -> Any:
+    """``obj`` saved to a temporary file and loaded again by ``cls.load`` onto the case's model and plugins."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{c.name}.safetensors"
+        obj.save(path)
+        return cls.load(path, c.model, plugin_manager=c.pm)
+
+
 @contextmanager
 def _raises(exc: type[BaseException], what: str) -> Iterator[list[BaseException]]:
     """``pytest.raises`` without pytest: the block must raise ``exc``; the exception lands in the list."""
@@ -255,10 +263,7 @@ def check_save_load_round_trip(c: _DetectorCase) -> None:
     if det.requires_training_data:
         det.fit(c.train)
     det.calibrate(c.clean, fpr=0.1)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"{c.name}.safetensors"
-        det.save(path)
-        loaded = ConsistencyDetector.load(path, c.model, plugin_manager=c.pm)
+    loaded = _saved_and_loaded(det, ConsistencyDetector, c)
     assert loaded.method == c.name
     assert loaded.threshold_ == det.threshold_
     assert torch.equal(loaded.calibration_scores_, det.calibration_scores_)
@@ -490,10 +495,7 @@ def check_network_save_load_round_trip(c: _LibraryCase) -> None:
     net = LibraryNetwork(c.model, LAYERS, thresholds=0.85, library=c.name, library_options=c.options,
                          plugin_manager=c.pm).fit(c.x)
     assert all(isinstance(lib, c.cls) for lib in net.libraries_.values())
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"{c.name}.safetensors"
-        net.save(path)
-        loaded = LibraryNetwork.load(path, c.model, plugin_manager=c.pm)
+    loaded = _saved_and_loaded(net, LibraryNetwork, c)
     assert loaded.library == c.name
     assert loaded.library_sizes_ == net.library_sizes_
     test = _inputs(40, 6)

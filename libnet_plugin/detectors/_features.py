@@ -180,6 +180,12 @@ def whitening(means: Tensor, precision: Tensor, proj: Tensor | None = None) -> d
     return {"whiten": w, "means_w": mw, "means_sq": mw.pow(2).sum(dim=1), "folded": folded}
 
 
+def whitening_bytes(factors: Mapping[str, Mapping[str, Any]]) -> int:
+    """Bytes of the tensors of :func:`whitening`'s results ``{layer: factors}`` (what a score keeps beyond its
+    saved state)."""
+    return sum(t.numel() * t.element_size() for w in factors.values() for t in w.values() if isinstance(t, Tensor))
+
+
 def whitened_distances(f: Tensor, white: Mapping[str, Any], present: Tensor) -> Tensor:
     """:func:`class_distances` from :func:`whitening`'s factors: ``||f W||^2 - 2 (f W)(means W)^T + ||means W||^2``,
     one ``[B, D] x [D, r]`` product per call (equal to :func:`class_distances` up to float64 rounding); ``f``

@@ -108,6 +108,15 @@ class LibraryGaussianFusionScore(LibraryFusionScore):
         cols += [p.score(net, result).to(lib.device, lib.dtype)[:, None] for p in self.peer_scores]
         return torch.cat(cols, dim=1)
 
+    def memory_bytes(self) -> int:
+        """Bytes kept beyond the library network.
+
+        Returns:
+            ``"library-fusion"``'s, plus the whitening factors of the class Gaussians (their state and the
+            peers' are in the saved state already).
+        """
+        return super().memory_bytes() + self.gaussian.factor_bytes()
+
     def config(self) -> dict[str, Any]:
         g = self.gaussian
         return {**super().config(), "gaussian_layers": g.layers, "gaussian_layers_": g.layers_, "labels": g.labels,

@@ -24,6 +24,7 @@ from ._features import (
     shared_gaussian,
     whitened_distances,
     whitening,
+    whitening_bytes,
 )
 from .api import FittedNetwork, FusedLayerScore
 
@@ -380,9 +381,8 @@ class LibraryMarginScore(FusedLayerScore):
         """
         kept = [g for g in self._grams.values() if g is not None]
         kept += [t for st in self._gauss.values() for t in st.values() if isinstance(t, Tensor)]
-        kept += [t for w in self._white.values() for t in w.values() if isinstance(t, Tensor)]
         kept += [t for pair in self._subspaces.values() for t in pair]
-        return super().memory_bytes() + sum(t.numel() * t.element_size() for t in kept)
+        return super().memory_bytes() + sum(t.numel() * t.element_size() for t in kept) + whitening_bytes(self._white)
 
 
 class LibraryDistanceScore(LibraryMarginScore):

@@ -24,6 +24,7 @@ from ._features import (
     shared_gaussian,
     whitened_distances,
     whitening,
+    whitening_bytes,
 )
 from .api import FittedNetwork, FusedLayerScore
 
@@ -189,6 +190,22 @@ class MahalanobisScore(FusedLayerScore):
         if not self.means_:
             raise NotFittedError("the 'mahalanobis' detector has no class means; call fit(net, train) first")
         return torch.stack([self.layer_distances(l, result.haps[l]).amin(dim=1) for l in self.fitted_layers()], dim=1)
+
+    def memory_bytes(self) -> int:
+        """Bytes kept beyond the library network.
+
+        Returns:
+            the bytes of the saved state and of the whitening factors built from it at fit and load.
+        """
+        return super().memory_bytes() + self.factor_bytes()
+
+    def factor_bytes(self) -> int:
+        """Bytes of the whitening factors built at fit and load (kept beyond the saved state).
+
+        Returns:
+            the byte count (0 before :meth:`fit`).
+        """
+        return whitening_bytes(self._white)
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "pool": self.pool, "max_dim": self.max_dim, "seed": self.seed,

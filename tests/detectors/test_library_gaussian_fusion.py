@@ -29,6 +29,9 @@ def test_a_peer_score_is_one_more_feature_equal_to_the_peer_alone(fitted, tmp_pa
         "layers": ["conv1", "conv2"], "gaussian_layers": ["conv2:input"], "peers": ["vim"], "tail": "exponential"})
     det.fit((x, y)).calibrate(x[:80], fpr=0.1)
     assert det.scorer.feature_names()[-2:] == ["conv2:input/gaussian", "peer/vim"]
+    saved = sum(t.numel() * t.element_size() for t in det.scorer.state_dict().values())  # peers' state included
+    assert det.scorer.gaussian.factor_bytes() > 0
+    assert det.scorer.memory_bytes() >= saved + det.scorer.gaussian.factor_bytes()
     r = net.run(x[80:90])
     alone = ViMScore().fit(net, (x, y)).score(net, r)
     torch.testing.assert_close(det.scorer.features(net, r)[:, -1].float(), alone, **TOL)

@@ -45,7 +45,7 @@ def test_mahalanobis_pools_conv_channels_and_projects_wide_layers():
 def test_cached_whitening_gives_the_plain_formula_pooled_flat_and_folded():
     """Scoring through the factor cached at fit (and rebuilt at load) equals (f - mu)^T S^+ (f - mu), up to
     the float32 rounding of a folded projection."""
-    from libnet_plugin.detectors._features import class_distances
+    from libnet_plugin.detectors._features import class_distances, whitening_bytes
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(48, 40), nn.ReLU(),
@@ -60,5 +60,8 @@ def test_cached_whitening_gives_the_plain_formula_pooled_flat_and_folded():
         want = class_distances(f, s.means_[layer], s.precision_[layer], s.class_present_[layer])
         got = s.layer_distances(layer, r.haps[layer])
         fin = want.isfinite()
+        # booleans: only absent classes are infinite (masked_fill), whatever the rounding
         assert torch.equal(fin, got.isfinite()), layer
         assert torch.allclose(got[fin], want[fin], rtol=rtol, atol=rtol * want[fin].abs().max().item()), layer
+    saved = sum(t.numel() * t.element_size() for t in s.state_dict().values())
+    assert whitening_bytes(s._white) > 0 and s.memory_bytes() == saved + whitening_bytes(s._white)

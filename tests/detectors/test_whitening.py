@@ -36,6 +36,6 @@ def test_folded_projection_matches_projecting_first():
     want = class_distances((x @ proj).double(), means, precision, present)
     got = whitened_distances(x, white, present)
     fin = want.isfinite()
-    assert torch.equal(fin, got.isfinite())
+    assert torch.equal(fin, got.isfinite())  # booleans: only the absent class is infinite (masked_fill)
     # a float32 product either way: equal up to float32 rounding
     assert torch.allclose(got[fin], want[fin], rtol=1e-4, atol=1e-4 * want[fin].abs().max().item())

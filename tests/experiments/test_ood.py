@@ -168,6 +168,7 @@ def test_one_set_by_name_from_the_registry():
     assert tuple(OOD_REGISTRY) == OOD_SET_NAMES and set(OOD_ALIASES.values()) <= set(OOD_SET_NAMES)
     assert ood_name("sklearn digits 8x8 upscaled") == "digits 8x8 upscaled"
     digits = ood_set("sklearn digits 8x8 upscaled", torch.rand(4, 1, 28, 28))
+    # exact by construction: the same file read twice, the same seeded generator through the same function
     assert torch.equal(digits, load_digits_upscaled())  # n=None: every digit, in order
     noise = ood_set("uniform noise", x, seed=3)
     assert noise.shape == x.shape and torch.equal(noise, ood_set("uniform noise", x, seed=3))
