@@ -33,7 +33,7 @@ import hashlib
 import inspect
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -436,7 +436,7 @@ def _run(args: argparse.Namespace, plan: EvaluateDetectorsSettings) -> int:
         # layers a chosen detector names besides the net's own (layer specs such as "fc1:input") are probed too;
         # every other detector keeps to the net's own layers
         specs = plan.specs
-        extra = list(dict.fromkeys(l for _, s in specs.values() for l in s.get("layers") or () if l not in LAYERS))
+        extra = _extra_layers(specs)
         if extra:
             if isinstance(thresholds, dict):
                 raise ExperimentError(f"detectors name layers {extra} besides {list(LAYERS)}: use --thresholds auto")
@@ -454,6 +454,19 @@ def _run(args: argparse.Namespace, plan: EvaluateDetectorsSettings) -> int:
     print("\n" + note)
     print(f"best library-based detector: {res['best_library_based']}; files in {out_dir}")
     return 0
+
+
+def _extra_layers(specs: Mapping[str, tuple[str, Mapping[str, Any]]]) -> list[str]:
+    """The layers the chosen detectors name (``layers``, ``gaussian_layers``) besides the MNIST net's own.
+
+    Example:
+        >>> _extra_layers({"x": ("library-gaussian-fusion", {"layers": ["conv1"], "gaussian_layers": ["fc1:input"]})})
+        ['fc1:input']
+    """
+    from .mnist import LAYERS
+
+    return list(dict.fromkeys(layer for _, settings in specs.values() for key in ("layers", "gaussian_layers")
+                              for layer in settings.get(key) or () if layer not in LAYERS))
 
 
 def _write_report(args: argparse.Namespace, res: dict[str, Any], stage: Path, plan: EvaluateDetectorsSettings,

@@ -119,3 +119,17 @@ def test_the_adaptive_options_are_shared_with_reproduce_cifar10():
     assert mnist["adaptive_detectors"].help.startswith("attack only these detectors")
     assert "default: none" in cifar["adaptive_detectors"].help
     assert "adaptive" in mnist and "adaptive" not in cifar  # --adaptive / --no-adaptive is the MNIST command's
+
+
+def test_layers_named_by_class_gaussians_are_probed_too():
+    # a candidate whose class Gaussians read "conv2:input" needs that layer probed even when no other detector of
+    # the run names it (before, only ``layers`` were collected and the run failed with LayerNotFoundError)
+    from libnet_plugin.detectors import MNIST_CANDIDATES
+    from libnet_plugin.experiments.evaluate_detectors import _extra_layers
+
+    label = "library-gaussian-fusion (conv1, conv2; gauss conv1, conv2:input; vim; tail)"
+    assert _extra_layers({label: MNIST_CANDIDATES[label]}) == ["conv2:input"]
+    assert _extra_layers({"msp": ("msp", {})}) == []
+    both = {"a": ("library-fusion", {"layers": ["conv1", "fc1:input"]}),
+            "b": ("library-gaussian-fusion", {"layers": ["fc1:input"], "gaussian_layers": ["conv2:input"]})}
+    assert _extra_layers(both) == ["fc1:input", "conv2:input"]
