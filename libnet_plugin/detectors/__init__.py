@@ -116,6 +116,12 @@ MNIST_CANDIDATES: dict[str, tuple[str, dict]] = {
     "library-gaussian-fusion (conv1, conv2; gauss conv1, conv2:input; vim; tail)": ("library-gaussian-fusion", {
         "layers": ["conv1", "conv2"], "gaussian_layers": ["conv1", "conv2:input"], "peers": ["vim"],
         "tail": "exponential"}),
+    # round 8 (dev seeds 1-4): the truncated product (tau 0.1), so typical features do not dilute extreme ones,
+    # with the class Gaussian after fc1's ReLU too
+    "library-gaussian-fusion (conv1, conv2; gauss conv1, conv2:input, fc1:input; vim; truncated 0.1; tail)": (
+        "library-gaussian-fusion", {"layers": ["conv1", "conv2"], "gaussian_layers": ["conv1", "conv2:input", "fc1:input"],
+                                    "peers": ["vim"], "combine": "truncated", "truncation": 0.1,
+                                    "tail": "exponential"}),
     # Lee et al.'s score on the post-activation block outputs, as the paper probes them: a peer, for a fair check
     "mahalanobis-multilayer (post)": ("mahalanobis-multilayer", {"layers": MNIST_POST_LAYERS}),
 }

@@ -9,6 +9,7 @@ p-values on clean data and fuses them (docs/method.md section 16).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -43,7 +44,10 @@ class LibraryFusionScore(LibraryDistanceScore):
     (``combine="min"``: ``-log min p``, Tippett's method, which a single strong feature drives alone) or
     by a weighted Fisher sum (``combine="weighted"``: ``-sum_j w_j log p_j`` with
     ``w_j = 1 / sum_k |r_jk|``, ``r`` the correlation of the ``-log p`` of the clean calibration inputs,
-    so that features that repeat one another, such as the two output features, share one weight). It
+    so that features that repeat one another, such as the two output features, share one weight) or by
+    the truncated product (``combine="truncated"``: ``sum_j max(0, log(tau / p_j))``, Zaykin et al. 2002,
+    https://doi.org/10.1002/gepi.0042, ``tau = truncation``: only the features below ``tau`` count, so
+    the features an input leaves typical do not dilute the ones it moves far). It
     needs only the fitted library network and the forward pass the guard runs anyway; its gradient (for
     adaptive attacks) is that of the standardised features, weighted as the p-values are
     (:meth:`FusedLayerScore.surrogate <libnet_plugin.detectors.FusedLayerScore.surrogate>`).
@@ -54,7 +58,8 @@ class LibraryFusionScore(LibraryDistanceScore):
             <libnet_plugin.detectors.LibraryDistanceScore>` (``features``, ``k``, ``pool``, ``max_dim``, ...).
         outputs: the output features (default both: ``("confidence", "logit-margin")``, chosen on
             development splits, docs/method.md section 16); ``()`` gives ``"library-distance"``.
-        combine: ``"fisher"`` (default), ``"min"`` or ``"weighted"``.
+        combine: ``"fisher"`` (default), ``"min"``, ``"weighted"`` or ``"truncated"``.
+        truncation: ``combine="truncated"``'s ``tau``, in ``(0, 1]`` (default 0.1; 1 gives Fisher's sum).
         tail: ``"none"`` (default: conformal p-values, at least ``1 / (n + 1)``) or ``"exponential"``: beyond
             the largest clean reference value of a feature, its p-value keeps falling as
             ``exp(-excess / scale)``, the scale the mean excess of the reference's top 10% over their 90th
@@ -69,12 +74,12 @@ class LibraryFusionScore(LibraryDistanceScore):
 
     name: ClassVar[str] = "library-fusion"
     OUTPUTS: ClassVar[tuple[str, ...]] = ("confidence", "logit-margin")
-    COMBINE: ClassVar[tuple[str, ...]] = ("fisher", "min", "weighted")
+    COMBINE: ClassVar[tuple[str, ...]] = ("fisher", "min", "weighted", "truncated")
 
     TAILS: ClassVar[tuple[str, ...]] = ("none", "exponential")
 
     def __init__(self, layers: Sequence[str] | None = None, *, outputs: Sequence[str] = ("confidence", "logit-margin"),
-                 combine: str = "fisher", tail: str = "none", **settings: Any):
+                 combine: str = "fisher", tail: str = "none", truncation: float = 0.1, **settings: Any):
         super().__init__(layers, **settings)
         if tail not in self.TAILS:
             raise ValueError(f"tail must be one of {self.TAILS}, got {tail!r}")
@@ -82,6 +87,9 @@ class LibraryFusionScore(LibraryDistanceScore):
         if combine not in self.COMBINE:
             raise ValueError(f"combine must be one of {self.COMBINE}, got {combine!r}")
         self.combination = combine
+        if isinstance(truncation, bool) or not isinstance(truncation, (int, float)) or not 0 < truncation <= 1:
+            raise ValueError(f"truncation must be a number in (0, 1], got {truncation!r}")
+        self.truncation = float(truncation)
         self._weights: Tensor | None = None  # combine="weighted": set from the clean reference
         outs = (outputs,) if isinstance(outputs, str) else tuple(outputs)
         bad = [o for o in outs if o not in self.OUTPUTS]
@@ -111,6 +119,8 @@ class LibraryFusionScore(LibraryDistanceScore):
             return -torch.log(p_values.amin(dim=1))
         if self.combination == "weighted":
             return self._weighted_fisher(p_values, self._feature_weights(p_values))
+        if self.combination == "truncated":
+            return (math.log(self.truncation) - torch.log(p_values)).clamp(min=0).sum(dim=1)
         return super().combine(p_values)
 
     def combine_on(self, p_values: Tensor, reference: Tensor) -> Tensor:
@@ -229,4 +239,6 @@ class LibraryFusionScore(LibraryDistanceScore):
             raise ValueError("a saved combine='weighted' detector without its weights")
 
     def config(self) -> dict[str, Any]:
-        return {**super().config(), "outputs": list(self.outputs), "combine": self.combination, "tail": self.tail}
+        extra = {"truncation": self.truncation} if self.combination == "truncated" else {}
+        return {**super().config(), "outputs": list(self.outputs), "combine": self.combination, "tail": self.tail,
+                **extra}

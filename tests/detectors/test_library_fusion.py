@@ -145,3 +145,39 @@ def test_combine_on_refits_the_weights_on_the_reference_it_is_given(fitted, mlp_
     assert not torch.allclose(weighted.combine_on(p, ref), weighted.combine(p))
     fisher = lnp.ConsistencyDetector(fitted, method="library-fusion").calibrate(x[:200]).scorer
     torch.testing.assert_close(fisher.combine_on(p, ref), fisher.combine(p))
+
+
+def test_truncated_combine_counts_only_the_p_values_below_tau_and_survives_save(fitted, mlp_data, tmp_path):
+    x, _ = mlp_data
+    settings = {"combine": "truncated", "truncation": 0.2}
+    det = lnp.ConsistencyDetector(fitted, method="library-fusion", settings=settings).calibrate(x[:200])
+    f = det.scorer.features(fitted, fitted.probe.run(x[200:]))
+    p = det.scorer.fusion.p_values(f)
+    expected = torch.where(p < 0.2, torch.log(0.2 / p), torch.zeros_like(p)).sum(dim=1)
+    assert bool((expected > 0).any()) and bool((expected == 0).any())  # both cases occur in this batch
+    torch.testing.assert_close(det.score(x[200:]).double(), expected.float().double())
+    typical = torch.full((2, len(det.scorer.feature_names())), 0.5, dtype=torch.float64)
+    assert det.scorer.combine(typical).tolist() == [0.0, 0.0]  # no p-value below tau: nothing counts
+    assert det.scorer.config()["truncation"] == 0.2
+    path = tmp_path / "d.safetensors"
+    det.save(path)
+    back = lnp.ConsistencyDetector.load(path, fitted.model)
+    assert back.scorer.truncation == 0.2
+    torch.testing.assert_close(back.score(x[200:]), det.score(x[200:]))
+    xg = x[200:210].clone().requires_grad_(True)  # the adaptive attacks' gradient: the standardised features'
+    det.score(xg).sum().backward()
+    assert xg.grad is not None and bool(xg.grad.abs().sum() > 0)
+
+
+def test_truncation_one_is_fishers_sum(fitted, mlp_data):
+    x, _ = mlp_data
+    a = lnp.ConsistencyDetector(fitted, method="library-fusion",
+                                settings={"combine": "truncated", "truncation": 1.0}).calibrate(x[:200])
+    b = lnp.ConsistencyDetector(fitted, method="library-fusion").calibrate(x[:200])
+    torch.testing.assert_close(a.score(x[200:]), b.score(x[200:]))
+
+
+@pytest.mark.parametrize("bad", [0, 0.0, 1.5, -0.1, "0.1", True, float("nan")])
+def test_bad_truncations_are_refused(bad):
+    with pytest.raises(ValueError, match=r"truncation must be a number in \(0, 1\]"):
+        LibraryFusionScore(combine="truncated", truncation=bad)
