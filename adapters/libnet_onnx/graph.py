@@ -13,6 +13,12 @@ Two kinds of layer names resolve to an ONNX tensor:
   output of the last node of the scope. A module called twice in ``forward`` is recorded as one scope by
   the dynamo exporter (naming it is then an error that lists both tensors) and as ``act`` and ``act_1``
   by the legacy exporter (the first and the second call).
+* a **layer spec** on a module name, as in the torch probe (:func:`libnet_plugin.probe.parse_layer_spec`):
+  ``"fc1:output"`` is ``"fc1"``; ``"fc1:input"`` is the tensor the module's scope reads from outside it
+  (its input as the graph computed it: after functional activations, pooling, flattening); ``"conv1:relu"``
+  is the module's output, the activation being applied by the probe after reading it. ``"name#K"`` (one
+  call of a module) is not read here: name that call's ONNX tensor. A name that is a module or tensor of
+  the graph is always taken as such, so tensor names holding ``':'`` keep working.
 
 Caveat: exporter optimisations change which tensors exist. The dynamo exporter's optimiser (and the
 legacy exporter's constant folding) fuse a BatchNorm into the preceding convolution, so the convolution's
@@ -36,7 +42,7 @@ import onnx
 from onnx import TensorProto, helper, shape_inference
 
 from libnet_plugin.errors import LayerNotFoundError
-from libnet_plugin.probe import unknown_layer_message
+from libnet_plugin.probe import LayerSpec, parse_layer_spec, unknown_layer_message
 
 from .errors import OnnxModelError
 
@@ -583,6 +589,72 @@ class OnnxGraph:
                          f"{candidates} (a module called more than once in forward, or one returning several "
                          "tensors); pass one of these ONNX tensor names instead")
 
+    def _module_reads(self, name: str) -> list[str]:
+        """Tensors the nodes of module ``name``'s scope read from outside it (graph inputs or outputs of other
+        nodes; not initializers), in the order the scope first reads them."""
+        inside = set(self._module_nodes.get(name, ()))
+        graph_inputs = {spec.name for spec in self.inputs}
+        reads: list[str] = []
+        for i in sorted(inside):
+            node = self.nodes[i]
+            for t in [*node.input, *sorted(_subgraph_inputs(node))]:
+                if not t or t in reads:
+                    continue
+                producer = self.producer.get(t)
+                if (producer is None and t not in graph_inputs) or (producer is not None and producer in inside):
+                    continue  # an initializer (a weight), a subgraph's own name, or a tensor made inside the scope
+                reads.append(t)
+        return reads
+
+    def _is_activation_input(self, tensor: str) -> bool:
+        """A floating tensor that depends on the graph input: a probe-able node output or a floating graph input."""
+        if self.is_probeable(tensor):
+            return True
+        spec = next((s for s in self.inputs if s.name == tensor), None)
+        return spec is not None and spec.elem_type in _FLOAT_TYPES
+
+    def module_input(self, name: str) -> str:
+        """The tensor module ``name`` receives: the one floating tensor depending on the graph input that its
+        scope reads from outside it (its first input as the graph computed it; weights are initializers and
+        are not counted). It can be a graph input (the model's input for the first module).
+
+        Args:
+            name: a module name recorded by the exporter (``"fc1"``).
+
+        Returns:
+            the ONNX tensor name.
+
+        Raises:
+            LayerNotFoundError: no node of the graph is in that module's scope, or the scope reads no such
+                tensor (the message lists what it reads).
+            ValueError: the scope reads several (a module taking several tensors, or one called more than
+                once): name one of the listed tensors instead.
+
+        Example:
+            >>> from onnx import helper, TensorProto
+            >>> x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])
+            >>> y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])
+            >>> nodes = [helper.make_node("Relu", ["x"], ["h"], name="/act/Relu"),
+            ...          helper.make_node("Neg", ["h"], ["y"], name="/head/Neg")]
+            >>> g = OnnxGraph(helper.make_model(helper.make_graph(nodes, "g", [x], [y])))
+            >>> g.module_input("head"), g.module_input("act")
+            ('h', 'x')
+        """
+        if name not in self._module_nodes:
+            raise LayerNotFoundError(self._unknown_message(name))
+        reads = self._module_reads(name)
+        candidates = [t for t in reads if self._is_activation_input(t)]
+        if len(candidates) == 1:
+            return candidates[0]
+        if not candidates:
+            raise LayerNotFoundError(
+                f"module {name!r} of {self.source} reads no floating-point tensor that depends on the graph input "
+                f"from outside its scope (it reads {reads}), so '{name}:input' names nothing; probe one of its "
+                f"tensors by ONNX name instead. Valid layer names: {(self.module_names + self.tensor_names)[:40]}")
+        raise ValueError(f"module {name!r} of {self.source} reads {len(candidates)} tensors from outside it "
+                         f"{candidates} (a module taking several inputs, or one called more than once in forward), so "
+                         f"'{name}:input' is ambiguous; pass one of these ONNX tensor names instead")
+
     def module_caveat(self, name: str) -> str | None:
         """A warning text when the exporter's optimisations may have changed module ``name``'s output.
 
@@ -620,27 +692,79 @@ class OnnxGraph:
                     "libnet_onnx.export_onnx(..., optimize=False) to keep them")
         return msg
 
-    def resolve(self, name: str) -> str:
-        """The ONNX tensor a layer name stands for: a PyTorch module name first, else an ONNX tensor name.
+    def layer_spec(self, name: str) -> LayerSpec | None:
+        """How a layer name reads the graph: ``None`` for a module or probe-able tensor name, else its parsed
+        layer spec (``"fc1:input"``, ``"conv1:relu"``, ``"fc1:output"``) on a module of the graph.
 
         Args:
-            name: a module or tensor name.
+            name: a layer name.
+
+        Returns:
+            ``None`` or the :class:`~libnet_plugin.probe.LayerSpec`.
+
+        Raises:
+            TypeError: ``name`` is not a string.
+            LayerNotFoundError: neither a module, a probe-able tensor nor a spec on a module of the graph.
+            ValueError: a malformed spec, or one naming a call (``"name#K"``), which the graph cannot tell
+                apart: name that call's ONNX tensor instead.
+
+        Example:
+            >>> from onnx import helper, TensorProto
+            >>> x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])
+            >>> y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])
+            >>> nodes = [helper.make_node("Neg", ["x"], ["h"], name="/fc/Neg"),
+            ...          helper.make_node("Abs", ["h"], ["y"], name="/head/Abs")]
+            >>> g = OnnxGraph(helper.make_model(helper.make_graph(nodes, "g", [x], [y])))
+            >>> g.layer_spec("fc") is None, g.layer_spec("fc:relu")
+            (True, LayerSpec(module='fc', call=None, where='output', activation='relu'))
+            >>> g.resolve("head:input"), g.resolve("fc:relu")
+            ('h', 'h')
+        """
+        if not isinstance(name, str):
+            raise TypeError(f"layer names must be strings, got {type(name).__name__}: {name!r}")
+        if name in self._module_nodes or self.is_probeable(name):
+            return None
+        if (":" not in name and "#" not in name) or name in self.producer or name in self._value_infos:
+            raise LayerNotFoundError(self._unknown_message(name))
+        try:
+            spec = parse_layer_spec(name)
+        except ValueError as exc:
+            base = name.rpartition(":")[0] if ":" in name else name
+            if base.rpartition("#")[0] in self._module_nodes or base in self._module_nodes:
+                raise  # a malformed spec on a module of the graph: the message names the valid forms
+            raise LayerNotFoundError(self._unknown_message(name) + f". As a layer spec: {exc}") from exc
+        if spec.module not in self._module_nodes:
+            raise LayerNotFoundError(unknown_layer_message(
+                spec.module, self.module_names, kind=f"ONNX model {self.source} (the layer spec {name!r} needs a "
+                "PyTorch module name recorded by the exporter)"))
+        if spec.call is not None:
+            calls = self._module_candidates(spec.module)[0]
+            raise ValueError(f"layer {name!r}: the ONNX adapter does not pick one call of a module ('#K'); name the "
+                             f"ONNX tensor of that call instead (module {spec.module!r} outputs {calls}; "
+                             "`libnet layers MODEL.onnx` lists the tensors)")
+        return spec
+
+    def resolve(self, name: str) -> str:
+        """The ONNX tensor a layer name stands for: a PyTorch module name first, else an ONNX tensor name, else
+        a layer spec on a module (``"fc1:input"``; ``"conv1:relu"`` resolves to conv1's output, the probe
+        applies the activation).
+
+        Args:
+            name: a module or tensor name, or a layer spec.
 
         Returns:
             the ONNX tensor name.
 
         Raises:
             TypeError: ``name`` is not a string.
-            LayerNotFoundError: neither a module scope nor a probe-able tensor; the message lists close
-                matches and the valid names.
+            LayerNotFoundError: neither a module scope, a probe-able tensor nor a spec on a module; the
+                message lists close matches and the valid names.
+            ValueError: see :meth:`layer_spec`, :meth:`module_output` and :meth:`module_input`.
         """
-        if not isinstance(name, str):
-            raise TypeError(f"layer names must be strings, got {type(name).__name__}: {name!r}")
-        if name in self._module_nodes:
-            return self.module_output(name)
-        if self.is_probeable(name):
-            return name
-        raise LayerNotFoundError(self._unknown_message(name))
+        spec = self.layer_spec(name)
+        if spec is None:
+            return self.module_output(name) if name in self._module_nodes else name
+        return self.module_input(spec.module) if spec.where == "input" else self.module_output(spec.module)
 
     def layers(self, kind: LayerKind | Literal["all"] = "all") -> list[LayerInfo]:
         """The probe-able layers: module names (in graph order) and/or tensor names (in graph order).
