@@ -68,7 +68,7 @@ ZIPMAP_HINT = (". The graph ends in a ZipMap (one dict of class probabilities pe
                "options={'zipmap': False})), or probe tensors before it (see `libnet layers`)")
 
 Dim = int | str | None
-LayerKind = Literal["module", "tensor"]
+LayerKind = Literal["module", "tensor", "input"]
 
 
 def dtype_name(elem_type: int) -> str:
@@ -131,9 +131,10 @@ class LayerInfo:
 
     Attributes:
         name: the name to pass in ``layers=[...]``.
-        kind: ``"module"`` (a PyTorch module name from the exporter's records) or ``"tensor"``.
+        kind: ``"module"`` (a PyTorch module name from the exporter's records), ``"tensor"``, or ``"input"``
+            (a ``"MODULE:input"`` layer spec: the tensor the module receives).
         tensor: the ONNX tensor the name resolves to.
-        op_type: the operator producing that tensor (``"Conv"``, ``"Relu"``...).
+        op_type: the operator producing that tensor (``"Conv"``, ``"Relu"``...; ``"(graph input)"`` for one).
         dtype: numpy-style element type of the tensor.
         shape: its shape (ints, symbolic names such as ``"batch"``, ``None`` for unknown dimensions).
 
@@ -766,27 +767,46 @@ class OnnxGraph:
             return self.module_output(name) if name in self._module_nodes else name
         return self.module_input(spec.module) if spec.where == "input" else self.module_output(spec.module)
 
+    def module_inputs(self) -> dict[str, str]:
+        """``{"MODULE:input": tensor}`` for every recorded module that reads exactly one activation (see
+        :meth:`module_input`), in order of the modules' first nodes.
+
+        Returns:
+            the specs and the tensors they resolve to.
+        """
+        out = {}
+        for m in self._module_nodes:
+            candidates = [t for t in self._module_reads(m) if self._is_activation_input(t)]
+            if len(candidates) == 1:
+                out[f"{m}:input"] = candidates[0]
+        return out
+
     def layers(self, kind: LayerKind | Literal["all"] = "all") -> list[LayerInfo]:
-        """The probe-able layers: module names (in graph order) and/or tensor names (in graph order).
+        """The probe-able layers: module names (in graph order) and/or tensor names (in graph order), or the
+        ``"MODULE:input"`` specs.
 
         Args:
-            kind: ``"module"``, ``"tensor"`` or ``"all"``.
+            kind: ``"module"``, ``"tensor"``, ``"all"`` (both), or ``"input"`` (the ``"MODULE:input"`` specs of
+                :meth:`module_inputs`; not part of ``"all"``).
 
         Returns:
             a :class:`LayerInfo` per layer.
         """
-        if kind not in ("all", "module", "tensor"):
-            raise ValueError(f"kind must be 'all', 'module' or 'tensor', got {kind!r}")
+        if kind not in ("all", "module", "tensor", "input"):
+            raise ValueError(f"kind must be 'all', 'module', 'tensor' or 'input', got {kind!r}")
         names: list[tuple[str, LayerKind, str]] = []
         if kind in ("all", "module"):
             names += [(m, "module", self.module_output(m)) for m in self.module_names]
         if kind in ("all", "tensor"):
             names += [(t, "tensor", t) for t in self.tensor_names]
+        if kind == "input":
+            names += [(m, "input", t) for m, t in self.module_inputs().items()]
         out = []
         for name, k, tensor in names:
             spec = self.spec(tensor)
-            assert spec is not None  # probe-able tensors have an inferred type
-            out.append(LayerInfo(name, k, tensor, self.nodes[self.producer[tensor]].op_type, spec.dtype, spec.shape))
+            assert spec is not None  # probe-able tensors and graph inputs have a type
+            op = self.nodes[self.producer[tensor]].op_type if tensor in self.producer else "(graph input)"
+            out.append(LayerInfo(name, k, tensor, op, spec.dtype, spec.shape))
         return out
 
 
@@ -797,7 +817,8 @@ def list_layers(model: Any, kind: LayerKind | Literal["all"] = "all") -> list[La
         model: an ONNX file path, ``onnx.ModelProto``, serialized bytes, ``onnxruntime.InferenceSession``, or a
             :class:`libnet_onnx.OnnxModel`.
         kind: ``"module"`` for the PyTorch module names recorded by the exporter, ``"tensor"`` for ONNX tensor
-            names, ``"all"`` (default) for both, modules first.
+            names, ``"all"`` (default) for both, modules first; ``"input"`` for the ``"MODULE:input"`` layer
+            specs (what each module receives).
 
     Returns:
         A list of :class:`LayerInfo`.
@@ -810,6 +831,8 @@ def list_layers(model: Any, kind: LayerKind | Literal["all"] = "all") -> list[La
         ...                                         "g", [x], [y]))
         >>> [(l.name, l.kind, l.shape) for l in list_layers(m)]
         [('act', 'module', ('batch', 3)), ('y', 'tensor', ('batch', 3))]
+        >>> [(l.name, l.tensor, l.op_type) for l in list_layers(m, kind="input")]
+        [('act:input', 'x', '(graph input)')]
     """
     graph = getattr(model, "graph", None)
     if not isinstance(graph, OnnxGraph):

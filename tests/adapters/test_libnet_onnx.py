@@ -469,6 +469,27 @@ def test_a_detector_fitted_in_torch_on_layer_specs_scores_the_same_on_onnx(kind,
     torch.testing.assert_close(loaded.net.consistency(q), det.net.consistency(q), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["legacy", "dynamo"])
+def test_list_layers_and_the_cli_show_the_module_inputs(kind, spec_net, capsys):
+    from libnet_plugin.cli import main
+
+    path = _spec_path(spec_net, kind)
+    inputs = {l.name: l for l in list_layers(path, kind="input")}
+    assert list(inputs) == ["conv1:input", "conv2:input", "fc1:input", "fc2:input"]
+    assert {l.kind for l in inputs.values()} == {"input"}
+    assert inputs["conv1:input"].op_type == "(graph input)" and inputs["conv1:input"].tensor == "input"
+    assert inputs["conv2:input"].op_type == "MaxPool" and inputs["conv2:input"].shape == ("batch", 3, 6, 6)
+    assert inputs["fc1:input"].tensor == OnnxGraph(path).resolve("fc1:input") and inputs["fc1:input"].size == 16
+    assert list_layers(path) == list_layers(path, kind="module") + list_layers(path, kind="tensor")
+    assert main(["layers", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^Module inputs \(the layer specs 'MODULE:input'\): 4$", out, flags=re.M)
+    assert re.search(r"^\s+fc1:input\s+(Flatten|Reshape)\s+float32\s+\[batch, 16\]\s+\S+$", out, flags=re.M)
+    assert main(["layers", str(path), "--kind", "input", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in rows] == list(inputs) and rows[0]["kind"] == "input"
+
+
 def test_tensor_names_holding_a_colon_are_read_as_tensors():
     # the legacy exporter's folded constants are named "onnx::Conv_12"; any tensor name may hold ':'
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])
