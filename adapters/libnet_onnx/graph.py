@@ -607,12 +607,12 @@ class OnnxGraph:
                 reads.append(t)
         return reads
 
-    def _is_activation_input(self, tensor: str) -> bool:
-        """A floating tensor that depends on the graph input: a probe-able node output or a floating graph input."""
-        if self.is_probeable(tensor):
-            return True
-        spec = next((s for s in self.inputs if s.name == tensor), None)
-        return spec is not None and spec.elem_type in _FLOAT_TYPES
+    def _input_candidates(self, name: str) -> tuple[list[str], list[str]]:
+        """(every tensor module ``name`` reads from outside it, the activations among them): floating tensors
+        that depend on the graph input, i.e. probe-able node outputs or floating graph inputs."""
+        reads = self._module_reads(name)
+        floating_inputs = {s.name for s in self.inputs if s.elem_type in _FLOAT_TYPES}
+        return reads, [t for t in reads if t in floating_inputs or self.is_probeable(t)]
 
     def module_input(self, name: str) -> str:
         """The tensor module ``name`` receives: the one floating tensor depending on the graph input that its
@@ -643,8 +643,7 @@ class OnnxGraph:
         """
         if name not in self._module_nodes:
             raise LayerNotFoundError(self._unknown_message(name))
-        reads = self._module_reads(name)
-        candidates = [t for t in reads if self._is_activation_input(t)]
+        reads, candidates = self._input_candidates(name)
         if len(candidates) == 1:
             return candidates[0]
         if not candidates:
@@ -776,7 +775,7 @@ class OnnxGraph:
         """
         out = {}
         for m in self._module_nodes:
-            candidates = [t for t in self._module_reads(m) if self._is_activation_input(t)]
+            candidates = self._input_candidates(m)[1]
             if len(candidates) == 1:
                 out[f"{m}:input"] = candidates[0]
         return out
