@@ -77,6 +77,18 @@ def test_haps_match_the_torch_probe(kind, exports, mnist_net, mnist):
 
 
 @pytest.mark.parametrize("kind", ["dynamo", "legacy"])
+def test_layer_specs_match_the_torch_probe(kind, exports, mnist_net, mnist):
+    # fc1:input is conv2's block after its functional ReLU, pooling and flattening: no module returns it
+    specs = ["conv1:relu", "conv2:input", "fc1:input", "fc2:input"]
+    x = mnist["test"][:100]
+    expected, got = TorchLayerProbe(mnist_net, specs).run(x), OnnxLayerProbe(exports[kind], specs).run(x)
+    for layer in specs:
+        assert got.haps[layer].shape == expected.haps[layer].shape, layer
+        torch.testing.assert_close(got.haps[layer], expected.haps[layer], rtol=1e-5, atol=1e-5, msg=layer)
+    assert got.haps["fc1:input"].shape == (100, 800)
+
+
+@pytest.mark.parametrize("kind", ["dynamo", "legacy"])
 def test_libraries_and_scores_equal_the_pytorch_ones(kind, exports, torch_library_net, mnist):
     ref = torch_library_net
     assert all(50 <= s < 1000 for s in ref.library_sizes_.values()), ref.library_sizes_

@@ -14,9 +14,9 @@ from typing import Any
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``libnet layers``."""
     parser.add_argument("model", help="path to an ONNX model file")
-    parser.add_argument("--kind", choices=("all", "module", "tensor"), default="all",
-                        help="list PyTorch module names (from the exporter's records), ONNX tensor names, or both "
-                             "(default)")
+    parser.add_argument("--kind", choices=("all", "module", "input", "tensor"), default="all",
+                        help="list PyTorch module names (from the exporter's records), the 'MODULE:input' layer "
+                             "specs (what each module receives), ONNX tensor names, or all three (default)")
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
 
 
@@ -35,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
     except (OnnxModelError, FileNotFoundError) as exc:
         print(f"libnet layers: error: {exc}", file=sys.stderr)
         return 2
-    layers = graph.layers(args.kind)
+    kinds: tuple[Any, ...] = ("module", "input", "tensor") if args.kind == "all" else (args.kind,)
+    layers = [info for kind in kinds for info in graph.layers(kind)]
     if args.json:
         out: list[dict[str, Any]] = [{"name": l.name, "kind": l.kind, "tensor": l.tensor, "op_type": l.op_type,
                                       "dtype": l.dtype, "shape": list(l.shape) if l.shape is not None else None}
@@ -44,14 +45,16 @@ def run(args: argparse.Namespace) -> int:
         return 0
     inputs = "; ".join(spec.describe() for spec in graph.inputs)
     print(f"ONNX model {graph.source}: input{'s' if len(graph.inputs) > 1 else ''} {inputs}; outputs {graph.outputs}")
-    for kind, title in (("module", "PyTorch module names (from the exporter's records)"), ("tensor", "ONNX tensors")):
-        if args.kind not in ("all", kind):
+    for kind, title in (("module", "PyTorch module names (from the exporter's records)"),
+                        ("input", "Module inputs (the layer specs 'MODULE:input')"),
+                        ("tensor", "ONNX tensors")):
+        if kind not in kinds:
             continue
-        rows = [[l.name, l.op_type, l.dtype, format_shape(l.shape)] + ([l.tensor] if kind == "module" else [])
+        rows = [[l.name, l.op_type, l.dtype, format_shape(l.shape)] + ([l.tensor] if kind != "tensor" else [])
                 for l in layers if l.kind == kind]
         print(f"\n{title}: {len(rows)}")
         if rows:
-            header = ["name", "op", "dtype", "shape"] + (["tensor"] if kind == "module" else [])
+            header = ["name", "op", "dtype", "shape"] + (["tensor"] if kind != "tensor" else [])
             print(_table([header] + rows))
     return 0
 

@@ -13,6 +13,12 @@ Two kinds of layer names resolve to an ONNX tensor:
   output of the last node of the scope. A module called twice in ``forward`` is recorded as one scope by
   the dynamo exporter (naming it is then an error that lists both tensors) and as ``act`` and ``act_1``
   by the legacy exporter (the first and the second call).
+* a **layer spec** on a module name, as in the torch probe (:func:`libnet_plugin.probe.parse_layer_spec`):
+  ``"fc1:output"`` is ``"fc1"``; ``"fc1:input"`` is the tensor the module's scope reads from outside it
+  (its input as the graph computed it: after functional activations, pooling, flattening); ``"conv1:relu"``
+  is the module's output, the activation being applied by the probe after reading it. ``"name#K"`` (one
+  call of a module) is not read here: name that call's ONNX tensor. A name that is a module or tensor of
+  the graph is always taken as such, so tensor names holding ``':'`` keep working.
 
 Caveat: exporter optimisations change which tensors exist. The dynamo exporter's optimiser (and the
 legacy exporter's constant folding) fuse a BatchNorm into the preceding convolution, so the convolution's
@@ -36,7 +42,7 @@ import onnx
 from onnx import TensorProto, helper, shape_inference
 
 from libnet_plugin.errors import LayerNotFoundError
-from libnet_plugin.probe import unknown_layer_message
+from libnet_plugin.probe import LayerSpec, parse_layer_spec, unknown_layer_message
 
 from .errors import OnnxModelError
 
@@ -62,7 +68,7 @@ ZIPMAP_HINT = (". The graph ends in a ZipMap (one dict of class probabilities pe
                "options={'zipmap': False})), or probe tensors before it (see `libnet layers`)")
 
 Dim = int | str | None
-LayerKind = Literal["module", "tensor"]
+LayerKind = Literal["module", "tensor", "input"]
 
 
 def dtype_name(elem_type: int) -> str:
@@ -125,9 +131,10 @@ class LayerInfo:
 
     Attributes:
         name: the name to pass in ``layers=[...]``.
-        kind: ``"module"`` (a PyTorch module name from the exporter's records) or ``"tensor"``.
+        kind: ``"module"`` (a PyTorch module name from the exporter's records), ``"tensor"``, or ``"input"``
+            (a ``"MODULE:input"`` layer spec: the tensor the module receives).
         tensor: the ONNX tensor the name resolves to.
-        op_type: the operator producing that tensor (``"Conv"``, ``"Relu"``...).
+        op_type: the operator producing that tensor (``"Conv"``, ``"Relu"``...; ``"(graph input)"`` for one).
         dtype: numpy-style element type of the tensor.
         shape: its shape (ints, symbolic names such as ``"batch"``, ``None`` for unknown dimensions).
 
@@ -583,6 +590,71 @@ class OnnxGraph:
                          f"{candidates} (a module called more than once in forward, or one returning several "
                          "tensors); pass one of these ONNX tensor names instead")
 
+    def _module_reads(self, name: str) -> list[str]:
+        """Tensors the nodes of module ``name``'s scope read from outside it (graph inputs or outputs of other
+        nodes; not initializers), in the order the scope first reads them."""
+        inside = set(self._module_nodes.get(name, ()))
+        graph_inputs = {spec.name for spec in self.inputs}
+        reads: list[str] = []
+        for i in sorted(inside):
+            node = self.nodes[i]
+            for t in [*node.input, *sorted(_subgraph_inputs(node))]:
+                if not t or t in reads:
+                    continue
+                producer = self.producer.get(t)
+                if (producer is None and t not in graph_inputs) or (producer is not None and producer in inside):
+                    continue  # an initializer (a weight), a subgraph's own name, or a tensor made inside the scope
+                reads.append(t)
+        return reads
+
+    def _input_candidates(self, name: str) -> tuple[list[str], list[str]]:
+        """(every tensor module ``name`` reads from outside it, the activations among them): floating tensors
+        that depend on the graph input, i.e. probe-able node outputs or floating graph inputs."""
+        reads = self._module_reads(name)
+        floating_inputs = {s.name for s in self.inputs if s.elem_type in _FLOAT_TYPES}
+        return reads, [t for t in reads if t in floating_inputs or self.is_probeable(t)]
+
+    def module_input(self, name: str) -> str:
+        """The tensor module ``name`` receives: the one floating tensor depending on the graph input that its
+        scope reads from outside it (its first input as the graph computed it; weights are initializers and
+        are not counted). It can be a graph input (the model's input for the first module).
+
+        Args:
+            name: a module name recorded by the exporter (``"fc1"``).
+
+        Returns:
+            the ONNX tensor name.
+
+        Raises:
+            LayerNotFoundError: no node of the graph is in that module's scope, or the scope reads no such
+                tensor (the message lists what it reads).
+            ValueError: the scope reads several (a module taking several tensors, or one called more than
+                once): name one of the listed tensors instead.
+
+        Example:
+            >>> from onnx import helper, TensorProto
+            >>> x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])
+            >>> y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])
+            >>> nodes = [helper.make_node("Relu", ["x"], ["h"], name="/act/Relu"),
+            ...          helper.make_node("Neg", ["h"], ["y"], name="/head/Neg")]
+            >>> g = OnnxGraph(helper.make_model(helper.make_graph(nodes, "g", [x], [y])))
+            >>> g.module_input("head"), g.module_input("act")
+            ('h', 'x')
+        """
+        if name not in self._module_nodes:
+            raise LayerNotFoundError(self._unknown_message(name))
+        reads, candidates = self._input_candidates(name)
+        if len(candidates) == 1:
+            return candidates[0]
+        if not candidates:
+            raise LayerNotFoundError(
+                f"module {name!r} of {self.source} reads no floating-point tensor that depends on the graph input "
+                f"from outside its scope (it reads {reads}), so '{name}:input' names nothing; probe one of its "
+                f"tensors by ONNX name instead. Valid layer names: {(self.module_names + self.tensor_names)[:40]}")
+        raise ValueError(f"module {name!r} of {self.source} reads {len(candidates)} tensors from outside it "
+                         f"{candidates} (a module taking several inputs, or one called more than once in forward), so "
+                         f"'{name}:input' is ambiguous; pass one of these ONNX tensor names instead")
+
     def module_caveat(self, name: str) -> str | None:
         """A warning text when the exporter's optimisations may have changed module ``name``'s output.
 
@@ -620,49 +692,120 @@ class OnnxGraph:
                     "libnet_onnx.export_onnx(..., optimize=False) to keep them")
         return msg
 
-    def resolve(self, name: str) -> str:
-        """The ONNX tensor a layer name stands for: a PyTorch module name first, else an ONNX tensor name.
+    def layer_spec(self, name: str) -> LayerSpec | None:
+        """How a layer name reads the graph: ``None`` for a module or probe-able tensor name, else its parsed
+        layer spec (``"fc1:input"``, ``"conv1:relu"``, ``"fc1:output"``) on a module of the graph.
 
         Args:
-            name: a module or tensor name.
+            name: a layer name.
+
+        Returns:
+            ``None`` or the :class:`~libnet_plugin.probe.LayerSpec`.
+
+        Raises:
+            TypeError: ``name`` is not a string.
+            LayerNotFoundError: neither a module, a probe-able tensor nor a spec on a module of the graph.
+            ValueError: a malformed spec, or one naming a call (``"name#K"``), which the graph cannot tell
+                apart: name that call's ONNX tensor instead.
+
+        Example:
+            >>> from onnx import helper, TensorProto
+            >>> x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])
+            >>> y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])
+            >>> nodes = [helper.make_node("Neg", ["x"], ["h"], name="/fc/Neg"),
+            ...          helper.make_node("Abs", ["h"], ["y"], name="/head/Abs")]
+            >>> g = OnnxGraph(helper.make_model(helper.make_graph(nodes, "g", [x], [y])))
+            >>> g.layer_spec("fc") is None, g.layer_spec("fc:relu")
+            (True, LayerSpec(module='fc', call=None, where='output', activation='relu'))
+            >>> g.resolve("head:input"), g.resolve("fc:relu")
+            ('h', 'h')
+        """
+        if not isinstance(name, str):
+            raise TypeError(f"layer names must be strings, got {type(name).__name__}: {name!r}")
+        if name in self._module_nodes or self.is_probeable(name):
+            return None
+        if (":" not in name and "#" not in name) or name in self.producer or name in self._value_infos:
+            raise LayerNotFoundError(self._unknown_message(name))
+        try:
+            spec = parse_layer_spec(name)
+        except ValueError as exc:
+            base = name.rpartition(":")[0] if ":" in name else name
+            if base.rpartition("#")[0] in self._module_nodes or base in self._module_nodes:
+                raise  # a malformed spec on a module of the graph: the message names the valid forms
+            raise LayerNotFoundError(self._unknown_message(name) + f". As a layer spec: {exc}") from exc
+        if spec.module not in self._module_nodes:
+            raise LayerNotFoundError(unknown_layer_message(
+                spec.module, self.module_names, kind=f"ONNX model {self.source} (the layer spec {name!r} needs a "
+                "PyTorch module name recorded by the exporter)"))
+        if spec.call is not None:
+            calls = self._module_candidates(spec.module)[0]
+            raise ValueError(f"layer {name!r}: the ONNX adapter does not pick one call of a module ('#K'); name the "
+                             f"ONNX tensor of that call instead (module {spec.module!r} outputs {calls}; "
+                             "`libnet layers MODEL.onnx` lists the tensors)")
+        return spec
+
+    def resolve(self, name: str) -> str:
+        """The ONNX tensor a layer name stands for: a PyTorch module name first, else an ONNX tensor name, else
+        a layer spec on a module (``"fc1:input"``; ``"conv1:relu"`` resolves to conv1's output, the probe
+        applies the activation).
+
+        Args:
+            name: a module or tensor name, or a layer spec.
 
         Returns:
             the ONNX tensor name.
 
         Raises:
             TypeError: ``name`` is not a string.
-            LayerNotFoundError: neither a module scope nor a probe-able tensor; the message lists close
-                matches and the valid names.
+            LayerNotFoundError: neither a module scope, a probe-able tensor nor a spec on a module; the
+                message lists close matches and the valid names.
+            ValueError: see :meth:`layer_spec`, :meth:`module_output` and :meth:`module_input`.
         """
-        if not isinstance(name, str):
-            raise TypeError(f"layer names must be strings, got {type(name).__name__}: {name!r}")
-        if name in self._module_nodes:
-            return self.module_output(name)
-        if self.is_probeable(name):
-            return name
-        raise LayerNotFoundError(self._unknown_message(name))
+        spec = self.layer_spec(name)
+        if spec is None:
+            return self.module_output(name) if name in self._module_nodes else name
+        return self.module_input(spec.module) if spec.where == "input" else self.module_output(spec.module)
+
+    def module_inputs(self) -> dict[str, str]:
+        """``{"MODULE:input": tensor}`` for every recorded module that reads exactly one activation (see
+        :meth:`module_input`), in order of the modules' first nodes.
+
+        Returns:
+            the specs and the tensors they resolve to.
+        """
+        out = {}
+        for m in self._module_nodes:
+            candidates = self._input_candidates(m)[1]
+            if len(candidates) == 1:
+                out[f"{m}:input"] = candidates[0]
+        return out
 
     def layers(self, kind: LayerKind | Literal["all"] = "all") -> list[LayerInfo]:
-        """The probe-able layers: module names (in graph order) and/or tensor names (in graph order).
+        """The probe-able layers: module names (in graph order) and/or tensor names (in graph order), or the
+        ``"MODULE:input"`` specs.
 
         Args:
-            kind: ``"module"``, ``"tensor"`` or ``"all"``.
+            kind: ``"module"``, ``"tensor"``, ``"all"`` (both), or ``"input"`` (the ``"MODULE:input"`` specs of
+                :meth:`module_inputs`; not part of ``"all"``).
 
         Returns:
             a :class:`LayerInfo` per layer.
         """
-        if kind not in ("all", "module", "tensor"):
-            raise ValueError(f"kind must be 'all', 'module' or 'tensor', got {kind!r}")
+        if kind not in ("all", "module", "tensor", "input"):
+            raise ValueError(f"kind must be 'all', 'module', 'tensor' or 'input', got {kind!r}")
         names: list[tuple[str, LayerKind, str]] = []
         if kind in ("all", "module"):
             names += [(m, "module", self.module_output(m)) for m in self.module_names]
         if kind in ("all", "tensor"):
             names += [(t, "tensor", t) for t in self.tensor_names]
+        if kind == "input":
+            names += [(m, "input", t) for m, t in self.module_inputs().items()]
         out = []
         for name, k, tensor in names:
             spec = self.spec(tensor)
-            assert spec is not None  # probe-able tensors have an inferred type
-            out.append(LayerInfo(name, k, tensor, self.nodes[self.producer[tensor]].op_type, spec.dtype, spec.shape))
+            assert spec is not None  # probe-able tensors and graph inputs have a type
+            op = self.nodes[self.producer[tensor]].op_type if tensor in self.producer else "(graph input)"
+            out.append(LayerInfo(name, k, tensor, op, spec.dtype, spec.shape))
         return out
 
 
@@ -673,7 +816,8 @@ def list_layers(model: Any, kind: LayerKind | Literal["all"] = "all") -> list[La
         model: an ONNX file path, ``onnx.ModelProto``, serialized bytes, ``onnxruntime.InferenceSession``, or a
             :class:`libnet_onnx.OnnxModel`.
         kind: ``"module"`` for the PyTorch module names recorded by the exporter, ``"tensor"`` for ONNX tensor
-            names, ``"all"`` (default) for both, modules first.
+            names, ``"all"`` (default) for both, modules first; ``"input"`` for the ``"MODULE:input"`` layer
+            specs (what each module receives).
 
     Returns:
         A list of :class:`LayerInfo`.
@@ -686,6 +830,8 @@ def list_layers(model: Any, kind: LayerKind | Literal["all"] = "all") -> list[La
         ...                                         "g", [x], [y]))
         >>> [(l.name, l.kind, l.shape) for l in list_layers(m)]
         [('act', 'module', ('batch', 3)), ('y', 'tensor', ('batch', 3))]
+        >>> [(l.name, l.tensor, l.op_type) for l in list_layers(m, kind="input")]
+        [('act:input', 'x', '(graph input)')]
     """
     graph = getattr(model, "graph", None)
     if not isinstance(graph, OnnxGraph):

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from libnet_plugin import MultiInput
 from libnet_plugin.errors import ShapeMismatchError
-from libnet_plugin.probe import ProbeResult, check_inputs_finite
+from libnet_plugin.probe import LayerSpec, ProbeResult, check_inputs_finite
 
 from .errors import InputTypeError, OnnxModelError
 from .graph import LayerInfo, OnnxGraph, TensorSpec, is_inference_session
@@ -245,8 +245,10 @@ class OnnxLayerProbe:
     touched.
 
     Layer names are PyTorch module names recorded by the exporter (``"conv1"``, ``"layer2.3"``; the
-    module's forward output) or ONNX tensor names; a name that is both is read as the module. See
-    :func:`libnet_onnx.list_layers`.
+    module's forward output) or ONNX tensor names; a name that is both is read as the module. Layer specs
+    on a module name work as in the torch probe: ``"fc1:input"`` (what the module receives),
+    ``"conv1:relu"`` (its output with the activation applied after reading it), ``"conv1:output"``; see
+    :meth:`~libnet_onnx.graph.OnnxGraph.layer_spec`. See :func:`libnet_onnx.list_layers`.
 
     A graph exported with a fixed batch size ``N`` is run in chunks of ``N`` (the last chunk padded),
     with a one-time warning; export with a dynamic batch dimension (:func:`libnet_onnx.export_onnx`) to
@@ -293,9 +295,13 @@ class OnnxLayerProbe:
         self.layers = list(layers)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         graph = model.graph
+        #: layer -> its parsed spec (``"fc1:input"``, ``"conv1:relu"``); ``None`` for a module or tensor name
+        self.specs: dict[str, LayerSpec | None] = {name: graph.layer_spec(name) for name in self.layers}
         self.tensors: dict[str, str] = {name: graph.resolve(name) for name in self.layers}
         for name in self.layers:
-            caveat = graph.module_caveat(name)
+            spec = self.specs[name]
+            caveat = graph.module_caveat(name if spec is None else spec.module) if (
+                spec is None or spec.where == "output") else None
             if caveat:
                 warnings.warn(caveat, RuntimeWarning, stacklevel=2)
         self.session: ort.InferenceSession | None = None
@@ -312,7 +318,9 @@ class OnnxLayerProbe:
         model = self.model
         if model.output is None:
             raise OnnxModelError(model.no_output or f"no output of {model.source} holds the class scores")
-        self._fetch = [model.output] + list(dict.fromkeys(t for t in self.tensors.values() if t != model.output))
+        fed = {spec.name for spec in model.graph.inputs}  # a module's input can be a graph input: read from the feed
+        self._fetch = [model.output] + list(dict.fromkeys(t for t in self.tensors.values()
+                                                          if t != model.output and t not in fed))
         self._fetch_index = {t: i for i, t in enumerate(self._fetch)}
         self.session = model.session(self._fetch, device=self.device)
         self.providers = self.session.get_providers()
@@ -468,10 +476,10 @@ class OnnxLayerProbe:
         self._check_batch(self.model.output, outputs, b)
         acts: dict[str, Tensor] = {}
         for name in self.layers:
-            tensor = self.tensors[name]
-            arr_l = results[self._fetch_index[tensor]]
+            tensor, spec = self.tensors[name], self.specs[name]
+            arr_l = feed[tensor].copy() if tensor not in self._fetch_index else results[self._fetch_index[tensor]]
             self._check_batch(tensor, arr_l, b)
-            acts[name] = torch.from_numpy(arr_l)
+            acts[name] = torch.from_numpy(arr_l) if spec is None else spec.apply(torch.from_numpy(arr_l))
         if not self._checked_copies and b >= 2:
             self._checked_copies = True
             self._warn_copies(acts)

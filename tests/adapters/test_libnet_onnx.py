@@ -368,6 +368,187 @@ def test_float64_graph_gives_float32_haps():
     assert res.outputs.dtype == torch.float64
 
 
+# ------------------------------------------------------------------------------------------ layer specs
+class SpecNet(nn.Module):
+    """Functional ReLU, pooling and flattening before fc1, as in the paper's MNIST net: what fc1 receives is
+    the output of no module, so only the spec ``"fc1:input"`` names it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 3, 3)
+        self.conv2 = nn.Conv2d(3, 4, 3)
+        self.fc1 = nn.Linear(16, 8)
+        self.fc2 = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.max_pool2d(torch.relu(self.conv1(x)), 2)
+        x = nn.functional.max_pool2d(torch.relu(self.conv2(x)), 2)
+        return self.fc2(torch.relu(self.fc1(torch.flatten(x, 1))))
+
+
+SPECS = ["conv1", "conv1:relu", "conv2:input", "fc1:input", "fc2:output"]
+
+
+@pytest.fixture(scope="module")
+def spec_net(tmp_path_factory) -> tuple[SpecNet, dict[str, pathlib.Path]]:
+    torch.manual_seed(0)
+    model = SpecNet().eval()
+    with torch.no_grad():  # without the biases the random net answers every class, not one for all inputs
+        model.fc1.bias.zero_()
+        model.fc2.bias.zero_()
+    folder = tmp_path_factory.mktemp("specs")
+    paths = {"legacy": export_onnx(model, torch.randn(2, 1, 14, 14), folder / "legacy.onnx", dynamo=False)}
+    try:
+        import onnxscript  # noqa: F401  the dynamo exporter needs it
+    except ImportError:
+        pass
+    else:
+        paths["dynamo"] = export_onnx(model, torch.randn(2, 1, 14, 14), folder / "dynamo.onnx", dynamo=True)
+    return model, paths
+
+
+def _spec_path(spec_net, kind: str) -> pathlib.Path:
+    if kind not in spec_net[1]:
+        pytest.skip("the dynamo exporter needs onnxscript")
+    return spec_net[1][kind]
+
+
+@pytest.mark.parametrize("style", ["legacy", "dynamo"])
+def test_hand_computed_haps_by_layer_spec(style):
+    names = ["fc1:input", "act:input", "fc1:relu", "fc2:input", "act:output", "fc2:sigmoid"]
+    probe = OnnxLayerProbe(tiny_proto(style), names)
+    assert probe.tensors == {"fc1:input": "x", "act:input": "h1", "fc1:relu": "h1", "fc2:input": "h2",
+                             "act:output": "h2", "fc2:sigmoid": "y"}
+    with pytest.warns(RuntimeWarning, match="carry the same values"):  # fc1:relu, fc2:input and act:output are H2
+        res = probe.run(X)
+    assert torch.equal(res.haps["fc1:input"], X)  # the graph input, read from the feed
+    assert torch.equal(res.haps["act:input"], H1)
+    assert torch.equal(res.haps["fc1:relu"], H2) and torch.equal(res.haps["fc2:input"], H2)
+    assert torch.equal(res.haps["act:output"], H2)
+    torch.testing.assert_close(res.haps["fc2:sigmoid"], torch.sigmoid(Y))
+    assert torch.equal(res.outputs, Y)  # the activation is applied to the HAP only
+    assert res.haps["fc1:input"].data_ptr() != X.data_ptr()  # a copy, not the caller's batch
+
+
+@pytest.mark.parametrize("kind", ["legacy", "dynamo"])
+def test_layer_specs_match_the_torch_probe(kind, spec_net):
+    model, path = spec_net[0], _spec_path(spec_net, kind)
+    graph = OnnxGraph(path)
+    fc1_in = graph.resolve("fc1:input")
+    assert graph.nodes[graph.producer[fc1_in]].op_type in ("Flatten", "Reshape")  # after ReLU, pooling, flattening
+    assert graph.resolve("conv1:relu") == graph.resolve("conv1") == graph.resolve("conv1:output")
+    assert graph.resolve("fc2:output") == graph.resolve("fc2")
+    x = torch.randn(6, 1, 14, 14, generator=torch.Generator().manual_seed(2))
+    res_t, res_o = TorchLayerProbe(model, SPECS).run(x), OnnxLayerProbe(path, SPECS).run(x)
+    torch.testing.assert_close(res_o.outputs, res_t.outputs, rtol=1e-5, atol=1e-5)
+    for layer in SPECS:
+        assert res_o.haps[layer].shape == res_t.haps[layer].shape, layer
+        torch.testing.assert_close(res_o.haps[layer], res_t.haps[layer], rtol=1e-5, atol=1e-5, msg=layer)
+    assert res_o.haps["fc1:input"].shape == (6, 16) and bool((res_o.haps["fc1:input"] >= 0).all())
+    assert bool((res_o.haps["conv1"] < 0).any()) and bool((res_o.haps["conv1:relu"] >= 0).all())
+
+
+@pytest.mark.parametrize("kind", ["legacy", "dynamo"])
+def test_a_detector_fitted_in_torch_on_layer_specs_scores_the_same_on_onnx(kind, spec_net, tmp_path):
+    model, path = spec_net[0], _spec_path(spec_net, kind)
+    layers = ["conv1:relu", "fc1:input", "fc1"]
+    g = torch.Generator().manual_seed(4)
+    train, clean, q = (torch.randn(n, 1, 14, 14, generator=g) for n in (160, 60, 20))
+    assert len(model(train).argmax(dim=1).unique()) == 3
+    # the default score averages a convolution's activations per channel; "auto" reads the channels from the
+    # torch module, which an ONNX graph does not hold, so they are given
+    det = lnp.ConsistencyDetector.from_model(model, train, layers=layers, thresholds=0.9,
+                                             settings={"pool": {"conv1:relu": 3}}).calibrate(clean, fpr=0.1)
+    det.save(tmp_path / "det.lnp")
+    loaded = lnp.ConsistencyDetector.load(tmp_path / "det.lnp", path)  # fitted in torch, loaded onto the export
+    assert isinstance(loaded.net.probe, OnnxLayerProbe) and loaded.net.probe.layers == layers
+    torch.testing.assert_close(loaded.score(q), det.score(q), rtol=1e-5, atol=1e-5)
+    want, got = det.net.predict_scores(q), loaded.net.predict_scores(q)
+    for layer in layers:
+        torch.testing.assert_close(got[layer], want[layer], rtol=1e-5, atol=1e-5, msg=layer)
+    torch.testing.assert_close(loaded.net.consistency(q), det.net.consistency(q), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["legacy", "dynamo"])
+def test_list_layers_and_the_cli_show_the_module_inputs(kind, spec_net, capsys):
+    from libnet_plugin.cli import main
+
+    path = _spec_path(spec_net, kind)
+    inputs = {l.name: l for l in list_layers(path, kind="input")}
+    assert list(inputs) == ["conv1:input", "conv2:input", "fc1:input", "fc2:input"]
+    assert {l.kind for l in inputs.values()} == {"input"}
+    assert inputs["conv1:input"].op_type == "(graph input)" and inputs["conv1:input"].tensor == "input"
+    assert inputs["conv2:input"].op_type == "MaxPool" and inputs["conv2:input"].shape == ("batch", 3, 6, 6)
+    assert inputs["fc1:input"].tensor == OnnxGraph(path).resolve("fc1:input") and inputs["fc1:input"].size == 16
+    assert list_layers(path) == list_layers(path, kind="module") + list_layers(path, kind="tensor")
+    assert main(["layers", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^Module inputs \(the layer specs 'MODULE:input'\): 4$", out, flags=re.M)
+    assert re.search(r"^\s+fc1:input\s+(Flatten|Reshape)\s+float32\s+\[batch, 16\]\s+\S+$", out, flags=re.M)
+    assert main(["layers", str(path), "--kind", "input", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in rows] == list(inputs) and rows[0]["kind"] == "input"
+
+
+def test_tensor_names_holding_a_colon_are_read_as_tensors():
+    # the legacy exporter's folded constants are named "onnx::Conv_12"; any tensor name may hold ':'
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2])
+    nodes = [helper.make_node("Neg", ["x"], ["blk:relu"], name="/blk/Neg"),
+             helper.make_node("Relu", ["blk:relu"], ["onnx::Abs_1"], name="/act/Relu"),
+             helper.make_node("Abs", ["onnx::Abs_1"], ["y"], name="/head/Abs")]
+    proto = helper.make_model(helper.make_graph(nodes, "g", [x], [y]))
+    probe = OnnxLayerProbe(proto, ["blk:relu", "onnx::Abs_1", "blk", "head:input"])
+    assert probe.specs["blk:relu"] is None and probe.specs["onnx::Abs_1"] is None
+    assert probe.tensors == {"blk:relu": "blk:relu", "onnx::Abs_1": "onnx::Abs_1", "blk": "blk:relu",
+                             "head:input": "onnx::Abs_1"}
+    with pytest.warns(RuntimeWarning, match="carry the same values"):
+        res = probe.run(X)
+    assert torch.equal(res.haps["blk:relu"], -X)  # the tensor, not blk's output with a ReLU after it
+    assert torch.equal(res.haps["head:input"], torch.relu(-X))
+
+
+def test_bad_layer_specs_name_the_module_and_the_valid_names():
+    proto = tiny_proto("dynamo")
+    with pytest.raises(ValueError, match=r"layer spec 'fc1:softplus': unknown part 'softplus'.*'MODULE:input'"):
+        OnnxLayerProbe(proto, ["fc1:softplus"])
+    with pytest.raises(LayerNotFoundError, match=r"'fc3' does not exist .*spec 'fc3:input' needs a PyTorch module "
+                                                 r"name.*Did you mean 'fc2', 'fc1'.*Valid layer names: \['fc1', 'act', "
+                                                 r"'fc2'\]"):
+        OnnxLayerProbe(proto, ["fc3:input"])
+    with pytest.raises(ValueError, match=r"'act#2:relu': the ONNX adapter does not pick one call.*name the ONNX tensor.*"
+                                         r"module 'act' outputs \['h2'\]"):
+        OnnxLayerProbe(proto, ["act#2:relu"])
+    with pytest.raises(LayerNotFoundError, match=r"'onnx::Gemm_3' does not exist.*Valid layer names"):
+        OnnxLayerProbe(proto, ["onnx::Gemm_3"])  # not a spec on a module: an unknown tensor name
+
+
+def test_module_input_must_be_one_floating_tensor_computed_from_the_input():
+    # "act" runs twice (the dynamo exporter records one scope): it reads x, then n
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2])
+    nodes = [_scoped(helper.make_node("Relu", ["x"], ["r1"]), ["", "act", "relu"]),
+             _scoped(helper.make_node("Neg", ["r1"], ["n"]), ["", "mid", "neg"]),
+             _scoped(helper.make_node("Relu", ["n"], ["y"]), ["", "act", "relu_1"])]
+    twice = helper.make_model(helper.make_graph(nodes, "g", [x], [y]))
+    with pytest.raises(ValueError, match=r"module 'act' .* reads 2 tensors from outside it \['x', 'n'\].*"
+                                         r"'act:input' is ambiguous"):
+        OnnxLayerProbe(twice, ["act:input"])
+    assert OnnxGraph(twice).resolve("mid:input") == "r1"
+    # an embedding reads token ids (int64) and its table (an initializer): no activation comes in
+    ids = helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 2])
+    out = helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", 6])
+    table = numpy_helper.from_array(np.arange(12, dtype=np.float32).reshape(4, 3), "emb.weight")
+    nodes = [helper.make_node("Gather", ["emb.weight", "ids"], ["e"], name="/emb/Gather"),
+             helper.make_node("Flatten", ["e"], ["out"], name="/head/Flatten")]
+    embed = helper.make_model(helper.make_graph(nodes, "g", [ids], [out], initializer=[table]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(LayerNotFoundError, match=r"module 'emb' .* reads no floating-point tensor .* \(it reads "
+                                                 r"\['ids'\]\), so 'emb:input' names nothing.*Valid layer names"):
+        OnnxLayerProbe(embed, ["emb:input"])
+    assert OnnxGraph(embed).resolve("head:input") == "e"
+
+
 # ------------------------------------------------------------------------------------------ batching
 def test_one_session_call_per_batch(mlp_onnx):
     _, path = mlp_onnx
