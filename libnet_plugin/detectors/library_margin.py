@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .._validate import check_int
-from ..errors import ShapeMismatchError
+from ..errors import SaveFormatError, ShapeMismatchError
 from ..library import ExactLibrary, NodeLibrary, normalize_rows
 from ..probe import ProbeResult
 from ._features import (
@@ -133,6 +133,9 @@ class LibraryMarginScore(FusedLayerScore):
         self._gauss: dict[str, dict[str, Any]] = {}
         self._white: dict[str, dict[str, Any]] = {}  # per layer: whitening(...) of _gauss, rebuilt by _prepare
         self._subspaces: dict[str, tuple[Tensor, Tensor]] = {}
+        # per layer, the channels averaged at fit, as a saved file holds them: a loaded detector keeps them even
+        # where its network cannot tell them (an ONNX Runtime model has no torch module to read out_channels from)
+        self._saved_channels: dict[str, int] | None = None
 
     @property
     def features_(self) -> tuple[str, ...]:
@@ -176,7 +179,8 @@ class LibraryMarginScore(FusedLayerScore):
         lib = net.libraries_[layer]
         raw_width = lib.dim if isinstance(lib, NodeLibrary) else None
         # channel averages only make sense when the library stores the whole activation (not a sketch)
-        channels = conv_channels(net, layer, width, self.pool) if raw_width in (None, width) else 0
+        pool = self.pool if self._saved_channels is None else self._saved_channels
+        channels = conv_channels(net, layer, width, pool) if raw_width in (None, width) else 0
         proj = None
         if not channels and width > self.max_dim:
             proj = layer_projection(self.seed, index, width, self.max_dim, nodes.device)
@@ -277,6 +281,7 @@ class LibraryMarginScore(FusedLayerScore):
         return LibraryMarginScore._distance_margin(d, answers)
 
     def _fit(self, net: FittedNetwork, data: Any) -> None:
+        self._saved_channels = None
         self._prepare(net)
 
     def feature_names(self) -> list[str]:
@@ -367,7 +372,30 @@ class LibraryMarginScore(FusedLayerScore):
     def config(self) -> dict[str, Any]:
         return {**super().config(), "k": self.k, "span": self.span, "features": list(self.layer_features),
                 "ridge": self.ridge, "max_gram_nodes": self.max_gram_nodes, "pool": self.pool,
-                "max_dim": self.max_dim, "seed": self.seed, "rank": self.rank}
+                "max_dim": self.max_dim, "seed": self.seed, "rank": self.rank,
+                "channels_": {l: int(st["channels"]) for l, st in self._gauss.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Tensor], net: FittedNetwork, config: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` and :meth:`config` saved, onto ``net``'s device.
+
+        The channels each layer's ``distance`` averaged at fit come from the file (files written before they
+        were saved: from the network's modules, as at fit).
+
+        Args:
+            state: the saved :meth:`state_dict`.
+            net: the fitted library network the detector is loaded with.
+            config: the saved :meth:`config`.
+
+        Raises:
+            SaveFormatError: the saved channels are not ``{layer: count}``.
+        """
+        saved = config.get("channels_")
+        if saved is not None and not (isinstance(saved, Mapping) and all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in saved.values())):
+            raise SaveFormatError(f"the saved channels_ of the {self.name!r} detector are {saved!r}, expected "
+                                  "{layer: number of channels} (modified or corrupted)")
+        self._saved_channels = None if saved is None else {str(k): int(v) for k, v in saved.items()}
+        super().load_state_dict(state, net, config)
 
     def _load_state(self, state: Mapping[str, Tensor], net: FittedNetwork) -> None:
         self._prepare(net)

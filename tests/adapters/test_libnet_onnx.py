@@ -455,10 +455,10 @@ def test_a_detector_fitted_in_torch_on_layer_specs_scores_the_same_on_onnx(kind,
     g = torch.Generator().manual_seed(4)
     train, clean, q = (torch.randn(n, 1, 14, 14, generator=g) for n in (160, 60, 20))
     assert len(model(train).argmax(dim=1).unique()) == 3
-    # the default score averages a convolution's activations per channel; "auto" reads the channels from the
-    # torch module, which an ONNX graph does not hold, so they are given
-    det = lnp.ConsistencyDetector.from_model(model, train, layers=layers, thresholds=0.9,
-                                             settings={"pool": {"conv1:relu": 3}}).calibrate(clean, fpr=0.1)
+    # the default score averages a convolution's activations per channel, the channels read from the torch module
+    # at fit; an ONNX graph holds no module, so the loaded detector takes them from the file
+    det = lnp.ConsistencyDetector.from_model(model, train, layers=layers, thresholds=0.9).calibrate(clean, fpr=0.1)
+    assert det.scorer.config()["channels_"]["conv1:relu"] == 3
     det.save(tmp_path / "det.lnp")
     loaded = lnp.ConsistencyDetector.load(tmp_path / "det.lnp", path)  # fitted in torch, loaded onto the export
     assert isinstance(loaded.net.probe, OnnxLayerProbe) and loaded.net.probe.layers == layers

@@ -100,6 +100,30 @@ def test_library_distance_pools_conv_channels_and_projects_wide_layers():
         LibraryDistanceScore(pool={"0": 5}).fit(net)
 
 
+def test_the_pooled_channels_come_from_the_saved_file_at_load():
+    """A loaded detector keeps the channels averaged at fit (a network that cannot tell them, such as an ONNX
+    Runtime model's, gets them from the file); a file without them (older) reads them from the modules."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 5)).eval()
+    x = torch.rand(120, 1, 6, 6)
+    net = lnp.LibraryNetwork(model, ["0", "3"], thresholds=0.99).fit(x)
+    s = LibraryDistanceScore().fit(net)
+    s.set_reference(s.features(net, net.probe.run(x[:60])))
+    config, state, r = s.config(), s.state_dict(), net.probe.run(x[60:70])
+    assert config["channels_"] == {"0": 3, "3": 0}
+    for saved in (config, {k: v for k, v in config.items() if k != "channels_"}):
+        back = LibraryDistanceScore()
+        back.load_state_dict(state, net, saved)
+        assert back.gaussians_["0"]["channels"] == 3
+        torch.testing.assert_close(back.score(net, r), s.score(net, r))
+    told = LibraryDistanceScore()  # the saved channels win over what the modules say
+    told.load_state_dict(state, net, {**config, "channels_": {"0": 0, "3": 0}})
+    assert told.gaussians_["0"]["channels"] == 0 and told.gaussians_["0"]["means"].shape[1] == 48
+    for bad in ({"0": "3"}, {"0": -1}, [3, 0], {"0": True}):
+        with pytest.raises(lnp.SaveFormatError, match="saved channels_"):
+            LibraryDistanceScore().load_state_dict(state, net, {**config, "channels_": bad})
+
+
 def test_library_margin_on_the_fly_gram_equals_precomputed(fitted, mlp_data):
     x, _ = mlp_data
     r = fitted.probe.run(x[:40])
