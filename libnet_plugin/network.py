@@ -260,9 +260,10 @@ class LibraryNetwork:
             ``ValueError``.
         plugin_manager: a ``pluggy.PluginManager`` from :func:`libnet_plugin.get_plugin_manager`
             (default: the process-wide one).
-        batch_dims: ``{layer: dim}``, the dimension of a torch layer's output that holds the batch, for a
+        batch_dims: ``{layer: dim}``, the dimension of a layer's output that holds the batch, for a
             module that puts it elsewhere without a ``batch_first`` flag the probe reads (see
-            :meth:`~libnet_plugin.probe.TorchLayerProbe.set_batch_dims`); saved with the network.
+            :meth:`~libnet_plugin.probe.TorchLayerProbe.set_batch_dims`; the ONNX probe takes it too);
+            saved with the network.
 
     Example:
         >>> import torch
@@ -316,7 +317,7 @@ class LibraryNetwork:
         self.batch_dims = {str(k): v for k, v in batch_dims.items()} if batch_dims else None
         if self.batch_dims:
             if not callable(getattr(self.probe, "set_batch_dims", None)):
-                raise TypeError(f"batch_dims= is read by the torch probe; the {type(self.probe).__name__} probe of "
+                raise TypeError(f"batch_dims= is read by the torch and ONNX probes; the {type(self.probe).__name__} probe of "
                                 "this model does not take it")
             self.probe.set_batch_dims(self.batch_dims)
 

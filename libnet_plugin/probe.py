@@ -168,7 +168,8 @@ class LayerProbe(Protocol):
 
 @runtime_checkable
 class ConfigurableProbe(LayerProbe, Protocol):
-    """A :class:`LayerProbe` with settings that a saved library network keeps (the ONNX probe's output choice).
+    """A :class:`LayerProbe` with settings that a saved library network keeps (the ONNX probe's output choice,
+    the torch probe's batch dimensions).
 
     ``config()`` is saved with the network; ``restore(config)`` is called on the new probe at load.
     """
@@ -529,6 +530,39 @@ def _record_graph_value(value: Any, layer: str) -> None:
         store[layer] = value.clone() if isinstance(value, Tensor) else value
 
 
+def _layer_batch_dims(probe: TorchLayerProbe) -> dict[str, int]:
+    """Which dimension of each layer's output holds the batch, as ``probe`` reads it: the caller's
+    :meth:`TorchLayerProbe.set_batch_dims`, else ``1`` for a sequence-first module (or one inside it; the probe
+    transposes such outputs of 3 or more dimensions), else the exported graph's batch dimension, else ``0``.
+
+    Returns:
+        ``{layer: dim}`` for every probed layer, in layer order.
+
+    Example:
+        >>> from torch import nn
+        >>> class Seq(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.lstm, self.head = nn.LSTM(4, 8), nn.Linear(8, 3)
+        ...     def forward(self, x):  # x [B, T, 4]
+        ...         return self.head(self.lstm(x.transpose(0, 1))[0][-1])
+        >>> _layer_batch_dims(TorchLayerProbe(Seq(), ["lstm", "head"]))
+        {'lstm': 1, 'head': 0}
+    """
+    dims = {}
+    for name in probe.layers:
+        if name in probe.batch_dims:
+            dims[name] = probe.batch_dims[name]
+        elif probe.exported:
+            dims[name] = probe._graph_batch_dims.get(name, 0)
+        else:
+            base = probe.calls[name][0]
+            flagged = probe._seq_first.get(base, False) and not any(
+                probe.calls[other][0] == base for other in probe.batch_dims)
+            dims[name] = 1 if flagged else 0
+    return dims
+
+
 class TorchLayerProbe:
     """Probe the named submodules of a ``torch.nn.Module`` with forward hooks.
 
@@ -633,6 +667,24 @@ class TorchLayerProbe:
                 raise ValueError(f"batch_dims[{layer!r}] must be a dimension index (an int >= 0), got {d!r}")
             dims[layer] = int(d)
         self.batch_dims = dims
+
+    def config(self) -> dict[str, Any]:
+        """What a saved library network keeps of this probe: ``{"batch_dims": {layer: dim}}`` from
+        :func:`_layer_batch_dims`, so that a probe of an export of the model (the ONNX adapter's, which sees no
+        ``batch_first`` flag) reads each layer's batch where this probe read it.
+
+        Returns:
+            ``{"batch_dims": {layer: dim}}``.
+        """
+        return {"batch_dims": _layer_batch_dims(self)}
+
+    def restore(self, config: Mapping[str, Any]) -> None:
+        """Nothing to restore: this probe reads the modules' ``batch_first`` flags itself (a network saved by
+        another probe loads as well).
+
+        Args:
+            config: what a probe's ``config()`` returned.
+        """
 
     def _init_hooks(self) -> None:
         """An eager module: the modules to hook, and how to read each one's output."""

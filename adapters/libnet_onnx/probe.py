@@ -250,6 +250,12 @@ class OnnxLayerProbe:
     ``"conv1:relu"`` (its output with the activation applied after reading it), ``"conv1:output"``; see
     :meth:`~libnet_onnx.graph.OnnxGraph.layer_spec`. See :func:`libnet_onnx.list_layers`.
 
+    One row per input: a tensor whose batch is not its first dimension (a sequence-first module's ``[T, B, ...]``:
+    ``nn.LSTM``, ``nn.TransformerEncoderLayer`` with ``batch_first=False``) has that dimension moved first. Where
+    the batch is comes from the caller (:meth:`set_batch_dims`), else from a network fitted with the torch probe
+    (its saved dimensions, see :meth:`restore`), else from the graph's shapes (the graph input's symbolic batch
+    dimension found at exactly one other axis of the tensor); otherwise the first dimension is the batch.
+
     A graph exported with a fixed batch size ``N`` is run in chunks of ``N`` (the last chunk padded),
     with a one-time warning; export with a dynamic batch dimension (:func:`libnet_onnx.export_onnx`) to
     run a whole batch in one call.
@@ -261,6 +267,7 @@ class OnnxLayerProbe:
         device: where the returned tensors live (default CPU). With ``cuda`` and no explicit providers,
             the CUDA execution provider is tried first.
         providers, session_options, output, fallback: as in :class:`OnnxModel`, when ``model`` is not one.
+        batch_dims: ``{layer: dim}``, see :meth:`set_batch_dims`.
 
     Raises:
         LayerNotFoundError: a name is neither a module scope nor a probe-able tensor (close matches listed).
@@ -282,7 +289,7 @@ class OnnxLayerProbe:
     def __init__(self, model: Any, layers: Sequence[str] | str, device: Any = None, *,
                  providers: Sequence[ProviderSpec] | ProviderSpec | None = None,
                  session_options: ort.SessionOptions | None = None, output: str | None = None,
-                 fallback: bool = True):
+                 fallback: bool = True, batch_dims: Mapping[str, int] | None = None):
         if isinstance(model, OnnxModel):
             if providers is not None or session_options is not None or output is not None or not fallback:
                 raise TypeError("model is an OnnxModel: set providers, session_options, output and fallback on it")
@@ -313,6 +320,84 @@ class OnnxLayerProbe:
         self.fixed_batch: int | None = first if isinstance(first, int) and first > 0 else None
         self._warned_fixed_batch = False
         self._checked_copies = len(self.layers) < 2
+        #: ``{layer: dim}`` holding the batch, named by the caller (:meth:`set_batch_dims`)
+        self.batch_dims: dict[str, int] = {}
+        #: ``{layer: dim}`` holding the batch as the probe of the network's fit read it (:meth:`restore`)
+        self.saved_batch_dims: dict[str, int] = {}
+        #: ``{layer: dim}`` holding the batch by the graph's shapes (the input's batch symbol at one other axis)
+        self.graph_batch_dims: dict[str, int] = self._graph_batch_dims()
+        self.set_batch_dims(batch_dims)
+
+    def _graph_batch_dims(self) -> dict[str, int]:
+        """The layers whose tensor holds the graph input's symbolic batch dimension (``"batch"``) at exactly one
+        axis, not the first (a sequence-first ``[T, batch, F]``), by the inferred shapes."""
+        graph = self.model.graph
+        first = graph.input.shape[0] if graph.input.shape else None
+        if not isinstance(first, str):
+            return {}
+        dims = {}
+        for name, tensor in self.tensors.items():
+            spec = graph.spec(tensor)
+            at = [i for i, d in enumerate(spec.shape or ()) if d == first] if spec is not None else []
+            if len(at) == 1 and at[0] > 0:
+                dims[name] = at[0]
+        return dims
+
+    def set_batch_dims(self, batch_dims: Mapping[str, int] | None) -> None:
+        """Name the dimension of a layer's tensor that holds the batch, ``{layer: dim}`` (as the torch probe's
+        :meth:`~libnet_plugin.probe.TorchLayerProbe.set_batch_dims`); that dimension is moved first. It
+        overrides the dimensions saved with a network and those read from the graph's shapes.
+
+        Args:
+            batch_dims: ``{layer: dim}`` (``None``: none).
+
+        Raises:
+            ValueError: a layer that is not probed, or a dimension that is not an int >= 0.
+        """
+        dims = {}
+        for layer, d in dict(batch_dims or {}).items():
+            if layer not in self.layers:
+                raise ValueError(f"batch_dims names the layer {layer!r}, which is not probed; probed layers: {self.layers}")
+            if isinstance(d, bool) or not isinstance(d, int) or d < 0:
+                raise ValueError(f"batch_dims[{layer!r}] must be a dimension index (an int >= 0), got {d!r}")
+            dims[layer] = int(d)
+        self.batch_dims = dims
+        self._set_tensor_dims()
+
+    def layer_batch_dims(self) -> dict[str, int]:
+        """The dimension of each layer's tensor that this probe reads as the batch.
+
+        Returns:
+            ``{layer: dim}`` for every probed layer: the caller's, else the saved, else the graph's, else ``0``.
+        """
+        return {name: self.batch_dims.get(name, self.saved_batch_dims.get(name, self.graph_batch_dims.get(name, 0)))
+                for name in self.layers}
+
+    def _set_tensor_dims(self) -> None:
+        """Per probed tensor: (its batch dimension, whether it was named by the caller, the layer naming it)."""
+        dims: dict[str, tuple[int, bool, str]] = {}
+        for name, d in self.layer_batch_dims().items():
+            tensor, entry = self.tensors[name], (d, name in self.batch_dims, name)
+            if tensor in dims and dims[tensor][0] != d:
+                raise ValueError(f"layers {dims[tensor][2]!r} and {name!r} read the same tensor {tensor!r} of "
+                                 f"{self.model.source} with the batch at dimensions {dims[tensor][0]} and {d}")
+            dims.setdefault(tensor, entry)
+        self._tensor_dims = {t: e for t, e in dims.items() if e[0] != 0}
+
+    def _batch_first(self, tensor: str, arr: np.ndarray) -> np.ndarray:
+        """``arr`` (the value of ``tensor``) with its batch dimension moved first."""
+        entry = self._tensor_dims.get(tensor)
+        if entry is None or tensor == self.model.output:
+            return arr
+        d, named, layer = entry
+        if d >= arr.ndim:
+            if named:
+                raise ShapeMismatchError(f"batch_dims puts the batch of layer {layer!r} at dimension {d}, but its "
+                                         f"tensor {tensor!r} has shape {list(arr.shape)}")
+            return arr
+        if not named and arr.ndim < 3:  # as the torch probe: only a [T, B, ...] of 3 or more dimensions is transposed
+            return arr
+        return np.ascontiguousarray(np.moveaxis(arr, d, 0))
 
     def _open_session(self) -> None:
         model = self.model
@@ -329,9 +414,9 @@ class OnnxLayerProbe:
         """What a saved library network keeps of this probe.
 
         Returns:
-            ``{"output": the tensor read as the class scores}``.
+            ``{"output": the tensor read as the class scores, "batch_dims": {layer: dim}}``.
         """
-        return {"output": self.model.output}
+        return {"output": self.model.output, "batch_dims": self.layer_batch_dims()}
 
     def restore(self, config: Mapping[str, Any]) -> None:
         """Read the class scores from the saved ``output`` again (a network saved with ``output=`` loaded from a path).
@@ -339,9 +424,21 @@ class OnnxLayerProbe:
         Args:
             config: what :meth:`config` returned.
 
+        A network fitted with the torch probe saved where each layer's batch was (``"batch_dims"``: ``1`` for
+        a sequence-first module); those dimensions are read here (the caller's :meth:`set_batch_dims` still
+        wins). A file without them reads the batch as before (the graph's shapes, else the first dimension).
+
         Raises:
-            ValueError: the model was given with another explicit ``output=`` than the saved one.
+            ValueError: the model was given with another explicit ``output=`` than the saved one, or the saved
+                batch dimensions are malformed.
         """
+        saved_dims = config.get("batch_dims")
+        if saved_dims is not None:
+            if not isinstance(saved_dims, Mapping) or not all(
+                    isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in saved_dims.values()):
+                raise ValueError(f"the saved batch_dims should map layers to dimension indices, got {saved_dims!r}")
+            self.saved_batch_dims = {str(k): int(d) for k, d in saved_dims.items() if k in self.layers}
+            self._set_tensor_dims()
         saved = config.get("output")
         if saved is None or (saved == self.model.output and self.session is not None):
             return
@@ -432,6 +529,7 @@ class OnnxLayerProbe:
             if n < n_fixed:
                 chunk = {k: np.concatenate([a, np.repeat(a[-1:], n_fixed - n, axis=0)]) for k, a in chunk.items()}
             results = self._session_run(chunk)
+            results = [self._batch_first(t, r) for t, r in zip(self._fetch, results)]
             for t, r in zip(self._fetch, results):
                 self._check_batch(t, r, n_fixed)
             parts.append([r[:n] for r in results])
@@ -442,7 +540,9 @@ class OnnxLayerProbe:
             layers = [l for l, t in self.tensors.items() if t == tensor] or ["the model output"]
             raise ShapeMismatchError(
                 f"tensor {tensor!r} ({', '.join(map(repr, layers))}) of {self.model.source} has shape {list(arr.shape)} "
-                f"for a batch of {b} inputs; its first dimension must be the batch to give one HAP per input")
+                f"for a batch of {b} inputs; its first dimension must be the batch to give one HAP per input (for a "
+                "sequence-first [T, B, ...] tensor, name the dimension holding the batch: "
+                "LibraryNetwork(..., batch_dims={layer: dim}))")
 
     def run(self, x: Tensor | MultiInput) -> ProbeResult:
         """Run the model once on the batch ``x``; return its outputs and the flattened HAPs of every layer.
@@ -471,13 +571,15 @@ class OnnxLayerProbe:
         if self.fixed_batch is not None and b != self.fixed_batch:
             results = self._run_fixed_batch(feed, self.fixed_batch)
         else:
-            results = self._session_run(feed)
+            results = self._session_run(feed)  # opens the session first, or raises why it cannot
+            results = [self._batch_first(t, r) for t, r in zip(self._fetch, results)]
         outputs = results[0]
         self._check_batch(self.model.output, outputs, b)
         acts: dict[str, Tensor] = {}
         for name in self.layers:
             tensor, spec = self.tensors[name], self.specs[name]
-            arr_l = feed[tensor].copy() if tensor not in self._fetch_index else results[self._fetch_index[tensor]]
+            arr_l = (self._batch_first(tensor, feed[tensor].copy()) if tensor not in self._fetch_index
+                     else results[self._fetch_index[tensor]])
             self._check_batch(tensor, arr_l, b)
             acts[name] = torch.from_numpy(arr_l) if spec is None else spec.apply(torch.from_numpy(arr_l))
         if not self._checked_copies and b >= 2:
