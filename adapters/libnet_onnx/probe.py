@@ -325,23 +325,41 @@ class OnnxLayerProbe:
         #: ``{layer: dim}`` holding the batch as the probe of the network's fit read it (:meth:`restore`)
         self.saved_batch_dims: dict[str, int] = {}
         #: ``{layer: dim}`` holding the batch by the graph's shapes (the input's batch symbol at one other axis)
-        self.graph_batch_dims: dict[str, int] = self._graph_batch_dims()
+        self.graph_batch_dims: dict[str, int] = {}
+        #: layers whose tensor has the graph input's batch symbol at its first dimension only, by the graph's shapes
+        self._batch_first_in_graph: set[str] = set()
+        self._read_graph_batch_dims()
+        self._warned_ambiguous = False
         self.set_batch_dims(batch_dims)
 
-    def _graph_batch_dims(self) -> dict[str, int]:
+    def _read_graph_batch_dims(self) -> None:
         """The layers whose tensor holds the graph input's symbolic batch dimension (``"batch"``) at exactly one
-        axis, not the first (a sequence-first ``[T, batch, F]``), by the inferred shapes."""
+        axis: not the first (a sequence-first ``[T, batch, F]``) in ``graph_batch_dims``, else in
+        ``_batch_first_in_graph``, by the inferred shapes."""
         graph = self.model.graph
         first = graph.input.shape[0] if graph.input.shape else None
         if not isinstance(first, str):
-            return {}
-        dims = {}
+            return
         for name, tensor in self.tensors.items():
             spec = graph.spec(tensor)
             at = [i for i, d in enumerate(spec.shape or ()) if d == first] if spec is not None else []
-            if len(at) == 1 and at[0] > 0:
-                dims[name] = at[0]
-        return dims
+            if at == [0]:
+                self._batch_first_in_graph.add(name)
+            elif len(at) == 1:
+                self.graph_batch_dims[name] = at[0]
+
+    def _warn_ambiguous(self, acts: Mapping[str, np.ndarray], b: int) -> None:
+        """Warn once when nothing tells where a layer's batch is and its tensor is ``[b, b, ...]``: batch-first
+        and sequence-first ``[T, B, ...]`` with ``T == B`` look the same; it is read batch-first."""
+        told = {*self.batch_dims, *self.saved_batch_dims, *self.graph_batch_dims, *self._batch_first_in_graph}
+        unsure = [name for name, a in acts.items() if name not in told and a.ndim >= 3 and a.shape[0] == a.shape[1] == b]
+        if unsure:
+            self._warned_ambiguous = True
+            warnings.warn(f"layers {unsure} of {self.model.source} have tensors [{b}, {b}, ...] for a batch of {b} "
+                          "inputs and the graph's shapes do not tell which dimension holds the batch; they are read "
+                          "batch-first. If a layer is sequence-first ([T, B, ...]), name it: "
+                          "LibraryNetwork(..., batch_dims={layer: 1}) ({layer: 0} silences this)", RuntimeWarning,
+                          stacklevel=3)
 
     def set_batch_dims(self, batch_dims: Mapping[str, int] | None) -> None:
         """Name the dimension of a layer's tensor that holds the batch, ``{layer: dim}`` (as the torch probe's
@@ -576,12 +594,16 @@ class OnnxLayerProbe:
         outputs = results[0]
         self._check_batch(self.model.output, outputs, b)
         acts: dict[str, Tensor] = {}
+        raw: dict[str, np.ndarray] = {}
         for name in self.layers:
             tensor, spec = self.tensors[name], self.specs[name]
             arr_l = (self._batch_first(tensor, feed[tensor].copy()) if tensor not in self._fetch_index
                      else results[self._fetch_index[tensor]])
             self._check_batch(tensor, arr_l, b)
+            raw[name] = arr_l
             acts[name] = torch.from_numpy(arr_l) if spec is None else spec.apply(torch.from_numpy(arr_l))
+        if not self._warned_ambiguous and b >= 2:
+            self._warn_ambiguous(raw, b)
         if not self._checked_copies and b >= 2:
             self._checked_copies = True
             self._warn_copies(acts)

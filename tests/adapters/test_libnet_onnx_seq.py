@@ -4,6 +4,8 @@ graph's shapes, or by the caller's batch_dims; a batch as large as the sequence 
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -112,8 +114,10 @@ def test_an_old_file_without_batch_dims_loads_and_reads_the_batch_first(seq_net)
     proto = _unnamed_batch(path)
     old = lnp.LibraryNetwork.from_state(net.state_tensors(), cfg, proto)
     assert old.probe.layer_batch_dims() == dict.fromkeys(LAYERS, 0)
-    before = OnnxLayerProbe(proto, LAYERS).run(square).haps  # as before: [T, B, ...] read as it is
-    _assert_same_haps(old.run(square).haps, before)
+    with pytest.warns(RuntimeWarning, match=r"\['lstm', 'enc', 'enc.linear1'\] .* \[4, 4, \.\.\.\] .* read batch-first"):
+        before = OnnxLayerProbe(proto, LAYERS).run(square).haps  # as before: [T, B, ...] read as it is
+    with pytest.warns(RuntimeWarning, match="batch_dims=\\{layer: 1\\}"):
+        _assert_same_haps(old.run(square).haps, before)
     assert not torch.allclose(before["lstm"], net.run(square).haps["lstm"], rtol=1e-3, atol=1e-3)
     # the graph's shapes tell it, where the export names its batch dimension
     assert lnp.LibraryNetwork.from_state(net.state_tensors(), cfg, path).probe.layer_batch_dims() == SEQ_FIRST
@@ -147,6 +151,10 @@ def test_batch_dims_by_hand_on_an_onnx_only_network(seq_net):
     assert plain.graph_batch_dims == {} and plain.layer_batch_dims() == dict.fromkeys(LAYERS, 0)
     with pytest.raises(ShapeMismatchError, match=r"'lstm'.*batch_dims=\{layer: dim\}"):
         plain.run(other)
+    plain.set_batch_dims(dict.fromkeys(LAYERS, 0))  # said batch-first: read so without a warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert plain.run(square).haps["lstm"].shape == (T, T * 8)
     with pytest.raises(ValueError, match="'nope', which is not probed"):
         plain.set_batch_dims({"nope": 1})
     with pytest.raises(ValueError, match=r"batch_dims\['lstm'\] must be a dimension index"):
