@@ -439,12 +439,12 @@ class OnnxLayerProbe:
     def restore(self, config: Mapping[str, Any]) -> None:
         """Read the class scores from the saved ``output`` again (a network saved with ``output=`` loaded from a path).
 
-        Args:
-            config: what :meth:`config` returned.
-
         A network fitted with the torch probe saved where each layer's batch was (``"batch_dims"``: ``1`` for
         a sequence-first module); those dimensions are read here (the caller's :meth:`set_batch_dims` still
         wins). A file without them reads the batch as before (the graph's shapes, else the first dimension).
+
+        Args:
+            config: what :meth:`config` returned.
 
         Raises:
             ValueError: the model was given with another explicit ``output=`` than the saved one, or the saved

@@ -172,3 +172,13 @@ def test_a_fixed_batch_graph_runs_sequence_first_tensors_in_chunks(seq_net):
     with pytest.warns(RuntimeWarning, match="fixed batch size of 4"):
         got = fixed.run(other).haps  # 5 inputs: two runs of 4, the last padded
     _assert_same_haps(got, net.run(other).haps)
+
+
+def test_malformed_saved_batch_dims_are_refused(seq_net):
+    model, path = seq_net[0], _path(seq_net, "legacy")
+    net = lnp.LibraryNetwork(model, LAYERS, thresholds=0.5).fit(next(_data()))
+    cfg = net.config()
+    for bad in ({"lstm": -1}, {"lstm": "1"}, [1, 0]):
+        cfg["probe"] = {"batch_dims": bad}
+        with pytest.raises(lnp.SaveFormatError, match="saved batch_dims should map layers"):
+            lnp.LibraryNetwork.from_state(net.state_tensors(), cfg, path)
