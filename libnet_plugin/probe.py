@@ -530,6 +530,27 @@ def _record_graph_value(value: Any, layer: str) -> None:
         store[layer] = value.clone() if isinstance(value, Tensor) else value
 
 
+def check_batch_dims(batch_dims: Mapping[str, int] | None, layers: Sequence[str]) -> dict[str, int]:
+    """``batch_dims`` checked against the probed ``layers``: ``{layer: dim}`` with every layer probed and every
+    dim an int >= 0 (``None``: ``{}``).
+
+    Raises:
+        ValueError: a layer that is not probed, or a dimension that is not an int >= 0.
+
+    Example:
+        >>> check_batch_dims({"lstm": 1}, ["lstm", "head"])
+        {'lstm': 1}
+    """
+    dims = {}
+    for layer, d in dict(batch_dims or {}).items():
+        if layer not in layers:
+            raise ValueError(f"batch_dims names the layer {layer!r}, which is not probed; probed layers: {list(layers)}")
+        if isinstance(d, bool) or not isinstance(d, int) or d < 0:
+            raise ValueError(f"batch_dims[{layer!r}] must be a dimension index (an int >= 0), got {d!r}")
+        dims[layer] = int(d)
+    return dims
+
+
 def _layer_batch_dims(probe: TorchLayerProbe) -> dict[str, int]:
     """Which dimension of each layer's output holds the batch, as ``probe`` reads it: the caller's
     :meth:`TorchLayerProbe.set_batch_dims`, else ``1`` for a sequence-first module (or one inside it; the probe
@@ -659,14 +680,7 @@ class TorchLayerProbe:
             >>> tuple(probe.run(torch.randn(3, 5, 4)).haps["proj"].shape)
             (3, 30)
         """
-        dims = {}
-        for layer, d in dict(batch_dims or {}).items():
-            if layer not in self.layers:
-                raise ValueError(f"batch_dims names the layer {layer!r}, which is not probed; probed layers: {self.layers}")
-            if isinstance(d, bool) or not isinstance(d, int) or d < 0:
-                raise ValueError(f"batch_dims[{layer!r}] must be a dimension index (an int >= 0), got {d!r}")
-            dims[layer] = int(d)
-        self.batch_dims = dims
+        self.batch_dims = check_batch_dims(batch_dims, self.layers)
 
     def config(self) -> dict[str, Any]:
         """What a saved library network keeps of this probe: ``{"batch_dims": {layer: dim}}`` from

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from libnet_plugin import MultiInput
 from libnet_plugin.errors import ShapeMismatchError
-from libnet_plugin.probe import LayerSpec, ProbeResult, check_inputs_finite
+from libnet_plugin.probe import LayerSpec, ProbeResult, check_batch_dims, check_inputs_finite
 
 from .errors import InputTypeError, OnnxModelError
 from .graph import LayerInfo, OnnxGraph, TensorSpec, is_inference_session
@@ -372,14 +372,7 @@ class OnnxLayerProbe:
         Raises:
             ValueError: a layer that is not probed, or a dimension that is not an int >= 0.
         """
-        dims = {}
-        for layer, d in dict(batch_dims or {}).items():
-            if layer not in self.layers:
-                raise ValueError(f"batch_dims names the layer {layer!r}, which is not probed; probed layers: {self.layers}")
-            if isinstance(d, bool) or not isinstance(d, int) or d < 0:
-                raise ValueError(f"batch_dims[{layer!r}] must be a dimension index (an int >= 0), got {d!r}")
-            dims[layer] = int(d)
-        self.batch_dims = dims
+        self.batch_dims = check_batch_dims(batch_dims, self.layers)
         self._set_tensor_dims()
 
     def layer_batch_dims(self) -> dict[str, int]:
