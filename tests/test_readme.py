@@ -10,6 +10,8 @@ import pytest
 import torch
 from readme_blocks import readme_code_blocks, run_readme_block
 
+import libnet_plugin as lnp
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
@@ -161,3 +163,17 @@ def test_the_readme_cites_the_paper():
     cff = (ROOT / "CITATION.cff").read_text()
     assert "Library network, a possible path to explainable neural networks" in cff and "1909.13360" in cff
     assert "arXiv:1909.13360" in section("License and citation") and "MIT" in section("License and citation")
+
+
+def test_the_fused_candidate_recipe_runs():
+    """docs/detector.md's recipe for issue 28's candidate, on the paper's MNIST net with random weights."""
+    from libnet_plugin.experiments.models import MnistNet
+
+    torch.manual_seed(0)
+    ns = {"lnp": lnp, "model": MnistNet().eval(), "train": torch.rand(200, 1, 28, 28),
+          "clean": torch.rand(100, 1, 28, 28)}
+    exec(compile(readme_code_blocks("fused-candidate")[0], "docs/detector.md[fused-candidate]", "exec"), ns)
+    det = ns["det"]
+    assert det.method == "library-gaussian-fusion" and det.is_calibrated
+    assert det.scorer.feature_names()[-1] == "peer/vim" and det.scorer.combination == "truncated"
+    assert det.predict(torch.rand(3, 1, 28, 28)).shape == (3,)
