@@ -445,10 +445,12 @@ class OnnxLayerProbe:
         """
         saved_dims = config.get("batch_dims")
         if saved_dims is not None:
-            if not isinstance(saved_dims, Mapping) or not all(
-                    isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in saved_dims.values()):
-                raise ValueError(f"the saved batch_dims should map layers to dimension indices, got {saved_dims!r}")
-            self.saved_batch_dims = {str(k): int(d) for k, d in saved_dims.items() if k in self.layers}
+            try:  # the probed layers' dimensions, checked as the caller's are
+                self.saved_batch_dims = check_batch_dims(
+                    {str(k): d for k, d in dict(saved_dims).items() if str(k) in self.layers}, self.layers)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"the saved batch_dims should map layers to dimension indices, got {saved_dims!r}"
+                                 ) from exc
             self._set_tensor_dims()
         saved = config.get("output")
         if saved is None or (saved == self.model.output and self.session is not None):

@@ -390,11 +390,12 @@ class LibraryMarginScore(FusedLayerScore):
             SaveFormatError: the saved channels are not ``{layer: count}``.
         """
         saved = config.get("channels_")
-        if saved is not None and not (isinstance(saved, Mapping) and all(
-                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in saved.values())):
+        try:
+            self._saved_channels = None if saved is None else {
+                str(k): check_int(v, "channels_", minimum=0) for k, v in dict(saved).items()}
+        except (TypeError, ValueError) as exc:
             raise SaveFormatError(f"the saved channels_ of the {self.name!r} detector are {saved!r}, expected "
-                                  "{layer: number of channels} (modified or corrupted)")
-        self._saved_channels = None if saved is None else {str(k): int(v) for k, v in saved.items()}
+                                  "{layer: number of channels} (modified or corrupted)") from exc
         super().load_state_dict(state, net, config)
 
     def _load_state(self, state: Mapping[str, Tensor], net: FittedNetwork) -> None:

@@ -38,6 +38,8 @@ from libnet_plugin.probe import TorchLayerProbe  # noqa: E402
 
 # x @ W1 -> relu -> @ W2. For x = [1, 2]: h1 = [5, -1], h2 = [5, 0], y = [5, 0, 5];
 # for x = [-1, 1]: h1 = [1, 1], h2 = [1, 1], y = [1, 1, 2].
+# Every input, weight and intermediate value is a small integer, so each product and sum is exact in float32
+# on any CPU, kernel and thread count: the tests compare these hand-computed values with torch.equal.
 W1 = np.array([[1.0, -1.0], [2.0, 0.0]], dtype=np.float32)
 W2 = np.array([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]], dtype=np.float32)
 X = torch.tensor([[1.0, 2.0], [-1.0, 1.0]])
@@ -421,6 +423,7 @@ def test_hand_computed_haps_by_layer_spec(style):
                              "act:output": "h2", "fc2:sigmoid": "y"}
     with pytest.warns(RuntimeWarning, match="carry the same values"):  # fc1:relu, fc2:input and act:output are H2
         res = probe.run(X)
+    # exact by construction: integer-valued arithmetic (see W1, W2), and fc1:input is a copy of the fed batch
     assert torch.equal(res.haps["fc1:input"], X)  # the graph input, read from the feed
     assert torch.equal(res.haps["act:input"], H1)
     assert torch.equal(res.haps["fc1:relu"], H2) and torch.equal(res.haps["fc2:input"], H2)
