@@ -24,7 +24,7 @@ from .errors import LayerNotFoundError, NonFiniteError, ShapeMismatchError
 
 __all__ = ["ProbeResult", "LayerProbe", "ConfigurableProbe", "TorchLayerProbe", "eval_mode", "model_float_dtype", "check_inputs_finite", "check_finite", "unknown_layer_message", "model_device",
            "class_scores", "flatten_activations", "layer_output", "sequence_first", "check_keywords", "LayerSpec",
-           "parse_layer_spec", "SPEC_ACTIVATIONS", "auto_layers", "AUTO_N_LAYERS"]
+           "parse_layer_spec", "SPEC_ACTIVATIONS", "auto_layers", "AUTO_N_LAYERS", "first_layer"]
 
 
 @dataclass
@@ -422,6 +422,39 @@ def parse_layer_spec(spec: Any, modules: Any = None) -> LayerSpec:
     return LayerSpec(base, call, where, activation)
 
 
+def _parametrised_calls(model: nn.Module, x: Tensor | MultiInput,
+                        what: str) -> tuple[nn.Module, list[tuple[str, Any]], int]:
+    """One forward pass over ``x``: the model run (a compiled model's original), its calls of the leaf
+    modules that hold a weight matrix or kernel in call order (name, first input) and the rows of ``x``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{what} reads a torch.nn.Module's forward pass; name the layers of this "
+                        f"{type(model).__name__}")
+    runner: Any = model._orig_mod if _is_compiled(model) else model
+    names = {mod: name for name, mod in runner.named_modules() if name and not list(mod.children())
+             and any(p.dim() >= 2 for p in mod.parameters(recurse=False))}
+    rows = n_rows(x)
+    calls: list[tuple[str, Any]] = []
+
+    def hook(mod: nn.Module, args: Any, kwargs: Any) -> None:
+        inp = args[0] if args else next((v for v in kwargs.values() if isinstance(v, Tensor)), None)
+        calls.append((names[mod], inp))
+
+    device, dtype = model_device(runner), model_float_dtype(runner)
+
+    def prepare(t: Tensor) -> Tensor:
+        return t.to(device, dtype if dtype is not None and t.is_floating_point() else t.dtype)
+
+    x = x.map(prepare) if isinstance(x, MultiInput) else prepare(x)
+    handles = [mod.register_forward_pre_hook(hook, with_kwargs=True) for mod in names]
+    try:
+        with eval_mode(runner), torch.no_grad():
+            x.call(runner) if isinstance(x, MultiInput) else runner(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return runner, calls, rows
+
+
 #: how many layers ``layers="auto"`` picks (:func:`auto_layers`)
 AUTO_N_LAYERS = 4
 
@@ -449,32 +482,7 @@ def auto_layers(model: nn.Module, x: Tensor | MultiInput, n: int = AUTO_N_LAYERS
         >>> auto_layers(model, torch.zeros(2, 1, 6, 6))
         ['3:input', '5:input']
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"layers='auto' reads a torch.nn.Module's forward pass; name the layers of this "
-                        f"{type(model).__name__}")
-    runner: Any = model._orig_mod if _is_compiled(model) else model
-    names = {mod: name for name, mod in runner.named_modules() if name and not list(mod.children())
-             and any(p.dim() >= 2 for p in mod.parameters(recurse=False))}
-    rows = n_rows(x)
-    calls: list[tuple[str, Any]] = []
-
-    def hook(mod: nn.Module, args: Any, kwargs: Any) -> None:
-        inp = args[0] if args else next((v for v in kwargs.values() if isinstance(v, Tensor)), None)
-        calls.append((names[mod], inp))
-
-    device, dtype = model_device(runner), model_float_dtype(runner)
-
-    def prepare(t: Tensor) -> Tensor:
-        return t.to(device, dtype if dtype is not None and t.is_floating_point() else t.dtype)
-
-    x = x.map(prepare) if isinstance(x, MultiInput) else prepare(x)
-    handles = [mod.register_forward_pre_hook(hook, with_kwargs=True) for mod in names]
-    try:
-        with eval_mode(runner), torch.no_grad():
-            x.call(runner) if isinstance(x, MultiInput) else runner(x)
-    finally:
-        for h in handles:
-            h.remove()
+    runner, calls, rows = _parametrised_calls(model, x, "layers='auto'")
     counts: dict[str, int] = {}
     for name, _ in calls:
         counts[name] = counts.get(name, 0) + 1
@@ -498,6 +506,39 @@ def auto_layers(model: nn.Module, x: Tensor | MultiInput, n: int = AUTO_N_LAYERS
         return candidates
     picks = sorted({round(i * (len(candidates) - 1) / (n - 1)) for i in range(n)}) if n > 1 else [len(candidates) - 1]
     return [candidates[i] for i in picks]
+
+
+def first_layer(model: nn.Module, x: Tensor | MultiInput) -> str:
+    """The first parametrised module a forward pass calls (the stem: a first convolution, patch or token
+    embedding), as a layer name: its output, before any activation or pooling.
+
+    It finds what :func:`auto_layers` leaves out, the model's first transform of its input, where input-space
+    perturbations show most (``libnet_plugin.detectors.fusion_recipe`` probes it). A module that runs more
+    than once is named with its first call (``"name#1"``).
+
+    Args:
+        model: a ``torch.nn.Module`` (a compiled model's original is run).
+        x: a batch of inputs, as :func:`auto_layers` takes it.
+
+    Returns:
+        the layer name.
+
+    Raises:
+        LayerNotFoundError: the pass called no module that holds a weight matrix or kernel.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3))
+        >>> first_layer(model, torch.zeros(2, 1, 6, 6))
+        '0'
+    """
+    runner, calls, _ = _parametrised_calls(model, x, "first_layer")
+    if not calls:
+        raise LayerNotFoundError(f"first_layer found no module with a weight matrix or kernel called by "
+                                 f"{type(runner).__name__}'s forward pass; name the layer")
+    name = calls[0][0]
+    return f"{name}#1" if sum(n == name for n, _ in calls) > 1 else name
 
 
 #: what a layer whose output is not one row per input can do instead

@@ -177,3 +177,17 @@ def test_the_fused_candidate_recipe_runs():
     assert det.method == "library-gaussian-fusion" and det.is_calibrated
     assert det.scorer.feature_names()[-1] == "peer/vim" and det.scorer.combination == "truncated"
     assert det.predict(torch.rand(3, 1, 28, 28)).shape == (3,)
+
+
+def test_the_fusion_recipe_runs():
+    """docs/detector.md's rule-based recipe, on the paper's MNIST net with random weights."""
+    from libnet_plugin.experiments.models import MnistNet
+
+    torch.manual_seed(0)
+    ns = {"lnp": lnp, "model": MnistNet().eval(), "train": torch.rand(200, 1, 28, 28),
+          "clean": torch.rand(100, 1, 28, 28)}
+    exec(compile(readme_code_blocks("fusion-recipe")[0], "docs/detector.md[fusion-recipe]", "exec"), ns)
+    det = ns["det"]
+    assert det.net.layers == ["conv1", "conv2:input", "fc1:input", "fc2:input"] and det.is_calibrated
+    assert det.scorer.feature_names()[-1] == "peer/vim" and det.scorer.combination == "truncated"
+    assert det.predict(torch.rand(3, 1, 28, 28)).shape == (3,)

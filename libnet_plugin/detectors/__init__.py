@@ -54,6 +54,10 @@ Scores that combine several per-layer features (:class:`FusedLayerScore`) turn e
 conformal p-value against clean reference data given at calibration
 (:meth:`FusedLayerScore.set_reference`) and fuse them with Fisher's method, ``-sum log p``.
 
+For a model whose layers nobody named, :func:`fusion_recipe` gives the keywords of
+``ConsistencyDetector.from_model`` that build ``"library-gaussian-fusion"`` on layers found by rule (the
+stem's output and ``layers="auto"``'s block outputs), as measured on the MNIST net (issue 28, round 10).
+
 Third-party detectors plug in the same way: a plugin with a ``libnet_consistency_detector`` hookimpl
 that returns a :class:`ConsistencyScore` (or any object with ``name``, ``fit(net, data)`` and
 ``score(net, probe_result)``). A plugin lists the detectors it wants in the comparison of ``libnet
@@ -83,6 +87,7 @@ from .mahalanobis_multilayer import MultiLayerMahalanobisScore
 from .maxlogit import MaxLogitScore
 from .msp import MaxSoftmaxScore
 from .react_energy import ReActEnergyScore
+from .recipe import FUSION_SETTINGS, fusion_recipe
 from .vim import ViMScore
 
 #: Development candidates for the default detector on the MNIST net of ``libnet evaluate-detectors`` (issue 28),
@@ -122,6 +127,13 @@ MNIST_CANDIDATES: dict[str, tuple[str, dict]] = {
         "library-gaussian-fusion", {"layers": ["conv1", "conv2"], "gaussian_layers": ["conv1", "conv2:input", "fc1:input"],
                                     "peers": ["vim"], "combine": "truncated", "truncation": 0.1,
                                     "tail": "exponential"}),
+    # round 10 (dev seeds 1-4): round 8's fusion on layers any model has, the first parametrised module's output
+    # and the first two of layers="auto"'s block outputs (detectors.fusion_recipe)
+    "library-gaussian-fusion (generic: conv1, conv2:input, fc1:input; vim; truncated 0.1; tail)": (
+        "library-gaussian-fusion", {"layers": ["conv1", "conv2:input", "fc1:input"],
+                                    "gaussian_layers": ["conv1", "conv2:input", "fc1:input"],
+                                    "peers": ["vim"], "combine": "truncated", "truncation": 0.1,
+                                    "tail": "exponential"}),
     # Lee et al.'s score on the post-activation block outputs, as the paper probes them: a peer, for a fair check
     "mahalanobis-multilayer (post)": ("mahalanobis-multilayer", {"layers": MNIST_POST_LAYERS}),
 }
@@ -131,5 +143,5 @@ __all__ = [
     "ConformalFusion", "CPLScore", "LibraryMarginScore", "LibraryDistanceScore", "LibraryFusionScore", "MaxSoftmaxScore",
     "MahalanobisScore", "DeepKNNScore", "node_classes", "EnergyScore", "MaxLogitScore", "GENScore", "ReActEnergyScore",
     "ViMScore", "KNNNormalizedScore", "MultiLayerMahalanobisScore", "PeerNotApplicableError", "logits_of",
-    "LibraryGaussianFusionScore", "MNIST_CANDIDATES",
+    "LibraryGaussianFusionScore", "MNIST_CANDIDATES", "FUSION_SETTINGS", "fusion_recipe",
 ]
