@@ -61,6 +61,7 @@ CANDIDATES: tuple[str, ...] = (
     "library-gaussian-fusion (conv1, conv2; gauss conv2:input, fc1:input; tail)",
     "library-gaussian-fusion (conv1, conv2; gauss conv1, conv2:input; vim; tail)",
     "library-gaussian-fusion (conv1, conv2; gauss conv1, conv2:input, fc1:input; vim; truncated 0.1; tail)",
+    "library-gaussian-fusion (generic: conv1, conv2:input, fc1:input; vim; truncated 0.1; tail)",
 )
 
 
