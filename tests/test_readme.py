@@ -165,29 +165,19 @@ def test_the_readme_cites_the_paper():
     assert "arXiv:1909.13360" in section("License and citation") and "MIT" in section("License and citation")
 
 
-def test_the_fused_candidate_recipe_runs():
-    """docs/detector.md's recipe for issue 28's candidate, on the paper's MNIST net with random weights."""
+@pytest.mark.parametrize("recipe, layers", [
+    ("fused-candidate", ["conv1", "conv2", "conv2:input", "fc1:input", "fc1"]),  # issue 28's candidate, by name
+    ("fusion-recipe", ["conv1", "conv2:input", "fc1:input", "fc2:input"]),  # the same fusion, layers by rule
+])
+def test_the_fused_detector_recipes_run(recipe, layers):
+    """docs/detector.md's recipes for issue 28's fused detector, on the paper's MNIST net with random weights."""
     from libnet_plugin.experiments.models import MnistNet
 
     torch.manual_seed(0)
     ns = {"lnp": lnp, "model": MnistNet().eval(), "train": torch.rand(200, 1, 28, 28),
           "clean": torch.rand(100, 1, 28, 28)}
-    exec(compile(readme_code_blocks("fused-candidate")[0], "docs/detector.md[fused-candidate]", "exec"), ns)
+    exec(compile(readme_code_blocks(recipe)[0], f"docs/detector.md[{recipe}]", "exec"), ns)
     det = ns["det"]
-    assert det.method == "library-gaussian-fusion" and det.is_calibrated
-    assert det.scorer.feature_names()[-1] == "peer/vim" and det.scorer.combination == "truncated"
-    assert det.predict(torch.rand(3, 1, 28, 28)).shape == (3,)
-
-
-def test_the_fusion_recipe_runs():
-    """docs/detector.md's rule-based recipe, on the paper's MNIST net with random weights."""
-    from libnet_plugin.experiments.models import MnistNet
-
-    torch.manual_seed(0)
-    ns = {"lnp": lnp, "model": MnistNet().eval(), "train": torch.rand(200, 1, 28, 28),
-          "clean": torch.rand(100, 1, 28, 28)}
-    exec(compile(readme_code_blocks("fusion-recipe")[0], "docs/detector.md[fusion-recipe]", "exec"), ns)
-    det = ns["det"]
-    assert det.net.layers == ["conv1", "conv2:input", "fc1:input", "fc2:input"] and det.is_calibrated
+    assert det.method == "library-gaussian-fusion" and det.is_calibrated and det.net.layers == layers
     assert det.scorer.feature_names()[-1] == "peer/vim" and det.scorer.combination == "truncated"
     assert det.predict(torch.rand(3, 1, 28, 28)).shape == (3,)
