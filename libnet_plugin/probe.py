@@ -459,7 +459,7 @@ def _parametrised_calls(model: nn.Module, x: Tensor | MultiInput,
 AUTO_N_LAYERS = 4
 
 
-def auto_layers(model: nn.Module, x: Tensor | MultiInput, n: int = AUTO_N_LAYERS) -> list[str]:
+def auto_layers(model: nn.Module, x: Tensor | MultiInput, n: int = AUTO_N_LAYERS, *, stem: bool = False) -> list[str]:
     """The layers ``layers="auto"`` probes: ``n`` block outputs after their activation, evenly spaced by depth.
 
     The rule: one forward pass over ``x`` (eval mode, no gradients) lists the leaf modules that hold a weight
@@ -471,6 +471,15 @@ def auto_layers(model: nn.Module, x: Tensor | MultiInput, n: int = AUTO_N_LAYERS
     are kept, evenly spaced, the first and the last always among them: the last is the final classifier's
     input, the penultimate features.
 
+    Args:
+        model: a ``torch.nn.Module`` (a compiled model's original is run).
+        x: a batch of inputs (a Tensor, or a :class:`~libnet_plugin.MultiInput`).
+        n: how many block outputs to keep.
+        stem: also return :func:`first_layer`'s stem, first in the list, from the same forward pass.
+
+    Returns:
+        the layer names (the stem first with ``stem=True``).
+
     Raises:
         LayerNotFoundError: no candidate (a model with fewer than two parametrised modules): name the layers.
 
@@ -481,8 +490,16 @@ def auto_layers(model: nn.Module, x: Tensor | MultiInput, n: int = AUTO_N_LAYERS
         ...                       nn.Linear(8, 3))
         >>> auto_layers(model, torch.zeros(2, 1, 6, 6))
         ['3:input', '5:input']
+        >>> auto_layers(model, torch.zeros(2, 1, 6, 6), stem=True)
+        ['0', '3:input', '5:input']
     """
     runner, calls, rows = _parametrised_calls(model, x, "layers='auto'")
+    blocks = _block_outputs(runner, calls, rows, n)
+    return [_stem(runner, calls), *blocks] if stem else blocks
+
+
+def _block_outputs(runner: nn.Module, calls: list[tuple[str, Any]], rows: int, n: int) -> list[str]:
+    """:func:`auto_layers`' rule on the calls of one forward pass (:func:`_parametrised_calls`)."""
     counts: dict[str, int] = {}
     for name, _ in calls:
         counts[name] = counts.get(name, 0) + 1
@@ -534,6 +551,11 @@ def first_layer(model: nn.Module, x: Tensor | MultiInput) -> str:
         '0'
     """
     runner, calls, _ = _parametrised_calls(model, x, "first_layer")
+    return _stem(runner, calls)
+
+
+def _stem(runner: nn.Module, calls: list[tuple[str, Any]]) -> str:
+    """:func:`first_layer`'s rule on the calls of one forward pass (:func:`_parametrised_calls`)."""
     if not calls:
         raise LayerNotFoundError(f"first_layer found no module with a weight matrix or kernel called by "
                                  f"{type(runner).__name__}'s forward pass; name the layer")

@@ -523,10 +523,11 @@ class OnnxLayerProbe:
 
     # ------------------------------------------------------------------ run
     def _session_run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """The fetched tensors for ``feed``, each with its batch dimension first (:meth:`_batch_first`)."""
         if self.session is None:
             self._open_session()  # raises the reason no output holds the class scores
         assert self.session is not None
-        return self.session.run(self._fetch, feed)
+        return [self._batch_first(t, r) for t, r in zip(self._fetch, self.session.run(self._fetch, feed))]
 
     def _run_fixed_batch(self, feed: dict[str, np.ndarray], n_fixed: int) -> list[np.ndarray]:
         b = next(iter(feed.values())).shape[0]
@@ -542,7 +543,6 @@ class OnnxLayerProbe:
             if n < n_fixed:
                 chunk = {k: np.concatenate([a, np.repeat(a[-1:], n_fixed - n, axis=0)]) for k, a in chunk.items()}
             results = self._session_run(chunk)
-            results = [self._batch_first(t, r) for t, r in zip(self._fetch, results)]
             for t, r in zip(self._fetch, results):
                 self._check_batch(t, r, n_fixed)
             parts.append([r[:n] for r in results])
@@ -585,7 +585,6 @@ class OnnxLayerProbe:
             results = self._run_fixed_batch(feed, self.fixed_batch)
         else:
             results = self._session_run(feed)  # opens the session first, or raises why it cannot
-            results = [self._batch_first(t, r) for t, r in zip(self._fetch, results)]
         outputs = results[0]
         self._check_batch(self.model.output, outputs, b)
         acts: dict[str, Tensor] = {}

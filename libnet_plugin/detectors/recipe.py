@@ -13,7 +13,7 @@ from typing import Any
 from torch import nn
 
 from .._batches import is_one_shot, iter_batches, n_rows
-from ..probe import auto_layers, first_layer
+from ..probe import auto_layers
 
 __all__ = ["FUSION_SETTINGS", "fusion_recipe"]
 
@@ -62,8 +62,8 @@ def fusion_recipe(model: nn.Module, data: Any) -> dict[str, Any]:
     x = next((x for x, _ in iter_batches(data, 64) if n_rows(x)), None)
     if x is None:
         raise ValueError("fusion_recipe needs inputs to find the layers from; got no input")
-    blocks = auto_layers(model, x)
-    features = list(dict.fromkeys([first_layer(model, x), *blocks[:-1]]))
+    stem, *blocks = auto_layers(model, x, stem=True)  # one forward pass finds both
+    features = list(dict.fromkeys([stem, *blocks[:-1]]))
     settings = {"layers": features, "gaussian_layers": list(features), **FUSION_SETTINGS,
                 "peers": list(FUSION_SETTINGS["peers"])}
     return {"layers": list(dict.fromkeys([*features, blocks[-1]])), "method": "library-gaussian-fusion",

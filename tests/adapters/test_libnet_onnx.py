@@ -423,7 +423,8 @@ def test_hand_computed_haps_by_layer_spec(style):
                              "act:output": "h2", "fc2:sigmoid": "y"}
     with pytest.warns(RuntimeWarning, match="carry the same values"):  # fc1:relu, fc2:input and act:output are H2
         res = probe.run(X)
-    # exact by construction: integer-valued arithmetic (see W1, W2), and fc1:input is a copy of the fed batch
+    # exact by construction: X, W1, W2 hold small integers, so every product and sum is an integer below 2**24,
+    # exact in float32 whatever the order, CPU or thread count; and fc1:input is a copy of the fed batch
     assert torch.equal(res.haps["fc1:input"], X)  # the graph input, read from the feed
     assert torch.equal(res.haps["act:input"], H1)
     assert torch.equal(res.haps["fc1:relu"], H2) and torch.equal(res.haps["fc2:input"], H2)
